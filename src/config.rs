@@ -1,0 +1,502 @@
+//! `RunConfig`: everything a training run needs, as one serde type read from and written to TOML.
+//! The GUI edits it, the CLI loads it, the session validates it once and the engine takes only a
+//! validated copy. Defaults follow Unsloth's notebooks where they are sensible.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub dataset: DatasetConfig,
+    pub lora: LoraConfig,
+    pub optim: OptimConfig,
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+    pub memory: MemoryConfig,
+    pub output: OutputConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// Base linears stored as NF4 with double quantization (QLoRA).
+    #[default]
+    Nf4,
+    /// Base linears kept in 16 bits (plain LoRA).
+    Bf16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    pub path: PathBuf,
+    pub quantization: Quantization,
+    /// An existing PEFT LoRA adapter to continue training from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { path: PathBuf::new(), quantization: Quantization::Nf4, adapter: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetFormat {
+    /// Detect from the first records.
+    #[default]
+    Auto,
+    /// `instruction`, `input`, `output`, optional `system`.
+    Alpaca,
+    /// `conversations` of `{from, value}`.
+    Sharegpt,
+    /// `messages` of `{role, content}` (OpenAI).
+    Messages,
+    /// Raw `text`, trained on everything.
+    Text,
+    /// Explicit column mapping (`dataset.columns`).
+    Columns,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainOn {
+    /// Only assistant responses contribute to the loss.
+    #[default]
+    Responses,
+    /// Every token (prompt included) contributes to the loss.
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ColumnMapping {
+    /// Columns joined (with a blank line) into the user turn.
+    pub prompt: Vec<String>,
+    pub response: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub path: PathBuf,
+    pub format: DatasetFormat,
+    pub columns: ColumnMapping,
+    /// `auto` uses the model's chat template; otherwise a built-in one by name
+    /// (`llama-3`, `chatml`, `alpaca`, `mistral`).
+    pub template: String,
+    pub train_on: TrainOn,
+    /// Pack several examples into each sequence (attention kept within each example).
+    pub packing: bool,
+    /// Refuse to start when more than this fraction of rows cannot be used.
+    pub max_bad_fraction: f64,
+    /// Fix untrained token rows that the data uses (mean of trained rows, trained with the adapter).
+    pub fix_untrained_tokens: bool,
+}
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        DatasetConfig {
+            path: PathBuf::new(),
+            format: DatasetFormat::Auto,
+            columns: ColumnMapping::default(),
+            template: "auto".into(),
+            train_on: TrainOn::Responses,
+            packing: false,
+            max_bad_fraction: 0.1,
+            fix_untrained_tokens: true,
+        }
+    }
+}
+
+/// The seven linears of a Llama decoder layer that LoRA can adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] =
+        [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
+
+    /// The Hugging Face module name (`q_proj`, …).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// `self_attn` or `mlp`: the parent module in Hugging Face names.
+    pub fn hf_parent(self) -> &'static str {
+        match self {
+            Target::Q | Target::K | Target::V | Target::O => "self_attn",
+            Target::Gate | Target::Up | Target::Down => "mlp",
+        }
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Target::Q => "q",
+            Target::K => "k",
+            Target::V => "v",
+            Target::O => "o",
+            Target::Gate => "gate",
+            Target::Up => "up",
+            Target::Down => "down",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Option<Target> {
+        Target::ALL.into_iter().find(|t| t.hf_name() == name || t.short() == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<Target>,
+    /// Scale by α/√r instead of α/r.
+    pub rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { r: 16, alpha: 16.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false }
+    }
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub max_grad_norm: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.001, max_grad_norm: 1.0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    #[default]
+    Linear,
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub kind: ScheduleKind,
+    /// Warm-up length in optimizer steps; used when `warmup_ratio` is 0.
+    pub warmup_steps: u64,
+    /// Warm-up as a fraction of the total steps; overrides `warmup_steps` when > 0.
+    pub warmup_ratio: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig { kind: ScheduleKind::Linear, warmup_steps: 5, warmup_ratio: 0.0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when a usable GPU is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            _ => Err(Error::config("train.device", format!("`{s}` is not one of auto, cpu, cuda"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_seq_len: usize,
+    pub epochs: f64,
+    /// Stop after this many optimizer steps (overrides `epochs` when set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
+    pub seed: u64,
+    /// Write a checkpoint every N optimizer steps; 0 writes only the final one.
+    pub save_every: u64,
+    pub device: DeviceChoice,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 2,
+            grad_accum: 4,
+            max_seq_len: 2048,
+            epochs: 1.0,
+            max_steps: None,
+            seed: 3407,
+            save_every: 0,
+            device: DeviceChoice::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointPolicy {
+    /// Chosen by the memory plan: the fastest policy that fits.
+    #[default]
+    Auto,
+    /// Keep every activation the backward needs (fastest, most memory).
+    None,
+    /// Keep each decoder layer's input on the device, recompute the rest in the backward.
+    Layer,
+    /// Keep layer inputs in pinned host memory, prefetched during the backward.
+    Offload,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    pub checkpointing: CheckpointPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// The folder that holds run folders.
+    pub dir: PathBuf,
+    /// The run folder's name inside `dir`; empty picks `<model>-<date>-<time>`.
+    pub run_name: String,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig { dir: PathBuf::from("runs"), run_name: String::new() }
+    }
+}
+
+fn check_range(field: &str, value: f64, lo: f64, hi: f64, lo_open: bool) -> Result<()> {
+    let ok = value.is_finite() && (if lo_open { value > lo } else { value >= lo }) && value <= hi;
+    if ok {
+        return Ok(());
+    }
+    let open = if lo_open { "(" } else { "[" };
+    Err(Error::config(field, format!("{value} is outside the allowed range {open}{lo}, {hi}]")))
+}
+
+fn check_int(field: &str, value: u64, lo: u64, hi: u64) -> Result<()> {
+    if (lo..=hi).contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::config(field, format!("{value} is outside the allowed range [{lo}, {hi}]")))
+    }
+}
+
+impl RunConfig {
+    pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self> {
+        let config: RunConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let msg = e.message().trim().to_string();
+            match line {
+                Some(line) => Error::line(origin, line, msg),
+                None => Error::file(origin, msg),
+            }
+        })?;
+        Ok(config)
+    }
+
+    /// Load a TOML file; relative paths inside it are resolved against the file's folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_path(path)?;
+        let mut config = Self::from_toml_str(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    /// Make relative paths absolute-ish by joining them to `base` (the config file's folder), but
+    /// keep paths that already exist relative to the working directory as they are.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() && !p.exists() {
+                let joined = base.join(&*p);
+                if joined.exists() {
+                    *p = joined;
+                }
+            }
+        };
+        fix(&mut self.model.path);
+        fix(&mut self.dataset.path);
+        if let Some(a) = self.model.adapter.as_mut() {
+            fix(a);
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("RunConfig always serializes")
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::util::write_atomic(path, self.to_toml().as_bytes())
+    }
+
+    /// Check every value; the first problem is returned with its field name and allowed range.
+    pub fn validate(&self) -> Result<()> {
+        self.problems().into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// All problems at once (the studio marks each field in place).
+    pub fn problems(&self) -> Vec<Error> {
+        let mut out = Vec::new();
+        let mut push = |r: Result<()>| {
+            if let Err(e) = r {
+                out.push(e)
+            }
+        };
+        if self.model.path.as_os_str().is_empty() {
+            push(Err(Error::config("model.path", "is empty: choose a Hugging Face model folder")));
+        }
+        if self.dataset.path.as_os_str().is_empty() {
+            push(Err(Error::config("dataset.path", "is empty: choose a dataset file")));
+        }
+        push(check_int("lora.r", self.lora.r as u64, 1, 1024));
+        push(check_range("lora.alpha", self.lora.alpha, 0.0, 1e6, true));
+        push(check_range("lora.dropout", self.lora.dropout, 0.0, 0.9, false));
+        if self.lora.targets.is_empty() {
+            push(Err(Error::config("lora.targets", "is empty: pick at least one of q, k, v, o, gate, up, down")));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for t in &self.lora.targets {
+            if !seen.insert(*t) {
+                push(Err(Error::config("lora.targets", format!("`{}` is listed twice", t.short()))));
+            }
+        }
+        push(check_range("optim.lr", self.optim.lr, 0.0, 1.0, true));
+        push(check_range("optim.beta1", self.optim.beta1, 0.0, 0.999999, false));
+        push(check_range("optim.beta2", self.optim.beta2, 0.0, 0.999999, false));
+        push(check_range("optim.eps", self.optim.eps, 0.0, 1e-2, true));
+        push(check_range("optim.weight_decay", self.optim.weight_decay, 0.0, 1.0, false));
+        push(check_range("optim.max_grad_norm", self.optim.max_grad_norm, 0.0, 1e6, false));
+        push(check_int("schedule.warmup_steps", self.schedule.warmup_steps, 0, 1_000_000));
+        push(check_range("schedule.warmup_ratio", self.schedule.warmup_ratio, 0.0, 1.0, false));
+        push(check_int("train.batch_size", self.train.batch_size as u64, 1, 4096));
+        push(check_int("train.grad_accum", self.train.grad_accum as u64, 1, 4096));
+        push(check_int("train.max_seq_len", self.train.max_seq_len as u64, 8, 1 << 20));
+        if self.train.max_steps.is_none() {
+            push(check_range("train.epochs", self.train.epochs, 0.0, 10_000.0, true));
+        }
+        if let Some(s) = self.train.max_steps {
+            push(check_int("train.max_steps", s, 1, 100_000_000));
+        }
+        push(check_range("dataset.max_bad_fraction", self.dataset.max_bad_fraction, 0.0, 1.0, false));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let mut c = RunConfig::default();
+        c.model.path = "m".into();
+        c.dataset.path = "d.jsonl".into();
+        let back = RunConfig::from_toml_str(&c.to_toml(), Path::new("x.toml")).unwrap();
+        assert_eq!(c, back);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unsloth_defaults() {
+        let c = RunConfig::default();
+        assert_eq!(c.lora.r, 16);
+        assert_eq!(c.lora.alpha, 16.0);
+        assert_eq!(c.lora.dropout, 0.0);
+        assert_eq!(c.optim.lr, 2e-4);
+        assert_eq!(c.optim.weight_decay, 0.001);
+        assert_eq!(c.schedule.kind, ScheduleKind::Linear);
+        assert_eq!(c.schedule.warmup_steps, 5);
+        assert_eq!(c.train.seed, 3407);
+    }
+
+    #[test]
+    fn out_of_range_names_field_and_range() {
+        let mut c = RunConfig::default();
+        c.model.path = "m".into();
+        c.dataset.path = "d".into();
+        c.lora.r = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("lora.r") && e.contains("[1, 1024]"), "{e}");
+        c.lora.r = 8;
+        c.optim.lr = -1.0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("optim.lr") && e.contains("(0, 1]"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_line() {
+        let e = RunConfig::from_toml_str("[lora]\nr = 8\nrank = 4\n", Path::new("run.toml")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("run.toml:3:") && s.contains("rank"), "{s}");
+    }
+
+    #[test]
+    fn bad_enum_value_is_refused() {
+        let e = RunConfig::from_toml_str("[schedule]\nkind = \"step\"\n", Path::new("run.toml")).unwrap_err();
+        assert!(e.to_string().contains("run.toml:2"), "{e}");
+    }
+}

@@ -1,0 +1,81 @@
+//! One error type for the whole crate. Every variant names what the user must look at: a file,
+//! a line, a tensor or a config field, so the CLI can print it on one line and the studio can show it.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be used: missing, unreadable, corrupt, or of the wrong shape.
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+
+    /// A specific line or row of a text file (dataset rows, TOML lines) is wrong.
+    #[error("{}:{line}: {msg}", path.display())]
+    Line { path: PathBuf, line: usize, msg: String },
+
+    /// A config value is invalid; `field` is the dotted TOML path (`lora.r`).
+    #[error("config field `{field}`: {msg}")]
+    Config { field: String, msg: String },
+
+    /// A tensor in a checkpoint or model file is missing or has the wrong shape or dtype.
+    #[error("tensor `{name}`{}: {msg}", path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    Tensor { name: String, path: Option<PathBuf>, msg: String },
+
+    /// A shape contract between engine and backend was broken (a bug, not a user error).
+    #[error("shape mismatch in {op}: expected {expected}, got {got}")]
+    Shape { op: &'static str, expected: String, got: String },
+
+    /// The device ran out of memory; `advice` says what to change.
+    #[error("out of memory {during}: {advice}")]
+    OutOfMemory { during: String, advice: String },
+
+    /// No usable CUDA device (no driver, no card, library missing).
+    #[error("no CUDA device: {0}")]
+    NoCuda(String),
+
+    /// A CUDA call failed.
+    #[error("CUDA {op}: {msg}")]
+    Cuda { op: String, msg: String },
+
+    /// Training produced a non-finite loss or gradient.
+    #[error("non-finite {what} at step {step}: {advice}")]
+    NonFinite { what: String, step: u64, advice: String },
+
+    /// The run was stopped by the user (not a failure; used to unwind cleanly).
+    #[error("stopped by the user")]
+    Stopped,
+
+    #[error("{0}")]
+    Msg(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn file(path: impl AsRef<Path>, msg: impl std::fmt::Display) -> Self {
+        Error::File { path: path.as_ref().to_path_buf(), msg: msg.to_string() }
+    }
+    pub fn line(path: impl AsRef<Path>, line: usize, msg: impl std::fmt::Display) -> Self {
+        Error::Line { path: path.as_ref().to_path_buf(), line, msg: msg.to_string() }
+    }
+    pub fn config(field: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Error::Config { field: field.into(), msg: msg.to_string() }
+    }
+    pub fn tensor(name: impl Into<String>, path: Option<&Path>, msg: impl std::fmt::Display) -> Self {
+        Error::Tensor { name: name.into(), path: path.map(Path::to_path_buf), msg: msg.to_string() }
+    }
+    pub fn msg(msg: impl std::fmt::Display) -> Self {
+        Error::Msg(msg.to_string())
+    }
+}
+
+/// Attach a path to I/O errors on the way up.
+pub trait IoContext<T> {
+    fn with_path(self, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn with_path(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::file(path, e))
+    }
+}

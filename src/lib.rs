@@ -1,0 +1,13 @@
+//! TuneStudio: QLoRA fine-tuning of Llama-family models, with a CPU reference backend and a CUDA
+//! backend behind one `Backend` trait, a training session on a background thread, a CLI and a
+//! studio window. ARCHITECTURE.md is the map.
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod quant;
+pub mod util;
+
+pub use config::RunConfig;
+pub use error::{Error, Result};

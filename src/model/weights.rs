@@ -1,0 +1,232 @@
+//! Memory-mapped safetensors: a single `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`. Tensors are read on demand and converted to f32 or kept raw
+//! (bnb-4bit checkpoints store packed NF4 bytes and their quant state as separate tensors).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, IoContext, Result};
+
+/// One tensor's place in a shard.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub shard: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the mmap (absolute, header included).
+    pub start: usize,
+    pub end: usize,
+}
+
+pub struct WeightStore {
+    pub dir: PathBuf,
+    shards: Vec<(PathBuf, Mmap)>,
+    entries: BTreeMap<String, TensorEntry>,
+}
+
+impl std::fmt::Debug for WeightStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightStore").field("dir", &self.dir).field("tensors", &self.entries.len()).finish()
+    }
+}
+
+fn open_shard(path: &Path) -> Result<Mmap> {
+    let file = std::fs::File::open(path).with_path(path)?;
+    // SAFETY: the file is opened read-only and the map is only read; a file truncated by another
+    // process while mapped is outside what we can defend against (same as every safetensors user).
+    let mmap = unsafe { Mmap::map(&file) }.with_path(path)?;
+    Ok(mmap)
+}
+
+impl WeightStore {
+    /// Open every safetensors file of a model folder.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).with_path(&index)?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::line(&index, e.line(), format!("invalid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::file(&index, "`weight_map` is missing"))?;
+            let mut names: Vec<String> =
+                map.values().filter_map(|s| s.as_str().map(str::to_string)).collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            let single = dir.join("model.safetensors");
+            if single.exists() {
+                vec![single]
+            } else {
+                let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .with_path(dir)?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                    .collect();
+                found.sort();
+                if found.is_empty() {
+                    return Err(Error::file(dir, "no *.safetensors weights found"));
+                }
+                found
+            }
+        };
+        let mut shards = Vec::new();
+        let mut entries = BTreeMap::new();
+        for (i, path) in files.into_iter().enumerate() {
+            let mmap = open_shard(&path)?;
+            let (header_len, _) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| Error::file(&path, format!("not a valid safetensors file ({e})")))?;
+            let st = SafeTensors::deserialize(&mmap)
+                .map_err(|e| Error::file(&path, format!("corrupt or truncated safetensors file ({e})")))?;
+            let data_start = 8 + header_len;
+            for (name, view) in st.tensors() {
+                let data = view.data();
+                let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
+                debug_assert!(start >= data_start);
+                entries.insert(
+                    name.to_string(),
+                    TensorEntry { shard: i, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + data.len() },
+                );
+            }
+            shards.push((path, mmap));
+        }
+        Ok(WeightStore { dir: dir.to_path_buf(), shards, entries })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorEntry> {
+        self.entries.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn shard_path(&self, e: &TensorEntry) -> &Path {
+        &self.shards[e.shard].0
+    }
+
+    fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.entries.get(name).ok_or_else(|| Error::tensor(name, Some(&self.dir), "is missing from the model's safetensors files"))
+    }
+
+    /// The raw bytes of a tensor, as stored.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let e = self.entry(name)?;
+        Ok(&self.shards[e.shard].1[e.start..e.end])
+    }
+
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        Ok(&self.entry(name)?.shape)
+    }
+
+    /// Read a floating-point tensor as f32, checking its shape.
+    pub fn f32(&self, name: &str, expect_shape: &[usize]) -> Result<Vec<f32>> {
+        let e = self.entry(name)?;
+        if e.shape != expect_shape {
+            return Err(Error::tensor(
+                name,
+                Some(self.shard_path(e)),
+                format!("has shape {:?}, expected {:?}", e.shape, expect_shape),
+            ));
+        }
+        self.f32_any_shape(name)
+    }
+
+    /// Read a floating-point tensor as f32, whatever its shape.
+    pub fn f32_any_shape(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self.entry(name)?;
+        let bytes = &self.shards[e.shard].1[e.start..e.end];
+        to_f32(bytes, e.dtype).ok_or_else(|| {
+            Error::tensor(name, Some(self.shard_path(e)), format!("has dtype {:?}; expected f32, f16 or bf16", e.dtype))
+        })
+    }
+
+    /// dtype names present, with counts (for `inspect`).
+    pub fn dtype_counts(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for e in self.entries.values() {
+            *m.entry(format!("{:?}", e.dtype)).or_default() += 1;
+        }
+        m
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.entries.values().map(|e| (e.end - e.start) as u64).sum()
+    }
+}
+
+/// Convert raw little-endian bytes of a float dtype to f32.
+pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// A tensor to write: name, shape and f32 data stored as the given dtype.
+pub struct OutTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: Dtype,
+    pub bytes: Vec<u8>,
+}
+
+impl OutTensor {
+    pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, data: &[f32], dtype: Dtype) -> Self {
+        let bytes = match dtype {
+            Dtype::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Dtype::BF16 => data.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+            Dtype::F16 => data.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+            other => panic!("OutTensor::from_f32 does not write {other:?}"),
+        };
+        OutTensor { name: name.into(), shape, dtype, bytes }
+    }
+
+    pub fn raw(name: impl Into<String>, shape: Vec<usize>, dtype: Dtype, bytes: Vec<u8>) -> Self {
+        OutTensor { name: name.into(), shape, dtype, bytes }
+    }
+}
+
+/// Serialize tensors (sorted by name, as safetensors does) with optional string metadata.
+pub fn serialize_safetensors(tensors: &[OutTensor], metadata: Option<BTreeMap<String, String>>) -> Result<Vec<u8>> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| {
+            safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| Error::tensor(&t.name, None, format!("cannot be serialized: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let meta = metadata.map(|m| m.into_iter().collect::<std::collections::HashMap<_, _>>());
+    safetensors::tensor::serialize(views, meta).map_err(|e| Error::msg(format!("safetensors serialization failed: {e}")))
+}
+
+/// Read a whole small safetensors file into name → (shape, f32 data) (adapters, checkpoints).
+pub fn read_small_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+    let bytes = std::fs::read(path).with_path(path)?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let data = to_f32(view.data(), view.dtype())
+            .ok_or_else(|| Error::tensor(&name, Some(path), format!("has unsupported dtype {:?}", view.dtype())))?;
+        out.insert(name.to_string(), (view.shape().to_vec(), data));
+    }
+    Ok(out)
+}

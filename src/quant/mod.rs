@@ -1,0 +1,1 @@
+//! Quantization formats: NF4 with double quantization, byte-for-byte the bitsandbytes layout.

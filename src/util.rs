@@ -1,0 +1,137 @@
+//! Small helpers shared by every module: atomic writes and human-readable sizes.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, IoContext, Result};
+
+/// Write `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
+/// never leaves a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_path(dir)?;
+    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file path"))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::file(path, e));
+    }
+    Ok(())
+}
+
+/// Replace folder `dest` by a folder built by `fill` in a temporary sibling, renamed into place
+/// only when `fill` succeeds; on failure nothing is left behind.
+pub fn write_dir_atomic(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_path(parent)?;
+    let name = dest.file_name().ok_or_else(|| Error::file(dest, "not a folder path"))?;
+    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_path(&tmp)?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+    let had_old = dest.exists();
+    if had_old {
+        std::fs::rename(dest, &old).with_path(dest)?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, dest) {
+        if had_old {
+            let _ = std::fs::rename(&old, dest);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::file(dest, e));
+    }
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+pub fn fmt_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.2} {}", UNITS[u]) }
+}
+
+pub fn fmt_duration(secs: f64) -> String {
+    if !secs.is_finite() {
+        return "?".into();
+    }
+    let s = secs.round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m{:02}s", s / 3600, (s / 60) % 60, s % 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{:.1}s", secs)
+    }
+}
+
+/// Parse sizes such as `24GiB`, `24GB`, `24G`, `1.5 TiB`, `512MiB` (binary units throughout).
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    Some((v * mult as f64).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("24GiB"), Some(24 << 30));
+        assert_eq!(parse_bytes("1.5 GB"), Some(3 << 29));
+        assert_eq!(parse_bytes("x"), None);
+    }
+
+    #[test]
+    fn atomic_dir_replaces_or_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("out");
+        write_dir_atomic(&dest, |p| write_atomic(&p.join("a"), b"1")).unwrap();
+        assert!(dest.join("a").exists());
+        let r = write_dir_atomic(&dest, |_| Err(Error::msg("boom")));
+        assert!(r.is_err());
+        assert!(dest.join("a").exists(), "failed write must keep the old folder");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temp folder left behind");
+    }
+}
+
+/// `8.03B`, `1.24M`, `512`.
+pub fn fmt_count(n: u64) -> String {
+    let v = n as f64;
+    if v >= 1e9 {
+        format!("{:.2}B", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}K", v / 1e3)
+    } else {
+        n.to_string()
+    }
+}
