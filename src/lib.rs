@@ -2,8 +2,10 @@
 //! backend behind one `Backend` trait, a training session on a background thread, a CLI and a
 //! studio window. ARCHITECTURE.md is the map.
 
+pub mod backend;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod model;
 pub mod quant;

@@ -1,0 +1,504 @@
+//! The CPU backend: the numerical reference. Generic over the float type so the same code runs in
+//! f32 (training, CI, the demo) and in f64 (finite-difference gradient checks). Big products go
+//! through the `gemm` crate (candle's CPU matmul engine); everything else is plain loops over rows,
+//! parallel with rayon where rows are independent.
+
+use rayon::prelude::*;
+
+use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum, dropout_uniform};
+use crate::error::{Error, Result};
+
+/// The float type of a CPU backend.
+pub trait Real: num_traits::Float + num_traits::FromPrimitive + Send + Sync + Default + std::fmt::Debug + 'static {
+    const NAME: &'static str;
+    fn of(x: f64) -> Self {
+        <Self as num_traits::FromPrimitive>::from_f64(x).expect("finite")
+    }
+    fn f64(self) -> f64 {
+        num_traits::ToPrimitive::to_f64(&self).unwrap_or(f64::NAN)
+    }
+}
+impl Real for f32 {
+    const NAME: &'static str = "f32";
+}
+impl Real for f64 {
+    const NAME: &'static str = "f64";
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor<T>(pub Vec<T>);
+
+pub struct CpuWeight<T> {
+    pub out_features: usize,
+    pub in_features: usize,
+    pub w: Vec<T>,
+    pub bias: Option<Vec<T>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend<T> {
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Real> CpuBackend<T> {
+    pub fn new() -> Self {
+        CpuBackend { _t: std::marker::PhantomData }
+    }
+}
+
+fn check_len<T>(op: &'static str, what: &str, v: &[T], need: usize) -> Result<()> {
+    if v.len() < need {
+        return Err(Error::Shape { op, expected: format!("{what} with at least {need} elements"), got: v.len().to_string() });
+    }
+    Ok(())
+}
+
+/// `c[m, n] = (accumulate ? c : 0) + alpha · op(a) · op(b)`, all row-major. `a` is `[m, k]`
+/// (or `[k, m]` when `a_t`), `b` is `[k, n]` (or `[n, k]` when `b_t`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul<T: Real>(m: usize, n: usize, k: usize, a: &[T], a_t: bool, b: &[T], b_t: bool, c: &mut [T], alpha: T, accumulate: bool) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul operands too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].iter_mut().for_each(|x| *x = T::zero());
+        }
+        return;
+    }
+    let (a_rs, a_cs) = if a_t { (1isize, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if b_t { (1isize, k as isize) } else { (n as isize, 1) };
+    let threads = rayon::current_num_threads();
+    let par = if m * n * k > 32 * 32 * 32 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above guarantee every index the strides can reach lies inside the
+    // slices; `c` does not alias `a` or `b` (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            c.as_mut_ptr(), 1, n as isize, accumulate,
+            a.as_ptr(), a_cs, a_rs,
+            b.as_ptr(), b_cs, b_rs,
+            T::one(), alpha,
+            false, false, false, par,
+        );
+    }
+}
+
+impl<T: Real> CpuBackend<T> {
+    fn rows_mut<'a>(x: &'a mut [T], n: usize, d: usize) -> impl IndexedParallelIterator<Item = (usize, &'a mut [T])> {
+        x[..n * d].par_chunks_mut(d.max(1)).enumerate()
+    }
+}
+
+impl<T: Real> Backend for CpuBackend<T> {
+    type Tensor = CpuTensor<T>;
+    type Weight = CpuWeight<T>;
+    type Ids = Vec<i32>;
+
+    fn device(&self) -> DeviceInfo {
+        DeviceInfo {
+            kind: "cpu".into(),
+            name: format!("CPU ({}, {} threads)", T::NAME, rayon::current_num_threads()),
+            total_memory_bytes: None,
+            free_memory_bytes: None,
+        }
+    }
+
+    fn alloc(&self, len: usize, _dtype: DType) -> Result<Self::Tensor> {
+        Ok(CpuTensor(vec![T::zero(); len]))
+    }
+
+    fn upload(&self, data: &[f32], _dtype: DType) -> Result<Self::Tensor> {
+        Ok(CpuTensor(data.iter().map(|&x| T::of(x as f64)).collect()))
+    }
+
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>> {
+        Ok(t.0.iter().map(|x| x.f64() as f32).collect())
+    }
+
+    fn write(&self, t: &mut Self::Tensor, data: &[f32]) -> Result<()> {
+        check_len("write", "destination", &t.0, data.len())?;
+        t.0.iter_mut().zip(data).for_each(|(d, &s)| *d = T::of(s as f64));
+        Ok(())
+    }
+
+    fn fill(&self, t: &mut Self::Tensor, value: f32) -> Result<()> {
+        let v = T::of(value as f64);
+        t.0.iter_mut().for_each(|x| *x = v);
+        Ok(())
+    }
+
+    fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()> {
+        check_len("copy", "source", &src.0, n)?;
+        check_len("copy", "destination", &dst.0, n)?;
+        dst.0[..n].copy_from_slice(&src.0[..n]);
+        Ok(())
+    }
+
+    fn upload_ids(&self, ids: &[i32]) -> Result<Self::Ids> {
+        Ok(ids.to_vec())
+    }
+
+    fn upload_weight(&self, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight> {
+        let (out_features, in_features) = w.shape();
+        let data: Vec<T> = match w {
+            HostWeight::Dense { data, .. } => data.iter().map(|&x| T::of(x as f64)).collect(),
+            HostWeight::Nf4(q) => q.dequantize_f32().into_iter().map(|x| T::of(x as f64)).collect(),
+        };
+        if data.len() != out_features * in_features {
+            return Err(Error::Shape { op: "upload_weight", expected: format!("{out_features}x{in_features}"), got: data.len().to_string() });
+        }
+        if let Some(b) = bias {
+            if b.len() != out_features {
+                return Err(Error::Shape { op: "upload_weight bias", expected: out_features.to_string(), got: b.len().to_string() });
+            }
+        }
+        Ok(CpuWeight { out_features, in_features, w: data, bias: bias.map(|b| b.iter().map(|&x| T::of(x as f64)).collect()) })
+    }
+
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor, n: usize) -> Result<()> {
+        check_len("add", "x", &x.0, n)?;
+        check_len("add", "y", &y.0, n)?;
+        x.0[..n].par_iter_mut().zip(&y.0[..n]).for_each(|(a, &b)| *a = *a + b);
+        Ok(())
+    }
+
+    fn dropout(&self, x: &Self::Tensor, out: &mut Self::Tensor, n: usize, p: f32, key: u64) -> Result<()> {
+        let keep = T::of(1.0 / (1.0 - p as f64));
+        out.0[..n].par_iter_mut().zip(&x.0[..n]).enumerate().for_each(|(i, (o, &v))| {
+            *o = if dropout_uniform(key, i as u64) >= p { v * keep } else { T::zero() };
+        });
+        Ok(())
+    }
+
+    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p: f32, key: u64, accumulate: bool) -> Result<()> {
+        let keep = T::of(1.0 / (1.0 - p as f64));
+        dx.0[..n].par_iter_mut().zip(&dy.0[..n]).enumerate().for_each(|(i, (o, &g))| {
+            let v = if dropout_uniform(key, i as u64) >= p { g * keep } else { T::zero() };
+            *o = if accumulate { *o + v } else { v };
+        });
+        Ok(())
+    }
+
+    fn embedding_fwd(&self, ids: &Self::Ids, table: &Self::Tensor, n: usize, d: usize, out: &mut Self::Tensor) -> Result<()> {
+        let vocab = table.0.len() / d;
+        check_len("embedding_fwd", "ids", ids, n)?;
+        check_len("embedding_fwd", "out", &out.0, n * d)?;
+        if let Some(bad) = ids[..n].iter().find(|&&i| i < 0 || i as usize >= vocab) {
+            return Err(Error::msg(format!("token id {bad} is outside the vocabulary (size {vocab})")));
+        }
+        Self::rows_mut(&mut out.0, n, d).for_each(|(r, row)| {
+            let id = ids[r] as usize;
+            row.copy_from_slice(&table.0[id * d..(id + 1) * d]);
+        });
+        Ok(())
+    }
+
+    fn rmsnorm_fwd(&self, x: &Self::Tensor, w: &Self::Tensor, n: usize, d: usize, eps: f32, out: &mut Self::Tensor, inv_rms: &mut Self::Tensor) -> Result<()> {
+        check_len("rmsnorm_fwd", "x", &x.0, n * d)?;
+        check_len("rmsnorm_fwd", "inv_rms", &inv_rms.0, n)?;
+        let eps = T::of(eps as f64);
+        let dn = T::of(d as f64);
+        out.0[..n * d].par_chunks_mut(d).zip(inv_rms.0[..n].par_iter_mut()).enumerate().for_each(|(r, (o, inv))| {
+            let xr = &x.0[r * d..(r + 1) * d];
+            let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / dn;
+            let s = T::one() / (ms + eps).sqrt();
+            *inv = s;
+            for i in 0..d {
+                o[i] = w.0[i] * (xr[i] * s);
+            }
+        });
+        Ok(())
+    }
+
+    fn rmsnorm_bwd(&self, dy: &Self::Tensor, x: &Self::Tensor, w: &Self::Tensor, inv_rms: &Self::Tensor, n: usize, d: usize, dx: &mut Self::Tensor, accumulate: bool) -> Result<()> {
+        check_len("rmsnorm_bwd", "dx", &dx.0, n * d)?;
+        let dn = T::of(d as f64);
+        Self::rows_mut(&mut dx.0, n, d).for_each(|(r, o)| {
+            let xr = &x.0[r * d..(r + 1) * d];
+            let g = &dy.0[r * d..(r + 1) * d];
+            let s = inv_rms.0[r];
+            let dot = (0..d).fold(T::zero(), |a, i| a + g[i] * w.0[i] * xr[i]);
+            let c = s * s * s * dot / dn;
+            for i in 0..d {
+                let v = s * w.0[i] * g[i] - c * xr[i];
+                o[i] = if accumulate { o[i] + v } else { v };
+            }
+        });
+        Ok(())
+    }
+
+    fn linear_fwd(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<LoraFwd<'_, Self::Tensor>>, dims: LinearDims, y: &mut Self::Tensor) -> Result<()> {
+        let LinearDims { n, inp, out } = dims;
+        if w.in_features != inp || w.out_features != out {
+            return Err(Error::Shape { op: "linear_fwd", expected: format!("{out}x{inp}"), got: format!("{}x{}", w.out_features, w.in_features) });
+        }
+        check_len("linear_fwd", "x", &x.0, n * inp)?;
+        check_len("linear_fwd", "y", &y.0, n * out)?;
+        matmul(n, out, inp, &x.0, false, &w.w, true, &mut y.0, T::one(), false);
+        if let Some(b) = &w.bias {
+            Self::rows_mut(&mut y.0, n, out).for_each(|(_, row)| row.iter_mut().zip(b).for_each(|(v, &bb)| *v = *v + bb));
+        }
+        if let Some(l) = lora {
+            let r = l.rank;
+            check_len("linear_fwd", "lora xa", &l.xa.0, n * r)?;
+            matmul(n, r, inp, &l.x_lora.0, false, &l.a.0, true, &mut l.xa.0, T::one(), false);
+            matmul(n, out, r, &l.xa.0, false, &l.b.0, true, &mut y.0, T::of(l.scale as f64), true);
+        }
+        Ok(())
+    }
+
+    fn linear_bwd(&self, dy: &Self::Tensor, w: &Self::Weight, lora: Option<LoraBwd<'_, Self::Tensor>>, dims: LinearDims, dx: &mut Self::Tensor, accumulate: bool, dx_lora: Option<&mut Self::Tensor>) -> Result<()> {
+        let LinearDims { n, inp, out } = dims;
+        check_len("linear_bwd", "dy", &dy.0, n * out)?;
+        check_len("linear_bwd", "dx", &dx.0, n * inp)?;
+        matmul(n, inp, out, &dy.0, false, &w.w, false, &mut dx.0, T::one(), accumulate);
+        if let Some(l) = lora {
+            let r = l.rank;
+            let s = T::of(l.scale as f64);
+            check_len("linear_bwd", "lora scratch", &l.scratch.0, n * r)?;
+            // t = dy · B  ([n, r])
+            matmul(n, r, out, &dy.0, false, &l.b.0, false, &mut l.scratch.0, T::one(), false);
+            // dB += s · dyᵀ · xa ; dA += s · tᵀ · x_lora
+            matmul(out, r, n, &dy.0, true, &l.xa.0, false, &mut l.grad_b.0, s, true);
+            matmul(r, inp, n, &l.scratch.0, true, &l.x_lora.0, false, &mut l.grad_a.0, s, true);
+            match dx_lora {
+                Some(dxl) => matmul(n, inp, r, &l.scratch.0, false, &l.a.0, false, &mut dxl.0, s, false),
+                None => matmul(n, inp, r, &l.scratch.0, false, &l.a.0, false, &mut dx.0, s, true),
+            }
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Self::Tensor, n: usize, heads: usize, head_dim: usize, positions: &Self::Ids, table: &Self::Tensor, inverse: bool) -> Result<()> {
+        let half = head_dim / 2;
+        let max_pos = table.0.len() / (2 * half);
+        let (cos, sin) = table.0.split_at(max_pos * half);
+        if let Some(p) = positions[..n].iter().find(|&&p| p < 0 || p as usize >= max_pos) {
+            return Err(Error::msg(format!("position {p} is beyond the rotary table ({max_pos} positions)")));
+        }
+        let width = heads * head_dim;
+        Self::rows_mut(&mut x.0, n, width).for_each(|(r, row)| {
+            let p = positions[r] as usize;
+            let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+            for h in 0..heads {
+                let v = &mut row[h * head_dim..(h + 1) * head_dim];
+                for i in 0..half {
+                    let (x1, x2) = (v[i], v[i + half]);
+                    let sn = if inverse { -s[i] } else { s[i] };
+                    v[i] = x1 * c[i] - x2 * sn;
+                    v[i + half] = x2 * c[i] + x1 * sn;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn attention_fwd(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, out: &mut Self::Tensor, lse: &mut Self::Tensor) -> Result<()> {
+        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
+        let (qw, kw) = (heads * hd, kv_heads * hd);
+        let group = heads / kv_heads;
+        let scale = T::of(1.0 / (hd as f64).sqrt());
+        check_len("attention_fwd", "out", &out.0, batch * seq * qw)?;
+        let results: Vec<(Vec<T>, Vec<T>)> = (0..batch * heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / heads, bh % heads);
+                let kh = h / group;
+                let mut o = vec![T::zero(); seq * hd];
+                let mut l = vec![T::zero(); seq];
+                let mut scores = vec![T::zero(); seq];
+                for i in 0..seq {
+                    let qi = &q.0[(b * seq + i) * qw + h * hd..][..hd];
+                    let seg = segments[b * seq + i];
+                    let mut m = T::neg_infinity();
+                    for j in 0..=i {
+                        if segments[b * seq + j] != seg {
+                            scores[j] = T::neg_infinity();
+                            continue;
+                        }
+                        let kj = &k.0[(b * seq + j) * kw + kh * hd..][..hd];
+                        let s = (0..hd).fold(T::zero(), |a, t| a + qi[t] * kj[t]) * scale;
+                        scores[j] = s;
+                        m = m.max(s);
+                    }
+                    let mut sum = T::zero();
+                    let oi = &mut o[i * hd..(i + 1) * hd];
+                    for j in 0..=i {
+                        if scores[j] == T::neg_infinity() {
+                            continue;
+                        }
+                        let p = (scores[j] - m).exp();
+                        sum = sum + p;
+                        let vj = &v.0[(b * seq + j) * kw + kh * hd..][..hd];
+                        for t in 0..hd {
+                            oi[t] = oi[t] + p * vj[t];
+                        }
+                    }
+                    oi.iter_mut().for_each(|x| *x = *x / sum);
+                    l[i] = m + sum.ln();
+                }
+                (o, l)
+            })
+            .collect();
+        for (bh, (o, l)) in results.into_iter().enumerate() {
+            let (b, h) = (bh / heads, bh % heads);
+            for i in 0..seq {
+                out.0[(b * seq + i) * qw + h * hd..][..hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+                lse.0[(b * seq + i) * heads + h] = l[i];
+            }
+        }
+        Ok(())
+    }
+
+    fn attention_bwd(&self, dout: &Self::Tensor, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &Self::Tensor, lse: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, dq: &mut Self::Tensor, dk: &mut Self::Tensor, dv: &mut Self::Tensor) -> Result<()> {
+        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
+        let (qw, kw) = (heads * hd, kv_heads * hd);
+        let group = heads / kv_heads;
+        let scale = T::of(1.0 / (hd as f64).sqrt());
+        // One task per (batch, kv head) owns that head's dK/dV and its group's dQ: no races.
+        let results: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..batch * kv_heads)
+            .into_par_iter()
+            .map(|bk| {
+                let (b, kh) = (bk / kv_heads, bk % kv_heads);
+                let mut gq = vec![T::zero(); group * seq * hd];
+                let mut gk = vec![T::zero(); seq * hd];
+                let mut gv = vec![T::zero(); seq * hd];
+                for g in 0..group {
+                    let h = kh * group + g;
+                    for i in 0..seq {
+                        let row = b * seq + i;
+                        let qi = &q.0[row * qw + h * hd..][..hd];
+                        let doi = &dout.0[row * qw + h * hd..][..hd];
+                        let oi = &out.0[row * qw + h * hd..][..hd];
+                        let di = (0..hd).fold(T::zero(), |a, t| a + doi[t] * oi[t]);
+                        let li = lse.0[row * heads + h];
+                        let seg = segments[row];
+                        for j in 0..=i {
+                            if segments[b * seq + j] != seg {
+                                continue;
+                            }
+                            let kj = &k.0[(b * seq + j) * kw + kh * hd..][..hd];
+                            let vj = &v.0[(b * seq + j) * kw + kh * hd..][..hd];
+                            let s = (0..hd).fold(T::zero(), |a, t| a + qi[t] * kj[t]) * scale;
+                            let p = (s - li).exp();
+                            let dp = (0..hd).fold(T::zero(), |a, t| a + doi[t] * vj[t]);
+                            let ds = p * (dp - di) * scale;
+                            let gqi = &mut gq[(g * seq + i) * hd..][..hd];
+                            for t in 0..hd {
+                                gqi[t] = gqi[t] + ds * kj[t];
+                                gk[j * hd + t] = gk[j * hd + t] + ds * qi[t];
+                                gv[j * hd + t] = gv[j * hd + t] + p * doi[t];
+                            }
+                        }
+                    }
+                }
+                (gq, gk, gv)
+            })
+            .collect();
+        for (bk, (gq, gk, gv)) in results.into_iter().enumerate() {
+            let (b, kh) = (bk / kv_heads, bk % kv_heads);
+            for i in 0..seq {
+                let row = b * seq + i;
+                for g in 0..group {
+                    let h = kh * group + g;
+                    dq.0[row * qw + h * hd..][..hd].copy_from_slice(&gq[(g * seq + i) * hd..][..hd]);
+                }
+                dk.0[row * kw + kh * hd..][..hd].copy_from_slice(&gk[i * hd..][..hd]);
+                dv.0[row * kw + kh * hd..][..hd].copy_from_slice(&gv[i * hd..][..hd]);
+            }
+        }
+        Ok(())
+    }
+
+    fn swiglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()> {
+        check_len("swiglu_fwd", "out", &out.0, n)?;
+        out.0[..n].par_iter_mut().enumerate().for_each(|(i, o)| {
+            let x = g.0[i];
+            let sig = T::one() / (T::one() + (-x).exp());
+            *o = x * sig * u.0[i];
+        });
+        Ok(())
+    }
+
+    fn swiglu_bwd(&self, dout: &Self::Tensor, g: &Self::Tensor, u: &Self::Tensor, n: usize, dg: &mut Self::Tensor, du: &mut Self::Tensor) -> Result<()> {
+        check_len("swiglu_bwd", "dg", &dg.0, n)?;
+        check_len("swiglu_bwd", "du", &du.0, n)?;
+        dg.0[..n].par_iter_mut().zip(du.0[..n].par_iter_mut()).enumerate().for_each(|(i, (dgi, dui))| {
+            let x = g.0[i];
+            let sig = T::one() / (T::one() + (-x).exp());
+            let silu = x * sig;
+            *dui = dout.0[i] * silu;
+            *dgi = dout.0[i] * u.0[i] * sig * (T::one() + x * (T::one() - sig));
+        });
+        Ok(())
+    }
+
+    fn lm_head_ce(&self, h: &Self::Tensor, head: &Self::Tensor, targets: &Self::Ids, n: usize, d: usize, vocab: usize, grad_scale: f32, dh: &mut Self::Tensor) -> Result<LossSum> {
+        check_len("lm_head_ce", "head", &head.0, vocab * d)?;
+        check_len("lm_head_ce", "dh", &dh.0, n * d)?;
+        if let Some(t) = targets[..n].iter().find(|&&t| t >= vocab as i32) {
+            return Err(Error::msg(format!("target token id {t} is outside the vocabulary (size {vocab})")));
+        }
+        const CHUNK: usize = 64;
+        let gs = T::of(grad_scale as f64);
+        let parts: Vec<(f64, usize)> = dh.0[..n * d]
+            .par_chunks_mut(CHUNK * d)
+            .enumerate()
+            .map(|(c, dh_chunk)| {
+                let r0 = c * CHUNK;
+                let rows = dh_chunk.len() / d;
+                let mut logits = vec![T::zero(); rows * vocab];
+                matmul(rows, vocab, d, &h.0[r0 * d..], false, &head.0, true, &mut logits, T::one(), false);
+                let mut sum = 0.0f64;
+                let mut count = 0usize;
+                for r in 0..rows {
+                    let lr = &mut logits[r * vocab..(r + 1) * vocab];
+                    let t = targets[r0 + r];
+                    if t < 0 {
+                        lr.iter_mut().for_each(|x| *x = T::zero());
+                        continue;
+                    }
+                    let m = lr.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                    let z = lr.iter().fold(T::zero(), |a, &b| a + (b - m).exp());
+                    let lse = m + z.ln();
+                    sum += (lse - lr[t as usize]).f64();
+                    count += 1;
+                    lr.iter_mut().for_each(|x| *x = (*x - lse).exp() * gs);
+                    lr[t as usize] = lr[t as usize] - gs;
+                }
+                matmul(rows, d, vocab, &logits, false, &head.0, false, dh_chunk, T::one(), false);
+                (sum, count)
+            })
+            .collect();
+        Ok(parts.into_iter().fold(LossSum::default(), |a, (s, c)| LossSum { sum: a.sum + s, count: a.count + c }))
+    }
+
+    fn sum_squares(&self, t: &Self::Tensor, n: usize) -> Result<f64> {
+        Ok(t.0[..n].par_iter().map(|&x| x.f64() * x.f64()).sum())
+    }
+
+    fn adamw(&self, param: &mut Self::Tensor, grad: &Self::Tensor, m: &mut Self::Tensor, v: &mut Self::Tensor, n: usize, hp: AdamW) -> Result<()> {
+        let f = |x: f32| T::of(x as f64);
+        let (lr, b1, b2, eps, wd, gs) = (f(hp.lr), f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.weight_decay), f(hp.grad_scale));
+        let t = hp.step as i32;
+        let bc1 = T::one() - b1.powi(t);
+        let bc2_sqrt = (T::one() - b2.powi(t)).sqrt();
+        let step_size = lr / bc1;
+        param.0[..n]
+            .par_iter_mut()
+            .zip(m.0[..n].par_iter_mut())
+            .zip(v.0[..n].par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((p, mi), vi))| {
+                let g = grad.0[i] * gs;
+                *p = *p * (T::one() - lr * wd);
+                *mi = b1 * *mi + (T::one() - b1) * g;
+                *vi = b2 * *vi + (T::one() - b2) * g * g;
+                let denom = vi.sqrt() / bc2_sqrt + eps;
+                *p = *p - step_size * *mi / denom;
+            });
+        Ok(())
+    }
+}

@@ -1,0 +1,219 @@
+//! The `Backend` trait: the one place where the training step meets a device. The engine calls
+//! one method per fused operation and never sees device types; the CPU backend (f32 or f64,
+//! the numerical reference) and the CUDA backend (bf16 storage, fp32 accumulation) implement it.
+//!
+//! Conventions shared by every op:
+//! - Tensors are flat and row-major; shapes are passed explicitly (`n` rows of width `d`), so one
+//!   buffer sized for the largest micro-batch serves every smaller one.
+//! - Token-level matrices are `[n, features]` with `n = batch * seq` and row `b * seq + t`.
+//! - Backward ops that produce an input gradient take `accumulate`: when true they add into the
+//!   destination (residual streams, several consumers of one input), else they overwrite it.
+//! - LoRA gradients are always accumulated (`+=`); the engine zeroes them once per optimizer step.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::quant::nf4::Nf4Tensor;
+
+/// What a tensor stores. The CPU backend keeps everything in its one float type; the CUDA backend
+/// stores `Act` in bf16 and `F32` in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    /// Activations, gradients of activations, frozen 16-bit weights, LoRA compute copies.
+    Act,
+    /// Masters, optimizer states, LoRA gradients, statistics (inverse RMS, log-sum-exp).
+    F32,
+}
+
+/// A frozen base linear as the host holds it before upload (`[out, in]`, row-major).
+pub enum HostWeight {
+    Dense { out_features: usize, in_features: usize, data: Vec<f32> },
+    Nf4(Nf4Tensor),
+}
+
+impl HostWeight {
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            HostWeight::Dense { out_features, in_features, .. } => (*out_features, *in_features),
+            HostWeight::Nf4(t) => (t.shape[0], t.shape[1]),
+        }
+    }
+}
+
+/// Dimensions of a linear applied to `n` rows: `y[n, out] = x[n, inp] · Wᵀ`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearDims {
+    pub n: usize,
+    pub inp: usize,
+    pub out: usize,
+}
+
+/// The LoRA branch of a linear in the forward: `y += scale · (x_lora · Aᵀ) · Bᵀ`, where
+/// `x_lora` is the input after dropout (the input itself when dropout is off). `xa` receives
+/// `x_lora · Aᵀ` (`[n, r]`), which the backward needs.
+pub struct LoraFwd<'a, T> {
+    pub a: &'a T,
+    pub b: &'a T,
+    pub rank: usize,
+    pub scale: f32,
+    pub x_lora: &'a T,
+    pub xa: &'a mut T,
+}
+
+/// The LoRA branch in the backward: accumulates `dA`, `dB`, and adds the branch's contribution to
+/// the input gradient (`dx_lora`, which is `dx` itself when dropout is off).
+pub struct LoraBwd<'a, T> {
+    pub a: &'a T,
+    pub b: &'a T,
+    pub rank: usize,
+    pub scale: f32,
+    pub x_lora: &'a T,
+    pub xa: &'a T,
+    pub grad_a: &'a mut T,
+    pub grad_b: &'a mut T,
+    /// `[n, r]` scratch for `dy · B`.
+    pub scratch: &'a mut T,
+}
+
+/// Shape of a causal self-attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// AdamW hyper-parameters for one update (torch.optim.AdamW semantics, decoupled decay).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub step: u64,
+    /// Multiplies the gradient first (gradient clipping).
+    pub grad_scale: f32,
+}
+
+/// Sum of token losses and how many tokens contributed.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LossSum {
+    pub sum: f64,
+    pub count: usize,
+}
+
+/// What the backend runs on, for logs and the studio.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    /// `cpu` or `cuda`.
+    pub kind: String,
+    /// `CPU (f32, 2 threads)` or the card's name.
+    pub name: String,
+    pub total_memory_bytes: Option<u64>,
+    pub free_memory_bytes: Option<u64>,
+}
+
+pub trait Backend: Send {
+    type Tensor: Send;
+    type Weight: Send;
+    type Ids: Send;
+
+    fn device(&self) -> DeviceInfo;
+
+    // ---- memory ------------------------------------------------------------------------------
+    /// A zero-filled tensor of `len` elements.
+    fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Tensor>;
+    fn upload(&self, data: &[f32], dtype: DType) -> Result<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Overwrite the first `data.len()` elements.
+    fn write(&self, t: &mut Self::Tensor, data: &[f32]) -> Result<()>;
+    fn fill(&self, t: &mut Self::Tensor, value: f32) -> Result<()>;
+    /// `dst[..n] = src[..n]`.
+    fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()>;
+    /// `dst[..n] = cast(src[..n])`: refresh a compute copy from its master.
+    fn cast(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()> {
+        self.copy(src, dst, n)
+    }
+    fn upload_ids(&self, ids: &[i32]) -> Result<Self::Ids>;
+    /// Frozen base linear (dense or NF4) with an optional bias.
+    fn upload_weight(&self, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight>;
+
+    // ---- elementwise -------------------------------------------------------------------------
+    /// `x[..n] += y[..n]`.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor, n: usize) -> Result<()>;
+    /// Inverted dropout with a counter-based mask: element `i` is kept when
+    /// `dropout_uniform(key, i) >= p`, and kept elements are scaled by `1 / (1 - p)`.
+    fn dropout(&self, x: &Self::Tensor, out: &mut Self::Tensor, n: usize, p: f32, key: u64) -> Result<()>;
+    /// `dx[..n] (+)= dropout'(dy)`: the same mask applied to a gradient.
+    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p: f32, key: u64, accumulate: bool) -> Result<()>;
+
+    // ---- layers (forward and backward side by side) ------------------------------------------
+    /// `out[r] = table[ids[r]]` for `n` rows of width `d`.
+    fn embedding_fwd(&self, ids: &Self::Ids, table: &Self::Tensor, n: usize, d: usize, out: &mut Self::Tensor) -> Result<()>;
+
+    /// `out = x · rsqrt(mean(x²) + eps) · w`; saves the inverse RMS per row (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_fwd(&self, x: &Self::Tensor, w: &Self::Tensor, n: usize, d: usize, eps: f32, out: &mut Self::Tensor, inv_rms: &mut Self::Tensor) -> Result<()>;
+    /// Input gradient of RMSNorm (the norm weight is frozen).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(&self, dy: &Self::Tensor, x: &Self::Tensor, w: &Self::Tensor, inv_rms: &Self::Tensor, n: usize, d: usize, dx: &mut Self::Tensor, accumulate: bool) -> Result<()>;
+
+    /// `y = x · Wᵀ + bias + LoRA`.
+    fn linear_fwd(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<LoraFwd<'_, Self::Tensor>>, dims: LinearDims, y: &mut Self::Tensor) -> Result<()>;
+    /// `dx (+)= dy · W + LoRA's input gradient`; accumulates LoRA's `dA`, `dB`. With dropout on,
+    /// the engine passes `dx_lora` (the gradient w.r.t. the dropped input) separately.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(&self, dy: &Self::Tensor, w: &Self::Weight, lora: Option<LoraBwd<'_, Self::Tensor>>, dims: LinearDims, dx: &mut Self::Tensor, accumulate: bool, dx_lora: Option<&mut Self::Tensor>) -> Result<()>;
+
+    /// Rotary embedding in place on `[n, heads * head_dim]` (rotate-half convention); `table` is
+    /// `[max_pos, head_dim / 2]` cosines followed by the same shape of sines. `inverse` rotates
+    /// by −θ, which is the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(&self, x: &mut Self::Tensor, n: usize, heads: usize, head_dim: usize, positions: &Self::Ids, table: &Self::Tensor, inverse: bool) -> Result<()>;
+
+    /// Causal attention within equal segment ids, GQA; saves the log-sum-exp per (row, head).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, out: &mut Self::Tensor, lse: &mut Self::Tensor) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(&self, dout: &Self::Tensor, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &Self::Tensor, lse: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, dq: &mut Self::Tensor, dk: &mut Self::Tensor, dv: &mut Self::Tensor) -> Result<()>;
+
+    /// `out = silu(g) · u` on `n` elements.
+    fn swiglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()>;
+    fn swiglu_bwd(&self, dout: &Self::Tensor, g: &Self::Tensor, u: &Self::Tensor, n: usize, dg: &mut Self::Tensor, du: &mut Self::Tensor) -> Result<()>;
+
+    /// lm_head + softmax cross-entropy over `n` rows, in chunks so `[n, vocab]` logits never
+    /// exist. Targets < 0 are ignored. Writes `dh = grad_scale · (softmax − onehot) · W` (zero rows
+    /// for ignored targets) and returns the unscaled loss sum.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_ce(&self, h: &Self::Tensor, head: &Self::Tensor, targets: &Self::Ids, n: usize, d: usize, vocab: usize, grad_scale: f32, dh: &mut Self::Tensor) -> Result<LossSum>;
+
+    // ---- optimizer ---------------------------------------------------------------------------
+    fn sum_squares(&self, t: &Self::Tensor, n: usize) -> Result<f64>;
+    fn adamw(&self, param: &mut Self::Tensor, grad: &Self::Tensor, m: &mut Self::Tensor, v: &mut Self::Tensor, n: usize, hp: AdamW) -> Result<()>;
+
+    /// Wait for queued work (no-op on the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The dropout mask's uniform draw for element `i` under `key`: a splitmix64 hash, so every
+/// backend draws the same mask without sharing RNG state, and a recompute draws it again.
+#[inline]
+pub fn dropout_uniform(key: u64, i: u64) -> f32 {
+    let mut z = key ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}

@@ -1,0 +1,682 @@
+//! The training step, written once against `Backend`: embedding → decoder layers (attention and
+//! MLP blocks with LoRA on any of the seven linears) → final norm → chunked lm_head + cross-entropy,
+//! then the hand-written backward in reverse, gradient norm and clipping, AdamW on fp32 masters.
+//!
+//! Memory: every buffer is allocated when the `Trainer` is built, sized for the largest micro-batch
+//! (`batch_size × max_seq_len` rows); a step allocates nothing. Checkpointing keeps each layer's
+//! input and recomputes the layer in the backward, or keeps every activation when it fits.
+
+pub mod lora;
+pub mod model;
+pub mod schedule;
+
+use crate::backend::{AdamW, AttnShape, Backend, DType, LinearDims, LoraBwd, LoraFwd, LossSum};
+use crate::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::model::ModelSpec;
+use lora::{LoraPair, LoraWeights};
+use model::{DeviceModel, LayerWeights, WeightSource};
+
+/// What the engine needs from a `RunConfig`, validated.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub lora: LoraConfig,
+    pub optim: OptimConfig,
+    pub quantization: Quantization,
+    pub batch_size: usize,
+    pub max_seq_len: usize,
+    pub checkpointing: CheckpointPolicy,
+    pub seed: u64,
+}
+
+/// One adapted linear on the device: fp32 masters, compute copies, gradients, AdamW moments.
+pub struct LoraSlot<B: Backend> {
+    pub target: Target,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub a: B::Tensor,
+    pub b: B::Tensor,
+    pub a_compute: B::Tensor,
+    pub b_compute: B::Tensor,
+    pub grad_a: B::Tensor,
+    pub grad_b: B::Tensor,
+    pub m_a: B::Tensor,
+    pub v_a: B::Tensor,
+    pub m_b: B::Tensor,
+    pub v_b: B::Tensor,
+}
+
+/// The activations of one decoder layer that its backward reads.
+struct LayerActs<B: Backend> {
+    h1: B::Tensor,
+    inv1: B::Tensor,
+    q: B::Tensor,
+    k: B::Tensor,
+    v: B::Tensor,
+    att: B::Tensor,
+    lse: B::Tensor,
+    x2: B::Tensor,
+    h2: B::Tensor,
+    inv2: B::Tensor,
+    g: B::Tensor,
+    u: B::Tensor,
+    m: B::Tensor,
+    /// `x_lora · Aᵀ` per target (`[n, r]`), by `Target as usize`.
+    xa: Vec<Option<B::Tensor>>,
+    /// The dropped-out LoRA input per target, when dropout is on.
+    xd: Vec<Option<B::Tensor>>,
+}
+
+/// Scratch for the backward and the residual stream.
+struct Workspace<B: Backend> {
+    x: B::Tensor,
+    layer_out: B::Tensor,
+    hf: B::Tensor,
+    invf: B::Tensor,
+    dx: B::Tensor,
+    dh: B::Tensor,
+    dq: B::Tensor,
+    dk: B::Tensor,
+    dv: B::Tensor,
+    datt: B::Tensor,
+    dm: B::Tensor,
+    dg: B::Tensor,
+    du: B::Tensor,
+    lora_scratch: B::Tensor,
+    dx_lora: B::Tensor,
+}
+
+/// The current micro-batch on the device.
+struct DeviceBatch<B: Backend> {
+    ids: B::Ids,
+    targets: B::Ids,
+    positions: B::Ids,
+    segments: B::Ids,
+    shape: AttnShape,
+}
+
+/// Result of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the step's trained tokens.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens: usize,
+    pub trained_tokens: usize,
+}
+
+/// AdamW moments and step count, for checkpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerState {
+    pub step: u64,
+    /// Per slot in order: m_a, v_a, m_b, v_b.
+    pub moments: Vec<[Vec<f32>; 4]>,
+}
+
+pub struct Trainer<B: Backend> {
+    pub backend: B,
+    pub spec: ModelSpec,
+    pub opts: EngineOptions,
+    pub model: DeviceModel<B>,
+    /// `slots[layer]` holds the adapted linears of that layer.
+    pub slots: Vec<Vec<LoraSlot<B>>>,
+    acts: Vec<LayerActs<B>>,
+    saved_inputs: Vec<B::Tensor>,
+    ws: Workspace<B>,
+    keep_all: bool,
+    /// Optimizer updates applied so far.
+    pub step: u64,
+    /// Micro-batches seen (keys the dropout masks).
+    micro_counter: u64,
+}
+
+/// How a linear's LoRA input is keyed for dropout: distinct per step, micro-batch, layer, target.
+fn dropout_key(seed: u64, micro: u64, layer: usize, target: Target) -> u64 {
+    let mut z = seed ^ 0xD1B5_4A32_D192_ED03;
+    for v in [micro, layer as u64, target as u64] {
+        z = (z ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+    z
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Bytes the kept activations of one layer take on the CPU (f32), for choosing a policy.
+    fn layer_act_elems(spec: &ModelSpec, rows: usize, lora: &LoraConfig) -> usize {
+        let (d, f, qd, kvd) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim());
+        rows * (3 * d + 2 * qd + 2 * kvd + 3 * f + 2 + spec.num_heads + lora.targets.len() * lora.r)
+    }
+
+    pub fn new(backend: B, spec: ModelSpec, src: &dyn WeightSource, opts: EngineOptions, lora_init: Option<&LoraWeights>) -> Result<Self> {
+        let rows = opts.batch_size * opts.max_seq_len;
+        let model = DeviceModel::load(&backend, &spec, src, opts.quantization, opts.max_seq_len)?;
+        let keep_all = match opts.checkpointing {
+            CheckpointPolicy::None => true,
+            CheckpointPolicy::Layer | CheckpointPolicy::Offload => false,
+            CheckpointPolicy::Auto => {
+                Self::layer_act_elems(&spec, rows, &opts.lora) * spec.num_layers * 4 < (1usize << 31)
+            }
+        };
+        let init;
+        let weights = match lora_init {
+            Some(w) => w,
+            None => {
+                init = LoraWeights::init(&spec, &opts.lora, opts.seed);
+                &init
+            }
+        };
+        let mut slots = Vec::with_capacity(spec.num_layers);
+        for l in 0..spec.num_layers {
+            let mut layer = Vec::new();
+            for (&t, pair) in &weights.layers[l] {
+                let (out, inp) = spec.linear_shape(t);
+                let r = weights.rank;
+                if pair.a.len() != r * inp || pair.b.len() != out * r {
+                    return Err(Error::tensor(
+                        crate::engine::lora::peft_key(l, t, 'A'),
+                        None,
+                        format!("LoRA shapes do not match the model: A has {} values (expected {}x{}), B has {} (expected {}x{})", pair.a.len(), r, inp, pair.b.len(), out, r),
+                    ));
+                }
+                let z = |n| backend.alloc(n, DType::F32);
+                layer.push(LoraSlot {
+                    target: t,
+                    out_features: out,
+                    in_features: inp,
+                    a: backend.upload(&pair.a, DType::F32)?,
+                    b: backend.upload(&pair.b, DType::F32)?,
+                    a_compute: backend.upload(&pair.a, DType::Act)?,
+                    b_compute: backend.upload(&pair.b, DType::Act)?,
+                    grad_a: z(pair.a.len())?,
+                    grad_b: z(pair.b.len())?,
+                    m_a: z(pair.a.len())?,
+                    v_a: z(pair.a.len())?,
+                    m_b: z(pair.b.len())?,
+                    v_b: z(pair.b.len())?,
+                });
+            }
+            slots.push(layer);
+        }
+        let (d, f, qd, kvd, h) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim(), spec.num_heads);
+        let r = weights.rank.max(opts.lora.r);
+        let act = |n: usize| backend.alloc(n, DType::Act);
+        let stat = |n: usize| backend.alloc(n, DType::F32);
+        let dropout_on = opts.lora.dropout > 0.0;
+        let n_acts = if keep_all { spec.num_layers } else { 1 };
+        let mut acts = Vec::with_capacity(n_acts);
+        for _ in 0..n_acts {
+            let mut xa = Vec::new();
+            let mut xd = Vec::new();
+            for t in Target::ALL {
+                let adapted = weights.layers.iter().any(|m| m.contains_key(&t));
+                xa.push(if adapted { Some(act(rows * r)?) } else { None });
+                xd.push(if adapted && dropout_on { Some(act(rows * spec.linear_shape(t).1)?) } else { None });
+            }
+            acts.push(LayerActs {
+                h1: act(rows * d)?,
+                inv1: stat(rows)?,
+                q: act(rows * qd)?,
+                k: act(rows * kvd)?,
+                v: act(rows * kvd)?,
+                att: act(rows * qd)?,
+                lse: stat(rows * h)?,
+                x2: act(rows * d)?,
+                h2: act(rows * d)?,
+                inv2: stat(rows)?,
+                g: act(rows * f)?,
+                u: act(rows * f)?,
+                m: act(rows * f)?,
+                xa,
+                xd,
+            });
+        }
+        let saved_inputs = (0..spec.num_layers).map(|_| act(rows * d)).collect::<Result<Vec<_>>>()?;
+        let ws = Workspace {
+            x: act(rows * d)?,
+            layer_out: act(rows * d)?,
+            hf: act(rows * d)?,
+            invf: stat(rows)?,
+            dx: act(rows * d)?,
+            dh: act(rows * d)?,
+            dq: act(rows * qd)?,
+            dk: act(rows * kvd)?,
+            dv: act(rows * kvd)?,
+            datt: act(rows * qd)?,
+            dm: act(rows * f)?,
+            dg: act(rows * f)?,
+            du: act(rows * f)?,
+            lora_scratch: act(rows * r)?,
+            dx_lora: act(rows * f.max(d).max(qd))?,
+        };
+        Ok(Trainer { backend, spec, opts, model, slots, acts, saved_inputs, ws, keep_all, step: 0, micro_counter: 0 })
+    }
+
+    pub fn keeps_all_activations(&self) -> bool {
+        self.keep_all
+    }
+
+    pub fn lora_scale(&self) -> f32 {
+        self.opts.lora.scale() as f32
+    }
+
+    fn upload_batch(&self, batch: &Batch) -> Result<DeviceBatch<B>> {
+        let n = batch.tokens();
+        if batch.batch_size > self.opts.batch_size || batch.seq_len > self.opts.max_seq_len {
+            return Err(Error::msg(format!(
+                "micro-batch {}x{} exceeds the planned {}x{} (batch_size x max_seq_len)",
+                batch.batch_size, batch.seq_len, self.opts.batch_size, self.opts.max_seq_len
+            )));
+        }
+        let to_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        debug_assert_eq!(batch.input_ids.len(), n);
+        let b = &self.backend;
+        Ok(DeviceBatch {
+            ids: b.upload_ids(&to_i32(&batch.input_ids))?,
+            targets: b.upload_ids(&batch.targets)?,
+            positions: b.upload_ids(&to_i32(&batch.positions))?,
+            segments: b.upload_ids(&to_i32(&batch.segments))?,
+            shape: AttnShape {
+                batch: batch.batch_size,
+                seq: batch.seq_len,
+                heads: self.spec.num_heads,
+                kv_heads: self.spec.num_kv_heads,
+                head_dim: self.spec.head_dim,
+            },
+        })
+    }
+
+    /// Zero every LoRA gradient.
+    pub fn zero_grads(&mut self) -> Result<()> {
+        for s in self.slots.iter_mut().flatten() {
+            self.backend.fill(&mut s.grad_a, 0.0)?;
+            self.backend.fill(&mut s.grad_b, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// Forward and backward over the micro-batches of one optimizer step, accumulating LoRA
+    /// gradients of the mean loss over all their trained tokens (so accumulation gives the same
+    /// gradient as one big batch). Returns the loss sum and token count.
+    pub fn compute_gradients(&mut self, micro: &[Batch]) -> Result<LossSum> {
+        self.zero_grads()?;
+        let total: usize = micro.iter().map(Batch::trained_tokens).sum();
+        let scale = 1.0 / total.max(1) as f32;
+        let mut loss = LossSum::default();
+        for batch in micro {
+            let l = self.forward_backward(batch, scale, true)?;
+            loss.sum += l.sum;
+            loss.count += l.count;
+        }
+        Ok(loss)
+    }
+
+    /// Loss sum of one batch without touching gradients (evaluation).
+    pub fn evaluate(&mut self, batch: &Batch) -> Result<LossSum> {
+        self.forward_backward(batch, 0.0, false)
+    }
+
+    /// Global L2 norm of the LoRA gradients.
+    pub fn grad_norm(&self) -> Result<f64> {
+        let mut sq = 0.0;
+        for s in self.slots.iter().flatten() {
+            sq += self.backend.sum_squares(&s.grad_a, self.opts.lora.r * s.in_features)?;
+            sq += self.backend.sum_squares(&s.grad_b, s.out_features * self.opts.lora.r)?;
+        }
+        Ok(sq.sqrt())
+    }
+
+    /// AdamW on every LoRA master with the given lr and gradient multiplier, then refresh the
+    /// compute copies.
+    pub fn apply_update(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
+        self.step += 1;
+        let o = &self.opts.optim;
+        let hp = AdamW {
+            lr: lr as f32,
+            beta1: o.beta1 as f32,
+            beta2: o.beta2 as f32,
+            eps: o.eps as f32,
+            weight_decay: o.weight_decay as f32,
+            step: self.step,
+            grad_scale: grad_scale as f32,
+        };
+        let r = self.opts.lora.r;
+        for s in self.slots.iter_mut().flatten() {
+            let (na, nb) = (r * s.in_features, s.out_features * r);
+            self.backend.adamw(&mut s.a, &s.grad_a, &mut s.m_a, &mut s.v_a, na, hp)?;
+            self.backend.adamw(&mut s.b, &s.grad_b, &mut s.m_b, &mut s.v_b, nb, hp)?;
+            self.backend.cast(&s.a, &mut s.a_compute, na)?;
+            self.backend.cast(&s.b, &mut s.b_compute, nb)?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step: forward → loss → backward → grad norm → clip → AdamW.
+    pub fn train_step(&mut self, micro: &[Batch], lr: f64) -> Result<StepStats> {
+        let loss = self.compute_gradients(micro)?;
+        let mean_loss = loss.sum / loss.count.max(1) as f64;
+        let grad_norm = self.grad_norm()?;
+        let step = self.step + 1;
+        if !mean_loss.is_finite() {
+            return Err(Error::NonFinite {
+                what: "loss".into(),
+                step,
+                advice: "check the preflight report for untrained tokens used by the data, or lower the learning rate".into(),
+            });
+        }
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite {
+                what: "gradient".into(),
+                step,
+                advice: "lower the learning rate or enable gradient clipping (optim.max_grad_norm)".into(),
+            });
+        }
+        let max_norm = self.opts.optim.max_grad_norm;
+        let clip = if max_norm > 0.0 { (max_norm / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
+        self.apply_update(lr, clip)?;
+        Ok(StepStats {
+            loss: mean_loss,
+            grad_norm,
+            lr,
+            tokens: micro.iter().map(Batch::tokens).sum(),
+            trained_tokens: loss.count,
+        })
+    }
+
+    fn forward_backward(&mut self, batch: &Batch, grad_scale: f32, backward: bool) -> Result<LossSum> {
+        let db = self.upload_batch(batch)?;
+        let n = batch.tokens();
+        let d = self.spec.hidden_size;
+        let eps = self.spec.rms_norm_eps as f32;
+        let micro = self.micro_counter;
+        self.micro_counter += 1;
+        let be = &self.backend;
+        let ws = &mut self.ws;
+        be.embedding_fwd(&db.ids, &self.model.embed, n, d, &mut ws.x)?;
+        for l in 0..self.spec.num_layers {
+            be.copy(&ws.x, &mut self.saved_inputs[l], n * d)?;
+            let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
+            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, batch: &db, rope_table: &self.model.rope_table };
+            layer_forward(&ctx, &self.model.layers[l], &self.slots[l], acts, &self.saved_inputs[l], &mut ws.x)?;
+        }
+        be.rmsnorm_fwd(&ws.x, &self.model.final_norm, n, d, eps, &mut ws.hf, &mut ws.invf)?;
+        let head = self.model.head.as_ref().unwrap_or(&self.model.embed);
+        let loss = be.lm_head_ce(&ws.hf, head, &db.targets, n, d, self.spec.vocab_size, grad_scale, &mut ws.dh)?;
+        if !backward {
+            return Ok(loss);
+        }
+        be.rmsnorm_bwd(&ws.dh, &ws.x, &self.model.final_norm, &ws.invf, n, d, &mut ws.dx, false)?;
+        for l in (0..self.spec.num_layers).rev() {
+            let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
+            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, batch: &db, rope_table: &self.model.rope_table };
+            if !self.keep_all {
+                layer_forward(&ctx, &self.model.layers[l], &self.slots[l], acts, &self.saved_inputs[l], &mut ws.layer_out)?;
+            }
+            layer_backward(&ctx, &self.model.layers[l], &mut self.slots[l], acts, &self.saved_inputs[l], ws)?;
+        }
+        Ok(loss)
+    }
+
+    /// Download the LoRA masters.
+    pub fn lora_weights(&self) -> Result<LoraWeights> {
+        let layers = self
+            .slots
+            .iter()
+            .map(|layer| {
+                layer
+                    .iter()
+                    .map(|s| Ok((s.target, LoraPair { a: self.backend.download(&s.a)?, b: self.backend.download(&s.b)? })))
+                    .collect::<Result<_>>()
+            })
+            .collect::<Result<_>>()?;
+        Ok(LoraWeights { rank: self.opts.lora.r, layers })
+    }
+
+    /// Download the LoRA gradients (same layout as the weights).
+    pub fn lora_grads(&self) -> Result<LoraWeights> {
+        let layers = self
+            .slots
+            .iter()
+            .map(|layer| {
+                layer
+                    .iter()
+                    .map(|s| Ok((s.target, LoraPair { a: self.backend.download(&s.grad_a)?, b: self.backend.download(&s.grad_b)? })))
+                    .collect::<Result<_>>()
+            })
+            .collect::<Result<_>>()?;
+        Ok(LoraWeights { rank: self.opts.lora.r, layers })
+    }
+
+    /// Overwrite the LoRA masters (and compute copies).
+    pub fn set_lora_weights(&mut self, w: &LoraWeights) -> Result<()> {
+        for (l, layer) in self.slots.iter_mut().enumerate() {
+            for s in layer.iter_mut() {
+                let p = w.layers.get(l).and_then(|m| m.get(&s.target)).ok_or_else(|| {
+                    Error::tensor(lora::peft_key(l, s.target, 'A'), None, "is missing from the adapter")
+                })?;
+                self.backend.write(&mut s.a, &p.a)?;
+                self.backend.write(&mut s.b, &p.b)?;
+                self.backend.write(&mut s.a_compute, &p.a)?;
+                self.backend.write(&mut s.b_compute, &p.b)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn optimizer_state(&self) -> Result<OptimizerState> {
+        let be = &self.backend;
+        let moments = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| Ok([be.download(&s.m_a)?, be.download(&s.v_a)?, be.download(&s.m_b)?, be.download(&s.v_b)?]))
+            .collect::<Result<_>>()?;
+        Ok(OptimizerState { step: self.step, moments })
+    }
+
+    pub fn set_optimizer_state(&mut self, st: &OptimizerState) -> Result<()> {
+        let count = self.slots.iter().map(Vec::len).sum::<usize>();
+        if st.moments.len() != count {
+            return Err(Error::msg(format!("optimizer state has {} slots, the adapter has {count}", st.moments.len())));
+        }
+        for (s, m) in self.slots.iter_mut().flatten().zip(&st.moments) {
+            self.backend.write(&mut s.m_a, &m[0])?;
+            self.backend.write(&mut s.v_a, &m[1])?;
+            self.backend.write(&mut s.m_b, &m[2])?;
+            self.backend.write(&mut s.v_b, &m[3])?;
+        }
+        self.step = st.step;
+        Ok(())
+    }
+
+    /// The micro-batch counter that keys dropout masks (saved in checkpoints so a resumed run
+    /// draws the same masks).
+    pub fn micro_counter(&self) -> u64 {
+        self.micro_counter
+    }
+
+    pub fn set_micro_counter(&mut self, v: u64) {
+        self.micro_counter = v;
+    }
+}
+
+struct LayerCtx<'a, B: Backend> {
+    be: &'a B,
+    spec: &'a ModelSpec,
+    opts: &'a EngineOptions,
+    layer: usize,
+    micro: u64,
+    n: usize,
+    batch: &'a DeviceBatch<B>,
+    rope_table: &'a B::Tensor,
+}
+
+impl<B: Backend> LayerCtx<'_, B> {
+    fn dims(&self, t: Target) -> LinearDims {
+        let (out, inp) = self.spec.linear_shape(t);
+        LinearDims { n: self.n, inp, out }
+    }
+    fn dropout(&self, t: Target) -> Option<(f32, u64)> {
+        let p = self.opts.lora.dropout as f32;
+        (p > 0.0).then(|| (p, dropout_key(self.opts.seed, self.micro, self.layer, t)))
+    }
+    fn slot<'s>(&self, slots: &'s [LoraSlot<B>], t: Target) -> Option<&'s LoraSlot<B>> {
+        slots.iter().find(|s| s.target == t)
+    }
+}
+
+/// `y = x·Wᵀ (+ bias) + scale · dropout(x)·Aᵀ·Bᵀ` for one of the seven linears.
+#[allow(clippy::too_many_arguments)]
+fn lora_linear_fwd<B: Backend>(
+    ctx: &LayerCtx<'_, B>,
+    t: Target,
+    w: &B::Weight,
+    slot: Option<&LoraSlot<B>>,
+    x: &B::Tensor,
+    xa: &mut Option<B::Tensor>,
+    xd: &mut Option<B::Tensor>,
+    y: &mut B::Tensor,
+) -> Result<()> {
+    let dims = ctx.dims(t);
+    let lora = match (slot, xa.as_mut()) {
+        (Some(s), Some(xa)) => {
+            let x_lora: &B::Tensor = match (ctx.dropout(t), xd.as_mut()) {
+                (Some((p, key)), Some(buf)) => {
+                    ctx.be.dropout(x, buf, dims.n * dims.inp, p, key)?;
+                    buf
+                }
+                _ => x,
+            };
+            Some(LoraFwd { a: &s.a_compute, b: &s.b_compute, rank: ctx.opts.lora.r, scale: ctx.opts.lora.scale() as f32, x_lora, xa })
+        }
+        _ => None,
+    };
+    ctx.be.linear_fwd(x, w, lora, dims, y)
+}
+
+/// Input gradient of a LoRA linear (written or accumulated into `dx`) and its LoRA gradients.
+#[allow(clippy::too_many_arguments)]
+fn lora_linear_bwd<B: Backend>(
+    ctx: &LayerCtx<'_, B>,
+    t: Target,
+    w: &B::Weight,
+    slot: Option<&mut LoraSlot<B>>,
+    x: &B::Tensor,
+    xa: &Option<B::Tensor>,
+    xd: &Option<B::Tensor>,
+    dy: &B::Tensor,
+    dx: &mut B::Tensor,
+    accumulate: bool,
+    scratch: &mut B::Tensor,
+    dx_lora: &mut B::Tensor,
+) -> Result<()> {
+    let dims = ctx.dims(t);
+    let (Some(s), Some(xa)) = (slot, xa.as_ref()) else {
+        return ctx.be.linear_bwd(dy, w, None, dims, dx, accumulate, None);
+    };
+    let drop = ctx.dropout(t);
+    let x_lora = match (drop, xd.as_ref()) {
+        (Some(_), Some(buf)) => buf,
+        _ => x,
+    };
+    let lora = LoraBwd {
+        a: &s.a_compute,
+        b: &s.b_compute,
+        rank: ctx.opts.lora.r,
+        scale: ctx.opts.lora.scale() as f32,
+        x_lora,
+        xa,
+        grad_a: &mut s.grad_a,
+        grad_b: &mut s.grad_b,
+        scratch,
+    };
+    match drop {
+        Some((p, key)) => {
+            ctx.be.linear_bwd(dy, w, Some(lora), dims, dx, accumulate, Some(&mut *dx_lora))?;
+            ctx.be.dropout_bwd(dx_lora, dx, dims.n * dims.inp, p, key, true)
+        }
+        None => ctx.be.linear_bwd(dy, w, Some(lora), dims, dx, accumulate, None),
+    }
+}
+
+fn layer_forward<B: Backend>(
+    ctx: &LayerCtx<'_, B>,
+    lw: &LayerWeights<B>,
+    slots: &[LoraSlot<B>],
+    a: &mut LayerActs<B>,
+    input: &B::Tensor,
+    output: &mut B::Tensor,
+) -> Result<()> {
+    let (be, spec, n) = (ctx.be, ctx.spec, ctx.n);
+    let (d, f, hd) = (spec.hidden_size, spec.intermediate_size, spec.head_dim);
+    let eps = spec.rms_norm_eps as f32;
+    let w = |t: Target| &lw.linears[t as usize];
+    let ti = |t: Target| t as usize;
+    let positions = &ctx.batch.positions;
+
+    // Attention block: x2 = input + o(attention(rope(q(h1)), rope(k(h1)), v(h1))).
+    be.rmsnorm_fwd(input, &lw.input_norm, n, d, eps, &mut a.h1, &mut a.inv1)?;
+    for (t, y) in [(Target::Q, &mut a.q), (Target::K, &mut a.k), (Target::V, &mut a.v)] {
+        lora_linear_fwd(ctx, t, w(t), ctx.slot(slots, t), &a.h1, &mut a.xa[ti(t)], &mut a.xd[ti(t)], y)?;
+    }
+    be.rope(&mut a.q, n, spec.num_heads, hd, positions, ctx.rope_table, false)?;
+    be.rope(&mut a.k, n, spec.num_kv_heads, hd, positions, ctx.rope_table, false)?;
+    be.attention_fwd(&a.q, &a.k, &a.v, &ctx.batch.segments, ctx.batch.shape, &mut a.att, &mut a.lse)?;
+    let o = Target::O;
+    lora_linear_fwd(ctx, o, w(o), ctx.slot(slots, o), &a.att, &mut a.xa[ti(o)], &mut a.xd[ti(o)], &mut a.x2)?;
+    be.add(&mut a.x2, input, n * d)?;
+
+    // MLP block: output = x2 + down(silu(gate(h2)) · up(h2)).
+    be.rmsnorm_fwd(&a.x2, &lw.post_attention_norm, n, d, eps, &mut a.h2, &mut a.inv2)?;
+    for (t, y) in [(Target::Gate, &mut a.g), (Target::Up, &mut a.u)] {
+        lora_linear_fwd(ctx, t, w(t), ctx.slot(slots, t), &a.h2, &mut a.xa[ti(t)], &mut a.xd[ti(t)], y)?;
+    }
+    be.swiglu_fwd(&a.g, &a.u, n * f, &mut a.m)?;
+    let dn = Target::Down;
+    lora_linear_fwd(ctx, dn, w(dn), ctx.slot(slots, dn), &a.m, &mut a.xa[ti(dn)], &mut a.xd[ti(dn)], output)?;
+    be.add(output, &a.x2, n * d)
+}
+
+/// On entry `ws.dx` holds the gradient of the layer's output; on exit, of its input.
+fn layer_backward<B: Backend>(
+    ctx: &LayerCtx<'_, B>,
+    lw: &LayerWeights<B>,
+    slots: &mut [LoraSlot<B>],
+    a: &mut LayerActs<B>,
+    input: &B::Tensor,
+    ws: &mut Workspace<B>,
+) -> Result<()> {
+    let (be, spec, n) = (ctx.be, ctx.spec, ctx.n);
+    let (d, f, hd) = (spec.hidden_size, spec.intermediate_size, spec.head_dim);
+    let w = |t: Target| &lw.linears[t as usize];
+    let ti = |t: Target| t as usize;
+    let positions = &ctx.batch.positions;
+    macro_rules! slot {
+        ($t:expr) => {
+            slots.iter_mut().find(|s| s.target == $t)
+        };
+    }
+
+    // MLP block.
+    let dn = Target::Down;
+    lora_linear_bwd(ctx, dn, w(dn), slot!(dn), &a.m, &a.xa[ti(dn)], &a.xd[ti(dn)], &ws.dx, &mut ws.dm, false, &mut ws.lora_scratch, &mut ws.dx_lora)?;
+    be.swiglu_bwd(&ws.dm, &a.g, &a.u, n * f, &mut ws.dg, &mut ws.du)?;
+    let (g, u) = (Target::Gate, Target::Up);
+    lora_linear_bwd(ctx, g, w(g), slot!(g), &a.h2, &a.xa[ti(g)], &a.xd[ti(g)], &ws.dg, &mut ws.dh, false, &mut ws.lora_scratch, &mut ws.dx_lora)?;
+    lora_linear_bwd(ctx, u, w(u), slot!(u), &a.h2, &a.xa[ti(u)], &a.xd[ti(u)], &ws.du, &mut ws.dh, true, &mut ws.lora_scratch, &mut ws.dx_lora)?;
+    be.rmsnorm_bwd(&ws.dh, &a.x2, &lw.post_attention_norm, &a.inv2, n, d, &mut ws.dx, true)?;
+
+    // Attention block.
+    let o = Target::O;
+    lora_linear_bwd(ctx, o, w(o), slot!(o), &a.att, &a.xa[ti(o)], &a.xd[ti(o)], &ws.dx, &mut ws.datt, false, &mut ws.lora_scratch, &mut ws.dx_lora)?;
+    be.attention_bwd(&ws.datt, &a.q, &a.k, &a.v, &a.att, &a.lse, &ctx.batch.segments, ctx.batch.shape, &mut ws.dq, &mut ws.dk, &mut ws.dv)?;
+    be.rope(&mut ws.dq, n, spec.num_heads, hd, positions, ctx.rope_table, true)?;
+    be.rope(&mut ws.dk, n, spec.num_kv_heads, hd, positions, ctx.rope_table, true)?;
+    let mut first = true;
+    for (t, dy) in [(Target::Q, &ws.dq), (Target::K, &ws.dk), (Target::V, &ws.dv)] {
+        lora_linear_bwd(ctx, t, w(t), slot!(t), &a.h1, &a.xa[ti(t)], &a.xd[ti(t)], dy, &mut ws.dh, !first, &mut ws.lora_scratch, &mut ws.dx_lora)?;
+        first = false;
+    }
+    be.rmsnorm_bwd(&ws.dh, input, &lw.input_norm, &a.inv1, n, d, &mut ws.dx, true)
+}

@@ -1,0 +1,165 @@
+//! The frozen base model on a backend: embeddings, norms, the (optionally NF4) linears, lm_head,
+//! and the rotary table. Loaded once; never written during training.
+
+use crate::backend::{Backend, DType, HostWeight};
+use crate::config::{Quantization, Target};
+use crate::error::{Error, Result};
+use crate::model::{ModelSpec, WeightStore};
+use crate::quant::nf4::Nf4Tensor;
+
+pub struct LayerWeights<B: Backend> {
+    pub input_norm: B::Tensor,
+    pub post_attention_norm: B::Tensor,
+    /// Indexed by `Target as usize` (q, k, v, o, gate, up, down).
+    pub linears: Vec<B::Weight>,
+}
+
+pub struct DeviceModel<B: Backend> {
+    pub embed: B::Tensor,
+    /// `None` when the embeddings are tied (the head is `embed`).
+    pub head: Option<B::Tensor>,
+    pub final_norm: B::Tensor,
+    pub layers: Vec<LayerWeights<B>>,
+    /// `[max_pos, head_dim/2]` cosines then sines.
+    pub rope_table: B::Tensor,
+    pub rope_positions: usize,
+}
+
+impl<B: Backend> DeviceModel<B> {
+    pub fn head(&self) -> &B::Tensor {
+        self.head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// Where the frozen weights come from.
+pub trait WeightSource {
+    /// A float tensor as f32, shape-checked.
+    fn dense(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    fn has(&self, name: &str) -> bool;
+    /// A linear's weight as stored: dense, or already NF4 (pre-quantized checkpoints).
+    fn linear(&self, name: &str, shape: (usize, usize), quant: Quantization) -> Result<HostWeight> {
+        let data = self.dense(name, &[shape.0, shape.1])?;
+        Ok(match quant {
+            Quantization::Nf4 => HostWeight::Nf4(Nf4Tensor::quantize(&data, &[shape.0, shape.1])),
+            Quantization::Bf16 => HostWeight::Dense { out_features: shape.0, in_features: shape.1, data },
+        })
+    }
+}
+
+impl WeightSource for WeightStore {
+    fn dense(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.f32(name, shape)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.contains(name)
+    }
+}
+
+/// The rotary table for positions `0..max_pos`, computed in f64.
+pub fn rope_table(spec: &ModelSpec, max_pos: usize) -> Vec<f32> {
+    let inv = spec.rope_inv_freq();
+    let scale = spec.rope_position_scale();
+    let half = inv.len();
+    let mut table = vec![0f32; 2 * max_pos * half];
+    for p in 0..max_pos {
+        for (i, f) in inv.iter().enumerate() {
+            let angle = p as f64 * scale * f;
+            table[p * half + i] = angle.cos() as f32;
+            table[max_pos * half + p * half + i] = angle.sin() as f32;
+        }
+    }
+    table
+}
+
+pub fn linear_name(layer: usize, t: Target) -> String {
+    format!("model.layers.{layer}.{}.{}", t.hf_parent(), t.hf_name())
+}
+
+impl<B: Backend> DeviceModel<B> {
+    pub fn load(backend: &B, spec: &ModelSpec, src: &dyn WeightSource, quant: Quantization, max_pos: usize) -> Result<Self> {
+        let (v, d) = (spec.vocab_size, spec.hidden_size);
+        let embed = backend.upload(&src.dense("model.embed_tokens.weight", &[v, d])?, DType::Act)?;
+        let head = if spec.tie_word_embeddings && !src.has("lm_head.weight") {
+            None
+        } else if src.has("lm_head.weight") {
+            Some(backend.upload(&src.dense("lm_head.weight", &[v, d])?, DType::Act)?)
+        } else {
+            return Err(Error::tensor("lm_head.weight", None, "is missing and the embeddings are not tied"));
+        };
+        let final_norm = backend.upload(&src.dense("model.norm.weight", &[d])?, DType::Act)?;
+        let mut layers = Vec::with_capacity(spec.num_layers);
+        for l in 0..spec.num_layers {
+            let p = format!("model.layers.{l}");
+            let input_norm = backend.upload(&src.dense(&format!("{p}.input_layernorm.weight"), &[d])?, DType::Act)?;
+            let post_attention_norm =
+                backend.upload(&src.dense(&format!("{p}.post_attention_layernorm.weight"), &[d])?, DType::Act)?;
+            let mut linears = Vec::with_capacity(7);
+            for t in Target::ALL {
+                let name = linear_name(l, t);
+                let shape = spec.linear_shape(t);
+                let w = src.linear(&format!("{name}.weight"), shape, quant)?;
+                let bias = if spec.has_bias(t) { Some(src.dense(&format!("{name}.bias"), &[shape.0])?) } else { None };
+                linears.push(backend.upload_weight(&w, bias.as_deref())?);
+            }
+            layers.push(LayerWeights { input_norm, post_attention_norm, linears });
+        }
+        let rope_table = backend.upload(&rope_table(spec, max_pos), DType::F32)?;
+        Ok(DeviceModel { embed, head, final_norm, layers, rope_table, rope_positions: max_pos })
+    }
+}
+
+/// Random weights in a model's exact shape, for tests and CPU benchmarks (no files needed).
+/// Linears ~ N(0, std²) (Box–Muller on a seeded ChaCha stream), norms at 1 ± jitter.
+pub struct RandomWeights {
+    pub spec: ModelSpec,
+    pub tensors: std::collections::BTreeMap<String, Vec<f32>>,
+}
+
+impl RandomWeights {
+    pub fn new(spec: &ModelSpec, seed: u64, std: f32) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut normal = |n: usize, std: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let u1: f32 = rng.random_range(1e-7f32..1.0);
+                    let u2: f32 = rng.random();
+                    std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                })
+                .collect()
+        };
+        let (v, d) = (spec.vocab_size, spec.hidden_size);
+        let mut tensors = std::collections::BTreeMap::new();
+        tensors.insert("model.embed_tokens.weight".to_string(), normal(v * d, std));
+        if !spec.tie_word_embeddings {
+            tensors.insert("lm_head.weight".to_string(), normal(v * d, std));
+        }
+        let norm = |x: Vec<f32>| x.into_iter().map(|e| 1.0 + e).collect::<Vec<f32>>();
+        tensors.insert("model.norm.weight".to_string(), norm(normal(d, 0.1)));
+        for l in 0..spec.num_layers {
+            tensors.insert(format!("model.layers.{l}.input_layernorm.weight"), norm(normal(d, 0.1)));
+            tensors.insert(format!("model.layers.{l}.post_attention_layernorm.weight"), norm(normal(d, 0.1)));
+            for t in Target::ALL {
+                let (o, i) = spec.linear_shape(t);
+                tensors.insert(format!("{}.weight", linear_name(l, t)), normal(o * i, std));
+                if spec.has_bias(t) {
+                    tensors.insert(format!("{}.bias", linear_name(l, t)), normal(o, std));
+                }
+            }
+        }
+        RandomWeights { spec: spec.clone(), tensors }
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn dense(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::tensor(name, None, "is missing"))?;
+        if t.len() != shape.iter().product::<usize>() {
+            return Err(Error::tensor(name, None, format!("has {} values, expected shape {shape:?}", t.len())));
+        }
+        Ok(t.clone())
+    }
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}

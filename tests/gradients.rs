@@ -1,0 +1,351 @@
+//! Every hand-written backward against central finite differences in f64, per op and for the
+//! whole training step. Tolerance: f64 central differences with h = 1e-5 have truncation error
+//! ~h² · f''' and rounding ~1e-16 / h, so a relative error below 1e-6 means the derivative is right;
+//! a wrong backward is off by O(1).
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tunestudio::backend::cpu::{CpuBackend, CpuTensor};
+use tunestudio::backend::{AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd};
+use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
+use tunestudio::data::Batch;
+use tunestudio::engine::lora::LoraWeights;
+use tunestudio::engine::model::RandomWeights;
+use tunestudio::engine::{EngineOptions, Trainer};
+use tunestudio::model::ModelSpec;
+
+type B = CpuBackend<f64>;
+const H: f64 = 1e-5;
+const TOL: f64 = 1e-6;
+
+fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+fn t(v: &[f64]) -> CpuTensor<f64> {
+    CpuTensor(v.to_vec())
+}
+
+/// Compare an analytic gradient with central differences of `f` at `x`, on every coordinate.
+fn check(name: &str, x: &[f64], analytic: &[f64], f: &dyn Fn(&[f64]) -> f64) {
+    let mut worst = 0.0f64;
+    let scale = analytic.iter().fold(1e-3f64, |a, &g| a.max(g.abs()));
+    for i in 0..x.len() {
+        let mut xp = x.to_vec();
+        xp[i] += H;
+        let mut xm = x.to_vec();
+        xm[i] -= H;
+        let numeric = (f(&xp) - f(&xm)) / (2.0 * H);
+        assert!(numeric.is_finite() && analytic[i].is_finite(), "{name}[{i}]: non-finite");
+        worst = worst.max((numeric - analytic[i]).abs() / scale);
+    }
+    assert!(worst < TOL, "{name}: relative error {worst:e} ≥ {TOL:e}");
+}
+
+/// Weighted sum of an op's output: the scalar whose gradient w.r.t. the output is `w`.
+fn dot(a: &[f64], w: &[f64]) -> f64 {
+    a.iter().zip(w).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn rmsnorm_backward() {
+    let be = B::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let (n, d) = (3, 8);
+    let x = rand_vec(&mut rng, n * d);
+    let w = rand_vec(&mut rng, d);
+    let dy = rand_vec(&mut rng, n * d);
+    let fwd = |x: &[f64]| {
+        let mut out = CpuTensor(vec![0.0; n * d]);
+        let mut inv = CpuTensor(vec![0.0; n]);
+        be.rmsnorm_fwd(&t(x), &t(&w), n, d, 1e-5, &mut out, &mut inv).unwrap();
+        (out, inv)
+    };
+    let (_, inv) = fwd(&x);
+    let mut dx = CpuTensor(vec![0.5; n * d]);
+    be.rmsnorm_bwd(&t(&dy), &t(&x), &t(&w), &inv, n, d, &mut dx, false).unwrap();
+    check("rmsnorm dx", &x, &dx.0, &|x| dot(&fwd(x).0.0, &dy));
+    // accumulate adds on top of what is there
+    let mut acc = CpuTensor(vec![1.0; n * d]);
+    be.rmsnorm_bwd(&t(&dy), &t(&x), &t(&w), &inv, n, d, &mut acc, true).unwrap();
+    for i in 0..n * d {
+        assert!((acc.0[i] - 1.0 - dx.0[i]).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn rope_backward_is_inverse_rotation() {
+    let be = B::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let spec = tiny_spec(false);
+    let (n, heads, hd) = (5, 2, spec.head_dim);
+    let table = be.upload(&tunestudio::engine::model::rope_table(&spec, 16), DType::F32).unwrap();
+    let positions: Vec<i32> = vec![0, 3, 1, 7, 15];
+    let x = rand_vec(&mut rng, n * heads * hd);
+    let dy = rand_vec(&mut rng, n * heads * hd);
+    let fwd = |x: &[f64]| {
+        let mut v = t(x);
+        be.rope(&mut v, n, heads, hd, &positions, &table, false).unwrap();
+        v.0
+    };
+    let mut g = t(&dy);
+    be.rope(&mut g, n, heads, hd, &positions, &table, true).unwrap();
+    check("rope dx", &x, &g.0, &|x| dot(&fwd(x), &dy));
+}
+
+#[test]
+fn swiglu_backward() {
+    let be = B::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let n = 17;
+    let g = rand_vec(&mut rng, n).iter().map(|v| v * 4.0).collect::<Vec<_>>();
+    let u = rand_vec(&mut rng, n);
+    let dy = rand_vec(&mut rng, n);
+    let fwd = |g: &[f64], u: &[f64]| {
+        let mut o = CpuTensor(vec![0.0; n]);
+        be.swiglu_fwd(&t(g), &t(u), n, &mut o).unwrap();
+        o.0
+    };
+    let (mut dg, mut du) = (CpuTensor(vec![0.0; n]), CpuTensor(vec![0.0; n]));
+    be.swiglu_bwd(&t(&dy), &t(&g), &t(&u), n, &mut dg, &mut du).unwrap();
+    check("swiglu dg", &g, &dg.0, &|g| dot(&fwd(g, &u), &dy));
+    check("swiglu du", &u, &du.0, &|u| dot(&fwd(&g, u), &dy));
+}
+
+#[test]
+fn attention_backward_gqa_with_segments() {
+    let be = B::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let shape = AttnShape { batch: 2, seq: 5, heads: 4, kv_heads: 2, head_dim: 4 };
+    let n = shape.tokens();
+    let (qw, kw) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+    // Row 0 packs two examples (segments 0,0,1,1,1); row 1 is one example with padding.
+    let segments = vec![0, 0, 1, 1, 1, 0, 0, 0, 1, 1];
+    let q = rand_vec(&mut rng, n * qw);
+    let k = rand_vec(&mut rng, n * kw);
+    let v = rand_vec(&mut rng, n * kw);
+    let dy = rand_vec(&mut rng, n * qw);
+    let fwd = |q: &[f64], k: &[f64], v: &[f64]| {
+        let mut o = CpuTensor(vec![0.0; n * qw]);
+        let mut lse = CpuTensor(vec![0.0; n * shape.heads]);
+        be.attention_fwd(&t(q), &t(k), &t(v), &segments, shape, &mut o, &mut lse).unwrap();
+        (o, lse)
+    };
+    let (o, lse) = fwd(&q, &k, &v);
+    let mut dq = CpuTensor(vec![0.0; n * qw]);
+    let mut dk = CpuTensor(vec![0.0; n * kw]);
+    let mut dv = CpuTensor(vec![0.0; n * kw]);
+    be.attention_bwd(&t(&dy), &t(&q), &t(&k), &t(&v), &o, &lse, &segments, shape, &mut dq, &mut dk, &mut dv).unwrap();
+    check("attention dq", &q, &dq.0, &|q| dot(&fwd(q, &k, &v).0.0, &dy));
+    check("attention dk", &k, &dk.0, &|k| dot(&fwd(&q, k, &v).0.0, &dy));
+    check("attention dv", &v, &dv.0, &|v| dot(&fwd(&q, &k, v).0.0, &dy));
+    // A query never sees another segment: changing segment 0 of row 0 leaves segment 1 unchanged.
+    let mut v2 = v.clone();
+    for x in &mut v2[..2 * kw] {
+        *x += 1.0;
+    }
+    let o2 = fwd(&q, &k, &v2).0;
+    assert_eq!(&o.0[2 * qw..5 * qw], &o2.0[2 * qw..5 * qw]);
+}
+
+#[test]
+fn lora_linear_backward_with_and_without_dropout() {
+    let be = B::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let dims = LinearDims { n: 6, inp: 5, out: 7 };
+    let r = 3;
+    let w = rand_vec(&mut rng, dims.out * dims.inp);
+    let bias: Vec<f32> = rand_vec(&mut rng, dims.out).iter().map(|&v| v as f32).collect();
+    let weight = be
+        .upload_weight(&HostWeight::Dense { out_features: dims.out, in_features: dims.inp, data: w.iter().map(|&v| v as f32).collect() }, Some(&bias))
+        .unwrap();
+    let x = rand_vec(&mut rng, dims.n * dims.inp);
+    let a = rand_vec(&mut rng, r * dims.inp);
+    let b = rand_vec(&mut rng, dims.out * r);
+    let dy = rand_vec(&mut rng, dims.n * dims.out);
+    let scale = 1.7f32;
+    for p in [0.0f32, 0.3] {
+        let key = 99;
+        let ne = dims.n * dims.inp;
+        let fwd = |x: &[f64], a: &[f64], b: &[f64]| {
+            let mut y = CpuTensor(vec![0.0; dims.n * dims.out]);
+            let mut xa = CpuTensor(vec![0.0; dims.n * r]);
+            let mut xd = CpuTensor(vec![0.0; ne]);
+            let xl = if p > 0.0 {
+                be.dropout(&t(x), &mut xd, ne, p, key).unwrap();
+                xd
+            } else {
+                t(x)
+            };
+            let lora = LoraFwd { a: &t(a), b: &t(b), rank: r, scale, x_lora: &xl, xa: &mut xa };
+            be.linear_fwd(&t(x), &weight, Some(lora), dims, &mut y).unwrap();
+            (y.0, xa, xl)
+        };
+        let (_, xa, xl) = fwd(&x, &a, &b);
+        let mut dx = CpuTensor(vec![0.0; ne]);
+        let mut ga = CpuTensor(vec![0.0; a.len()]);
+        let mut gb = CpuTensor(vec![0.0; b.len()]);
+        let mut scratch = CpuTensor(vec![0.0; dims.n * r]);
+        let mut dxl = CpuTensor(vec![0.0; ne]);
+        let lora = LoraBwd { a: &t(&a), b: &t(&b), rank: r, scale, x_lora: &xl, xa: &xa, grad_a: &mut ga, grad_b: &mut gb, scratch: &mut scratch };
+        if p > 0.0 {
+            be.linear_bwd(&t(&dy), &weight, Some(lora), dims, &mut dx, false, Some(&mut dxl)).unwrap();
+            be.dropout_bwd(&dxl, &mut dx, ne, p, key, true).unwrap();
+        } else {
+            be.linear_bwd(&t(&dy), &weight, Some(lora), dims, &mut dx, false, None).unwrap();
+        }
+        check(&format!("linear dx (p={p})"), &x, &dx.0, &|x| dot(&fwd(x, &a, &b).0, &dy));
+        check(&format!("lora dA (p={p})"), &a, &ga.0, &|a| dot(&fwd(&x, a, &b).0, &dy));
+        check(&format!("lora dB (p={p})"), &b, &gb.0, &|b| dot(&fwd(&x, &a, b).0, &dy));
+    }
+}
+
+#[test]
+fn lm_head_cross_entropy_backward() {
+    let be = B::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    // More rows than one internal chunk (64) so chunk boundaries are exercised.
+    let (n, d, vocab) = (70, 4, 11);
+    let h = rand_vec(&mut rng, n * d);
+    let head = rand_vec(&mut rng, vocab * d);
+    let targets: Vec<i32> = (0..n).map(|i| if i % 5 == 0 { -100 } else { rng.random_range(0..vocab as i32) }).collect();
+    let loss = |h: &[f64]| {
+        let mut dh = CpuTensor(vec![0.0; n * d]);
+        be.lm_head_ce(&t(h), &t(&head), &targets, n, d, vocab, 1.0, &mut dh).unwrap().sum
+    };
+    let mut dh = CpuTensor(vec![0.0; n * d]);
+    let l = be.lm_head_ce(&t(&h), &t(&head), &targets, n, d, vocab, 1.0, &mut dh).unwrap();
+    assert_eq!(l.count, targets.iter().filter(|&&t| t >= 0).count());
+    check("lm_head_ce dh", &h, &dh.0, &loss);
+    for r in (0..n).step_by(5) {
+        assert!(dh.0[r * d..(r + 1) * d].iter().all(|&v| v == 0.0), "ignored rows get no gradient");
+    }
+}
+
+fn tiny_spec(qkv_bias: bool) -> ModelSpec {
+    ModelSpec {
+        vocab_size: 23,
+        hidden_size: 8,
+        intermediate_size: 12,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 4,
+        max_position_embeddings: 64,
+        qkv_bias,
+        tie_word_embeddings: qkv_bias,
+        rope_theta: 10000.0,
+        ..ModelSpec::llama3_8b()
+    }
+}
+
+fn tiny_batch(rng: &mut ChaCha8Rng, vocab: u32) -> Batch {
+    let a: Vec<u32> = (0..7).map(|_| rng.random_range(0..vocab)).collect();
+    let b: Vec<u32> = (0..5).map(|_| rng.random_range(0..vocab)).collect();
+    let la: Vec<i32> = a.iter().enumerate().map(|(i, &x)| if i < 2 { -100 } else { x as i32 }).collect();
+    let lb: Vec<i32> = b.iter().map(|&x| x as i32).collect();
+    Batch::from_examples(&[(&a, &la), (&b, &lb)], 0, None)
+}
+
+fn trainer(spec: &ModelSpec, quant: Quantization, policy: CheckpointPolicy, dropout: f64, targets: Vec<Target>) -> Trainer<B> {
+    let weights = RandomWeights::new(spec, 11, 0.3);
+    let lora = LoraConfig { r: 3, alpha: 5.0, dropout, targets: targets.clone(), rslora: false };
+    let opts = EngineOptions {
+        lora: lora.clone(),
+        optim: OptimConfig::default(),
+        quantization: quant,
+        batch_size: 2,
+        max_seq_len: 8,
+        checkpointing: policy,
+        seed: 7,
+    };
+    // B random (not PEFT's zero init) so that dA is not trivially zero.
+    let mut init = LoraWeights::init(spec, &lora, 1);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for layer in &mut init.layers {
+        for p in layer.values_mut() {
+            p.b.iter_mut().for_each(|v| *v = rng.random_range(-0.5..0.5));
+        }
+    }
+    Trainer::new(B::new(), spec.clone(), &weights, opts, Some(&init)).unwrap()
+}
+
+/// Finite differences of the mean loss w.r.t. a sample of LoRA entries, against the engine's
+/// accumulated gradients.
+fn check_step_gradients(tr: &mut Trainer<B>, batches: &[Batch]) {
+    let loss = tr.compute_gradients(batches).unwrap();
+    assert!(loss.sum.is_finite() && loss.count > 0);
+    let grads = tr.lora_grads().unwrap();
+    let base = tr.lora_weights().unwrap();
+    let micro_start = tr.micro_counter() - batches.len() as u64;
+    let total: usize = batches.iter().map(Batch::trained_tokens).sum();
+    let eval = |w: &LoraWeights, tr: &mut Trainer<B>| -> f64 {
+        tr.set_lora_weights(w).unwrap();
+        tr.set_micro_counter(micro_start);
+        batches.iter().map(|b| tr.evaluate(b).unwrap().sum).sum::<f64>() / total as f64
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut worst = 0.0f64;
+    let mut checked = 0;
+    for (l, layer) in base.layers.iter().enumerate() {
+        for (&target, pair) in layer {
+            for which in ['A', 'B'] {
+                let len = if which == 'A' { pair.a.len() } else { pair.b.len() };
+                for _ in 0..3 {
+                    let i = rng.random_range(0..len);
+                    let bump = |delta: f32| {
+                        let mut w = base.clone();
+                        let p = w.layers[l].get_mut(&target).unwrap();
+                        if which == 'A' { p.a[i] += delta } else { p.b[i] += delta }
+                        w
+                    };
+                    // LoRA weights travel as f32: use a step large enough for f32 storage, and
+                    // compare against the f32-representable step actually taken.
+                    let h = 1e-3f32;
+                    let numeric = (eval(&bump(h), tr) - eval(&bump(-h), tr)) / (2.0 * h as f64);
+                    let g = &grads.layers[l][&target];
+                    let analytic = if which == 'A' { g.a[i] } else { g.b[i] } as f64;
+                    let err = (numeric - analytic).abs() / analytic.abs().max(1e-2);
+                    worst = worst.max(err);
+                    checked += 1;
+                }
+            }
+        }
+    }
+    tr.set_lora_weights(&base).unwrap();
+    assert!(checked > 0);
+    // Central differences with h = 1e-3 on a smooth loss: truncation error ~1e-6 relative.
+    assert!(worst < 1e-4, "whole-step LoRA gradient relative error {worst:e}");
+}
+
+#[test]
+fn whole_step_lora_gradients_match_finite_differences() {
+    let spec = tiny_spec(false);
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let batches = vec![tiny_batch(&mut rng, spec.vocab_size as u32), tiny_batch(&mut rng, spec.vocab_size as u32)];
+    let mut tr = trainer(&spec, Quantization::Bf16, CheckpointPolicy::Layer, 0.0, Target::ALL.to_vec());
+    check_step_gradients(&mut tr, &batches);
+}
+
+#[test]
+fn whole_step_gradients_nf4_bias_tied_subset_dropout() {
+    let spec = tiny_spec(true);
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let batches = vec![tiny_batch(&mut rng, spec.vocab_size as u32)];
+    let mut tr = trainer(&spec, Quantization::Nf4, CheckpointPolicy::None, 0.2, vec![Target::Q, Target::V, Target::Down]);
+    check_step_gradients(&mut tr, &batches);
+}
+
+#[test]
+fn checkpointing_policies_give_identical_gradients() {
+    let spec = tiny_spec(false);
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let batches = vec![tiny_batch(&mut rng, spec.vocab_size as u32)];
+    let mut keep = trainer(&spec, Quantization::Nf4, CheckpointPolicy::None, 0.1, Target::ALL.to_vec());
+    let mut recompute = trainer(&spec, Quantization::Nf4, CheckpointPolicy::Layer, 0.1, Target::ALL.to_vec());
+    assert!(keep.keeps_all_activations() && !recompute.keeps_all_activations());
+    let l1 = keep.compute_gradients(&batches).unwrap();
+    let l2 = recompute.compute_gradients(&batches).unwrap();
+    assert_eq!(l1, l2);
+    assert_eq!(keep.lora_grads().unwrap(), recompute.lora_grads().unwrap());
+}
