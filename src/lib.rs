@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod model;
 pub mod quant;
 pub mod util;

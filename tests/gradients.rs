@@ -211,15 +211,29 @@ fn lm_head_cross_entropy_backward() {
     let targets: Vec<i32> = (0..n).map(|i| if i % 5 == 0 { -100 } else { rng.random_range(0..vocab as i32) }).collect();
     let loss = |h: &[f64]| {
         let mut dh = CpuTensor(vec![0.0; n * d]);
-        be.lm_head_ce(&t(h), &t(&head), &targets, n, d, vocab, 1.0, &mut dh).unwrap().sum
+        be.lm_head_ce(&t(h), &t(&head), &targets, n, d, vocab, 1.0, &mut dh, None).unwrap().sum
     };
     let mut dh = CpuTensor(vec![0.0; n * d]);
-    let l = be.lm_head_ce(&t(&h), &t(&head), &targets, n, d, vocab, 1.0, &mut dh).unwrap();
+    let l = be.lm_head_ce(&t(&h), &t(&head), &targets, n, d, vocab, 1.0, &mut dh, None).unwrap();
     assert_eq!(l.count, targets.iter().filter(|&&t| t >= 0).count());
     check("lm_head_ce dh", &h, &dh.0, &loss);
     for r in (0..n).step_by(5) {
         assert!(dh.0[r * d..(r + 1) * d].iter().all(|&v| v == 0.0), "ignored rows get no gradient");
     }
+    // Trainable head rows (the untrained-token fix): gradient w.r.t. rows 3 and 7 of the head.
+    let rows = vec![3i32, 7];
+    let mut grad = CpuTensor(vec![0.0; rows.len() * d]);
+    be.lm_head_ce(&t(&h), &t(&head), &targets, n, d, vocab, 1.0, &mut dh, Some((&rows, &mut grad))).unwrap();
+    let flat: Vec<f64> = rows.iter().flat_map(|&r| head[r as usize * d..(r as usize + 1) * d].to_vec()).collect();
+    let with_rows = |vals: &[f64]| {
+        let mut hd = head.clone();
+        for (s, &r) in rows.iter().enumerate() {
+            hd[r as usize * d..(r as usize + 1) * d].copy_from_slice(&vals[s * d..(s + 1) * d]);
+        }
+        let mut scratch = CpuTensor(vec![0.0; n * d]);
+        be.lm_head_ce(&t(&h), &t(&hd), &targets, n, d, vocab, 1.0, &mut scratch, None).unwrap().sum
+    };
+    check("lm_head_ce head rows", &flat, &grad.0, &with_rows);
 }
 
 fn tiny_spec(qkv_bias: bool) -> ModelSpec {

@@ -435,7 +435,27 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn lm_head_ce(&self, h: &Self::Tensor, head: &Self::Tensor, targets: &Self::Ids, n: usize, d: usize, vocab: usize, grad_scale: f32, dh: &mut Self::Tensor) -> Result<LossSum> {
+    fn embedding_bwd_rows(&self, dx: &Self::Tensor, ids: &Self::Ids, n: usize, d: usize, slot_of_token: &Self::Ids, grad_rows: &mut Self::Tensor) -> Result<()> {
+        for r in 0..n {
+            let slot = slot_of_token.get(ids[r] as usize).copied().unwrap_or(-1);
+            if slot >= 0 {
+                let g = &mut grad_rows.0[slot as usize * d..][..d];
+                g.iter_mut().zip(&dx.0[r * d..(r + 1) * d]).for_each(|(a, &b)| *a = *a + b);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_rows(&self, table: &mut Self::Tensor, d: usize, token_ids: &Self::Ids, values: &Self::Tensor, k: usize) -> Result<()> {
+        for s in 0..k {
+            let id = token_ids[s] as usize;
+            check_len("set_rows", "table", &table.0, (id + 1) * d)?;
+            table.0[id * d..(id + 1) * d].copy_from_slice(&values.0[s * d..(s + 1) * d]);
+        }
+        Ok(())
+    }
+
+    fn lm_head_ce(&self, h: &Self::Tensor, head: &Self::Tensor, targets: &Self::Ids, n: usize, d: usize, vocab: usize, grad_scale: f32, dh: &mut Self::Tensor, head_rows: Option<(&Self::Ids, &mut Self::Tensor)>) -> Result<LossSum> {
         check_len("lm_head_ce", "head", &head.0, vocab * d)?;
         check_len("lm_head_ce", "dh", &dh.0, n * d)?;
         if let Some(t) = targets[..n].iter().find(|&&t| t >= vocab as i32) {
@@ -443,7 +463,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
         const CHUNK: usize = 64;
         let gs = T::of(grad_scale as f64);
-        let parts: Vec<(f64, usize)> = dh.0[..n * d]
+        let row_ids: Vec<usize> = head_rows.as_ref().map(|(ids, _)| ids.iter().map(|&i| i as usize).collect()).unwrap_or_default();
+        let k = row_ids.len();
+        let parts: Vec<(f64, usize, Vec<T>)> = dh.0[..n * d]
             .par_chunks_mut(CHUNK * d)
             .enumerate()
             .map(|(c, dh_chunk)| {
@@ -469,14 +491,33 @@ impl<T: Real> Backend for CpuBackend<T> {
                     lr[t as usize] = lr[t as usize] - gs;
                 }
                 matmul(rows, d, vocab, &logits, false, &head.0, false, dh_chunk, T::one(), false);
-                (sum, count)
+                // Gradient of the trainable head rows from this chunk, summed in chunk order below.
+                let mut g = vec![T::zero(); k * d];
+                for (s, &id) in row_ids.iter().enumerate() {
+                    for r in 0..rows {
+                        let dl = logits[r * vocab + id];
+                        if dl != T::zero() {
+                            let hr = &h.0[(r0 + r) * d..(r0 + r + 1) * d];
+                            g[s * d..(s + 1) * d].iter_mut().zip(hr).for_each(|(a, &b)| *a = *a + dl * b);
+                        }
+                    }
+                }
+                (sum, count, g)
             })
             .collect();
-        Ok(parts.into_iter().fold(LossSum::default(), |a, (s, c)| LossSum { sum: a.sum + s, count: a.count + c }))
+        if let Some((_, grad)) = head_rows {
+            for (_, _, g) in &parts {
+                grad.0[..k * d].iter_mut().zip(g).for_each(|(a, &b)| *a = *a + b);
+            }
+        }
+        Ok(parts.into_iter().fold(LossSum::default(), |a, (s, c, _)| LossSum { sum: a.sum + s, count: a.count + c }))
     }
 
     fn sum_squares(&self, t: &Self::Tensor, n: usize) -> Result<f64> {
-        Ok(t.0[..n].par_iter().map(|&x| x.f64() * x.f64()).sum())
+        // Fixed chunks summed in order: the result must not depend on how rayon splits the work,
+        // or a resumed run would clip gradients by a different last bit.
+        let parts: Vec<f64> = t.0[..n].par_chunks(4096).map(|c| c.iter().map(|&x| x.f64() * x.f64()).sum()).collect();
+        Ok(parts.into_iter().sum())
     }
 
     fn adamw(&self, param: &mut Self::Tensor, grad: &Self::Tensor, m: &mut Self::Tensor, v: &mut Self::Tensor, n: usize, hp: AdamW) -> Result<()> {

@@ -11,6 +11,7 @@
 //! - LoRA gradients are always accumulated (`+=`); the engine zeroes them once per optimizer step.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::quant::nf4::Nf4Tensor;
@@ -191,11 +192,19 @@ pub trait Backend: Send {
     fn swiglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()>;
     fn swiglu_bwd(&self, dout: &Self::Tensor, g: &Self::Tensor, u: &Self::Tensor, n: usize, dg: &mut Self::Tensor, du: &mut Self::Tensor) -> Result<()>;
 
+    /// Accumulate the gradient of trainable embedding rows: for every row `r` whose token has a
+    /// slot (`slot_of_token[ids[r]] >= 0`), `grad_rows[slot] += dx[r]`.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_bwd_rows(&self, dx: &Self::Tensor, ids: &Self::Ids, n: usize, d: usize, slot_of_token: &Self::Ids, grad_rows: &mut Self::Tensor) -> Result<()>;
+    /// `table[token_ids[s]] = values[s]` for `s < k` (rows of width `d`).
+    fn set_rows(&self, table: &mut Self::Tensor, d: usize, token_ids: &Self::Ids, values: &Self::Tensor, k: usize) -> Result<()>;
+
     /// lm_head + softmax cross-entropy over `n` rows, in chunks so `[n, vocab]` logits never
     /// exist. Targets < 0 are ignored. Writes `dh = grad_scale · (softmax − onehot) · W` (zero rows
-    /// for ignored targets) and returns the unscaled loss sum.
+    /// for ignored targets) and returns the unscaled loss sum. With `head_rows = (token_ids,
+    /// grad)`, also accumulates `grad[s] += Σ_r dlogits[r, token_ids[s]] · h[r]` for trainable rows.
     #[allow(clippy::too_many_arguments)]
-    fn lm_head_ce(&self, h: &Self::Tensor, head: &Self::Tensor, targets: &Self::Ids, n: usize, d: usize, vocab: usize, grad_scale: f32, dh: &mut Self::Tensor) -> Result<LossSum>;
+    fn lm_head_ce(&self, h: &Self::Tensor, head: &Self::Tensor, targets: &Self::Ids, n: usize, d: usize, vocab: usize, grad_scale: f32, dh: &mut Self::Tensor, head_rows: Option<(&Self::Ids, &mut Self::Tensor)>) -> Result<LossSum>;
 
     // ---- optimizer ---------------------------------------------------------------------------
     fn sum_squares(&self, t: &Self::Tensor, n: usize) -> Result<f64>;

@@ -402,7 +402,7 @@ impl<B: Backend> Trainer<B> {
         }
         be.rmsnorm_fwd(&ws.x, &self.model.final_norm, n, d, eps, &mut ws.hf, &mut ws.invf)?;
         let head = self.model.head.as_ref().unwrap_or(&self.model.embed);
-        let loss = be.lm_head_ce(&ws.hf, head, &db.targets, n, d, self.spec.vocab_size, grad_scale, &mut ws.dh)?;
+        let loss = be.lm_head_ce(&ws.hf, head, &db.targets, n, d, self.spec.vocab_size, grad_scale, &mut ws.dh, None)?;
         if !backward {
             return Ok(loss);
         }

@@ -2,6 +2,7 @@
 //! chat template (`tokenizer`), and the untrained-token detector (`untrained`).
 
 pub mod arch;
+pub mod untrained;
 pub mod weights;
 
 pub use arch::ModelSpec;
