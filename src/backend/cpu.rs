@@ -136,8 +136,14 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn upload_ids(&self, ids: &[i32]) -> Result<Self::Ids> {
-        Ok(ids.to_vec())
+    fn alloc_ids(&self, len: usize) -> Result<Self::Ids> {
+        Ok(vec![0; len])
+    }
+
+    fn write_ids(&self, ids: &mut Self::Ids, data: &[i32]) -> Result<()> {
+        check_len("write_ids", "ids", ids, data.len())?;
+        ids[..data.len()].copy_from_slice(data);
+        Ok(())
     }
 
     fn upload_weight(&self, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight> {

@@ -145,7 +145,16 @@ pub trait Backend: Send {
     fn cast(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()> {
         self.copy(src, dst, n)
     }
-    fn upload_ids(&self, ids: &[i32]) -> Result<Self::Ids>;
+    /// An id buffer of `len` entries (token ids, targets, positions, segments), allocated once.
+    fn alloc_ids(&self, len: usize) -> Result<Self::Ids>;
+    /// Overwrite the first `data.len()` entries (no allocation: the step loop calls this).
+    fn write_ids(&self, ids: &mut Self::Ids, data: &[i32]) -> Result<()>;
+    /// Allocate and fill (set-up code and tests).
+    fn upload_ids(&self, data: &[i32]) -> Result<Self::Ids> {
+        let mut ids = self.alloc_ids(data.len())?;
+        self.write_ids(&mut ids, data)?;
+        Ok(ids)
+    }
     /// Frozen base linear (dense or NF4) with an optional bias.
     fn upload_weight(&self, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight>;
 

@@ -126,6 +126,7 @@ pub struct Trainer<B: Backend> {
     acts: Vec<LayerActs<B>>,
     saved_inputs: Vec<B::Tensor>,
     ws: Workspace<B>,
+    batch: DeviceBatch<B>,
     keep_all: bool,
     /// Optimizer updates applied so far.
     pub step: u64,
@@ -250,7 +251,14 @@ impl<B: Backend> Trainer<B> {
             lora_scratch: act(rows * r)?,
             dx_lora: act(rows * f.max(d).max(qd))?,
         };
-        Ok(Trainer { backend, spec, opts, model, slots, acts, saved_inputs, ws, keep_all, step: 0, micro_counter: 0 })
+        let batch = DeviceBatch {
+            ids: backend.alloc_ids(rows)?,
+            targets: backend.alloc_ids(rows)?,
+            positions: backend.alloc_ids(rows)?,
+            segments: backend.alloc_ids(rows)?,
+            shape: AttnShape { batch: 0, seq: 0, heads: spec.num_heads, kv_heads: spec.num_kv_heads, head_dim: spec.head_dim },
+        };
+        Ok(Trainer { backend, spec, opts, model, slots, acts, saved_inputs, ws, batch, keep_all, step: 0, micro_counter: 0 })
     }
 
     pub fn keeps_all_activations(&self) -> bool {
@@ -261,7 +269,7 @@ impl<B: Backend> Trainer<B> {
         self.opts.lora.scale() as f32
     }
 
-    fn upload_batch(&self, batch: &Batch) -> Result<DeviceBatch<B>> {
+    fn upload_batch(&mut self, batch: &Batch) -> Result<()> {
         let n = batch.tokens();
         if batch.batch_size > self.opts.batch_size || batch.seq_len > self.opts.max_seq_len {
             return Err(Error::msg(format!(
@@ -271,20 +279,14 @@ impl<B: Backend> Trainer<B> {
         }
         let to_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
         debug_assert_eq!(batch.input_ids.len(), n);
-        let b = &self.backend;
-        Ok(DeviceBatch {
-            ids: b.upload_ids(&to_i32(&batch.input_ids))?,
-            targets: b.upload_ids(&batch.targets)?,
-            positions: b.upload_ids(&to_i32(&batch.positions))?,
-            segments: b.upload_ids(&to_i32(&batch.segments))?,
-            shape: AttnShape {
-                batch: batch.batch_size,
-                seq: batch.seq_len,
-                heads: self.spec.num_heads,
-                kv_heads: self.spec.num_kv_heads,
-                head_dim: self.spec.head_dim,
-            },
-        })
+        let (b, db) = (&self.backend, &mut self.batch);
+        b.write_ids(&mut db.ids, &to_i32(&batch.input_ids))?;
+        b.write_ids(&mut db.targets, &batch.targets)?;
+        b.write_ids(&mut db.positions, &to_i32(&batch.positions))?;
+        b.write_ids(&mut db.segments, &to_i32(&batch.segments))?;
+        db.shape.batch = batch.batch_size;
+        db.shape.seq = batch.seq_len;
+        Ok(())
     }
 
     /// Zero every LoRA gradient.
@@ -385,7 +387,8 @@ impl<B: Backend> Trainer<B> {
     }
 
     fn forward_backward(&mut self, batch: &Batch, grad_scale: f32, backward: bool) -> Result<LossSum> {
-        let db = self.upload_batch(batch)?;
+        self.upload_batch(batch)?;
+        let db = &self.batch;
         let n = batch.tokens();
         let d = self.spec.hidden_size;
         let eps = self.spec.rms_norm_eps as f32;
@@ -397,7 +400,7 @@ impl<B: Backend> Trainer<B> {
         for l in 0..self.spec.num_layers {
             be.copy(&ws.x, &mut self.saved_inputs[l], n * d)?;
             let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
-            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, batch: &db, rope_table: &self.model.rope_table };
+            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, batch: db, rope_table: &self.model.rope_table };
             layer_forward(&ctx, &self.model.layers[l], &self.slots[l], acts, &self.saved_inputs[l], &mut ws.x)?;
         }
         be.rmsnorm_fwd(&ws.x, &self.model.final_norm, n, d, eps, &mut ws.hf, &mut ws.invf)?;
@@ -409,7 +412,7 @@ impl<B: Backend> Trainer<B> {
         be.rmsnorm_bwd(&ws.dh, &ws.x, &self.model.final_norm, &ws.invf, n, d, &mut ws.dx, false)?;
         for l in (0..self.spec.num_layers).rev() {
             let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
-            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, batch: &db, rope_table: &self.model.rope_table };
+            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, batch: db, rope_table: &self.model.rope_table };
             if !self.keep_all {
                 layer_forward(&ctx, &self.model.layers[l], &self.slots[l], acts, &self.saved_inputs[l], &mut ws.layer_out)?;
             }
