@@ -1,1 +1,3 @@
 //! Quantization formats: NF4 with double quantization, byte-for-byte the bitsandbytes layout.
+
+pub mod nf4;
