@@ -47,6 +47,34 @@ pub struct LoraSlot<B: Backend> {
     pub v_b: B::Tensor,
 }
 
+/// Token rows of the embedding (and of an untied lm_head) trained with the adapter: the
+/// untrained-token fix. Values are `[k, hidden]`, row `s` for token `ids[s]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRows {
+    pub ids: Vec<u32>,
+    pub embed: Vec<f32>,
+    /// `None` when the embeddings are tied (the head is the embedding).
+    pub head: Option<Vec<f32>>,
+}
+
+/// One trainable `[k, hidden]` block: fp32 master, gradient, AdamW moments.
+struct RowParam<B: Backend> {
+    master: B::Tensor,
+    grad: B::Tensor,
+    m: B::Tensor,
+    v: B::Tensor,
+}
+
+struct TrainableRows<B: Backend> {
+    k: usize,
+    ids_host: Vec<u32>,
+    ids: B::Ids,
+    /// `[vocab]`: the row's slot, or −1.
+    slot_of_token: B::Ids,
+    embed: RowParam<B>,
+    head: Option<RowParam<B>>,
+}
+
 /// The activations of one decoder layer that its backward reads.
 struct LayerActs<B: Backend> {
     h1: B::Tensor,
@@ -114,6 +142,8 @@ pub struct OptimizerState {
     pub step: u64,
     /// Per slot in order: m_a, v_a, m_b, v_b.
     pub moments: Vec<[Vec<f32>; 4]>,
+    /// Trainable token rows: embed m, embed v, then head m, head v when the head is untied.
+    pub token_rows: Vec<Vec<f32>>,
 }
 
 pub struct Trainer<B: Backend> {
@@ -127,6 +157,7 @@ pub struct Trainer<B: Backend> {
     saved_inputs: Vec<B::Tensor>,
     ws: Workspace<B>,
     batch: DeviceBatch<B>,
+    rows: Option<TrainableRows<B>>,
     keep_all: bool,
     /// Optimizer updates applied so far.
     pub step: u64,
@@ -258,7 +289,7 @@ impl<B: Backend> Trainer<B> {
             segments: backend.alloc_ids(rows)?,
             shape: AttnShape { batch: 0, seq: 0, heads: spec.num_heads, kv_heads: spec.num_kv_heads, head_dim: spec.head_dim },
         };
-        Ok(Trainer { backend, spec, opts, model, slots, acts, saved_inputs, ws, batch, keep_all, step: 0, micro_counter: 0 })
+        Ok(Trainer { backend, spec, opts, model, slots, acts, saved_inputs, ws, batch, rows: None, keep_all, step: 0, micro_counter: 0 })
     }
 
     pub fn keeps_all_activations(&self) -> bool {
@@ -289,11 +320,78 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
-    /// Zero every LoRA gradient.
+    /// Train these embedding (and head) rows with the adapter, starting from the given values,
+    /// which are also written into the frozen tables. Set-up only: allocates.
+    pub fn set_token_rows(&mut self, rows: &TokenRows) -> Result<()> {
+        let (k, d, v) = (rows.ids.len(), self.spec.hidden_size, self.spec.vocab_size);
+        let tied = self.model.head.is_none();
+        if rows.embed.len() != k * d || rows.head.as_ref().is_some_and(|h| h.len() != k * d) || rows.head.is_some() == tied {
+            return Err(Error::msg(format!("token rows: {k} ids need [{k}, {d}] values for the embedding{}", if tied { "" } else { " and the head" })));
+        }
+        if let Some(bad) = rows.ids.iter().find(|&&i| i as usize >= v) {
+            return Err(Error::msg(format!("token rows: id {bad} is outside the vocabulary ({v})")));
+        }
+        let be = &self.backend;
+        let ids: Vec<i32> = rows.ids.iter().map(|&i| i as i32).collect();
+        let mut slot = vec![-1i32; v];
+        for (s, &i) in rows.ids.iter().enumerate() {
+            slot[i as usize] = s as i32;
+        }
+        let param = |values: &[f32]| -> Result<RowParam<B>> {
+            Ok(RowParam {
+                master: be.upload(values, DType::F32)?,
+                grad: be.alloc(k * d, DType::F32)?,
+                m: be.alloc(k * d, DType::F32)?,
+                v: be.alloc(k * d, DType::F32)?,
+            })
+        };
+        let tr = TrainableRows {
+            k,
+            ids_host: rows.ids.clone(),
+            ids: be.upload_ids(&ids)?,
+            slot_of_token: be.upload_ids(&slot)?,
+            embed: param(&rows.embed)?,
+            head: rows.head.as_deref().map(param).transpose()?,
+        };
+        be.set_rows(&mut self.model.embed, d, &tr.ids, &tr.embed.master, k)?;
+        if let (Some(h), Some(p)) = (self.model.head.as_mut(), tr.head.as_ref()) {
+            be.set_rows(h, d, &tr.ids, &p.master, k)?;
+        }
+        self.rows = Some(tr);
+        Ok(())
+    }
+
+    /// The current values of the trained token rows.
+    pub fn token_rows(&self) -> Result<Option<TokenRows>> {
+        let Some(r) = &self.rows else { return Ok(None) };
+        Ok(Some(TokenRows {
+            ids: r.ids_host.clone(),
+            embed: self.backend.download(&r.embed.master)?,
+            head: r.head.as_ref().map(|h| self.backend.download(&h.master)).transpose()?,
+        }))
+    }
+
+    /// The gradients of the trained token rows (same layout as `token_rows`).
+    pub fn token_row_grads(&self) -> Result<Option<TokenRows>> {
+        let Some(r) = &self.rows else { return Ok(None) };
+        Ok(Some(TokenRows {
+            ids: r.ids_host.clone(),
+            embed: self.backend.download(&r.embed.grad)?,
+            head: r.head.as_ref().map(|h| self.backend.download(&h.grad)).transpose()?,
+        }))
+    }
+
+    /// Zero every trainable gradient.
     pub fn zero_grads(&mut self) -> Result<()> {
         for s in self.slots.iter_mut().flatten() {
             self.backend.fill(&mut s.grad_a, 0.0)?;
             self.backend.fill(&mut s.grad_b, 0.0)?;
+        }
+        if let Some(r) = self.rows.as_mut() {
+            self.backend.fill(&mut r.embed.grad, 0.0)?;
+            if let Some(h) = r.head.as_mut() {
+                self.backend.fill(&mut h.grad, 0.0)?;
+            }
         }
         Ok(())
     }
@@ -326,6 +424,13 @@ impl<B: Backend> Trainer<B> {
             sq += self.backend.sum_squares(&s.grad_a, self.opts.lora.r * s.in_features)?;
             sq += self.backend.sum_squares(&s.grad_b, s.out_features * self.opts.lora.r)?;
         }
+        if let Some(r) = &self.rows {
+            let n = r.k * self.spec.hidden_size;
+            sq += self.backend.sum_squares(&r.embed.grad, n)?;
+            if let Some(h) = &r.head {
+                sq += self.backend.sum_squares(&h.grad, n)?;
+            }
+        }
         Ok(sq.sqrt())
     }
 
@@ -350,6 +455,17 @@ impl<B: Backend> Trainer<B> {
             self.backend.adamw(&mut s.b, &s.grad_b, &mut s.m_b, &mut s.v_b, nb, hp)?;
             self.backend.cast(&s.a, &mut s.a_compute, na)?;
             self.backend.cast(&s.b, &mut s.b_compute, nb)?;
+        }
+        if let Some(r) = self.rows.as_mut() {
+            let d = self.spec.hidden_size;
+            let n = r.k * d;
+            let p = &mut r.embed;
+            self.backend.adamw(&mut p.master, &p.grad, &mut p.m, &mut p.v, n, hp)?;
+            self.backend.set_rows(&mut self.model.embed, d, &r.ids, &p.master, r.k)?;
+            if let (Some(p), Some(table)) = (r.head.as_mut(), self.model.head.as_mut()) {
+                self.backend.adamw(&mut p.master, &p.grad, &mut p.m, &mut p.v, n, hp)?;
+                self.backend.set_rows(table, d, &r.ids, &p.master, r.k)?;
+            }
         }
         Ok(())
     }
@@ -405,7 +521,13 @@ impl<B: Backend> Trainer<B> {
         }
         be.rmsnorm_fwd(&ws.x, &self.model.final_norm, n, d, eps, &mut ws.hf, &mut ws.invf)?;
         let head = self.model.head.as_ref().unwrap_or(&self.model.embed);
-        let loss = be.lm_head_ce(&ws.hf, head, &db.targets, n, d, self.spec.vocab_size, grad_scale, &mut ws.dh, None)?;
+        // Trainable head rows: the head's own rows, or the embedding's when tied (both paths
+        // then add into one gradient).
+        let head_rows = match self.rows.as_mut() {
+            Some(r) if backward => Some((&r.ids, &mut r.head.as_mut().unwrap_or(&mut r.embed).grad)),
+            _ => None,
+        };
+        let loss = be.lm_head_ce(&ws.hf, head, &db.targets, n, d, self.spec.vocab_size, grad_scale, &mut ws.dh, head_rows)?;
         if !backward {
             return Ok(loss);
         }
@@ -417,6 +539,9 @@ impl<B: Backend> Trainer<B> {
                 layer_forward(&ctx, &self.model.layers[l], &self.slots[l], acts, &self.saved_inputs[l], &mut ws.layer_out)?;
             }
             layer_backward(&ctx, &self.model.layers[l], &mut self.slots[l], acts, &self.saved_inputs[l], ws)?;
+        }
+        if let Some(r) = self.rows.as_mut() {
+            be.embedding_bwd_rows(&ws.dx, &db.ids, n, d, &r.slot_of_token, &mut r.embed.grad)?;
         }
         Ok(loss)
     }
@@ -475,7 +600,14 @@ impl<B: Backend> Trainer<B> {
             .flatten()
             .map(|s| Ok([be.download(&s.m_a)?, be.download(&s.v_a)?, be.download(&s.m_b)?, be.download(&s.v_b)?]))
             .collect::<Result<_>>()?;
-        Ok(OptimizerState { step: self.step, moments })
+        let mut token_rows = Vec::new();
+        if let Some(r) = &self.rows {
+            for p in std::iter::once(&r.embed).chain(r.head.as_ref()) {
+                token_rows.push(be.download(&p.m)?);
+                token_rows.push(be.download(&p.v)?);
+            }
+        }
+        Ok(OptimizerState { step: self.step, moments, token_rows })
     }
 
     pub fn set_optimizer_state(&mut self, st: &OptimizerState) -> Result<()> {
@@ -488,6 +620,16 @@ impl<B: Backend> Trainer<B> {
             self.backend.write(&mut s.v_a, &m[1])?;
             self.backend.write(&mut s.m_b, &m[2])?;
             self.backend.write(&mut s.v_b, &m[3])?;
+        }
+        if let Some(r) = self.rows.as_mut() {
+            let params: Vec<&mut RowParam<B>> = std::iter::once(&mut r.embed).chain(r.head.as_mut()).collect();
+            if st.token_rows.len() != 2 * params.len() {
+                return Err(Error::msg("optimizer state does not match the trained token rows"));
+            }
+            for (p, mv) in params.into_iter().zip(st.token_rows.chunks(2)) {
+                self.backend.write(&mut p.m, &mv[0])?;
+                self.backend.write(&mut p.v, &mv[1])?;
+            }
         }
         self.step = st.step;
         Ok(())
