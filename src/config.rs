@@ -102,6 +102,9 @@ pub struct DatasetConfig {
     pub max_bad_fraction: f64,
     /// Fix untrained token rows that the data uses (mean of trained rows, trained with the adapter).
     pub fix_untrained_tokens: bool,
+    /// Rows longer than `train.max_seq_len`: `truncate` (keep the start) or `drop`.
+    #[serde(default)]
+    pub long_rows: crate::data::LongRows,
 }
 
 impl Default for DatasetConfig {
@@ -115,6 +118,7 @@ impl Default for DatasetConfig {
             packing: false,
             max_bad_fraction: 0.1,
             fix_untrained_tokens: true,
+            long_rows: crate::data::LongRows::Truncate,
         }
     }
 }

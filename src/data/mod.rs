@@ -1,4 +1,239 @@
 //! Datasets: file formats, chat-template rendering with label masks, batching and packing.
+//!
+//! `prepare_dataset` reads a file (`read`, `tabular`), decides its record shape (`format`), turns
+//! each row into token ids and labels (`encode`), and reports every row it could not use with the
+//! row number a person finds in the file. `batch::Batcher` then serves deterministic shuffled
+//! micro-batches, padded or packed. `preflight` summarises what training will see.
 
 pub mod batch;
-pub use batch::Batch;
+pub mod encode;
+pub mod format;
+pub mod read;
+pub mod tabular;
+
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub use batch::{Batch, Batcher, IGNORE_INDEX};
+pub use encode::MaskSource;
+
+use crate::config::{DatasetConfig, DatasetFormat, TrainOn};
+use crate::error::{Error, Result};
+use crate::model::tokenizer::TokenizerBundle;
+
+/// What to do with a row longer than `max_seq_len` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LongRows {
+    /// Keep the first `max_seq_len` tokens (TRL's default); counted in `truncated_rows`.
+    #[default]
+    Truncate,
+    /// Leave the row out; it is listed among the skipped rows.
+    Drop,
+}
+
+/// One training example. `labels[i]` is the label of `input_ids[i]` (Hugging Face alignment),
+/// `IGNORE_INDEX` where the token is not trained; the batcher shifts them into targets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i32>,
+    /// The row in the dataset file (1-based, see `read`).
+    pub row: usize,
+}
+
+impl Example {
+    /// Tokens that will be targets: every labelled position but the first (nothing predicts it).
+    pub fn trained_tokens(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}
+
+/// A row that was left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkippedRow {
+    pub row: usize,
+    pub reason: String,
+}
+
+/// Per-example sizes for the preflight histograms, in the order of `PreparedDataset::examples`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ExampleLengths {
+    /// Tokens after truncation.
+    pub tokens: usize,
+    /// Trained tokens (targets) after truncation.
+    pub trained: usize,
+    /// Tokens before truncation.
+    pub original_tokens: usize,
+}
+
+impl ExampleLengths {
+    /// Untrained tokens: the prompt, template scaffolding, system turns.
+    pub fn prompt(&self) -> usize {
+        self.tokens - self.trained
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetReport {
+    pub path: PathBuf,
+    /// The record shape used (detected unless configured).
+    pub format: DatasetFormat,
+    /// The file kind (`JSONL`, `CSV`, …).
+    pub file_kind: String,
+    /// The chat template used: `model`, `model:<name>` or `builtin:<name>`.
+    pub template: String,
+    /// How trained spans were found (for chats; raw text is always `all`).
+    pub mask: MaskSource,
+    pub rows_total: usize,
+    pub rows_used: usize,
+    pub rows_skipped: Vec<SkippedRow>,
+    pub truncated_rows: usize,
+    /// Targets that contribute to the loss, over all examples.
+    pub trained_tokens: usize,
+    pub total_tokens: usize,
+    pub max_seq_len: usize,
+    pub lengths: Vec<ExampleLengths>,
+}
+
+impl DatasetReport {
+    pub fn trained_fraction(&self) -> f64 {
+        if self.total_tokens == 0 { 0.0 } else { self.trained_tokens as f64 / self.total_tokens as f64 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PreparedDataset {
+    pub examples: Vec<Example>,
+    pub report: DatasetReport,
+}
+
+/// How many skipped rows a refusal lists.
+const LIST_SKIPPED: usize = 20;
+
+enum Outcome {
+    Used { example: Example, original: usize, truncated: bool },
+    Skipped(SkippedRow),
+}
+
+/// Read, check, render and tokenize a dataset. Rows that cannot be used are reported, not fatal;
+/// the call fails when more than `cfg.max_bad_fraction` of them are unusable (or none is usable),
+/// listing the first ones with their reasons.
+pub fn prepare_dataset(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: usize) -> Result<PreparedDataset> {
+    if max_seq_len < 2 {
+        return Err(Error::config("train.max_seq_len", "must be at least 2 tokens"));
+    }
+    let path = &cfg.path;
+    let (kind, records) = read::read_records(path)?;
+    let format = format::detect(cfg, records.iter().filter_map(|r| r.value.as_ref().ok()))?;
+    let template = tok.resolve_template(&cfg.template)?;
+    let encoder = encode::Encoder { tok, template: &template, train_on: cfg.train_on };
+
+    let outcomes: Vec<Outcome> = records
+        .par_iter()
+        .map(|rec| {
+            let skip = |reason: String| Outcome::Skipped(SkippedRow { row: rec.row, reason });
+            let value = match &rec.value {
+                Ok(v) => v,
+                Err(reason) => return skip(reason.clone()),
+            };
+            let sample = match format::to_sample(format, &cfg.columns, value) {
+                Ok(s) => s,
+                Err(reason) => return skip(reason),
+            };
+            let enc = match encoder.encode(&sample, false) {
+                Ok(e) => e,
+                Err(reason) => return skip(reason),
+            };
+            let original = enc.input_ids.len();
+            let mut example = Example { input_ids: enc.input_ids, labels: enc.labels, row: rec.row };
+            let truncated = original > max_seq_len;
+            if truncated {
+                if cfg.long_rows == LongRows::Drop {
+                    return skip(format!("{original} tokens, longer than max_seq_len {max_seq_len} (dataset.long_rows = \"drop\")"));
+                }
+                example.input_ids.truncate(max_seq_len);
+                example.labels.truncate(max_seq_len);
+                if example.trained_tokens() == 0 {
+                    return skip(format!(
+                        "{original} tokens: nothing trained is left within max_seq_len {max_seq_len} (the prompt alone fills it)"
+                    ));
+                }
+            }
+            Outcome::Used { example, original, truncated }
+        })
+        .collect();
+
+    let rows_total = outcomes.len();
+    let mut examples = Vec::with_capacity(rows_total);
+    let mut skipped = Vec::new();
+    let mut lengths = Vec::with_capacity(rows_total);
+    let (mut truncated_rows, mut trained_tokens, mut total_tokens) = (0, 0, 0);
+    for o in outcomes {
+        match o {
+            Outcome::Used { example, original, truncated } => {
+                let trained = example.trained_tokens();
+                trained_tokens += trained;
+                total_tokens += example.input_ids.len();
+                truncated_rows += truncated as usize;
+                lengths.push(ExampleLengths { tokens: example.input_ids.len(), trained, original_tokens: original });
+                examples.push(example);
+            }
+            Outcome::Skipped(s) => skipped.push(s),
+        }
+    }
+    let mask = match (format, cfg.train_on) {
+        (DatasetFormat::Text, _) | (_, TrainOn::All) => MaskSource::All,
+        _ if template.has_generation_blocks() => MaskSource::GenerationBlocks,
+        _ => MaskSource::RenderedPrefixes,
+    };
+    let report = DatasetReport {
+        path: path.clone(),
+        format,
+        file_kind: kind.name().to_string(),
+        template: if format == DatasetFormat::Text { "none (raw text)".into() } else { template.origin().to_string() },
+        mask,
+        rows_total,
+        rows_used: examples.len(),
+        rows_skipped: skipped,
+        truncated_rows,
+        trained_tokens,
+        total_tokens,
+        max_seq_len,
+        lengths,
+    };
+    refuse_if_too_bad(&report, cfg.max_bad_fraction)?;
+    Ok(PreparedDataset { examples, report })
+}
+
+fn refuse_if_too_bad(report: &DatasetReport, max_bad_fraction: f64) -> Result<()> {
+    let bad = report.rows_skipped.len();
+    let total = report.rows_total;
+    let too_many = total > 0 && bad as f64 > max_bad_fraction * total as f64;
+    if report.rows_used > 0 && !too_many {
+        return Ok(());
+    }
+    let mut msg = if total == 0 {
+        "the dataset has no rows".to_string()
+    } else if report.rows_used == 0 {
+        format!("none of the {total} rows can be used")
+    } else {
+        format!(
+            "{bad} of {total} rows ({:.1}%) cannot be used, more than dataset.max_bad_fraction = {max_bad_fraction}",
+            100.0 * bad as f64 / total as f64
+        )
+    };
+    if bad > 0 {
+        if bad > LIST_SKIPPED {
+            msg.push_str(&format!("; the first {LIST_SKIPPED}:"));
+        } else {
+            msg.push(':');
+        }
+        for s in report.rows_skipped.iter().take(LIST_SKIPPED) {
+            msg.push_str(&format!("\n  row {}: {}", s.row, s.reason));
+        }
+    }
+    Err(Error::file(&report.path, msg))
+}

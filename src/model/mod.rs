@@ -2,6 +2,8 @@
 //! chat template (`tokenizer`), and the untrained-token detector (`untrained`).
 
 pub mod arch;
+pub mod chat_template;
+pub mod tokenizer;
 pub mod untrained;
 pub mod weights;
 
