@@ -352,7 +352,7 @@ fn check_int(field: &str, value: u64, lo: u64, hi: u64) -> Result<()> {
 impl RunConfig {
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self> {
         let config: RunConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             let msg = e.message().trim().to_string();
             match line {
                 Some(line) => Error::line(origin, line, msg),

@@ -8,8 +8,10 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod inspect;
 pub mod model;
 pub mod quant;
+pub mod session;
 pub mod util;
 
 pub use config::RunConfig;

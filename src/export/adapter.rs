@@ -102,6 +102,9 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<LoadedAdapter> {
         Some(Value::String(s)) => return Err(Error::file(&cfg_path, format!("target_modules as a regex (`{s}`) is not supported"))),
         _ => return Err(Error::file(&cfg_path, "`target_modules` is missing")),
     };
+    let mut targets = targets;
+    targets.sort();
+    targets.dedup();
     let lora = LoraConfig {
         r,
         alpha,

@@ -46,3 +46,25 @@ pub fn detect(store: &WeightStore, spec: &ModelSpec, exclude: &[u32]) -> Result<
         .filter(|id| !exclude.contains(id))
         .collect())
 }
+
+/// The mean of the trained rows of a `[vocab, hidden]` matrix, as (sum of all rows − sum of the
+/// untrained rows) / (number of trained rows). Accumulated in f64 and returned in f32, so the
+/// bf16 near-zeros of untrained rows can neither bias nor swamp it.
+pub fn mean_of_trained_rows(store: &WeightStore, name: &str, spec: &ModelSpec, untrained: &[u32]) -> Result<Vec<f32>> {
+    let (v, d) = (spec.vocab_size, spec.hidden_size);
+    let data = store.f32(name, &[v, d])?;
+    let mut all = vec![0f64; d];
+    for row in data.chunks_exact(d) {
+        all.iter_mut().zip(row).for_each(|(a, &x)| *a += x as f64);
+    }
+    let mut skip = vec![0f64; d];
+    let mut seen = std::collections::BTreeSet::new();
+    for &id in untrained {
+        if seen.insert(id) {
+            let row = &data[id as usize * d..(id as usize + 1) * d];
+            skip.iter_mut().zip(row).for_each(|(a, &x)| *a += x as f64);
+        }
+    }
+    let trained = (v - seen.len()).max(1) as f64;
+    Ok(all.iter().zip(&skip).map(|(a, s)| ((a - s) / trained) as f32).collect())
+}

@@ -1,0 +1,56 @@
+//! `tunestudio inspect`: what a model folder holds, before anything is loaded on a device.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::error::Result;
+use crate::model::tokenizer::TokenizerBundle;
+use crate::model::{ModelSpec, WeightStore, untrained};
+use crate::util::{fmt_bytes, fmt_count};
+
+pub fn run(model_dir: &Path, as_json: bool) -> Result<()> {
+    let spec = ModelSpec::from_dir(model_dir)?;
+    let store = WeightStore::open(model_dir)?;
+    let tok = TokenizerBundle::load(model_dir)?;
+    let mut exclude: Vec<u32> = [tok.bos_id(), tok.eos_id(), Some(tok.pad_id())].into_iter().flatten().collect();
+    exclude.extend(spec.eos_token_ids.iter().copied());
+    let ids = untrained::detect(&store, &spec, &exclude)?;
+    let rows: Vec<(u32, String)> = ids.iter().map(|&i| (i, tok.token_text(i).unwrap_or_default())).collect();
+    if as_json {
+        let v = json!({
+            "spec": spec,
+            "total_params": spec.total_params(),
+            "dtypes": store.dtype_counts(),
+            "weights_bytes": store.total_bytes(),
+            "chat_template": tok.chat_template().is_some(),
+            "untrained_tokens": rows.iter().map(|(i, t)| json!({"id": i, "text": t})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(());
+    }
+    println!("model        {}", model_dir.display());
+    println!("architecture {}", spec.summary());
+    println!(
+        "parameters   {} total ({} in decoder linears), {} on disk",
+        fmt_count(spec.total_params()),
+        fmt_count(spec.linear_params()),
+        fmt_bytes(store.total_bytes())
+    );
+    let dtypes: Vec<String> = store.dtype_counts().iter().map(|(d, n)| format!("{d} ×{n}")).collect();
+    println!("dtypes       {}", dtypes.join(", "));
+    println!("context      {} positions, rope θ {}{}", spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling.as_ref().map(|s| format!(", scaling {s:?}")).unwrap_or_default());
+    println!("tokenizer    {} tokens, chat template {}", tok.vocab_size(), if tok.chat_template().is_some() { "present" } else { "absent" });
+    if rows.is_empty() {
+        println!("untrained    none");
+    } else {
+        println!("untrained    {} token rows are all zero in embed_tokens and lm_head:", rows.len());
+        for (i, t) in rows.iter().take(40) {
+            println!("             {i:>7}  {t}");
+        }
+        if rows.len() > 40 {
+            println!("             … and {} more", rows.len() - 40);
+        }
+    }
+    Ok(())
+}

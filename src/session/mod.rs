@@ -1,0 +1,523 @@
+//! The training session: a background thread that loads the model and data, runs the engine step
+//! by step, writes the run folder, and talks to its owner (the CLI or the studio) only through
+//! channels: `Event`s out, `Control`s in. It never blocks its owner.
+
+pub mod checkpoint;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
+use serde::Serialize;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, DeviceInfo};
+use crate::config::{DeviceChoice, RunConfig};
+use crate::data::{Batch, Batcher, DatasetReport, prepare_dataset};
+use crate::engine::lora::LoraWeights;
+use crate::engine::schedule::Schedule;
+use crate::engine::{EngineOptions, TokenRows, Trainer};
+use crate::error::{Error, IoContext, Result};
+use crate::export::adapter::{load_peft, save_peft};
+use crate::model::tokenizer::TokenizerBundle;
+use crate::model::{ModelSpec, WeightStore};
+use checkpoint::{CheckpointState, RunStatus, StepMetrics};
+
+/// What the session reports, in order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Free-form progress ("loading weights…").
+    Log(String),
+    Loaded(Box<LoadedInfo>),
+    Step(StepMetrics),
+    Checkpoint { step: u64, dir: PathBuf },
+    Paused { step: u64 },
+    Resumed { step: u64 },
+    Finished(Finished),
+    /// The run could not go on; `message` says what to do.
+    Failed { message: String, run_dir: Option<PathBuf>, last_checkpoint: Option<PathBuf> },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadedInfo {
+    pub run_dir: PathBuf,
+    pub device: DeviceInfo,
+    pub model: String,
+    pub trainable_params: usize,
+    pub total_steps: u64,
+    /// Optimizer steps already done (a resumed run starts after them).
+    pub start_step: u64,
+    pub steps_per_epoch: u64,
+    pub dataset: DatasetSummary,
+    pub keeps_all_activations: bool,
+    pub load_secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DatasetSummary {
+    pub format: String,
+    pub rows_used: usize,
+    pub rows_skipped: usize,
+    pub truncated_rows: usize,
+    pub trained_tokens: usize,
+}
+
+impl From<&DatasetReport> for DatasetSummary {
+    fn from(r: &DatasetReport) -> Self {
+        DatasetSummary {
+            format: format!("{:?}", r.format).to_lowercase(),
+            rows_used: r.rows_used,
+            rows_skipped: r.rows_skipped.len(),
+            truncated_rows: r.truncated_rows,
+            trained_tokens: r.trained_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Finished {
+    pub run_dir: PathBuf,
+    pub adapter_dir: PathBuf,
+    pub steps: u64,
+    pub final_loss: Option<f64>,
+    /// Stopped by the user before the last step (resumable).
+    pub stopped: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Pause,
+    Resume,
+    Stop,
+    SaveNow,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Continue the run in this folder from its newest checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Behave as if Stop was pressed right after this step (scripts and tests).
+    pub stop_after_step: Option<u64>,
+}
+
+pub struct SessionHandle {
+    pub events: Receiver<Event>,
+    pub control: Sender<Control>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SessionHandle {
+    pub fn send(&self, c: Control) {
+        let _ = self.control.send(c);
+    }
+
+    /// Wait for the thread to end (after `Finished` or `Failed`).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Start a run on a background thread.
+pub fn start(config: RunConfig, options: StartOptions) -> SessionHandle {
+    let (etx, erx) = unbounded();
+    let (ctx, crx) = unbounded();
+    let thread = std::thread::Builder::new()
+        .name("tunestudio-session".into())
+        .spawn(move || {
+            let mut run_dir = None;
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(config, options, &etx, &crx, &mut run_dir)));
+            let failure = match result {
+                Ok(Ok(f)) => {
+                    let _ = etx.send(Event::Finished(f));
+                    None
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(p) => Some(format!(
+                    "internal error: {}",
+                    p.downcast_ref::<String>().map(String::as_str).or(p.downcast_ref::<&str>().copied()).unwrap_or("panic")
+                )),
+            };
+            if let Some(message) = failure {
+                let last_checkpoint = run_dir.as_deref().and_then(|d: &Path| {
+                    checkpoint::list(d).last().map(|s| d.join(checkpoint::CHECKPOINTS_DIR).join(format!("step-{s:06}")))
+                });
+                if let Some(d) = &run_dir {
+                    if let Ok(mut st) = RunStatus::load(d) {
+                        st.state = "failed".into();
+                        st.error = Some(message.clone());
+                        st.updated = now();
+                        let _ = st.save(d);
+                    }
+                }
+                let _ = etx.send(Event::Failed { message, run_dir, last_checkpoint });
+            }
+        })
+        .expect("spawning the session thread");
+    SessionHandle { events: erx, control: ctx, thread: Some(thread) }
+}
+
+fn now() -> String {
+    let (d, t) = crate::util::utc_now();
+    format!("{d}T{t}Z")
+}
+
+/// The folder a new run writes to: `output.dir/run_name`, refusing to overwrite a previous run.
+fn new_run_dir(cfg: &RunConfig) -> Result<PathBuf> {
+    let name = if cfg.output.run_name.is_empty() {
+        let model = cfg.model.path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+        let (d, t) = crate::util::utc_now();
+        format!("{model}-{}-{}", d.replace('-', ""), t.replace(':', ""))
+    } else {
+        cfg.output.run_name.clone()
+    };
+    let dir = cfg.output.dir.join(name);
+    if dir.join(checkpoint::STATUS_FILE).exists() {
+        return Err(Error::file(&dir, "already holds a run: resume it (train --resume) or pick another output.run_name"));
+    }
+    std::fs::create_dir_all(&dir).with_path(&dir)?;
+    Ok(dir)
+}
+
+/// Everything a run needs before the first step, independent of the backend.
+struct Prepared {
+    cfg: RunConfig,
+    run_dir: PathBuf,
+    spec: ModelSpec,
+    batcher: Batcher,
+    report: DatasetReport,
+    total_steps: u64,
+    steps_per_epoch: u64,
+    lora_init: Option<LoraWeights>,
+    /// Starting values of untrained token rows the data uses (the fix), when there are any.
+    token_fix: Option<TokenRows>,
+    resume: Option<checkpoint::Checkpoint>,
+    started: Instant,
+}
+
+fn run(mut cfg: RunConfig, options: StartOptions, events: &Sender<Event>, control: &Receiver<Control>, run_dir_out: &mut Option<PathBuf>) -> Result<Finished> {
+    let started = Instant::now();
+    let log = |m: String| {
+        let _ = events.send(Event::Log(m));
+    };
+    let (run_dir, resume) = match &options.resume {
+        Some(dir) => {
+            let ckpt = checkpoint::load_latest(dir)?;
+            let saved = RunConfig::load(&dir.join(checkpoint::CONFIG_FILE))?;
+            // Only how long to train may change on resume; everything else must match the run.
+            let max_steps = cfg.train.max_steps;
+            cfg = saved;
+            if max_steps.is_some() && max_steps != cfg.train.max_steps {
+                cfg.train.max_steps = max_steps;
+            }
+            log(format!("resuming {} from step {}", dir.display(), ckpt.state.step));
+            (dir.clone(), Some(ckpt))
+        }
+        None => {
+            cfg.validate()?;
+            (new_run_dir(&cfg)?, None)
+        }
+    };
+    *run_dir_out = Some(run_dir.clone());
+    cfg.validate()?;
+
+    log(format!("reading {}", cfg.model.path.display()));
+    let spec = ModelSpec::from_dir(&cfg.model.path)?;
+    let tok = TokenizerBundle::load(&cfg.model.path)?;
+    let mut lora_init = None;
+    if let Some(adapter) = cfg.model.adapter.clone() {
+        let a = load_peft(&adapter, &spec)?;
+        let mut wanted = cfg.lora.targets.clone();
+        wanted.sort();
+        if a.lora.r != cfg.lora.r || a.lora.targets != wanted || a.lora.alpha != cfg.lora.alpha {
+            log(format!("continuing from {}: using its r = {}, alpha = {}, targets from the adapter", adapter.display(), a.lora.r, a.lora.alpha));
+            cfg.lora.r = a.lora.r;
+            cfg.lora.alpha = a.lora.alpha;
+            cfg.lora.targets = a.lora.targets.clone();
+            cfg.lora.rslora = a.lora.rslora;
+        }
+        lora_init = Some(a.weights);
+    }
+    log(format!("preparing {}", cfg.dataset.path.display()));
+    let data = prepare_dataset(&cfg.dataset, &tok, cfg.train.max_seq_len)?;
+    for s in data.report.rows_skipped.iter().take(5) {
+        log(format!("skipped row {}: {}", s.row, s.reason));
+    }
+    let report = data.report.clone();
+    let batcher = Batcher::new(Arc::new(data.examples), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
+    let bpe = batcher.batches_per_epoch().max(1) as u64;
+    let steps_per_epoch = bpe.div_ceil(cfg.train.grad_accum as u64);
+    let total_steps = cfg.train.max_steps.unwrap_or_else(|| ((cfg.train.epochs * steps_per_epoch as f64).ceil() as u64).max(1));
+    cfg.save(&run_dir.join(checkpoint::CONFIG_FILE))?;
+
+    let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, &batcher, &run_dir, &log)? };
+    let prepared = Prepared { cfg, run_dir, spec, batcher, report, total_steps, steps_per_epoch, lora_init, token_fix, resume, started };
+    match prepared.cfg.train.device {
+        DeviceChoice::Cpu => train_on(CpuBackend::<f32>::new(), prepared, &options, events, control),
+        DeviceChoice::Auto => {
+            if let Ok(gpu) = crate::backend::cuda::probe() {
+                log(format!("{} found, but the CUDA training engine is not in this build yet: training on the CPU", gpu.name));
+            }
+            train_on(CpuBackend::<f32>::new(), prepared, &options, events, control)
+        }
+        DeviceChoice::Cuda => {
+            let gpu = crate::backend::cuda::probe()?;
+            Err(Error::NoCuda(format!("{} is present, but this build has no CUDA training engine yet; use --device cpu", gpu.name)))
+        }
+    }
+}
+
+/// Untrained token rows the data or template uses: refuse, or (with `dataset.fix_untrained_tokens`)
+/// start them at the mean of the trained rows and train them with the adapter. What was changed
+/// is written to `token_fix.json` in the run folder.
+fn untrained_token_fix(
+    cfg: &RunConfig,
+    spec: &ModelSpec,
+    tok: &TokenizerBundle,
+    batcher: &Batcher,
+    run_dir: &Path,
+    log: &dyn Fn(String),
+) -> Result<Option<TokenRows>> {
+    let store = WeightStore::open(&cfg.model.path)?;
+    let mut exclude: Vec<u32> = [tok.bos_id(), tok.eos_id(), Some(tok.pad_id())].into_iter().flatten().collect();
+    exclude.extend(spec.eos_token_ids.iter().copied());
+    let untrained_all = crate::model::untrained::detect(&store, spec, &[])?;
+    let candidates: Vec<u32> = untrained_all.iter().copied().filter(|i| !exclude.contains(i)).collect();
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for row in batcher.rows() {
+        for id in row {
+            if candidates.binary_search(id).is_ok() {
+                used.insert(*id);
+            }
+        }
+    }
+    if used.is_empty() {
+        log(format!("{} untrained token rows exist; the data does not use them, so they are left alone", candidates.len()));
+        return Ok(None);
+    }
+    let ids: Vec<u32> = used.into_iter().collect();
+    let names: Vec<String> = ids.iter().map(|&i| format!("{i} {}", tok.token_text(i).unwrap_or_default())).collect();
+    if !cfg.dataset.fix_untrained_tokens {
+        return Err(Error::config(
+            "dataset.fix_untrained_tokens",
+            format!(
+                "the data uses token rows that were never trained ({}); their embeddings are zero and the loss would become NaN/inf. Set dataset.fix_untrained_tokens = true to start them at the mean of the trained rows and train them, or remove them from the data",
+                names.join(", ")
+            ),
+        ));
+    }
+    let d = spec.hidden_size;
+    let embed_mean = crate::model::untrained::mean_of_trained_rows(&store, "model.embed_tokens.weight", spec, &untrained_all)?;
+    let head_mean = if store.contains("lm_head.weight") && !spec.tie_word_embeddings {
+        Some(crate::model::untrained::mean_of_trained_rows(&store, "lm_head.weight", spec, &untrained_all)?)
+    } else {
+        None
+    };
+    let rows = TokenRows {
+        ids: ids.clone(),
+        embed: ids.iter().flat_map(|_| embed_mean.iter().copied()).collect(),
+        head: head_mean.map(|h| ids.iter().flat_map(|_| h.iter().copied()).collect()),
+    };
+    debug_assert_eq!(rows.embed.len(), ids.len() * d);
+    let trained_with_adapter: Vec<&str> = std::iter::once("embed_tokens").chain(rows.head.as_ref().map(|_| "lm_head")).collect();
+    let record = serde_json::json!({
+        "fixed_token_ids": ids,
+        "tokens": names,
+        "initial_value": "mean of trained rows: (sum of all rows - sum of untrained rows) / trained rows, in f32",
+        "untrained_rows_total": untrained_all.len(),
+        "trained_with_adapter": trained_with_adapter,
+    });
+    crate::util::write_atomic(&run_dir.join("token_fix.json"), serde_json::to_string_pretty(&record).expect("json").as_bytes())?;
+    log(format!("untrained tokens used by the data: {}; starting them at the mean of the trained rows and training them", names.join(", ")));
+    Ok(Some(rows))
+}
+
+fn train_on<B: Backend>(backend: B, p: Prepared, options: &StartOptions, events: &Sender<Event>, control: &Receiver<Control>) -> Result<Finished> {
+    let send = |e: Event| {
+        let _ = events.send(e);
+    };
+    let cfg = &p.cfg;
+    let device = backend.device();
+    send(Event::Log(format!("loading weights on {}", device.name)));
+    let store = WeightStore::open(&cfg.model.path)?;
+    let opts = EngineOptions {
+        lora: cfg.lora.clone(),
+        optim: cfg.optim.clone(),
+        quantization: cfg.model.quantization,
+        batch_size: cfg.train.batch_size,
+        max_seq_len: cfg.train.max_seq_len,
+        checkpointing: cfg.memory.checkpointing,
+        seed: cfg.train.seed,
+    };
+    let init = p.resume.as_ref().map(|c| &c.weights).or(p.lora_init.as_ref());
+    let mut trainer = Trainer::new(backend, p.spec.clone(), &store, opts, init)?;
+    if let Some(rows) = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref()) {
+        trainer.set_token_rows(rows)?;
+    }
+    let mut elapsed_before = 0.0;
+    if let Some(c) = &p.resume {
+        trainer.set_optimizer_state(&c.optimizer)?;
+        trainer.set_micro_counter(c.state.micro_counter);
+        checkpoint::truncate_metrics(&p.run_dir, c.state.step)?;
+        elapsed_before = checkpoint::read_metrics(&p.run_dir).last().map_or(0.0, |m| m.elapsed_s);
+    }
+    let trainable = trainer.lora_weights()?.num_params();
+    let model_name = cfg.model.path.display().to_string();
+    let mut status = RunStatus {
+        state: "running".into(),
+        step: trainer.step,
+        total_steps: p.total_steps,
+        last_loss: None,
+        device: device.name.clone(),
+        model: model_name.clone(),
+        started: now(),
+        updated: now(),
+        error: None,
+    };
+    status.save(&p.run_dir)?;
+    send(Event::Loaded(Box::new(LoadedInfo {
+        run_dir: p.run_dir.clone(),
+        device: device.clone(),
+        model: p.spec.summary(),
+        trainable_params: trainable,
+        total_steps: p.total_steps,
+        start_step: trainer.step,
+        steps_per_epoch: p.steps_per_epoch,
+        dataset: DatasetSummary::from(&p.report),
+        keeps_all_activations: trainer.keeps_all_activations(),
+        load_secs: p.started.elapsed().as_secs_f64(),
+    })));
+
+    let schedule = Schedule::new(&cfg.schedule, cfg.optim.lr, p.total_steps);
+    let ga = cfg.train.grad_accum as u64;
+    let bpe = p.batcher.batches_per_epoch().max(1) as u64;
+    let loop_start = Instant::now();
+    let first_step = trainer.step;
+    let mut last_saved = p.resume.as_ref().map(|c| c.state.step);
+    let mut last_loss = None;
+    let mut paused = false;
+    let save = |trainer: &Trainer<B>, last_saved: &mut Option<u64>| -> Result<()> {
+        if *last_saved == Some(trainer.step) || trainer.step == 0 {
+            return Ok(());
+        }
+        let state = CheckpointState {
+            step: trainer.step,
+            micro_counter: trainer.micro_counter(),
+            total_steps: p.total_steps,
+            slots: vec![],
+            token_ids: vec![],
+            head_rows: false,
+        };
+        let rows = trainer.token_rows()?;
+        let dir = checkpoint::save(&p.run_dir, &trainer.lora_weights()?, &trainer.optimizer_state()?, rows.as_ref(), &state)?;
+        *last_saved = Some(trainer.step);
+        send(Event::Checkpoint { step: trainer.step, dir });
+        Ok(())
+    };
+
+    let mut stopped = false;
+    while trainer.step < p.total_steps {
+        // Controls are handled between steps: a step is never interrupted half-way.
+        let mut save_now = false;
+        loop {
+            let c = if paused { control.recv().ok() } else { control.try_recv().map_err(|e| e == TryRecvError::Disconnected).ok() };
+            match c {
+                Some(Control::Pause) if !paused => {
+                    paused = true;
+                    status.state = "paused".into();
+                    status.save(&p.run_dir)?;
+                    send(Event::Paused { step: trainer.step });
+                }
+                Some(Control::Resume) if paused => {
+                    paused = false;
+                    status.state = "running".into();
+                    status.save(&p.run_dir)?;
+                    send(Event::Resumed { step: trainer.step });
+                }
+                Some(Control::Stop) => {
+                    stopped = true;
+                    break;
+                }
+                Some(Control::SaveNow) => save_now = true,
+                Some(_) => {}
+                None if paused => {
+                    // The owner hung up while paused: stop cleanly.
+                    stopped = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if save_now {
+            save(&trainer, &mut last_saved)?;
+        }
+        if stopped {
+            break;
+        }
+
+        let k = trainer.step;
+        let micro: Vec<Batch> = (0..ga)
+            .map(|j| {
+                let g = k * ga + j;
+                p.batcher.batch(g / bpe, (g % bpe) as usize)
+            })
+            .collect();
+        let t0 = Instant::now();
+        let stats = match trainer.train_step(&micro, schedule.lr(k)) {
+            Ok(s) => s,
+            Err(e) => {
+                // The update is the step's last phase, so the masters still hold step k: keep them.
+                if trainer.step == k {
+                    let _ = save(&trainer, &mut last_saved);
+                }
+                return Err(e);
+            }
+        };
+        let step_secs = t0.elapsed().as_secs_f64();
+        let done = (trainer.step - first_step) as f64;
+        let elapsed = loop_start.elapsed().as_secs_f64();
+        let eta = elapsed / done * (p.total_steps - trainer.step) as f64;
+        let m = StepMetrics {
+            step: trainer.step,
+            total_steps: p.total_steps,
+            epoch: (trainer.step * ga) as f64 / bpe as f64,
+            loss: stats.loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            tokens: stats.tokens,
+            trained_tokens: stats.trained_tokens,
+            tokens_per_s: stats.tokens as f64 / step_secs.max(1e-9),
+            elapsed_s: elapsed_before + elapsed,
+            eta_s: eta,
+            memory_bytes: trainer.backend.device().free_memory_bytes.and_then(|f| trainer.backend.device().total_memory_bytes.map(|t| t - f)).or_else(crate::util::process_rss_bytes),
+        };
+        checkpoint::append_metrics(&p.run_dir, &m)?;
+        last_loss = Some(stats.loss);
+        send(Event::Step(m));
+        if cfg.train.save_every > 0 && trainer.step % cfg.train.save_every == 0 {
+            save(&trainer, &mut last_saved)?;
+        }
+        status.step = trainer.step;
+        status.last_loss = last_loss;
+        status.updated = now();
+        status.save(&p.run_dir)?;
+        if options.stop_after_step == Some(trainer.step) && trainer.step < p.total_steps {
+            stopped = true;
+            break;
+        }
+    }
+
+    save(&trainer, &mut last_saved)?;
+    let adapter_dir = p.run_dir.join(checkpoint::ADAPTER_DIR);
+    save_peft(&adapter_dir, &trainer.lora_weights()?, &cfg.lora, &model_name)?;
+    status.state = if stopped { "stopped".into() } else { "done".into() };
+    status.step = trainer.step;
+    status.updated = now();
+    status.save(&p.run_dir)?;
+    Ok(Finished { run_dir: p.run_dir.clone(), adapter_dir, steps: trainer.step, final_loss: last_loss, stopped })
+}
