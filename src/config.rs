@@ -332,6 +332,21 @@ impl Default for OutputConfig {
     }
 }
 
+/// Remove `.` and `name/..` pairs lexically, so `assets/demo/../../runs` prints as `runs`.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir if matches!(out.components().next_back(), Some(std::path::Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
+}
+
 fn check_range(field: &str, value: f64, lo: f64, hi: f64, lo_open: bool) -> Result<()> {
     let ok = value.is_finite() && (if lo_open { value > lo } else { value >= lo }) && value <= hi;
     if ok {
@@ -384,6 +399,10 @@ impl RunConfig {
         };
         fix(&mut self.model.path);
         fix(&mut self.dataset.path);
+        // Outputs need not exist yet: a relative output folder is always relative to the file.
+        if self.output.dir.is_relative() && !base.as_os_str().is_empty() {
+            self.output.dir = normalize(&base.join(&self.output.dir));
+        }
         if let Some(a) = self.model.adapter.as_mut() {
             fix(a);
         }

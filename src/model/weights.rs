@@ -81,7 +81,7 @@ impl WeightStore {
         for (i, path) in files.into_iter().enumerate() {
             let mmap = open_shard(&path)?;
             let (header_len, _) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::file(&path, format!("not a valid safetensors file ({e})")))?;
+                .map_err(|e| Error::file(&path, format!("corrupt or truncated safetensors file ({e})")))?;
             let st = SafeTensors::deserialize(&mmap)
                 .map_err(|e| Error::file(&path, format!("corrupt or truncated safetensors file ({e})")))?;
             let data_start = 8 + header_len;

@@ -1,0 +1,106 @@
+//! The command line as a user meets it: exit codes and one-line errors that name the file or field.
+
+use std::path::Path;
+use std::process::Command;
+
+fn tunestudio(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tunestudio")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn demo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo"))
+}
+
+/// The last stderr line is the error; it must be one line, start with `error:` and name `what`.
+fn assert_error(stderr: &str, what: &str) {
+    let last = stderr.trim_end().lines().last().unwrap_or("");
+    assert!(last.starts_with("error: ") && last.contains(what), "expected an error naming {what}, got:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "panic instead of an error:\n{stderr}");
+}
+
+#[test]
+fn inspect_reports_the_demo_models_untrained_rows() {
+    let (ok, out, err) = tunestudio(&["inspect", demo().join("model").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("llama") && out.contains("reserved_special_token_0"), "{out}");
+    let (ok, out, _) = tunestudio(&["inspect", "--json", demo().join("model").to_str().unwrap()]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(!v["untrained_tokens"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn unknown_architecture_names_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("config.json"), r#"{"model_type": "gpt2", "n_embd": 64}"#).unwrap();
+    let (ok, _, err) = tunestudio(&["inspect", d.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert_error(&err, "config.json");
+    assert!(err.contains("gpt2"));
+}
+
+#[test]
+fn out_of_range_config_value_names_the_field() {
+    let d = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(demo().join("run.toml")).unwrap().replace("r = 16", "r = 0");
+    let cfg = d.path().join("run.toml");
+    std::fs::write(&cfg, text).unwrap();
+    // Paths in the copy must still reach the demo.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("path = \"model\"", &format!("path = {:?}", demo().join("model")))
+        .replace("path = \"data/train.jsonl\"", &format!("path = {:?}", demo().join("data/train.jsonl")));
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, _, err) = tunestudio(&["train", cfg.to_str().unwrap(), "--output", d.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert_error(&err, "lora.r");
+}
+
+#[test]
+fn corrupt_safetensors_names_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(demo().join("model")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, d.path().join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(d.path().join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
+    let (ok, _, err) = tunestudio(&["inspect", d.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert_error(&err, "model.safetensors");
+}
+
+#[test]
+fn train_accepts_overrides_and_prints_a_line_per_step() {
+    let d = tempfile::tempdir().unwrap();
+    let (ok, out, err) = tunestudio(&[
+        "train",
+        demo().join("run.toml").to_str().unwrap(),
+        "--output",
+        d.path().to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let steps: Vec<&str> = out.lines().filter(|l| l.starts_with("step")).collect();
+    assert_eq!(steps.len(), 2, "{out}");
+    for l in steps {
+        for field in ["loss", "lr", "grad-norm", "tok/s", "elapsed", "ETA"] {
+            assert!(l.contains(field), "{field} missing in: {l}");
+        }
+    }
+    assert!(err.contains("adapter"), "{err}");
+}
+
+#[test]
+fn cuda_device_without_a_gpu_is_a_clear_error() {
+    if tunestudio::backend::cuda::probe().is_ok() {
+        return; // a GPU host: covered by the GPU tests
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (ok, _, err) = tunestudio(&["train", demo().join("run.toml").to_str().unwrap(), "--output", d.path().to_str().unwrap(), "--device", "cuda"]);
+    assert!(!ok);
+    assert_error(&err, "no CUDA device");
+}
