@@ -3,12 +3,12 @@
 //! studio window. ARCHITECTURE.md is the map.
 
 pub mod backend;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
 pub mod export;
-pub mod inspect;
 pub mod model;
 pub mod quant;
 pub mod session;

@@ -8,6 +8,7 @@
 
 pub mod lora;
 pub mod model;
+pub mod plan;
 pub mod schedule;
 
 use crate::backend::{AdamW, AttnShape, Backend, DType, LinearDims, LoraBwd, LoraFwd, LossSum};
@@ -17,6 +18,33 @@ use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use lora::{LoraPair, LoraWeights};
 use model::{DeviceModel, LayerWeights, WeightSource};
+use plan::{Location, PlannedBuffer, Term};
+
+/// Allocates through the backend and writes down each buffer under its plan name, so a test can
+/// hold the allocation and `plan::engine_buffers` equal.
+struct Ledger<'a, B: Backend> {
+    be: &'a B,
+    entries: Vec<PlannedBuffer>,
+}
+
+impl<B: Backend> Ledger<'_, B> {
+    fn note(&mut self, name: String, term: Term, elems: usize, dtype: DType) {
+        self.entries.push(PlannedBuffer { name, term, elems: elems as u64, dtype: Some(dtype), location: Location::Device });
+    }
+    fn alloc(&mut self, name: String, term: Term, n: usize, dtype: DType) -> Result<B::Tensor> {
+        self.note(name, term, n, dtype);
+        self.be.alloc(n, dtype)
+    }
+    fn upload(&mut self, name: String, term: Term, data: &[f32], dtype: DType) -> Result<B::Tensor> {
+        self.note(name, term, data.len(), dtype);
+        self.be.upload(data, dtype)
+    }
+    fn alloc_ids(&mut self, name: &str, n: usize) -> Result<B::Ids> {
+        // Ids are 4-byte integers: noted as F32-sized elements.
+        self.note(name.to_string(), Term::Workspace, n, DType::F32);
+        self.be.alloc_ids(n)
+    }
+}
 
 /// What the engine needs from a `RunConfig`, validated.
 #[derive(Debug, Clone)]
@@ -159,6 +187,8 @@ pub struct Trainer<B: Backend> {
     batch: DeviceBatch<B>,
     rows: Option<TrainableRows<B>>,
     keep_all: bool,
+    /// Every buffer this Trainer allocated, in order, as the memory plan names them.
+    ledger: Vec<PlannedBuffer>,
     /// Optimizer updates applied so far.
     pub step: u64,
     /// Micro-batches seen (keys the dropout masks).
@@ -175,12 +205,6 @@ fn dropout_key(seed: u64, micro: u64, layer: usize, target: Target) -> u64 {
 }
 
 impl<B: Backend> Trainer<B> {
-    /// Bytes the kept activations of one layer take on the CPU (f32), for choosing a policy.
-    fn layer_act_elems(spec: &ModelSpec, rows: usize, lora: &LoraConfig) -> usize {
-        let (d, f, qd, kvd) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim());
-        rows * (3 * d + 2 * qd + 2 * kvd + 3 * f + 2 + spec.num_heads + lora.targets.len() * lora.r)
-    }
-
     pub fn new(backend: B, spec: ModelSpec, src: &dyn WeightSource, opts: EngineOptions, lora_init: Option<&LoraWeights>) -> Result<Self> {
         let rows = opts.batch_size * opts.max_seq_len;
         let model = DeviceModel::load(&backend, &spec, src, opts.quantization, opts.max_seq_len)?;
@@ -188,7 +212,15 @@ impl<B: Backend> Trainer<B> {
             CheckpointPolicy::None => true,
             CheckpointPolicy::Layer | CheckpointPolicy::Offload => false,
             CheckpointPolicy::Auto => {
-                Self::layer_act_elems(&spec, rows, &opts.lora) * spec.num_layers * 4 < (1usize << 31)
+                let input = plan::PlanInput {
+                    lora: opts.lora.clone(),
+                    quantization: opts.quantization,
+                    batch_size: opts.batch_size,
+                    max_seq_len: opts.max_seq_len,
+                    checkpointing: CheckpointPolicy::Auto,
+                    token_rows: 0,
+                };
+                plan::keeps_all(plan::plan(&spec, &input, &plan::PlanTarget::cpu()).checkpointing)
             }
         };
         let init;
@@ -199,6 +231,7 @@ impl<B: Backend> Trainer<B> {
                 &init
             }
         };
+        let mut lg = Ledger { be: &backend, entries: Vec::new() };
         let mut slots = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let mut layer = Vec::new();
@@ -212,88 +245,100 @@ impl<B: Backend> Trainer<B> {
                         format!("LoRA shapes do not match the model: A has {} values (expected {}x{}), B has {} (expected {}x{})", pair.a.len(), r, inp, pair.b.len(), out, r),
                     ));
                 }
-                let z = |n| backend.alloc(n, DType::F32);
+                let p = format!("lora.{l}.{}", t.short());
+                let (na, nb) = (pair.a.len(), pair.b.len());
                 layer.push(LoraSlot {
                     target: t,
                     out_features: out,
                     in_features: inp,
-                    a: backend.upload(&pair.a, DType::F32)?,
-                    b: backend.upload(&pair.b, DType::F32)?,
-                    a_compute: backend.upload(&pair.a, DType::Act)?,
-                    b_compute: backend.upload(&pair.b, DType::Act)?,
-                    grad_a: z(pair.a.len())?,
-                    grad_b: z(pair.b.len())?,
-                    m_a: z(pair.a.len())?,
-                    v_a: z(pair.a.len())?,
-                    m_b: z(pair.b.len())?,
-                    v_b: z(pair.b.len())?,
+                    a: lg.upload(format!("{p}.a"), Term::LoraParams, &pair.a, DType::F32)?,
+                    b: lg.upload(format!("{p}.b"), Term::LoraParams, &pair.b, DType::F32)?,
+                    a_compute: lg.upload(format!("{p}.a_compute"), Term::LoraParams, &pair.a, DType::Act)?,
+                    b_compute: lg.upload(format!("{p}.b_compute"), Term::LoraParams, &pair.b, DType::Act)?,
+                    grad_a: lg.alloc(format!("{p}.grad_a"), Term::LoraGrads, na, DType::F32)?,
+                    grad_b: lg.alloc(format!("{p}.grad_b"), Term::LoraGrads, nb, DType::F32)?,
+                    m_a: lg.alloc(format!("{p}.m_a"), Term::OptimizerStates, na, DType::F32)?,
+                    v_a: lg.alloc(format!("{p}.v_a"), Term::OptimizerStates, na, DType::F32)?,
+                    m_b: lg.alloc(format!("{p}.m_b"), Term::OptimizerStates, nb, DType::F32)?,
+                    v_b: lg.alloc(format!("{p}.v_b"), Term::OptimizerStates, nb, DType::F32)?,
                 });
             }
             slots.push(layer);
         }
         let (d, f, qd, kvd, h) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim(), spec.num_heads);
         let r = weights.rank.max(opts.lora.r);
-        let act = |n: usize| backend.alloc(n, DType::Act);
-        let stat = |n: usize| backend.alloc(n, DType::F32);
         let dropout_on = opts.lora.dropout > 0.0;
         let n_acts = if keep_all { spec.num_layers } else { 1 };
         let mut acts = Vec::with_capacity(n_acts);
-        for _ in 0..n_acts {
+        let la = Term::LayerActivations;
+        for set in 0..n_acts {
+            let p = format!("acts.{set}");
             let mut xa = Vec::new();
             let mut xd = Vec::new();
             for t in Target::ALL {
                 let adapted = weights.layers.iter().any(|m| m.contains_key(&t));
-                xa.push(if adapted { Some(act(rows * r)?) } else { None });
-                xd.push(if adapted && dropout_on { Some(act(rows * spec.linear_shape(t).1)?) } else { None });
+                xa.push(if adapted { Some(lg.alloc(format!("{p}.xa.{}", t.short()), la, rows * r, DType::Act)?) } else { None });
+                let xd_len = rows * spec.linear_shape(t).1;
+                xd.push(if adapted && dropout_on { Some(lg.alloc(format!("{p}.xd.{}", t.short()), la, xd_len, DType::Act)?) } else { None });
             }
+            let mut act = |name: &str, n: usize, dt: DType| lg.alloc(format!("{p}.{name}"), la, n, dt);
             acts.push(LayerActs {
-                h1: act(rows * d)?,
-                inv1: stat(rows)?,
-                q: act(rows * qd)?,
-                k: act(rows * kvd)?,
-                v: act(rows * kvd)?,
-                att: act(rows * qd)?,
-                lse: stat(rows * h)?,
-                x2: act(rows * d)?,
-                h2: act(rows * d)?,
-                inv2: stat(rows)?,
-                g: act(rows * f)?,
-                u: act(rows * f)?,
-                m: act(rows * f)?,
+                h1: act("h1", rows * d, DType::Act)?,
+                inv1: act("inv1", rows, DType::F32)?,
+                q: act("q", rows * qd, DType::Act)?,
+                k: act("k", rows * kvd, DType::Act)?,
+                v: act("v", rows * kvd, DType::Act)?,
+                att: act("att", rows * qd, DType::Act)?,
+                lse: act("lse", rows * h, DType::F32)?,
+                x2: act("x2", rows * d, DType::Act)?,
+                h2: act("h2", rows * d, DType::Act)?,
+                inv2: act("inv2", rows, DType::F32)?,
+                g: act("g", rows * f, DType::Act)?,
+                u: act("u", rows * f, DType::Act)?,
+                m: act("m", rows * f, DType::Act)?,
                 xa,
                 xd,
             });
         }
-        let saved_inputs = (0..spec.num_layers).map(|_| act(rows * d)).collect::<Result<Vec<_>>>()?;
+        let saved_inputs = (0..spec.num_layers)
+            .map(|l| lg.alloc(format!("saved_input.{l}"), Term::SavedActivations, rows * d, DType::Act))
+            .collect::<Result<Vec<_>>>()?;
+        let mut w = |name: &str, n: usize, dt: DType| lg.alloc(format!("ws.{name}"), Term::Workspace, n, dt);
         let ws = Workspace {
-            x: act(rows * d)?,
-            layer_out: act(rows * d)?,
-            hf: act(rows * d)?,
-            invf: stat(rows)?,
-            dx: act(rows * d)?,
-            dh: act(rows * d)?,
-            dq: act(rows * qd)?,
-            dk: act(rows * kvd)?,
-            dv: act(rows * kvd)?,
-            datt: act(rows * qd)?,
-            dm: act(rows * f)?,
-            dg: act(rows * f)?,
-            du: act(rows * f)?,
-            lora_scratch: act(rows * r)?,
-            dx_lora: act(rows * f.max(d).max(qd))?,
+            x: w("x", rows * d, DType::Act)?,
+            layer_out: w("layer_out", rows * d, DType::Act)?,
+            hf: w("hf", rows * d, DType::Act)?,
+            invf: w("invf", rows, DType::F32)?,
+            dx: w("dx", rows * d, DType::Act)?,
+            dh: w("dh", rows * d, DType::Act)?,
+            dq: w("dq", rows * qd, DType::Act)?,
+            dk: w("dk", rows * kvd, DType::Act)?,
+            dv: w("dv", rows * kvd, DType::Act)?,
+            datt: w("datt", rows * qd, DType::Act)?,
+            dm: w("dm", rows * f, DType::Act)?,
+            dg: w("dg", rows * f, DType::Act)?,
+            du: w("du", rows * f, DType::Act)?,
+            lora_scratch: w("lora_scratch", rows * r, DType::Act)?,
+            dx_lora: w("dx_lora", rows * f.max(d).max(qd), DType::Act)?,
         };
         let batch = DeviceBatch {
-            ids: backend.alloc_ids(rows)?,
-            targets: backend.alloc_ids(rows)?,
-            positions: backend.alloc_ids(rows)?,
-            segments: backend.alloc_ids(rows)?,
+            ids: lg.alloc_ids("batch.ids", rows)?,
+            targets: lg.alloc_ids("batch.targets", rows)?,
+            positions: lg.alloc_ids("batch.positions", rows)?,
+            segments: lg.alloc_ids("batch.segments", rows)?,
             shape: AttnShape { batch: 0, seq: 0, heads: spec.num_heads, kv_heads: spec.num_kv_heads, head_dim: spec.head_dim },
         };
-        Ok(Trainer { backend, spec, opts, model, slots, acts, saved_inputs, ws, batch, rows: None, keep_all, step: 0, micro_counter: 0 })
+        let ledger = lg.entries;
+        Ok(Trainer { backend, spec, opts, model, slots, acts, saved_inputs, ws, batch, rows: None, keep_all, ledger, step: 0, micro_counter: 0 })
     }
 
     pub fn keeps_all_activations(&self) -> bool {
         self.keep_all
+    }
+
+    /// Every buffer allocated so far, as the memory plan names them.
+    pub fn allocations(&self) -> &[PlannedBuffer] {
+        &self.ledger
     }
 
     pub fn lora_scale(&self) -> f32 {
@@ -337,22 +382,26 @@ impl<B: Backend> Trainer<B> {
         for (s, &i) in rows.ids.iter().enumerate() {
             slot[i as usize] = s as i32;
         }
-        let param = |values: &[f32]| -> Result<RowParam<B>> {
+        let mut lg = Ledger { be, entries: Vec::new() };
+        let mut param = |which: &str, values: &[f32]| -> Result<RowParam<B>> {
+            let p = format!("token_rows.{which}");
             Ok(RowParam {
-                master: be.upload(values, DType::F32)?,
-                grad: be.alloc(k * d, DType::F32)?,
-                m: be.alloc(k * d, DType::F32)?,
-                v: be.alloc(k * d, DType::F32)?,
+                master: lg.upload(p.clone(), Term::LoraParams, values, DType::F32)?,
+                grad: lg.alloc(format!("{p}.grad"), Term::LoraGrads, k * d, DType::F32)?,
+                m: lg.alloc(format!("{p}.m"), Term::OptimizerStates, k * d, DType::F32)?,
+                v: lg.alloc(format!("{p}.v"), Term::OptimizerStates, k * d, DType::F32)?,
             })
         };
-        let tr = TrainableRows {
-            k,
-            ids_host: rows.ids.clone(),
-            ids: be.upload_ids(&ids)?,
-            slot_of_token: be.upload_ids(&slot)?,
-            embed: param(&rows.embed)?,
-            head: rows.head.as_deref().map(param).transpose()?,
-        };
+        let embed = param("embed", &rows.embed)?;
+        let head = rows.head.as_deref().map(|h| param("head", h)).transpose()?;
+        let mut ids_buf = lg.alloc_ids("token_rows.ids", k)?;
+        be.write_ids(&mut ids_buf, &ids)?;
+        let mut slot_buf = lg.alloc_ids("token_rows.slot_of_token", v)?;
+        be.write_ids(&mut slot_buf, &slot)?;
+        let tr = TrainableRows { k, ids_host: rows.ids.clone(), ids: ids_buf, slot_of_token: slot_buf, embed, head };
+        // Calling this again (tests, resume) replaces the rows; the ledger keeps one set.
+        self.ledger.retain(|b| !b.name.starts_with("token_rows."));
+        self.ledger.extend(lg.entries);
         be.set_rows(&mut self.model.embed, d, &tr.ids, &tr.embed.master, k)?;
         if let (Some(h), Some(p)) = (self.model.head.as_mut(), tr.head.as_ref()) {
             be.set_rows(h, d, &tr.ids, &p.master, k)?;
