@@ -30,6 +30,7 @@ fn trainer_allocates_exactly_the_planned_buffers() {
         (CheckpointPolicy::Layer, 0.0, vec![Target::Down, Target::Gate], 3, false),
         (CheckpointPolicy::None, 0.2, Target::ALL.to_vec(), 2, true),
         (CheckpointPolicy::Auto, 0.0, Target::ALL.to_vec(), 0, false),
+        (CheckpointPolicy::Offload, 0.1, Target::ALL.to_vec(), 1, false),
     ];
     for (policy, dropout, targets, token_rows, tied) in cases {
         let s = spec(tied);
@@ -42,6 +43,7 @@ fn trainer_allocates_exactly_the_planned_buffers() {
             max_seq_len: 12,
             checkpointing: policy,
             seed: 1,
+            mlp_chunk_rows: 7,
         };
         let mut tr = Trainer::new(CpuBackend::<f32>::new(), s.clone(), &RandomWeights::new(&s, 2, 0.1), opts, None).unwrap();
         if token_rows > 0 {
@@ -49,7 +51,7 @@ fn trainer_allocates_exactly_the_planned_buffers() {
             let ids: Vec<u32> = (0..token_rows as u32).map(|i| 40 + i).collect();
             tr.set_token_rows(&TokenRows { ids, embed: vec![0.5; token_rows * d], head: (!tied).then(|| vec![0.25; token_rows * d]) }).unwrap();
         }
-        let input = PlanInput { lora, quantization: Quantization::Nf4, batch_size: 2, max_seq_len: 12, checkpointing: policy, token_rows };
+        let input = PlanInput { lora, quantization: Quantization::Nf4, batch_size: 2, max_seq_len: 12, checkpointing: policy, token_rows, mlp_chunk_rows: 7 };
         let resolved = plan::plan(&s, &input, &PlanTarget::cpu()).checkpointing;
         assert_eq!(plan::keeps_all(resolved), tr.keeps_all_activations(), "{policy:?}");
         let expected = plan::engine_buffers(&s, &input, resolved);

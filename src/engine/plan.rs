@@ -104,6 +104,8 @@ pub struct PlanInput {
     pub checkpointing: CheckpointPolicy,
     /// Embedding rows trained by the untrained-token fix.
     pub token_rows: usize,
+    /// Rows per MLP chunk when layers are recomputed; 0 uses `MLP_CHUNK_ROWS`.
+    pub mlp_chunk_rows: usize,
 }
 
 impl PlanInput {
@@ -115,6 +117,7 @@ impl PlanInput {
             max_seq_len: cfg.train.max_seq_len,
             checkpointing: cfg.memory.checkpointing,
             token_rows: 0,
+            mlp_chunk_rows: 0,
         }
     }
 
@@ -157,7 +160,7 @@ pub const DEFAULT_CUDA_CONTEXT_BYTES: u64 = 530 << 20;
 /// cuBLASLt workspace.
 pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;
 /// Rows per lm_head + cross-entropy chunk on the GPU.
-pub const LOSS_CHUNK_ROWS: usize = 2048;
+pub const LOSS_CHUNK_ROWS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryPlan {
@@ -219,6 +222,16 @@ pub fn weight_buffers(spec: &ModelSpec, quant: Quantization, kind: BackendKind, 
     out
 }
 
+/// Rows per MLP chunk when layers are recomputed: the MLP's `[rows, intermediate]` activations
+/// are the largest per-layer buffers, and it is row-independent, so it runs in chunks.
+pub const MLP_CHUNK_ROWS: usize = 4096;
+
+/// The MLP chunk the engine uses for `rows` rows (`requested` 0 = the default).
+pub fn mlp_chunk_rows(rows: usize, keep_all: bool, requested: usize) -> usize {
+    let chunk = if requested == 0 { MLP_CHUNK_ROWS } else { requested };
+    if keep_all { rows } else { rows.min(chunk) }
+}
+
 /// Whether the engine keeps every layer's activations (no recompute) under `policy`.
 pub fn keeps_all(policy: CheckpointPolicy) -> bool {
     policy == CheckpointPolicy::None
@@ -252,15 +265,19 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
         }
     }
     let dropout_on = input.lora.dropout > 0.0;
-    let sets = if keeps_all(policy) { spec.num_layers } else { 1 };
+    let keep = keeps_all(policy);
+    let chunk = mlp_chunk_rows(rows, keep, input.mlp_chunk_rows);
+    let sets = if keep { spec.num_layers } else { 1 };
+    let a = Term::LayerActivations;
     for s in 0..sets {
         let p = format!("acts.{s}");
-        let a = Term::LayerActivations;
-        for t in Target::ALL {
-            if targets.contains(&t) {
-                out.push(buf(format!("{p}.xa.{}", t.short()), a, rows * r, DType::Act));
+        let attention = [Target::Q, Target::K, Target::V, Target::O];
+        let mlp = [Target::Gate, Target::Up, Target::Down];
+        for (group, n_rows) in [(&attention[..], rows), (&mlp[..], chunk)] {
+            for &t in group.iter().filter(|t| targets.contains(t)) {
+                out.push(buf(format!("{p}.xa.{}", t.short()), a, n_rows * r, DType::Act));
                 if dropout_on {
-                    out.push(buf(format!("{p}.xd.{}", t.short()), a, rows * spec.linear_shape(t).1, DType::Act));
+                    out.push(buf(format!("{p}.xd.{}", t.short()), a, n_rows * spec.linear_shape(t).1, DType::Act));
                 }
             }
         }
@@ -275,9 +292,9 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
             ("x2", rows * d, DType::Act),
             ("h2", rows * d, DType::Act),
             ("inv2", rows, DType::F32),
-            ("g", rows * f, DType::Act),
-            ("u", rows * f, DType::Act),
-            ("m", rows * f, DType::Act),
+            ("g", chunk * f, DType::Act),
+            ("u", chunk * f, DType::Act),
+            ("m", chunk * f, DType::Act),
         ] {
             out.push(buf(format!("{p}.{name}"), a, n, dt));
         }
@@ -301,13 +318,23 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
         ("dk", rows * kvd, DType::Act),
         ("dv", rows * kvd, DType::Act),
         ("datt", rows * qd, DType::Act),
-        ("dm", rows * f, DType::Act),
-        ("dg", rows * f, DType::Act),
-        ("du", rows * f, DType::Act),
+        ("dm", chunk * f, DType::Act),
+        ("dg", chunk * f, DType::Act),
+        ("du", chunk * f, DType::Act),
         ("lora_scratch", rows * r, DType::Act),
-        ("dx_lora", rows * f.max(d).max(qd), DType::Act),
+        ("dx_lora", (rows * d.max(qd)).max(chunk * f), DType::Act),
     ] {
         out.push(buf(format!("ws.{name}"), w, n, dt));
+    }
+    if chunk < rows {
+        for name in ["h2", "dy", "out"] {
+            out.push(buf(format!("ws.chunk.{name}"), w, chunk * d, DType::Act));
+        }
+    }
+    if policy == CheckpointPolicy::Offload {
+        for i in 0..2 {
+            out.push(buf(format!("ws.stage.{i}"), w, rows * d, DType::Act));
+        }
     }
     // Batch ids (i32, counted as 4-byte elements).
     for name in ["ids", "targets", "positions", "segments"] {
@@ -476,6 +503,7 @@ mod tests {
             max_seq_len: 2048,
             checkpointing: CheckpointPolicy::Layer,
             token_rows: 0,
+            mlp_chunk_rows: 0,
         }
     }
 
