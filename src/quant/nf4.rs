@@ -377,7 +377,7 @@ impl Nf4Tensor {
     /// at a time.
     pub fn dequantize_rows_into(&self, row_start: usize, rows: usize, out: &mut [f32]) {
         let total_rows = self.shape.first().copied().unwrap_or(1);
-        let cols = if total_rows == 0 { 0 } else { self.numel() / total_rows };
+        let cols = self.numel().checked_div(total_rows).unwrap_or(0);
         assert!(
             row_start + rows <= total_rows && out.len() == rows * cols,
             "dequantize_rows_into: rows {row_start}..{} of {total_rows} need {} values, got a buffer of {}",
@@ -403,7 +403,7 @@ impl Nf4Tensor {
         let (head_out, rest) = out.split_at_mut(head.min(out.len()));
         let one = |e: usize, a: f32| {
             let byte = self.packed[e / 2];
-            let nib = if e % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+            let nib = if e.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
             fmul_ftz(NF4_CODE[nib as usize], a)
         };
         for (k, o) in head_out.iter_mut().enumerate() {
