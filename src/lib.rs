@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod inspect;
 pub mod model;
