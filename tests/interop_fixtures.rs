@@ -71,6 +71,7 @@ fn our_loss(model: &Path, adapter: Option<&Path>, quant: Quantization) -> (f64, 
 fn assert_close(what: &str, ours: (f64, usize), theirs: (f64, usize)) {
     assert_eq!(ours.1, theirs.1, "{what}: scored {} tokens, the reference {}", ours.1, theirs.1);
     let rel = (ours.0 - theirs.0).abs() / theirs.0.abs();
+    eprintln!("{what}: ours {:.9} / theirs {:.9} over {} tokens, relative difference {rel:.2e}", ours.0, theirs.0, ours.1);
     assert!(rel < REL_TOL, "{what}: loss sum {} vs the reference's {} (relative difference {rel:.2e})", ours.0, theirs.0);
 }
 

@@ -214,7 +214,9 @@ def phase_bnb(fx):
         dense.save_pretrained(src)
         qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.bfloat16)
-        q = LlamaForCausalLM.from_pretrained(src, quantization_config=qcfg, dtype=torch.bfloat16, device_map={"": 0})
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU path only for trying the script
+        q = LlamaForCausalLM.from_pretrained(src, quantization_config=qcfg, dtype=torch.bfloat16,
+                                             device_map={"": 0 if dev == "cuda" else "cpu"})
         q.save_pretrained(folder)
         ref = {}
         deq = {}
@@ -238,7 +240,7 @@ def phase_bnb(fx):
             sd[k] = v.float()
         f32_model.load_state_dict(sd)
         rec = {"dequantized_bf16_f32": loss_record(loss_sum(f32_model, seqs))}
-        rec["bnb_forward_bf16"] = loss_record(loss_sum(q, seqs, device="cuda"))
+        rec["bnb_forward_bf16"] = loss_record(loss_sum(q, seqs, device=dev))
         expected["bnb4bit"] = rec
         print(f"bnb4bit: f32 loss with bnb-dequantized weights {rec['dequantized_bf16_f32']['mean']:.6f}, "
               f"bnb's own bf16 forward {rec['bnb_forward_bf16']['mean']:.6f}")

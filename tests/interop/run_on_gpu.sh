@@ -59,7 +59,7 @@ done
 python3 "$PY" demo "$FX" "$M" "$D/demo" | tee "$OUT/demo.json"
 
 echo "== the Rust fixture tests against the fresh fixtures"
-INTEROP_FIXTURES="$FX" INTEROP_DEMO="$D/demo" "$D/interop_fixtures" --test-threads 4 2>&1 | tee "$OUT/rust_tests.txt"
+INTEROP_FIXTURES="$FX" INTEROP_DEMO="$D/demo" "$D/interop_fixtures" --test-threads 4 --nocapture 2>&1 | tee "$OUT/rust_tests.txt"
 
 rm -f "$FX"/demo_eval_*.json
 tar cf "$OUT/fixtures.tar" -C "$FX" .
