@@ -312,4 +312,28 @@ mod tests {
         let e = load_peft(&out, &other).unwrap_err().to_string();
         assert!(e.contains("lora_A") && e.contains("different base model"), "{e}");
     }
+
+    #[test]
+    fn token_rows_round_trip_as_peft_trainable_tokens() {
+        let s = spec();
+        let lora = LoraConfig { r: 2, targets: vec![Target::V], ..LoraConfig::default() };
+        let w = LoraWeights::init(&s, &lora, 4);
+        let rows = TokenRows { ids: vec![3, 7], embed: (0..16).map(|i| i as f32).collect(), head: Some((0..16).map(|i| -(i as f32)).collect()) };
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("adapter");
+        save_peft_with_tokens(&out, &w, &lora, "base", Some(&rows)).unwrap();
+        let back = load_peft(&out, &s).unwrap();
+        assert_eq!(back.token_rows, Some(rows.clone()));
+        // A tied model cannot take separate head rows.
+        let tied = ModelSpec { tie_word_embeddings: true, ..s.clone() };
+        let e = load_peft(&out, &tied).unwrap_err().to_string();
+        assert!(e.contains("ties lm_head"), "{e}");
+        // Rows in the file that the config does not list are refused, not ignored.
+        let cfg = out.join(CONFIG_FILE);
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("trainable_token_indices");
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        let e = load_peft(&out, &s).unwrap_err().to_string();
+        assert!(e.contains("trainable_tokens_delta") && e.contains("no `trainable_token_indices`"), "{e}");
+    }
 }
