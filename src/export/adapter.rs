@@ -93,7 +93,7 @@ pub fn save_peft_with_tokens(dir: &Path, weights: &LoraWeights, lora: &LoraConfi
     let mut config = adapter_config_json(lora, base_model);
     if let Some(rows) = tokens {
         let k = rows.ids.len();
-        let d = if k == 0 { 0 } else { rows.embed.len() / k };
+        let d = rows.embed.len().checked_div(k).unwrap_or(0);
         if k == 0 || rows.embed.len() != k * d || rows.head.as_ref().is_some_and(|h| h.len() != k * d) {
             return Err(Error::msg(format!("token rows: {k} ids with {} embedding values cannot be saved as [k, hidden]", rows.embed.len())));
         }

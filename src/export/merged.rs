@@ -305,7 +305,7 @@ fn header(plan: &[Planned]) -> Vec<u8> {
         at += p.bytes;
     }
     let mut h = serde_json::to_vec(&Value::Object(m)).expect("json");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     h
