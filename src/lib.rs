@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod model;
 pub mod quant;

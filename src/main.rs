@@ -65,6 +65,79 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Mean per-token loss and perplexity of a model (optionally with a PEFT adapter) on a dataset.
+    Eval {
+        /// A Hugging Face model folder (also a `*-bnb-4bit` one).
+        model: PathBuf,
+        /// A PEFT LoRA adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The dataset (JSONL/JSON/…); the tokens scored are those training would learn from.
+        #[arg(long)]
+        data: PathBuf,
+        /// auto, alpaca, sharegpt, messages, text.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        /// Chat template: auto (the model's) or a built-in name.
+        #[arg(long, default_value = "auto")]
+        template: String,
+        /// Score every token (`all`) or only assistant responses (`responses`).
+        #[arg(long, default_value = "responses")]
+        train_on: String,
+        /// bf16: the stored weights; nf4: quantized first (what a QLoRA adapter was trained on).
+        #[arg(long, default_value = "bf16")]
+        quantization: String,
+        #[arg(long, default_value_t = 1024)]
+        max_seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Print a JSON object instead of a line of text.
+        #[arg(long)]
+        json: bool,
+        /// With --json: every example's token ids, labels and loss (one forward per example).
+        #[arg(long)]
+        per_example: bool,
+    },
+    /// Export a run: its PEFT adapter, or the base model with the adapter merged in.
+    Export {
+        #[command(subcommand)]
+        what: ExportCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// The run's PEFT adapter (with trained token rows as PEFT trainable tokens).
+    Adapter {
+        run: PathBuf,
+        /// Destination folder (must not exist); without it `<run>/adapter` is rewritten.
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// The base model with the adapter folded in, as a 16-bit Hugging Face folder.
+    Merged {
+        /// The run folder (or use --model and --adapter).
+        run: Option<PathBuf>,
+        /// bf16 or f16 (f32 for exact checks).
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Destination folder (must not exist); default `<run>/merged-<dtype>`.
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// A model folder, with --adapter, instead of a run.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// With --model: bf16 (stored weights) or nf4 (what a QLoRA adapter was trained on).
+        #[arg(long, default_value = "bf16")]
+        quantization: String,
+        /// Largest shard, e.g. 2GB (the default) or 500MiB.
+        #[arg(long)]
+        max_shard_size: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -86,6 +159,15 @@ fn main() -> ExitCode {
             json,
         }),
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
+        Some(Command::Eval { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }) => {
+            eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example })
+        }
+        Some(Command::Export { what: ExportCommand::Adapter { run, to } }) => {
+            tunestudio::export::run::export_adapter(&run, to.as_deref()).map(|d| println!("adapter written to {}", d.display()))
+        }
+        Some(Command::Export { what: ExportCommand::Merged { run, dtype, to, model, adapter, quantization, max_shard_size, json } }) => {
+            export_merged(run, dtype, to, model, adapter, quantization, max_shard_size, json)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,4 +254,83 @@ fn train(config: Option<PathBuf>, output: Option<PathBuf>, max_steps: Option<u64
     }
     handle.join();
     outcome
+}
+
+/// A value of a serde enum given on the command line (`bf16`, `alpaca`, …), named in the error.
+fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_ascii_lowercase())).map_err(|_| Error::msg(format!("--{flag}: `{value}` is not one of the accepted values")))
+}
+
+struct EvalArgs {
+    model: PathBuf,
+    adapter: Option<PathBuf>,
+    data: PathBuf,
+    format: String,
+    template: String,
+    train_on: String,
+    quantization: String,
+    max_seq_len: usize,
+    batch_size: usize,
+    json: bool,
+    per_example: bool,
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let mut o = tunestudio::eval::EvalOptions::new(a.model, a.data);
+    o.adapter = a.adapter;
+    o.dataset.format = parse_enum("format", &a.format)?;
+    o.dataset.template = a.template;
+    o.dataset.train_on = parse_enum("train-on", &a.train_on)?;
+    o.quantization = parse_enum("quantization", &a.quantization)?;
+    o.max_seq_len = a.max_seq_len;
+    o.batch_size = a.batch_size;
+    o.per_example = a.per_example && a.json;
+    let r = tunestudio::eval::evaluate(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).expect("json"));
+    } else {
+        println!(
+            "loss {:.6}  perplexity {:.4}  over {} tokens in {} rows{}",
+            r.mean_loss,
+            r.perplexity,
+            r.tokens,
+            r.rows,
+            if r.rows_skipped > 0 { format!(" ({} rows skipped)", r.rows_skipped) } else { String::new() }
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn export_merged(run: Option<PathBuf>, dtype: String, to: Option<PathBuf>, model: Option<PathBuf>, adapter: Option<PathBuf>, quantization: String, max_shard_size: Option<String>, json: bool) -> Result<()> {
+    use tunestudio::export::merged::{MergeInput, MergeOptions, export_merged};
+    let dtype: tunestudio::export::merged::MergeDtype = dtype.parse().map_err(|e: String| Error::msg(format!("--dtype: {e}")))?;
+    let mut opts = MergeOptions { dtype, ..MergeOptions::default() };
+    if let Some(s) = max_shard_size {
+        opts.max_shard_bytes = tunestudio::util::parse_bytes(&s).filter(|&b| b > 0).ok_or_else(|| Error::msg(format!("--max-shard-size: `{s}` is not a size such as 2GB or 500MiB")))?;
+    }
+    let (input, default_dest) = match (run, model, adapter) {
+        (Some(run), None, None) => (MergeInput::from_run(&run)?, Some(run.join(format!("merged-{}", format!("{dtype:?}").to_lowercase())))),
+        (None, Some(model), Some(adapter)) => {
+            let q = parse_enum("quantization", &quantization)?;
+            (MergeInput::from_adapter(&model, &adapter, q)?, None)
+        }
+        _ => return Err(Error::msg("give a run folder, or --model and --adapter (not both)")),
+    };
+    let dest = to.or(default_dest).ok_or_else(|| Error::msg("--to is needed with --model and --adapter"))?;
+    let s = export_merged(&input, &dest, &opts)?;
+    if json {
+        println!("{}", serde_json::to_string(&s).expect("json"));
+    } else {
+        println!(
+            "merged model written to {} ({} tensors, {} linears merged, {} shard{}, {})",
+            s.dest.display(),
+            s.tensors,
+            s.merged_linears,
+            s.shards.len(),
+            if s.shards.len() == 1 { "" } else { "s" },
+            tunestudio::util::fmt_bytes(s.total_bytes)
+        );
+    }
+    Ok(())
 }

@@ -246,13 +246,14 @@ fn run(mut cfg: RunConfig, options: StartOptions, events: &Sender<Event>, contro
         log(format!("skipped row {}: {}", s.row, s.reason));
     }
     let report = data.report.clone();
-    let batcher = Batcher::new(Arc::new(data.examples), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
+    let examples = Arc::new(data.examples);
+    let batcher = Batcher::new(examples.clone(), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
     let bpe = batcher.batches_per_epoch().max(1) as u64;
     let steps_per_epoch = bpe.div_ceil(cfg.train.grad_accum as u64);
     let total_steps = cfg.train.max_steps.unwrap_or_else(|| ((cfg.train.epochs * steps_per_epoch as f64).ceil() as u64).max(1));
     cfg.save(&run_dir.join(checkpoint::CONFIG_FILE))?;
 
-    let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, &batcher, &run_dir, &log)? };
+    let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, &examples, &run_dir, &log)? };
     let prepared = Prepared { cfg, run_dir, spec, batcher, report, total_steps, steps_per_epoch, lora_init, token_fix, resume, started };
     match prepared.cfg.train.device {
         DeviceChoice::Cpu => train_on(CpuBackend::<f32>::new(), prepared, &options, events, control),
@@ -276,7 +277,7 @@ fn untrained_token_fix(
     cfg: &RunConfig,
     spec: &ModelSpec,
     tok: &TokenizerBundle,
-    batcher: &Batcher,
+    examples: &[crate::data::Example],
     run_dir: &Path,
     log: &dyn Fn(String),
 ) -> Result<Option<TokenRows>> {
@@ -289,8 +290,9 @@ fn untrained_token_fix(
         return Ok(None);
     }
     let mut used = std::collections::BTreeSet::new();
-    for row in batcher.rows() {
-        for id in row {
+    // Token ids of the examples (not the batcher's rows, which hold example indices).
+    for ex in examples {
+        for id in &ex.input_ids {
             if candidates.binary_search(id).is_ok() {
                 used.insert(*id);
             }
