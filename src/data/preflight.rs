@@ -48,8 +48,9 @@ impl LengthStats {
         let upper = upper.max(sorted.last().copied().unwrap_or(0)).max(1);
         let width = upper.div_ceil(HISTOGRAM_BUCKETS).max(1);
         let mut counts = vec![0; upper.div_ceil(width) + 1];
+        let last = counts.len() - 1;
         for &v in values {
-            counts[(v / width).min(counts.len() - 1)] += 1;
+            counts[(v / width).min(last)] += 1;
         }
         while counts.len() > 1 && counts.last() == Some(&0) {
             counts.pop();
@@ -237,7 +238,7 @@ pub fn tokenizer_checks(tok: &TokenizerBundle, template: &ChatTemplate) -> Vec<F
     }
 
     // The trained part must end in a token that stops generation.
-    let enc = Encoder { tok, template, train_on: TrainOn::Responses };
+    let enc = Encoder { tok, template: Some(template), train_on: TrainOn::Responses };
     if let Ok(e) = enc.encode(&Sample::Chat(convo.clone()), false) {
         let last_trained = e.labels.iter().rposition(|&l| l != IGNORE_INDEX).map(|i| e.input_ids[i]);
         let stops = tok.stop_ids();
