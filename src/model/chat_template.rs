@@ -637,6 +637,16 @@ mod tests {
     }
 
     #[test]
+    fn indented_generation_tags_with_dash_marks() {
+        // The layout the demo model's template uses: tags on their own indented lines.
+        let src = "{{- bos_token }}\n{%- for m in messages %}\n    {{- '<' + m.role + '>' }}\n    {%- if m.role == 'assistant' %}\n        {%- generation %}\n            {{- m.content | trim + '<|eot_id|>' }}\n        {%- endgeneration %}\n    {%- else %}\n        {{- m.content | trim }}\n    {%- endif %}\n{%- endfor %}\n";
+        let t = ChatTemplate::new(src, "test", specials()).unwrap();
+        let r = t.render(&convo()[1..], false).unwrap();
+        assert_eq!(r.text, "<|begin_of_text|><user>Hi<assistant>Hello!<|eot_id|>");
+        assert_eq!(&r.text[r.generation_spans[0].clone()], "Hello!<|eot_id|>");
+    }
+
+    #[test]
     fn marker_characters_in_data_are_refused() {
         let t = ChatTemplate::builtin("chatml", specials()).unwrap();
         let e = t.render(&[Message::new("user", "a\u{FDD0}b")], false).unwrap_err();
