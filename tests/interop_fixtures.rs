@@ -169,6 +169,7 @@ fn bnb_4bit_checkpoint_trains() {
         max_seq_len: max,
         checkpointing: Default::default(),
         seed: 1,
+        mlp_chunk_rows: 0,
     };
     let mut t = Trainer::new(tunestudio::backend::cpu::CpuBackend::<f32>::new(), spec, &store, opts, None).unwrap();
     let pairs: Vec<(&[u32], &[i32])> = seqs.iter().map(|(i, l)| (i.as_slice(), l.as_slice())).collect();
