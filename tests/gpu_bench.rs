@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 use tunestudio::backend::cuda::CudaBackend;
+use tunestudio::backend::cuda::kernels::AttnVersion;
 use tunestudio::backend::{AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd};
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use tunestudio::data::Batch;
@@ -70,13 +71,17 @@ fn ops_at_llama3_8b_shapes() {
     let mut out = be.alloc(n * h * hd, DType::Act).unwrap();
     let mut lse = be.alloc(n * h, DType::F32).unwrap();
     let attn_flops = 4.0 * (s * s) as f64 / 2.0 * (h * hd) as f64;
-    let ms = median_ms(&be, 10, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
-    report("attention fwd (s=2048, 32/8 heads, hd 128)", ms, attn_flops, 0.0);
     let dout = act(n * h * hd, 4, 1.0);
     let (mut dq, mut dk, mut dv) = (be.alloc(n * h * hd, DType::Act).unwrap(), be.alloc(n * kvh * hd, DType::Act).unwrap(), be.alloc(n * kvh * hd, DType::Act).unwrap());
-    let ms = median_ms(&be, 10, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
-    // Useful work of a backward: 2.5x the forward (dQ, dK, dV, and recomputing P).
-    report("attention bwd (dkdv + dq kernels)", ms, 2.5 * attn_flops, 0.0);
+    for version in [AttnVersion::V1, AttnVersion::V2] {
+        be.set_attention_version(version);
+        let ms = median_ms(&be, 10, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
+        report(&format!("attention fwd {version:?} (s=2048, 32/8 heads, hd 128)"), ms, attn_flops, 0.0);
+        let ms = median_ms(&be, 10, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
+        // Useful work of a backward: 2.5x the forward (dQ, dK, dV, and recomputing P).
+        report(&format!("attention bwd {version:?} (dkdv + dq kernels)"), ms, 2.5 * attn_flops, 0.0);
+    }
+    be.set_attention_version(AttnVersion::V2);
 
     // NF4 linear: gate/up shape, dequant + GEMM, then with LoRA r=16, then the backward.
     let wq = Nf4Tensor::quantize(&fast_random(f * d, 5, 0.03), &[f, d]);
@@ -85,8 +90,8 @@ fn ops_at_llama3_8b_shapes() {
     let mut y = be.alloc(n * f, DType::Act).unwrap();
     let dims = LinearDims { n, inp: d, out: f };
     let gemm_flops = 2.0 * (n * d * f) as f64;
-    let ms = median_ms(&be, 10, || be.dequantize_weight(&w).map(|_| ()));
-    report("nf4 dequant 14336x4096 (+ copy to host)", ms, 0.0, 0.0);
+    let ms = median_ms(&be, 10, || be.dequantize_to_scratch(&w));
+    report("nf4 dequant 14336x4096 -> bf16 scratch", ms, 0.0, (f * d / 2 + f * d / 64 + 2 * f * d) as f64);
     let ms = median_ms(&be, 10, || be.linear_fwd(&x, &w, None, dims, &mut y));
     report("linear fwd nf4 4096->14336 (dequant + GEMM)", ms, gemm_flops, 0.0);
     let r = 16;

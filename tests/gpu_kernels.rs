@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tunestudio::backend::cpu::{CpuBackend, CpuTensor};
 use tunestudio::backend::cuda::CudaBackend;
+use tunestudio::backend::cuda::kernels::AttnVersion;
 use tunestudio::backend::cuda::nf4::Nf4Parts;
 use tunestudio::backend::{AdamW, AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd, dropout_uniform};
 use tunestudio::quant::nf4::Nf4Tensor;
@@ -411,6 +412,7 @@ fn linear_with_lora_forward_and_backward() {
     }
 }
 
+#[derive(Clone)]
 struct AttnCase {
     shape: AttnShape,
     /// Segment ids per row.
@@ -442,9 +444,11 @@ fn attn_cases() -> Vec<AttnCase> {
 fn attention_forward_and_backward() {
     let (be, cpu) = (gpu(), Cpu::new());
     let mut rng = ChaCha8Rng::seed_from_u64(109);
-    for AttnCase { shape, segments } in attn_cases() {
+    for (AttnCase { shape, segments }, version) in attn_cases().into_iter().flat_map(|c| [(c.clone(), AttnVersion::V1), (c, AttnVersion::V2)]) {
+        // Version 2 covers head_dim 64 and 128; for the others the backend falls back to version 1.
+        be.set_attention_version(version);
         let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
-        let tag = format!("b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}");
+        let tag = format!("{version:?} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}");
         let n = batch * seq;
         let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
         let (q, k, v) = (randv(&mut rng, qn, 2.0), randv(&mut rng, kn, 2.0), randv(&mut rng, kn, 1.0));

@@ -112,33 +112,57 @@ kernel_table! {
         AttnFwd128 = "attn_fwd_128",
         AttnBwdDkdv128 = "attn_bwd_dkdv_128",
         AttnBwdDq128 = "attn_bwd_dq_128",
+        Attn2Fwd64 = "attn2_fwd_64",
+        Attn2BwdDkdv64 = "attn2_bwd_dkdv_64",
+        Attn2BwdDq64 = "attn2_bwd_dq_64",
+        Attn2Fwd128 = "attn2_fwd_128",
+        Attn2BwdDkdv128 = "attn2_bwd_dkdv_128",
+        Attn2BwdDq128 = "attn2_bwd_dq_128",
     }
 }
 
+/// Which attention kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnVersion {
+    /// Version 1: WMMA, scores through shared memory (every head_dim in 32, 64, 96, 128).
+    V1,
+    /// Version 2: mma.sync + ldmatrix, scores in registers, cp.async double buffering (64, 128).
+    V2,
+}
+
 /// The attention kernels for one head dimension: (forward, backward dK/dV, backward dQ).
-pub fn attention_kernels(head_dim: usize) -> Option<(Kernel, Kernel, Kernel)> {
+pub fn attention_kernels(head_dim: usize, version: AttnVersion) -> Option<(Kernel, Kernel, Kernel)> {
     use Kernel::*;
-    Some(match head_dim {
-        32 => (AttnFwd32, AttnBwdDkdv32, AttnBwdDq32),
-        64 => (AttnFwd64, AttnBwdDkdv64, AttnBwdDq64),
-        96 => (AttnFwd96, AttnBwdDkdv96, AttnBwdDq96),
-        128 => (AttnFwd128, AttnBwdDkdv128, AttnBwdDq128),
+    Some(match (version, head_dim) {
+        (AttnVersion::V1, 32) => (AttnFwd32, AttnBwdDkdv32, AttnBwdDq32),
+        (AttnVersion::V1, 64) => (AttnFwd64, AttnBwdDkdv64, AttnBwdDq64),
+        (AttnVersion::V1, 96) => (AttnFwd96, AttnBwdDkdv96, AttnBwdDq96),
+        (AttnVersion::V1, 128) => (AttnFwd128, AttnBwdDkdv128, AttnBwdDq128),
+        (AttnVersion::V2, 64) => (Attn2Fwd64, Attn2BwdDkdv64, Attn2BwdDq64),
+        (AttnVersion::V2, 128) => (Attn2Fwd128, Attn2BwdDkdv128, Attn2BwdDq128),
         _ => return None,
     })
 }
 
 /// Dynamic shared memory of the attention kernels (forward, dK/dV, dQ), from the same formulas as
-/// `struct Att<HD>` in `kernels/attention.cu` (the kernels trap if given less).
-pub fn attention_smem_bytes(head_dim: usize) -> [u32; 3] {
-    let (tile_rows, warps) = (64, 4);
+/// `struct Att<HD>` / `struct Att2<HD>` in `kernels/attention.cu` (the kernels trap if given less).
+pub fn attention_smem_bytes(head_dim: usize, version: AttnVersion) -> [u32; 3] {
+    let (rows, warps) = (64, 4);
     let ldt = head_dim + 8;
-    let tile = tile_rows * ldt;
-    let (lds, ldo, ldp) = (68, head_dim + 4, tile_rows + 8);
-    let fwd_scr = 16 * ldo.max(lds);
-    let fwd = 3 * tile * 2 + warps * fwd_scr * 4 + warps * 16 * ldp * 2 + 2 * tile_rows * 4;
-    let dkdv = 4 * tile * 2 + warps * 16 * lds * 4 + 2 * warps * 16 * ldp * 2 + 4 * tile_rows * 4;
-    let dq = 4 * tile * 2 + warps * 16 * lds * 4 + warps * 16 * ldp * 2 + 4 * tile_rows * 4;
-    [fwd as u32, dkdv as u32, dq as u32]
+    let tile = rows * ldt;
+    let sizes = match version {
+        AttnVersion::V1 => {
+            let (lds, ldo, ldp) = (68, head_dim + 4, rows + 8);
+            let fwd_scr = 16 * ldo.max(lds);
+            [
+                3 * tile * 2 + warps * fwd_scr * 4 + warps * 16 * ldp * 2 + 2 * rows * 4,
+                4 * tile * 2 + warps * 16 * lds * 4 + 2 * warps * 16 * ldp * 2 + 4 * rows * 4,
+                4 * tile * 2 + warps * 16 * lds * 4 + warps * 16 * ldp * 2 + 4 * rows * 4,
+            ]
+        }
+        AttnVersion::V2 => [5 * tile * 2 + 3 * rows * 4, 6 * tile * 2 + 6 * rows * 4, 6 * tile * 2 + 5 * rows * 4],
+    };
+    sizes.map(|b| b as u32)
 }
 
 /// The hash line at the top of a PTX file: `// source-sha256 <hex> ...`.

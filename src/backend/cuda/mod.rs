@@ -27,7 +27,7 @@ use half::bf16;
 use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum};
 use crate::error::{Error, Result};
 use gemm::{Gemm, GemmCall};
-use kernels::{FILES, Kernel};
+use kernels::{AttnVersion, FILES, Kernel};
 use memory::{DevBuf, DeviceShared};
 use nf4::Nf4Parts;
 
@@ -209,6 +209,9 @@ pub struct CudaBackend {
     compute_capability: (i32, i32),
     /// Synchronize and check after every launch (TUNESTUDIO_CUDA_SYNC=1): slow, for debugging.
     sync_each_launch: bool,
+    /// Preferred attention kernels (TUNESTUDIO_ATTN=v1 forces version 1); version 1 serves the
+    /// head dims version 2 lacks.
+    attn_version: std::cell::Cell<AttnVersion>,
 }
 
 // SAFETY: every CUDA handle inside (context, streams, functions, cuBLASLt) may be used from any
@@ -253,9 +256,9 @@ impl CudaBackend {
             let f = modules[k.file()].load_function(k.symbol()).map_err(|e| Error::Cuda { op: format!("find kernel {}", k.symbol()), msg: e.to_string() })?;
             funcs.push(Func(f));
         }
-        for hd in [32, 64, 96, 128] {
-            let (fwd, dkdv, dq) = kernels::attention_kernels(hd).expect("listed head dims");
-            let smem = kernels::attention_smem_bytes(hd);
+        for (hd, version) in [32, 64, 96, 128].map(|h| (h, AttnVersion::V1)).into_iter().chain([(64, AttnVersion::V2), (128, AttnVersion::V2)]) {
+            let (fwd, dkdv, dq) = kernels::attention_kernels(hd, version).expect("listed head dims");
+            let smem = kernels::attention_smem_bytes(hd, version);
             for (k, bytes) in [(fwd, smem[0]), (dkdv, smem[1]), (dq, smem[2])] {
                 // SAFETY: a live function handle of this context; raising its shared-memory limit.
                 unsafe {
@@ -292,6 +295,7 @@ impl CudaBackend {
             name,
             compute_capability: cc,
             sync_each_launch: std::env::var("TUNESTUDIO_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            attn_version: std::cell::Cell::new(if std::env::var("TUNESTUDIO_ATTN").is_ok_and(|v| v == "v1") { AttnVersion::V1 } else { AttnVersion::V2 }),
         };
         Ok(be)
     }
@@ -313,6 +317,24 @@ impl CudaBackend {
     /// Live device allocations.
     pub fn allocation_count(&self) -> usize {
         self.shared.allocations()
+    }
+
+    /// Choose the attention kernels (tests and benchmarks compare the versions).
+    pub fn set_attention_version(&self, version: AttnVersion) {
+        self.attn_version.set(version);
+    }
+
+    /// The attention kernels and their shared memory for a shape.
+    fn attention_for(&self, shape: AttnShape) -> Result<((Kernel, Kernel, Kernel), [u32; 3])> {
+        if shape.kv_heads == 0 || shape.heads % shape.kv_heads != 0 {
+            return Err(Error::Shape { op: "attention", expected: "heads a multiple of kv_heads".into(), got: format!("{} heads, {} kv heads", shape.heads, shape.kv_heads) });
+        }
+        for v in [self.attn_version.get(), AttnVersion::V1] {
+            if let Some(k) = kernels::attention_kernels(shape.head_dim, v) {
+                return Ok((k, kernels::attention_smem_bytes(shape.head_dim, v)));
+            }
+        }
+        Err(Error::Shape { op: "attention", expected: "head_dim 32, 64, 96 or 128".into(), got: shape.head_dim.to_string() })
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {
@@ -433,6 +455,12 @@ impl CudaBackend {
                 Ok(dst)
             }
         }
+    }
+
+    /// Dequantize an NF4 weight into the shared scratch only (benchmarks).
+    pub fn dequantize_to_scratch(&self, w: &CudaWeight) -> Result<()> {
+        self.bind()?;
+        self.weight_ptr(w).map(|_| ())
     }
 
     /// Dequantize an NF4 weight to bf16 values on the host (the GPU kernel's output), for tests.
@@ -792,7 +820,7 @@ impl Backend for CudaBackend {
     fn attention_fwd(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, out: &mut Self::Tensor, lse: &mut Self::Tensor) -> Result<()> {
         self.bind()?;
         let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
-        let (fwd, _, _) = attention_kernels_for(shape)?;
+        let ((fwd, _, _), smem) = self.attention_for(shape)?;
         let n = batch * seq;
         act("attention_fwd", "q", q, n * heads * head_dim)?;
         act("attention_fwd", "k", k, n * kv_heads * head_dim)?;
@@ -800,7 +828,7 @@ impl Backend for CudaBackend {
         act("attention_fwd", "out", out, n * heads * head_dim)?;
         f32t("attention_fwd", "lse", lse, n * heads)?;
         check_len("attention_fwd", "segments", segments.len, n)?;
-        let smem = kernels::attention_smem_bytes(head_dim)[0];
+        let smem = smem[0];
         let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
         self.launch(
             fwd,
@@ -814,7 +842,7 @@ impl Backend for CudaBackend {
     fn attention_bwd(&self, dout: &Self::Tensor, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &Self::Tensor, lse: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, dq: &mut Self::Tensor, dk: &mut Self::Tensor, dv: &mut Self::Tensor) -> Result<()> {
         self.bind()?;
         let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
-        let (_, dkdv, dqk) = attention_kernels_for(shape)?;
+        let ((_, dkdv, dqk), smem) = self.attention_for(shape)?;
         let n = batch * seq;
         let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
         act("attention_bwd", "dout", dout, qn)?;
@@ -827,7 +855,6 @@ impl Backend for CudaBackend {
         act("attention_bwd", "dk", dk, kn)?;
         act("attention_bwd", "dv", dv, kn)?;
         check_len("attention_bwd", "segments", segments.len, n)?;
-        let smem = kernels::attention_smem_bytes(head_dim);
         let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
         let tiles = seq.div_ceil(64) as u32;
         self.launch(
@@ -1022,13 +1049,3 @@ fn row_threads(d: usize) -> u32 {
     (d.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
-fn attention_kernels_for(shape: AttnShape) -> Result<(Kernel, Kernel, Kernel)> {
-    if shape.kv_heads == 0 || shape.heads % shape.kv_heads != 0 {
-        return Err(Error::Shape { op: "attention", expected: "heads a multiple of kv_heads".into(), got: format!("{} heads, {} kv heads", shape.heads, shape.kv_heads) });
-    }
-    kernels::attention_kernels(shape.head_dim).ok_or_else(|| Error::Shape {
-        op: "attention",
-        expected: "head_dim 32, 64, 96 or 128".into(),
-        got: shape.head_dim.to_string(),
-    })
-}
