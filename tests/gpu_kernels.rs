@@ -70,7 +70,9 @@ fn ct(v: &[f32]) -> CpuTensor<f32> {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn device_info() {
+    let t = std::time::Instant::now();
     let be = gpu();
+    println!("DEVICE backend created (context, PTX load and JIT, scratch) in {:.2} s", t.elapsed().as_secs_f64());
     let info = be.device();
     println!("DEVICE {} cc {:?} total {:?} free {:?}", info.name, be.compute_capability(), info.total_memory_bytes, info.free_memory_bytes);
     println!("MEMORY backend scratch at start: {:.1} MiB in {} allocations", be.memory_used() as f64 / 1048576.0, be.allocation_count());
@@ -435,7 +437,7 @@ fn attn_cases() -> Vec<AttnCase> {
     let s = AttnShape { batch: 1, seq: 64, heads: 2, kv_heads: 1, head_dim: 32 };
     cases.push(AttnCase { shape: s, segments: vec![3; 64] });
     let s = AttnShape { batch: 2, seq: 70, heads: 3, kv_heads: 1, head_dim: 96 };
-    cases.push(AttnCase { shape: s, segments: (0..140).map(|i| ((i % 70) / 25) as i32).collect() });
+    cases.push(AttnCase { shape: s, segments: (0..140).map(|i: i32| (i % 70) / 25).collect() });
     cases
 }
 

@@ -41,6 +41,22 @@ for w in "${what[@]}"; do
         bench)
             each gpu_bench "$OUT/bench.log" 150
             show "^(BENCH|DEVICE|MEMORY|FAILED)" "$OUT/bench.log" ;;
+        sm80)
+            # The compute_80 PTX (Ampere/Ada build) JIT-compiled on this card, every kernel test.
+            export TUNESTUDIO_PTX=sm80
+            SYNC=1 each gpu_kernels "$OUT/kernels_sm80.log" 120
+            unset TUNESTUDIO_PTX
+            show "^(DEVICE|FAILED)|FAIL$" "$OUT/kernels_sm80.log"
+            grep -c " ok$" "$OUT/kernels_sm80.log" | sed 's/^/sm80 checks ok: /' ;;
+        ncu)
+            # Nsight Compute on one launch of each attention v2 kernel at the Llama-3-8B shape.
+            for k in attn2_fwd_128 attn2_bwd_dkdv_128 attn2_bwd_dq_128; do
+                timeout 120 ncu -k "$k" -s 2 -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+                    --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+                    ./gpu_bench --ignored --exact ops_at_llama3_8b_shapes >"$OUT/ncu_$k.txt" 2>&1 || rc=1
+                echo "== $k"
+                grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit (Registers|Shared Mem)|Issue Slots Busy|Stall|L1/TEX Hit|Bank" "$OUT/ncu_$k.txt" | head -24
+            done ;;
         memcheck)
             timeout 200 compute-sanitizer --tool memcheck --print-limit 20 ./gpu_kernels --ignored --test-threads=1 attention lm_head nf4 >"$OUT/memcheck.log" 2>&1 || rc=1
             tail -n 25 "$OUT/memcheck.log" ;;

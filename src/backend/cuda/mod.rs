@@ -11,6 +11,10 @@
 //!
 //! Kernels live in `kernels/*.cu` (forward and backward side by side), compiled to PTX by
 //! `kernels/build.sh` and embedded; [`kernels::Kernel`] is the one table of their symbols.
+//!
+//! Environment switches (debugging and tests): `TUNESTUDIO_CUDA_SYNC=1` synchronizes and checks
+//! after every launch; `TUNESTUDIO_ATTN=v1` selects the first attention kernels;
+//! `TUNESTUDIO_PTX=sm80` loads the compute_80 PTX even on Hopper.
 
 pub mod gemm;
 pub mod kernels;
@@ -243,9 +247,11 @@ impl CudaBackend {
         let name = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into());
         let compute = ctx.new_stream().map_err(cuda_err("create compute stream"))?;
         let copy = ctx.new_stream().map_err(cuda_err("create copy stream"))?;
+        // TUNESTUDIO_PTX=sm80 loads the compute_80 build on a Hopper card too (to test it there).
+        let hopper = cc.0 >= 9 && !std::env::var("TUNESTUDIO_PTX").is_ok_and(|v| v == "sm80");
         let mut modules = Vec::with_capacity(FILES.len());
         for f in FILES {
-            let ptx = if cc.0 >= 9 { f.sm90 } else { f.sm80 };
+            let ptx = if hopper { f.sm90 } else { f.sm80 };
             let m = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
                 .map_err(|e| Error::Cuda { op: format!("load kernels/{}.ptx", f.name), msg: e.to_string() })?;
@@ -326,7 +332,7 @@ impl CudaBackend {
 
     /// The attention kernels and their shared memory for a shape.
     fn attention_for(&self, shape: AttnShape) -> Result<((Kernel, Kernel, Kernel), [u32; 3])> {
-        if shape.kv_heads == 0 || shape.heads % shape.kv_heads != 0 {
+        if shape.kv_heads == 0 || !shape.heads.is_multiple_of(shape.kv_heads) {
             return Err(Error::Shape { op: "attention", expected: "heads a multiple of kv_heads".into(), got: format!("{} heads, {} kv heads", shape.heads, shape.kv_heads) });
         }
         for v in [self.attn_version.get(), AttnVersion::V1] {
@@ -641,10 +647,10 @@ impl Backend for CudaBackend {
     fn upload_weight(&self, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight> {
         self.bind()?;
         let (out_features, in_features) = w.shape();
-        if let Some(b) = bias {
-            if b.len() != out_features {
-                return Err(Error::Shape { op: "upload_weight bias", expected: out_features.to_string(), got: b.len().to_string() });
-            }
+        if let Some(b) = bias
+            && b.len() != out_features
+        {
+            return Err(Error::Shape { op: "upload_weight bias", expected: out_features.to_string(), got: b.len().to_string() });
         }
         let data = match w {
             HostWeight::Dense { data, .. } => {
@@ -806,7 +812,7 @@ impl Backend for CudaBackend {
         check_dtype("rope", "table", table, DType::F32)?;
         let half = head_dim / 2;
         let max_pos = table.len / (2 * half).max(1);
-        let per_head = if half % 8 == 0 { half / 8 } else { half };
+        let per_head = if half.is_multiple_of(8) { half / 8 } else { half };
         let threads = n * heads * per_head;
         self.launch(
             Kernel::Rope,
