@@ -153,6 +153,7 @@ fn train_step_llama3_8b_two_layers() {
             max_seq_len: 2048,
             checkpointing: policy,
             seed: 1,
+            mlp_chunk_rows: 0,
         };
         let t0 = std::time::Instant::now();
         let mut tr = Trainer::new(be, spec.clone(), &FastWeights, opts, None).unwrap();

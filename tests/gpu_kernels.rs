@@ -123,16 +123,17 @@ fn dropout_forward_and_backward() {
     let (be, cpu) = (gpu(), Cpu::new());
     let mut rng = ChaCha8Rng::seed_from_u64(102);
     let n = 4099;
-    let (p, key) = (0.3f32, 0xDEAD_BEEF_1234u64);
+    // A nonzero `first` (a row chunk inside a larger tensor) must shift the mask index.
+    let (p, key, first) = (0.3f32, 0xDEAD_BEEF_1234u64, 12_345u64);
     let x = randv(&mut rng, n, 1.0);
     let mut want = ct(&vec![0.0; n]);
-    cpu.dropout(&ct(&x), &mut want, n, p, key).unwrap();
+    cpu.dropout(&ct(&x), &mut want, n, p, key, first).unwrap();
     let mut out = poisoned(&be, n, DType::Act);
-    be.dropout(&be.upload(&x, DType::Act).unwrap(), &mut out, n, p, key).unwrap();
+    be.dropout(&be.upload(&x, DType::Act).unwrap(), &mut out, n, p, key, first).unwrap();
     let got = be.download(&out).unwrap();
     // The mask must be the same bit for bit: zeros exactly where the shared hash drops.
     for i in 0..n {
-        let kept = dropout_uniform(key, i as u64) >= p;
+        let kept = dropout_uniform(key, first + i as u64) >= p;
         assert_eq!(got[i] == 0.0, !kept || x[i] == 0.0, "mask differs at {i}");
     }
     check("dropout fwd (p=0.3)", &got, &want.0, 4e-3);
@@ -140,12 +141,12 @@ fn dropout_forward_and_backward() {
     let acc0 = randv(&mut rng, n, 1.0);
     for accumulate in [false, true] {
         let mut w = ct(&acc0);
-        cpu.dropout_bwd(&ct(&dy), &mut w, n, p, key, accumulate).unwrap();
+        cpu.dropout_bwd(&ct(&dy), &mut w, n, p, key, first, accumulate).unwrap();
         let mut g = be.upload(&acc0, DType::Act).unwrap();
         if !accumulate {
             be.fill(&mut g, f32::NAN).unwrap();
         }
-        be.dropout_bwd(&be.upload(&dy, DType::Act).unwrap(), &mut g, n, p, key, accumulate).unwrap();
+        be.dropout_bwd(&be.upload(&dy, DType::Act).unwrap(), &mut g, n, p, key, first, accumulate).unwrap();
         check(&format!("dropout bwd (accumulate={accumulate})"), &be.download(&g).unwrap(), &w.0, 4e-3);
     }
 }

@@ -116,6 +116,7 @@ fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64) -> Engin
         max_seq_len: 96,
         checkpointing: policy,
         seed: 5,
+        mlp_chunk_rows: 0,
     }
 }
 

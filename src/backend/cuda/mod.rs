@@ -481,6 +481,17 @@ impl CudaBackend {
         Ok(host.into_iter().map(f32::from).collect())
     }
 
+    /// `bytes` from `src` to `dst` on `stream`; either side may be device or pinned host memory
+    /// (unified addressing tells the driver which).
+    fn memcpy(&self, dst: u64, src: u64, bytes: usize, stream: sys::CUstream) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: callers check both ranges lie inside their buffers; the buffers do not overlap
+        // (distinct allocations, or disjoint ranges of one checked by the caller).
+        unsafe { sys::cuMemcpyAsync(dst, src, bytes, stream) }.result().map_err(cuda_err("cuMemcpyAsync"))
+    }
+
     fn new_tensor(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
         Ok(CudaTensor { buf: DevBuf::new(&self.shared, len * elem_bytes(dtype))?, len, dtype })
     }
@@ -607,22 +618,48 @@ impl Backend for CudaBackend {
         self.launch_ew(k, t.len, &[p(t), i64a(t.len), Arg::F32(value)])
     }
 
+    fn alloc_host(&self, len: usize, dtype: DType) -> Result<Self::Tensor> {
+        self.bind()?;
+        Ok(CudaTensor { buf: DevBuf::new_host(&self.shared, len * elem_bytes(dtype))?, len, dtype })
+    }
+
     fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()> {
         self.bind()?;
         check_len("copy", "source", src.len, n)?;
         check_len("copy", "destination", dst.len, n)?;
         match (src.dtype, dst.dtype) {
-            (a, b) if a == b => {
-                if n > 0 {
-                    // SAFETY: both buffers hold n elements of the same dtype and do not overlap.
-                    unsafe { drv::memcpy_dtod_async(dst.ptr(), src.ptr(), n * elem_bytes(a), self.stream()) }.map_err(cuda_err("copy on device"))?;
-                }
-                Ok(())
+            (a, b) if a == b => self.memcpy(dst.at(0), src.at(0), n * elem_bytes(a), self.stream()),
+            _ if src.buf.is_host() || dst.buf.is_host() => {
+                Err(Error::Shape { op: "copy", expected: "one dtype for a copy to or from host memory".into(), got: format!("{:?} → {:?}", src.dtype, dst.dtype) })
             }
             (DType::F32, DType::Act) => self.launch_ew(Kernel::CastF32Bf16, n, &[p(src), p(dst), i64a(n)]),
             (DType::Act, DType::F32) => self.launch_ew(Kernel::CastBf16F32, n, &[p(src), p(dst), i64a(n)]),
             _ => unreachable!("two dtypes"),
         }
+    }
+
+    fn copy_range(&self, src: &Self::Tensor, src_off: usize, dst: &mut Self::Tensor, dst_off: usize, n: usize) -> Result<()> {
+        self.bind()?;
+        check_len("copy_range", "source", src.len, src_off + n)?;
+        check_len("copy_range", "destination", dst.len, dst_off + n)?;
+        check_dtype("copy_range", "destination", dst, src.dtype)?;
+        self.memcpy(dst.at(dst_off), src.at(src_off), n * elem_bytes(src.dtype), self.stream())
+    }
+
+    fn copy_async(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()> {
+        self.bind()?;
+        check_len("copy_async", "source", src.len, n)?;
+        check_len("copy_async", "destination", dst.len, n)?;
+        check_dtype("copy_async", "destination", dst, src.dtype)?;
+        // The copy stream first waits for the compute work queued so far (which writes `src` or
+        // last reads `dst`), then copies while later compute runs.
+        self.copy.join(&self.compute).map_err(cuda_err("order the copy stream"))?;
+        self.memcpy(dst.at(0), src.at(0), n * elem_bytes(src.dtype), self.copy.cu_stream())
+    }
+
+    fn wait_copies(&self) -> Result<()> {
+        self.bind()?;
+        self.compute.join(&self.copy).map_err(cuda_err("wait for the copy stream"))
     }
 
     fn alloc_ids(&self, len: usize) -> Result<Self::Ids> {
@@ -696,20 +733,20 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn dropout(&self, x: &Self::Tensor, out: &mut Self::Tensor, n: usize, p_drop: f32, key: u64) -> Result<()> {
+    fn dropout(&self, x: &Self::Tensor, out: &mut Self::Tensor, n: usize, p_drop: f32, key: u64, first: u64) -> Result<()> {
         self.bind()?;
         act("dropout", "x", x, n)?;
         act("dropout", "out", out, n)?;
         let keep = (1.0 / (1.0 - p_drop as f64)) as f32;
-        self.launch_ew(Kernel::DropoutFwd, n, &[p(x), p(out), i64a(n), Arg::F32(p_drop), Arg::F32(keep), Arg::U64(key)])
+        self.launch_ew(Kernel::DropoutFwd, n, &[p(x), p(out), i64a(n), Arg::F32(p_drop), Arg::F32(keep), Arg::U64(key), Arg::U64(first)])
     }
 
-    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p_drop: f32, key: u64, accumulate: bool) -> Result<()> {
+    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p_drop: f32, key: u64, first: u64, accumulate: bool) -> Result<()> {
         self.bind()?;
         act("dropout_bwd", "dy", dy, n)?;
         act("dropout_bwd", "dx", dx, n)?;
         let keep = (1.0 / (1.0 - p_drop as f64)) as f32;
-        self.launch_ew(Kernel::DropoutBwd, n, &[p(dy), p(dx), i64a(n), Arg::F32(p_drop), Arg::F32(keep), Arg::U64(key), Arg::I32(accumulate as i32)])
+        self.launch_ew(Kernel::DropoutBwd, n, &[p(dy), p(dx), i64a(n), Arg::F32(p_drop), Arg::F32(keep), Arg::U64(key), Arg::U64(first), Arg::I32(accumulate as i32)])
     }
 
     fn embedding_fwd(&self, ids: &Self::Ids, table: &Self::Tensor, n: usize, d: usize, out: &mut Self::Tensor) -> Result<()> {
