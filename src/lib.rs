@@ -3,6 +3,7 @@
 //! studio window. ARCHITECTURE.md is the map.
 
 pub mod backend;
+pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod data;

@@ -59,6 +59,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time training steps of a model shape on the GPU with random weights (no files needed).
+    Bench {
+        /// llama3-8b, llama3.2-3b or llama3.2-1b.
+        #[arg(long, default_value = "llama3-8b")]
+        shape: String,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        /// Timed steps (after the warm-up).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// speed (fastest policy that fits) or memory (offload, least device memory).
+        #[arg(long, default_value = "speed")]
+        mode: String,
+        #[arg(long, default_value_t = 32)]
+        rank: usize,
+        /// Force a checkpointing policy: none, layer or offload.
+        #[arg(long)]
+        checkpointing: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe a model folder: architecture, parameters, dtypes, untrained tokens.
     Inspect {
         model: PathBuf,
@@ -158,6 +182,7 @@ fn main() -> ExitCode {
             gpu_mem,
             json,
         }),
+        Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, json }) => bench(shape, seq, steps, warmup, mode, rank, checkpointing, json),
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
         Some(Command::Eval { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }) => {
             eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example })
@@ -176,6 +201,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(shape: String, seq: usize, steps: usize, warmup: usize, mode: String, rank: usize, checkpointing: Option<String>, json: bool) -> Result<()> {
+    use tunestudio::bench::{BenchArgs, BenchMode};
+    use tunestudio::config::CheckpointPolicy;
+    let mode = match mode.as_str() {
+        "speed" => BenchMode::Speed,
+        "memory" => BenchMode::Memory,
+        other => return Err(Error::msg(format!("--mode `{other}`: use speed or memory"))),
+    };
+    let checkpointing = match checkpointing.as_deref() {
+        None => None,
+        Some("none") => Some(CheckpointPolicy::None),
+        Some("layer") => Some(CheckpointPolicy::Layer),
+        Some("offload") => Some(CheckpointPolicy::Offload),
+        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use none, layer or offload"))),
+    };
+    let args = BenchArgs { shape, seq, steps, warmup, mode, rank, checkpointing };
+    let r = tunestudio::bench::run(&args, &|m| eprintln!("{m}"))?;
+    if json {
+        println!("{}", serde_json::to_string(&r).expect("json"));
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!("card          {}", r.card);
+    println!("run           {} seq {} r {} {:?} (checkpointing {:?})", r.shape, r.seq, r.rank, r.mode, r.checkpointing);
+    println!("step          median {:.1} ms over {} steps → {:.0} tokens/s", r.median_step_ms, r.steps, r.tokens_per_s);
+    println!("memory        driver peak {:.2} GiB, arena peak {:.2} GiB (+ context {:.2} GiB); plan {:.2} GiB", gib(r.peak_driver_bytes), gib(r.peak_arena_bytes), gib(r.context_bytes), gib(r.plan_peak_bytes));
+    println!("MFU           {:.1}% ({:.1} TFLOP per step against the measured {:.0} TFLOP/s GEMM rate)", 100.0 * r.mfu, r.model_tflop_per_step, r.gemm_tflops);
+    println!("first step    {:.1} s after start (set-up {:.1} s)", r.first_step_s, r.setup_s);
+    Ok(())
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {

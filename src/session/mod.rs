@@ -257,16 +257,14 @@ fn run(mut cfg: RunConfig, options: StartOptions, events: &Sender<Event>, contro
     let prepared = Prepared { cfg, run_dir, spec, batcher, report, total_steps, steps_per_epoch, lora_init, token_fix, resume, started };
     match prepared.cfg.train.device {
         DeviceChoice::Cpu => train_on(CpuBackend::<f32>::new(), prepared, &options, events, control),
-        DeviceChoice::Auto => {
-            if let Ok(gpu) = crate::backend::cuda::probe() {
-                log(format!("{} found, but the CUDA training engine is not in this build yet: training on the CPU", gpu.name));
+        DeviceChoice::Auto => match crate::backend::cuda::CudaBackend::new() {
+            Ok(gpu) => train_on(gpu, prepared, &options, events, control),
+            Err(e) => {
+                log(format!("training on the CPU ({e})"));
+                train_on(CpuBackend::<f32>::new(), prepared, &options, events, control)
             }
-            train_on(CpuBackend::<f32>::new(), prepared, &options, events, control)
-        }
-        DeviceChoice::Cuda => {
-            let gpu = crate::backend::cuda::probe()?;
-            Err(Error::NoCuda(format!("{} is present, but this build has no CUDA training engine yet; use --device cpu", gpu.name)))
-        }
+        },
+        DeviceChoice::Cuda => train_on(crate::backend::cuda::CudaBackend::new()?, prepared, &options, events, control),
     }
 }
 

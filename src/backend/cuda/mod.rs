@@ -67,7 +67,7 @@ pub const LOSS_CHUNK_MAX_ROWS: usize = 16384;
 /// cuBLASLt workspace (NVIDIA's recommendation for Hopper).
 pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
 /// Partial sums of the deterministic sum-of-squares (one per block of the first pass).
-const SUMSQ_MAX_BLOCKS: usize = 1024;
+pub const SUMSQ_MAX_BLOCKS: usize = 1024;
 
 fn cuda_err(op: &str) -> impl FnOnce(drv::DriverError) -> Error + '_ {
     move |e| Error::Cuda { op: op.to_string(), msg: e.to_string() }
