@@ -92,6 +92,7 @@ fn random_uniform(n: usize, seed: u64, a: f32) -> Vec<f32> {
 /// every layer (the values do not change the speed or the memory, but they are never zeros).
 struct BenchWeights {
     quant: Quantization,
+    tied: bool,
     cache: Mutex<BTreeMap<(usize, usize), HostWeight>>,
 }
 
@@ -102,7 +103,7 @@ impl WeightSource for BenchWeights {
         Ok(if name.contains("norm") { random_uniform(n, seed, 0.1).into_iter().map(|x| 1.0 + x).collect() } else { random_uniform(n, seed, 0.035) })
     }
     fn has(&self, name: &str) -> bool {
-        !name.ends_with(".bias")
+        !name.ends_with(".bias") && !(self.tied && name == "lm_head.weight")
     }
     fn linear(&self, _name: &str, shape: (usize, usize), _quant: Quantization) -> Result<HostWeight> {
         let mut cache = self.cache.lock().map_err(|_| Error::msg("bench weight cache poisoned"))?;
@@ -178,7 +179,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         mlp_chunk_rows: 0,
     };
     log(&format!("{}: building a random {} (r = {}, seq {}) …", dev.name, args.shape, args.rank, args.seq));
-    let weights = BenchWeights { quant: Quantization::Nf4, cache: Mutex::new(BTreeMap::new()) };
+    let weights = BenchWeights { quant: Quantization::Nf4, tied: spec.tie_word_embeddings, cache: Mutex::new(BTreeMap::new()) };
     // The GEMM probe's buffers are gone; measure the peak from here.
     be.reset_peak_memory();
     let mut trainer = Trainer::new(be, spec.clone(), &weights, opts, None)?;

@@ -272,7 +272,7 @@ impl<B: Backend> Trainer<B> {
             p => p,
         };
         let keep_all = plan::keeps_all(policy);
-        let model = DeviceModel::load(&backend, &spec, src, opts.quantization, opts.max_seq_len)?;
+        let model = DeviceModel::load(&backend, &spec, src, opts.quantization, opts.max_seq_len, plan::embed_on_host(&spec, policy))?;
         let init;
         let weights = match lora_init {
             Some(w) => w,

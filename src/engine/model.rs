@@ -112,9 +112,12 @@ pub fn linear_name(layer: usize, t: Target) -> String {
 }
 
 impl<B: Backend> DeviceModel<B> {
-    pub fn load(backend: &B, spec: &ModelSpec, src: &dyn WeightSource, quant: Quantization, max_pos: usize) -> Result<Self> {
+    /// `embed_on_host`: keep an untied embedding table in pinned host memory (memory mode).
+    pub fn load(backend: &B, spec: &ModelSpec, src: &dyn WeightSource, quant: Quantization, max_pos: usize, embed_on_host: bool) -> Result<Self> {
         let (v, d) = (spec.vocab_size, spec.hidden_size);
-        let embed = backend.upload(&src.dense("model.embed_tokens.weight", &[v, d])?, DType::Act)?;
+        let table = src.dense("model.embed_tokens.weight", &[v, d])?;
+        let embed = if embed_on_host { backend.upload_host(&table, DType::Act)? } else { backend.upload(&table, DType::Act)? };
+        drop(table);
         let head = if spec.tie_word_embeddings && !src.has("lm_head.weight") {
             None
         } else if src.has("lm_head.weight") {

@@ -185,10 +185,20 @@ fn buf(name: impl Into<String>, term: Term, elems: usize, dtype: DType) -> Plann
     PlannedBuffer { name: name.into(), term, elems: elems as u64, dtype: Some(dtype), location: Location::Device }
 }
 
+/// Whether the embedding table lives in pinned host memory: in memory mode, when it is not also
+/// the lm_head (a step reads only its batch's rows of it).
+pub fn embed_on_host(spec: &ModelSpec, policy: CheckpointPolicy) -> bool {
+    policy == CheckpointPolicy::Offload && !spec.tie_word_embeddings
+}
+
 /// The frozen model as the backend stores it.
-pub fn weight_buffers(spec: &ModelSpec, quant: Quantization, kind: BackendKind, max_pos: usize) -> Vec<PlannedBuffer> {
+pub fn weight_buffers(spec: &ModelSpec, quant: Quantization, kind: BackendKind, max_pos: usize, policy: CheckpointPolicy) -> Vec<PlannedBuffer> {
     let (v, d) = (spec.vocab_size, spec.hidden_size);
-    let mut out = vec![buf("embed_tokens", Term::BaseWeights, v * d, DType::Act)];
+    let mut embed = buf("embed_tokens", Term::BaseWeights, v * d, DType::Act);
+    if embed_on_host(spec, policy) {
+        embed.location = Location::PinnedHost;
+    }
+    let mut out = vec![embed];
     if !spec.tie_word_embeddings {
         out.push(buf("lm_head", Term::BaseWeights, v * d, DType::Act));
     }
@@ -385,7 +395,7 @@ fn total(buffers: &[PlannedBuffer], kind: BackendKind, loc: Location) -> u64 {
 
 fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: CheckpointPolicy) -> MemoryPlan {
     let kind = target.kind;
-    let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len);
+    let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len, policy);
     buffers.extend(engine_buffers(spec, input, policy));
     if kind == BackendKind::Cuda {
         buffers.extend(cuda_workspace(spec, input));
@@ -514,7 +524,7 @@ mod tests {
     #[test]
     fn llama3_8b_weight_bytes_are_exact() {
         let spec = ModelSpec::llama3_8b();
-        let w = weight_buffers(&spec, Quantization::Nf4, BackendKind::Cuda, 2048);
+        let w = weight_buffers(&spec, Quantization::Nf4, BackendKind::Cuda, 2048, CheckpointPolicy::Layer);
         let bytes = |name: &str| w.iter().find(|b| b.name == name).unwrap().bytes(BackendKind::Cuda);
         assert_eq!(bytes("embed_tokens"), 128_256 * 4096 * 2);
         assert_eq!(bytes("lm_head"), 128_256 * 4096 * 2);

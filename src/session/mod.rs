@@ -337,6 +337,27 @@ fn untrained_token_fix(
     Ok(Some(rows))
 }
 
+/// An out-of-memory at set-up (every buffer is allocated before the first step) becomes a message
+/// with the plan's numbers and the cheapest changes that fit.
+fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInput, device: &DeviceInfo) -> Error {
+    use crate::engine::plan::{self, PlanTarget};
+    use crate::util::fmt_bytes;
+    let Error::OutOfMemory { during, advice } = e else { return e };
+    let Some(total) = device.total_memory_bytes else { return Error::OutOfMemory { during, advice } };
+    let target = PlanTarget::gpu(&device.name, total);
+    let p = plan::plan(spec, input, &target);
+    let fixes: Vec<String> = plan::suggestions(spec, input, &target).into_iter().map(|s| format!("{} ({})", s.change, fmt_bytes(s.peak_bytes))).collect();
+    let advice = format!(
+        "the plan needs {} on a {} card of {} (checkpointing {:?}); {}",
+        fmt_bytes(p.peak_bytes),
+        device.name,
+        fmt_bytes(total),
+        p.checkpointing,
+        if fixes.is_empty() { advice } else { format!("to fit: {}", fixes.join("; or ")) }
+    );
+    Error::OutOfMemory { during, advice }
+}
+
 fn train_on<B: Backend>(backend: B, p: Prepared, options: &StartOptions, events: &Sender<Event>, control: &Receiver<Control>) -> Result<Finished> {
     let send = |e: Event| {
         let _ = events.send(e);
@@ -356,7 +377,8 @@ fn train_on<B: Backend>(backend: B, p: Prepared, options: &StartOptions, events:
         mlp_chunk_rows: 0,
     };
     let init = p.resume.as_ref().map(|c| &c.weights).or(p.lora_init.as_ref());
-    let mut trainer = Trainer::new(backend, p.spec.clone(), &store, opts, init)?;
+    let input = crate::engine::plan::PlanInput::from_config(cfg);
+    let mut trainer = Trainer::new(backend, p.spec.clone(), &store, opts, init).map_err(|e| explain_oom(e, &p.spec, &input, &device))?;
     if let Some(rows) = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref()) {
         trainer.set_token_rows(rows)?;
     }

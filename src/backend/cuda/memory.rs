@@ -88,12 +88,24 @@ impl DevBuf {
     pub fn new_host(shared: &Arc<DeviceShared>, bytes: usize) -> Result<Self> {
         shared.ctx.bind_to_thread().map_err(|e| Error::Cuda { op: "bind context".into(), msg: e.to_string() })?;
         // SAFETY: plain pinned allocation; the pointer is owned by the returned value.
-        let ptr = unsafe { drv::malloc_host(bytes.max(1), 0) }.map_err(|e| Error::OutOfMemory {
+        // PORTABLE | DEVICEMAP: kernels may read and write it through the same address (UVA).
+        let ptr = unsafe { drv::malloc_host(bytes.max(1), 0x01 | 0x02) }.map_err(|e| Error::OutOfMemory {
             during: format!("pinning {:.1} MiB of host memory for offloaded activations", bytes as f64 / 1048576.0),
             advice: format!("the host could not pin it ({e}): free host memory or use checkpointing = \"layer\""),
         })?;
         shared.pinned.fetch_add(bytes.max(1), Ordering::Relaxed);
         Ok(DevBuf { ptr: ptr as u64, bytes, host: true, shared: shared.clone() })
+    }
+
+    /// Write `bytes` into a pinned host buffer from the CPU (no copy engine involved).
+    pub fn write_host(&self, bytes: &[u8]) -> Result<()> {
+        if !self.host || bytes.len() > self.bytes {
+            return Err(Error::msg("write_host: not a host buffer or too small"));
+        }
+        // SAFETY: `ptr` is a live pinned host allocation of at least `bytes.len()` bytes owned by
+        // self; no kernel uses it before the caller hands the tensor out.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr as *mut u8, bytes.len()) };
+        Ok(())
     }
 
     pub fn is_host(&self) -> bool {

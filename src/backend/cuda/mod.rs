@@ -618,6 +618,15 @@ impl Backend for CudaBackend {
         self.launch_ew(k, t.len, &[p(t), i64a(t.len), Arg::F32(value)])
     }
 
+    fn upload_host(&self, data: &[f32], dtype: DType) -> Result<Self::Tensor> {
+        let t = self.alloc_host(data.len(), dtype)?;
+        match dtype {
+            DType::Act => t.buf.write_host(bytemuck::cast_slice(&Self::to_bf16(data)))?,
+            DType::F32 => t.buf.write_host(bytemuck::cast_slice(data))?,
+        }
+        Ok(t)
+    }
+
     fn alloc_host(&self, len: usize, dtype: DType) -> Result<Self::Tensor> {
         self.bind()?;
         Ok(CudaTensor { buf: DevBuf::new_host(&self.shared, len * elem_bytes(dtype))?, len, dtype })
