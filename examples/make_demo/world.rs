@@ -285,15 +285,15 @@ fn faq(rng: &mut ChaCha8Rng) -> (String, String) {
 /// One pre-training document (without begin/end-of-text; the caller adds those as token ids).
 pub fn document(rng: &mut ChaCha8Rng) -> String {
     match rng.random_range(0..100) {
-        0..=24 => {
+        0..=22 => {
             let c = COUNTRIES.choose(rng).expect("non-empty");
             country_paragraph(rng, c)
         }
-        25..=44 => {
+        23..=40 => {
             let x = ANIMALS.choose(rng).expect("non-empty");
             animal_paragraph(rng, x)
         }
-        45..=56 => {
+        41..=52 => {
             // An encyclopedia page: a few titled sections, each closed by the end-of-turn token.
             let n = rng.random_range(1..=3);
             let mut s = String::new();
@@ -309,7 +309,7 @@ pub fn document(rng: &mut ChaCha8Rng) -> String {
             }
             s
         }
-        57..=70 => {
+        53..=70 => {
             let n = rng.random_range(3..=8);
             let facts: Vec<String> = (0..n)
                 .map(|_| {
