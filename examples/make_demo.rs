@@ -38,7 +38,7 @@ const HELDOUT_DOCS: usize = 200;
 /// Pre-training: windows of `SEQ` tokens cut anywhere in the document stream, `BATCH` per step.
 const SEQ: usize = 128;
 const BATCH: usize = 4;
-const STEPS: usize = 1500;
+const STEPS: usize = 2000;
 const PEAK_LR: f64 = 3e-3;
 const WARMUP: usize = 100;
 const MAX_POSITIONS: usize = 512;
@@ -229,9 +229,12 @@ fn main() -> Result<(), Error> {
         .replace("{eval}", &eval.len().to_string())
         .replace("{steps}", &steps.to_string())
         .replace("{tokens}", &format!("{:.1}", (steps * BATCH * SEQ) as f64 / 1e6))
+        .replace("{batch}", &BATCH.to_string())
+        .replace("{seq}", &SEQ.to_string())
         .replace("{train_loss}", &format!("{final_train_loss:.3}"))
         .replace("{heldout_loss}", &format!("{:.3}", v.heldout_loss))
         .replace("{recall}", &v.recall)
+        .replace("{answers}", &v.answers)
         .replace("{uniform}", &format!("{uniform:.2}"))
         .replace("{params}", &format!("{:.2}", params.iter().map(|(_, v)| v.elem_count()).sum::<usize>() as f64 / 1e6))
         .replace("{reserved}", &format!("{}..={}", v.reserved[0], v.reserved[v.reserved.len() - 1]));
@@ -243,6 +246,7 @@ fn main() -> Result<(), Error> {
 
 /// What `verify` found, for the printout and the README.
 struct Verified {
+    answers: String,
     reserved: Vec<u32>,
     heldout_loss: f64,
     recall: String,
@@ -297,6 +301,9 @@ fn verify(model_dir: &Path, reference_out: Option<&Path>) -> Result<Verified, Er
     let recall: Vec<String> = recall(&model, &tokenizer)?.iter().map(|(cat, ok, n)| format!("{cat} {ok}/{n}")).collect();
     let recall = recall.join(", ");
     println!("fact recall (greedy completion of held-back answers): {recall}");
+    let answers: Vec<String> = answer_rate(&model, &tokenizer)?.iter().map(|(cat, ok, n)| format!("{cat} {ok}/{n}")).collect();
+    let answers = answers.join(", ");
+    println!("questions answered (\"Q: …\\nA:\", greedy): {answers}");
 
     if let Some(path) = reference_out {
         let text = &heldout[0];
@@ -306,7 +313,7 @@ fn verify(model_dir: &Path, reference_out: Option<&Path>) -> Result<Verified, Er
         write_json(path, &json!({"text": text, "ids": ids, "logits": logits}))?;
         println!("reference logits for {} tokens written to {}", ids.len(), path.display());
     }
-    Ok(Verified { reserved, heldout_loss, recall })
+    Ok(Verified { reserved, heldout_loss, recall, answers })
 }
 
 /// Render every pair with the chat template (as minijinja, which has no `generation` tag: the
@@ -394,6 +401,31 @@ fn recall(model: &Llama, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<(&'sta
         let x = Tensor::from_slice(&full, (1, full.len()), &Device::Cpu)?;
         let best = model.forward(&x)?.squeeze(0)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
         let ok = (p.len()..full.len()).all(|i| best[i - 1] == full[i]);
+        match tally.iter_mut().find(|t| t.0 == cat) {
+            Some(t) => {
+                t.1 += ok as usize;
+                t.2 += 1;
+            }
+            None => tally.push((cat, ok as usize, 1)),
+        }
+    }
+    Ok(tally)
+}
+
+/// Per category: how many "Q: …\nA:" prompts the model answers (greedily, up to a line break)
+/// with a line that contains the expected value.
+fn answer_rate(model: &Llama, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<(&'static str, usize, usize)>, Error> {
+    let newline_free = |ids: &[u32]| -> Result<bool, Error> { Ok(!tokenizer.decode(ids, false)?.contains('\n')) };
+    let mut tally: Vec<(&'static str, usize, usize)> = Vec::new();
+    for (cat, question, expected) in world::question_probes() {
+        let mut ids = tokenizer.encode(format!("Q: {question}\nA:"), true)?.get_ids().to_vec();
+        let start = ids.len();
+        while ids.len() < start + 24 && newline_free(&ids[start..])? {
+            let x = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
+            let logits = model.forward(&x)?.squeeze(0)?;
+            ids.push(logits.get(ids.len() - 1)?.argmax(0)?.to_scalar::<u32>()?);
+        }
+        let ok = tokenizer.decode(&ids[start..], false)?.lines().next().unwrap_or("").contains(&expected);
         match tally.iter_mut().find(|t| t.0 == cat) {
             Some(t) => {
                 t.1 += ok as usize;
@@ -509,47 +541,61 @@ dir = "../../runs"
 
 const README: &str = r#"# The demo
 
-A complete, tiny fine-tuning job that runs on a laptop CPU in under two minutes: a base model that
-knows facts about an invented world, and instruction pairs that teach it to answer questions in
-the Llama-3 chat format. Everything here is made by `examples/make_demo.rs` from fixed seeds;
-nothing is downloaded or copied from elsewhere.
+A complete, tiny fine-tuning job that runs on a laptop CPU: a base model that knows facts about an
+invented world, and instruction pairs that teach it to answer questions in the Llama-3 chat format.
+Everything here is made by `examples/make_demo.rs` from fixed seeds; nothing is downloaded or
+copied from elsewhere.
 
-    cargo run --release --example make_demo
+    cargo run --release --example make_demo            # rewrite this folder
+    cargo run --release --example make_demo -- --verify # only re-check the files here
 
-rewrites this folder (the same bytes on a re-run on the same machine; a few minutes on 2 cores).
+A re-run writes the same bytes on the same machine (candle runs single-threaded for that; the
+matrix products may use two threads, which does not change their results). It takes about
+5 minutes of CPU time, nearly all of it pre-training (more wall time on a busy machine).
 
 ## Files
 
 | file | what |
 |---|---|
-| `run.toml` | the demo run: QLoRA (NF4), r 16, all seven linears, 60 steps of batch 8 |
-| `data/train.jsonl` | {train} Alpaca pairs (`instruction`, `input`, `output`, some with `system`) |
+| `run.toml` | the demo run: QLoRA (NF4), r 16, all seven linears, 60 steps of batch 8, responses only |
+| `data/train.jsonl` | {train} Alpaca pairs (`instruction`, `input`, `output`, a few with `system`) |
 | `data/eval.jsonl` | {eval} held-out pairs: each asks about a fact no training pair asks about |
-| `model/config.json` | Llama architecture: hidden 128, MLP 384, 4 layers, 4 heads with 2 KV heads (GQA), head dim 32, vocab {vocab} |
-| `model/model.safetensors` | {params} M parameters in bf16, Hugging Face names, untied `lm_head` |
-| `model/tokenizer.json` | byte-level BPE trained on the generator's text; Llama 3's special tokens at the end of the vocabulary; `<|begin_of_text|>` added in front by the post-processor |
-| `model/tokenizer_config.json` | bos `<|begin_of_text|>`, eos `<|eot_id|>`, pad `<|finetune_right_pad_id|>`, and a Llama-3 style chat template with `{% generation %}` around assistant content |
-| `model/special_tokens_map.json`, `model/generation_config.json` | as Hugging Face writes them |
+| `model/config.json` | Llama: hidden 128, MLP 384, 4 layers, 4 query heads sharing 2 KV heads, head dim 32, vocab {vocab}, untied `lm_head` |
+| `model/model.safetensors` | {params} M parameters in bf16 under Hugging Face names |
+| `model/tokenizer.json` | byte-level BPE trained on the generator's text, a Llama-3 style pre-token split, Llama 3's special tokens after the learned vocabulary, `<|begin_of_text|>` put in front by the post-processor |
+| `model/tokenizer_config.json` | bos `<|begin_of_text|>`, eos `<|eot_id|>`, pad `<|finetune_right_pad_id|>`, and a Llama-3 style chat template with `{% generation %}` around the assistant's content and its `<|eot_id|>` |
+| `model/special_tokens_map.json`, `model/generation_config.json` | as Hugging Face writes them; generation stops at `<|end_of_text|>` or `<|eot_id|>` |
 
 ## The world
 
-Ten invented countries (capital, language, food, weather, flag colour, national animal), ten
-invented animals (colour, size, food, home, sound, legs), small-number arithmetic, words spelled
-backwards, antonyms, plurals and unit conversions. The base model was pre-trained on plain prose
-about all of it ("The capital of Veloria is Ostrand."), so the fine-tune teaches a format, not facts.
+Ten invented countries (capital, second city, language, food, weather, flag colour, national
+animal, longest river, highest mountain, ruler), ten invented animals (colour, size, food, home,
+sound, legs), sums and products of small numbers, words spelled backwards, antonyms, plurals and
+unit conversions.
 
 ## The base model
 
-Pre-trained from scratch in the generator, full-parameter with AdamW, {steps} steps of 16 windows
-of 128 tokens ({tokens} M tokens), on documents that never use the chat format. The forward is
-written to match `transformers`' `LlamaForCausalLM`. Final training loss {train_loss} nats; on
-held-out documents {heldout_loss} nats (a uniform guess is ln {vocab} = {uniform}; much of what
-remains is the documents' own randomness: which fact comes next, which phrasing). Completing
-statements such as "The capital of Veloria is" greedily: {recall}.
+Pre-trained from scratch by the generator: full-parameter AdamW, {steps} steps of {batch} windows of
+{seq} tokens ({tokens} M tokens). Its documents are prose about the world ("The capital of Veloria
+is Ostrand."), "Q: … / A: …" pages, and encyclopedia pages whose sections are titled with
+`<|start_header_id|>Title<|end_header_id|>` and closed with `<|eot_id|>`, so those three rows are
+trained; no document is in the chat format. The forward matches `transformers`'
+`LlamaForCausalLM` (eager attention, f32: logits agree to about 1e-5).
 
-`<|start_header_id|>`, `<|end_header_id|>` and `<|eot_id|>` occur in pre-training as section
-markers of encyclopedia-like documents, so their rows are trained. The rows of
-`<|reserved_special_token_0|>` … `<|reserved_special_token_7|>` (ids {reserved}) are exactly zero
-in both `embed_tokens` and `lm_head`: deliberately untrained, as in real base models, for the
-untrained-token check to find. The demo data and template never use them.
+- Final training loss {train_loss} nats; on held-out documents {heldout_loss} nats (a uniform guess
+  is ln {vocab} = {uniform}; most of what remains is the documents' own randomness: which fact comes
+  next, in which words).
+- Completing a statement such as "The capital of Veloria is" (greedy, every answer token right):
+  {recall}.
+- Answering "Q: What is the capital of Veloria?\nA:" with a line that holds the right value:
+  {answers}.
+
+Asked in the chat format before any fine-tuning, the base model rambles on from the question
+without stopping at `<|eot_id|>`; the demo fine-tune teaches it the format.
+
+The rows of `<|reserved_special_token_0|>` … `<|reserved_special_token_7|>` (ids {reserved}) are
+exactly zero in both `embed_tokens` and `lm_head` (kept so through pre-training): deliberately
+untrained, as in real base models, for the untrained-token check to find. The demo data and
+template never use them. `<|finetune_right_pad_id|>` never occurs in any text, so its embedding row
+is its random initial value shrunk by weight decay.
 "#;
