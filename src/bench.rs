@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::cuda::CudaBackend;
+use crate::backend::cuda::profile::KernelTime;
 use crate::backend::{Backend, DType, HostWeight, LinearDims};
 use crate::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use crate::data::Batch;
@@ -40,6 +41,8 @@ pub struct BenchArgs {
     pub rank: usize,
     /// Force a policy instead of the mode's choice (plan-vs-measured grids).
     pub checkpointing: Option<CheckpointPolicy>,
+    /// After the timed steps, one more step with every kernel and GEMM timed by events.
+    pub profile: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +75,9 @@ pub struct BenchResult {
     pub setup_s: f64,
     pub loss_first: f64,
     pub loss_last: f64,
+    /// Per-kernel times of one extra profiled step (`--profile`), the most expensive first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<KernelTime>,
 }
 
 fn hash(mut z: u64) -> u64 {
@@ -213,6 +219,19 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         }
         log(&format!("step {:>3}  {:8.1} ms  loss {:.4}", i + 1, dt * 1e3, s.loss));
     }
+    let kernels = if args.profile {
+        trainer.backend.start_profile();
+        trainer.train_step(std::slice::from_ref(&batch), 1e-5)?;
+        let k = trainer.backend.finish_profile()?;
+        let total: f64 = k.iter().map(|k| k.total_ms).sum();
+        log(&format!("profiled step: {total:.1} ms of kernels and GEMMs on the compute stream"));
+        for k in k.iter().take(25) {
+            log(&format!("  {:>8.2} ms {:>5.1}%  {:>5} calls  {}", k.total_ms, 100.0 * k.total_ms / total, k.calls, k.name));
+        }
+        k
+    } else {
+        Vec::new()
+    };
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
@@ -242,5 +261,6 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         setup_s,
         loss_first,
         loss_last,
+        kernels,
     })
 }

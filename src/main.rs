@@ -79,6 +79,9 @@ enum Command {
         /// Force a checkpointing policy: none, layer or offload.
         #[arg(long)]
         checkpointing: Option<String>,
+        /// After the timed steps, time every kernel and GEMM of one more step.
+        #[arg(long)]
+        profile: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -182,7 +185,7 @@ fn main() -> ExitCode {
             gpu_mem,
             json,
         }),
-        Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, json }) => bench(shape, seq, steps, warmup, mode, rank, checkpointing, json),
+        Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, json }) => bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, json),
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
         Some(Command::Eval { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }) => {
             eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example })
@@ -204,7 +207,7 @@ fn main() -> ExitCode {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench(shape: String, seq: usize, steps: usize, warmup: usize, mode: String, rank: usize, checkpointing: Option<String>, json: bool) -> Result<()> {
+fn bench(shape: String, seq: usize, steps: usize, warmup: usize, mode: String, rank: usize, checkpointing: Option<String>, profile: bool, json: bool) -> Result<()> {
     use tunestudio::bench::{BenchArgs, BenchMode};
     use tunestudio::config::CheckpointPolicy;
     let mode = match mode.as_str() {
@@ -219,7 +222,7 @@ fn bench(shape: String, seq: usize, steps: usize, warmup: usize, mode: String, r
         Some("offload") => Some(CheckpointPolicy::Offload),
         Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use none, layer or offload"))),
     };
-    let args = BenchArgs { shape, seq, steps, warmup, mode, rank, checkpointing };
+    let args = BenchArgs { shape, seq, steps, warmup, mode, rank, checkpointing, profile };
     let r = tunestudio::bench::run(&args, &|m| eprintln!("{m}"))?;
     if json {
         println!("{}", serde_json::to_string(&r).expect("json"));

@@ -20,6 +20,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod memory;
 pub mod nf4;
+pub mod profile;
 
 use std::cell::RefCell;
 use std::ffi::c_void;
@@ -216,6 +217,7 @@ pub struct CudaBackend {
     /// Preferred attention kernels (TUNESTUDIO_ATTN=v1 forces version 1); version 1 serves the
     /// head dims version 2 lacks.
     attn_version: std::cell::Cell<AttnVersion>,
+    profiler: profile::Profiler,
 }
 
 // SAFETY: every CUDA handle inside (context, streams, functions, cuBLASLt) may be used from any
@@ -302,6 +304,7 @@ impl CudaBackend {
             compute_capability: cc,
             sync_each_launch: std::env::var("TUNESTUDIO_CUDA_SYNC").is_ok_and(|v| v == "1"),
             attn_version: std::cell::Cell::new(if std::env::var("TUNESTUDIO_ATTN").is_ok_and(|v| v == "v1") { AttnVersion::V1 } else { AttnVersion::V2 }),
+            profiler: profile::Profiler::default(),
         };
         Ok(be)
     }
@@ -347,6 +350,17 @@ impl CudaBackend {
         self.compute_capability
     }
 
+    /// Time every kernel launch and GEMM on the compute stream from now until `finish_profile`.
+    pub fn start_profile(&self) {
+        self.profiler.start();
+    }
+
+    /// Per-kernel times since `start_profile`, the most expensive first (waits for the stream).
+    pub fn finish_profile(&self) -> Result<Vec<profile::KernelTime>> {
+        self.bind()?;
+        self.profiler.finish()
+    }
+
     /// Run `f`, then time it with events on the compute stream (milliseconds). For benchmarks.
     pub fn time_ms(&self, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
         self.bind()?;
@@ -380,8 +394,10 @@ impl CudaBackend {
         // SAFETY: the function belongs to this context; `args` matches the kernel's parameter list
         // (each launcher below mirrors its .cu signature) and outlives the call, which copies the
         // values; every pointer argument is a live device buffer whose size the caller checked.
-        unsafe { drv::launch_kernel(self.funcs[k as usize].0.cu_function(), grid, (block, 1, 1), smem, self.stream(), &mut ptrs[..args.len()]) }
-            .map_err(|e| Error::Cuda { op: format!("launch {}", k.symbol()), msg: e.to_string() })?;
+        self.profiler.around(&self.shared.ctx, &self.compute, || k.symbol().to_string(), || {
+            unsafe { drv::launch_kernel(self.funcs[k as usize].0.cu_function(), grid, (block, 1, 1), smem, self.stream(), &mut ptrs[..args.len()]) }
+                .map_err(|e| Error::Cuda { op: format!("launch {}", k.symbol()), msg: e.to_string() })
+        })?;
         if self.sync_each_launch {
             self.compute.synchronize().map_err(|e| Error::Cuda { op: format!("run {}", k.symbol()), msg: e.to_string() })?;
         }
@@ -395,6 +411,10 @@ impl CudaBackend {
     }
 
     fn gemm(&self, call: GemmCall) -> Result<()> {
+        self.profiler.around(&self.shared.ctx, &self.compute, || format!("gemm {}x{}x{}", call.m, call.n, call.k), || self.gemm_unprofiled(call))
+    }
+
+    fn gemm_unprofiled(&self, call: GemmCall) -> Result<()> {
         if call.m == 0 || call.n == 0 {
             return Ok(());
         }
