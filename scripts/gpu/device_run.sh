@@ -18,7 +18,7 @@ for a in "$@"; do
   esac
   case "$phase" in
     tests)
-      for t in gpu_kernels gpu_step; do
+      for t in gpu_kernels gpu_step gpu_demo; do
         echo "=== $t"; timeout 300 "$HERE/$t" --ignored --test-threads=1 2>&1 | tee "$OUT/$t.log" | grep -E "^test |test result|panicked|error" | tail -40
       done ;;
     bench)
