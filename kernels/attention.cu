@@ -983,6 +983,560 @@ DEVI void attn2_bwd_dq_impl(const bf16* q, const bf16* k, const bf16* v, const b
 ATT2_INSTANCES(64)
 ATT2_INSTANCES(128)
 
+// =====================================================================================================
+// Version 3 (head_dim 64 and 128). Same mma.sync / ldmatrix arithmetic as version 2, reorganised:
+//  - Tiles in shared memory are unpadded with the 16-byte chunks of row r XOR-swizzled by r % 8
+//    (`swz`), so every 8-row ldmatrix and every fragment store hits 8 distinct bank groups; this
+//    saves the padding and lets two backward blocks share an SM.
+//  - Grids put the heads on x so blocks start heaviest first over the whole launch (the causal
+//    work of a query tile grows with its index, that of a key tile shrinks).
+//  - Tiles that need no mask (strictly below the diagonal, one segment on both sides) skip the
+//    per-element tests; tiles of two different segments are skipped outright.
+//  attn3_fwd_HD       grid (heads, query tiles of 128, batch): 4 warps x 32 query rows, so each
+//                     K / V fragment read from shared memory feeds two m16 tiles.
+//  attn3_bwd_prep_HD  D = rowsum(dO * O) once per (row, head) into the backward scratch.
+//  attn3_bwd_HD       grid (heads, key tiles of 64, batch): one block per (query head, key tile)
+//                     walks the query tiles at or after it; dK, dV of the tile stay in registers
+//                     and are added (f32) into the kv-head accumulators at the end, the GQA group
+//                     summing there; dQ = dS . K of each step is added (f32) into a dQ accumulator.
+//  attn3_acc_to_bf16  accumulators -> bf16 outputs.
+// The f32 additions make the backward's last bits depend on block order (as FlashAttention-2's).
+// =====================================================================================================
+
+// Element offset of (row, col) in a [rows][W] bf16 tile whose 16-byte chunks are swizzled.
+template <int W>
+DEVI int swz(int row, int col) {
+    const int c = col >> 3;
+    return row * W + (((c & ~7) | ((c ^ row) & 7)) << 3) + (col & 7);
+}
+
+DEVI float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// p[0] += a, p[1] += b in device memory (p 8-byte aligned); one vector reduction on sm_90.
+DEVI void red_add2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
+// Asynchronous copy of ROWS x W rows (rows past `valid` zero-filled) into a swizzled tile.
+template <int W, int ROWS>
+DEVI void tile_async3(bf16* dst, const bf16* src, long long row0, int valid, int width) {
+    constexpr int PER_ROW = W / 8;
+#pragma unroll
+    for (int i = threadIdx.x; i < ROWS * PER_ROW; i += ATT_THREADS) {
+        const int r = i / PER_ROW, c = (i % PER_ROW) * 8;
+        const bool ok = r < valid;
+        cp_async16(smem_u32(dst + swz<W>(r, c)), src + (row0 + (ok ? r : 0)) * width + c, ok);
+    }
+}
+
+// ldmatrix lane addresses in a swizzled tile of W columns (row and column origins multiples of
+// 16). A lane reads the 16 bytes at (row, chunk C + h) with its row's low bits r7 = row % 8 and
+// h in {0, 1}; for C even the swizzled chunk is (C & ~7) + ((C & 7) ^ h ^ r7), so the byte offset
+// is (lane_off XOR (C & 7) * 16) + (C & ~7) * 16 + row origin, lane_off = row * 2W + (h ^ r7) * 16.
+// The four XORed lane offsets are computed once; each load then adds constants only.
+// A run-time column origin must be folded in at construction (`cb`, a multiple of 16 columns).
+template <int W>
+struct Lsm {
+    uint32_t off[4];
+    DEVI Lsm(int row, int h, int cb = 0) {
+        const int c = (cb >> 3) + h;
+        const uint32_t o = (uint32_t)(row * W * 2 + (((c & ~7) | ((c ^ row) & 7)) << 4));
+#pragma unroll
+        for (int i = 0; i < 4; i++) off[i] = o ^ (uint32_t)(i << 5);
+    }
+    // Address in the tile at `base` (shared window) of the fragment at row origin r0, column c0.
+    DEVI uint32_t at(uint32_t base, int r0, int c0) const {
+        const int c = c0 >> 3;
+        return base + off[(c & 7) >> 1] + (uint32_t)(r0 * W * 2 + ((c & ~7) << 4));
+    }
+};
+// A fragment (16 x 16) of a row-major [m][k] store: rows lane % 16, chunk h = lane / 16.
+template <int W>
+DEVI Lsm<W> lsm_a(int lane) { return Lsm<W>(lane & 15, lane >> 4); }
+// B fragments of n-tiles n0 and n0 + 8 (k from c0) of an [n][k] store (regs 0,1 | 2,3); with the
+// .trans load the same addresses give the A fragment (m from c0) of a [k][m] store.
+template <int W>
+DEVI Lsm<W> lsm_b(int lane, int cb = 0) { return Lsm<W>((lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1, cb); }
+// Trans B fragments of n-tiles n0 and n0 + 8 (k from r0) of a [k][n] store.
+template <int W>
+DEVI Lsm<W> lsm_bt(int lane) { return Lsm<W>((lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4); }
+
+// Write a warp's 16 x HD f32 C fragments times the row scales as bf16 rows of `dst` (row stride
+// `width`), staged through 16 rows of a swizzled tile that only this warp uses.
+template <int HD>
+DEVI void store_rows3(const float (*acc)[4], float s_lo, float s_hi, bf16* stage, bf16* dst, long long row0, int valid,
+                      int width, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        *reinterpret_cast<uint32_t*>(stage + swz<HD>(g, 8 * j + 2 * t)) = pack2(acc[j][0] * s_lo, acc[j][1] * s_lo);
+        *reinterpret_cast<uint32_t*>(stage + swz<HD>(g + 8, 8 * j + 2 * t)) = pack2(acc[j][2] * s_hi, acc[j][3] * s_hi);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = lane; i < 16 * (HD / 8); i += 32) {
+        const int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
+        if (r < valid)
+            *reinterpret_cast<uint4*>(dst + (row0 + r) * width + c) = *reinterpret_cast<const uint4*>(stage + swz<HD>(r, c));
+    }
+    __syncwarp();
+}
+
+// Is `v` the same in the first `n` (32 or 64) entries of `s`? (whole warp calls; `first` = s[0])
+DEVI bool warp_uniform(const int* s, int n, int lane) {
+    const int first = s[0];
+    bool same = s[lane] == first;
+    if (n > 32) same = same && s[lane + 32] == first;
+    return __all_sync(0xffffffffu, same);
+}
+
+template <int HD>
+struct Att3 {
+    static constexpr int QT = 128;  // query rows of a forward block
+    static constexpr int KT = 64;   // keys per tile (forward); keys of a backward block
+    // Forward: Q [128][HD], K [2][64][HD], V [2][64][HD]; segQ [128], segK [2][64].
+    static constexpr size_t FWD_SMEM = (size_t)(QT * HD + 4 * KT * HD) * 2 + (QT + 2 * KT) * 4;
+    // Backward: K, V, Q [2], dO [2] (64 x HD each), dS^T [64][64]; lse [2], D [2], segQ [2], segK.
+    static constexpr size_t BWD_SMEM = (size_t)(6 * KT * HD + KT * KT) * 2 + 7 * KT * 4;
+};
+
+template <int HD>
+DEVI void attn3_fwd_impl(const bf16* q, const bf16* k, const bf16* v, const int* seg, bf16* out, float* lse, int seq,
+                         int heads, int kv_heads, float scale) {
+    using A = Att3<HD>;
+    require_smem(A::FWD_SMEM);
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16* sQ = reinterpret_cast<bf16*>(smem);  // [128][HD]
+    bf16* sK = sQ + A::QT * HD;                  // [2][64][HD]
+    bf16* sV = sK + 2 * A::KT * HD;              // [2][64][HD]
+    int* sSegQ = reinterpret_cast<int*>(sV + 2 * A::KT * HD);  // [128]
+    int* sSegK = sSegQ + A::QT;                                  // [2][64]
+
+    const int h = blockIdx.x, b = blockIdx.z;
+    const int qt = gridDim.y - 1 - blockIdx.y;  // the longest rows first
+    const int kh = h / (heads / kv_heads);
+    const int qw = heads * HD, kw = kv_heads * HD;
+    const long long base = (long long)b * seq;
+    const int q0 = qt * A::QT, qrows = min(A::QT, seq - q0);
+    const int nkt = min((seq + A::KT - 1) / A::KT, 2 * qt + 2);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int wr = warp * 32;  // this warp's rows in the tile: wr .. wr + 31 (two m16 tiles)
+    const float sl2 = scale * LOG2E_F;
+    const Lsm<HD> la = lsm_a<HD>(lane), lb = lsm_b<HD>(lane), lbt = lsm_bt<HD>(lane);
+    const uint32_t uQ = smem_u32(sQ), uK = smem_u32(sK), uV = smem_u32(sV);
+
+    tile_async3<HD, A::QT>(sQ, q + h * HD, base + q0, qrows, qw);
+    tile_async3<HD, A::KT>(sK, k + kh * HD, base, min(A::KT, seq), kw);
+    tile_async3<HD, A::KT>(sV, v + kh * HD, base, min(A::KT, seq), kw);
+    cp_async_commit();
+    sSegQ[threadIdx.x] = (int)threadIdx.x < qrows ? seg[base + q0 + threadIdx.x] : INT_MIN;
+    if (threadIdx.x < A::KT) sSegK[threadIdx.x] = (int)threadIdx.x < seq ? seg[base + threadIdx.x] : INT_MIN + 1;
+    cp_async_wait_all();
+    __syncthreads();
+
+    const bool live = q0 + wr < seq;
+    const bool q_uni = warp_uniform(sSegQ + wr, 32, lane);
+    const int q_seg = sSegQ[wr];
+    int segq[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        segq[mt][0] = sSegQ[wr + 16 * mt + g];
+        segq[mt][1] = sSegQ[wr + 16 * mt + g + 8];
+    }
+
+    float o[2][HD / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+    float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+
+    for (int kt = 0; kt < nkt; kt++) {
+        const int buf = kt & 1;
+        const int k0 = kt * A::KT;
+        if (kt + 1 < nkt) {
+            const int n0 = k0 + A::KT, nrows = min(A::KT, seq - n0);
+            tile_async3<HD, A::KT>(sK + (buf ^ 1) * A::KT * HD, k + kh * HD, base + n0, nrows, kw);
+            tile_async3<HD, A::KT>(sV + (buf ^ 1) * A::KT * HD, v + kh * HD, base + n0, nrows, kw);
+            cp_async_commit();
+            if (threadIdx.x < A::KT)
+                sSegK[(buf ^ 1) * A::KT + threadIdx.x] = (int)threadIdx.x < nrows ? seg[base + n0 + threadIdx.x] : INT_MIN + 1;
+        }
+        const uint32_t tK = uK + buf * A::KT * HD * 2, tV = uV + buf * A::KT * HD * 2;
+        const int* segk = sSegK + buf * A::KT;
+        const bool k_uni = warp_uniform(segk, A::KT, lane);
+        const bool one_seg = q_uni && k_uni && q_seg == segk[0];
+        // Skip: every key after every row of this warp, or two different single segments.
+        const bool skip = !live || k0 > q0 + wr + 31 || (q_uni && k_uni && !one_seg);
+        if (!skip) {
+            const bool full = one_seg && k0 + A::KT - 1 <= q0 + wr;  // no key after any row
+            float s[2][8][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int j = 0; j < 8; j++) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                uint32_t qa[2][4];
+                ldsm_x4(qa[0], la.at(uQ, wr, kk * 16));
+                ldsm_x4(qa[1], la.at(uQ, wr + 16, kk * 16));
+#pragma unroll
+                for (int np = 0; np < 4; np++) {
+                    uint32_t bb[4];
+                    ldsm_x4(bb, lb.at(tK, np * 16, kk * 16));
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        mma16816(s[mt][2 * np], qa[mt], bb[0], bb[1]);
+                        mma16816(s[mt][2 * np + 1], qa[mt], bb[2], bb[3]);
+                    }
+                }
+            }
+            if (!full) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int col = 8 * j + 2 * t + e, key = k0 + col;
+                        const int sk = segk[col];
+                        const bool in = key < seq;
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            const int qi = q0 + wr + 16 * mt + g;
+                            if (!(in && key <= qi && sk == segq[mt][0])) s[mt][j][e] = -INFINITY;
+                            if (!(in && key <= qi + 8 && sk == segq[mt][1])) s[mt][j][2 + e] = -INFINITY;
+                        }
+                    }
+                }
+            }
+            // Online softmax in log2 units: scores scale by sl2 > 0, so the raw maximum serves.
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) mx = fmaxf(mx, fmaxf(s[mt][j][2 * hf], s[mt][j][2 * hf + 1]));
+                    mx = quad_max(mx) * sl2;
+                    const float mn = fmaxf(m[mt][hf], mx);
+                    const float mu = mn == -INFINITY ? 0.f : mn;
+                    const float alpha = ex2(m[mt][hf] - mu);
+                    float ps = 0.f;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        s[mt][j][2 * hf] = ex2(fmaf(s[mt][j][2 * hf], sl2, -mu));
+                        s[mt][j][2 * hf + 1] = ex2(fmaf(s[mt][j][2 * hf + 1], sl2, -mu));
+                        ps += s[mt][j][2 * hf] + s[mt][j][2 * hf + 1];
+                    }
+                    l[mt][hf] = l[mt][hf] * alpha + ps;
+                    m[mt][hf] = mn;
+#pragma unroll
+                    for (int j = 0; j < HD / 8; j++) {
+                        o[mt][j][2 * hf] *= alpha;
+                        o[mt][j][2 * hf + 1] *= alpha;
+                    }
+                }
+            }
+            // O += P . V, P straight from the score registers.
+#pragma unroll
+            for (int ks = 0; ks < 4; ks++) {
+                uint32_t pa[2][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    pa[mt][0] = pack2(s[mt][2 * ks][0], s[mt][2 * ks][1]);
+                    pa[mt][1] = pack2(s[mt][2 * ks][2], s[mt][2 * ks][3]);
+                    pa[mt][2] = pack2(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
+                    pa[mt][3] = pack2(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+                }
+#pragma unroll
+                for (int np = 0; np < HD / 16; np++) {
+                    uint32_t bb[4];
+                    ldsm_x4_t(bb, lbt.at(tV, ks * 16, np * 16));
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        mma16816(o[mt][2 * np], pa[mt], bb[0], bb[1]);
+                        mma16816(o[mt][2 * np + 1], pa[mt], bb[2], bb[3]);
+                    }
+                }
+            }
+        }
+        cp_async_wait_all();
+        __syncthreads();
+    }
+    // The warp's own Q rows are free now: stage the output there.
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        const float l_lo = quad_sum(l[mt][0]), l_hi = quad_sum(l[mt][1]);
+        const int r0 = wr + 16 * mt;
+        store_rows3<HD>(o[mt], 1.f / l_lo, 1.f / l_hi, sQ + r0 * HD, out + h * HD, base + q0 + r0, qrows - r0, qw, lane);
+        const int qi = q0 + r0 + g;
+        if (t == 0) {
+            if (qi < seq) lse[(base + qi) * heads + h] = (m[mt][0] + log2f(l_lo)) * LN2_F;
+            if (qi + 8 < seq) lse[(base + qi + 8) * heads + h] = (m[mt][1] + log2f(l_hi)) * LN2_F;
+        }
+    }
+}
+
+// D[r * nh + h] = sum_c dO[r, h, c] O[r, h, c] for `rows` rows and `nh` heads (row stride `qs`);
+// HD / 8 threads per (row, head), each 8 columns.
+template <int HD>
+DEVI void attn3_bwd_prep_impl(const bf16* dout, const bf16* o, float* dsum, long long rows, int nh, int qs) {
+    constexpr int L = HD / 8;
+    const long long gid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long grp = gid / L;
+    const int part = (int)(gid % L);
+    float acc = 0.f;
+    if (grp < rows * nh) {
+        const long long r = grp / nh;
+        const int hh = (int)(grp % nh);
+        float a[8], c[8];
+        load8(dout + r * qs + hh * HD + part * 8, a);
+        load8(o + r * qs + hh * HD + part * 8, c);
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc += a[j] * c[j];
+    }
+#pragma unroll
+    for (int off = L / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (grp < rows * nh && part == 0) dsum[grp] = acc;
+}
+
+// Pointers arrive offset to the launch's first sequence and head; strides are of the full tensors
+// (qs: q / dO row, ks: k / v row, lse_s: lse row). Accumulators: dq_acc [rows][nh * HD],
+// dk_acc and dv_acc [rows][nh / group * HD], dsum [rows][nh], rows = batch of this launch * seq.
+template <int HD>
+DEVI void attn3_bwd_impl(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                         const float* dsum, const int* seg, float* dq_acc, float* dk_acc, float* dv_acc, int seq, int qs,
+                         int ks, int lse_s, int group, float scale) {
+    using A = Att3<HD>;
+    constexpr int T = A::KT;        // 64
+    constexpr int TILE = T * HD;    // bf16 elements of a tile
+    require_smem(A::BWD_SMEM);
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16* sK = reinterpret_cast<bf16*>(smem);
+    bf16* sV = sK + TILE;
+    bf16* sQ = sV + TILE;         // [2]
+    bf16* sdO = sQ + 2 * TILE;    // [2]
+    bf16* sdS = sdO + 2 * TILE;   // [64 keys][64 queries], swizzled
+    float* sLse = reinterpret_cast<float*>(sdS + T * T);  // [2][64], log2 units
+    float* sD = sLse + 2 * T;                               // [2][64]
+    int* sSegQ = reinterpret_cast<int*>(sD + 2 * T);       // [2][64]
+    int* sSegK = sSegQ + 2 * T;                             // [64]
+
+    const int hl = blockIdx.x, nh = gridDim.x, kvl = hl / group;
+    const int kt = blockIdx.y, b = blockIdx.z;  // the longest key tiles first
+    const long long base = (long long)b * seq;
+    const int k0 = kt * T, krows = min(T, seq - k0);
+    const int total = (seq + T - 1) / T - kt;
+    const int accq = nh * HD, acck = (nh / group) * HD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const float sl2 = scale * LOG2E_F;
+    const int kj_lo = k0 + warp * 16 + g, kj_hi = kj_lo + 8;
+    const Lsm<HD> la = lsm_a<HD>(lane), lb = lsm_b<HD>(lane), lbt = lsm_bt<HD>(lane);
+    const Lsm<T> lds = lsm_b<T>(lane, warp * 16);  // dS^T as the A operand of this warp's dQ rows
+    const uint32_t uK = smem_u32(sK), uV = smem_u32(sV), uQ = smem_u32(sQ), udO = smem_u32(sdO), udS = smem_u32(sdS);
+
+    // Stage query tile number `it` (rows (kt + it) * 64 ..) into buffer `buf`.
+    auto stage = [&](int it, int buf) {
+        const int q0 = (kt + it) * T, qrows = min(T, seq - q0);
+        tile_async3<HD, T>(sQ + buf * TILE, q + hl * HD, base + q0, qrows, qs);
+        tile_async3<HD, T>(sdO + buf * TILE, dout + hl * HD, base + q0, qrows, qs);
+        cp_async_commit();
+        if (threadIdx.x < T) {
+            const bool ok = (int)threadIdx.x < qrows;
+            const long long r = base + q0 + threadIdx.x;
+            sSegQ[buf * T + threadIdx.x] = ok ? seg[r] : INT_MIN;
+            sLse[buf * T + threadIdx.x] = ok ? lse[r * lse_s + hl] * LOG2E_F : 0.f;
+            sD[buf * T + threadIdx.x] = ok ? dsum[r * nh + hl] : 0.f;
+        }
+    };
+
+    tile_async3<HD, T>(sK, k + kvl * HD, base + k0, krows, ks);
+    tile_async3<HD, T>(sV, v + kvl * HD, base + k0, krows, ks);
+    if (threadIdx.x < T) sSegK[threadIdx.x] = (int)threadIdx.x < krows ? seg[base + k0 + threadIdx.x] : INT_MIN + 1;
+    stage(0, 0);
+    cp_async_wait_all();
+    __syncthreads();
+    const int segk_lo = sSegK[warp * 16 + g], segk_hi = sSegK[warp * 16 + g + 8];
+    const bool k_uni = warp_uniform(sSegK, T, lane);
+    const int k_seg = sSegK[0];
+
+    float dka[HD / 8][4], dva[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        dka[j][0] = dka[j][1] = dka[j][2] = dka[j][3] = 0.f;
+        dva[j][0] = dva[j][1] = dva[j][2] = dva[j][3] = 0.f;
+    }
+
+    for (int it = 0; it < total; it++) {
+        const int buf = it & 1;
+        const int q0 = (kt + it) * T, qrows = min(T, seq - q0);
+        if (it + 1 < total) stage(it + 1, buf ^ 1);
+        const uint32_t tQ = uQ + buf * TILE * 2, tdO = udO + buf * TILE * 2;
+        const float* lse2 = sLse + buf * T;
+        const float* dd = sD + buf * T;
+        const int* segq = sSegQ + buf * T;
+        const bool q_uni = warp_uniform(segq, T, lane);
+        const bool one_seg = q_uni && k_uni && segq[0] == k_seg;
+        // The same decision in every warp (it reads only shared values): the barrier below is safe.
+        if (!(q_uni && k_uni && !one_seg)) {
+            const bool full = one_seg && q0 != k0;  // every query after every key, one segment
+
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int c0 = half * 32;  // query columns of this half
+                float st[4][4], dp[4][4];
+#pragma unroll
+                for (int j = 0; j < 4; j++) st[j][0] = st[j][1] = st[j][2] = st[j][3] = dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
+                // S^T = K_w . Q^T and dP^T = V_w . dO^T over this half's 32 queries.
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk++) {
+                    uint32_t ka[4], va[4];
+                    ldsm_x4(ka, la.at(uK, warp * 16, kk * 16));
+                    ldsm_x4(va, la.at(uV, warp * 16, kk * 16));
+#pragma unroll
+                    for (int np = 0; np < 2; np++) {
+                        uint32_t bq[4], bo[4];
+                        ldsm_x4(bq, lb.at(tQ, c0 + np * 16, kk * 16));
+                        ldsm_x4(bo, lb.at(tdO, c0 + np * 16, kk * 16));
+                        mma16816(st[2 * np], ka, bq[0], bq[1]);
+                        mma16816(st[2 * np + 1], ka, bq[2], bq[3]);
+                        mma16816(dp[2 * np], va, bo[0], bo[1]);
+                        mma16816(dp[2 * np + 1], va, bo[2], bo[3]);
+                    }
+                }
+                // P^T and dS^T = P^T (dP^T - D) scale, in place.
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int col = c0 + 8 * j + 2 * t + e;
+                        const float l2 = lse2[col], d = dd[col];
+                        float p_lo = ex2(fmaf(st[j][e], sl2, -l2));
+                        float p_hi = ex2(fmaf(st[j][2 + e], sl2, -l2));
+                        if (!full) {
+                            const int qi = q0 + col, sq = segq[col];
+                            const bool in = col < qrows;
+                            if (!(in && qi >= kj_lo && kj_lo < seq && sq == segk_lo)) p_lo = 0.f;
+                            if (!(in && qi >= kj_hi && kj_hi < seq && sq == segk_hi)) p_hi = 0.f;
+                        }
+                        st[j][e] = p_lo;
+                        st[j][2 + e] = p_hi;
+                        dp[j][e] = p_lo * (dp[j][e] - d) * scale;
+                        dp[j][2 + e] = p_hi * (dp[j][2 + e] - d) * scale;
+                    }
+                }
+                // dS^T to shared memory (rows = this warp's keys) for the dQ product below.
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    *reinterpret_cast<uint32_t*>(sdS + swz<T>(warp * 16 + g, c0 + 8 * j + 2 * t)) = pack2(dp[j][0], dp[j][1]);
+                    *reinterpret_cast<uint32_t*>(sdS + swz<T>(warp * 16 + g + 8, c0 + 8 * j + 2 * t)) = pack2(dp[j][2], dp[j][3]);
+                }
+                // dV_w += P^T . dO ; dK_w += dS^T . Q (k = this half's queries, two steps of 16).
+#pragma unroll
+                for (int kq = 0; kq < 2; kq++) {
+                    uint32_t pa[4] = {pack2(st[2 * kq][0], st[2 * kq][1]), pack2(st[2 * kq][2], st[2 * kq][3]),
+                                      pack2(st[2 * kq + 1][0], st[2 * kq + 1][1]), pack2(st[2 * kq + 1][2], st[2 * kq + 1][3])};
+                    uint32_t da[4] = {pack2(dp[2 * kq][0], dp[2 * kq][1]), pack2(dp[2 * kq][2], dp[2 * kq][3]),
+                                      pack2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]), pack2(dp[2 * kq + 1][2], dp[2 * kq + 1][3])};
+#pragma unroll
+                    for (int np = 0; np < HD / 16; np++) {
+                        uint32_t bo[4], bq[4];
+                        ldsm_x4_t(bo, lbt.at(tdO, c0 + kq * 16, np * 16));
+                        ldsm_x4_t(bq, lbt.at(tQ, c0 + kq * 16, np * 16));
+                        mma16816(dva[2 * np], pa, bo[0], bo[1]);
+                        mma16816(dva[2 * np + 1], pa, bo[2], bo[3]);
+                        mma16816(dka[2 * np], da, bq[0], bq[1]);
+                        mma16816(dka[2 * np + 1], da, bq[2], bq[3]);
+                    }
+                }
+            }
+            __syncthreads();  // dS^T of every warp is in place
+            // dQ (this warp's 16 query rows) += dS . K over the 64 keys, 64 columns at a time.
+            const int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;
+#pragma unroll
+            for (int pass = 0; pass < HD / 64; pass++) {
+                float acc[8][4];
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < T / 16; kk++) {
+                    uint32_t a[4];
+                    ldsm_x4_t(a, lds.at(udS, kk * 16, 0));
+#pragma unroll
+                    for (int np = 0; np < 4; np++) {
+                        uint32_t bk[4];
+                        ldsm_x4_t(bk, lbt.at(uK, kk * 16, pass * 64 + np * 16));
+                        mma16816(acc[2 * np], a, bk[0], bk[1]);
+                        mma16816(acc[2 * np + 1], a, bk[2], bk[3]);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    const int col = hl * HD + pass * 64 + 8 * j + 2 * t;
+                    if (r_lo < seq) red_add2(dq_acc + (base + r_lo) * accq + col, acc[j][0], acc[j][1]);
+                    if (r_hi < seq) red_add2(dq_acc + (base + r_hi) * accq + col, acc[j][2], acc[j][3]);
+                }
+            }
+        }
+        cp_async_wait_all();
+        __syncthreads();
+    }
+    // dK, dV of this head into the kv head's accumulators (the group's heads add up there).
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        const int col = kvl * HD + 8 * j + 2 * t;
+        if (kj_lo < seq) {
+            red_add2(dk_acc + (base + kj_lo) * acck + col, dka[j][0], dka[j][1]);
+            red_add2(dv_acc + (base + kj_lo) * acck + col, dva[j][0], dva[j][1]);
+        }
+        if (kj_hi < seq) {
+            red_add2(dk_acc + (base + kj_hi) * acck + col, dka[j][2], dka[j][3]);
+            red_add2(dv_acc + (base + kj_hi) * acck + col, dva[j][2], dva[j][3]);
+        }
+    }
+}
+
+// dst[r * dst_stride + c] = acc[r * width + c] as bf16, 8 columns per thread (width % 8 == 0).
+extern "C" __global__ void attn3_acc_to_bf16(const float* acc, bf16* dst, long long rows, int width, int dst_stride) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int per_row = width / 8;
+    if (i >= rows * per_row) return;
+    const long long r = i / per_row;
+    const int c = (int)(i % per_row) * 8;
+    const float4 a = *reinterpret_cast<const float4*>(acc + r * width + c);
+    const float4 b = *reinterpret_cast<const float4*>(acc + r * width + c + 4);
+    const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    store8(dst + r * dst_stride + c, f);
+}
+
+#define ATT3_INSTANCES(HD)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                        \
+        attn3_fwd_##HD(const bf16* q, const bf16* k, const bf16* v, const int* seg, bf16* out, float* lse, int seq, \
+                       int heads, int kv_heads, float scale) {                                                       \
+        attn3_fwd_impl<HD>(q, k, v, seg, out, lse, seq, heads, kv_heads, scale);                                     \
+    }                                                                                                                \
+    extern "C" __global__ void attn3_bwd_prep_##HD(const bf16* dout, const bf16* o, float* dsum, long long rows,     \
+                                                   int nh, int qs) {                                                 \
+        attn3_bwd_prep_impl<HD>(dout, o, dsum, rows, nh, qs);                                                        \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)                                                     \
+        attn3_bwd_##HD(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,             \
+                       const float* dsum, const int* seg, float* dq_acc, float* dk_acc, float* dv_acc, int seq,     \
+                       int qs, int ks, int lse_s, int group, float scale) {                                          \
+        attn3_bwd_impl<HD>(q, k, v, dout, lse, dsum, seg, dq_acc, dk_acc, dv_acc, seq, qs, ks, lse_s, group, scale); \
+    }
+
+ATT3_INSTANCES(64)
+ATT3_INSTANCES(128)
+
 #define ATT_INSTANCES(HD)                                                                                            \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                        \
         attn_fwd_##HD(const bf16* q, const bf16* k, const bf16* v, const int* seg, bf16* out, float* lse, int seq,  \

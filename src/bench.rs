@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::cuda::CudaBackend;
+use crate::backend::cuda::kernels::AttnVersion;
 use crate::backend::cuda::profile::KernelTime;
 use crate::backend::{Backend, DType, HostWeight, LinearDims};
 use crate::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
@@ -53,6 +54,8 @@ pub struct BenchResult {
     pub rank: usize,
     pub mode: BenchMode,
     pub checkpointing: CheckpointPolicy,
+    /// The attention kernels (`TUNESTUDIO_ATTENTION`, version 3 by default).
+    pub attention: AttnVersion,
     pub steps: usize,
     pub step_ms: Vec<f64>,
     pub median_step_ms: f64,
@@ -162,6 +165,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let be = CudaBackend::new()?;
     be.synchronize()?;
     let dev = be.device();
+    let attention = be.selected_attention_version();
     let total = dev.total_memory_bytes.unwrap_or(0);
     // Everything the driver reports in use now is context, modules, handles and the backend's
     // fixed scratch; the scratch is ours to count, the rest is the context.
@@ -191,7 +195,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let mut trainer = Trainer::new(be, spec.clone(), &weights, opts, None)?;
     let policy = trainer.checkpointing();
     let input = PlanInput { lora, quantization: Quantization::Nf4, batch_size: 1, max_seq_len: args.seq, checkpointing: policy, token_rows: 0, mlp_chunk_rows: 0 };
-    let target = PlanTarget { kind: BackendKind::Cuda, name: dev.name.clone(), total_bytes: Some(total), free_bytes: Some(total), context_bytes };
+    let target = PlanTarget { kind: BackendKind::Cuda, name: dev.name.clone(), total_bytes: Some(total), free_bytes: Some(total), context_bytes, attention };
     let planned = plan::plan(&spec, &input, &target);
     let plan_arena_bytes = planned.peak_bytes - context_bytes;
     let setup_s = t_start.elapsed().as_secs_f64();
@@ -244,6 +248,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         rank: args.rank,
         mode: args.mode,
         checkpointing: policy,
+        attention,
         steps: args.steps,
         step_ms: times,
         median_step_ms: median,

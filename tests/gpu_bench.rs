@@ -1,6 +1,7 @@
 //! Timings of the CUDA backend on Llama-3-8B shapes at seq 2048 (batch 1): each fused op, the NF4
 //! linear, the chunked loss, and a whole training step of a 2-layer model with the 8B dimensions
-//! (per-layer cost x 32 + head ≈ the full model's step). Not a correctness test (gpu_kernels and
+//! (per-layer cost x 32 + head ≈ the full model's step), and attention alone at seq 2048-8192. Not a
+//! correctness test (gpu_kernels and
 //! gpu_step are); it prints `BENCH` lines with median milliseconds over repeats after a warm-up.
 //!
 //! Run on a GPU host: `cargo test --release --test gpu_bench -- --ignored --nocapture`.
@@ -73,15 +74,17 @@ fn ops_at_llama3_8b_shapes() {
     let attn_flops = 4.0 * (s * s) as f64 / 2.0 * (h * hd) as f64;
     let dout = act(n * h * hd, 4, 1.0);
     let (mut dq, mut dk, mut dv) = (be.alloc(n * h * hd, DType::Act).unwrap(), be.alloc(n * kvh * hd, DType::Act).unwrap(), be.alloc(n * kvh * hd, DType::Act).unwrap());
-    for version in [AttnVersion::V1, AttnVersion::V2] {
+    for version in [AttnVersion::V1, AttnVersion::V2, AttnVersion::V3] {
         be.set_attention_version(version);
+        // The versions that run (version 3's backward needs the scratch of a backend created for it).
+        let (vf, vb) = be.attention_versions_for(shape).unwrap();
         let ms = median_ms(&be, 10, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
-        report(&format!("attention fwd {version:?} (s=2048, 32/8 heads, hd 128)"), ms, attn_flops, 0.0);
+        report(&format!("attention fwd {vf:?} (s=2048, 32/8 heads, hd 128)"), ms, attn_flops, 0.0);
         let ms = median_ms(&be, 10, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
         // Useful work of a backward: 2.5x the forward (dQ, dK, dV, and recomputing P).
-        report(&format!("attention bwd {version:?} (dkdv + dq kernels)"), ms, 2.5 * attn_flops, 0.0);
+        report(&format!("attention bwd {vb:?}"), ms, 2.5 * attn_flops, 0.0);
     }
-    be.set_attention_version(AttnVersion::V2);
+    be.set_attention_version(be.selected_attention_version());
 
     // NF4 linear: gate/up shape, dequant + GEMM, then with LoRA r=16, then the backward.
     let wq = Nf4Tensor::quantize(&fast_random(f * d, 5, 0.03), &[f, d]);
@@ -136,6 +139,37 @@ fn ops_at_llama3_8b_shapes() {
     let ms = median_ms(&be, 5, || be.lm_head_ce(&x, &head, &targets, n, d, vocab, 1.0 / n as f32, &mut dh, None).map(|_| ()));
     report("lm_head + CE fwd+bwd (vocab 128256)", ms, 2.0 * 2.0 * (n * d * vocab) as f64, 0.0);
     println!("MEMORY bench buffers {:.1} MiB", be.memory_used() as f64 / 1048576.0);
+}
+
+/// Attention alone at Llama-3-8B's shape (32 / 8 heads, head_dim 128, causal, one sequence) for
+/// seq 2048, 4096 and 8192, versions 2 and 3 on the same inputs. Rates count the causal half of
+/// the score matrix: forward 2 products, backward 5 (2.5x the forward).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_seq_sweep() {
+    let be = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
+    println!("DEVICE {}", be.device().name);
+    let (h, kvh, hd) = (32usize, 8usize, 128usize);
+    for s in [2048usize, 4096, 8192] {
+        let act = |len: usize, seed: u64, a: f32| be.upload(&fast_random(len, seed, a), DType::Act).unwrap();
+        let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd };
+        let (q, k, v) = (act(s * h * hd, 1, 1.0), act(s * kvh * hd, 2, 1.0), act(s * kvh * hd, 3, 1.0));
+        let dout = act(s * h * hd, 4, 1.0);
+        let seg = be.upload_ids(&vec![0; s]).unwrap();
+        let mut out = be.alloc(s * h * hd, DType::Act).unwrap();
+        let mut lse = be.alloc(s * h, DType::F32).unwrap();
+        let (mut dq, mut dk, mut dv) = (be.alloc(s * h * hd, DType::Act).unwrap(), be.alloc(s * kvh * hd, DType::Act).unwrap(), be.alloc(s * kvh * hd, DType::Act).unwrap());
+        let flops = 4.0 * (s * s) as f64 / 2.0 * (h * hd) as f64;
+        let reps = if s >= 8192 { 5 } else { 10 };
+        for version in [AttnVersion::V2, AttnVersion::V3] {
+            be.set_attention_version(version);
+            let (vf, vb) = be.attention_versions_for(shape).unwrap();
+            let ms = median_ms(&be, reps, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
+            report(&format!("attention fwd {vf:?} s={s} (32/8 heads, hd 128)"), ms, flops, 0.0);
+            let ms = median_ms(&be, reps, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
+            report(&format!("attention bwd {vb:?} s={s}"), ms, 2.5 * flops, 0.0);
+        }
+    }
 }
 
 #[test]

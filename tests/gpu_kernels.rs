@@ -37,17 +37,25 @@ fn randv(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rb(rng.random_range(-scale..scale))).collect()
 }
 
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length mismatch");
+/// ‖got − want‖ / ‖want‖, or why there is none (a length mismatch, a NaN or infinite element).
+fn try_rel_err(got: &[f32], want: &[f32]) -> Result<f64, String> {
+    if got.len() != want.len() {
+        return Err(format!("length mismatch: {} != {}", got.len(), want.len()));
+    }
     if let Some(i) = got.iter().position(|x| !x.is_finite()) {
-        panic!("element {i} is {} (unwritten or non-finite; expected {})", got[i], want[i]);
+        let bad = got.iter().filter(|x| !x.is_finite()).count();
+        return Err(format!("element {i} is {} (unwritten or non-finite; expected {}; {bad} such elements)", got[i], want[i]));
     }
     let (mut num, mut den) = (0f64, 0f64);
     for (&g, &w) in got.iter().zip(want) {
         num += (g as f64 - w as f64).powi(2);
         den += (w as f64).powi(2);
     }
-    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+    Ok(if den == 0.0 { num.sqrt() } else { (num / den).sqrt() })
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    try_rel_err(got, want).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn check(op: &str, got: &[f32], want: &[f32], bound: f64) {
@@ -422,6 +430,13 @@ struct AttnCase {
     segments: Vec<i32>,
 }
 
+impl AttnCase {
+    /// Long cases: versions 2 and 3 only (version 1 costs time there and is checked on the rest).
+    fn long(&self) -> bool {
+        self.shape.seq >= 2048
+    }
+}
+
 fn attn_cases() -> Vec<AttnCase> {
     let mut cases = Vec::new();
     // GQA group 4, seq not a multiple of the 64-row tile, row 0 packs two examples, row 1 has a
@@ -439,47 +454,204 @@ fn attn_cases() -> Vec<AttnCase> {
     cases.push(AttnCase { shape: s, segments: vec![3; 64] });
     let s = AttnShape { batch: 2, seq: 70, heads: 3, kv_heads: 1, head_dim: 96 };
     cases.push(AttnCase { shape: s, segments: (0..140).map(|i: i32| (i % 70) / 25).collect() });
+    // One partial tile (17 rows; most warps of a block have no row), multi-query, two sequences.
+    let s = AttnShape { batch: 2, seq: 17, heads: 2, kv_heads: 1, head_dim: 64 };
+    cases.push(AttnCase { shape: s, segments: vec![4; 34] });
+    let s = AttnShape { batch: 1, seq: 1, heads: 4, kv_heads: 2, head_dim: 128 };
+    cases.push(AttnCase { shape: s, segments: vec![0] });
+    // Segments alternating every 3 tokens: no tile is one segment, every score is masked per element.
+    let s = AttnShape { batch: 1, seq: 150, heads: 2, kv_heads: 1, head_dim: 64 };
+    cases.push(AttnCase { shape: s, segments: (0..150).map(|t: i32| (t / 3) % 2).collect() });
+    // Three sequences at head_dim 128, GQA 2: boundaries on the 64/128-row tiles, one sequence a
+    // single example (unmasked tiles), one with boundaries off the tiles.
+    let s = AttnShape { batch: 3, seq: 300, heads: 4, kv_heads: 2, head_dim: 128 };
+    let mut seg = Vec::new();
+    seg.extend((0..300).map(|t| if t < 128 { 5 } else if t < 192 { 6 } else { 7 }));
+    seg.extend((0..300).map(|_| 3));
+    seg.extend((0..300).map(|t| if t < 70 { 0 } else if t < 260 { 1 } else { 2 }));
+    cases.push(AttnCase { shape: s, segments: seg });
+    // Long sequences at head_dim 128, one example each: most tiles take the unmasked path.
+    let s = AttnShape { batch: 1, seq: 2048, heads: 8, kv_heads: 2, head_dim: 128 };
+    cases.push(AttnCase { shape: s, segments: vec![0; 2048] });
+    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 8, head_dim: 128 };
+    cases.push(AttnCase { shape: s, segments: vec![1; 4096] });
+    // Packed at head_dim 128: boundaries on and off the 64/128-row tiles (whole tiles of two
+    // different examples are skipped), a padding tail, seq not a multiple of any tile.
+    let s = AttnShape { batch: 2, seq: 1000, heads: 8, kv_heads: 2, head_dim: 128 };
+    let mut seg = Vec::new();
+    seg.extend((0..1000).map(|t| if t < 300 { 0 } else if t < 640 { 1 } else { 2 }));
+    seg.extend((0..1000).map(|t| if t < 128 { 5 } else if t < 192 { 6 } else if t < 900 { 7 } else { 9 }));
+    cases.push(AttnCase { shape: s, segments: seg });
+    // Packed at head_dim 64, GQA 4, boundaries on tile multiples.
+    let s = AttnShape { batch: 1, seq: 700, heads: 4, kv_heads: 1, head_dim: 64 };
+    cases.push(AttnCase { shape: s, segments: (0..700).map(|t: i32| t / 256).collect() });
     cases
+}
+
+/// f32 bytes of version 3's backward scratch for one sequence of one kv head's group (dQ of the
+/// group, dK, dV, D): a scratch limit of k times this makes launches of at most k such units.
+fn attn3_unit_bytes(shape: AttnShape) -> usize {
+    let group = shape.heads / shape.kv_heads;
+    shape.seq * (group * shape.head_dim + 2 * shape.head_dim + group) * 4
+}
+
+/// Checks `version` of attention (forward, then backward of the GPU's own forward) on every case
+/// `wanted` keeps, on fresh seeded inputs against the CPU backend, outputs poisoned with NaN;
+/// `limits` are the scratch limits to run the backward under (`None`: the whole scratch). Every
+/// check prints a RESULT line; the test fails at the end, listing every failed check (a NaN is a
+/// failure), and also when the backend runs another version than asked for (version 1 serves
+/// head_dim 32 and 96 for every version).
+fn attention_checks(version: AttnVersion, limits: &[Option<usize>], wanted: impl Fn(&AttnCase) -> bool) {
+    let (be, cpu) = (gpu(), Cpu::new());
+    if version == AttnVersion::V3 {
+        assert_eq!(
+            be.selected_attention_version(),
+            AttnVersion::V3,
+            "the backend was created with TUNESTUDIO_ATTENTION set to an older version, so it has no version-3 scratch: run the version-3 checks without it"
+        );
+    }
+    let mut failures: Vec<String> = Vec::new();
+    // A check that records its failure instead of panicking.
+    fn soft(failures: &mut Vec<String>, op: String, got: &[f32], want: &[f32], bound: f64) {
+        match try_rel_err(got, want) {
+            Ok(e) => {
+                println!("RESULT {op:<60} rel_err {e:9.3e}  bound {bound:7.1e}  {}", if e <= bound { "ok" } else { "FAIL" });
+                if e > bound {
+                    failures.push(format!("{op}: relative error {e:e} > {bound:e}"));
+                }
+            }
+            Err(why) => {
+                println!("RESULT {op:<60} {why}  FAIL");
+                failures.push(format!("{op}: {why}"));
+            }
+        }
+    }
+    // Under a sanitizer (scripts/gpu/gpu_check.sh memcheck / racecheck) the long cases take too long.
+    let short_only = std::env::var_os("TUNESTUDIO_TEST_SHORT").is_some();
+    for (i, case) in attn_cases().into_iter().enumerate() {
+        if !wanted(&case) || (short_only && case.long()) {
+            continue;
+        }
+        let AttnCase { shape, segments } = case;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+        // Fresh inputs per case (seeded by the case, so every version sees the same ones).
+        let mut rng = ChaCha8Rng::seed_from_u64(109 + i as u64);
+        let n = batch * seq;
+        let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
+        let (q, k, v) = (randv(&mut rng, qn, 2.0), randv(&mut rng, kn, 2.0), randv(&mut rng, kn, 1.0));
+        let dout = randv(&mut rng, qn, 1.0);
+        let (mut out, mut lse) = (ct(&vec![0.0; qn]), ct(&vec![0.0; n * heads]));
+        cpu.attention_fwd(&ct(&q), &ct(&k), &ct(&v), &segments, shape, &mut out, &mut lse).unwrap();
+        let (gq, gk, gv) = (be.upload(&q, DType::Act).unwrap(), be.upload(&k, DType::Act).unwrap(), be.upload(&v, DType::Act).unwrap());
+        let gdout = be.upload(&dout, DType::Act).unwrap();
+        let gseg = be.upload_ids(&segments).unwrap();
+        be.set_attention_version(version);
+        be.set_attention_scratch_limit(None);
+        let expect = if matches!(head_dim, 64 | 128) { version } else { AttnVersion::V1 };
+        let (ran_fwd, _) = be.attention_versions_for(shape).unwrap();
+        let tag = format!("{ran_fwd:?} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}");
+        if ran_fwd != expect {
+            println!("RESULT attention fwd [{tag}] ran {ran_fwd:?}, expected {expect:?}  FAIL");
+            failures.push(format!("attention fwd [{tag}]: ran {ran_fwd:?}, expected {expect:?}"));
+        }
+        let mut gout = poisoned(&be, qn, DType::Act);
+        let mut glse = poisoned(&be, n * heads, DType::F32);
+        be.attention_fwd(&gq, &gk, &gv, &gseg, shape, &mut gout, &mut glse).unwrap();
+        let (gout_h, glse_h) = (be.download(&gout).unwrap(), be.download(&glse).unwrap());
+        // P is rounded to bf16 before P·V, and the output is bf16.
+        soft(&mut failures, format!("attention fwd out [{tag}]"), &gout_h, &out.0, 8e-3);
+        // Scores from bf16 inputs with f32 accumulation in another order.
+        soft(&mut failures, format!("attention fwd lse [{tag}]"), &glse_h, &lse.0, 1e-5);
+
+        // Each side differentiates its own forward (outputs and LSE as it saved them); the GPU's
+        // must be finite to be worth differentiating.
+        let (mut dq, mut dk, mut dv) = (ct(&vec![0.0; qn]), ct(&vec![0.0; kn]), ct(&vec![0.0; kn]));
+        cpu.attention_bwd(&ct(&dout), &ct(&q), &ct(&k), &ct(&v), &out, &lse, &segments, shape, &mut dq, &mut dk, &mut dv).unwrap();
+        if gout_h.iter().chain(&glse_h).any(|x| !x.is_finite()) {
+            failures.push(format!("attention bwd [{tag}]: not run, the forward wrote non-finite values"));
+            continue;
+        }
+        for &limit in limits {
+            be.set_attention_scratch_limit(limit.map(|units| units * attn3_unit_bytes(shape)));
+            let (_, ran_bwd) = be.attention_versions_for(shape).unwrap();
+            let split = limit.map(|u| format!(" scratch {u} unit(s)")).unwrap_or_default();
+            let tag = format!("{ran_bwd:?}{split} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}");
+            if ran_bwd != expect {
+                println!("RESULT attention bwd [{tag}] ran {ran_bwd:?}, expected {expect:?}  FAIL");
+                failures.push(format!("attention bwd [{tag}]: ran {ran_bwd:?}, expected {expect:?}"));
+            }
+            let (mut gdq, mut gdk, mut gdv) = (poisoned(&be, qn, DType::Act), poisoned(&be, kn, DType::Act), poisoned(&be, kn, DType::Act));
+            be.attention_bwd(&gdout, &gq, &gk, &gv, &gout, &glse, &gseg, shape, &mut gdq, &mut gdk, &mut gdv).unwrap();
+            // dS = P∘(dP − D) is rounded to bf16 before the dQ and dK products and involves a
+            // cancellation; P is bf16 in the dV product.
+            soft(&mut failures, format!("attention bwd dq [{tag}]"), &be.download(&gdq).unwrap(), &dq.0, 2e-2);
+            soft(&mut failures, format!("attention bwd dk [{tag}]"), &be.download(&gdk).unwrap(), &dk.0, 2e-2);
+            soft(&mut failures, format!("attention bwd dv [{tag}]"), &be.download(&gdv).unwrap(), &dv.0, 1e-2);
+        }
+        be.set_attention_scratch_limit(None);
+    }
+    assert!(failures.is_empty(), "{} attention check(s) failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn attention_forward_and_backward() {
-    let (be, cpu) = (gpu(), Cpu::new());
-    let mut rng = ChaCha8Rng::seed_from_u64(109);
-    for (AttnCase { shape, segments }, version) in attn_cases().into_iter().flat_map(|c| [(c.clone(), AttnVersion::V1), (c, AttnVersion::V2)]) {
-        // Version 2 covers head_dim 64 and 128; for the others the backend falls back to version 1.
-        be.set_attention_version(version);
-        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
-        let ran = if matches!(head_dim, 64 | 128) { version } else { AttnVersion::V1 };
-        let tag = format!("{ran:?} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}");
-        let n = batch * seq;
-        let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
-        let (q, k, v) = (randv(&mut rng, qn, 2.0), randv(&mut rng, kn, 2.0), randv(&mut rng, kn, 1.0));
-        let (mut out, mut lse) = (ct(&vec![0.0; qn]), ct(&vec![0.0; n * heads]));
-        cpu.attention_fwd(&ct(&q), &ct(&k), &ct(&v), &segments, shape, &mut out, &mut lse).unwrap();
-        let (gq, gk, gv) = (be.upload(&q, DType::Act).unwrap(), be.upload(&k, DType::Act).unwrap(), be.upload(&v, DType::Act).unwrap());
-        let gseg = be.upload_ids(&segments).unwrap();
-        let mut gout = poisoned(&be, qn, DType::Act);
-        let mut glse = poisoned(&be, n * heads, DType::F32);
-        be.attention_fwd(&gq, &gk, &gv, &gseg, shape, &mut gout, &mut glse).unwrap();
-        // P is rounded to bf16 before P·V, and the output is bf16.
-        check(&format!("attention fwd out [{tag}]"), &be.download(&gout).unwrap(), &out.0, 8e-3);
-        // Scores from bf16 inputs with f32 accumulation in another order.
-        check(&format!("attention fwd lse [{tag}]"), &be.download(&glse).unwrap(), &lse.0, 1e-5);
+fn attention_v1_forward_and_backward() {
+    attention_checks(AttnVersion::V1, &[None], |c| !c.long());
+}
 
-        let dout = randv(&mut rng, qn, 1.0);
-        let (mut dq, mut dk, mut dv) = (ct(&vec![0.0; qn]), ct(&vec![0.0; kn]), ct(&vec![0.0; kn]));
-        // Each side differentiates its own forward (outputs and LSE as it saved them).
-        cpu.attention_bwd(&ct(&dout), &ct(&q), &ct(&k), &ct(&v), &out, &lse, &segments, shape, &mut dq, &mut dk, &mut dv).unwrap();
-        let (mut gdq, mut gdk, mut gdv) = (poisoned(&be, qn, DType::Act), poisoned(&be, kn, DType::Act), poisoned(&be, kn, DType::Act));
-        be.attention_bwd(&be.upload(&dout, DType::Act).unwrap(), &gq, &gk, &gv, &gout, &glse, &gseg, shape, &mut gdq, &mut gdk, &mut gdv).unwrap();
-        // dS = P∘(dP − D) is rounded to bf16 before the dQ and dK products and involves a
-        // cancellation; P is bf16 in the dV product.
-        check(&format!("attention bwd dq [{tag}]"), &be.download(&gdq).unwrap(), &dq.0, 2e-2);
-        check(&format!("attention bwd dk [{tag}]"), &be.download(&gdk).unwrap(), &dk.0, 2e-2);
-        check(&format!("attention bwd dv [{tag}]"), &be.download(&gdv).unwrap(), &dv.0, 1e-2);
-    }
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_v2_forward_and_backward() {
+    attention_checks(AttnVersion::V2, &[None], |_| true);
+}
+
+/// Version 3 (head_dim 64 and 128; the others run version 1) with its whole scratch: each
+/// backward is one launch.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_v3_forward_and_backward() {
+    attention_checks(AttnVersion::V3, &[None], |_| true);
+}
+
+/// Version 3's backward split into launches of one, then three, (sequence, kv head) units: the
+/// pointer offsets of a launch that starts past the first sequence or kv head, and a last launch
+/// with fewer units.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_v3_backward_split() {
+    attention_checks(AttnVersion::V3, &[Some(1), Some(3)], |c| !c.long() && matches!(c.shape.head_dim, 64 | 128) && c.shape.batch * c.shape.kv_heads > 1);
+}
+
+/// What the backend allocates at creation is what the memory plan lists for the CUDA workspace
+/// (without the NF4 dequantization buffer, which comes with the weights).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn backend_scratch_is_the_planned_workspace() {
+    use tunestudio::config::{CheckpointPolicy, LoraConfig, Quantization};
+    use tunestudio::engine::plan::{self, BackendKind, PlanInput};
+    let be = gpu();
+    let spec = tunestudio::model::ModelSpec::llama3_8b();
+    let input = PlanInput {
+        lora: LoraConfig::default(),
+        quantization: Quantization::Bf16,
+        batch_size: 1,
+        max_seq_len: 2048,
+        checkpointing: CheckpointPolicy::Layer,
+        token_rows: 0,
+        mlp_chunk_rows: 0,
+    };
+    let planned: Vec<_> = plan::cuda_workspace(&spec, &input, be.selected_attention_version());
+    let bytes: u64 = planned.iter().map(|b| b.bytes(BackendKind::Cuda)).sum();
+    println!(
+        "MEMORY backend created with attention {:?}: {} bytes in {} allocations, planned {} bytes in {}",
+        be.selected_attention_version(),
+        be.memory_used(),
+        be.allocation_count(),
+        bytes,
+        planned.len()
+    );
+    assert_eq!(be.memory_used() as u64, bytes, "backend scratch differs from plan::cuda_workspace");
+    assert_eq!(be.allocation_count(), planned.len(), "allocation count differs from plan::cuda_workspace");
 }
 
 #[test]

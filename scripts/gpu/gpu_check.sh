@@ -2,8 +2,10 @@
 # Device-side check of the CUDA backend: runs the prebuilt GPU test binaries (built on the dev
 # machine with `cargo test --release --no-run --test gpu_kernels --test gpu_step --test gpu_bench`,
 # stripped and copied next to this script by scripts/gpu/stage.sh) and writes logs to $OUT.
-# Usage on the device: bash .dev/cuda/gpu_check.sh [kernels] [step] [bench] [memcheck]
-# (no arguments: kernels step bench).
+# Usage on the device: bash .dev/cuda/gpu_check.sh [kernels] [step] [stepv2] [bench] [memcheck]
+# [racecheck] [sm80] [ncu] (no arguments: kernels step bench). Attention versions: the kernel tests
+# check each version by name (attention_v1_..., attention_v2_..., attention_v3_...); `step` runs
+# the whole-step comparisons with the default attention (version 3), `stepv2` with version 2.
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp/gpu_out}
@@ -38,6 +40,12 @@ for w in "${what[@]}"; do
         step)
             each gpu_step "$OUT/step.log" 120
             show "^(RESULT|MEMORY|FAILED)" "$OUT/step.log" ;;
+        stepv2)
+            # The whole-step comparisons on attention version 2 (the fallback if version 3 fails).
+            export TUNESTUDIO_ATTENTION=v2
+            each gpu_step "$OUT/step_v2.log" 120
+            unset TUNESTUDIO_ATTENTION
+            show "^(RESULT|MEMORY|FAILED)" "$OUT/step_v2.log" ;;
         bench)
             each gpu_bench "$OUT/bench.log" 150
             show "^(BENCH|DEVICE|MEMORY|FAILED)" "$OUT/bench.log" ;;
@@ -58,8 +66,15 @@ for w in "${what[@]}"; do
                 grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit (Registers|Shared Mem)|Issue Slots Busy|Stall|L1/TEX Hit|Bank" "$OUT/ncu_$k.txt" | head -24
             done ;;
         memcheck)
-            timeout 200 compute-sanitizer --tool memcheck --print-limit 20 ./gpu_kernels --ignored --test-threads=1 attention lm_head nf4 >"$OUT/memcheck.log" 2>&1 || rc=1
+            # TUNESTUDIO_TEST_SHORT=1: the attention tests skip their long cases.
+            TUNESTUDIO_TEST_SHORT=1 timeout 200 compute-sanitizer --tool memcheck --print-limit 20 ./gpu_kernels --ignored --test-threads=1 attention lm_head nf4 >"$OUT/memcheck.log" 2>&1 || rc=1
             tail -n 25 "$OUT/memcheck.log" ;;
+        racecheck)
+            # Shared-memory hazards and barrier misuse in attention version 3 (short cases only).
+            for tool in racecheck synccheck; do
+                TUNESTUDIO_TEST_SHORT=1 timeout 300 compute-sanitizer --tool $tool --print-limit 20 ./gpu_kernels --ignored --test-threads=1 --exact attention_v3_forward_and_backward >"$OUT/$tool.log" 2>&1 || rc=1
+                echo "== $tool"; tail -n 12 "$OUT/$tool.log"
+            done ;;
     esac
 done
 exit $rc

@@ -263,6 +263,7 @@ impl<B: Backend> Trainer<B> {
                         // Our context is already there: add it back, the plan counts it.
                         free_bytes: dev.free_memory_bytes.map(|f| f + plan::DEFAULT_CUDA_CONTEXT_BYTES),
                         context_bytes: plan::DEFAULT_CUDA_CONTEXT_BYTES,
+                        attention: plan::cuda_attention_default(),
                     }
                 } else {
                     plan::PlanTarget::cpu()

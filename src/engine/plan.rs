@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::backend::DType;
+use crate::backend::cuda::kernels::AttnVersion;
 use crate::config::{CheckpointPolicy, LoraConfig, Quantization, RunConfig, Target};
 use crate::model::ModelSpec;
 use crate::quant::nf4::{BLOCKSIZE, NESTED_BLOCKSIZE};
@@ -47,7 +48,7 @@ pub enum Term {
     LayerActivations,
     /// Backward scratch, residual stream, batch ids, rotary table.
     Workspace,
-    /// The backend's own scratch: NF4 dequantization buffer, loss chunk, GEMM workspace.
+    /// The backend's own scratch: NF4 dequantization buffer, loss chunk, GEMM workspace, attention backward accumulators.
     BackendWorkspace,
     /// The CUDA context and libraries, measured once per card and driver.
     CudaContext,
@@ -135,11 +136,14 @@ pub struct PlanTarget {
     pub free_bytes: Option<u64>,
     /// What the CUDA context and libraries take (measured once per card and driver).
     pub context_bytes: u64,
+    /// CUDA: the attention version the backend is created with (`TUNESTUDIO_ATTENTION`); only
+    /// version 3 allocates the attention backward scratch. Ignored for the CPU.
+    pub attention: AttnVersion,
 }
 
 impl PlanTarget {
     pub fn cpu() -> Self {
-        PlanTarget { kind: BackendKind::Cpu, name: "CPU".into(), total_bytes: None, free_bytes: None, context_bytes: 0 }
+        PlanTarget { kind: BackendKind::Cpu, name: "CPU".into(), total_bytes: None, free_bytes: None, context_bytes: 0, attention: cuda_attention_default() }
     }
 
     /// A card of `total_bytes`, assumed empty but for our own context.
@@ -150,8 +154,15 @@ impl PlanTarget {
             total_bytes: Some(total_bytes),
             free_bytes: Some(total_bytes),
             context_bytes: DEFAULT_CUDA_CONTEXT_BYTES,
+            attention: cuda_attention_default(),
         }
     }
+}
+
+/// The attention version a CUDA backend created now would use: `TUNESTUDIO_ATTENTION` as the
+/// backend reads it (version 3 when unset; the backend refuses a value that names no version).
+pub fn cuda_attention_default() -> AttnVersion {
+    AttnVersion::from_env().unwrap_or(AttnVersion::V3)
 }
 
 /// The CUDA context + cuBLAS handles on an H100 with driver 580 before any allocation of ours;
@@ -363,9 +374,11 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
     out
 }
 
-/// The CUDA backend's own scratch, as `backend::cuda` allocates it.
-pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer> {
-    use crate::backend::cuda::{GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS};
+/// The CUDA backend's own scratch, as `backend::cuda` allocates it when created with attention
+/// version `attention`: everything at creation (in this order), then the NF4 dequantization buffer
+/// with the weights.
+pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput, attention: AttnVersion) -> Vec<PlannedBuffer> {
+    use crate::backend::cuda::{GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS, attention_scratch_bytes};
     let bw = Term::BackendWorkspace;
     let raw = |name: &str, bytes: usize| PlannedBuffer { name: name.into(), term: bw, elems: bytes as u64, dtype: None, location: Location::Device };
     let mut out = vec![
@@ -379,6 +392,10 @@ pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer>
         raw("sumsq.partial", SUMSQ_MAX_BLOCKS * 8),
         raw("sumsq.out", 8),
     ];
+    match attention_scratch_bytes(attention) {
+        0 => {}
+        bytes => out.push(raw("attention.bwd_scratch", bytes)),
+    }
     if input.quantization == Quantization::Nf4 {
         let largest = Target::ALL.iter().map(|&t| {
             let (o, i) = spec.linear_shape(t);
@@ -398,7 +415,7 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
     let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len, policy);
     buffers.extend(engine_buffers(spec, input, policy));
     if kind == BackendKind::Cuda {
-        buffers.extend(cuda_workspace(spec, input));
+        buffers.extend(cuda_workspace(spec, input, target.attention));
     }
     let mut terms: BTreeMap<&'static str, u64> = BTreeMap::new();
     for b in buffers.iter().filter(|b| b.location == Location::Device) {

@@ -118,19 +118,59 @@ kernel_table! {
         Attn2Fwd128 = "attn2_fwd_128",
         Attn2BwdDkdv128 = "attn2_bwd_dkdv_128",
         Attn2BwdDq128 = "attn2_bwd_dq_128",
+        Attn3Fwd64 = "attn3_fwd_64",
+        Attn3BwdPrep64 = "attn3_bwd_prep_64",
+        Attn3Bwd64 = "attn3_bwd_64",
+        Attn3Fwd128 = "attn3_fwd_128",
+        Attn3BwdPrep128 = "attn3_bwd_prep_128",
+        Attn3Bwd128 = "attn3_bwd_128",
+        Attn3AccToBf16 = "attn3_acc_to_bf16",
     }
 }
 
 /// Which attention kernels run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttnVersion {
     /// Version 1: WMMA, scores through shared memory (every head_dim in 32, 64, 96, 128).
     V1,
     /// Version 2: mma.sync + ldmatrix, scores in registers, cp.async double buffering (64, 128).
     V2,
+    /// Version 3 (64, 128): swizzled tiles, 32 query rows per warp in the forward, one fused
+    /// backward kernel per (query head, key tile) with f32 accumulation of dQ, dK, dV in the
+    /// backend's attention scratch. Where it does not apply the backend falls back to V2, then V1.
+    V3,
 }
 
-/// The attention kernels for one head dimension: (forward, backward dK/dV, backward dQ).
+/// The environment variable that picks the attention kernels a CUDA backend prefers (read once,
+/// when the backend is created): `v1`, `v2` or `v3` (the default). `TUNESTUDIO_ATTN` is its old
+/// name and is read when this one is unset.
+pub const ATTENTION_ENV: &str = "TUNESTUDIO_ATTENTION";
+
+impl AttnVersion {
+    /// `v1`, `v2`, `v3` (any case, surrounding blanks ignored).
+    pub fn parse(s: &str) -> Option<AttnVersion> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "v1" => Some(AttnVersion::V1),
+            "v2" => Some(AttnVersion::V2),
+            "v3" => Some(AttnVersion::V3),
+            _ => None,
+        }
+    }
+
+    /// The version [`ATTENTION_ENV`] selects (version 3 when unset or empty), or the offending
+    /// value when it names no version.
+    pub fn from_env() -> std::result::Result<AttnVersion, String> {
+        let var = std::env::var(ATTENTION_ENV).or_else(|_| std::env::var("TUNESTUDIO_ATTN"));
+        match var {
+            Ok(v) if !v.trim().is_empty() => AttnVersion::parse(&v).ok_or(v),
+            _ => Ok(AttnVersion::V3),
+        }
+    }
+}
+
+/// The attention kernels for one head dimension: (forward, backward dK/dV, backward dQ). V3 gets
+/// version 2's here: its fallback where a sequence's backward does not fit the attention scratch.
 pub fn attention_kernels(head_dim: usize, version: AttnVersion) -> Option<(Kernel, Kernel, Kernel)> {
     use Kernel::*;
     Some(match (version, head_dim) {
@@ -138,10 +178,33 @@ pub fn attention_kernels(head_dim: usize, version: AttnVersion) -> Option<(Kerne
         (AttnVersion::V1, 64) => (AttnFwd64, AttnBwdDkdv64, AttnBwdDq64),
         (AttnVersion::V1, 96) => (AttnFwd96, AttnBwdDkdv96, AttnBwdDq96),
         (AttnVersion::V1, 128) => (AttnFwd128, AttnBwdDkdv128, AttnBwdDq128),
-        (AttnVersion::V2, 64) => (Attn2Fwd64, Attn2BwdDkdv64, Attn2BwdDq64),
-        (AttnVersion::V2, 128) => (Attn2Fwd128, Attn2BwdDkdv128, Attn2BwdDq128),
+        (AttnVersion::V2 | AttnVersion::V3, 64) => (Attn2Fwd64, Attn2BwdDkdv64, Attn2BwdDq64),
+        (AttnVersion::V2 | AttnVersion::V3, 128) => (Attn2Fwd128, Attn2BwdDkdv128, Attn2BwdDq128),
         _ => return None,
     })
+}
+
+/// Version 3's kernels for one head dimension: (forward, backward preparation, backward).
+pub fn attention3_kernels(head_dim: usize) -> Option<(Kernel, Kernel, Kernel)> {
+    use Kernel::*;
+    match head_dim {
+        64 => Some((Attn3Fwd64, Attn3BwdPrep64, Attn3Bwd64)),
+        128 => Some((Attn3Fwd128, Attn3BwdPrep128, Attn3Bwd128)),
+        _ => None,
+    }
+}
+
+/// Query rows of a version-3 forward block; keys of a version-3 backward block.
+pub const ATTN3_FWD_ROWS: usize = 128;
+pub const ATTN3_BWD_KEYS: usize = 64;
+
+/// Dynamic shared memory of version 3's forward and backward, from the formulas of `struct
+/// Att3<HD>` in `kernels/attention.cu` (the kernels trap if given less).
+pub fn attention3_smem_bytes(head_dim: usize) -> [u32; 2] {
+    let (qt, kt) = (ATTN3_FWD_ROWS, ATTN3_BWD_KEYS);
+    let fwd = (qt * head_dim + 4 * kt * head_dim) * 2 + (qt + 2 * kt) * 4;
+    let bwd = (6 * kt * head_dim + kt * kt) * 2 + 7 * kt * 4;
+    [fwd as u32, bwd as u32]
 }
 
 /// Dynamic shared memory of the attention kernels (forward, dK/dV, dQ), from the same formulas as
@@ -160,7 +223,7 @@ pub fn attention_smem_bytes(head_dim: usize, version: AttnVersion) -> [u32; 3] {
                 4 * tile * 2 + warps * 16 * lds * 4 + warps * 16 * ldp * 2 + 4 * rows * 4,
             ]
         }
-        AttnVersion::V2 => [5 * tile * 2 + 3 * rows * 4, 6 * tile * 2 + 6 * rows * 4, 6 * tile * 2 + 5 * rows * 4],
+        AttnVersion::V2 | AttnVersion::V3 => [5 * tile * 2 + 3 * rows * 4, 6 * tile * 2 + 6 * rows * 4, 6 * tile * 2 + 5 * rows * 4],
     };
     sizes.map(|b| b as u32)
 }

@@ -13,8 +13,9 @@
 //! `kernels/build.sh` and embedded; [`kernels::Kernel`] is the one table of their symbols.
 //!
 //! Environment switches (debugging and tests): `TUNESTUDIO_CUDA_SYNC=1` synchronizes and checks
-//! after every launch; `TUNESTUDIO_ATTN=v1` selects the first attention kernels;
-//! `TUNESTUDIO_PTX=sm80` loads the compute_80 PTX even on Hopper.
+//! after every launch; `TUNESTUDIO_ATTENTION=v1` / `v2` (read once, at creation) selects older
+//! attention kernels, and then no version-3 backward scratch is allocated (see
+//! [`attention_scratch_bytes`]); `TUNESTUDIO_PTX=sm80` loads the compute_80 PTX even on Hopper.
 
 pub mod gemm;
 pub mod kernels;
@@ -69,6 +70,46 @@ pub const LOSS_CHUNK_MAX_ROWS: usize = 16384;
 pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
 /// Partial sums of the deterministic sum-of-squares (one per block of the first pass).
 pub const SUMSQ_MAX_BLOCKS: usize = 1024;
+/// The attention backward's f32 scratch (version 3): dQ, dK, dV accumulators and D = rowsum(dO∘O)
+/// for as many (sequence, kv-head group) pairs as fit; larger problems run in several launches, and
+/// one sequence of one group that does not fit falls back to the version-2 kernels. 128 MiB holds
+/// Llama-3-8B (4 query heads of 128 per kv head) at 8192 tokens in two launches. Allocated only
+/// by a backend created preferring version 3 ([`attention_scratch_bytes`]).
+pub const ATTN_BWD_SCRATCH_BYTES: usize = 128 << 20;
+
+/// Bytes of attention backward scratch a backend created preferring `version` allocates (the
+/// memory plan lists the same): version 3's accumulators, nothing for the older versions.
+pub fn attention_scratch_bytes(version: AttnVersion) -> usize {
+    match version {
+        AttnVersion::V3 => ATTN_BWD_SCRATCH_BYTES,
+        AttnVersion::V1 | AttnVersion::V2 => 0,
+    }
+}
+
+/// How a version-3 attention backward of `shape` splits to fit `scratch_bytes` (the backend's is
+/// [`ATTN_BWD_SCRATCH_BYTES`]): (sequences, kv heads) per launch, as even as the counts allow;
+/// `None` when one sequence of one kv head's group does not fit (then the version-2 kernels run;
+/// they need no scratch).
+pub fn attention3_bwd_split(shape: AttnShape, scratch_bytes: usize) -> Option<(usize, usize)> {
+    let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+    if kv_heads == 0 {
+        return None;
+    }
+    let group = heads / kv_heads;
+    // f32 per (sequence, kv head): dQ of its group, dK, dV, D.
+    let per_unit = seq * (group * head_dim + 2 * head_dim + group);
+    let units = scratch_bytes.min(ATTN_BWD_SCRATCH_BYTES) / 4 / per_unit.max(1);
+    if units == 0 {
+        return None;
+    }
+    let kvc = kv_heads.div_ceil(kv_heads.div_ceil(units.min(kv_heads)));
+    let per_launch = (units / kvc).clamp(1, batch.max(1));
+    let bc = batch.max(1).div_ceil(batch.max(1).div_ceil(per_launch));
+    Some((bc, kvc))
+}
+
+/// Forward, backward dK/dV and backward dQ kernels of attention versions 1 and 2.
+type AttnKernels = (Kernel, Kernel, Kernel);
 
 fn cuda_err(op: &str) -> impl FnOnce(drv::DriverError) -> Error + '_ {
     move |e| Error::Cuda { op: op.to_string(), msg: e.to_string() }
@@ -209,14 +250,21 @@ pub struct CudaBackend {
     loss: LossWorkspace,
     sumsq_partial: DevBuf,
     sumsq_out: DevBuf,
+    /// f32, [`attention_scratch_bytes`] of `attn_selected`: the version-3 attention backward's
+    /// accumulators (`None` when the backend was created preferring an older version).
+    attn_scratch: Option<DevBuf>,
     _gemm_workspace: DevBuf,
     name: String,
     compute_capability: (i32, i32),
     /// Synchronize and check after every launch (TUNESTUDIO_CUDA_SYNC=1): slow, for debugging.
     sync_each_launch: bool,
-    /// Preferred attention kernels (TUNESTUDIO_ATTN=v1 forces version 1); version 1 serves the
-    /// head dims version 2 lacks.
+    /// The attention version chosen at creation (TUNESTUDIO_ATTENTION), which sized `attn_scratch`.
+    attn_selected: AttnVersion,
+    /// Preferred attention kernels (`attn_selected` unless a test or benchmark changed it);
+    /// version 1 serves the head dims the later versions lack.
     attn_version: std::cell::Cell<AttnVersion>,
+    /// Bytes of `attn_scratch` the attention backward may use (tests shrink it to force splits).
+    attn_scratch_limit: std::cell::Cell<usize>,
     profiler: profile::Profiler,
 }
 
@@ -279,6 +327,23 @@ impl CudaBackend {
                 .map_err(cuda_err("raise attention shared memory"))?;
             }
         }
+        for hd in [64, 128] {
+            let (fwd, _, bwd) = kernels::attention3_kernels(hd).expect("listed head dims");
+            let smem = kernels::attention3_smem_bytes(hd);
+            for (k, bytes) in [(fwd, smem[0]), (bwd, smem[1])] {
+                // SAFETY: a live function handle of this context; raising its shared-memory limit.
+                unsafe {
+                    drv::function::set_function_attribute(
+                        funcs[k as usize].0.cu_function(),
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                }
+                .map_err(cuda_err("raise attention shared memory"))?;
+            }
+        }
+        let attn_selected = AttnVersion::from_env()
+            .map_err(|v| Error::Cuda { op: kernels::ATTENTION_ENV.into(), msg: format!("{v:?} is not an attention version (v1, v2 or v3)") })?;
         let shared = Arc::new(DeviceShared::new(ctx));
         let gemm_workspace = DevBuf::new(&shared, GEMM_WORKSPACE_BYTES)?;
         let gemm = Gemm::new(gemm_workspace.ptr(), GEMM_WORKSPACE_BYTES)?;
@@ -293,6 +358,10 @@ impl CudaBackend {
         let be = CudaBackend {
             sumsq_partial: DevBuf::new(&shared, SUMSQ_MAX_BLOCKS * 8)?,
             sumsq_out: DevBuf::new(&shared, 8)?,
+            attn_scratch: match attention_scratch_bytes(attn_selected) {
+                0 => None,
+                bytes => Some(DevBuf::new(&shared, bytes)?),
+            },
             shared,
             compute,
             copy,
@@ -303,7 +372,9 @@ impl CudaBackend {
             name,
             compute_capability: cc,
             sync_each_launch: std::env::var("TUNESTUDIO_CUDA_SYNC").is_ok_and(|v| v == "1"),
-            attn_version: std::cell::Cell::new(if std::env::var("TUNESTUDIO_ATTN").is_ok_and(|v| v == "v1") { AttnVersion::V1 } else { AttnVersion::V2 }),
+            attn_selected,
+            attn_version: std::cell::Cell::new(attn_selected),
+            attn_scratch_limit: std::cell::Cell::new(attention_scratch_bytes(attn_selected)),
             profiler: profile::Profiler::default(),
         };
         Ok(be)
@@ -328,22 +399,134 @@ impl CudaBackend {
         self.shared.allocations()
     }
 
-    /// Choose the attention kernels (tests and benchmarks compare the versions).
+    /// Choose the attention kernels (tests and benchmarks compare the versions). The scratch stays
+    /// as created: choosing version 3 on a backend created with `TUNESTUDIO_ATTENTION=v1`/`v2`
+    /// runs version 3's forward and version 2's backward (see [`Self::attention_versions_for`]).
     pub fn set_attention_version(&self, version: AttnVersion) {
         self.attn_version.set(version);
     }
 
-    /// The attention kernels and their shared memory for a shape.
-    fn attention_for(&self, shape: AttnShape) -> Result<((Kernel, Kernel, Kernel), [u32; 3])> {
+    /// The attention version chosen when the backend was created (`TUNESTUDIO_ATTENTION`, version 3
+    /// by default); it decides the attention scratch ([`attention_scratch_bytes`]).
+    pub fn selected_attention_version(&self) -> AttnVersion {
+        self.attn_selected
+    }
+
+    /// The attention kernels preferred now.
+    pub fn attention_version(&self) -> AttnVersion {
+        self.attn_version.get()
+    }
+
+    fn attn_scratch_bytes(&self) -> usize {
+        self.attn_scratch.as_ref().map_or(0, |b| b.bytes())
+    }
+
+    /// Use at most `bytes` of the attention backward's scratch (`None`: all of it), so tests can
+    /// exercise the launches split over sequences and kv heads on small shapes.
+    pub fn set_attention_scratch_limit(&self, bytes: Option<usize>) {
+        let have = self.attn_scratch_bytes();
+        self.attn_scratch_limit.set(bytes.unwrap_or(have).min(have));
+    }
+
+    /// The versions (forward, backward) `attention_fwd` / `attention_bwd` run for `shape` now:
+    /// the preferred version where it covers the head dim (version 3's backward also needs one
+    /// sequence of one kv-head group to fit the scratch), else version 2, else version 1.
+    pub fn attention_versions_for(&self, shape: AttnShape) -> Result<(AttnVersion, AttnVersion)> {
+        let (_, _, ran) = self.attention_for(shape)?;
+        if self.attention3_for(shape).is_some() {
+            let bwd = if attention3_bwd_split(shape, self.attn_scratch_limit.get()).is_some() { AttnVersion::V3 } else { ran };
+            return Ok((AttnVersion::V3, bwd));
+        }
+        Ok((ran, ran))
+    }
+
+    /// The version-1/2 attention kernels, their shared memory and their version for a shape
+    /// (version 3 gets version 2's: its backward's fallback).
+    fn attention_for(&self, shape: AttnShape) -> Result<(AttnKernels, [u32; 3], AttnVersion)> {
         if shape.kv_heads == 0 || !shape.heads.is_multiple_of(shape.kv_heads) {
             return Err(Error::Shape { op: "attention", expected: "heads a multiple of kv_heads".into(), got: format!("{} heads, {} kv heads", shape.heads, shape.kv_heads) });
         }
         for v in [self.attn_version.get(), AttnVersion::V1] {
             if let Some(k) = kernels::attention_kernels(shape.head_dim, v) {
-                return Ok((k, kernels::attention_smem_bytes(shape.head_dim, v)));
+                let ran = if v == AttnVersion::V1 { v } else { AttnVersion::V2 };
+                return Ok((k, kernels::attention_smem_bytes(shape.head_dim, v), ran));
             }
         }
         Err(Error::Shape { op: "attention", expected: "head_dim 32, 64, 96 or 128".into(), got: shape.head_dim.to_string() })
+    }
+
+    /// Version 3's kernels (forward, backward preparation, backward) when version 3 is preferred
+    /// and covers the head dimension.
+    fn attention3_for(&self, shape: AttnShape) -> Option<(Kernel, Kernel, Kernel)> {
+        if self.attn_version.get() == AttnVersion::V3 { kernels::attention3_kernels(shape.head_dim) } else { None }
+    }
+
+    /// Version 3's backward, in launches of `split` = (sequences, kv heads) that fit the scratch:
+    /// zero the accumulators, D = rowsum(dO∘O), the fused kernel, then the accumulators to bf16.
+    /// Pointers are offset to each launch's first row and head; strides stay the full tensors'.
+    #[allow(clippy::too_many_arguments)]
+    fn attention3_bwd(&self, kern: (Kernel, Kernel, Kernel), split: (usize, usize), t: [&CudaTensor; 6], segments: &CudaIds, shape: AttnShape, dq: &CudaTensor, dk: &CudaTensor, dv: &CudaTensor) -> Result<()> {
+        let [dout, q, k, v, out, lse] = t;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
+        let scratch = self.attn_scratch.as_ref().ok_or_else(|| Error::Cuda { op: "attention_bwd".into(), msg: "no version-3 scratch".into() })?;
+        let (_, prep, bwd) = kern;
+        let (bc, kvc) = split;
+        let group = heads / kv_heads;
+        let (qs, ks) = (heads * hd, kv_heads * hd);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let smem = kernels::attention3_smem_bytes(hd)[1];
+        let key_tiles = seq.div_ceil(kernels::ATTN3_BWD_KEYS) as u32;
+        for b0 in (0..batch).step_by(bc) {
+            let bn = bc.min(batch - b0);
+            let rows = bn * seq;
+            for kv0 in (0..kv_heads).step_by(kvc) {
+                let kvn = kvc.min(kv_heads - kv0);
+                let (nh, h0) = (kvn * group, kv0 * group);
+                // Scratch (f32): dq_acc [rows][nh·hd] | dk_acc, dv_acc [rows][kvn·hd] | D [rows][nh].
+                let (dq_len, dk_len) = (rows * nh * hd, rows * kvn * hd);
+                let dq_acc = scratch.ptr();
+                let dk_acc = dq_acc + (dq_len * 4) as u64;
+                let dv_acc = dk_acc + (dk_len * 4) as u64;
+                let dsum = dv_acc + (dk_len * 4) as u64;
+                assert!((dq_len + 2 * dk_len + rows * nh) * 4 <= scratch.bytes(), "attention3_bwd_split sized a launch past the scratch");
+                // SAFETY: the accumulators lie inside the scratch (`attention3_bwd_split` sizes the
+                // launch to fit); an asynchronous memset on our stream.
+                unsafe { drv::memset_d8_async(dq_acc, 0, (dq_len + 2 * dk_len) * 4, self.stream()) }.map_err(cuda_err("memset"))?;
+                let (qoff, koff, loff) = (b0 * seq * qs + h0 * hd, b0 * seq * ks + kv0 * hd, b0 * seq * heads + h0);
+                let seg = Arg::Ptr(segments.buf.ptr() + (b0 * seq * 4) as u64);
+                let threads = rows * nh * (hd / 8);
+                self.launch(prep, (threads.div_ceil(256) as u32, 1, 1), 256, 0, &[Arg::Ptr(dout.at(qoff)), Arg::Ptr(out.at(qoff)), Arg::Ptr(dsum), i64a(rows), i32a(nh), i32a(qs)])?;
+                self.launch(
+                    bwd,
+                    (nh as u32, key_tiles, bn as u32),
+                    128,
+                    smem,
+                    &[
+                        Arg::Ptr(q.at(qoff)),
+                        Arg::Ptr(k.at(koff)),
+                        Arg::Ptr(v.at(koff)),
+                        Arg::Ptr(dout.at(qoff)),
+                        Arg::Ptr(lse.at(loff)),
+                        Arg::Ptr(dsum),
+                        seg,
+                        Arg::Ptr(dq_acc),
+                        Arg::Ptr(dk_acc),
+                        Arg::Ptr(dv_acc),
+                        i32a(seq),
+                        i32a(qs),
+                        i32a(ks),
+                        i32a(heads),
+                        i32a(group),
+                        Arg::F32(scale),
+                    ],
+                )?;
+                for (acc, dst, width, stride) in [(dq_acc, dq.at(qoff), nh * hd, qs), (dk_acc, dk.at(koff), kvn * hd, ks), (dv_acc, dv.at(koff), kvn * hd, ks)] {
+                    let threads = rows * width / 8;
+                    self.launch(Kernel::Attn3AccToBf16, (threads.div_ceil(256) as u32, 1, 1), 256, 0, &[Arg::Ptr(acc), Arg::Ptr(dst), i64a(rows), i32a(width), i32a(stride)])?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {
@@ -892,7 +1075,8 @@ impl Backend for CudaBackend {
     fn attention_fwd(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, out: &mut Self::Tensor, lse: &mut Self::Tensor) -> Result<()> {
         self.bind()?;
         let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
-        let ((fwd, _, _), smem) = self.attention_for(shape)?;
+        let ((fwd, _, _), smem, _) = self.attention_for(shape)?;
+        let v3 = self.attention3_for(shape);
         let n = batch * seq;
         act("attention_fwd", "q", q, n * heads * head_dim)?;
         act("attention_fwd", "k", k, n * kv_heads * head_dim)?;
@@ -900,21 +1084,26 @@ impl Backend for CudaBackend {
         act("attention_fwd", "out", out, n * heads * head_dim)?;
         f32t("attention_fwd", "lse", lse, n * heads)?;
         check_len("attention_fwd", "segments", segments.len, n)?;
-        let smem = smem[0];
         let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+        let args = [p(q), p(k), p(v), pi(segments), p(out), p(lse), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale)];
+        if let Some((fwd3, _, _)) = v3 {
+            let rows = kernels::ATTN3_FWD_ROWS;
+            return self.launch(fwd3, (heads as u32, seq.div_ceil(rows) as u32, batch as u32), 128, kernels::attention3_smem_bytes(head_dim)[0], &args);
+        }
+        let smem = smem[0];
         self.launch(
             fwd,
             (seq.div_ceil(64) as u32, heads as u32, batch as u32),
             128,
             smem,
-            &[p(q), p(k), p(v), pi(segments), p(out), p(lse), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale)],
+            &args,
         )
     }
 
     fn attention_bwd(&self, dout: &Self::Tensor, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &Self::Tensor, lse: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, dq: &mut Self::Tensor, dk: &mut Self::Tensor, dv: &mut Self::Tensor) -> Result<()> {
         self.bind()?;
         let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
-        let ((_, dkdv, dqk), smem) = self.attention_for(shape)?;
+        let ((_, dkdv, dqk), smem, _) = self.attention_for(shape)?;
         let n = batch * seq;
         let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
         act("attention_bwd", "dout", dout, qn)?;
@@ -927,6 +1116,12 @@ impl Backend for CudaBackend {
         act("attention_bwd", "dk", dk, kn)?;
         act("attention_bwd", "dv", dv, kn)?;
         check_len("attention_bwd", "segments", segments.len, n)?;
+        if let (Some(kern), Some(split)) = (self.attention3_for(shape), attention3_bwd_split(shape, self.attn_scratch_limit.get())) {
+            if n == 0 {
+                return Ok(());
+            }
+            return self.attention3_bwd(kern, split, [dout, q, k, v, out, lse], segments, shape, dq, dk, dv);
+        }
         let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
         let tiles = seq.div_ceil(64) as u32;
         self.launch(
