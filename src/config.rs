@@ -297,6 +297,13 @@ impl Default for TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// Optimizer steps of the whole run: `max_steps`, else `epochs` × steps per epoch (at least one).
+    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+        self.max_steps.unwrap_or_else(|| ((self.epochs * steps_per_epoch as f64).ceil() as u64).max(1))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckpointPolicy {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod model;
+pub mod preflight;
 pub mod quant;
 pub mod session;
 pub mod util;

@@ -92,6 +92,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What a run would check and decide before training, without training: data, lengths,
+    /// examples, tokenizer checks, untrained tokens, and a verdict (exit 1 only if it cannot start).
+    Preflight {
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Mean per-token loss and perplexity of a model (optionally with a PEFT adapter) on a dataset.
     Eval {
         /// A Hugging Face model folder (also a `*-bnb-4bit` one).
@@ -187,6 +194,7 @@ fn main() -> ExitCode {
         }),
         Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, json }) => bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, json),
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
+        Some(Command::Preflight { config, json }) => tunestudio::commands::preflight::run(&config, json),
         Some(Command::Eval { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }) => {
             eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example })
         }

@@ -22,6 +22,7 @@ pub use encode::MaskSource;
 
 use crate::config::{DatasetConfig, DatasetFormat, TrainOn};
 use crate::error::{Error, Result};
+use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::TokenizerBundle;
 
 /// What to do with a row longer than `max_seq_len` tokens.
@@ -103,6 +104,27 @@ impl DatasetReport {
     pub fn trained_fraction(&self) -> f64 {
         if self.total_tokens == 0 { 0.0 } else { self.trained_tokens as f64 / self.total_tokens as f64 }
     }
+
+    /// Why training refuses this dataset (no rows, none usable, or more than `max_bad_fraction`
+    /// of them bad), or `None` when it can start.
+    pub fn too_bad(&self, max_bad_fraction: f64) -> Option<String> {
+        let bad = self.rows_skipped.len();
+        let total = self.rows_total;
+        let too_many = total > 0 && bad as f64 > max_bad_fraction * total as f64;
+        if self.rows_used > 0 && !too_many {
+            return None;
+        }
+        Some(if total == 0 {
+            "the dataset has no rows".to_string()
+        } else if self.rows_used == 0 {
+            format!("none of the {total} rows can be used")
+        } else {
+            format!(
+                "{bad} of {total} rows ({:.1}%) cannot be used, more than dataset.max_bad_fraction = {max_bad_fraction}",
+                100.0 * bad as f64 / total as f64
+            )
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -111,8 +133,8 @@ pub struct PreparedDataset {
     pub report: DatasetReport,
 }
 
-/// How many skipped rows a refusal lists.
-const LIST_SKIPPED: usize = 20;
+/// How many skipped rows a refusal (and the preflight report) lists.
+pub const LIST_SKIPPED: usize = 20;
 
 enum Outcome {
     Used { example: Example, original: usize, truncated: bool },
@@ -123,14 +145,27 @@ enum Outcome {
 /// the call fails when more than `cfg.max_bad_fraction` of them are unusable (or none is usable),
 /// listing the first ones with their reasons.
 pub fn prepare_dataset(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: usize) -> Result<PreparedDataset> {
+    let ds = prepare_dataset_unchecked(cfg, tok, max_seq_len)?;
+    refuse_if_too_bad(&ds.report, cfg.max_bad_fraction)?;
+    Ok(ds)
+}
+
+/// The chat template a dataset of `format` is rendered with: none for raw text, so a model whose
+/// template does not compile can still train on text.
+pub fn dataset_template(cfg: &DatasetConfig, tok: &TokenizerBundle, format: DatasetFormat) -> Result<Option<ChatTemplate>> {
+    if format == DatasetFormat::Text { Ok(None) } else { tok.resolve_template(&cfg.template).map(Some) }
+}
+
+/// `prepare_dataset` without the refusal: however many rows are bad, the report comes back (the
+/// preflight report shows them; `DatasetReport::too_bad` says whether training would refuse).
+pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: usize) -> Result<PreparedDataset> {
     if max_seq_len < 2 {
         return Err(Error::config("train.max_seq_len", "must be at least 2 tokens"));
     }
     let path = &cfg.path;
     let (kind, records) = read::read_records(path)?;
     let format = format::detect(cfg, records.iter().filter_map(|r| r.value.as_ref().ok()))?;
-    // Raw text renders no template, so a model whose template does not compile can still train on it.
-    let template = if format == DatasetFormat::Text { None } else { Some(tok.resolve_template(&cfg.template)?) };
+    let template = dataset_template(cfg, tok, format)?;
     let encoder = encode::Encoder { tok, template: template.as_ref(), train_on: cfg.train_on };
 
     let outcomes: Vec<Outcome> = records
@@ -206,27 +241,12 @@ pub fn prepare_dataset(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: 
         max_seq_len,
         lengths,
     };
-    refuse_if_too_bad(&report, cfg.max_bad_fraction)?;
     Ok(PreparedDataset { examples, report })
 }
 
 fn refuse_if_too_bad(report: &DatasetReport, max_bad_fraction: f64) -> Result<()> {
+    let Some(mut msg) = report.too_bad(max_bad_fraction) else { return Ok(()) };
     let bad = report.rows_skipped.len();
-    let total = report.rows_total;
-    let too_many = total > 0 && bad as f64 > max_bad_fraction * total as f64;
-    if report.rows_used > 0 && !too_many {
-        return Ok(());
-    }
-    let mut msg = if total == 0 {
-        "the dataset has no rows".to_string()
-    } else if report.rows_used == 0 {
-        format!("none of the {total} rows can be used")
-    } else {
-        format!(
-            "{bad} of {total} rows ({:.1}%) cannot be used, more than dataset.max_bad_fraction = {max_bad_fraction}",
-            100.0 * bad as f64 / total as f64
-        )
-    };
     if bad > 0 {
         if bad > LIST_SKIPPED {
             msg.push_str(&format!("; the first {LIST_SKIPPED}:"));

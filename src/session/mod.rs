@@ -250,10 +250,10 @@ fn run(mut cfg: RunConfig, options: StartOptions, events: &Sender<Event>, contro
     let batcher = Batcher::new(examples.clone(), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
     let bpe = batcher.batches_per_epoch().max(1) as u64;
     let steps_per_epoch = bpe.div_ceil(cfg.train.grad_accum as u64);
-    let total_steps = cfg.train.max_steps.unwrap_or_else(|| ((cfg.train.epochs * steps_per_epoch as f64).ceil() as u64).max(1));
+    let total_steps = cfg.train.total_steps(steps_per_epoch);
     cfg.save(&run_dir.join(checkpoint::CONFIG_FILE))?;
 
-    let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, &examples, &run_dir, &log)? };
+    let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, (&examples, &report), &run_dir, &log)? };
     let prepared = Prepared { cfg, run_dir, spec, batcher, report, total_steps, steps_per_epoch, lora_init, token_fix, resume, started };
     match prepared.cfg.train.device {
         DeviceChoice::Cpu => train_on(CpuBackend::<f32>::new(), prepared, &options, events, control),
@@ -268,53 +268,38 @@ fn run(mut cfg: RunConfig, options: StartOptions, events: &Sender<Event>, contro
     }
 }
 
-/// Untrained token rows the data or template uses: refuse, or (with `dataset.fix_untrained_tokens`)
-/// start them at the mean of the trained rows and train them with the adapter. What was changed
-/// is written to `token_fix.json` in the run folder.
+/// Untrained token rows the data or template uses (`preflight::untrained_tokens`, the same
+/// decision the preflight report shows): refuse, or (with `dataset.fix_untrained_tokens`) start
+/// them at the mean of the trained rows and train them with the adapter. What was changed is
+/// written to `token_fix.json` in the run folder.
 fn untrained_token_fix(
     cfg: &RunConfig,
     spec: &ModelSpec,
     tok: &TokenizerBundle,
-    examples: &[crate::data::Example],
+    data: (&[crate::data::Example], &DatasetReport),
     run_dir: &Path,
     log: &dyn Fn(String),
 ) -> Result<Option<TokenRows>> {
+    use crate::preflight::{TokenAction, untrained_tokens};
+    let (examples, report) = data;
     let store = WeightStore::open(&cfg.model.path)?;
-    let mut exclude: Vec<u32> = [tok.bos_id(), tok.eos_id(), Some(tok.pad_id())].into_iter().flatten().collect();
-    exclude.extend(spec.eos_token_ids.iter().copied());
-    let untrained_all = crate::model::untrained::detect(&store, spec, &[])?;
-    let candidates: Vec<u32> = untrained_all.iter().copied().filter(|i| !exclude.contains(i)).collect();
-    if candidates.is_empty() {
-        return Ok(None);
-    }
-    let mut used = std::collections::BTreeSet::new();
-    // Token ids of the examples (not the batcher's rows, which hold example indices).
-    for ex in examples {
-        for id in &ex.input_ids {
-            if candidates.binary_search(id).is_ok() {
-                used.insert(*id);
-            }
+    let template = crate::data::dataset_template(&cfg.dataset, tok, report.format)?;
+    let u = untrained_tokens(&store, spec, tok, examples, template.as_ref(), cfg.dataset.fix_untrained_tokens)?;
+    match u.action {
+        TokenAction::None => return Ok(None),
+        TokenAction::LeaveAlone => {
+            log(format!("{} untrained token rows exist; the data does not use them, so they are left alone", u.tokens.len()));
+            return Ok(None);
         }
+        TokenAction::Refuse => return Err(u.refusal().expect("refuse has a refusal")),
+        TokenAction::Fix => {}
     }
-    if used.is_empty() {
-        log(format!("{} untrained token rows exist; the data does not use them, so they are left alone", candidates.len()));
-        return Ok(None);
-    }
-    let ids: Vec<u32> = used.into_iter().collect();
-    let names: Vec<String> = ids.iter().map(|&i| format!("{i} {}", tok.token_text(i).unwrap_or_default())).collect();
-    if !cfg.dataset.fix_untrained_tokens {
-        return Err(Error::config(
-            "dataset.fix_untrained_tokens",
-            format!(
-                "the data uses token rows that were never trained ({}); their embeddings are zero and the loss would become NaN/inf. Set dataset.fix_untrained_tokens = true to start them at the mean of the trained rows and train them, or remove them from the data",
-                names.join(", ")
-            ),
-        ));
-    }
+    let ids = u.used_ids.clone();
+    let names = u.used_names();
     let d = spec.hidden_size;
-    let embed_mean = crate::model::untrained::mean_of_trained_rows(&store, "model.embed_tokens.weight", spec, &untrained_all)?;
-    let head_mean = if store.contains("lm_head.weight") && !spec.tie_word_embeddings {
-        Some(crate::model::untrained::mean_of_trained_rows(&store, "lm_head.weight", spec, &untrained_all)?)
+    let embed_mean = crate::model::untrained::mean_of_trained_rows(&store, "model.embed_tokens.weight", spec, &u.all_ids)?;
+    let head_mean = if u.fix_trains_head() {
+        Some(crate::model::untrained::mean_of_trained_rows(&store, "lm_head.weight", spec, &u.all_ids)?)
     } else {
         None
     };
@@ -324,16 +309,15 @@ fn untrained_token_fix(
         head: head_mean.map(|h| ids.iter().flat_map(|_| h.iter().copied()).collect()),
     };
     debug_assert_eq!(rows.embed.len(), ids.len() * d);
-    let trained_with_adapter: Vec<&str> = std::iter::once("embed_tokens").chain(rows.head.as_ref().map(|_| "lm_head")).collect();
     let record = serde_json::json!({
         "fixed_token_ids": ids,
         "tokens": names,
         "initial_value": "mean of trained rows: (sum of all rows - sum of untrained rows) / trained rows, in f32",
-        "untrained_rows_total": untrained_all.len(),
-        "trained_with_adapter": trained_with_adapter,
+        "untrained_rows_total": u.all_ids.len(),
+        "trained_with_adapter": u.fix_trains,
     });
     crate::util::write_atomic(&run_dir.join("token_fix.json"), serde_json::to_string_pretty(&record).expect("json").as_bytes())?;
-    log(format!("untrained tokens used by the data: {}; starting them at the mean of the trained rows and training them", names.join(", ")));
+    log(format!("untrained tokens used by the data or template: {}; starting them at the mean of the trained rows and training them", names.join(", ")));
     Ok(Some(rows))
 }
 
