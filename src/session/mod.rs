@@ -288,7 +288,7 @@ fn untrained_token_fix(
     match u.action {
         TokenAction::None => return Ok(None),
         TokenAction::LeaveAlone => {
-            log(format!("{} untrained token rows exist; the data does not use them, so they are left alone", u.tokens.len()));
+            log(format!("{} untrained token rows exist; neither the data nor the chat template uses them, so they are left alone", u.tokens.len()));
             return Ok(None);
         }
         TokenAction::Refuse => return Err(u.refusal().expect("refuse has a refusal")),
