@@ -19,7 +19,7 @@ for a in "$@"; do
   case "$phase" in
     tests)
       for t in gpu_kernels gpu_step gpu_demo; do
-        echo "=== $t"; timeout 300 "$HERE/$t" --ignored --test-threads=1 2>&1 | tee "$OUT/$t.log" | grep -E "^test |test result|panicked|error" | tail -40
+        echo "=== $t"; timeout "${TEST_TIMEOUT:-300}" "$HERE/$t" --ignored --test-threads=1 2>&1 | tee "$OUT/$t.log" | grep -E "^test |test result|panicked|error" | tail -40
       done ;;
     bench)
       IFS=: read -r shape seq rank mode policy steps prof attn <<<"$a"
