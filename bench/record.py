@@ -1,0 +1,55 @@
+"""Append one device run's measurements to bench/results.jsonl and print them as a Markdown table.
+
+    python3 bench/record.py OUT_DIR RUN_ID [COMMIT]
+
+OUT_DIR is what scripts/gpu/device_all.sh wrote ($OUT): card.txt, bench.jsonl (ours) and
+peers/C.json (Unsloth), peers/B.json (HF+PEFT QLoRA), peers/A.json (HF+PEFT) when they ran.
+Every line carries date, commit, card, system, shape, seq, mode, tokens_per_s, peak_gib and run_id,
+so rows measured in the same device call pair up."""
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+out, run_id = sys.argv[1], sys.argv[2]
+commit = sys.argv[3] if len(sys.argv) > 3 else subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+card = open(os.path.join(out, "card.txt")).read().strip().splitlines()[0].split(",")[0].strip()
+date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+G = 2 ** 30
+rows = []
+path = os.path.join(out, "bench.jsonl")
+if os.path.exists(path):
+    for line in open(path):
+        if not line.startswith("{"):
+            continue
+        r = json.loads(line)
+        rows.append({
+            "date": date, "commit": commit, "card": card, "system": "tunestudio", "shape": r["shape"], "seq": r["seq"],
+            "rank": r["rank"], "mode": r["mode"], "checkpointing": r["checkpointing"], "tokens_per_s": round(r["tokens_per_s"], 1),
+            "peak_gib": round(r["peak_driver_bytes"] / G, 3), "peak_arena_gib": round(r["peak_arena_bytes"] / G, 3),
+            "plan_gib": round(r["plan_peak_bytes"] / G, 3), "mfu": round(r["mfu"], 4), "first_step_s": round(r["first_step_s"], 2),
+            "attention": r.get("attention"), "run_id": run_id,
+        })
+names = {"A": "hf_peft", "B": "hf_peft_qlora", "C": "unsloth"}
+for key, system in names.items():
+    p = os.path.join(out, "peers", f"{key}.json")
+    if not os.path.exists(p):
+        continue
+    d = json.load(open(p))
+    for k, v in d.items():
+        if (k == "tp" or k.startswith("tp_")) and isinstance(v, dict) and "tokens_per_s" in v:
+            rows.append({
+                "date": date, "commit": commit, "card": card, "system": system, "shape": "llama3-8b", "seq": v["seq"], "rank": 32,
+                "mode": "memory" if system == "unsloth" else "speed", "checkpointing": "peer default", "tokens_per_s": round(v["tokens_per_s"], 1),
+                "peak_gib": round(v["max_reserved_GiB"], 3), "peak_alloc_gib": round(v["max_alloc_GiB"], 3), "run_id": run_id,
+            })
+with open(os.path.join(os.path.dirname(__file__), "results.jsonl"), "a") as f:
+    for r in rows:
+        f.write(json.dumps(r) + "\n")
+print(f"{len(rows)} rows appended (run {run_id}, {card}, commit {commit})\n")
+print("| system | shape | seq | r | mode / policy | tokens/s | peak GiB (ours: driver, peers: torch reserved) | ours: arena / peers: allocated |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    second = r.get("peak_arena_gib", r.get("peak_alloc_gib"))
+    print(f'| {r["system"]} | {r["shape"]} | {r["seq"]} | {r["rank"]} | {r["mode"]} / {r["checkpointing"]} | {r["tokens_per_s"]:,.0f} | {r["peak_gib"]:.2f} | {second:.2f} |')
