@@ -70,6 +70,10 @@ pub struct BenchResult {
     pub plan_arena_bytes: u64,
     /// The CUDA context + modules + library handles, measured before any allocation of ours.
     pub context_bytes: u64,
+    /// Driver-reported bytes in use after set-up (before the first step) and after the first
+    /// step: what grows in between is not ours (lazily loaded library code, for one).
+    pub driver_after_setup_bytes: u64,
+    pub driver_after_first_step_bytes: u64,
     pub pinned_host_bytes: u64,
     pub gemm_tflops: f64,
     pub model_tflop_per_step: f64,
@@ -204,6 +208,8 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
     let batch = Batch::from_examples(&[(&ids, &labels)], 0, None);
     let mut peak_driver = used_now(&trainer.backend)?;
+    let driver_after_setup_bytes = peak_driver;
+    let mut driver_after_first_step_bytes = 0;
     let mut times = Vec::new();
     let (mut loss_first, mut loss_last) = (f64::NAN, f64::NAN);
     let mut first_step_s = 0.0;
@@ -214,6 +220,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         let dt = t0.elapsed().as_secs_f64();
         if i == 0 {
             first_step_s = t_start.elapsed().as_secs_f64();
+            driver_after_first_step_bytes = used_now(&trainer.backend)?;
             loss_first = s.loss;
         }
         loss_last = s.loss;
@@ -258,6 +265,8 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         plan_peak_bytes: planned.peak_bytes,
         plan_arena_bytes,
         context_bytes,
+        driver_after_setup_bytes,
+        driver_after_first_step_bytes,
         pinned_host_bytes: planned.pinned_host_bytes,
         gemm_tflops: gemm,
         model_tflop_per_step: flops / 1e12,
