@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::backend::DType;
+use crate::backend::cuda::memory::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
 use crate::backend::cuda::kernels::AttnVersion;
 use crate::config::{CheckpointPolicy, LoraConfig, Quantization, RunConfig, Target};
 use crate::model::ModelSpec;
@@ -48,7 +49,8 @@ pub enum Term {
     LayerActivations,
     /// Backward scratch, residual stream, batch ids, rotary table.
     Workspace,
-    /// The backend's own scratch: NF4 dequantization buffer, loss chunk, GEMM workspace, attention backward accumulators.
+    /// The backend's own scratch: NF4 dequantization buffer, loss chunk, GEMM workspace, attention
+    /// backward accumulators; on CUDA also the unused space of the chunks small buffers are packed in.
     BackendWorkspace,
     /// The CUDA context and libraries, measured once per card and driver.
     CudaContext,
@@ -406,6 +408,27 @@ pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput, attention: AttnVersio
     out
 }
 
+/// The CUDA backend packs small device buffers into chunks (`backend::cuda::memory`): the
+/// chunks' unused space and alignment padding, with the buffers placed first-fit in plan order.
+pub fn slab_slack(buffers: &[PlannedBuffer], kind: BackendKind) -> u64 {
+    let (chunk, small_max) = (SLAB_CHUNK_BYTES as u64, SLAB_MAX_BYTES as u64);
+    let mut offsets: Vec<u64> = Vec::new();
+    let mut raw = 0;
+    for b in buffers.iter().filter(|b| b.location == Location::Device) {
+        let bytes = b.bytes(kind).max(1);
+        if bytes >= small_max {
+            continue;
+        }
+        raw += bytes;
+        let need = bytes.div_ceil(256) * 256;
+        match offsets.iter_mut().find(|o| chunk - **o >= need) {
+            Some(o) => *o += need,
+            None => offsets.push(need),
+        }
+    }
+    offsets.len() as u64 * chunk - raw
+}
+
 fn total(buffers: &[PlannedBuffer], kind: BackendKind, loc: Location) -> u64 {
     buffers.iter().filter(|b| b.location == loc).map(|b| b.bytes(kind)).sum()
 }
@@ -424,7 +447,12 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
     if target.context_bytes > 0 {
         terms.insert(Term::CudaContext.name(), target.context_bytes);
     }
-    let peak_bytes = total(&buffers, kind, Location::Device) + target.context_bytes;
+    let mut peak_bytes = total(&buffers, kind, Location::Device) + target.context_bytes;
+    if kind == BackendKind::Cuda {
+        let slack = slab_slack(&buffers, kind);
+        *terms.entry(Term::BackendWorkspace.name()).or_default() += slack;
+        peak_bytes += slack;
+    }
     let pinned_host_bytes = total(&buffers, kind, Location::PinnedHost);
     let fits = target.free_bytes.is_none_or(|free| peak_bytes <= free);
     MemoryPlan { target: target.clone(), checkpointing: policy, buffers, peak_bytes, pinned_host_bytes, terms, fits }

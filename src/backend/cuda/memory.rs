@@ -2,12 +2,38 @@
 //! through [`DevBuf::new`], so `memory_used` / `peak_memory` are exact for what we allocated
 //! (cuBLASLt's workspace included; the context and the loaded modules are not ours to count).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cudarc::driver::{CudaContext, result as drv};
 
 use crate::error::{Error, Result};
+
+/// Device allocations below this size are packed into shared chunks (see [`Slab`]).
+pub const SLAB_MAX_BYTES: usize = 8 << 20;
+/// Size of one chunk of packed small allocations.
+pub const SLAB_CHUNK_BYTES: usize = 64 << 20;
+/// Alignment of every device buffer (cuMemAlloc's own is 256 bytes; kernels rely on 16).
+const ALIGN: usize = 256;
+
+/// Small device buffers packed into big chunks. A model's LoRA tensors, norms and quant states
+/// are thousands of allocations of kilobytes to a few MiB, and the driver's own bookkeeping for
+/// those depends on their sizes in ways it does not document (hundreds of MiB for some ranks and
+/// shapes, none for others, measured on an H100). Packing them makes what the driver holds equal
+/// to what the memory plan lists, up to the unused tail of the last chunk. A chunk is freed when
+/// its last buffer is.
+struct Slab {
+    chunks: Vec<Chunk>,
+    next_id: u64,
+}
+
+struct Chunk {
+    id: u64,
+    ptr: u64,
+    size: usize,
+    offset: usize,
+    live: usize,
+}
 
 /// What the backend shares with every buffer: the context (to free on drop) and the counters.
 pub struct DeviceShared {
@@ -17,11 +43,48 @@ pub struct DeviceShared {
     count: AtomicUsize,
     /// Pinned host bytes (not device memory; reported apart).
     pinned: AtomicUsize,
+    slab: Mutex<Slab>,
 }
 
 impl DeviceShared {
     pub fn new(ctx: Arc<CudaContext>) -> Self {
-        DeviceShared { ctx, used: AtomicUsize::new(0), peak: AtomicUsize::new(0), count: AtomicUsize::new(0), pinned: AtomicUsize::new(0) }
+        DeviceShared {
+            ctx,
+            used: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            count: AtomicUsize::new(0),
+            pinned: AtomicUsize::new(0),
+            slab: Mutex::new(Slab { chunks: Vec::new(), next_id: 0 }),
+        }
+    }
+
+    /// Take `bytes` (< SLAB_MAX_BYTES) from the first chunk with room, or from a new one.
+    fn slab_alloc(&self, bytes: usize) -> std::result::Result<(u64, u64), cudarc::driver::DriverError> {
+        let need = bytes.div_ceil(ALIGN) * ALIGN;
+        let mut slab = self.slab.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = slab.chunks.iter_mut().find(|c| c.size - c.offset >= need) {
+            let ptr = c.ptr + c.offset as u64;
+            c.offset += need;
+            c.live += 1;
+            return Ok((ptr, c.id));
+        }
+        // SAFETY: plain allocation in the bound context; owned by the chunk, freed with its last buffer.
+        let ptr = unsafe { drv::malloc_sync(SLAB_CHUNK_BYTES) }?;
+        let id = slab.next_id;
+        slab.next_id += 1;
+        slab.chunks.push(Chunk { id, ptr, size: SLAB_CHUNK_BYTES, offset: need, live: 1 });
+        Ok((ptr, id))
+    }
+
+    fn slab_free(&self, id: u64) {
+        let mut slab = self.slab.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = slab.chunks.iter().position(|c| c.id == id) else { return };
+        slab.chunks[i].live -= 1;
+        if slab.chunks[i].live == 0 {
+            let c = slab.chunks.remove(i);
+            // SAFETY: the chunk came from cuMemAlloc and none of its buffers is alive.
+            let _ = unsafe { drv::free_sync(c.ptr) };
+        }
     }
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
@@ -40,13 +103,15 @@ impl DeviceShared {
     }
 }
 
-/// One device allocation (`cuMemAlloc`, 256-byte aligned), or a pinned host allocation
+/// One device allocation (`cuMemAlloc`, or a 256-byte aligned piece of a slab chunk when small), or a pinned host allocation
 /// (`cuMemHostAlloc`, for offloaded layer inputs), freed on drop. With unified addressing a pinned
 /// host pointer is a valid source or destination of `cuMemcpyAsync`.
 pub struct DevBuf {
     ptr: u64,
     bytes: usize,
     host: bool,
+    /// The slab chunk holding this buffer (small device buffers), or `None` for its own allocation.
+    chunk: Option<u64>,
     shared: Arc<DeviceShared>,
 }
 
@@ -60,8 +125,13 @@ impl DevBuf {
     pub fn new(shared: &Arc<DeviceShared>, bytes: usize) -> Result<Self> {
         shared.ctx.bind_to_thread().map_err(|e| Error::Cuda { op: "bind context".into(), msg: e.to_string() })?;
         let take = bytes.max(1);
-        // SAFETY: plain allocation in the bound context; the pointer is owned by the returned value.
-        let ptr = unsafe { drv::malloc_sync(take) }.map_err(|e| {
+        let allocated = if take < SLAB_MAX_BYTES {
+            shared.slab_alloc(take).map(|(ptr, id)| (ptr, Some(id)))
+        } else {
+            // SAFETY: plain allocation in the bound context; the pointer is owned by the returned value.
+            unsafe { drv::malloc_sync(take) }.map(|ptr| (ptr, None))
+        };
+        let (ptr, chunk) = allocated.map_err(|e| {
             let (free, total) = shared.ctx.mem_get_info().unwrap_or((0, 0));
             if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
                 Error::OutOfMemory {
@@ -80,7 +150,7 @@ impl DevBuf {
         let used = shared.used.fetch_add(take, Ordering::Relaxed) + take;
         shared.peak.fetch_max(used, Ordering::Relaxed);
         shared.count.fetch_add(1, Ordering::Relaxed);
-        Ok(DevBuf { ptr, bytes, host: false, shared: shared.clone() })
+        Ok(DevBuf { ptr, bytes, host: false, chunk, shared: shared.clone() })
     }
 
     /// `bytes` of pinned host memory. Pinning is slow on some hosts (~1.8 GB/s seen on the H100
@@ -94,7 +164,7 @@ impl DevBuf {
             advice: format!("the host could not pin it ({e}): free host memory or use checkpointing = \"layer\""),
         })?;
         shared.pinned.fetch_add(bytes.max(1), Ordering::Relaxed);
-        Ok(DevBuf { ptr: ptr as u64, bytes, host: true, shared: shared.clone() })
+        Ok(DevBuf { ptr: ptr as u64, bytes, host: true, chunk: None, shared: shared.clone() })
     }
 
     /// Write `bytes` into a pinned host buffer from the CPU (no copy engine involved).
@@ -133,9 +203,14 @@ impl Drop for DevBuf {
             return;
         }
         if self.shared.ctx.bind_to_thread().is_ok() {
-            // SAFETY: `ptr` came from cuMemAlloc in this context and is freed exactly once; work
-            // that still reads it is ordered before by the synchronous free.
-            let _ = unsafe { drv::free_sync(self.ptr) };
+            match self.chunk {
+                Some(id) => self.shared.slab_free(id),
+                // SAFETY: `ptr` came from cuMemAlloc in this context and is freed exactly once;
+                // work that still reads it is ordered before by the synchronous free.
+                None => {
+                    let _ = unsafe { drv::free_sync(self.ptr) };
+                }
+            }
         }
         self.shared.used.fetch_sub(take, Ordering::Relaxed);
         self.shared.count.fetch_sub(1, Ordering::Relaxed);
