@@ -37,6 +37,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open the studio window (the same as no subcommand), optionally with a run config.
+    Studio {
+        /// A run config to open instead of the demo.
+        config: Option<PathBuf>,
+    },
     /// Describe a model folder: architecture, parameters, dtypes, untrained tokens.
     Inspect {
         model: PathBuf,
@@ -48,10 +53,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => {
-            eprintln!("the studio window is not in this build yet; try `tunestudio train assets/demo/run.toml`");
-            Ok(())
-        }
+        None => studio(None),
+        Some(Command::Studio { config }) => studio(config),
         Some(Command::Train { config, output, max_steps, device, resume, json }) => train(config, output, max_steps, device, resume, json),
         Some(Command::Inspect { model, json }) => tunestudio::inspect::run(&model, json),
     };
@@ -62,6 +65,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "gui")]
+fn studio(config: Option<PathBuf>) -> Result<()> {
+    tunestudio::app::run(tunestudio::app::StudioOptions { config, ..Default::default() })
+}
+
+#[cfg(not(feature = "gui"))]
+fn studio(_config: Option<PathBuf>) -> Result<()> {
+    Err(Error::msg("this build has no studio window (built without the `gui` feature); try `tunestudio train assets/demo/run.toml`"))
 }
 
 fn train(config: Option<PathBuf>, output: Option<PathBuf>, max_steps: Option<u64>, device: Option<DeviceChoice>, resume: Option<PathBuf>, json: bool) -> Result<()> {

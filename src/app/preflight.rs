@@ -1,0 +1,371 @@
+//! The Preflight dialog, between pressing Start and the first step: what will run (model, data,
+//! steps, device), the tokenizer checks, the untrained-token report with the fix to accept, the
+//! memory budget (see budget.rs), and either a Start button or the reason the run cannot start.
+//! `check` gathers the facts on a worker; `verdict` and `lines` are the view model.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use eframe::egui::{self, RichText, Ui};
+
+use crate::config::{DeviceChoice, RunConfig};
+use crate::data::{Batcher, IGNORE_INDEX, prepare_dataset};
+use crate::model::tokenizer::PadSource;
+use crate::model::{ModelSpec, WeightStore, untrained};
+use crate::session::checkpoint::STATUS_FILE;
+
+use super::budget::{self, Budget};
+use super::widgets::{self, Load};
+use super::{Action, AppState};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Ok,
+    Warn,
+    /// The run cannot start until this is dealt with.
+    Block,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    pub level: Level,
+    pub text: String,
+}
+
+impl Check {
+    fn new(level: Level, text: impl Into<String>) -> Self {
+        Check { level, text: text.into() }
+    }
+}
+
+/// A never-trained token that the data uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UntrainedUse {
+    pub id: u32,
+    pub text: String,
+    /// Examples that contain it.
+    pub rows: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreflightReport {
+    pub model: String,
+    pub data: String,
+    pub steps: String,
+    pub device: String,
+    pub checks: Vec<Check>,
+    /// Untrained rows in the model (BOS/EOS/PAD excluded), whether used or not.
+    pub untrained_total: usize,
+    pub untrained_used: Vec<UntrainedUse>,
+    pub budget: Option<Budget>,
+}
+
+/// What the dialog lets the person do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Ready,
+    /// The data uses untrained tokens and `dataset.fix_untrained_tokens` is off: accept the fix
+    /// or go back and change the data.
+    NeedsFix,
+    Blocked(String),
+}
+
+pub fn verdict(r: &PreflightReport, fix_enabled: bool) -> Verdict {
+    if let Some(c) = r.checks.iter().find(|c| c.level == Level::Block) {
+        return Verdict::Blocked(c.text.clone());
+    }
+    if !r.untrained_used.is_empty() && !fix_enabled {
+        return Verdict::NeedsFix;
+    }
+    Verdict::Ready
+}
+
+/// The untrained-token section as lines of text (the dialog draws these; tests read them).
+pub fn untrained_lines(r: &PreflightReport, fix_enabled: bool) -> Vec<(Level, String)> {
+    if r.untrained_total == 0 {
+        return vec![(Level::Ok, "The model has no untrained token rows.".into())];
+    }
+    if r.untrained_used.is_empty() {
+        return vec![(
+            Level::Ok,
+            format!("{} token rows of the model were never trained (all zero); the data does not use them, so they are left alone.", r.untrained_total),
+        )];
+    }
+    let names: Vec<String> = r.untrained_used.iter().map(|u| format!("{} {} (in {} rows)", u.id, u.text, u.rows)).collect();
+    let mut out = vec![(
+        Level::Warn,
+        format!(
+            "The data uses {} of the model's {} untrained token rows: {}. Their embeddings are zero, so the loss would become NaN or inf.",
+            r.untrained_used.len(),
+            r.untrained_total,
+            names.join(", ")
+        ),
+    )];
+    out.push(if fix_enabled {
+        (Level::Ok, "Fix on (dataset.fix_untrained_tokens): they start at the mean of the trained rows and are trained with the adapter.".into())
+    } else {
+        (
+            Level::Block,
+            "The fix is off (dataset.fix_untrained_tokens = false). Accept it to start these rows at the mean of the trained rows and train them, or remove the tokens from the data.".into(),
+        )
+    });
+    out
+}
+
+/// Gather every fact the dialog shows. Runs on a worker: it reads the model's embedding matrix
+/// and tokenizes the whole dataset, as the session will.
+pub fn check(cfg: &RunConfig) -> crate::Result<PreflightReport> {
+    let spec = ModelSpec::from_dir(&cfg.model.path)?;
+    let tok = super::jobs::tokenizer(&cfg.model.path)?;
+    let store = WeightStore::open(&cfg.model.path)?;
+    let data = prepare_dataset(&cfg.dataset, &tok, cfg.train.max_seq_len)?;
+    let report = &data.report;
+    let mut checks = Vec::new();
+
+    checks.push(match (tok.chat_template().is_some(), report.template.as_str()) {
+        (_, t) if t.starts_with("none") => Check::new(Level::Ok, "Raw text: no chat template involved."),
+        (true, t) => Check::new(Level::Ok, format!("Chat template: {t}.")),
+        (false, t) => Check::new(Level::Warn, format!("The model ships no chat template; using {t}. Use the same template when you chat with the result.")),
+    });
+    checks.push(match tok.pad_source() {
+        PadSource::Eos => Check::new(Level::Warn, "The pad token is the EOS token. Training here is unaffected (padding is never a target), but other tools may then mask EOS."),
+        _ => Check::new(Level::Ok, format!("Pad token: {}.", tok.token_text(tok.pad_id()).unwrap_or_default())),
+    });
+    for w in tok.warnings() {
+        checks.push(Check::new(Level::Warn, w.clone()));
+    }
+    // A response the model can stop on must end with a trained end-of-turn token.
+    let stops: Vec<u32> = tok.stop_ids().to_vec();
+    let ends_with_stop = data.examples.iter().filter(|e| e.labels.iter().any(|&l| l != IGNORE_INDEX && stops.contains(&(l as u32)))).count();
+    if data.examples.is_empty() || stops.is_empty() {
+    } else if ends_with_stop == 0 {
+        checks.push(Check::new(Level::Warn, "No example trains an end-of-turn token: the fine-tuned model may not learn when to stop."));
+    } else {
+        checks.push(Check::new(Level::Ok, format!("{ends_with_stop} of {} examples train an end-of-turn token.", data.examples.len())));
+    }
+    if let Some(bos) = tok.bos_id() {
+        let doubled = data.examples.iter().filter(|e| e.input_ids.len() > 1 && e.input_ids[0] == bos && e.input_ids[1] == bos).count();
+        if doubled > 0 {
+            checks.push(Check::new(Level::Warn, format!("{doubled} examples start with BOS twice (the template and the tokenizer both add it).")));
+        }
+    }
+    if report.truncated_rows > 0 {
+        checks.push(Check::new(Level::Warn, format!("{} rows are longer than max_seq_len {} and are truncated.", report.truncated_rows, report.max_seq_len)));
+    }
+    if !report.rows_skipped.is_empty() {
+        checks.push(Check::new(Level::Warn, format!("{} rows are skipped (reasons in the Dataset panel).", report.rows_skipped.len())));
+    }
+    if !cfg.output.run_name.is_empty() && cfg.output.dir.join(&cfg.output.run_name).join(STATUS_FILE).exists() {
+        checks.push(Check::new(
+            Level::Block,
+            format!("output.run_name: {} already holds a run. Resume it from the Runs panel or pick another name.", cfg.output.dir.join(&cfg.output.run_name).display()),
+        ));
+    }
+    let device = match cfg.train.device {
+        DeviceChoice::Cpu => "CPU".to_string(),
+        DeviceChoice::Auto => match crate::backend::cuda::probe() {
+            Ok(g) => format!("auto: {} found", g.name),
+            Err(_) => "auto: no usable GPU, the CPU".to_string(),
+        },
+        DeviceChoice::Cuda => match crate::backend::cuda::probe() {
+            Ok(g) => g.name,
+            Err(e) => {
+                checks.push(Check::new(Level::Block, format!("train.device is cuda, but {e}. Choose auto or CPU.")));
+                "CUDA (not available)".to_string()
+            }
+        },
+    };
+
+    // The same exclusions and the same rows as the session's own check.
+    let mut exclude: Vec<u32> = [tok.bos_id(), tok.eos_id(), Some(tok.pad_id())].into_iter().flatten().collect();
+    exclude.extend(spec.eos_token_ids.iter().copied());
+    let untrained_ids: Vec<u32> = untrained::detect(&store, &spec, &[])?.into_iter().filter(|i| !exclude.contains(i)).collect();
+    let mut rows_using: BTreeMap<u32, usize> = BTreeMap::new();
+    if !untrained_ids.is_empty() {
+        for e in &data.examples {
+            let mut seen: Vec<u32> = e.input_ids.iter().copied().filter(|t| untrained_ids.binary_search(t).is_ok()).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            for t in seen {
+                *rows_using.entry(t).or_default() += 1;
+            }
+        }
+    }
+    let untrained_used = rows_using.into_iter().map(|(id, rows)| UntrainedUse { id, text: tok.token_text(id).unwrap_or_default(), rows }).collect();
+
+    let examples = Arc::new(data.examples);
+    let batcher = Batcher::new(Arc::clone(&examples), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
+    let per_epoch = (batcher.batches_per_epoch().max(1) as u64).div_ceil(cfg.train.grad_accum as u64);
+    let total = cfg.train.max_steps.unwrap_or_else(|| ((cfg.train.epochs * per_epoch as f64).ceil() as u64).max(1));
+
+    Ok(PreflightReport {
+        model: spec.summary(),
+        data: format!(
+            "{} rows used of {} ({} skipped, {} truncated), {} trained tokens",
+            report.rows_used,
+            report.rows_total,
+            report.rows_skipped.len(),
+            report.truncated_rows,
+            report.trained_tokens
+        ),
+        steps: format!(
+            "{total} optimizer steps ({per_epoch} per epoch), {} sequences each, learning rate {:.2e}",
+            cfg.train.batch_size * cfg.train.grad_accum,
+            cfg.optim.lr
+        ),
+        device,
+        checks,
+        untrained_total: untrained_ids.len(),
+        untrained_used,
+        budget: budget::from_plan(&spec, cfg),
+    })
+}
+
+#[derive(Debug, Default)]
+pub struct PreflightState {
+    pub open: bool,
+    pub key: u64,
+    pub report: Load<PreflightReport>,
+}
+
+fn level_line(ui: &mut Ui, level: Level, text: &str) {
+    match level {
+        Level::Ok => widgets::ok_line(ui, text),
+        Level::Warn => widgets::warning_line(ui, text),
+        Level::Block => {
+            let c = ui.visuals().error_fg_color;
+            ui.add(egui::Label::new(RichText::new(format!("✖ {text}")).color(c)).wrap());
+        }
+    }
+}
+
+/// The modal dialog; drawn only while `state.preflight.open`.
+pub fn dialog(ctx: &egui::Context, state: &mut AppState, actions: &mut Vec<Action>) {
+    if !state.preflight.open {
+        return;
+    }
+    let fix = state.config.dataset.fix_untrained_tokens;
+    let modal = egui::Modal::new(egui::Id::unique("preflight")).show(ctx, |ui| {
+        ui.set_width(640.0);
+        ui.heading("Before the first step");
+        ui.add_space(4.0);
+        match &state.preflight.report {
+            Load::Empty | Load::Loading => {
+                ui.horizontal(|ui| {
+                    ui.spinner();
+                    ui.label("Checking the model, the tokenizer and the data…");
+                });
+                ui.add_space(8.0);
+                if ui.button("Cancel").clicked() {
+                    actions.push(Action::CancelPreflight);
+                }
+            }
+            Load::Failed(e) => {
+                ui.label("The run cannot start:");
+                widgets::error_box(ui, e);
+                ui.add_space(8.0);
+                if ui.button("Close").clicked() {
+                    actions.push(Action::CancelPreflight);
+                }
+            }
+            Load::Ready(r) => {
+                let r = r.clone();
+                egui::ScrollArea::vertical().max_height(460.0).show(ui, |ui| {
+                    egui::Grid::new("preflight-summary").num_columns(2).spacing([12.0, 4.0]).show(ui, |ui| {
+                        for (k, v) in [("Model", &r.model), ("Data", &r.data), ("Steps", &r.steps), ("Device", &r.device)] {
+                            ui.strong(k);
+                            ui.add(egui::Label::new(v.as_str()).wrap());
+                            ui.end_row();
+                        }
+                    });
+                    ui.separator();
+                    ui.strong("Tokenizer and data checks");
+                    for c in &r.checks {
+                        level_line(ui, c.level, &c.text);
+                    }
+                    ui.separator();
+                    ui.strong("Untrained tokens");
+                    for (l, t) in untrained_lines(&r, fix) {
+                        level_line(ui, l, &t);
+                    }
+                    ui.separator();
+                    budget::ui(ui, r.budget.as_ref());
+                });
+                ui.separator();
+                let v = verdict(&r, fix);
+                ui.horizontal(|ui| {
+                    match &v {
+                        Verdict::Ready => {
+                            if ui.button(RichText::new("▶ Start training").strong()).on_hover_text("Enter").clicked() {
+                                actions.push(Action::ConfirmStart);
+                            }
+                        }
+                        Verdict::NeedsFix => {
+                            if ui.button("Accept the fix and start").clicked() {
+                                actions.push(Action::AcceptFixAndStart);
+                            }
+                        }
+                        Verdict::Blocked(_) => {
+                            ui.add_enabled(false, egui::Button::new("▶ Start training"));
+                        }
+                    }
+                    if ui.button("Cancel").on_hover_text("Escape").clicked() {
+                        actions.push(Action::CancelPreflight);
+                    }
+                });
+                if let Verdict::Blocked(reason) = &v {
+                    level_line(ui, Level::Block, &format!("Cannot start: {reason}"));
+                }
+            }
+        }
+    });
+    if modal.should_close() {
+        actions.push(Action::CancelPreflight);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn crafted(used: bool) -> PreflightReport {
+        PreflightReport {
+            model: "llama".into(),
+            data: "10 rows".into(),
+            steps: "5 steps".into(),
+            device: "CPU".into(),
+            checks: vec![Check::new(Level::Ok, "Chat template: model.")],
+            untrained_total: 8,
+            untrained_used: if used { vec![UntrainedUse { id: 1390, text: "<|reserved_special_token_0|>".into(), rows: 3 }] } else { vec![] },
+            budget: None,
+        }
+    }
+
+    #[test]
+    fn unused_untrained_rows_do_not_stop_a_run() {
+        let r = crafted(false);
+        assert_eq!(verdict(&r, false), Verdict::Ready);
+        let l = untrained_lines(&r, false);
+        assert!(l[0].1.contains("8 token rows") && l[0].1.contains("left alone"), "{l:?}");
+    }
+
+    #[test]
+    fn used_untrained_rows_need_the_fix() {
+        let r = crafted(true);
+        assert_eq!(verdict(&r, false), Verdict::NeedsFix);
+        assert_eq!(verdict(&r, true), Verdict::Ready);
+        let off = untrained_lines(&r, false);
+        assert!(off[0].1.contains("1390 <|reserved_special_token_0|> (in 3 rows)"), "{off:?}");
+        assert_eq!(off[1].0, Level::Block);
+        let on = untrained_lines(&r, true);
+        assert_eq!(on[1].0, Level::Ok);
+        assert!(on[1].1.contains("mean of the trained rows"));
+    }
+
+    #[test]
+    fn a_blocking_check_wins() {
+        let mut r = crafted(true);
+        r.checks.push(Check::new(Level::Block, "output.run_name: taken"));
+        assert_eq!(verdict(&r, true), Verdict::Blocked("output.run_name: taken".into()));
+    }
+}

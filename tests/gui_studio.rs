@@ -1,0 +1,397 @@
+//! The studio driven through egui_kittest, as a person would: the real `StudioApp`, the real
+//! session thread training the demo on the CPU, clicks found by accessible name. Image snapshots
+//! of the main screens live in tests/snapshots/ (refresh with UPDATE_SNAPSHOTS=1).
+//!
+//! The tests share one lock: they train, render with a software rasterizer and time frames, and
+//! on a 2-core machine running them side by side would only make each one slower and the frame
+//! timings meaningless.
+
+#![cfg(feature = "gui")]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use eframe::egui;
+use egui_kittest::Harness;
+use egui_kittest::kittest::{NodeT, Queryable};
+use tunestudio::app::monitor::Phase;
+use tunestudio::app::preflight::{Check, Level, PreflightReport, UntrainedUse};
+use tunestudio::app::widgets::Load;
+use tunestudio::app::{Action, Page, StudioApp, StudioOptions};
+use tunestudio::session::checkpoint::StepMetrics;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A folder under the temp dir with a fixed name (emptied first): snapshot pixels then never
+/// contain a random path.
+fn fixed_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join("tunestudio-gui-tests").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The demo extracted to a fixed place, as an installed studio would extract it.
+fn demo_config() -> PathBuf {
+    let d = std::env::temp_dir().join("tunestudio-gui-tests").join("demo");
+    tunestudio::assets::extract_demo(&d).unwrap();
+    d.join("run.toml")
+}
+
+fn studio(config: Option<PathBuf>, test: &str) -> Harness<'static, StudioApp> {
+    let opts = StudioOptions { config, settings_dir: fixed_dir(&format!("{test}-settings")), output_dir: Some(fixed_dir(&format!("{test}-runs"))) };
+    Harness::builder().with_size([1280.0, 820.0]).wgpu().build_eframe(move |cc| StudioApp::new(cc, opts))
+}
+
+/// Step frames (as the window would, woken by the workers) until `cond` holds.
+fn wait_for(h: &mut Harness<'static, StudioApp>, what: &str, secs: u64, cond: impl Fn(&StudioApp) -> bool) {
+    let t0 = Instant::now();
+    loop {
+        h.step();
+        if cond(h.state()) {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out after {secs}s waiting for {what}; notices: {:?}; log tail: {:?}", h.state().state.notices, h.state().state.training.log.iter().rev().take(5).collect::<Vec<_>>());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Until the model and the dataset preview are loaded.
+fn wait_loaded(h: &mut Harness<'static, StudioApp>) {
+    wait_for(h, "the model and dataset to load", 120, |a| {
+        let s = &a.state;
+        matches!(s.model.info, Load::Ready(_) | Load::Failed(_)) && matches!(s.dataset.view, Load::Ready(_) | Load::Failed(_)) && a.jobs_running() == 0
+    });
+    if let Load::Failed(e) = &h.state().state.model.info {
+        panic!("model failed: {e}");
+    }
+    if let Load::Failed(e) = &h.state().state.dataset.view {
+        panic!("dataset failed: {e}");
+    }
+}
+
+fn steps(h: &Harness<'static, StudioApp>) -> u64 {
+    h.state().state.training.metrics.last().map_or(0, |m| m.step)
+}
+
+fn click(h: &mut Harness<'static, StudioApp>, label: &str) {
+    h.get_by_label(label).click();
+    h.step();
+    h.step();
+}
+
+fn go(h: &mut Harness<'static, StudioApp>, page: Page) {
+    click(h, page.title());
+    assert_eq!(h.state().state.page, page);
+}
+
+#[test]
+fn gui_demo_opens_with_model_and_dataset_selected() {
+    let _g = serial();
+    // No config given: the studio opens the demo from this checkout.
+    let mut h = studio(None, "open");
+    wait_loaded(&mut h);
+    let s = &h.state().state;
+    assert!(s.config.model.path.ends_with("assets/demo/model"), "{}", s.config.model.path.display());
+    assert!(s.config.dataset.path.ends_with("assets/demo/data/train.jsonl"));
+    let info = s.model.info.ready().unwrap();
+    assert!(info.architecture.starts_with("llama"), "{}", info.architecture);
+    assert!(info.chat_template);
+    assert_eq!(info.untrained.len(), 8, "the demo model has 8 zeroed reserved-token rows");
+    let view = s.dataset.view.ready().unwrap();
+    assert_eq!(view.rows_used, view.rows_total);
+    assert!(!view.previews.is_empty());
+    assert!(view.previews[0].segments.iter().any(|x| x.kind == tunestudio::app::dataset::SpanKind::Trained));
+    assert!(h.query_by_label_contains("Untrained tokens").is_some());
+    assert_eq!(h.state().state.model.recent.models.first(), Some(&h.state().state.config.model.path), "a loaded model is remembered");
+    assert!(tunestudio::app::start_blocker(&h.state().state).is_none());
+    assert!(!h.get_by_label("▶ Start").is_disabled());
+}
+
+#[test]
+fn gui_snapshots_of_the_main_screens() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "snap");
+    wait_loaded(&mut h);
+    h.step();
+    h.snapshot("model_panel");
+    go(&mut h, Page::Dataset);
+    h.snapshot("dataset_panel");
+    go(&mut h, Page::Hyper);
+    h.snapshot("hyperparameters_panel");
+
+    // The monitor with a fixed, finished curve (a live run's timings would differ per run).
+    go(&mut h, Page::Monitor);
+    let t = &mut h.state_mut().state.training;
+    t.phase = Phase::Done;
+    for i in 1..=60u64 {
+        let x = i as f64;
+        t.metrics.push(StepMetrics {
+            step: i,
+            total_steps: 60,
+            epoch: x / 45.0,
+            loss: 3.2 * (-x / 18.0).exp() + 0.9 + 0.15 * (x * 1.7).sin(),
+            lr: 2e-3 * (x / 5.0).min(1.0) * (1.0 - (x - 5.0).max(0.0) / 55.0),
+            grad_norm: 1.5 * (-x / 30.0).exp() + 0.3,
+            tokens: 2048,
+            trained_tokens: 700,
+            tokens_per_s: 4000.0 + 100.0 * (x * 0.3).cos(),
+            elapsed_s: x * 0.5,
+            eta_s: (60.0 - x) * 0.5,
+            memory_bytes: Some((300 << 20) + (i << 16)),
+        });
+        t.push_log(format!("step {i}/60"));
+    }
+    h.step();
+    h.step();
+    h.snapshot("training_monitor");
+
+    // The preflight dialog asking for the untrained-token fix, from a crafted report: the demo
+    // data does not use the zeroed rows, so a real check reports them as left alone.
+    h.state_mut().state.config.dataset.fix_untrained_tokens = false;
+    let p = &mut h.state_mut().state.preflight;
+    p.open = true;
+    p.report = Load::Ready(crafted_report(true));
+    h.step();
+    h.step();
+    h.snapshot("preflight_needs_fix");
+}
+
+fn crafted_report(uses_untrained: bool) -> PreflightReport {
+    PreflightReport {
+        model: "llama (Llama): 4 layers, hidden 128".into(),
+        data: "360 rows used of 360 (0 skipped, 0 truncated), 9000 trained tokens".into(),
+        steps: "60 optimizer steps (45 per epoch), 8 sequences each, learning rate 2.00e-3".into(),
+        device: "CPU".into(),
+        checks: vec![Check { level: Level::Ok, text: "Chat template: model.".into() }, Check { level: Level::Warn, text: "3 rows are skipped.".into() }],
+        untrained_total: 8,
+        untrained_used: if uses_untrained { vec![UntrainedUse { id: 1390, text: "<|reserved_special_token_0|>".into(), rows: 12 }] } else { vec![] },
+        budget: None,
+    }
+}
+
+#[test]
+fn gui_untrained_token_dialog_offers_the_fix() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "fix");
+    wait_loaded(&mut h);
+    h.state_mut().state.config.dataset.fix_untrained_tokens = false;
+    h.state_mut().state.config.train.max_steps = Some(3);
+    let p = &mut h.state_mut().state.preflight;
+    p.open = true;
+    p.report = Load::Ready(crafted_report(true));
+    h.step();
+    assert!(h.query_by_label_contains("1390 <|reserved_special_token_0|> (in 12 rows)").is_some());
+    assert!(h.query_by_label_contains("The fix is off").is_some());
+    assert!(h.query_by_label("▶ Start training").is_none(), "no plain start while the fix is refused");
+    click(&mut h, "Accept the fix and start");
+    let s = &h.state().state;
+    assert!(s.config.dataset.fix_untrained_tokens, "accepting sets dataset.fix_untrained_tokens");
+    assert!(!s.preflight.open);
+    assert!(s.training.phase.is_active());
+    wait_for(&mut h, "the short run to end", 120, |a| !a.state.training.phase.is_active());
+    assert_eq!(h.state().state.training.phase, Phase::Done, "{:?}", h.state().state.training.failure);
+
+    // With the fix on, the same report lets the run start.
+    let p = &mut h.state_mut().state.preflight;
+    p.open = true;
+    p.report = Load::Ready(crafted_report(true));
+    h.step();
+    assert!(h.query_by_label_contains("Fix on (dataset.fix_untrained_tokens)").is_some());
+    assert!(!h.get_by_label("▶ Start training").is_disabled());
+    click(&mut h, "Cancel");
+    assert!(!h.state().state.preflight.open);
+}
+
+#[test]
+fn gui_invalid_field_disables_start_with_its_reason() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "invalid");
+    wait_loaded(&mut h);
+    go(&mut h, Page::Hyper);
+    h.get_by_label("LoRA rank (r)").set_value_accesskit(0.0);
+    h.step();
+    h.step();
+    assert_eq!(h.state().state.config.lora.r, 0);
+    assert!(h.get_by_label("▶ Start").is_disabled());
+    let reason = "Start is disabled: LoRA rank (r) (lora.r): 0 is outside the allowed range [1, 1024]";
+    assert!(h.query_by_label(reason).is_some(), "the status bar gives the reason");
+    assert!(h.query_by_label("⚠ 0 is outside the allowed range [1, 1024]").is_some(), "the field is marked in place");
+    // The shortcut does not start either.
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Enter);
+    h.step();
+    assert!(!h.state().state.preflight.open && !h.state().state.training.phase.is_active());
+    h.snapshot("invalid_field");
+    h.get_by_label("LoRA rank (r)").set_value_accesskit(8.0);
+    h.step();
+    h.step();
+    assert!(!h.get_by_label("▶ Start").is_disabled());
+}
+
+#[test]
+fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "train");
+    wait_loaded(&mut h);
+    // Enough steps that the run is still going while we press the buttons.
+    h.state_mut().state.config.train.max_steps = Some(400);
+    h.state_mut().state.config.train.save_every = 0;
+    h.state_mut().state.config.output.run_name = "gui-run".into();
+    h.step();
+
+    click(&mut h, "▶ Start");
+    assert!(h.state().state.preflight.open, "Start opens the preflight dialog first");
+    wait_for(&mut h, "the preflight report", 120, |a| !a.state.preflight.report.is_loading());
+    if let Load::Failed(e) = &h.state().state.preflight.report {
+        panic!("preflight failed: {e}");
+    }
+    h.step();
+    assert!(h.query_by_label_contains("token rows of the model were never trained").is_some(), "the demo's zeroed rows are reported");
+    assert!(h.query_by_label_contains("left alone").is_some());
+    click(&mut h, "▶ Start training");
+    assert_eq!(h.state().state.page, Page::Monitor);
+
+    wait_for(&mut h, "two steps", 180, |a| a.state.training.metrics.len() >= 2);
+    assert!(h.state().state.training.loaded.is_some());
+    click(&mut h, "⏸ Pause");
+    wait_for(&mut h, "the pause", 60, |a| a.state.training.phase == Phase::Paused);
+    let at = steps(&h);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(800) {
+        h.step();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(steps(&h), at, "no step while paused");
+    click(&mut h, "⏵ Resume");
+    wait_for(&mut h, "a step after resuming", 60, |a| a.state.training.metrics.last().is_some_and(|m| m.step > at));
+    // With save_every = 0 nothing is saved before the end unless asked.
+    assert!(h.state().state.training.last_checkpoint.is_none());
+    click(&mut h, "💾 Save now");
+    wait_for(&mut h, "the requested checkpoint", 60, |a| a.state.training.last_checkpoint.as_ref().is_some_and(|(s, _)| *s > at));
+    click(&mut h, "⏹ Stop");
+    wait_for(&mut h, "the stop", 120, |a| !a.state.training.phase.is_active());
+    let s = &h.state().state;
+    assert_eq!(s.training.phase, Phase::Stopped, "{:?}", s.training.failure);
+    let run_dir = s.training.run_dir().unwrap().to_path_buf();
+    assert!(run_dir.join("adapter/adapter_model.safetensors").is_file());
+    let stopped_at = steps(&h);
+    assert!(window_title(&h).contains("stopped"), "{}", window_title(&h));
+
+    // Export the adapter into a chosen folder.
+    go(&mut h, Page::Export);
+    let dest = fixed_dir("train-export");
+    h.state_mut().state.export.dest = dest.clone();
+    h.state_mut().state.export.source = Some(run_dir.clone());
+    h.step();
+    click(&mut h, "Export adapter");
+    wait_for(&mut h, "the export", 60, |a| a.state.export.result.is_some());
+    let out = h.state().state.export.result.clone().unwrap().expect("export succeeds");
+    assert_eq!(out, dest.join("gui-run-adapter"));
+    assert!(out.join("adapter_config.json").is_file() && out.join("adapter_model.safetensors").is_file());
+    h.step();
+    assert!(h.query_by_label(&out.display().to_string()).is_some(), "the resulting path is shown");
+
+    // The Runs list shows the stopped run; resume it.
+    go(&mut h, Page::Runs);
+    wait_for(&mut h, "the runs list", 30, |a| a.state.runs.records.ready().is_some_and(|r| !r.is_empty()));
+    h.step();
+    assert!(h.query_all_by_label("stopped").count() >= 2, "the toolbar and the runs list say stopped");
+    click(&mut h, "Resume");
+    wait_for(&mut h, "a resumed step", 180, |a| a.state.training.metrics.last().is_some_and(|m| m.step > stopped_at));
+    let loaded = h.state().state.training.loaded.as_ref().unwrap();
+    assert_eq!(loaded.run_dir, run_dir);
+    assert!(loaded.start_step > 0 && loaded.start_step <= stopped_at);
+    assert_eq!(h.state().state.training.metrics.first().map(|m| m.step), Some(1), "the curve before the resume is shown too");
+    h.key_press_modifiers(egui::Modifiers::SHIFT, egui::Key::F5);
+    wait_for(&mut h, "the stop shortcut", 120, |a| !a.state.training.phase.is_active());
+
+    // Reopen the run's curves from the list.
+    go(&mut h, Page::Runs);
+    wait_for(&mut h, "the refreshed runs list", 30, |a| a.jobs_running() == 0);
+    h.step();
+    click(&mut h, "Open");
+    wait_for(&mut h, "the opened run", 30, |a| a.state.training.viewing.is_some());
+    assert_eq!(h.state().state.page, Page::Monitor);
+    assert!(h.state().state.training.viewing.as_ref().unwrap().metrics.len() as u64 >= stopped_at);
+}
+
+fn window_title(h: &Harness<'static, StudioApp>) -> String {
+    tunestudio::app::window_title(&h.state().state)
+}
+
+#[test]
+fn gui_frame_time_stays_under_16ms_while_training() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "frames");
+    wait_loaded(&mut h);
+    h.state_mut().state.config.train.max_steps = Some(400);
+    let ctx = h.ctx.clone();
+    h.state_mut().act(Action::ConfirmStart, &ctx);
+    wait_for(&mut h, "training to run", 180, |a| a.state.training.metrics.len() >= 3);
+    // Frames while steps stream in, with the monitor drawing every plot.
+    let mut times = Vec::new();
+    let first = h.state().state.training.metrics.len();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(6) {
+        let f = Instant::now();
+        h.step();
+        times.push(f.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(8));
+    }
+    let during = h.state().state.training.metrics.len() - first;
+    h.state_mut().act(Action::Stop, &ctx);
+    wait_for(&mut h, "the stop", 120, |a| !a.state.training.phase.is_active());
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| times[((times.len() - 1) as f64 * p) as usize];
+    eprintln!("frame time over {} frames while {during} steps arrived: median {:.2} ms, p95 {:.2} ms, max {:.2} ms", times.len(), pct(0.5), pct(0.95), pct(1.0));
+    assert!(during >= 1, "steps must arrive while the frames are timed");
+    assert!(pct(0.95) < 16.0, "p95 frame time {:.2} ms", pct(0.95));
+}
+
+/// A dropped file for the harness: egui only needs its path.
+#[derive(Debug)]
+struct Dropped(PathBuf);
+
+impl egui::DroppedFile for Dropped {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn gui_drop_a_dataset_and_see_failures_as_messages() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "drop");
+    wait_loaded(&mut h);
+    // A dataset with no usable row: the panel says why, and Start says it is disabled.
+    let dir = fixed_dir("drop-data");
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"question\": \"a\"}\n{\"question\": \"b\"}\n").unwrap();
+    h.input_mut().dropped_files.push(Arc::new(Dropped(bad.clone())));
+    h.step();
+    assert_eq!(h.state().state.config.dataset.path, bad);
+    assert_eq!(h.state().state.page, Page::Dataset);
+    wait_for(&mut h, "the dataset check", 60, |a| matches!(a.state.dataset.view, Load::Failed(_)));
+    h.step();
+    let reason = tunestudio::app::start_blocker(&h.state().state).unwrap();
+    assert!(reason.starts_with("Dataset file (dataset.path):"), "{reason}");
+    assert!(h.get_by_label("▶ Start").is_disabled());
+
+    // A session that fails reports a readable message in the monitor, not a crash.
+    let ctx = h.ctx.clone();
+    let empty = fixed_dir("drop-not-a-run");
+    h.state_mut().act(Action::ResumeRun(empty.clone()), &ctx);
+    wait_for(&mut h, "the failure", 60, |a| a.state.training.phase == Phase::Failed);
+    h.step();
+    let msg = h.state().state.training.failure.as_ref().unwrap().message.clone();
+    assert!(msg.contains("no checkpoint to resume from"), "{msg}");
+    assert!(h.query_by_label_contains("no checkpoint to resume from").is_some());
+}
