@@ -39,9 +39,13 @@ xdotool windowmove "$win" 0 0
 sleep 4   # the model and the dataset preview load on workers
 
 # Start sits first in the toolbar, under the menu bar (see StudioApp::toolbar).
-xdotool mousemove --window "$win" 38 44 click 1
+xdotool mousemove --window "$win" 35 40 click 1
 sleep 3   # the preflight check reads the model and tokenizes the data
-xdotool key --window "$win" Return
+# Without a window manager nothing gives the window the keyboard: focus it, then Enter confirms
+# the dialog's "Start training". The pointer moves off the toolbar so no tooltip covers the plot.
+xdotool windowfocus "$win"
+xdotool mousemove --window "$win" 900 700
+xdotool key Return
 sleep "$wait_s"
 
 import -window root "$work/full.png"

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use eframe::egui::{self, Color32, RichText, Ui, text::LayoutJob};
-use egui_plot::{Bar, BarChart, Plot, VLine};
+use egui_plot::{Bar, BarChart, Legend, Plot, VLine};
 
 use crate::config::{DatasetFormat, RunConfig, TrainOn};
 use crate::data::encode::Encoder;
@@ -454,6 +454,7 @@ fn histogram_plot(ui: &mut Ui, v: &DatasetView) {
         .allow_drag(false)
         .x_axis_label("tokens per row")
         .y_axis_label("rows")
+        .legend(Legend::default())
         .show(ui, |p| {
             p.bar_chart(BarChart::new("rows", bars));
             p.vline(VLine::new(format!("max_seq_len = {}", v.max_seq_len), max_len).color(Color32::from_rgb(230, 120, 60)).width(2.0));

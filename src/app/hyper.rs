@@ -184,7 +184,8 @@ fn lora_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
     field(ui, p, "lora.rslora", |ui| ui.checkbox(&mut c.lora.rslora, "α/√r"));
     ui.end_row();
     ui.label("");
-    ui.weak(format!("adapter scale: {:.3}", c.lora.scale()));
+    let scale = c.lora.scale();
+    ui.weak(if scale.is_finite() { format!("adapter scale: {scale:.3}") } else { "adapter scale: –".into() });
     ui.end_row();
 }
 

@@ -763,7 +763,7 @@ impl eframe::App for StudioApp {
                 }
             });
         });
-        egui::Panel::left("nav").resizable(false).exact_size(150.0).show(ui, |ui| self.nav(ui, &mut actions));
+        egui::Panel::left("nav").resizable(false).exact_size(172.0).show(ui, |ui| self.nav(ui, &mut actions));
         egui::CentralPanel::default().show(ui, |ui| {
             let mut dismiss = None;
             for (i, n) in self.state.notices.iter().enumerate() {

@@ -270,7 +270,7 @@ pub fn dialog(ctx: &egui::Context, state: &mut AppState, actions: &mut Vec<Actio
             }
             Load::Ready(r) => {
                 let r = r.clone();
-                egui::ScrollArea::vertical().max_height(460.0).show(ui, |ui| {
+                egui::ScrollArea::vertical().max_height((ctx.content_rect().height() - 220.0).max(240.0)).show(ui, |ui| {
                     egui::Grid::new("preflight-summary").num_columns(2).spacing([12.0, 4.0]).show(ui, |ui| {
                         for (k, v) in [("Model", &r.model), ("Data", &r.data), ("Steps", &r.steps), ("Device", &r.device)] {
                             ui.strong(k);

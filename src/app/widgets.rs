@@ -104,7 +104,7 @@ pub fn combo<T: PartialEq + Copy>(ui: &mut Ui, id: &str, value: &mut T, options:
 pub fn path_field(ui: &mut Ui, problems: &Problems, key: &str, path: &mut PathBuf, browse: Option<Action>, actions: &mut Vec<Action>) {
     field(ui, problems, key, |ui| {
         let mut text = path.display().to_string();
-        let r = ui.add(egui::TextEdit::singleline(&mut text).desired_width(420.0).hint_text("type a path or use Browse…"));
+        let r = ui.add(egui::TextEdit::singleline(&mut text).desired_width(path_width(ui)).hint_text("type a path or use Browse…"));
         if r.changed() {
             *path = PathBuf::from(text.trim());
         }
@@ -117,11 +117,16 @@ pub fn path_field(ui: &mut Ui, problems: &Problems, key: &str, path: &mut PathBu
     });
 }
 
+/// Wide enough for a real path, leaving room for the buttons beside it in narrow columns.
+fn path_width(ui: &Ui) -> f32 {
+    (ui.available_width() - 150.0).clamp(160.0, 460.0)
+}
+
 /// A path that may be absent (an adapter to continue from): empty text means none.
 pub fn optional_path_field(ui: &mut Ui, problems: &Problems, key: &str, path: &mut Option<PathBuf>, browse: Action, actions: &mut Vec<Action>) {
     field(ui, problems, key, |ui| {
         let mut text = path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        let r = ui.add(egui::TextEdit::singleline(&mut text).desired_width(420.0).hint_text("none"));
+        let r = ui.add(egui::TextEdit::singleline(&mut text).desired_width(path_width(ui)).hint_text("none"));
         if r.changed() {
             *path = if text.trim().is_empty() { None } else { Some(PathBuf::from(text.trim())) };
         }
