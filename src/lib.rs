@@ -6,12 +6,12 @@
 pub mod app;
 pub mod assets;
 pub mod backend;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
 pub mod export;
-pub mod inspect;
 pub mod model;
 pub mod quant;
 pub mod session;

@@ -42,6 +42,28 @@ enum Command {
         /// A run config to open instead of the demo.
         config: Option<PathBuf>,
     },
+    /// The memory plan (VRAM budget) of a run: every term, the peak, fits or not, what fits.
+    Plan {
+        /// A run config; or use --model / --shape.
+        config: Option<PathBuf>,
+        /// A model folder (only config.json is read).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A named shape instead of a folder: llama3-8b, llama3.2-3b, llama3.2-1b.
+        #[arg(long)]
+        shape: Option<String>,
+        #[arg(long)]
+        seq: Option<usize>,
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long)]
+        rank: Option<usize>,
+        /// Plan for a card of this size (e.g. 24GiB) instead of the detected one.
+        #[arg(long, value_parser = parse_size)]
+        gpu_mem: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe a model folder: architecture, parameters, dtypes, untrained tokens.
     Inspect {
         model: PathBuf,
@@ -56,7 +78,17 @@ fn main() -> ExitCode {
         None => studio(None),
         Some(Command::Studio { config }) => studio(config),
         Some(Command::Train { config, output, max_steps, device, resume, json }) => train(config, output, max_steps, device, resume, json),
-        Some(Command::Inspect { model, json }) => tunestudio::inspect::run(&model, json),
+        Some(Command::Plan { config, model, shape, seq, batch, rank, gpu_mem, json }) => tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
+            config: config.as_deref(),
+            model: model.as_deref(),
+            shape: shape.as_deref(),
+            seq,
+            batch,
+            rank,
+            gpu_mem,
+            json,
+        }),
+        Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -75,6 +107,10 @@ fn studio(config: Option<PathBuf>) -> Result<()> {
 #[cfg(not(feature = "gui"))]
 fn studio(_config: Option<PathBuf>) -> Result<()> {
     Err(Error::msg("this build has no studio window (built without the `gui` feature); try `tunestudio train assets/demo/run.toml`"))
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    tunestudio::util::parse_bytes(s).ok_or_else(|| format!("`{s}` is not a size such as 24GiB or 80GB"))
 }
 
 fn train(config: Option<PathBuf>, output: Option<PathBuf>, max_steps: Option<u64>, device: Option<DeviceChoice>, resume: Option<PathBuf>, json: bool) -> Result<()> {

@@ -172,7 +172,7 @@ fn lora_linear_backward_with_and_without_dropout() {
             let mut xa = CpuTensor(vec![0.0; dims.n * r]);
             let mut xd = CpuTensor(vec![0.0; ne]);
             let xl = if p > 0.0 {
-                be.dropout(&t(x), &mut xd, ne, p, key).unwrap();
+                be.dropout(&t(x), &mut xd, ne, p, key, 0).unwrap();
                 xd
             } else {
                 t(x)
@@ -190,7 +190,7 @@ fn lora_linear_backward_with_and_without_dropout() {
         let lora = LoraBwd { a: &t(&a), b: &t(&b), rank: r, scale, x_lora: &xl, xa: &xa, grad_a: &mut ga, grad_b: &mut gb, scratch: &mut scratch };
         if p > 0.0 {
             be.linear_bwd(&t(&dy), &weight, Some(lora), dims, &mut dx, false, Some(&mut dxl)).unwrap();
-            be.dropout_bwd(&dxl, &mut dx, ne, p, key, true).unwrap();
+            be.dropout_bwd(&dxl, &mut dx, ne, p, key, 0, true).unwrap();
         } else {
             be.linear_bwd(&t(&dy), &weight, Some(lora), dims, &mut dx, false, None).unwrap();
         }
@@ -272,6 +272,7 @@ fn trainer(spec: &ModelSpec, quant: Quantization, policy: CheckpointPolicy, drop
         max_seq_len: 8,
         checkpointing: policy,
         seed: 7,
+        mlp_chunk_rows: 5,
     };
     // B random (not PEFT's zero init) so that dA is not trivially zero.
     let mut init = LoraWeights::init(spec, &lora, 1);
@@ -348,6 +349,19 @@ fn whole_step_gradients_nf4_bias_tied_subset_dropout() {
     let batches = vec![tiny_batch(&mut rng, spec.vocab_size as u32)];
     let mut tr = trainer(&spec, Quantization::Nf4, CheckpointPolicy::None, 0.2, vec![Target::Q, Target::V, Target::Down]);
     check_step_gradients(&mut tr, &batches);
+}
+
+#[test]
+fn chunked_mlp_and_offloaded_inputs_match_finite_differences() {
+    // 2 rows × 8 positions = 16 rows in MLP chunks of 5 (uneven last chunk), inputs offloaded.
+    let spec = tiny_spec(false);
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    let batches = vec![tiny_batch(&mut rng, spec.vocab_size as u32), tiny_batch(&mut rng, spec.vocab_size as u32)];
+    for policy in [CheckpointPolicy::Layer, CheckpointPolicy::Offload] {
+        let mut tr = trainer(&spec, Quantization::Nf4, policy, 0.15, Target::ALL.to_vec());
+        assert!(!tr.keeps_all_activations());
+        check_step_gradients(&mut tr, &batches);
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@ use egui_plot::{Bar, BarChart, Legend, Plot, VLine};
 
 use crate::config::{DatasetFormat, RunConfig, TrainOn};
 use crate::data::encode::Encoder;
+use crate::data::preflight::LengthStats;
 use crate::data::{IGNORE_INDEX, LongRows, SkippedRow, format, prepare_dataset, read};
 
 use super::widgets::{self, Fmt, Load, combo, drag_f64, field};
@@ -62,8 +63,8 @@ pub struct DatasetView {
     pub trained_tokens: usize,
     pub total_tokens: usize,
     pub max_seq_len: usize,
-    /// Token counts before truncation, one per used row.
-    pub lengths: Vec<usize>,
+    /// Token counts per used row before truncation (the data module's statistics and histogram).
+    pub lengths: LengthStats,
     pub previews: Vec<Preview>,
 }
 
@@ -103,7 +104,7 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
         let Ok(enc) = encoder.encode(&sample, true) else { continue };
         let Some(text) = enc.text else { continue };
         let is_text = matches!(sample, format::Sample::Text(_));
-        let (ids, offsets) = tok.encode_with_offsets(&text, false)?;
+        let crate::model::tokenizer::Encoded { ids, offsets } = tok.encode_with_offsets(&text, false)?;
         // Raw text gets BOS in front (and EOS behind) outside the text, so its body starts one
         // token later; every body token is trained.
         let (labels, keep) = if is_text {
@@ -130,7 +131,7 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
         trained_tokens: report.trained_tokens,
         total_tokens: report.total_tokens,
         max_seq_len: report.max_seq_len,
-        lengths: report.lengths.iter().map(|l| l.original_tokens).collect(),
+        lengths: LengthStats::of(&report.lengths.iter().map(|l| l.original_tokens).collect::<Vec<_>>(), report.max_seq_len),
         previews,
     })
 }
@@ -165,33 +166,11 @@ pub fn segments(text: &str, offsets: &[(usize, usize)], labels: &[i32], keep: us
     out
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Bin {
-    pub lo: usize,
-    pub hi: usize,
-    pub count: usize,
-}
-
-/// Equal-width bins from 0 to past the longest row and `max_seq_len`, the width rounded to 1, 2
-/// or 5 × a power of ten so the axis reads cleanly.
-pub fn histogram(lengths: &[usize], max_seq_len: usize, bins: usize) -> Vec<Bin> {
-    let top = lengths.iter().copied().max().unwrap_or(0).max(max_seq_len).max(1);
-    let raw = top as f64 / bins.max(1) as f64;
-    let mag = 10f64.powf(raw.log10().floor());
-    let width = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|w| *w >= raw).unwrap_or(10.0 * mag).max(1.0) as usize;
-    let count = top / width + 1;
-    let mut out: Vec<Bin> = (0..count).map(|i| Bin { lo: i * width, hi: (i + 1) * width, count: 0 }).collect();
-    for &l in lengths {
-        out[(l / width).min(count - 1)].count += 1;
-    }
-    out
-}
-
 /// The one-line summary above the preview.
 pub fn summary(v: &DatasetView) -> String {
     let frac = if v.total_tokens == 0 { 0.0 } else { 100.0 * v.trained_tokens as f64 / v.total_tokens as f64 };
     format!(
-        "{} {} rows: {} used, {} skipped, {} truncated to {} tokens · {} tokens, {} trained ({frac:.0}%)",
+        "{} {} rows: {} used, {} skipped, {} truncated to {} tokens · {} tokens, {} trained ({frac:.0}%) · per row: median {}, p95 {}, max {}",
         v.rows_total,
         v.file_kind,
         v.rows_used,
@@ -199,7 +178,10 @@ pub fn summary(v: &DatasetView) -> String {
         v.truncated_rows,
         v.max_seq_len,
         v.total_tokens,
-        v.trained_tokens
+        v.trained_tokens,
+        v.lengths.p50,
+        v.lengths.p95,
+        v.lengths.max
     )
 }
 
@@ -443,9 +425,9 @@ fn preview_job(ui: &Ui, segments: &[Segment]) -> LayoutJob {
 }
 
 fn histogram_plot(ui: &mut Ui, v: &DatasetView) {
-    let bins = histogram(&v.lengths, v.max_seq_len, 30);
-    let width = bins.first().map_or(1, |b| b.hi - b.lo) as f64;
-    let bars: Vec<Bar> = bins.iter().map(|b| Bar::new((b.lo + b.hi) as f64 / 2.0, b.count as f64).width(width * 0.95)).collect();
+    let h = &v.lengths.histogram;
+    let width = h.width as f64;
+    let bars: Vec<Bar> = h.counts.iter().enumerate().map(|(i, &n)| Bar::new((i as f64 + 0.5) * width, n as f64).width(width * 0.95)).collect();
     let max_len = v.max_seq_len as f64;
     Plot::new("length-histogram")
         .height(200.0)
@@ -484,17 +466,5 @@ mod tests {
         let s = segments(text, &offsets, &labels, 10);
         assert_eq!(s.iter().map(|x| x.text.as_str()).collect::<String>(), text);
         assert_eq!(s.last().unwrap().kind, SpanKind::Trained);
-    }
-
-    #[test]
-    fn histogram_bins_cover_everything_with_round_widths() {
-        let lengths = [10, 95, 120, 260, 999];
-        let h = histogram(&lengths, 256, 30);
-        assert_eq!(h.iter().map(|b| b.count).sum::<usize>(), lengths.len());
-        let w = h[0].hi - h[0].lo;
-        assert!([1, 2, 5, 10, 20, 50, 100].contains(&w), "width {w}");
-        assert!(h.last().unwrap().hi > 999);
-        assert!(h.len() <= 31);
-        assert_eq!(histogram(&[], 8, 30).iter().map(|b| b.count).sum::<usize>(), 0);
     }
 }

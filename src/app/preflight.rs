@@ -9,8 +9,8 @@ use std::sync::Arc;
 use eframe::egui::{self, RichText, Ui};
 
 use crate::config::{DeviceChoice, RunConfig};
-use crate::data::{Batcher, IGNORE_INDEX, prepare_dataset};
-use crate::model::tokenizer::PadSource;
+use crate::data::preflight::{self as data_preflight, dataset_stats, tokenizer_checks};
+use crate::data::{Batcher, prepare_dataset};
 use crate::model::{ModelSpec, WeightStore, untrained};
 use crate::session::checkpoint::STATUS_FILE;
 
@@ -21,6 +21,8 @@ use super::{Action, AppState};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     Ok,
+    /// Worth knowing; nothing is wrong.
+    Info,
     Warn,
     /// The run cannot start until this is dealt with.
     Block,
@@ -122,31 +124,22 @@ pub fn check(cfg: &RunConfig) -> crate::Result<PreflightReport> {
     let report = &data.report;
     let mut checks = Vec::new();
 
-    checks.push(match (tok.chat_template().is_some(), report.template.as_str()) {
-        (_, t) if t.starts_with("none") => Check::new(Level::Ok, "Raw text: no chat template involved."),
-        (true, t) => Check::new(Level::Ok, format!("Chat template: {t}.")),
-        (false, t) => Check::new(Level::Warn, format!("The model ships no chat template; using {t}. Use the same template when you chat with the result.")),
-    });
-    checks.push(match tok.pad_source() {
-        PadSource::Eos => Check::new(Level::Warn, "The pad token is the EOS token. Training here is unaffected (padding is never a target), but other tools may then mask EOS."),
-        _ => Check::new(Level::Ok, format!("Pad token: {}.", tok.token_text(tok.pad_id()).unwrap_or_default())),
-    });
-    for w in tok.warnings() {
-        checks.push(Check::new(Level::Warn, w.clone()));
-    }
-    // A response the model can stop on must end with a trained end-of-turn token.
-    let stops: Vec<u32> = tok.stop_ids().to_vec();
-    let ends_with_stop = data.examples.iter().filter(|e| e.labels.iter().any(|&l| l != IGNORE_INDEX && stops.contains(&(l as u32)))).count();
-    if data.examples.is_empty() || stops.is_empty() {
-    } else if ends_with_stop == 0 {
-        checks.push(Check::new(Level::Warn, "No example trains an end-of-turn token: the fine-tuned model may not learn when to stop."));
+    if report.template.starts_with("none") {
+        checks.push(Check::new(Level::Ok, "Raw text: no chat template involved."));
     } else {
-        checks.push(Check::new(Level::Ok, format!("{ends_with_stop} of {} examples train an end-of-turn token.", data.examples.len())));
-    }
-    if let Some(bos) = tok.bos_id() {
-        let doubled = data.examples.iter().filter(|e| e.input_ids.len() > 1 && e.input_ids[0] == bos && e.input_ids[1] == bos).count();
-        if doubled > 0 {
-            checks.push(Check::new(Level::Warn, format!("{doubled} examples start with BOS twice (the template and the tokenizer both add it).")));
+        let template = tok.resolve_template(&cfg.dataset.template)?;
+        checks.push(match tok.chat_template().is_some() {
+            true => Check::new(Level::Ok, format!("Chat template: {}.", report.template)),
+            false => Check::new(Level::Warn, format!("The model ships no chat template; using {}. Chat with the result through the same template.", report.template)),
+        });
+        // The data module's checks of the tokenizer and template (double BOS, responses that never
+        // end in an end-of-turn token, the pad token, …), as the CLI prints them.
+        for f in tokenizer_checks(&tok, &template) {
+            let level = match f.level {
+                data_preflight::Level::Info => Level::Info,
+                data_preflight::Level::Warning => Level::Warn,
+            };
+            checks.push(Check::new(level, f.message));
         }
     }
     if report.truncated_rows > 0 {
@@ -191,12 +184,24 @@ pub fn check(cfg: &RunConfig) -> crate::Result<PreflightReport> {
             }
         }
     }
-    let untrained_used = rows_using.into_iter().map(|(id, rows)| UntrainedUse { id, text: tok.token_text(id).unwrap_or_default(), rows }).collect();
-
-    let examples = Arc::new(data.examples);
-    let batcher = Batcher::new(Arc::clone(&examples), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
-    let per_epoch = (batcher.batches_per_epoch().max(1) as u64).div_ceil(cfg.train.grad_accum as u64);
+    let batcher = Batcher::new(Arc::new(data.examples.clone()), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
+    let stats = dataset_stats(&data, &batcher, cfg.train.grad_accum);
+    if !cfg.dataset.packing && stats.padding_fraction > 0.3 {
+        checks.push(Check::new(
+            Level::Info,
+            format!("{:.0}% of the tokens in a batch are padding; dataset.packing would spend that compute on data.", 100.0 * stats.padding_fraction),
+        ));
+    }
+    let per_epoch = stats.steps_per_epoch.max(1) as u64;
     let total = cfg.train.max_steps.unwrap_or_else(|| ((cfg.train.epochs * per_epoch as f64).ceil() as u64).max(1));
+    let token_rows = if cfg.dataset.fix_untrained_tokens { rows_using.len() } else { 0 };
+    let budget = budget::from_plan(&spec, cfg, token_rows);
+    if let Some(b) = &budget {
+        if b.fits == Some(false) {
+            checks.push(Check::new(Level::Warn, format!("The memory plan does not fit {}: {}", b.device, b.notes.join("; "))));
+        }
+    }
+    let untrained_used = rows_using.into_iter().map(|(id, rows)| UntrainedUse { id, text: tok.token_text(id).unwrap_or_default(), rows }).collect();
 
     Ok(PreflightReport {
         model: spec.summary(),
@@ -217,7 +222,7 @@ pub fn check(cfg: &RunConfig) -> crate::Result<PreflightReport> {
         checks,
         untrained_total: untrained_ids.len(),
         untrained_used,
-        budget: budget::from_plan(&spec, cfg),
+        budget,
     })
 }
 
@@ -231,6 +236,9 @@ pub struct PreflightState {
 fn level_line(ui: &mut Ui, level: Level, text: &str) {
     match level {
         Level::Ok => widgets::ok_line(ui, text),
+        Level::Info => {
+            ui.add(egui::Label::new(format!("ℹ {text}")).wrap());
+        }
         Level::Warn => widgets::warning_line(ui, text),
         Level::Block => {
             let c = ui.visuals().error_fg_color;

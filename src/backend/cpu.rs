@@ -136,6 +136,13 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
+    fn copy_range(&self, src: &Self::Tensor, src_off: usize, dst: &mut Self::Tensor, dst_off: usize, n: usize) -> Result<()> {
+        check_len("copy_range", "source", &src.0, src_off + n)?;
+        check_len("copy_range", "destination", &dst.0, dst_off + n)?;
+        dst.0[dst_off..dst_off + n].copy_from_slice(&src.0[src_off..src_off + n]);
+        Ok(())
+    }
+
     fn alloc_ids(&self, len: usize) -> Result<Self::Ids> {
         Ok(vec![0; len])
     }
@@ -170,18 +177,18 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn dropout(&self, x: &Self::Tensor, out: &mut Self::Tensor, n: usize, p: f32, key: u64) -> Result<()> {
+    fn dropout(&self, x: &Self::Tensor, out: &mut Self::Tensor, n: usize, p: f32, key: u64, first: u64) -> Result<()> {
         let keep = T::of(1.0 / (1.0 - p as f64));
         out.0[..n].par_iter_mut().zip(&x.0[..n]).enumerate().for_each(|(i, (o, &v))| {
-            *o = if dropout_uniform(key, i as u64) >= p { v * keep } else { T::zero() };
+            *o = if dropout_uniform(key, first + i as u64) >= p { v * keep } else { T::zero() };
         });
         Ok(())
     }
 
-    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p: f32, key: u64, accumulate: bool) -> Result<()> {
+    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p: f32, key: u64, first: u64, accumulate: bool) -> Result<()> {
         let keep = T::of(1.0 / (1.0 - p as f64));
         dx.0[..n].par_iter_mut().zip(&dy.0[..n]).enumerate().for_each(|(i, (o, &g))| {
-            let v = if dropout_uniform(key, i as u64) >= p { g * keep } else { T::zero() };
+            let v = if dropout_uniform(key, first + i as u64) >= p { g * keep } else { T::zero() };
             *o = if accumulate { *o + v } else { v };
         });
         Ok(())

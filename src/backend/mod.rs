@@ -139,8 +139,24 @@ pub trait Backend: Send {
     /// Overwrite the first `data.len()` elements.
     fn write(&self, t: &mut Self::Tensor, data: &[f32]) -> Result<()>;
     fn fill(&self, t: &mut Self::Tensor, value: f32) -> Result<()>;
-    /// `dst[..n] = src[..n]`.
+    /// A tensor in pinned host memory (layer inputs offloaded during the step). Ops other than the
+    /// copies below never see one.
+    fn alloc_host(&self, len: usize, dtype: DType) -> Result<Self::Tensor> {
+        self.alloc(len, dtype)
+    }
+    /// `dst[..n] = src[..n]` (device or host, in stream order).
     fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()>;
+    /// `dst[dst_off..dst_off + n] = src[src_off..src_off + n]` (row chunks of a larger tensor).
+    fn copy_range(&self, src: &Self::Tensor, src_off: usize, dst: &mut Self::Tensor, dst_off: usize, n: usize) -> Result<()>;
+    /// Copy on the copy stream, after all compute work queued so far, so the copy overlaps the
+    /// compute that follows (offload and prefetch of layer inputs). CPU: a plain copy.
+    fn copy_async(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()> {
+        self.copy(src, dst, n)
+    }
+    /// Compute work queued after this waits for every `copy_async` issued before it.
+    fn wait_copies(&self) -> Result<()> {
+        Ok(())
+    }
     /// `dst[..n] = cast(src[..n])`: refresh a compute copy from its master.
     fn cast(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()> {
         self.copy(src, dst, n)
@@ -162,10 +178,14 @@ pub trait Backend: Send {
     /// `x[..n] += y[..n]`.
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor, n: usize) -> Result<()>;
     /// Inverted dropout with a counter-based mask: element `i` is kept when
-    /// `dropout_uniform(key, i) >= p`, and kept elements are scaled by `1 / (1 - p)`.
-    fn dropout(&self, x: &Self::Tensor, out: &mut Self::Tensor, n: usize, p: f32, key: u64) -> Result<()>;
+    /// `dropout_uniform(key, first + i) >= p`, and kept elements are scaled by `1 / (1 - p)`.
+    /// `first` is the element's index in the whole tensor, so a row chunk draws the same mask
+    /// as the whole.
+    #[allow(clippy::too_many_arguments)]
+    fn dropout(&self, x: &Self::Tensor, out: &mut Self::Tensor, n: usize, p: f32, key: u64, first: u64) -> Result<()>;
     /// `dx[..n] (+)= dropout'(dy)`: the same mask applied to a gradient.
-    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p: f32, key: u64, accumulate: bool) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p: f32, key: u64, first: u64, accumulate: bool) -> Result<()>;
 
     // ---- layers (forward and backward side by side) ------------------------------------------
     /// `out[r] = table[ids[r]]` for `n` rows of width `d`.

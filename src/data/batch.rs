@@ -208,6 +208,34 @@ impl Batcher {
         order
     }
 
+    fn picked<'o>(&self, order: &'o [u32], index: usize) -> &'o [u32] {
+        &order[index * self.batch_size..((index + 1) * self.batch_size).min(order.len())]
+    }
+
+    /// Tokens of a row as batched (examples cut to max_seq_len, the row too).
+    fn row_len(&self, row: u32) -> usize {
+        let r = &self.rows[row as usize];
+        r.iter().map(|&e| self.examples[e as usize].input_ids.len().min(self.max_seq_len)).sum::<usize>().min(self.max_seq_len)
+    }
+
+    /// The longest row of the micro-batch rounded up to a multiple of 8, never past max_seq_len.
+    fn seq_len(&self, picked: &[u32]) -> usize {
+        let longest = picked.iter().map(|&r| self.row_len(r)).max().unwrap_or(1).max(1);
+        longest.next_multiple_of(8).min(self.max_seq_len.max(longest))
+    }
+
+    /// (real tokens, tokens including padding) over an epoch's batches, without building them.
+    pub fn token_counts(&self, epoch: u64) -> (usize, usize) {
+        let order = self.epoch_order(epoch);
+        let (mut real, mut padded) = (0, 0);
+        for index in 0..self.batches_per_epoch() {
+            let picked = self.picked(&order, index);
+            real += picked.iter().map(|&r| self.row_len(r)).sum::<usize>();
+            padded += picked.len() * self.seq_len(picked);
+        }
+        (real, padded)
+    }
+
     /// Deterministic for (seed, epoch, index): a resumed run must see exactly the same batches.
     ///
     /// Rows are padded to the longest in the micro-batch, rounded up to a multiple of 8 (but never
@@ -220,12 +248,8 @@ impl Batcher {
         let n = self.batches_per_epoch();
         assert!(index < n, "batch index {index} out of range: {n} batches per epoch");
         let order = self.epoch_order(epoch);
-        let picked = &order[index * self.batch_size..((index + 1) * self.batch_size).min(order.len())];
-        let row_len = |r: &Vec<u32>| -> usize {
-            r.iter().map(|&e| self.examples[e as usize].input_ids.len().min(self.max_seq_len)).sum::<usize>().min(self.max_seq_len)
-        };
-        let longest = picked.iter().map(|&r| row_len(&self.rows[r as usize])).max().unwrap_or(1).max(1);
-        let seq_len = longest.next_multiple_of(8).min(self.max_seq_len.max(longest));
+        let picked = self.picked(&order, index);
+        let seq_len = self.seq_len(picked);
         let b = picked.len();
         let mut batch = Batch {
             batch_size: b,

@@ -55,12 +55,13 @@ impl Encoder<'_> {
     fn encode_chat(&self, msgs: &[Message], keep_text: bool) -> Result<Encoded, String> {
         let full = self.template.render(msgs, false)?;
         let (spans, mask) = match self.train_on {
-            TrainOn::All => (vec![0..full.text.len()], MaskSource::All),
+            TrainOn::All => (std::iter::once(0..full.text.len()).collect(), MaskSource::All),
             TrainOn::Responses if !full.generation_spans.is_empty() => (full.generation_spans.clone(), MaskSource::GenerationBlocks),
             TrainOn::Responses => (self.prefix_spans(msgs, &full.text)?, MaskSource::RenderedPrefixes),
         };
-        let (ids, offsets) = self.tok.encode_with_offsets(&full.text, false).map_err(|e| e.to_string())?;
-        let labels = label_tokens(&ids, &offsets, &spans);
+        let enc = self.tok.encode_with_offsets(&full.text, false).map_err(|e| e.to_string())?;
+        let labels = label_tokens(&enc.ids, &enc.offsets, &spans);
+        let ids = enc.ids;
         if labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
             return Err("the rendered conversation has no trained tokens (the template wrote no assistant text)".into());
         }
@@ -119,7 +120,8 @@ mod tests {
     fn straddling_and_empty_tokens() {
         let ids = [10, 11, 12, 13];
         let offsets = [(0, 3), (3, 6), (6, 6), (8, 9)];
-        assert_eq!(label_tokens(&ids, &offsets, &[5..7]), vec![-100, 11, 12, -100]);
+        let span = 5..7;
+        assert_eq!(label_tokens(&ids, &offsets, &[span]), vec![-100, 11, 12, -100]);
         assert_eq!(label_tokens(&ids, &offsets, &[]), vec![-100; 4]);
     }
 }

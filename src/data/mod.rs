@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod encode;
 pub mod format;
+pub mod preflight;
 pub mod read;
 pub mod tabular;
 

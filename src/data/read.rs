@@ -80,15 +80,25 @@ pub fn read_records(path: &Path) -> Result<(FileKind, Vec<RawRecord>)> {
     if path.is_dir() {
         return Err(Error::file(path, "is a folder: choose a dataset file (.jsonl, .json, .csv, .parquet, .txt)"));
     }
+    let mut head = [0u8; 64];
+    let n = {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).with_path(path)?;
+        f.read(&mut head).with_path(path)?
+    };
+    let kind = file_kind(path, &head[..n])?;
+    if kind == FileKind::Parquet {
+        // Parquet is read from the file (its footer first), not from one big buffer.
+        return Ok((kind, crate::data::tabular::read_parquet(path)?));
+    }
     let bytes = std::fs::read(path).with_path(path)?;
-    let kind = file_kind(path, &bytes[..bytes.len().min(64)])?;
     let records = match kind {
         FileKind::Jsonl => read_jsonl(&bytes),
         FileKind::Json => read_json(path, &bytes)?,
         FileKind::Csv => crate::data::tabular::read_csv(path, &bytes, b',')?,
         FileKind::Tsv => crate::data::tabular::read_csv(path, &bytes, b'\t')?,
-        FileKind::Parquet => crate::data::tabular::read_parquet(path, bytes)?,
         FileKind::Txt => read_txt(path, &bytes)?,
+        FileKind::Parquet => unreachable!("handled above"),
     };
     Ok((kind, records))
 }

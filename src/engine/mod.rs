@@ -8,6 +8,7 @@
 
 pub mod lora;
 pub mod model;
+pub mod plan;
 pub mod schedule;
 
 use crate::backend::{AdamW, AttnShape, Backend, DType, LinearDims, LoraBwd, LoraFwd, LossSum};
@@ -17,6 +18,37 @@ use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use lora::{LoraPair, LoraWeights};
 use model::{DeviceModel, LayerWeights, WeightSource};
+use plan::{Location, PlannedBuffer, Term};
+
+/// Allocates through the backend and writes down each buffer under its plan name, so a test can
+/// hold the allocation and `plan::engine_buffers` equal.
+struct Ledger<'a, B: Backend> {
+    be: &'a B,
+    entries: Vec<PlannedBuffer>,
+}
+
+impl<B: Backend> Ledger<'_, B> {
+    fn note(&mut self, name: String, term: Term, elems: usize, dtype: DType) {
+        self.entries.push(PlannedBuffer { name, term, elems: elems as u64, dtype: Some(dtype), location: Location::Device });
+    }
+    fn alloc(&mut self, name: String, term: Term, n: usize, dtype: DType) -> Result<B::Tensor> {
+        self.note(name, term, n, dtype);
+        self.be.alloc(n, dtype)
+    }
+    fn upload(&mut self, name: String, term: Term, data: &[f32], dtype: DType) -> Result<B::Tensor> {
+        self.note(name, term, data.len(), dtype);
+        self.be.upload(data, dtype)
+    }
+    fn alloc_host(&mut self, name: String, term: Term, n: usize, dtype: DType) -> Result<B::Tensor> {
+        self.entries.push(PlannedBuffer { name, term, elems: n as u64, dtype: Some(dtype), location: Location::PinnedHost });
+        self.be.alloc_host(n, dtype)
+    }
+    fn alloc_ids(&mut self, name: &str, n: usize) -> Result<B::Ids> {
+        // Ids are 4-byte integers: noted as F32-sized elements.
+        self.note(name.to_string(), Term::Workspace, n, DType::F32);
+        self.be.alloc_ids(n)
+    }
+}
 
 /// What the engine needs from a `RunConfig`, validated.
 #[derive(Debug, Clone)]
@@ -28,6 +60,8 @@ pub struct EngineOptions {
     pub max_seq_len: usize,
     pub checkpointing: CheckpointPolicy,
     pub seed: u64,
+    /// Rows per MLP chunk when layers are recomputed; 0 uses the plan's default.
+    pub mlp_chunk_rows: usize,
 }
 
 /// One adapted linear on the device: fp32 masters, compute copies, gradients, AdamW moments.
@@ -87,13 +121,39 @@ struct LayerActs<B: Backend> {
     x2: B::Tensor,
     h2: B::Tensor,
     inv2: B::Tensor,
+    /// `x_lora · Aᵀ` per attention target (`[n, r]`), by `Target as usize` (q, k, v, o).
+    xa: Vec<Option<B::Tensor>>,
+    /// The dropped-out LoRA input per attention target, when dropout is on.
+    xd: Vec<Option<B::Tensor>>,
+    mlp: MlpActs<B>,
+}
+
+/// The MLP's activations, for all rows or for one chunk of rows.
+struct MlpActs<B: Backend> {
     g: B::Tensor,
     u: B::Tensor,
     m: B::Tensor,
-    /// `x_lora · Aᵀ` per target (`[n, r]`), by `Target as usize`.
+    /// By `Target as usize`; only gate, up and down are used.
     xa: Vec<Option<B::Tensor>>,
-    /// The dropped-out LoRA input per target, when dropout is on.
     xd: Vec<Option<B::Tensor>>,
+}
+
+/// Backward scratch of the MLP (chunk rows) and of every LoRA linear.
+struct MlpGrads<B: Backend> {
+    dm: B::Tensor,
+    dg: B::Tensor,
+    du: B::Tensor,
+    /// `[n, r]`: `dy · B`.
+    lora_scratch: B::Tensor,
+    /// The gradient w.r.t. a dropped-out LoRA input.
+    dx_lora: B::Tensor,
+}
+
+/// Row-chunk staging for the MLP (`[chunk, hidden]` each).
+struct ChunkBuffers<B: Backend> {
+    h2: B::Tensor,
+    dy: B::Tensor,
+    out: B::Tensor,
 }
 
 /// Scratch for the backward and the residual stream.
@@ -108,11 +168,11 @@ struct Workspace<B: Backend> {
     dk: B::Tensor,
     dv: B::Tensor,
     datt: B::Tensor,
-    dm: B::Tensor,
-    dg: B::Tensor,
-    du: B::Tensor,
-    lora_scratch: B::Tensor,
-    dx_lora: B::Tensor,
+    mlp: MlpGrads<B>,
+    chunk: Option<ChunkBuffers<B>>,
+    /// Device copies of offloaded layer inputs, alternating so one is prefetched while the
+    /// other is used.
+    stage: Option<[B::Tensor; 2]>,
 }
 
 /// The current micro-batch on the device.
@@ -154,11 +214,17 @@ pub struct Trainer<B: Backend> {
     /// `slots[layer]` holds the adapted linears of that layer.
     pub slots: Vec<Vec<LoraSlot<B>>>,
     acts: Vec<LayerActs<B>>,
+    /// Every layer's input (on the device, or in pinned host memory when offloaded).
     saved_inputs: Vec<B::Tensor>,
+    /// Rows per MLP chunk (the whole micro-batch when nothing is recomputed).
+    mlp_chunk: usize,
+    offload: bool,
     ws: Workspace<B>,
     batch: DeviceBatch<B>,
     rows: Option<TrainableRows<B>>,
     keep_all: bool,
+    /// Every buffer this Trainer allocated, in order, as the memory plan names them.
+    ledger: Vec<PlannedBuffer>,
     /// Optimizer updates applied so far.
     pub step: u64,
     /// Micro-batches seen (keys the dropout masks).
@@ -175,12 +241,6 @@ fn dropout_key(seed: u64, micro: u64, layer: usize, target: Target) -> u64 {
 }
 
 impl<B: Backend> Trainer<B> {
-    /// Bytes the kept activations of one layer take on the CPU (f32), for choosing a policy.
-    fn layer_act_elems(spec: &ModelSpec, rows: usize, lora: &LoraConfig) -> usize {
-        let (d, f, qd, kvd) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim());
-        rows * (3 * d + 2 * qd + 2 * kvd + 3 * f + 2 + spec.num_heads + lora.targets.len() * lora.r)
-    }
-
     pub fn new(backend: B, spec: ModelSpec, src: &dyn WeightSource, opts: EngineOptions, lora_init: Option<&LoraWeights>) -> Result<Self> {
         let rows = opts.batch_size * opts.max_seq_len;
         let model = DeviceModel::load(&backend, &spec, src, opts.quantization, opts.max_seq_len)?;
@@ -188,7 +248,16 @@ impl<B: Backend> Trainer<B> {
             CheckpointPolicy::None => true,
             CheckpointPolicy::Layer | CheckpointPolicy::Offload => false,
             CheckpointPolicy::Auto => {
-                Self::layer_act_elems(&spec, rows, &opts.lora) * spec.num_layers * 4 < (1usize << 31)
+                let input = plan::PlanInput {
+                    lora: opts.lora.clone(),
+                    quantization: opts.quantization,
+                    batch_size: opts.batch_size,
+                    max_seq_len: opts.max_seq_len,
+                    checkpointing: CheckpointPolicy::Auto,
+                    token_rows: 0,
+                    mlp_chunk_rows: opts.mlp_chunk_rows,
+                };
+                plan::keeps_all(plan::plan(&spec, &input, &plan::PlanTarget::cpu()).checkpointing)
             }
         };
         let init;
@@ -199,6 +268,7 @@ impl<B: Backend> Trainer<B> {
                 &init
             }
         };
+        let mut lg = Ledger { be: &backend, entries: Vec::new() };
         let mut slots = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let mut layer = Vec::new();
@@ -212,88 +282,125 @@ impl<B: Backend> Trainer<B> {
                         format!("LoRA shapes do not match the model: A has {} values (expected {}x{}), B has {} (expected {}x{})", pair.a.len(), r, inp, pair.b.len(), out, r),
                     ));
                 }
-                let z = |n| backend.alloc(n, DType::F32);
+                let p = format!("lora.{l}.{}", t.short());
+                let (na, nb) = (pair.a.len(), pair.b.len());
                 layer.push(LoraSlot {
                     target: t,
                     out_features: out,
                     in_features: inp,
-                    a: backend.upload(&pair.a, DType::F32)?,
-                    b: backend.upload(&pair.b, DType::F32)?,
-                    a_compute: backend.upload(&pair.a, DType::Act)?,
-                    b_compute: backend.upload(&pair.b, DType::Act)?,
-                    grad_a: z(pair.a.len())?,
-                    grad_b: z(pair.b.len())?,
-                    m_a: z(pair.a.len())?,
-                    v_a: z(pair.a.len())?,
-                    m_b: z(pair.b.len())?,
-                    v_b: z(pair.b.len())?,
+                    a: lg.upload(format!("{p}.a"), Term::LoraParams, &pair.a, DType::F32)?,
+                    b: lg.upload(format!("{p}.b"), Term::LoraParams, &pair.b, DType::F32)?,
+                    a_compute: lg.upload(format!("{p}.a_compute"), Term::LoraParams, &pair.a, DType::Act)?,
+                    b_compute: lg.upload(format!("{p}.b_compute"), Term::LoraParams, &pair.b, DType::Act)?,
+                    grad_a: lg.alloc(format!("{p}.grad_a"), Term::LoraGrads, na, DType::F32)?,
+                    grad_b: lg.alloc(format!("{p}.grad_b"), Term::LoraGrads, nb, DType::F32)?,
+                    m_a: lg.alloc(format!("{p}.m_a"), Term::OptimizerStates, na, DType::F32)?,
+                    v_a: lg.alloc(format!("{p}.v_a"), Term::OptimizerStates, na, DType::F32)?,
+                    m_b: lg.alloc(format!("{p}.m_b"), Term::OptimizerStates, nb, DType::F32)?,
+                    v_b: lg.alloc(format!("{p}.v_b"), Term::OptimizerStates, nb, DType::F32)?,
                 });
             }
             slots.push(layer);
         }
         let (d, f, qd, kvd, h) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim(), spec.num_heads);
         let r = weights.rank.max(opts.lora.r);
-        let act = |n: usize| backend.alloc(n, DType::Act);
-        let stat = |n: usize| backend.alloc(n, DType::F32);
         let dropout_on = opts.lora.dropout > 0.0;
+        let offload = opts.checkpointing == CheckpointPolicy::Offload;
+        let mlp_chunk = plan::mlp_chunk_rows(rows, keep_all, opts.mlp_chunk_rows);
+        let adapted = |t: Target| weights.layers.iter().any(|m| m.contains_key(&t));
         let n_acts = if keep_all { spec.num_layers } else { 1 };
         let mut acts = Vec::with_capacity(n_acts);
-        for _ in 0..n_acts {
-            let mut xa = Vec::new();
-            let mut xd = Vec::new();
-            for t in Target::ALL {
-                let adapted = weights.layers.iter().any(|m| m.contains_key(&t));
-                xa.push(if adapted { Some(act(rows * r)?) } else { None });
-                xd.push(if adapted && dropout_on { Some(act(rows * spec.linear_shape(t).1)?) } else { None });
-            }
+        let la = Term::LayerActivations;
+        for set in 0..n_acts {
+            let p = format!("acts.{set}");
+            // LoRA products and dropped inputs, for all rows (attention) or one chunk (MLP).
+            let mut lora_bufs = |targets: &[Target], n_rows: usize| -> Result<(Vec<Option<B::Tensor>>, Vec<Option<B::Tensor>>)> {
+                let (mut xa, mut xd): (Vec<_>, Vec<_>) = (0..7).map(|_| (None, None)).unzip();
+                for &t in targets.iter().filter(|&&t| adapted(t)) {
+                    xa[t as usize] = Some(lg.alloc(format!("{p}.xa.{}", t.short()), la, n_rows * r, DType::Act)?);
+                    if dropout_on {
+                        xd[t as usize] = Some(lg.alloc(format!("{p}.xd.{}", t.short()), la, n_rows * spec.linear_shape(t).1, DType::Act)?);
+                    }
+                }
+                Ok((xa, xd))
+            };
+            let (xa, xd) = lora_bufs(&[Target::Q, Target::K, Target::V, Target::O], rows)?;
+            let (mxa, mxd) = lora_bufs(&[Target::Gate, Target::Up, Target::Down], mlp_chunk)?;
+            let mut act = |name: &str, n: usize, dt: DType| lg.alloc(format!("{p}.{name}"), la, n, dt);
             acts.push(LayerActs {
-                h1: act(rows * d)?,
-                inv1: stat(rows)?,
-                q: act(rows * qd)?,
-                k: act(rows * kvd)?,
-                v: act(rows * kvd)?,
-                att: act(rows * qd)?,
-                lse: stat(rows * h)?,
-                x2: act(rows * d)?,
-                h2: act(rows * d)?,
-                inv2: stat(rows)?,
-                g: act(rows * f)?,
-                u: act(rows * f)?,
-                m: act(rows * f)?,
+                h1: act("h1", rows * d, DType::Act)?,
+                inv1: act("inv1", rows, DType::F32)?,
+                q: act("q", rows * qd, DType::Act)?,
+                k: act("k", rows * kvd, DType::Act)?,
+                v: act("v", rows * kvd, DType::Act)?,
+                att: act("att", rows * qd, DType::Act)?,
+                lse: act("lse", rows * h, DType::F32)?,
+                x2: act("x2", rows * d, DType::Act)?,
+                h2: act("h2", rows * d, DType::Act)?,
+                inv2: act("inv2", rows, DType::F32)?,
                 xa,
                 xd,
+                mlp: MlpActs {
+                    g: act("g", mlp_chunk * f, DType::Act)?,
+                    u: act("u", mlp_chunk * f, DType::Act)?,
+                    m: act("m", mlp_chunk * f, DType::Act)?,
+                    xa: mxa,
+                    xd: mxd,
+                },
             });
         }
-        let saved_inputs = (0..spec.num_layers).map(|_| act(rows * d)).collect::<Result<Vec<_>>>()?;
-        let ws = Workspace {
-            x: act(rows * d)?,
-            layer_out: act(rows * d)?,
-            hf: act(rows * d)?,
-            invf: stat(rows)?,
-            dx: act(rows * d)?,
-            dh: act(rows * d)?,
-            dq: act(rows * qd)?,
-            dk: act(rows * kvd)?,
-            dv: act(rows * kvd)?,
-            datt: act(rows * qd)?,
-            dm: act(rows * f)?,
-            dg: act(rows * f)?,
-            du: act(rows * f)?,
-            lora_scratch: act(rows * r)?,
-            dx_lora: act(rows * f.max(d).max(qd))?,
+        let saved_inputs = (0..spec.num_layers)
+            .map(|l| {
+                let name = format!("saved_input.{l}");
+                if offload { lg.alloc_host(name, Term::SavedActivations, rows * d, DType::Act) } else { lg.alloc(name, Term::SavedActivations, rows * d, DType::Act) }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut w = |name: &str, n: usize, dt: DType| lg.alloc(format!("ws.{name}"), Term::Workspace, n, dt);
+        let mut ws = Workspace {
+            x: w("x", rows * d, DType::Act)?,
+            layer_out: w("layer_out", rows * d, DType::Act)?,
+            hf: w("hf", rows * d, DType::Act)?,
+            invf: w("invf", rows, DType::F32)?,
+            dx: w("dx", rows * d, DType::Act)?,
+            dh: w("dh", rows * d, DType::Act)?,
+            dq: w("dq", rows * qd, DType::Act)?,
+            dk: w("dk", rows * kvd, DType::Act)?,
+            dv: w("dv", rows * kvd, DType::Act)?,
+            datt: w("datt", rows * qd, DType::Act)?,
+            mlp: MlpGrads {
+                dm: w("dm", mlp_chunk * f, DType::Act)?,
+                dg: w("dg", mlp_chunk * f, DType::Act)?,
+                du: w("du", mlp_chunk * f, DType::Act)?,
+                lora_scratch: w("lora_scratch", rows * r, DType::Act)?,
+                dx_lora: w("dx_lora", (rows * d.max(qd)).max(mlp_chunk * f), DType::Act)?,
+            },
+            chunk: None,
+            stage: None,
         };
+        if mlp_chunk < rows {
+            ws.chunk = Some(ChunkBuffers { h2: w("chunk.h2", mlp_chunk * d, DType::Act)?, dy: w("chunk.dy", mlp_chunk * d, DType::Act)?, out: w("chunk.out", mlp_chunk * d, DType::Act)? });
+        }
+        if offload {
+            ws.stage = Some([w("stage.0", rows * d, DType::Act)?, w("stage.1", rows * d, DType::Act)?]);
+        }
         let batch = DeviceBatch {
-            ids: backend.alloc_ids(rows)?,
-            targets: backend.alloc_ids(rows)?,
-            positions: backend.alloc_ids(rows)?,
-            segments: backend.alloc_ids(rows)?,
+            ids: lg.alloc_ids("batch.ids", rows)?,
+            targets: lg.alloc_ids("batch.targets", rows)?,
+            positions: lg.alloc_ids("batch.positions", rows)?,
+            segments: lg.alloc_ids("batch.segments", rows)?,
             shape: AttnShape { batch: 0, seq: 0, heads: spec.num_heads, kv_heads: spec.num_kv_heads, head_dim: spec.head_dim },
         };
-        Ok(Trainer { backend, spec, opts, model, slots, acts, saved_inputs, ws, batch, rows: None, keep_all, step: 0, micro_counter: 0 })
+        let ledger = lg.entries;
+        Ok(Trainer { backend, spec, opts, model, slots, acts, saved_inputs, mlp_chunk, offload, ws, batch, rows: None, keep_all, ledger, step: 0, micro_counter: 0 })
     }
 
     pub fn keeps_all_activations(&self) -> bool {
         self.keep_all
+    }
+
+    /// Every buffer allocated so far, as the memory plan names them.
+    pub fn allocations(&self) -> &[PlannedBuffer] {
+        &self.ledger
     }
 
     pub fn lora_scale(&self) -> f32 {
@@ -337,22 +444,26 @@ impl<B: Backend> Trainer<B> {
         for (s, &i) in rows.ids.iter().enumerate() {
             slot[i as usize] = s as i32;
         }
-        let param = |values: &[f32]| -> Result<RowParam<B>> {
+        let mut lg = Ledger { be, entries: Vec::new() };
+        let mut param = |which: &str, values: &[f32]| -> Result<RowParam<B>> {
+            let p = format!("token_rows.{which}");
             Ok(RowParam {
-                master: be.upload(values, DType::F32)?,
-                grad: be.alloc(k * d, DType::F32)?,
-                m: be.alloc(k * d, DType::F32)?,
-                v: be.alloc(k * d, DType::F32)?,
+                master: lg.upload(p.clone(), Term::LoraParams, values, DType::F32)?,
+                grad: lg.alloc(format!("{p}.grad"), Term::LoraGrads, k * d, DType::F32)?,
+                m: lg.alloc(format!("{p}.m"), Term::OptimizerStates, k * d, DType::F32)?,
+                v: lg.alloc(format!("{p}.v"), Term::OptimizerStates, k * d, DType::F32)?,
             })
         };
-        let tr = TrainableRows {
-            k,
-            ids_host: rows.ids.clone(),
-            ids: be.upload_ids(&ids)?,
-            slot_of_token: be.upload_ids(&slot)?,
-            embed: param(&rows.embed)?,
-            head: rows.head.as_deref().map(param).transpose()?,
-        };
+        let embed = param("embed", &rows.embed)?;
+        let head = rows.head.as_deref().map(|h| param("head", h)).transpose()?;
+        let mut ids_buf = lg.alloc_ids("token_rows.ids", k)?;
+        be.write_ids(&mut ids_buf, &ids)?;
+        let mut slot_buf = lg.alloc_ids("token_rows.slot_of_token", v)?;
+        be.write_ids(&mut slot_buf, &slot)?;
+        let tr = TrainableRows { k, ids_host: rows.ids.clone(), ids: ids_buf, slot_of_token: slot_buf, embed, head };
+        // Calling this again (tests, resume) replaces the rows; the ledger keeps one set.
+        self.ledger.retain(|b| !b.name.starts_with("token_rows."));
+        self.ledger.extend(lg.entries);
         be.set_rows(&mut self.model.embed, d, &tr.ids, &tr.embed.master, k)?;
         if let (Some(h), Some(p)) = (self.model.head.as_mut(), tr.head.as_ref()) {
             be.set_rows(h, d, &tr.ids, &p.master, k)?;
@@ -512,12 +623,23 @@ impl<B: Backend> Trainer<B> {
         self.micro_counter += 1;
         let be = &self.backend;
         let ws = &mut self.ws;
+        let mlp_chunk = self.mlp_chunk;
         be.embedding_fwd(&db.ids, &self.model.embed, n, d, &mut ws.x)?;
         for l in 0..self.spec.num_layers {
-            be.copy(&ws.x, &mut self.saved_inputs[l], n * d)?;
             let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
-            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, batch: db, rope_table: &self.model.rope_table };
-            layer_forward(&ctx, &self.model.layers[l], &self.slots[l], acts, &self.saved_inputs[l], &mut ws.x)?;
+            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, row0: 0, batch: db, rope_table: &self.model.rope_table };
+            let (lw, slots) = (&self.model.layers[l], &self.slots[l]);
+            if self.offload {
+                // The input goes to host memory on the copy stream while this layer computes from
+                // it; the next layer may overwrite it only once the copy is done.
+                be.copy_async(&ws.x, &mut self.saved_inputs[l], n * d)?;
+                layer_forward(&ctx, lw, slots, acts, ws.chunk.as_mut(), mlp_chunk, &ws.x, &mut ws.layer_out)?;
+                be.wait_copies()?;
+                std::mem::swap(&mut ws.x, &mut ws.layer_out);
+            } else {
+                be.copy(&ws.x, &mut self.saved_inputs[l], n * d)?;
+                layer_forward(&ctx, lw, slots, acts, ws.chunk.as_mut(), mlp_chunk, &self.saved_inputs[l], &mut ws.x)?;
+            }
         }
         be.rmsnorm_fwd(&ws.x, &self.model.final_norm, n, d, eps, &mut ws.hf, &mut ws.invf)?;
         let head = self.model.head.as_ref().unwrap_or(&self.model.embed);
@@ -532,13 +654,41 @@ impl<B: Backend> Trainer<B> {
             return Ok(loss);
         }
         be.rmsnorm_bwd(&ws.dh, &ws.x, &self.model.final_norm, &ws.invf, n, d, &mut ws.dx, false)?;
-        for l in (0..self.spec.num_layers).rev() {
+        let layers = self.spec.num_layers;
+        if self.offload {
+            let stage = ws.stage.as_mut().expect("offload allocates staging buffers");
+            be.copy_async(&self.saved_inputs[layers - 1], &mut stage[(layers - 1) % 2], n * d)?;
+        }
+        for l in (0..layers).rev() {
             let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
-            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, batch: db, rope_table: &self.model.rope_table };
-            if !self.keep_all {
-                layer_forward(&ctx, &self.model.layers[l], &self.slots[l], acts, &self.saved_inputs[l], &mut ws.layer_out)?;
-            }
-            layer_backward(&ctx, &self.model.layers[l], &mut self.slots[l], acts, &self.saved_inputs[l], ws)?;
+            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, row0: 0, batch: db, rope_table: &self.model.rope_table };
+            let (lw, slots) = (&self.model.layers[l], &mut self.slots[l]);
+            let mut stage = ws.stage.take();
+            let input: &B::Tensor = match stage.as_mut() {
+                Some(st) => {
+                    // This layer's input has arrived; fetch the next one while this layer runs.
+                    be.wait_copies()?;
+                    if l > 0 {
+                        be.copy_async(&self.saved_inputs[l - 1], &mut st[(l - 1) % 2], n * d)?;
+                    }
+                    &st[l % 2]
+                }
+                None => &self.saved_inputs[l],
+            };
+            let result = (|| {
+                if !self.keep_all {
+                    // Recompute what the backward reads; the MLP is recomputed chunk by chunk
+                    // inside the backward when it is chunked.
+                    if mlp_chunk >= n {
+                        layer_forward(&ctx, lw, slots, acts, ws.chunk.as_mut(), mlp_chunk, input, &mut ws.layer_out)?;
+                    } else {
+                        attention_forward(&ctx, lw, slots, acts, input)?;
+                    }
+                }
+                layer_backward(&ctx, lw, slots, acts, mlp_chunk, input, ws)
+            })();
+            ws.stage = stage;
+            result?;
         }
         if let Some(r) = self.rows.as_mut() {
             be.embedding_bwd_rows(&ws.dx, &db.ids, n, d, &r.slot_of_token, &mut r.embed.grad)?;
@@ -652,12 +802,26 @@ struct LayerCtx<'a, B: Backend> {
     opts: &'a EngineOptions,
     layer: usize,
     micro: u64,
+    /// Rows this call works on (the whole micro-batch, or one MLP chunk).
     n: usize,
+    /// The first row of this call within the micro-batch (MLP chunks), so dropout masks do
+    /// not depend on chunking.
+    row0: usize,
     batch: &'a DeviceBatch<B>,
     rope_table: &'a B::Tensor,
 }
 
+impl<B: Backend> Clone for LayerCtx<'_, B> {
+    fn clone(&self) -> Self {
+        LayerCtx { ..*self }
+    }
+}
+
 impl<B: Backend> LayerCtx<'_, B> {
+    /// The same layer, restricted to `rows` rows starting at `row0`.
+    fn for_chunk(&self, row0: usize, rows: usize) -> Self {
+        LayerCtx { n: rows, row0, ..self.clone() }
+    }
     fn dims(&self, t: Target) -> LinearDims {
         let (out, inp) = self.spec.linear_shape(t);
         LinearDims { n: self.n, inp, out }
@@ -688,7 +852,7 @@ fn lora_linear_fwd<B: Backend>(
         (Some(s), Some(xa)) => {
             let x_lora: &B::Tensor = match (ctx.dropout(t), xd.as_mut()) {
                 (Some((p, key)), Some(buf)) => {
-                    ctx.be.dropout(x, buf, dims.n * dims.inp, p, key)?;
+                    ctx.be.dropout(x, buf, dims.n * dims.inp, p, key, (ctx.row0 * dims.inp) as u64)?;
                     buf
                 }
                 _ => x,
@@ -739,28 +903,20 @@ fn lora_linear_bwd<B: Backend>(
     match drop {
         Some((p, key)) => {
             ctx.be.linear_bwd(dy, w, Some(lora), dims, dx, accumulate, Some(&mut *dx_lora))?;
-            ctx.be.dropout_bwd(dx_lora, dx, dims.n * dims.inp, p, key, true)
+            ctx.be.dropout_bwd(dx_lora, dx, dims.n * dims.inp, p, key, (ctx.row0 * dims.inp) as u64, true)
         }
         None => ctx.be.linear_bwd(dy, w, Some(lora), dims, dx, accumulate, None),
     }
 }
 
-fn layer_forward<B: Backend>(
-    ctx: &LayerCtx<'_, B>,
-    lw: &LayerWeights<B>,
-    slots: &[LoraSlot<B>],
-    a: &mut LayerActs<B>,
-    input: &B::Tensor,
-    output: &mut B::Tensor,
-) -> Result<()> {
+/// Attention block and the MLP's input norm: `x2 = input + o(attention(…))`, `h2 = rmsnorm(x2)`.
+fn attention_forward<B: Backend>(ctx: &LayerCtx<'_, B>, lw: &LayerWeights<B>, slots: &[LoraSlot<B>], a: &mut LayerActs<B>, input: &B::Tensor) -> Result<()> {
     let (be, spec, n) = (ctx.be, ctx.spec, ctx.n);
-    let (d, f, hd) = (spec.hidden_size, spec.intermediate_size, spec.head_dim);
+    let (d, hd) = (spec.hidden_size, spec.head_dim);
     let eps = spec.rms_norm_eps as f32;
     let w = |t: Target| &lw.linears[t as usize];
     let ti = |t: Target| t as usize;
     let positions = &ctx.batch.positions;
-
-    // Attention block: x2 = input + o(attention(rope(q(h1)), rope(k(h1)), v(h1))).
     be.rmsnorm_fwd(input, &lw.input_norm, n, d, eps, &mut a.h1, &mut a.inv1)?;
     for (t, y) in [(Target::Q, &mut a.q), (Target::K, &mut a.k), (Target::V, &mut a.v)] {
         lora_linear_fwd(ctx, t, w(t), ctx.slot(slots, t), &a.h1, &mut a.xa[ti(t)], &mut a.xd[ti(t)], y)?;
@@ -771,56 +927,133 @@ fn layer_forward<B: Backend>(
     let o = Target::O;
     lora_linear_fwd(ctx, o, w(o), ctx.slot(slots, o), &a.att, &mut a.xa[ti(o)], &mut a.xd[ti(o)], &mut a.x2)?;
     be.add(&mut a.x2, input, n * d)?;
+    be.rmsnorm_fwd(&a.x2, &lw.post_attention_norm, n, d, eps, &mut a.h2, &mut a.inv2)
+}
 
-    // MLP block: output = x2 + down(silu(gate(h2)) · up(h2)).
-    be.rmsnorm_fwd(&a.x2, &lw.post_attention_norm, n, d, eps, &mut a.h2, &mut a.inv2)?;
+/// `g, u, m` and `out = down(m)` for the rows of `h2` (a whole batch or one chunk).
+fn mlp_core_forward<B: Backend>(ctx: &LayerCtx<'_, B>, lw: &LayerWeights<B>, slots: &[LoraSlot<B>], a: &mut MlpActs<B>, h2: &B::Tensor, out: &mut B::Tensor) -> Result<()> {
+    let w = |t: Target| &lw.linears[t as usize];
+    let ti = |t: Target| t as usize;
     for (t, y) in [(Target::Gate, &mut a.g), (Target::Up, &mut a.u)] {
-        lora_linear_fwd(ctx, t, w(t), ctx.slot(slots, t), &a.h2, &mut a.xa[ti(t)], &mut a.xd[ti(t)], y)?;
+        lora_linear_fwd(ctx, t, w(t), ctx.slot(slots, t), h2, &mut a.xa[ti(t)], &mut a.xd[ti(t)], y)?;
     }
-    be.swiglu_fwd(&a.g, &a.u, n * f, &mut a.m)?;
+    ctx.be.swiglu_fwd(&a.g, &a.u, ctx.n * ctx.spec.intermediate_size, &mut a.m)?;
     let dn = Target::Down;
-    lora_linear_fwd(ctx, dn, w(dn), ctx.slot(slots, dn), &a.m, &mut a.xa[ti(dn)], &mut a.xd[ti(dn)], output)?;
+    lora_linear_fwd(ctx, dn, w(dn), ctx.slot(slots, dn), &a.m, &mut a.xa[ti(dn)], &mut a.xd[ti(dn)], out)
+}
+
+/// Row ranges of the MLP chunks: `(first row, rows)`.
+fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n.div_ceil(chunk.max(1))).map(move |c| (c * chunk, chunk.min(n - c * chunk)))
+}
+
+/// A whole decoder layer: `output = x2 + down(silu(gate(h2)) · up(h2))`. With `mlp_chunk < n`
+/// the MLP runs over row chunks (it is row-independent), so its `[n, intermediate]` activations
+/// never exist at once.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward<B: Backend>(
+    ctx: &LayerCtx<'_, B>,
+    lw: &LayerWeights<B>,
+    slots: &[LoraSlot<B>],
+    a: &mut LayerActs<B>,
+    chunk_ws: Option<&mut ChunkBuffers<B>>,
+    mlp_chunk: usize,
+    input: &B::Tensor,
+    output: &mut B::Tensor,
+) -> Result<()> {
+    attention_forward(ctx, lw, slots, a, input)?;
+    let (be, n, d) = (ctx.be, ctx.n, ctx.spec.hidden_size);
+    match chunk_ws {
+        Some(cw) if mlp_chunk < n => {
+            for (r0, rows) in chunks(n, mlp_chunk) {
+                let cctx = ctx.for_chunk(r0, rows);
+                be.copy_range(&a.h2, r0 * d, &mut cw.h2, 0, rows * d)?;
+                mlp_core_forward(&cctx, lw, slots, &mut a.mlp, &cw.h2, &mut cw.out)?;
+                be.copy_range(&cw.out, 0, output, r0 * d, rows * d)?;
+            }
+        }
+        _ => mlp_core_forward(ctx, lw, slots, &mut a.mlp, &a.h2, output)?,
+    }
     be.add(output, &a.x2, n * d)
 }
 
-/// On entry `ws.dx` holds the gradient of the layer's output; on exit, of its input.
-fn layer_backward<B: Backend>(
+/// Backward of `g, u, m, down` for the rows of `h2`/`dy`; writes `dh2`.
+#[allow(clippy::too_many_arguments)]
+fn mlp_core_backward<B: Backend>(
     ctx: &LayerCtx<'_, B>,
     lw: &LayerWeights<B>,
     slots: &mut [LoraSlot<B>],
-    a: &mut LayerActs<B>,
-    input: &B::Tensor,
-    ws: &mut Workspace<B>,
+    a: &MlpActs<B>,
+    h2: &B::Tensor,
+    dy: &B::Tensor,
+    dh2: &mut B::Tensor,
+    g: &mut MlpGrads<B>,
 ) -> Result<()> {
-    let (be, spec, n) = (ctx.be, ctx.spec, ctx.n);
-    let (d, f, hd) = (spec.hidden_size, spec.intermediate_size, spec.head_dim);
     let w = |t: Target| &lw.linears[t as usize];
     let ti = |t: Target| t as usize;
-    let positions = &ctx.batch.positions;
     macro_rules! slot {
         ($t:expr) => {
             slots.iter_mut().find(|s| s.target == $t)
         };
     }
-
-    // MLP block.
     let dn = Target::Down;
-    lora_linear_bwd(ctx, dn, w(dn), slot!(dn), &a.m, &a.xa[ti(dn)], &a.xd[ti(dn)], &ws.dx, &mut ws.dm, false, &mut ws.lora_scratch, &mut ws.dx_lora)?;
-    be.swiglu_bwd(&ws.dm, &a.g, &a.u, n * f, &mut ws.dg, &mut ws.du)?;
-    let (g, u) = (Target::Gate, Target::Up);
-    lora_linear_bwd(ctx, g, w(g), slot!(g), &a.h2, &a.xa[ti(g)], &a.xd[ti(g)], &ws.dg, &mut ws.dh, false, &mut ws.lora_scratch, &mut ws.dx_lora)?;
-    lora_linear_bwd(ctx, u, w(u), slot!(u), &a.h2, &a.xa[ti(u)], &a.xd[ti(u)], &ws.du, &mut ws.dh, true, &mut ws.lora_scratch, &mut ws.dx_lora)?;
+    lora_linear_bwd(ctx, dn, w(dn), slot!(dn), &a.m, &a.xa[ti(dn)], &a.xd[ti(dn)], dy, &mut g.dm, false, &mut g.lora_scratch, &mut g.dx_lora)?;
+    ctx.be.swiglu_bwd(&g.dm, &a.g, &a.u, ctx.n * ctx.spec.intermediate_size, &mut g.dg, &mut g.du)?;
+    let (gt, ut) = (Target::Gate, Target::Up);
+    lora_linear_bwd(ctx, gt, w(gt), slot!(gt), h2, &a.xa[ti(gt)], &a.xd[ti(gt)], &g.dg, dh2, false, &mut g.lora_scratch, &mut g.dx_lora)?;
+    lora_linear_bwd(ctx, ut, w(ut), slot!(ut), h2, &a.xa[ti(ut)], &a.xd[ti(ut)], &g.du, dh2, true, &mut g.lora_scratch, &mut g.dx_lora)
+}
+
+/// On entry `ws.dx` holds the gradient of the layer's output; on exit, of its input. With
+/// chunking, the MLP activations are recomputed chunk by chunk here (the attention block's were
+/// recomputed, or kept, before the call).
+#[allow(clippy::too_many_arguments)]
+fn layer_backward<B: Backend>(
+    ctx: &LayerCtx<'_, B>,
+    lw: &LayerWeights<B>,
+    slots: &mut [LoraSlot<B>],
+    a: &mut LayerActs<B>,
+    mlp_chunk: usize,
+    input: &B::Tensor,
+    ws: &mut Workspace<B>,
+) -> Result<()> {
+    let (be, spec, n) = (ctx.be, ctx.spec, ctx.n);
+    let (d, hd) = (spec.hidden_size, spec.head_dim);
+    let w = |t: Target| &lw.linears[t as usize];
+    let ti = |t: Target| t as usize;
+    let positions = &ctx.batch.positions;
+
+    // MLP block (recomputed chunk by chunk when chunked).
+    match ws.chunk.as_mut() {
+        Some(cw) if mlp_chunk < n => {
+            for (r0, rows) in chunks(n, mlp_chunk) {
+                let cctx = ctx.for_chunk(r0, rows);
+                be.copy_range(&a.h2, r0 * d, &mut cw.h2, 0, rows * d)?;
+                be.copy_range(&ws.dx, r0 * d, &mut cw.dy, 0, rows * d)?;
+                mlp_core_forward(&cctx, lw, slots, &mut a.mlp, &cw.h2, &mut cw.out)?;
+                mlp_core_backward(&cctx, lw, slots, &a.mlp, &cw.h2, &cw.dy, &mut cw.out, &mut ws.mlp)?;
+                be.copy_range(&cw.out, 0, &mut ws.dh, r0 * d, rows * d)?;
+            }
+        }
+        _ => mlp_core_backward(ctx, lw, slots, &a.mlp, &a.h2, &ws.dx, &mut ws.dh, &mut ws.mlp)?,
+    }
     be.rmsnorm_bwd(&ws.dh, &a.x2, &lw.post_attention_norm, &a.inv2, n, d, &mut ws.dx, true)?;
 
     // Attention block.
+    macro_rules! slot {
+        ($t:expr) => {
+            slots.iter_mut().find(|s| s.target == $t)
+        };
+    }
     let o = Target::O;
-    lora_linear_bwd(ctx, o, w(o), slot!(o), &a.att, &a.xa[ti(o)], &a.xd[ti(o)], &ws.dx, &mut ws.datt, false, &mut ws.lora_scratch, &mut ws.dx_lora)?;
+    let m = &mut ws.mlp;
+    lora_linear_bwd(ctx, o, w(o), slot!(o), &a.att, &a.xa[ti(o)], &a.xd[ti(o)], &ws.dx, &mut ws.datt, false, &mut m.lora_scratch, &mut m.dx_lora)?;
     be.attention_bwd(&ws.datt, &a.q, &a.k, &a.v, &a.att, &a.lse, &ctx.batch.segments, ctx.batch.shape, &mut ws.dq, &mut ws.dk, &mut ws.dv)?;
     be.rope(&mut ws.dq, n, spec.num_heads, hd, positions, ctx.rope_table, true)?;
     be.rope(&mut ws.dk, n, spec.num_kv_heads, hd, positions, ctx.rope_table, true)?;
     let mut first = true;
     for (t, dy) in [(Target::Q, &ws.dq), (Target::K, &ws.dk), (Target::V, &ws.dv)] {
-        lora_linear_bwd(ctx, t, w(t), slot!(t), &a.h1, &a.xa[ti(t)], &a.xd[ti(t)], dy, &mut ws.dh, !first, &mut ws.lora_scratch, &mut ws.dx_lora)?;
+        lora_linear_bwd(ctx, t, w(t), slot!(t), &a.h1, &a.xa[ti(t)], &a.xd[ti(t)], dy, &mut ws.dh, !first, &mut m.lora_scratch, &mut m.dx_lora)?;
         first = false;
     }
     be.rmsnorm_bwd(&ws.dh, input, &lw.input_norm, &a.inv1, n, d, &mut ws.dx, true)

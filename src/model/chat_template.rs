@@ -393,8 +393,8 @@ fn python_method(state: &mut State, value: &Value, method: &str, args: &[Value])
                 }
                 "upper" => Ok(Value::from(s.to_uppercase())),
                 "lower" => Ok(Value::from(s.to_lowercase())),
-                "title" => state.apply_filter("title", &[value.clone()]),
-                "capitalize" => state.apply_filter("capitalize", &[value.clone()]),
+                "title" => state.apply_filter("title", std::slice::from_ref(value)),
+                "capitalize" => state.apply_filter("capitalize", std::slice::from_ref(value)),
                 "replace" => {
                     let (old, new, count): (&str, &str, Option<i64>) = from_args(args)?;
                     Ok(Value::from(match count {
@@ -450,7 +450,7 @@ fn python_method(state: &mut State, value: &Value, method: &str, args: &[Value])
             }
         }
         ValueKind::Map => match method {
-            "items" => state.apply_filter("items", &[value.clone()]),
+            "items" => state.apply_filter("items", std::slice::from_ref(value)),
             "keys" => {
                 let _: () = from_args(args)?;
                 Ok(Value::from(value.try_iter()?.collect::<Vec<_>>()))

@@ -30,6 +30,14 @@ pub enum PadSource {
 const PAD_CANDIDATES: [&str; 7] =
     ["<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<|pad|>", "<pad>", "[PAD]", "<|PAD_TOKEN|>", "<|vision_pad|>"];
 
+/// Token ids and, for each, the byte range of the encoded text it covers (special tokens added
+/// by the post-processor cover nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<(usize, usize)>,
+}
+
 /// A model's tokenizer with its special tokens and chat templates.
 pub struct TokenizerBundle {
     tokenizer: tokenizers::Tokenizer,
@@ -287,16 +295,16 @@ impl TokenizerBundle {
     /// Token ids of `text`; `add_special_tokens` runs the tokenizer's post-processor (which adds
     /// BOS for Llama models).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        Ok(self.encode_with_offsets(text, add_special_tokens)?.0)
+        Ok(self.encode_with_offsets(text, add_special_tokens)?.ids)
     }
 
     /// Token ids with the byte range of `text` each one came from.
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<Encoded> {
         let enc = self
             .tokenizer
             .encode(text, add_special_tokens)
             .map_err(|e| Error::file(self.dir.join("tokenizer.json"), format!("encoding failed: {e}")))?;
-        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+        Ok(Encoded { ids: enc.get_ids().to_vec(), offsets: enc.get_offsets().to_vec() })
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {

@@ -353,6 +353,7 @@ fn train_on<B: Backend>(backend: B, p: Prepared, options: &StartOptions, events:
         max_seq_len: cfg.train.max_seq_len,
         checkpointing: cfg.memory.checkpointing,
         seed: cfg.train.seed,
+        mlp_chunk_rows: 0,
     };
     let init = p.resume.as_ref().map(|c| &c.weights).or(p.lora_init.as_ref());
     let mut trainer = Trainer::new(backend, p.spec.clone(), &store, opts, init)?;

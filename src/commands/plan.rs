@@ -1,0 +1,110 @@
+//! `tunestudio plan`: the memory plan as a table, the verdict for a card, the largest settings
+//! that fit, and the cheapest change that makes a run fit.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::RunConfig;
+use crate::engine::plan::{self, PlanInput, PlanTarget, largest_fitting, suggestions};
+use crate::error::{Error, Result};
+use crate::model::ModelSpec;
+use crate::util::fmt_bytes;
+
+pub struct PlanArgs<'a> {
+    pub config: Option<&'a Path>,
+    pub model: Option<&'a Path>,
+    pub shape: Option<&'a str>,
+    pub seq: Option<usize>,
+    pub batch: Option<usize>,
+    pub rank: Option<usize>,
+    pub gpu_mem: Option<u64>,
+    pub json: bool,
+}
+
+pub fn run(a: PlanArgs<'_>) -> Result<()> {
+    let mut cfg = match a.config {
+        Some(p) => RunConfig::load(p)?,
+        None => RunConfig::default(),
+    };
+    if let Some(m) = a.model {
+        cfg.model.path = m.to_path_buf();
+    }
+    let spec = match (a.shape, cfg.model.path.as_os_str().is_empty()) {
+        (Some(name), _) => ModelSpec::by_shape_name(name).ok_or_else(|| Error::msg(format!("unknown shape `{name}` (llama3-8b, llama3.2-3b, llama3.2-1b)")))?,
+        (None, false) => ModelSpec::from_dir(&cfg.model.path)?,
+        (None, true) => return Err(Error::msg("give a run config, --model DIR (only config.json is read) or --shape NAME")),
+    };
+    if let Some(s) = a.seq {
+        cfg.train.max_seq_len = s;
+    }
+    if let Some(b) = a.batch {
+        cfg.train.batch_size = b;
+    }
+    if let Some(r) = a.rank {
+        cfg.lora.r = r;
+    }
+    let input = PlanInput::from_config(&cfg);
+    let target = match a.gpu_mem {
+        Some(bytes) => PlanTarget::gpu(&format!("a {} card", fmt_bytes(bytes)), bytes),
+        None => match crate::backend::cuda::probe() {
+            Ok(d) => PlanTarget {
+                free_bytes: d.free_memory_bytes.map(|f| f + plan::DEFAULT_CUDA_CONTEXT_BYTES.min(d.total_memory_bytes.unwrap_or(0) - f)),
+                ..PlanTarget::gpu(&d.name, d.total_memory_bytes.unwrap_or(0))
+            },
+            Err(_) => PlanTarget { total_bytes: None, free_bytes: None, ..PlanTarget::gpu("no GPU detected", 0) },
+        },
+    };
+    let p = plan::plan(&spec, &input, &target);
+    let known = target.total_bytes.is_some();
+    let largest_seq = known.then(|| largest_fitting(&spec, &input, &target, 64, 1 << 21, |i, v| i.max_seq_len = v)).flatten();
+    let largest_batch = known.then(|| largest_fitting(&spec, &input, &target, 1, 4096, |i, v| i.batch_size = v)).flatten();
+    let largest_rank = known.then(|| largest_fitting(&spec, &input, &target, 1, 1024, |i, v| i.lora.r = v)).flatten();
+    let fixes = if known { suggestions(&spec, &input, &target) } else { vec![] };
+    if a.json {
+        let v = json!({
+            "peak_bytes": p.peak_bytes,
+            "terms": p.terms,
+            "fits": if known { json!(p.fits) } else { json!(null) },
+            "card": target.name,
+            "total_bytes": target.total_bytes,
+            "checkpointing": p.checkpointing,
+            "pinned_host_bytes": p.pinned_host_bytes,
+            "largest": {"max_seq_len": largest_seq, "batch_size": largest_batch, "lora_r": largest_rank},
+            "suggestions": fixes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(());
+    }
+    println!("model   {}", spec.summary());
+    println!(
+        "run     batch {} × seq {}, LoRA r = {} on {} targets, {:?} base, checkpointing {:?}",
+        input.batch_size,
+        input.max_seq_len,
+        input.lora.r,
+        input.lora.targets.len(),
+        input.quantization,
+        p.checkpointing
+    );
+    println!();
+    for (name, bytes) in &p.terms {
+        println!("  {name:<20} {:>12}", fmt_bytes(*bytes));
+    }
+    println!("  {:<20} {:>12}", "peak (device)", fmt_bytes(p.peak_bytes));
+    if p.pinned_host_bytes > 0 {
+        println!("  {:<20} {:>12}", "pinned host memory", fmt_bytes(p.pinned_host_bytes));
+    }
+    println!();
+    match target.total_bytes {
+        None => println!("no GPU detected: pass --gpu-mem 24GiB to plan for a card"),
+        Some(total) => {
+            println!("{}: {} of {} → {}", target.name, fmt_bytes(p.peak_bytes), fmt_bytes(total), if p.fits { "fits" } else { "does NOT fit" });
+            let show = |v: Option<usize>| v.map_or("none".to_string(), |x| x.to_string());
+            println!("largest that fit (others fixed): max_seq_len {}, batch_size {}, lora.r {}", show(largest_seq), show(largest_batch), show(largest_rank));
+            for s in &fixes {
+                println!("  to fit: {} → {}", s.change, fmt_bytes(s.peak_bytes));
+            }
+        }
+    }
+    Ok(())
+}

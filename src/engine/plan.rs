@@ -1,0 +1,572 @@
+//! The memory plan: every buffer the engine and its backend allocate, with its size, computed
+//! from the model's shape and the run's settings alone (no GPU, no weights). The Trainer allocates
+//! through the same list (a test holds them equal), so the VRAM preview is the allocation.
+//!
+//! Everything is allocated once before the first step and lives for the whole run; the peak is
+//! therefore the sum of the device-resident buffers plus what the CUDA context itself takes.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::backend::DType;
+use crate::config::{CheckpointPolicy, LoraConfig, Quantization, RunConfig, Target};
+use crate::model::ModelSpec;
+use crate::quant::nf4::{BLOCKSIZE, NESTED_BLOCKSIZE};
+
+/// Which backend the plan is for: it sets the element sizes and the backend's own workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+impl BackendKind {
+    pub fn bytes(self, dtype: DType) -> u64 {
+        match (self, dtype) {
+            (BackendKind::Cuda, DType::Act) => 2,
+            _ => 4,
+        }
+    }
+}
+
+/// The groups the preview stacks, in the order it draws them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Term {
+    /// Quantized linears with their quant state, 16-bit embeddings, lm_head and norms.
+    BaseWeights,
+    /// LoRA fp32 masters and their 16-bit compute copies (and trained token rows).
+    LoraParams,
+    LoraGrads,
+    OptimizerStates,
+    /// Layer inputs kept for the backward (on the device, or pinned host memory when offloaded).
+    SavedActivations,
+    /// Per-layer activations (all layers when nothing is recomputed, else one layer's).
+    LayerActivations,
+    /// Backward scratch, residual stream, batch ids, rotary table.
+    Workspace,
+    /// The backend's own scratch: NF4 dequantization buffer, loss chunk, GEMM workspace.
+    BackendWorkspace,
+    /// The CUDA context and libraries, measured once per card and driver.
+    CudaContext,
+}
+
+impl Term {
+    pub fn name(self) -> &'static str {
+        match self {
+            Term::BaseWeights => "base_weights",
+            Term::LoraParams => "lora_params",
+            Term::LoraGrads => "lora_grads",
+            Term::OptimizerStates => "optimizer_states",
+            Term::SavedActivations => "saved_activations",
+            Term::LayerActivations => "layer_activations",
+            Term::Workspace => "workspace",
+            Term::BackendWorkspace => "backend_workspace",
+            Term::CudaContext => "cuda_context",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Location {
+    Device,
+    PinnedHost,
+}
+
+/// One allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedBuffer {
+    pub name: String,
+    pub term: Term,
+    pub elems: u64,
+    /// `None` for raw byte buffers (NF4 data, quant state); `elems` then counts bytes.
+    #[serde(skip)]
+    pub dtype: Option<DType>,
+    pub location: Location,
+}
+
+impl PlannedBuffer {
+    pub fn bytes(&self, kind: BackendKind) -> u64 {
+        self.dtype.map_or(self.elems, |d| self.elems * kind.bytes(d))
+    }
+}
+
+/// The settings the plan depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanInput {
+    pub lora: LoraConfig,
+    pub quantization: Quantization,
+    pub batch_size: usize,
+    pub max_seq_len: usize,
+    pub checkpointing: CheckpointPolicy,
+    /// Embedding rows trained by the untrained-token fix.
+    pub token_rows: usize,
+    /// Rows per MLP chunk when layers are recomputed; 0 uses `MLP_CHUNK_ROWS`.
+    pub mlp_chunk_rows: usize,
+}
+
+impl PlanInput {
+    pub fn from_config(cfg: &RunConfig) -> Self {
+        PlanInput {
+            lora: cfg.lora.clone(),
+            quantization: cfg.model.quantization,
+            batch_size: cfg.train.batch_size,
+            max_seq_len: cfg.train.max_seq_len,
+            checkpointing: cfg.memory.checkpointing,
+            token_rows: 0,
+            mlp_chunk_rows: 0,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.batch_size * self.max_seq_len
+    }
+}
+
+/// What the plan is for: a backend and, for a GPU, its memory.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanTarget {
+    pub kind: BackendKind,
+    pub name: String,
+    pub total_bytes: Option<u64>,
+    pub free_bytes: Option<u64>,
+    /// What the CUDA context and libraries take (measured once per card and driver).
+    pub context_bytes: u64,
+}
+
+impl PlanTarget {
+    pub fn cpu() -> Self {
+        PlanTarget { kind: BackendKind::Cpu, name: "CPU".into(), total_bytes: None, free_bytes: None, context_bytes: 0 }
+    }
+
+    /// A card of `total_bytes`, assumed empty but for our own context.
+    pub fn gpu(name: &str, total_bytes: u64) -> Self {
+        PlanTarget {
+            kind: BackendKind::Cuda,
+            name: name.into(),
+            total_bytes: Some(total_bytes),
+            free_bytes: Some(total_bytes),
+            context_bytes: DEFAULT_CUDA_CONTEXT_BYTES,
+        }
+    }
+}
+
+/// The CUDA context + cuBLAS handles on an H100 with driver 580 before any allocation of ours;
+/// replaced by the measured value once the backend has run on the card.
+pub const DEFAULT_CUDA_CONTEXT_BYTES: u64 = 530 << 20;
+/// cuBLASLt workspace.
+pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;
+/// Rows per lm_head + cross-entropy chunk on the GPU.
+pub const LOSS_CHUNK_ROWS: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryPlan {
+    pub target: PlanTarget,
+    /// The policy actually used (`auto` resolved).
+    pub checkpointing: CheckpointPolicy,
+    pub buffers: Vec<PlannedBuffer>,
+    /// Device bytes: every device buffer plus the context.
+    pub peak_bytes: u64,
+    pub pinned_host_bytes: u64,
+    /// Device bytes per term (`cuda_context` included).
+    pub terms: BTreeMap<&'static str, u64>,
+    /// Whether `peak_bytes` fits the target's free memory (always true on the CPU).
+    pub fits: bool,
+}
+
+/// Bytes of an NF4 tensor on the device: packed nibbles, one 8-bit absmax per 64-block, one f32
+/// per 256 absmax, the 256-entry f32 code and the f32 offset (bitsandbytes' layout).
+pub fn nf4_device_bytes(numel: u64) -> u64 {
+    let blocks = numel.div_ceil(BLOCKSIZE as u64);
+    numel.div_ceil(2) + blocks + blocks.div_ceil(NESTED_BLOCKSIZE as u64) * 4 + 256 * 4 + 4
+}
+
+fn buf(name: impl Into<String>, term: Term, elems: usize, dtype: DType) -> PlannedBuffer {
+    PlannedBuffer { name: name.into(), term, elems: elems as u64, dtype: Some(dtype), location: Location::Device }
+}
+
+/// The frozen model as the backend stores it.
+pub fn weight_buffers(spec: &ModelSpec, quant: Quantization, kind: BackendKind, max_pos: usize) -> Vec<PlannedBuffer> {
+    let (v, d) = (spec.vocab_size, spec.hidden_size);
+    let mut out = vec![buf("embed_tokens", Term::BaseWeights, v * d, DType::Act)];
+    if !spec.tie_word_embeddings {
+        out.push(buf("lm_head", Term::BaseWeights, v * d, DType::Act));
+    }
+    out.push(buf("final_norm", Term::BaseWeights, d, DType::Act));
+    for l in 0..spec.num_layers {
+        out.push(buf(format!("layers.{l}.input_norm"), Term::BaseWeights, d, DType::Act));
+        out.push(buf(format!("layers.{l}.post_attention_norm"), Term::BaseWeights, d, DType::Act));
+        for t in Target::ALL {
+            let (o, i) = spec.linear_shape(t);
+            let name = format!("layers.{l}.{}", t.hf_name());
+            // The CPU backend keeps every base linear dequantized in its float type.
+            match (quant, kind) {
+                (Quantization::Nf4, BackendKind::Cuda) => out.push(PlannedBuffer {
+                    name,
+                    term: Term::BaseWeights,
+                    elems: nf4_device_bytes((o * i) as u64),
+                    dtype: None,
+                    location: Location::Device,
+                }),
+                _ => out.push(buf(name, Term::BaseWeights, o * i, DType::Act)),
+            }
+            if spec.has_bias(t) {
+                out.push(buf(format!("layers.{l}.{}.bias", t.hf_name()), Term::BaseWeights, o, DType::Act));
+            }
+        }
+    }
+    out.push(buf("rope_table", Term::Workspace, 2 * max_pos * (spec.head_dim / 2), DType::F32));
+    out
+}
+
+/// Rows per MLP chunk when layers are recomputed: the MLP's `[rows, intermediate]` activations
+/// are the largest per-layer buffers, and it is row-independent, so it runs in chunks.
+pub const MLP_CHUNK_ROWS: usize = 4096;
+
+/// The MLP chunk the engine uses for `rows` rows (`requested` 0 = the default).
+pub fn mlp_chunk_rows(rows: usize, keep_all: bool, requested: usize) -> usize {
+    let chunk = if requested == 0 { MLP_CHUNK_ROWS } else { requested };
+    if keep_all { rows } else { rows.min(chunk) }
+}
+
+/// Whether the engine keeps every layer's activations (no recompute) under `policy`.
+pub fn keeps_all(policy: CheckpointPolicy) -> bool {
+    policy == CheckpointPolicy::None
+}
+
+/// The buffers `engine::Trainer::new` allocates, in order, for a resolved policy.
+pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy) -> Vec<PlannedBuffer> {
+    let rows = input.rows();
+    let r = input.lora.r;
+    let (d, f, qd, kvd, h) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim(), spec.num_heads);
+    let mut out = Vec::new();
+    let mut targets = input.lora.targets.clone();
+    targets.sort();
+    for l in 0..spec.num_layers {
+        for &t in &targets {
+            let (o, i) = spec.linear_shape(t);
+            let p = format!("lora.{l}.{}", t.short());
+            let (na, nb) = (r * i, o * r);
+            out.push(buf(format!("{p}.a"), Term::LoraParams, na, DType::F32));
+            out.push(buf(format!("{p}.b"), Term::LoraParams, nb, DType::F32));
+            out.push(buf(format!("{p}.a_compute"), Term::LoraParams, na, DType::Act));
+            out.push(buf(format!("{p}.b_compute"), Term::LoraParams, nb, DType::Act));
+            out.push(buf(format!("{p}.grad_a"), Term::LoraGrads, na, DType::F32));
+            out.push(buf(format!("{p}.grad_b"), Term::LoraGrads, nb, DType::F32));
+            for m in ["m_a", "v_a"] {
+                out.push(buf(format!("{p}.{m}"), Term::OptimizerStates, na, DType::F32));
+            }
+            for m in ["m_b", "v_b"] {
+                out.push(buf(format!("{p}.{m}"), Term::OptimizerStates, nb, DType::F32));
+            }
+        }
+    }
+    let dropout_on = input.lora.dropout > 0.0;
+    let keep = keeps_all(policy);
+    let chunk = mlp_chunk_rows(rows, keep, input.mlp_chunk_rows);
+    let sets = if keep { spec.num_layers } else { 1 };
+    let a = Term::LayerActivations;
+    for s in 0..sets {
+        let p = format!("acts.{s}");
+        let attention = [Target::Q, Target::K, Target::V, Target::O];
+        let mlp = [Target::Gate, Target::Up, Target::Down];
+        for (group, n_rows) in [(&attention[..], rows), (&mlp[..], chunk)] {
+            for &t in group.iter().filter(|t| targets.contains(t)) {
+                out.push(buf(format!("{p}.xa.{}", t.short()), a, n_rows * r, DType::Act));
+                if dropout_on {
+                    out.push(buf(format!("{p}.xd.{}", t.short()), a, n_rows * spec.linear_shape(t).1, DType::Act));
+                }
+            }
+        }
+        for (name, n, dt) in [
+            ("h1", rows * d, DType::Act),
+            ("inv1", rows, DType::F32),
+            ("q", rows * qd, DType::Act),
+            ("k", rows * kvd, DType::Act),
+            ("v", rows * kvd, DType::Act),
+            ("att", rows * qd, DType::Act),
+            ("lse", rows * h, DType::F32),
+            ("x2", rows * d, DType::Act),
+            ("h2", rows * d, DType::Act),
+            ("inv2", rows, DType::F32),
+            ("g", chunk * f, DType::Act),
+            ("u", chunk * f, DType::Act),
+            ("m", chunk * f, DType::Act),
+        ] {
+            out.push(buf(format!("{p}.{name}"), a, n, dt));
+        }
+    }
+    for l in 0..spec.num_layers {
+        let mut b = buf(format!("saved_input.{l}"), Term::SavedActivations, rows * d, DType::Act);
+        if policy == CheckpointPolicy::Offload {
+            b.location = Location::PinnedHost;
+        }
+        out.push(b);
+    }
+    let w = Term::Workspace;
+    for (name, n, dt) in [
+        ("x", rows * d, DType::Act),
+        ("layer_out", rows * d, DType::Act),
+        ("hf", rows * d, DType::Act),
+        ("invf", rows, DType::F32),
+        ("dx", rows * d, DType::Act),
+        ("dh", rows * d, DType::Act),
+        ("dq", rows * qd, DType::Act),
+        ("dk", rows * kvd, DType::Act),
+        ("dv", rows * kvd, DType::Act),
+        ("datt", rows * qd, DType::Act),
+        ("dm", chunk * f, DType::Act),
+        ("dg", chunk * f, DType::Act),
+        ("du", chunk * f, DType::Act),
+        ("lora_scratch", rows * r, DType::Act),
+        ("dx_lora", (rows * d.max(qd)).max(chunk * f), DType::Act),
+    ] {
+        out.push(buf(format!("ws.{name}"), w, n, dt));
+    }
+    if chunk < rows {
+        for name in ["h2", "dy", "out"] {
+            out.push(buf(format!("ws.chunk.{name}"), w, chunk * d, DType::Act));
+        }
+    }
+    if policy == CheckpointPolicy::Offload {
+        for i in 0..2 {
+            out.push(buf(format!("ws.stage.{i}"), w, rows * d, DType::Act));
+        }
+    }
+    // Batch ids (i32, counted as 4-byte elements).
+    for name in ["ids", "targets", "positions", "segments"] {
+        out.push(buf(format!("batch.{name}"), w, rows, DType::F32));
+    }
+    if input.token_rows > 0 {
+        let k = input.token_rows;
+        let heads = if spec.tie_word_embeddings { 1 } else { 2 };
+        for m in 0..heads {
+            let which = if m == 0 { "embed" } else { "head" };
+            out.push(buf(format!("token_rows.{which}"), Term::LoraParams, k * d, DType::F32));
+            out.push(buf(format!("token_rows.{which}.grad"), Term::LoraGrads, k * d, DType::F32));
+            out.push(buf(format!("token_rows.{which}.m"), Term::OptimizerStates, k * d, DType::F32));
+            out.push(buf(format!("token_rows.{which}.v"), Term::OptimizerStates, k * d, DType::F32));
+        }
+        out.push(buf("token_rows.ids", w, k, DType::F32));
+        out.push(buf("token_rows.slot_of_token", w, spec.vocab_size, DType::F32));
+    }
+    out
+}
+
+/// The CUDA backend's own scratch (allocated by the backend, sized here).
+pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer> {
+    let largest = Target::ALL.iter().map(|&t| {
+        let (o, i) = spec.linear_shape(t);
+        o * i
+    });
+    let bw = Term::BackendWorkspace;
+    let mut out = Vec::new();
+    if input.quantization == Quantization::Nf4 {
+        out.push(buf("dequant_scratch", bw, largest.max().unwrap_or(0), DType::Act));
+    }
+    let chunk = LOSS_CHUNK_ROWS.min(input.rows());
+    out.push(buf("loss_chunk_logits", bw, chunk * spec.vocab_size, DType::F32));
+    out.push(buf("loss_row_stats", bw, 2 * input.rows(), DType::F32));
+    out.push(buf("attention_delta", bw, input.rows() * spec.num_heads, DType::F32));
+    out.push(buf("reduce_scratch", bw, 1 << 16, DType::F32));
+    out.push(PlannedBuffer { name: "cublas_workspace".into(), term: bw, elems: CUBLAS_WORKSPACE_BYTES, dtype: None, location: Location::Device });
+    out
+}
+
+fn total(buffers: &[PlannedBuffer], kind: BackendKind, loc: Location) -> u64 {
+    buffers.iter().filter(|b| b.location == loc).map(|b| b.bytes(kind)).sum()
+}
+
+fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: CheckpointPolicy) -> MemoryPlan {
+    let kind = target.kind;
+    let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len);
+    buffers.extend(engine_buffers(spec, input, policy));
+    if kind == BackendKind::Cuda {
+        buffers.extend(cuda_workspace(spec, input));
+    }
+    let mut terms: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for b in buffers.iter().filter(|b| b.location == Location::Device) {
+        *terms.entry(b.term.name()).or_default() += b.bytes(kind);
+    }
+    if target.context_bytes > 0 {
+        terms.insert(Term::CudaContext.name(), target.context_bytes);
+    }
+    let peak_bytes = total(&buffers, kind, Location::Device) + target.context_bytes;
+    let pinned_host_bytes = total(&buffers, kind, Location::PinnedHost);
+    let fits = target.free_bytes.is_none_or(|free| peak_bytes <= free);
+    MemoryPlan { target: target.clone(), checkpointing: policy, buffers, peak_bytes, pinned_host_bytes, terms, fits }
+}
+
+/// The plan for a run; `auto` picks the fastest policy that fits (keep everything, then keep
+/// layer inputs on the device, then offload them to pinned host memory).
+pub fn plan(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan {
+    match input.checkpointing {
+        CheckpointPolicy::Auto => {
+            let order = [CheckpointPolicy::None, CheckpointPolicy::Layer, CheckpointPolicy::Offload];
+            let plans: Vec<MemoryPlan> = order.iter().map(|&p| build(spec, input, target, p)).collect();
+            // On the CPU, memory is not planned against a card; recompute when activations would
+            // take more than 2 GiB, as the engine does.
+            if target.kind == BackendKind::Cpu {
+                let acts = plans[0].terms.get(Term::LayerActivations.name()).copied().unwrap_or(0);
+                return if acts < (2 << 30) { plans.into_iter().next() } else { plans.into_iter().nth(1) }.expect("plans");
+            }
+            let n = plans.len();
+            plans.into_iter().enumerate().find(|(i, p)| p.fits || *i == n - 1).map(|(_, p)| p).expect("plans")
+        }
+        p => build(spec, input, target, p),
+    }
+}
+
+/// The largest value of one setting that still fits, everything else fixed (binary search over
+/// `lo..=hi`), or `None` when even `lo` does not fit.
+pub fn largest_fitting(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, lo: usize, hi: usize, set: impl Fn(&mut PlanInput, usize)) -> Option<usize> {
+    let fits = |v: usize| {
+        let mut i = input.clone();
+        set(&mut i, v);
+        plan(spec, &i, target).fits
+    };
+    if !fits(lo) {
+        return None;
+    }
+    let (mut good, mut bad) = (lo, hi + 1);
+    if fits(hi) {
+        return Some(hi);
+    }
+    while bad - good > 1 {
+        let mid = good + (bad - good) / 2;
+        if fits(mid) { good = mid } else { bad = mid }
+    }
+    Some(good)
+}
+
+/// A change that makes a run fit, cheapest first (the one that costs the least speed or quality).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Suggestion {
+    pub change: String,
+    pub peak_bytes: u64,
+}
+
+pub fn suggestions(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> Vec<Suggestion> {
+    let current = plan(spec, input, target);
+    if current.fits {
+        return vec![];
+    }
+    let mut out = Vec::new();
+    for (policy, label) in [(CheckpointPolicy::Layer, "checkpointing = \"layer\" (recompute each layer in the backward)"), (CheckpointPolicy::Offload, "checkpointing = \"offload\" (layer inputs in pinned host memory)")] {
+        let mut i = input.clone();
+        i.checkpointing = policy;
+        let p = plan(spec, &i, target);
+        if p.fits {
+            out.push(Suggestion { change: format!("memory.{label}"), peak_bytes: p.peak_bytes });
+            break;
+        }
+    }
+    let mut offload = input.clone();
+    offload.checkpointing = CheckpointPolicy::Offload;
+    if input.batch_size > 1 {
+        if let Some(b) = largest_fitting(spec, &offload, target, 1, input.batch_size - 1, |i, v| i.batch_size = v) {
+            let mut i = offload.clone();
+            i.batch_size = b;
+            out.push(Suggestion { change: format!("train.batch_size = {b} with offload (raise train.grad_accum to keep the effective batch)"), peak_bytes: plan(spec, &i, target).peak_bytes });
+        }
+    }
+    if let Some(s) = largest_fitting(spec, &offload, target, 64, input.max_seq_len.saturating_sub(1).max(64), |i, v| i.max_seq_len = v) {
+        let s = s / 64 * 64;
+        if s >= 64 && s < input.max_seq_len {
+            let mut i = offload.clone();
+            i.max_seq_len = s;
+            out.push(Suggestion { change: format!("train.max_seq_len = {s} with offload"), peak_bytes: plan(spec, &i, target).peak_bytes });
+        }
+    }
+    if input.lora.r > 1 {
+        if let Some(r) = largest_fitting(spec, &offload, target, 1, input.lora.r - 1, |i, v| i.lora.r = v) {
+            let mut i = offload.clone();
+            i.lora.r = r;
+            out.push(Suggestion { change: format!("lora.r = {r} with offload"), peak_bytes: plan(spec, &i, target).peak_bytes });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input() -> PlanInput {
+        PlanInput {
+            lora: LoraConfig { r: 32, alpha: 32.0, ..LoraConfig::default() },
+            quantization: Quantization::Nf4,
+            batch_size: 1,
+            max_seq_len: 2048,
+            checkpointing: CheckpointPolicy::Layer,
+            token_rows: 0,
+            mlp_chunk_rows: 0,
+        }
+    }
+
+    /// Exact bytes of Llama-3-8B's weight terms from config.json numbers alone.
+    #[test]
+    fn llama3_8b_weight_bytes_are_exact() {
+        let spec = ModelSpec::llama3_8b();
+        let w = weight_buffers(&spec, Quantization::Nf4, BackendKind::Cuda, 2048);
+        let bytes = |name: &str| w.iter().find(|b| b.name == name).unwrap().bytes(BackendKind::Cuda);
+        assert_eq!(bytes("embed_tokens"), 128_256 * 4096 * 2);
+        assert_eq!(bytes("lm_head"), 128_256 * 4096 * 2);
+        // q_proj: 4096×4096 = 16,777,216 values → 8,388,608 packed bytes, 262,144 absmax bytes,
+        // 1,024 nested absmax (4 KiB), the 1 KiB code and the offset.
+        assert_eq!(bytes("layers.0.q_proj"), 8_388_608 + 262_144 + 4_096 + 1_024 + 4);
+        // down_proj: 4096×14336.
+        assert_eq!(bytes("layers.31.down_proj"), 29_360_128 + 917_504 + 14_336 + 1_024 + 4);
+        let base: u64 = w.iter().filter(|b| b.term == Term::BaseWeights).map(|b| b.bytes(BackendKind::Cuda)).sum();
+        // 6,979,321,856 linear params at 4.5 bits + quant state, 2 × 525 MB 16-bit tables, norms.
+        let linears: u64 = (0..32)
+            .flat_map(|_| Target::ALL)
+            .map(|t| {
+                let (o, i) = spec.linear_shape(t);
+                nf4_device_bytes((o * i) as u64)
+            })
+            .sum();
+        assert_eq!(base, linears + 2 * 128_256 * 4096 * 2 + (2 * 32 + 1) * 4096 * 2);
+        // 6,979,321,856 values: 3,489,660,928 packed bytes + 109,051,904 absmax bytes
+        // + 425,984 nested absmax × 4 bytes + 224 tensors × (1 KiB code + 4-byte offset).
+        assert_eq!(linears, 3_489_660_928 + 109_051_904 + 425_984 * 4 + 224 * 1_028);
+    }
+
+    #[test]
+    fn lora_terms_match_the_parameter_count() {
+        let spec = ModelSpec::llama3_8b();
+        let p = plan(&spec, &input(), &PlanTarget::gpu("H100", 80 << 30));
+        let n = spec.lora_params(32, &Target::ALL);
+        assert_eq!(n, 83_886_080);
+        assert_eq!(p.terms["lora_params"], n * (4 + 2));
+        assert_eq!(p.terms["lora_grads"], n * 4);
+        assert_eq!(p.terms["optimizer_states"], n * 8);
+    }
+
+    #[test]
+    fn auto_policy_falls_back_until_it_fits() {
+        let spec = ModelSpec::llama3_8b();
+        let mut i = input();
+        i.checkpointing = CheckpointPolicy::Auto;
+        let big = plan(&spec, &i, &PlanTarget::gpu("H100", 80 << 30));
+        assert_eq!(big.checkpointing, CheckpointPolicy::None);
+        i.max_seq_len = 32768;
+        let small = plan(&spec, &i, &PlanTarget::gpu("24 GB", 24 << 30));
+        assert_ne!(small.checkpointing, CheckpointPolicy::None);
+        let offload = plan(&spec, &PlanInput { checkpointing: CheckpointPolicy::Offload, ..i.clone() }, &PlanTarget::gpu("24 GB", 24 << 30));
+        assert!(offload.pinned_host_bytes > 0);
+    }
+
+    #[test]
+    fn largest_fitting_is_the_boundary() {
+        let spec = ModelSpec::llama3_8b();
+        let t = PlanTarget::gpu("16 GB", 16 << 30);
+        let s = largest_fitting(&spec, &input(), &t, 128, 1 << 20, |i, v| i.max_seq_len = v).unwrap();
+        let at = |v| plan(&spec, &PlanInput { max_seq_len: v, ..input() }, &t).fits;
+        assert!(at(s) && !at(s + 1));
+        assert!(!suggestions(&spec, &PlanInput { max_seq_len: 1 << 20, ..input() }, &t).is_empty());
+    }
+}
