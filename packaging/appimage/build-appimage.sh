@@ -4,6 +4,7 @@
 #
 #   packaging/appimage/build-appimage.sh            # → dist/TuneStudio-x86_64.AppImage
 #   APPDIR_ONLY=1 packaging/appimage/build-appimage.sh   # stop after dist/TuneStudio.AppDir
+#   SKIP_BUILD=1 …                                        # package $CARGO_TARGET_DIR/release/tunestudio as it is
 #
 # The AppDir alone runs in place (dist/TuneStudio.AppDir/AppRun), which is how it is checked on
 # machines without appimagetool. See packaging/README.md.
@@ -11,13 +12,17 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 target="${CARGO_TARGET_DIR:-$root/target}"
-cargo build --release --bin tunestudio
+if [ -z "${SKIP_BUILD:-}" ]; then
+  cargo build --release --bin tunestudio
+fi
 
 appdir="$root/dist/TuneStudio.AppDir"
 rm -rf "$appdir"
 mkdir -p "$appdir/usr/bin" "$appdir/usr/share/applications" \
          "$appdir/usr/share/icons/hicolor/256x256/apps" "$appdir/usr/share/icons/hicolor/scalable/apps"
 install -m 755 "$target/release/tunestudio" "$appdir/usr/bin/tunestudio"
+# Line tables are for our own backtraces; a package does not need them (~200 MB → ~40 MB).
+strip "$appdir/usr/bin/tunestudio" 2>/dev/null || true
 install -m 644 packaging/tunestudio.desktop "$appdir/usr/share/applications/tunestudio.desktop"
 install -m 644 packaging/icons/tunestudio-256.png "$appdir/usr/share/icons/hicolor/256x256/apps/tunestudio.png"
 install -m 644 packaging/icons/tunestudio.svg "$appdir/usr/share/icons/hicolor/scalable/apps/tunestudio.svg"
