@@ -38,7 +38,7 @@ const HELDOUT_DOCS: usize = 200;
 /// Pre-training: windows of `SEQ` tokens cut anywhere in the document stream, `BATCH` per step.
 const SEQ: usize = 128;
 const BATCH: usize = 4;
-const STEPS: usize = 1500;
+const STEPS: usize = 2000;
 const PEAK_LR: f64 = 3e-3;
 const WARMUP: usize = 100;
 const MAX_POSITIONS: usize = 512;
@@ -69,16 +69,24 @@ fn main() -> Result<(), Error> {
     let started = Instant::now();
     let mut steps = STEPS;
     let mut reference_out: Option<PathBuf> = None;
+    let mut verify_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--steps" => steps = args.next().ok_or("--steps needs a number")?.parse()?,
             // Token ids and logits of one held-out document, for comparing another implementation.
             "--reference" => reference_out = Some(args.next().ok_or("--reference needs a path")?.into()),
-            other => return Err(format!("unknown argument `{other}` (known: --steps N, --reference FILE)").into()),
+            // Check the committed model without regenerating anything.
+            "--verify" => verify_only = true,
+            other => return Err(format!("unknown argument `{other}` (known: --steps N, --reference FILE, --verify)").into()),
         }
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
+    if verify_only {
+        verify(&root.join("model"), reference_out.as_deref())?;
+        println!("verified in {:.0}s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     for sub in ["data", "model"] {
         let p = root.join(sub);
         if p.exists() {
@@ -103,14 +111,16 @@ fn main() -> Result<(), Error> {
     // 2. Pre-training text, and the tokenizer trained on it plus the dataset's words.
     let mut rng = ChaCha8Rng::seed_from_u64(SEED_CORPUS);
     let docs: Vec<String> = (0..TRAIN_DOCS).map(|_| world::document(&mut rng)).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(SEED_HELDOUT);
-    let heldout: Vec<String> = (0..HELDOUT_DOCS).map(|_| world::document(&mut rng)).collect();
     let mut texts: Vec<String> = docs.iter().map(|d| strip_specials(d)).collect();
     for p in &pairs {
         texts.extend([p.instruction.clone(), p.input.clone(), p.output.clone()]);
         texts.extend(p.system.clone());
     }
-    texts.push("system user assistant".to_string());
+    // Role names follow `<|start_header_id|>` with no space; give the BPE enough of them to make
+    // each one token, as in Llama 3.
+    for _ in 0..50 {
+        texts.extend(["system", "user", "assistant"].map(String::from));
+    }
     let tokenizer = tok::train(&texts, VOCAB)?;
     let vocab = tokenizer.get_vocab_size(true);
     let model_dir = root.join("model");
@@ -122,18 +132,10 @@ fn main() -> Result<(), Error> {
     let (bos, eos, eot, pad) = (id(tok::BOS)?, id(tok::EOS_TEXT)?, id(tok::EOT)?, id(tok::PAD)?);
     let reserved: Vec<u32> =
         (0..tok::RESERVED).map(|i| id(&format!("<|reserved_special_token_{i}|>"))).collect::<Result<_, _>>()?;
-    let chat_tokens = [id("<|start_header_id|>")?, id("<|end_header_id|>")?, eot];
     println!("tokenizer: {vocab} tokens ({} learned + {} special)", tokenizer.get_vocab_size(false), vocab - tokenizer.get_vocab_size(false));
 
     let stream = tokenize_docs(&tokenizer, &docs, eos)?;
-    let heldout_stream = tokenize_docs(&tokenizer, &heldout, eos)?;
-    println!(
-        "corpus: {} documents, {} tokens; held out: {} tokens ({:.0}s so far)",
-        docs.len(),
-        stream.len(),
-        heldout_stream.len(),
-        started.elapsed().as_secs_f64()
-    );
+    println!("corpus: {} documents, {} tokens ({:.0}s so far)", docs.len(), stream.len(), started.elapsed().as_secs_f64());
 
     // 3. Pre-train the base model.
     let d = dims(vocab);
@@ -216,9 +218,59 @@ fn main() -> Result<(), Error> {
         &json!({"bos_token_id": bos, "eos_token_id": [eos, eot], "pad_token_id": pad, "do_sample": false, "max_new_tokens": 64}),
     )?;
 
-    let spec = ModelSpec::from_dir(&model_dir)?;
-    assert_eq!((spec.vocab_size, spec.num_kv_heads, spec.head_dim), (vocab, 2, 32), "config.json reads back differently");
-    let store = WeightStore::open(&model_dir)?;
+    let v = verify(&model_dir, reference_out.as_deref())?;
+    let uniform = (vocab as f64).ln();
+
+    // 5. The run config and the README.
+    write_atomic(&root.join("run.toml"), RUN_TOML.as_bytes())?;
+    let readme = README
+        .replace("{vocab}", &vocab.to_string())
+        .replace("{train}", &train.len().to_string())
+        .replace("{eval}", &eval.len().to_string())
+        .replace("{steps}", &steps.to_string())
+        .replace("{tokens}", &format!("{:.1}", (steps * BATCH * SEQ) as f64 / 1e6))
+        .replace("{batch}", &BATCH.to_string())
+        .replace("{seq}", &SEQ.to_string())
+        .replace("{train_loss}", &format!("{final_train_loss:.3}"))
+        .replace("{heldout_loss}", &format!("{:.3}", v.heldout_loss))
+        .replace("{recall}", &v.recall)
+        .replace("{answers}", &v.answers)
+        .replace("{uniform}", &format!("{uniform:.2}"))
+        .replace("{params}", &format!("{:.2}", params.iter().map(|(_, v)| v.elem_count()).sum::<usize>() as f64 / 1e6))
+        .replace("{reserved}", &format!("{}..={}", v.reserved[0], v.reserved[v.reserved.len() - 1]));
+    write_atomic(&root.join("README.md"), readme.as_bytes())?;
+    println!("final pre-training loss (mean of last {tail} steps): {final_train_loss:.4}");
+    println!("done in {:.0}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// What `verify` found, for the printout and the README.
+struct Verified {
+    answers: String,
+    reserved: Vec<u32>,
+    heldout_loss: f64,
+    recall: String,
+}
+
+/// Check the files in `model_dir` as a loader would see them: the tokenizer and config read back,
+/// reserved rows exactly zero and chat rows trained in the bf16 file, and the model read from that
+/// file predicts held-out text and completes facts. Optionally write reference logits.
+fn verify(model_dir: &Path, reference_out: Option<&Path>) -> Result<Verified, Error> {
+    let tokenizer = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))?;
+    let vocab = tokenizer.get_vocab_size(true);
+    let d = dims(vocab);
+    let spec = ModelSpec::from_dir(model_dir)?;
+    let read_back = (spec.vocab_size, spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim);
+    assert_eq!(read_back, (vocab, d.hidden, d.layers, d.heads, d.kv_heads, d.head_dim), "config.json reads back differently");
+    let id = |s: &str| tokenizer.token_to_id(s).ok_or_else(|| format!("`{s}` is not in the vocabulary"));
+    let reserved: Vec<u32> =
+        (0..tok::RESERVED).map(|i| id(&format!("<|reserved_special_token_{i}|>"))).collect::<Result<_, _>>()?;
+    let chat_tokens = [id("<|start_header_id|>")?, id("<|end_header_id|>")?, id(tok::EOT)?];
+
+    let checked = check_chat_prefixes(model_dir, &tokenizer)?;
+    println!("check: {checked} chat-formatted pairs start their answer on a token boundary shared with the generation prompt");
+
+    let store = WeightStore::open(model_dir)?;
     let row_abs_max = |name: &str, row: u32| -> Result<f32, Error> {
         let all = store.f32(name, &[vocab, d.hidden])?;
         let r = row as usize * d.hidden;
@@ -232,54 +284,76 @@ fn main() -> Result<(), Error> {
         }
         for &c in &chat_tokens {
             let m = row_abs_max(name, c)?;
-            assert!(m > 1e-3, "{name} row {c} looks untrained (max |x| = {m})");
+            assert!(m > 1e-2, "{name} row {c} looks untrained (max |x| = {m})");
         }
     }
     println!("check: reserved rows {reserved:?} are exactly zero in embed_tokens and lm_head (bf16 bytes)");
-    println!(
-        "check: chat rows {chat_tokens:?} are trained: embed max |x| {:.3} {:.3} {:.3}",
-        row_abs_max("model.embed_tokens.weight", chat_tokens[0])?,
-        row_abs_max("model.embed_tokens.weight", chat_tokens[1])?,
-        row_abs_max("model.embed_tokens.weight", chat_tokens[2])?
-    );
+    let maxes = chat_tokens.map(|c| row_abs_max("model.embed_tokens.weight", c).unwrap_or(0.0));
+    println!("check: chat rows {chat_tokens:?} are trained (embed max |x| {:.3} {:.3} {:.3})", maxes[0], maxes[1], maxes[2]);
 
-    let saved = Llama::from_named(d, |name, shape| store.f32(name, shape).map_err(|e| candle_core::Error::Msg(e.to_string())))?;
-    let heldout_loss = mean_loss(&saved, &heldout_stream)?;
-    let recall = recall(&saved, &tokenizer)?;
-    let recall_text: Vec<String> = recall.iter().map(|(cat, ok, n)| format!("{cat} {ok}/{n}")).collect();
-    let recall_text = recall_text.join(", ");
-    println!("fact recall (greedy completion of held-back answers): {recall_text}");
+    let model = Llama::from_named(d, |name, shape| store.f32(name, shape).map_err(|e| candle_core::Error::Msg(e.to_string())))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED_HELDOUT);
+    let heldout: Vec<String> = (0..HELDOUT_DOCS).map(|_| world::document(&mut rng)).collect();
+    let heldout_loss = mean_loss(&model, &tokenize_docs(&tokenizer, &heldout, id(tok::EOS_TEXT)?)?)?;
     let uniform = (vocab as f64).ln();
     println!("held-out loss (bf16 weights from the file): {heldout_loss:.4} nats; uniform guess ln({vocab}) = {uniform:.4}");
     assert!(heldout_loss < uniform / 3.0, "the base model did not learn: held-out loss {heldout_loss:.3}");
+    let recall: Vec<String> = recall(&model, &tokenizer)?.iter().map(|(cat, ok, n)| format!("{cat} {ok}/{n}")).collect();
+    let recall = recall.join(", ");
+    println!("fact recall (greedy completion of held-back answers): {recall}");
+    let answers: Vec<String> = answer_rate(&model, &tokenizer)?.iter().map(|(cat, ok, n)| format!("{cat} {ok}/{n}")).collect();
+    let answers = answers.join(", ");
+    println!("questions answered (\"Q: …\\nA:\", greedy): {answers}");
 
     if let Some(path) = reference_out {
         let text = &heldout[0];
         let ids: Vec<u32> = tokenizer.encode(text.as_str(), true)?.get_ids().to_vec();
         let x = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu)?;
-        let logits = saved.forward(&x)?.squeeze(0)?.to_vec2::<f32>()?;
-        write_json(&path, &json!({"text": text, "ids": ids, "logits": logits}))?;
+        let logits = model.forward(&x)?.squeeze(0)?.to_vec2::<f32>()?;
+        write_json(path, &json!({"text": text, "ids": ids, "logits": logits}))?;
         println!("reference logits for {} tokens written to {}", ids.len(), path.display());
     }
+    Ok(Verified { reserved, heldout_loss, recall, answers })
+}
 
-    // 5. The run config and the README.
-    write_atomic(&root.join("run.toml"), RUN_TOML.as_bytes())?;
-    let readme = README
-        .replace("{vocab}", &vocab.to_string())
-        .replace("{train}", &train.len().to_string())
-        .replace("{eval}", &eval.len().to_string())
-        .replace("{steps}", &steps.to_string())
-        .replace("{tokens}", &format!("{:.1}", (steps * BATCH * SEQ) as f64 / 1e6))
-        .replace("{train_loss}", &format!("{final_train_loss:.3}"))
-        .replace("{heldout_loss}", &format!("{heldout_loss:.3}"))
-        .replace("{recall}", &recall_text)
-        .replace("{uniform}", &format!("{uniform:.2}"))
-        .replace("{params}", &format!("{:.2}", params.iter().map(|(_, v)| v.elem_count()).sum::<usize>() as f64 / 1e6))
-        .replace("{reserved}", &format!("{}..={}", reserved[0], reserved[reserved.len() - 1]));
-    write_atomic(&root.join("README.md"), readme.as_bytes())?;
-    println!("final pre-training loss (mean of last {tail} steps): {final_train_loss:.4}");
-    println!("done in {:.0}s", started.elapsed().as_secs_f64());
-    Ok(())
+/// Render every pair with the chat template (as minijinja, which has no `generation` tag: the
+/// markers are dropped, which leaves the text unchanged) and check that a generation prompt
+/// tokenizes as a prefix of the full conversation, so what the model is trained on and what it
+/// is asked at inference start their answers on the same token boundary.
+fn check_chat_prefixes(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<usize, Error> {
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model_dir.join("tokenizer_config.json"))?)?;
+    let source = cfg["chat_template"].as_str().ok_or("tokenizer_config.json has no chat_template")?;
+    let source = source.replace("{%- generation %}", "").replace("{%- endgeneration %}", "");
+    let mut env = minijinja::Environment::new();
+    // transformers renders chat templates with both options on.
+    env.set_syntax(minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build()?);
+    env.add_template("chat", &source)?;
+    let template = env.get_template("chat")?;
+    let root = model_dir.parent().ok_or("model folder has no parent")?;
+    let mut checked = 0;
+    for file in ["data/train.jsonl", "data/eval.jsonl"] {
+        for line in std::fs::read_to_string(root.join(file))?.lines() {
+            let row: serde_json::Value = serde_json::from_str(line)?;
+            let field = |k: &str| row[k].as_str().unwrap_or("").to_string();
+            let user = if field("input").is_empty() { field("instruction") } else { format!("{}\n\n{}", field("instruction"), field("input")) };
+            let mut messages = Vec::new();
+            if !field("system").is_empty() {
+                messages.push(json!({"role": "system", "content": field("system")}));
+            }
+            messages.push(json!({"role": "user", "content": user}));
+            let prompt = template.render(minijinja::context! { messages => minijinja::Value::from(minijinja::value::Serde(&messages)), bos_token => tok::BOS, add_generation_prompt => true })?;
+            messages.push(json!({"role": "assistant", "content": field("output")}));
+            let full = template.render(minijinja::context! { messages => minijinja::Value::from(minijinja::value::Serde(&messages)), bos_token => tok::BOS, add_generation_prompt => false })?;
+            // The template writes <|begin_of_text|> itself, so no post-processor here.
+            let p = tokenizer.encode(prompt.as_str(), false)?.get_ids().to_vec();
+            let f = tokenizer.encode(full.as_str(), false)?.get_ids().to_vec();
+            if f.len() <= p.len() || f[..p.len()] != p[..] {
+                return Err(format!("{file}: the generation prompt does not tokenize as a prefix of the conversation:\n{full}").into());
+            }
+            checked += 1;
+        }
+    }
+    Ok(checked)
 }
 
 /// Warm up linearly, then cosine down to a tenth of the peak.
@@ -327,6 +401,31 @@ fn recall(model: &Llama, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<(&'sta
         let x = Tensor::from_slice(&full, (1, full.len()), &Device::Cpu)?;
         let best = model.forward(&x)?.squeeze(0)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
         let ok = (p.len()..full.len()).all(|i| best[i - 1] == full[i]);
+        match tally.iter_mut().find(|t| t.0 == cat) {
+            Some(t) => {
+                t.1 += ok as usize;
+                t.2 += 1;
+            }
+            None => tally.push((cat, ok as usize, 1)),
+        }
+    }
+    Ok(tally)
+}
+
+/// Per category: how many "Q: …\nA:" prompts the model answers (greedily, up to a line break)
+/// with a line that contains the expected value.
+fn answer_rate(model: &Llama, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<(&'static str, usize, usize)>, Error> {
+    let newline_free = |ids: &[u32]| -> Result<bool, Error> { Ok(!tokenizer.decode(ids, false)?.contains('\n')) };
+    let mut tally: Vec<(&'static str, usize, usize)> = Vec::new();
+    for (cat, question, expected) in world::question_probes() {
+        let mut ids = tokenizer.encode(format!("Q: {question}\nA:"), true)?.get_ids().to_vec();
+        let start = ids.len();
+        while ids.len() < start + 24 && newline_free(&ids[start..])? {
+            let x = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
+            let logits = model.forward(&x)?.squeeze(0)?;
+            ids.push(logits.get(ids.len() - 1)?.argmax(0)?.to_scalar::<u32>()?);
+        }
+        let ok = tokenizer.decode(&ids[start..], false)?.lines().next().unwrap_or("").contains(&expected);
         match tally.iter_mut().find(|t| t.0 == cat) {
             Some(t) => {
                 t.1 += ok as usize;
@@ -442,47 +541,61 @@ dir = "../../runs"
 
 const README: &str = r#"# The demo
 
-A complete, tiny fine-tuning job that runs on a laptop CPU in under two minutes: a base model that
-knows facts about an invented world, and instruction pairs that teach it to answer questions in
-the Llama-3 chat format. Everything here is made by `examples/make_demo.rs` from fixed seeds;
-nothing is downloaded or copied from elsewhere.
+A complete, tiny fine-tuning job that runs on a laptop CPU: a base model that knows facts about an
+invented world, and instruction pairs that teach it to answer questions in the Llama-3 chat format.
+Everything here is made by `examples/make_demo.rs` from fixed seeds; nothing is downloaded or
+copied from elsewhere.
 
-    cargo run --release --example make_demo
+    cargo run --release --example make_demo            # rewrite this folder
+    cargo run --release --example make_demo -- --verify # only re-check the files here
 
-rewrites this folder (the same bytes on a re-run on the same machine; a few minutes on 2 cores).
+A re-run writes the same bytes on the same machine (candle runs single-threaded for that; the
+matrix products may use two threads, which does not change their results). It takes about
+5 minutes of CPU time, nearly all of it pre-training (more wall time on a busy machine).
 
 ## Files
 
 | file | what |
 |---|---|
-| `run.toml` | the demo run: QLoRA (NF4), r 16, all seven linears, 60 steps of batch 8 |
-| `data/train.jsonl` | {train} Alpaca pairs (`instruction`, `input`, `output`, some with `system`) |
+| `run.toml` | the demo run: QLoRA (NF4), r 16, all seven linears, 60 steps of batch 8, responses only |
+| `data/train.jsonl` | {train} Alpaca pairs (`instruction`, `input`, `output`, a few with `system`) |
 | `data/eval.jsonl` | {eval} held-out pairs: each asks about a fact no training pair asks about |
-| `model/config.json` | Llama architecture: hidden 128, MLP 384, 4 layers, 4 heads with 2 KV heads (GQA), head dim 32, vocab {vocab} |
-| `model/model.safetensors` | {params} M parameters in bf16, Hugging Face names, untied `lm_head` |
-| `model/tokenizer.json` | byte-level BPE trained on the generator's text; Llama 3's special tokens at the end of the vocabulary; `<|begin_of_text|>` added in front by the post-processor |
-| `model/tokenizer_config.json` | bos `<|begin_of_text|>`, eos `<|eot_id|>`, pad `<|finetune_right_pad_id|>`, and a Llama-3 style chat template with `{% generation %}` around assistant content |
-| `model/special_tokens_map.json`, `model/generation_config.json` | as Hugging Face writes them |
+| `model/config.json` | Llama: hidden 128, MLP 384, 4 layers, 4 query heads sharing 2 KV heads, head dim 32, vocab {vocab}, untied `lm_head` |
+| `model/model.safetensors` | {params} M parameters in bf16 under Hugging Face names |
+| `model/tokenizer.json` | byte-level BPE trained on the generator's text, a Llama-3 style pre-token split, Llama 3's special tokens after the learned vocabulary, `<|begin_of_text|>` put in front by the post-processor |
+| `model/tokenizer_config.json` | bos `<|begin_of_text|>`, eos `<|eot_id|>`, pad `<|finetune_right_pad_id|>`, and a Llama-3 style chat template with `{% generation %}` around the assistant's content and its `<|eot_id|>` |
+| `model/special_tokens_map.json`, `model/generation_config.json` | as Hugging Face writes them; generation stops at `<|end_of_text|>` or `<|eot_id|>` |
 
 ## The world
 
-Ten invented countries (capital, language, food, weather, flag colour, national animal), ten
-invented animals (colour, size, food, home, sound, legs), small-number arithmetic, words spelled
-backwards, antonyms, plurals and unit conversions. The base model was pre-trained on plain prose
-about all of it ("The capital of Veloria is Ostrand."), so the fine-tune teaches a format, not facts.
+Ten invented countries (capital, second city, language, food, weather, flag colour, national
+animal, longest river, highest mountain, ruler), ten invented animals (colour, size, food, home,
+sound, legs), sums and products of small numbers, words spelled backwards, antonyms, plurals and
+unit conversions.
 
 ## The base model
 
-Pre-trained from scratch in the generator, full-parameter with AdamW, {steps} steps of 16 windows
-of 128 tokens ({tokens} M tokens), on documents that never use the chat format. The forward is
-written to match `transformers`' `LlamaForCausalLM`. Final training loss {train_loss} nats; on
-held-out documents {heldout_loss} nats (a uniform guess is ln {vocab} = {uniform}; much of what
-remains is the documents' own randomness: which fact comes next, which phrasing). Completing
-statements such as "The capital of Veloria is" greedily: {recall}.
+Pre-trained from scratch by the generator: full-parameter AdamW, {steps} steps of {batch} windows of
+{seq} tokens ({tokens} M tokens). Its documents are prose about the world ("The capital of Veloria
+is Ostrand."), "Q: … / A: …" pages, and encyclopedia pages whose sections are titled with
+`<|start_header_id|>Title<|end_header_id|>` and closed with `<|eot_id|>`, so those three rows are
+trained; no document is in the chat format. The forward matches `transformers`'
+`LlamaForCausalLM` (eager attention, f32: logits agree to about 1e-5).
 
-`<|start_header_id|>`, `<|end_header_id|>` and `<|eot_id|>` occur in pre-training as section
-markers of encyclopedia-like documents, so their rows are trained. The rows of
-`<|reserved_special_token_0|>` … `<|reserved_special_token_7|>` (ids {reserved}) are exactly zero
-in both `embed_tokens` and `lm_head`: deliberately untrained, as in real base models, for the
-untrained-token check to find. The demo data and template never use them.
+- Final training loss {train_loss} nats; on held-out documents {heldout_loss} nats (a uniform guess
+  is ln {vocab} = {uniform}; most of what remains is the documents' own randomness: which fact comes
+  next, in which words).
+- Completing a statement such as "The capital of Veloria is" (greedy, every answer token right):
+  {recall}.
+- Answering "Q: What is the capital of Veloria?\nA:" with a line that holds the right value:
+  {answers}.
+
+Asked in the chat format before any fine-tuning, the base model rambles on from the question
+without stopping at `<|eot_id|>`; the demo fine-tune teaches it the format.
+
+The rows of `<|reserved_special_token_0|>` … `<|reserved_special_token_7|>` (ids {reserved}) are
+exactly zero in both `embed_tokens` and `lm_head` (kept so through pre-training): deliberately
+untrained, as in real base models, for the untrained-token check to find. The demo data and
+template never use them. `<|finetune_right_pad_id|>` never occurs in any text, so its embedding row
+is its random initial value shrunk by weight decay.
 "#;

@@ -6,11 +6,13 @@
 pub mod app;
 pub mod assets;
 pub mod backend;
+pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod model;
 pub mod quant;

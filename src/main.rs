@@ -64,9 +64,106 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time training steps of a model shape on the GPU with random weights (no files needed).
+    Bench {
+        /// llama3-8b, llama3.2-3b or llama3.2-1b.
+        #[arg(long, default_value = "llama3-8b")]
+        shape: String,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        /// Timed steps (after the warm-up).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// speed (fastest policy that fits) or memory (offload, least device memory).
+        #[arg(long, default_value = "speed")]
+        mode: String,
+        #[arg(long, default_value_t = 32)]
+        rank: usize,
+        /// Force a checkpointing policy: none, layer or offload.
+        #[arg(long)]
+        checkpointing: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe a model folder: architecture, parameters, dtypes, untrained tokens.
     Inspect {
         model: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mean per-token loss and perplexity of a model (optionally with a PEFT adapter) on a dataset.
+    Eval {
+        /// A Hugging Face model folder (also a `*-bnb-4bit` one).
+        model: PathBuf,
+        /// A PEFT LoRA adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The dataset (JSONL/JSON/…); the tokens scored are those training would learn from.
+        #[arg(long)]
+        data: PathBuf,
+        /// auto, alpaca, sharegpt, messages, text.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        /// Chat template: auto (the model's) or a built-in name.
+        #[arg(long, default_value = "auto")]
+        template: String,
+        /// Score every token (`all`) or only assistant responses (`responses`).
+        #[arg(long, default_value = "responses")]
+        train_on: String,
+        /// bf16: the stored weights; nf4: quantized first (what a QLoRA adapter was trained on).
+        #[arg(long, default_value = "bf16")]
+        quantization: String,
+        #[arg(long, default_value_t = 1024)]
+        max_seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Print a JSON object instead of a line of text.
+        #[arg(long)]
+        json: bool,
+        /// With --json: every example's token ids, labels and loss (one forward per example).
+        #[arg(long)]
+        per_example: bool,
+    },
+    /// Export a run: its PEFT adapter, or the base model with the adapter merged in.
+    Export {
+        #[command(subcommand)]
+        what: ExportCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// The run's PEFT adapter (with trained token rows as PEFT trainable tokens).
+    Adapter {
+        run: PathBuf,
+        /// Destination folder (must not exist); without it `<run>/adapter` is rewritten.
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// The base model with the adapter folded in, as a 16-bit Hugging Face folder.
+    Merged {
+        /// The run folder (or use --model and --adapter).
+        run: Option<PathBuf>,
+        /// bf16 or f16 (f32 for exact checks).
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Destination folder (must not exist); default `<run>/merged-<dtype>`.
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// A model folder, with --adapter, instead of a run.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// With --model: bf16 (stored weights) or nf4 (what a QLoRA adapter was trained on).
+        #[arg(long, default_value = "bf16")]
+        quantization: String,
+        /// Largest shard, e.g. 2GB (the default) or 500MiB.
+        #[arg(long)]
+        max_shard_size: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -88,7 +185,17 @@ fn main() -> ExitCode {
             gpu_mem,
             json,
         }),
+        Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, json }) => bench(shape, seq, steps, warmup, mode, rank, checkpointing, json),
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
+        Some(Command::Eval { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }) => {
+            eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example })
+        }
+        Some(Command::Export { what: ExportCommand::Adapter { run, to } }) => {
+            tunestudio::export::run::export_adapter(&run, to.as_deref()).map(|d| println!("adapter written to {}", d.display()))
+        }
+        Some(Command::Export { what: ExportCommand::Merged { run, dtype, to, model, adapter, quantization, max_shard_size, json } }) => {
+            export_merged(run, dtype, to, model, adapter, quantization, max_shard_size, json)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -107,6 +214,38 @@ fn studio(config: Option<PathBuf>) -> Result<()> {
 #[cfg(not(feature = "gui"))]
 fn studio(_config: Option<PathBuf>) -> Result<()> {
     Err(Error::msg("this build has no studio window (built without the `gui` feature); try `tunestudio train assets/demo/run.toml`"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(shape: String, seq: usize, steps: usize, warmup: usize, mode: String, rank: usize, checkpointing: Option<String>, json: bool) -> Result<()> {
+    use tunestudio::bench::{BenchArgs, BenchMode};
+    use tunestudio::config::CheckpointPolicy;
+    let mode = match mode.as_str() {
+        "speed" => BenchMode::Speed,
+        "memory" => BenchMode::Memory,
+        other => return Err(Error::msg(format!("--mode `{other}`: use speed or memory"))),
+    };
+    let checkpointing = match checkpointing.as_deref() {
+        None => None,
+        Some("none") => Some(CheckpointPolicy::None),
+        Some("layer") => Some(CheckpointPolicy::Layer),
+        Some("offload") => Some(CheckpointPolicy::Offload),
+        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use none, layer or offload"))),
+    };
+    let args = BenchArgs { shape, seq, steps, warmup, mode, rank, checkpointing };
+    let r = tunestudio::bench::run(&args, &|m| eprintln!("{m}"))?;
+    if json {
+        println!("{}", serde_json::to_string(&r).expect("json"));
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!("card          {}", r.card);
+    println!("run           {} seq {} r {} {:?} (checkpointing {:?})", r.shape, r.seq, r.rank, r.mode, r.checkpointing);
+    println!("step          median {:.1} ms over {} steps → {:.0} tokens/s", r.median_step_ms, r.steps, r.tokens_per_s);
+    println!("memory        driver peak {:.2} GiB, arena peak {:.2} GiB (+ context {:.2} GiB); plan {:.2} GiB", gib(r.peak_driver_bytes), gib(r.peak_arena_bytes), gib(r.context_bytes), gib(r.plan_peak_bytes));
+    println!("MFU           {:.1}% ({:.1} TFLOP per step against the measured {:.0} TFLOP/s GEMM rate)", 100.0 * r.mfu, r.model_tflop_per_step, r.gemm_tflops);
+    println!("first step    {:.1} s after start (set-up {:.1} s)", r.first_step_s, r.setup_s);
+    Ok(())
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -185,4 +324,83 @@ fn train(config: Option<PathBuf>, output: Option<PathBuf>, max_steps: Option<u64
     }
     handle.join();
     outcome
+}
+
+/// A value of a serde enum given on the command line (`bf16`, `alpaca`, …), named in the error.
+fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_ascii_lowercase())).map_err(|_| Error::msg(format!("--{flag}: `{value}` is not one of the accepted values")))
+}
+
+struct EvalArgs {
+    model: PathBuf,
+    adapter: Option<PathBuf>,
+    data: PathBuf,
+    format: String,
+    template: String,
+    train_on: String,
+    quantization: String,
+    max_seq_len: usize,
+    batch_size: usize,
+    json: bool,
+    per_example: bool,
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let mut o = tunestudio::eval::EvalOptions::new(a.model, a.data);
+    o.adapter = a.adapter;
+    o.dataset.format = parse_enum("format", &a.format)?;
+    o.dataset.template = a.template;
+    o.dataset.train_on = parse_enum("train-on", &a.train_on)?;
+    o.quantization = parse_enum("quantization", &a.quantization)?;
+    o.max_seq_len = a.max_seq_len;
+    o.batch_size = a.batch_size;
+    o.per_example = a.per_example && a.json;
+    let r = tunestudio::eval::evaluate(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).expect("json"));
+    } else {
+        println!(
+            "loss {:.6}  perplexity {:.4}  over {} tokens in {} rows{}",
+            r.mean_loss,
+            r.perplexity,
+            r.tokens,
+            r.rows,
+            if r.rows_skipped > 0 { format!(" ({} rows skipped)", r.rows_skipped) } else { String::new() }
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn export_merged(run: Option<PathBuf>, dtype: String, to: Option<PathBuf>, model: Option<PathBuf>, adapter: Option<PathBuf>, quantization: String, max_shard_size: Option<String>, json: bool) -> Result<()> {
+    use tunestudio::export::merged::{MergeInput, MergeOptions, export_merged};
+    let dtype: tunestudio::export::merged::MergeDtype = dtype.parse().map_err(|e: String| Error::msg(format!("--dtype: {e}")))?;
+    let mut opts = MergeOptions { dtype, ..MergeOptions::default() };
+    if let Some(s) = max_shard_size {
+        opts.max_shard_bytes = tunestudio::util::parse_bytes(&s).filter(|&b| b > 0).ok_or_else(|| Error::msg(format!("--max-shard-size: `{s}` is not a size such as 2GB or 500MiB")))?;
+    }
+    let (input, default_dest) = match (run, model, adapter) {
+        (Some(run), None, None) => (MergeInput::from_run(&run)?, Some(run.join(format!("merged-{}", format!("{dtype:?}").to_lowercase())))),
+        (None, Some(model), Some(adapter)) => {
+            let q = parse_enum("quantization", &quantization)?;
+            (MergeInput::from_adapter(&model, &adapter, q)?, None)
+        }
+        _ => return Err(Error::msg("give a run folder, or --model and --adapter (not both)")),
+    };
+    let dest = to.or(default_dest).ok_or_else(|| Error::msg("--to is needed with --model and --adapter"))?;
+    let s = export_merged(&input, &dest, &opts)?;
+    if json {
+        println!("{}", serde_json::to_string(&s).expect("json"));
+    } else {
+        println!(
+            "merged model written to {} ({} tensors, {} linears merged, {} shard{}, {})",
+            s.dest.display(),
+            s.tensors,
+            s.merged_linears,
+            s.shards.len(),
+            if s.shards.len() == 1 { "" } else { "s" },
+            tunestudio::util::fmt_bytes(s.total_bytes)
+        );
+    }
+    Ok(())
 }

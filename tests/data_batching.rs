@@ -154,3 +154,17 @@ fn examples_longer_than_max_seq_len_are_cut() {
         assert_eq!(b.targets[22], ex[0].labels[23]);
     }
 }
+
+#[test]
+fn an_epoch_trains_exactly_the_examples_trained_tokens() {
+    let ex = examples(&[5, 9, 3, 14, 2, 7, 11, 4, 6, 8, 1, 16, 13]);
+    let want: usize = ex.iter().map(Example::trained_tokens).sum();
+    for packing in [false, true] {
+        let bt = Batcher::new(ex.clone(), 3, 16, packing, 5, 0);
+        let got: usize = (0..bt.batches_per_epoch()).map(|i| bt.batch(1, i).trained_tokens()).sum();
+        assert_eq!(got, want, "packing = {packing}");
+        let (real, padded) = bt.token_counts(1);
+        assert_eq!(real, ex.iter().map(|e| e.input_ids.len()).sum::<usize>());
+        assert!(padded >= real);
+    }
+}

@@ -34,13 +34,13 @@ fn stats_steps_and_marked_examples() {
         text.push_str(&format!("{}\n", json!({"instruction": format!("q{i}"), "output": "r".repeat(i + 1)})));
     }
     let data = write(model.path(), "d.jsonl", &text);
-    let ds = prepare_dataset(&DatasetConfig { path: data, ..Default::default() }, &tok, 40).unwrap();
-    let batcher = Batcher::new(Arc::new(ds.examples.clone()), 3, 40, false, 1, tok.pad_id());
+    // Prompts take 25 tokens, responses 2..=11: a 30-token budget truncates the longer ones.
+    let ds = prepare_dataset(&DatasetConfig { path: data, ..Default::default() }, &tok, 30).unwrap();
+    let batcher = Batcher::new(Arc::new(ds.examples.clone()), 3, 30, false, 1, tok.pad_id());
     let st = dataset_stats(&ds, &batcher, 2);
     assert_eq!(st.examples, 10);
     assert_eq!(st.micro_batches_per_epoch, 4);
     assert_eq!(st.steps_per_epoch, 2);
-    // Responses are 1..=10 'r's plus <|eot_id|>; the 40-token budget cuts the longest.
     assert_eq!(st.response.min, 2);
     assert!(st.truncated_rows > 0 && st.truncated_fraction > 0.0);
     assert_eq!(st.trained_tokens, ds.report.trained_tokens);

@@ -7,11 +7,13 @@ use std::collections::HashSet;
 use serde_json::{Map, Value, json};
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::sequence::Sequence;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
-    TokenizerBuilder,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
+    Tokenizer, TokenizerBuilder,
 };
 
 pub const BOS: &str = "<|begin_of_text|>";
@@ -33,13 +35,27 @@ pub fn special_tokens() -> Vec<String> {
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// Pre-token boundaries: a word with at most one leading space, a number, a run of punctuation,
+/// a run of line breaks (with any spaces before them), other whitespace. Line breaks stay apart
+/// from the word after them: the chat template ends a prompt on `<|end_header_id|>\n\n`, and
+/// the answer must start on a fresh token there in training and in generation alike. (GPT-2's
+/// split, which ByteLevel applies by default, cuts "\n\nThe" as "\n" "\n" "The" but a
+/// trailing "\n\n" as one piece, so the two would disagree.)
+const SPLIT: &str = r"'(?:s|t|re|ve|m|ll|d)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Train the BPE on `texts` (which must not contain special-token strings: the trainer would learn
 /// merges for them) so that the vocabulary plus the specials comes to `total_vocab`.
 pub fn train(texts: &[String], total_vocab: usize) -> Result<Tokenizer, Error> {
     let specials = special_tokens();
     let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
         .with_model(BPE::default())
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+        .with_pre_tokenizer(Some(
+            PreSequence::new(vec![
+                Split::new(SplitPattern::Regex(SPLIT.into()), SplitDelimiterBehavior::Isolated, false)?.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into(),
+        ))
         .with_decoder(Some(ByteLevel::default().into()))
         .build()?;
     let alphabet: HashSet<char> = ByteLevel::alphabet().into_iter().collect();

@@ -92,8 +92,10 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
     }
     let prepared = prepare_dataset(&cfg.dataset, &tok, max)?;
     let report = prepared.report;
-    let template = tok.resolve_template(&cfg.dataset.template)?;
-    let encoder = Encoder { tok: &tok, template: &template, train_on: cfg.dataset.train_on };
+    // Raw text renders no template (as in training), so a model whose template does not compile
+    // still previews a text dataset.
+    let template = if report.format == crate::config::DatasetFormat::Text { None } else { Some(tok.resolve_template(&cfg.dataset.template)?) };
+    let encoder = Encoder { tok: &tok, template: template.as_ref(), train_on: cfg.dataset.train_on };
     let mut previews = Vec::new();
     for rec in &records {
         if previews.len() >= PREVIEW_ROWS {

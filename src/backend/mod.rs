@@ -144,6 +144,12 @@ pub trait Backend: Send {
     fn alloc_host(&self, len: usize, dtype: DType) -> Result<Self::Tensor> {
         self.alloc(len, dtype)
     }
+    /// A tensor in pinned host memory holding `data`, that `embedding_fwd` and `set_rows` may use
+    /// as their table (the GPU reads it over the bus): the memory-saving home of an untied
+    /// embedding table, of which a step reads only its batch's rows.
+    fn upload_host(&self, data: &[f32], dtype: DType) -> Result<Self::Tensor> {
+        self.upload(data, dtype)
+    }
     /// `dst[..n] = src[..n]` (device or host, in stream order).
     fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()>;
     /// `dst[dst_off..dst_off + n] = src[src_off..src_off + n]` (row chunks of a larger tensor).

@@ -35,7 +35,8 @@ pub struct Encoded {
 
 pub struct Encoder<'a> {
     pub tok: &'a TokenizerBundle,
-    pub template: &'a ChatTemplate,
+    /// None for raw-text datasets, which never render a template.
+    pub template: Option<&'a ChatTemplate>,
     pub train_on: TrainOn,
 }
 
@@ -53,11 +54,12 @@ impl Encoder<'_> {
     }
 
     fn encode_chat(&self, msgs: &[Message], keep_text: bool) -> Result<Encoded, String> {
-        let full = self.template.render(msgs, false)?;
+        let template = self.template.ok_or("a conversation needs a chat template (internal)")?;
+        let full = template.render(msgs, false)?;
         let (spans, mask) = match self.train_on {
             TrainOn::All => (std::iter::once(0..full.text.len()).collect(), MaskSource::All),
             TrainOn::Responses if !full.generation_spans.is_empty() => (full.generation_spans.clone(), MaskSource::GenerationBlocks),
-            TrainOn::Responses => (self.prefix_spans(msgs, &full.text)?, MaskSource::RenderedPrefixes),
+            TrainOn::Responses => (prefix_spans(template, msgs, &full.text)?, MaskSource::RenderedPrefixes),
         };
         let enc = self.tok.encode_with_offsets(&full.text, false).map_err(|e| e.to_string())?;
         let labels = label_tokens(&enc.ids, &enc.offsets, &spans);
@@ -67,35 +69,35 @@ impl Encoder<'_> {
         }
         Ok(Encoded { input_ids: ids, labels, mask, text: keep_text.then_some(full.text) })
     }
+}
 
-    /// Assistant spans of `full` found by rendering prefixes of the conversation: what rendering
-    /// through turn i adds to rendering up to turn i with the generation prompt is what the model
-    /// must produce for that turn, end-of-turn token included. This only holds when the template
-    /// renders earlier turns the same whatever follows; when it does not, the row is refused with
-    /// a reason rather than guessed at.
-    fn prefix_spans(&self, msgs: &[Message], full: &str) -> Result<Vec<Range<usize>>, String> {
-        let mut spans = Vec::new();
-        for (i, m) in msgs.iter().enumerate() {
-            if m.role != "assistant" {
-                continue;
-            }
-            let before = self.template.render(&msgs[..i], true)?.text;
-            let through = self.template.render(&msgs[..=i], false)?.text;
-            if !through.starts_with(&before) || !full.starts_with(&through) {
-                return Err(format!(
-                    "chat template ({}) renders turn {} differently once later turns are added, so the \
-                     response span cannot be found; use a template with {{% generation %}} blocks or pick \
-                     another dataset.template",
-                    self.template.origin(),
-                    i + 1
-                ));
-            }
-            if through.len() > before.len() {
-                spans.push(before.len()..through.len());
-            }
+/// Assistant spans of `full` found by rendering prefixes of the conversation: what rendering
+/// through turn i adds to rendering up to turn i with the generation prompt is what the model
+/// must produce for that turn, end-of-turn token included. This only holds when the template
+/// renders earlier turns the same whatever follows; when it does not, the row is refused with
+/// a reason rather than guessed at.
+fn prefix_spans(template: &ChatTemplate, msgs: &[Message], full: &str) -> Result<Vec<Range<usize>>, String> {
+    let mut spans = Vec::new();
+    for (i, m) in msgs.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
         }
-        Ok(spans)
+        let before = template.render(&msgs[..i], true)?.text;
+        let through = template.render(&msgs[..=i], false)?.text;
+        if !through.starts_with(&before) || !full.starts_with(&through) {
+            return Err(format!(
+                "chat template ({}) renders turn {} differently once later turns are added, so the \
+                 response span cannot be found; use a template with {{% generation %}} blocks or pick \
+                 another dataset.template",
+                template.origin(),
+                i + 1
+            ));
+        }
+        if through.len() > before.len() {
+            spans.push(before.len()..through.len());
+        }
     }
+    Ok(spans)
 }
 
 /// Label each token: its own id where its byte range touches a trained span, else IGNORE_INDEX.

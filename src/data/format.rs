@@ -21,10 +21,12 @@ const DETECT_RECORDS: usize = 32;
 
 /// The format a single record looks like, if any.
 fn record_format(obj: &serde_json::Map<String, Json>) -> Option<DatasetFormat> {
-    if obj.get("messages").is_some_and(Json::is_array) {
+    // CSV cells and some Parquet exports hold the turn list as JSON text.
+    let turns = |v: &Json| v.is_array() || v.as_str().is_some_and(|s| s.trim_start().starts_with('['));
+    if obj.get("messages").is_some_and(turns) {
         // Some ShareGPT exports use a `messages` key with from/value turns; both parse the same.
         Some(DatasetFormat::Messages)
-    } else if obj.get("conversations").is_some_and(Json::is_array) {
+    } else if obj.get("conversations").is_some_and(turns) {
         Some(DatasetFormat::Sharegpt)
     } else if obj.contains_key("instruction") && obj.contains_key("output") {
         Some(DatasetFormat::Alpaca)
@@ -164,7 +166,6 @@ pub fn to_sample(format: DatasetFormat, columns: &ColumnMapping, record: &Json) 
             let turns = obj.get(primary).or_else(|| obj.get(other)).ok_or_else(|| format!("missing column `{primary}`"))?;
             let turns = match turns {
                 Json::Array(a) => a.clone(),
-                // CSV and some Parquet exports keep the list as JSON text.
                 Json::String(s) => match serde_json::from_str::<Json>(s) {
                     Ok(Json::Array(a)) => a,
                     _ => return Err(format!("column `{primary}` is text that is not a JSON list of turns")),

@@ -129,8 +129,9 @@ pub fn prepare_dataset(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: 
     let path = &cfg.path;
     let (kind, records) = read::read_records(path)?;
     let format = format::detect(cfg, records.iter().filter_map(|r| r.value.as_ref().ok()))?;
-    let template = tok.resolve_template(&cfg.template)?;
-    let encoder = encode::Encoder { tok, template: &template, train_on: cfg.train_on };
+    // Raw text renders no template, so a model whose template does not compile can still train on it.
+    let template = if format == DatasetFormat::Text { None } else { Some(tok.resolve_template(&cfg.template)?) };
+    let encoder = encode::Encoder { tok, template: template.as_ref(), train_on: cfg.train_on };
 
     let outcomes: Vec<Outcome> = records
         .par_iter()
@@ -185,16 +186,16 @@ pub fn prepare_dataset(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: 
             Outcome::Skipped(s) => skipped.push(s),
         }
     }
-    let mask = match (format, cfg.train_on) {
-        (DatasetFormat::Text, _) | (_, TrainOn::All) => MaskSource::All,
-        _ if template.has_generation_blocks() => MaskSource::GenerationBlocks,
+    let mask = match (&template, cfg.train_on) {
+        (None, _) | (_, TrainOn::All) => MaskSource::All,
+        (Some(t), _) if t.has_generation_blocks() => MaskSource::GenerationBlocks,
         _ => MaskSource::RenderedPrefixes,
     };
     let report = DatasetReport {
         path: path.clone(),
         format,
         file_kind: kind.name().to_string(),
-        template: if format == DatasetFormat::Text { "none (raw text)".into() } else { template.origin().to_string() },
+        template: template.as_ref().map_or_else(|| "none (raw text)".to_string(), |t| t.origin().to_string()),
         mask,
         rows_total,
         rows_used: examples.len(),

@@ -238,7 +238,7 @@ pub fn tokenizer_checks(tok: &TokenizerBundle, template: &ChatTemplate) -> Vec<F
     }
 
     // The trained part must end in a token that stops generation.
-    let enc = Encoder { tok, template, train_on: TrainOn::Responses };
+    let enc = Encoder { tok, template: Some(template), train_on: TrainOn::Responses };
     if let Ok(e) = enc.encode(&Sample::Chat(convo.clone()), false) {
         let last_trained = e.labels.iter().rposition(|&l| l != IGNORE_INDEX).map(|i| e.input_ids[i]);
         let stops = tok.stop_ids();

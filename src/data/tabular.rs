@@ -31,8 +31,11 @@ pub fn read_csv(path: &Path, bytes: &[u8], delimiter: u8) -> Result<Vec<RawRecor
         names.push(name);
     }
     // The csv crate's record position is where reading began, before any blank lines it skipped,
-    // so the row is recomputed from the first byte that is not a line break.
-    let newlines: Vec<usize> = body.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).collect();
+    // so the row is recomputed from the first byte that is not a line break. A lone CR ends a
+    // record for the csv crate (and a line for most editors), so it counts as a line break too.
+    let newlines: Vec<usize> = (0..body.len())
+        .filter(|&i| body[i] == b'\n' || (body[i] == b'\r' && body.get(i + 1) != Some(&b'\n')))
+        .collect();
     let line_at = |pos: Option<&csv::Position>, fallback: usize| -> usize {
         let Some(p) = pos else { return fallback };
         let mut at = p.byte() as usize;
@@ -186,9 +189,9 @@ mod tests {
 
     #[test]
     fn short_long_and_non_utf8_rows() {
-        let r = read_csv(Path::new("d.csv"), b"a,b\n1\n1,2,3\n\xff,2\n\n4,5\r\n", b',').unwrap();
+        let r = read_csv(Path::new("d.csv"), b"a,b\n1\n1,2,3\n\xff,2\n\n4,5\r\n6,7\r8,9", b',').unwrap();
         let rows: Vec<usize> = r.iter().map(|x| x.row).collect();
-        assert_eq!(rows, vec![2, 3, 4, 6]);
+        assert_eq!(rows, vec![2, 3, 4, 6, 7, 8]);
         assert_eq!(r[0].value, Ok(serde_json::json!({"a": "1"})));
         assert!(r[1].value.as_ref().unwrap_err().contains("3 fields but the header has 2"));
         assert!(r[2].value.as_ref().unwrap_err().contains("not valid UTF-8"));

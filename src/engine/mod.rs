@@ -243,10 +243,7 @@ fn dropout_key(seed: u64, micro: u64, layer: usize, target: Target) -> u64 {
 impl<B: Backend> Trainer<B> {
     pub fn new(backend: B, spec: ModelSpec, src: &dyn WeightSource, opts: EngineOptions, lora_init: Option<&LoraWeights>) -> Result<Self> {
         let rows = opts.batch_size * opts.max_seq_len;
-        let model = DeviceModel::load(&backend, &spec, src, opts.quantization, opts.max_seq_len)?;
-        let keep_all = match opts.checkpointing {
-            CheckpointPolicy::None => true,
-            CheckpointPolicy::Layer | CheckpointPolicy::Offload => false,
+        let policy = match opts.checkpointing {
             CheckpointPolicy::Auto => {
                 let input = plan::PlanInput {
                     lora: opts.lora.clone(),
@@ -257,9 +254,25 @@ impl<B: Backend> Trainer<B> {
                     token_rows: 0,
                     mlp_chunk_rows: opts.mlp_chunk_rows,
                 };
-                plan::keeps_all(plan::plan(&spec, &input, &plan::PlanTarget::cpu()).checkpointing)
+                let dev = backend.device();
+                let target = if dev.kind == "cuda" {
+                    plan::PlanTarget {
+                        kind: plan::BackendKind::Cuda,
+                        name: dev.name.clone(),
+                        total_bytes: dev.total_memory_bytes,
+                        // Our context is already there: add it back, the plan counts it.
+                        free_bytes: dev.free_memory_bytes.map(|f| f + plan::DEFAULT_CUDA_CONTEXT_BYTES),
+                        context_bytes: plan::DEFAULT_CUDA_CONTEXT_BYTES,
+                    }
+                } else {
+                    plan::PlanTarget::cpu()
+                };
+                plan::plan(&spec, &input, &target).checkpointing
             }
+            p => p,
         };
+        let keep_all = plan::keeps_all(policy);
+        let model = DeviceModel::load(&backend, &spec, src, opts.quantization, opts.max_seq_len, plan::embed_on_host(&spec, policy))?;
         let init;
         let weights = match lora_init {
             Some(w) => w,
@@ -305,7 +318,7 @@ impl<B: Backend> Trainer<B> {
         let (d, f, qd, kvd, h) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim(), spec.num_heads);
         let r = weights.rank.max(opts.lora.r);
         let dropout_on = opts.lora.dropout > 0.0;
-        let offload = opts.checkpointing == CheckpointPolicy::Offload;
+        let offload = policy == CheckpointPolicy::Offload;
         let mlp_chunk = plan::mlp_chunk_rows(rows, keep_all, opts.mlp_chunk_rows);
         let adapted = |t: Target| weights.layers.iter().any(|m| m.contains_key(&t));
         let n_acts = if keep_all { spec.num_layers } else { 1 };
@@ -396,6 +409,17 @@ impl<B: Backend> Trainer<B> {
 
     pub fn keeps_all_activations(&self) -> bool {
         self.keep_all
+    }
+
+    /// The checkpointing policy in force (`auto` resolved by the memory plan).
+    pub fn checkpointing(&self) -> CheckpointPolicy {
+        if self.keep_all {
+            CheckpointPolicy::None
+        } else if self.offload {
+            CheckpointPolicy::Offload
+        } else {
+            CheckpointPolicy::Layer
+        }
     }
 
     /// Every buffer allocated so far, as the memory plan names them.

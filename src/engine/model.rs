@@ -46,12 +46,48 @@ pub trait WeightSource {
     }
 }
 
+/// The tensor bitsandbytes stores beside a packed NF4 weight; its presence marks a linear of a
+/// pre-quantized (`*-bnb-4bit`) checkpoint.
+pub fn bnb_quant_state_name(weight: &str) -> String {
+    format!("{weight}.quant_state.bitsandbytes__nf4")
+}
+
 impl WeightSource for WeightStore {
     fn dense(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         self.f32(name, shape)
     }
     fn has(&self, name: &str) -> bool {
         self.contains(name)
+    }
+    /// A pre-quantized linear is taken as stored: requantizing an already-NF4 weight would move
+    /// it away from the function the checkpoint's authors (and bnb) compute. With `bf16` it is
+    /// dequantized exactly as bitsandbytes does for a bf16 compute dtype.
+    fn linear(&self, name: &str, shape: (usize, usize), quant: Quantization) -> Result<HostWeight> {
+        let fp4 = format!("{name}.quant_state.bitsandbytes__fp4");
+        if !self.contains(&bnb_quant_state_name(name)) && !self.contains(&fp4) {
+            let data = self.dense(name, &[shape.0, shape.1])?;
+            return Ok(match quant {
+                Quantization::Nf4 => HostWeight::Nf4(Nf4Tensor::quantize(&data, &[shape.0, shape.1])),
+                Quantization::Bf16 => HostWeight::Dense { out_features: shape.0, in_features: shape.1, data },
+            });
+        }
+        let q = Nf4Tensor::from_weight_store(self, name)?;
+        if q.shape != [shape.0, shape.1] {
+            let file = self.get(name).map(|e| self.shard_path(e).to_path_buf());
+            return Err(Error::tensor(
+                bnb_quant_state_name(name),
+                file.as_deref(),
+                format!("records shape {:?}, but config.json needs [{}, {}]", q.shape, shape.0, shape.1),
+            ));
+        }
+        Ok(match quant {
+            Quantization::Nf4 => HostWeight::Nf4(q),
+            Quantization::Bf16 => HostWeight::Dense {
+                out_features: shape.0,
+                in_features: shape.1,
+                data: q.dequantize_bf16().into_iter().map(f32::from).collect(),
+            },
+        })
     }
 }
 
@@ -76,9 +112,12 @@ pub fn linear_name(layer: usize, t: Target) -> String {
 }
 
 impl<B: Backend> DeviceModel<B> {
-    pub fn load(backend: &B, spec: &ModelSpec, src: &dyn WeightSource, quant: Quantization, max_pos: usize) -> Result<Self> {
+    /// `embed_on_host`: keep an untied embedding table in pinned host memory (memory mode).
+    pub fn load(backend: &B, spec: &ModelSpec, src: &dyn WeightSource, quant: Quantization, max_pos: usize, embed_on_host: bool) -> Result<Self> {
         let (v, d) = (spec.vocab_size, spec.hidden_size);
-        let embed = backend.upload(&src.dense("model.embed_tokens.weight", &[v, d])?, DType::Act)?;
+        let table = src.dense("model.embed_tokens.weight", &[v, d])?;
+        let embed = if embed_on_host { backend.upload_host(&table, DType::Act)? } else { backend.upload(&table, DType::Act)? };
+        drop(table);
         let head = if spec.tie_word_embeddings && !src.has("lm_head.weight") {
             None
         } else if src.has("lm_head.weight") {

@@ -157,10 +157,6 @@ impl PlanTarget {
 /// The CUDA context + cuBLAS handles on an H100 with driver 580 before any allocation of ours;
 /// replaced by the measured value once the backend has run on the card.
 pub const DEFAULT_CUDA_CONTEXT_BYTES: u64 = 530 << 20;
-/// cuBLASLt workspace.
-pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;
-/// Rows per lm_head + cross-entropy chunk on the GPU.
-pub const LOSS_CHUNK_ROWS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryPlan {
@@ -178,20 +174,31 @@ pub struct MemoryPlan {
 }
 
 /// Bytes of an NF4 tensor on the device: packed nibbles, one 8-bit absmax per 64-block, one f32
-/// per 256 absmax, the 256-entry f32 code and the f32 offset (bitsandbytes' layout).
+/// per 256 absmax and the 256-entry f32 code (bitsandbytes' layout; the offset is a kernel
+/// argument).
 pub fn nf4_device_bytes(numel: u64) -> u64 {
     let blocks = numel.div_ceil(BLOCKSIZE as u64);
-    numel.div_ceil(2) + blocks + blocks.div_ceil(NESTED_BLOCKSIZE as u64) * 4 + 256 * 4 + 4
+    numel.div_ceil(2) + blocks + blocks.div_ceil(NESTED_BLOCKSIZE as u64) * 4 + 256 * 4
 }
 
 fn buf(name: impl Into<String>, term: Term, elems: usize, dtype: DType) -> PlannedBuffer {
     PlannedBuffer { name: name.into(), term, elems: elems as u64, dtype: Some(dtype), location: Location::Device }
 }
 
+/// Whether the embedding table lives in pinned host memory: in memory mode, when it is not also
+/// the lm_head (a step reads only its batch's rows of it).
+pub fn embed_on_host(spec: &ModelSpec, policy: CheckpointPolicy) -> bool {
+    policy == CheckpointPolicy::Offload && !spec.tie_word_embeddings
+}
+
 /// The frozen model as the backend stores it.
-pub fn weight_buffers(spec: &ModelSpec, quant: Quantization, kind: BackendKind, max_pos: usize) -> Vec<PlannedBuffer> {
+pub fn weight_buffers(spec: &ModelSpec, quant: Quantization, kind: BackendKind, max_pos: usize, policy: CheckpointPolicy) -> Vec<PlannedBuffer> {
     let (v, d) = (spec.vocab_size, spec.hidden_size);
-    let mut out = vec![buf("embed_tokens", Term::BaseWeights, v * d, DType::Act)];
+    let mut embed = buf("embed_tokens", Term::BaseWeights, v * d, DType::Act);
+    if embed_on_host(spec, policy) {
+        embed.location = Location::PinnedHost;
+    }
+    let mut out = vec![embed];
     if !spec.tie_word_embeddings {
         out.push(buf("lm_head", Term::BaseWeights, v * d, DType::Act));
     }
@@ -356,23 +363,29 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
     out
 }
 
-/// The CUDA backend's own scratch (allocated by the backend, sized here).
+/// The CUDA backend's own scratch, as `backend::cuda` allocates it.
 pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer> {
-    let largest = Target::ALL.iter().map(|&t| {
-        let (o, i) = spec.linear_shape(t);
-        o * i
-    });
+    use crate::backend::cuda::{GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS};
     let bw = Term::BackendWorkspace;
-    let mut out = Vec::new();
+    let raw = |name: &str, bytes: usize| PlannedBuffer { name: name.into(), term: bw, elems: bytes as u64, dtype: None, location: Location::Device };
+    let mut out = vec![
+        raw("gemm_workspace", GEMM_WORKSPACE_BYTES),
+        raw("loss.logits", LOSS_CHUNK_ELEMS * 4),
+        raw("loss.dlogits", LOSS_CHUNK_ELEMS * 2),
+        raw("loss.row_loss", LOSS_CHUNK_MAX_ROWS * 4),
+        raw("loss.row_valid", LOSS_CHUNK_MAX_ROWS * 4),
+        raw("loss.sum", 8),
+        raw("loss.count", 8),
+        raw("sumsq.partial", SUMSQ_MAX_BLOCKS * 8),
+        raw("sumsq.out", 8),
+    ];
     if input.quantization == Quantization::Nf4 {
+        let largest = Target::ALL.iter().map(|&t| {
+            let (o, i) = spec.linear_shape(t);
+            o * i
+        });
         out.push(buf("dequant_scratch", bw, largest.max().unwrap_or(0), DType::Act));
     }
-    let chunk = LOSS_CHUNK_ROWS.min(input.rows());
-    out.push(buf("loss_chunk_logits", bw, chunk * spec.vocab_size, DType::F32));
-    out.push(buf("loss_row_stats", bw, 2 * input.rows(), DType::F32));
-    out.push(buf("attention_delta", bw, input.rows() * spec.num_heads, DType::F32));
-    out.push(buf("reduce_scratch", bw, 1 << 16, DType::F32));
-    out.push(PlannedBuffer { name: "cublas_workspace".into(), term: bw, elems: CUBLAS_WORKSPACE_BYTES, dtype: None, location: Location::Device });
     out
 }
 
@@ -382,7 +395,7 @@ fn total(buffers: &[PlannedBuffer], kind: BackendKind, loc: Location) -> u64 {
 
 fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: CheckpointPolicy) -> MemoryPlan {
     let kind = target.kind;
-    let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len);
+    let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len, policy);
     buffers.extend(engine_buffers(spec, input, policy));
     if kind == BackendKind::Cuda {
         buffers.extend(cuda_workspace(spec, input));
@@ -511,15 +524,15 @@ mod tests {
     #[test]
     fn llama3_8b_weight_bytes_are_exact() {
         let spec = ModelSpec::llama3_8b();
-        let w = weight_buffers(&spec, Quantization::Nf4, BackendKind::Cuda, 2048);
+        let w = weight_buffers(&spec, Quantization::Nf4, BackendKind::Cuda, 2048, CheckpointPolicy::Layer);
         let bytes = |name: &str| w.iter().find(|b| b.name == name).unwrap().bytes(BackendKind::Cuda);
         assert_eq!(bytes("embed_tokens"), 128_256 * 4096 * 2);
         assert_eq!(bytes("lm_head"), 128_256 * 4096 * 2);
         // q_proj: 4096×4096 = 16,777,216 values → 8,388,608 packed bytes, 262,144 absmax bytes,
-        // 1,024 nested absmax (4 KiB), the 1 KiB code and the offset.
-        assert_eq!(bytes("layers.0.q_proj"), 8_388_608 + 262_144 + 4_096 + 1_024 + 4);
+        // 1,024 nested absmax (4 KiB) and the 1 KiB code.
+        assert_eq!(bytes("layers.0.q_proj"), 8_388_608 + 262_144 + 4_096 + 1_024);
         // down_proj: 4096×14336.
-        assert_eq!(bytes("layers.31.down_proj"), 29_360_128 + 917_504 + 14_336 + 1_024 + 4);
+        assert_eq!(bytes("layers.31.down_proj"), 29_360_128 + 917_504 + 14_336 + 1_024);
         let base: u64 = w.iter().filter(|b| b.term == Term::BaseWeights).map(|b| b.bytes(BackendKind::Cuda)).sum();
         // 6,979,321,856 linear params at 4.5 bits + quant state, 2 × 525 MB 16-bit tables, norms.
         let linears: u64 = (0..32)
@@ -531,8 +544,8 @@ mod tests {
             .sum();
         assert_eq!(base, linears + 2 * 128_256 * 4096 * 2 + (2 * 32 + 1) * 4096 * 2);
         // 6,979,321,856 values: 3,489,660,928 packed bytes + 109,051,904 absmax bytes
-        // + 425,984 nested absmax × 4 bytes + 224 tensors × (1 KiB code + 4-byte offset).
-        assert_eq!(linears, 3_489_660_928 + 109_051_904 + 425_984 * 4 + 224 * 1_028);
+        // + 425,984 nested absmax × 4 bytes + 224 tensors × 1 KiB code.
+        assert_eq!(linears, 3_489_660_928 + 109_051_904 + 425_984 * 4 + 224 * 1_024);
     }
 
     #[test]

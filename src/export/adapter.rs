@@ -1,6 +1,17 @@
 //! PEFT LoRA adapters: `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names,
 //! loadable by `peft.PeftModel.from_pretrained`; and the reverse, to continue from or evaluate an
 //! existing adapter.
+//!
+//! Token rows trained with the adapter (the untrained-token fix) travel the way PEFT ≥ 0.15 saves
+//! LoRA's `trainable_token_indices`: the config names the rows per module
+//! (`{"embed_tokens": [ids], "lm_head": [ids]}`) and the weights file holds each module's rows as
+//! `<module>.token_adapter.trainable_tokens_delta`, `[k, hidden]`. Despite the name PEFT stores the
+//! rows' new values there, not differences, and writes them over the base rows (`index_copy`), so
+//! that is what we store. With tied embeddings only `embed_tokens` is listed: PEFT ties the head's
+//! wrapper to it, and our engine trains one table for both. What PEFT cannot carry — the AdamW
+//! moments of the rows, and which rows were chosen and why — stays in the run folder
+//! (`checkpoints/`, `token_fix.json`); an older PEFT that predates trainable tokens loads the LoRA
+//! part and silently keeps the untrained rows, so the merged export is the safer hand-off there.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,6 +20,7 @@ use safetensors::Dtype;
 use serde_json::{Value, json};
 
 use crate::config::{LoraConfig, Target};
+use crate::engine::TokenRows;
 use crate::engine::lora::{LoraPair, LoraWeights, peft_key};
 use crate::error::{Error, IoContext, Result};
 use crate::model::ModelSpec;
@@ -45,8 +57,30 @@ pub fn adapter_config_json(lora: &LoraConfig, base_model: &str) -> Value {
     })
 }
 
+/// PEFT's key for the trained rows of the input embedding.
+pub const EMBED_TOKENS_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+/// PEFT's key for the trained rows of an untied `lm_head`.
+pub const LM_HEAD_TOKENS_KEY: &str = "base_model.model.lm_head.token_adapter.trainable_tokens_delta";
+
+/// `trainable_token_indices` for the config: the embedding's rows, and the head's when it is a
+/// table of its own.
+fn trainable_token_indices(rows: &TokenRows) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert("embed_tokens".into(), json!(rows.ids));
+    if rows.head.is_some() {
+        m.insert("lm_head".into(), json!(rows.ids));
+    }
+    Value::Object(m)
+}
+
 /// Write `dir` atomically (built in a temporary sibling, renamed into place).
 pub fn save_peft(dir: &Path, weights: &LoraWeights, lora: &LoraConfig, base_model: &str) -> Result<()> {
+    save_peft_with_tokens(dir, weights, lora, base_model, None)
+}
+
+/// [`save_peft`] with the token rows trained alongside (PEFT's trainable tokens, see the module
+/// comment).
+pub fn save_peft_with_tokens(dir: &Path, weights: &LoraWeights, lora: &LoraConfig, base_model: &str, tokens: Option<&TokenRows>) -> Result<()> {
     let mut tensors = Vec::new();
     for (l, layer) in weights.layers.iter().enumerate() {
         for (&t, p) in layer {
@@ -56,9 +90,22 @@ pub fn save_peft(dir: &Path, weights: &LoraWeights, lora: &LoraConfig, base_mode
             tensors.push(OutTensor::from_f32(peft_key(l, t, 'B'), vec![out, weights.rank], &p.b, Dtype::F32));
         }
     }
+    let mut config = adapter_config_json(lora, base_model);
+    if let Some(rows) = tokens {
+        let k = rows.ids.len();
+        let d = rows.embed.len().checked_div(k).unwrap_or(0);
+        if k == 0 || rows.embed.len() != k * d || rows.head.as_ref().is_some_and(|h| h.len() != k * d) {
+            return Err(Error::msg(format!("token rows: {k} ids with {} embedding values cannot be saved as [k, hidden]", rows.embed.len())));
+        }
+        tensors.push(OutTensor::from_f32(EMBED_TOKENS_KEY, vec![k, d], &rows.embed, Dtype::F32));
+        if let Some(h) = &rows.head {
+            tensors.push(OutTensor::from_f32(LM_HEAD_TOKENS_KEY, vec![k, d], h, Dtype::F32));
+        }
+        config["trainable_token_indices"] = trainable_token_indices(rows);
+    }
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let bytes = serialize_safetensors(&tensors, Some(meta))?;
-    let config = serde_json::to_string_pretty(&adapter_config_json(lora, base_model)).expect("json");
+    let config = serde_json::to_string_pretty(&config).expect("json");
     write_dir_atomic(dir, |tmp| {
         write_atomic(&tmp.join(WEIGHTS_FILE), &bytes)?;
         write_atomic(&tmp.join(CONFIG_FILE), config.as_bytes())
@@ -71,6 +118,10 @@ pub struct LoadedAdapter {
     pub lora: LoraConfig,
     pub weights: LoraWeights,
     pub base_model: String,
+    /// Trained token rows (PEFT trainable tokens). `head` is `None` when the adapter carries no
+    /// `lm_head` rows: with tied embeddings that is complete; with an untied head the base rows
+    /// apply (see [`complete_token_rows`]).
+    pub token_rows: Option<TokenRows>,
 }
 
 /// Read a PEFT LoRA adapter and check it against the model's shapes.
@@ -150,7 +201,92 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<LoadedAdapter> {
         ));
     }
     let base_model = v.get("base_model_name_or_path").and_then(Value::as_str).unwrap_or("").to_string();
-    Ok(LoadedAdapter { lora, weights: LoraWeights { rank: r, layers }, base_model })
+    let token_rows = load_token_rows(&v, &cfg_path, &tensors, &weights_path, spec)?;
+    Ok(LoadedAdapter { lora, weights: LoraWeights { rank: r, layers }, base_model, token_rows })
+}
+
+/// The ids listed for one module in `trainable_token_indices`.
+fn token_ids(v: &Value, cfg_path: &Path, module: &str) -> Result<Option<Vec<u32>>> {
+    let field = match v.get("trainable_token_indices") {
+        None | Some(Value::Null) => return Ok(None),
+        // A bare list targets the input embedding.
+        Some(list @ Value::Array(_)) if module == "embed_tokens" => list,
+        Some(Value::Array(_)) => return Ok(None),
+        Some(Value::Object(m)) => match m.get(module) {
+            Some(list) => list,
+            None => return Ok(None),
+        },
+        Some(_) => return Err(Error::file(cfg_path, "`trainable_token_indices` is neither a list nor a map of lists")),
+    };
+    let ids = field
+        .as_array()
+        .and_then(|a| a.iter().map(|x| x.as_u64().and_then(|i| u32::try_from(i).ok())).collect::<Option<Vec<u32>>>())
+        .ok_or_else(|| Error::file(cfg_path, format!("`trainable_token_indices.{module}` is not a list of token ids")))?;
+    Ok(Some(ids))
+}
+
+fn load_token_rows(
+    v: &Value,
+    cfg_path: &Path,
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    weights_path: &Path,
+    spec: &ModelSpec,
+) -> Result<Option<TokenRows>> {
+    if let Some(Value::Object(m)) = v.get("trainable_token_indices")
+        && let Some(other) = m.keys().find(|k| *k != "embed_tokens" && *k != "lm_head")
+    {
+        return Err(Error::file(cfg_path, format!("trainable tokens on `{other}` are not supported (only embed_tokens and lm_head)")));
+    }
+    let embed_ids = token_ids(v, cfg_path, "embed_tokens")?;
+    let head_ids = token_ids(v, cfg_path, "lm_head")?;
+    let d = spec.hidden_size;
+    let rows_of = |key: &str, ids: &[u32]| -> Result<Vec<f32>> {
+        let (shape, data) = tensors.get(key).ok_or_else(|| Error::tensor(key, Some(weights_path), "is missing but adapter_config.json lists trainable tokens for it"))?;
+        if shape.as_slice() != [ids.len(), d] {
+            return Err(Error::tensor(key, Some(weights_path), format!("has shape {shape:?}; {} token ids and hidden size {d} need [{}, {d}]", ids.len(), ids.len())));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= spec.vocab_size) {
+            return Err(Error::file(cfg_path, format!("trainable token id {bad} is outside the model's vocabulary ({})", spec.vocab_size)));
+        }
+        Ok(data.clone())
+    };
+    let stray = [EMBED_TOKENS_KEY, LM_HEAD_TOKENS_KEY].into_iter().find(|k| tensors.contains_key(*k));
+    match (embed_ids, head_ids) {
+        (None, None) => match stray {
+            Some(k) => Err(Error::tensor(k, Some(weights_path), "is present but adapter_config.json has no `trainable_token_indices`")),
+            None => Ok(None),
+        },
+        (Some(ids), head) => {
+            let embed = rows_of(EMBED_TOKENS_KEY, &ids)?;
+            let head = match head {
+                None => None,
+                Some(h) if h == ids => Some(rows_of(LM_HEAD_TOKENS_KEY, &h)?),
+                Some(_) => {
+                    return Err(Error::file(cfg_path, "trainable tokens list different ids for embed_tokens and lm_head; only the same rows in both are supported"));
+                }
+            };
+            if spec.tie_word_embeddings && head.is_some() {
+                return Err(Error::file(cfg_path, "the model ties lm_head to embed_tokens, so trainable tokens on lm_head cannot differ from the embedding's"));
+            }
+            Ok(Some(TokenRows { ids, embed, head }))
+        }
+        (None, Some(_)) => Err(Error::file(cfg_path, "trainable tokens on lm_head alone (without embed_tokens) are not supported")),
+    }
+}
+
+/// Fill in the head rows of an untied model that the adapter leaves at their base values, so the
+/// rows can go to `Trainer::set_token_rows` (which trains or sets both tables together).
+pub fn complete_token_rows(rows: &TokenRows, spec: &ModelSpec, src: &dyn crate::engine::model::WeightSource) -> Result<TokenRows> {
+    let tied = spec.tie_word_embeddings && !src.has("lm_head.weight");
+    let mut out = rows.clone();
+    if tied {
+        out.head = None;
+    } else if out.head.is_none() {
+        let (v, d) = (spec.vocab_size, spec.hidden_size);
+        let head = src.dense("lm_head.weight", &[v, d])?;
+        out.head = Some(rows.ids.iter().flat_map(|&i| head[i as usize * d..(i as usize + 1) * d].iter().copied()).collect());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -175,5 +311,29 @@ mod tests {
         let other = ModelSpec { hidden_size: 16, num_heads: 4, ..s };
         let e = load_peft(&out, &other).unwrap_err().to_string();
         assert!(e.contains("lora_A") && e.contains("different base model"), "{e}");
+    }
+
+    #[test]
+    fn token_rows_round_trip_as_peft_trainable_tokens() {
+        let s = spec();
+        let lora = LoraConfig { r: 2, targets: vec![Target::V], ..LoraConfig::default() };
+        let w = LoraWeights::init(&s, &lora, 4);
+        let rows = TokenRows { ids: vec![3, 7], embed: (0..16).map(|i| i as f32).collect(), head: Some((0..16).map(|i| -(i as f32)).collect()) };
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("adapter");
+        save_peft_with_tokens(&out, &w, &lora, "base", Some(&rows)).unwrap();
+        let back = load_peft(&out, &s).unwrap();
+        assert_eq!(back.token_rows, Some(rows.clone()));
+        // A tied model cannot take separate head rows.
+        let tied = ModelSpec { tie_word_embeddings: true, ..s.clone() };
+        let e = load_peft(&out, &tied).unwrap_err().to_string();
+        assert!(e.contains("ties lm_head"), "{e}");
+        // Rows in the file that the config does not list are refused, not ignored.
+        let cfg = out.join(CONFIG_FILE);
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("trainable_token_indices");
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        let e = load_peft(&out, &s).unwrap_err().to_string();
+        assert!(e.contains("trainable_tokens_delta") && e.contains("no `trainable_token_indices`"), "{e}");
     }
 }

@@ -198,6 +198,17 @@ impl ChatTemplate {
     /// Render a conversation. Errors (a `raise_exception`, a type error in the template) come back
     /// as messages meant for a dataset row report.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> std::result::Result<Rendered, String> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// Render with extra template variables (`tools`, `date_string`, …). The standard variables
+    /// take precedence over extras of the same name.
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<Rendered, String> {
         for (i, m) in messages.iter().enumerate() {
             if m.content.contains([GEN_OPEN, GEN_CLOSE]) || m.role.contains([GEN_OPEN, GEN_CLOSE]) {
                 return Err(format!("turn {} contains the Unicode noncharacter U+FDD0 or U+FDD1", i + 1));
@@ -211,6 +222,7 @@ impl ChatTemplate {
             eos_token => self.specials.eos_token.clone(),
             pad_token => self.specials.pad_token.clone(),
             unk_token => self.specials.unk_token.clone(),
+            ..Value::from(Serde(extra))
         };
         let raw = tmpl.render(ctx).map_err(|e| format!("chat template ({}): {}", self.origin, describe(&e)))?;
         split_generation_marks(&raw).map_err(|e| format!("chat template ({}): {e}", self.origin))
@@ -622,6 +634,16 @@ mod tests {
         let r = t.render(&convo(), false).unwrap();
         assert_eq!(r.text, "Hello!\n");
         assert_eq!(r.generation_spans, vec![0..7]);
+    }
+
+    #[test]
+    fn indented_generation_tags_with_dash_marks() {
+        // The layout the demo model's template uses: tags on their own indented lines.
+        let src = "{{- bos_token }}\n{%- for m in messages %}\n    {{- '<' + m.role + '>' }}\n    {%- if m.role == 'assistant' %}\n        {%- generation %}\n            {{- m.content | trim + '<|eot_id|>' }}\n        {%- endgeneration %}\n    {%- else %}\n        {{- m.content | trim }}\n    {%- endif %}\n{%- endfor %}\n";
+        let t = ChatTemplate::new(src, "test", specials()).unwrap();
+        let r = t.render(&convo()[1..], false).unwrap();
+        assert_eq!(r.text, "<|begin_of_text|><user>Hi<assistant>Hello!<|eot_id|>");
+        assert_eq!(&r.text[r.generation_spans[0].clone()], "Hello!<|eot_id|>");
     }
 
     #[test]

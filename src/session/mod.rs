@@ -246,26 +246,25 @@ fn run(mut cfg: RunConfig, options: StartOptions, events: &Sender<Event>, contro
         log(format!("skipped row {}: {}", s.row, s.reason));
     }
     let report = data.report.clone();
-    let batcher = Batcher::new(Arc::new(data.examples), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
+    let examples = Arc::new(data.examples);
+    let batcher = Batcher::new(examples.clone(), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
     let bpe = batcher.batches_per_epoch().max(1) as u64;
     let steps_per_epoch = bpe.div_ceil(cfg.train.grad_accum as u64);
     let total_steps = cfg.train.max_steps.unwrap_or_else(|| ((cfg.train.epochs * steps_per_epoch as f64).ceil() as u64).max(1));
     cfg.save(&run_dir.join(checkpoint::CONFIG_FILE))?;
 
-    let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, &batcher, &run_dir, &log)? };
+    let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, &examples, &run_dir, &log)? };
     let prepared = Prepared { cfg, run_dir, spec, batcher, report, total_steps, steps_per_epoch, lora_init, token_fix, resume, started };
     match prepared.cfg.train.device {
         DeviceChoice::Cpu => train_on(CpuBackend::<f32>::new(), prepared, &options, events, control),
-        DeviceChoice::Auto => {
-            if let Ok(gpu) = crate::backend::cuda::probe() {
-                log(format!("{} found, but the CUDA training engine is not in this build yet: training on the CPU", gpu.name));
+        DeviceChoice::Auto => match crate::backend::cuda::CudaBackend::new() {
+            Ok(gpu) => train_on(gpu, prepared, &options, events, control),
+            Err(e) => {
+                log(format!("training on the CPU ({e})"));
+                train_on(CpuBackend::<f32>::new(), prepared, &options, events, control)
             }
-            train_on(CpuBackend::<f32>::new(), prepared, &options, events, control)
-        }
-        DeviceChoice::Cuda => {
-            let gpu = crate::backend::cuda::probe()?;
-            Err(Error::NoCuda(format!("{} is present, but this build has no CUDA training engine yet; use --device cpu", gpu.name)))
-        }
+        },
+        DeviceChoice::Cuda => train_on(crate::backend::cuda::CudaBackend::new()?, prepared, &options, events, control),
     }
 }
 
@@ -276,7 +275,7 @@ fn untrained_token_fix(
     cfg: &RunConfig,
     spec: &ModelSpec,
     tok: &TokenizerBundle,
-    batcher: &Batcher,
+    examples: &[crate::data::Example],
     run_dir: &Path,
     log: &dyn Fn(String),
 ) -> Result<Option<TokenRows>> {
@@ -289,8 +288,9 @@ fn untrained_token_fix(
         return Ok(None);
     }
     let mut used = std::collections::BTreeSet::new();
-    for row in batcher.rows() {
-        for id in row {
+    // Token ids of the examples (not the batcher's rows, which hold example indices).
+    for ex in examples {
+        for id in &ex.input_ids {
             if candidates.binary_search(id).is_ok() {
                 used.insert(*id);
             }
@@ -337,6 +337,27 @@ fn untrained_token_fix(
     Ok(Some(rows))
 }
 
+/// An out-of-memory at set-up (every buffer is allocated before the first step) becomes a message
+/// with the plan's numbers and the cheapest changes that fit.
+fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInput, device: &DeviceInfo) -> Error {
+    use crate::engine::plan::{self, PlanTarget};
+    use crate::util::fmt_bytes;
+    let Error::OutOfMemory { during, advice } = e else { return e };
+    let Some(total) = device.total_memory_bytes else { return Error::OutOfMemory { during, advice } };
+    let target = PlanTarget::gpu(&device.name, total);
+    let p = plan::plan(spec, input, &target);
+    let fixes: Vec<String> = plan::suggestions(spec, input, &target).into_iter().map(|s| format!("{} ({})", s.change, fmt_bytes(s.peak_bytes))).collect();
+    let advice = format!(
+        "the plan needs {} on a {} card of {} (checkpointing {:?}); {}",
+        fmt_bytes(p.peak_bytes),
+        device.name,
+        fmt_bytes(total),
+        p.checkpointing,
+        if fixes.is_empty() { advice } else { format!("to fit: {}", fixes.join("; or ")) }
+    );
+    Error::OutOfMemory { during, advice }
+}
+
 fn train_on<B: Backend>(backend: B, p: Prepared, options: &StartOptions, events: &Sender<Event>, control: &Receiver<Control>) -> Result<Finished> {
     let send = |e: Event| {
         let _ = events.send(e);
@@ -356,7 +377,8 @@ fn train_on<B: Backend>(backend: B, p: Prepared, options: &StartOptions, events:
         mlp_chunk_rows: 0,
     };
     let init = p.resume.as_ref().map(|c| &c.weights).or(p.lora_init.as_ref());
-    let mut trainer = Trainer::new(backend, p.spec.clone(), &store, opts, init)?;
+    let input = crate::engine::plan::PlanInput::from_config(cfg);
+    let mut trainer = Trainer::new(backend, p.spec.clone(), &store, opts, init).map_err(|e| explain_oom(e, &p.spec, &input, &device))?;
     if let Some(rows) = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref()) {
         trainer.set_token_rows(rows)?;
     }

@@ -1,9 +1,39 @@
 //! The CUDA backend (cudarc, dynamic loading: nothing CUDA is needed to build, only the driver and
-//! cuBLAS at run time). Without a usable GPU every entry point reports `Error::NoCuda` with the
+//! cuBLASLt at run time). Without a usable GPU every entry point reports `Error::NoCuda` with the
 //! reason, never a panic.
+//!
+//! Storage: `DType::Act` is bf16, `DType::F32` is f32; ids are i32. All arithmetic accumulates in
+//! f32 (reductions that the host reads back, in f64). One context, a compute stream that runs every
+//! kernel and GEMM in order, and a copy stream for set-up uploads. Every buffer comes from
+//! `alloc` / `upload*` at set-up; the step itself allocates nothing on the device: the shared
+//! scratch (NF4 dequantization, loss chunk, reductions, cuBLASLt workspace) is sized when the
+//! backend and the weights are created. `memory_used` / `peak_memory` count every byte we took.
+//!
+//! Kernels live in `kernels/*.cu` (forward and backward side by side), compiled to PTX by
+//! `kernels/build.sh` and embedded; [`kernels::Kernel`] is the one table of their symbols.
+//!
+//! Environment switches (debugging and tests): `TUNESTUDIO_CUDA_SYNC=1` synchronizes and checks
+//! after every launch; `TUNESTUDIO_ATTN=v1` selects the first attention kernels;
+//! `TUNESTUDIO_PTX=sm80` loads the compute_80 PTX even on Hopper.
 
-use super::DeviceInfo;
+pub mod gemm;
+pub mod kernels;
+pub mod memory;
+pub mod nf4;
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result as drv, sys};
+use half::bf16;
+
+use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum};
 use crate::error::{Error, Result};
+use gemm::{Gemm, GemmCall};
+use kernels::{AttnVersion, FILES, Kernel};
+use memory::{DevBuf, DeviceShared};
+use nf4::Nf4Parts;
 
 /// Find GPU 0 and describe it, or say why there is none.
 pub fn probe() -> Result<DeviceInfo> {
@@ -27,3 +57,1047 @@ pub fn probe() -> Result<DeviceInfo> {
         Err(_) => Err(Error::NoCuda("the CUDA driver is too old or incomplete for this build (CUDA 13 is required)".into())),
     }
 }
+
+/// f32 elements of the loss chunk's logits buffer (plus a bf16 copy of the same size for the
+/// gradient): rows per chunk = this / vocab, so 128 MiB + 64 MiB whatever the model. The memory
+/// plan reads this constant.
+pub const LOSS_CHUNK_ELEMS: usize = 32 << 20;
+/// Rows per loss chunk are capped here (the per-row loss buffers are this long).
+pub const LOSS_CHUNK_MAX_ROWS: usize = 16384;
+/// cuBLASLt workspace (NVIDIA's recommendation for Hopper).
+pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
+/// Partial sums of the deterministic sum-of-squares (one per block of the first pass).
+pub const SUMSQ_MAX_BLOCKS: usize = 1024;
+
+fn cuda_err(op: &str) -> impl FnOnce(drv::DriverError) -> Error + '_ {
+    move |e| Error::Cuda { op: op.to_string(), msg: e.to_string() }
+}
+
+fn elem_bytes(dtype: DType) -> usize {
+    match dtype {
+        DType::Act => 2,
+        DType::F32 => 4,
+    }
+}
+
+/// A device tensor: `len` elements of `dtype` (bf16 for `Act`).
+pub struct CudaTensor {
+    buf: DevBuf,
+    len: usize,
+    dtype: DType,
+}
+
+impl CudaTensor {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn ptr(&self) -> u64 {
+        self.buf.ptr()
+    }
+    /// Address of element `i`.
+    fn at(&self, i: usize) -> u64 {
+        self.buf.ptr() + (i * elem_bytes(self.dtype)) as u64
+    }
+}
+
+/// `len` i32 ids on the device.
+pub struct CudaIds {
+    buf: DevBuf,
+    len: usize,
+}
+
+impl CudaIds {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+enum WeightData {
+    /// bf16 `[out, in]`.
+    Dense(DevBuf),
+    /// bitsandbytes NF4 layout, dequantized per call into the backend's shared scratch.
+    Nf4 { packed: DevBuf, absmax_q: DevBuf, absmax2: DevBuf, code2: DevBuf, offset: f32 },
+}
+
+/// A frozen base linear on the device.
+pub struct CudaWeight {
+    out_features: usize,
+    in_features: usize,
+    data: WeightData,
+    /// bf16 `[out]`.
+    bias: Option<DevBuf>,
+}
+
+impl CudaWeight {
+    pub fn is_nf4(&self) -> bool {
+        matches!(self.data, WeightData::Nf4 { .. })
+    }
+}
+
+/// A kernel argument as `cuLaunchKernel` reads it (the payload's address is passed).
+#[derive(Clone, Copy)]
+enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+}
+
+impl Arg {
+    fn addr(&self) -> *mut c_void {
+        match self {
+            Arg::Ptr(v) | Arg::U64(v) => v as *const u64 as *mut c_void,
+            Arg::I32(v) => v as *const i32 as *mut c_void,
+            Arg::I64(v) => v as *const i64 as *mut c_void,
+            Arg::F32(v) => v as *const f32 as *mut c_void,
+        }
+    }
+}
+
+fn p(t: &CudaTensor) -> Arg {
+    Arg::Ptr(t.ptr())
+}
+fn pi(t: &CudaIds) -> Arg {
+    Arg::Ptr(t.buf.ptr())
+}
+fn i64a(v: usize) -> Arg {
+    Arg::I64(v as i64)
+}
+fn i32a(v: usize) -> Arg {
+    Arg::I32(v as i32)
+}
+
+struct Func(CudaFunction);
+// SAFETY: a CUfunction handle is valid in its context from any thread that binds it.
+unsafe impl Send for Func {}
+
+/// Scratch owned by the backend, sized at construction or at weight upload (never in a step).
+struct Scratch {
+    /// bf16 `[out, in]` of the largest NF4 linear uploaded so far.
+    dequant: Option<DevBuf>,
+    dequant_elems: usize,
+    gemm: Gemm,
+}
+
+struct LossWorkspace {
+    logits: DevBuf,
+    dlogits: DevBuf,
+    row_loss: DevBuf,
+    row_valid: DevBuf,
+    /// f64 sum and i64 count of the current call.
+    sum: DevBuf,
+    count: DevBuf,
+}
+
+pub struct CudaBackend {
+    shared: Arc<DeviceShared>,
+    compute: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    funcs: Vec<Func>,
+    scratch: RefCell<Scratch>,
+    loss: LossWorkspace,
+    sumsq_partial: DevBuf,
+    sumsq_out: DevBuf,
+    _gemm_workspace: DevBuf,
+    name: String,
+    compute_capability: (i32, i32),
+    /// Synchronize and check after every launch (TUNESTUDIO_CUDA_SYNC=1): slow, for debugging.
+    sync_each_launch: bool,
+    /// Preferred attention kernels (TUNESTUDIO_ATTN=v1 forces version 1); version 1 serves the
+    /// head dims version 2 lacks.
+    attn_version: std::cell::Cell<AttnVersion>,
+}
+
+// SAFETY: every CUDA handle inside (context, streams, functions, cuBLASLt) may be used from any
+// thread once the context is bound there, which each entry point does first; the RefCell is only
+// borrowed inside a single call (`&self` methods are never re-entered).
+unsafe impl Send for CudaBackend {}
+
+impl CudaBackend {
+    /// Open GPU 0, load the kernels and allocate the fixed scratch. `Error::NoCuda` with the reason
+    /// when there is no usable GPU.
+    pub fn new() -> Result<Self> {
+        probe()?;
+        // SAFETY: only asks the dynamic loader whether libcublasLt can be opened.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(Error::NoCuda("cuBLASLt (libcublasLt.so from CUDA 13) is not installed".into()));
+        }
+        match std::panic::catch_unwind(Self::open) {
+            Ok(r) => r,
+            Err(_) => Err(Error::NoCuda("the CUDA driver or cuBLASLt is missing a function this build needs (CUDA 13 is required)".into())),
+        }
+    }
+
+    fn open() -> Result<Self> {
+        let ctx = CudaContext::new(0).map_err(|e| Error::NoCuda(format!("cannot create a context on GPU 0: {e}")))?;
+        let cc = ctx.compute_capability().map_err(cuda_err("compute capability"))?;
+        if cc.0 < 8 {
+            return Err(Error::NoCuda(format!("compute capability {}.{} is below 8.0: bf16 tensor cores are needed (Ampere or newer)", cc.0, cc.1)));
+        }
+        let name = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into());
+        let compute = ctx.new_stream().map_err(cuda_err("create compute stream"))?;
+        let copy = ctx.new_stream().map_err(cuda_err("create copy stream"))?;
+        // TUNESTUDIO_PTX=sm80 loads the compute_80 build on a Hopper card too (to test it there).
+        let hopper = cc.0 >= 9 && !std::env::var("TUNESTUDIO_PTX").is_ok_and(|v| v == "sm80");
+        let mut modules = Vec::with_capacity(FILES.len());
+        for f in FILES {
+            let ptx = if hopper { f.sm90 } else { f.sm80 };
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(|e| Error::Cuda { op: format!("load kernels/{}.ptx", f.name), msg: e.to_string() })?;
+            modules.push(m);
+        }
+        let mut funcs = Vec::with_capacity(Kernel::ALL.len());
+        for &k in Kernel::ALL {
+            let f = modules[k.file()].load_function(k.symbol()).map_err(|e| Error::Cuda { op: format!("find kernel {}", k.symbol()), msg: e.to_string() })?;
+            funcs.push(Func(f));
+        }
+        for (hd, version) in [32, 64, 96, 128].map(|h| (h, AttnVersion::V1)).into_iter().chain([(64, AttnVersion::V2), (128, AttnVersion::V2)]) {
+            let (fwd, dkdv, dq) = kernels::attention_kernels(hd, version).expect("listed head dims");
+            let smem = kernels::attention_smem_bytes(hd, version);
+            for (k, bytes) in [(fwd, smem[0]), (dkdv, smem[1]), (dq, smem[2])] {
+                // SAFETY: a live function handle of this context; raising its shared-memory limit.
+                unsafe {
+                    drv::function::set_function_attribute(
+                        funcs[k as usize].0.cu_function(),
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                }
+                .map_err(cuda_err("raise attention shared memory"))?;
+            }
+        }
+        let shared = Arc::new(DeviceShared::new(ctx));
+        let gemm_workspace = DevBuf::new(&shared, GEMM_WORKSPACE_BYTES)?;
+        let gemm = Gemm::new(gemm_workspace.ptr(), GEMM_WORKSPACE_BYTES)?;
+        let loss = LossWorkspace {
+            logits: DevBuf::new(&shared, LOSS_CHUNK_ELEMS * 4)?,
+            dlogits: DevBuf::new(&shared, LOSS_CHUNK_ELEMS * 2)?,
+            row_loss: DevBuf::new(&shared, LOSS_CHUNK_MAX_ROWS * 4)?,
+            row_valid: DevBuf::new(&shared, LOSS_CHUNK_MAX_ROWS * 4)?,
+            sum: DevBuf::new(&shared, 8)?,
+            count: DevBuf::new(&shared, 8)?,
+        };
+        let be = CudaBackend {
+            sumsq_partial: DevBuf::new(&shared, SUMSQ_MAX_BLOCKS * 8)?,
+            sumsq_out: DevBuf::new(&shared, 8)?,
+            shared,
+            compute,
+            copy,
+            funcs,
+            scratch: RefCell::new(Scratch { dequant: None, dequant_elems: 0, gemm }),
+            loss,
+            _gemm_workspace: gemm_workspace,
+            name,
+            compute_capability: cc,
+            sync_each_launch: std::env::var("TUNESTUDIO_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            attn_version: std::cell::Cell::new(if std::env::var("TUNESTUDIO_ATTN").is_ok_and(|v| v == "v1") { AttnVersion::V1 } else { AttnVersion::V2 }),
+        };
+        Ok(be)
+    }
+
+    /// Bytes currently allocated by this backend (tensors, weights, scratch, cuBLASLt workspace).
+    pub fn memory_used(&self) -> usize {
+        self.shared.used()
+    }
+
+    /// Most bytes allocated at once since creation (or the last `reset_peak_memory`).
+    pub fn peak_memory(&self) -> usize {
+        self.shared.peak()
+    }
+
+    pub fn reset_peak_memory(&self) {
+        self.shared.reset_peak()
+    }
+
+    /// Live device allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.shared.allocations()
+    }
+
+    /// Choose the attention kernels (tests and benchmarks compare the versions).
+    pub fn set_attention_version(&self, version: AttnVersion) {
+        self.attn_version.set(version);
+    }
+
+    /// The attention kernels and their shared memory for a shape.
+    fn attention_for(&self, shape: AttnShape) -> Result<((Kernel, Kernel, Kernel), [u32; 3])> {
+        if shape.kv_heads == 0 || !shape.heads.is_multiple_of(shape.kv_heads) {
+            return Err(Error::Shape { op: "attention", expected: "heads a multiple of kv_heads".into(), got: format!("{} heads, {} kv heads", shape.heads, shape.kv_heads) });
+        }
+        for v in [self.attn_version.get(), AttnVersion::V1] {
+            if let Some(k) = kernels::attention_kernels(shape.head_dim, v) {
+                return Ok((k, kernels::attention_smem_bytes(shape.head_dim, v)));
+            }
+        }
+        Err(Error::Shape { op: "attention", expected: "head_dim 32, 64, 96 or 128".into(), got: shape.head_dim.to_string() })
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// Run `f`, then time it with events on the compute stream (milliseconds). For benchmarks.
+    pub fn time_ms(&self, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
+        self.bind()?;
+        let ctx = &self.shared.ctx;
+        let start = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda_err("create event"))?;
+        let end = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda_err("create event"))?;
+        start.record(&self.compute).map_err(cuda_err("record event"))?;
+        f()?;
+        end.record(&self.compute).map_err(cuda_err("record event"))?;
+        end.synchronize().map_err(cuda_err("synchronize event"))?;
+        start.elapsed_ms(&end).map_err(cuda_err("elapsed time"))
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.shared.ctx.bind_to_thread().map_err(cuda_err("bind context"))
+    }
+
+    fn stream(&self) -> sys::CUstream {
+        self.compute.cu_stream()
+    }
+
+    fn launch(&self, k: Kernel, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let mut ptrs = [std::ptr::null_mut::<c_void>(); 16];
+        assert!(args.len() <= ptrs.len(), "kernel {} takes too many arguments", k.symbol());
+        for (slot, a) in ptrs.iter_mut().zip(args) {
+            *slot = a.addr();
+        }
+        // SAFETY: the function belongs to this context; `args` matches the kernel's parameter list
+        // (each launcher below mirrors its .cu signature) and outlives the call, which copies the
+        // values; every pointer argument is a live device buffer whose size the caller checked.
+        unsafe { drv::launch_kernel(self.funcs[k as usize].0.cu_function(), grid, (block, 1, 1), smem, self.stream(), &mut ptrs[..args.len()]) }
+            .map_err(|e| Error::Cuda { op: format!("launch {}", k.symbol()), msg: e.to_string() })?;
+        if self.sync_each_launch {
+            self.compute.synchronize().map_err(|e| Error::Cuda { op: format!("run {}", k.symbol()), msg: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// One thread per 8 elements, 256 threads a block.
+    fn launch_ew(&self, k: Kernel, n: usize, args: &[Arg]) -> Result<()> {
+        let threads = n.div_ceil(8);
+        self.launch(k, (threads.div_ceil(256) as u32, 1, 1), 256, 0, args)
+    }
+
+    fn gemm(&self, call: GemmCall) -> Result<()> {
+        if call.m == 0 || call.n == 0 {
+            return Ok(());
+        }
+        if call.k == 0 {
+            if call.beta == 0.0 {
+                let bytes = call.m * call.n * if call.c_f32 { 4 } else { 2 };
+                // SAFETY: `c` holds m·n elements (checked by the caller); async memset on our stream.
+                unsafe { drv::memset_d8_async(call.c, 0, bytes, self.stream()) }.map_err(cuda_err("memset"))?;
+            }
+            return Ok(());
+        }
+        let done = self.scratch.borrow_mut().gemm.run(&call, self.stream())?;
+        if !done {
+            let grid = (call.n.div_ceil(16) as u32, call.m.div_ceil(16) as u32, 1);
+            let args = [
+                i32a(call.m),
+                i32a(call.n),
+                i32a(call.k),
+                Arg::Ptr(call.a),
+                Arg::I32(call.a_t as i32),
+                Arg::Ptr(call.b),
+                Arg::I32(call.b_t as i32),
+                Arg::Ptr(call.c),
+                Arg::I32(call.c_f32 as i32),
+                Arg::F32(call.alpha),
+                Arg::F32(call.beta),
+                Arg::Ptr(call.bias.unwrap_or(0)),
+            ];
+            let mut ptrs = [std::ptr::null_mut::<c_void>(); 12];
+            for (slot, a) in ptrs.iter_mut().zip(&args) {
+                *slot = a.addr();
+            }
+            // SAFETY: as in `launch`; the fallback takes a 16x16 block.
+            unsafe { drv::launch_kernel(self.funcs[Kernel::GemmFallback as usize].0.cu_function(), grid, (16, 16, 1), 0, self.stream(), &mut ptrs) }
+                .map_err(cuda_err("launch gemm_fallback"))?;
+            if self.sync_each_launch {
+                self.compute.synchronize().map_err(cuda_err("run gemm_fallback"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Dequantize an NF4 weight into the shared scratch and return its address (dense: the weight).
+    fn weight_ptr(&self, w: &CudaWeight) -> Result<u64> {
+        match &w.data {
+            WeightData::Dense(b) => Ok(b.ptr()),
+            WeightData::Nf4 { packed, absmax_q, absmax2, code2, offset } => {
+                let numel = w.out_features * w.in_features;
+                let dst = {
+                    let s = self.scratch.borrow();
+                    match &s.dequant {
+                        Some(b) if s.dequant_elems >= numel => b.ptr(),
+                        _ => return Err(Error::msg("NF4 scratch is smaller than the weight (upload_weight sizes it)")),
+                    }
+                };
+                let threads = numel.div_ceil(16);
+                self.launch(
+                    Kernel::Nf4Dequant,
+                    (threads.div_ceil(256) as u32, 1, 1),
+                    256,
+                    0,
+                    &[Arg::Ptr(packed.ptr()), Arg::Ptr(absmax_q.ptr()), Arg::Ptr(absmax2.ptr()), Arg::Ptr(code2.ptr()), Arg::F32(*offset), Arg::Ptr(dst), i64a(numel)],
+                )?;
+                Ok(dst)
+            }
+        }
+    }
+
+    /// Dequantize an NF4 weight into the shared scratch only (benchmarks).
+    pub fn dequantize_to_scratch(&self, w: &CudaWeight) -> Result<()> {
+        self.bind()?;
+        self.weight_ptr(w).map(|_| ())
+    }
+
+    /// Dequantize an NF4 weight to bf16 values on the host (the GPU kernel's output), for tests.
+    pub fn dequantize_weight(&self, w: &CudaWeight) -> Result<Vec<f32>> {
+        self.bind()?;
+        let numel = w.out_features * w.in_features;
+        let ptr = self.weight_ptr(w)?;
+        let mut host = vec![bf16::ZERO; numel];
+        self.compute.synchronize().map_err(cuda_err("synchronize"))?;
+        // SAFETY: `ptr` holds `numel` bf16 values; synchronous copy after the stream drained.
+        unsafe { drv::memcpy_dtoh_sync(&mut host, ptr) }.map_err(cuda_err("copy to host"))?;
+        Ok(host.into_iter().map(f32::from).collect())
+    }
+
+    /// `bytes` from `src` to `dst` on `stream`; either side may be device or pinned host memory
+    /// (unified addressing tells the driver which).
+    fn memcpy(&self, dst: u64, src: u64, bytes: usize, stream: sys::CUstream) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: callers check both ranges lie inside their buffers; the buffers do not overlap
+        // (distinct allocations, or disjoint ranges of one checked by the caller).
+        unsafe { sys::cuMemcpyAsync(dst, src, bytes, stream) }.result().map_err(cuda_err("cuMemcpyAsync"))
+    }
+
+    fn new_tensor(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
+        Ok(CudaTensor { buf: DevBuf::new(&self.shared, len * elem_bytes(dtype))?, len, dtype })
+    }
+
+    fn upload_bytes<T: Copy>(&self, data: &[T]) -> Result<DevBuf> {
+        let buf = DevBuf::new(&self.shared, std::mem::size_of_val(data))?;
+        if !data.is_empty() {
+            // SAFETY: `buf` holds exactly the bytes of `data`; synchronous on the copy stream.
+            unsafe {
+                drv::memcpy_htod_async(buf.ptr(), data, self.copy.cu_stream()).map_err(cuda_err("copy to device"))?;
+            }
+            self.copy.synchronize().map_err(cuda_err("synchronize copy stream"))?;
+        }
+        Ok(buf)
+    }
+
+    fn to_bf16(data: &[f32]) -> Vec<bf16> {
+        data.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+}
+
+fn check_len(op: &'static str, what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::Shape { op, expected: format!("{what} with at least {need} elements"), got: have.to_string() });
+    }
+    Ok(())
+}
+
+fn check_dtype(op: &'static str, what: &str, t: &CudaTensor, dtype: DType) -> Result<()> {
+    if t.dtype != dtype {
+        return Err(Error::Shape { op, expected: format!("{what} of dtype {dtype:?}"), got: format!("{:?}", t.dtype) });
+    }
+    Ok(())
+}
+
+fn act(op: &'static str, what: &str, t: &CudaTensor, need: usize) -> Result<()> {
+    check_dtype(op, what, t, DType::Act)?;
+    check_len(op, what, t.len, need)
+}
+
+fn f32t(op: &'static str, what: &str, t: &CudaTensor, need: usize) -> Result<()> {
+    check_dtype(op, what, t, DType::F32)?;
+    check_len(op, what, t.len, need)
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type Ids = CudaIds;
+
+    fn device(&self) -> DeviceInfo {
+        let (free, total) = self.shared.ctx.mem_get_info().unwrap_or((0, 0));
+        DeviceInfo { kind: "cuda".into(), name: self.name.clone(), total_memory_bytes: Some(total as u64), free_memory_bytes: Some(free as u64) }
+    }
+
+    fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Tensor> {
+        self.bind()?;
+        let t = self.new_tensor(len, dtype)?;
+        // SAFETY: the new buffer holds len elements; zeroed on the compute stream before any use.
+        unsafe { drv::memset_d8_async(t.ptr(), 0, len * elem_bytes(dtype), self.stream()) }.map_err(cuda_err("memset"))?;
+        Ok(t)
+    }
+
+    fn upload(&self, data: &[f32], dtype: DType) -> Result<Self::Tensor> {
+        self.bind()?;
+        let buf = match dtype {
+            DType::Act => self.upload_bytes(&Self::to_bf16(data))?,
+            DType::F32 => self.upload_bytes(data)?,
+        };
+        Ok(CudaTensor { buf, len: data.len(), dtype })
+    }
+
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>> {
+        self.bind()?;
+        self.compute.synchronize().map_err(cuda_err("synchronize"))?;
+        if t.len == 0 {
+            return Ok(Vec::new());
+        }
+        // SAFETY: the buffer holds `len` elements of its dtype; the stream has drained.
+        unsafe {
+            match t.dtype {
+                DType::Act => {
+                    let mut h = vec![bf16::ZERO; t.len];
+                    drv::memcpy_dtoh_sync(&mut h, t.ptr()).map_err(cuda_err("copy to host"))?;
+                    Ok(h.into_iter().map(f32::from).collect())
+                }
+                DType::F32 => {
+                    let mut h = vec![0f32; t.len];
+                    drv::memcpy_dtoh_sync(&mut h, t.ptr()).map_err(cuda_err("copy to host"))?;
+                    Ok(h)
+                }
+            }
+        }
+    }
+
+    fn write(&self, t: &mut Self::Tensor, data: &[f32]) -> Result<()> {
+        self.bind()?;
+        check_len("write", "destination", t.len, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the destination holds at least data.len() elements; pageable source, so the call
+        // returns once the driver has staged it (ordered on the compute stream).
+        unsafe {
+            match t.dtype {
+                DType::Act => drv::memcpy_htod_async(t.ptr(), &Self::to_bf16(data), self.stream()),
+                DType::F32 => drv::memcpy_htod_async(t.ptr(), data, self.stream()),
+            }
+        }
+        .map_err(cuda_err("copy to device"))?;
+        self.compute.synchronize().map_err(cuda_err("synchronize"))
+    }
+
+    fn fill(&self, t: &mut Self::Tensor, value: f32) -> Result<()> {
+        self.bind()?;
+        if value == 0.0 && value.is_sign_positive() {
+            // SAFETY: the buffer holds len elements.
+            return unsafe { drv::memset_d8_async(t.ptr(), 0, t.len * elem_bytes(t.dtype), self.stream()) }.map_err(cuda_err("memset"));
+        }
+        let k = match t.dtype {
+            DType::Act => Kernel::FillBf16,
+            DType::F32 => Kernel::FillF32,
+        };
+        self.launch_ew(k, t.len, &[p(t), i64a(t.len), Arg::F32(value)])
+    }
+
+    fn upload_host(&self, data: &[f32], dtype: DType) -> Result<Self::Tensor> {
+        let t = self.alloc_host(data.len(), dtype)?;
+        match dtype {
+            DType::Act => t.buf.write_host(bytemuck::cast_slice(&Self::to_bf16(data)))?,
+            DType::F32 => t.buf.write_host(bytemuck::cast_slice(data))?,
+        }
+        Ok(t)
+    }
+
+    fn alloc_host(&self, len: usize, dtype: DType) -> Result<Self::Tensor> {
+        self.bind()?;
+        Ok(CudaTensor { buf: DevBuf::new_host(&self.shared, len * elem_bytes(dtype))?, len, dtype })
+    }
+
+    fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()> {
+        self.bind()?;
+        check_len("copy", "source", src.len, n)?;
+        check_len("copy", "destination", dst.len, n)?;
+        match (src.dtype, dst.dtype) {
+            (a, b) if a == b => self.memcpy(dst.at(0), src.at(0), n * elem_bytes(a), self.stream()),
+            _ if src.buf.is_host() || dst.buf.is_host() => {
+                Err(Error::Shape { op: "copy", expected: "one dtype for a copy to or from host memory".into(), got: format!("{:?} → {:?}", src.dtype, dst.dtype) })
+            }
+            (DType::F32, DType::Act) => self.launch_ew(Kernel::CastF32Bf16, n, &[p(src), p(dst), i64a(n)]),
+            (DType::Act, DType::F32) => self.launch_ew(Kernel::CastBf16F32, n, &[p(src), p(dst), i64a(n)]),
+            _ => unreachable!("two dtypes"),
+        }
+    }
+
+    fn copy_range(&self, src: &Self::Tensor, src_off: usize, dst: &mut Self::Tensor, dst_off: usize, n: usize) -> Result<()> {
+        self.bind()?;
+        check_len("copy_range", "source", src.len, src_off + n)?;
+        check_len("copy_range", "destination", dst.len, dst_off + n)?;
+        check_dtype("copy_range", "destination", dst, src.dtype)?;
+        self.memcpy(dst.at(dst_off), src.at(src_off), n * elem_bytes(src.dtype), self.stream())
+    }
+
+    fn copy_async(&self, src: &Self::Tensor, dst: &mut Self::Tensor, n: usize) -> Result<()> {
+        self.bind()?;
+        check_len("copy_async", "source", src.len, n)?;
+        check_len("copy_async", "destination", dst.len, n)?;
+        check_dtype("copy_async", "destination", dst, src.dtype)?;
+        // The copy stream first waits for the compute work queued so far (which writes `src` or
+        // last reads `dst`), then copies while later compute runs.
+        self.copy.join(&self.compute).map_err(cuda_err("order the copy stream"))?;
+        self.memcpy(dst.at(0), src.at(0), n * elem_bytes(src.dtype), self.copy.cu_stream())
+    }
+
+    fn wait_copies(&self) -> Result<()> {
+        self.bind()?;
+        self.compute.join(&self.copy).map_err(cuda_err("wait for the copy stream"))
+    }
+
+    fn alloc_ids(&self, len: usize) -> Result<Self::Ids> {
+        self.bind()?;
+        let buf = DevBuf::new(&self.shared, len * 4)?;
+        // SAFETY: the buffer holds len i32.
+        unsafe { drv::memset_d8_async(buf.ptr(), 0, len * 4, self.stream()) }.map_err(cuda_err("memset"))?;
+        Ok(CudaIds { buf, len })
+    }
+
+    fn write_ids(&self, ids: &mut Self::Ids, data: &[i32]) -> Result<()> {
+        self.bind()?;
+        check_len("write_ids", "ids", ids.len, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the destination holds at least data.len() i32; ordered after earlier kernels
+        // that read the ids on the same stream; pageable source is staged before return.
+        unsafe { drv::memcpy_htod_async(ids.buf.ptr(), data, self.stream()) }.map_err(cuda_err("copy ids to device"))
+    }
+
+    fn upload_weight(&self, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight> {
+        self.bind()?;
+        let (out_features, in_features) = w.shape();
+        if let Some(b) = bias
+            && b.len() != out_features
+        {
+            return Err(Error::Shape { op: "upload_weight bias", expected: out_features.to_string(), got: b.len().to_string() });
+        }
+        let data = match w {
+            HostWeight::Dense { data, .. } => {
+                if data.len() != out_features * in_features {
+                    return Err(Error::Shape { op: "upload_weight", expected: format!("{out_features}x{in_features}"), got: data.len().to_string() });
+                }
+                WeightData::Dense(self.upload_bytes(&Self::to_bf16(data))?)
+            }
+            HostWeight::Nf4(t) => {
+                let parts = Nf4Parts::of(t);
+                let numel = out_features * in_features;
+                if parts.numel() != numel || parts.packed.len() < numel.div_ceil(2) {
+                    return Err(Error::Shape { op: "upload_weight nf4", expected: format!("{out_features}x{in_features}"), got: format!("{:?}", t.shape) });
+                }
+                let mut s = self.scratch.borrow_mut();
+                if s.dequant_elems < numel {
+                    s.dequant = None;
+                    s.dequant = Some(DevBuf::new(&self.shared, numel * 2)?);
+                    s.dequant_elems = numel;
+                }
+                drop(s);
+                WeightData::Nf4 {
+                    packed: self.upload_bytes(&parts.packed)?,
+                    absmax_q: self.upload_bytes(&parts.absmax_q)?,
+                    absmax2: self.upload_bytes(&parts.absmax2)?,
+                    code2: self.upload_bytes(&parts.code2)?,
+                    offset: parts.offset,
+                }
+            }
+        };
+        let bias = bias.map(|b| self.upload_bytes(&Self::to_bf16(b))).transpose()?;
+        Ok(CudaWeight { out_features, in_features, data, bias })
+    }
+
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor, n: usize) -> Result<()> {
+        self.bind()?;
+        check_len("add", "x", x.len, n)?;
+        check_len("add", "y", y.len, n)?;
+        match (x.dtype, y.dtype) {
+            (DType::Act, DType::Act) => self.launch_ew(Kernel::AddBf16, n, &[p(x), p(y), i64a(n)]),
+            (DType::F32, DType::F32) => self.launch_ew(Kernel::AddF32, n, &[p(x), p(y), i64a(n)]),
+            _ => Err(Error::Shape { op: "add", expected: "x and y of one dtype".into(), got: format!("{:?} and {:?}", x.dtype, y.dtype) }),
+        }
+    }
+
+    fn dropout(&self, x: &Self::Tensor, out: &mut Self::Tensor, n: usize, p_drop: f32, key: u64, first: u64) -> Result<()> {
+        self.bind()?;
+        act("dropout", "x", x, n)?;
+        act("dropout", "out", out, n)?;
+        let keep = (1.0 / (1.0 - p_drop as f64)) as f32;
+        self.launch_ew(Kernel::DropoutFwd, n, &[p(x), p(out), i64a(n), Arg::F32(p_drop), Arg::F32(keep), Arg::U64(key), Arg::U64(first)])
+    }
+
+    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p_drop: f32, key: u64, first: u64, accumulate: bool) -> Result<()> {
+        self.bind()?;
+        act("dropout_bwd", "dy", dy, n)?;
+        act("dropout_bwd", "dx", dx, n)?;
+        let keep = (1.0 / (1.0 - p_drop as f64)) as f32;
+        self.launch_ew(Kernel::DropoutBwd, n, &[p(dy), p(dx), i64a(n), Arg::F32(p_drop), Arg::F32(keep), Arg::U64(key), Arg::U64(first), Arg::I32(accumulate as i32)])
+    }
+
+    fn embedding_fwd(&self, ids: &Self::Ids, table: &Self::Tensor, n: usize, d: usize, out: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        check_len("embedding_fwd", "ids", ids.len, n)?;
+        check_dtype("embedding_fwd", "table", table, DType::Act)?;
+        act("embedding_fwd", "out", out, n * d)?;
+        let vocab = table.len / d.max(1);
+        self.launch(Kernel::EmbeddingFwd, (n as u32, 1, 1), 256, 0, &[pi(ids), p(table), p(out), i32a(d), i32a(vocab)])
+    }
+
+    fn rmsnorm_fwd(&self, x: &Self::Tensor, w: &Self::Tensor, n: usize, d: usize, eps: f32, out: &mut Self::Tensor, inv_rms: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        act("rmsnorm_fwd", "x", x, n * d)?;
+        act("rmsnorm_fwd", "w", w, d)?;
+        act("rmsnorm_fwd", "out", out, n * d)?;
+        f32t("rmsnorm_fwd", "inv_rms", inv_rms, n)?;
+        let threads = row_threads(d);
+        self.launch(Kernel::RmsnormFwd, (n as u32, 1, 1), threads, 0, &[p(x), p(w), p(out), p(inv_rms), i32a(d), Arg::F32(eps)])
+    }
+
+    fn rmsnorm_bwd(&self, dy: &Self::Tensor, x: &Self::Tensor, w: &Self::Tensor, inv_rms: &Self::Tensor, n: usize, d: usize, dx: &mut Self::Tensor, accumulate: bool) -> Result<()> {
+        self.bind()?;
+        act("rmsnorm_bwd", "dy", dy, n * d)?;
+        act("rmsnorm_bwd", "x", x, n * d)?;
+        act("rmsnorm_bwd", "w", w, d)?;
+        f32t("rmsnorm_bwd", "inv_rms", inv_rms, n)?;
+        act("rmsnorm_bwd", "dx", dx, n * d)?;
+        let threads = row_threads(d);
+        self.launch(Kernel::RmsnormBwd, (n as u32, 1, 1), threads, 0, &[p(dy), p(x), p(w), p(inv_rms), p(dx), i32a(d), Arg::I32(accumulate as i32)])
+    }
+
+    fn linear_fwd(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<LoraFwd<'_, Self::Tensor>>, dims: LinearDims, y: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        let LinearDims { n, inp, out } = dims;
+        if w.in_features != inp || w.out_features != out {
+            return Err(Error::Shape { op: "linear_fwd", expected: format!("{out}x{inp}"), got: format!("{}x{}", w.out_features, w.in_features) });
+        }
+        act("linear_fwd", "x", x, n * inp)?;
+        act("linear_fwd", "y", y, n * out)?;
+        let wp = self.weight_ptr(w)?;
+        self.gemm(GemmCall { m: n, n: out, k: inp, a: x.ptr(), a_t: false, b: wp, b_t: true, c: y.ptr(), c_f32: false, alpha: 1.0, beta: 0.0, bias: w.bias.as_ref().map(DevBuf::ptr) })?;
+        if let Some(l) = lora {
+            let r = l.rank;
+            act("linear_fwd", "lora A", l.a, r * inp)?;
+            act("linear_fwd", "lora B", l.b, out * r)?;
+            act("linear_fwd", "lora x", l.x_lora, n * inp)?;
+            act("linear_fwd", "lora xa", l.xa, n * r)?;
+            // xa = x_lora · Aᵀ ; y += scale · xa · Bᵀ
+            self.gemm(GemmCall { m: n, n: r, k: inp, a: l.x_lora.ptr(), a_t: false, b: l.a.ptr(), b_t: true, c: l.xa.ptr(), c_f32: false, alpha: 1.0, beta: 0.0, bias: None })?;
+            self.gemm(GemmCall { m: n, n: out, k: r, a: l.xa.ptr(), a_t: false, b: l.b.ptr(), b_t: true, c: y.ptr(), c_f32: false, alpha: l.scale, beta: 1.0, bias: None })?;
+        }
+        Ok(())
+    }
+
+    fn linear_bwd(&self, dy: &Self::Tensor, w: &Self::Weight, lora: Option<LoraBwd<'_, Self::Tensor>>, dims: LinearDims, dx: &mut Self::Tensor, accumulate: bool, dx_lora: Option<&mut Self::Tensor>) -> Result<()> {
+        self.bind()?;
+        let LinearDims { n, inp, out } = dims;
+        if w.in_features != inp || w.out_features != out {
+            return Err(Error::Shape { op: "linear_bwd", expected: format!("{out}x{inp}"), got: format!("{}x{}", w.out_features, w.in_features) });
+        }
+        act("linear_bwd", "dy", dy, n * out)?;
+        act("linear_bwd", "dx", dx, n * inp)?;
+        let wp = self.weight_ptr(w)?;
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        // dx (+)= dy · W
+        self.gemm(GemmCall { m: n, n: inp, k: out, a: dy.ptr(), a_t: false, b: wp, b_t: false, c: dx.ptr(), c_f32: false, alpha: 1.0, beta, bias: None })?;
+        if let Some(l) = lora {
+            let r = l.rank;
+            let s = l.scale;
+            act("linear_bwd", "lora A", l.a, r * inp)?;
+            act("linear_bwd", "lora B", l.b, out * r)?;
+            act("linear_bwd", "lora x", l.x_lora, n * inp)?;
+            act("linear_bwd", "lora xa", l.xa, n * r)?;
+            act("linear_bwd", "lora scratch", l.scratch, n * r)?;
+            f32t("linear_bwd", "lora grad A", l.grad_a, r * inp)?;
+            f32t("linear_bwd", "lora grad B", l.grad_b, out * r)?;
+            // t = dy · B ([n, r])
+            self.gemm(GemmCall { m: n, n: r, k: out, a: dy.ptr(), a_t: false, b: l.b.ptr(), b_t: false, c: l.scratch.ptr(), c_f32: false, alpha: 1.0, beta: 0.0, bias: None })?;
+            // dB += s · dyᵀ · xa ; dA += s · tᵀ · x_lora (f32 accumulators)
+            self.gemm(GemmCall { m: out, n: r, k: n, a: dy.ptr(), a_t: true, b: l.xa.ptr(), b_t: false, c: l.grad_b.ptr(), c_f32: true, alpha: s, beta: 1.0, bias: None })?;
+            self.gemm(GemmCall { m: r, n: inp, k: n, a: l.scratch.ptr(), a_t: true, b: l.x_lora.ptr(), b_t: false, c: l.grad_a.ptr(), c_f32: true, alpha: s, beta: 1.0, bias: None })?;
+            // The branch's input gradient: s · t · A, into dx_lora (overwrite) or added to dx.
+            let (c, beta) = match dx_lora {
+                Some(d) => {
+                    act("linear_bwd", "dx_lora", d, n * inp)?;
+                    (d.ptr(), 0.0)
+                }
+                None => (dx.ptr(), 1.0),
+            };
+            self.gemm(GemmCall { m: n, n: inp, k: r, a: l.scratch.ptr(), a_t: false, b: l.a.ptr(), b_t: false, c, c_f32: false, alpha: s, beta, bias: None })?;
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Self::Tensor, n: usize, heads: usize, head_dim: usize, positions: &Self::Ids, table: &Self::Tensor, inverse: bool) -> Result<()> {
+        self.bind()?;
+        act("rope", "x", x, n * heads * head_dim)?;
+        check_len("rope", "positions", positions.len, n)?;
+        check_dtype("rope", "table", table, DType::F32)?;
+        let half = head_dim / 2;
+        let max_pos = table.len / (2 * half).max(1);
+        let per_head = if half.is_multiple_of(8) { half / 8 } else { half };
+        let threads = n * heads * per_head;
+        self.launch(
+            Kernel::Rope,
+            (threads.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            &[p(x), pi(positions), p(table), i64a(n), i32a(heads), i32a(head_dim), i32a(max_pos), Arg::F32(if inverse { -1.0 } else { 1.0 })],
+        )
+    }
+
+    fn attention_fwd(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, out: &mut Self::Tensor, lse: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+        let ((fwd, _, _), smem) = self.attention_for(shape)?;
+        let n = batch * seq;
+        act("attention_fwd", "q", q, n * heads * head_dim)?;
+        act("attention_fwd", "k", k, n * kv_heads * head_dim)?;
+        act("attention_fwd", "v", v, n * kv_heads * head_dim)?;
+        act("attention_fwd", "out", out, n * heads * head_dim)?;
+        f32t("attention_fwd", "lse", lse, n * heads)?;
+        check_len("attention_fwd", "segments", segments.len, n)?;
+        let smem = smem[0];
+        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+        self.launch(
+            fwd,
+            (seq.div_ceil(64) as u32, heads as u32, batch as u32),
+            128,
+            smem,
+            &[p(q), p(k), p(v), pi(segments), p(out), p(lse), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale)],
+        )
+    }
+
+    fn attention_bwd(&self, dout: &Self::Tensor, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &Self::Tensor, lse: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, dq: &mut Self::Tensor, dk: &mut Self::Tensor, dv: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+        let ((_, dkdv, dqk), smem) = self.attention_for(shape)?;
+        let n = batch * seq;
+        let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
+        act("attention_bwd", "dout", dout, qn)?;
+        act("attention_bwd", "q", q, qn)?;
+        act("attention_bwd", "k", k, kn)?;
+        act("attention_bwd", "v", v, kn)?;
+        act("attention_bwd", "out", out, qn)?;
+        f32t("attention_bwd", "lse", lse, n * heads)?;
+        act("attention_bwd", "dq", dq, qn)?;
+        act("attention_bwd", "dk", dk, kn)?;
+        act("attention_bwd", "dv", dv, kn)?;
+        check_len("attention_bwd", "segments", segments.len, n)?;
+        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+        let tiles = seq.div_ceil(64) as u32;
+        self.launch(
+            dkdv,
+            (tiles, kv_heads as u32, batch as u32),
+            128,
+            smem[1],
+            &[p(q), p(k), p(v), p(out), p(dout), p(lse), pi(segments), p(dk), p(dv), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale)],
+        )?;
+        self.launch(
+            dqk,
+            (tiles, heads as u32, batch as u32),
+            128,
+            smem[2],
+            &[p(q), p(k), p(v), p(out), p(dout), p(lse), pi(segments), p(dq), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale)],
+        )
+    }
+
+    fn swiglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        act("swiglu_fwd", "g", g, n)?;
+        act("swiglu_fwd", "u", u, n)?;
+        act("swiglu_fwd", "out", out, n)?;
+        self.launch_ew(Kernel::SwigluFwd, n, &[p(g), p(u), p(out), i64a(n)])
+    }
+
+    fn swiglu_bwd(&self, dout: &Self::Tensor, g: &Self::Tensor, u: &Self::Tensor, n: usize, dg: &mut Self::Tensor, du: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        act("swiglu_bwd", "dout", dout, n)?;
+        act("swiglu_bwd", "g", g, n)?;
+        act("swiglu_bwd", "u", u, n)?;
+        act("swiglu_bwd", "dg", dg, n)?;
+        act("swiglu_bwd", "du", du, n)?;
+        self.launch_ew(Kernel::SwigluBwd, n, &[p(dout), p(g), p(u), p(dg), p(du), i64a(n)])
+    }
+
+    fn embedding_bwd_rows(&self, dx: &Self::Tensor, ids: &Self::Ids, n: usize, d: usize, slot_of_token: &Self::Ids, grad_rows: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        act("embedding_bwd_rows", "dx", dx, n * d)?;
+        check_len("embedding_bwd_rows", "ids", ids.len, n)?;
+        check_dtype("embedding_bwd_rows", "grad_rows", grad_rows, DType::F32)?;
+        let k = grad_rows.len / d.max(1);
+        self.launch(
+            Kernel::EmbeddingBwdRows,
+            (k as u32, d.div_ceil(256) as u32, 1),
+            256,
+            0,
+            &[p(dx), pi(ids), i64a(n), i32a(d), pi(slot_of_token), i32a(slot_of_token.len), p(grad_rows)],
+        )
+    }
+
+    fn set_rows(&self, table: &mut Self::Tensor, d: usize, token_ids: &Self::Ids, values: &Self::Tensor, k: usize) -> Result<()> {
+        self.bind()?;
+        check_len("set_rows", "token_ids", token_ids.len, k)?;
+        check_len("set_rows", "values", values.len, k * d)?;
+        let kern = match (table.dtype, values.dtype) {
+            (DType::Act, DType::F32) => Kernel::SetRowsBf16F32,
+            (DType::Act, DType::Act) => Kernel::SetRowsBf16Bf16,
+            (DType::F32, DType::F32) => Kernel::SetRowsF32F32,
+            (DType::F32, DType::Act) => Kernel::SetRowsF32Bf16,
+        };
+        let rows = table.len / d.max(1);
+        self.launch(kern, (k as u32, 1, 1), 256, 0, &[p(table), i32a(d), pi(token_ids), p(values), i32a(rows)])
+    }
+
+    fn lm_head_ce(&self, h: &Self::Tensor, head: &Self::Tensor, targets: &Self::Ids, n: usize, d: usize, vocab: usize, grad_scale: f32, dh: &mut Self::Tensor, head_rows: Option<(&Self::Ids, &mut Self::Tensor)>) -> Result<LossSum> {
+        self.bind()?;
+        act("lm_head_ce", "h", h, n * d)?;
+        act("lm_head_ce", "head", head, vocab * d)?;
+        act("lm_head_ce", "dh", dh, n * d)?;
+        check_len("lm_head_ce", "targets", targets.len, n)?;
+        if let Some((ids, grad)) = &head_rows {
+            f32t("lm_head_ce", "head row gradient", grad, ids.len * d)?;
+        }
+        let chunk = (LOSS_CHUNK_ELEMS / vocab.max(1)).min(LOSS_CHUNK_MAX_ROWS);
+        // Whole multiples of 64 rows keep the chunk GEMMs on full tiles.
+        let chunk = if chunk >= 128 { chunk / 64 * 64 } else { chunk.max(1) };
+        if chunk * vocab > LOSS_CHUNK_ELEMS {
+            return Err(Error::msg(format!("vocabulary of {vocab} tokens is too large for the loss workspace ({LOSS_CHUNK_ELEMS} logits)")));
+        }
+        let ws = &self.loss;
+        // SAFETY: 8-byte accumulators owned by the backend.
+        unsafe {
+            drv::memset_d8_async(ws.sum.ptr(), 0, 8, self.stream()).map_err(cuda_err("memset"))?;
+            drv::memset_d8_async(ws.count.ptr(), 0, 8, self.stream()).map_err(cuda_err("memset"))?;
+        }
+        let need_dh = grad_scale != 0.0;
+        let write_f32 = head_rows.is_some();
+        let mut r0 = 0;
+        while r0 < n {
+            let rows = chunk.min(n - r0);
+            // logits[rows, vocab] (f32) = h[r0.., d] · headᵀ
+            self.gemm(GemmCall { m: rows, n: vocab, k: d, a: h.at(r0 * d), a_t: false, b: head.ptr(), b_t: true, c: ws.logits.ptr(), c_f32: true, alpha: 1.0, beta: 0.0, bias: None })?;
+            self.launch(
+                Kernel::CeSoftmaxGrad,
+                (rows as u32, 1, 1),
+                512,
+                0,
+                &[
+                    Arg::Ptr(ws.logits.ptr()),
+                    Arg::Ptr(targets.buf.ptr() + (r0 * 4) as u64),
+                    i32a(vocab),
+                    Arg::F32(grad_scale),
+                    Arg::Ptr(ws.dlogits.ptr()),
+                    Arg::Ptr(ws.row_loss.ptr()),
+                    Arg::Ptr(ws.row_valid.ptr()),
+                    Arg::I32(write_f32 as i32),
+                ],
+            )?;
+            self.launch(
+                Kernel::CeChunkSum,
+                (1, 1, 1),
+                256,
+                0,
+                &[Arg::Ptr(ws.row_loss.ptr()), Arg::Ptr(ws.row_valid.ptr()), i32a(rows), Arg::Ptr(ws.sum.ptr()), Arg::Ptr(ws.count.ptr())],
+            )?;
+            if let Some((ids, grad)) = &head_rows {
+                self.launch(
+                    Kernel::CeHeadRows,
+                    (ids.len as u32, d.div_ceil(256) as u32, 1),
+                    256,
+                    0,
+                    &[Arg::Ptr(ws.logits.ptr()), Arg::Ptr(h.at(r0 * d)), pi(ids), i32a(rows), i32a(vocab), i32a(d), p(grad)],
+                )?;
+            }
+            if need_dh {
+                // dh[r0.., d] = dlogits[rows, vocab] · head
+                self.gemm(GemmCall { m: rows, n: d, k: vocab, a: ws.dlogits.ptr(), a_t: false, b: head.ptr(), b_t: false, c: dh.at(r0 * d), c_f32: false, alpha: 1.0, beta: 0.0, bias: None })?;
+            }
+            r0 += rows;
+        }
+        if !need_dh {
+            // SAFETY: dh holds n·d bf16 (checked above).
+            unsafe { drv::memset_d8_async(dh.ptr(), 0, n * d * 2, self.stream()) }.map_err(cuda_err("memset"))?;
+        }
+        let mut sum = [0f64];
+        let mut count = [0i64];
+        self.compute.synchronize().map_err(cuda_err("synchronize"))?;
+        // SAFETY: 8-byte device scalars; the stream has drained.
+        unsafe {
+            drv::memcpy_dtoh_sync(&mut sum, ws.sum.ptr()).map_err(cuda_err("copy loss to host"))?;
+            drv::memcpy_dtoh_sync(&mut count, ws.count.ptr()).map_err(cuda_err("copy loss to host"))?;
+        }
+        Ok(LossSum { sum: sum[0], count: count[0] as usize })
+    }
+
+    fn sum_squares(&self, t: &Self::Tensor, n: usize) -> Result<f64> {
+        self.bind()?;
+        check_len("sum_squares", "t", t.len, n)?;
+        let blocks = n.div_ceil(2048).clamp(1, SUMSQ_MAX_BLOCKS);
+        let k = match t.dtype {
+            DType::F32 => Kernel::SumsqPartialF32,
+            DType::Act => Kernel::SumsqPartialBf16,
+        };
+        self.launch(k, (blocks as u32, 1, 1), 256, 0, &[p(t), i64a(n), Arg::Ptr(self.sumsq_partial.ptr())])?;
+        self.launch(Kernel::SumPartials, (1, 1, 1), 256, 0, &[Arg::Ptr(self.sumsq_partial.ptr()), i32a(blocks), Arg::Ptr(self.sumsq_out.ptr())])?;
+        let mut out = [0f64];
+        self.compute.synchronize().map_err(cuda_err("synchronize"))?;
+        // SAFETY: an 8-byte device scalar; the stream has drained.
+        unsafe { drv::memcpy_dtoh_sync(&mut out, self.sumsq_out.ptr()) }.map_err(cuda_err("copy to host"))?;
+        Ok(out[0])
+    }
+
+    fn adamw(&self, param: &mut Self::Tensor, grad: &Self::Tensor, m: &mut Self::Tensor, v: &mut Self::Tensor, n: usize, hp: AdamW) -> Result<()> {
+        self.bind()?;
+        for (what, t) in [("param", &*param), ("grad", grad), ("m", &*m), ("v", &*v)] {
+            f32t("adamw", what, t, n)?;
+        }
+        // Scalars in f32 exactly as the CPU backend (T = f32) computes them.
+        let t = hp.step as i32;
+        let bc1 = 1.0f32 - hp.beta1.powi(t);
+        let bc2_sqrt = (1.0f32 - hp.beta2.powi(t)).sqrt();
+        let step_size = hp.lr / bc1;
+        let decay = 1.0f32 - hp.lr * hp.weight_decay;
+        self.launch(
+            Kernel::Adamw,
+            (n.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            &[p(param), p(grad), p(m), p(v), i64a(n), Arg::F32(decay), Arg::F32(hp.beta1), Arg::F32(hp.beta2), Arg::F32(hp.eps), Arg::F32(hp.grad_scale), Arg::F32(step_size), Arg::F32(bc2_sqrt)],
+        )
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        self.compute.synchronize().map_err(cuda_err("synchronize"))
+    }
+}
+
+/// Threads per row for the row kernels: enough for one 8-wide chunk each, 32 to 1024.
+fn row_threads(d: usize) -> u32 {
+    (d.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+

@@ -1,0 +1,143 @@
+//! Device buffers and the allocation counter. Every byte the backend takes from the driver goes
+//! through [`DevBuf::new`], so `memory_used` / `peak_memory` are exact for what we allocated
+//! (cuBLASLt's workspace included; the context and the loaded modules are not ours to count).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use cudarc::driver::{CudaContext, result as drv};
+
+use crate::error::{Error, Result};
+
+/// What the backend shares with every buffer: the context (to free on drop) and the counters.
+pub struct DeviceShared {
+    pub ctx: Arc<CudaContext>,
+    used: AtomicUsize,
+    peak: AtomicUsize,
+    count: AtomicUsize,
+    /// Pinned host bytes (not device memory; reported apart).
+    pinned: AtomicUsize,
+}
+
+impl DeviceShared {
+    pub fn new(ctx: Arc<CudaContext>) -> Self {
+        DeviceShared { ctx, used: AtomicUsize::new(0), peak: AtomicUsize::new(0), count: AtomicUsize::new(0), pinned: AtomicUsize::new(0) }
+    }
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+    pub fn allocations(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+    pub fn pinned(&self) -> usize {
+        self.pinned.load(Ordering::Relaxed)
+    }
+    pub fn reset_peak(&self) {
+        self.peak.store(self.used(), Ordering::Relaxed);
+    }
+}
+
+/// One device allocation (`cuMemAlloc`, 256-byte aligned), or a pinned host allocation
+/// (`cuMemHostAlloc`, for offloaded layer inputs), freed on drop. With unified addressing a pinned
+/// host pointer is a valid source or destination of `cuMemcpyAsync`.
+pub struct DevBuf {
+    ptr: u64,
+    bytes: usize,
+    host: bool,
+    shared: Arc<DeviceShared>,
+}
+
+// SAFETY: a device pointer is plain data; the driver accepts it from any thread that has the
+// context bound, which every backend entry point (and `Drop`) does first.
+unsafe impl Send for DevBuf {}
+unsafe impl Sync for DevBuf {}
+
+impl DevBuf {
+    /// `bytes` of uninitialised device memory (at least 1 byte is taken so the pointer is valid).
+    pub fn new(shared: &Arc<DeviceShared>, bytes: usize) -> Result<Self> {
+        shared.ctx.bind_to_thread().map_err(|e| Error::Cuda { op: "bind context".into(), msg: e.to_string() })?;
+        let take = bytes.max(1);
+        // SAFETY: plain allocation in the bound context; the pointer is owned by the returned value.
+        let ptr = unsafe { drv::malloc_sync(take) }.map_err(|e| {
+            let (free, total) = shared.ctx.mem_get_info().unwrap_or((0, 0));
+            if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                Error::OutOfMemory {
+                    during: format!("allocating {:.1} MiB on the GPU", bytes as f64 / 1048576.0),
+                    advice: format!(
+                        "the backend holds {:.2} GiB, the card has {:.2} GiB free of {:.2} GiB: lower the batch size or max sequence length, or enable checkpointing",
+                        shared.used() as f64 / 1073741824.0,
+                        free as f64 / 1073741824.0,
+                        total as f64 / 1073741824.0
+                    ),
+                }
+            } else {
+                Error::Cuda { op: "cuMemAlloc".into(), msg: e.to_string() }
+            }
+        })?;
+        let used = shared.used.fetch_add(take, Ordering::Relaxed) + take;
+        shared.peak.fetch_max(used, Ordering::Relaxed);
+        shared.count.fetch_add(1, Ordering::Relaxed);
+        Ok(DevBuf { ptr, bytes, host: false, shared: shared.clone() })
+    }
+
+    /// `bytes` of pinned host memory. Pinning is slow on some hosts (~1.8 GB/s seen on the H100
+    /// VMs), which is why the engine takes all of it once, at start-up.
+    pub fn new_host(shared: &Arc<DeviceShared>, bytes: usize) -> Result<Self> {
+        shared.ctx.bind_to_thread().map_err(|e| Error::Cuda { op: "bind context".into(), msg: e.to_string() })?;
+        // SAFETY: plain pinned allocation; the pointer is owned by the returned value.
+        // PORTABLE | DEVICEMAP: kernels may read and write it through the same address (UVA).
+        let ptr = unsafe { drv::malloc_host(bytes.max(1), 0x01 | 0x02) }.map_err(|e| Error::OutOfMemory {
+            during: format!("pinning {:.1} MiB of host memory for offloaded activations", bytes as f64 / 1048576.0),
+            advice: format!("the host could not pin it ({e}): free host memory or use checkpointing = \"layer\""),
+        })?;
+        shared.pinned.fetch_add(bytes.max(1), Ordering::Relaxed);
+        Ok(DevBuf { ptr: ptr as u64, bytes, host: true, shared: shared.clone() })
+    }
+
+    /// Write `bytes` into a pinned host buffer from the CPU (no copy engine involved).
+    pub fn write_host(&self, bytes: &[u8]) -> Result<()> {
+        if !self.host || bytes.len() > self.bytes {
+            return Err(Error::msg("write_host: not a host buffer or too small"));
+        }
+        // SAFETY: `ptr` is a live pinned host allocation of at least `bytes.len()` bytes owned by
+        // self; no kernel uses it before the caller hands the tensor out.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr as *mut u8, bytes.len()) };
+        Ok(())
+    }
+
+    pub fn is_host(&self) -> bool {
+        self.host
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        let take = self.bytes.max(1);
+        if self.host {
+            if self.shared.ctx.bind_to_thread().is_ok() {
+                // SAFETY: `ptr` came from cuMemHostAlloc and is freed exactly once.
+                let _ = unsafe { drv::free_host(self.ptr as *mut std::ffi::c_void) };
+            }
+            self.shared.pinned.fetch_sub(take, Ordering::Relaxed);
+            return;
+        }
+        if self.shared.ctx.bind_to_thread().is_ok() {
+            // SAFETY: `ptr` came from cuMemAlloc in this context and is freed exactly once; work
+            // that still reads it is ordered before by the synchronous free.
+            let _ = unsafe { drv::free_sync(self.ptr) };
+        }
+        self.shared.used.fetch_sub(take, Ordering::Relaxed);
+        self.shared.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}

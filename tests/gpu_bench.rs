@@ -1,0 +1,181 @@
+//! Timings of the CUDA backend on Llama-3-8B shapes at seq 2048 (batch 1): each fused op, the NF4
+//! linear, the chunked loss, and a whole training step of a 2-layer model with the 8B dimensions
+//! (per-layer cost x 32 + head ≈ the full model's step). Not a correctness test (gpu_kernels and
+//! gpu_step are); it prints `BENCH` lines with median milliseconds over repeats after a warm-up.
+//!
+//! Run on a GPU host: `cargo test --release --test gpu_bench -- --ignored --nocapture`.
+
+use rayon::prelude::*;
+use tunestudio::backend::cuda::CudaBackend;
+use tunestudio::backend::cuda::kernels::AttnVersion;
+use tunestudio::backend::{AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd};
+use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
+use tunestudio::data::Batch;
+use tunestudio::engine::model::WeightSource;
+use tunestudio::engine::{EngineOptions, Trainer};
+use tunestudio::model::ModelSpec;
+use tunestudio::quant::nf4::Nf4Tensor;
+
+fn hash(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Uniform values in (−a, a) from a counter hash, generated in parallel (no 8B-sized RNG stream).
+fn fast_random(n: usize, seed: u64, a: f32) -> Vec<f32> {
+    (0..n).into_par_iter().map(|i| ((hash(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 40) as f32 / 16777216.0 * 2.0 - 1.0) * a).collect()
+}
+
+struct FastWeights;
+
+impl WeightSource for FastWeights {
+    fn dense(&self, name: &str, shape: &[usize]) -> tunestudio::Result<Vec<f32>> {
+        let n: usize = shape.iter().product();
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        Ok(if name.contains("norm") { vec![1.0; n] } else { fast_random(n, seed, 0.035) })
+    }
+    fn has(&self, name: &str) -> bool {
+        let _ = name;
+        true
+    }
+}
+
+fn median_ms(be: &CudaBackend, reps: usize, mut f: impl FnMut() -> tunestudio::Result<()>) -> f32 {
+    f().unwrap();
+    be.synchronize().unwrap();
+    let mut t: Vec<f32> = (0..reps).map(|_| be.time_ms(&mut f).unwrap()).collect();
+    t.sort_by(f32::total_cmp);
+    t[reps / 2]
+}
+
+fn report(what: &str, ms: f32, flops: f64, bytes: f64) {
+    let tf = if flops > 0.0 { format!("{:7.1} TFLOP/s", flops / ms as f64 / 1e9) } else { String::new() };
+    let gb = if bytes > 0.0 { format!("{:7.0} GB/s", bytes / ms as f64 / 1e6) } else { String::new() };
+    println!("BENCH {what:<52} {ms:9.3} ms {tf} {gb}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn ops_at_llama3_8b_shapes() {
+    let be = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
+    println!("DEVICE {}", be.device().name);
+    let (s, d, f, h, kvh, hd, vocab) = (2048usize, 4096usize, 14336usize, 32usize, 8usize, 128usize, 128256usize);
+    let n = s;
+    let act = |len: usize, seed: u64, a: f32| be.upload(&fast_random(len, seed, a), DType::Act).unwrap();
+
+    // Attention, causal, GQA 4.
+    let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd };
+    let (q, k, v) = (act(n * h * hd, 1, 1.0), act(n * kvh * hd, 2, 1.0), act(n * kvh * hd, 3, 1.0));
+    let seg = be.upload_ids(&vec![0; n]).unwrap();
+    let mut out = be.alloc(n * h * hd, DType::Act).unwrap();
+    let mut lse = be.alloc(n * h, DType::F32).unwrap();
+    let attn_flops = 4.0 * (s * s) as f64 / 2.0 * (h * hd) as f64;
+    let dout = act(n * h * hd, 4, 1.0);
+    let (mut dq, mut dk, mut dv) = (be.alloc(n * h * hd, DType::Act).unwrap(), be.alloc(n * kvh * hd, DType::Act).unwrap(), be.alloc(n * kvh * hd, DType::Act).unwrap());
+    for version in [AttnVersion::V1, AttnVersion::V2] {
+        be.set_attention_version(version);
+        let ms = median_ms(&be, 10, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
+        report(&format!("attention fwd {version:?} (s=2048, 32/8 heads, hd 128)"), ms, attn_flops, 0.0);
+        let ms = median_ms(&be, 10, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
+        // Useful work of a backward: 2.5x the forward (dQ, dK, dV, and recomputing P).
+        report(&format!("attention bwd {version:?} (dkdv + dq kernels)"), ms, 2.5 * attn_flops, 0.0);
+    }
+    be.set_attention_version(AttnVersion::V2);
+
+    // NF4 linear: gate/up shape, dequant + GEMM, then with LoRA r=16, then the backward.
+    let wq = Nf4Tensor::quantize(&fast_random(f * d, 5, 0.03), &[f, d]);
+    let w = be.upload_weight(&HostWeight::Nf4(wq), None).unwrap();
+    let x = act(n * d, 6, 1.0);
+    let mut y = be.alloc(n * f, DType::Act).unwrap();
+    let dims = LinearDims { n, inp: d, out: f };
+    let gemm_flops = 2.0 * (n * d * f) as f64;
+    let ms = median_ms(&be, 10, || be.dequantize_to_scratch(&w));
+    report("nf4 dequant 14336x4096 -> bf16 scratch", ms, 0.0, (f * d / 2 + f * d / 64 + 2 * f * d) as f64);
+    let ms = median_ms(&be, 10, || be.linear_fwd(&x, &w, None, dims, &mut y));
+    report("linear fwd nf4 4096->14336 (dequant + GEMM)", ms, gemm_flops, 0.0);
+    let r = 16;
+    let (la, lb) = (act(r * d, 7, 0.02), act(f * r, 8, 0.02));
+    let mut xa = be.alloc(n * r, DType::Act).unwrap();
+    let ms = median_ms(&be, 10, || be.linear_fwd(&x, &w, Some(LoraFwd { a: &la, b: &lb, rank: r, scale: 2.0, x_lora: &x, xa: &mut xa }), dims, &mut y));
+    report("linear fwd nf4 + LoRA r=16", ms, gemm_flops, 0.0);
+    let dy = act(n * f, 9, 1.0);
+    let mut dx = be.alloc(n * d, DType::Act).unwrap();
+    let (mut ga, mut gb) = (be.alloc(r * d, DType::F32).unwrap(), be.alloc(f * r, DType::F32).unwrap());
+    let mut scr = be.alloc(n * r, DType::Act).unwrap();
+    let ms = median_ms(&be, 10, || {
+        be.linear_bwd(&dy, &w, Some(LoraBwd { a: &la, b: &lb, rank: r, scale: 2.0, x_lora: &x, xa: &xa, grad_a: &mut ga, grad_b: &mut gb, scratch: &mut scr }), dims, &mut dx, true, None)
+    });
+    report("linear bwd nf4 + LoRA r=16", ms, gemm_flops, 0.0);
+
+    // Elementwise and row ops (bytes: each input read once, each output written once).
+    let (g, u) = (act(n * f, 10, 3.0), act(n * f, 11, 1.0));
+    let mut m = be.alloc(n * f, DType::Act).unwrap();
+    let ms = median_ms(&be, 20, || be.swiglu_fwd(&g, &u, n * f, &mut m));
+    report("swiglu fwd (2048 x 14336)", ms, 0.0, (3 * n * f * 2) as f64);
+    let (mut dg, mut du) = (be.alloc(n * f, DType::Act).unwrap(), be.alloc(n * f, DType::Act).unwrap());
+    let ms = median_ms(&be, 20, || be.swiglu_bwd(&m, &g, &u, n * f, &mut dg, &mut du));
+    report("swiglu bwd", ms, 0.0, (5 * n * f * 2) as f64);
+    let nw = be.upload(&vec![1.0; d], DType::Act).unwrap();
+    let mut hn = be.alloc(n * d, DType::Act).unwrap();
+    let mut inv = be.alloc(n, DType::F32).unwrap();
+    let ms = median_ms(&be, 20, || be.rmsnorm_fwd(&x, &nw, n, d, 1e-5, &mut hn, &mut inv));
+    report("rmsnorm fwd (2048 x 4096)", ms, 0.0, (2 * n * d * 2) as f64);
+    let ms = median_ms(&be, 20, || be.rmsnorm_bwd(&hn, &x, &nw, &inv, n, d, &mut dx, true));
+    report("rmsnorm bwd (accumulate)", ms, 0.0, (4 * n * d * 2) as f64);
+    let table = be.upload(&fast_random(2 * s * hd / 2, 12, 1.0), DType::F32).unwrap();
+    let pos = be.upload_ids(&(0..n as i32).collect::<Vec<_>>()).unwrap();
+    let mut qq = act(n * h * hd, 13, 1.0);
+    let ms = median_ms(&be, 20, || be.rope(&mut qq, n, h, hd, &pos, &table, false));
+    report("rope q (2048 x 32 x 128)", ms, 0.0, (2 * n * h * hd * 2) as f64);
+
+    // Chunked lm_head + CE at the full vocabulary.
+    let head = act(vocab * d, 14, 0.02);
+    let targets = be.upload_ids(&(0..n as i32).map(|i| (i * 7919) % vocab as i32).collect::<Vec<_>>()).unwrap();
+    let mut dh = be.alloc(n * d, DType::Act).unwrap();
+    let ms = median_ms(&be, 5, || be.lm_head_ce(&x, &head, &targets, n, d, vocab, 1.0 / n as f32, &mut dh, None).map(|_| ()));
+    report("lm_head + CE fwd+bwd (vocab 128256)", ms, 2.0 * 2.0 * (n * d * vocab) as f64, 0.0);
+    println!("MEMORY bench buffers {:.1} MiB", be.memory_used() as f64 / 1048576.0);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn train_step_llama3_8b_two_layers() {
+    let mut spec = ModelSpec::llama3_8b();
+    spec.num_layers = 2;
+    for policy in [CheckpointPolicy::Layer] {
+        let be = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
+        let opts = EngineOptions {
+            lora: LoraConfig { r: 16, alpha: 16.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false },
+            optim: OptimConfig::default(),
+            quantization: Quantization::Nf4,
+            batch_size: 1,
+            max_seq_len: 2048,
+            checkpointing: policy,
+            seed: 1,
+            mlp_chunk_rows: 0,
+        };
+        let t0 = std::time::Instant::now();
+        let mut tr = Trainer::new(be, spec.clone(), &FastWeights, opts, None).unwrap();
+        let load_s = t0.elapsed().as_secs_f64();
+        let ids: Vec<u32> = (0..2048u32).map(|i| (i * 7919) % 128256).collect();
+        let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+        let micro = vec![Batch::from_examples(&[(&ids, &labels)], 0, None)];
+        tr.train_step(&micro, 1e-4).unwrap();
+        tr.backend.synchronize().unwrap();
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            let st = tr.train_step(&micro, 1e-4).unwrap();
+            tr.backend.synchronize().unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            assert!(st.loss.is_finite());
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "BENCH train_step 2 layers of Llama-3-8B, seq 2048, NF4, r=16 all targets, {policy:?}: {:.2} ms (load {load_s:.1} s); device memory {:.2} GiB",
+            times[2],
+            tr.backend.peak_memory() as f64 / 1073741824.0
+        );
+    }
+}

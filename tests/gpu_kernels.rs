@@ -1,0 +1,571 @@
+//! Every op of the `Backend` trait on the CUDA backend against the CPU reference
+//! (`CpuBackend<f32>`), on fresh seeded random inputs (a different seed per op), with outputs
+//! poisoned with NaN before each launch so an unwritten element fails the test.
+//!
+//! Error measure: ‖cuda − cpu‖ / ‖cpu‖ over the whole output. Inputs are rounded to bf16 before
+//! they reach either backend, so both compute on the same values and the error is the CUDA
+//! path's own: one bf16 rounding of an output costs at most 2⁻⁹ ≈ 2e-3 relative per element
+//! (about 1.1e-3 RMS), so ops with one bf16 output are held to 4e-3; ops with a bf16 intermediate
+//! inside (LoRA's `xa`, attention's P and dS, the loss gradient) to 1e-2 or 2e-2 as stated; f32
+//! paths to 1e-5 or tighter.
+//!
+//! Run on a GPU host: `cargo test --release --test gpu_kernels -- --ignored --test-threads=1`.
+//! Each check prints a `RESULT` line (op, error, bound). Without a GPU these tests fail.
+
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tunestudio::backend::cpu::{CpuBackend, CpuTensor};
+use tunestudio::backend::cuda::CudaBackend;
+use tunestudio::backend::cuda::kernels::AttnVersion;
+use tunestudio::backend::cuda::nf4::Nf4Parts;
+use tunestudio::backend::{AdamW, AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd, dropout_uniform};
+use tunestudio::quant::nf4::Nf4Tensor;
+
+type Cpu = CpuBackend<f32>;
+
+fn gpu() -> CudaBackend {
+    CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"))
+}
+
+fn rb(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// `n` values uniform in (−scale, scale), rounded to bf16.
+fn randv(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rb(rng.random_range(-scale..scale))).collect()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    if let Some(i) = got.iter().position(|x| !x.is_finite()) {
+        panic!("element {i} is {} (unwritten or non-finite; expected {})", got[i], want[i]);
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+}
+
+fn check(op: &str, got: &[f32], want: &[f32], bound: f64) {
+    let e = rel_err(got, want);
+    println!("RESULT {op:<44} rel_err {e:9.3e}  bound {bound:7.1e}  {}", if e <= bound { "ok" } else { "FAIL" });
+    assert!(e <= bound, "{op}: relative error {e:e} > {bound:e}");
+}
+
+/// A CUDA tensor of `len` elements filled with NaN.
+fn poisoned(be: &CudaBackend, len: usize, dtype: DType) -> tunestudio::backend::cuda::CudaTensor {
+    let mut t = be.alloc(len, dtype).unwrap();
+    be.fill(&mut t, f32::NAN).unwrap();
+    t
+}
+
+fn ct(v: &[f32]) -> CpuTensor<f32> {
+    CpuTensor(v.to_vec())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn device_info() {
+    let t = std::time::Instant::now();
+    let be = gpu();
+    println!("DEVICE backend created (context, PTX load and JIT, scratch) in {:.2} s", t.elapsed().as_secs_f64());
+    let info = be.device();
+    println!("DEVICE {} cc {:?} total {:?} free {:?}", info.name, be.compute_capability(), info.total_memory_bytes, info.free_memory_bytes);
+    println!("MEMORY backend scratch at start: {:.1} MiB in {} allocations", be.memory_used() as f64 / 1048576.0, be.allocation_count());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn add_copy_cast_fill() {
+    let be = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(101);
+    let n = 1003; // not a multiple of 8: exercises the scalar tail
+    let (x, y) = (randv(&mut rng, n, 2.0), randv(&mut rng, n, 2.0));
+    let want: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+    let mut gx = be.upload(&x, DType::Act).unwrap();
+    be.add(&mut gx, &be.upload(&y, DType::Act).unwrap(), n).unwrap();
+    // One bf16 rounding of the sum.
+    check("add bf16", &be.download(&gx).unwrap(), &want, 4e-3);
+
+    let mut fx = be.upload(&x, DType::F32).unwrap();
+    be.add(&mut fx, &be.upload(&y, DType::F32).unwrap(), n).unwrap();
+    check("add f32", &be.download(&fx).unwrap(), &want, 1e-7);
+
+    // f32 -> bf16 -> f32 round trip through cast kernels; values exact in bf16 stay exact.
+    let raw: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+    let src = be.upload(&raw, DType::F32).unwrap();
+    let mut mid = poisoned(&be, n, DType::Act);
+    be.copy(&src, &mut mid, n).unwrap();
+    let rounded: Vec<f32> = raw.iter().map(|&v| rb(v)).collect();
+    check("cast f32->bf16 (round to nearest even)", &be.download(&mid).unwrap(), &rounded, 0.0);
+    let mut back = poisoned(&be, n, DType::F32);
+    be.copy(&mid, &mut back, n).unwrap();
+    check("cast bf16->f32", &be.download(&back).unwrap(), &rounded, 0.0);
+    let mut same = poisoned(&be, n, DType::F32);
+    be.copy(&src, &mut same, n).unwrap();
+    check("copy f32", &be.download(&same).unwrap(), &raw, 0.0);
+
+    let mut f = poisoned(&be, n, DType::Act);
+    be.fill(&mut f, 0.75).unwrap();
+    check("fill bf16", &be.download(&f).unwrap(), &vec![0.75; n], 0.0);
+    let mut z = poisoned(&be, n, DType::F32);
+    be.fill(&mut z, 0.0).unwrap();
+    assert!(be.download(&z).unwrap().iter().all(|&v| v == 0.0));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn dropout_forward_and_backward() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(102);
+    let n = 4099;
+    // A nonzero `first` (a row chunk inside a larger tensor) must shift the mask index.
+    let (p, key, first) = (0.3f32, 0xDEAD_BEEF_1234u64, 12_345u64);
+    let x = randv(&mut rng, n, 1.0);
+    let mut want = ct(&vec![0.0; n]);
+    cpu.dropout(&ct(&x), &mut want, n, p, key, first).unwrap();
+    let mut out = poisoned(&be, n, DType::Act);
+    be.dropout(&be.upload(&x, DType::Act).unwrap(), &mut out, n, p, key, first).unwrap();
+    let got = be.download(&out).unwrap();
+    // The mask must be the same bit for bit: zeros exactly where the shared hash drops.
+    for i in 0..n {
+        let kept = dropout_uniform(key, first + i as u64) >= p;
+        assert_eq!(got[i] == 0.0, !kept || x[i] == 0.0, "mask differs at {i}");
+    }
+    check("dropout fwd (p=0.3)", &got, &want.0, 4e-3);
+    let dy = randv(&mut rng, n, 1.0);
+    let acc0 = randv(&mut rng, n, 1.0);
+    for accumulate in [false, true] {
+        let mut w = ct(&acc0);
+        cpu.dropout_bwd(&ct(&dy), &mut w, n, p, key, first, accumulate).unwrap();
+        let mut g = be.upload(&acc0, DType::Act).unwrap();
+        if !accumulate {
+            be.fill(&mut g, f32::NAN).unwrap();
+        }
+        be.dropout_bwd(&be.upload(&dy, DType::Act).unwrap(), &mut g, n, p, key, first, accumulate).unwrap();
+        check(&format!("dropout bwd (accumulate={accumulate})"), &be.download(&g).unwrap(), &w.0, 4e-3);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn embedding_gather_rows_and_set_rows() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(103);
+    for d in [64usize, 12] {
+        let (vocab, n) = (50usize, 37usize);
+        let table = randv(&mut rng, vocab * d, 1.0);
+        let ids: Vec<i32> = (0..n).map(|_| rng.random_range(0..vocab as i32)).collect();
+        let mut want = ct(&vec![0.0; n * d]);
+        cpu.embedding_fwd(&ids, &ct(&table), n, d, &mut want).unwrap();
+        let mut out = poisoned(&be, n * d, DType::Act);
+        be.embedding_fwd(&be.upload_ids(&ids).unwrap(), &be.upload(&table, DType::Act).unwrap(), n, d, &mut out).unwrap();
+        check(&format!("embedding fwd (d={d})"), &be.download(&out).unwrap(), &want.0, 0.0);
+    }
+
+    // Trainable rows: tokens 3, 7, 11 have slots 0, 1, 2; the gradient sums their rows.
+    let (vocab, n, d) = (40usize, 300usize, 64usize);
+    let ids: Vec<i32> = (0..n).map(|_| rng.random_range(0..vocab as i32)).collect();
+    let mut slot = vec![-1i32; vocab];
+    for (s, &t) in [3usize, 7, 11].iter().enumerate() {
+        slot[t] = s as i32;
+    }
+    let dx = randv(&mut rng, n * d, 1.0);
+    let g0: Vec<f32> = (0..3 * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mut want = ct(&g0);
+    cpu.embedding_bwd_rows(&ct(&dx), &ids, n, d, &slot, &mut want).unwrap();
+    let mut got = be.upload(&g0, DType::F32).unwrap();
+    be.embedding_bwd_rows(&be.upload(&dx, DType::Act).unwrap(), &be.upload_ids(&ids).unwrap(), n, d, &be.upload_ids(&slot).unwrap(), &mut got).unwrap();
+    // f32 sums of the same bf16 values in the same (row) order.
+    check("embedding bwd rows (f32 accumulate)", &be.download(&got).unwrap(), &want.0, 1e-6);
+
+    let table = randv(&mut rng, vocab * d, 1.0);
+    let rows = vec![5i32, 39, 0];
+    let values = randv(&mut rng, 3 * d, 1.0);
+    let mut want = ct(&table);
+    cpu.set_rows(&mut want, d, &rows, &ct(&values), 3).unwrap();
+    let mut gt = be.upload(&table, DType::Act).unwrap();
+    be.set_rows(&mut gt, d, &be.upload_ids(&rows).unwrap(), &be.upload(&values, DType::F32).unwrap(), 3).unwrap();
+    check("set_rows (f32 values into bf16 table)", &be.download(&gt).unwrap(), &want.0, 0.0);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rmsnorm_forward_and_backward() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(104);
+    for d in [4096usize, 100] {
+        let n = 33;
+        let eps = 1e-5;
+        let x = randv(&mut rng, n * d, 2.0);
+        let w: Vec<f32> = (0..d).map(|_| rb(1.0 + rng.random_range(-0.2f32..0.2))).collect();
+        let (mut out, mut inv) = (ct(&vec![0.0; n * d]), ct(&vec![0.0; n]));
+        cpu.rmsnorm_fwd(&ct(&x), &ct(&w), n, d, eps, &mut out, &mut inv).unwrap();
+        let (gx, gw) = (be.upload(&x, DType::Act).unwrap(), be.upload(&w, DType::Act).unwrap());
+        let mut gout = poisoned(&be, n * d, DType::Act);
+        let mut ginv = poisoned(&be, n, DType::F32);
+        be.rmsnorm_fwd(&gx, &gw, n, d, eps, &mut gout, &mut ginv).unwrap();
+        check(&format!("rmsnorm fwd out (d={d})"), &be.download(&gout).unwrap(), &out.0, 4e-3);
+        // f32 sum of squares of the same values, different order.
+        check(&format!("rmsnorm fwd inv_rms (d={d})"), &be.download(&ginv).unwrap(), &inv.0, 1e-5);
+
+        let dy = randv(&mut rng, n * d, 1.0);
+        let acc0 = randv(&mut rng, n * d, 1.0);
+        for accumulate in [false, true] {
+            let mut want = ct(&acc0);
+            cpu.rmsnorm_bwd(&ct(&dy), &ct(&x), &ct(&w), &inv, n, d, &mut want, accumulate).unwrap();
+            let mut got = be.upload(&acc0, DType::Act).unwrap();
+            if !accumulate {
+                be.fill(&mut got, f32::NAN).unwrap();
+            }
+            be.rmsnorm_bwd(&be.upload(&dy, DType::Act).unwrap(), &gx, &gw, &ginv, n, d, &mut got, accumulate).unwrap();
+            check(&format!("rmsnorm bwd (d={d}, accumulate={accumulate})"), &be.download(&got).unwrap(), &want.0, 4e-3);
+        }
+    }
+}
+
+/// The RoPE table for `max_pos` positions of a head of `hd` (theta 10000), cos then sin.
+fn rope_table(max_pos: usize, hd: usize) -> Vec<f32> {
+    let half = hd / 2;
+    let mut t = vec![0f32; 2 * max_pos * half];
+    for p in 0..max_pos {
+        for i in 0..half {
+            let a = p as f64 * 10000f64.powf(-2.0 * i as f64 / hd as f64);
+            t[p * half + i] = a.cos() as f32;
+            t[max_pos * half + p * half + i] = a.sin() as f32;
+        }
+    }
+    t
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rope_forward_and_inverse() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(105);
+    for (heads, hd) in [(4usize, 128usize), (3, 12)] {
+        let (n, max_pos) = (50usize, 300usize);
+        let table = rope_table(max_pos, hd);
+        let pos: Vec<i32> = (0..n).map(|_| rng.random_range(0..max_pos as i32)).collect();
+        let x = randv(&mut rng, n * heads * hd, 1.0);
+        let (gt, gp) = (be.upload(&table, DType::F32).unwrap(), be.upload_ids(&pos).unwrap());
+        for inverse in [false, true] {
+            let mut want = ct(&x);
+            cpu.rope(&mut want, n, heads, hd, &pos, &ct(&table), inverse).unwrap();
+            let mut got = be.upload(&x, DType::Act).unwrap();
+            be.rope(&mut got, n, heads, hd, &gp, &gt, inverse).unwrap();
+            check(&format!("rope (hd={hd}, inverse={inverse})"), &be.download(&got).unwrap(), &want.0, 4e-3);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn swiglu_forward_and_backward() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(106);
+    let n = 5003;
+    let (g, u, dy) = (randv(&mut rng, n, 6.0), randv(&mut rng, n, 2.0), randv(&mut rng, n, 1.0));
+    let mut want = ct(&vec![0.0; n]);
+    cpu.swiglu_fwd(&ct(&g), &ct(&u), n, &mut want).unwrap();
+    let (gg, gu) = (be.upload(&g, DType::Act).unwrap(), be.upload(&u, DType::Act).unwrap());
+    let mut out = poisoned(&be, n, DType::Act);
+    be.swiglu_fwd(&gg, &gu, n, &mut out).unwrap();
+    check("swiglu fwd", &be.download(&out).unwrap(), &want.0, 4e-3);
+    let (mut wdg, mut wdu) = (ct(&vec![0.0; n]), ct(&vec![0.0; n]));
+    cpu.swiglu_bwd(&ct(&dy), &ct(&g), &ct(&u), n, &mut wdg, &mut wdu).unwrap();
+    let (mut dg, mut du) = (poisoned(&be, n, DType::Act), poisoned(&be, n, DType::Act));
+    be.swiglu_bwd(&be.upload(&dy, DType::Act).unwrap(), &gg, &gu, n, &mut dg, &mut du).unwrap();
+    check("swiglu bwd dg", &be.download(&dg).unwrap(), &wdg.0, 4e-3);
+    check("swiglu bwd du", &be.download(&du).unwrap(), &wdu.0, 4e-3);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn nf4_dequantize_matches_the_layout() {
+    let be = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(107);
+    for (out, inp) in [(256usize, 320usize), (7, 66)] {
+        let data: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let q = Nf4Tensor::quantize(&data, &[out, inp]);
+        let want: Vec<f32> = Nf4Parts::of(&q).dequantize_reference().into_iter().map(rb).collect();
+        let w = be.upload_weight(&HostWeight::Nf4(q), None).unwrap();
+        assert!(w.is_nf4());
+        let got = be.dequantize_weight(&w).unwrap();
+        let mismatches = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        println!("NF4 {out}x{inp}: {mismatches} of {} values differ from the host formula", want.len());
+        // The same f32 products rounded the same way: bit-exact up to subnormal flushing.
+        check(&format!("nf4 dequant ({out}x{inp})"), &got, &want, 1e-6);
+    }
+}
+
+struct LinearCase {
+    n: usize,
+    inp: usize,
+    out: usize,
+    r: usize,
+    bias: bool,
+    nf4: bool,
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn linear_with_lora_forward_and_backward() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(108);
+    let cases = [
+        LinearCase { n: 70, inp: 256, out: 192, r: 16, bias: true, nf4: false },
+        LinearCase { n: 128, inp: 512, out: 256, r: 8, bias: false, nf4: true },
+        // Odd sizes and rank 3: shapes cuBLASLt may decline go through the fallback kernel.
+        LinearCase { n: 5, inp: 24, out: 40, r: 3, bias: true, nf4: false },
+    ];
+    for c in cases {
+        let LinearCase { n, inp, out, r, bias, nf4 } = c;
+        let tag = format!("n={n} in={inp} out={out} r={r} bias={bias} nf4={nf4}");
+        let dims = LinearDims { n, inp, out };
+        let raw: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        // Both backends get the same bf16 weight values: for NF4 the CPU side gets the dequantized
+        // values (the kernel's bf16 output) as a dense weight.
+        let (host_gpu, dense) = if nf4 {
+            let q = Nf4Tensor::quantize(&raw, &[out, inp]);
+            let deq: Vec<f32> = Nf4Parts::of(&q).dequantize_reference().into_iter().map(rb).collect();
+            (HostWeight::Nf4(q), deq)
+        } else {
+            let w: Vec<f32> = raw.iter().map(|&v| rb(v)).collect();
+            (HostWeight::Dense { out_features: out, in_features: inp, data: w.clone() }, w)
+        };
+        let b: Option<Vec<f32>> = bias.then(|| randv(&mut rng, out, 0.5));
+        let gw = be.upload_weight(&host_gpu, b.as_deref()).unwrap();
+        let cw = cpu.upload_weight(&HostWeight::Dense { out_features: out, in_features: inp, data: dense }, b.as_deref()).unwrap();
+        let x = randv(&mut rng, n * inp, 1.0);
+        let la = randv(&mut rng, r * inp, 0.2);
+        let lb = randv(&mut rng, out * r, 0.2);
+        let scale = 2.0f32;
+
+        // Base only.
+        let mut want = ct(&vec![0.0; n * out]);
+        cpu.linear_fwd(&ct(&x), &cw, None, dims, &mut want).unwrap();
+        let gx = be.upload(&x, DType::Act).unwrap();
+        let mut y = poisoned(&be, n * out, DType::Act);
+        be.linear_fwd(&gx, &gw, None, dims, &mut y).unwrap();
+        check(&format!("linear fwd base [{tag}]"), &be.download(&y).unwrap(), &want.0, 4e-3);
+
+        // With LoRA: bf16 xa is an intermediate, so two roundings on the LoRA term.
+        let (cla, clb) = (ct(&la), ct(&lb));
+        let mut cxa = ct(&vec![0.0; n * r]);
+        cpu.linear_fwd(&ct(&x), &cw, Some(LoraFwd { a: &cla, b: &clb, rank: r, scale, x_lora: &ct(&x), xa: &mut cxa }), dims, &mut want).unwrap();
+        let (gla, glb) = (be.upload(&la, DType::Act).unwrap(), be.upload(&lb, DType::Act).unwrap());
+        let mut gxa = poisoned(&be, n * r, DType::Act);
+        be.fill(&mut y, f32::NAN).unwrap();
+        be.linear_fwd(&gx, &gw, Some(LoraFwd { a: &gla, b: &glb, rank: r, scale, x_lora: &gx, xa: &mut gxa }), dims, &mut y).unwrap();
+        check(&format!("linear fwd +lora y [{tag}]"), &be.download(&y).unwrap(), &want.0, 1e-2);
+        check(&format!("linear fwd +lora xa [{tag}]"), &be.download(&gxa).unwrap(), &cxa.0, 4e-3);
+
+        // Backward, accumulating into dx; LoRA grads accumulate into f32 buffers that start
+        // non-zero. The CPU gets the GPU's xa (rounded) so both start from the same values.
+        let xa_used = be.download(&gxa).unwrap();
+        let dy = randv(&mut rng, n * out, 1.0);
+        let dx0 = randv(&mut rng, n * inp, 1.0);
+        let ga0: Vec<f32> = (0..r * inp).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let gb0: Vec<f32> = (0..out * r).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        for with_dx_lora in [false, true] {
+            let (mut cdx, mut cga, mut cgb) = (ct(&dx0), ct(&ga0), ct(&gb0));
+            let mut cscr = ct(&vec![0.0; n * r]);
+            let mut cdxl = ct(&vec![0.0; n * inp]);
+            cpu.linear_bwd(
+                &ct(&dy),
+                &cw,
+                Some(LoraBwd { a: &cla, b: &clb, rank: r, scale, x_lora: &ct(&x), xa: &ct(&xa_used), grad_a: &mut cga, grad_b: &mut cgb, scratch: &mut cscr }),
+                dims,
+                &mut cdx,
+                true,
+                if with_dx_lora { Some(&mut cdxl) } else { None },
+            )
+            .unwrap();
+            let gdy = be.upload(&dy, DType::Act).unwrap();
+            let mut gdx = be.upload(&dx0, DType::Act).unwrap();
+            let (mut gga, mut ggb) = (be.upload(&ga0, DType::F32).unwrap(), be.upload(&gb0, DType::F32).unwrap());
+            let mut gscr = poisoned(&be, n * r, DType::Act);
+            let mut gdxl = poisoned(&be, n * inp, DType::Act);
+            be.linear_bwd(
+                &gdy,
+                &gw,
+                Some(LoraBwd { a: &gla, b: &glb, rank: r, scale, x_lora: &gx, xa: &gxa, grad_a: &mut gga, grad_b: &mut ggb, scratch: &mut gscr }),
+                dims,
+                &mut gdx,
+                true,
+                if with_dx_lora { Some(&mut gdxl) } else { None },
+            )
+            .unwrap();
+            let t = format!("{tag} dx_lora={with_dx_lora}");
+            // dx: bf16 accumulate of two products, one through the bf16 scratch t = dy·B.
+            check(&format!("linear bwd dx [{t}]"), &be.download(&gdx).unwrap(), &cdx.0, 1e-2);
+            // dB: f32 accumulate of bf16 inputs (xa identical on both sides).
+            check(&format!("linear bwd dB [{t}]"), &be.download(&ggb).unwrap(), &cgb.0, 1e-5);
+            // dA: f32 accumulate, but through the bf16 scratch t.
+            check(&format!("linear bwd dA [{t}]"), &be.download(&gga).unwrap(), &cga.0, 1e-2);
+            if with_dx_lora {
+                check(&format!("linear bwd dx_lora [{t}]"), &be.download(&gdxl).unwrap(), &cdxl.0, 1e-2);
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AttnCase {
+    shape: AttnShape,
+    /// Segment ids per row.
+    segments: Vec<i32>,
+}
+
+fn attn_cases() -> Vec<AttnCase> {
+    let mut cases = Vec::new();
+    // GQA group 4, seq not a multiple of the 64-row tile, row 0 packs two examples, row 1 has a
+    // padding tail in its own segment.
+    let s = AttnShape { batch: 2, seq: 100, heads: 8, kv_heads: 2, head_dim: 64 };
+    let mut seg = Vec::new();
+    seg.extend((0..100).map(|t| if t < 40 { 0 } else { 1 }));
+    seg.extend((0..100).map(|t| if t < 77 { 0 } else { 1 }));
+    cases.push(AttnCase { shape: s, segments: seg });
+    // Group 1 (plain MHA), head_dim 128, three tiles.
+    let s = AttnShape { batch: 1, seq: 130, heads: 4, kv_heads: 4, head_dim: 128 };
+    cases.push(AttnCase { shape: s, segments: vec![0; 130] });
+    // head_dim 32 (one exact tile, multi-query) and 96 (packed into three examples).
+    let s = AttnShape { batch: 1, seq: 64, heads: 2, kv_heads: 1, head_dim: 32 };
+    cases.push(AttnCase { shape: s, segments: vec![3; 64] });
+    let s = AttnShape { batch: 2, seq: 70, heads: 3, kv_heads: 1, head_dim: 96 };
+    cases.push(AttnCase { shape: s, segments: (0..140).map(|i: i32| (i % 70) / 25).collect() });
+    cases
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_forward_and_backward() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(109);
+    for (AttnCase { shape, segments }, version) in attn_cases().into_iter().flat_map(|c| [(c.clone(), AttnVersion::V1), (c, AttnVersion::V2)]) {
+        // Version 2 covers head_dim 64 and 128; for the others the backend falls back to version 1.
+        be.set_attention_version(version);
+        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+        let ran = if matches!(head_dim, 64 | 128) { version } else { AttnVersion::V1 };
+        let tag = format!("{ran:?} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}");
+        let n = batch * seq;
+        let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
+        let (q, k, v) = (randv(&mut rng, qn, 2.0), randv(&mut rng, kn, 2.0), randv(&mut rng, kn, 1.0));
+        let (mut out, mut lse) = (ct(&vec![0.0; qn]), ct(&vec![0.0; n * heads]));
+        cpu.attention_fwd(&ct(&q), &ct(&k), &ct(&v), &segments, shape, &mut out, &mut lse).unwrap();
+        let (gq, gk, gv) = (be.upload(&q, DType::Act).unwrap(), be.upload(&k, DType::Act).unwrap(), be.upload(&v, DType::Act).unwrap());
+        let gseg = be.upload_ids(&segments).unwrap();
+        let mut gout = poisoned(&be, qn, DType::Act);
+        let mut glse = poisoned(&be, n * heads, DType::F32);
+        be.attention_fwd(&gq, &gk, &gv, &gseg, shape, &mut gout, &mut glse).unwrap();
+        // P is rounded to bf16 before P·V, and the output is bf16.
+        check(&format!("attention fwd out [{tag}]"), &be.download(&gout).unwrap(), &out.0, 8e-3);
+        // Scores from bf16 inputs with f32 accumulation in another order.
+        check(&format!("attention fwd lse [{tag}]"), &be.download(&glse).unwrap(), &lse.0, 1e-5);
+
+        let dout = randv(&mut rng, qn, 1.0);
+        let (mut dq, mut dk, mut dv) = (ct(&vec![0.0; qn]), ct(&vec![0.0; kn]), ct(&vec![0.0; kn]));
+        // Each side differentiates its own forward (outputs and LSE as it saved them).
+        cpu.attention_bwd(&ct(&dout), &ct(&q), &ct(&k), &ct(&v), &out, &lse, &segments, shape, &mut dq, &mut dk, &mut dv).unwrap();
+        let (mut gdq, mut gdk, mut gdv) = (poisoned(&be, qn, DType::Act), poisoned(&be, kn, DType::Act), poisoned(&be, kn, DType::Act));
+        be.attention_bwd(&be.upload(&dout, DType::Act).unwrap(), &gq, &gk, &gv, &gout, &glse, &gseg, shape, &mut gdq, &mut gdk, &mut gdv).unwrap();
+        // dS = P∘(dP − D) is rounded to bf16 before the dQ and dK products and involves a
+        // cancellation; P is bf16 in the dV product.
+        check(&format!("attention bwd dq [{tag}]"), &be.download(&gdq).unwrap(), &dq.0, 2e-2);
+        check(&format!("attention bwd dk [{tag}]"), &be.download(&gdk).unwrap(), &dk.0, 2e-2);
+        check(&format!("attention bwd dv [{tag}]"), &be.download(&gdv).unwrap(), &dv.0, 1e-2);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn lm_head_cross_entropy_chunked() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(110);
+    // (rows, d, vocab, grad_scale, trainable head rows): the first has several loss chunks and a
+    // vocabulary that is not a multiple of 8 (scalar paths); the second the vector paths.
+    let cases: [(usize, usize, usize, f32, Vec<i32>); 3] = [
+        (1500, 64, 50021, 0.37, vec![5, 17, 50020]),
+        (300, 128, 32000, 1.0, vec![]),
+        (10, 8, 23, 0.5, vec![0]),
+    ];
+    for (n, d, vocab, gs, rows) in cases {
+        let tag = format!("n={n} d={d} vocab={vocab} head_rows={}", rows.len());
+        let h = randv(&mut rng, n * d, 1.0);
+        let head = randv(&mut rng, vocab * d, 0.5);
+        let targets: Vec<i32> = (0..n).map(|i| if i % 7 == 3 { -100 } else { rng.random_range(0..vocab as i32) }).collect();
+        let k = rows.len();
+        let g0: Vec<f32> = (0..k * d).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let mut cdh = ct(&vec![0.0; n * d]);
+        let mut cgrad = ct(&g0);
+        let want = cpu
+            .lm_head_ce(&ct(&h), &ct(&head), &targets, n, d, vocab, gs, &mut cdh, if k > 0 { Some((&rows, &mut cgrad)) } else { None })
+            .unwrap();
+        let (gh, ghead, gt) = (be.upload(&h, DType::Act).unwrap(), be.upload(&head, DType::Act).unwrap(), be.upload_ids(&targets).unwrap());
+        let mut gdh = poisoned(&be, n * d, DType::Act);
+        let grows = be.upload_ids(&rows).unwrap();
+        let mut ggrad = be.upload(&g0, DType::F32).unwrap();
+        let got = be.lm_head_ce(&gh, &ghead, &gt, n, d, vocab, gs, &mut gdh, if k > 0 { Some((&grows, &mut ggrad)) } else { None }).unwrap();
+        assert_eq!(got.count, want.count, "trained token count [{tag}]");
+        // Logits in f32 from the same bf16 values; sums in f64.
+        check(&format!("lm_head_ce loss sum [{tag}]"), &[got.sum as f32], &[want.sum as f32], 1e-5);
+        // The gradient logits are rounded to bf16 before dh = dlogits · head.
+        check(&format!("lm_head_ce dh [{tag}]"), &be.download(&gdh).unwrap(), &cdh.0, 1e-2);
+        if k > 0 {
+            // f32 gradient logits times bf16 h, f32 sums.
+            check(&format!("lm_head_ce head rows [{tag}]"), &be.download(&ggrad).unwrap(), &cgrad.0, 1e-4);
+        }
+        // Evaluation (grad_scale 0): the same loss, and dh all zeros.
+        be.fill(&mut gdh, f32::NAN).unwrap();
+        let eval = be.lm_head_ce(&gh, &ghead, &gt, n, d, vocab, 0.0, &mut gdh, None).unwrap();
+        assert_eq!(eval.count, got.count);
+        assert!((eval.sum - got.sum).abs() <= 1e-9 * got.sum.abs().max(1.0), "evaluation loss differs: {} vs {}", eval.sum, got.sum);
+        assert!(be.download(&gdh).unwrap().iter().all(|&v| v == 0.0), "evaluation leaves dh zero [{tag}]");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sum_squares_is_exact_and_deterministic() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(111);
+    for (n, dtype) in [(1_000_007usize, DType::F32), (12345, DType::Act), (3, DType::F32)] {
+        let x: Vec<f32> = if dtype == DType::Act { randv(&mut rng, n, 1.0) } else { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+        let want = cpu.sum_squares(&ct(&x), n).unwrap();
+        let gx = be.upload(&x, dtype).unwrap();
+        let got = be.sum_squares(&gx, n).unwrap();
+        let again = be.sum_squares(&gx, n).unwrap();
+        assert_eq!(got.to_bits(), again.to_bits(), "sum_squares must be deterministic");
+        let e = ((got - want) / want).abs();
+        println!("RESULT {:<44} rel_err {e:9.3e}  bound {:7.1e}  {}", format!("sum_squares (n={n}, {dtype:?})"), 1e-12, if e <= 1e-12 { "ok" } else { "FAIL" });
+        // f64 accumulation of exactly representable squares on both sides.
+        assert!(e <= 1e-12, "sum_squares rel err {e:e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn adamw_matches_torch_semantics() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(112);
+    let n = 10007;
+    let p0: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let (mut cp, mut cm, mut cv) = (ct(&p0), ct(&vec![0.0; n]), ct(&vec![0.0; n]));
+    let mut gp = be.upload(&p0, DType::F32).unwrap();
+    let (mut gm, mut gv) = (be.alloc(n, DType::F32).unwrap(), be.alloc(n, DType::F32).unwrap());
+    for step in 1..=3u64 {
+        let g: Vec<f32> = (0..n).map(|_| rng.random_range(-0.01f32..0.01)).collect();
+        let hp = AdamW { lr: 1e-3 * step as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 0.5 };
+        cpu.adamw(&mut cp, &ct(&g), &mut cm, &mut cv, n, hp).unwrap();
+        be.adamw(&mut gp, &be.upload(&g, DType::F32).unwrap(), &mut gm, &mut gv, n, hp).unwrap();
+    }
+    // All f32; only fused multiply-adds differ.
+    check("adamw param", &be.download(&gp).unwrap(), &cp.0, 1e-6);
+    check("adamw m", &be.download(&gm).unwrap(), &cm.0, 1e-6);
+    check("adamw v", &be.download(&gv).unwrap(), &cv.0, 1e-6);
+}

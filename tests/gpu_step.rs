@@ -1,0 +1,222 @@
+//! The whole training step (`engine::Trainer`) on the CUDA backend against the CPU reference
+//! (`CpuBackend<f32>`), on a small random Llama-shaped model (GQA, head_dim 64, packed rows).
+//!
+//! Both backends see the same weight values: every dense tensor is rounded to bf16 first, and for
+//! NF4 the CPU side gets the dequantized weights (what the CUDA kernel produces) as dense ones.
+//! What remains is the CUDA path's bf16 activations: each op rounds its output to 2⁻⁹ relative,
+//! a few dozen ops deep. Bounds: mean loss within 1e-2 relative (the brief's bound; in practice
+//! ~1e-3), LoRA gradients within 5e-2 relative in norm over all adapters (1.5e-1 per tensor,
+//! since small tensors average fewer roundings).
+//!
+//! Run on a GPU host: `cargo test --release --test gpu_step -- --ignored --test-threads=1`.
+
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tunestudio::backend::cpu::CpuBackend;
+use tunestudio::backend::cuda::CudaBackend;
+use tunestudio::backend::cuda::nf4::Nf4Parts;
+use tunestudio::backend::{Backend, HostWeight};
+use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
+use tunestudio::data::Batch;
+use tunestudio::engine::lora::LoraWeights;
+use tunestudio::engine::model::{RandomWeights, WeightSource};
+use tunestudio::engine::{EngineOptions, Trainer};
+use tunestudio::model::ModelSpec;
+use tunestudio::quant::nf4::Nf4Tensor;
+
+fn rb(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// Random weights rounded to bf16; NF4 linears quantized, and for the CPU handed over dequantized.
+struct SameWeights {
+    inner: RandomWeights,
+    for_cpu: bool,
+}
+
+impl WeightSource for SameWeights {
+    fn dense(&self, name: &str, shape: &[usize]) -> tunestudio::Result<Vec<f32>> {
+        Ok(self.inner.dense(name, shape)?.into_iter().map(rb).collect())
+    }
+    fn has(&self, name: &str) -> bool {
+        self.inner.has(name)
+    }
+    fn linear(&self, name: &str, shape: (usize, usize), quant: Quantization) -> tunestudio::Result<HostWeight> {
+        let data = self.dense(name, &[shape.0, shape.1])?;
+        Ok(match quant {
+            Quantization::Bf16 => HostWeight::Dense { out_features: shape.0, in_features: shape.1, data },
+            Quantization::Nf4 => {
+                let q = Nf4Tensor::quantize(&data, &[shape.0, shape.1]);
+                if self.for_cpu {
+                    let deq = Nf4Parts::of(&q).dequantize_reference().into_iter().map(rb).collect();
+                    HostWeight::Dense { out_features: shape.0, in_features: shape.1, data: deq }
+                } else {
+                    HostWeight::Nf4(q)
+                }
+            }
+        })
+    }
+}
+
+fn spec(qkv_bias: bool) -> ModelSpec {
+    ModelSpec {
+        vocab_size: 1000,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        max_position_embeddings: 256,
+        qkv_bias,
+        tie_word_embeddings: false,
+        ..ModelSpec::llama3_8b()
+    }
+}
+
+/// Two rows of 96: row 0 packs two examples (positions restart, segments 0 and 1), row 1 is one
+/// example with a padding tail. Prompt tokens of each example are not trained.
+fn batch(rng: &mut ChaCha8Rng, vocab: u32) -> Batch {
+    let seq = 96;
+    let mut b = Batch {
+        batch_size: 2,
+        seq_len: seq,
+        input_ids: vec![0; 2 * seq],
+        targets: vec![-100; 2 * seq],
+        positions: vec![0; 2 * seq],
+        segments: vec![0; 2 * seq],
+    };
+    let examples: [(usize, usize, usize, u32); 3] = [(0, 0, 50, 0), (0, 50, 46, 1), (1, 0, 80, 0)];
+    for (row, start, len, seg) in examples {
+        let ids: Vec<u32> = (0..len).map(|_| rng.random_range(0..vocab)).collect();
+        for t in 0..len {
+            let i = row * seq + start + t;
+            b.input_ids[i] = ids[t];
+            b.positions[i] = t as u32;
+            b.segments[i] = seg;
+            if t + 1 < len && t >= 5 {
+                b.targets[i] = ids[t + 1] as i32;
+            }
+        }
+    }
+    for t in 80..seq {
+        b.segments[seq + t] = 7;
+        b.positions[seq + t] = t as u32;
+    }
+    b
+}
+
+fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64) -> EngineOptions {
+    EngineOptions {
+        lora: LoraConfig { r: 16, alpha: 32.0, dropout, targets: Target::ALL.to_vec(), rslora: false },
+        optim: OptimConfig { lr: 1e-3, ..OptimConfig::default() },
+        quantization: quant,
+        batch_size: 2,
+        max_seq_len: 96,
+        checkpointing: policy,
+        seed: 5,
+        mlp_chunk_rows: 0,
+    }
+}
+
+/// LoRA init with B random (PEFT's zero B would make every dA zero).
+fn lora_init(spec: &ModelSpec, cfg: &LoraConfig) -> LoraWeights {
+    let mut init = LoraWeights::init(spec, cfg, 21);
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    for layer in &mut init.layers {
+        for p in layer.values_mut() {
+            p.b.iter_mut().for_each(|v| *v = rng.random_range(-0.05..0.05));
+        }
+    }
+    init
+}
+
+fn flatten(w: &LoraWeights) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    for (l, layer) in w.layers.iter().enumerate() {
+        for (t, p) in layer {
+            out.push((format!("layer{l}.{t:?}.A"), p.a.clone()));
+            out.push((format!("layer{l}.{t:?}.B"), p.b.clone()));
+        }
+    }
+    out
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert!(a.iter().all(|x| x.is_finite()), "non-finite CUDA gradient");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn compare_step(name: &str, quant: Quantization, policy: CheckpointPolicy, dropout: f64, qkv_bias: bool) {
+    let spec = spec(qkv_bias);
+    let weights = RandomWeights::new(&spec, 3, 0.05);
+    let opts = options(quant, policy, dropout);
+    let init = lora_init(&spec, &opts.lora);
+    let cuda = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
+    let cpu_src = SameWeights { inner: RandomWeights { spec: spec.clone(), tensors: weights.tensors.clone() }, for_cpu: true };
+    let gpu_src = SameWeights { inner: weights, for_cpu: false };
+    let mut tc = Trainer::new(CpuBackend::<f32>::new(), spec.clone(), &cpu_src, opts.clone(), Some(&init)).unwrap();
+    let mut tg = Trainer::new(cuda, spec.clone(), &gpu_src, opts.clone(), Some(&init)).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let micro = vec![batch(&mut rng, spec.vocab_size as u32), batch(&mut rng, spec.vocab_size as u32)];
+
+    let lc = tc.compute_gradients(&micro).unwrap();
+    let lg = tg.compute_gradients(&micro).unwrap();
+    assert_eq!(lc.count, lg.count, "trained tokens");
+    let (mc, mg) = (lc.sum / lc.count as f64, lg.sum / lg.count as f64);
+    let loss_err = ((mg - mc) / mc).abs();
+    println!("RESULT step[{name}] mean loss cpu {mc:.6} cuda {mg:.6} rel_err {loss_err:.3e} bound 1e-2");
+    assert!(loss_err <= 1e-2, "{name}: loss differs by {loss_err:e}");
+
+    let (gc, gg) = (flatten(&tc.lora_grads().unwrap()), flatten(&tg.lora_grads().unwrap()));
+    let (mut all_c, mut all_g) = (Vec::new(), Vec::new());
+    let mut worst = (0.0f64, String::new());
+    for ((key, c), (_, g)) in gc.iter().zip(&gg) {
+        let e = rel(g, c);
+        if e > worst.0 {
+            worst = (e, key.clone());
+        }
+        all_c.extend_from_slice(c);
+        all_g.extend_from_slice(g);
+    }
+    let total = rel(&all_g, &all_c);
+    println!("RESULT step[{name}] LoRA grads rel_err {total:.3e} (bound 5e-2); worst tensor {} {:.3e} (bound 1.5e-1)", worst.1, worst.0);
+    assert!(total <= 5e-2 && worst.0 <= 1.5e-1, "{name}: LoRA gradients differ ({total:e} overall, {:e} in {})", worst.0, worst.1);
+
+    // A few optimizer steps: losses stay together, and the CUDA step allocates nothing.
+    let (allocs, used) = (tg.backend.allocation_count(), tg.backend.memory_used());
+    tg.backend.reset_peak_memory();
+    for step in 0..3 {
+        let sc = tc.train_step(&micro, 1e-3).unwrap();
+        let sg = tg.train_step(&micro, 1e-3).unwrap();
+        let e = ((sg.loss - sc.loss) / sc.loss).abs();
+        println!("RESULT step[{name}] train_step {step}: loss cpu {:.6} cuda {:.6} rel_err {e:.3e}; grad_norm cpu {:.5} cuda {:.5}", sc.loss, sg.loss, sc.grad_norm, sg.grad_norm);
+        assert!(e <= 1e-2, "{name}: step {step} loss differs by {e:e}");
+        let ge = ((sg.grad_norm - sc.grad_norm) / sc.grad_norm).abs();
+        assert!(ge <= 5e-2, "{name}: step {step} grad norm differs by {ge:e}");
+    }
+    tg.backend.synchronize().unwrap();
+    println!(
+        "MEMORY step[{name}] {:.1} MiB in {} allocations; peak during steps {:.1} MiB",
+        used as f64 / 1048576.0,
+        allocs,
+        tg.backend.peak_memory() as f64 / 1048576.0
+    );
+    assert_eq!(tg.backend.allocation_count(), allocs, "{name}: the step allocated device memory");
+    assert_eq!(tg.backend.peak_memory(), used, "{name}: device memory grew during the step");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_bf16_layer_checkpointing() {
+    compare_step("bf16, layer checkpointing", Quantization::Bf16, CheckpointPolicy::Layer, 0.0, false);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_nf4_keep_all_dropout_qkv_bias() {
+    compare_step("nf4, keep all, dropout 0.1, qkv bias", Quantization::Nf4, CheckpointPolicy::None, 0.1, true);
+}
