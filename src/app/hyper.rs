@@ -2,7 +2,8 @@
 //! run (LoRA, optimisation, schedule, sequence and batch, memory, output). `FIELDS` is the single
 //! place a field's label and help live; tooltips add the default read from `RunConfig::default()`,
 //! so they cannot drift from the code. Problems come from `RunConfig::problems()` and are drawn
-//! next to the field that has them; the first one is also why Start is disabled.
+//! next to the field that has them; the first one is also why Start is disabled. The memory
+//! budget (budget.rs) sits beside the fields it depends on and follows them as they change.
 
 use eframe::egui::{self, Ui};
 
@@ -73,8 +74,10 @@ pub fn doc(key: &str) -> &'static FieldDoc {
 
 /// The default value of a field as a person would type it, read from `RunConfig::default()`.
 pub fn default_text(key: &str) -> String {
-    let Ok(root) = toml::Value::try_from(RunConfig::default()) else { return "?".into() };
-    let mut v = Some(&root);
+    // Every field's tooltip asks on every frame: serialize the defaults once.
+    static DEFAULTS: std::sync::OnceLock<Option<toml::Value>> = std::sync::OnceLock::new();
+    let Some(root) = DEFAULTS.get_or_init(|| toml::Value::try_from(RunConfig::default()).ok()) else { return "?".into() };
+    let mut v = Some(root);
     for part in key.split('.') {
         v = v.and_then(|x| x.get(part));
     }
@@ -136,6 +139,13 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             group(l, "Schedule", "hp-schedule", |ui| schedule_fields(ui, &problems, &mut state.config));
             group(r, "Sequence and batch", "hp-batch", |ui| batch_fields(ui, &problems, &mut state.config));
             group(r, "Memory", "hp-memory", |ui| memory_fields(ui, &problems, &mut state.config));
+            // Drawn after every field it follows, so a dragged value shows in the same frame.
+            r.group(|ui| {
+                ui.set_width(ui.available_width());
+                ui.strong("Memory budget");
+                super::budget::panel(ui, state, actions);
+            });
+            r.add_space(6.0);
             group(r, "Output", "hp-output", |ui| output_fields(ui, &problems, &mut state.config, actions));
         });
     });
@@ -262,10 +272,6 @@ fn memory_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
     field(ui, p, "train.device", |ui| {
         combo(ui, "train.device", &mut c.train.device, &[(DeviceChoice::Auto, "auto"), (DeviceChoice::Cpu, "CPU"), (DeviceChoice::Cuda, "CUDA GPU")])
     });
-    ui.end_row();
-    // The VRAM budget belongs beside these choices; see budget.rs.
-    ui.label("");
-    ui.weak("Memory budget: shown in the preflight before a run starts.");
     ui.end_row();
 }
 

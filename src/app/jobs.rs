@@ -15,6 +15,7 @@ use eframe::egui;
 use crate::model::tokenizer::TokenizerBundle;
 use crate::session::Event;
 
+use super::budget::{Fixes, Machine};
 use super::dataset::DatasetView;
 use super::export::ExportProgress;
 use super::model::ModelInfo;
@@ -43,6 +44,10 @@ pub enum Msg {
     Runs { dir: PathBuf, records: Vec<RunRecord> },
     RunOpened(Result<ViewedRun, String>),
     Picked { purpose: Pick, path: Option<PathBuf> },
+    /// What this machine has (GPU, RAM), probed once at start-up.
+    Machine(Machine),
+    /// "Largest that fits" for the memory budget's inputs `key`.
+    BudgetFixes { key: u64, result: Result<Fixes, String> },
     /// An event of the session started as `generation` (older generations are ignored).
     Session { generation: u64, event: Event },
 }

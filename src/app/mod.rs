@@ -4,8 +4,8 @@
 //! start of each frame. Nothing here computes on tensors or waits for another thread: results
 //! arrive over channels drained with `try_recv`, and every sender wakes the window.
 //!
-//! One file per panel: `model`, `dataset`, `hyper`, `preflight` (with `budget`), `monitor`,
-//! `runs`, `export`. Each keeps its view model (what to show, computed from the state) apart
+//! One file per panel: `model`, `dataset`, `hyper` (with the memory `budget`), `preflight`,
+//! `monitor`, `runs`, `export`. Each keeps its view model (what to show, computed from the state) apart
 //! from its drawing so the tests can check it without pixels.
 
 pub mod budget;
@@ -101,6 +101,8 @@ pub enum Action {
     ResumeRun(PathBuf),
     ExportFrom(PathBuf),
     Export,
+    /// "Largest that fits" in the memory budget: set this setting to this value.
+    ApplyBudget(budget::Setting, usize),
     BackToLive,
     GoTo(Page),
     DismissNotice(usize),
@@ -124,6 +126,7 @@ pub struct AppState {
     pub training: monitor::TrainingState,
     pub runs: runs::RunsState,
     pub export: export::ExportState,
+    pub budget: budget::BudgetState,
     /// Messages for the person (errors from workers, notes); dismissable.
     pub notices: Vec<String>,
     pub settings_dir: PathBuf,
@@ -144,6 +147,7 @@ impl AppState {
             training: Default::default(),
             runs: Default::default(),
             export: Default::default(),
+            budget: Default::default(),
             notices: Vec::new(),
             settings_dir,
         }
@@ -226,9 +230,13 @@ pub struct StudioApp {
     model_watch: Debounce,
     dataset_watch: Debounce,
     runs_watch: Debounce,
+    /// "Largest that fits" starts once the budget's inputs hold still (not on every frame of a drag).
+    fixes_watch: Debounce,
     dataset_key: u64,
     title: String,
     close_after_stop: bool,
+    /// `StudioOptions::output_dir`, applied to every config opened.
+    output_override: Option<PathBuf>,
 }
 
 impl StudioApp {
@@ -256,17 +264,22 @@ impl StudioApp {
         let mut state = AppState::new(config, path, is_demo, options.settings_dir.clone());
         state.notices = notices;
         state.export.dest = crate::assets::data_dir().join("exports");
+        state.budget.machine = Load::Loading;
         let delay = Duration::from_millis(300);
+        let jobs = Jobs::new(cc.egui_ctx.clone());
+        jobs.spawn("machine", |_| Msg::Machine(budget::probe_machine()));
         StudioApp {
             state,
-            jobs: Jobs::new(cc.egui_ctx.clone()),
+            jobs,
             session: None,
             model_watch: Debounce::new(delay),
             dataset_watch: Debounce::new(delay),
             runs_watch: Debounce::new(delay),
+            fixes_watch: Debounce::new(Duration::from_millis(150)),
             dataset_key: 0,
             title: String::new(),
             close_after_stop: false,
+            output_override: options.output_dir,
         }
     }
 
@@ -298,7 +311,10 @@ impl StudioApp {
                 s.page = Page::Dataset;
             }
             Action::LoadConfig(p) => match load_config(&p) {
-                Ok(c) => {
+                Ok(mut c) => {
+                    if let Some(o) = &self.output_override {
+                        c.output.dir = o.clone();
+                    }
                     s.saved_config = c.clone();
                     s.config = c;
                     s.config_path = Some(p);
@@ -307,7 +323,10 @@ impl StudioApp {
                 Err(e) => s.notices.push(format!("Could not open the config: {e}")),
             },
             Action::LoadDemo => match crate::assets::demo_config() {
-                Ok((p, c)) => {
+                Ok((p, mut c)) => {
+                    if let Some(o) = &self.output_override {
+                        c.output.dir = o.clone();
+                    }
                     s.saved_config = c.clone();
                     s.config = c;
                     s.config_path = Some(p);
@@ -330,7 +349,8 @@ impl StudioApp {
                 let key = jobs::key_of(&[&s.config.to_toml()]);
                 s.preflight = preflight::PreflightState { open: true, key, report: Load::Loading };
                 let cfg = s.config.clone();
-                self.jobs.spawn("preflight", move |_| Msg::Preflight { key, result: jobs::guarded(|| preflight::check(&cfg)) });
+                let machine = s.budget.machine.ready().cloned();
+                self.jobs.spawn("preflight", move |_| Msg::Preflight { key, result: jobs::guarded(|| preflight::check(&cfg, machine)) });
             }
             Action::AcceptFixAndStart => {
                 s.config.dataset.fix_untrained_tokens = true;
@@ -389,6 +409,7 @@ impl StudioApp {
                 s.export.result = None;
                 self.jobs.spawn("export", move |tx| Msg::Export(export::ExportProgress::Done(jobs::guarded(|| export::export_adapter(&src, &dest, tx)))));
             }
+            Action::ApplyBudget(setting, value) => budget::apply(&mut s.config, setting, value),
             Action::BackToLive => s.training.viewing = None,
             Action::GoTo(p) => {
                 s.page = p;
@@ -413,6 +434,12 @@ impl StudioApp {
             None => format!("starting a run of {} on {}", cfg.model.path.display(), cfg.dataset.path.display()),
         };
         t.begin(generation, what);
+        // The plan of this run, to draw the measured memory against once the device is known.
+        if resume.is_none() {
+            if let Some(info) = self.state.model.info.ready().filter(|i| i.path == cfg.model.path) {
+                self.state.training.plan_input = Some(Box::new((info.spec.clone(), cfg.clone())));
+            }
+        }
         let handle = session::start(cfg, StartOptions { resume, ..Default::default() });
         self.jobs.forward_session(handle.events.clone(), generation);
         self.session = Some(handle);
@@ -466,6 +493,12 @@ impl StudioApp {
                 s.export.progress = None;
                 s.export.result = Some(r);
             }
+            Msg::Machine(m) => s.budget.machine = Load::Ready(m),
+            Msg::BudgetFixes { key, result } => {
+                s.budget.fixes_pending = None;
+                let fixes = result.unwrap_or_else(|e| budget::Fixes { max_seq_len: None, seq_cap: 0, batch_size: None, lora_r: None, suggestions: vec![format!("(the search failed: {e})")] });
+                s.budget.fixes = Some((key, fixes));
+            }
             Msg::Runs { dir, records } => {
                 s.runs.dir = dir;
                 s.runs.records = Load::Ready(records);
@@ -497,6 +530,11 @@ impl StudioApp {
                     return;
                 }
                 let ended = matches!(event, Event::Finished(_) | Event::Failed { .. });
+                if let (Event::Loaded(info), Some(input)) = (&event, &s.training.plan_input) {
+                    let machine = s.budget.machine.ready();
+                    let target = budget::device_target(&info.device, machine);
+                    s.training.plan = Some(budget::view(&input.0, &input.1, &target, machine.and_then(|m| m.host.as_ref()), 0));
+                }
                 s.training.apply(event);
                 if ended {
                     // The session thread is ending on its own; dropping the handle detaches it.
@@ -716,6 +754,17 @@ impl eframe::App for StudioApp {
             self.handle(msg, ctx);
         }
         self.watch_inputs(ctx);
+        budget::refresh(&mut self.state);
+        if let Some((key, spec, cfg, target)) = budget::fixes_wanted(&self.state) {
+            match self.fixes_watch.poll(key, Instant::now()) {
+                DebounceState::Ready => {
+                    self.state.budget.fixes_pending = Some(key);
+                    self.jobs.spawn("budget", move |_| Msg::BudgetFixes { key, result: jobs::guarded(|| Ok(budget::fixes(&spec, &cfg, &target))) });
+                }
+                DebounceState::Waiting(d) => ctx.request_repaint_after(d),
+                DebounceState::Idle => {}
+            }
+        }
         self.shortcuts(ctx);
         self.drops(ctx);
         if ctx.input(|i| i.viewport().close_requested()) && self.state.training.phase.is_active() {

@@ -18,6 +18,8 @@ use super::{Action, AppState};
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     pub path: PathBuf,
+    /// The shape `engine::plan` needs (from config.json): the memory budget plans with it.
+    pub spec: ModelSpec,
     pub architecture: String,
     pub shape: String,
     pub total_params: u64,
@@ -56,6 +58,7 @@ pub fn describe(dir: &Path) -> crate::Result<ModelInfo> {
     };
     Ok(ModelInfo {
         path: dir.to_path_buf(),
+        spec: spec.clone(),
         architecture: format!("{} ({:?})", spec.model_type, spec.family),
         shape: format!(
             "{} layers, hidden {}, MLP {}, {} heads / {} KV heads × {}{}",

@@ -13,6 +13,7 @@ use crate::session::checkpoint::StepMetrics;
 use crate::session::{Event, Finished, LoadedInfo};
 use crate::util::{fmt_bytes, fmt_duration};
 
+use super::budget::{self, BudgetView};
 use super::runs::ViewedRun;
 use super::widgets;
 use super::{Action, AppState};
@@ -82,6 +83,10 @@ pub struct TrainingState {
     pub smoothing: f64,
     /// A past run opened from the Runs panel, shown instead of the live one.
     pub viewing: Option<ViewedRun>,
+    /// The model shape and config of the live run (not known for a resumed one), and its memory
+    /// plan on the device the session chose, to draw the measured memory against.
+    pub plan_input: Option<Box<(crate::model::ModelSpec, crate::RunConfig)>>,
+    pub plan: Option<BudgetView>,
 }
 
 impl Default for TrainingState {
@@ -98,6 +103,8 @@ impl Default for TrainingState {
             pause_requested: false,
             smoothing: 0.8,
             viewing: None,
+            plan_input: None,
+            plan: None,
         }
     }
 }
@@ -274,17 +281,31 @@ pub fn memory_axis(loaded: Option<&LoadedInfo>) -> (String, Option<f64>) {
     }
 }
 
-fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: Color32, hline: Option<f64>, width: f32) {
+fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: Color32, hlines: &[(&str, f64, Color32)], width: f32) {
     ui.vertical(|ui| {
         ui.set_width(width);
         ui.small(title);
         Plot::new(id).height(120.0).width(width).allow_scroll(false).show_x(true).show(ui, |p| {
             p.line(Line::new(title, PlotPoints::from(points)).color(color));
-            if let Some(y) = hline {
-                p.hline(HLine::new("total", y).color(Color32::GRAY));
+            for (name, y, c) in hlines {
+                p.hline(HLine::new(*name, *y).color(*c));
             }
         });
     });
+}
+
+/// The memory plot's horizontal lines, in GiB like its curve: the card's total and the plan's
+/// peak, so the measured memory reads against both.
+pub fn memory_lines(total_gib: Option<f64>, plan: Option<&BudgetView>) -> Vec<(&'static str, f64, Color32)> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut out = Vec::new();
+    if let Some(t) = total_gib {
+        out.push(("total", t, Color32::GRAY));
+    }
+    if let Some(p) = plan {
+        out.push(("plan", gib(p.peak_bytes), Color32::from_rgb(214, 157, 86)));
+    }
+    out
 }
 
 pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
@@ -334,7 +355,9 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     let c = curves(metrics, t.smoothing);
     let (mem_title, mem_total) = memory_axis(loaded);
     let log_height = 130.0;
-    let avail = ui.available_height() - 120.0 - log_height - 70.0;
+    let plan = if t.viewing.is_none() { t.plan.as_ref() } else { None };
+    let plan_height = if plan.is_some() { 30.0 } else { 0.0 };
+    let avail = ui.available_height() - 120.0 - log_height - 70.0 - plan_height;
     ui.horizontal(|ui| {
         ui.strong("Loss");
         ui.add(egui::Slider::new(&mut t.smoothing, 0.0..=0.99).text("smoothing"));
@@ -345,11 +368,21 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     });
     let w = ((ui.available_width() - 3.0 * ui.spacing().item_spacing.x) / 4.0).max(80.0);
     ui.horizontal(|ui| {
-        small_plot(ui, "lr", "Learning rate", c.lr, Color32::from_rgb(220, 160, 60), None, w);
-        small_plot(ui, "grad-norm", "Gradient norm", c.grad_norm, Color32::from_rgb(200, 90, 90), None, w);
-        small_plot(ui, "tok-s", "Tokens / s", c.tokens_per_s, Color32::from_rgb(90, 180, 110), None, w);
-        small_plot(ui, "memory", &format!("{mem_title} (GiB)"), c.memory, Color32::from_rgb(160, 110, 200), mem_total, w);
+        small_plot(ui, "lr", "Learning rate", c.lr, Color32::from_rgb(220, 160, 60), &[], w);
+        small_plot(ui, "grad-norm", "Gradient norm", c.grad_norm, Color32::from_rgb(200, 90, 90), &[], w);
+        small_plot(ui, "tok-s", "Tokens / s", c.tokens_per_s, Color32::from_rgb(90, 180, 110), &[], w);
+        small_plot(ui, "memory", &format!("{mem_title} (GiB)"), c.memory, Color32::from_rgb(160, 110, 200), &memory_lines(mem_total, plan), w);
     });
+    if let Some(p) = plan {
+        // The plan's bar with the newest measurement on the same scale.
+        let measured = metrics.last().and_then(|m| m.memory_bytes);
+        ui.horizontal(|ui| {
+            ui.strong("Memory");
+            ui.label(format!("plan {}{}", fmt_bytes(p.peak_bytes), measured.map(|m| format!(" · measured {}", fmt_bytes(m))).unwrap_or_default()))
+                .on_hover_text(if p.on_gpu { "Measured: used on the card, from the driver." } else { "Measured: the process's resident memory, which also holds the mapped model file, the tokenizer and this window." });
+            budget::bar_ui(ui, p, measured);
+        });
+    }
     egui::CollapsingHeader::new(format!("Log ({} lines)", t.log.len())).default_open(true).show(ui, |ui| {
         egui::ScrollArea::vertical().id_salt("log").max_height(log_height).stick_to_bottom(true).auto_shrink([false, true]).show(ui, |ui| {
             for line in &t.log {

@@ -14,7 +14,7 @@ use crate::data::{Batcher, prepare_dataset};
 use crate::model::{ModelSpec, WeightStore, untrained};
 use crate::session::checkpoint::STATUS_FILE;
 
-use super::budget::{self, Budget};
+use super::budget::{self, BudgetView, Card, Machine};
 use super::widgets::{self, Load};
 use super::{Action, AppState};
 
@@ -56,10 +56,21 @@ pub struct PreflightReport {
     pub steps: String,
     pub device: String,
     pub checks: Vec<Check>,
-    /// Untrained rows in the model (BOS/EOS/PAD excluded), whether used or not.
-    pub untrained_total: usize,
+    /// Untrained rows in the model (BOS/EOS/PAD excluded), whether used or not, with their text.
+    pub untrained: Vec<(u32, String)>,
     pub untrained_used: Vec<UntrainedUse>,
-    pub budget: Option<Budget>,
+    /// The memory plan on the device the run will use.
+    pub budget: Option<BudgetView>,
+}
+
+/// Untrained rows named in a line: the first dozen, then how many more.
+fn name_rows(rows: &[(u32, String)]) -> String {
+    const SHOWN: usize = 12;
+    let mut names: Vec<String> = rows.iter().take(SHOWN).map(|(i, t)| format!("{i} {t}")).collect();
+    if rows.len() > SHOWN {
+        names.push(format!("and {} more", rows.len() - SHOWN));
+    }
+    names.join(", ")
 }
 
 /// What the dialog lets the person do.
@@ -84,13 +95,17 @@ pub fn verdict(r: &PreflightReport, fix_enabled: bool) -> Verdict {
 
 /// The untrained-token section as lines of text (the dialog draws these; tests read them).
 pub fn untrained_lines(r: &PreflightReport, fix_enabled: bool) -> Vec<(Level, String)> {
-    if r.untrained_total == 0 {
+    if r.untrained.is_empty() {
         return vec![(Level::Ok, "The model has no untrained token rows.".into())];
     }
     if r.untrained_used.is_empty() {
         return vec![(
             Level::Ok,
-            format!("{} token rows of the model were never trained (all zero); the data does not use them, so they are left alone.", r.untrained_total),
+            format!(
+                "{} token rows of the model were never trained (all zero): {}. The data does not use them, so they are left alone.",
+                r.untrained.len(),
+                name_rows(&r.untrained)
+            ),
         )];
     }
     let names: Vec<String> = r.untrained_used.iter().map(|u| format!("{} {} (in {} rows)", u.id, u.text, u.rows)).collect();
@@ -99,7 +114,7 @@ pub fn untrained_lines(r: &PreflightReport, fix_enabled: bool) -> Vec<(Level, St
         format!(
             "The data uses {} of the model's {} untrained token rows: {}. Their embeddings are zero, so the loss would become NaN or inf.",
             r.untrained_used.len(),
-            r.untrained_total,
+            r.untrained.len(),
             names.join(", ")
         ),
     )];
@@ -115,8 +130,10 @@ pub fn untrained_lines(r: &PreflightReport, fix_enabled: bool) -> Vec<(Level, St
 }
 
 /// Gather every fact the dialog shows. Runs on a worker: it reads the model's embedding matrix
-/// and tokenizes the whole dataset, as the session will.
-pub fn check(cfg: &RunConfig) -> crate::Result<PreflightReport> {
+/// and tokenizes the whole dataset, as the session will. `machine` is what the studio probed at
+/// start-up (probed here when it has not arrived yet).
+pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<PreflightReport> {
+    let machine = machine.unwrap_or_else(budget::probe_machine);
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let tok = super::jobs::tokenizer(&cfg.model.path)?;
     let store = WeightStore::open(&cfg.model.path)?;
@@ -154,19 +171,15 @@ pub fn check(cfg: &RunConfig) -> crate::Result<PreflightReport> {
             format!("output.run_name: {} already holds a run. Resume it from the Runs panel or pick another name.", cfg.output.dir.join(&cfg.output.run_name).display()),
         ));
     }
-    let device = match cfg.train.device {
-        DeviceChoice::Cpu => "CPU".to_string(),
-        DeviceChoice::Auto => match crate::backend::cuda::probe() {
-            Ok(g) => format!("auto: {} found", g.name),
-            Err(_) => "auto: no usable GPU, the CPU".to_string(),
-        },
-        DeviceChoice::Cuda => match crate::backend::cuda::probe() {
-            Ok(g) => g.name,
-            Err(e) => {
-                checks.push(Check::new(Level::Block, format!("train.device is cuda, but {e}. Choose auto or CPU.")));
-                "CUDA (not available)".to_string()
-            }
-        },
+    let device = match (cfg.train.device, &machine.gpu) {
+        (DeviceChoice::Cpu, _) => "CPU".to_string(),
+        (DeviceChoice::Auto, Some(g)) => format!("auto: {} found", g.name),
+        (DeviceChoice::Auto, None) => "auto: no usable GPU, the CPU".to_string(),
+        (DeviceChoice::Cuda, Some(g)) => g.name.clone(),
+        (DeviceChoice::Cuda, None) => {
+            checks.push(Check::new(Level::Block, format!("train.device is cuda, but {}. Choose auto or CPU.", machine.no_gpu_reason)));
+            "CUDA (not available)".to_string()
+        }
     };
 
     // The same exclusions and the same rows as the session's own check.
@@ -195,12 +208,17 @@ pub fn check(cfg: &RunConfig) -> crate::Result<PreflightReport> {
     let per_epoch = stats.steps_per_epoch.max(1) as u64;
     let total = cfg.train.max_steps.unwrap_or_else(|| ((cfg.train.epochs * per_epoch as f64).ceil() as u64).max(1));
     let token_rows = if cfg.dataset.fix_untrained_tokens { rows_using.len() } else { 0 };
-    let budget = budget::from_plan(&spec, cfg, token_rows);
-    if let Some(b) = &budget {
-        if b.fits == Some(false) {
-            checks.push(Check::new(Level::Warn, format!("The memory plan does not fit {}: {}", b.device, b.notes.join("; "))));
-        }
+    let target = budget::target(Card::ThisMachine, cfg.train.device, Some(&machine));
+    let b = budget::view(&spec, cfg, &target, machine.host.as_ref(), token_rows);
+    if b.fits == Some(false) {
+        let mut input = crate::engine::plan::PlanInput::from_config(cfg);
+        input.token_rows = token_rows;
+        let fixes: Vec<String> = crate::engine::plan::suggestions(&spec, &input, &target).into_iter().map(|s| s.change).collect();
+        let (line, _) = budget::verdict(&b);
+        let advice = if fixes.is_empty() { "see the memory budget on the Hyperparameters page".to_string() } else { format!("to fit: {}", fixes.join("; or ")) };
+        checks.push(Check::new(Level::Warn, format!("{line}; {advice}.")));
     }
+    let budget = Some(b);
     let untrained_used = rows_using.into_iter().map(|(id, rows)| UntrainedUse { id, text: tok.token_text(id).unwrap_or_default(), rows }).collect();
 
     Ok(PreflightReport {
@@ -220,7 +238,7 @@ pub fn check(cfg: &RunConfig) -> crate::Result<PreflightReport> {
         ),
         device,
         checks,
-        untrained_total: untrained_ids.len(),
+        untrained: untrained_ids.iter().map(|&i| (i, tok.token_text(i).unwrap_or_default())).collect(),
         untrained_used,
         budget,
     })
@@ -297,7 +315,7 @@ pub fn dialog(ctx: &egui::Context, state: &mut AppState, actions: &mut Vec<Actio
                         level_line(ui, l, &t);
                     }
                     ui.separator();
-                    budget::ui(ui, r.budget.as_ref());
+                    budget::summary_ui(ui, r.budget.as_ref(), None);
                 });
                 ui.separator();
                 let v = verdict(&r, fix);
@@ -343,7 +361,7 @@ mod tests {
             steps: "5 steps".into(),
             device: "CPU".into(),
             checks: vec![Check::new(Level::Ok, "Chat template: model.")],
-            untrained_total: 8,
+            untrained: (1579..1587).map(|i| (i, format!("<|reserved_special_token_{}|>", i - 1579))).collect(),
             untrained_used: if used { vec![UntrainedUse { id: 1390, text: "<|reserved_special_token_0|>".into(), rows: 3 }] } else { vec![] },
             budget: None,
         }
@@ -355,6 +373,7 @@ mod tests {
         assert_eq!(verdict(&r, false), Verdict::Ready);
         let l = untrained_lines(&r, false);
         assert!(l[0].1.contains("8 token rows") && l[0].1.contains("left alone"), "{l:?}");
+        assert!(l[0].1.contains("1579 <|reserved_special_token_0|>, ") && l[0].1.contains("1586 <|reserved_special_token_7|>"), "each row is named: {l:?}");
     }
 
     #[test]
