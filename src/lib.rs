@@ -2,6 +2,9 @@
 //! backend behind one `Backend` trait, a training session on a background thread, a CLI and a
 //! studio window. ARCHITECTURE.md is the map.
 
+#[cfg(feature = "gui")]
+pub mod app;
+pub mod assets;
 pub mod backend;
 pub mod bench;
 pub mod commands;

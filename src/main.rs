@@ -37,6 +37,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open the studio window (the same as no subcommand), optionally with a run config.
+    Studio {
+        /// A run config to open instead of the demo.
+        config: Option<PathBuf>,
+    },
     /// The memory plan (VRAM budget) of a run: every term, the peak, fits or not, what fits.
     Plan {
         /// A run config; or use --model / --shape.
@@ -177,10 +182,8 @@ enum ExportCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => {
-            eprintln!("the studio window is not in this build yet; try `tunestudio train assets/demo/run.toml`");
-            Ok(())
-        }
+        None => studio(None),
+        Some(Command::Studio { config }) => studio(config),
         Some(Command::Train { config, output, max_steps, device, resume, json }) => train(config, output, max_steps, device, resume, json),
         Some(Command::Plan { config, model, shape, seq, batch, rank, gpu_mem, json }) => tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
             config: config.as_deref(),
@@ -212,6 +215,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "gui")]
+fn studio(config: Option<PathBuf>) -> Result<()> {
+    tunestudio::app::run(tunestudio::app::StudioOptions { config, ..Default::default() })
+}
+
+#[cfg(not(feature = "gui"))]
+fn studio(_config: Option<PathBuf>) -> Result<()> {
+    Err(Error::msg("this build has no studio window (built without the `gui` feature); try `tunestudio train assets/demo/run.toml`"))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,639 @@
+//! The memory budget (the VRAM preview): the run's `engine::plan` — every buffer the engine and
+//! its backend will allocate, from the model's shape and the run's settings, no GPU touched — as
+//! one stacked bar of its terms against the card's total and free memory (and the host's RAM for
+//! what offloading pins there), with the verdict, the largest sequence length, batch size and
+//! LoRA rank that fit with one-click apply, and a picker of common cards to preview a run for a
+//! machine you do not have. During a run the measured memory is drawn on the same scale.
+//!
+//! The panel's own plan is one call of a pure function, made in the frame that changed a setting
+//! (so the bar follows a dragged slider without lag); the "largest that fits" numbers are binary
+//! searches over many plans and run on a worker (`fixes`). `view`, `verdict`, `bar` and `fixes`
+//! are the view model; `panel` and `bar_ui` draw it.
+
+use eframe::egui::{self, Color32, RichText, Stroke, Ui};
+
+use crate::config::{CheckpointPolicy, DeviceChoice, RunConfig};
+use crate::engine::plan::{self, BackendKind, PlanInput, PlanTarget, Term, largest_fitting, suggestions};
+use crate::model::ModelSpec;
+use crate::util::fmt_bytes;
+
+use super::widgets::Load;
+use super::{Action, AppState};
+
+/// The cards the picker offers, in GB as sold (each taken as that many GiB).
+pub const CARD_PRESETS_GB: [u32; 7] = [8, 12, 16, 24, 40, 48, 80];
+
+/// Which machine the budget is planned for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Card {
+    /// Where the run would train now (as `train.device` and the detected GPU decide).
+    #[default]
+    ThisMachine,
+    /// A card of this many GB (another machine).
+    Preset(u32),
+}
+
+impl Card {
+    pub fn label(self, machine: Option<&Machine>) -> String {
+        match self {
+            Card::Preset(gb) => format!("{gb} GB card"),
+            Card::ThisMachine => match machine {
+                None => "this machine (looking…)".into(),
+                Some(m) => match &m.gpu {
+                    Some(g) => format!("this machine: {} ({})", g.name, fmt_bytes(g.total_bytes)),
+                    None => format!("this machine: CPU{}", m.host.as_ref().map(|h| format!(" ({} RAM)", fmt_bytes(h.total_bytes))).unwrap_or_default()),
+                },
+            },
+        }
+    }
+
+    /// Cards people train on with that much memory, for the picker's hover text.
+    pub fn examples(gb: u32) -> &'static str {
+        match gb {
+            8 => "RTX 3070, RTX 4060",
+            12 => "RTX 3060, RTX 4070",
+            16 => "RTX 4080, T4, V100 16GB",
+            24 => "RTX 3090, RTX 4090, A10, L4",
+            40 => "A100 40GB",
+            48 => "RTX A6000, L40S",
+            80 => "A100 80GB, H100",
+            _ => "",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostMemory {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gpu {
+    pub name: String,
+    pub total_bytes: u64,
+    /// Free before our own context (what a run could have).
+    pub free_bytes: u64,
+}
+
+/// What this machine has: probed once on a worker when the studio opens.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Machine {
+    pub gpu: Option<Gpu>,
+    /// Why there is no GPU (shown in the hover text).
+    pub no_gpu_reason: String,
+    pub host: Option<HostMemory>,
+}
+
+/// Look for a GPU (creates and drops a CUDA context: a worker's job) and read the host's memory.
+pub fn probe_machine() -> Machine {
+    let host = host_memory();
+    match crate::backend::cuda::probe() {
+        Ok(d) => {
+            let total = d.total_memory_bytes.unwrap_or(0);
+            // The probe's own context is in use while it measures; a run's context is planned.
+            let free = d.free_memory_bytes.map_or(total, |f| f + plan::DEFAULT_CUDA_CONTEXT_BYTES.min(total.saturating_sub(f)));
+            Machine { gpu: Some(Gpu { name: d.name, total_bytes: total, free_bytes: free }), no_gpu_reason: String::new(), host }
+        }
+        Err(e) => Machine { gpu: None, no_gpu_reason: e.to_string(), host },
+    }
+}
+
+/// `MemTotal` and `MemAvailable` from /proc/meminfo (Linux); `None` elsewhere.
+pub fn host_memory() -> Option<HostMemory> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo(&text)
+}
+
+fn parse_meminfo(text: &str) -> Option<HostMemory> {
+    let kib = |key: &str| -> Option<u64> { text.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()).map(|k| k * 1024) };
+    let total = kib("MemTotal:")?;
+    Some(HostMemory { total_bytes: total, available_bytes: kib("MemAvailable:").unwrap_or(total) })
+}
+
+/// The plan target for `card`: a preset card, or what the session would train on here.
+pub fn target(card: Card, device: DeviceChoice, machine: Option<&Machine>) -> PlanTarget {
+    match card {
+        Card::Preset(gb) => {
+            let article = if gb == 8 || gb == 18 || (80..90).contains(&gb) { "an" } else { "a" };
+            PlanTarget::gpu(&format!("{article} {gb} GB card"), u64::from(gb) << 30)
+        }
+        Card::ThisMachine => match (device, machine.and_then(|m| m.gpu.as_ref())) {
+            (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => PlanTarget { free_bytes: Some(g.free_bytes), ..PlanTarget::gpu(&g.name, g.total_bytes) },
+            _ => cpu_target(machine.and_then(|m| m.host.as_ref())),
+        },
+    }
+}
+
+/// The target of a run already loaded on `device` (the session's own choice, which `auto` may
+/// have resolved either way).
+pub fn device_target(device: &crate::backend::DeviceInfo, machine: Option<&Machine>) -> PlanTarget {
+    match (device.kind.as_str(), device.total_memory_bytes) {
+        ("cuda", Some(total)) => {
+            let free = machine.and_then(|m| m.gpu.as_ref()).filter(|g| g.name == device.name).map_or(total, |g| g.free_bytes);
+            PlanTarget { free_bytes: Some(free), ..PlanTarget::gpu(&device.name, total) }
+        }
+        _ => cpu_target(machine.and_then(|m| m.host.as_ref())),
+    }
+}
+
+/// The CPU backend keeps everything in RAM: the plan is held against the host's memory.
+fn cpu_target(host: Option<&HostMemory>) -> PlanTarget {
+    PlanTarget { name: "CPU".into(), total_bytes: host.map(|h| h.total_bytes), free_bytes: host.map(|h| h.available_bytes), ..PlanTarget::cpu() }
+}
+
+/// The stacking order and colour of each term (fixed, so a colour keeps its meaning while
+/// sliders move).
+pub const TERMS: [(Term, &str, Color32); 9] = [
+    (Term::CudaContext, "CUDA context", Color32::from_rgb(130, 130, 140)),
+    (Term::BaseWeights, "base weights", Color32::from_rgb(86, 156, 214)),
+    (Term::LoraParams, "LoRA weights", Color32::from_rgb(120, 190, 120)),
+    (Term::LoraGrads, "LoRA gradients", Color32::from_rgb(90, 160, 90)),
+    (Term::OptimizerStates, "AdamW states", Color32::from_rgb(200, 200, 110)),
+    (Term::SavedActivations, "saved activations", Color32::from_rgb(214, 157, 86)),
+    (Term::LayerActivations, "layer activations", Color32::from_rgb(230, 120, 90)),
+    (Term::Workspace, "workspace", Color32::from_rgb(190, 120, 190)),
+    (Term::BackendWorkspace, "kernel scratch", Color32::from_rgb(120, 190, 200)),
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    pub term: Term,
+    pub label: &'static str,
+    pub color: Color32,
+    pub bytes: u64,
+}
+
+/// The plan of one run on one target, as the panel shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetView {
+    /// "NVIDIA H100 80GB HBM3", "a 24 GB card" or "CPU".
+    pub device: String,
+    pub on_gpu: bool,
+    /// The policy the plan used (`auto` resolved), and whether it was resolved from auto.
+    pub checkpointing: CheckpointPolicy,
+    pub auto: bool,
+    /// Non-empty terms in stacking order.
+    pub segments: Vec<Segment>,
+    /// What must fit: device bytes (on the CPU, everything, pinned included).
+    pub peak_bytes: u64,
+    pub total_bytes: Option<u64>,
+    pub free_bytes: Option<u64>,
+    /// Layer inputs (and, in memory mode, the embedding) in pinned host memory; 0 on the CPU.
+    pub pinned_host_bytes: u64,
+    pub host: Option<HostMemory>,
+    /// `None` when nothing is known to hold it against.
+    pub fits: Option<bool>,
+}
+
+/// The plan of `cfg` (with `token_rows` embedding rows trained by the untrained-token fix) on
+/// `target`. One `engine::plan` call: cheap enough for the frame that changed a setting.
+pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option<&HostMemory>, token_rows: usize) -> BudgetView {
+    let mut input = PlanInput::from_config(cfg);
+    input.token_rows = token_rows;
+    let p = plan::plan(spec, &input, target);
+    let on_gpu = target.kind == BackendKind::Cuda;
+    let segments = TERMS
+        .iter()
+        .filter_map(|&(term, label, color)| p.terms.get(term.name()).filter(|&&b| b > 0).map(|&bytes| Segment { term, label, color, bytes }))
+        .collect();
+    // On the CPU "pinned host" is the same RAM as everything else.
+    let (peak, pinned) = if on_gpu { (p.peak_bytes, p.pinned_host_bytes) } else { (p.peak_bytes + p.pinned_host_bytes, 0) };
+    let fits = target.free_bytes.map(|free| peak <= free && (pinned == 0 || host.is_none_or(|h| pinned <= h.available_bytes)));
+    BudgetView {
+        device: target.name.clone(),
+        on_gpu,
+        checkpointing: p.checkpointing,
+        auto: cfg.memory.checkpointing == CheckpointPolicy::Auto,
+        segments,
+        peak_bytes: peak,
+        total_bytes: target.total_bytes,
+        free_bytes: target.free_bytes,
+        pinned_host_bytes: pinned,
+        host: host.cloned(),
+        fits,
+    }
+}
+
+/// The verdict line and whether it is good news.
+pub fn verdict(v: &BudgetView) -> (String, bool) {
+    let what = if v.on_gpu { format!("on {}", v.device) } else { "in RAM (CPU training)".to_string() };
+    let free_word = if v.on_gpu && v.free_bytes != v.total_bytes { "free" } else if v.on_gpu { "" } else { "available" };
+    let of = |free: u64| if free_word.is_empty() { fmt_bytes(free) } else { format!("{} {free_word}", fmt_bytes(free)) };
+    match (v.fits, v.free_bytes) {
+        (Some(true), Some(free)) => (format!("Fits: {} of {} {what} ({} to spare)", fmt_bytes(v.peak_bytes), of(free), fmt_bytes(free - v.peak_bytes.min(free))), true),
+        (Some(false), Some(free)) if v.peak_bytes > free => {
+            (format!("Does not fit: needs {}, {} {what} ({} over)", fmt_bytes(v.peak_bytes), of(free), fmt_bytes(v.peak_bytes - free)), false)
+        }
+        (Some(false), _) => (format!("Does not fit: {} of pinned host memory, more than the RAM available", fmt_bytes(v.pinned_host_bytes)), false),
+        _ => (format!("{} planned {what}", fmt_bytes(v.peak_bytes)), true),
+    }
+}
+
+/// Where things sit on the bar, as fractions of its width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bar {
+    /// The bytes the full width stands for: the card (or RAM), or more when the plan or the
+    /// measurement is larger, so nothing is drawn off the end.
+    pub scale_bytes: u64,
+    pub segments: Vec<(f32, f32)>,
+    pub free_at: Option<f32>,
+    pub total_at: Option<f32>,
+    pub measured_at: Option<f32>,
+}
+
+pub fn bar(v: &BudgetView, measured: Option<u64>) -> Bar {
+    let scale = v.total_bytes.unwrap_or(0).max(v.peak_bytes).max(measured.unwrap_or(0)).max(1);
+    let f = |b: u64| b as f32 / scale as f32;
+    let mut x = 0u64;
+    let segments = v
+        .segments
+        .iter()
+        .map(|s| {
+            let from = f(x);
+            x += s.bytes;
+            (from, f(x))
+        })
+        .collect();
+    Bar { scale_bytes: scale, segments, free_at: v.free_bytes.filter(|fr| Some(*fr) != v.total_bytes).map(f), total_at: v.total_bytes.map(f), measured_at: measured.map(f) }
+}
+
+/// The largest settings that fit with everything else fixed, and the changes that make a
+/// non-fitting run fit: binary searches over `engine::plan`, run on a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fixes {
+    pub max_seq_len: Option<usize>,
+    /// The search's upper end for the sequence length: the model's context length.
+    pub seq_cap: usize,
+    pub batch_size: Option<usize>,
+    pub lora_r: Option<usize>,
+    pub suggestions: Vec<String>,
+}
+
+/// Upper ends of the searches: the config's own allowed ranges.
+const MAX_BATCH: usize = 1024;
+const MAX_RANK: usize = 1024;
+
+pub fn fixes(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget) -> Fixes {
+    let input = PlanInput::from_config(cfg);
+    let seq_cap = spec.max_position_embeddings.max(64);
+    let seq = largest_fitting(spec, &input, target, 64, seq_cap, |i, v| i.max_seq_len = v).map(|s| if s < seq_cap && s >= 128 { s / 64 * 64 } else { s });
+    let batch = largest_fitting(spec, &input, target, 1, MAX_BATCH, |i, v| i.batch_size = v);
+    let rank = largest_fitting(spec, &input, target, 1, MAX_RANK, |i, v| i.lora.r = v);
+    let suggestions = suggestions(spec, &input, target).into_iter().map(|s| format!("{} (peak {})", s.change, fmt_bytes(s.peak_bytes))).collect();
+    Fixes { max_seq_len: seq, seq_cap, batch_size: batch, lora_r: rank, suggestions }
+}
+
+/// A setting "largest that fits" can apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    MaxSeqLen,
+    BatchSize,
+    LoraRank,
+}
+
+pub fn apply(cfg: &mut RunConfig, setting: Setting, value: usize) {
+    match setting {
+        Setting::MaxSeqLen => cfg.train.max_seq_len = value,
+        Setting::BatchSize => cfg.train.batch_size = value,
+        Setting::LoraRank => cfg.lora.r = value,
+    }
+}
+
+/// The panel's state: the card picked, what this machine has, and the last plans.
+#[derive(Debug, Default)]
+pub struct BudgetState {
+    pub card: Card,
+    pub machine: Load<Machine>,
+    /// The plan of the edited config on the picked card, with the key of its inputs.
+    pub view: Option<(u64, BudgetView)>,
+    /// The last "largest that fits" from the worker, with the key it was computed for.
+    pub fixes: Option<(u64, Fixes)>,
+    /// The key a worker is computing now.
+    pub fixes_pending: Option<u64>,
+}
+
+/// Everything a view depends on, as one key.
+pub fn key(spec_source: &std::path::Path, cfg: &RunConfig, target: &PlanTarget, host: Option<&HostMemory>) -> u64 {
+    let input = PlanInput::from_config(cfg);
+    super::jobs::key_of(&[&spec_source, &format!("{input:?}|{target:?}|{host:?}")])
+}
+
+/// Why there is no plan to show, or `None` when there is one.
+fn no_plan_reason(state: &AppState) -> Option<&'static str> {
+    let Some(info) = state.model.info.ready().filter(|i| i.path == state.config.model.path) else {
+        return Some("The plan appears once a model folder is loaded (only its config.json is needed).");
+    };
+    let _ = info;
+    let c = &state.config;
+    if c.train.batch_size == 0 || c.train.max_seq_len < 2 || c.lora.r == 0 {
+        return Some("Fix the marked fields to see the plan.");
+    }
+    None
+}
+
+/// Bring `state.budget.view` up to date with the config: a plan is made only when an input
+/// changed. Called at the start of a frame and again by the panel, after the fields it follows
+/// have been drawn, so an edit shows in the same frame.
+pub fn refresh(state: &mut AppState) {
+    if no_plan_reason(state).is_some() {
+        state.budget.view = None;
+        return;
+    }
+    let Some(info) = state.model.info.ready() else { return };
+    let machine = state.budget.machine.ready();
+    let target = target(state.budget.card, state.config.train.device, machine);
+    let host = machine.and_then(|m| m.host.as_ref());
+    let k = key(&info.path, &state.config, &target, host);
+    if state.budget.view.as_ref().is_some_and(|(vk, _)| *vk == k) {
+        return;
+    }
+    let v = view(&info.spec, &state.config, &target, host, 0);
+    state.budget.view = Some((k, v));
+}
+
+/// The inputs of the "largest that fits" worker when the current plan has none (or an old one)
+/// and no worker is on it: `(key, spec, config, target)`.
+pub fn fixes_wanted(state: &AppState) -> Option<(u64, ModelSpec, RunConfig, PlanTarget)> {
+    let (k, _) = state.budget.view.as_ref()?;
+    if state.budget.fixes.as_ref().is_some_and(|(fk, _)| fk == k) || state.budget.fixes_pending.is_some() {
+        return None;
+    }
+    let info = state.model.info.ready()?;
+    let target = target(state.budget.card, state.config.train.device, state.budget.machine.ready());
+    Some((*k, info.spec.clone(), state.config.clone(), target))
+}
+
+/// The newest measured memory of the live run, when the budget is for this machine.
+pub fn measured_now(state: &AppState) -> Option<u64> {
+    let t = &state.training;
+    if !t.phase.is_active() || state.budget.card != Card::ThisMachine {
+        return None;
+    }
+    t.metrics.last().and_then(|m| m.memory_bytes)
+}
+
+/// The panel on the Hyperparameters page.
+pub fn panel(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
+    refresh(state);
+    ui.horizontal(|ui| {
+        let label = ui.label("Preview for").on_hover_text("Plan the run for this machine, or for a card you do not have.");
+        let machine = state.budget.machine.ready().cloned();
+        let current = state.budget.card.label(machine.as_ref());
+        let mut card = state.budget.card;
+        egui::ComboBox::from_id_salt("budget-card")
+            .selected_text(current)
+            .show_ui(ui, |ui| {
+                let this = ui.selectable_value(&mut card, Card::ThisMachine, Card::ThisMachine.label(machine.as_ref()));
+                if let Some(m) = machine.as_ref().filter(|m| m.gpu.is_none() && !m.no_gpu_reason.is_empty()) {
+                    this.on_hover_text(format!("No GPU: {}", m.no_gpu_reason));
+                }
+                for gb in CARD_PRESETS_GB {
+                    ui.selectable_value(&mut card, Card::Preset(gb), Card::Preset(gb).label(None)).on_hover_text(Card::examples(gb));
+                }
+            })
+            .response
+            .labelled_by(label.id);
+        if card != state.budget.card {
+            state.budget.card = card;
+            refresh(state);
+        }
+    });
+    if let Some(why) = no_plan_reason(state) {
+        ui.weak(why);
+        return;
+    }
+    let Some((k, v)) = state.budget.view.clone() else { return };
+    let measured = measured_now(state);
+    bar_ui(ui, &v, measured);
+    let (line, good) = verdict(&v);
+    let color = if good { super::widgets::ok_color(ui) } else { ui.visuals().error_fg_color };
+    ui.label(RichText::new(line).color(color).strong());
+    legend(ui, &v, measured);
+    let fixes = state.budget.fixes.as_ref().filter(|(fk, _)| *fk == k).map(|(_, f)| f);
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Largest that fits (the rest as set):").on_hover_text("Each found by planning with only that setting changed.");
+        let Some(f) = fixes else {
+            ui.spinner();
+            return;
+        };
+        let c = &state.config;
+        for (setting, name, found, now) in [
+            (Setting::MaxSeqLen, "seq len", f.max_seq_len, c.train.max_seq_len),
+            (Setting::BatchSize, "batch", f.batch_size, c.train.batch_size),
+            (Setting::LoraRank, "rank", f.lora_r, c.lora.r),
+        ] {
+            match found {
+                Some(value) => {
+                    let cap = if setting == Setting::MaxSeqLen && value == f.seq_cap { " (the model's context)" } else { "" };
+                    let text = format!("{name} {value}{cap}");
+                    if value == now {
+                        ui.add_enabled(false, egui::Button::new(text)).on_disabled_hover_text("already set");
+                    } else if ui.button(text).on_hover_text(format!("Set {name} to {value}")).clicked() {
+                        actions.push(Action::ApplyBudget(setting, value));
+                    }
+                }
+                None => {
+                    ui.weak(format!("{name}: nothing fits"));
+                }
+            }
+        }
+    });
+    if let Some(f) = fixes {
+        for s in &f.suggestions {
+            ui.label(format!("To fit: {s}"));
+        }
+    }
+}
+
+/// The stacked bar with the free/total marks and, when given, the measured memory.
+pub fn bar_ui(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
+    let b = bar(v, measured);
+    let width = ui.available_width().clamp(200.0, 640.0);
+    let (rect, resp) = ui.allocate_exact_size(egui::vec2(width, 20.0), egui::Sense::hover());
+    let painter = ui.painter_at(rect.expand(2.0));
+    let x = |f: f32| rect.left() + f * rect.width();
+    painter.rect_filled(rect, 3.0, ui.visuals().extreme_bg_color);
+    if let (Some(free), Some(total)) = (b.free_at, b.total_at) {
+        // Taken by others: between free and total.
+        painter.rect_filled(egui::Rect::from_x_y_ranges(x(free)..=x(total), rect.y_range()), 0.0, Color32::from_gray(70));
+    }
+    for (s, (from, to)) in v.segments.iter().zip(&b.segments) {
+        painter.rect_filled(egui::Rect::from_x_y_ranges(x(*from)..=x(*to), rect.y_range()), 0.0, s.color);
+    }
+    let fg = ui.visuals().strong_text_color();
+    if let Some(t) = b.total_at {
+        painter.vline(x(t), rect.expand(2.0).y_range(), Stroke::new(2.0, fg));
+    }
+    if let Some(m) = b.measured_at {
+        let red = Color32::from_rgb(240, 70, 70);
+        painter.vline(x(m), rect.expand(2.0).y_range(), Stroke::new(2.5, red));
+    }
+    let mut tip = format!("Scale: {} across", fmt_bytes(b.scale_bytes));
+    for s in &v.segments {
+        tip.push_str(&format!("\n{}: {}", s.label, fmt_bytes(s.bytes)));
+    }
+    resp.on_hover_text(tip);
+}
+
+fn legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
+    ui.horizontal_wrapped(|ui| {
+        ui.spacing_mut().item_spacing.x = 10.0;
+        // One item never breaks across lines; the row wraps between items.
+        let item = |ui: &mut Ui, text: String, color: Color32| ui.add(egui::Label::new(RichText::new(text).color(color).small()).extend());
+        for s in &v.segments {
+            item(ui, format!("■ {} {}", s.label, fmt_bytes(s.bytes)), s.color);
+        }
+        if let Some(m) = measured {
+            item(ui, format!("| measured now {}", fmt_bytes(m)), Color32::from_rgb(240, 70, 70))
+                .on_hover_text(if v.on_gpu { "Used on the card, from the driver (other processes included)." } else { "The process's resident memory: also the mapped model file, the tokenizer and this window." });
+        }
+    });
+    let policy = format!("{:?}", v.checkpointing).to_lowercase();
+    let mut line = format!("checkpointing: {policy}{}", if v.auto { " (chosen by auto)" } else { "" });
+    if v.pinned_host_bytes > 0 {
+        line.push_str(&format!(
+            " · pinned host memory {}{}",
+            fmt_bytes(v.pinned_host_bytes),
+            v.host.as_ref().map(|h| format!(" of {} RAM available here", fmt_bytes(h.available_bytes))).unwrap_or_default()
+        ));
+    }
+    ui.weak(line);
+    if v.pinned_host_bytes > 0 {
+        if let Some(h) = &v.host {
+            host_bar(ui, v.pinned_host_bytes, h);
+        }
+    }
+}
+
+/// What offloading pins in host memory, against this machine's RAM.
+fn host_bar(ui: &mut Ui, pinned: u64, h: &HostMemory) {
+    let width = ui.available_width().clamp(200.0, 640.0);
+    let (rect, resp) = ui.allocate_exact_size(egui::vec2(width, 8.0), egui::Sense::hover());
+    let painter = ui.painter_at(rect);
+    let scale = h.total_bytes.max(pinned).max(1) as f32;
+    let x = |b: u64| rect.left() + b as f32 / scale * rect.width();
+    painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+    painter.rect_filled(egui::Rect::from_x_y_ranges(x(h.available_bytes)..=x(h.total_bytes), rect.y_range()), 0.0, Color32::from_gray(70));
+    painter.rect_filled(egui::Rect::from_x_y_ranges(rect.left()..=x(pinned), rect.y_range()), 0.0, TERMS[5].2);
+    resp.on_hover_text(format!("Host RAM: {} pinned of {} ({} available)", fmt_bytes(pinned), fmt_bytes(h.total_bytes), fmt_bytes(h.available_bytes)));
+}
+
+/// The budget in the preflight dialog and the monitor: bar, verdict, legend; no picker.
+pub fn summary_ui(ui: &mut Ui, v: Option<&BudgetView>, measured: Option<u64>) {
+    ui.strong("Memory budget");
+    let Some(v) = v else {
+        ui.weak("No memory plan for this run.");
+        return;
+    };
+    bar_ui(ui, v, measured);
+    let (line, good) = verdict(v);
+    let color = if good { ui.visuals().text_color() } else { ui.visuals().error_fg_color };
+    ui.label(RichText::new(line).color(color));
+    legend(ui, v, measured);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelSpec {
+        ModelSpec { vocab_size: 1000, hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2, head_dim: 16, max_position_embeddings: 512, ..ModelSpec::llama3_8b() }
+    }
+
+    #[test]
+    fn meminfo_is_read_in_bytes() {
+        let h = parse_meminfo("MemTotal:       32000000 kB\nMemFree:  100 kB\nMemAvailable:   16000000 kB\n").unwrap();
+        assert_eq!(h, HostMemory { total_bytes: 32_000_000 * 1024, available_bytes: 16_000_000 * 1024 });
+        assert_eq!(parse_meminfo("nothing"), None);
+    }
+
+    #[test]
+    fn the_view_is_the_plan_in_stacking_order() {
+        let spec = ModelSpec::llama3_8b();
+        let mut cfg = RunConfig::default();
+        cfg.train.max_seq_len = 2048;
+        cfg.memory.checkpointing = CheckpointPolicy::Layer;
+        let t = target(Card::Preset(24), DeviceChoice::Cpu, None);
+        assert_eq!(t.total_bytes, Some(24 << 30));
+        let v = view(&spec, &cfg, &t, None, 0);
+        let p = plan::plan(&spec, &PlanInput::from_config(&cfg), &t);
+        assert_eq!(v.peak_bytes, p.peak_bytes);
+        assert_eq!(v.segments.iter().map(|s| s.bytes).sum::<u64>(), p.peak_bytes, "the segments add up to the peak");
+        assert_eq!(v.segments[0].term, Term::CudaContext);
+        assert_eq!(v.fits, Some(p.fits));
+        let b = bar(&v, None);
+        assert_eq!(b.scale_bytes, 24 << 30);
+        assert!((b.segments.last().unwrap().1 - p.peak_bytes as f32 / (24u64 << 30) as f32).abs() < 1e-6);
+        assert!(verdict(&v).0.starts_with("Fits: "), "{}", verdict(&v).0);
+    }
+
+    #[test]
+    fn an_overflowing_plan_and_a_larger_measurement_stay_on_the_bar() {
+        let spec = ModelSpec::llama3_8b();
+        let mut cfg = RunConfig::default();
+        cfg.train.max_seq_len = 32768;
+        cfg.train.batch_size = 8;
+        cfg.memory.checkpointing = CheckpointPolicy::None;
+        let v = view(&spec, &cfg, &target(Card::Preset(8), DeviceChoice::Auto, None), None, 0);
+        assert_eq!(v.fits, Some(false));
+        let (line, good) = verdict(&v);
+        assert!(!good && line.starts_with("Does not fit: needs"), "{line}");
+        let b = bar(&v, None);
+        assert_eq!(b.scale_bytes, v.peak_bytes);
+        assert!((b.segments.last().unwrap().1 - 1.0).abs() < 1e-6);
+        assert!(b.total_at.unwrap() < 1.0);
+        let m = bar(&v, Some(v.peak_bytes * 2));
+        assert_eq!(m.measured_at, Some(1.0));
+    }
+
+    #[test]
+    fn this_machine_follows_the_device_choice() {
+        let host = HostMemory { total_bytes: 16 << 30, available_bytes: 10 << 30 };
+        let gpu = Machine { gpu: Some(Gpu { name: "Card".into(), total_bytes: 24 << 30, free_bytes: 20 << 30 }), no_gpu_reason: String::new(), host: Some(host.clone()) };
+        let t = target(Card::ThisMachine, DeviceChoice::Auto, Some(&gpu));
+        assert_eq!((t.kind, t.free_bytes), (BackendKind::Cuda, Some(20 << 30)));
+        let t = target(Card::ThisMachine, DeviceChoice::Cpu, Some(&gpu));
+        assert_eq!((t.kind, t.total_bytes, t.free_bytes), (BackendKind::Cpu, Some(16 << 30), Some(10 << 30)));
+        let cpu_only = Machine { gpu: None, no_gpu_reason: "no driver".into(), host: Some(host) };
+        let t = target(Card::ThisMachine, DeviceChoice::Auto, Some(&cpu_only));
+        assert_eq!(t.kind, BackendKind::Cpu);
+        let v = view(&tiny(), &RunConfig::default(), &t, cpu_only.host.as_ref(), 0);
+        assert!(verdict(&v).0.contains("in RAM"), "{}", verdict(&v).0);
+    }
+
+    #[test]
+    fn offload_shows_the_host_memory_it_pins() {
+        let spec = ModelSpec::llama3_8b();
+        let mut cfg = RunConfig::default();
+        cfg.train.max_seq_len = 8192;
+        cfg.memory.checkpointing = CheckpointPolicy::Offload;
+        let host = HostMemory { total_bytes: 64 << 30, available_bytes: 1 << 30 };
+        let v = view(&spec, &cfg, &target(Card::Preset(24), DeviceChoice::Auto, None), Some(&host), 0);
+        assert!(v.pinned_host_bytes > 1 << 30, "{}", v.pinned_host_bytes);
+        assert_eq!(v.fits, Some(false), "the pinned memory does not fit the RAM available");
+        assert!(verdict(&v).0.contains("pinned host memory"), "{}", verdict(&v).0);
+    }
+
+    #[test]
+    fn fixes_are_the_boundaries_and_apply_sets_them() {
+        let spec = ModelSpec::llama3_8b();
+        let mut cfg = RunConfig::default();
+        cfg.train.max_seq_len = 256;
+        cfg.train.batch_size = 8;
+        cfg.memory.checkpointing = CheckpointPolicy::Layer;
+        let t = target(Card::Preset(8), DeviceChoice::Auto, None);
+        let f = fixes(&spec, &cfg, &t);
+        assert_eq!(f.seq_cap, spec.max_position_embeddings);
+        let fits = |c: &RunConfig| view(&spec, c, &t, None, 0).fits == Some(true);
+        // The sequence length is rounded down to a multiple of 64, the others are exact.
+        for (setting, v, step, cap) in [(Setting::MaxSeqLen, f.max_seq_len.unwrap(), 64, f.seq_cap), (Setting::BatchSize, f.batch_size.unwrap(), 1, MAX_BATCH), (Setting::LoraRank, f.lora_r.unwrap(), 1, MAX_RANK)] {
+            let mut c = cfg.clone();
+            apply(&mut c, setting, v);
+            assert!(fits(&c), "{setting:?} = {v} fits");
+            assert!(v < cap, "{setting:?}: an 8 GB card has a limit below {cap}");
+            apply(&mut c, setting, v + step);
+            assert!(!fits(&c), "{setting:?} = {} does not", v + step);
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! Hyperparameters: one documented row per `RunConfig` field, grouped as a person thinks about a
+//! run (LoRA, optimisation, schedule, sequence and batch, memory, output). `FIELDS` is the single
+//! place a field's label and help live; tooltips add the default read from `RunConfig::default()`,
+//! so they cannot drift from the code. Problems come from `RunConfig::problems()` and are drawn
+//! next to the field that has them; the first one is also why Start is disabled. The memory
+//! budget (budget.rs) sits beside the fields it depends on and follows them as they change.
+
+use eframe::egui::{self, Ui};
+
+use crate::config::{CheckpointPolicy, DeviceChoice, Quantization, RunConfig, ScheduleKind, Target};
+use crate::error::Error;
+
+use super::widgets::{self, Fmt, Load, Problems, combo, drag_f64, drag_u64, drag_usize, field};
+use super::{Action, AppState};
+
+pub struct FieldDoc {
+    /// The dotted TOML name, as `problems()` reports it.
+    pub key: &'static str,
+    pub label: &'static str,
+    pub help: &'static str,
+}
+
+const fn f(key: &'static str, label: &'static str, help: &'static str) -> FieldDoc {
+    FieldDoc { key, label, help }
+}
+
+/// Every field of `RunConfig` (`tests::every_config_field_is_documented` holds this to the type).
+pub const FIELDS: &[FieldDoc] = &[
+    f("model.path", "Model folder", "A Hugging Face model folder: config.json, *.safetensors (single or sharded) and tokenizer.json."),
+    f("model.quantization", "Base weights", "How the frozen base linears are stored: NF4 with double quantization (QLoRA, ~4× smaller) or 16-bit (plain LoRA, faster, more memory)."),
+    f("model.adapter", "Continue from adapter", "An existing PEFT LoRA adapter to start from instead of a fresh one; its rank, alpha and targets replace the ones below."),
+    f("dataset.path", "Dataset file", "JSONL, JSON, CSV/TSV, Parquet or plain text; one training example per row."),
+    f("dataset.format", "Record format", "How a row becomes a conversation. Auto looks at the first rows; Columns uses the mapping below."),
+    f("dataset.columns.prompt", "Prompt columns", "Columns joined (blank line between) into the user turn, for the Columns format."),
+    f("dataset.columns.response", "Response column", "The column that holds the assistant's answer, for the Columns format."),
+    f("dataset.columns.system", "System column", "An optional column with a system prompt, for the Columns format."),
+    f("dataset.template", "Chat template", "auto uses the model's own chat template; or pick a built-in one by name."),
+    f("dataset.train_on", "Train on", "responses: only the assistant's text contributes to the loss (usual for instruction tuning); all: every token does."),
+    f("dataset.packing", "Packing", "Put several short examples into one sequence (attention stays within each example): fewer padding tokens, faster epochs."),
+    f("dataset.max_bad_fraction", "Max unusable rows", "Refuse to start when more than this fraction of the rows cannot be used (each skipped row is listed with its reason)."),
+    f("dataset.fix_untrained_tokens", "Fix untrained tokens", "When the data uses token rows the base model never trained (all zero), start them at the mean of the trained rows and train them with the adapter; otherwise the run refuses to start (the loss would become NaN)."),
+    f("dataset.long_rows", "Rows over max length", "truncate keeps the first max-sequence-length tokens; drop leaves the row out (listed among skipped rows)."),
+    f("lora.r", "LoRA rank (r)", "Rank of the low-rank update: more capacity and memory as it grows. 8–64 is usual."),
+    f("lora.alpha", "LoRA alpha", "Scale of the update: the adapter's output is multiplied by alpha / r (or alpha / √r with rsLoRA)."),
+    f("lora.dropout", "LoRA dropout", "Dropout on the adapter's input during training; 0 is the usual choice for short fine-tunes."),
+    f("lora.targets", "Target linears", "Which linears of each decoder layer get an adapter; all seven is the QLoRA paper's choice."),
+    f("lora.rslora", "rsLoRA scaling", "Scale by alpha / √r instead of alpha / r, which keeps high ranks from learning slower."),
+    f("optim.lr", "Learning rate", "Peak AdamW learning rate (after warm-up)."),
+    f("optim.beta1", "Adam β1", "Decay of the gradient's running mean."),
+    f("optim.beta2", "Adam β2", "Decay of the squared gradient's running mean."),
+    f("optim.eps", "Adam ε", "Added to the denominator for numerical safety."),
+    f("optim.weight_decay", "Weight decay", "Decoupled (AdamW) weight decay on the adapter weights."),
+    f("optim.max_grad_norm", "Max gradient norm", "Clip the global gradient norm to this; 0 turns clipping off."),
+    f("schedule.kind", "LR schedule", "How the learning rate falls after warm-up: linear to zero, cosine to zero, or constant."),
+    f("schedule.warmup_steps", "Warm-up steps", "Optimizer steps over which the learning rate rises from zero; used when the warm-up ratio is 0."),
+    f("schedule.warmup_ratio", "Warm-up ratio", "Warm-up as a fraction of all steps; overrides warm-up steps when above 0."),
+    f("train.batch_size", "Batch size", "Sequences per micro-batch: the main memory knob after sequence length."),
+    f("train.grad_accum", "Gradient accumulation", "Micro-batches per optimizer step; the effective batch is batch size × this."),
+    f("train.max_seq_len", "Max sequence length", "Tokens per sequence; longer rows are truncated or dropped (see the Dataset panel)."),
+    f("train.epochs", "Epochs", "Passes over the dataset (fractions allowed); ignored when a step limit is set."),
+    f("train.max_steps", "Step limit", "Stop after this many optimizer steps instead of counting epochs."),
+    f("train.seed", "Seed", "Seeds the adapter's initialisation, dropout and the data order; the same seed reproduces a run on the CPU."),
+    f("train.save_every", "Checkpoint every", "Write a resumable checkpoint every N optimizer steps; 0 writes only the final one (Save now writes one at any time)."),
+    f("train.device", "Device", "auto trains on a CUDA GPU when one is usable, else on the CPU."),
+    f("memory.checkpointing", "Activation checkpointing", "What the backward pass keeps: auto picks the fastest policy that fits; none keeps everything; layer keeps layer inputs and recomputes; offload keeps them in host memory."),
+    f("output.dir", "Runs folder", "The folder that holds one folder per run (metrics, checkpoints, the adapter)."),
+    f("output.run_name", "Run name", "The run's folder name; empty picks <model>-<date>-<time>."),
+];
+
+pub fn doc(key: &str) -> &'static FieldDoc {
+    static UNKNOWN: FieldDoc = FieldDoc { key: "", label: "?", help: "" };
+    FIELDS.iter().find(|d| d.key == key).unwrap_or(&UNKNOWN)
+}
+
+/// The default value of a field as a person would type it, read from `RunConfig::default()`.
+pub fn default_text(key: &str) -> String {
+    // Every field's tooltip asks on every frame: serialize the defaults once.
+    static DEFAULTS: std::sync::OnceLock<Option<toml::Value>> = std::sync::OnceLock::new();
+    let Some(root) = DEFAULTS.get_or_init(|| toml::Value::try_from(RunConfig::default()).ok()) else { return "?".into() };
+    let mut v = Some(root);
+    for part in key.split('.') {
+        v = v.and_then(|x| x.get(part));
+    }
+    match v {
+        None => "none".into(),
+        Some(toml::Value::String(s)) if s.is_empty() => "empty".into(),
+        Some(toml::Value::String(s)) => s.clone(),
+        Some(toml::Value::Array(a)) if a.is_empty() => "empty".into(),
+        Some(toml::Value::Array(a)) => a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(", "),
+        Some(other) => other.to_string(),
+    }
+}
+
+pub fn tooltip(key: &str) -> String {
+    format!("{}\n\nDefault: {}\nIn run.toml: {key}", doc(key).help, default_text(key))
+}
+
+/// Every problem that stops a start, by field: the config's own checks plus what the workers
+/// found (a model folder that does not load, a dataset that cannot be used).
+pub fn problem_map(state: &AppState) -> Problems {
+    let mut out = Problems::new();
+    for e in state.config.problems() {
+        match e {
+            Error::Config { field, msg } => out.entry(field).or_default().push(msg),
+            other => out.entry(String::new()).or_default().push(other.to_string()),
+        }
+    }
+    if let Load::Failed(e) = &state.model.info {
+        out.entry("model.path".into()).or_default().push(e.clone());
+    }
+    if let Load::Failed(e) = &state.dataset.view {
+        out.entry("dataset.path".into()).or_default().push(e.clone());
+    }
+    out
+}
+
+/// The first problem as one line, naming the field the way the panels label it.
+pub fn first_problem(problems: &Problems) -> Option<String> {
+    // Walk FIELDS so the reason shown is the first field on screen, not the first alphabetically.
+    for d in FIELDS {
+        if let Some(m) = problems.get(d.key) {
+            return Some(format!("{} ({}): {}", d.label, d.key, m[0]));
+        }
+    }
+    problems.iter().next().map(|(k, m)| if k.is_empty() { m[0].clone() } else { format!("{k}: {}", m[0]) })
+}
+
+pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
+    let problems = problem_map(state);
+    ui.heading("Hyperparameters");
+    ui.label("Hover a name for what it does and its default. Invalid values are marked where they are.");
+    ui.add_space(6.0);
+    egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+        ui.columns(2, |cols| {
+            let (left, right) = cols.split_at_mut(1);
+            let (l, r) = (&mut left[0], &mut right[0]);
+            group(l, "LoRA", "hp-lora", |ui| lora_fields(ui, &problems, &mut state.config));
+            group(l, "Optimisation", "hp-optim", |ui| optim_fields(ui, &problems, &mut state.config));
+            group(l, "Schedule", "hp-schedule", |ui| schedule_fields(ui, &problems, &mut state.config));
+            group(r, "Sequence and batch", "hp-batch", |ui| batch_fields(ui, &problems, &mut state.config));
+            group(r, "Memory", "hp-memory", |ui| memory_fields(ui, &problems, &mut state.config));
+            // Drawn after every field it follows, so a dragged value shows in the same frame.
+            r.group(|ui| {
+                ui.set_width(ui.available_width());
+                ui.strong("Memory budget");
+                super::budget::panel(ui, state, actions);
+            });
+            r.add_space(6.0);
+            group(r, "Output", "hp-output", |ui| output_fields(ui, &problems, &mut state.config, actions));
+        });
+    });
+}
+
+fn group(ui: &mut Ui, title: &str, id: &str, body: impl FnOnce(&mut Ui)) {
+    ui.group(|ui| {
+        ui.set_width(ui.available_width());
+        ui.strong(title);
+        egui::Grid::new(id).num_columns(2).spacing([12.0, 6.0]).show(ui, body);
+    });
+    ui.add_space(6.0);
+}
+
+fn lora_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
+    field(ui, p, "lora.r", |ui| ui.add(drag_usize(&mut c.lora.r, 0.2)));
+    ui.end_row();
+    field(ui, p, "lora.alpha", |ui| ui.add(drag_f64(&mut c.lora.alpha, Fmt::Plain)));
+    ui.end_row();
+    field(ui, p, "lora.dropout", |ui| ui.add(drag_f64(&mut c.lora.dropout, Fmt::Plain).speed(0.005)));
+    ui.end_row();
+    field(ui, p, "lora.targets", |ui| {
+        let mut resp: Option<egui::Response> = None;
+        ui.horizontal_wrapped(|ui| {
+            for t in Target::ALL {
+                let mut on = c.lora.targets.contains(&t);
+                let r = ui.checkbox(&mut on, t.short());
+                if r.changed() {
+                    if on {
+                        c.lora.targets.push(t);
+                        // Keep the canonical order so the saved TOML reads the same every time.
+                        c.lora.targets.sort();
+                    } else {
+                        c.lora.targets.retain(|x| *x != t);
+                    }
+                }
+                resp = Some(match resp.take() {
+                    Some(acc) => acc.union(r),
+                    None => r,
+                });
+            }
+        });
+        resp.unwrap_or_else(|| ui.label(""))
+    });
+    ui.end_row();
+    field(ui, p, "lora.rslora", |ui| ui.checkbox(&mut c.lora.rslora, "α/√r"));
+    ui.end_row();
+    ui.label("");
+    let scale = c.lora.scale();
+    ui.weak(if scale.is_finite() { format!("adapter scale: {scale:.3}") } else { "adapter scale: –".into() });
+    ui.end_row();
+}
+
+fn optim_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
+    field(ui, p, "optim.lr", |ui| ui.add(drag_f64(&mut c.optim.lr, Fmt::Sci)));
+    ui.end_row();
+    field(ui, p, "optim.beta1", |ui| ui.add(drag_f64(&mut c.optim.beta1, Fmt::Plain).speed(0.001)));
+    ui.end_row();
+    field(ui, p, "optim.beta2", |ui| ui.add(drag_f64(&mut c.optim.beta2, Fmt::Plain).speed(0.0001)));
+    ui.end_row();
+    field(ui, p, "optim.eps", |ui| ui.add(drag_f64(&mut c.optim.eps, Fmt::Sci)));
+    ui.end_row();
+    field(ui, p, "optim.weight_decay", |ui| ui.add(drag_f64(&mut c.optim.weight_decay, Fmt::Plain).speed(0.0005)));
+    ui.end_row();
+    field(ui, p, "optim.max_grad_norm", |ui| ui.add(drag_f64(&mut c.optim.max_grad_norm, Fmt::Plain).speed(0.01)));
+    ui.end_row();
+}
+
+fn schedule_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
+    field(ui, p, "schedule.kind", |ui| {
+        combo(ui, "schedule.kind", &mut c.schedule.kind, &[(ScheduleKind::Linear, "linear"), (ScheduleKind::Cosine, "cosine"), (ScheduleKind::Constant, "constant")])
+    });
+    ui.end_row();
+    field(ui, p, "schedule.warmup_steps", |ui| ui.add(drag_u64(&mut c.schedule.warmup_steps, 0.2)));
+    ui.end_row();
+    field(ui, p, "schedule.warmup_ratio", |ui| ui.add(drag_f64(&mut c.schedule.warmup_ratio, Fmt::Plain).speed(0.005)));
+    ui.end_row();
+    field(ui, p, "train.max_steps", |ui| {
+        let mut limited = c.train.max_steps.is_some();
+        let r = ui.checkbox(&mut limited, "limit");
+        if r.changed() {
+            c.train.max_steps = if limited { Some(100) } else { None };
+        }
+        if let Some(s) = c.train.max_steps.as_mut() {
+            return ui.add(drag_u64(s, 1.0).suffix(" steps"));
+        }
+        r
+    });
+    ui.end_row();
+    field(ui, p, "train.epochs", |ui| ui.add_enabled(c.train.max_steps.is_none(), drag_f64(&mut c.train.epochs, Fmt::Plain).speed(0.05)));
+    ui.end_row();
+    field(ui, p, "train.save_every", |ui| ui.add(drag_u64(&mut c.train.save_every, 0.5).suffix(" steps")));
+    ui.end_row();
+}
+
+fn batch_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
+    field(ui, p, "train.max_seq_len", |ui| ui.add(drag_usize(&mut c.train.max_seq_len, 8.0).suffix(" tokens")));
+    ui.end_row();
+    field(ui, p, "train.batch_size", |ui| ui.add(drag_usize(&mut c.train.batch_size, 0.1)));
+    ui.end_row();
+    field(ui, p, "train.grad_accum", |ui| ui.add(drag_usize(&mut c.train.grad_accum, 0.1)));
+    ui.end_row();
+    ui.label("");
+    ui.weak(format!("effective batch: {} sequences per step", c.train.batch_size * c.train.grad_accum));
+    ui.end_row();
+    field(ui, p, "train.seed", |ui| ui.add(drag_u64(&mut c.train.seed, 1.0)));
+    ui.end_row();
+}
+
+fn memory_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
+    field(ui, p, "model.quantization", |ui| {
+        combo(ui, "model.quantization", &mut c.model.quantization, &[(Quantization::Nf4, "NF4 (QLoRA)"), (Quantization::Bf16, "16-bit (LoRA)")])
+    });
+    ui.end_row();
+    field(ui, p, "memory.checkpointing", |ui| {
+        combo(
+            ui,
+            "memory.checkpointing",
+            &mut c.memory.checkpointing,
+            &[(CheckpointPolicy::Auto, "auto"), (CheckpointPolicy::None, "none (keep all)"), (CheckpointPolicy::Layer, "layer"), (CheckpointPolicy::Offload, "offload to host")],
+        )
+    });
+    ui.end_row();
+    field(ui, p, "train.device", |ui| {
+        combo(ui, "train.device", &mut c.train.device, &[(DeviceChoice::Auto, "auto"), (DeviceChoice::Cpu, "CPU"), (DeviceChoice::Cuda, "CUDA GPU")])
+    });
+    ui.end_row();
+}
+
+fn output_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig, actions: &mut Vec<Action>) {
+    widgets::path_field(ui, p, "output.dir", &mut c.output.dir, Some(Action::Pick(super::jobs::Pick::OutputFolder)), actions);
+    ui.end_row();
+    field(ui, p, "output.run_name", |ui| ui.add(egui::TextEdit::singleline(&mut c.output.run_name).hint_text("automatic").desired_width(240.0)));
+    ui.end_row();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Leaf keys of a TOML table, dotted.
+    fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, x) in t {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    leaves(&key, x, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+
+    #[test]
+    fn every_config_field_is_documented() {
+        // Optional fields are left out of the TOML when unset: set them so they show up.
+        let mut c = RunConfig::default();
+        c.model.adapter = Some("a".into());
+        c.train.max_steps = Some(1);
+        c.dataset.columns.system = Some("s".into());
+        let mut keys = Vec::new();
+        leaves("", &toml::Value::try_from(&c).unwrap(), &mut keys);
+        keys.sort();
+        let mut documented: Vec<String> = FIELDS.iter().map(|d| d.key.to_string()).collect();
+        documented.sort();
+        assert_eq!(keys, documented);
+        for d in FIELDS {
+            assert!(!d.help.is_empty() && !d.label.is_empty(), "{}", d.key);
+        }
+    }
+
+    #[test]
+    fn tooltips_carry_the_default() {
+        assert!(tooltip("lora.r").contains("Default: 16"));
+        assert!(tooltip("optim.lr").contains("Default: 0.0002"));
+        assert!(tooltip("lora.targets").contains("q, k, v, o, gate, up, down"));
+        assert!(tooltip("train.max_steps").contains("Default: none"));
+        assert!(tooltip("output.run_name").contains("Default: empty"));
+    }
+
+    #[test]
+    fn first_problem_follows_screen_order_and_names_the_field() {
+        let mut c = RunConfig::default();
+        c.model.path = "m".into();
+        c.dataset.path = "d".into();
+        c.lora.r = 0;
+        c.optim.lr = -1.0;
+        let mut p = Problems::new();
+        for e in c.problems() {
+            if let Error::Config { field, msg } = e {
+                p.entry(field).or_default().push(msg);
+            }
+        }
+        let first = first_problem(&p).unwrap();
+        assert!(first.starts_with("LoRA rank (r) (lora.r): 0 is outside"), "{first}");
+        assert!(p.contains_key("optim.lr"));
+    }
+}

@@ -1,0 +1,906 @@
+//! The studio window (eframe/egui). `AppState` is plain data the panels read and edit; panels
+//! return `Action`s instead of doing work, and `StudioApp` carries the actions out: it starts
+//! workers (`jobs`) and the training session, and folds what comes back into the state at the
+//! start of each frame. Nothing here computes on tensors or waits for another thread: results
+//! arrive over channels drained with `try_recv`, and every sender wakes the window.
+//!
+//! One file per panel: `model`, `dataset`, `hyper` (with the memory `budget`), `preflight`,
+//! `monitor`, `runs`, `export`. Each keeps its view model (what to show, computed from the state) apart
+//! from its drawing so the tests can check it without pixels.
+
+pub mod budget;
+pub mod dataset;
+pub mod export;
+pub mod hyper;
+pub mod jobs;
+pub mod model;
+pub mod monitor;
+pub mod preflight;
+pub mod runs;
+pub mod widgets;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use eframe::egui::{self, Key, KeyboardShortcut, Modifiers, RichText, ViewportCommand};
+
+use crate::RunConfig;
+use crate::session::{self, Control, Event, SessionHandle, StartOptions};
+
+use jobs::{Debounce, DebounceState, Jobs, Msg, Pick};
+use monitor::Phase;
+use widgets::Load;
+
+pub const START_KEYS: &str = "Ctrl+Enter or F5";
+const START: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
+const STOP: KeyboardShortcut = KeyboardShortcut::new(Modifiers::SHIFT, Key::F5);
+const SAVE: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::S);
+const OPEN: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::O);
+
+/// How the studio starts.
+#[derive(Debug, Clone)]
+pub struct StudioOptions {
+    /// A run config to open; `None` opens the demo.
+    pub config: Option<PathBuf>,
+    /// Where `recent_models.json` lives.
+    pub settings_dir: PathBuf,
+    /// Overrides the config's `output.dir` (tests write runs into a temporary folder).
+    pub output_dir: Option<PathBuf>,
+}
+
+impl Default for StudioOptions {
+    fn default() -> Self {
+        StudioOptions { config: None, settings_dir: crate::assets::config_dir(), output_dir: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    Model,
+    Dataset,
+    Hyper,
+    Monitor,
+    Runs,
+    Export,
+}
+
+impl Page {
+    pub const ALL: [Page; 6] = [Page::Model, Page::Dataset, Page::Hyper, Page::Monitor, Page::Runs, Page::Export];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Page::Model => "Model",
+            Page::Dataset => "Dataset",
+            Page::Hyper => "Hyperparameters",
+            Page::Monitor => "Training",
+            Page::Runs => "Runs",
+            Page::Export => "Export",
+        }
+    }
+}
+
+/// What a panel asks the app to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Pick(Pick),
+    SetModel(PathBuf),
+    SetDataset(PathBuf),
+    LoadConfig(PathBuf),
+    SaveConfig,
+    LoadDemo,
+    Start,
+    ConfirmStart,
+    AcceptFixAndStart,
+    CancelPreflight,
+    Pause,
+    Resume,
+    Stop,
+    SaveNow,
+    RefreshRuns,
+    OpenRun(PathBuf),
+    ResumeRun(PathBuf),
+    ExportFrom(PathBuf),
+    Export,
+    /// "Largest that fits" in the memory budget: set this setting to this value.
+    ApplyBudget(budget::Setting, usize),
+    BackToLive,
+    GoTo(Page),
+    DismissNotice(usize),
+    Quit,
+}
+
+/// Everything the window shows, as plain data.
+#[derive(Debug)]
+pub struct AppState {
+    pub page: Page,
+    pub config: RunConfig,
+    /// The file the config came from or was last saved to.
+    pub config_path: Option<PathBuf>,
+    /// The config as last loaded or saved, to show unsaved edits.
+    pub saved_config: RunConfig,
+    /// Whether `config_path` is the demo's own file (saving it asks for a new name instead).
+    pub config_is_demo: bool,
+    pub model: model::ModelState,
+    pub dataset: dataset::DatasetState,
+    pub preflight: preflight::PreflightState,
+    pub training: monitor::TrainingState,
+    pub runs: runs::RunsState,
+    pub export: export::ExportState,
+    pub budget: budget::BudgetState,
+    /// Messages for the person (errors from workers, notes); dismissable.
+    pub notices: Vec<String>,
+    pub settings_dir: PathBuf,
+}
+
+impl AppState {
+    pub fn new(config: RunConfig, config_path: Option<PathBuf>, config_is_demo: bool, settings_dir: PathBuf) -> Self {
+        let recent = model::Recent::load(&settings_dir);
+        AppState {
+            page: Page::Model,
+            saved_config: config.clone(),
+            config,
+            config_path,
+            config_is_demo,
+            model: model::ModelState { recent, ..Default::default() },
+            dataset: Default::default(),
+            preflight: Default::default(),
+            training: Default::default(),
+            runs: Default::default(),
+            export: Default::default(),
+            budget: Default::default(),
+            notices: Vec::new(),
+            settings_dir,
+        }
+    }
+
+    pub fn config_name(&self) -> String {
+        match &self.config_path {
+            Some(_) if self.config_is_demo => "demo".into(),
+            Some(p) => p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            None => "untitled".into(),
+        }
+    }
+}
+
+/// Why Start is disabled, or `None` when it is not.
+pub fn start_blocker(s: &AppState) -> Option<String> {
+    if s.training.phase.is_active() {
+        return Some("a run is in progress".into());
+    }
+    if s.preflight.open {
+        return Some("the preflight check is open".into());
+    }
+    if let Some(p) = hyper::first_problem(&hyper::problem_map(s)) {
+        return Some(p);
+    }
+    if s.model.info.is_loading() {
+        return Some("still reading the model folder".into());
+    }
+    None
+}
+
+/// "TuneStudio — demo — training 12/60".
+pub fn window_title(s: &AppState) -> String {
+    let dirty = if s.config != s.saved_config { " •" } else { "" };
+    let mut t = format!("TuneStudio — {}{dirty}", s.config_name());
+    let tr = &s.training;
+    if tr.phase != Phase::Idle {
+        t.push_str(&format!(" — {}", tr.phase.label()));
+        if let Some(m) = tr.metrics.last() {
+            t.push_str(&format!(" {}/{}", m.step, m.total_steps));
+        }
+    }
+    t
+}
+
+/// What a path dropped on the window is for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dropped {
+    Model(PathBuf),
+    Dataset(PathBuf),
+    Config(PathBuf),
+    Unknown(PathBuf),
+}
+
+pub fn classify_drop(path: &Path) -> Dropped {
+    if path.is_dir() {
+        if path.join("config.json").is_file() { Dropped::Model(path.to_path_buf()) } else { Dropped::Unknown(path.to_path_buf()) }
+    } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
+        Dropped::Config(path.to_path_buf())
+    } else if path.is_file() {
+        Dropped::Dataset(path.to_path_buf())
+    } else {
+        Dropped::Unknown(path.to_path_buf())
+    }
+}
+
+/// Load a config file for the editor; relative paths in it are taken from its folder.
+fn load_config(path: &Path) -> crate::Result<RunConfig> {
+    let mut cfg = RunConfig::load(path)?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.is_relative() { std::env::current_dir().unwrap_or_default().join(base) } else { base };
+    crate::assets::absolutize(&mut cfg, &base);
+    Ok(cfg)
+}
+
+pub struct StudioApp {
+    pub state: AppState,
+    jobs: Jobs,
+    session: Option<SessionHandle>,
+    model_watch: Debounce,
+    dataset_watch: Debounce,
+    runs_watch: Debounce,
+    /// "Largest that fits" starts once the budget's inputs hold still (not on every frame of a drag).
+    fixes_watch: Debounce,
+    dataset_key: u64,
+    title: String,
+    close_after_stop: bool,
+    /// `StudioOptions::output_dir`, applied to every config opened.
+    output_override: Option<PathBuf>,
+}
+
+impl StudioApp {
+    pub fn new(cc: &eframe::CreationContext<'_>, options: StudioOptions) -> Self {
+        let mut notices = Vec::new();
+        let (mut config, path, is_demo) = match &options.config {
+            Some(p) => match load_config(p) {
+                Ok(c) => (c, Some(p.clone()), false),
+                Err(e) => {
+                    notices.push(format!("Could not open {}: {e}", p.display()));
+                    (RunConfig::default(), None, false)
+                }
+            },
+            None => match crate::assets::demo_config() {
+                Ok((p, c)) => (c, Some(p), true),
+                Err(e) => {
+                    notices.push(format!("The built-in demo could not be prepared: {e}"));
+                    (RunConfig::default(), None, false)
+                }
+            },
+        };
+        if let Some(o) = &options.output_dir {
+            config.output.dir = o.clone();
+        }
+        let mut state = AppState::new(config, path, is_demo, options.settings_dir.clone());
+        state.notices = notices;
+        state.export.dest = crate::assets::data_dir().join("exports");
+        state.budget.machine = Load::Loading;
+        let delay = Duration::from_millis(300);
+        let jobs = Jobs::new(cc.egui_ctx.clone());
+        jobs.spawn("machine", |_| Msg::Machine(budget::probe_machine()));
+        StudioApp {
+            state,
+            jobs,
+            session: None,
+            model_watch: Debounce::new(delay),
+            dataset_watch: Debounce::new(delay),
+            runs_watch: Debounce::new(delay),
+            fixes_watch: Debounce::new(Duration::from_millis(150)),
+            dataset_key: 0,
+            title: String::new(),
+            close_after_stop: false,
+            output_override: options.output_dir,
+        }
+    }
+
+    /// Workers still running (tests wait for this to reach zero).
+    pub fn jobs_running(&self) -> usize {
+        self.jobs.running()
+    }
+
+    /// Carry out one action.
+    pub fn act(&mut self, action: Action, ctx: &egui::Context) {
+        let s = &mut self.state;
+        match action {
+            Action::Pick(p) => {
+                let start_in = match p {
+                    Pick::ModelFolder | Pick::AdapterFolder => s.config.model.path.parent().map(Path::to_path_buf),
+                    Pick::DatasetFile => s.config.dataset.path.parent().map(Path::to_path_buf),
+                    Pick::OutputFolder => Some(s.config.output.dir.clone()),
+                    Pick::ExportFolder => Some(s.export.dest.clone()),
+                    Pick::OpenConfig | Pick::SaveConfigAs => s.config_path.as_ref().and_then(|p| p.parent()).map(Path::to_path_buf),
+                };
+                self.jobs.pick(p, start_in);
+            }
+            Action::SetModel(p) => {
+                s.config.model.path = p;
+                s.page = Page::Model;
+            }
+            Action::SetDataset(p) => {
+                s.config.dataset.path = p;
+                s.page = Page::Dataset;
+            }
+            Action::LoadConfig(p) => match load_config(&p) {
+                Ok(mut c) => {
+                    if let Some(o) = &self.output_override {
+                        c.output.dir = o.clone();
+                    }
+                    s.saved_config = c.clone();
+                    s.config = c;
+                    s.config_path = Some(p);
+                    s.config_is_demo = false;
+                }
+                Err(e) => s.notices.push(format!("Could not open the config: {e}")),
+            },
+            Action::LoadDemo => match crate::assets::demo_config() {
+                Ok((p, mut c)) => {
+                    if let Some(o) = &self.output_override {
+                        c.output.dir = o.clone();
+                    }
+                    s.saved_config = c.clone();
+                    s.config = c;
+                    s.config_path = Some(p);
+                    s.config_is_demo = true;
+                }
+                Err(e) => s.notices.push(format!("The built-in demo could not be prepared: {e}")),
+            },
+            Action::SaveConfig => match (&s.config_path, s.config_is_demo) {
+                (Some(p), false) => match s.config.save(p) {
+                    Ok(()) => s.saved_config = s.config.clone(),
+                    Err(e) => s.notices.push(format!("Could not save the config: {e}")),
+                },
+                _ => self.jobs.pick(Pick::SaveConfigAs, None),
+            },
+            Action::Start => {
+                if let Some(why) = start_blocker(s) {
+                    s.notices.push(format!("Cannot start: {why}"));
+                    return;
+                }
+                let key = jobs::key_of(&[&s.config.to_toml()]);
+                s.preflight = preflight::PreflightState { open: true, key, report: Load::Loading };
+                let cfg = s.config.clone();
+                let machine = s.budget.machine.ready().cloned();
+                self.jobs.spawn("preflight", move |_| Msg::Preflight { key, result: jobs::guarded(|| preflight::check(&cfg, machine)) });
+            }
+            Action::AcceptFixAndStart => {
+                s.config.dataset.fix_untrained_tokens = true;
+                self.act(Action::ConfirmStart, ctx);
+            }
+            Action::ConfirmStart => {
+                s.preflight.open = false;
+                let cfg = s.config.clone();
+                self.start_session(cfg, None);
+            }
+            Action::CancelPreflight => s.preflight.open = false,
+            Action::Pause => {
+                if let Some(h) = &self.session {
+                    h.send(Control::Pause);
+                    s.training.pause_requested = true;
+                }
+            }
+            Action::Resume => {
+                if let Some(h) = &self.session {
+                    h.send(Control::Resume);
+                }
+            }
+            Action::Stop => {
+                if let Some(h) = &self.session {
+                    h.send(Control::Stop);
+                    s.training.phase = Phase::Stopping;
+                    s.training.push_log("stop requested: finishing the current step and saving".into());
+                }
+            }
+            Action::SaveNow => {
+                if let Some(h) = &self.session {
+                    h.send(Control::SaveNow);
+                    s.training.push_log("checkpoint requested".into());
+                }
+            }
+            Action::RefreshRuns => self.refresh_runs(),
+            Action::OpenRun(dir) => {
+                self.jobs.spawn("open-run", move |_| Msg::RunOpened(jobs::guarded(|| runs::open(&dir))));
+            }
+            Action::ResumeRun(dir) => {
+                if s.training.phase.is_active() {
+                    s.notices.push("A run is in progress: stop it before resuming another.".into());
+                    return;
+                }
+                // The session reads the run's own config; only an explicit step limit carries over.
+                self.start_session(RunConfig::default(), Some(dir));
+            }
+            Action::ExportFrom(dir) => {
+                s.export.source = Some(dir);
+                s.export.result = None;
+                s.page = Page::Export;
+            }
+            Action::Export => {
+                let (Some(src), dest) = (s.export.source.clone(), s.export.dest.clone()) else { return };
+                s.export.progress = Some((0.0, "starting".into()));
+                s.export.result = None;
+                self.jobs.spawn("export", move |tx| Msg::Export(export::ExportProgress::Done(jobs::guarded(|| export::export_adapter(&src, &dest, tx)))));
+            }
+            Action::ApplyBudget(setting, value) => budget::apply(&mut s.config, setting, value),
+            Action::BackToLive => s.training.viewing = None,
+            Action::GoTo(p) => {
+                s.page = p;
+                if p == Page::Runs || p == Page::Export {
+                    self.refresh_runs();
+                }
+            }
+            Action::DismissNotice(i) => {
+                if i < s.notices.len() {
+                    s.notices.remove(i);
+                }
+            }
+            Action::Quit => ctx.send_viewport_cmd(ViewportCommand::Close),
+        }
+    }
+
+    fn start_session(&mut self, cfg: RunConfig, resume: Option<PathBuf>) {
+        let t = &mut self.state.training;
+        let generation = t.generation + 1;
+        let what = match &resume {
+            Some(d) => format!("resuming {}", d.display()),
+            None => format!("starting a run of {} on {}", cfg.model.path.display(), cfg.dataset.path.display()),
+        };
+        t.begin(generation, what);
+        // The plan of this run, to draw the measured memory against once the device is known.
+        if resume.is_none() {
+            if let Some(info) = self.state.model.info.ready().filter(|i| i.path == cfg.model.path) {
+                self.state.training.plan_input = Some(Box::new((info.spec.clone(), cfg.clone())));
+            }
+        }
+        let handle = session::start(cfg, StartOptions { resume, ..Default::default() });
+        self.jobs.forward_session(handle.events.clone(), generation);
+        self.session = Some(handle);
+        self.state.page = Page::Monitor;
+    }
+
+    fn refresh_runs(&mut self) {
+        let dir = self.state.config.output.dir.clone();
+        if self.state.runs.records.ready().is_none() {
+            self.state.runs.records = Load::Loading;
+        }
+        self.jobs.spawn("runs", move |_| Msg::Runs { records: runs::scan(&dir), dir });
+    }
+
+    /// Fold a worker's or the session's message into the state.
+    fn handle(&mut self, msg: Msg, ctx: &egui::Context) {
+        let s = &mut self.state;
+        match msg {
+            Msg::Model { path, result } => {
+                if path != s.config.model.path {
+                    return;
+                }
+                if result.is_ok() {
+                    s.model.recent.push(&path);
+                    // Losing the recent list is not worth bothering the person about.
+                    let _ = s.model.recent.save(&s.settings_dir);
+                }
+                s.model.info = match result {
+                    Ok(i) => Load::Ready(i),
+                    Err(e) => Load::Failed(e),
+                };
+            }
+            Msg::Dataset { key, result } => {
+                if key == self.dataset_key {
+                    s.dataset.view = match result {
+                        Ok(v) => Load::Ready(v),
+                        Err(e) => Load::Failed(e),
+                    };
+                }
+            }
+            Msg::Preflight { key, result } => {
+                if key == s.preflight.key && s.preflight.open {
+                    s.preflight.report = match result {
+                        Ok(r) => Load::Ready(r),
+                        Err(e) => Load::Failed(e),
+                    };
+                }
+            }
+            Msg::Export(export::ExportProgress::Step { fraction, what }) => s.export.progress = Some((fraction, what)),
+            Msg::Export(export::ExportProgress::Done(r)) => {
+                s.export.progress = None;
+                s.export.result = Some(r);
+            }
+            Msg::Machine(m) => s.budget.machine = Load::Ready(m),
+            Msg::BudgetFixes { key, result } => {
+                s.budget.fixes_pending = None;
+                let fixes = result.unwrap_or_else(|e| budget::Fixes { max_seq_len: None, seq_cap: 0, batch_size: None, lora_r: None, suggestions: vec![format!("(the search failed: {e})")] });
+                s.budget.fixes = Some((key, fixes));
+            }
+            Msg::Runs { dir, records } => {
+                s.runs.dir = dir;
+                s.runs.records = Load::Ready(records);
+            }
+            Msg::RunOpened(Ok(v)) => {
+                s.training.viewing = Some(v);
+                s.page = Page::Monitor;
+            }
+            Msg::RunOpened(Err(e)) => s.notices.push(format!("Could not open the run: {e}")),
+            Msg::Picked { path: None, .. } => {}
+            Msg::Picked { purpose, path: Some(p) } => match purpose {
+                Pick::ModelFolder => s.config.model.path = p,
+                Pick::AdapterFolder => s.config.model.adapter = Some(p),
+                Pick::DatasetFile => s.config.dataset.path = p,
+                Pick::OutputFolder => s.config.output.dir = p,
+                Pick::ExportFolder => s.export.dest = p,
+                Pick::OpenConfig => self.act(Action::LoadConfig(p), ctx),
+                Pick::SaveConfigAs => match s.config.save(&p) {
+                    Ok(()) => {
+                        s.saved_config = s.config.clone();
+                        s.config_path = Some(p);
+                        s.config_is_demo = false;
+                    }
+                    Err(e) => s.notices.push(format!("Could not save the config: {e}")),
+                },
+            },
+            Msg::Session { generation, event } => {
+                if generation != s.training.generation {
+                    return;
+                }
+                let ended = matches!(event, Event::Finished(_) | Event::Failed { .. });
+                if let (Event::Loaded(info), Some(input)) = (&event, &s.training.plan_input) {
+                    let machine = s.budget.machine.ready();
+                    let target = budget::device_target(&info.device, machine);
+                    s.training.plan = Some(budget::view(&input.0, &input.1, &target, machine.and_then(|m| m.host.as_ref()), 0));
+                }
+                s.training.apply(event);
+                if ended {
+                    // The session thread is ending on its own; dropping the handle detaches it.
+                    self.session = None;
+                    if let Some(d) = self.state.training.run_dir() {
+                        self.state.export.source = Some(d.to_path_buf());
+                    }
+                    self.refresh_runs();
+                    if self.close_after_stop {
+                        ctx.send_viewport_cmd(ViewportCommand::Close);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Start the model and dataset readers when their inputs have settled.
+    fn watch_inputs(&mut self, ctx: &egui::Context) {
+        let now = Instant::now();
+        let s = &mut self.state;
+        let model_path = s.config.model.path.clone();
+        match self.model_watch.poll(jobs::key_of(&[&model_path]), now) {
+            DebounceState::Ready if !model_path.as_os_str().is_empty() => {
+                s.model.info = Load::Loading;
+                self.jobs.spawn("model", move |_| Msg::Model { result: jobs::guarded(|| model::describe(&model_path)), path: model_path });
+            }
+            DebounceState::Ready => s.model.info = Load::Empty,
+            DebounceState::Waiting(d) => ctx.request_repaint_after(d),
+            DebounceState::Idle => {}
+        }
+        // The preview needs the model's tokenizer: wait for the model to load.
+        let model_ok = s.model.info.ready().is_some_and(|i| i.path == s.config.model.path);
+        let key = jobs::key_of(&[&toml::to_string(&s.config.dataset).unwrap_or_default(), &s.config.model.path, &s.config.train.max_seq_len, &model_ok]);
+        match self.dataset_watch.poll(key, now) {
+            DebounceState::Ready if model_ok && !s.config.dataset.path.as_os_str().is_empty() => {
+                self.dataset_key = key;
+                s.dataset.view = Load::Loading;
+                let cfg = s.config.clone();
+                self.jobs.spawn("dataset", move |_| Msg::Dataset { key, result: jobs::guarded(|| dataset::prepare_view(&cfg)) });
+            }
+            DebounceState::Ready => {
+                self.dataset_key = key;
+                s.dataset.view = Load::Empty;
+            }
+            DebounceState::Waiting(d) => ctx.request_repaint_after(d),
+            DebounceState::Idle => {}
+        }
+        match self.runs_watch.poll(jobs::key_of(&[&s.config.output.dir]), now) {
+            DebounceState::Ready => self.refresh_runs(),
+            DebounceState::Waiting(d) => ctx.request_repaint_after(d),
+            DebounceState::Idle => {}
+        }
+    }
+
+    fn shortcuts(&mut self, ctx: &egui::Context) {
+        let typing = ctx.egui_wants_keyboard_input();
+        let (start, stop, pause, save, open, enter) = ctx.input_mut(|i| {
+            (
+                i.consume_shortcut(&START) || i.consume_key(Modifiers::NONE, Key::F5),
+                i.consume_shortcut(&STOP),
+                i.consume_key(Modifiers::NONE, Key::F6),
+                i.consume_shortcut(&SAVE),
+                i.consume_shortcut(&OPEN),
+                !typing && i.key_pressed(Key::Enter),
+            )
+        });
+        let s = &self.state;
+        if s.preflight.open {
+            let ready = s.preflight.report.ready().is_some_and(|r| preflight::verdict(r, s.config.dataset.fix_untrained_tokens) == preflight::Verdict::Ready);
+            if (start || enter) && ready {
+                self.act(Action::ConfirmStart, ctx);
+            }
+            return;
+        }
+        let phase = s.training.phase;
+        if start {
+            self.act(Action::Start, ctx);
+        }
+        if stop && phase.is_active() {
+            self.act(Action::Stop, ctx);
+        }
+        if pause {
+            match phase {
+                Phase::Running => self.act(Action::Pause, ctx),
+                Phase::Paused => self.act(Action::Resume, ctx),
+                _ => {}
+            }
+        }
+        if save {
+            self.act(Action::SaveConfig, ctx);
+        }
+        if open {
+            self.act(Action::Pick(Pick::OpenConfig), ctx);
+        }
+    }
+
+    fn drops(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
+        for p in dropped {
+            match classify_drop(&p) {
+                Dropped::Model(p) => self.act(Action::SetModel(p), ctx),
+                Dropped::Dataset(p) => self.act(Action::SetDataset(p), ctx),
+                Dropped::Config(p) => self.act(Action::LoadConfig(p), ctx),
+                Dropped::Unknown(p) => self.state.notices.push(format!(
+                    "{} is neither a model folder (with config.json), a dataset file nor a run config (.toml).",
+                    p.display()
+                )),
+            }
+        }
+    }
+
+    fn toolbar(&mut self, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
+        let s = &self.state;
+        ui.horizontal(|ui| {
+            let blocker = start_blocker(s);
+            let start = ui
+                .add_enabled(blocker.is_none(), egui::Button::new(RichText::new("▶ Start").strong()))
+                .on_hover_text(format!("Check the run and start training ({START_KEYS})"));
+            let start = match &blocker {
+                Some(why) => start.on_disabled_hover_text(format!("Start is disabled: {why}")),
+                None => start,
+            };
+            if start.clicked() {
+                actions.push(Action::Start);
+            }
+            let phase = s.training.phase;
+            let has_session = self.session.is_some();
+            if phase == Phase::Paused {
+                if ui.add_enabled(has_session, egui::Button::new("⏵ Resume")).on_hover_text("F6").clicked() {
+                    actions.push(Action::Resume);
+                }
+            } else {
+                let can_pause = has_session && phase == Phase::Running && !s.training.pause_requested;
+                if ui.add_enabled(can_pause, egui::Button::new("⏸ Pause")).on_hover_text("Pause after the current step (F6)").clicked() {
+                    actions.push(Action::Pause);
+                }
+            }
+            let can_stop = has_session && matches!(phase, Phase::Loading | Phase::Running | Phase::Paused);
+            if ui.add_enabled(can_stop, egui::Button::new("⏹ Stop")).on_hover_text("Stop after the current step and save the adapter (Shift+F5)").clicked() {
+                actions.push(Action::Stop);
+            }
+            let can_save = has_session && matches!(phase, Phase::Running | Phase::Paused);
+            if ui.add_enabled(can_save, egui::Button::new("💾 Save now")).on_hover_text("Write a resumable checkpoint after the current step").clicked() {
+                actions.push(Action::SaveNow);
+            }
+            ui.separator();
+            let p = monitor::progress(&s.training.metrics, s.training.loaded.as_ref().map(|l| l.total_steps), phase);
+            let status = if s.training.pause_requested { "pausing…".to_string() } else { phase.label().to_string() };
+            ui.label(RichText::new(status).strong());
+            if phase != Phase::Idle {
+                ui.add(egui::ProgressBar::new(p.fraction).desired_width(220.0).text(p.text.split(" · ").next().unwrap_or("").to_string()));
+            }
+        });
+    }
+
+    fn menu(&mut self, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
+        egui::MenuBar::new().ui(ui, |ui| {
+            ui.menu_button("File", |ui| {
+                if ui.button("Open config…   Ctrl+O").clicked() {
+                    actions.push(Action::Pick(Pick::OpenConfig));
+                }
+                if ui.button("Save config   Ctrl+S").clicked() {
+                    actions.push(Action::SaveConfig);
+                }
+                if ui.button("Save config as…").clicked() {
+                    actions.push(Action::Pick(Pick::SaveConfigAs));
+                }
+                ui.separator();
+                if ui.button("Open the demo").clicked() {
+                    actions.push(Action::LoadDemo);
+                }
+                ui.separator();
+                if ui.button("Quit").clicked() {
+                    actions.push(Action::Quit);
+                }
+            });
+            ui.menu_button("View", |ui| {
+                ui.label("Theme");
+                egui::widgets::global_theme_preference_buttons(ui);
+            });
+            ui.menu_button("Help", |ui| {
+                ui.label(format!("Start: {START_KEYS}"));
+                ui.label("Pause / resume: F6");
+                ui.label("Stop: Shift+F5");
+                ui.label("Save config: Ctrl+S · Open: Ctrl+O");
+                ui.label("Drop a model folder, a dataset or a .toml on the window to use it.");
+            });
+            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                let dirty = self.state.config != self.state.saved_config;
+                ui.weak(format!("config: {}{}", self.state.config_name(), if dirty { " (edited)" } else { "" }));
+            });
+        });
+    }
+
+    fn nav(&mut self, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
+        let problems = hyper::problem_map(&self.state);
+        ui.add_space(6.0);
+        for p in Page::ALL {
+            let flag = match p {
+                Page::Model => problems.contains_key("model.path") || problems.contains_key("model.adapter"),
+                Page::Dataset => problems.keys().any(|k| k.starts_with("dataset.")),
+                Page::Hyper => problems.keys().any(|k| !k.starts_with("dataset.") && !k.starts_with("model.path")),
+                Page::Monitor => self.state.training.phase == Phase::Failed,
+                _ => false,
+            };
+            let text = if flag { format!("⚠ {}", p.title()) } else { p.title().to_string() };
+            if ui.selectable_label(self.state.page == p, text).clicked() {
+                actions.push(Action::GoTo(p));
+            }
+        }
+    }
+}
+
+impl eframe::App for StudioApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        for msg in self.jobs.drain() {
+            self.handle(msg, ctx);
+        }
+        self.watch_inputs(ctx);
+        budget::refresh(&mut self.state);
+        if let Some((key, spec, cfg, target)) = budget::fixes_wanted(&self.state) {
+            match self.fixes_watch.poll(key, Instant::now()) {
+                DebounceState::Ready => {
+                    self.state.budget.fixes_pending = Some(key);
+                    self.jobs.spawn("budget", move |_| Msg::BudgetFixes { key, result: jobs::guarded(|| Ok(budget::fixes(&spec, &cfg, &target))) });
+                }
+                DebounceState::Waiting(d) => ctx.request_repaint_after(d),
+                DebounceState::Idle => {}
+            }
+        }
+        self.shortcuts(ctx);
+        self.drops(ctx);
+        if ctx.input(|i| i.viewport().close_requested()) && self.state.training.phase.is_active() {
+            // Closing mid-run would lose the steps since the last checkpoint: stop cleanly first.
+            ctx.send_viewport_cmd(ViewportCommand::CancelClose);
+            if !self.close_after_stop {
+                self.close_after_stop = true;
+                self.state.notices.push("Stopping the run; the window closes once the adapter is saved.".into());
+                self.act(Action::Stop, ctx);
+            }
+        }
+        let title = window_title(&self.state);
+        if title != self.title {
+            ctx.send_viewport_cmd(ViewportCommand::Title(title.clone()));
+            self.title = title;
+        }
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let mut actions = Vec::new();
+        egui::Panel::top("menu").show(ui, |ui| self.menu(ui, &mut actions));
+        egui::Panel::top("toolbar").show(ui, |ui| {
+            ui.add_space(3.0);
+            self.toolbar(ui, &mut actions);
+            ui.add_space(1.0);
+        });
+        egui::Panel::bottom("status").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                match start_blocker(&self.state) {
+                    Some(why) if !self.state.training.phase.is_active() => {
+                        let c = ui.visuals().warn_fg_color;
+                        ui.label(RichText::new(format!("Start is disabled: {why}")).color(c));
+                    }
+                    _ if self.state.training.phase.is_active() => {
+                        ui.label(format!("Training · Pause F6 · Stop Shift+F5"));
+                    }
+                    _ => {
+                        ui.label(format!("Ready: {START_KEYS} checks the run and starts training."));
+                    }
+                }
+                if self.jobs.running() > 0 {
+                    ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                        ui.spinner();
+                    });
+                }
+            });
+        });
+        egui::Panel::left("nav").resizable(false).exact_size(172.0).show(ui, |ui| self.nav(ui, &mut actions));
+        egui::CentralPanel::default().show(ui, |ui| {
+            let mut dismiss = None;
+            for (i, n) in self.state.notices.iter().enumerate() {
+                ui.horizontal(|ui| {
+                    let c = ui.visuals().warn_fg_color;
+                    if ui.small_button("✖").on_hover_text("dismiss").clicked() {
+                        dismiss = Some(i);
+                    }
+                    ui.add(egui::Label::new(RichText::new(n).color(c)).wrap());
+                });
+            }
+            if let Some(i) = dismiss {
+                actions.push(Action::DismissNotice(i));
+            }
+            let s = &mut self.state;
+            match s.page {
+                Page::Model => model::ui(ui, s, &mut actions),
+                Page::Dataset => dataset::ui(ui, s, &mut actions),
+                Page::Hyper => hyper::ui(ui, s, &mut actions),
+                Page::Monitor => monitor::ui(ui, s, &mut actions),
+                Page::Runs => runs::ui(ui, s, &mut actions),
+                Page::Export => export::ui(ui, s, &mut actions),
+            }
+        });
+        let ctx = ui.ctx().clone();
+        preflight::dialog(&ctx, &mut self.state, &mut actions);
+        if ctx.input(|i| !i.raw.hovered_files.is_empty()) {
+            let rect = ctx.content_rect();
+            let painter = ctx.layer_painter(egui::LayerId::new(egui::Order::Foreground, egui::Id::unique("drop-overlay")));
+            painter.rect_filled(rect, 0.0, egui::Color32::from_black_alpha(160));
+            painter.text(rect.center(), egui::Align2::CENTER_CENTER, "Drop a model folder, a dataset or a run config", egui::FontId::proportional(22.0), egui::Color32::WHITE);
+        }
+        for a in actions {
+            self.act(a, &ctx);
+        }
+    }
+}
+
+/// Open the studio window and run until it is closed.
+pub fn run(options: StudioOptions) -> crate::Result<()> {
+    let mut viewport = egui::ViewportBuilder::default()
+        .with_title("TuneStudio")
+        .with_app_id("tunestudio")
+        .with_inner_size([1280.0, 820.0])
+        .with_min_inner_size([960.0, 620.0])
+        .with_drag_and_drop(true);
+    if let Ok(icon) = eframe::icon_data::from_png_bytes(include_bytes!("../../packaging/icons/tunestudio-256.png")) {
+        viewport = viewport.with_icon(icon);
+    }
+    let native = eframe::NativeOptions { viewport, ..Default::default() };
+    eframe::run_native("TuneStudio", native, Box::new(move |cc| Ok(Box::new(StudioApp::new(cc, options)))))
+        .map_err(|e| crate::Error::msg(format!("the studio window could not open: {e}. Without a display, use `tunestudio train <run.toml>`.")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_are_told_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let model = d.path().join("m");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::write(model.join("config.json"), "{}").unwrap();
+        let data = d.path().join("d.jsonl");
+        std::fs::write(&data, "{}").unwrap();
+        let cfg = d.path().join("run.toml");
+        std::fs::write(&cfg, "").unwrap();
+        assert_eq!(classify_drop(&model), Dropped::Model(model.clone()));
+        assert_eq!(classify_drop(&data), Dropped::Dataset(data.clone()));
+        assert_eq!(classify_drop(&cfg), Dropped::Config(cfg.clone()));
+        assert!(matches!(classify_drop(d.path()), Dropped::Unknown(_)));
+    }
+
+    #[test]
+    fn title_and_blocker_follow_the_state() {
+        let mut c = RunConfig::default();
+        c.model.path = "m".into();
+        c.dataset.path = "d".into();
+        let mut s = AppState::new(c, None, false, std::env::temp_dir().join("tunestudio-test-settings"));
+        assert_eq!(window_title(&s), "TuneStudio — untitled");
+        assert_eq!(start_blocker(&s), None);
+        s.config.lora.r = 0;
+        assert!(window_title(&s).ends_with('•'), "edited config is marked");
+        assert!(start_blocker(&s).unwrap().contains("lora.r"));
+        s.config.lora.r = 8;
+        s.training.begin(1, "x".into());
+        assert_eq!(start_blocker(&s).unwrap(), "a run is in progress");
+        assert!(window_title(&s).contains("loading"));
+    }
+}

@@ -1,0 +1,213 @@
+//! The Model panel: choose a Hugging Face model folder (chooser, drop, recent list) and see what
+//! it holds before anything is loaded on a device. `describe` runs on a worker; the panel only
+//! draws the `ModelInfo` it produced.
+
+use std::path::{Path, PathBuf};
+
+use eframe::egui;
+use serde::{Deserialize, Serialize};
+
+use crate::model::tokenizer::PadSource;
+use crate::model::{ModelSpec, WeightStore, untrained};
+use crate::util::{fmt_bytes, fmt_count};
+
+use super::widgets::{self, Load};
+use super::{Action, AppState};
+
+/// Everything the panel shows about a model folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    /// The shape `engine::plan` needs (from config.json): the memory budget plans with it.
+    pub spec: ModelSpec,
+    pub architecture: String,
+    pub shape: String,
+    pub total_params: u64,
+    pub linear_params: u64,
+    pub disk_bytes: u64,
+    /// Tensor dtypes with how many tensors use each.
+    pub dtypes: Vec<(String, usize)>,
+    pub context_len: usize,
+    pub rope: String,
+    pub vocab_size: usize,
+    pub chat_template: bool,
+    /// Named chat templates besides the default one (`tool_use`, …), for the template menu.
+    pub named_templates: Vec<String>,
+    /// BOS, EOS and PAD as text, with where the pad came from.
+    pub specials: String,
+    /// Token rows that were never trained (all zero), with their text; BOS/EOS/PAD excluded.
+    pub untrained: Vec<(u32, String)>,
+    pub tokenizer_warnings: Vec<String>,
+}
+
+/// Read a model folder: config.json, the safetensors headers, the tokenizer, and the untrained
+/// rows (a scan of the embedding matrix: seconds for an 8B model, hence the worker).
+pub fn describe(dir: &Path) -> crate::Result<ModelInfo> {
+    let spec = ModelSpec::from_dir(dir)?;
+    let store = WeightStore::open(dir)?;
+    let tok = super::jobs::tokenizer(dir)?;
+    let mut exclude: Vec<u32> = [tok.bos_id(), tok.eos_id(), Some(tok.pad_id())].into_iter().flatten().collect();
+    exclude.extend(spec.eos_token_ids.iter().copied());
+    let untrained = untrained::detect(&store, &spec, &exclude)?;
+    let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_else(|| "none".into());
+    let pad_from = match tok.pad_source() {
+        PadSource::Declared => "declared",
+        PadSource::GenerationConfig => "from generation_config.json",
+        PadSource::Reserved => "an unused reserved token",
+        PadSource::Eos => "same as EOS",
+    };
+    Ok(ModelInfo {
+        path: dir.to_path_buf(),
+        spec: spec.clone(),
+        architecture: format!("{} ({:?})", spec.model_type, spec.family),
+        shape: format!(
+            "{} layers, hidden {}, MLP {}, {} heads / {} KV heads × {}{}",
+            spec.num_layers,
+            spec.hidden_size,
+            spec.intermediate_size,
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+            if spec.tie_word_embeddings { ", tied embeddings" } else { "" }
+        ),
+        total_params: spec.total_params(),
+        linear_params: spec.linear_params(),
+        disk_bytes: store.total_bytes(),
+        dtypes: store.dtype_counts().into_iter().collect(),
+        context_len: spec.max_position_embeddings,
+        rope: format!("θ {}{}", spec.rope_theta, spec.rope_scaling.as_ref().map(|s| format!(", {s:?}")).unwrap_or_default()),
+        vocab_size: tok.vocab_size(),
+        chat_template: tok.chat_template().is_some(),
+        named_templates: tok.chat_templates().map(|(n, _)| n.to_string()).filter(|n| n != "default").collect(),
+        specials: format!("BOS {}, EOS {}, PAD {} ({pad_from})", text(tok.bos_id()), text(tok.eos_id()), text(Some(tok.pad_id()))),
+        untrained: untrained.iter().map(|&i| (i, tok.token_text(i).unwrap_or_default())).collect(),
+        tokenizer_warnings: tok.warnings().to_vec(),
+    })
+}
+
+/// The rows of the info table, as (label, value) text: what the panel draws, testable as text.
+pub fn info_rows(info: &ModelInfo) -> Vec<(&'static str, String)> {
+    let dtypes: Vec<String> = info.dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
+    let untrained = match info.untrained.len() {
+        0 => "none".to_string(),
+        n => {
+            let ids: Vec<String> = info.untrained.iter().take(6).map(|(i, t)| format!("{i} {t}")).collect();
+            format!("{n} rows are all zero: {}{}", ids.join(", "), if n > 6 { ", …" } else { "" })
+        }
+    };
+    vec![
+        ("Architecture", info.architecture.clone()),
+        ("Shape", info.shape.clone()),
+        ("Parameters", format!("{} ({} in decoder linears)", fmt_count(info.total_params), fmt_count(info.linear_params))),
+        ("On disk", fmt_bytes(info.disk_bytes)),
+        ("Dtypes", dtypes.join(", ")),
+        ("Context length", format!("{} positions, rope {}", info.context_len, info.rope)),
+        ("Vocabulary", format!("{} tokens", info.vocab_size)),
+        ("Chat template", if info.chat_template { "present".into() } else { "absent: a built-in template will be used".into() }),
+        ("Special tokens", info.specials.clone()),
+        ("Untrained tokens", untrained),
+    ]
+}
+
+/// Recent model folders, newest first, kept in `recent_models.json` in the settings folder.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recent {
+    pub models: Vec<PathBuf>,
+}
+
+const RECENT_FILE: &str = "recent_models.json";
+const RECENT_KEEP: usize = 8;
+
+impl Recent {
+    pub fn load(settings_dir: &Path) -> Self {
+        std::fs::read_to_string(settings_dir.join(RECENT_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+    }
+
+    pub fn save(&self, settings_dir: &Path) -> crate::Result<()> {
+        crate::util::write_atomic(&settings_dir.join(RECENT_FILE), serde_json::to_string_pretty(self).expect("json").as_bytes())
+    }
+
+    /// Put `path` first, without duplicates, keeping at most `RECENT_KEEP`.
+    pub fn push(&mut self, path: &Path) {
+        self.models.retain(|p| p != path);
+        self.models.insert(0, path.to_path_buf());
+        self.models.truncate(RECENT_KEEP);
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ModelState {
+    pub info: Load<ModelInfo>,
+    pub recent: Recent,
+}
+
+pub fn ui(ui: &mut egui::Ui, state: &mut AppState, actions: &mut Vec<Action>) {
+    ui.heading("Model");
+    ui.label("A Hugging Face model folder: config.json, *.safetensors and tokenizer.json. Drop one anywhere on the window.");
+    ui.add_space(6.0);
+    let problems = super::hyper::problem_map(state);
+    egui::Grid::new("model-grid").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
+        widgets::path_field(ui, &problems, "model.path", &mut state.config.model.path, Some(Action::Pick(super::jobs::Pick::ModelFolder)), actions);
+        ui.end_row();
+        widgets::optional_path_field(ui, &problems, "model.adapter", &mut state.config.model.adapter, Action::Pick(super::jobs::Pick::AdapterFolder), actions);
+        ui.end_row();
+    });
+    if !state.model.recent.models.is_empty() {
+        ui.add_space(6.0);
+        ui.horizontal_wrapped(|ui| {
+            ui.label("Recent:");
+            for p in &state.model.recent.models {
+                let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| p.display().to_string());
+                if ui.button(name).on_hover_text(p.display().to_string()).clicked() {
+                    actions.push(Action::SetModel(p.clone()));
+                }
+            }
+        });
+    }
+    ui.separator();
+    match &state.model.info {
+        Load::Empty => {
+            ui.weak("No model folder chosen yet.");
+        }
+        Load::Loading => {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label("Reading the model folder…");
+            });
+        }
+        Load::Failed(e) => widgets::error_box(ui, e),
+        Load::Ready(info) => {
+            egui::Grid::new("model-info").num_columns(2).striped(true).spacing([16.0, 6.0]).show(ui, |ui| {
+                for (k, v) in info_rows(info) {
+                    ui.strong(k);
+                    ui.add(egui::Label::new(v).wrap());
+                    ui.end_row();
+                }
+            });
+            for w in &info.tokenizer_warnings {
+                widgets::warning_line(ui, w);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_keeps_newest_first_without_duplicates() {
+        let mut r = Recent::default();
+        for i in 0..10 {
+            r.push(Path::new(&format!("/m/{i}")));
+        }
+        r.push(Path::new("/m/5"));
+        assert_eq!(r.models.len(), RECENT_KEEP);
+        assert_eq!(r.models[0], PathBuf::from("/m/5"));
+        assert_eq!(r.models.iter().filter(|p| **p == PathBuf::from("/m/5")).count(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        r.save(dir.path()).unwrap();
+        assert_eq!(Recent::load(dir.path()), r);
+        assert_eq!(Recent::load(&dir.path().join("missing")), Recent::default());
+    }
+}

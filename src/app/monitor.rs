@@ -1,0 +1,467 @@
+//! The training monitor: progress with ETA, loss (raw and smoothed), learning rate, gradient
+//! norm, throughput and memory as plots, the session's log, and the run's failure when there is
+//! one. `TrainingState::apply` folds session events into plain state (no session needed to test
+//! it); `curves`, `progress` and `memory_axis` are the view model the plots draw.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+
+use eframe::egui::{self, Color32, RichText, Ui};
+use egui_plot::{HLine, Legend, Line, Plot, PlotPoints};
+
+use crate::session::checkpoint::StepMetrics;
+use crate::session::{Event, Finished, LoadedInfo};
+use crate::util::{fmt_bytes, fmt_duration};
+
+use super::budget::{self, BudgetView};
+use super::runs::ViewedRun;
+use super::widgets;
+use super::{Action, AppState};
+
+/// Log lines kept; older ones scroll away (the run folder keeps every metric).
+const LOG_KEEP: usize = 4000;
+/// Points per plotted line: beyond this, every k-th step is drawn (and always the last).
+const MAX_POINTS: usize = 2000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No run yet in this window.
+    Idle,
+    /// Started: the session is reading the model and data.
+    Loading,
+    Running,
+    Paused,
+    /// Stop was pressed; waiting for the adapter to be written.
+    Stopping,
+    Done,
+    /// Stopped by the person (resumable).
+    Stopped,
+    Failed,
+}
+
+impl Phase {
+    /// A session thread is alive: Start is not possible, Stop is.
+    pub fn is_active(self) -> bool {
+        matches!(self, Phase::Loading | Phase::Running | Phase::Paused | Phase::Stopping)
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Idle => "ready",
+            Phase::Loading => "loading",
+            Phase::Running => "training",
+            Phase::Paused => "paused",
+            Phase::Stopping => "stopping",
+            Phase::Done => "done",
+            Phase::Stopped => "stopped",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub message: String,
+    pub run_dir: Option<PathBuf>,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct TrainingState {
+    pub phase: Phase,
+    /// Which session the events belong to; events of an older one are dropped.
+    pub generation: u64,
+    pub loaded: Option<Box<LoadedInfo>>,
+    pub metrics: Vec<StepMetrics>,
+    pub log: VecDeque<String>,
+    pub failure: Option<Failure>,
+    pub finished: Option<Finished>,
+    pub last_checkpoint: Option<(u64, PathBuf)>,
+    /// A Pause was sent and not yet acknowledged (the session answers between steps).
+    pub pause_requested: bool,
+    /// 0 = raw; 0.99 = very smooth. Exponential moving average weight.
+    pub smoothing: f64,
+    /// A past run opened from the Runs panel, shown instead of the live one.
+    pub viewing: Option<ViewedRun>,
+    /// The model shape and config of the live run (not known for a resumed one), and its memory
+    /// plan on the device the session chose, to draw the measured memory against.
+    pub plan_input: Option<Box<(crate::model::ModelSpec, crate::RunConfig)>>,
+    pub plan: Option<BudgetView>,
+}
+
+impl Default for TrainingState {
+    fn default() -> Self {
+        TrainingState {
+            phase: Phase::Idle,
+            generation: 0,
+            loaded: None,
+            metrics: Vec::new(),
+            log: VecDeque::new(),
+            failure: None,
+            finished: None,
+            last_checkpoint: None,
+            pause_requested: false,
+            smoothing: 0.8,
+            viewing: None,
+            plan_input: None,
+            plan: None,
+        }
+    }
+}
+
+impl TrainingState {
+    /// Reset for a new session.
+    pub fn begin(&mut self, generation: u64, what: String) {
+        let smoothing = self.smoothing;
+        *self = TrainingState { phase: Phase::Loading, generation, smoothing, ..Default::default() };
+        self.push_log(what);
+    }
+
+    pub fn push_log(&mut self, line: String) {
+        if self.log.len() >= LOG_KEEP {
+            self.log.pop_front();
+        }
+        self.log.push_back(line);
+    }
+
+    /// Fold one session event into the state.
+    pub fn apply(&mut self, event: Event) {
+        match event {
+            Event::Log(m) => self.push_log(m),
+            Event::Loaded(info) => {
+                self.push_log(format!(
+                    "loaded in {:.1}s on {}: {} trainable parameters, steps {}..{}",
+                    info.load_secs,
+                    info.device.name,
+                    crate::util::fmt_count(info.trainable_params as u64),
+                    info.start_step + 1,
+                    info.total_steps
+                ));
+                // A resumed run's earlier steps are on disk: show the whole curve.
+                if info.start_step > 0 {
+                    self.metrics = crate::session::checkpoint::read_metrics(&info.run_dir).into_iter().filter(|m| m.step <= info.start_step).collect();
+                }
+                self.loaded = Some(info);
+                if self.phase == Phase::Loading {
+                    self.phase = Phase::Running;
+                }
+            }
+            Event::Step(m) => {
+                self.push_log(format!("step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s", m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s));
+                self.metrics.push(m);
+                if self.phase == Phase::Loading {
+                    self.phase = Phase::Running;
+                }
+            }
+            Event::Checkpoint { step, dir } => {
+                self.push_log(format!("checkpoint at step {step}: {}", dir.display()));
+                self.last_checkpoint = Some((step, dir));
+            }
+            Event::Paused { step } => {
+                self.push_log(format!("paused after step {step}"));
+                self.pause_requested = false;
+                if self.phase != Phase::Stopping {
+                    self.phase = Phase::Paused;
+                }
+            }
+            Event::Resumed { step } => {
+                self.push_log(format!("resumed at step {}", step + 1));
+                if self.phase == Phase::Paused {
+                    self.phase = Phase::Running;
+                }
+            }
+            Event::Finished(f) => {
+                self.push_log(format!(
+                    "{} after {} steps{}; adapter: {}",
+                    if f.stopped { "stopped" } else { "done" },
+                    f.steps,
+                    f.final_loss.map(|l| format!(", final loss {l:.4}")).unwrap_or_default(),
+                    f.adapter_dir.display()
+                ));
+                self.phase = if f.stopped { Phase::Stopped } else { Phase::Done };
+                self.finished = Some(f);
+            }
+            Event::Failed { message, run_dir, last_checkpoint } => {
+                self.push_log(format!("failed: {message}"));
+                self.phase = Phase::Failed;
+                self.failure = Some(Failure { message, run_dir, last_checkpoint });
+            }
+        }
+    }
+
+    /// The run folder of the live session, once known.
+    pub fn run_dir(&self) -> Option<&std::path::Path> {
+        self.loaded
+            .as_ref()
+            .map(|l| l.run_dir.as_path())
+            .or(self.finished.as_ref().map(|f| f.run_dir.as_path()))
+            .or(self.failure.as_ref().and_then(|f| f.run_dir.as_deref()))
+    }
+}
+
+/// Debiased exponential moving average (the first values are not dragged toward zero).
+pub fn ema(values: &[f64], weight: f64) -> Vec<f64> {
+    let w = weight.clamp(0.0, 0.999);
+    let mut acc = 0.0;
+    let mut norm = 0.0;
+    values
+        .iter()
+        .map(|&v| {
+            acc = w * acc + (1.0 - w) * v;
+            norm = w * norm + (1.0 - w);
+            acc / norm
+        })
+        .collect()
+}
+
+/// What the plots draw, as `[step, value]` pairs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Curves {
+    pub loss: Vec<[f64; 2]>,
+    pub loss_smooth: Vec<[f64; 2]>,
+    pub lr: Vec<[f64; 2]>,
+    pub grad_norm: Vec<[f64; 2]>,
+    pub tokens_per_s: Vec<[f64; 2]>,
+    /// In GiB.
+    pub memory: Vec<[f64; 2]>,
+}
+
+pub fn curves(metrics: &[StepMetrics], smoothing: f64) -> Curves {
+    let smooth = ema(&metrics.iter().map(|m| m.loss).collect::<Vec<_>>(), smoothing);
+    let stride = metrics.len().div_ceil(MAX_POINTS).max(1);
+    let keep = |i: usize| i % stride == 0 || i + 1 == metrics.len();
+    let mut c = Curves::default();
+    for (i, m) in metrics.iter().enumerate().filter(|(i, _)| keep(*i)) {
+        let x = m.step as f64;
+        c.loss.push([x, m.loss]);
+        c.loss_smooth.push([x, smooth[i]]);
+        c.lr.push([x, m.lr]);
+        c.grad_norm.push([x, m.grad_norm]);
+        c.tokens_per_s.push([x, m.tokens_per_s]);
+        if let Some(b) = m.memory_bytes {
+            c.memory.push([x, b as f64 / (1u64 << 30) as f64]);
+        }
+    }
+    c
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub fraction: f32,
+    pub text: String,
+}
+
+pub fn progress(metrics: &[StepMetrics], total_steps: Option<u64>, phase: Phase) -> Progress {
+    let last = metrics.last();
+    let total = last.map(|m| m.total_steps).or(total_steps).unwrap_or(0);
+    let step = last.map_or(0, |m| m.step);
+    let fraction = if total == 0 { 0.0 } else { (step as f32 / total as f32).clamp(0.0, 1.0) };
+    let mut text = format!("step {step} / {total}");
+    if let Some(m) = last {
+        text.push_str(&format!(" · epoch {:.2} · elapsed {}", m.epoch, fmt_duration(m.elapsed_s)));
+        if phase.is_active() && m.step < m.total_steps {
+            text.push_str(&format!(" · ETA {}", fmt_duration(m.eta_s)));
+        }
+        text.push_str(&format!(" · {:.0} tok/s", m.tokens_per_s));
+    }
+    Progress { fraction, text }
+}
+
+/// The memory plot's title and, on a GPU, the card's total (drawn as a line).
+pub fn memory_axis(loaded: Option<&LoadedInfo>) -> (String, Option<f64>) {
+    match loaded.map(|l| &l.device) {
+        Some(d) if d.kind == "cuda" => {
+            let total = d.total_memory_bytes;
+            (
+                format!("GPU memory used{}", total.map(|t| format!(" of {}", fmt_bytes(t))).unwrap_or_default()),
+                total.map(|t| t as f64 / (1u64 << 30) as f64),
+            )
+        }
+        _ => ("Memory (process RSS)".into(), None),
+    }
+}
+
+fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: Color32, hlines: &[(&str, f64, Color32)], width: f32) {
+    ui.vertical(|ui| {
+        ui.set_width(width);
+        ui.small(title);
+        Plot::new(id).height(120.0).width(width).allow_scroll(false).show_x(true).show(ui, |p| {
+            p.line(Line::new(title, PlotPoints::from(points)).color(color));
+            for (name, y, c) in hlines {
+                p.hline(HLine::new(*name, *y).color(*c));
+            }
+        });
+    });
+}
+
+/// The memory plot's horizontal lines, in GiB like its curve: the card's total and the plan's
+/// peak, so the measured memory reads against both.
+pub fn memory_lines(total_gib: Option<f64>, plan: Option<&BudgetView>) -> Vec<(&'static str, f64, Color32)> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut out = Vec::new();
+    if let Some(t) = total_gib {
+        out.push(("total", t, Color32::GRAY));
+    }
+    if let Some(p) = plan {
+        out.push(("plan", gib(p.peak_bytes), Color32::from_rgb(214, 157, 86)));
+    }
+    out
+}
+
+pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
+    let t = &mut state.training;
+    ui.horizontal(|ui| {
+        ui.heading("Training");
+        if let Some(v) = &t.viewing {
+            ui.label(RichText::new(format!("viewing {} ({})", v.name, v.status)).strong());
+            if ui.button("Back to the live run").clicked() {
+                actions.push(Action::BackToLive);
+            }
+        } else {
+            ui.label(RichText::new(t.phase.label()).strong());
+            if let Some(d) = t.run_dir() {
+                ui.weak(d.display().to_string());
+            }
+        }
+    });
+    let (metrics, loaded): (&[StepMetrics], Option<&LoadedInfo>) = match &t.viewing {
+        Some(v) => (&v.metrics, None),
+        None => (&t.metrics, t.loaded.as_deref()),
+    };
+    if t.viewing.is_none() {
+        if let Some(f) = &t.failure {
+            widgets::error_box(ui, &f.message);
+            if let (Some(dir), Some(_)) = (&f.run_dir, &f.last_checkpoint) {
+                if ui.button("Resume from the last checkpoint").clicked() {
+                    actions.push(Action::ResumeRun(dir.clone()));
+                }
+            }
+        }
+        if t.phase == Phase::Idle {
+            ui.label("Press Start (Ctrl+Enter) to check the run and begin training; its curves appear here.");
+        }
+        if t.phase == Phase::Loading {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label(t.log.back().cloned().unwrap_or_default());
+            });
+        }
+    }
+    let total_steps = loaded.map(|l| l.total_steps).or(t.viewing.as_ref().map(|v| v.total_steps));
+    let p = progress(metrics, total_steps, if t.viewing.is_some() { Phase::Done } else { t.phase });
+    ui.add(egui::ProgressBar::new(p.fraction).text(p.text).desired_height(18.0));
+    ui.add_space(4.0);
+
+    let c = curves(metrics, t.smoothing);
+    let (mem_title, mem_total) = memory_axis(loaded);
+    let log_height = 130.0;
+    let plan = if t.viewing.is_none() { t.plan.as_ref() } else { None };
+    let plan_height = if plan.is_some() { 30.0 } else { 0.0 };
+    let avail = ui.available_height() - 120.0 - log_height - 70.0 - plan_height;
+    ui.horizontal(|ui| {
+        ui.strong("Loss");
+        ui.add(egui::Slider::new(&mut t.smoothing, 0.0..=0.99).text("smoothing"));
+    });
+    Plot::new("loss").height(avail.max(140.0)).legend(Legend::default()).x_axis_label("step").allow_scroll(false).show(ui, |pl| {
+        pl.line(Line::new("loss", PlotPoints::from(c.loss)).color(Color32::from_rgba_unmultiplied(100, 150, 220, 110)));
+        pl.line(Line::new("smoothed", PlotPoints::from(c.loss_smooth)).color(Color32::from_rgb(60, 140, 240)).width(2.5));
+    });
+    let w = ((ui.available_width() - 3.0 * ui.spacing().item_spacing.x) / 4.0).max(80.0);
+    ui.horizontal(|ui| {
+        small_plot(ui, "lr", "Learning rate", c.lr, Color32::from_rgb(220, 160, 60), &[], w);
+        small_plot(ui, "grad-norm", "Gradient norm", c.grad_norm, Color32::from_rgb(200, 90, 90), &[], w);
+        small_plot(ui, "tok-s", "Tokens / s", c.tokens_per_s, Color32::from_rgb(90, 180, 110), &[], w);
+        small_plot(ui, "memory", &format!("{mem_title} (GiB)"), c.memory, Color32::from_rgb(160, 110, 200), &memory_lines(mem_total, plan), w);
+    });
+    if let Some(p) = plan {
+        // The plan's bar with the newest measurement on the same scale.
+        let measured = metrics.last().and_then(|m| m.memory_bytes);
+        ui.horizontal(|ui| {
+            ui.strong("Memory");
+            ui.label(format!("plan {}{}", fmt_bytes(p.peak_bytes), measured.map(|m| format!(" · measured {}", fmt_bytes(m))).unwrap_or_default()))
+                .on_hover_text(if p.on_gpu { "Measured: used on the card, from the driver." } else { "Measured: the process's resident memory, which also holds the mapped model file, the tokenizer and this window." });
+            budget::bar_ui(ui, p, measured);
+        });
+    }
+    egui::CollapsingHeader::new(format!("Log ({} lines)", t.log.len())).default_open(true).show(ui, |ui| {
+        egui::ScrollArea::vertical().id_salt("log").max_height(log_height).stick_to_bottom(true).auto_shrink([false, true]).show(ui, |ui| {
+            for line in &t.log {
+                ui.monospace(line);
+            }
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Finished;
+
+    fn m(step: u64, loss: f64) -> StepMetrics {
+        StepMetrics {
+            step,
+            total_steps: 10,
+            epoch: step as f64 / 10.0,
+            loss,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens: 100,
+            trained_tokens: 50,
+            tokens_per_s: 1000.0,
+            elapsed_s: step as f64,
+            eta_s: (10 - step) as f64,
+            memory_bytes: Some(1 << 30),
+        }
+    }
+
+    #[test]
+    fn ema_is_debiased_and_smooths() {
+        let s = ema(&[4.0, 2.0, 2.0], 0.9);
+        assert!((s[0] - 4.0).abs() < 1e-12, "first value is itself");
+        assert!(s[1] < 4.0 && s[1] > 2.0);
+        assert_eq!(ema(&[1.0, 5.0], 0.0), vec![1.0, 5.0]);
+    }
+
+    #[test]
+    fn curves_decimate_long_runs_and_keep_the_last_step() {
+        let ms: Vec<StepMetrics> = (1..=5001).map(|i| m(i, 1.0 / i as f64)).collect();
+        let c = curves(&ms, 0.5);
+        assert!(c.loss.len() <= MAX_POINTS + 1);
+        assert_eq!(c.loss.last().unwrap()[0], 5001.0);
+        assert_eq!(c.memory.last().unwrap()[1], 1.0);
+    }
+
+    #[test]
+    fn progress_text_and_fraction() {
+        let p = progress(&[m(5, 1.0)], Some(10), Phase::Running);
+        assert_eq!(p.fraction, 0.5);
+        assert!(p.text.starts_with("step 5 / 10") && p.text.contains("ETA"), "{}", p.text);
+        let done = progress(&[m(10, 1.0)], Some(10), Phase::Done);
+        assert!(!done.text.contains("ETA"));
+        assert_eq!(progress(&[], Some(60), Phase::Loading).text, "step 0 / 60");
+    }
+
+    #[test]
+    fn events_drive_the_phase() {
+        let mut t = TrainingState::default();
+        t.begin(1, "starting".into());
+        assert_eq!(t.phase, Phase::Loading);
+        t.apply(Event::Step(m(1, 2.0)));
+        assert_eq!(t.phase, Phase::Running);
+        t.apply(Event::Paused { step: 1 });
+        assert_eq!(t.phase, Phase::Paused);
+        t.apply(Event::Resumed { step: 1 });
+        assert_eq!(t.phase, Phase::Running);
+        t.apply(Event::Finished(Finished { run_dir: "r".into(), adapter_dir: "r/adapter".into(), steps: 1, final_loss: Some(2.0), stopped: true }));
+        assert_eq!(t.phase, Phase::Stopped);
+        assert!(!t.phase.is_active());
+        t.apply(Event::Failed { message: "boom".into(), run_dir: None, last_checkpoint: None });
+        assert_eq!(t.phase, Phase::Failed);
+        assert_eq!(t.failure.as_ref().unwrap().message, "boom");
+    }
+
+    #[test]
+    fn memory_axis_names_the_source() {
+        assert_eq!(memory_axis(None).0, "Memory (process RSS)");
+    }
+}

@@ -1,0 +1,398 @@
+//! The Preflight dialog, between pressing Start and the first step: what will run (model, data,
+//! steps, device), the tokenizer checks, the untrained-token report with the fix to accept, the
+//! memory budget (see budget.rs), and either a Start button or the reason the run cannot start.
+//! `check` gathers the facts on a worker; `verdict` and `lines` are the view model.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use eframe::egui::{self, RichText, Ui};
+
+use crate::config::{DeviceChoice, RunConfig};
+use crate::data::preflight::{self as data_preflight, dataset_stats, tokenizer_checks};
+use crate::data::{Batcher, prepare_dataset};
+use crate::model::{ModelSpec, WeightStore, untrained};
+use crate::session::checkpoint::STATUS_FILE;
+
+use super::budget::{self, BudgetView, Card, Machine};
+use super::widgets::{self, Load};
+use super::{Action, AppState};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Ok,
+    /// Worth knowing; nothing is wrong.
+    Info,
+    Warn,
+    /// The run cannot start until this is dealt with.
+    Block,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    pub level: Level,
+    pub text: String,
+}
+
+impl Check {
+    fn new(level: Level, text: impl Into<String>) -> Self {
+        Check { level, text: text.into() }
+    }
+}
+
+/// A never-trained token that the data uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UntrainedUse {
+    pub id: u32,
+    pub text: String,
+    /// Examples that contain it.
+    pub rows: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreflightReport {
+    pub model: String,
+    pub data: String,
+    pub steps: String,
+    pub device: String,
+    pub checks: Vec<Check>,
+    /// Untrained rows in the model (BOS/EOS/PAD excluded), whether used or not, with their text.
+    pub untrained: Vec<(u32, String)>,
+    pub untrained_used: Vec<UntrainedUse>,
+    /// The memory plan on the device the run will use.
+    pub budget: Option<BudgetView>,
+}
+
+/// Untrained rows named in a line: the first dozen, then how many more.
+fn name_rows(rows: &[(u32, String)]) -> String {
+    const SHOWN: usize = 12;
+    let mut names: Vec<String> = rows.iter().take(SHOWN).map(|(i, t)| format!("{i} {t}")).collect();
+    if rows.len() > SHOWN {
+        names.push(format!("and {} more", rows.len() - SHOWN));
+    }
+    names.join(", ")
+}
+
+/// What the dialog lets the person do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Ready,
+    /// The data uses untrained tokens and `dataset.fix_untrained_tokens` is off: accept the fix
+    /// or go back and change the data.
+    NeedsFix,
+    Blocked(String),
+}
+
+pub fn verdict(r: &PreflightReport, fix_enabled: bool) -> Verdict {
+    if let Some(c) = r.checks.iter().find(|c| c.level == Level::Block) {
+        return Verdict::Blocked(c.text.clone());
+    }
+    if !r.untrained_used.is_empty() && !fix_enabled {
+        return Verdict::NeedsFix;
+    }
+    Verdict::Ready
+}
+
+/// The untrained-token section as lines of text (the dialog draws these; tests read them).
+pub fn untrained_lines(r: &PreflightReport, fix_enabled: bool) -> Vec<(Level, String)> {
+    if r.untrained.is_empty() {
+        return vec![(Level::Ok, "The model has no untrained token rows.".into())];
+    }
+    if r.untrained_used.is_empty() {
+        return vec![(
+            Level::Ok,
+            format!(
+                "{} token rows of the model were never trained (all zero): {}. The data does not use them, so they are left alone.",
+                r.untrained.len(),
+                name_rows(&r.untrained)
+            ),
+        )];
+    }
+    let names: Vec<String> = r.untrained_used.iter().map(|u| format!("{} {} (in {} rows)", u.id, u.text, u.rows)).collect();
+    let mut out = vec![(
+        Level::Warn,
+        format!(
+            "The data uses {} of the model's {} untrained token rows: {}. Their embeddings are zero, so the loss would become NaN or inf.",
+            r.untrained_used.len(),
+            r.untrained.len(),
+            names.join(", ")
+        ),
+    )];
+    out.push(if fix_enabled {
+        (Level::Ok, "Fix on (dataset.fix_untrained_tokens): they start at the mean of the trained rows and are trained with the adapter.".into())
+    } else {
+        (
+            Level::Block,
+            "The fix is off (dataset.fix_untrained_tokens = false). Accept it to start these rows at the mean of the trained rows and train them, or remove the tokens from the data.".into(),
+        )
+    });
+    out
+}
+
+/// Gather every fact the dialog shows. Runs on a worker: it reads the model's embedding matrix
+/// and tokenizes the whole dataset, as the session will. `machine` is what the studio probed at
+/// start-up (probed here when it has not arrived yet).
+pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<PreflightReport> {
+    let machine = machine.unwrap_or_else(budget::probe_machine);
+    let spec = ModelSpec::from_dir(&cfg.model.path)?;
+    let tok = super::jobs::tokenizer(&cfg.model.path)?;
+    let store = WeightStore::open(&cfg.model.path)?;
+    let data = prepare_dataset(&cfg.dataset, &tok, cfg.train.max_seq_len)?;
+    let report = &data.report;
+    let mut checks = Vec::new();
+
+    if report.template.starts_with("none") {
+        checks.push(Check::new(Level::Ok, "Raw text: no chat template involved."));
+    } else {
+        let template = tok.resolve_template(&cfg.dataset.template)?;
+        checks.push(match tok.chat_template().is_some() {
+            true => Check::new(Level::Ok, format!("Chat template: {}.", report.template)),
+            false => Check::new(Level::Warn, format!("The model ships no chat template; using {}. Chat with the result through the same template.", report.template)),
+        });
+        // The data module's checks of the tokenizer and template (double BOS, responses that never
+        // end in an end-of-turn token, the pad token, …), as the CLI prints them.
+        for f in tokenizer_checks(&tok, &template) {
+            let level = match f.level {
+                data_preflight::Level::Info => Level::Info,
+                data_preflight::Level::Warning => Level::Warn,
+            };
+            checks.push(Check::new(level, f.message));
+        }
+    }
+    if report.truncated_rows > 0 {
+        checks.push(Check::new(Level::Warn, format!("{} rows are longer than max_seq_len {} and are truncated.", report.truncated_rows, report.max_seq_len)));
+    }
+    if !report.rows_skipped.is_empty() {
+        checks.push(Check::new(Level::Warn, format!("{} rows are skipped (reasons in the Dataset panel).", report.rows_skipped.len())));
+    }
+    if !cfg.output.run_name.is_empty() && cfg.output.dir.join(&cfg.output.run_name).join(STATUS_FILE).exists() {
+        checks.push(Check::new(
+            Level::Block,
+            format!("output.run_name: {} already holds a run. Resume it from the Runs panel or pick another name.", cfg.output.dir.join(&cfg.output.run_name).display()),
+        ));
+    }
+    let device = match (cfg.train.device, &machine.gpu) {
+        (DeviceChoice::Cpu, _) => "CPU".to_string(),
+        (DeviceChoice::Auto, Some(g)) => format!("auto: {} found", g.name),
+        (DeviceChoice::Auto, None) => "auto: no usable GPU, the CPU".to_string(),
+        (DeviceChoice::Cuda, Some(g)) => g.name.clone(),
+        (DeviceChoice::Cuda, None) => {
+            checks.push(Check::new(Level::Block, format!("train.device is cuda, but {}. Choose auto or CPU.", machine.no_gpu_reason)));
+            "CUDA (not available)".to_string()
+        }
+    };
+
+    // The same exclusions and the same rows as the session's own check.
+    let mut exclude: Vec<u32> = [tok.bos_id(), tok.eos_id(), Some(tok.pad_id())].into_iter().flatten().collect();
+    exclude.extend(spec.eos_token_ids.iter().copied());
+    let untrained_ids: Vec<u32> = untrained::detect(&store, &spec, &[])?.into_iter().filter(|i| !exclude.contains(i)).collect();
+    let mut rows_using: BTreeMap<u32, usize> = BTreeMap::new();
+    if !untrained_ids.is_empty() {
+        for e in &data.examples {
+            let mut seen: Vec<u32> = e.input_ids.iter().copied().filter(|t| untrained_ids.binary_search(t).is_ok()).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            for t in seen {
+                *rows_using.entry(t).or_default() += 1;
+            }
+        }
+    }
+    let batcher = Batcher::new(Arc::new(data.examples.clone()), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
+    let stats = dataset_stats(&data, &batcher, cfg.train.grad_accum);
+    if !cfg.dataset.packing && stats.padding_fraction > 0.3 {
+        checks.push(Check::new(
+            Level::Info,
+            format!("{:.0}% of the tokens in a batch are padding; dataset.packing would spend that compute on data.", 100.0 * stats.padding_fraction),
+        ));
+    }
+    let per_epoch = stats.steps_per_epoch.max(1) as u64;
+    let total = cfg.train.max_steps.unwrap_or_else(|| ((cfg.train.epochs * per_epoch as f64).ceil() as u64).max(1));
+    let token_rows = if cfg.dataset.fix_untrained_tokens { rows_using.len() } else { 0 };
+    let target = budget::target(Card::ThisMachine, cfg.train.device, Some(&machine));
+    let b = budget::view(&spec, cfg, &target, machine.host.as_ref(), token_rows);
+    if b.fits == Some(false) {
+        let mut input = crate::engine::plan::PlanInput::from_config(cfg);
+        input.token_rows = token_rows;
+        let fixes: Vec<String> = crate::engine::plan::suggestions(&spec, &input, &target).into_iter().map(|s| s.change).collect();
+        let (line, _) = budget::verdict(&b);
+        let advice = if fixes.is_empty() { "see the memory budget on the Hyperparameters page".to_string() } else { format!("to fit: {}", fixes.join("; or ")) };
+        checks.push(Check::new(Level::Warn, format!("{line}; {advice}.")));
+    }
+    let budget = Some(b);
+    let untrained_used = rows_using.into_iter().map(|(id, rows)| UntrainedUse { id, text: tok.token_text(id).unwrap_or_default(), rows }).collect();
+
+    Ok(PreflightReport {
+        model: spec.summary(),
+        data: format!(
+            "{} rows used of {} ({} skipped, {} truncated), {} trained tokens",
+            report.rows_used,
+            report.rows_total,
+            report.rows_skipped.len(),
+            report.truncated_rows,
+            report.trained_tokens
+        ),
+        steps: format!(
+            "{total} optimizer steps ({per_epoch} per epoch), {} sequences each, learning rate {:.2e}",
+            cfg.train.batch_size * cfg.train.grad_accum,
+            cfg.optim.lr
+        ),
+        device,
+        checks,
+        untrained: untrained_ids.iter().map(|&i| (i, tok.token_text(i).unwrap_or_default())).collect(),
+        untrained_used,
+        budget,
+    })
+}
+
+#[derive(Debug, Default)]
+pub struct PreflightState {
+    pub open: bool,
+    pub key: u64,
+    pub report: Load<PreflightReport>,
+}
+
+fn level_line(ui: &mut Ui, level: Level, text: &str) {
+    match level {
+        Level::Ok => widgets::ok_line(ui, text),
+        Level::Info => {
+            ui.add(egui::Label::new(format!("ℹ {text}")).wrap());
+        }
+        Level::Warn => widgets::warning_line(ui, text),
+        Level::Block => {
+            let c = ui.visuals().error_fg_color;
+            ui.add(egui::Label::new(RichText::new(format!("✖ {text}")).color(c)).wrap());
+        }
+    }
+}
+
+/// The modal dialog; drawn only while `state.preflight.open`.
+pub fn dialog(ctx: &egui::Context, state: &mut AppState, actions: &mut Vec<Action>) {
+    if !state.preflight.open {
+        return;
+    }
+    let fix = state.config.dataset.fix_untrained_tokens;
+    let modal = egui::Modal::new(egui::Id::unique("preflight")).show(ctx, |ui| {
+        ui.set_width(640.0);
+        ui.heading("Before the first step");
+        ui.add_space(4.0);
+        match &state.preflight.report {
+            Load::Empty | Load::Loading => {
+                ui.horizontal(|ui| {
+                    ui.spinner();
+                    ui.label("Checking the model, the tokenizer and the data…");
+                });
+                ui.add_space(8.0);
+                if ui.button("Cancel").clicked() {
+                    actions.push(Action::CancelPreflight);
+                }
+            }
+            Load::Failed(e) => {
+                ui.label("The run cannot start:");
+                widgets::error_box(ui, e);
+                ui.add_space(8.0);
+                if ui.button("Close").clicked() {
+                    actions.push(Action::CancelPreflight);
+                }
+            }
+            Load::Ready(r) => {
+                let r = r.clone();
+                egui::ScrollArea::vertical().max_height((ctx.content_rect().height() - 220.0).max(240.0)).show(ui, |ui| {
+                    egui::Grid::new("preflight-summary").num_columns(2).spacing([12.0, 4.0]).show(ui, |ui| {
+                        for (k, v) in [("Model", &r.model), ("Data", &r.data), ("Steps", &r.steps), ("Device", &r.device)] {
+                            ui.strong(k);
+                            ui.add(egui::Label::new(v.as_str()).wrap());
+                            ui.end_row();
+                        }
+                    });
+                    ui.separator();
+                    ui.strong("Tokenizer and data checks");
+                    for c in &r.checks {
+                        level_line(ui, c.level, &c.text);
+                    }
+                    ui.separator();
+                    ui.strong("Untrained tokens");
+                    for (l, t) in untrained_lines(&r, fix) {
+                        level_line(ui, l, &t);
+                    }
+                    ui.separator();
+                    budget::summary_ui(ui, r.budget.as_ref(), None);
+                });
+                ui.separator();
+                let v = verdict(&r, fix);
+                ui.horizontal(|ui| {
+                    match &v {
+                        Verdict::Ready => {
+                            if ui.button(RichText::new("▶ Start training").strong()).on_hover_text("Enter").clicked() {
+                                actions.push(Action::ConfirmStart);
+                            }
+                        }
+                        Verdict::NeedsFix => {
+                            if ui.button("Accept the fix and start").clicked() {
+                                actions.push(Action::AcceptFixAndStart);
+                            }
+                        }
+                        Verdict::Blocked(_) => {
+                            ui.add_enabled(false, egui::Button::new("▶ Start training"));
+                        }
+                    }
+                    if ui.button("Cancel").on_hover_text("Escape").clicked() {
+                        actions.push(Action::CancelPreflight);
+                    }
+                });
+                if let Verdict::Blocked(reason) = &v {
+                    level_line(ui, Level::Block, &format!("Cannot start: {reason}"));
+                }
+            }
+        }
+    });
+    if modal.should_close() {
+        actions.push(Action::CancelPreflight);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn crafted(used: bool) -> PreflightReport {
+        PreflightReport {
+            model: "llama".into(),
+            data: "10 rows".into(),
+            steps: "5 steps".into(),
+            device: "CPU".into(),
+            checks: vec![Check::new(Level::Ok, "Chat template: model.")],
+            untrained: (1579..1587).map(|i| (i, format!("<|reserved_special_token_{}|>", i - 1579))).collect(),
+            untrained_used: if used { vec![UntrainedUse { id: 1390, text: "<|reserved_special_token_0|>".into(), rows: 3 }] } else { vec![] },
+            budget: None,
+        }
+    }
+
+    #[test]
+    fn unused_untrained_rows_do_not_stop_a_run() {
+        let r = crafted(false);
+        assert_eq!(verdict(&r, false), Verdict::Ready);
+        let l = untrained_lines(&r, false);
+        assert!(l[0].1.contains("8 token rows") && l[0].1.contains("left alone"), "{l:?}");
+        assert!(l[0].1.contains("1579 <|reserved_special_token_0|>, ") && l[0].1.contains("1586 <|reserved_special_token_7|>"), "each row is named: {l:?}");
+    }
+
+    #[test]
+    fn used_untrained_rows_need_the_fix() {
+        let r = crafted(true);
+        assert_eq!(verdict(&r, false), Verdict::NeedsFix);
+        assert_eq!(verdict(&r, true), Verdict::Ready);
+        let off = untrained_lines(&r, false);
+        assert!(off[0].1.contains("1390 <|reserved_special_token_0|> (in 3 rows)"), "{off:?}");
+        assert_eq!(off[1].0, Level::Block);
+        let on = untrained_lines(&r, true);
+        assert_eq!(on[1].0, Level::Ok);
+        assert!(on[1].1.contains("mean of the trained rows"));
+    }
+
+    #[test]
+    fn a_blocking_check_wins() {
+        let mut r = crafted(true);
+        r.checks.push(Check::new(Level::Block, "output.run_name: taken"));
+        assert_eq!(verdict(&r, true), Verdict::Blocked("output.run_name: taken".into()));
+    }
+}
