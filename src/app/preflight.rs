@@ -11,7 +11,7 @@ use eframe::egui::{self, RichText, Ui};
 use crate::config::{DeviceChoice, RunConfig};
 use crate::data::preflight::{self as data_preflight, dataset_stats, tokenizer_checks};
 use crate::data::{Batcher, prepare_dataset};
-use crate::model::{ModelSpec, WeightStore, untrained};
+use crate::model::{ModelSpec, WeightStore};
 use crate::session::checkpoint::STATUS_FILE;
 
 use super::budget::{self, BudgetView, Card, Machine};
@@ -182,21 +182,17 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         }
     };
 
-    // The same exclusions and the same rows as the session's own check.
-    let mut exclude: Vec<u32> = [tok.bos_id(), tok.eos_id(), Some(tok.pad_id())].into_iter().flatten().collect();
-    exclude.extend(spec.eos_token_ids.iter().copied());
-    let untrained_ids: Vec<u32> = untrained::detect(&store, &spec, &[])?.into_iter().filter(|i| !exclude.contains(i)).collect();
-    let mut rows_using: BTreeMap<u32, usize> = BTreeMap::new();
-    if !untrained_ids.is_empty() {
-        for e in &data.examples {
-            let mut seen: Vec<u32> = e.input_ids.iter().copied().filter(|t| untrained_ids.binary_search(t).is_ok()).collect();
-            seen.sort_unstable();
-            seen.dedup();
-            for t in seen {
-                *rows_using.entry(t).or_default() += 1;
-            }
-        }
-    }
+    // The session's own decision (crate::preflight): the same exclusions, the rows the data uses
+    // and the tokens the chat template writes.
+    let template = match report.template.starts_with("none") {
+        true => None,
+        false => Some(tok.resolve_template(&cfg.dataset.template)?),
+    };
+    let found = crate::preflight::untrained_tokens(&store, &spec, &tok, &data.examples, template.as_ref(), cfg.dataset.fix_untrained_tokens)?;
+    let untrained_ids: Vec<u32> = found.tokens.iter().map(|t| t.id).collect();
+    // A token only the template writes counts as used in every row.
+    let rows_using: BTreeMap<u32, usize> =
+        found.tokens.iter().filter(|t| t.used()).map(|t| (t.id, if t.in_template { report.rows_used } else { t.data_rows })).collect();
     let batcher = Batcher::new(Arc::new(data.examples.clone()), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
     let stats = dataset_stats(&data, &batcher, cfg.train.grad_accum);
     if !cfg.dataset.packing && stats.padding_fraction > 0.3 {
