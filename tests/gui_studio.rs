@@ -145,6 +145,13 @@ fn wait_budget(h: &mut Harness<'static, StudioApp>) {
     settle(h);
 }
 
+/// A snapshot once every worker is done: a spinner in the status bar would change the pixels.
+fn snapshot(h: &mut Harness<'static, StudioApp>, name: &str) {
+    wait_for(h, "the workers to finish", 60, |a| a.jobs_running() == 0);
+    settle(h);
+    h.snapshot(name);
+}
+
 fn steps(h: &Harness<'static, StudioApp>) -> u64 {
     h.state().state.training.metrics.last().map_or(0, |m| m.step)
 }
@@ -195,16 +202,16 @@ fn gui_snapshots_of_the_main_screens() {
     let mut h = studio(Some(demo_config()), "snap");
     wait_loaded(&mut h);
     settle(&mut h);
-    h.snapshot("model_panel");
+    snapshot(&mut h, "model_panel");
     go(&mut h, Page::Dataset);
     settle(&mut h);
-    h.snapshot("dataset_panel");
+    snapshot(&mut h, "dataset_panel");
     go(&mut h, Page::Hyper);
     // The memory budget planned for a fixed card: this machine's RAM would change the pixels.
     h.state_mut().state.budget.card = Card::Preset(24);
     settle(&mut h);
     wait_budget(&mut h);
-    h.snapshot("hyperparameters_panel");
+    snapshot(&mut h, "hyperparameters_panel");
 
     // The monitor with a fixed, finished curve (a live run's timings would differ per run).
     go(&mut h, Page::Monitor);
@@ -229,7 +236,7 @@ fn gui_snapshots_of_the_main_screens() {
         t.push_log(format!("step {i}/60"));
     }
     settle(&mut h);
-    h.snapshot("training_monitor");
+    snapshot(&mut h, "training_monitor");
 
     // The preflight dialog asking for the untrained-token fix, from a crafted report: the demo
     // data does not use the zeroed rows, so a real check reports them as left alone.
@@ -238,7 +245,7 @@ fn gui_snapshots_of_the_main_screens() {
     p.open = true;
     p.report = Load::Ready(crafted_report(true));
     settle(&mut h);
-    h.snapshot("preflight_needs_fix");
+    snapshot(&mut h, "preflight_needs_fix");
 }
 
 fn crafted_report(uses_untrained: bool) -> PreflightReport {
@@ -324,7 +331,7 @@ fn gui_invalid_field_disables_start_with_its_reason() {
     h.step();
     assert!(!h.state().state.preflight.open && !h.state().state.training.phase.is_active());
     settle(&mut h);
-    h.snapshot("invalid_field");
+    snapshot(&mut h, "invalid_field");
     h.get_by_label("LoRA rank (r)").set_value_accesskit(8.0);
     h.step();
     h.step();
@@ -573,7 +580,7 @@ fn gui_budget_panel_follows_a_dragged_slider_within_the_frame() {
     assert!(want.starts_with("Fits: "), "{want}");
     assert!(h.query_by_label(&want).is_some());
     wait_budget(&mut h);
-    h.snapshot("memory_budget");
+    snapshot(&mut h, "memory_budget");
 }
 
 /// A copy of the demo model whose final norm holds NaN: the first step's loss is NaN.
@@ -632,5 +639,5 @@ fn gui_session_errors_are_readable_messages_and_the_app_goes_on() {
     settle(&mut h);
     assert!(h.query_by_label(&oom).is_some(), "{oom}");
     settle(&mut h);
-    h.snapshot("session_error");
+    snapshot(&mut h, "session_error");
 }

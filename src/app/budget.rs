@@ -321,10 +321,9 @@ pub fn key(spec_source: &std::path::Path, cfg: &RunConfig, target: &PlanTarget, 
 
 /// Why there is no plan to show, or `None` when there is one.
 fn no_plan_reason(state: &AppState) -> Option<&'static str> {
-    let Some(info) = state.model.info.ready().filter(|i| i.path == state.config.model.path) else {
-        return Some("The plan appears once a model folder is loaded (only its config.json is needed).");
-    };
-    let _ = info;
+    if state.model.info.ready().is_none_or(|i| i.path != state.config.model.path) {
+        return Some("The plan appears once the model folder is loaded.");
+    }
     let c = &state.config;
     if c.train.batch_size == 0 || c.train.max_seq_len < 2 || c.lora.r == 0 {
         return Some("Fix the marked fields to see the plan.");
@@ -499,10 +498,8 @@ fn legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
         ));
     }
     ui.weak(line);
-    if v.pinned_host_bytes > 0 {
-        if let Some(h) = &v.host {
-            host_bar(ui, v.pinned_host_bytes, h);
-        }
+    if let Some(h) = v.host.as_ref().filter(|_| v.pinned_host_bytes > 0) {
+        host_bar(ui, v.pinned_host_bytes, h);
     }
 }
 

@@ -151,10 +151,10 @@ pub fn guarded<T>(f: impl FnOnce() -> crate::Result<T>) -> Result<T, String> {
 /// noticeable fraction of a second and the dataset preview asks for it on every edit.
 pub fn tokenizer(model_dir: &Path) -> crate::Result<Arc<TokenizerBundle>> {
     static CACHE: Mutex<Option<(PathBuf, Arc<TokenizerBundle>)>> = Mutex::new(None);
-    if let Some((p, t)) = CACHE.lock().ok().and_then(|c| c.clone()) {
-        if p == model_dir {
-            return Ok(t);
-        }
+    if let Some((p, t)) = CACHE.lock().ok().and_then(|c| c.clone())
+        && p == model_dir
+    {
+        return Ok(t);
     }
     let t = Arc::new(TokenizerBundle::load(model_dir)?);
     if let Ok(mut c) = CACHE.lock() {

@@ -435,10 +435,10 @@ impl StudioApp {
         };
         t.begin(generation, what);
         // The plan of this run, to draw the measured memory against once the device is known.
-        if resume.is_none() {
-            if let Some(info) = self.state.model.info.ready().filter(|i| i.path == cfg.model.path) {
-                self.state.training.plan_input = Some(Box::new((info.spec.clone(), cfg.clone())));
-            }
+        if resume.is_none()
+            && let Some(info) = self.state.model.info.ready().filter(|i| i.path == cfg.model.path)
+        {
+            self.state.training.plan_input = Some(Box::new((info.spec.clone(), cfg.clone())));
         }
         let handle = session::start(cfg, StartOptions { resume, ..Default::default() });
         self.jobs.forward_session(handle.events.clone(), generation);
@@ -799,7 +799,7 @@ impl eframe::App for StudioApp {
                         ui.label(RichText::new(format!("Start is disabled: {why}")).color(c));
                     }
                     _ if self.state.training.phase.is_active() => {
-                        ui.label(format!("Training · Pause F6 · Stop Shift+F5"));
+                        ui.label("Training · Pause F6 · Stop Shift+F5");
                     }
                     _ => {
                         ui.label(format!("Ready: {START_KEYS} checks the run and starts training."));

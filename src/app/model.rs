@@ -204,7 +204,7 @@ mod tests {
         r.push(Path::new("/m/5"));
         assert_eq!(r.models.len(), RECENT_KEEP);
         assert_eq!(r.models[0], PathBuf::from("/m/5"));
-        assert_eq!(r.models.iter().filter(|p| **p == PathBuf::from("/m/5")).count(), 1);
+        assert_eq!(r.models.iter().filter(|p| p.as_path() == Path::new("/m/5")).count(), 1);
         let dir = tempfile::tempdir().unwrap();
         r.save(dir.path()).unwrap();
         assert_eq!(Recent::load(dir.path()), r);

@@ -229,7 +229,7 @@ pub struct Curves {
 pub fn curves(metrics: &[StepMetrics], smoothing: f64) -> Curves {
     let smooth = ema(&metrics.iter().map(|m| m.loss).collect::<Vec<_>>(), smoothing);
     let stride = metrics.len().div_ceil(MAX_POINTS).max(1);
-    let keep = |i: usize| i % stride == 0 || i + 1 == metrics.len();
+    let keep = |i: usize| i.is_multiple_of(stride) || i + 1 == metrics.len();
     let mut c = Curves::default();
     for (i, m) in metrics.iter().enumerate().filter(|(i, _)| keep(*i)) {
         let x = m.step as f64;
@@ -331,10 +331,10 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     if t.viewing.is_none() {
         if let Some(f) = &t.failure {
             widgets::error_box(ui, &f.message);
-            if let (Some(dir), Some(_)) = (&f.run_dir, &f.last_checkpoint) {
-                if ui.button("Resume from the last checkpoint").clicked() {
-                    actions.push(Action::ResumeRun(dir.clone()));
-                }
+            if let (Some(dir), Some(_)) = (&f.run_dir, &f.last_checkpoint)
+                && ui.button("Resume from the last checkpoint").clicked()
+            {
+                actions.push(Action::ResumeRun(dir.clone()));
             }
         }
         if t.phase == Phase::Idle {

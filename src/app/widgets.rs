@@ -108,10 +108,10 @@ pub fn path_field(ui: &mut Ui, problems: &Problems, key: &str, path: &mut PathBu
         if r.changed() {
             *path = PathBuf::from(text.trim());
         }
-        if let Some(a) = browse {
-            if ui.button("Browse…").clicked() {
-                actions.push(a);
-            }
+        if let Some(a) = browse
+            && ui.button("Browse…").clicked()
+        {
+            actions.push(a);
         }
         r
     });
