@@ -29,7 +29,7 @@ for a in "$@"; do
     interop)
       say "interop (background)"
       ( export PYTHONPATH=$PWD/.dev/pysite; mkdir -p "$OUT/interop"
-        chmod +x .dev/interop/interop_fixtures
+        gunzip -kf .dev/interop/interop_fixtures.gz; chmod +x .dev/interop/interop_fixtures
         cp .dev/run/tunestudio.gz .dev/interop/ && gunzip -f .dev/interop/tunestudio.gz && chmod +x .dev/interop/tunestudio
         OUT=$OUT/interop timeout 420 bash .dev/interop/run_on_gpu.sh .dev/interop > "$OUT/interop/log.txt" 2>&1
         echo "interop rc=$?" >> "$OUT/interop/log.txt" ) &

@@ -13,7 +13,7 @@ exe=$(cargo test --release --no-run --test interop_fixtures --message-format=jso
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]: print(m["executable"])')
-strip --strip-debug -o "$D/interop_fixtures" "$exe"
+strip --strip-debug -o "$D/interop_fixtures" "$exe" && gzip -f "$D/interop_fixtures"
 cp tests/interop/*.py tests/interop/*.sh "$D/"
 cp -r assets/demo "$D/demo"
 cp -r tests/fixtures/interop/demo_fix "$D/demo_fix"
