@@ -410,6 +410,22 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     assert!(out.join("adapter_config.json").is_file() && out.join("adapter_model.safetensors").is_file());
     h.step();
     assert!(h.query_by_label(&out.display().to_string()).is_some(), "the resulting path is shown");
+    let exported = tunestudio::export::adapter::load_peft(&out, &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap()).unwrap();
+    let saved = tunestudio::export::adapter::load_peft(&run_dir.join("adapter"), &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap()).unwrap();
+    assert!(exported.weights == saved.weights, "the exported adapter holds the run's weights");
+
+    // And the merged 16-bit model, as transformers would load it.
+    click(&mut h, "Export merged weights");
+    wait_for(&mut h, "the merged export", 120, |a| a.state.export.result.is_some());
+    let merged = h.state().state.export.result.clone().unwrap().expect("merged export succeeds");
+    assert_eq!(merged, dest.join("gui-run-merged-bf16"));
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(merged.join(f).is_file(), "{f} in the merged folder");
+    }
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"].as_str().or(config["dtype"].as_str()), Some("bfloat16"), "{config}");
+    h.step();
+    assert!(h.query_by_label(&merged.display().to_string()).is_some(), "the merged folder's path is shown");
 
     // The Runs list shows the stopped run; resume it.
     go(&mut h, Page::Runs);

@@ -1,15 +1,20 @@
-//! Export: write a run's LoRA adapter as a PEFT folder into a folder the person chooses, with
-//! progress and the resulting path. The adapter is read back and checked against the base
-//! model's shapes before it is written, so what lands is known to load. A run that has no
-//! `adapter/` yet (failed, or interrupted) is exported from its newest checkpoint.
+//! Export: a run's LoRA adapter as a PEFT folder, or the base model with the adapter merged in
+//! as a 16-bit Hugging Face folder, written into a folder the person chooses, with progress and
+//! the resulting path. Both go through the same code as `tunestudio export` (crate::export), so
+//! trained token rows travel with the adapter and the merged weights alike. A run that has no
+//! `adapter/` yet (failed, or interrupted before its first save) exports its adapter from its
+//! newest checkpoint.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_channel::Sender;
 use eframe::egui::{self, RichText, Ui};
 
 use crate::RunConfig;
-use crate::export::adapter::{load_peft, save_peft};
+use crate::export::adapter::{load_peft, save_peft_with_tokens};
+use crate::export::merged::{FsSink, MergeDtype, MergeInput, MergeOptions, Sink, export_merged_with};
 use crate::model::ModelSpec;
 use crate::session::checkpoint;
 
@@ -23,14 +28,29 @@ pub enum ExportProgress {
     Done(Result<PathBuf, String>),
 }
 
-#[derive(Debug, Default)]
+/// What the Export page writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportKind {
+    Adapter,
+    Merged(MergeDtype),
+}
+
+#[derive(Debug)]
 pub struct ExportState {
     /// The run whose adapter is exported.
     pub source: Option<PathBuf>,
-    /// The folder the adapter folder is created in.
+    /// The folder the export's own folder is created in.
     pub dest: PathBuf,
+    /// The dtype of a merged export.
+    pub merged_dtype: MergeDtype,
     pub progress: Option<(f32, String)>,
     pub result: Option<Result<PathBuf, String>>,
+}
+
+impl Default for ExportState {
+    fn default() -> Self {
+        ExportState { source: None, dest: PathBuf::new(), merged_dtype: MergeDtype::Bf16, progress: None, result: None }
+    }
 }
 
 impl ExportState {
@@ -39,52 +59,108 @@ impl ExportState {
     }
 }
 
-/// `parent/<run>-adapter`, or `-2`, `-3`, … when taken: an export never replaces a folder.
-pub fn target_dir(parent: &Path, run_name: &str) -> PathBuf {
-    let base = format!("{run_name}-adapter");
-    let mut p = parent.join(&base);
+/// `parent/<leaf>`, or `<leaf>-2`, `<leaf>-3`, … when taken: an export never replaces a folder.
+pub fn target_dir(parent: &Path, leaf: &str) -> PathBuf {
+    let mut p = parent.join(leaf);
     let mut n = 2;
     while p.exists() {
-        p = parent.join(format!("{base}-{n}"));
+        p = parent.join(format!("{leaf}-{n}"));
         n += 1;
     }
     p
 }
 
-/// Read, check and write the adapter of `run_dir` into a new folder under `parent`.
-pub fn export_adapter(run_dir: &Path, parent: &Path, tx: &Sender<Msg>) -> crate::Result<PathBuf> {
-    let step = |fraction: f32, what: &str| {
-        let _ = tx.send(Msg::Export(ExportProgress::Step { fraction, what: what.into() }));
-    };
+fn run_name(run_dir: &Path) -> String {
+    run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "run".into())
+}
+
+fn send_step(tx: &Sender<Msg>, fraction: f32, what: impl Into<String>) {
+    let _ = tx.send(Msg::Export(ExportProgress::Step { fraction, what: what.into() }));
+}
+
+fn prepare_parent(parent: &Path) -> crate::Result<()> {
     if parent.as_os_str().is_empty() {
         return Err(crate::Error::msg("choose a destination folder first"));
     }
-    step(0.05, "reading the run's config");
-    let cfg = RunConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))?;
-    step(0.15, "reading the base model's shapes");
-    let spec = ModelSpec::from_dir(&cfg.model.path)?;
-    step(0.35, "reading the adapter");
-    let adapter_dir = run_dir.join(checkpoint::ADAPTER_DIR);
-    let (weights, lora, base) = if adapter_dir.join(crate::export::adapter::CONFIG_FILE).is_file() {
-        let a = load_peft(&adapter_dir, &spec)?;
-        (a.weights, a.lora, a.base_model)
+    std::fs::create_dir_all(parent).map_err(|e| crate::Error::file(parent, e))
+}
+
+/// Write the adapter of `run_dir` (with its trained token rows) into `parent/<run>-adapter`,
+/// then read it back against the base model's shapes, so what lands is known to load.
+pub fn export_adapter(run_dir: &Path, parent: &Path, tx: &Sender<Msg>) -> crate::Result<PathBuf> {
+    prepare_parent(parent)?;
+    let dest = target_dir(parent, &format!("{}-adapter", run_name(run_dir)));
+    send_step(tx, 0.1, "reading the run's adapter");
+    if run_dir.join(checkpoint::ADAPTER_DIR).join(crate::export::adapter::CONFIG_FILE).is_file() {
+        send_step(tx, 0.4, "writing adapter_model.safetensors");
+        crate::export::run::export_adapter(run_dir, Some(&dest))?;
     } else {
+        let cfg = RunConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))?;
         let c = checkpoint::load_latest(run_dir)?;
-        (c.weights, cfg.lora.clone(), cfg.model.path.display().to_string())
-    };
-    let name = run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
-    std::fs::create_dir_all(parent).map_err(|e| crate::Error::file(parent, e))?;
-    let dest = target_dir(parent, &name);
-    step(0.6, "writing adapter_model.safetensors");
-    save_peft(&dest, &weights, &lora, &base)?;
-    step(0.9, "checking the written adapter loads");
-    load_peft(&dest, &spec)?;
+        send_step(tx, 0.4, format!("writing adapter_model.safetensors from {}", c.dir.display()));
+        save_peft_with_tokens(&dest, &c.weights, &cfg.lora, &cfg.model.path.display().to_string(), c.token_rows.as_ref())?;
+    }
+    send_step(tx, 0.9, "checking the written adapter loads");
+    let cfg = RunConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))?;
+    load_peft(&dest, &ModelSpec::from_dir(&cfg.model.path)?)?;
     Ok(dest)
+}
+
+/// Files on disk, counting the bytes written to report progress against the expected total.
+struct CountingSink<'a> {
+    tx: &'a Sender<Msg>,
+    written: AtomicU64,
+    expected: u64,
+}
+
+struct Counted<'a, W> {
+    inner: W,
+    sink: &'a CountingSink<'a>,
+    name: String,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        let step = (self.sink.expected / 200).max(1 << 20);
+        let before = self.sink.written.fetch_add(n as u64, Ordering::Relaxed);
+        if before / step != (before + n as u64) / step {
+            let f = ((before + n as u64) as f64 / self.sink.expected.max(1) as f64).min(0.99) as f32;
+            send_step(self.sink.tx, 0.05 + 0.9 * f, format!("writing {} ({})", self.name, crate::util::fmt_bytes(before + n as u64)));
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Sink for CountingSink<'_> {
+    fn create(&self, path: &Path) -> std::io::Result<Box<dyn Write + '_>> {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        Ok(Box::new(Counted { inner: FsSink.create(path)?, sink: self, name }))
+    }
+}
+
+/// Merge the run's adapter (and trained token rows) into its base model and write a Hugging
+/// Face folder of `dtype` weights into `parent/<run>-merged-<dtype>`.
+pub fn export_merged(run_dir: &Path, parent: &Path, dtype: MergeDtype, tx: &Sender<Msg>) -> crate::Result<PathBuf> {
+    prepare_parent(parent)?;
+    send_step(tx, 0.02, "reading the run's adapter");
+    let input = MergeInput::from_run(run_dir)?;
+    let spec = ModelSpec::from_dir(&input.model)?;
+    let dtype_name = format!("{dtype:?}").to_lowercase();
+    let dest = target_dir(parent, &format!("{}-merged-{dtype_name}", run_name(run_dir)));
+    let bytes_per_param = if dtype == MergeDtype::F32 { 4 } else { 2 };
+    let sink = CountingSink { tx, written: AtomicU64::new(0), expected: spec.total_params() * bytes_per_param };
+    let summary = export_merged_with(&input, &dest, &MergeOptions { dtype, ..MergeOptions::default() }, &sink)?;
+    send_step(tx, 1.0, format!("{} tensors, {} linears merged, {}", summary.tensors, summary.merged_linears, crate::util::fmt_bytes(summary.total_bytes)));
+    Ok(summary.dest)
 }
 
 pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     ui.heading("Export");
-    ui.label("Write a run's LoRA adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors), loadable with peft's PeftModel.from_pretrained.");
+    ui.label("Write a run's LoRA adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors), loadable with peft's PeftModel.from_pretrained, or the base model with the adapter merged in, as a 16-bit Hugging Face folder. Token rows the run trained go with both.");
     ui.add_space(6.0);
     let runs: Vec<PathBuf> = state.runs.records.ready().map(|r| r.iter().filter(|r| r.has_adapter || !r.checkpoints.is_empty()).map(|r| r.dir.clone()).collect()).unwrap_or_default();
     let e = &mut state.export;
@@ -128,11 +204,21 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         } else {
             "choose a destination folder"
         };
-        if ui.add_enabled(ready, egui::Button::new("Export adapter")).on_disabled_hover_text(why).clicked() {
-            actions.push(Action::Export);
+        if ui.add_enabled(ready, egui::Button::new("Export adapter")).on_hover_text("adapter_config.json + adapter_model.safetensors, for peft").on_disabled_hover_text(why).clicked() {
+            actions.push(Action::Export(ExportKind::Adapter));
         }
-        ui.add_enabled(false, egui::Button::new("Export merged 16-bit weights"))
-            .on_disabled_hover_text("Merged safetensors and GGUF come with the interop work; not in this build yet.");
+        ui.separator();
+        let merged = ui
+            .add_enabled(ready, egui::Button::new("Export merged weights"))
+            .on_hover_text("The base model with the adapter merged into every linear, as a Hugging Face folder (safetensors shards, config, tokenizer) that transformers, vLLM or llama.cpp's converter load without peft")
+            .on_disabled_hover_text(why);
+        egui::ComboBox::from_id_salt("export-dtype").selected_text(format!("{:?}", e.merged_dtype).to_lowercase()).width(64.0).show_ui(ui, |ui| {
+            ui.selectable_value(&mut e.merged_dtype, MergeDtype::Bf16, "bf16");
+            ui.selectable_value(&mut e.merged_dtype, MergeDtype::F16, "f16");
+        });
+        if merged.clicked() {
+            actions.push(Action::Export(ExportKind::Merged(e.merged_dtype)));
+        }
     });
     if let Some((f, what)) = &e.progress {
         ui.add(egui::ProgressBar::new(*f).text(what.as_str()).show_percentage());
@@ -154,9 +240,9 @@ mod tests {
     #[test]
     fn target_dir_never_reuses_a_folder() {
         let d = tempfile::tempdir().unwrap();
-        let a = target_dir(d.path(), "run");
+        let a = target_dir(d.path(), "run-adapter");
         assert_eq!(a, d.path().join("run-adapter"));
         std::fs::create_dir(&a).unwrap();
-        assert_eq!(target_dir(d.path(), "run"), d.path().join("run-adapter-2"));
+        assert_eq!(target_dir(d.path(), "run-adapter"), d.path().join("run-adapter-2"));
     }
 }

@@ -120,7 +120,7 @@ impl Jobs {
                 Pick::ModelFolder => d.set_title("Choose a Hugging Face model folder").pick_folder(),
                 Pick::AdapterFolder => d.set_title("Choose a PEFT LoRA adapter folder").pick_folder(),
                 Pick::OutputFolder => d.set_title("Choose the folder that holds runs").pick_folder(),
-                Pick::ExportFolder => d.set_title("Export the adapter into this folder").pick_folder(),
+                Pick::ExportFolder => d.set_title("Export into this folder").pick_folder(),
                 Pick::DatasetFile => d
                     .set_title("Choose a dataset")
                     .add_filter("datasets", &["jsonl", "ndjson", "json", "csv", "tsv", "parquet", "txt"])

@@ -100,7 +100,7 @@ pub enum Action {
     OpenRun(PathBuf),
     ResumeRun(PathBuf),
     ExportFrom(PathBuf),
-    Export,
+    Export(export::ExportKind),
     /// "Largest that fits" in the memory budget: set this setting to this value.
     ApplyBudget(budget::Setting, usize),
     BackToLive,
@@ -403,11 +403,16 @@ impl StudioApp {
                 s.export.result = None;
                 s.page = Page::Export;
             }
-            Action::Export => {
+            Action::Export(kind) => {
                 let (Some(src), dest) = (s.export.source.clone(), s.export.dest.clone()) else { return };
                 s.export.progress = Some((0.0, "starting".into()));
                 s.export.result = None;
-                self.jobs.spawn("export", move |tx| Msg::Export(export::ExportProgress::Done(jobs::guarded(|| export::export_adapter(&src, &dest, tx)))));
+                self.jobs.spawn("export", move |tx| {
+                    Msg::Export(export::ExportProgress::Done(jobs::guarded(|| match kind {
+                        export::ExportKind::Adapter => export::export_adapter(&src, &dest, tx),
+                        export::ExportKind::Merged(dtype) => export::export_merged(&src, &dest, dtype, tx),
+                    })))
+                });
             }
             Action::ApplyBudget(setting, value) => budget::apply(&mut s.config, setting, value),
             Action::BackToLive => s.training.viewing = None,

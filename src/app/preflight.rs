@@ -3,15 +3,11 @@
 //! memory budget (see budget.rs), and either a Start button or the reason the run cannot start.
 //! `check` gathers the facts on a worker; `verdict` and `lines` are the view model.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use eframe::egui::{self, RichText, Ui};
 
 use crate::config::{DeviceChoice, RunConfig};
-use crate::data::preflight::{self as data_preflight, dataset_stats, tokenizer_checks};
-use crate::data::{Batcher, prepare_dataset};
-use crate::model::{ModelSpec, WeightStore};
+use crate::data::preflight::{self as data_preflight, Marking};
+use crate::model::ModelSpec;
 use crate::session::checkpoint::STATUS_FILE;
 
 use super::budget::{self, BudgetView, Card, Machine};
@@ -129,41 +125,43 @@ pub fn untrained_lines(r: &PreflightReport, fix_enabled: bool) -> Vec<(Level, St
     out
 }
 
-/// Gather every fact the dialog shows. Runs on a worker: it reads the model's embedding matrix
-/// and tokenizes the whole dataset, as the session will. `machine` is what the studio probed at
-/// start-up (probed here when it has not arrived yet).
+/// Gather every fact the dialog shows. Runs on a worker. The facts are the CLI's
+/// (`crate::preflight::PreflightReport`: the dataset prepared as the session will, its
+/// statistics, the tokenizer checks, the untrained-token decision and the verdict); the studio
+/// adds what only a window run needs to know (an occupied run name, the device, the memory
+/// budget). `machine` is what the studio probed at start-up (probed here when it has not arrived).
 pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<PreflightReport> {
     let machine = machine.unwrap_or_else(budget::probe_machine);
+    let core = crate::preflight::PreflightReport::build(cfg, Marking::Plain)?;
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let tok = super::jobs::tokenizer(&cfg.model.path)?;
-    let store = WeightStore::open(&cfg.model.path)?;
-    let data = prepare_dataset(&cfg.dataset, &tok, cfg.train.max_seq_len)?;
-    let report = &data.report;
+    let (ds, stats, found) = (&core.dataset, &core.stats, &core.untrained_tokens);
     let mut checks = Vec::new();
 
-    if report.template.starts_with("none") {
+    if ds.template.starts_with("none") {
         checks.push(Check::new(Level::Ok, "Raw text: no chat template involved."));
+    } else if tok.chat_template().is_some() {
+        checks.push(Check::new(Level::Ok, format!("Chat template: {}.", ds.template)));
     } else {
-        let template = tok.resolve_template(&cfg.dataset.template)?;
-        checks.push(match tok.chat_template().is_some() {
-            true => Check::new(Level::Ok, format!("Chat template: {}.", report.template)),
-            false => Check::new(Level::Warn, format!("The model ships no chat template; using {}. Chat with the result through the same template.", report.template)),
-        });
-        // The data module's checks of the tokenizer and template (double BOS, responses that never
-        // end in an end-of-turn token, the pad token, …), as the CLI prints them.
-        for f in tokenizer_checks(&tok, &template) {
-            let level = match f.level {
-                data_preflight::Level::Info => Level::Info,
-                data_preflight::Level::Warning => Level::Warn,
-            };
-            checks.push(Check::new(level, f.message));
-        }
+        checks.push(Check::new(Level::Warn, format!("The model ships no chat template; using {}. Chat with the result through the same template.", ds.template)));
     }
-    if report.truncated_rows > 0 {
-        checks.push(Check::new(Level::Warn, format!("{} rows are longer than max_seq_len {} and are truncated.", report.truncated_rows, report.max_seq_len)));
+    for f in &core.tokenizer_checks {
+        let level = match f.level {
+            data_preflight::Level::Info => Level::Info,
+            data_preflight::Level::Warning => Level::Warn,
+        };
+        checks.push(Check::new(level, f.message.clone()));
     }
-    if !report.rows_skipped.is_empty() {
-        checks.push(Check::new(Level::Warn, format!("{} rows are skipped (reasons in the Dataset panel).", report.rows_skipped.len())));
+    if stats.truncated_rows > 0 {
+        checks.push(Check::new(Level::Warn, format!("{} rows are longer than max_seq_len {} and are truncated.", stats.truncated_rows, ds.max_seq_len)));
+    }
+    if ds.rows_skipped > 0 {
+        checks.push(Check::new(Level::Warn, format!("{} rows are skipped (reasons in the Dataset panel).", ds.rows_skipped)));
+    }
+    // Reasons the run cannot start, but the untrained-token refusal: the dialog offers its fix.
+    let refusal = found.refusal().map(|e| e.to_string());
+    for reason in core.verdict.reasons.iter().filter(|r| Some(*r) != refusal.as_ref()) {
+        checks.push(Check::new(Level::Block, reason.clone()));
     }
     if !cfg.output.run_name.is_empty() && cfg.output.dir.join(&cfg.output.run_name).join(STATUS_FILE).exists() {
         checks.push(Check::new(
@@ -181,29 +179,21 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
             "CUDA (not available)".to_string()
         }
     };
-
-    // The session's own decision (crate::preflight): the same exclusions, the rows the data uses
-    // and the tokens the chat template writes.
-    let template = match report.template.starts_with("none") {
-        true => None,
-        false => Some(tok.resolve_template(&cfg.dataset.template)?),
-    };
-    let found = crate::preflight::untrained_tokens(&store, &spec, &tok, &data.examples, template.as_ref(), cfg.dataset.fix_untrained_tokens)?;
-    let untrained_ids: Vec<u32> = found.tokens.iter().map(|t| t.id).collect();
-    // A token only the template writes counts as used in every row.
-    let rows_using: BTreeMap<u32, usize> =
-        found.tokens.iter().filter(|t| t.used()).map(|t| (t.id, if t.in_template { report.rows_used } else { t.data_rows })).collect();
-    let batcher = Batcher::new(Arc::new(data.examples.clone()), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
-    let stats = dataset_stats(&data, &batcher, cfg.train.grad_accum);
     if !cfg.dataset.packing && stats.padding_fraction > 0.3 {
         checks.push(Check::new(
             Level::Info,
             format!("{:.0}% of the tokens in a batch are padding; dataset.packing would spend that compute on data.", 100.0 * stats.padding_fraction),
         ));
     }
-    let per_epoch = stats.steps_per_epoch.max(1) as u64;
-    let total = cfg.train.max_steps.unwrap_or_else(|| ((cfg.train.epochs * per_epoch as f64).ceil() as u64).max(1));
-    let token_rows = if cfg.dataset.fix_untrained_tokens { rows_using.len() } else { 0 };
+
+    // A token only the template writes counts as used in every row.
+    let untrained_used: Vec<UntrainedUse> = found
+        .tokens
+        .iter()
+        .filter(|t| t.used())
+        .map(|t| UntrainedUse { id: t.id, text: t.text.clone(), rows: if t.in_template { ds.rows_used } else { t.data_rows } })
+        .collect();
+    let token_rows = if cfg.dataset.fix_untrained_tokens { untrained_used.len() } else { 0 };
     let target = budget::target(Card::ThisMachine, cfg.train.device, Some(&machine));
     let b = budget::view(&spec, cfg, &target, machine.host.as_ref(), token_rows);
     if b.fits == Some(false) {
@@ -214,29 +204,25 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         let advice = if fixes.is_empty() { "see the memory budget on the Hyperparameters page".to_string() } else { format!("to fit: {}", fixes.join("; or ")) };
         checks.push(Check::new(Level::Warn, format!("{line}; {advice}.")));
     }
-    let budget = Some(b);
-    let untrained_used = rows_using.into_iter().map(|(id, rows)| UntrainedUse { id, text: tok.token_text(id).unwrap_or_default(), rows }).collect();
 
     Ok(PreflightReport {
         model: spec.summary(),
         data: format!(
             "{} rows used of {} ({} skipped, {} truncated), {} trained tokens",
-            report.rows_used,
-            report.rows_total,
-            report.rows_skipped.len(),
-            report.truncated_rows,
-            report.trained_tokens
+            ds.rows_used, ds.rows_total, ds.rows_skipped, stats.truncated_rows, stats.trained_tokens
         ),
         steps: format!(
-            "{total} optimizer steps ({per_epoch} per epoch), {} sequences each, learning rate {:.2e}",
+            "{} optimizer steps ({} per epoch), {} sequences each, learning rate {:.2e}",
+            core.total_steps,
+            stats.steps_per_epoch.max(1),
             cfg.train.batch_size * cfg.train.grad_accum,
             cfg.optim.lr
         ),
         device,
         checks,
-        untrained: untrained_ids.iter().map(|&i| (i, tok.token_text(i).unwrap_or_default())).collect(),
+        untrained: found.tokens.iter().map(|t| (t.id, t.text.clone())).collect(),
         untrained_used,
-        budget,
+        budget: Some(b),
     })
 }
 
