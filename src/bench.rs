@@ -199,7 +199,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let mut trainer = Trainer::new(be, spec.clone(), &weights, opts, None)?;
     let policy = trainer.checkpointing();
     let input = PlanInput { lora, quantization: Quantization::Nf4, batch_size: 1, max_seq_len: args.seq, checkpointing: policy, token_rows: 0, mlp_chunk_rows: 0 };
-    let target = PlanTarget { kind: BackendKind::Cuda, name: dev.name.clone(), total_bytes: Some(total), free_bytes: Some(total), context_bytes, attention };
+    let target = PlanTarget { kind: BackendKind::Cuda, name: dev.name.clone(), total_bytes: Some(total), free_bytes: Some(total), context_bytes, attention, host_bytes: None };
     let planned = plan::plan(&spec, &input, &target);
     let plan_arena_bytes = planned.peak_bytes - context_bytes;
     let setup_s = t_start.elapsed().as_secs_f64();

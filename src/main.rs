@@ -61,6 +61,10 @@ enum Command {
         /// Plan for a card of this size (e.g. 24GiB) instead of the detected one.
         #[arg(long, value_parser = parse_size)]
         gpu_mem: Option<u64>,
+        /// The RAM that pinned host memory (offloaded activations) may take, e.g. 64GiB; by
+        /// default what this machine has available.
+        #[arg(long, value_parser = parse_size)]
+        host_mem: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -185,7 +189,7 @@ fn main() -> ExitCode {
         None => studio(None),
         Some(Command::Studio { config }) => studio(config),
         Some(Command::Train { config, output, max_steps, device, resume, json }) => train(config, output, max_steps, device, resume, json),
-        Some(Command::Plan { config, model, shape, seq, batch, rank, gpu_mem, json }) => tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
+        Some(Command::Plan { config, model, shape, seq, batch, rank, gpu_mem, host_mem, json }) => tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
             config: config.as_deref(),
             model: model.as_deref(),
             shape: shape.as_deref(),
@@ -193,6 +197,7 @@ fn main() -> ExitCode {
             batch,
             rank,
             gpu_mem,
+            host_mem,
             json,
         }),
         Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, json }) => bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, json),

@@ -104,3 +104,25 @@ fn cuda_device_without_a_gpu_is_a_clear_error() {
     assert!(!ok);
     assert_error(&err, "no CUDA device");
 }
+
+/// `plan` holds the device bytes against the card and the pinned host bytes of offloading
+/// against the RAM: with little RAM a long run does not fit and the largest length shrinks.
+#[test]
+fn plan_holds_offloaded_activations_against_the_host_ram() {
+    let plan = |host: &str| {
+        let (ok, out, err) = tunestudio(&["plan", "--shape", "llama3-8b", "--seq", "32768", "--gpu-mem", "24GiB", "--host-mem", host, "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let (small, large) = (plan("4GiB"), plan("256GiB"));
+    assert_eq!(large["checkpointing"], "offload", "{large}");
+    assert!(large["pinned_host_bytes"].as_u64().unwrap() > 4 << 30);
+    assert_eq!((large["fits"].as_bool(), large["host_fits"].as_bool()), (Some(true), Some(true)), "{large}");
+    assert_eq!((small["fits"].as_bool(), small["host_fits"].as_bool()), (Some(false), Some(false)), "{small}");
+    assert_eq!(small["host_available_bytes"].as_u64(), Some(4 << 30));
+    let longest = |v: &serde_json::Value| v["largest"]["max_seq_len"].as_u64().unwrap();
+    assert!(longest(&small) < 32768 && longest(&small) < longest(&large), "{} vs {}", longest(&small), longest(&large));
+    assert!(small["suggestions"].as_array().unwrap().iter().any(|s| s["change"].as_str().unwrap().contains("max_seq_len")), "{small}");
+    let (ok, text, _) = tunestudio(&["plan", "--shape", "llama3-8b", "--seq", "32768", "--gpu-mem", "24GiB", "--host-mem", "4GiB"]);
+    assert!(ok && text.contains("of 4.00 GiB RAM available: does NOT fit"), "{text}");
+}

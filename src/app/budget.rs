@@ -62,11 +62,7 @@ impl Card {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostMemory {
-    pub total_bytes: u64,
-    pub available_bytes: u64,
-}
+pub use crate::backend::{HostMemory, host_memory};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gpu {
@@ -99,28 +95,19 @@ pub fn probe_machine() -> Machine {
     }
 }
 
-/// `MemTotal` and `MemAvailable` from /proc/meminfo (Linux); `None` elsewhere.
-pub fn host_memory() -> Option<HostMemory> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_meminfo(&text)
-}
-
-fn parse_meminfo(text: &str) -> Option<HostMemory> {
-    let kib = |key: &str| -> Option<u64> { text.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()).map(|k| k * 1024) };
-    let total = kib("MemTotal:")?;
-    Some(HostMemory { total_bytes: total, available_bytes: kib("MemAvailable:").unwrap_or(total) })
-}
-
-/// The plan target for `card`: a preset card, or what the session would train on here.
+/// The plan target for `card`: a preset card, or what the session would train on here. A
+/// card's pinned host memory is held against this machine's RAM (a preset previews the card in
+/// this machine).
 pub fn target(card: Card, device: DeviceChoice, machine: Option<&Machine>) -> PlanTarget {
+    let host = machine.and_then(|m| m.host.as_ref());
     match card {
         Card::Preset(gb) => {
             let article = if gb == 8 || gb == 18 || (80..90).contains(&gb) { "an" } else { "a" };
-            PlanTarget::gpu(&format!("{article} {gb} GB card"), u64::from(gb) << 30)
+            PlanTarget::gpu(&format!("{article} {gb} GB card"), u64::from(gb) << 30).with_host(host)
         }
         Card::ThisMachine => match (device, machine.and_then(|m| m.gpu.as_ref())) {
-            (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => PlanTarget { free_bytes: Some(g.free_bytes), ..PlanTarget::gpu(&g.name, g.total_bytes) },
-            _ => cpu_target(machine.and_then(|m| m.host.as_ref())),
+            (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => PlanTarget { free_bytes: Some(g.free_bytes), ..PlanTarget::gpu(&g.name, g.total_bytes) }.with_host(host),
+            _ => cpu_target(host),
         },
     }
 }
@@ -131,7 +118,7 @@ pub fn device_target(device: &crate::backend::DeviceInfo, machine: Option<&Machi
     match (device.kind.as_str(), device.total_memory_bytes) {
         ("cuda", Some(total)) => {
             let free = machine.and_then(|m| m.gpu.as_ref()).filter(|g| g.name == device.name).map_or(total, |g| g.free_bytes);
-            PlanTarget { free_bytes: Some(free), ..PlanTarget::gpu(&device.name, total) }
+            PlanTarget { free_bytes: Some(free), ..PlanTarget::gpu(&device.name, total) }.with_host(machine.and_then(|m| m.host.as_ref()))
         }
         _ => cpu_target(machine.and_then(|m| m.host.as_ref())),
     }
@@ -197,9 +184,10 @@ pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option
         .iter()
         .filter_map(|&(term, label, color)| p.terms.get(term.name()).filter(|&&b| b > 0).map(|&bytes| Segment { term, label, color, bytes }))
         .collect();
-    // On the CPU "pinned host" is the same RAM as everything else.
+    // On the CPU "pinned host" is the same RAM as everything else. On a card, the plan holds
+    // the device bytes against the card and the pinned bytes against the target's host RAM.
     let (peak, pinned) = if on_gpu { (p.peak_bytes, p.pinned_host_bytes) } else { (p.peak_bytes + p.pinned_host_bytes, 0) };
-    let fits = target.free_bytes.map(|free| peak <= free && (pinned == 0 || host.is_none_or(|h| pinned <= h.available_bytes)));
+    let fits = target.free_bytes.map(|free| if on_gpu { p.fits } else { peak <= free });
     BudgetView {
         device: target.name.clone(),
         on_gpu,
@@ -539,13 +527,6 @@ mod tests {
     }
 
     #[test]
-    fn meminfo_is_read_in_bytes() {
-        let h = parse_meminfo("MemTotal:       32000000 kB\nMemFree:  100 kB\nMemAvailable:   16000000 kB\n").unwrap();
-        assert_eq!(h, HostMemory { total_bytes: 32_000_000 * 1024, available_bytes: 16_000_000 * 1024 });
-        assert_eq!(parse_meminfo("nothing"), None);
-    }
-
-    #[test]
     fn the_view_is_the_plan_in_stacking_order() {
         let spec = ModelSpec::llama3_8b();
         let mut cfg = RunConfig::default();
@@ -605,11 +586,21 @@ mod tests {
         let mut cfg = RunConfig::default();
         cfg.train.max_seq_len = 8192;
         cfg.memory.checkpointing = CheckpointPolicy::Offload;
-        let host = HostMemory { total_bytes: 64 << 30, available_bytes: 1 << 30 };
-        let v = view(&spec, &cfg, &target(Card::Preset(24), DeviceChoice::Auto, None), Some(&host), 0);
-        assert!(v.pinned_host_bytes > 1 << 30, "{}", v.pinned_host_bytes);
+        let host = HostMemory { total_bytes: 64 << 30, available_bytes: 2 << 30 };
+        let machine = Machine { gpu: None, no_gpu_reason: "none".into(), host: Some(host.clone()) };
+        let t = target(Card::Preset(24), DeviceChoice::Auto, Some(&machine));
+        assert_eq!(t.host_bytes, Some(2 << 30), "a preset card is previewed in this machine");
+        let v = view(&spec, &cfg, &t, Some(&host), 0);
+        assert!(v.pinned_host_bytes > 2 << 30, "{}", v.pinned_host_bytes);
         assert_eq!(v.fits, Some(false), "the pinned memory does not fit the RAM available");
         assert!(verdict(&v).0.contains("pinned host memory"), "{}", verdict(&v).0);
+        // "Largest that fits" is bounded by the RAM too: the offload run is shortened until its
+        // pinned layer inputs fit the 2 GiB available (the memory-mode embedding takes 1 GiB of it).
+        let f = fixes(&spec, &cfg, &t);
+        let mut c = cfg.clone();
+        apply(&mut c, Setting::MaxSeqLen, f.max_seq_len.expect("a short run fits"));
+        let shorter = view(&spec, &c, &t, Some(&host), 0);
+        assert!(shorter.fits == Some(true) && shorter.pinned_host_bytes <= 2 << 30, "{shorter:?}");
     }
 
     #[test]

@@ -113,6 +113,39 @@ pub struct LossSum {
     pub count: usize,
 }
 
+/// The host's RAM, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HostMemory {
+    pub total_bytes: u64,
+    /// `MemAvailable`: what can be allocated (or pinned) without swapping.
+    pub available_bytes: u64,
+}
+
+/// `MemTotal` and `MemAvailable` from /proc/meminfo (Linux); `None` elsewhere.
+pub fn host_memory() -> Option<HostMemory> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo(&text)
+}
+
+fn parse_meminfo(text: &str) -> Option<HostMemory> {
+    let kib = |key: &str| -> Option<u64> { text.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()).map(|k| k * 1024) };
+    let total = kib("MemTotal:")?;
+    Some(HostMemory { total_bytes: total, available_bytes: kib("MemAvailable:").unwrap_or(total) })
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_is_read_in_bytes() {
+        let h = parse_meminfo("MemTotal:       32000000 kB\nMemFree:  100 kB\nMemAvailable:   16000000 kB\n").unwrap();
+        assert_eq!(h, HostMemory { total_bytes: 32_000_000 * 1024, available_bytes: 16_000_000 * 1024 });
+        assert_eq!(parse_meminfo("MemTotal: 1000 kB\n").unwrap().available_bytes, 1000 * 1024, "no MemAvailable: all of it");
+        assert_eq!(parse_meminfo("nothing"), None);
+    }
+}
+
 /// What the backend runs on, for logs and the studio.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeviceInfo {

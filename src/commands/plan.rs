@@ -19,6 +19,8 @@ pub struct PlanArgs<'a> {
     pub batch: Option<usize>,
     pub rank: Option<usize>,
     pub gpu_mem: Option<u64>,
+    /// The RAM pinned host memory may take; `None`: this machine's available RAM.
+    pub host_mem: Option<u64>,
     pub json: bool,
 }
 
@@ -55,6 +57,11 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
             Err(_) => PlanTarget { total_bytes: None, free_bytes: None, ..PlanTarget::gpu("no GPU detected", 0) },
         },
     };
+    let host = match a.host_mem {
+        Some(bytes) => Some(crate::backend::HostMemory { total_bytes: bytes, available_bytes: bytes }),
+        None => crate::backend::host_memory(),
+    };
+    let target = target.with_host(host.as_ref());
     let p = plan::plan(&spec, &input, &target);
     let known = target.total_bytes.is_some();
     let largest_seq = known.then(|| largest_fitting(&spec, &input, &target, 64, 1 << 21, |i, v| i.max_seq_len = v)).flatten();
@@ -70,6 +77,8 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
             "total_bytes": target.total_bytes,
             "checkpointing": p.checkpointing,
             "pinned_host_bytes": p.pinned_host_bytes,
+            "host_available_bytes": target.host_bytes,
+            "host_fits": p.host_fits,
             "largest": {"max_seq_len": largest_seq, "batch_size": largest_batch, "lora_r": largest_rank},
             "suggestions": fixes,
         });
@@ -92,7 +101,8 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
     }
     println!("  {:<20} {:>12}", "peak (device)", fmt_bytes(p.peak_bytes));
     if p.pinned_host_bytes > 0 {
-        println!("  {:<20} {:>12}", "pinned host memory", fmt_bytes(p.pinned_host_bytes));
+        let of = target.host_bytes.map(|h| format!(" of {} RAM available{}", fmt_bytes(h), if p.host_fits { "" } else { ": does NOT fit" })).unwrap_or_default();
+        println!("  {:<20} {:>12}{of}", "pinned host memory", fmt_bytes(p.pinned_host_bytes));
     }
     println!();
     match target.total_bytes {

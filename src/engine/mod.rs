@@ -264,6 +264,7 @@ impl<B: Backend> Trainer<B> {
                         free_bytes: dev.free_memory_bytes.map(|f| f + plan::DEFAULT_CUDA_CONTEXT_BYTES),
                         context_bytes: plan::DEFAULT_CUDA_CONTEXT_BYTES,
                         attention: plan::cuda_attention_default(),
+                        host_bytes: crate::backend::host_memory().map(|h| h.available_bytes),
                     }
                 } else {
                     plan::PlanTarget::cpu()

@@ -141,11 +141,20 @@ pub struct PlanTarget {
     /// CUDA: the attention version the backend is created with (`TUNESTUDIO_ATTENTION`); only
     /// version 3 allocates the attention backward scratch. Ignored for the CPU.
     pub attention: AttnVersion,
+    /// CUDA: the host RAM that pinned buffers (offloaded layer inputs, the memory-mode embedding)
+    /// may take: what the host has available. Pinned pages cannot be swapped, so a plan that
+    /// needs more does not fit. `None`: not held against anything (a card on an unknown host).
+    pub host_bytes: Option<u64>,
 }
 
 impl PlanTarget {
     pub fn cpu() -> Self {
-        PlanTarget { kind: BackendKind::Cpu, name: "CPU".into(), total_bytes: None, free_bytes: None, context_bytes: 0, attention: cuda_attention_default() }
+        PlanTarget { kind: BackendKind::Cpu, name: "CPU".into(), total_bytes: None, free_bytes: None, context_bytes: 0, attention: cuda_attention_default(), host_bytes: None }
+    }
+
+    /// The same target, with pinned host memory held against `host`'s available RAM.
+    pub fn with_host(self, host: Option<&crate::backend::HostMemory>) -> Self {
+        PlanTarget { host_bytes: host.map(|h| h.available_bytes), ..self }
     }
 
     /// A card of `total_bytes`, assumed empty but for our own context.
@@ -157,6 +166,7 @@ impl PlanTarget {
             free_bytes: Some(total_bytes),
             context_bytes: DEFAULT_CUDA_CONTEXT_BYTES,
             attention: cuda_attention_default(),
+            host_bytes: None,
         }
     }
 }
@@ -182,8 +192,11 @@ pub struct MemoryPlan {
     pub pinned_host_bytes: u64,
     /// Device bytes per term (`cuda_context` included).
     pub terms: BTreeMap<&'static str, u64>,
-    /// Whether `peak_bytes` fits the target's free memory (always true on the CPU).
+    /// Whether `peak_bytes` fits the target's free memory (always true on the CPU) and
+    /// `pinned_host_bytes` its host's RAM.
     pub fits: bool,
+    /// Whether `pinned_host_bytes` fits the target's host RAM (true when not held against any).
+    pub host_fits: bool,
 }
 
 /// Bytes of an NF4 tensor on the device: packed nibbles, one 8-bit absmax per 64-block, one f32
@@ -454,8 +467,9 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
         peak_bytes += slack;
     }
     let pinned_host_bytes = total(&buffers, kind, Location::PinnedHost);
-    let fits = target.free_bytes.is_none_or(|free| peak_bytes <= free);
-    MemoryPlan { target: target.clone(), checkpointing: policy, buffers, peak_bytes, pinned_host_bytes, terms, fits }
+    let host_fits = pinned_host_bytes == 0 || target.host_bytes.is_none_or(|host| pinned_host_bytes <= host);
+    let fits = host_fits && target.free_bytes.is_none_or(|free| peak_bytes <= free);
+    MemoryPlan { target: target.clone(), checkpointing: policy, buffers, peak_bytes, pinned_host_bytes, terms, fits, host_fits }
 }
 
 /// The plan for a run; `auto` picks the fastest policy that fits (keep everything, then keep
@@ -602,6 +616,30 @@ mod tests {
         assert_eq!(p.terms["lora_params"], n * (4 + 2));
         assert_eq!(p.terms["lora_grads"], n * 4);
         assert_eq!(p.terms["optimizer_states"], n * 8);
+    }
+
+    /// Offloading moves layer inputs to pinned host memory: a host without the RAM for them
+    /// makes the plan not fit, and bounds "largest that fits".
+    #[test]
+    fn pinned_memory_is_held_against_the_host() {
+        let spec = ModelSpec::llama3_8b();
+        let mut i = input();
+        i.checkpointing = CheckpointPolicy::Offload;
+        i.max_seq_len = 65536;
+        let card = PlanTarget::gpu("24 GB", 24 << 30);
+        let unbounded = plan(&spec, &i, &card);
+        assert!(unbounded.fits && unbounded.host_fits && unbounded.pinned_host_bytes > 8 << 30, "{}", unbounded.pinned_host_bytes);
+        let small_host = crate::backend::HostMemory { total_bytes: 16 << 30, available_bytes: 8 << 30 };
+        let held = plan(&spec, &i, &card.clone().with_host(Some(&small_host)));
+        assert_eq!(held.peak_bytes, unbounded.peak_bytes, "the device side is the same");
+        assert!(!held.host_fits && !held.fits);
+        let room = crate::backend::HostMemory { total_bytes: 256 << 30, available_bytes: 200 << 30 };
+        assert!(plan(&spec, &i, &card.clone().with_host(Some(&room))).fits);
+        let seq = |t: &PlanTarget| largest_fitting(&spec, &i, t, 64, 1 << 20, |i, v| i.max_seq_len = v).unwrap();
+        let (free, bound) = (seq(&card), seq(&card.clone().with_host(Some(&small_host))));
+        assert!(bound < 65536 && bound < free, "host-bound {bound}, device-bound {free}");
+        let at = |s: usize| plan(&spec, &PlanInput { max_seq_len: s, ..i.clone() }, &card.clone().with_host(Some(&small_host)));
+        assert!(at(bound).pinned_host_bytes <= 8 << 30 && at(bound + 1).pinned_host_bytes > 8 << 30);
     }
 
     #[test]

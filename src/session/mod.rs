@@ -328,11 +328,16 @@ fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInpu
     use crate::util::fmt_bytes;
     let Error::OutOfMemory { during, advice } = e else { return e };
     let Some(total) = device.total_memory_bytes else { return Error::OutOfMemory { during, advice } };
-    let target = PlanTarget::gpu(&device.name, total);
+    let host = crate::backend::host_memory();
+    let target = PlanTarget::gpu(&device.name, total).with_host(host.as_ref());
     let p = plan::plan(spec, input, &target);
     let fixes: Vec<String> = plan::suggestions(spec, input, &target).into_iter().map(|s| format!("{} ({})", s.change, fmt_bytes(s.peak_bytes))).collect();
+    let pinned = match (&host, p.host_fits) {
+        (Some(h), false) => format!(" and {} of pinned host memory with {} of RAM available", fmt_bytes(p.pinned_host_bytes), fmt_bytes(h.available_bytes)),
+        _ => String::new(),
+    };
     let advice = format!(
-        "the plan needs {} on a {} card of {} (checkpointing {:?}); {}",
+        "the plan needs {} on a {} card of {}{pinned} (checkpointing {:?}); {}",
         fmt_bytes(p.peak_bytes),
         device.name,
         fmt_bytes(total),
