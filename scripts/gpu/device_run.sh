@@ -29,9 +29,7 @@ for a in "$@"; do
       echo "=== bench $a"
       echo "=== bench $a" >>"$OUT/bench.log"
       TUNESTUDIO_ATTENTION=${attn:-} timeout "${BENCH_TIMEOUT:-400}" "$HERE/tunestudio" "${args[@]}" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.log" || echo "FAILED $a (see bench.log)"
-      tail -n 1 "$OUT/bench.jsonl" | python3 -c 'import json,sys
-r=json.loads(sys.stdin.read()); g=2**30
-print(f"{r[\"shape\"]:12} seq {r[\"seq\"]:6} r {r[\"rank\"]:3} {r[\"checkpointing\"]:8} {r[\"tokens_per_s\"]:8.0f} tok/s  driver {r[\"peak_driver_bytes\"]/g:6.2f}  plan {r[\"plan_peak_bytes\"]/g:6.2f} GiB  ({100*(r[\"plan_peak_bytes\"]-r[\"peak_driver_bytes\"])/r[\"peak_driver_bytes\"]:+.1f}%)  arena {r[\"peak_arena_bytes\"]/g:6.2f}  ctx {r[\"context_bytes\"]/g:4.2f}  MFU {100*r[\"mfu\"]:4.1f}%  first {r[\"first_step_s\"]:4.1f}s")' 2>/dev/null
+      tail -n 1 "$OUT/bench.jsonl" | python3 scripts/gpu/bench_line.py
       ;;
   esac
 done
