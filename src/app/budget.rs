@@ -70,6 +70,8 @@ pub struct Gpu {
     pub total_bytes: u64,
     /// Free before our own context (what a run could have).
     pub free_bytes: u64,
+    /// What a run's context takes on this card (measured by an earlier run, else the default).
+    pub context_bytes: u64,
 }
 
 /// What this machine has: probed once on a worker when the studio opens.
@@ -89,7 +91,8 @@ pub fn probe_machine() -> Machine {
             let total = d.total_memory_bytes.unwrap_or(0);
             // The probe's own context is in use while it measures; a run's context is planned.
             let free = d.free_memory_bytes.map_or(total, |f| f + plan::DEFAULT_CUDA_CONTEXT_BYTES.min(total.saturating_sub(f)));
-            Machine { gpu: Some(Gpu { name: d.name, total_bytes: total, free_bytes: free }), no_gpu_reason: String::new(), host }
+            let context_bytes = crate::backend::cuda::planned_context_bytes(&d.name);
+            Machine { gpu: Some(Gpu { name: d.name, total_bytes: total, free_bytes: free, context_bytes }), no_gpu_reason: String::new(), host }
         }
         Err(e) => Machine { gpu: None, no_gpu_reason: e.to_string(), host },
     }
@@ -106,7 +109,9 @@ pub fn target(card: Card, device: DeviceChoice, machine: Option<&Machine>) -> Pl
             PlanTarget::gpu(&format!("{article} {gb} GB card"), u64::from(gb) << 30).with_host(host)
         }
         Card::ThisMachine => match (device, machine.and_then(|m| m.gpu.as_ref())) {
-            (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => PlanTarget { free_bytes: Some(g.free_bytes), ..PlanTarget::gpu(&g.name, g.total_bytes) }.with_host(host),
+            (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => {
+                PlanTarget { free_bytes: Some(g.free_bytes), context_bytes: g.context_bytes, ..PlanTarget::gpu(&g.name, g.total_bytes) }.with_host(host)
+            }
             _ => cpu_target(host),
         },
     }
@@ -117,8 +122,10 @@ pub fn target(card: Card, device: DeviceChoice, machine: Option<&Machine>) -> Pl
 pub fn device_target(device: &crate::backend::DeviceInfo, machine: Option<&Machine>) -> PlanTarget {
     match (device.kind.as_str(), device.total_memory_bytes) {
         ("cuda", Some(total)) => {
-            let free = machine.and_then(|m| m.gpu.as_ref()).filter(|g| g.name == device.name).map_or(total, |g| g.free_bytes);
-            PlanTarget { free_bytes: Some(free), ..PlanTarget::gpu(&device.name, total) }.with_host(machine.and_then(|m| m.host.as_ref()))
+            let probed = machine.and_then(|m| m.gpu.as_ref()).filter(|g| g.name == device.name);
+            let free = probed.map_or(total, |g| g.free_bytes);
+            let context_bytes = probed.map_or(plan::DEFAULT_CUDA_CONTEXT_BYTES, |g| g.context_bytes);
+            PlanTarget { free_bytes: Some(free), context_bytes, ..PlanTarget::gpu(&device.name, total) }.with_host(machine.and_then(|m| m.host.as_ref()))
         }
         _ => cpu_target(machine.and_then(|m| m.host.as_ref())),
     }
@@ -568,9 +575,9 @@ mod tests {
     #[test]
     fn this_machine_follows_the_device_choice() {
         let host = HostMemory { total_bytes: 16 << 30, available_bytes: 10 << 30 };
-        let gpu = Machine { gpu: Some(Gpu { name: "Card".into(), total_bytes: 24 << 30, free_bytes: 20 << 30 }), no_gpu_reason: String::new(), host: Some(host.clone()) };
+        let gpu = Machine { gpu: Some(Gpu { name: "Card".into(), total_bytes: 24 << 30, free_bytes: 20 << 30, context_bytes: 600 << 20 }), no_gpu_reason: String::new(), host: Some(host.clone()) };
         let t = target(Card::ThisMachine, DeviceChoice::Auto, Some(&gpu));
-        assert_eq!((t.kind, t.free_bytes), (BackendKind::Cuda, Some(20 << 30)));
+        assert_eq!((t.kind, t.free_bytes, t.context_bytes), (BackendKind::Cuda, Some(20 << 30), 600 << 20), "the measured context of this card");
         let t = target(Card::ThisMachine, DeviceChoice::Cpu, Some(&gpu));
         assert_eq!((t.kind, t.total_bytes, t.free_bytes), (BackendKind::Cpu, Some(16 << 30), Some(10 << 30)));
         let cpu_only = Machine { gpu: None, no_gpu_reason: "no driver".into(), host: Some(host) };

@@ -52,6 +52,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
         None => match crate::backend::cuda::probe() {
             Ok(d) => PlanTarget {
                 free_bytes: d.free_memory_bytes.map(|f| f + plan::DEFAULT_CUDA_CONTEXT_BYTES.min(d.total_memory_bytes.unwrap_or(0) - f)),
+                context_bytes: crate::backend::cuda::planned_context_bytes(&d.name),
                 ..PlanTarget::gpu(&d.name, d.total_memory_bytes.unwrap_or(0))
             },
             Err(_) => PlanTarget { total_bytes: None, free_bytes: None, ..PlanTarget::gpu("no GPU detected", 0) },

@@ -256,13 +256,15 @@ impl<B: Backend> Trainer<B> {
                 };
                 let dev = backend.device();
                 let target = if dev.kind == "cuda" {
+                    // Measured when this backend opened (backend::context).
+                    let context_bytes = crate::backend::cuda::planned_context_bytes(&dev.name);
                     plan::PlanTarget {
                         kind: plan::BackendKind::Cuda,
                         name: dev.name.clone(),
                         total_bytes: dev.total_memory_bytes,
                         // Our context is already there: add it back, the plan counts it.
-                        free_bytes: dev.free_memory_bytes.map(|f| f + plan::DEFAULT_CUDA_CONTEXT_BYTES),
-                        context_bytes: plan::DEFAULT_CUDA_CONTEXT_BYTES,
+                        free_bytes: dev.free_memory_bytes.map(|f| f + context_bytes),
+                        context_bytes,
                         attention: plan::cuda_attention_default(),
                         host_bytes: crate::backend::host_memory().map(|h| h.available_bytes),
                     }

@@ -329,7 +329,7 @@ fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInpu
     let Error::OutOfMemory { during, advice } = e else { return e };
     let Some(total) = device.total_memory_bytes else { return Error::OutOfMemory { during, advice } };
     let host = crate::backend::host_memory();
-    let target = PlanTarget::gpu(&device.name, total).with_host(host.as_ref());
+    let target = PlanTarget { context_bytes: crate::backend::cuda::planned_context_bytes(&device.name), ..PlanTarget::gpu(&device.name, total) }.with_host(host.as_ref());
     let p = plan::plan(spec, input, &target);
     let fixes: Vec<String> = plan::suggestions(spec, input, &target).into_iter().map(|s| format!("{} ({})", s.change, fmt_bytes(s.peak_bytes))).collect();
     let pinned = match (&host, p.host_fits) {

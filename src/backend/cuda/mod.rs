@@ -60,6 +60,26 @@ pub fn probe() -> Result<DeviceInfo> {
     }
 }
 
+/// The CUDA driver API version (13000 for CUDA 13.0), for keying per-driver measurements.
+/// Call after `probe` found the driver.
+pub fn driver_version() -> Option<i32> {
+    // cudarc panics when the symbol is missing; keep that a `None`.
+    std::panic::catch_unwind(|| {
+        let mut v = 0;
+        // SAFETY: writes one int; the driver library is loaded (probe checked it).
+        let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    })
+    .ok()
+    .flatten()
+}
+
+/// The context bytes to plan with on this machine's card `name` (measured by an earlier
+/// backend, else the default).
+pub fn planned_context_bytes(name: &str) -> u64 {
+    super::context::bytes_for(name, driver_version())
+}
+
 /// f32 elements of the loss chunk's logits buffer (plus a bf16 copy of the same size for the
 /// gradient): rows per chunk = this / vocab, so 128 MiB + 64 MiB whatever the model. The memory
 /// plan reads this constant.
@@ -377,6 +397,11 @@ impl CudaBackend {
             attn_scratch_limit: std::cell::Cell::new(attention_scratch_bytes(attn_selected)),
             profiler: profile::Profiler::default(),
         };
+        // Everything in use now but our own buffers is the context, kernels and handles.
+        if let Ok((free, total)) = be.shared.ctx.mem_get_info() {
+            let context = (total as u64).saturating_sub(free as u64).saturating_sub(be.memory_used() as u64);
+            super::context::remember(&be.name, driver_version(), context);
+        }
         Ok(be)
     }
 
