@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+from bench_lines import read
+
 out, run_id = sys.argv[1], sys.argv[2]
 commit = sys.argv[3] if len(sys.argv) > 3 else subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
 card = open(os.path.join(out, "card.txt")).read().strip().splitlines()[0].split(",")[0].strip()
@@ -20,10 +22,7 @@ G = 2 ** 30
 rows = []
 path = os.path.join(out, "bench.jsonl")
 if os.path.exists(path):
-    for line in open(path):
-        if not line.startswith("{"):
-            continue
-        r = json.loads(line)
+    for r in read([path]):
         rows.append({
             "date": date, "commit": commit, "card": card, "system": "tunestudio", "shape": r["shape"], "seq": r["seq"],
             "rank": r["rank"], "mode": r["mode"], "checkpointing": r["checkpointing"], "tokens_per_s": round(r["tokens_per_s"], 1),

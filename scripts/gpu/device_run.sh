@@ -29,7 +29,7 @@ for a in "$@"; do
       echo "=== bench $a"
       echo "=== bench $a" >>"$OUT/bench.log"
       TUNESTUDIO_ATTENTION=${attn:-} timeout "${BENCH_TIMEOUT:-400}" "$HERE/tunestudio" "${args[@]}" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.log" || echo "FAILED $a (see bench.log)"
-      tail -n 1 "$OUT/bench.jsonl" | python3 scripts/gpu/bench_line.py
+      tail -n 1 "$OUT/bench.jsonl" | python3 bench/table.py
       ;;
   esac
 done
