@@ -89,8 +89,7 @@ pub fn probe_machine() -> Machine {
     match crate::backend::cuda::probe() {
         Ok(d) => {
             let total = d.total_memory_bytes.unwrap_or(0);
-            // The probe's own context is in use while it measures; a run's context is planned.
-            let free = d.free_memory_bytes.map_or(total, |f| f + plan::DEFAULT_CUDA_CONTEXT_BYTES.min(total.saturating_sub(f)));
+            let free = crate::backend::cuda::free_for_run(&d).unwrap_or(total);
             let context_bytes = crate::backend::cuda::planned_context_bytes(&d.name);
             Machine { gpu: Some(Gpu { name: d.name, total_bytes: total, free_bytes: free, context_bytes }), no_gpu_reason: String::new(), host }
         }

@@ -51,7 +51,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
         Some(bytes) => PlanTarget::gpu(&format!("a {} card", fmt_bytes(bytes)), bytes),
         None => match crate::backend::cuda::probe() {
             Ok(d) => PlanTarget {
-                free_bytes: d.free_memory_bytes.map(|f| f + plan::DEFAULT_CUDA_CONTEXT_BYTES.min(d.total_memory_bytes.unwrap_or(0) - f)),
+                free_bytes: crate::backend::cuda::free_for_run(&d),
                 context_bytes: crate::backend::cuda::planned_context_bytes(&d.name),
                 ..PlanTarget::gpu(&d.name, d.total_memory_bytes.unwrap_or(0))
             },

@@ -60,6 +60,13 @@ pub fn probe() -> Result<DeviceInfo> {
     }
 }
 
+/// What a run could have of the card `probe` saw: its free memory with the probe's own context
+/// added back (a run's context is planned as a term of its own).
+pub fn free_for_run(probed: &DeviceInfo) -> Option<u64> {
+    let total = probed.total_memory_bytes.unwrap_or(0);
+    probed.free_memory_bytes.map(|f| f + crate::engine::plan::DEFAULT_CUDA_CONTEXT_BYTES.min(total.saturating_sub(f)))
+}
+
 /// The CUDA driver API version (13000 for CUDA 13.0), for keying per-driver measurements.
 /// Call after `probe` found the driver.
 pub fn driver_version() -> Option<i32> {
@@ -332,35 +339,28 @@ impl CudaBackend {
             let f = modules[k.file()].load_function(k.symbol()).map_err(|e| Error::Cuda { op: format!("find kernel {}", k.symbol()), msg: e.to_string() })?;
             funcs.push(Func(f));
         }
+        // Each attention kernel with the dynamic shared memory it launches with.
+        let mut attention_smem = Vec::new();
         for (hd, version) in [32, 64, 96, 128].map(|h| (h, AttnVersion::V1)).into_iter().chain([(64, AttnVersion::V2), (128, AttnVersion::V2)]) {
             let (fwd, dkdv, dq) = kernels::attention_kernels(hd, version).expect("listed head dims");
             let smem = kernels::attention_smem_bytes(hd, version);
-            for (k, bytes) in [(fwd, smem[0]), (dkdv, smem[1]), (dq, smem[2])] {
-                // SAFETY: a live function handle of this context; raising its shared-memory limit.
-                unsafe {
-                    drv::function::set_function_attribute(
-                        funcs[k as usize].0.cu_function(),
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
-                }
-                .map_err(cuda_err("raise attention shared memory"))?;
-            }
+            attention_smem.extend([(fwd, smem[0]), (dkdv, smem[1]), (dq, smem[2])]);
         }
         for hd in [64, 128] {
             let (fwd, _, bwd) = kernels::attention3_kernels(hd).expect("listed head dims");
             let smem = kernels::attention3_smem_bytes(hd);
-            for (k, bytes) in [(fwd, smem[0]), (bwd, smem[1])] {
-                // SAFETY: a live function handle of this context; raising its shared-memory limit.
-                unsafe {
-                    drv::function::set_function_attribute(
-                        funcs[k as usize].0.cu_function(),
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
-                }
-                .map_err(cuda_err("raise attention shared memory"))?;
+            attention_smem.extend([(fwd, smem[0]), (bwd, smem[1])]);
+        }
+        for (k, bytes) in attention_smem {
+            // SAFETY: a live function handle of this context; raising its shared-memory limit.
+            unsafe {
+                drv::function::set_function_attribute(
+                    funcs[k as usize].0.cu_function(),
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
             }
+            .map_err(cuda_err("raise attention shared memory"))?;
         }
         let attn_selected = AttnVersion::from_env()
             .map_err(|v| Error::Cuda { op: kernels::ATTENTION_ENV.into(), msg: format!("{v:?} is not an attention version (v1, v2 or v3)") })?;
