@@ -23,8 +23,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::Dtype;
 use serde_json::json;
-use tunestudio::model::weights::{OutTensor, WeightStore, serialize_safetensors};
 use tunestudio::model::ModelSpec;
+use tunestudio::model::weights::{OutTensor, WeightStore, serialize_safetensors};
 use tunestudio::util::write_atomic;
 
 use llama::{AdamW, Dims, Llama};
@@ -130,9 +130,12 @@ fn main() -> Result<(), Error> {
     write_json(&model_dir.join("special_tokens_map.json"), &tok::special_tokens_map())?;
     let id = |s: &str| tokenizer.token_to_id(s).ok_or_else(|| format!("`{s}` is not in the vocabulary"));
     let (bos, eos, eot, pad) = (id(tok::BOS)?, id(tok::EOS_TEXT)?, id(tok::EOT)?, id(tok::PAD)?);
-    let reserved: Vec<u32> =
-        (0..tok::RESERVED).map(|i| id(&format!("<|reserved_special_token_{i}|>"))).collect::<Result<_, _>>()?;
-    println!("tokenizer: {vocab} tokens ({} learned + {} special)", tokenizer.get_vocab_size(false), vocab - tokenizer.get_vocab_size(false));
+    let reserved: Vec<u32> = (0..tok::RESERVED).map(|i| id(&format!("<|reserved_special_token_{i}|>"))).collect::<Result<_, _>>()?;
+    println!(
+        "tokenizer: {vocab} tokens ({} learned + {} special)",
+        tokenizer.get_vocab_size(false),
+        vocab - tokenizer.get_vocab_size(false)
+    );
 
     let stream = tokenize_docs(&tokenizer, &docs, eos)?;
     println!("corpus: {} documents, {} tokens ({:.0}s so far)", docs.len(), stream.len(), started.elapsed().as_secs_f64());
@@ -263,8 +266,7 @@ fn verify(model_dir: &Path, reference_out: Option<&Path>) -> Result<Verified, Er
     let read_back = (spec.vocab_size, spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim);
     assert_eq!(read_back, (vocab, d.hidden, d.layers, d.heads, d.kv_heads, d.head_dim), "config.json reads back differently");
     let id = |s: &str| tokenizer.token_to_id(s).ok_or_else(|| format!("`{s}` is not in the vocabulary"));
-    let reserved: Vec<u32> =
-        (0..tok::RESERVED).map(|i| id(&format!("<|reserved_special_token_{i}|>"))).collect::<Result<_, _>>()?;
+    let reserved: Vec<u32> = (0..tok::RESERVED).map(|i| id(&format!("<|reserved_special_token_{i}|>"))).collect::<Result<_, _>>()?;
     let chat_tokens = [id("<|start_header_id|>")?, id("<|end_header_id|>")?, id(tok::EOT)?];
 
     let checked = check_chat_prefixes(model_dir, &tokenizer)?;
@@ -335,7 +337,8 @@ fn check_chat_prefixes(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> R
         for line in std::fs::read_to_string(root.join(file))?.lines() {
             let row: serde_json::Value = serde_json::from_str(line)?;
             let field = |k: &str| row[k].as_str().unwrap_or("").to_string();
-            let user = if field("input").is_empty() { field("instruction") } else { format!("{}\n\n{}", field("instruction"), field("input")) };
+            let user =
+                if field("input").is_empty() { field("instruction") } else { format!("{}\n\n{}", field("instruction"), field("input")) };
             let mut messages = Vec::new();
             if !field("system").is_empty() {
                 messages.push(json!({"role": "system", "content": field("system")}));

@@ -113,7 +113,11 @@ impl WeightSource for BenchWeights {
     fn dense(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let n: usize = shape.iter().product();
         let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        Ok(if name.contains("norm") { random_uniform(n, seed, 0.1).into_iter().map(|x| 1.0 + x).collect() } else { random_uniform(n, seed, 0.035) })
+        Ok(if name.contains("norm") {
+            random_uniform(n, seed, 0.1).into_iter().map(|x| 1.0 + x).collect()
+        } else {
+            random_uniform(n, seed, 0.035)
+        })
     }
     fn has(&self, name: &str) -> bool {
         !name.ends_with(".bias") && !(self.tied && name == "lm_head.weight")
@@ -129,7 +133,9 @@ impl WeightSource for BenchWeights {
         });
         Ok(match w {
             HostWeight::Nf4(t) => HostWeight::Nf4(t.clone()),
-            HostWeight::Dense { out_features, in_features, data } => HostWeight::Dense { out_features: *out_features, in_features: *in_features, data: data.clone() },
+            HostWeight::Dense { out_features, in_features, data } => {
+                HostWeight::Dense { out_features: *out_features, in_features: *in_features, data: data.clone() }
+            }
         })
     }
 }
@@ -198,8 +204,24 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     be.reset_peak_memory();
     let mut trainer = Trainer::new(be, spec.clone(), &weights, opts, None)?;
     let policy = trainer.checkpointing();
-    let input = PlanInput { lora, quantization: Quantization::Nf4, batch_size: 1, max_seq_len: args.seq, checkpointing: policy, token_rows: 0, mlp_chunk_rows: 0 };
-    let target = PlanTarget { kind: BackendKind::Cuda, name: dev.name.clone(), total_bytes: Some(total), free_bytes: Some(total), context_bytes, attention, host_bytes: None };
+    let input = PlanInput {
+        lora,
+        quantization: Quantization::Nf4,
+        batch_size: 1,
+        max_seq_len: args.seq,
+        checkpointing: policy,
+        token_rows: 0,
+        mlp_chunk_rows: 0,
+    };
+    let target = PlanTarget {
+        kind: BackendKind::Cuda,
+        name: dev.name.clone(),
+        total_bytes: Some(total),
+        free_bytes: Some(total),
+        context_bytes,
+        attention,
+        host_bytes: None,
+    };
     let planned = plan::plan(&spec, &input, &target);
     let plan_arena_bytes = planned.peak_bytes - context_bytes;
     let setup_s = t_start.elapsed().as_secs_f64();

@@ -137,8 +137,7 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 7] =
-        [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
+    pub const ALL: [Target; 7] = [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
 
     /// The Hugging Face module name (`q_proj`, …).
     pub fn hf_name(self) -> &'static str {

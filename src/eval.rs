@@ -92,13 +92,23 @@ pub struct Scorer {
 
 impl Scorer {
     /// Memory is sized for `batch_size` sequences of up to `max_len` tokens.
-    pub fn open(model: &Path, adapter: Option<&Path>, quantization: Quantization, batch_size: usize, max_len: usize, pad_id: u32) -> Result<Self> {
+    pub fn open(
+        model: &Path,
+        adapter: Option<&Path>,
+        quantization: Quantization,
+        batch_size: usize,
+        max_len: usize,
+        pad_id: u32,
+    ) -> Result<Self> {
         let spec = ModelSpec::from_dir(model)?;
         let store = WeightStore::open(model)?;
         let adapter = adapter.map(|a| load_peft(a, &spec)).transpose()?;
         let (lora, weights) = match &adapter {
             Some(a) => (a.lora.clone(), a.weights.clone()),
-            None => (LoraConfig { r: 1, targets: vec![], ..LoraConfig::default() }, LoraWeights { rank: 1, layers: vec![BTreeMap::new(); spec.num_layers] }),
+            None => (
+                LoraConfig { r: 1, targets: vec![], ..LoraConfig::default() },
+                LoraWeights { rank: 1, layers: vec![BTreeMap::new(); spec.num_layers] },
+            ),
         };
         // Dropout belongs to training; a forward for scoring must be deterministic.
         let lora = LoraConfig { dropout: 0.0, ..lora };
@@ -125,7 +135,11 @@ impl Scorer {
     /// (`labels[i]` is the label of `ids[i]`, −100 when not scored).
     pub fn score(&mut self, seqs: &[(&[u32], &[i32])]) -> Result<Vec<LossSum>> {
         if let Some(long) = seqs.iter().find(|s| s.0.len() > self.max_len) {
-            return Err(crate::error::Error::msg(format!("a sequence of {} tokens is longer than the scorer's {}", long.0.len(), self.max_len)));
+            return Err(crate::error::Error::msg(format!(
+                "a sequence of {} tokens is longer than the scorer's {}",
+                long.0.len(),
+                self.max_len
+            )));
         }
         seqs.chunks(self.batch_size).map(|c| self.trainer.evaluate(&Batch::from_examples(c, self.pad_id, None))).collect()
     }
@@ -145,7 +159,13 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
         data.examples
             .iter()
             .zip(&parts)
-            .map(|(e, l)| ExampleLoss { row: e.row, input_ids: e.input_ids.clone(), labels: e.labels.clone(), loss_sum: l.sum, tokens: l.count })
+            .map(|(e, l)| ExampleLoss {
+                row: e.row,
+                input_ids: e.input_ids.clone(),
+                labels: e.labels.clone(),
+                loss_sum: l.sum,
+                tokens: l.count,
+            })
             .collect()
     } else {
         Vec::new()

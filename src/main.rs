@@ -189,23 +189,37 @@ fn main() -> ExitCode {
         None => studio(None),
         Some(Command::Studio { config }) => studio(config),
         Some(Command::Train { config, output, max_steps, device, resume, json }) => train(config, output, max_steps, device, resume, json),
-        Some(Command::Plan { config, model, shape, seq, batch, rank, gpu_mem, host_mem, json }) => tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
-            config: config.as_deref(),
-            model: model.as_deref(),
-            shape: shape.as_deref(),
-            seq,
-            batch,
-            rank,
-            gpu_mem,
-            host_mem,
-            json,
-        }),
-        Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, json }) => bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, json),
+        Some(Command::Plan { config, model, shape, seq, batch, rank, gpu_mem, host_mem, json }) => {
+            tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
+                config: config.as_deref(),
+                model: model.as_deref(),
+                shape: shape.as_deref(),
+                seq,
+                batch,
+                rank,
+                gpu_mem,
+                host_mem,
+                json,
+            })
+        }
+        Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, json }) => {
+            bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, json)
+        }
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
         Some(Command::Preflight { config, json }) => tunestudio::commands::preflight::run(&config, json),
-        Some(Command::Eval { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }) => {
-            eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example })
-        }
+        Some(Command::Eval {
+            model,
+            adapter,
+            data,
+            format,
+            template,
+            train_on,
+            quantization,
+            max_seq_len,
+            batch_size,
+            json,
+            per_example,
+        }) => eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }),
         Some(Command::Export { what: ExportCommand::Adapter { run, to } }) => {
             tunestudio::export::run::export_adapter(&run, to.as_deref()).map(|d| println!("adapter written to {}", d.display()))
         }
@@ -233,7 +247,17 @@ fn studio(_config: Option<PathBuf>) -> Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench(shape: String, seq: usize, steps: usize, warmup: usize, mode: String, rank: usize, checkpointing: Option<String>, profile: bool, json: bool) -> Result<()> {
+fn bench(
+    shape: String,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+    mode: String,
+    rank: usize,
+    checkpointing: Option<String>,
+    profile: bool,
+    json: bool,
+) -> Result<()> {
     use tunestudio::bench::{BenchArgs, BenchMode};
     use tunestudio::config::CheckpointPolicy;
     let mode = match mode.as_str() {
@@ -258,8 +282,19 @@ fn bench(shape: String, seq: usize, steps: usize, warmup: usize, mode: String, r
     println!("card          {}", r.card);
     println!("run           {} seq {} r {} {:?} (checkpointing {:?})", r.shape, r.seq, r.rank, r.mode, r.checkpointing);
     println!("step          median {:.1} ms over {} steps → {:.0} tokens/s", r.median_step_ms, r.steps, r.tokens_per_s);
-    println!("memory        driver peak {:.2} GiB, arena peak {:.2} GiB (+ context {:.2} GiB); plan {:.2} GiB", gib(r.peak_driver_bytes), gib(r.peak_arena_bytes), gib(r.context_bytes), gib(r.plan_peak_bytes));
-    println!("MFU           {:.1}% ({:.1} TFLOP per step against the measured {:.0} TFLOP/s GEMM rate)", 100.0 * r.mfu, r.model_tflop_per_step, r.gemm_tflops);
+    println!(
+        "memory        driver peak {:.2} GiB, arena peak {:.2} GiB (+ context {:.2} GiB); plan {:.2} GiB",
+        gib(r.peak_driver_bytes),
+        gib(r.peak_arena_bytes),
+        gib(r.context_bytes),
+        gib(r.plan_peak_bytes)
+    );
+    println!(
+        "MFU           {:.1}% ({:.1} TFLOP per step against the measured {:.0} TFLOP/s GEMM rate)",
+        100.0 * r.mfu,
+        r.model_tflop_per_step,
+        r.gemm_tflops
+    );
     println!("first step    {:.1} s after start (set-up {:.1} s)", r.first_step_s, r.setup_s);
     Ok(())
 }
@@ -268,7 +303,14 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     tunestudio::util::parse_bytes(s).ok_or_else(|| format!("`{s}` is not a size such as 24GiB or 80GB"))
 }
 
-fn train(config: Option<PathBuf>, output: Option<PathBuf>, max_steps: Option<u64>, device: Option<DeviceChoice>, resume: Option<PathBuf>, json: bool) -> Result<()> {
+fn train(
+    config: Option<PathBuf>,
+    output: Option<PathBuf>,
+    max_steps: Option<u64>,
+    device: Option<DeviceChoice>,
+    resume: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
     let mut cfg = match (&config, &resume) {
         (Some(path), _) => RunConfig::load(path)?,
         (None, Some(_)) => RunConfig::default(),
@@ -296,10 +338,20 @@ fn train(config: Option<PathBuf>, output: Option<PathBuf>, max_steps: Option<u64
                 eprintln!("device   {}", info.device.name);
                 eprintln!(
                     "data     {} rows ({} skipped, {} truncated), {} trained tokens, {} steps/epoch",
-                    info.dataset.rows_used, info.dataset.rows_skipped, info.dataset.truncated_rows, info.dataset.trained_tokens, info.steps_per_epoch
+                    info.dataset.rows_used,
+                    info.dataset.rows_skipped,
+                    info.dataset.truncated_rows,
+                    info.dataset.trained_tokens,
+                    info.steps_per_epoch
                 );
                 eprintln!("lora     {} trainable parameters", tunestudio::util::fmt_count(info.trainable_params as u64));
-                eprintln!("run      {}  (steps {}..{}, loaded in {:.1}s)", info.run_dir.display(), info.start_step + 1, info.total_steps, info.load_secs);
+                eprintln!(
+                    "run      {}  (steps {}..{}, loaded in {:.1}s)",
+                    info.run_dir.display(),
+                    info.start_step + 1,
+                    info.total_steps,
+                    info.load_secs
+                );
             }
             Event::Step(m) => {
                 if json {
@@ -332,7 +384,11 @@ fn train(config: Option<PathBuf>, output: Option<PathBuf>, max_steps: Option<u64
             }
             Event::Failed { message, last_checkpoint, run_dir } => {
                 if let Some(c) = last_checkpoint {
-                    eprintln!("last good checkpoint: {} (continue with: tunestudio train --resume {})", c.display(), run_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default());
+                    eprintln!(
+                        "last good checkpoint: {} (continue with: tunestudio train --resume {})",
+                        c.display(),
+                        run_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()
+                    );
                 }
                 outcome = Err(Error::Msg(message));
             }
@@ -344,7 +400,8 @@ fn train(config: Option<PathBuf>, output: Option<PathBuf>, max_steps: Option<u64
 
 /// A value of a serde enum given on the command line (`bf16`, `alpaca`, …), named in the error.
 fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T> {
-    serde_json::from_value(serde_json::Value::String(value.to_ascii_lowercase())).map_err(|_| Error::msg(format!("--{flag}: `{value}` is not one of the accepted values")))
+    serde_json::from_value(serde_json::Value::String(value.to_ascii_lowercase()))
+        .map_err(|_| Error::msg(format!("--{flag}: `{value}` is not one of the accepted values")))
 }
 
 struct EvalArgs {
@@ -388,12 +445,23 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn export_merged(run: Option<PathBuf>, dtype: String, to: Option<PathBuf>, model: Option<PathBuf>, adapter: Option<PathBuf>, quantization: String, max_shard_size: Option<String>, json: bool) -> Result<()> {
+fn export_merged(
+    run: Option<PathBuf>,
+    dtype: String,
+    to: Option<PathBuf>,
+    model: Option<PathBuf>,
+    adapter: Option<PathBuf>,
+    quantization: String,
+    max_shard_size: Option<String>,
+    json: bool,
+) -> Result<()> {
     use tunestudio::export::merged::{MergeInput, MergeOptions, export_merged};
     let dtype: tunestudio::export::merged::MergeDtype = dtype.parse().map_err(|e: String| Error::msg(format!("--dtype: {e}")))?;
     let mut opts = MergeOptions { dtype, ..MergeOptions::default() };
     if let Some(s) = max_shard_size {
-        opts.max_shard_bytes = tunestudio::util::parse_bytes(&s).filter(|&b| b > 0).ok_or_else(|| Error::msg(format!("--max-shard-size: `{s}` is not a size such as 2GB or 500MiB")))?;
+        opts.max_shard_bytes = tunestudio::util::parse_bytes(&s)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| Error::msg(format!("--max-shard-size: `{s}` is not a size such as 2GB or 500MiB")))?;
     }
     let (input, default_dest) = match (run, model, adapter) {
         (Some(run), None, None) => (MergeInput::from_run(&run)?, Some(run.join(format!("merged-{}", format!("{dtype:?}").to_lowercase())))),

@@ -275,7 +275,8 @@ impl PreflightReport {
             max_bad_fraction: cfg.dataset.max_bad_fraction,
         };
         let examples = Arc::new(data.examples.clone());
-        let batcher = Batcher::new(examples, cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
+        let batcher =
+            Batcher::new(examples, cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
         let stats = dataset_stats(&data, &batcher, cfg.train.grad_accum);
         let total_steps = cfg.train.total_steps(stats.steps_per_epoch.max(1) as u64);
 
@@ -289,7 +290,9 @@ impl PreflightReport {
             Err(e) => vec![Finding {
                 level: Level::Info,
                 code: "no_template",
-                message: format!("the data is raw text, and the model's chat template cannot be used ({e}): chat inference will need another"),
+                message: format!(
+                    "the data is raw text, and the model's chat template cannot be used ({e}): chat inference will need another"
+                ),
             }],
         };
         let untrained = untrained_tokens(&store, &spec, &tok, &data.examples, template.as_ref(), cfg.dataset.fix_untrained_tokens)?;

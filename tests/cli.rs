@@ -100,7 +100,8 @@ fn cuda_device_without_a_gpu_is_a_clear_error() {
         return; // a GPU host: covered by the GPU tests
     }
     let d = tempfile::tempdir().unwrap();
-    let (ok, _, err) = tunestudio(&["train", demo().join("run.toml").to_str().unwrap(), "--output", d.path().to_str().unwrap(), "--device", "cuda"]);
+    let (ok, _, err) =
+        tunestudio(&["train", demo().join("run.toml").to_str().unwrap(), "--output", d.path().to_str().unwrap(), "--device", "cuda"]);
     assert!(!ok);
     assert_error(&err, "no CUDA device");
 }
@@ -110,7 +111,8 @@ fn cuda_device_without_a_gpu_is_a_clear_error() {
 #[test]
 fn plan_holds_offloaded_activations_against_the_host_ram() {
     let plan = |host: &str| {
-        let (ok, out, err) = tunestudio(&["plan", "--shape", "llama3-8b", "--seq", "32768", "--gpu-mem", "24GiB", "--host-mem", host, "--json"]);
+        let (ok, out, err) =
+            tunestudio(&["plan", "--shape", "llama3-8b", "--seq", "32768", "--gpu-mem", "24GiB", "--host-mem", host, "--json"]);
         assert!(ok, "{err}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };

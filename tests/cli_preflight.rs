@@ -45,7 +45,10 @@ fn config_with_data(dir: &Path, data: &str, dataset_extra: &str) -> PathBuf {
 }
 
 fn good_row(i: usize) -> String {
-    format!("{}\n", serde_json::json!({"instruction": format!("What is {i} plus one?"), "input": "", "output": format!("{i} plus one is {}.", i + 1)}))
+    format!(
+        "{}\n",
+        serde_json::json!({"instruction": format!("What is {i} plus one?"), "input": "", "output": format!("{i} plus one is {}.", i + 1)})
+    )
 }
 
 fn ids(v: &Value) -> Vec<u64> {
@@ -61,12 +64,18 @@ fn demo_is_ready_and_its_unused_reserved_rows_are_left_alone() {
     assert!(v["verdict"]["reasons"].as_array().unwrap().is_empty());
 
     let d = &v["dataset"];
-    assert_eq!((d["format"].as_str(), d["format_overridden"].as_bool(), d["file_kind"].as_str()), (Some("alpaca"), Some(true), Some("JSONL")));
+    assert_eq!(
+        (d["format"].as_str(), d["format_overridden"].as_bool(), d["file_kind"].as_str()),
+        (Some("alpaca"), Some(true), Some("JSONL"))
+    );
     assert_eq!((d["rows_total"].as_u64(), d["rows_used"].as_u64(), d["rows_skipped"].as_u64()), (Some(350), Some(350), Some(0)));
     assert_eq!(d["max_seq_len"], 256);
     let st = &v["stats"];
     // 350 examples in micro-batches of 8, one micro-batch per step.
-    assert_eq!((st["examples"].as_u64(), st["micro_batches_per_epoch"].as_u64(), st["steps_per_epoch"].as_u64()), (Some(350), Some(44), Some(44)));
+    assert_eq!(
+        (st["examples"].as_u64(), st["micro_batches_per_epoch"].as_u64(), st["steps_per_epoch"].as_u64()),
+        (Some(350), Some(44), Some(44))
+    );
     assert_eq!(v["total_steps"], 60, "train.max_steps");
     assert_eq!(st["truncated_rows"], 0);
     let (trained, total) = (st["trained_tokens"].as_u64().unwrap(), st["total_tokens"].as_u64().unwrap());
@@ -122,7 +131,10 @@ fn data_that_uses_an_untrained_token_gets_the_fix() {
     assert_eq!(u["action"], "fix");
     assert_eq!(ids(&u["used_ids"]), vec![1579]);
     let t = &u["tokens"][0];
-    assert_eq!((t["id"].as_u64(), t["data_rows"].as_u64(), t["first_row"].as_u64()), (Some(1579), Some(lines_with_token), Some(first_line)));
+    assert_eq!(
+        (t["id"].as_u64(), t["data_rows"].as_u64(), t["first_row"].as_u64()),
+        (Some(1579), Some(lines_with_token), Some(first_line))
+    );
     assert!(u["tokens"].as_array().unwrap()[1..].iter().all(|t| t["data_rows"] == 0));
     assert_eq!(u["fix_trains"], serde_json::json!(["embed_tokens", "lm_head"]));
     assert_eq!(v["verdict"]["status"], "ready_with_fixes");
@@ -164,7 +176,8 @@ fn bad_rows_are_reported_with_their_line_numbers() {
     let ds = &v["dataset"];
     assert_eq!((ds["rows_total"].as_u64(), ds["rows_used"].as_u64(), ds["rows_skipped"].as_u64()), (Some(22), Some(20), Some(2)));
     assert_eq!((ds["format"].as_str(), ds["format_overridden"].as_bool()), (Some("alpaca"), Some(false)), "detected");
-    let skipped: Vec<(u64, String)> = ds["skipped"].as_array().unwrap().iter().map(|s| (s["row"].as_u64().unwrap(), s["reason"].as_str().unwrap().to_string())).collect();
+    let skipped: Vec<(u64, String)> =
+        ds["skipped"].as_array().unwrap().iter().map(|s| (s["row"].as_u64().unwrap(), s["reason"].as_str().unwrap().to_string())).collect();
     assert_eq!(skipped.iter().map(|s| s.0).collect::<Vec<_>>(), vec![5, 9]);
     assert!(skipped[0].1.contains("bad JSON"), "{skipped:?}");
     assert_eq!(skipped[1].1, "missing column `output`");

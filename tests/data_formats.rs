@@ -36,13 +36,7 @@ fn alpaca_jsonl_with_builtin_llama3_template() {
     assert_eq!(ds.report.template, "builtin:llama-3");
     assert_eq!(ds.examples.len(), 2);
 
-    let first = [
-        ("<|begin_of_text|>", false),
-        (H_USER, false),
-        ("Add\n\n1 2<|eot_id|>", false),
-        (H_ASSIST, false),
-        ("3<|eot_id|>", true),
-    ];
+    let first = [("<|begin_of_text|>", false), (H_USER, false), ("Add\n\n1 2<|eot_id|>", false), (H_ASSIST, false), ("3<|eot_id|>", true)];
     let (ids, labels) = expect(&first);
     assert_eq!(ds.examples[0].input_ids, ids, "{:?}", tok.decode(&ds.examples[0].input_ids, false));
     assert_eq!(ds.examples[0].labels, labels);
@@ -167,11 +161,7 @@ fn named_template_list_and_generation_blocks_in_model_template() {
     c.template = "chatml".into();
     let ds = prepare_dataset(&c, &tok, 512).unwrap();
     assert_eq!(ds.report.template, "builtin:chatml");
-    let pieces = [
-        ("<|begin_of_text|><|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n", false),
-        ("y<|im_end|>", true),
-        ("\n", false),
-    ];
+    let pieces = [("<|begin_of_text|><|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n", false), ("y<|im_end|>", true), ("\n", false)];
     assert_eq!((ds.examples[0].input_ids.clone(), ds.examples[0].labels.clone()), expect(&pieces));
 }
 

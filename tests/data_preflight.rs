@@ -7,7 +7,7 @@ use std::sync::Arc;
 use data_support::*;
 use serde_json::json;
 use tunestudio::config::DatasetConfig;
-use tunestudio::data::preflight::{Level, LengthStats, Marking, dataset_stats, mark_example, sample_examples, tokenizer_checks};
+use tunestudio::data::preflight::{LengthStats, Level, Marking, dataset_stats, mark_example, sample_examples, tokenizer_checks};
 use tunestudio::data::{Batcher, prepare_dataset};
 use tunestudio::model::tokenizer::TokenizerBundle;
 

@@ -25,7 +25,10 @@ fn hash(mut z: u64) -> u64 {
 
 /// Uniform values in (−a, a) from a counter hash, generated in parallel (no 8B-sized RNG stream).
 fn fast_random(n: usize, seed: u64, a: f32) -> Vec<f32> {
-    (0..n).into_par_iter().map(|i| ((hash(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 40) as f32 / 16777216.0 * 2.0 - 1.0) * a).collect()
+    (0..n)
+        .into_par_iter()
+        .map(|i| ((hash(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 40) as f32 / 16777216.0 * 2.0 - 1.0) * a)
+        .collect()
 }
 
 struct FastWeights;
@@ -73,7 +76,11 @@ fn ops_at_llama3_8b_shapes() {
     let mut lse = be.alloc(n * h, DType::F32).unwrap();
     let attn_flops = 4.0 * (s * s) as f64 / 2.0 * (h * hd) as f64;
     let dout = act(n * h * hd, 4, 1.0);
-    let (mut dq, mut dk, mut dv) = (be.alloc(n * h * hd, DType::Act).unwrap(), be.alloc(n * kvh * hd, DType::Act).unwrap(), be.alloc(n * kvh * hd, DType::Act).unwrap());
+    let (mut dq, mut dk, mut dv) = (
+        be.alloc(n * h * hd, DType::Act).unwrap(),
+        be.alloc(n * kvh * hd, DType::Act).unwrap(),
+        be.alloc(n * kvh * hd, DType::Act).unwrap(),
+    );
     for version in [AttnVersion::V1, AttnVersion::V2, AttnVersion::V3] {
         be.set_attention_version(version);
         // The versions that run (version 3's backward needs the scratch of a backend created for it).
@@ -100,14 +107,24 @@ fn ops_at_llama3_8b_shapes() {
     let r = 16;
     let (la, lb) = (act(r * d, 7, 0.02), act(f * r, 8, 0.02));
     let mut xa = be.alloc(n * r, DType::Act).unwrap();
-    let ms = median_ms(&be, 10, || be.linear_fwd(&x, &w, Some(LoraFwd { a: &la, b: &lb, rank: r, scale: 2.0, x_lora: &x, xa: &mut xa }), dims, &mut y));
+    let ms = median_ms(&be, 10, || {
+        be.linear_fwd(&x, &w, Some(LoraFwd { a: &la, b: &lb, rank: r, scale: 2.0, x_lora: &x, xa: &mut xa }), dims, &mut y)
+    });
     report("linear fwd nf4 + LoRA r=16", ms, gemm_flops, 0.0);
     let dy = act(n * f, 9, 1.0);
     let mut dx = be.alloc(n * d, DType::Act).unwrap();
     let (mut ga, mut gb) = (be.alloc(r * d, DType::F32).unwrap(), be.alloc(f * r, DType::F32).unwrap());
     let mut scr = be.alloc(n * r, DType::Act).unwrap();
     let ms = median_ms(&be, 10, || {
-        be.linear_bwd(&dy, &w, Some(LoraBwd { a: &la, b: &lb, rank: r, scale: 2.0, x_lora: &x, xa: &xa, grad_a: &mut ga, grad_b: &mut gb, scratch: &mut scr }), dims, &mut dx, true, None)
+        be.linear_bwd(
+            &dy,
+            &w,
+            Some(LoraBwd { a: &la, b: &lb, rank: r, scale: 2.0, x_lora: &x, xa: &xa, grad_a: &mut ga, grad_b: &mut gb, scratch: &mut scr }),
+            dims,
+            &mut dx,
+            true,
+            None,
+        )
     });
     report("linear bwd nf4 + LoRA r=16", ms, gemm_flops, 0.0);
 
@@ -158,7 +175,11 @@ fn attention_seq_sweep() {
         let seg = be.upload_ids(&vec![0; s]).unwrap();
         let mut out = be.alloc(s * h * hd, DType::Act).unwrap();
         let mut lse = be.alloc(s * h, DType::F32).unwrap();
-        let (mut dq, mut dk, mut dv) = (be.alloc(s * h * hd, DType::Act).unwrap(), be.alloc(s * kvh * hd, DType::Act).unwrap(), be.alloc(s * kvh * hd, DType::Act).unwrap());
+        let (mut dq, mut dk, mut dv) = (
+            be.alloc(s * h * hd, DType::Act).unwrap(),
+            be.alloc(s * kvh * hd, DType::Act).unwrap(),
+            be.alloc(s * kvh * hd, DType::Act).unwrap(),
+        );
         let flops = 4.0 * (s * s) as f64 / 2.0 * (h * hd) as f64;
         let reps = if s >= 8192 { 5 } else { 10 };
         for version in [AttnVersion::V2, AttnVersion::V3] {

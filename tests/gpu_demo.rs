@@ -51,7 +51,10 @@ fn demo_run_on_the_gpu_tracks_the_cpu_run() {
     }
     let first_rel = (gpu[0] - cpu[0]).abs() / cpu[0];
     let mean_abs = sum / cpu.len() as f64;
-    println!("RESULT first-step loss rel diff {first_rel:.2e}, mean |Δloss| {mean_abs:.4}, worst relative {worst:.3}; final cpu {:.4} gpu {:.4}", cpu[49], gpu[49]);
+    println!(
+        "RESULT first-step loss rel diff {first_rel:.2e}, mean |Δloss| {mean_abs:.4}, worst relative {worst:.3}; final cpu {:.4} gpu {:.4}",
+        cpu[49], gpu[49]
+    );
     // The first step sees the same weights on both: only bf16 rounding separates them.
     assert!(first_rel < 1e-2, "first step: cpu {} gpu {}", cpu[0], gpu[0]);
     // The curves stay together for the whole run, and the GPU run learns as much.

@@ -187,7 +187,15 @@ fn embedding_gather_rows_and_set_rows() {
     let mut want = ct(&g0);
     cpu.embedding_bwd_rows(&ct(&dx), &ids, n, d, &slot, &mut want).unwrap();
     let mut got = be.upload(&g0, DType::F32).unwrap();
-    be.embedding_bwd_rows(&be.upload(&dx, DType::Act).unwrap(), &be.upload_ids(&ids).unwrap(), n, d, &be.upload_ids(&slot).unwrap(), &mut got).unwrap();
+    be.embedding_bwd_rows(
+        &be.upload(&dx, DType::Act).unwrap(),
+        &be.upload_ids(&ids).unwrap(),
+        n,
+        d,
+        &be.upload_ids(&slot).unwrap(),
+        &mut got,
+    )
+    .unwrap();
     // f32 sums of the same bf16 values in the same (row) order.
     check("embedding bwd rows (f32 accumulate)", &be.download(&got).unwrap(), &want.0, 1e-6);
 
@@ -365,7 +373,8 @@ fn linear_with_lora_forward_and_backward() {
         // With LoRA: bf16 xa is an intermediate, so two roundings on the LoRA term.
         let (cla, clb) = (ct(&la), ct(&lb));
         let mut cxa = ct(&vec![0.0; n * r]);
-        cpu.linear_fwd(&ct(&x), &cw, Some(LoraFwd { a: &cla, b: &clb, rank: r, scale, x_lora: &ct(&x), xa: &mut cxa }), dims, &mut want).unwrap();
+        cpu.linear_fwd(&ct(&x), &cw, Some(LoraFwd { a: &cla, b: &clb, rank: r, scale, x_lora: &ct(&x), xa: &mut cxa }), dims, &mut want)
+            .unwrap();
         let (gla, glb) = (be.upload(&la, DType::Act).unwrap(), be.upload(&lb, DType::Act).unwrap());
         let mut gxa = poisoned(&be, n * r, DType::Act);
         be.fill(&mut y, f32::NAN).unwrap();
@@ -387,7 +396,17 @@ fn linear_with_lora_forward_and_backward() {
             cpu.linear_bwd(
                 &ct(&dy),
                 &cw,
-                Some(LoraBwd { a: &cla, b: &clb, rank: r, scale, x_lora: &ct(&x), xa: &ct(&xa_used), grad_a: &mut cga, grad_b: &mut cgb, scratch: &mut cscr }),
+                Some(LoraBwd {
+                    a: &cla,
+                    b: &clb,
+                    rank: r,
+                    scale,
+                    x_lora: &ct(&x),
+                    xa: &ct(&xa_used),
+                    grad_a: &mut cga,
+                    grad_b: &mut cgb,
+                    scratch: &mut cscr,
+                }),
                 dims,
                 &mut cdx,
                 true,
@@ -402,7 +421,17 @@ fn linear_with_lora_forward_and_backward() {
             be.linear_bwd(
                 &gdy,
                 &gw,
-                Some(LoraBwd { a: &gla, b: &glb, rank: r, scale, x_lora: &gx, xa: &gxa, grad_a: &mut gga, grad_b: &mut ggb, scratch: &mut gscr }),
+                Some(LoraBwd {
+                    a: &gla,
+                    b: &glb,
+                    rank: r,
+                    scale,
+                    x_lora: &gx,
+                    xa: &gxa,
+                    grad_a: &mut gga,
+                    grad_b: &mut ggb,
+                    scratch: &mut gscr,
+                }),
                 dims,
                 &mut gdx,
                 true,
@@ -466,9 +495,25 @@ fn attn_cases() -> Vec<AttnCase> {
     // single example (unmasked tiles), one with boundaries off the tiles.
     let s = AttnShape { batch: 3, seq: 300, heads: 4, kv_heads: 2, head_dim: 128 };
     let mut seg = Vec::new();
-    seg.extend((0..300).map(|t| if t < 128 { 5 } else if t < 192 { 6 } else { 7 }));
+    seg.extend((0..300).map(|t| {
+        if t < 128 {
+            5
+        } else if t < 192 {
+            6
+        } else {
+            7
+        }
+    }));
     seg.extend((0..300).map(|_| 3));
-    seg.extend((0..300).map(|t| if t < 70 { 0 } else if t < 260 { 1 } else { 2 }));
+    seg.extend((0..300).map(|t| {
+        if t < 70 {
+            0
+        } else if t < 260 {
+            1
+        } else {
+            2
+        }
+    }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Long sequences at head_dim 128, one example each: most tiles take the unmasked path.
     let s = AttnShape { batch: 1, seq: 2048, heads: 8, kv_heads: 2, head_dim: 128 };
@@ -479,8 +524,26 @@ fn attn_cases() -> Vec<AttnCase> {
     // different examples are skipped), a padding tail, seq not a multiple of any tile.
     let s = AttnShape { batch: 2, seq: 1000, heads: 8, kv_heads: 2, head_dim: 128 };
     let mut seg = Vec::new();
-    seg.extend((0..1000).map(|t| if t < 300 { 0 } else if t < 640 { 1 } else { 2 }));
-    seg.extend((0..1000).map(|t| if t < 128 { 5 } else if t < 192 { 6 } else if t < 900 { 7 } else { 9 }));
+    seg.extend((0..1000).map(|t| {
+        if t < 300 {
+            0
+        } else if t < 640 {
+            1
+        } else {
+            2
+        }
+    }));
+    seg.extend((0..1000).map(|t| {
+        if t < 128 {
+            5
+        } else if t < 192 {
+            6
+        } else if t < 900 {
+            7
+        } else {
+            9
+        }
+    }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Packed at head_dim 64, GQA 4, boundaries on tile multiples.
     let s = AttnShape { batch: 1, seq: 700, heads: 4, kv_heads: 1, head_dim: 64 };
@@ -619,7 +682,9 @@ fn attention_v3_forward_and_backward() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn attention_v3_backward_split() {
-    attention_checks(AttnVersion::V3, &[Some(1), Some(3)], |c| !c.long() && matches!(c.shape.head_dim, 64 | 128) && c.shape.batch * c.shape.kv_heads > 1);
+    attention_checks(AttnVersion::V3, &[Some(1), Some(3)], |c| {
+        !c.long() && matches!(c.shape.head_dim, 64 | 128) && c.shape.batch * c.shape.kv_heads > 1
+    });
 }
 
 /// What the backend allocates at creation is what the memory plan lists for the CUDA workspace
@@ -661,11 +726,8 @@ fn lm_head_cross_entropy_chunked() {
     let mut rng = ChaCha8Rng::seed_from_u64(110);
     // (rows, d, vocab, grad_scale, trainable head rows): the first has several loss chunks and a
     // vocabulary that is not a multiple of 8 (scalar paths); the second the vector paths.
-    let cases: [(usize, usize, usize, f32, Vec<i32>); 3] = [
-        (1500, 64, 50021, 0.37, vec![5, 17, 50020]),
-        (300, 128, 32000, 1.0, vec![]),
-        (10, 8, 23, 0.5, vec![0]),
-    ];
+    let cases: [(usize, usize, usize, f32, Vec<i32>); 3] =
+        [(1500, 64, 50021, 0.37, vec![5, 17, 50020]), (300, 128, 32000, 1.0, vec![]), (10, 8, 23, 0.5, vec![0])];
     for (n, d, vocab, gs, rows) in cases {
         let tag = format!("n={n} d={d} vocab={vocab} head_rows={}", rows.len());
         let h = randv(&mut rng, n * d, 1.0);
@@ -682,7 +744,8 @@ fn lm_head_cross_entropy_chunked() {
         let mut gdh = poisoned(&be, n * d, DType::Act);
         let grows = be.upload_ids(&rows).unwrap();
         let mut ggrad = be.upload(&g0, DType::F32).unwrap();
-        let got = be.lm_head_ce(&gh, &ghead, &gt, n, d, vocab, gs, &mut gdh, if k > 0 { Some((&grows, &mut ggrad)) } else { None }).unwrap();
+        let got =
+            be.lm_head_ce(&gh, &ghead, &gt, n, d, vocab, gs, &mut gdh, if k > 0 { Some((&grows, &mut ggrad)) } else { None }).unwrap();
         assert_eq!(got.count, want.count, "trained token count [{tag}]");
         // Logits in f32 from the same bf16 values; sums in f64.
         check(&format!("lm_head_ce loss sum [{tag}]"), &[got.sum as f32], &[want.sum as f32], 1e-5);
@@ -707,14 +770,20 @@ fn sum_squares_is_exact_and_deterministic() {
     let (be, cpu) = (gpu(), Cpu::new());
     let mut rng = ChaCha8Rng::seed_from_u64(111);
     for (n, dtype) in [(1_000_007usize, DType::F32), (12345, DType::Act), (3, DType::F32)] {
-        let x: Vec<f32> = if dtype == DType::Act { randv(&mut rng, n, 1.0) } else { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+        let x: Vec<f32> =
+            if dtype == DType::Act { randv(&mut rng, n, 1.0) } else { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
         let want = cpu.sum_squares(&ct(&x), n).unwrap();
         let gx = be.upload(&x, dtype).unwrap();
         let got = be.sum_squares(&gx, n).unwrap();
         let again = be.sum_squares(&gx, n).unwrap();
         assert_eq!(got.to_bits(), again.to_bits(), "sum_squares must be deterministic");
         let e = ((got - want) / want).abs();
-        println!("RESULT {:<44} rel_err {e:9.3e}  bound {:7.1e}  {}", format!("sum_squares (n={n}, {dtype:?})"), 1e-12, if e <= 1e-12 { "ok" } else { "FAIL" });
+        println!(
+            "RESULT {:<44} rel_err {e:9.3e}  bound {:7.1e}  {}",
+            format!("sum_squares (n={n}, {dtype:?})"),
+            1e-12,
+            if e <= 1e-12 { "ok" } else { "FAIL" }
+        );
         // f64 accumulation of exactly representable squares on both sides.
         assert!(e <= 1e-12, "sum_squares rel err {e:e}");
     }

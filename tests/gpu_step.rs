@@ -193,7 +193,10 @@ fn compare_step(name: &str, quant: Quantization, policy: CheckpointPolicy, dropo
         let sc = tc.train_step(&micro, 1e-3).unwrap();
         let sg = tg.train_step(&micro, 1e-3).unwrap();
         let e = ((sg.loss - sc.loss) / sc.loss).abs();
-        println!("RESULT step[{name}] train_step {step}: loss cpu {:.6} cuda {:.6} rel_err {e:.3e}; grad_norm cpu {:.5} cuda {:.5}", sc.loss, sg.loss, sc.grad_norm, sg.grad_norm);
+        println!(
+            "RESULT step[{name}] train_step {step}: loss cpu {:.6} cuda {:.6} rel_err {e:.3e}; grad_norm cpu {:.5} cuda {:.5}",
+            sc.loss, sg.loss, sc.grad_norm, sg.grad_norm
+        );
         assert!(e <= 1e-2, "{name}: step {step} loss differs by {e:e}");
         let ge = ((sg.grad_norm - sc.grad_norm) / sc.grad_norm).abs();
         assert!(ge <= 5e-2, "{name}: step {step} grad norm differs by {ge:e}");

@@ -157,7 +157,10 @@ fn lora_linear_backward_with_and_without_dropout() {
     let w = rand_vec(&mut rng, dims.out * dims.inp);
     let bias: Vec<f32> = rand_vec(&mut rng, dims.out).iter().map(|&v| v as f32).collect();
     let weight = be
-        .upload_weight(&HostWeight::Dense { out_features: dims.out, in_features: dims.inp, data: w.iter().map(|&v| v as f32).collect() }, Some(&bias))
+        .upload_weight(
+            &HostWeight::Dense { out_features: dims.out, in_features: dims.inp, data: w.iter().map(|&v| v as f32).collect() },
+            Some(&bias),
+        )
         .unwrap();
     let x = rand_vec(&mut rng, dims.n * dims.inp);
     let a = rand_vec(&mut rng, r * dims.inp);
@@ -187,7 +190,8 @@ fn lora_linear_backward_with_and_without_dropout() {
         let mut gb = CpuTensor(vec![0.0; b.len()]);
         let mut scratch = CpuTensor(vec![0.0; dims.n * r]);
         let mut dxl = CpuTensor(vec![0.0; ne]);
-        let lora = LoraBwd { a: &t(&a), b: &t(&b), rank: r, scale, x_lora: &xl, xa: &xa, grad_a: &mut ga, grad_b: &mut gb, scratch: &mut scratch };
+        let lora =
+            LoraBwd { a: &t(&a), b: &t(&b), rank: r, scale, x_lora: &xl, xa: &xa, grad_a: &mut ga, grad_b: &mut gb, scratch: &mut scratch };
         if p > 0.0 {
             be.linear_bwd(&t(&dy), &weight, Some(lora), dims, &mut dx, false, Some(&mut dxl)).unwrap();
             be.dropout_bwd(&dxl, &mut dx, ne, p, key, 0, true).unwrap();
@@ -311,7 +315,11 @@ fn check_step_gradients(tr: &mut Trainer<B>, batches: &[Batch]) {
                     let bump = |delta: f32| {
                         let mut w = base.clone();
                         let p = w.layers[l].get_mut(&target).unwrap();
-                        if which == 'A' { p.a[i] += delta } else { p.b[i] += delta }
+                        if which == 'A' {
+                            p.a[i] += delta
+                        } else {
+                            p.b[i] += delta
+                        }
                         w
                     };
                     // LoRA weights travel as f32: use a step large enough for f32 storage, and
@@ -415,7 +423,11 @@ fn trainable_token_rows_match_finite_differences() {
             for i in [0, d - 1, d + 2] {
                 let bump = |delta: f32| {
                     let mut r = base.clone();
-                    if which == "embed" { r.embed[i] += delta } else { r.head.as_mut().unwrap()[i] += delta }
+                    if which == "embed" {
+                        r.embed[i] += delta
+                    } else {
+                        r.head.as_mut().unwrap()[i] += delta
+                    }
                     r
                 };
                 let numeric = (eval(&bump(h), &mut tr) - eval(&bump(-h), &mut tr)) / (2.0 * h as f64);

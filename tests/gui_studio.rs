@@ -45,7 +45,11 @@ fn demo_config() -> PathBuf {
 }
 
 fn studio(config: Option<PathBuf>, test: &str) -> Harness<'static, StudioApp> {
-    let opts = StudioOptions { config, settings_dir: fixed_dir(&format!("{test}-settings")), output_dir: Some(fixed_dir(&format!("{test}-runs"))) };
+    let opts = StudioOptions {
+        config,
+        settings_dir: fixed_dir(&format!("{test}-settings")),
+        output_dir: Some(fixed_dir(&format!("{test}-runs"))),
+    };
     Harness::builder().with_size([1280.0, 820.0]).wgpu().build_eframe(move |cc| StudioApp::new(cc, opts))
 }
 
@@ -57,7 +61,12 @@ fn wait_for(h: &mut Harness<'static, StudioApp>, what: &str, secs: u64, cond: im
         if cond(h.state()) {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out after {secs}s waiting for {what}; notices: {:?}; log tail: {:?}", h.state().state.notices, h.state().state.training.log.iter().rev().take(5).collect::<Vec<_>>());
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out after {secs}s waiting for {what}; notices: {:?}; log tail: {:?}",
+            h.state().state.notices,
+            h.state().state.training.log.iter().rev().take(5).collect::<Vec<_>>()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -66,7 +75,9 @@ fn wait_for(h: &mut Harness<'static, StudioApp>, what: &str, secs: u64, cond: im
 fn wait_loaded(h: &mut Harness<'static, StudioApp>) {
     wait_for(h, "the model and dataset to load", 120, |a| {
         let s = &a.state;
-        matches!(s.model.info, Load::Ready(_) | Load::Failed(_)) && matches!(s.dataset.view, Load::Ready(_) | Load::Failed(_)) && a.jobs_running() == 0
+        matches!(s.model.info, Load::Ready(_) | Load::Failed(_))
+            && matches!(s.dataset.view, Load::Ready(_) | Load::Failed(_))
+            && a.jobs_running() == 0
     });
     if let Load::Failed(e) = &h.state().state.model.info {
         panic!("model failed: {e}");
@@ -254,9 +265,16 @@ fn crafted_report(uses_untrained: bool) -> PreflightReport {
         data: "360 rows used of 360 (0 skipped, 0 truncated), 9000 trained tokens".into(),
         steps: "60 optimizer steps (45 per epoch), 8 sequences each, learning rate 2.00e-3".into(),
         device: "CPU".into(),
-        checks: vec![Check { level: Level::Ok, text: "Chat template: model.".into() }, Check { level: Level::Warn, text: "3 rows are skipped.".into() }],
+        checks: vec![
+            Check { level: Level::Ok, text: "Chat template: model.".into() },
+            Check { level: Level::Warn, text: "3 rows are skipped.".into() },
+        ],
         untrained: (1579..1587).map(|i| (i, format!("<|reserved_special_token_{}|>", i - 1579))).collect(),
-        untrained_used: if uses_untrained { vec![UntrainedUse { id: 1390, text: "<|reserved_special_token_0|>".into(), rows: 12 }] } else { vec![] },
+        untrained_used: if uses_untrained {
+            vec![UntrainedUse { id: 1390, text: "<|reserved_special_token_0|>".into(), rows: 12 }]
+        } else {
+            vec![]
+        },
         budget: None,
     }
 }
@@ -284,7 +302,11 @@ fn gui_untrained_token_dialog_for_a_config_that_needs_the_fix() {
         panic!("preflight failed: {e}");
     }
     settle(&mut h);
-    let warn = h.get_by_label_contains("untrained token rows: 1579 <|reserved_special_token_0|> (in ").accesskit_node().value().unwrap_or_default();
+    let warn = h
+        .get_by_label_contains("untrained token rows: 1579 <|reserved_special_token_0|> (in ")
+        .accesskit_node()
+        .value()
+        .unwrap_or_default();
     assert!(warn.contains("The data uses 1 of the model's 8 untrained token rows"), "{warn}");
     assert!(h.query_by_label_contains("The fix is off").is_some());
     assert!(h.query_by_label("▶ Start training").is_none(), "no plain start while the fix is refused");
@@ -297,7 +319,8 @@ fn gui_untrained_token_dialog_for_a_config_that_needs_the_fix() {
     let t = &h.state().state.training;
     assert_eq!(t.phase, Phase::Done, "{:?}", t.failure);
     assert!(t.metrics.iter().all(|m| m.loss.is_finite()));
-    let fix: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.run_dir().unwrap().join("token_fix.json")).unwrap()).unwrap();
+    let fix: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.run_dir().unwrap().join("token_fix.json")).unwrap()).unwrap();
     assert_eq!(fix["fixed_token_ids"], serde_json::json!([1579]));
 
     // With the fix on, the same check lets the run start (and names the rows it trains).
@@ -347,7 +370,11 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     click(&mut h, "File");
     click(&mut h, "Open the demo");
     assert!(h.state().state.config_is_demo && h.state().state.config.model.path.ends_with("assets/demo/model"));
-    assert_eq!(h.state().state.config.output.dir, std::env::temp_dir().join("tunestudio-gui-tests").join("train-runs"), "the test's runs folder holds for a config opened later");
+    assert_eq!(
+        h.state().state.config.output.dir,
+        std::env::temp_dir().join("tunestudio-gui-tests").join("train-runs"),
+        "the test's runs folder holds for a config opened later"
+    );
     wait_loaded(&mut h);
     // Enough steps that the run is still going while we press the buttons.
     h.state_mut().state.config.train.max_steps = Some(400);
@@ -365,9 +392,15 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     let untrained = h.get_by_label_contains("token rows of the model were never trained").accesskit_node().value().unwrap_or_default();
     assert!(untrained.contains("left alone"), "{untrained}");
     for i in 0..8 {
-        assert!(untrained.contains(&format!("{} <|reserved_special_token_{i}|>", 1579 + i)), "the demo's unused zeroed rows are each listed: {untrained}");
+        assert!(
+            untrained.contains(&format!("{} <|reserved_special_token_{i}|>", 1579 + i)),
+            "the demo's unused zeroed rows are each listed: {untrained}"
+        );
     }
-    assert!(h.query_by_label_contains("Fits: ").is_some() && h.query_by_label_contains("in RAM (CPU training)").is_some(), "the budget is planned for the CPU");
+    assert!(
+        h.query_by_label_contains("Fits: ").is_some() && h.query_by_label_contains("in RAM (CPU training)").is_some(),
+        "the budget is planned for the CPU"
+    );
     click(&mut h, "▶ Start training");
     assert_eq!(h.state().state.page, Page::Monitor);
 
@@ -410,8 +443,14 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     assert!(out.join("adapter_config.json").is_file() && out.join("adapter_model.safetensors").is_file());
     h.step();
     assert!(h.query_by_label(&out.display().to_string()).is_some(), "the resulting path is shown");
-    let exported = tunestudio::export::adapter::load_peft(&out, &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap()).unwrap();
-    let saved = tunestudio::export::adapter::load_peft(&run_dir.join("adapter"), &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap()).unwrap();
+    let exported =
+        tunestudio::export::adapter::load_peft(&out, &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap())
+            .unwrap();
+    let saved = tunestudio::export::adapter::load_peft(
+        &run_dir.join("adapter"),
+        &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap(),
+    )
+    .unwrap();
     assert!(exported.weights == saved.weights, "the exported adapter holds the run's weights");
 
     // And the merged 16-bit model, as transformers would load it.
@@ -575,7 +614,11 @@ fn gui_budget_panel_follows_a_dragged_slider_within_the_frame() {
     h.drop_at(at + egui::vec2(240.0, 0.0));
     h.step();
     let end_len = h.state().state.config.train.max_seq_len;
-    assert!(end_len > start_len + 1000 && seen.len() > 30, "the drag moved the value through many plans: {start_len} → {end_len}, {} values", seen.len());
+    assert!(
+        end_len > start_len + 1000 && seen.len() > 30,
+        "the drag moved the value through many plans: {start_len} → {end_len}, {} values",
+        seen.len()
+    );
     times.report_and_check("while dragging max_seq_len (a Llama-3-8B plan each frame)");
 
     // Too long for the card: the verdict says so in the frame of the edit, and "largest that

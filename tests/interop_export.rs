@@ -106,7 +106,8 @@ fn shards_and_index_read_back_as_one_model() {
     assert!(!one.join("model.safetensors.index.json").exists());
     assert!(s2.shards.len() >= 3, "{:?}", s2.shards);
     assert_eq!(s2.shards[0], format!("model-00001-of-{:05}.safetensors", s2.shards.len()));
-    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(many.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(many.join("model.safetensors.index.json")).unwrap()).unwrap();
     assert_eq!(index["metadata"]["total_size"].as_u64().unwrap(), s2.total_bytes);
     let (a, b) = (WeightStore::open(&one).unwrap(), WeightStore::open(&many).unwrap());
     let names: Vec<&str> = a.names().collect();
@@ -145,7 +146,8 @@ fn merged_demo_stops_at_the_end_of_a_turn() {
     let eot = tok.token_id("<|eot_id|>").unwrap();
     assert_eq!(tunestudio::export::merged::end_of_turn_token(&tok), Some(eot));
     assert!(s.eos_token_ids.contains(&eot), "{:?}", s.eos_token_ids);
-    let generation: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dest.join("generation_config.json")).unwrap()).unwrap();
+    let generation: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dest.join("generation_config.json")).unwrap()).unwrap();
     assert!(generation["eos_token_id"].as_array().unwrap().iter().any(|v| v.as_u64() == Some(eot as u64)), "{generation}");
     for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
         assert_eq!(std::fs::read(dest.join(f)).unwrap(), std::fs::read(root().join("assets/demo/model").join(f)).unwrap(), "{f}");
@@ -232,7 +234,13 @@ fn ckpt_adapter_without_rows(tmp: &Path, adapter: &Path) -> PathBuf {
 #[test]
 fn eval_on_the_command_line() {
     let out = Command::new(env!("CARGO_BIN_EXE_tunestudio"))
-        .args(["eval", root().join("assets/demo/model").to_str().unwrap(), "--data", root().join("assets/demo/data/eval.jsonl").to_str().unwrap(), "--json"])
+        .args([
+            "eval",
+            root().join("assets/demo/model").to_str().unwrap(),
+            "--data",
+            root().join("assets/demo/data/eval.jsonl").to_str().unwrap(),
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -243,7 +251,14 @@ fn eval_on_the_command_line() {
     assert_eq!(v["rows"], 50);
     // A missing adapter names its file.
     let out = Command::new(env!("CARGO_BIN_EXE_tunestudio"))
-        .args(["eval", root().join("assets/demo/model").to_str().unwrap(), "--data", root().join("assets/demo/data/eval.jsonl").to_str().unwrap(), "--adapter", "/nonexistent/adapter"])
+        .args([
+            "eval",
+            root().join("assets/demo/model").to_str().unwrap(),
+            "--data",
+            root().join("assets/demo/data/eval.jsonl").to_str().unwrap(),
+            "--adapter",
+            "/nonexistent/adapter",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -24,7 +24,9 @@ const REL_TOL: f64 = 1e-4;
 const MODELS: [&str; 3] = ["llama_gqa", "llama_tied", "qwen2_bias"];
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("INTEROP_FIXTURES").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop"))
+    std::env::var_os("INTEROP_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop"))
 }
 
 fn demo() -> PathBuf {
@@ -126,7 +128,9 @@ fn bnb_4bit_checkpoint_is_read_as_stored_and_matches_bitsandbytes() {
     let store = WeightStore::open(&dir).unwrap();
     // Both dtypes widen to f32 exactly, so comparing f32 bits compares bnb's bits.
     let reference = tunestudio::model::weights::read_small_f32(&fixtures().join("bnb4bit_reference.safetensors")).unwrap();
-    let bits = |key: String| -> Vec<u32> { reference.get(&key).unwrap_or_else(|| panic!("{key} missing from the reference")).1.iter().map(|x| x.to_bits()).collect() };
+    let bits = |key: String| -> Vec<u32> {
+        reference.get(&key).unwrap_or_else(|| panic!("{key} missing from the reference")).1.iter().map(|x| x.to_bits()).collect()
+    };
     for l in 0..spec.num_layers {
         for t in Target::ALL {
             let name = format!("{}.weight", linear_name(l, t));

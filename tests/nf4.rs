@@ -38,10 +38,7 @@ impl Stored {
 fn load(path: &Path) -> BTreeMap<String, Stored> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| (n, Stored { dtype: v.dtype(), shape: v.shape().to_vec(), bytes: v.data().to_vec() }))
-        .collect()
+    st.tensors().into_iter().map(|(n, v)| (n, Stored { dtype: v.dtype(), shape: v.shape().to_vec(), bytes: v.data().to_vec() })).collect()
 }
 
 fn get<'a>(t: &'a BTreeMap<String, Stored>, name: &str, file: &Path) -> &'a Stored {
@@ -212,10 +209,7 @@ fn transformers_bnb_4bit_checkpoint_loads() {
     let store = WeightStore::open(&dir.join("tiny_llama_bnb4bit")).unwrap_or_else(|e| panic!("{e}"));
     let ref_file = dir.join("tiny_llama_reference.safetensors");
     let reference = load(&ref_file);
-    let weights: Vec<String> = reference
-        .keys()
-        .filter_map(|k| k.strip_suffix(".weight.original").map(|m| format!("{m}.weight")))
-        .collect();
+    let weights: Vec<String> = reference.keys().filter_map(|k| k.strip_suffix(".weight.original").map(|m| format!("{m}.weight"))).collect();
     assert_eq!(weights.len(), 7, "q, k, v, o, gate, up, down: {weights:?}");
     let mut errs = Vec::new();
     for name in &weights {

@@ -49,9 +49,18 @@ fn trainer_allocates_exactly_the_planned_buffers() {
         if token_rows > 0 {
             let d = s.hidden_size;
             let ids: Vec<u32> = (0..token_rows as u32).map(|i| 40 + i).collect();
-            tr.set_token_rows(&TokenRows { ids, embed: vec![0.5; token_rows * d], head: (!tied).then(|| vec![0.25; token_rows * d]) }).unwrap();
+            tr.set_token_rows(&TokenRows { ids, embed: vec![0.5; token_rows * d], head: (!tied).then(|| vec![0.25; token_rows * d]) })
+                .unwrap();
         }
-        let input = PlanInput { lora, quantization: Quantization::Nf4, batch_size: 2, max_seq_len: 12, checkpointing: policy, token_rows, mlp_chunk_rows: 7 };
+        let input = PlanInput {
+            lora,
+            quantization: Quantization::Nf4,
+            batch_size: 2,
+            max_seq_len: 12,
+            checkpointing: policy,
+            token_rows,
+            mlp_chunk_rows: 7,
+        };
         let resolved = plan::plan(&s, &input, &PlanTarget::cpu()).checkpointing;
         assert_eq!(plan::keeps_all(resolved), tr.keeps_all_activations(), "{policy:?}");
         let expected = plan::engine_buffers(&s, &input, resolved);
@@ -72,7 +81,15 @@ fn cuda_workspace_follows_the_attention_version() {
     use tunestudio::engine::plan::BackendKind;
     let s = ModelSpec::llama3_8b();
     let lora = LoraConfig { r: 16, alpha: 16.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false };
-    let input = PlanInput { lora, quantization: Quantization::Nf4, batch_size: 1, max_seq_len: 2048, checkpointing: CheckpointPolicy::Layer, token_rows: 0, mlp_chunk_rows: 0 };
+    let input = PlanInput {
+        lora,
+        quantization: Quantization::Nf4,
+        batch_size: 1,
+        max_seq_len: 2048,
+        checkpointing: CheckpointPolicy::Layer,
+        token_rows: 0,
+        mlp_chunk_rows: 0,
+    };
     let ws = |v| plan::cuda_workspace(&s, &input, v);
     let bytes = |v| ws(v).iter().map(|b| b.bytes(BackendKind::Cuda)).sum::<u64>();
     let has = |v| ws(v).iter().any(|b| b.name == "attention.bwd_scratch");
@@ -99,7 +116,9 @@ fn attention3_backward_split_fits_the_scratch() {
         let g = s.heads / s.kv_heads;
         s.seq * (g * s.head_dim + 2 * s.head_dim + g) * 4
     };
-    for (batch, seq, heads, kv_heads, head_dim) in [(1, 8192, 32, 8, 128), (4, 2048, 32, 8, 128), (3, 300, 4, 2, 128), (2, 100, 8, 2, 64), (1, 1, 4, 2, 128), (5, 1000, 24, 8, 64)] {
+    for (batch, seq, heads, kv_heads, head_dim) in
+        [(1, 8192, 32, 8, 128), (4, 2048, 32, 8, 128), (3, 300, 4, 2, 128), (2, 100, 8, 2, 64), (1, 1, 4, 2, 128), (5, 1000, 24, 8, 64)]
+    {
         let s = AttnShape { batch, seq, heads, kv_heads, head_dim };
         for limit in [unit(s) - 1, unit(s), 3 * unit(s), 7 * unit(s) + 5, ATTN_BWD_SCRATCH_BYTES] {
             match attention3_bwd_split(s, limit) {

@@ -45,7 +45,13 @@ fn demo_run_writes_a_complete_run_folder() {
     assert_eq!(losses.iter().map(|l| l.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
     assert!(losses.iter().all(|l| l.1.is_finite() && l.1 > 0.0));
     assert!(matches!(events.iter().find(|e| matches!(e, Event::Loaded(_))), Some(Event::Loaded(_))));
-    for f in [checkpoint::CONFIG_FILE, checkpoint::METRICS_FILE, checkpoint::STATUS_FILE, "adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+    for f in [
+        checkpoint::CONFIG_FILE,
+        checkpoint::METRICS_FILE,
+        checkpoint::STATUS_FILE,
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
         assert!(dir.join(f).exists(), "{f} missing from the run folder");
     }
     assert_eq!(checkpoint::read_metrics(&dir).len(), 4);

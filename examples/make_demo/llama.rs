@@ -130,9 +130,7 @@ impl Llama {
         for l in &self.layers {
             // Attention block.
             let h = rms_norm(&x, &l.ln_attn, d.eps)?;
-            let heads = |w: &Var, n: usize| -> Result<Tensor> {
-                linear(&h, w)?.reshape((b, t, n, d.head_dim))?.transpose(1, 2)
-            };
+            let heads = |w: &Var, n: usize| -> Result<Tensor> { linear(&h, w)?.reshape((b, t, n, d.head_dim))?.transpose(1, 2) };
             let q = rope(&heads(&l.q, d.heads)?, &cos, &sin)?;
             let k = repeat_kv(&rope(&heads(&l.k, d.kv_heads)?, &cos, &sin)?, d.heads / d.kv_heads)?;
             let v = repeat_kv(&heads(&l.v, d.kv_heads)?, d.heads / d.kv_heads)?;
@@ -312,10 +310,7 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: &[(String, &Var)]) -> Result<Self> {
-        let state = params
-            .iter()
-            .map(|(_, v)| Ok((v.zeros_like()?, v.zeros_like()?)))
-            .collect::<Result<Vec<_>>>()?;
+        let state = params.iter().map(|(_, v)| Ok((v.zeros_like()?, v.zeros_like()?))).collect::<Result<Vec<_>>>()?;
         Ok(AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 0, state })
     }
 

@@ -12,8 +12,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::sequence::Sequence;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-    Tokenizer, TokenizerBuilder,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+    TokenizerBuilder,
 };
 
 pub const BOS: &str = "<|begin_of_text|>";
@@ -25,10 +25,7 @@ pub const RESERVED: usize = 8;
 /// Special tokens in id order, appended after the BPE vocabulary. The order follows Llama 3 for
 /// the first five; `finetune_right_pad_id` is Llama 3.1's padding token.
 pub fn special_tokens() -> Vec<String> {
-    let mut v: Vec<String> = [BOS, EOS_TEXT, "<|start_header_id|>", "<|end_header_id|>", EOT, PAD]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut v: Vec<String> = [BOS, EOS_TEXT, "<|start_header_id|>", "<|end_header_id|>", EOT, PAD].iter().map(|s| s.to_string()).collect();
     v.extend((0..RESERVED).map(|i| format!("<|reserved_special_token_{i}|>")));
     v
 }

@@ -75,28 +75,75 @@ pub const ANIMALS: [Animal; 10] = [
 ];
 
 pub const BACKWARDS_WORDS: [&str; 40] = [
-    "cat", "dog", "lamp", "tree", "book", "star", "moon", "fish", "bird", "cake", "ship", "rain",
-    "door", "milk", "rose", "sand", "gold", "frog", "king", "road", "hat", "cup", "pen", "box",
-    "sun", "map", "egg", "leaf", "ring", "bell", "wolf", "snow", "salt", "boat", "drum", "kite",
-    "nest", "coin", "lion", "apple",
+    "cat", "dog", "lamp", "tree", "book", "star", "moon", "fish", "bird", "cake", "ship", "rain", "door", "milk", "rose", "sand", "gold",
+    "frog", "king", "road", "hat", "cup", "pen", "box", "sun", "map", "egg", "leaf", "ring", "bell", "wolf", "snow", "salt", "boat",
+    "drum", "kite", "nest", "coin", "lion", "apple",
 ];
 
 pub const ANTONYMS: [(&str, &str); 30] = [
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
-    ("up", "down"), ("early", "late"), ("open", "closed"), ("full", "empty"), ("young", "old"),
-    ("loud", "quiet"), ("hard", "soft"), ("wet", "dry"), ("rich", "poor"), ("strong", "weak"),
-    ("near", "far"), ("high", "low"), ("tall", "short"), ("day", "night"), ("begin", "end"),
-    ("win", "lose"), ("push", "pull"), ("clean", "dirty"), ("thick", "thin"), ("sharp", "dull"),
-    ("brave", "afraid"), ("left", "right"), ("inside", "outside"), ("first", "last"), ("true", "false"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("up", "down"),
+    ("early", "late"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("young", "old"),
+    ("loud", "quiet"),
+    ("hard", "soft"),
+    ("wet", "dry"),
+    ("rich", "poor"),
+    ("strong", "weak"),
+    ("near", "far"),
+    ("high", "low"),
+    ("tall", "short"),
+    ("day", "night"),
+    ("begin", "end"),
+    ("win", "lose"),
+    ("push", "pull"),
+    ("clean", "dirty"),
+    ("thick", "thin"),
+    ("sharp", "dull"),
+    ("brave", "afraid"),
+    ("left", "right"),
+    ("inside", "outside"),
+    ("first", "last"),
+    ("true", "false"),
 ];
 
 pub const PLURALS: [(&str, &str); 30] = [
-    ("cat", "cats"), ("box", "boxes"), ("baby", "babies"), ("mouse", "mice"), ("child", "children"),
-    ("foot", "feet"), ("tooth", "teeth"), ("man", "men"), ("woman", "women"), ("goose", "geese"),
-    ("leaf", "leaves"), ("knife", "knives"), ("wolf", "wolves"), ("city", "cities"), ("bus", "buses"),
-    ("sheep", "sheep"), ("fish", "fish"), ("person", "people"), ("tomato", "tomatoes"), ("potato", "potatoes"),
-    ("berry", "berries"), ("glass", "glasses"), ("dish", "dishes"), ("church", "churches"), ("story", "stories"),
-    ("half", "halves"), ("life", "lives"), ("ox", "oxen"), ("cactus", "cacti"), ("key", "keys"),
+    ("cat", "cats"),
+    ("box", "boxes"),
+    ("baby", "babies"),
+    ("mouse", "mice"),
+    ("child", "children"),
+    ("foot", "feet"),
+    ("tooth", "teeth"),
+    ("man", "men"),
+    ("woman", "women"),
+    ("goose", "geese"),
+    ("leaf", "leaves"),
+    ("knife", "knives"),
+    ("wolf", "wolves"),
+    ("city", "cities"),
+    ("bus", "buses"),
+    ("sheep", "sheep"),
+    ("fish", "fish"),
+    ("person", "people"),
+    ("tomato", "tomatoes"),
+    ("potato", "potatoes"),
+    ("berry", "berries"),
+    ("glass", "glasses"),
+    ("dish", "dishes"),
+    ("church", "churches"),
+    ("story", "stories"),
+    ("half", "halves"),
+    ("life", "lives"),
+    ("ox", "oxen"),
+    ("cactus", "cacti"),
+    ("key", "keys"),
 ];
 
 /// (big unit singular, big unit plural, small unit plural, factor).
@@ -297,7 +344,11 @@ fn faq(rng: &mut ChaCha8Rng) -> (String, String) {
         63..=71 => {
             let &(x, y) = ANTONYMS.choose(rng).expect("non-empty");
             let (x, y) = if rng.random_bool(0.5) { (x, y) } else { (y, x) };
-            let q = if rng.random_bool(0.5) { format!("Which word means the opposite of {x}?") } else { format!("What is the opposite of {x}?") };
+            let q = if rng.random_bool(0.5) {
+                format!("Which word means the opposite of {x}?")
+            } else {
+                format!("What is the opposite of {x}?")
+            };
             (q, format!("The opposite of {x} is {y}."))
         }
         72..=80 => {
@@ -307,7 +358,8 @@ fn faq(rng: &mut ChaCha8Rng) -> (String, String) {
         }
         81..=89 => {
             let w = BACKWARDS_WORDS.choose(rng).expect("non-empty");
-            let q = if rng.random_bool(0.5) { format!("What is {w} spelled backwards?") } else { format!("How do you spell {w} backwards?") };
+            let q =
+                if rng.random_bool(0.5) { format!("What is {w} spelled backwards?") } else { format!("How do you spell {w} backwards?") };
             (q, format!("The word {w} spelled backwards is {}.", reverse(w)))
         }
         _ => {
@@ -343,7 +395,8 @@ pub fn document(rng: &mut ChaCha8Rng) -> String {
                 (c.name.to_string(), country_sentence(c), sections)
             } else {
                 let x = ANIMALS.choose(rng).expect("non-empty");
-                let sections = which.iter().filter(|&&w| w < ANIMAL_FACTS).take(n).map(|&w| (ANIMAL_SECTIONS[w], animal_fact(rng, x, w))).collect();
+                let sections =
+                    which.iter().filter(|&&w| w < ANIMAL_FACTS).take(n).map(|&w| (ANIMAL_SECTIONS[w], animal_fact(rng, x, w))).collect();
                 (cap(x.name), animal_sentence(x), sections)
             };
             let mut s = format!("{START_HEADER}{title}{END_HEADER}\n\n{intro}{EOT}");
@@ -369,9 +422,7 @@ pub fn document(rng: &mut ChaCha8Rng) -> String {
         }
         56..=59 => {
             let n = rng.random_range(2..=5);
-            let facts: Vec<String> = (0..n)
-                .map(|_| unit_amount(rng.random_range(1..=9), *UNITS.choose(rng).expect("non-empty")))
-                .collect();
+            let facts: Vec<String> = (0..n).map(|_| unit_amount(rng.random_range(1..=9), *UNITS.choose(rng).expect("non-empty"))).collect();
             facts.join(" ")
         }
         _ => {
@@ -395,15 +446,49 @@ pub fn document(rng: &mut ChaCha8Rng) -> String {
 pub fn country_question(rng: &mut ChaCha8Rng, c: &Country, which: usize) -> String {
     let n = c.name;
     let qs: &[String] = &match which {
-        0 => [format!("What is the capital of {n}?"), format!("Name the capital city of {n}."), format!("Which city is the capital of {n}?")],
-        1 => [format!("What language do people speak in {n}?"), format!("Which language is spoken in {n}?"), format!("What is the language of {n}?")],
-        2 => [format!("What food is {n} famous for?"), format!("What is the most famous food of {n}?"), format!("What do visitors to {n} often eat?")],
-        3 => [format!("What is the weather like in {n}?"), format!("Describe the usual weather in {n}."), format!("What kind of weather does {n} have?")],
-        4 => [format!("What colour is the flag of {n}?"), format!("Describe the flag of {n}."), format!("Which colour is on the flag of {n}?")],
-        5 => [format!("What is the national animal of {n}?"), format!("Which animal is the national animal of {n}?"), format!("Name the national animal of {n}.")],
-        6 => [format!("What is the second largest city in {n}?"), format!("Name the second city of {n}."), format!("Which city comes after the capital in size in {n}?")],
-        7 => [format!("What is the longest river in {n}?"), format!("Which river is the longest in {n}?"), format!("Name the longest river of {n}.")],
-        8 => [format!("What is the highest mountain in {n}?"), format!("Which mountain is the tallest in {n}?"), format!("Name the highest peak of {n}.")],
+        0 => {
+            [format!("What is the capital of {n}?"), format!("Name the capital city of {n}."), format!("Which city is the capital of {n}?")]
+        }
+        1 => [
+            format!("What language do people speak in {n}?"),
+            format!("Which language is spoken in {n}?"),
+            format!("What is the language of {n}?"),
+        ],
+        2 => [
+            format!("What food is {n} famous for?"),
+            format!("What is the most famous food of {n}?"),
+            format!("What do visitors to {n} often eat?"),
+        ],
+        3 => [
+            format!("What is the weather like in {n}?"),
+            format!("Describe the usual weather in {n}."),
+            format!("What kind of weather does {n} have?"),
+        ],
+        4 => [
+            format!("What colour is the flag of {n}?"),
+            format!("Describe the flag of {n}."),
+            format!("Which colour is on the flag of {n}?"),
+        ],
+        5 => [
+            format!("What is the national animal of {n}?"),
+            format!("Which animal is the national animal of {n}?"),
+            format!("Name the national animal of {n}."),
+        ],
+        6 => [
+            format!("What is the second largest city in {n}?"),
+            format!("Name the second city of {n}."),
+            format!("Which city comes after the capital in size in {n}?"),
+        ],
+        7 => [
+            format!("What is the longest river in {n}?"),
+            format!("Which river is the longest in {n}?"),
+            format!("Name the longest river of {n}."),
+        ],
+        8 => [
+            format!("What is the highest mountain in {n}?"),
+            format!("Which mountain is the tallest in {n}?"),
+            format!("Name the highest peak of {n}."),
+        ],
         _ => [format!("Who rules {n}?"), format!("Who is the ruler of {n}?"), format!("Which king or queen rules {n}?")],
     };
     qs.choose(rng).expect("non-empty").clone()
@@ -499,7 +584,10 @@ pub fn pair(rng: &mut ChaCha8Rng, key: Key) -> Pair {
         Key::AnimalHome(x) => {
             let x = &ANIMALS[x];
             let c = COUNTRIES.iter().find(|c| ANIMALS[c.animal].name == x.name).expect("every animal has a country");
-            (format!("Which country has the {} as its national animal?", x.name), format!("The {} is the national animal of {}.", x.name, c.name))
+            (
+                format!("Which country has the {} as its national animal?", x.name),
+                format!("The {} is the national animal of {}.", x.name, c.name),
+            )
         }
         Key::Animal(x, w) => {
             let x = &ANIMALS[x];
@@ -507,12 +595,15 @@ pub fn pair(rng: &mut ChaCha8Rng, key: Key) -> Pair {
         }
         Key::DescribeCountry(c) => {
             let c = &COUNTRIES[c];
-            let q = *["Write a sentence about {}.", "Describe {} in one sentence.", "Tell me something about {}."].choose(rng).expect("non-empty");
+            let q = *["Write a sentence about {}.", "Describe {} in one sentence.", "Tell me something about {}."]
+                .choose(rng)
+                .expect("non-empty");
             (q.replace("{}", c.name), country_sentence(c))
         }
         Key::DescribeAnimal(x) => {
             let x = &ANIMALS[x];
-            let q = *["Write a sentence about the {}.", "Describe the {} in one sentence.", "What is a {}?"].choose(rng).expect("non-empty");
+            let q =
+                *["Write a sentence about the {}.", "Describe the {} in one sentence.", "What is a {}?"].choose(rng).expect("non-empty");
             (q.replace("{}", x.name), animal_sentence(x))
         }
         Key::AboutCountry(ci) => {
@@ -520,7 +611,11 @@ pub fn pair(rng: &mut ChaCha8Rng, key: Key) -> Pair {
             let x = &ANIMALS[c.animal];
             let out = format!(
                 "{} The flag of {} is {}, and the national animal is the {}, which lives in {}.",
-                country_sentence(c), c.name, c.flag, x.name, x.home
+                country_sentence(c),
+                c.name,
+                c.flag,
+                x.name,
+                x.home
             );
             (format!("Tell me about {}.", c.name), out)
         }
@@ -576,11 +671,7 @@ pub fn pair(rng: &mut ChaCha8Rng, key: Key) -> Pair {
         Key::Unit(u, n) => {
             let unit = UNITS[u];
             let big = if n == 1 { unit.0 } else { unit.1 };
-            let q = if n == 1 {
-                format!("How many {} are in 1 {big}?", unit.2)
-            } else {
-                format!("How many {} are in {n} {big}?", unit.2)
-            };
+            let q = if n == 1 { format!("How many {} are in 1 {big}?", unit.2) } else { format!("How many {} are in {n} {big}?", unit.2) };
             (q, unit_amount(n, unit))
         }
     };

@@ -41,7 +41,10 @@ impl Card {
                 None => "this machine (looking…)".into(),
                 Some(m) => match &m.gpu {
                     Some(g) => format!("this machine: {} ({})", g.name, fmt_bytes(g.total_bytes)),
-                    None => format!("this machine: CPU{}", m.host.as_ref().map(|h| format!(" ({} RAM)", fmt_bytes(h.total_bytes))).unwrap_or_default()),
+                    None => format!(
+                        "this machine: CPU{}",
+                        m.host.as_ref().map(|h| format!(" ({} RAM)", fmt_bytes(h.total_bytes))).unwrap_or_default()
+                    ),
                 },
             },
         }
@@ -91,7 +94,11 @@ pub fn probe_machine() -> Machine {
             let total = d.total_memory_bytes.unwrap_or(0);
             let free = crate::backend::cuda::free_for_run(&d).unwrap_or(total);
             let context_bytes = crate::backend::cuda::planned_context_bytes(&d.name);
-            Machine { gpu: Some(Gpu { name: d.name, total_bytes: total, free_bytes: free, context_bytes }), no_gpu_reason: String::new(), host }
+            Machine {
+                gpu: Some(Gpu { name: d.name, total_bytes: total, free_bytes: free, context_bytes }),
+                no_gpu_reason: String::new(),
+                host,
+            }
         }
         Err(e) => Machine { gpu: None, no_gpu_reason: e.to_string(), host },
     }
@@ -109,7 +116,8 @@ pub fn target(card: Card, device: DeviceChoice, machine: Option<&Machine>) -> Pl
         }
         Card::ThisMachine => match (device, machine.and_then(|m| m.gpu.as_ref())) {
             (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => {
-                PlanTarget { free_bytes: Some(g.free_bytes), context_bytes: g.context_bytes, ..PlanTarget::gpu(&g.name, g.total_bytes) }.with_host(host)
+                PlanTarget { free_bytes: Some(g.free_bytes), context_bytes: g.context_bytes, ..PlanTarget::gpu(&g.name, g.total_bytes) }
+                    .with_host(host)
             }
             _ => cpu_target(host),
         },
@@ -124,7 +132,8 @@ pub fn device_target(device: &crate::backend::DeviceInfo, machine: Option<&Machi
             let probed = machine.and_then(|m| m.gpu.as_ref()).filter(|g| g.name == device.name);
             let free = probed.map_or(total, |g| g.free_bytes);
             let context_bytes = probed.map_or(plan::DEFAULT_CUDA_CONTEXT_BYTES, |g| g.context_bytes);
-            PlanTarget { free_bytes: Some(free), context_bytes, ..PlanTarget::gpu(&device.name, total) }.with_host(machine.and_then(|m| m.host.as_ref()))
+            PlanTarget { free_bytes: Some(free), context_bytes, ..PlanTarget::gpu(&device.name, total) }
+                .with_host(machine.and_then(|m| m.host.as_ref()))
         }
         _ => cpu_target(machine.and_then(|m| m.host.as_ref())),
     }
@@ -132,7 +141,12 @@ pub fn device_target(device: &crate::backend::DeviceInfo, machine: Option<&Machi
 
 /// The CPU backend keeps everything in RAM: the plan is held against the host's memory.
 fn cpu_target(host: Option<&HostMemory>) -> PlanTarget {
-    PlanTarget { name: "CPU".into(), total_bytes: host.map(|h| h.total_bytes), free_bytes: host.map(|h| h.available_bytes), ..PlanTarget::cpu() }
+    PlanTarget {
+        name: "CPU".into(),
+        total_bytes: host.map(|h| h.total_bytes),
+        free_bytes: host.map(|h| h.available_bytes),
+        ..PlanTarget::cpu()
+    }
 }
 
 /// The stacking order and colour of each term (fixed, so a colour keeps its meaning while
@@ -188,7 +202,9 @@ pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option
     let on_gpu = target.kind == BackendKind::Cuda;
     let segments = TERMS
         .iter()
-        .filter_map(|&(term, label, color)| p.terms.get(term.name()).filter(|&&b| b > 0).map(|&bytes| Segment { term, label, color, bytes }))
+        .filter_map(|&(term, label, color)| {
+            p.terms.get(term.name()).filter(|&&b| b > 0).map(|&bytes| Segment { term, label, color, bytes })
+        })
         .collect();
     // On the CPU "pinned host" is the same RAM as everything else. On a card, the plan holds
     // the device bytes against the card and the pinned bytes against the target's host RAM.
@@ -212,14 +228,26 @@ pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option
 /// The verdict line and whether it is good news.
 pub fn verdict(v: &BudgetView) -> (String, bool) {
     let what = if v.on_gpu { format!("on {}", v.device) } else { "in RAM (CPU training)".to_string() };
-    let free_word = if v.on_gpu && v.free_bytes != v.total_bytes { "free" } else if v.on_gpu { "" } else { "available" };
+    let free_word = if v.on_gpu && v.free_bytes != v.total_bytes {
+        "free"
+    } else if v.on_gpu {
+        ""
+    } else {
+        "available"
+    };
     let of = |free: u64| if free_word.is_empty() { fmt_bytes(free) } else { format!("{} {free_word}", fmt_bytes(free)) };
     match (v.fits, v.free_bytes) {
-        (Some(true), Some(free)) => (format!("Fits: {} of {} {what} ({} to spare)", fmt_bytes(v.peak_bytes), of(free), fmt_bytes(free - v.peak_bytes.min(free))), true),
-        (Some(false), Some(free)) if v.peak_bytes > free => {
-            (format!("Does not fit: needs {}, {} {what} ({} over)", fmt_bytes(v.peak_bytes), of(free), fmt_bytes(v.peak_bytes - free)), false)
+        (Some(true), Some(free)) => (
+            format!("Fits: {} of {} {what} ({} to spare)", fmt_bytes(v.peak_bytes), of(free), fmt_bytes(free - v.peak_bytes.min(free))),
+            true,
+        ),
+        (Some(false), Some(free)) if v.peak_bytes > free => (
+            format!("Does not fit: needs {}, {} {what} ({} over)", fmt_bytes(v.peak_bytes), of(free), fmt_bytes(v.peak_bytes - free)),
+            false,
+        ),
+        (Some(false), _) => {
+            (format!("Does not fit: {} of pinned host memory, more than the RAM available", fmt_bytes(v.pinned_host_bytes)), false)
         }
-        (Some(false), _) => (format!("Does not fit: {} of pinned host memory, more than the RAM available", fmt_bytes(v.pinned_host_bytes)), false),
         _ => (format!("{} planned {what}", fmt_bytes(v.peak_bytes)), true),
     }
 }
@@ -249,7 +277,13 @@ pub fn bar(v: &BudgetView, measured: Option<u64>) -> Bar {
             (from, f(x))
         })
         .collect();
-    Bar { scale_bytes: scale, segments, free_at: v.free_bytes.filter(|fr| Some(*fr) != v.total_bytes).map(f), total_at: v.total_bytes.map(f), measured_at: measured.map(f) }
+    Bar {
+        scale_bytes: scale,
+        segments,
+        free_at: v.free_bytes.filter(|fr| Some(*fr) != v.total_bytes).map(f),
+        total_at: v.total_bytes.map(f),
+        measured_at: measured.map(f),
+    }
 }
 
 /// The largest settings that fit with everything else fixed, and the changes that make a
@@ -271,10 +305,12 @@ const MAX_RANK: usize = 1024;
 pub fn fixes(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget) -> Fixes {
     let input = PlanInput::from_config(cfg);
     let seq_cap = spec.max_position_embeddings.max(64);
-    let seq = largest_fitting(spec, &input, target, 64, seq_cap, |i, v| i.max_seq_len = v).map(|s| if s < seq_cap && s >= 128 { s / 64 * 64 } else { s });
+    let seq = largest_fitting(spec, &input, target, 64, seq_cap, |i, v| i.max_seq_len = v)
+        .map(|s| if s < seq_cap && s >= 128 { s / 64 * 64 } else { s });
     let batch = largest_fitting(spec, &input, target, 1, MAX_BATCH, |i, v| i.batch_size = v);
     let rank = largest_fitting(spec, &input, target, 1, MAX_RANK, |i, v| i.lora.r = v);
-    let suggestions = suggestions(spec, &input, target).into_iter().map(|s| format!("{} (peak {})", s.change, fmt_bytes(s.peak_bytes))).collect();
+    let suggestions =
+        suggestions(spec, &input, target).into_iter().map(|s| format!("{} (peak {})", s.change, fmt_bytes(s.peak_bytes))).collect();
     Fixes { max_seq_len: seq, seq_cap, batch_size: batch, lora_r: rank, suggestions }
 }
 
@@ -478,8 +514,11 @@ fn legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
             item(ui, format!("■ {} {}", s.label, fmt_bytes(s.bytes)), s.color);
         }
         if let Some(m) = measured {
-            item(ui, format!("| measured now {}", fmt_bytes(m)), Color32::from_rgb(240, 70, 70))
-                .on_hover_text(if v.on_gpu { "Used on the card, from the driver (other processes included)." } else { "The process's resident memory: also the mapped model file, the tokenizer and this window." });
+            item(ui, format!("| measured now {}", fmt_bytes(m)), Color32::from_rgb(240, 70, 70)).on_hover_text(if v.on_gpu {
+                "Used on the card, from the driver (other processes included)."
+            } else {
+                "The process's resident memory: also the mapped model file, the tokenizer and this window."
+            });
         }
     });
     let policy = format!("{:?}", v.checkpointing).to_lowercase();
@@ -507,7 +546,12 @@ fn host_bar(ui: &mut Ui, pinned: u64, h: &HostMemory) {
     painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
     painter.rect_filled(egui::Rect::from_x_y_ranges(x(h.available_bytes)..=x(h.total_bytes), rect.y_range()), 0.0, Color32::from_gray(70));
     painter.rect_filled(egui::Rect::from_x_y_ranges(rect.left()..=x(pinned), rect.y_range()), 0.0, TERMS[5].2);
-    resp.on_hover_text(format!("Host RAM: {} pinned of {} ({} available)", fmt_bytes(pinned), fmt_bytes(h.total_bytes), fmt_bytes(h.available_bytes)));
+    resp.on_hover_text(format!(
+        "Host RAM: {} pinned of {} ({} available)",
+        fmt_bytes(pinned),
+        fmt_bytes(h.total_bytes),
+        fmt_bytes(h.available_bytes)
+    ));
 }
 
 /// The budget in the preflight dialog and the monitor: bar, verdict, legend; no picker.
@@ -529,7 +573,17 @@ mod tests {
     use super::*;
 
     fn tiny() -> ModelSpec {
-        ModelSpec { vocab_size: 1000, hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2, head_dim: 16, max_position_embeddings: 512, ..ModelSpec::llama3_8b() }
+        ModelSpec {
+            vocab_size: 1000,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            max_position_embeddings: 512,
+            ..ModelSpec::llama3_8b()
+        }
     }
 
     #[test]
@@ -574,9 +628,17 @@ mod tests {
     #[test]
     fn this_machine_follows_the_device_choice() {
         let host = HostMemory { total_bytes: 16 << 30, available_bytes: 10 << 30 };
-        let gpu = Machine { gpu: Some(Gpu { name: "Card".into(), total_bytes: 24 << 30, free_bytes: 20 << 30, context_bytes: 600 << 20 }), no_gpu_reason: String::new(), host: Some(host.clone()) };
+        let gpu = Machine {
+            gpu: Some(Gpu { name: "Card".into(), total_bytes: 24 << 30, free_bytes: 20 << 30, context_bytes: 600 << 20 }),
+            no_gpu_reason: String::new(),
+            host: Some(host.clone()),
+        };
         let t = target(Card::ThisMachine, DeviceChoice::Auto, Some(&gpu));
-        assert_eq!((t.kind, t.free_bytes, t.context_bytes), (BackendKind::Cuda, Some(20 << 30), 600 << 20), "the measured context of this card");
+        assert_eq!(
+            (t.kind, t.free_bytes, t.context_bytes),
+            (BackendKind::Cuda, Some(20 << 30), 600 << 20),
+            "the measured context of this card"
+        );
         let t = target(Card::ThisMachine, DeviceChoice::Cpu, Some(&gpu));
         assert_eq!((t.kind, t.total_bytes, t.free_bytes), (BackendKind::Cpu, Some(16 << 30), Some(10 << 30)));
         let cpu_only = Machine { gpu: None, no_gpu_reason: "no driver".into(), host: Some(host) };
@@ -621,7 +683,11 @@ mod tests {
         assert_eq!(f.seq_cap, spec.max_position_embeddings);
         let fits = |c: &RunConfig| view(&spec, c, &t, None, 0).fits == Some(true);
         // The sequence length is rounded down to a multiple of 64, the others are exact.
-        for (setting, v, step, cap) in [(Setting::MaxSeqLen, f.max_seq_len.unwrap(), 64, f.seq_cap), (Setting::BatchSize, f.batch_size.unwrap(), 1, MAX_BATCH), (Setting::LoraRank, f.lora_r.unwrap(), 1, MAX_RANK)] {
+        for (setting, v, step, cap) in [
+            (Setting::MaxSeqLen, f.max_seq_len.unwrap(), 64, f.seq_cap),
+            (Setting::BatchSize, f.batch_size.unwrap(), 1, MAX_BATCH),
+            (Setting::LoraRank, f.lora_r.unwrap(), 1, MAX_RANK),
+        ] {
             let mut c = cfg.clone();
             apply(&mut c, setting, v);
             assert!(fits(&c), "{setting:?} = {v} fits");

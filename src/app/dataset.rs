@@ -94,7 +94,8 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
     let report = prepared.report;
     // Raw text renders no template (as in training), so a model whose template does not compile
     // still previews a text dataset.
-    let template = if report.format == crate::config::DatasetFormat::Text { None } else { Some(tok.resolve_template(&cfg.dataset.template)?) };
+    let template =
+        if report.format == crate::config::DatasetFormat::Text { None } else { Some(tok.resolve_template(&cfg.dataset.template)?) };
     let encoder = Encoder { tok: &tok, template: template.as_ref(), train_on: cfg.dataset.train_on };
     let mut previews = Vec::new();
     for rec in &records {
@@ -208,7 +209,14 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         let templates = template_choices(state);
         let c = &mut state.config;
         egui::Grid::new("dataset-grid").num_columns(2).spacing([12.0, 6.0]).show(ui, |ui| {
-            widgets::path_field(ui, &problems, "dataset.path", &mut c.dataset.path, Some(Action::Pick(super::jobs::Pick::DatasetFile)), actions);
+            widgets::path_field(
+                ui,
+                &problems,
+                "dataset.path",
+                &mut c.dataset.path,
+                Some(Action::Pick(super::jobs::Pick::DatasetFile)),
+                actions,
+            );
             ui.end_row();
             let auto = match detected {
                 Some(f) if c.dataset.format == DatasetFormat::Auto => format!("auto (detected: {})", format_name(f)),
@@ -243,7 +251,12 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             });
             ui.end_row();
             field(ui, &problems, "dataset.train_on", |ui| {
-                combo(ui, "dataset.train_on", &mut c.dataset.train_on, &[(TrainOn::Responses, "responses only"), (TrainOn::All, "all tokens")])
+                combo(
+                    ui,
+                    "dataset.train_on",
+                    &mut c.dataset.train_on,
+                    &[(TrainOn::Responses, "responses only"), (TrainOn::All, "all tokens")],
+                )
             });
             ui.end_row();
             field(ui, &problems, "dataset.packing", |ui| ui.checkbox(&mut c.dataset.packing, "pack examples"));
@@ -252,9 +265,13 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
                 combo(ui, "dataset.long_rows", &mut c.dataset.long_rows, &[(LongRows::Truncate, "truncate"), (LongRows::Drop, "drop")])
             });
             ui.end_row();
-            field(ui, &problems, "dataset.max_bad_fraction", |ui| ui.add(drag_f64(&mut c.dataset.max_bad_fraction, Fmt::Plain).speed(0.005)));
+            field(ui, &problems, "dataset.max_bad_fraction", |ui| {
+                ui.add(drag_f64(&mut c.dataset.max_bad_fraction, Fmt::Plain).speed(0.005))
+            });
             ui.end_row();
-            field(ui, &problems, "dataset.fix_untrained_tokens", |ui| ui.checkbox(&mut c.dataset.fix_untrained_tokens, "start them at the mean and train them"));
+            field(ui, &problems, "dataset.fix_untrained_tokens", |ui| {
+                ui.checkbox(&mut c.dataset.fix_untrained_tokens, "start them at the mean and train them")
+            });
             ui.end_row();
         });
         ui.separator();
@@ -429,7 +446,8 @@ fn preview_job(ui: &Ui, segments: &[Segment]) -> LayoutJob {
 fn histogram_plot(ui: &mut Ui, v: &DatasetView) {
     let h = &v.lengths.histogram;
     let width = h.width as f64;
-    let bars: Vec<Bar> = h.counts.iter().enumerate().map(|(i, &n)| Bar::new((i as f64 + 0.5) * width, n as f64).width(width * 0.95)).collect();
+    let bars: Vec<Bar> =
+        h.counts.iter().enumerate().map(|(i, &n)| Bar::new((i as f64 + 0.5) * width, n as f64).width(width * 0.95)).collect();
     let max_len = v.max_seq_len as f64;
     Plot::new("length-histogram")
         .height(200.0)

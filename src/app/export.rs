@@ -153,7 +153,11 @@ pub fn export_merged(run_dir: &Path, parent: &Path, dtype: MergeDtype, tx: &Send
     let bytes_per_param = if dtype == MergeDtype::F32 { 4 } else { 2 };
     let sink = CountingSink { tx, written: AtomicU64::new(0), expected: spec.total_params() * bytes_per_param };
     let summary = export_merged_with(&input, &dest, &MergeOptions { dtype, ..MergeOptions::default() }, &sink)?;
-    send_step(tx, 1.0, format!("{} tensors, {} linears merged, {}", summary.tensors, summary.merged_linears, crate::util::fmt_bytes(summary.total_bytes)));
+    send_step(
+        tx,
+        1.0,
+        format!("{} tensors, {} linears merged, {}", summary.tensors, summary.merged_linears, crate::util::fmt_bytes(summary.total_bytes)),
+    );
     Ok(summary.dest)
 }
 
@@ -161,14 +165,24 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     ui.heading("Export");
     ui.label("Write a run's LoRA adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors), loadable with peft's PeftModel.from_pretrained, or the base model with the adapter merged in, as a 16-bit Hugging Face folder. Token rows the run trained go with both.");
     ui.add_space(6.0);
-    let runs: Vec<PathBuf> = state.runs.records.ready().map(|r| r.iter().filter(|r| r.has_adapter || !r.checkpoints.is_empty()).map(|r| r.dir.clone()).collect()).unwrap_or_default();
+    let runs: Vec<PathBuf> = state
+        .runs
+        .records
+        .ready()
+        .map(|r| r.iter().filter(|r| r.has_adapter || !r.checkpoints.is_empty()).map(|r| r.dir.clone()).collect())
+        .unwrap_or_default();
     let e = &mut state.export;
     if e.source.is_none() {
         e.source = runs.first().cloned();
     }
     egui::Grid::new("export-grid").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
         let label = ui.label("Run");
-        let shown = e.source.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "no run with an adapter yet".into());
+        let shown = e
+            .source
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "no run with an adapter yet".into());
         egui::ComboBox::from_id_salt("export-source")
             .selected_text(shown)
             .width(360.0)

@@ -27,19 +27,47 @@ const fn f(key: &'static str, label: &'static str, help: &'static str) -> FieldD
 /// Every field of `RunConfig` (`tests::every_config_field_is_documented` holds this to the type).
 pub const FIELDS: &[FieldDoc] = &[
     f("model.path", "Model folder", "A Hugging Face model folder: config.json, *.safetensors (single or sharded) and tokenizer.json."),
-    f("model.quantization", "Base weights", "How the frozen base linears are stored: NF4 with double quantization (QLoRA, ~4× smaller) or 16-bit (plain LoRA, faster, more memory)."),
-    f("model.adapter", "Continue from adapter", "An existing PEFT LoRA adapter to start from instead of a fresh one; its rank, alpha and targets replace the ones below."),
+    f(
+        "model.quantization",
+        "Base weights",
+        "How the frozen base linears are stored: NF4 with double quantization (QLoRA, ~4× smaller) or 16-bit (plain LoRA, faster, more memory).",
+    ),
+    f(
+        "model.adapter",
+        "Continue from adapter",
+        "An existing PEFT LoRA adapter to start from instead of a fresh one; its rank, alpha and targets replace the ones below.",
+    ),
     f("dataset.path", "Dataset file", "JSONL, JSON, CSV/TSV, Parquet or plain text; one training example per row."),
     f("dataset.format", "Record format", "How a row becomes a conversation. Auto looks at the first rows; Columns uses the mapping below."),
     f("dataset.columns.prompt", "Prompt columns", "Columns joined (blank line between) into the user turn, for the Columns format."),
     f("dataset.columns.response", "Response column", "The column that holds the assistant's answer, for the Columns format."),
     f("dataset.columns.system", "System column", "An optional column with a system prompt, for the Columns format."),
     f("dataset.template", "Chat template", "auto uses the model's own chat template; or pick a built-in one by name."),
-    f("dataset.train_on", "Train on", "responses: only the assistant's text contributes to the loss (usual for instruction tuning); all: every token does."),
-    f("dataset.packing", "Packing", "Put several short examples into one sequence (attention stays within each example): fewer padding tokens, faster epochs."),
-    f("dataset.max_bad_fraction", "Max unusable rows", "Refuse to start when more than this fraction of the rows cannot be used (each skipped row is listed with its reason)."),
-    f("dataset.fix_untrained_tokens", "Fix untrained tokens", "When the data uses token rows the base model never trained (all zero), start them at the mean of the trained rows and train them with the adapter; otherwise the run refuses to start (the loss would become NaN)."),
-    f("dataset.long_rows", "Rows over max length", "truncate keeps the first max-sequence-length tokens; drop leaves the row out (listed among skipped rows)."),
+    f(
+        "dataset.train_on",
+        "Train on",
+        "responses: only the assistant's text contributes to the loss (usual for instruction tuning); all: every token does.",
+    ),
+    f(
+        "dataset.packing",
+        "Packing",
+        "Put several short examples into one sequence (attention stays within each example): fewer padding tokens, faster epochs.",
+    ),
+    f(
+        "dataset.max_bad_fraction",
+        "Max unusable rows",
+        "Refuse to start when more than this fraction of the rows cannot be used (each skipped row is listed with its reason).",
+    ),
+    f(
+        "dataset.fix_untrained_tokens",
+        "Fix untrained tokens",
+        "When the data uses token rows the base model never trained (all zero), start them at the mean of the trained rows and train them with the adapter; otherwise the run refuses to start (the loss would become NaN).",
+    ),
+    f(
+        "dataset.long_rows",
+        "Rows over max length",
+        "truncate keeps the first max-sequence-length tokens; drop leaves the row out (listed among skipped rows).",
+    ),
     f("lora.r", "LoRA rank (r)", "Rank of the low-rank update: more capacity and memory as it grows. 8–64 is usual."),
     f("lora.alpha", "LoRA alpha", "Scale of the update: the adapter's output is multiplied by alpha / r (or alpha / √r with rsLoRA)."),
     f("lora.dropout", "LoRA dropout", "Dropout on the adapter's input during training; 0 is the usual choice for short fine-tunes."),
@@ -52,7 +80,11 @@ pub const FIELDS: &[FieldDoc] = &[
     f("optim.weight_decay", "Weight decay", "Decoupled (AdamW) weight decay on the adapter weights."),
     f("optim.max_grad_norm", "Max gradient norm", "Clip the global gradient norm to this; 0 turns clipping off."),
     f("schedule.kind", "LR schedule", "How the learning rate falls after warm-up: linear to zero, cosine to zero, or constant."),
-    f("schedule.warmup_steps", "Warm-up steps", "Optimizer steps over which the learning rate rises from zero; used when the warm-up ratio is 0."),
+    f(
+        "schedule.warmup_steps",
+        "Warm-up steps",
+        "Optimizer steps over which the learning rate rises from zero; used when the warm-up ratio is 0.",
+    ),
     f("schedule.warmup_ratio", "Warm-up ratio", "Warm-up as a fraction of all steps; overrides warm-up steps when above 0."),
     f("train.batch_size", "Batch size", "Sequences per micro-batch: the main memory knob after sequence length."),
     f("train.grad_accum", "Gradient accumulation", "Micro-batches per optimizer step; the effective batch is batch size × this."),
@@ -60,9 +92,17 @@ pub const FIELDS: &[FieldDoc] = &[
     f("train.epochs", "Epochs", "Passes over the dataset (fractions allowed); ignored when a step limit is set."),
     f("train.max_steps", "Step limit", "Stop after this many optimizer steps instead of counting epochs."),
     f("train.seed", "Seed", "Seeds the adapter's initialisation, dropout and the data order; the same seed reproduces a run on the CPU."),
-    f("train.save_every", "Checkpoint every", "Write a resumable checkpoint every N optimizer steps; 0 writes only the final one (Save now writes one at any time)."),
+    f(
+        "train.save_every",
+        "Checkpoint every",
+        "Write a resumable checkpoint every N optimizer steps; 0 writes only the final one (Save now writes one at any time).",
+    ),
     f("train.device", "Device", "auto trains on a CUDA GPU when one is usable, else on the CPU."),
-    f("memory.checkpointing", "Activation checkpointing", "What the backward pass keeps: auto picks the fastest policy that fits; none keeps everything; layer keeps layer inputs and recomputes; offload keeps them in host memory."),
+    f(
+        "memory.checkpointing",
+        "Activation checkpointing",
+        "What the backward pass keeps: auto picks the fastest policy that fits; none keeps everything; layer keeps layer inputs and recomputes; offload keeps them in host memory.",
+    ),
     f("output.dir", "Runs folder", "The folder that holds one folder per run (metrics, checkpoints, the adapter)."),
     f("output.run_name", "Run name", "The run's folder name; empty picks <model>-<date>-<time>."),
 ];
@@ -86,7 +126,9 @@ pub fn default_text(key: &str) -> String {
         Some(toml::Value::String(s)) if s.is_empty() => "empty".into(),
         Some(toml::Value::String(s)) => s.clone(),
         Some(toml::Value::Array(a)) if a.is_empty() => "empty".into(),
-        Some(toml::Value::Array(a)) => a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(", "),
+        Some(toml::Value::Array(a)) => {
+            a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(", ")
+        }
         Some(other) => other.to_string(),
     }
 }
@@ -216,7 +258,12 @@ fn optim_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
 
 fn schedule_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
     field(ui, p, "schedule.kind", |ui| {
-        combo(ui, "schedule.kind", &mut c.schedule.kind, &[(ScheduleKind::Linear, "linear"), (ScheduleKind::Cosine, "cosine"), (ScheduleKind::Constant, "constant")])
+        combo(
+            ui,
+            "schedule.kind",
+            &mut c.schedule.kind,
+            &[(ScheduleKind::Linear, "linear"), (ScheduleKind::Cosine, "cosine"), (ScheduleKind::Constant, "constant")],
+        )
     });
     ui.end_row();
     field(ui, p, "schedule.warmup_steps", |ui| ui.add(drag_u64(&mut c.schedule.warmup_steps, 0.2)));
@@ -257,7 +304,12 @@ fn batch_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
 
 fn memory_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
     field(ui, p, "model.quantization", |ui| {
-        combo(ui, "model.quantization", &mut c.model.quantization, &[(Quantization::Nf4, "NF4 (QLoRA)"), (Quantization::Bf16, "16-bit (LoRA)")])
+        combo(
+            ui,
+            "model.quantization",
+            &mut c.model.quantization,
+            &[(Quantization::Nf4, "NF4 (QLoRA)"), (Quantization::Bf16, "16-bit (LoRA)")],
+        )
     });
     ui.end_row();
     field(ui, p, "memory.checkpointing", |ui| {
@@ -265,12 +317,22 @@ fn memory_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
             ui,
             "memory.checkpointing",
             &mut c.memory.checkpointing,
-            &[(CheckpointPolicy::Auto, "auto"), (CheckpointPolicy::None, "none (keep all)"), (CheckpointPolicy::Layer, "layer"), (CheckpointPolicy::Offload, "offload to host")],
+            &[
+                (CheckpointPolicy::Auto, "auto"),
+                (CheckpointPolicy::None, "none (keep all)"),
+                (CheckpointPolicy::Layer, "layer"),
+                (CheckpointPolicy::Offload, "offload to host"),
+            ],
         )
     });
     ui.end_row();
     field(ui, p, "train.device", |ui| {
-        combo(ui, "train.device", &mut c.train.device, &[(DeviceChoice::Auto, "auto"), (DeviceChoice::Cpu, "CPU"), (DeviceChoice::Cuda, "CUDA GPU")])
+        combo(
+            ui,
+            "train.device",
+            &mut c.train.device,
+            &[(DeviceChoice::Auto, "auto"), (DeviceChoice::Cpu, "CPU"), (DeviceChoice::Cuda, "CUDA GPU")],
+        )
     });
     ui.end_row();
 }
@@ -278,7 +340,9 @@ fn memory_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
 fn output_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig, actions: &mut Vec<Action>) {
     widgets::path_field(ui, p, "output.dir", &mut c.output.dir, Some(Action::Pick(super::jobs::Pick::OutputFolder)), actions);
     ui.end_row();
-    field(ui, p, "output.run_name", |ui| ui.add(egui::TextEdit::singleline(&mut c.output.run_name).hint_text("automatic").desired_width(240.0)));
+    field(ui, p, "output.run_name", |ui| {
+        ui.add(egui::TextEdit::singleline(&mut c.output.run_name).hint_text("automatic").desired_width(240.0))
+    });
     ui.end_row();
 }
 

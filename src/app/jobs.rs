@@ -37,19 +37,40 @@ pub enum Pick {
 /// A result posted back to the window.
 #[derive(Debug)]
 pub enum Msg {
-    Model { path: PathBuf, result: Result<ModelInfo, String> },
-    Dataset { key: u64, result: Result<DatasetView, String> },
-    Preflight { key: u64, result: Result<PreflightReport, String> },
+    Model {
+        path: PathBuf,
+        result: Result<ModelInfo, String>,
+    },
+    Dataset {
+        key: u64,
+        result: Result<DatasetView, String>,
+    },
+    Preflight {
+        key: u64,
+        result: Result<PreflightReport, String>,
+    },
     Export(ExportProgress),
-    Runs { dir: PathBuf, records: Vec<RunRecord> },
+    Runs {
+        dir: PathBuf,
+        records: Vec<RunRecord>,
+    },
     RunOpened(Result<ViewedRun, String>),
-    Picked { purpose: Pick, path: Option<PathBuf> },
+    Picked {
+        purpose: Pick,
+        path: Option<PathBuf>,
+    },
     /// What this machine has (GPU, RAM), probed once at start-up.
     Machine(Machine),
     /// "Largest that fits" for the memory budget's inputs `key`.
-    BudgetFixes { key: u64, result: Result<Fixes, String> },
+    BudgetFixes {
+        key: u64,
+        result: Result<Fixes, String>,
+    },
     /// An event of the session started as `generation` (older generations are ignored).
-    Session { generation: u64, event: Event },
+    Session {
+        generation: u64,
+        event: Event,
+    },
 }
 
 pub struct Jobs {
@@ -127,7 +148,9 @@ impl Jobs {
                     .add_filter("all files", &["*"])
                     .pick_file(),
                 Pick::OpenConfig => d.set_title("Open a run config").add_filter("TOML", &["toml"]).pick_file(),
-                Pick::SaveConfigAs => d.set_title("Save the run config").set_file_name("run.toml").add_filter("TOML", &["toml"]).save_file(),
+                Pick::SaveConfigAs => {
+                    d.set_title("Save the run config").set_file_name("run.toml").add_filter("TOML", &["toml"]).save_file()
+                }
             };
             Msg::Picked { purpose, path }
         });

@@ -501,7 +501,13 @@ impl StudioApp {
             Msg::Machine(m) => s.budget.machine = Load::Ready(m),
             Msg::BudgetFixes { key, result } => {
                 s.budget.fixes_pending = None;
-                let fixes = result.unwrap_or_else(|e| budget::Fixes { max_seq_len: None, seq_cap: 0, batch_size: None, lora_r: None, suggestions: vec![format!("(the search failed: {e})")] });
+                let fixes = result.unwrap_or_else(|e| budget::Fixes {
+                    max_seq_len: None,
+                    seq_cap: 0,
+                    batch_size: None,
+                    lora_r: None,
+                    suggestions: vec![format!("(the search failed: {e})")],
+                });
                 s.budget.fixes = Some((key, fixes));
             }
             Msg::Runs { dir, records } => {
@@ -572,7 +578,12 @@ impl StudioApp {
         }
         // The preview needs the model's tokenizer: wait for the model to load.
         let model_ok = s.model.info.ready().is_some_and(|i| i.path == s.config.model.path);
-        let key = jobs::key_of(&[&toml::to_string(&s.config.dataset).unwrap_or_default(), &s.config.model.path, &s.config.train.max_seq_len, &model_ok]);
+        let key = jobs::key_of(&[
+            &toml::to_string(&s.config.dataset).unwrap_or_default(),
+            &s.config.model.path,
+            &s.config.train.max_seq_len,
+            &model_ok,
+        ]);
         match self.dataset_watch.poll(key, now) {
             DebounceState::Ready if model_ok && !s.config.dataset.path.as_os_str().is_empty() => {
                 self.dataset_key = key;
@@ -608,7 +619,11 @@ impl StudioApp {
         });
         let s = &self.state;
         if s.preflight.open {
-            let ready = s.preflight.report.ready().is_some_and(|r| preflight::verdict(r, s.config.dataset.fix_untrained_tokens) == preflight::Verdict::Ready);
+            let ready = s
+                .preflight
+                .report
+                .ready()
+                .is_some_and(|r| preflight::verdict(r, s.config.dataset.fix_untrained_tokens) == preflight::Verdict::Ready);
             if (start || enter) && ready {
                 self.act(Action::ConfirmStart, ctx);
             }
@@ -678,11 +693,19 @@ impl StudioApp {
                 }
             }
             let can_stop = has_session && matches!(phase, Phase::Loading | Phase::Running | Phase::Paused);
-            if ui.add_enabled(can_stop, egui::Button::new("⏹ Stop")).on_hover_text("Stop after the current step and save the adapter (Shift+F5)").clicked() {
+            if ui
+                .add_enabled(can_stop, egui::Button::new("⏹ Stop"))
+                .on_hover_text("Stop after the current step and save the adapter (Shift+F5)")
+                .clicked()
+            {
                 actions.push(Action::Stop);
             }
             let can_save = has_session && matches!(phase, Phase::Running | Phase::Paused);
-            if ui.add_enabled(can_save, egui::Button::new("💾 Save now")).on_hover_text("Write a resumable checkpoint after the current step").clicked() {
+            if ui
+                .add_enabled(can_save, egui::Button::new("💾 Save now"))
+                .on_hover_text("Write a resumable checkpoint after the current step")
+                .clicked()
+            {
                 actions.push(Action::SaveNow);
             }
             ui.separator();
@@ -764,7 +787,10 @@ impl eframe::App for StudioApp {
             match self.fixes_watch.poll(key, Instant::now()) {
                 DebounceState::Ready => {
                     self.state.budget.fixes_pending = Some(key);
-                    self.jobs.spawn("budget", move |_| Msg::BudgetFixes { key, result: jobs::guarded(|| Ok(budget::fixes(&spec, &cfg, &target))) });
+                    self.jobs.spawn("budget", move |_| Msg::BudgetFixes {
+                        key,
+                        result: jobs::guarded(|| Ok(budget::fixes(&spec, &cfg, &target))),
+                    });
                 }
                 DebounceState::Waiting(d) => ctx.request_repaint_after(d),
                 DebounceState::Idle => {}
@@ -848,7 +874,13 @@ impl eframe::App for StudioApp {
             let rect = ctx.content_rect();
             let painter = ctx.layer_painter(egui::LayerId::new(egui::Order::Foreground, egui::Id::unique("drop-overlay")));
             painter.rect_filled(rect, 0.0, egui::Color32::from_black_alpha(160));
-            painter.text(rect.center(), egui::Align2::CENTER_CENTER, "Drop a model folder, a dataset or a run config", egui::FontId::proportional(22.0), egui::Color32::WHITE);
+            painter.text(
+                rect.center(),
+                egui::Align2::CENTER_CENTER,
+                "Drop a model folder, a dataset or a run config",
+                egui::FontId::proportional(22.0),
+                egui::Color32::WHITE,
+            );
         }
         for a in actions {
             self.act(a, &ctx);
@@ -868,8 +900,9 @@ pub fn run(options: StudioOptions) -> crate::Result<()> {
         viewport = viewport.with_icon(icon);
     }
     let native = eframe::NativeOptions { viewport, ..Default::default() };
-    eframe::run_native("TuneStudio", native, Box::new(move |cc| Ok(Box::new(StudioApp::new(cc, options)))))
-        .map_err(|e| crate::Error::msg(format!("the studio window could not open: {e}. Without a display, use `tunestudio train <run.toml>`.")))
+    eframe::run_native("TuneStudio", native, Box::new(move |cc| Ok(Box::new(StudioApp::new(cc, options))))).map_err(|e| {
+        crate::Error::msg(format!("the studio window could not open: {e}. Without a display, use `tunestudio train <run.toml>`."))
+    })
 }
 
 #[cfg(test)]

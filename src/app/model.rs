@@ -147,9 +147,23 @@ pub fn ui(ui: &mut egui::Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     ui.add_space(6.0);
     let problems = super::hyper::problem_map(state);
     egui::Grid::new("model-grid").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
-        widgets::path_field(ui, &problems, "model.path", &mut state.config.model.path, Some(Action::Pick(super::jobs::Pick::ModelFolder)), actions);
+        widgets::path_field(
+            ui,
+            &problems,
+            "model.path",
+            &mut state.config.model.path,
+            Some(Action::Pick(super::jobs::Pick::ModelFolder)),
+            actions,
+        );
         ui.end_row();
-        widgets::optional_path_field(ui, &problems, "model.adapter", &mut state.config.model.adapter, Action::Pick(super::jobs::Pick::AdapterFolder), actions);
+        widgets::optional_path_field(
+            ui,
+            &problems,
+            "model.adapter",
+            &mut state.config.model.adapter,
+            Action::Pick(super::jobs::Pick::AdapterFolder),
+            actions,
+        );
         ui.end_row();
     });
     if !state.model.recent.models.is_empty() {

@@ -139,7 +139,8 @@ impl TrainingState {
                 ));
                 // A resumed run's earlier steps are on disk: show the whole curve.
                 if info.start_step > 0 {
-                    self.metrics = crate::session::checkpoint::read_metrics(&info.run_dir).into_iter().filter(|m| m.step <= info.start_step).collect();
+                    self.metrics =
+                        crate::session::checkpoint::read_metrics(&info.run_dir).into_iter().filter(|m| m.step <= info.start_step).collect();
                 }
                 self.loaded = Some(info);
                 if self.phase == Phase::Loading {
@@ -147,7 +148,10 @@ impl TrainingState {
                 }
             }
             Event::Step(m) => {
-                self.push_log(format!("step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s", m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s));
+                self.push_log(format!(
+                    "step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s",
+                    m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s
+                ));
                 self.metrics.push(m);
                 if self.phase == Phase::Loading {
                     self.phase = Phase::Running;
@@ -371,24 +375,43 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         small_plot(ui, "lr", "Learning rate", c.lr, Color32::from_rgb(220, 160, 60), &[], w);
         small_plot(ui, "grad-norm", "Gradient norm", c.grad_norm, Color32::from_rgb(200, 90, 90), &[], w);
         small_plot(ui, "tok-s", "Tokens / s", c.tokens_per_s, Color32::from_rgb(90, 180, 110), &[], w);
-        small_plot(ui, "memory", &format!("{mem_title} (GiB)"), c.memory, Color32::from_rgb(160, 110, 200), &memory_lines(mem_total, plan), w);
+        small_plot(
+            ui,
+            "memory",
+            &format!("{mem_title} (GiB)"),
+            c.memory,
+            Color32::from_rgb(160, 110, 200),
+            &memory_lines(mem_total, plan),
+            w,
+        );
     });
     if let Some(p) = plan {
         // The plan's bar with the newest measurement on the same scale.
         let measured = metrics.last().and_then(|m| m.memory_bytes);
         ui.horizontal(|ui| {
             ui.strong("Memory");
-            ui.label(format!("plan {}{}", fmt_bytes(p.peak_bytes), measured.map(|m| format!(" · measured {}", fmt_bytes(m))).unwrap_or_default()))
-                .on_hover_text(if p.on_gpu { "Measured: used on the card, from the driver." } else { "Measured: the process's resident memory, which also holds the mapped model file, the tokenizer and this window." });
+            ui.label(format!(
+                "plan {}{}",
+                fmt_bytes(p.peak_bytes),
+                measured.map(|m| format!(" · measured {}", fmt_bytes(m))).unwrap_or_default()
+            ))
+            .on_hover_text(if p.on_gpu {
+                "Measured: used on the card, from the driver."
+            } else {
+                "Measured: the process's resident memory, which also holds the mapped model file, the tokenizer and this window."
+            });
             budget::bar_ui(ui, p, measured);
         });
     }
     egui::CollapsingHeader::new(format!("Log ({} lines)", t.log.len())).default_open(true).show(ui, |ui| {
-        egui::ScrollArea::vertical().id_salt("log").max_height(log_height).stick_to_bottom(true).auto_shrink([false, true]).show(ui, |ui| {
-            for line in &t.log {
-                ui.monospace(line);
-            }
-        });
+        egui::ScrollArea::vertical().id_salt("log").max_height(log_height).stick_to_bottom(true).auto_shrink([false, true]).show(
+            ui,
+            |ui| {
+                for line in &t.log {
+                    ui.monospace(line);
+                }
+            },
+        );
     });
 }
 
@@ -452,7 +475,13 @@ mod tests {
         assert_eq!(t.phase, Phase::Paused);
         t.apply(Event::Resumed { step: 1 });
         assert_eq!(t.phase, Phase::Running);
-        t.apply(Event::Finished(Finished { run_dir: "r".into(), adapter_dir: "r/adapter".into(), steps: 1, final_loss: Some(2.0), stopped: true }));
+        t.apply(Event::Finished(Finished {
+            run_dir: "r".into(),
+            adapter_dir: "r/adapter".into(),
+            steps: 1,
+            final_loss: Some(2.0),
+            stopped: true,
+        }));
         assert_eq!(t.phase, Phase::Stopped);
         assert!(!t.phase.is_active());
         t.apply(Event::Failed { message: "boom".into(), run_dir: None, last_checkpoint: None });

@@ -143,7 +143,10 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
     } else if tok.chat_template().is_some() {
         checks.push(Check::new(Level::Ok, format!("Chat template: {}.", ds.template)));
     } else {
-        checks.push(Check::new(Level::Warn, format!("The model ships no chat template; using {}. Chat with the result through the same template.", ds.template)));
+        checks.push(Check::new(
+            Level::Warn,
+            format!("The model ships no chat template; using {}. Chat with the result through the same template.", ds.template),
+        ));
     }
     for f in &core.tokenizer_checks {
         let level = match f.level {
@@ -153,7 +156,10 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         checks.push(Check::new(level, f.message.clone()));
     }
     if stats.truncated_rows > 0 {
-        checks.push(Check::new(Level::Warn, format!("{} rows are longer than max_seq_len {} and are truncated.", stats.truncated_rows, ds.max_seq_len)));
+        checks.push(Check::new(
+            Level::Warn,
+            format!("{} rows are longer than max_seq_len {} and are truncated.", stats.truncated_rows, ds.max_seq_len),
+        ));
     }
     if ds.rows_skipped > 0 {
         checks.push(Check::new(Level::Warn, format!("{} rows are skipped (reasons in the Dataset panel).", ds.rows_skipped)));
@@ -166,7 +172,10 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
     if !cfg.output.run_name.is_empty() && cfg.output.dir.join(&cfg.output.run_name).join(STATUS_FILE).exists() {
         checks.push(Check::new(
             Level::Block,
-            format!("output.run_name: {} already holds a run. Resume it from the Runs panel or pick another name.", cfg.output.dir.join(&cfg.output.run_name).display()),
+            format!(
+                "output.run_name: {} already holds a run. Resume it from the Runs panel or pick another name.",
+                cfg.output.dir.join(&cfg.output.run_name).display()
+            ),
         ));
     }
     let device = match (cfg.train.device, &machine.gpu) {
@@ -182,7 +191,10 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
     if !cfg.dataset.packing && stats.padding_fraction > 0.3 {
         checks.push(Check::new(
             Level::Info,
-            format!("{:.0}% of the tokens in a batch are padding; dataset.packing would spend that compute on data.", 100.0 * stats.padding_fraction),
+            format!(
+                "{:.0}% of the tokens in a batch are padding; dataset.packing would spend that compute on data.",
+                100.0 * stats.padding_fraction
+            ),
         ));
     }
 
@@ -201,7 +213,11 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         input.token_rows = token_rows;
         let fixes: Vec<String> = crate::engine::plan::suggestions(&spec, &input, &target).into_iter().map(|s| s.change).collect();
         let (line, _) = budget::verdict(&b);
-        let advice = if fixes.is_empty() { "see the memory budget on the Hyperparameters page".to_string() } else { format!("to fit: {}", fixes.join("; or ")) };
+        let advice = if fixes.is_empty() {
+            "see the memory budget on the Hyperparameters page".to_string()
+        } else {
+            format!("to fit: {}", fixes.join("; or "))
+        };
         checks.push(Check::new(Level::Warn, format!("{line}; {advice}.")));
     }
 
@@ -344,7 +360,11 @@ mod tests {
             device: "CPU".into(),
             checks: vec![Check::new(Level::Ok, "Chat template: model.")],
             untrained: (1579..1587).map(|i| (i, format!("<|reserved_special_token_{}|>", i - 1579))).collect(),
-            untrained_used: if used { vec![UntrainedUse { id: 1390, text: "<|reserved_special_token_0|>".into(), rows: 3 }] } else { vec![] },
+            untrained_used: if used {
+                vec![UntrainedUse { id: 1390, text: "<|reserved_special_token_0|>".into(), rows: 3 }]
+            } else {
+                vec![]
+            },
             budget: None,
         }
     }
@@ -355,7 +375,10 @@ mod tests {
         assert_eq!(verdict(&r, false), Verdict::Ready);
         let l = untrained_lines(&r, false);
         assert!(l[0].1.contains("8 token rows") && l[0].1.contains("left alone"), "{l:?}");
-        assert!(l[0].1.contains("1579 <|reserved_special_token_0|>, ") && l[0].1.contains("1586 <|reserved_special_token_7|>"), "each row is named: {l:?}");
+        assert!(
+            l[0].1.contains("1579 <|reserved_special_token_0|>, ") && l[0].1.contains("1586 <|reserved_special_token_7|>"),
+            "each row is named: {l:?}"
+        );
     }
 
     #[test]

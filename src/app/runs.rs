@@ -159,7 +159,11 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
                             if ui.button("Open").on_hover_text("show this run's curves").clicked() {
                                 actions.push(Action::OpenRun(r.dir.clone()));
                             }
-                            if ui.add_enabled(v.can_resume, egui::Button::new("Resume")).on_hover_text("continue from its newest checkpoint").clicked() {
+                            if ui
+                                .add_enabled(v.can_resume, egui::Button::new("Resume"))
+                                .on_hover_text("continue from its newest checkpoint")
+                                .clicked()
+                            {
                                 actions.push(Action::ResumeRun(r.dir.clone()));
                             }
                             if ui.add_enabled(v.can_export, egui::Button::new("Export…")).on_hover_text("export its adapter").clicked() {

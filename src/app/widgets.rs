@@ -123,7 +123,14 @@ fn path_width(ui: &Ui) -> f32 {
 }
 
 /// A path that may be absent (an adapter to continue from): empty text means none.
-pub fn optional_path_field(ui: &mut Ui, problems: &Problems, key: &str, path: &mut Option<PathBuf>, browse: Action, actions: &mut Vec<Action>) {
+pub fn optional_path_field(
+    ui: &mut Ui,
+    problems: &Problems,
+    key: &str,
+    path: &mut Option<PathBuf>,
+    browse: Action,
+    actions: &mut Vec<Action>,
+) {
     field(ui, problems, key, |ui| {
         let mut text = path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
         let r = ui.add(egui::TextEdit::singleline(&mut text).desired_width(path_width(ui)).hint_text("none"));

@@ -75,12 +75,25 @@ pub fn matmul<T: Real>(m: usize, n: usize, k: usize, a: &[T], a_t: bool, b: &[T]
     // slices; `c` does not alias `a` or `b` (distinct borrows).
     unsafe {
         gemm::gemm(
-            m, n, k,
-            c.as_mut_ptr(), 1, n as isize, accumulate,
-            a.as_ptr(), a_cs, a_rs,
-            b.as_ptr(), b_cs, b_rs,
-            T::one(), alpha,
-            false, false, false, par,
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            T::one(),
+            alpha,
+            false,
+            false,
+            false,
+            par,
         );
     }
 }
@@ -160,7 +173,11 @@ impl<T: Real> Backend for CpuBackend<T> {
             HostWeight::Nf4(q) => q.dequantize_f32().into_iter().map(|x| T::of(x as f64)).collect(),
         };
         if data.len() != out_features * in_features {
-            return Err(Error::Shape { op: "upload_weight", expected: format!("{out_features}x{in_features}"), got: data.len().to_string() });
+            return Err(Error::Shape {
+                op: "upload_weight",
+                expected: format!("{out_features}x{in_features}"),
+                got: data.len().to_string(),
+            });
         }
         if let Some(b) = bias {
             if b.len() != out_features {
@@ -185,7 +202,16 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p: f32, key: u64, first: u64, accumulate: bool) -> Result<()> {
+    fn dropout_bwd(
+        &self,
+        dy: &Self::Tensor,
+        dx: &mut Self::Tensor,
+        n: usize,
+        p: f32,
+        key: u64,
+        first: u64,
+        accumulate: bool,
+    ) -> Result<()> {
         let keep = T::of(1.0 / (1.0 - p as f64));
         dx.0[..n].par_iter_mut().zip(&dy.0[..n]).enumerate().for_each(|(i, (o, &g))| {
             let v = if dropout_uniform(key, first + i as u64) >= p { g * keep } else { T::zero() };
@@ -208,7 +234,16 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn rmsnorm_fwd(&self, x: &Self::Tensor, w: &Self::Tensor, n: usize, d: usize, eps: f32, out: &mut Self::Tensor, inv_rms: &mut Self::Tensor) -> Result<()> {
+    fn rmsnorm_fwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        n: usize,
+        d: usize,
+        eps: f32,
+        out: &mut Self::Tensor,
+        inv_rms: &mut Self::Tensor,
+    ) -> Result<()> {
         check_len("rmsnorm_fwd", "x", &x.0, n * d)?;
         check_len("rmsnorm_fwd", "inv_rms", &inv_rms.0, n)?;
         let eps = T::of(eps as f64);
@@ -225,7 +260,17 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn rmsnorm_bwd(&self, dy: &Self::Tensor, x: &Self::Tensor, w: &Self::Tensor, inv_rms: &Self::Tensor, n: usize, d: usize, dx: &mut Self::Tensor, accumulate: bool) -> Result<()> {
+    fn rmsnorm_bwd(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        inv_rms: &Self::Tensor,
+        n: usize,
+        d: usize,
+        dx: &mut Self::Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
         check_len("rmsnorm_bwd", "dx", &dx.0, n * d)?;
         let dn = T::of(d as f64);
         Self::rows_mut(&mut dx.0, n, d).for_each(|(r, o)| {
@@ -242,10 +287,21 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn linear_fwd(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<LoraFwd<'_, Self::Tensor>>, dims: LinearDims, y: &mut Self::Tensor) -> Result<()> {
+    fn linear_fwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<LoraFwd<'_, Self::Tensor>>,
+        dims: LinearDims,
+        y: &mut Self::Tensor,
+    ) -> Result<()> {
         let LinearDims { n, inp, out } = dims;
         if w.in_features != inp || w.out_features != out {
-            return Err(Error::Shape { op: "linear_fwd", expected: format!("{out}x{inp}"), got: format!("{}x{}", w.out_features, w.in_features) });
+            return Err(Error::Shape {
+                op: "linear_fwd",
+                expected: format!("{out}x{inp}"),
+                got: format!("{}x{}", w.out_features, w.in_features),
+            });
         }
         check_len("linear_fwd", "x", &x.0, n * inp)?;
         check_len("linear_fwd", "y", &y.0, n * out)?;
@@ -262,7 +318,16 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn linear_bwd(&self, dy: &Self::Tensor, w: &Self::Weight, lora: Option<LoraBwd<'_, Self::Tensor>>, dims: LinearDims, dx: &mut Self::Tensor, accumulate: bool, dx_lora: Option<&mut Self::Tensor>) -> Result<()> {
+    fn linear_bwd(
+        &self,
+        dy: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<LoraBwd<'_, Self::Tensor>>,
+        dims: LinearDims,
+        dx: &mut Self::Tensor,
+        accumulate: bool,
+        dx_lora: Option<&mut Self::Tensor>,
+    ) -> Result<()> {
         let LinearDims { n, inp, out } = dims;
         check_len("linear_bwd", "dy", &dy.0, n * out)?;
         check_len("linear_bwd", "dx", &dx.0, n * inp)?;
@@ -284,7 +349,16 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn rope(&self, x: &mut Self::Tensor, n: usize, heads: usize, head_dim: usize, positions: &Self::Ids, table: &Self::Tensor, inverse: bool) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+        positions: &Self::Ids,
+        table: &Self::Tensor,
+        inverse: bool,
+    ) -> Result<()> {
         let half = head_dim / 2;
         let max_pos = table.0.len() / (2 * half);
         let (cos, sin) = table.0.split_at(max_pos * half);
@@ -308,7 +382,16 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn attention_fwd(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, out: &mut Self::Tensor, lse: &mut Self::Tensor) -> Result<()> {
+    fn attention_fwd(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        segments: &Self::Ids,
+        shape: AttnShape,
+        out: &mut Self::Tensor,
+        lse: &mut Self::Tensor,
+    ) -> Result<()> {
         let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
         let (qw, kw) = (heads * hd, kv_heads * hd);
         let group = heads / kv_heads;
@@ -365,7 +448,20 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn attention_bwd(&self, dout: &Self::Tensor, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &Self::Tensor, lse: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, dq: &mut Self::Tensor, dk: &mut Self::Tensor, dv: &mut Self::Tensor) -> Result<()> {
+    fn attention_bwd(
+        &self,
+        dout: &Self::Tensor,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &Self::Tensor,
+        lse: &Self::Tensor,
+        segments: &Self::Ids,
+        shape: AttnShape,
+        dq: &mut Self::Tensor,
+        dk: &mut Self::Tensor,
+        dv: &mut Self::Tensor,
+    ) -> Result<()> {
         let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
         let (qw, kw) = (heads * hd, kv_heads * hd);
         let group = heads / kv_heads;
@@ -435,7 +531,15 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn swiglu_bwd(&self, dout: &Self::Tensor, g: &Self::Tensor, u: &Self::Tensor, n: usize, dg: &mut Self::Tensor, du: &mut Self::Tensor) -> Result<()> {
+    fn swiglu_bwd(
+        &self,
+        dout: &Self::Tensor,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        n: usize,
+        dg: &mut Self::Tensor,
+        du: &mut Self::Tensor,
+    ) -> Result<()> {
         check_len("swiglu_bwd", "dg", &dg.0, n)?;
         check_len("swiglu_bwd", "du", &du.0, n)?;
         dg.0[..n].par_iter_mut().zip(du.0[..n].par_iter_mut()).enumerate().for_each(|(i, (dgi, dui))| {
@@ -448,7 +552,15 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn embedding_bwd_rows(&self, dx: &Self::Tensor, ids: &Self::Ids, n: usize, d: usize, slot_of_token: &Self::Ids, grad_rows: &mut Self::Tensor) -> Result<()> {
+    fn embedding_bwd_rows(
+        &self,
+        dx: &Self::Tensor,
+        ids: &Self::Ids,
+        n: usize,
+        d: usize,
+        slot_of_token: &Self::Ids,
+        grad_rows: &mut Self::Tensor,
+    ) -> Result<()> {
         for r in 0..n {
             let slot = slot_of_token.get(ids[r] as usize).copied().unwrap_or(-1);
             if slot >= 0 {
@@ -468,7 +580,18 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn lm_head_ce(&self, h: &Self::Tensor, head: &Self::Tensor, targets: &Self::Ids, n: usize, d: usize, vocab: usize, grad_scale: f32, dh: &mut Self::Tensor, head_rows: Option<(&Self::Ids, &mut Self::Tensor)>) -> Result<LossSum> {
+    fn lm_head_ce(
+        &self,
+        h: &Self::Tensor,
+        head: &Self::Tensor,
+        targets: &Self::Ids,
+        n: usize,
+        d: usize,
+        vocab: usize,
+        grad_scale: f32,
+        dh: &mut Self::Tensor,
+        head_rows: Option<(&Self::Ids, &mut Self::Tensor)>,
+    ) -> Result<LossSum> {
         check_len("lm_head_ce", "head", &head.0, vocab * d)?;
         check_len("lm_head_ce", "dh", &dh.0, n * d)?;
         if let Some(t) = targets[..n].iter().find(|&&t| t >= vocab as i32) {
@@ -533,26 +656,29 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(parts.into_iter().sum())
     }
 
-    fn adamw(&self, param: &mut Self::Tensor, grad: &Self::Tensor, m: &mut Self::Tensor, v: &mut Self::Tensor, n: usize, hp: AdamW) -> Result<()> {
+    fn adamw(
+        &self,
+        param: &mut Self::Tensor,
+        grad: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        n: usize,
+        hp: AdamW,
+    ) -> Result<()> {
         let f = |x: f32| T::of(x as f64);
         let (lr, b1, b2, eps, wd, gs) = (f(hp.lr), f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.weight_decay), f(hp.grad_scale));
         let t = hp.step as i32;
         let bc1 = T::one() - b1.powi(t);
         let bc2_sqrt = (T::one() - b2.powi(t)).sqrt();
         let step_size = lr / bc1;
-        param.0[..n]
-            .par_iter_mut()
-            .zip(m.0[..n].par_iter_mut())
-            .zip(v.0[..n].par_iter_mut())
-            .enumerate()
-            .for_each(|(i, ((p, mi), vi))| {
-                let g = grad.0[i] * gs;
-                *p = *p * (T::one() - lr * wd);
-                *mi = b1 * *mi + (T::one() - b1) * g;
-                *vi = b2 * *vi + (T::one() - b2) * g * g;
-                let denom = vi.sqrt() / bc2_sqrt + eps;
-                *p = *p - step_size * *mi / denom;
-            });
+        param.0[..n].par_iter_mut().zip(m.0[..n].par_iter_mut()).zip(v.0[..n].par_iter_mut()).enumerate().for_each(|(i, ((p, mi), vi))| {
+            let g = grad.0[i] * gs;
+            *p = *p * (T::one() - lr * wd);
+            *mi = b1 * *mi + (T::one() - b1) * g;
+            *vi = b2 * *vi + (T::one() - b2) * g * g;
+            let denom = vi.sqrt() / bc2_sqrt + eps;
+            *p = *p - step_size * *mi / denom;
+        });
         Ok(())
     }
 }

@@ -129,7 +129,9 @@ pub fn host_memory() -> Option<HostMemory> {
 }
 
 fn parse_meminfo(text: &str) -> Option<HostMemory> {
-    let kib = |key: &str| -> Option<u64> { text.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()).map(|k| k * 1024) };
+    let kib = |key: &str| -> Option<u64> {
+        text.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()).map(|k| k * 1024)
+    };
     let total = kib("MemTotal:")?;
     Some(HostMemory { total_bytes: total, available_bytes: kib("MemAvailable:").unwrap_or(total) })
 }
@@ -225,7 +227,8 @@ pub trait Backend: Send {
     fn dropout(&self, x: &Self::Tensor, out: &mut Self::Tensor, n: usize, p: f32, key: u64, first: u64) -> Result<()>;
     /// `dx[..n] (+)= dropout'(dy)`: the same mask applied to a gradient.
     #[allow(clippy::too_many_arguments)]
-    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p: f32, key: u64, first: u64, accumulate: bool) -> Result<()>;
+    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p: f32, key: u64, first: u64, accumulate: bool)
+    -> Result<()>;
 
     // ---- layers (forward and backward side by side) ------------------------------------------
     /// `out[r] = table[ids[r]]` for `n` rows of width `d`.
@@ -233,38 +236,120 @@ pub trait Backend: Send {
 
     /// `out = x · rsqrt(mean(x²) + eps) · w`; saves the inverse RMS per row (f32).
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_fwd(&self, x: &Self::Tensor, w: &Self::Tensor, n: usize, d: usize, eps: f32, out: &mut Self::Tensor, inv_rms: &mut Self::Tensor) -> Result<()>;
+    fn rmsnorm_fwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        n: usize,
+        d: usize,
+        eps: f32,
+        out: &mut Self::Tensor,
+        inv_rms: &mut Self::Tensor,
+    ) -> Result<()>;
     /// Input gradient of RMSNorm (the norm weight is frozen).
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_bwd(&self, dy: &Self::Tensor, x: &Self::Tensor, w: &Self::Tensor, inv_rms: &Self::Tensor, n: usize, d: usize, dx: &mut Self::Tensor, accumulate: bool) -> Result<()>;
+    fn rmsnorm_bwd(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        inv_rms: &Self::Tensor,
+        n: usize,
+        d: usize,
+        dx: &mut Self::Tensor,
+        accumulate: bool,
+    ) -> Result<()>;
 
     /// `y = x · Wᵀ + bias + LoRA`.
-    fn linear_fwd(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<LoraFwd<'_, Self::Tensor>>, dims: LinearDims, y: &mut Self::Tensor) -> Result<()>;
+    fn linear_fwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<LoraFwd<'_, Self::Tensor>>,
+        dims: LinearDims,
+        y: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `dx (+)= dy · W + LoRA's input gradient`; accumulates LoRA's `dA`, `dB`. With dropout on,
     /// the engine passes `dx_lora` (the gradient w.r.t. the dropped input) separately.
     #[allow(clippy::too_many_arguments)]
-    fn linear_bwd(&self, dy: &Self::Tensor, w: &Self::Weight, lora: Option<LoraBwd<'_, Self::Tensor>>, dims: LinearDims, dx: &mut Self::Tensor, accumulate: bool, dx_lora: Option<&mut Self::Tensor>) -> Result<()>;
+    fn linear_bwd(
+        &self,
+        dy: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<LoraBwd<'_, Self::Tensor>>,
+        dims: LinearDims,
+        dx: &mut Self::Tensor,
+        accumulate: bool,
+        dx_lora: Option<&mut Self::Tensor>,
+    ) -> Result<()>;
 
     /// Rotary embedding in place on `[n, heads * head_dim]` (rotate-half convention); `table` is
     /// `[max_pos, head_dim / 2]` cosines followed by the same shape of sines. `inverse` rotates
     /// by −θ, which is the backward.
     #[allow(clippy::too_many_arguments)]
-    fn rope(&self, x: &mut Self::Tensor, n: usize, heads: usize, head_dim: usize, positions: &Self::Ids, table: &Self::Tensor, inverse: bool) -> Result<()>;
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+        positions: &Self::Ids,
+        table: &Self::Tensor,
+        inverse: bool,
+    ) -> Result<()>;
 
     /// Causal attention within equal segment ids, GQA; saves the log-sum-exp per (row, head).
     #[allow(clippy::too_many_arguments)]
-    fn attention_fwd(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, out: &mut Self::Tensor, lse: &mut Self::Tensor) -> Result<()>;
+    fn attention_fwd(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        segments: &Self::Ids,
+        shape: AttnShape,
+        out: &mut Self::Tensor,
+        lse: &mut Self::Tensor,
+    ) -> Result<()>;
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(&self, dout: &Self::Tensor, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &Self::Tensor, lse: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, dq: &mut Self::Tensor, dk: &mut Self::Tensor, dv: &mut Self::Tensor) -> Result<()>;
+    fn attention_bwd(
+        &self,
+        dout: &Self::Tensor,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &Self::Tensor,
+        lse: &Self::Tensor,
+        segments: &Self::Ids,
+        shape: AttnShape,
+        dq: &mut Self::Tensor,
+        dk: &mut Self::Tensor,
+        dv: &mut Self::Tensor,
+    ) -> Result<()>;
 
     /// `out = silu(g) · u` on `n` elements.
     fn swiglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()>;
-    fn swiglu_bwd(&self, dout: &Self::Tensor, g: &Self::Tensor, u: &Self::Tensor, n: usize, dg: &mut Self::Tensor, du: &mut Self::Tensor) -> Result<()>;
+    fn swiglu_bwd(
+        &self,
+        dout: &Self::Tensor,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        n: usize,
+        dg: &mut Self::Tensor,
+        du: &mut Self::Tensor,
+    ) -> Result<()>;
 
     /// Accumulate the gradient of trainable embedding rows: for every row `r` whose token has a
     /// slot (`slot_of_token[ids[r]] >= 0`), `grad_rows[slot] += dx[r]`.
     #[allow(clippy::too_many_arguments)]
-    fn embedding_bwd_rows(&self, dx: &Self::Tensor, ids: &Self::Ids, n: usize, d: usize, slot_of_token: &Self::Ids, grad_rows: &mut Self::Tensor) -> Result<()>;
+    fn embedding_bwd_rows(
+        &self,
+        dx: &Self::Tensor,
+        ids: &Self::Ids,
+        n: usize,
+        d: usize,
+        slot_of_token: &Self::Ids,
+        grad_rows: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `table[token_ids[s]] = values[s]` for `s < k` (rows of width `d`).
     fn set_rows(&self, table: &mut Self::Tensor, d: usize, token_ids: &Self::Ids, values: &Self::Tensor, k: usize) -> Result<()>;
 
@@ -273,11 +358,30 @@ pub trait Backend: Send {
     /// for ignored targets) and returns the unscaled loss sum. With `head_rows = (token_ids,
     /// grad)`, also accumulates `grad[s] += Σ_r dlogits[r, token_ids[s]] · h[r]` for trainable rows.
     #[allow(clippy::too_many_arguments)]
-    fn lm_head_ce(&self, h: &Self::Tensor, head: &Self::Tensor, targets: &Self::Ids, n: usize, d: usize, vocab: usize, grad_scale: f32, dh: &mut Self::Tensor, head_rows: Option<(&Self::Ids, &mut Self::Tensor)>) -> Result<LossSum>;
+    fn lm_head_ce(
+        &self,
+        h: &Self::Tensor,
+        head: &Self::Tensor,
+        targets: &Self::Ids,
+        n: usize,
+        d: usize,
+        vocab: usize,
+        grad_scale: f32,
+        dh: &mut Self::Tensor,
+        head_rows: Option<(&Self::Ids, &mut Self::Tensor)>,
+    ) -> Result<LossSum>;
 
     // ---- optimizer ---------------------------------------------------------------------------
     fn sum_squares(&self, t: &Self::Tensor, n: usize) -> Result<f64>;
-    fn adamw(&self, param: &mut Self::Tensor, grad: &Self::Tensor, m: &mut Self::Tensor, v: &mut Self::Tensor, n: usize, hp: AdamW) -> Result<()>;
+    fn adamw(
+        &self,
+        param: &mut Self::Tensor,
+        grad: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        n: usize,
+        hp: AdamW,
+    ) -> Result<()>;
 
     /// Wait for queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()> {

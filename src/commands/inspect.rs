@@ -39,8 +39,17 @@ pub fn run(model_dir: &Path, as_json: bool) -> Result<()> {
     );
     let dtypes: Vec<String> = store.dtype_counts().iter().map(|(d, n)| format!("{d} ×{n}")).collect();
     println!("dtypes       {}", dtypes.join(", "));
-    println!("context      {} positions, rope θ {}{}", spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling.as_ref().map(|s| format!(", scaling {s:?}")).unwrap_or_default());
-    println!("tokenizer    {} tokens, chat template {}", tok.vocab_size(), if tok.chat_template().is_some() { "present" } else { "absent" });
+    println!(
+        "context      {} positions, rope θ {}{}",
+        spec.max_position_embeddings,
+        spec.rope_theta,
+        spec.rope_scaling.as_ref().map(|s| format!(", scaling {s:?}")).unwrap_or_default()
+    );
+    println!(
+        "tokenizer    {} tokens, chat template {}",
+        tok.vocab_size(),
+        if tok.chat_template().is_some() { "present" } else { "absent" }
+    );
     if rows.is_empty() {
         println!("untrained    none");
     } else {

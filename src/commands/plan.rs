@@ -33,7 +33,8 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
         cfg.model.path = m.to_path_buf();
     }
     let spec = match (a.shape, cfg.model.path.as_os_str().is_empty()) {
-        (Some(name), _) => ModelSpec::by_shape_name(name).ok_or_else(|| Error::msg(format!("unknown shape `{name}` (llama3-8b, llama3.2-3b, llama3.2-1b)")))?,
+        (Some(name), _) => ModelSpec::by_shape_name(name)
+            .ok_or_else(|| Error::msg(format!("unknown shape `{name}` (llama3-8b, llama3.2-3b, llama3.2-1b)")))?,
         (None, false) => ModelSpec::from_dir(&cfg.model.path)?,
         (None, true) => return Err(Error::msg("give a run config, --model DIR (only config.json is read) or --shape NAME")),
     };
@@ -102,16 +103,30 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
     }
     println!("  {:<20} {:>12}", "peak (device)", fmt_bytes(p.peak_bytes));
     if p.pinned_host_bytes > 0 {
-        let of = target.host_bytes.map(|h| format!(" of {} RAM available{}", fmt_bytes(h), if p.host_fits { "" } else { ": does NOT fit" })).unwrap_or_default();
+        let of = target
+            .host_bytes
+            .map(|h| format!(" of {} RAM available{}", fmt_bytes(h), if p.host_fits { "" } else { ": does NOT fit" }))
+            .unwrap_or_default();
         println!("  {:<20} {:>12}{of}", "pinned host memory", fmt_bytes(p.pinned_host_bytes));
     }
     println!();
     match target.total_bytes {
         None => println!("no GPU detected: pass --gpu-mem 24GiB to plan for a card"),
         Some(total) => {
-            println!("{}: {} of {} → {}", target.name, fmt_bytes(p.peak_bytes), fmt_bytes(total), if p.fits { "fits" } else { "does NOT fit" });
+            println!(
+                "{}: {} of {} → {}",
+                target.name,
+                fmt_bytes(p.peak_bytes),
+                fmt_bytes(total),
+                if p.fits { "fits" } else { "does NOT fit" }
+            );
             let show = |v: Option<usize>| v.map_or("none".to_string(), |x| x.to_string());
-            println!("largest that fit (others fixed): max_seq_len {}, batch_size {}, lora.r {}", show(largest_seq), show(largest_batch), show(largest_rank));
+            println!(
+                "largest that fit (others fixed): max_seq_len {}, batch_size {}, lora.r {}",
+                show(largest_seq),
+                show(largest_batch),
+                show(largest_rank)
+            );
             for s in &fixes {
                 println!("  to fit: {} → {}", s.change, fmt_bytes(s.peak_bytes));
             }

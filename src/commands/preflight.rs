@@ -91,7 +91,8 @@ fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
         let _ = writeln!(o, "  … and {} more skipped rows", d.rows_skipped - d.skipped.len());
     }
 
-    let _ = writeln!(o, "lengths    tokens per example, one character per bucket, `|` after the bucket holding max_seq_len {}", d.max_seq_len);
+    let _ =
+        writeln!(o, "lengths    tokens per example, one character per bucket, `|` after the bucket holding max_seq_len {}", d.max_seq_len);
     for (label, s) in [("prompt", &st.prompt), ("response", &st.response), ("total", &st.total)] {
         let _ = writeln!(
             o,
@@ -117,10 +118,7 @@ fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
     let _ = writeln!(
         o,
         "steps      {} per epoch ({} sequences in {} micro-batches); this run makes {}",
-        st.steps_per_epoch,
-        st.rows_per_epoch,
-        st.micro_batches_per_epoch,
-        r.total_steps
+        st.steps_per_epoch, st.rows_per_epoch, st.micro_batches_per_epoch, r.total_steps
     );
     let _ = writeln!(o);
 
@@ -159,7 +157,13 @@ fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
     if u.tokens.is_empty() {
         let _ = writeln!(o, "untrained  none (no rows all ≤ {:e} in {}, BOS/EOS/PAD aside)", u.eps, u.matrices.join(" and "));
     } else {
-        let _ = writeln!(o, "untrained  {} token rows all ≤ {:e} in {} (BOS/EOS/PAD excluded):", u.tokens.len(), u.eps, u.matrices.join(" and "));
+        let _ = writeln!(
+            o,
+            "untrained  {} token rows all ≤ {:e} in {} (BOS/EOS/PAD excluded):",
+            u.tokens.len(),
+            u.eps,
+            u.matrices.join(" and ")
+        );
         for t in &u.tokens {
             let mut place = Vec::new();
             if t.data_rows > 0 {

@@ -70,7 +70,6 @@ impl Batch {
     }
 }
 
-
 /// Serves micro-batches of a prepared dataset in an order fixed by `(seed, epoch)`, so that a
 /// resumed run sees exactly the batches the interrupted one would have.
 ///

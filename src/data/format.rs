@@ -158,11 +158,8 @@ pub fn to_sample(format: DatasetFormat, columns: &ColumnMapping, record: &Json) 
             msgs
         }
         DatasetFormat::Messages | DatasetFormat::Sharegpt => {
-            let (primary, other) = if format == DatasetFormat::Messages {
-                ("messages", "conversations")
-            } else {
-                ("conversations", "messages")
-            };
+            let (primary, other) =
+                if format == DatasetFormat::Messages { ("messages", "conversations") } else { ("conversations", "messages") };
             let turns = obj.get(primary).or_else(|| obj.get(other)).ok_or_else(|| format!("missing column `{primary}`"))?;
             let turns = match turns {
                 Json::Array(a) => a.clone(),
@@ -181,11 +178,8 @@ pub fn to_sample(format: DatasetFormat, columns: &ColumnMapping, record: &Json) 
 
 fn parse_turn(n: usize, turn: &Json) -> std::result::Result<Message, String> {
     let obj = turn.as_object().ok_or_else(|| format!("turn {n} is {}, expected an object", kind_name(turn)))?;
-    let role = obj
-        .get("role")
-        .or_else(|| obj.get("from"))
-        .and_then(Json::as_str)
-        .ok_or_else(|| format!("turn {n} has no `role` (or `from`)"))?;
+    let role =
+        obj.get("role").or_else(|| obj.get("from")).and_then(Json::as_str).ok_or_else(|| format!("turn {n} has no `role` (or `from`)"))?;
     let role = match role.trim().to_ascii_lowercase().as_str() {
         "user" | "human" => "user",
         "assistant" | "gpt" | "model" | "bot" | "chatgpt" => "assistant",
@@ -261,9 +255,17 @@ mod tests {
 
     #[test]
     fn alpaca_joins_input_with_a_blank_line() {
-        let s = to_sample(DatasetFormat::Alpaca, &ColumnMapping::default(), &json!({"instruction": "Sum", "input": "1 2", "output": "3", "system": "Math."})).unwrap();
+        let s = to_sample(
+            DatasetFormat::Alpaca,
+            &ColumnMapping::default(),
+            &json!({"instruction": "Sum", "input": "1 2", "output": "3", "system": "Math."}),
+        )
+        .unwrap();
         let Sample::Chat(m) = s else { panic!() };
-        assert_eq!(m.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect::<Vec<_>>(), vec![("system", "Math."), ("user", "Sum\n\n1 2"), ("assistant", "3")]);
+        assert_eq!(
+            m.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect::<Vec<_>>(),
+            vec![("system", "Math."), ("user", "Sum\n\n1 2"), ("assistant", "3")]
+        );
     }
 
     #[test]

@@ -199,8 +199,7 @@ fn finding(level: Level, code: &'static str, message: impl Into<String>) -> Find
 
 /// Checks of the tokenizer and the chat template on a small made-up conversation.
 pub fn tokenizer_checks(tok: &TokenizerBundle, template: &ChatTemplate) -> Vec<Finding> {
-    let mut out: Vec<Finding> =
-        tok.warnings().iter().map(|w| finding(Level::Warning, "tokenizer_config", w.clone())).collect();
+    let mut out: Vec<Finding> = tok.warnings().iter().map(|w| finding(Level::Warning, "tokenizer_config", w.clone())).collect();
     let convo = vec![Message::new("user", "What is 2 + 2?"), Message::new("assistant", "4")];
     let origin = template.origin();
 

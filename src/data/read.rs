@@ -58,10 +58,7 @@ pub fn file_kind(path: &Path, head: &[u8]) -> Result<FileKind> {
                 Some(b'{') => FileKind::Jsonl,
                 _ if head.starts_with(b"PAR1") => FileKind::Parquet,
                 _ => {
-                    return Err(Error::file(
-                        path,
-                        "unknown dataset file type: use .jsonl, .json, .csv, .tsv, .parquet or .txt",
-                    ));
+                    return Err(Error::file(path, "unknown dataset file type: use .jsonl, .json, .csv, .tsv, .parquet or .txt"));
                 }
             }
         }
@@ -114,7 +111,9 @@ pub fn read_jsonl(bytes: &[u8]) -> Vec<RawRecord> {
         }
         let value = match std::str::from_utf8(line) {
             Err(e) => Err(format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1)),
-            Ok(text) => serde_json::from_str::<Json>(text).map_err(|e| format!("bad JSON at column {}: {}", e.column(), strip_position(&e))),
+            Ok(text) => {
+                serde_json::from_str::<Json>(text).map_err(|e| format!("bad JSON at column {}: {}", e.column(), strip_position(&e)))
+            }
         };
         out.push(RawRecord { row: i + 1, value });
     }
@@ -172,9 +171,7 @@ fn strip_len(bytes: &[u8]) -> usize {
 
 /// A file whose first line alone parses as a JSON object is one-record-per-line.
 fn looks_like_jsonl(text: &str) -> bool {
-    text.lines()
-        .find(|l| !l.trim().is_empty())
-        .is_some_and(|l| matches!(serde_json::from_str::<Json>(l), Ok(Json::Object(_))))
+    text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| matches!(serde_json::from_str::<Json>(l), Ok(Json::Object(_))))
 }
 
 /// The 1-based line on which each element of a (valid) top-level JSON array starts.

@@ -33,9 +33,8 @@ pub fn read_csv(path: &Path, bytes: &[u8], delimiter: u8) -> Result<Vec<RawRecor
     // The csv crate's record position is where reading began, before any blank lines it skipped,
     // so the row is recomputed from the first byte that is not a line break. A lone CR ends a
     // record for the csv crate (and a line for most editors), so it counts as a line break too.
-    let newlines: Vec<usize> = (0..body.len())
-        .filter(|&i| body[i] == b'\n' || (body[i] == b'\r' && body.get(i + 1) != Some(&b'\n')))
-        .collect();
+    let newlines: Vec<usize> =
+        (0..body.len()).filter(|&i| body[i] == b'\n' || (body[i] == b'\r' && body.get(i + 1) != Some(&b'\n'))).collect();
     let line_at = |pos: Option<&csv::Position>, fallback: usize| -> usize {
         let Some(p) = pos else { return fallback };
         let mut at = p.byte() as usize;
@@ -80,11 +79,7 @@ fn csv_error_kind(e: &csv::Error) -> String {
 
 fn csv_row(names: &[String], record: &csv::ByteRecord) -> std::result::Result<Json, String> {
     if record.len() > names.len() {
-        return Err(format!(
-            "{} fields but the header has {} (an unquoted delimiter in a field?)",
-            record.len(),
-            names.len()
-        ));
+        return Err(format!("{} fields but the header has {} (an unquoted delimiter in a field?)", record.len(), names.len()));
     }
     let mut obj = serde_json::Map::with_capacity(names.len());
     for (i, field) in record.iter().enumerate() {

@@ -296,7 +296,15 @@ impl<B: Backend> Trainer<B> {
                     return Err(Error::tensor(
                         crate::engine::lora::peft_key(l, t, 'A'),
                         None,
-                        format!("LoRA shapes do not match the model: A has {} values (expected {}x{}), B has {} (expected {}x{})", pair.a.len(), r, inp, pair.b.len(), out, r),
+                        format!(
+                            "LoRA shapes do not match the model: A has {} values (expected {}x{}), B has {} (expected {}x{})",
+                            pair.a.len(),
+                            r,
+                            inp,
+                            pair.b.len(),
+                            out,
+                            r
+                        ),
                     ));
                 }
                 let p = format!("lora.{l}.{}", t.short());
@@ -336,7 +344,8 @@ impl<B: Backend> Trainer<B> {
                 for &t in targets.iter().filter(|&&t| adapted(t)) {
                     xa[t as usize] = Some(lg.alloc(format!("{p}.xa.{}", t.short()), la, n_rows * r, DType::Act)?);
                     if dropout_on {
-                        xd[t as usize] = Some(lg.alloc(format!("{p}.xd.{}", t.short()), la, n_rows * spec.linear_shape(t).1, DType::Act)?);
+                        xd[t as usize] =
+                            Some(lg.alloc(format!("{p}.xd.{}", t.short()), la, n_rows * spec.linear_shape(t).1, DType::Act)?);
                     }
                 }
                 Ok((xa, xd))
@@ -369,7 +378,11 @@ impl<B: Backend> Trainer<B> {
         let saved_inputs = (0..spec.num_layers)
             .map(|l| {
                 let name = format!("saved_input.{l}");
-                if offload { lg.alloc_host(name, Term::SavedActivations, rows * d, DType::Act) } else { lg.alloc(name, Term::SavedActivations, rows * d, DType::Act) }
+                if offload {
+                    lg.alloc_host(name, Term::SavedActivations, rows * d, DType::Act)
+                } else {
+                    lg.alloc(name, Term::SavedActivations, rows * d, DType::Act)
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         let mut w = |name: &str, n: usize, dt: DType| lg.alloc(format!("ws.{name}"), Term::Workspace, n, dt);
@@ -395,7 +408,11 @@ impl<B: Backend> Trainer<B> {
             stage: None,
         };
         if mlp_chunk < rows {
-            ws.chunk = Some(ChunkBuffers { h2: w("chunk.h2", mlp_chunk * d, DType::Act)?, dy: w("chunk.dy", mlp_chunk * d, DType::Act)?, out: w("chunk.out", mlp_chunk * d, DType::Act)? });
+            ws.chunk = Some(ChunkBuffers {
+                h2: w("chunk.h2", mlp_chunk * d, DType::Act)?,
+                dy: w("chunk.dy", mlp_chunk * d, DType::Act)?,
+                out: w("chunk.out", mlp_chunk * d, DType::Act)?,
+            });
         }
         if offload {
             ws.stage = Some([w("stage.0", rows * d, DType::Act)?, w("stage.1", rows * d, DType::Act)?]);
@@ -408,7 +425,24 @@ impl<B: Backend> Trainer<B> {
             shape: AttnShape { batch: 0, seq: 0, heads: spec.num_heads, kv_heads: spec.num_kv_heads, head_dim: spec.head_dim },
         };
         let ledger = lg.entries;
-        Ok(Trainer { backend, spec, opts, model, slots, acts, saved_inputs, mlp_chunk, offload, ws, batch, rows: None, keep_all, ledger, step: 0, micro_counter: 0 })
+        Ok(Trainer {
+            backend,
+            spec,
+            opts,
+            model,
+            slots,
+            acts,
+            saved_inputs,
+            mlp_chunk,
+            offload,
+            ws,
+            batch,
+            rows: None,
+            keep_all,
+            ledger,
+            step: 0,
+            micro_counter: 0,
+        })
     }
 
     pub fn keeps_all_activations(&self) -> bool {
@@ -461,7 +495,10 @@ impl<B: Backend> Trainer<B> {
         let (k, d, v) = (rows.ids.len(), self.spec.hidden_size, self.spec.vocab_size);
         let tied = self.model.head.is_none();
         if rows.embed.len() != k * d || rows.head.as_ref().is_some_and(|h| h.len() != k * d) || rows.head.is_some() == tied {
-            return Err(Error::msg(format!("token rows: {k} ids need [{k}, {d}] values for the embedding{}", if tied { "" } else { " and the head" })));
+            return Err(Error::msg(format!(
+                "token rows: {k} ids need [{k}, {d}] values for the embedding{}",
+                if tied { "" } else { " and the head" }
+            )));
         }
         if let Some(bad) = rows.ids.iter().find(|&&i| i as usize >= v) {
             return Err(Error::msg(format!("token rows: id {bad} is outside the vocabulary ({v})")));
@@ -632,13 +669,7 @@ impl<B: Backend> Trainer<B> {
         let max_norm = self.opts.optim.max_grad_norm;
         let clip = if max_norm > 0.0 { (max_norm / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
         self.apply_update(lr, clip)?;
-        Ok(StepStats {
-            loss: mean_loss,
-            grad_norm,
-            lr,
-            tokens: micro.iter().map(Batch::tokens).sum(),
-            trained_tokens: loss.count,
-        })
+        Ok(StepStats { loss: mean_loss, grad_norm, lr, tokens: micro.iter().map(Batch::tokens).sum(), trained_tokens: loss.count })
     }
 
     fn forward_backward(&mut self, batch: &Batch, grad_scale: f32, backward: bool) -> Result<LossSum> {
@@ -655,7 +686,17 @@ impl<B: Backend> Trainer<B> {
         be.embedding_fwd(&db.ids, &self.model.embed, n, d, &mut ws.x)?;
         for l in 0..self.spec.num_layers {
             let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
-            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, row0: 0, batch: db, rope_table: &self.model.rope_table };
+            let ctx = LayerCtx {
+                be,
+                spec: &self.spec,
+                opts: &self.opts,
+                layer: l,
+                micro,
+                n,
+                row0: 0,
+                batch: db,
+                rope_table: &self.model.rope_table,
+            };
             let (lw, slots) = (&self.model.layers[l], &self.slots[l]);
             if self.offload {
                 // The input goes to host memory on the copy stream while this layer computes from
@@ -689,7 +730,17 @@ impl<B: Backend> Trainer<B> {
         }
         for l in (0..layers).rev() {
             let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
-            let ctx = LayerCtx { be, spec: &self.spec, opts: &self.opts, layer: l, micro, n, row0: 0, batch: db, rope_table: &self.model.rope_table };
+            let ctx = LayerCtx {
+                be,
+                spec: &self.spec,
+                opts: &self.opts,
+                layer: l,
+                micro,
+                n,
+                row0: 0,
+                batch: db,
+                rope_table: &self.model.rope_table,
+            };
             let (lw, slots) = (&self.model.layers[l], &mut self.slots[l]);
             let mut stage = ws.stage.take();
             let input: &B::Tensor = match stage.as_mut() {
@@ -758,9 +809,11 @@ impl<B: Backend> Trainer<B> {
     pub fn set_lora_weights(&mut self, w: &LoraWeights) -> Result<()> {
         for (l, layer) in self.slots.iter_mut().enumerate() {
             for s in layer.iter_mut() {
-                let p = w.layers.get(l).and_then(|m| m.get(&s.target)).ok_or_else(|| {
-                    Error::tensor(lora::peft_key(l, s.target, 'A'), None, "is missing from the adapter")
-                })?;
+                let p = w
+                    .layers
+                    .get(l)
+                    .and_then(|m| m.get(&s.target))
+                    .ok_or_else(|| Error::tensor(lora::peft_key(l, s.target, 'A'), None, "is missing from the adapter"))?;
                 self.backend.write(&mut s.a, &p.a)?;
                 self.backend.write(&mut s.b, &p.b)?;
                 self.backend.write(&mut s.a_compute, &p.a)?;
@@ -938,7 +991,13 @@ fn lora_linear_bwd<B: Backend>(
 }
 
 /// Attention block and the MLP's input norm: `x2 = input + o(attention(…))`, `h2 = rmsnorm(x2)`.
-fn attention_forward<B: Backend>(ctx: &LayerCtx<'_, B>, lw: &LayerWeights<B>, slots: &[LoraSlot<B>], a: &mut LayerActs<B>, input: &B::Tensor) -> Result<()> {
+fn attention_forward<B: Backend>(
+    ctx: &LayerCtx<'_, B>,
+    lw: &LayerWeights<B>,
+    slots: &[LoraSlot<B>],
+    a: &mut LayerActs<B>,
+    input: &B::Tensor,
+) -> Result<()> {
     let (be, spec, n) = (ctx.be, ctx.spec, ctx.n);
     let (d, hd) = (spec.hidden_size, spec.head_dim);
     let eps = spec.rms_norm_eps as f32;
@@ -959,7 +1018,14 @@ fn attention_forward<B: Backend>(ctx: &LayerCtx<'_, B>, lw: &LayerWeights<B>, sl
 }
 
 /// `g, u, m` and `out = down(m)` for the rows of `h2` (a whole batch or one chunk).
-fn mlp_core_forward<B: Backend>(ctx: &LayerCtx<'_, B>, lw: &LayerWeights<B>, slots: &[LoraSlot<B>], a: &mut MlpActs<B>, h2: &B::Tensor, out: &mut B::Tensor) -> Result<()> {
+fn mlp_core_forward<B: Backend>(
+    ctx: &LayerCtx<'_, B>,
+    lw: &LayerWeights<B>,
+    slots: &[LoraSlot<B>],
+    a: &mut MlpActs<B>,
+    h2: &B::Tensor,
+    out: &mut B::Tensor,
+) -> Result<()> {
     let w = |t: Target| &lw.linears[t as usize];
     let ti = |t: Target| t as usize;
     for (t, y) in [(Target::Gate, &mut a.g), (Target::Up, &mut a.u)] {
@@ -1025,7 +1091,20 @@ fn mlp_core_backward<B: Backend>(
         };
     }
     let dn = Target::Down;
-    lora_linear_bwd(ctx, dn, w(dn), slot!(dn), &a.m, &a.xa[ti(dn)], &a.xd[ti(dn)], dy, &mut g.dm, false, &mut g.lora_scratch, &mut g.dx_lora)?;
+    lora_linear_bwd(
+        ctx,
+        dn,
+        w(dn),
+        slot!(dn),
+        &a.m,
+        &a.xa[ti(dn)],
+        &a.xd[ti(dn)],
+        dy,
+        &mut g.dm,
+        false,
+        &mut g.lora_scratch,
+        &mut g.dx_lora,
+    )?;
     ctx.be.swiglu_bwd(&g.dm, &a.g, &a.u, ctx.n * ctx.spec.intermediate_size, &mut g.dg, &mut g.du)?;
     let (gt, ut) = (Target::Gate, Target::Up);
     lora_linear_bwd(ctx, gt, w(gt), slot!(gt), h2, &a.xa[ti(gt)], &a.xd[ti(gt)], &g.dg, dh2, false, &mut g.lora_scratch, &mut g.dx_lora)?;
@@ -1075,13 +1154,39 @@ fn layer_backward<B: Backend>(
     }
     let o = Target::O;
     let m = &mut ws.mlp;
-    lora_linear_bwd(ctx, o, w(o), slot!(o), &a.att, &a.xa[ti(o)], &a.xd[ti(o)], &ws.dx, &mut ws.datt, false, &mut m.lora_scratch, &mut m.dx_lora)?;
+    lora_linear_bwd(
+        ctx,
+        o,
+        w(o),
+        slot!(o),
+        &a.att,
+        &a.xa[ti(o)],
+        &a.xd[ti(o)],
+        &ws.dx,
+        &mut ws.datt,
+        false,
+        &mut m.lora_scratch,
+        &mut m.dx_lora,
+    )?;
     be.attention_bwd(&ws.datt, &a.q, &a.k, &a.v, &a.att, &a.lse, &ctx.batch.segments, ctx.batch.shape, &mut ws.dq, &mut ws.dk, &mut ws.dv)?;
     be.rope(&mut ws.dq, n, spec.num_heads, hd, positions, ctx.rope_table, true)?;
     be.rope(&mut ws.dk, n, spec.num_kv_heads, hd, positions, ctx.rope_table, true)?;
     let mut first = true;
     for (t, dy) in [(Target::Q, &ws.dq), (Target::K, &ws.dk), (Target::V, &ws.dv)] {
-        lora_linear_bwd(ctx, t, w(t), slot!(t), &a.h1, &a.xa[ti(t)], &a.xd[ti(t)], dy, &mut ws.dh, !first, &mut m.lora_scratch, &mut m.dx_lora)?;
+        lora_linear_bwd(
+            ctx,
+            t,
+            w(t),
+            slot!(t),
+            &a.h1,
+            &a.xa[ti(t)],
+            &a.xd[ti(t)],
+            dy,
+            &mut ws.dh,
+            !first,
+            &mut m.lora_scratch,
+            &mut m.dx_lora,
+        )?;
         first = false;
     }
     be.rmsnorm_bwd(&ws.dh, input, &lw.input_norm, &a.inv1, n, d, &mut ws.dx, true)

@@ -113,7 +113,14 @@ pub fn linear_name(layer: usize, t: Target) -> String {
 
 impl<B: Backend> DeviceModel<B> {
     /// `embed_on_host`: keep an untied embedding table in pinned host memory (memory mode).
-    pub fn load(backend: &B, spec: &ModelSpec, src: &dyn WeightSource, quant: Quantization, max_pos: usize, embed_on_host: bool) -> Result<Self> {
+    pub fn load(
+        backend: &B,
+        spec: &ModelSpec,
+        src: &dyn WeightSource,
+        quant: Quantization,
+        max_pos: usize,
+        embed_on_host: bool,
+    ) -> Result<Self> {
         let (v, d) = (spec.vocab_size, spec.hidden_size);
         let table = src.dense("model.embed_tokens.weight", &[v, d])?;
         let embed = if embed_on_host { backend.upload_host(&table, DType::Act)? } else { backend.upload(&table, DType::Act)? };
@@ -130,8 +137,7 @@ impl<B: Backend> DeviceModel<B> {
         for l in 0..spec.num_layers {
             let p = format!("model.layers.{l}");
             let input_norm = backend.upload(&src.dense(&format!("{p}.input_layernorm.weight"), &[d])?, DType::Act)?;
-            let post_attention_norm =
-                backend.upload(&src.dense(&format!("{p}.post_attention_layernorm.weight"), &[d])?, DType::Act)?;
+            let post_attention_norm = backend.upload(&src.dense(&format!("{p}.post_attention_layernorm.weight"), &[d])?, DType::Act)?;
             let mut linears = Vec::with_capacity(7);
             for t in Target::ALL {
                 let name = linear_name(l, t);

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::backend::DType;
-use crate::backend::cuda::memory::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
 use crate::backend::cuda::kernels::AttnVersion;
+use crate::backend::cuda::memory::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
 use crate::config::{CheckpointPolicy, LoraConfig, Quantization, RunConfig, Target};
 use crate::model::ModelSpec;
 use crate::quant::nf4::{BLOCKSIZE, NESTED_BLOCKSIZE};
@@ -149,7 +149,15 @@ pub struct PlanTarget {
 
 impl PlanTarget {
     pub fn cpu() -> Self {
-        PlanTarget { kind: BackendKind::Cpu, name: "CPU".into(), total_bytes: None, free_bytes: None, context_bytes: 0, attention: cuda_attention_default(), host_bytes: None }
+        PlanTarget {
+            kind: BackendKind::Cpu,
+            name: "CPU".into(),
+            total_bytes: None,
+            free_bytes: None,
+            context_bytes: 0,
+            attention: cuda_attention_default(),
+            host_bytes: None,
+        }
     }
 
     /// The same target, with pinned host memory held against `host`'s available RAM.
@@ -218,7 +226,13 @@ pub fn embed_on_host(spec: &ModelSpec, policy: CheckpointPolicy) -> bool {
 }
 
 /// The frozen model as the backend stores it.
-pub fn weight_buffers(spec: &ModelSpec, quant: Quantization, kind: BackendKind, max_pos: usize, policy: CheckpointPolicy) -> Vec<PlannedBuffer> {
+pub fn weight_buffers(
+    spec: &ModelSpec,
+    quant: Quantization,
+    kind: BackendKind,
+    max_pos: usize,
+    policy: CheckpointPolicy,
+) -> Vec<PlannedBuffer> {
     let (v, d) = (spec.vocab_size, spec.hidden_size);
     let mut embed = buf("embed_tokens", Term::BaseWeights, v * d, DType::Act);
     if embed_on_host(spec, policy) {
@@ -395,7 +409,13 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
 pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput, attention: AttnVersion) -> Vec<PlannedBuffer> {
     use crate::backend::cuda::{GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS, attention_scratch_bytes};
     let bw = Term::BackendWorkspace;
-    let raw = |name: &str, bytes: usize| PlannedBuffer { name: name.into(), term: bw, elems: bytes as u64, dtype: None, location: Location::Device };
+    let raw = |name: &str, bytes: usize| PlannedBuffer {
+        name: name.into(),
+        term: bw,
+        elems: bytes as u64,
+        dtype: None,
+        location: Location::Device,
+    };
     let mut out = vec![
         raw("gemm_workspace", GEMM_WORKSPACE_BYTES),
         raw("loss.logits", LOSS_CHUNK_ELEMS * 4),
@@ -494,7 +514,14 @@ pub fn plan(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryP
 
 /// The largest value of one setting that still fits, everything else fixed (binary search over
 /// `lo..=hi`), or `None` when even `lo` does not fit.
-pub fn largest_fitting(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, lo: usize, hi: usize, set: impl Fn(&mut PlanInput, usize)) -> Option<usize> {
+pub fn largest_fitting(
+    spec: &ModelSpec,
+    input: &PlanInput,
+    target: &PlanTarget,
+    lo: usize,
+    hi: usize,
+    set: impl Fn(&mut PlanInput, usize),
+) -> Option<usize> {
     let fits = |v: usize| {
         let mut i = input.clone();
         set(&mut i, v);
@@ -527,7 +554,10 @@ pub fn suggestions(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> 
         return vec![];
     }
     let mut out = Vec::new();
-    for (policy, label) in [(CheckpointPolicy::Layer, "checkpointing = \"layer\" (recompute each layer in the backward)"), (CheckpointPolicy::Offload, "checkpointing = \"offload\" (layer inputs in pinned host memory)")] {
+    for (policy, label) in [
+        (CheckpointPolicy::Layer, "checkpointing = \"layer\" (recompute each layer in the backward)"),
+        (CheckpointPolicy::Offload, "checkpointing = \"offload\" (layer inputs in pinned host memory)"),
+    ] {
         let mut i = input.clone();
         i.checkpointing = policy;
         let p = plan(spec, &i, target);
@@ -542,7 +572,10 @@ pub fn suggestions(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> 
         if let Some(b) = largest_fitting(spec, &offload, target, 1, input.batch_size - 1, |i, v| i.batch_size = v) {
             let mut i = offload.clone();
             i.batch_size = b;
-            out.push(Suggestion { change: format!("train.batch_size = {b} with offload (raise train.grad_accum to keep the effective batch)"), peak_bytes: plan(spec, &i, target).peak_bytes });
+            out.push(Suggestion {
+                change: format!("train.batch_size = {b} with offload (raise train.grad_accum to keep the effective batch)"),
+                peak_bytes: plan(spec, &i, target).peak_bytes,
+            });
         }
     }
     if let Some(s) = largest_fitting(spec, &offload, target, 64, input.max_seq_len.saturating_sub(1).max(64), |i, v| i.max_seq_len = v) {
@@ -652,7 +685,8 @@ mod tests {
         i.max_seq_len = 32768;
         let small = plan(&spec, &i, &PlanTarget::gpu("24 GB", 24 << 30));
         assert_ne!(small.checkpointing, CheckpointPolicy::None);
-        let offload = plan(&spec, &PlanInput { checkpointing: CheckpointPolicy::Offload, ..i.clone() }, &PlanTarget::gpu("24 GB", 24 << 30));
+        let offload =
+            plan(&spec, &PlanInput { checkpointing: CheckpointPolicy::Offload, ..i.clone() }, &PlanTarget::gpu("24 GB", 24 << 30));
         assert!(offload.pinned_host_bytes > 0);
     }
 

@@ -13,11 +13,7 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn new(cfg: &ScheduleConfig, base_lr: f64, total_steps: u64) -> Self {
-        let warmup_steps = if cfg.warmup_ratio > 0.0 {
-            (cfg.warmup_ratio * total_steps as f64).ceil() as u64
-        } else {
-            cfg.warmup_steps
-        };
+        let warmup_steps = if cfg.warmup_ratio > 0.0 { (cfg.warmup_ratio * total_steps as f64).ceil() as u64 } else { cfg.warmup_steps };
         Schedule { kind: cfg.kind, base_lr, warmup_steps, total_steps }
     }
 

@@ -80,7 +80,13 @@ pub fn save_peft(dir: &Path, weights: &LoraWeights, lora: &LoraConfig, base_mode
 
 /// [`save_peft`] with the token rows trained alongside (PEFT's trainable tokens, see the module
 /// comment).
-pub fn save_peft_with_tokens(dir: &Path, weights: &LoraWeights, lora: &LoraConfig, base_model: &str, tokens: Option<&TokenRows>) -> Result<()> {
+pub fn save_peft_with_tokens(
+    dir: &Path,
+    weights: &LoraWeights,
+    lora: &LoraConfig,
+    base_model: &str,
+    tokens: Option<&TokenRows>,
+) -> Result<()> {
     let mut tensors = Vec::new();
     for (l, layer) in weights.layers.iter().enumerate() {
         for (&t, p) in layer {
@@ -95,7 +101,10 @@ pub fn save_peft_with_tokens(dir: &Path, weights: &LoraWeights, lora: &LoraConfi
         let k = rows.ids.len();
         let d = rows.embed.len().checked_div(k).unwrap_or(0);
         if k == 0 || rows.embed.len() != k * d || rows.head.as_ref().is_some_and(|h| h.len() != k * d) {
-            return Err(Error::msg(format!("token rows: {k} ids with {} embedding values cannot be saved as [k, hidden]", rows.embed.len())));
+            return Err(Error::msg(format!(
+                "token rows: {k} ids with {} embedding values cannot be saved as [k, hidden]",
+                rows.embed.len()
+            )));
         }
         tensors.push(OutTensor::from_f32(EMBED_TOKENS_KEY, vec![k, d], &rows.embed, Dtype::F32));
         if let Some(h) = &rows.head {
@@ -147,7 +156,8 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<LoadedAdapter> {
             .iter()
             .map(|x| {
                 let name = x.as_str().unwrap_or("");
-                Target::from_hf_name(name).ok_or_else(|| Error::file(&cfg_path, format!("target module `{name}` is not one of the 7 Llama linears")))
+                Target::from_hf_name(name)
+                    .ok_or_else(|| Error::file(&cfg_path, format!("target module `{name}` is not one of the 7 Llama linears")))
             })
             .collect::<Result<_>>()?,
         Some(Value::String(s)) => return Err(Error::file(&cfg_path, format!("target_modules as a regex (`{s}`) is not supported"))),
@@ -241,9 +251,15 @@ fn load_token_rows(
     let head_ids = token_ids(v, cfg_path, "lm_head")?;
     let d = spec.hidden_size;
     let rows_of = |key: &str, ids: &[u32]| -> Result<Vec<f32>> {
-        let (shape, data) = tensors.get(key).ok_or_else(|| Error::tensor(key, Some(weights_path), "is missing but adapter_config.json lists trainable tokens for it"))?;
+        let (shape, data) = tensors
+            .get(key)
+            .ok_or_else(|| Error::tensor(key, Some(weights_path), "is missing but adapter_config.json lists trainable tokens for it"))?;
         if shape.as_slice() != [ids.len(), d] {
-            return Err(Error::tensor(key, Some(weights_path), format!("has shape {shape:?}; {} token ids and hidden size {d} need [{}, {d}]", ids.len(), ids.len())));
+            return Err(Error::tensor(
+                key,
+                Some(weights_path),
+                format!("has shape {shape:?}; {} token ids and hidden size {d} need [{}, {d}]", ids.len(), ids.len()),
+            ));
         }
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= spec.vocab_size) {
             return Err(Error::file(cfg_path, format!("trainable token id {bad} is outside the model's vocabulary ({})", spec.vocab_size)));
@@ -262,11 +278,17 @@ fn load_token_rows(
                 None => None,
                 Some(h) if h == ids => Some(rows_of(LM_HEAD_TOKENS_KEY, &h)?),
                 Some(_) => {
-                    return Err(Error::file(cfg_path, "trainable tokens list different ids for embed_tokens and lm_head; only the same rows in both are supported"));
+                    return Err(Error::file(
+                        cfg_path,
+                        "trainable tokens list different ids for embed_tokens and lm_head; only the same rows in both are supported",
+                    ));
                 }
             };
             if spec.tie_word_embeddings && head.is_some() {
-                return Err(Error::file(cfg_path, "the model ties lm_head to embed_tokens, so trainable tokens on lm_head cannot differ from the embedding's"));
+                return Err(Error::file(
+                    cfg_path,
+                    "the model ties lm_head to embed_tokens, so trainable tokens on lm_head cannot differ from the embedding's",
+                ));
             }
             Ok(Some(TokenRows { ids, embed, head }))
         }
@@ -294,7 +316,16 @@ mod tests {
     use super::*;
 
     fn spec() -> ModelSpec {
-        ModelSpec { vocab_size: 10, hidden_size: 8, intermediate_size: 12, num_layers: 2, num_heads: 2, num_kv_heads: 1, head_dim: 4, ..ModelSpec::llama3_8b() }
+        ModelSpec {
+            vocab_size: 10,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_layers: 2,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            ..ModelSpec::llama3_8b()
+        }
     }
 
     #[test]
@@ -318,7 +349,8 @@ mod tests {
         let s = spec();
         let lora = LoraConfig { r: 2, targets: vec![Target::V], ..LoraConfig::default() };
         let w = LoraWeights::init(&s, &lora, 4);
-        let rows = TokenRows { ids: vec![3, 7], embed: (0..16).map(|i| i as f32).collect(), head: Some((0..16).map(|i| -(i as f32)).collect()) };
+        let rows =
+            TokenRows { ids: vec![3, 7], embed: (0..16).map(|i| i as f32).collect(), head: Some((0..16).map(|i| -(i as f32)).collect()) };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("adapter");
         save_peft_with_tokens(&out, &w, &lora, "base", Some(&rows)).unwrap();

@@ -201,7 +201,8 @@ fn bnb_parts(weight: &str) -> [String; 5] {
 /// The shape a bnb quant state records for its weight.
 fn bnb_shape(store: &WeightStore, weight: &str) -> Result<Vec<usize>> {
     let qs = bnb_quant_state_name(weight);
-    let v: Value = serde_json::from_slice(store.bytes(&qs)?).map_err(|e| Error::tensor(&qs, Some(&store.dir), format!("is not the JSON quant state bnb writes: {e}")))?;
+    let v: Value = serde_json::from_slice(store.bytes(&qs)?)
+        .map_err(|e| Error::tensor(&qs, Some(&store.dir), format!("is not the JSON quant state bnb writes: {e}")))?;
     v.get("shape")
         .and_then(Value::as_array)
         .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
@@ -226,10 +227,8 @@ fn order_key(name: &str) -> (u8, usize, String) {
 }
 
 fn plan(store: &WeightStore, spec: &ModelSpec, dtype: MergeDtype) -> Result<Vec<Planned>> {
-    let packed: BTreeSet<String> = store
-        .names()
-        .filter_map(|n| n.strip_suffix(".quant_state.bitsandbytes__nf4").map(str::to_string))
-        .collect();
+    let packed: BTreeSet<String> =
+        store.names().filter_map(|n| n.strip_suffix(".quant_state.bitsandbytes__nf4").map(str::to_string)).collect();
     if let Some(fp4) = store.names().find(|n| n.ends_with(".quant_state.bitsandbytes__fp4")) {
         return Err(Error::tensor(fp4, Some(&store.dir), "is FP4-quantized; only NF4 checkpoints can be merged"));
     }
@@ -246,7 +245,8 @@ fn plan(store: &WeightStore, spec: &ModelSpec, dtype: MergeDtype) -> Result<Vec<
             continue;
         }
         let entry = store.get(name).expect("listed name");
-        let (shape, src_dtype) = if packed.contains(name) { (bnb_shape(store, name)?, Dtype::BF16) } else { (entry.shape.clone(), entry.dtype) };
+        let (shape, src_dtype) =
+            if packed.contains(name) { (bnb_shape(store, name)?, Dtype::BF16) } else { (entry.shape.clone(), entry.dtype) };
         let kind = if let Some(&(layer, target)) = linears.get(name) {
             Source::Linear { layer, target }
         } else if name == "model.embed_tokens.weight" {

@@ -29,21 +29,28 @@ pub fn load_run(run_dir: &Path) -> Result<RunArtifacts> {
     let spec = ModelSpec::from_dir(&config.model.path)?;
     let adapter_dir = run_dir.join(checkpoint::ADAPTER_DIR);
     if !adapter_dir.exists() {
-        return Err(Error::file(&adapter_dir, "is missing: the run has not finished a step yet (or was interrupted before saving); continue it with `tunestudio train --resume`"));
+        return Err(Error::file(
+            &adapter_dir,
+            "is missing: the run has not finished a step yet (or was interrupted before saving); continue it with `tunestudio train --resume`",
+        ));
     }
     let mut adapter = load_peft(&adapter_dir, &spec)?;
     if adapter.token_rows.is_none() && run_dir.join("token_fix.json").exists() {
         let ckpt = checkpoint::load_latest(run_dir)?;
         // The rows must belong to the same step as adapter/: the LoRA weights say which step that is.
-        if ckpt.weights.layers.len() != adapter.weights.layers.len() || ckpt.weights.layers.iter().zip(&adapter.weights.layers).any(|(a, b)| a != b) {
+        if ckpt.weights.layers.len() != adapter.weights.layers.len()
+            || ckpt.weights.layers.iter().zip(&adapter.weights.layers).any(|(a, b)| a != b)
+        {
             return Err(Error::file(
                 &ckpt.dir,
-                format!("holds different LoRA weights than {}: the trained token rows cannot be matched to the adapter", adapter_dir.display()),
+                format!(
+                    "holds different LoRA weights than {}: the trained token rows cannot be matched to the adapter",
+                    adapter_dir.display()
+                ),
             ));
         }
-        let rows = ckpt.token_rows.ok_or_else(|| {
-            Error::file(&ckpt.dir, "has no token rows although token_fix.json says the run trained some")
-        })?;
+        let rows =
+            ckpt.token_rows.ok_or_else(|| Error::file(&ckpt.dir, "has no token rows although token_fix.json says the run trained some"))?;
         adapter.token_rows = Some(rows);
     }
     Ok(RunArtifacts { run_dir: run_dir.to_path_buf(), config, spec, adapter })

@@ -89,8 +89,7 @@ impl ModelSpec {
             return Err(Error::file(dir, "is not a folder (a Hugging Face model folder is expected)"));
         }
         let text = std::fs::read_to_string(&path).with_path(&path)?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::line(&path, e.line(), format!("invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::line(&path, e.line(), format!("invalid JSON: {e}")))?;
         Self::from_json(&v, &path)
     }
 
@@ -102,26 +101,20 @@ impl ModelSpec {
             "qwen2" => Family::Qwen2,
             "" => return Err(Error::file(path, "`model_type` is missing")),
             other => {
-                return Err(Error::file(
-                    path,
-                    format!("unknown architecture `{other}`: supported are llama, mistral, qwen2"),
-                ));
+                return Err(Error::file(path, format!("unknown architecture `{other}`: supported are llama, mistral, qwen2")));
             }
         };
         let hidden_size = usize_field(v, "hidden_size", path)?;
         let num_heads = usize_field(v, "num_attention_heads", path)?;
         let num_kv_heads = get(v, "num_key_value_heads").and_then(Value::as_u64).map_or(num_heads, |x| x as usize);
-        let head_dim = get(v, "head_dim").and_then(Value::as_u64).map_or_else(
-            || if num_heads == 0 { 0 } else { hidden_size / num_heads },
-            |x| x as usize,
-        );
+        let head_dim = get(v, "head_dim")
+            .and_then(Value::as_u64)
+            .map_or_else(|| if num_heads == 0 { 0 } else { hidden_size / num_heads }, |x| x as usize);
         // transformers ≥ 5 writes `rope_parameters` (theta + scaling together); older files write
         // `rope_theta` and `rope_scaling`.
         let rope_params = get(v, "rope_parameters");
-        let rope_theta = rope_params
-            .and_then(|p| get(p, "rope_theta"))
-            .and_then(Value::as_f64)
-            .unwrap_or_else(|| f64_or(v, "rope_theta", 10000.0));
+        let rope_theta =
+            rope_params.and_then(|p| get(p, "rope_theta")).and_then(Value::as_f64).unwrap_or_else(|| f64_or(v, "rope_theta", 10000.0));
         let scaling_value = get(v, "rope_scaling").or(rope_params);
         let rope_scaling = match scaling_value {
             None => None,
@@ -223,10 +216,13 @@ impl ModelSpec {
 
     /// Parameters of the decoder linears (no biases, no norms).
     pub fn linear_params(&self) -> u64 {
-        let per_layer: usize = Target::ALL.iter().map(|&t| {
-            let (o, i) = self.linear_shape(t);
-            o * i
-        }).sum();
+        let per_layer: usize = Target::ALL
+            .iter()
+            .map(|&t| {
+                let (o, i) = self.linear_shape(t);
+                o * i
+            })
+            .sum();
         (per_layer * self.num_layers) as u64
     }
 
@@ -235,22 +231,21 @@ impl ModelSpec {
         let d = self.hidden_size as u64;
         let embed = self.vocab_size as u64 * d;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        let biases: u64 = Target::ALL
-            .iter()
-            .filter(|&&t| self.has_bias(t))
-            .map(|&t| self.linear_shape(t).0 as u64)
-            .sum::<u64>()
-            * self.num_layers as u64;
+        let biases: u64 =
+            Target::ALL.iter().filter(|&&t| self.has_bias(t)).map(|&t| self.linear_shape(t).0 as u64).sum::<u64>() * self.num_layers as u64;
         let norms = (2 * self.num_layers as u64 + 1) * d;
         self.linear_params() + embed + head + biases + norms
     }
 
     /// LoRA parameters for rank `r` over `targets` in every layer.
     pub fn lora_params(&self, r: usize, targets: &[Target]) -> u64 {
-        let per_layer: usize = targets.iter().map(|&t| {
-            let (o, i) = self.linear_shape(t);
-            r * (o + i)
-        }).sum();
+        let per_layer: usize = targets
+            .iter()
+            .map(|&t| {
+                let (o, i) = self.linear_shape(t);
+                r * (o + i)
+            })
+            .sum();
         (per_layer * self.num_layers) as u64
     }
 

@@ -139,10 +139,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("origin", &self.origin)
-            .field("has_generation", &self.has_generation)
-            .finish_non_exhaustive()
+        f.debug_struct("ChatTemplate").field("origin", &self.origin).field("has_generation", &self.has_generation).finish_non_exhaustive()
     }
 }
 
@@ -570,11 +567,7 @@ mod tests {
     use super::*;
 
     fn specials() -> SpecialTokens {
-        SpecialTokens {
-            bos_token: Some("<|begin_of_text|>".into()),
-            eos_token: Some("<|eot_id|>".into()),
-            ..Default::default()
-        }
+        SpecialTokens { bos_token: Some("<|begin_of_text|>".into()), eos_token: Some("<|eot_id|>".into()), ..Default::default() }
     }
 
     fn convo() -> Vec<Message> {

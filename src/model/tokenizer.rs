@@ -98,8 +98,8 @@ impl TokenizerBundle {
             ));
         }
         let bytes = std::fs::read(&tok_path).with_path(&tok_path)?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::file(&tok_path, format!("cannot be read as a tokenizer: {e}")))?;
+        let tokenizer =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| Error::file(&tok_path, format!("cannot be read as a tokenizer: {e}")))?;
         let config = read_json_if_present(&model_dir.join("tokenizer_config.json"))?;
         let special_map = read_json_if_present(&model_dir.join("special_tokens_map.json"))?;
         let generation = read_json_if_present(&model_dir.join("generation_config.json"))?;
@@ -149,8 +149,7 @@ impl TokenizerBundle {
 
         // tokenizer_config.json wins; special_tokens_map.json fills what it leaves out.
         let field = |name: &str| {
-            token_string(config.as_ref().and_then(|c| c.get(name)))
-                .or_else(|| token_string(special_map.as_ref().and_then(|c| c.get(name))))
+            token_string(config.as_ref().and_then(|c| c.get(name))).or_else(|| token_string(special_map.as_ref().and_then(|c| c.get(name))))
         };
         let specials = SpecialTokens {
             bos_token: field("bos_token"),
@@ -174,10 +173,7 @@ impl TokenizerBundle {
         };
         // Some tokenizer.json files carry truncation or padding settings from whoever saved them;
         // the dataset code truncates and pads itself and needs the full, unpadded encoding.
-        bundle
-            .tokenizer
-            .with_truncation(None)
-            .map_err(|e| Error::file(&tok_path, format!("cannot disable truncation: {e}")))?;
+        bundle.tokenizer.with_truncation(None).map_err(|e| Error::file(&tok_path, format!("cannot disable truncation: {e}")))?;
         bundle.tokenizer.with_padding(None);
         bundle.resolve_ids(generation.as_ref());
         Ok(bundle)
@@ -214,7 +210,8 @@ impl TokenizerBundle {
         let id_of = |s: &Option<String>| s.as_deref().and_then(|t| self.tokenizer.token_to_id(t));
         self.bos_id = id_of(&self.specials.bos_token);
         self.eos_id = id_of(&self.specials.eos_token);
-        for (name, tok, id) in [("bos_token", &self.specials.bos_token, self.bos_id), ("eos_token", &self.specials.eos_token, self.eos_id)] {
+        for (name, tok, id) in [("bos_token", &self.specials.bos_token, self.bos_id), ("eos_token", &self.specials.eos_token, self.eos_id)]
+        {
             if let (Some(t), None) = (tok, id) {
                 self.warnings.push(format!("{name} `{t}` is not in the vocabulary"));
             }
@@ -249,10 +246,7 @@ impl TokenizerBundle {
 
         let declared = id_of(&self.specials.pad_token);
         let gen_pad = gen_ids("pad_token_id").first().copied().filter(|&p| (p as usize) < self.vocab_size());
-        let reserved = PAD_CANDIDATES
-            .iter()
-            .find_map(|t| self.tokenizer.token_to_id(t))
-            .or_else(|| self.highest_reserved_special());
+        let reserved = PAD_CANDIDATES.iter().find_map(|t| self.tokenizer.token_to_id(t)).or_else(|| self.highest_reserved_special());
         (self.pad_id, self.pad_source) = if let Some(p) = declared {
             (p, PadSource::Declared)
         } else if let Some(p) = gen_pad.filter(|p| Some(*p) != self.eos_id) {
@@ -308,9 +302,7 @@ impl TokenizerBundle {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.tokenizer
-            .decode(ids, skip_special)
-            .map_err(|e| Error::file(self.dir.join("tokenizer.json"), format!("decoding failed: {e}")))
+        self.tokenizer.decode(ids, skip_special).map_err(|e| Error::file(self.dir.join("tokenizer.json"), format!("decoding failed: {e}")))
     }
 
     /// The vocabulary entry of `id` (`Ġthe`, `<|eot_id|>`), not its decoded text.

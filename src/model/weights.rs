@@ -48,14 +48,10 @@ impl WeightStore {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).with_path(&index)?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::line(&index, e.line(), format!("invalid JSON: {e}")))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::file(&index, "`weight_map` is missing"))?;
-            let mut names: Vec<String> =
-                map.values().filter_map(|s| s.as_str().map(str::to_string)).collect();
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::line(&index, e.line(), format!("invalid JSON: {e}")))?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::file(&index, "`weight_map` is missing"))?;
+            let mut names: Vec<String> = map.values().filter_map(|s| s.as_str().map(str::to_string)).collect();
             names.sort();
             names.dedup();
             names.into_iter().map(|n| dir.join(n)).collect()
@@ -82,8 +78,8 @@ impl WeightStore {
             let mmap = open_shard(&path)?;
             let (header_len, _) = SafeTensors::read_metadata(&mmap)
                 .map_err(|e| Error::file(&path, format!("corrupt or truncated safetensors file ({e})")))?;
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| Error::file(&path, format!("corrupt or truncated safetensors file ({e})")))?;
+            let st =
+                SafeTensors::deserialize(&mmap).map_err(|e| Error::file(&path, format!("corrupt or truncated safetensors file ({e})")))?;
             let data_start = 8 + header_len;
             for (name, view) in st.tensors() {
                 let data = view.data();
@@ -133,11 +129,7 @@ impl WeightStore {
     pub fn f32(&self, name: &str, expect_shape: &[usize]) -> Result<Vec<f32>> {
         let e = self.entry(name)?;
         if e.shape != expect_shape {
-            return Err(Error::tensor(
-                name,
-                Some(self.shard_path(e)),
-                format!("has shape {:?}, expected {:?}", e.shape, expect_shape),
-            ));
+            return Err(Error::tensor(name, Some(self.shard_path(e)), format!("has shape {:?}, expected {:?}", e.shape, expect_shape)));
         }
         self.f32_any_shape(name)
     }
@@ -146,9 +138,8 @@ impl WeightStore {
     pub fn f32_any_shape(&self, name: &str) -> Result<Vec<f32>> {
         let e = self.entry(name)?;
         let bytes = &self.shards[e.shard].1[e.start..e.end];
-        to_f32(bytes, e.dtype).ok_or_else(|| {
-            Error::tensor(name, Some(self.shard_path(e)), format!("has dtype {:?}; expected f32, f16 or bf16", e.dtype))
-        })
+        to_f32(bytes, e.dtype)
+            .ok_or_else(|| Error::tensor(name, Some(self.shard_path(e)), format!("has dtype {:?}; expected f32, f16 or bf16", e.dtype)))
     }
 
     /// dtype names present, with counts (for `inspect`).
@@ -171,10 +162,7 @@ pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
+        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32).collect(),
         _ => return None,
     })
 }
@@ -220,8 +208,7 @@ pub fn serialize_safetensors(tensors: &[OutTensor], metadata: Option<BTreeMap<St
 /// Read a whole small safetensors file into name → (shape, f32 data) (adapters, checkpoints).
 pub fn read_small_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
     let bytes = std::fs::read(path).with_path(path)?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let data = to_f32(view.data(), view.dtype())

@@ -123,11 +123,7 @@ pub fn gpu_rcp(x: f32) -> f32 {
     let r = if (RCP_OTHER_NEIGHBOUR[m >> 3] >> (m & 7)) & 1 == 1 {
         // Both operands have 24-bit significands, so the product is exact in f64: it tells on
         // which side of the true reciprocal round-to-nearest landed.
-        if f64::from(r) * f64::from(a) < 1.0 {
-            f32::from_bits(r.to_bits() + 1)
-        } else {
-            f32::from_bits(r.to_bits() - 1)
-        }
+        if f64::from(r) * f64::from(a) < 1.0 { f32::from_bits(r.to_bits() + 1) } else { f32::from_bits(r.to_bits() - 1) }
     } else {
         r
     };
@@ -177,15 +173,7 @@ pub fn dynamic_map_signed() -> [f32; 256] {
 fn linspace_like_torch(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
-    (0..steps)
-        .map(|i| {
-            if i < halfway {
-                step.mul_add(i as f32, start)
-            } else {
-                (-step).mul_add((steps - i - 1) as f32, end)
-            }
-        })
-        .collect()
+    (0..steps).map(|i| if i < halfway { step.mul_add(i as f32, start) } else { (-step).mul_add((steps - i - 1) as f32, end) }).collect()
 }
 
 /// The kernel's 8-bit search (`dQuantize<0>`): a 7-step binary search over the sorted code, then
@@ -280,23 +268,15 @@ impl Nf4Tensor {
         Self::quantize_impl(data, |x| x, shape, offset)
     }
 
-    fn quantize_impl<T: Copy + Sync>(
-        data: &[T],
-        widen: impl Fn(T) -> f32 + Sync,
-        shape: &[usize],
-        offset: Option<f32>,
-    ) -> Self {
+    fn quantize_impl<T: Copy + Sync>(data: &[T], widen: impl Fn(T) -> f32 + Sync, shape: &[usize], offset: Option<f32>) -> Self {
         let numel: usize = shape.iter().product();
         assert_eq!(data.len(), numel, "Nf4Tensor::quantize: {} values for shape {shape:?}", data.len());
         let blocks = numel.div_ceil(BLOCKSIZE);
         let mut packed = vec![0u8; numel.div_ceil(2)];
         let mut absmax = vec![0f32; blocks];
-        data.par_chunks(BLOCKSIZE)
-            .zip(packed.par_chunks_mut(BLOCKSIZE / 2))
-            .zip(absmax.par_iter_mut())
-            .for_each(|((block, out), amax)| {
-                *amax = quantize_block(block, &widen, out);
-            });
+        data.par_chunks(BLOCKSIZE).zip(packed.par_chunks_mut(BLOCKSIZE / 2)).zip(absmax.par_iter_mut()).for_each(|((block, out), amax)| {
+            *amax = quantize_block(block, &widen, out);
+        });
 
         let offset = offset.unwrap_or_else(|| if absmax.is_empty() { 0.0 } else { mean_like_torch(&absmax) });
         // `_absmax - offset` is a plain torch subtraction: IEEE, no flushing.
@@ -304,17 +284,15 @@ impl Nf4Tensor {
         let code2 = dynamic_map_signed();
         let mut absmax_q = vec![0u8; blocks];
         let mut absmax2 = vec![0f32; blocks.div_ceil(NESTED_BLOCKSIZE)];
-        centered
-            .par_chunks(NESTED_BLOCKSIZE)
-            .zip(absmax_q.par_chunks_mut(NESTED_BLOCKSIZE))
-            .zip(absmax2.par_iter_mut())
-            .for_each(|((vals, out), amax2)| {
+        centered.par_chunks(NESTED_BLOCKSIZE).zip(absmax_q.par_chunks_mut(NESTED_BLOCKSIZE)).zip(absmax2.par_iter_mut()).for_each(
+            |((vals, out), amax2)| {
                 *amax2 = block_absmax(vals.iter().copied(), vals.len() < NESTED_BLOCKSIZE);
                 let r = gpu_rcp(*amax2);
                 for (q, &v) in out.iter_mut().zip(vals) {
                     *q = dynamic_index(&code2, fmul_ftz(v, r));
                 }
-            });
+            },
+        );
 
         Nf4Tensor {
             shape: shape.to_vec(),
@@ -432,11 +410,7 @@ impl Nf4Tensor {
     /// (f32), `weight.nested_quant_map` (f32[256]) and `weight.quant_state.bitsandbytes__nf4`
     /// (u8 bytes of a JSON object with quant_type, blocksize, dtype, shape, nested_blocksize,
     /// nested_dtype, nested_offset). `get` returns a tensor by name; `file` is only for messages.
-    pub fn from_bnb_parts<'a>(
-        weight: &str,
-        file: Option<&Path>,
-        get: impl Fn(&str) -> Option<RawTensor<'a>>,
-    ) -> Result<Self> {
+    pub fn from_bnb_parts<'a>(weight: &str, file: Option<&Path>, get: impl Fn(&str) -> Option<RawTensor<'a>>) -> Result<Self> {
         let part = |suffix: &str| -> Result<(String, RawTensor<'a>)> {
             let name = if suffix.is_empty() { weight.to_string() } else { format!("{weight}.{suffix}") };
             match get(&name) {
@@ -451,22 +425,14 @@ impl Nf4Tensor {
 
         let (qs_name, qs) = part("quant_state.bitsandbytes__nf4").map_err(|e| {
             let other = format!("{weight}.quant_state.bitsandbytes__fp4");
-            if get(&other).is_some() {
-                Error::tensor(other, file, "is FP4-quantized; only NF4 is supported")
-            } else {
-                e
-            }
+            if get(&other).is_some() { Error::tensor(other, file, "is FP4-quantized; only NF4 is supported") } else { e }
         })?;
         let state: serde_json::Value = serde_json::from_slice(qs.bytes)
             .map_err(|e| Error::tensor(&qs_name, file, format!("is not the JSON quant state bnb writes: {e}")))?;
         let bad = |msg: String| Error::tensor(&qs_name, file, msg);
         let field = |key: &str| state.get(key).ok_or_else(|| bad(format!("has no `{key}`")));
-        let usize_field = |key: &str| {
-            field(key)?
-                .as_u64()
-                .map(|v| v as usize)
-                .ok_or_else(|| bad(format!("`{key}` is not a non-negative integer")))
-        };
+        let usize_field =
+            |key: &str| field(key)?.as_u64().map(|v| v as usize).ok_or_else(|| bad(format!("`{key}` is not a non-negative integer")));
 
         let quant_type = field("quant_type")?.as_str().unwrap_or("");
         if quant_type != "nf4" {
@@ -474,8 +440,7 @@ impl Nf4Tensor {
         }
         if state.get("nested_offset").is_none() {
             return Err(bad(
-                "has no nested (double) quantization; only bnb_4bit_use_double_quant=True checkpoints are supported"
-                    .to_string(),
+                "has no nested (double) quantization; only bnb_4bit_use_double_quant=True checkpoints are supported".to_string()
             ));
         }
         let blocksize = usize_field("blocksize")?;
@@ -491,9 +456,7 @@ impl Nf4Tensor {
             return Err(bad(format!("has nested_dtype {nested_dtype:?}; expected \"float32\"")));
         }
         // A Python float holding an f32 exactly: the f64 parse is exact, so the cast is too.
-        let offset = field("nested_offset")?
-            .as_f64()
-            .ok_or_else(|| bad("`nested_offset` is not a number".to_string()))? as f32;
+        let offset = field("nested_offset")?.as_f64().ok_or_else(|| bad("`nested_offset` is not a number".to_string()))? as f32;
         let shape: Vec<usize> = field("shape")?
             .as_array()
             .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
@@ -575,8 +538,7 @@ fn expect_dtype(name: &str, file: Option<&Path>, t: &RawTensor<'_>, dtype: Dtype
 
 fn f32s(name: &str, file: Option<&Path>, t: &RawTensor<'_>, len: Option<usize>) -> Result<Vec<f32>> {
     expect_dtype(name, file, t, Dtype::F32)?;
-    let vals: Vec<f32> =
-        t.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let vals: Vec<f32> = t.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     if let Some(len) = len
         && vals.len() != len
     {
@@ -725,10 +687,9 @@ mod tests {
         // Block absmax values 2 ± A, 2 ± x (multiples of 2^-21, mean exactly 2): the centred x is
         // scaled by 1/A, and MUFU.RCP(A) and the correctly rounded 1/A fall on either side of a
         // midpoint of the 8-bit code. The same inputs are the rcp_flip_* bnb fixtures.
-        for (a, x, gpu_code, rn_code) in [
-            (1.9312448501586914f64, 0.1333765983581543f64, 179u8, 180u8),
-            (1.2911558151245117, 0.3288412094116211, 202, 201),
-        ] {
+        for (a, x, gpu_code, rn_code) in
+            [(1.9312448501586914f64, 0.1333765983581543f64, 179u8, 180u8), (1.2911558151245117, 0.3288412094116211, 202, 201)]
+        {
             let absmax = [2.0 + a, 2.0 - a, 2.0 + x, 2.0 - x].map(|v| v as f32);
             let mut data = vec![0f32; 256];
             for (b, &m) in absmax.iter().enumerate() {

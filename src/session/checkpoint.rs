@@ -9,8 +9,8 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Target;
-use crate::engine::{OptimizerState, TokenRows};
 use crate::engine::lora::{LoraPair, LoraWeights};
+use crate::engine::{OptimizerState, TokenRows};
 use crate::error::{Error, IoContext, Result};
 use crate::model::weights::{OutTensor, read_small_f32, serialize_safetensors};
 use crate::util::{write_atomic, write_dir_atomic};
@@ -98,7 +98,13 @@ fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
 }
 
 /// Write a checkpoint atomically and prune older ones.
-pub fn save(run_dir: &Path, weights: &LoraWeights, opt: &OptimizerState, rows: Option<&TokenRows>, state: &CheckpointState) -> Result<PathBuf> {
+pub fn save(
+    run_dir: &Path,
+    weights: &LoraWeights,
+    opt: &OptimizerState,
+    rows: Option<&TokenRows>,
+    state: &CheckpointState,
+) -> Result<PathBuf> {
     let dir = step_dir(run_dir, state.step);
     let mut w = Vec::new();
     let mut o = Vec::new();
@@ -173,16 +179,16 @@ fn prune(run_dir: &Path, newest: u64) {
 
 /// Load the newest complete checkpoint.
 pub fn load_latest(run_dir: &Path) -> Result<Checkpoint> {
-    let step = *list(run_dir)
-        .last()
-        .ok_or_else(|| Error::file(run_dir, "has no checkpoint to resume from (checkpoints/step-*/state.json)"))?;
+    let step =
+        *list(run_dir).last().ok_or_else(|| Error::file(run_dir, "has no checkpoint to resume from (checkpoints/step-*/state.json)"))?;
     load(&step_dir(run_dir, step))
 }
 
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     let sp = dir.join("state.json");
     let text = std::fs::read_to_string(&sp).with_path(&sp)?;
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| Error::line(&sp, e.line(), format!("invalid checkpoint state: {e}")))?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).map_err(|e| Error::line(&sp, e.line(), format!("invalid checkpoint state: {e}")))?;
     let rank_path = dir.join("rank");
     let rank: usize = std::fs::read_to_string(&rank_path)
         .with_path(&rank_path)?
@@ -229,20 +235,13 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
 
 /// Read `metrics.jsonl` (skipping a torn last line).
 pub fn read_metrics(run_dir: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(run_dir.join(METRICS_FILE))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    std::fs::read_to_string(run_dir.join(METRICS_FILE)).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 /// Keep only metrics up to `step` (a resumed run rewrites what came after its checkpoint).
 pub fn truncate_metrics(run_dir: &Path, step: u64) -> Result<()> {
-    let kept: String = read_metrics(run_dir)
-        .into_iter()
-        .filter(|m| m.step <= step)
-        .map(|m| serde_json::to_string(&m).expect("json") + "\n")
-        .collect();
+    let kept: String =
+        read_metrics(run_dir).into_iter().filter(|m| m.step <= step).map(|m| serde_json::to_string(&m).expect("json") + "\n").collect();
     write_atomic(&run_dir.join(METRICS_FILE), kept.as_bytes())
 }
 

@@ -31,12 +31,23 @@ pub enum Event {
     Log(String),
     Loaded(Box<LoadedInfo>),
     Step(StepMetrics),
-    Checkpoint { step: u64, dir: PathBuf },
-    Paused { step: u64 },
-    Resumed { step: u64 },
+    Checkpoint {
+        step: u64,
+        dir: PathBuf,
+    },
+    Paused {
+        step: u64,
+    },
+    Resumed {
+        step: u64,
+    },
     Finished(Finished),
     /// The run could not go on; `message` says what to do.
-    Failed { message: String, run_dir: Option<PathBuf>, last_checkpoint: Option<PathBuf> },
+    Failed {
+        message: String,
+        run_dir: Option<PathBuf>,
+        last_checkpoint: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -197,7 +208,13 @@ struct Prepared {
     started: Instant,
 }
 
-fn run(mut cfg: RunConfig, options: StartOptions, events: &Sender<Event>, control: &Receiver<Control>, run_dir_out: &mut Option<PathBuf>) -> Result<Finished> {
+fn run(
+    mut cfg: RunConfig,
+    options: StartOptions,
+    events: &Sender<Event>,
+    control: &Receiver<Control>,
+    run_dir_out: &mut Option<PathBuf>,
+) -> Result<Finished> {
     let started = Instant::now();
     let log = |m: String| {
         let _ = events.send(Event::Log(m));
@@ -232,7 +249,12 @@ fn run(mut cfg: RunConfig, options: StartOptions, events: &Sender<Event>, contro
         let mut wanted = cfg.lora.targets.clone();
         wanted.sort();
         if a.lora.r != cfg.lora.r || a.lora.targets != wanted || a.lora.alpha != cfg.lora.alpha {
-            log(format!("continuing from {}: using its r = {}, alpha = {}, targets from the adapter", adapter.display(), a.lora.r, a.lora.alpha));
+            log(format!(
+                "continuing from {}: using its r = {}, alpha = {}, targets from the adapter",
+                adapter.display(),
+                a.lora.r,
+                a.lora.alpha
+            ));
             cfg.lora.r = a.lora.r;
             cfg.lora.alpha = a.lora.alpha;
             cfg.lora.targets = a.lora.targets.clone();
@@ -247,7 +269,8 @@ fn run(mut cfg: RunConfig, options: StartOptions, events: &Sender<Event>, contro
     }
     let report = data.report.clone();
     let examples = Arc::new(data.examples);
-    let batcher = Batcher::new(examples.clone(), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
+    let batcher =
+        Batcher::new(examples.clone(), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
     let bpe = batcher.batches_per_epoch().max(1) as u64;
     let steps_per_epoch = bpe.div_ceil(cfg.train.grad_accum as u64);
     let total_steps = cfg.train.total_steps(steps_per_epoch);
@@ -288,7 +311,10 @@ fn untrained_token_fix(
     match u.action {
         TokenAction::None => return Ok(None),
         TokenAction::LeaveAlone => {
-            log(format!("{} untrained token rows exist; neither the data nor the chat template uses them, so they are left alone", u.tokens.len()));
+            log(format!(
+                "{} untrained token rows exist; neither the data nor the chat template uses them, so they are left alone",
+                u.tokens.len()
+            ));
             return Ok(None);
         }
         TokenAction::Refuse => return Err(u.refusal().expect("refuse has a refusal")),
@@ -317,7 +343,10 @@ fn untrained_token_fix(
         "trained_with_adapter": u.fix_trains,
     });
     crate::util::write_atomic(&run_dir.join("token_fix.json"), serde_json::to_string_pretty(&record).expect("json").as_bytes())?;
-    log(format!("untrained tokens used by the data or template: {}; starting them at the mean of the trained rows and training them", names.join(", ")));
+    log(format!(
+        "untrained tokens used by the data or template: {}; starting them at the mean of the trained rows and training them",
+        names.join(", ")
+    ));
     Ok(Some(rows))
 }
 
@@ -329,11 +358,16 @@ fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInpu
     let Error::OutOfMemory { during, advice } = e else { return e };
     let Some(total) = device.total_memory_bytes else { return Error::OutOfMemory { during, advice } };
     let host = crate::backend::host_memory();
-    let target = PlanTarget { context_bytes: crate::backend::cuda::planned_context_bytes(&device.name), ..PlanTarget::gpu(&device.name, total) }.with_host(host.as_ref());
+    let target =
+        PlanTarget { context_bytes: crate::backend::cuda::planned_context_bytes(&device.name), ..PlanTarget::gpu(&device.name, total) }
+            .with_host(host.as_ref());
     let p = plan::plan(spec, input, &target);
-    let fixes: Vec<String> = plan::suggestions(spec, input, &target).into_iter().map(|s| format!("{} ({})", s.change, fmt_bytes(s.peak_bytes))).collect();
+    let fixes: Vec<String> =
+        plan::suggestions(spec, input, &target).into_iter().map(|s| format!("{} ({})", s.change, fmt_bytes(s.peak_bytes))).collect();
     let pinned = match (&host, p.host_fits) {
-        (Some(h), false) => format!(" and {} of pinned host memory with {} of RAM available", fmt_bytes(p.pinned_host_bytes), fmt_bytes(h.available_bytes)),
+        (Some(h), false) => {
+            format!(" and {} of pinned host memory with {} of RAM available", fmt_bytes(p.pinned_host_bytes), fmt_bytes(h.available_bytes))
+        }
         _ => String::new(),
     };
     let advice = format!(
@@ -347,7 +381,13 @@ fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInpu
     Error::OutOfMemory { during, advice }
 }
 
-fn train_on<B: Backend>(backend: B, p: Prepared, options: &StartOptions, events: &Sender<Event>, control: &Receiver<Control>) -> Result<Finished> {
+fn train_on<B: Backend>(
+    backend: B,
+    p: Prepared,
+    options: &StartOptions,
+    events: &Sender<Event>,
+    control: &Receiver<Control>,
+) -> Result<Finished> {
     let send = |e: Event| {
         let _ = events.send(e);
     };
@@ -506,7 +546,12 @@ fn train_on<B: Backend>(backend: B, p: Prepared, options: &StartOptions, events:
             tokens_per_s: stats.tokens as f64 / step_secs.max(1e-9),
             elapsed_s: elapsed_before + elapsed,
             eta_s: eta,
-            memory_bytes: trainer.backend.device().free_memory_bytes.and_then(|f| trainer.backend.device().total_memory_bytes.map(|t| t - f)).or_else(crate::util::process_rss_bytes),
+            memory_bytes: trainer
+                .backend
+                .device()
+                .free_memory_bytes
+                .and_then(|f| trainer.backend.device().total_memory_bytes.map(|t| t - f))
+                .or_else(crate::util::process_rss_bytes),
         };
         checkpoint::append_metrics(&p.run_dir, &m)?;
         last_loss = Some(stats.loss);

@@ -72,9 +72,8 @@ pub fn tokenizer_json(specials: &[(&str, u32)]) -> Value {
 pub fn model_dir(config: Option<Value>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write_json(&dir.path().join("tokenizer.json"), &tokenizer_json(&SPECIALS));
-    let config = config.unwrap_or_else(|| {
-        json!({"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>", "special": true}})
-    });
+    let config =
+        config.unwrap_or_else(|| json!({"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>", "special": true}}));
     write_json(&dir.path().join("tokenizer_config.json"), &config);
     dir
 }

@@ -112,8 +112,9 @@ impl Gemm {
         // cuBLASLt's A = our B, its B = our A (see the module doc).
         let (op_a, a_rows, a_cols) = if b_t { (1i32, k, n) } else { (0i32, n, k) };
         let (op_b, b_rows, b_cols) = if a_t { (1i32, m, k) } else { (0i32, k, m) };
-        let desc = cudarc::cublaslt::result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType_t::CUDA_R_32F)
-            .map_err(|e| lt_err("cublasLtMatmulDescCreate", e))?;
+        let desc =
+            cudarc::cublaslt::result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType_t::CUDA_R_32F)
+                .map_err(|e| lt_err("cublasLtMatmulDescCreate", e))?;
         let mut layouts = [std::ptr::null_mut(); 3];
         let make = |t, rows: usize, cols: usize| {
             cudarc::cublaslt::result::create_matrix_layout(t, rows as u64, cols as u64, rows as i64)
@@ -127,10 +128,7 @@ impl Gemm {
         unsafe {
             use lt::cublasLtMatmulDescAttributes_t as A;
             let set = |attr, v: &i32| {
-                check(
-                    "cublasLtMatmulDescSetAttribute",
-                    lt::cublasLtMatmulDescSetAttribute(desc, attr, v as *const i32 as *const c_void, 4),
-                )
+                check("cublasLtMatmulDescSetAttribute", lt::cublasLtMatmulDescSetAttribute(desc, attr, v as *const i32 as *const c_void, 4))
             };
             set(A::CUBLASLT_MATMUL_DESC_TRANSA, &op_a)?;
             set(A::CUBLASLT_MATMUL_DESC_TRANSB, &op_b)?;
@@ -144,7 +142,12 @@ impl Gemm {
             let r = (|| -> Result<Option<lt::cublasLtMatmulHeuristicResult_t>> {
                 check(
                     "cublasLtMatmulPreferenceSetAttribute",
-                    lt::cublasLtMatmulPreferenceSetAttribute(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as *const c_void, 8),
+                    lt::cublasLtMatmulPreferenceSetAttribute(
+                        pref,
+                        P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                        &ws as *const u64 as *const c_void,
+                        8,
+                    ),
                 )?;
                 for attr in [
                     P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
@@ -152,12 +155,24 @@ impl Gemm {
                     P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
                     P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                 ] {
-                    check("cublasLtMatmulPreferenceSetAttribute", lt::cublasLtMatmulPreferenceSetAttribute(pref, attr, &align as *const u32 as *const c_void, 4))?;
+                    check(
+                        "cublasLtMatmulPreferenceSetAttribute",
+                        lt::cublasLtMatmulPreferenceSetAttribute(pref, attr, &align as *const u32 as *const c_void, 4),
+                    )?;
                 }
                 let mut result = std::mem::MaybeUninit::<lt::cublasLtMatmulHeuristicResult_t>::zeroed();
                 let mut count = 0i32;
                 let s = lt::cublasLtMatmulAlgoGetHeuristic(
-                    self.handle, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref, 1, result.as_mut_ptr(), &mut count,
+                    self.handle,
+                    desc,
+                    layouts[0],
+                    layouts[1],
+                    layouts[2],
+                    layouts[2],
+                    pref,
+                    1,
+                    result.as_mut_ptr(),
+                    &mut count,
                 );
                 if s != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS || count == 0 {
                     return Ok(None);
@@ -181,7 +196,8 @@ impl Gemm {
     /// the shape (the caller then runs the fallback kernel).
     pub fn run(&mut self, call: &GemmCall, stream: cudarc::driver::sys::CUstream) -> Result<bool> {
         let align = [call.a, call.b, call.c, call.bias.unwrap_or(0)].into_iter().map(alignment).min().unwrap_or(256);
-        let key = Key { m: call.m, n: call.n, k: call.k, a_t: call.a_t, b_t: call.b_t, c_f32: call.c_f32, bias: call.bias.is_some(), align };
+        let key =
+            Key { m: call.m, n: call.n, k: call.k, a_t: call.a_t, b_t: call.b_t, c_f32: call.c_f32, bias: call.bias.is_some(), align };
         let (handle, workspace, workspace_bytes) = (self.handle, self.workspace, self.workspace_bytes);
         let Some(plan) = self.plan(key)? else { return Ok(false) };
         // SAFETY: the plan's objects are live; pointers are device addresses of buffers the caller
@@ -200,23 +216,23 @@ impl Gemm {
             }
             let (alpha, beta) = (call.alpha, call.beta);
             let status = lt::cublasLtMatmul(
-                    handle,
-                    plan.desc,
-                    &alpha as *const f32 as *const c_void,
-                    call.b as *const c_void,
-                    plan.layouts[0],
-                    call.a as *const c_void,
-                    plan.layouts[1],
-                    &beta as *const f32 as *const c_void,
-                    call.c as *const c_void,
-                    plan.layouts[2],
-                    call.c as *mut c_void,
-                    plan.layouts[2],
-                    &plan.algo,
-                    workspace as *mut c_void,
-                    workspace_bytes,
-                    stream as lt::cudaStream_t,
-                );
+                handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                call.b as *const c_void,
+                plan.layouts[0],
+                call.a as *const c_void,
+                plan.layouts[1],
+                &beta as *const f32 as *const c_void,
+                call.c as *const c_void,
+                plan.layouts[2],
+                call.c as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                workspace as *mut c_void,
+                workspace_bytes,
+                stream as lt::cudaStream_t,
+            );
             if status == lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
                 // The heuristic offered an algorithm the call then refused: remember the shape
                 // as unsupported and let the caller use the fallback kernel.

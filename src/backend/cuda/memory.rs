@@ -2,8 +2,8 @@
 //! through [`DevBuf::new`], so `memory_used` / `peak_memory` are exact for what we allocated
 //! (cuBLASLt's workspace included; the context and the loaded modules are not ours to count).
 
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, result as drv};
 

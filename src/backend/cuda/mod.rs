@@ -319,7 +319,10 @@ impl CudaBackend {
         let ctx = CudaContext::new(0).map_err(|e| Error::NoCuda(format!("cannot create a context on GPU 0: {e}")))?;
         let cc = ctx.compute_capability().map_err(cuda_err("compute capability"))?;
         if cc.0 < 8 {
-            return Err(Error::NoCuda(format!("compute capability {}.{} is below 8.0: bf16 tensor cores are needed (Ampere or newer)", cc.0, cc.1)));
+            return Err(Error::NoCuda(format!(
+                "compute capability {}.{} is below 8.0: bf16 tensor cores are needed (Ampere or newer)",
+                cc.0, cc.1
+            )));
         }
         let name = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into());
         let compute = ctx.new_stream().map_err(cuda_err("create compute stream"))?;
@@ -336,12 +339,16 @@ impl CudaBackend {
         }
         let mut funcs = Vec::with_capacity(Kernel::ALL.len());
         for &k in Kernel::ALL {
-            let f = modules[k.file()].load_function(k.symbol()).map_err(|e| Error::Cuda { op: format!("find kernel {}", k.symbol()), msg: e.to_string() })?;
+            let f = modules[k.file()]
+                .load_function(k.symbol())
+                .map_err(|e| Error::Cuda { op: format!("find kernel {}", k.symbol()), msg: e.to_string() })?;
             funcs.push(Func(f));
         }
         // Each attention kernel with the dynamic shared memory it launches with.
         let mut attention_smem = Vec::new();
-        for (hd, version) in [32, 64, 96, 128].map(|h| (h, AttnVersion::V1)).into_iter().chain([(64, AttnVersion::V2), (128, AttnVersion::V2)]) {
+        for (hd, version) in
+            [32, 64, 96, 128].map(|h| (h, AttnVersion::V1)).into_iter().chain([(64, AttnVersion::V2), (128, AttnVersion::V2)])
+        {
             let (fwd, dkdv, dq) = kernels::attention_kernels(hd, version).expect("listed head dims");
             let smem = kernels::attention_smem_bytes(hd, version);
             attention_smem.extend([(fwd, smem[0]), (dkdv, smem[1]), (dq, smem[2])]);
@@ -362,8 +369,10 @@ impl CudaBackend {
             }
             .map_err(cuda_err("raise attention shared memory"))?;
         }
-        let attn_selected = AttnVersion::from_env()
-            .map_err(|v| Error::Cuda { op: kernels::ATTENTION_ENV.into(), msg: format!("{v:?} is not an attention version (v1, v2 or v3)") })?;
+        let attn_selected = AttnVersion::from_env().map_err(|v| Error::Cuda {
+            op: kernels::ATTENTION_ENV.into(),
+            msg: format!("{v:?} is not an attention version (v1, v2 or v3)"),
+        })?;
         let shared = Arc::new(DeviceShared::new(ctx));
         let gemm_workspace = DevBuf::new(&shared, GEMM_WORKSPACE_BYTES)?;
         let gemm = Gemm::new(gemm_workspace.ptr(), GEMM_WORKSPACE_BYTES)?;
@@ -469,7 +478,11 @@ impl CudaBackend {
     /// (version 3 gets version 2's: its backward's fallback).
     fn attention_for(&self, shape: AttnShape) -> Result<(AttnKernels, [u32; 3], AttnVersion)> {
         if shape.kv_heads == 0 || !shape.heads.is_multiple_of(shape.kv_heads) {
-            return Err(Error::Shape { op: "attention", expected: "heads a multiple of kv_heads".into(), got: format!("{} heads, {} kv heads", shape.heads, shape.kv_heads) });
+            return Err(Error::Shape {
+                op: "attention",
+                expected: "heads a multiple of kv_heads".into(),
+                got: format!("{} heads, {} kv heads", shape.heads, shape.kv_heads),
+            });
         }
         for v in [self.attn_version.get(), AttnVersion::V1] {
             if let Some(k) = kernels::attention_kernels(shape.head_dim, v) {
@@ -490,10 +503,21 @@ impl CudaBackend {
     /// zero the accumulators, D = rowsum(dO∘O), the fused kernel, then the accumulators to bf16.
     /// Pointers are offset to each launch's first row and head; strides stay the full tensors'.
     #[allow(clippy::too_many_arguments)]
-    fn attention3_bwd(&self, kern: (Kernel, Kernel, Kernel), split: (usize, usize), t: [&CudaTensor; 6], segments: &CudaIds, shape: AttnShape, dq: &CudaTensor, dk: &CudaTensor, dv: &CudaTensor) -> Result<()> {
+    fn attention3_bwd(
+        &self,
+        kern: (Kernel, Kernel, Kernel),
+        split: (usize, usize),
+        t: [&CudaTensor; 6],
+        segments: &CudaIds,
+        shape: AttnShape,
+        dq: &CudaTensor,
+        dk: &CudaTensor,
+        dv: &CudaTensor,
+    ) -> Result<()> {
         let [dout, q, k, v, out, lse] = t;
         let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
-        let scratch = self.attn_scratch.as_ref().ok_or_else(|| Error::Cuda { op: "attention_bwd".into(), msg: "no version-3 scratch".into() })?;
+        let scratch =
+            self.attn_scratch.as_ref().ok_or_else(|| Error::Cuda { op: "attention_bwd".into(), msg: "no version-3 scratch".into() })?;
         let (_, prep, bwd) = kern;
         let (bc, kvc) = split;
         let group = heads / kv_heads;
@@ -520,7 +544,13 @@ impl CudaBackend {
                 let (qoff, koff, loff) = (b0 * seq * qs + h0 * hd, b0 * seq * ks + kv0 * hd, b0 * seq * heads + h0);
                 let seg = Arg::Ptr(segments.buf.ptr() + (b0 * seq * 4) as u64);
                 let threads = rows * nh * (hd / 8);
-                self.launch(prep, (threads.div_ceil(256) as u32, 1, 1), 256, 0, &[Arg::Ptr(dout.at(qoff)), Arg::Ptr(out.at(qoff)), Arg::Ptr(dsum), i64a(rows), i32a(nh), i32a(qs)])?;
+                self.launch(
+                    prep,
+                    (threads.div_ceil(256) as u32, 1, 1),
+                    256,
+                    0,
+                    &[Arg::Ptr(dout.at(qoff)), Arg::Ptr(out.at(qoff)), Arg::Ptr(dsum), i64a(rows), i32a(nh), i32a(qs)],
+                )?;
                 self.launch(
                     bwd,
                     (nh as u32, key_tiles, bn as u32),
@@ -545,9 +575,17 @@ impl CudaBackend {
                         Arg::F32(scale),
                     ],
                 )?;
-                for (acc, dst, width, stride) in [(dq_acc, dq.at(qoff), nh * hd, qs), (dk_acc, dk.at(koff), kvn * hd, ks), (dv_acc, dv.at(koff), kvn * hd, ks)] {
+                for (acc, dst, width, stride) in
+                    [(dq_acc, dq.at(qoff), nh * hd, qs), (dk_acc, dk.at(koff), kvn * hd, ks), (dv_acc, dv.at(koff), kvn * hd, ks)]
+                {
                     let threads = rows * width / 8;
-                    self.launch(Kernel::Attn3AccToBf16, (threads.div_ceil(256) as u32, 1, 1), 256, 0, &[Arg::Ptr(acc), Arg::Ptr(dst), i64a(rows), i32a(width), i32a(stride)])?;
+                    self.launch(
+                        Kernel::Attn3AccToBf16,
+                        (threads.div_ceil(256) as u32, 1, 1),
+                        256,
+                        0,
+                        &[Arg::Ptr(acc), Arg::Ptr(dst), i64a(rows), i32a(width), i32a(stride)],
+                    )?;
                 }
             }
         }
@@ -602,10 +640,24 @@ impl CudaBackend {
         // SAFETY: the function belongs to this context; `args` matches the kernel's parameter list
         // (each launcher below mirrors its .cu signature) and outlives the call, which copies the
         // values; every pointer argument is a live device buffer whose size the caller checked.
-        self.profiler.around(&self.shared.ctx, &self.compute, || k.symbol().to_string(), || {
-            unsafe { drv::launch_kernel(self.funcs[k as usize].0.cu_function(), grid, (block, 1, 1), smem, self.stream(), &mut ptrs[..args.len()]) }
+        self.profiler.around(
+            &self.shared.ctx,
+            &self.compute,
+            || k.symbol().to_string(),
+            || {
+                unsafe {
+                    drv::launch_kernel(
+                        self.funcs[k as usize].0.cu_function(),
+                        grid,
+                        (block, 1, 1),
+                        smem,
+                        self.stream(),
+                        &mut ptrs[..args.len()],
+                    )
+                }
                 .map_err(|e| Error::Cuda { op: format!("launch {}", k.symbol()), msg: e.to_string() })
-        })?;
+            },
+        )?;
         if self.sync_each_launch {
             self.compute.synchronize().map_err(|e| Error::Cuda { op: format!("run {}", k.symbol()), msg: e.to_string() })?;
         }
@@ -619,7 +671,12 @@ impl CudaBackend {
     }
 
     fn gemm(&self, call: GemmCall) -> Result<()> {
-        self.profiler.around(&self.shared.ctx, &self.compute, || format!("gemm {}x{}x{}", call.m, call.n, call.k), || self.gemm_unprofiled(call))
+        self.profiler.around(
+            &self.shared.ctx,
+            &self.compute,
+            || format!("gemm {}x{}x{}", call.m, call.n, call.k),
+            || self.gemm_unprofiled(call),
+        )
     }
 
     fn gemm_unprofiled(&self, call: GemmCall) -> Result<()> {
@@ -656,8 +713,17 @@ impl CudaBackend {
                 *slot = a.addr();
             }
             // SAFETY: as in `launch`; the fallback takes a 16x16 block.
-            unsafe { drv::launch_kernel(self.funcs[Kernel::GemmFallback as usize].0.cu_function(), grid, (16, 16, 1), 0, self.stream(), &mut ptrs) }
-                .map_err(cuda_err("launch gemm_fallback"))?;
+            unsafe {
+                drv::launch_kernel(
+                    self.funcs[Kernel::GemmFallback as usize].0.cu_function(),
+                    grid,
+                    (16, 16, 1),
+                    0,
+                    self.stream(),
+                    &mut ptrs,
+                )
+            }
+            .map_err(cuda_err("launch gemm_fallback"))?;
             if self.sync_each_launch {
                 self.compute.synchronize().map_err(cuda_err("run gemm_fallback"))?;
             }
@@ -684,7 +750,15 @@ impl CudaBackend {
                     (threads.div_ceil(256) as u32, 1, 1),
                     256,
                     0,
-                    &[Arg::Ptr(packed.ptr()), Arg::Ptr(absmax_q.ptr()), Arg::Ptr(absmax2.ptr()), Arg::Ptr(code2.ptr()), Arg::F32(*offset), Arg::Ptr(dst), i64a(numel)],
+                    &[
+                        Arg::Ptr(packed.ptr()),
+                        Arg::Ptr(absmax_q.ptr()),
+                        Arg::Ptr(absmax2.ptr()),
+                        Arg::Ptr(code2.ptr()),
+                        Arg::F32(*offset),
+                        Arg::Ptr(dst),
+                        i64a(numel),
+                    ],
                 )?;
                 Ok(dst)
             }
@@ -772,7 +846,12 @@ impl Backend for CudaBackend {
 
     fn device(&self) -> DeviceInfo {
         let (free, total) = self.shared.ctx.mem_get_info().unwrap_or((0, 0));
-        DeviceInfo { kind: "cuda".into(), name: self.name.clone(), total_memory_bytes: Some(total as u64), free_memory_bytes: Some(free as u64) }
+        DeviceInfo {
+            kind: "cuda".into(),
+            name: self.name.clone(),
+            total_memory_bytes: Some(total as u64),
+            free_memory_bytes: Some(free as u64),
+        }
     }
 
     fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Tensor> {
@@ -866,9 +945,11 @@ impl Backend for CudaBackend {
         check_len("copy", "destination", dst.len, n)?;
         match (src.dtype, dst.dtype) {
             (a, b) if a == b => self.memcpy(dst.at(0), src.at(0), n * elem_bytes(a), self.stream()),
-            _ if src.buf.is_host() || dst.buf.is_host() => {
-                Err(Error::Shape { op: "copy", expected: "one dtype for a copy to or from host memory".into(), got: format!("{:?} → {:?}", src.dtype, dst.dtype) })
-            }
+            _ if src.buf.is_host() || dst.buf.is_host() => Err(Error::Shape {
+                op: "copy",
+                expected: "one dtype for a copy to or from host memory".into(),
+                got: format!("{:?} → {:?}", src.dtype, dst.dtype),
+            }),
             (DType::F32, DType::Act) => self.launch_ew(Kernel::CastF32Bf16, n, &[p(src), p(dst), i64a(n)]),
             (DType::Act, DType::F32) => self.launch_ew(Kernel::CastBf16F32, n, &[p(src), p(dst), i64a(n)]),
             _ => unreachable!("two dtypes"),
@@ -929,7 +1010,11 @@ impl Backend for CudaBackend {
         let data = match w {
             HostWeight::Dense { data, .. } => {
                 if data.len() != out_features * in_features {
-                    return Err(Error::Shape { op: "upload_weight", expected: format!("{out_features}x{in_features}"), got: data.len().to_string() });
+                    return Err(Error::Shape {
+                        op: "upload_weight",
+                        expected: format!("{out_features}x{in_features}"),
+                        got: data.len().to_string(),
+                    });
                 }
                 WeightData::Dense(self.upload_bytes(&Self::to_bf16(data))?)
             }
@@ -937,7 +1022,11 @@ impl Backend for CudaBackend {
                 let parts = Nf4Parts::of(t);
                 let numel = out_features * in_features;
                 if parts.numel() != numel || parts.packed.len() < numel.div_ceil(2) {
-                    return Err(Error::Shape { op: "upload_weight nf4", expected: format!("{out_features}x{in_features}"), got: format!("{:?}", t.shape) });
+                    return Err(Error::Shape {
+                        op: "upload_weight nf4",
+                        expected: format!("{out_features}x{in_features}"),
+                        got: format!("{:?}", t.shape),
+                    });
                 }
                 let mut s = self.scratch.borrow_mut();
                 if s.dequant_elems < numel {
@@ -978,12 +1067,25 @@ impl Backend for CudaBackend {
         self.launch_ew(Kernel::DropoutFwd, n, &[p(x), p(out), i64a(n), Arg::F32(p_drop), Arg::F32(keep), Arg::U64(key), Arg::U64(first)])
     }
 
-    fn dropout_bwd(&self, dy: &Self::Tensor, dx: &mut Self::Tensor, n: usize, p_drop: f32, key: u64, first: u64, accumulate: bool) -> Result<()> {
+    fn dropout_bwd(
+        &self,
+        dy: &Self::Tensor,
+        dx: &mut Self::Tensor,
+        n: usize,
+        p_drop: f32,
+        key: u64,
+        first: u64,
+        accumulate: bool,
+    ) -> Result<()> {
         self.bind()?;
         act("dropout_bwd", "dy", dy, n)?;
         act("dropout_bwd", "dx", dx, n)?;
         let keep = (1.0 / (1.0 - p_drop as f64)) as f32;
-        self.launch_ew(Kernel::DropoutBwd, n, &[p(dy), p(dx), i64a(n), Arg::F32(p_drop), Arg::F32(keep), Arg::U64(key), Arg::U64(first), Arg::I32(accumulate as i32)])
+        self.launch_ew(
+            Kernel::DropoutBwd,
+            n,
+            &[p(dy), p(dx), i64a(n), Arg::F32(p_drop), Arg::F32(keep), Arg::U64(key), Arg::U64(first), Arg::I32(accumulate as i32)],
+        )
     }
 
     fn embedding_fwd(&self, ids: &Self::Ids, table: &Self::Tensor, n: usize, d: usize, out: &mut Self::Tensor) -> Result<()> {
@@ -995,7 +1097,16 @@ impl Backend for CudaBackend {
         self.launch(Kernel::EmbeddingFwd, (n as u32, 1, 1), 256, 0, &[pi(ids), p(table), p(out), i32a(d), i32a(vocab)])
     }
 
-    fn rmsnorm_fwd(&self, x: &Self::Tensor, w: &Self::Tensor, n: usize, d: usize, eps: f32, out: &mut Self::Tensor, inv_rms: &mut Self::Tensor) -> Result<()> {
+    fn rmsnorm_fwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        n: usize,
+        d: usize,
+        eps: f32,
+        out: &mut Self::Tensor,
+        inv_rms: &mut Self::Tensor,
+    ) -> Result<()> {
         self.bind()?;
         act("rmsnorm_fwd", "x", x, n * d)?;
         act("rmsnorm_fwd", "w", w, d)?;
@@ -1005,7 +1116,17 @@ impl Backend for CudaBackend {
         self.launch(Kernel::RmsnormFwd, (n as u32, 1, 1), threads, 0, &[p(x), p(w), p(out), p(inv_rms), i32a(d), Arg::F32(eps)])
     }
 
-    fn rmsnorm_bwd(&self, dy: &Self::Tensor, x: &Self::Tensor, w: &Self::Tensor, inv_rms: &Self::Tensor, n: usize, d: usize, dx: &mut Self::Tensor, accumulate: bool) -> Result<()> {
+    fn rmsnorm_bwd(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        inv_rms: &Self::Tensor,
+        n: usize,
+        d: usize,
+        dx: &mut Self::Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
         self.bind()?;
         act("rmsnorm_bwd", "dy", dy, n * d)?;
         act("rmsnorm_bwd", "x", x, n * d)?;
@@ -1013,19 +1134,49 @@ impl Backend for CudaBackend {
         f32t("rmsnorm_bwd", "inv_rms", inv_rms, n)?;
         act("rmsnorm_bwd", "dx", dx, n * d)?;
         let threads = row_threads(d);
-        self.launch(Kernel::RmsnormBwd, (n as u32, 1, 1), threads, 0, &[p(dy), p(x), p(w), p(inv_rms), p(dx), i32a(d), Arg::I32(accumulate as i32)])
+        self.launch(
+            Kernel::RmsnormBwd,
+            (n as u32, 1, 1),
+            threads,
+            0,
+            &[p(dy), p(x), p(w), p(inv_rms), p(dx), i32a(d), Arg::I32(accumulate as i32)],
+        )
     }
 
-    fn linear_fwd(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<LoraFwd<'_, Self::Tensor>>, dims: LinearDims, y: &mut Self::Tensor) -> Result<()> {
+    fn linear_fwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<LoraFwd<'_, Self::Tensor>>,
+        dims: LinearDims,
+        y: &mut Self::Tensor,
+    ) -> Result<()> {
         self.bind()?;
         let LinearDims { n, inp, out } = dims;
         if w.in_features != inp || w.out_features != out {
-            return Err(Error::Shape { op: "linear_fwd", expected: format!("{out}x{inp}"), got: format!("{}x{}", w.out_features, w.in_features) });
+            return Err(Error::Shape {
+                op: "linear_fwd",
+                expected: format!("{out}x{inp}"),
+                got: format!("{}x{}", w.out_features, w.in_features),
+            });
         }
         act("linear_fwd", "x", x, n * inp)?;
         act("linear_fwd", "y", y, n * out)?;
         let wp = self.weight_ptr(w)?;
-        self.gemm(GemmCall { m: n, n: out, k: inp, a: x.ptr(), a_t: false, b: wp, b_t: true, c: y.ptr(), c_f32: false, alpha: 1.0, beta: 0.0, bias: w.bias.as_ref().map(DevBuf::ptr) })?;
+        self.gemm(GemmCall {
+            m: n,
+            n: out,
+            k: inp,
+            a: x.ptr(),
+            a_t: false,
+            b: wp,
+            b_t: true,
+            c: y.ptr(),
+            c_f32: false,
+            alpha: 1.0,
+            beta: 0.0,
+            bias: w.bias.as_ref().map(DevBuf::ptr),
+        })?;
         if let Some(l) = lora {
             let r = l.rank;
             act("linear_fwd", "lora A", l.a, r * inp)?;
@@ -1033,24 +1184,76 @@ impl Backend for CudaBackend {
             act("linear_fwd", "lora x", l.x_lora, n * inp)?;
             act("linear_fwd", "lora xa", l.xa, n * r)?;
             // xa = x_lora · Aᵀ ; y += scale · xa · Bᵀ
-            self.gemm(GemmCall { m: n, n: r, k: inp, a: l.x_lora.ptr(), a_t: false, b: l.a.ptr(), b_t: true, c: l.xa.ptr(), c_f32: false, alpha: 1.0, beta: 0.0, bias: None })?;
-            self.gemm(GemmCall { m: n, n: out, k: r, a: l.xa.ptr(), a_t: false, b: l.b.ptr(), b_t: true, c: y.ptr(), c_f32: false, alpha: l.scale, beta: 1.0, bias: None })?;
+            self.gemm(GemmCall {
+                m: n,
+                n: r,
+                k: inp,
+                a: l.x_lora.ptr(),
+                a_t: false,
+                b: l.a.ptr(),
+                b_t: true,
+                c: l.xa.ptr(),
+                c_f32: false,
+                alpha: 1.0,
+                beta: 0.0,
+                bias: None,
+            })?;
+            self.gemm(GemmCall {
+                m: n,
+                n: out,
+                k: r,
+                a: l.xa.ptr(),
+                a_t: false,
+                b: l.b.ptr(),
+                b_t: true,
+                c: y.ptr(),
+                c_f32: false,
+                alpha: l.scale,
+                beta: 1.0,
+                bias: None,
+            })?;
         }
         Ok(())
     }
 
-    fn linear_bwd(&self, dy: &Self::Tensor, w: &Self::Weight, lora: Option<LoraBwd<'_, Self::Tensor>>, dims: LinearDims, dx: &mut Self::Tensor, accumulate: bool, dx_lora: Option<&mut Self::Tensor>) -> Result<()> {
+    fn linear_bwd(
+        &self,
+        dy: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<LoraBwd<'_, Self::Tensor>>,
+        dims: LinearDims,
+        dx: &mut Self::Tensor,
+        accumulate: bool,
+        dx_lora: Option<&mut Self::Tensor>,
+    ) -> Result<()> {
         self.bind()?;
         let LinearDims { n, inp, out } = dims;
         if w.in_features != inp || w.out_features != out {
-            return Err(Error::Shape { op: "linear_bwd", expected: format!("{out}x{inp}"), got: format!("{}x{}", w.out_features, w.in_features) });
+            return Err(Error::Shape {
+                op: "linear_bwd",
+                expected: format!("{out}x{inp}"),
+                got: format!("{}x{}", w.out_features, w.in_features),
+            });
         }
         act("linear_bwd", "dy", dy, n * out)?;
         act("linear_bwd", "dx", dx, n * inp)?;
         let wp = self.weight_ptr(w)?;
         let beta = if accumulate { 1.0 } else { 0.0 };
         // dx (+)= dy · W
-        self.gemm(GemmCall { m: n, n: inp, k: out, a: dy.ptr(), a_t: false, b: wp, b_t: false, c: dx.ptr(), c_f32: false, alpha: 1.0, beta, bias: None })?;
+        self.gemm(GemmCall {
+            m: n,
+            n: inp,
+            k: out,
+            a: dy.ptr(),
+            a_t: false,
+            b: wp,
+            b_t: false,
+            c: dx.ptr(),
+            c_f32: false,
+            alpha: 1.0,
+            beta,
+            bias: None,
+        })?;
         if let Some(l) = lora {
             let r = l.rank;
             let s = l.scale;
@@ -1062,10 +1265,49 @@ impl Backend for CudaBackend {
             f32t("linear_bwd", "lora grad A", l.grad_a, r * inp)?;
             f32t("linear_bwd", "lora grad B", l.grad_b, out * r)?;
             // t = dy · B ([n, r])
-            self.gemm(GemmCall { m: n, n: r, k: out, a: dy.ptr(), a_t: false, b: l.b.ptr(), b_t: false, c: l.scratch.ptr(), c_f32: false, alpha: 1.0, beta: 0.0, bias: None })?;
+            self.gemm(GemmCall {
+                m: n,
+                n: r,
+                k: out,
+                a: dy.ptr(),
+                a_t: false,
+                b: l.b.ptr(),
+                b_t: false,
+                c: l.scratch.ptr(),
+                c_f32: false,
+                alpha: 1.0,
+                beta: 0.0,
+                bias: None,
+            })?;
             // dB += s · dyᵀ · xa ; dA += s · tᵀ · x_lora (f32 accumulators)
-            self.gemm(GemmCall { m: out, n: r, k: n, a: dy.ptr(), a_t: true, b: l.xa.ptr(), b_t: false, c: l.grad_b.ptr(), c_f32: true, alpha: s, beta: 1.0, bias: None })?;
-            self.gemm(GemmCall { m: r, n: inp, k: n, a: l.scratch.ptr(), a_t: true, b: l.x_lora.ptr(), b_t: false, c: l.grad_a.ptr(), c_f32: true, alpha: s, beta: 1.0, bias: None })?;
+            self.gemm(GemmCall {
+                m: out,
+                n: r,
+                k: n,
+                a: dy.ptr(),
+                a_t: true,
+                b: l.xa.ptr(),
+                b_t: false,
+                c: l.grad_b.ptr(),
+                c_f32: true,
+                alpha: s,
+                beta: 1.0,
+                bias: None,
+            })?;
+            self.gemm(GemmCall {
+                m: r,
+                n: inp,
+                k: n,
+                a: l.scratch.ptr(),
+                a_t: true,
+                b: l.x_lora.ptr(),
+                b_t: false,
+                c: l.grad_a.ptr(),
+                c_f32: true,
+                alpha: s,
+                beta: 1.0,
+                bias: None,
+            })?;
             // The branch's input gradient: s · t · A, into dx_lora (overwrite) or added to dx.
             let (c, beta) = match dx_lora {
                 Some(d) => {
@@ -1074,12 +1316,34 @@ impl Backend for CudaBackend {
                 }
                 None => (dx.ptr(), 1.0),
             };
-            self.gemm(GemmCall { m: n, n: inp, k: r, a: l.scratch.ptr(), a_t: false, b: l.a.ptr(), b_t: false, c, c_f32: false, alpha: s, beta, bias: None })?;
+            self.gemm(GemmCall {
+                m: n,
+                n: inp,
+                k: r,
+                a: l.scratch.ptr(),
+                a_t: false,
+                b: l.a.ptr(),
+                b_t: false,
+                c,
+                c_f32: false,
+                alpha: s,
+                beta,
+                bias: None,
+            })?;
         }
         Ok(())
     }
 
-    fn rope(&self, x: &mut Self::Tensor, n: usize, heads: usize, head_dim: usize, positions: &Self::Ids, table: &Self::Tensor, inverse: bool) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+        positions: &Self::Ids,
+        table: &Self::Tensor,
+        inverse: bool,
+    ) -> Result<()> {
         self.bind()?;
         act("rope", "x", x, n * heads * head_dim)?;
         check_len("rope", "positions", positions.len, n)?;
@@ -1093,11 +1357,29 @@ impl Backend for CudaBackend {
             (threads.div_ceil(256) as u32, 1, 1),
             256,
             0,
-            &[p(x), pi(positions), p(table), i64a(n), i32a(heads), i32a(head_dim), i32a(max_pos), Arg::F32(if inverse { -1.0 } else { 1.0 })],
+            &[
+                p(x),
+                pi(positions),
+                p(table),
+                i64a(n),
+                i32a(heads),
+                i32a(head_dim),
+                i32a(max_pos),
+                Arg::F32(if inverse { -1.0 } else { 1.0 }),
+            ],
         )
     }
 
-    fn attention_fwd(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, out: &mut Self::Tensor, lse: &mut Self::Tensor) -> Result<()> {
+    fn attention_fwd(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        segments: &Self::Ids,
+        shape: AttnShape,
+        out: &mut Self::Tensor,
+        lse: &mut Self::Tensor,
+    ) -> Result<()> {
         self.bind()?;
         let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
         let ((fwd, _, _), smem, _) = self.attention_for(shape)?;
@@ -1113,19 +1395,32 @@ impl Backend for CudaBackend {
         let args = [p(q), p(k), p(v), pi(segments), p(out), p(lse), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale)];
         if let Some((fwd3, _, _)) = v3 {
             let rows = kernels::ATTN3_FWD_ROWS;
-            return self.launch(fwd3, (heads as u32, seq.div_ceil(rows) as u32, batch as u32), 128, kernels::attention3_smem_bytes(head_dim)[0], &args);
+            return self.launch(
+                fwd3,
+                (heads as u32, seq.div_ceil(rows) as u32, batch as u32),
+                128,
+                kernels::attention3_smem_bytes(head_dim)[0],
+                &args,
+            );
         }
         let smem = smem[0];
-        self.launch(
-            fwd,
-            (seq.div_ceil(64) as u32, heads as u32, batch as u32),
-            128,
-            smem,
-            &args,
-        )
+        self.launch(fwd, (seq.div_ceil(64) as u32, heads as u32, batch as u32), 128, smem, &args)
     }
 
-    fn attention_bwd(&self, dout: &Self::Tensor, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &Self::Tensor, lse: &Self::Tensor, segments: &Self::Ids, shape: AttnShape, dq: &mut Self::Tensor, dk: &mut Self::Tensor, dv: &mut Self::Tensor) -> Result<()> {
+    fn attention_bwd(
+        &self,
+        dout: &Self::Tensor,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &Self::Tensor,
+        lse: &Self::Tensor,
+        segments: &Self::Ids,
+        shape: AttnShape,
+        dq: &mut Self::Tensor,
+        dk: &mut Self::Tensor,
+        dv: &mut Self::Tensor,
+    ) -> Result<()> {
         self.bind()?;
         let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
         let ((_, dkdv, dqk), smem, _) = self.attention_for(shape)?;
@@ -1154,7 +1449,21 @@ impl Backend for CudaBackend {
             (tiles, kv_heads as u32, batch as u32),
             128,
             smem[1],
-            &[p(q), p(k), p(v), p(out), p(dout), p(lse), pi(segments), p(dk), p(dv), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale)],
+            &[
+                p(q),
+                p(k),
+                p(v),
+                p(out),
+                p(dout),
+                p(lse),
+                pi(segments),
+                p(dk),
+                p(dv),
+                i32a(seq),
+                i32a(heads),
+                i32a(kv_heads),
+                Arg::F32(scale),
+            ],
         )?;
         self.launch(
             dqk,
@@ -1173,7 +1482,15 @@ impl Backend for CudaBackend {
         self.launch_ew(Kernel::SwigluFwd, n, &[p(g), p(u), p(out), i64a(n)])
     }
 
-    fn swiglu_bwd(&self, dout: &Self::Tensor, g: &Self::Tensor, u: &Self::Tensor, n: usize, dg: &mut Self::Tensor, du: &mut Self::Tensor) -> Result<()> {
+    fn swiglu_bwd(
+        &self,
+        dout: &Self::Tensor,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        n: usize,
+        dg: &mut Self::Tensor,
+        du: &mut Self::Tensor,
+    ) -> Result<()> {
         self.bind()?;
         act("swiglu_bwd", "dout", dout, n)?;
         act("swiglu_bwd", "g", g, n)?;
@@ -1183,7 +1500,15 @@ impl Backend for CudaBackend {
         self.launch_ew(Kernel::SwigluBwd, n, &[p(dout), p(g), p(u), p(dg), p(du), i64a(n)])
     }
 
-    fn embedding_bwd_rows(&self, dx: &Self::Tensor, ids: &Self::Ids, n: usize, d: usize, slot_of_token: &Self::Ids, grad_rows: &mut Self::Tensor) -> Result<()> {
+    fn embedding_bwd_rows(
+        &self,
+        dx: &Self::Tensor,
+        ids: &Self::Ids,
+        n: usize,
+        d: usize,
+        slot_of_token: &Self::Ids,
+        grad_rows: &mut Self::Tensor,
+    ) -> Result<()> {
         self.bind()?;
         act("embedding_bwd_rows", "dx", dx, n * d)?;
         check_len("embedding_bwd_rows", "ids", ids.len, n)?;
@@ -1212,7 +1537,18 @@ impl Backend for CudaBackend {
         self.launch(kern, (k as u32, 1, 1), 256, 0, &[p(table), i32a(d), pi(token_ids), p(values), i32a(rows)])
     }
 
-    fn lm_head_ce(&self, h: &Self::Tensor, head: &Self::Tensor, targets: &Self::Ids, n: usize, d: usize, vocab: usize, grad_scale: f32, dh: &mut Self::Tensor, head_rows: Option<(&Self::Ids, &mut Self::Tensor)>) -> Result<LossSum> {
+    fn lm_head_ce(
+        &self,
+        h: &Self::Tensor,
+        head: &Self::Tensor,
+        targets: &Self::Ids,
+        n: usize,
+        d: usize,
+        vocab: usize,
+        grad_scale: f32,
+        dh: &mut Self::Tensor,
+        head_rows: Option<(&Self::Ids, &mut Self::Tensor)>,
+    ) -> Result<LossSum> {
         self.bind()?;
         act("lm_head_ce", "h", h, n * d)?;
         act("lm_head_ce", "head", head, vocab * d)?;
@@ -1225,7 +1561,9 @@ impl Backend for CudaBackend {
         // Whole multiples of 64 rows keep the chunk GEMMs on full tiles.
         let chunk = if chunk >= 128 { chunk / 64 * 64 } else { chunk.max(1) };
         if chunk * vocab > LOSS_CHUNK_ELEMS {
-            return Err(Error::msg(format!("vocabulary of {vocab} tokens is too large for the loss workspace ({LOSS_CHUNK_ELEMS} logits)")));
+            return Err(Error::msg(format!(
+                "vocabulary of {vocab} tokens is too large for the loss workspace ({LOSS_CHUNK_ELEMS} logits)"
+            )));
         }
         let ws = &self.loss;
         // SAFETY: 8-byte accumulators owned by the backend.
@@ -1239,7 +1577,20 @@ impl Backend for CudaBackend {
         while r0 < n {
             let rows = chunk.min(n - r0);
             // logits[rows, vocab] (f32) = h[r0.., d] · headᵀ
-            self.gemm(GemmCall { m: rows, n: vocab, k: d, a: h.at(r0 * d), a_t: false, b: head.ptr(), b_t: true, c: ws.logits.ptr(), c_f32: true, alpha: 1.0, beta: 0.0, bias: None })?;
+            self.gemm(GemmCall {
+                m: rows,
+                n: vocab,
+                k: d,
+                a: h.at(r0 * d),
+                a_t: false,
+                b: head.ptr(),
+                b_t: true,
+                c: ws.logits.ptr(),
+                c_f32: true,
+                alpha: 1.0,
+                beta: 0.0,
+                bias: None,
+            })?;
             self.launch(
                 Kernel::CeSoftmaxGrad,
                 (rows as u32, 1, 1),
@@ -1274,7 +1625,20 @@ impl Backend for CudaBackend {
             }
             if need_dh {
                 // dh[r0.., d] = dlogits[rows, vocab] · head
-                self.gemm(GemmCall { m: rows, n: d, k: vocab, a: ws.dlogits.ptr(), a_t: false, b: head.ptr(), b_t: false, c: dh.at(r0 * d), c_f32: false, alpha: 1.0, beta: 0.0, bias: None })?;
+                self.gemm(GemmCall {
+                    m: rows,
+                    n: d,
+                    k: vocab,
+                    a: ws.dlogits.ptr(),
+                    a_t: false,
+                    b: head.ptr(),
+                    b_t: false,
+                    c: dh.at(r0 * d),
+                    c_f32: false,
+                    alpha: 1.0,
+                    beta: 0.0,
+                    bias: None,
+                })?;
             }
             r0 += rows;
         }
@@ -1302,7 +1666,13 @@ impl Backend for CudaBackend {
             DType::Act => Kernel::SumsqPartialBf16,
         };
         self.launch(k, (blocks as u32, 1, 1), 256, 0, &[p(t), i64a(n), Arg::Ptr(self.sumsq_partial.ptr())])?;
-        self.launch(Kernel::SumPartials, (1, 1, 1), 256, 0, &[Arg::Ptr(self.sumsq_partial.ptr()), i32a(blocks), Arg::Ptr(self.sumsq_out.ptr())])?;
+        self.launch(
+            Kernel::SumPartials,
+            (1, 1, 1),
+            256,
+            0,
+            &[Arg::Ptr(self.sumsq_partial.ptr()), i32a(blocks), Arg::Ptr(self.sumsq_out.ptr())],
+        )?;
         let mut out = [0f64];
         self.compute.synchronize().map_err(cuda_err("synchronize"))?;
         // SAFETY: an 8-byte device scalar; the stream has drained.
@@ -1310,7 +1680,15 @@ impl Backend for CudaBackend {
         Ok(out[0])
     }
 
-    fn adamw(&self, param: &mut Self::Tensor, grad: &Self::Tensor, m: &mut Self::Tensor, v: &mut Self::Tensor, n: usize, hp: AdamW) -> Result<()> {
+    fn adamw(
+        &self,
+        param: &mut Self::Tensor,
+        grad: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        n: usize,
+        hp: AdamW,
+    ) -> Result<()> {
         self.bind()?;
         for (what, t) in [("param", &*param), ("grad", grad), ("m", &*m), ("v", &*v)] {
             f32t("adamw", what, t, n)?;
@@ -1326,7 +1704,20 @@ impl Backend for CudaBackend {
             (n.div_ceil(256) as u32, 1, 1),
             256,
             0,
-            &[p(param), p(grad), p(m), p(v), i64a(n), Arg::F32(decay), Arg::F32(hp.beta1), Arg::F32(hp.beta2), Arg::F32(hp.eps), Arg::F32(hp.grad_scale), Arg::F32(step_size), Arg::F32(bc2_sqrt)],
+            &[
+                p(param),
+                p(grad),
+                p(m),
+                p(v),
+                i64a(n),
+                Arg::F32(decay),
+                Arg::F32(hp.beta1),
+                Arg::F32(hp.beta2),
+                Arg::F32(hp.eps),
+                Arg::F32(hp.grad_scale),
+                Arg::F32(step_size),
+                Arg::F32(bc2_sqrt),
+            ],
         )
     }
 
@@ -1340,4 +1731,3 @@ impl Backend for CudaBackend {
 fn row_threads(d: usize) -> u32 {
     (d.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32
 }
-

@@ -58,4 +58,3 @@ impl<'a> Nf4Parts<'a> {
             .collect()
     }
 }
-

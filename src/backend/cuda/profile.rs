@@ -26,7 +26,8 @@ pub struct Profiler {
 }
 
 fn event(ctx: &Arc<CudaContext>) -> Result<CudaEvent> {
-    ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| Error::Cuda { op: "create profiling event".into(), msg: e.to_string() })
+    ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(|e| Error::Cuda { op: "create profiling event".into(), msg: e.to_string() })
 }
 
 impl Profiler {
@@ -39,7 +40,13 @@ impl Profiler {
     }
 
     /// Run `launch` between two events when a profile is open; otherwise just run it.
-    pub fn around(&self, ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, name: impl FnOnce() -> String, launch: impl FnOnce() -> Result<()>) -> Result<()> {
+    pub fn around(
+        &self,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        name: impl FnOnce() -> String,
+        launch: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         if !self.is_open() {
             return launch();
         }
