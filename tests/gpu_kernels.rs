@@ -470,30 +470,30 @@ fn attn_cases() -> Vec<AttnCase> {
     let mut cases = Vec::new();
     // GQA group 4, seq not a multiple of the 64-row tile, row 0 packs two examples, row 1 has a
     // padding tail in its own segment.
-    let s = AttnShape { batch: 2, seq: 100, heads: 8, kv_heads: 2, head_dim: 64 };
+    let s = AttnShape { batch: 2, seq: 100, heads: 8, kv_heads: 2, head_dim: 64, ..Default::default() };
     let mut seg = Vec::new();
     seg.extend((0..100).map(|t| if t < 40 { 0 } else { 1 }));
     seg.extend((0..100).map(|t| if t < 77 { 0 } else { 1 }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Group 1 (plain MHA), head_dim 128, three tiles.
-    let s = AttnShape { batch: 1, seq: 130, heads: 4, kv_heads: 4, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 130, heads: 4, kv_heads: 4, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![0; 130] });
     // head_dim 32 (one exact tile, multi-query) and 96 (packed into three examples).
-    let s = AttnShape { batch: 1, seq: 64, heads: 2, kv_heads: 1, head_dim: 32 };
+    let s = AttnShape { batch: 1, seq: 64, heads: 2, kv_heads: 1, head_dim: 32, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![3; 64] });
-    let s = AttnShape { batch: 2, seq: 70, heads: 3, kv_heads: 1, head_dim: 96 };
+    let s = AttnShape { batch: 2, seq: 70, heads: 3, kv_heads: 1, head_dim: 96, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..140).map(|i: i32| (i % 70) / 25).collect() });
     // One partial tile (17 rows; most warps of a block have no row), multi-query, two sequences.
-    let s = AttnShape { batch: 2, seq: 17, heads: 2, kv_heads: 1, head_dim: 64 };
+    let s = AttnShape { batch: 2, seq: 17, heads: 2, kv_heads: 1, head_dim: 64, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![4; 34] });
-    let s = AttnShape { batch: 1, seq: 1, heads: 4, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 1, heads: 4, kv_heads: 2, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![0] });
     // Segments alternating every 3 tokens: no tile is one segment, every score is masked per element.
-    let s = AttnShape { batch: 1, seq: 150, heads: 2, kv_heads: 1, head_dim: 64 };
+    let s = AttnShape { batch: 1, seq: 150, heads: 2, kv_heads: 1, head_dim: 64, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..150).map(|t: i32| (t / 3) % 2).collect() });
     // Three sequences at head_dim 128, GQA 2: boundaries on the 64/128-row tiles, one sequence a
     // single example (unmasked tiles), one with boundaries off the tiles.
-    let s = AttnShape { batch: 3, seq: 300, heads: 4, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 3, seq: 300, heads: 4, kv_heads: 2, head_dim: 128, ..Default::default() };
     let mut seg = Vec::new();
     seg.extend((0..300).map(|t| {
         if t < 128 {
@@ -516,13 +516,13 @@ fn attn_cases() -> Vec<AttnCase> {
     }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Long sequences at head_dim 128, one example each: most tiles take the unmasked path.
-    let s = AttnShape { batch: 1, seq: 2048, heads: 8, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 2048, heads: 8, kv_heads: 2, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![0; 2048] });
-    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 8, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 8, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![1; 4096] });
     // Packed at head_dim 128: boundaries on and off the 64/128-row tiles (whole tiles of two
     // different examples are skipped), a padding tail, seq not a multiple of any tile.
-    let s = AttnShape { batch: 2, seq: 1000, heads: 8, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 2, seq: 1000, heads: 8, kv_heads: 2, head_dim: 128, ..Default::default() };
     let mut seg = Vec::new();
     seg.extend((0..1000).map(|t| {
         if t < 300 {
@@ -546,7 +546,7 @@ fn attn_cases() -> Vec<AttnCase> {
     }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Packed at head_dim 64, GQA 4, boundaries on tile multiples.
-    let s = AttnShape { batch: 1, seq: 700, heads: 4, kv_heads: 1, head_dim: 64 };
+    let s = AttnShape { batch: 1, seq: 700, heads: 4, kv_heads: 1, head_dim: 64, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..700).map(|t: i32| t / 256).collect() });
     cases
 }
@@ -596,7 +596,7 @@ fn attention_checks(version: AttnVersion, limits: &[Option<usize>], wanted: impl
             continue;
         }
         let AttnCase { shape, segments } = case;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim, .. } = shape;
         // Fresh inputs per case (seeded by the case, so every version sees the same ones).
         let mut rng = ChaCha8Rng::seed_from_u64(109 + i as u64);
         let n = batch * seq;

@@ -118,7 +118,7 @@ pub fn attention_scratch_bytes(version: AttnVersion) -> usize {
 /// `None` when one sequence of one kv head's group does not fit (then the version-2 kernels run;
 /// they need no scratch).
 pub fn attention3_bwd_split(shape: AttnShape, scratch_bytes: usize) -> Option<(usize, usize)> {
-    let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+    let AttnShape { batch, seq, heads, kv_heads, head_dim, .. } = shape;
     if kv_heads == 0 {
         return None;
     }
@@ -133,6 +133,23 @@ pub fn attention3_bwd_split(shape: AttnShape, scratch_bytes: usize) -> Option<(u
     let per_launch = (units / kvc).clamp(1, batch.max(1));
     let bc = batch.max(1).div_ceil(batch.max(1).div_ceil(per_launch));
     Some((bc, kvc))
+}
+
+/// The error for an attention shape the CUDA kernels do not run yet: the op, the shape, what it
+/// lacks and what the user can do.
+fn unsupported_attention(shape: AttnShape, lacks: &str, advice: &str) -> Error {
+    Error::Cuda {
+        op: "attention".into(),
+        msg: format!(
+            "the kernels do not run {lacks} yet ({} x {} tokens, {} heads / {} kv heads, head_dim {}, window {}): {advice}",
+            shape.batch,
+            shape.seq,
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
+            shape.window.map_or("none".to_string(), |w| w.to_string())
+        ),
+    }
 }
 
 /// Forward, backward dK/dV and backward dQ kernels of attention versions 1 and 2.
@@ -484,13 +501,25 @@ impl CudaBackend {
                 got: format!("{} heads, {} kv heads", shape.heads, shape.kv_heads),
             });
         }
+        // A window no shorter than the sequence masks nothing: plain causal attention runs it.
+        if let Some(w) = shape.effective_window() {
+            return Err(unsupported_attention(
+                shape,
+                &format!("a sliding window ({w} keys, Gemma 3's local layers)"),
+                &format!("train with train.max_seq_len <= {w}, or on the CPU"),
+            ));
+        }
         for v in [self.attn_version.get(), AttnVersion::V1] {
             if let Some(k) = kernels::attention_kernels(shape.head_dim, v) {
                 let ran = if v == AttnVersion::V1 { v } else { AttnVersion::V2 };
                 return Ok((k, kernels::attention_smem_bytes(shape.head_dim, v), ran));
             }
         }
-        Err(Error::Shape { op: "attention", expected: "head_dim 32, 64, 96 or 128".into(), got: shape.head_dim.to_string() })
+        Err(unsupported_attention(
+            shape,
+            &format!("head_dim {}", shape.head_dim),
+            "the kernels cover head_dim 32, 64, 96 and 128; train on the CPU",
+        ))
     }
 
     /// Version 3's kernels (forward, backward preparation, backward) when version 3 is preferred
@@ -515,14 +544,14 @@ impl CudaBackend {
         dv: &CudaTensor,
     ) -> Result<()> {
         let [dout, q, k, v, out, lse] = t;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
         let scratch =
             self.attn_scratch.as_ref().ok_or_else(|| Error::Cuda { op: "attention_bwd".into(), msg: "no version-3 scratch".into() })?;
         let (_, prep, bwd) = kern;
         let (bc, kvc) = split;
         let group = heads / kv_heads;
         let (qs, ks) = (heads * hd, kv_heads * hd);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let scale = shape.scale() as f32;
         let smem = kernels::attention3_smem_bytes(hd)[1];
         let key_tiles = seq.div_ceil(kernels::ATTN3_BWD_KEYS) as u32;
         for b0 in (0..batch).step_by(bc) {
@@ -1381,7 +1410,7 @@ impl Backend for CudaBackend {
         lse: &mut Self::Tensor,
     ) -> Result<()> {
         self.bind()?;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim, .. } = shape;
         let ((fwd, _, _), smem, _) = self.attention_for(shape)?;
         let v3 = self.attention3_for(shape);
         let n = batch * seq;
@@ -1391,7 +1420,7 @@ impl Backend for CudaBackend {
         act("attention_fwd", "out", out, n * heads * head_dim)?;
         f32t("attention_fwd", "lse", lse, n * heads)?;
         check_len("attention_fwd", "segments", segments.len, n)?;
-        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+        let scale = shape.scale() as f32;
         let args = [p(q), p(k), p(v), pi(segments), p(out), p(lse), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale)];
         if let Some((fwd3, _, _)) = v3 {
             let rows = kernels::ATTN3_FWD_ROWS;
@@ -1422,7 +1451,7 @@ impl Backend for CudaBackend {
         dv: &mut Self::Tensor,
     ) -> Result<()> {
         self.bind()?;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim, .. } = shape;
         let ((_, dkdv, dqk), smem, _) = self.attention_for(shape)?;
         let n = batch * seq;
         let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
@@ -1442,7 +1471,7 @@ impl Backend for CudaBackend {
             }
             return self.attention3_bwd(kern, split, [dout, q, k, v, out, lse], segments, shape, dq, dk, dv);
         }
-        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+        let scale = shape.scale() as f32;
         let tiles = seq.div_ceil(64) as u32;
         self.launch(
             dkdv,
@@ -1730,4 +1759,22 @@ impl Backend for CudaBackend {
 /// Threads per row for the row kernels: enough for one 8-wide chunk each, 32 to 1024.
 fn row_threads(d: usize) -> u32 {
     (d.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the kernels cannot run yet is refused with the op, the shape and what it lacks.
+    #[test]
+    fn unsupported_attention_names_op_shape_and_lack() {
+        let shape =
+            AttnShape { batch: 2, seq: 2048, heads: 8, kv_heads: 4, head_dim: 256, window: Some(1024), softmax_scale: Some(0.0625) };
+        assert_eq!(shape.effective_window(), Some(1024));
+        assert_eq!(AttnShape { seq: 1024, ..shape }.effective_window(), None, "a window as long as the sequence masks nothing");
+        let e = unsupported_attention(shape, "a sliding window (1024 keys)", "train on the CPU").to_string();
+        for part in ["attention", "2 x 2048 tokens", "8 heads / 4 kv heads", "head_dim 256", "window 1024", "sliding window", "CPU"] {
+            assert!(e.contains(part), "{part} missing from: {e}");
+        }
+    }
 }
