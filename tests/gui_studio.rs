@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use eframe::egui;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
-use tunestudio::app::budget::{self, Card};
-use tunestudio::app::monitor::Phase;
-use tunestudio::app::preflight::{Check, Level, PreflightReport, UntrainedUse};
-use tunestudio::app::widgets::Load;
+use tunestudio::app::jobs::Load;
+use tunestudio::app::state::memory::{self as budget, Card};
+use tunestudio::app::state::preflight::{Check, Level, PreflightView, UntrainedUse};
+use tunestudio::app::state::training::Phase;
 use tunestudio::app::{Action, Page, StudioApp, StudioOptions};
 use tunestudio::session::checkpoint::StepMetrics;
 
@@ -200,7 +200,7 @@ fn gui_demo_opens_with_model_and_dataset_selected() {
     let view = s.dataset.view.ready().unwrap();
     assert_eq!(view.rows_used, view.rows_total);
     assert!(!view.previews.is_empty());
-    assert!(view.previews[0].segments.iter().any(|x| x.kind == tunestudio::app::dataset::SpanKind::Trained));
+    assert!(view.previews[0].segments.iter().any(|x| x.kind == tunestudio::app::state::dataset::SpanKind::Trained));
     assert!(h.query_by_label_contains("Untrained tokens").is_some());
     assert_eq!(h.state().state.model.recent.models.first(), Some(&h.state().state.config.model.path), "a loaded model is remembered");
     assert!(tunestudio::app::start_blocker(&h.state().state).is_none());
@@ -259,8 +259,8 @@ fn gui_snapshots_of_the_main_screens() {
     snapshot(&mut h, "preflight_needs_fix");
 }
 
-fn crafted_report(uses_untrained: bool) -> PreflightReport {
-    PreflightReport {
+fn crafted_report(uses_untrained: bool) -> PreflightView {
+    PreflightView {
         model: "llama (Llama): 4 layers, hidden 128".into(),
         data: "360 rows used of 360 (0 skipped, 0 truncated), 9000 trained tokens".into(),
         steps: "60 optimizer steps (45 per epoch), 8 sequences each, learning rate 2.00e-3".into(),
