@@ -24,8 +24,23 @@ use tunestudio::session::checkpoint::StepMetrics;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+/// One GUI test at a time on this machine: in this process (the mutex) and across processes
+/// (an exclusive `flock` on a file beside the fixed folders), since two checkouts testing at once
+/// would empty each other's fixed folders mid-run.
+struct Serial {
+    _in_process: MutexGuard<'static, ()>,
+    _across_processes: std::fs::File,
+}
+
+fn serial() -> Serial {
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let root = std::env::temp_dir().join("tunestudio-gui-tests");
+    std::fs::create_dir_all(&root).unwrap();
+    let file = std::fs::File::create(root.with_extension("lock")).unwrap();
+    // SAFETY: flock on a descriptor this function owns; released when `file` is dropped.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    Serial { _in_process: guard, _across_processes: file }
 }
 
 /// A folder under the temp dir with a fixed name (emptied first): snapshot pixels then never
