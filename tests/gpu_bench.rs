@@ -68,7 +68,7 @@ fn ops_at_llama3_8b_shapes() {
     let act = |len: usize, seed: u64, a: f32| be.upload(&fast_random(len, seed, a), DType::Act).unwrap();
 
     // Attention, causal, GQA 4.
-    let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd };
+    let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd, ..Default::default() };
     let (q, k, v) = (act(n * h * hd, 1, 1.0), act(n * kvh * hd, 2, 1.0), act(n * kvh * hd, 3, 1.0));
     let seg = be.upload_ids(&vec![0; n]).unwrap();
     let mut out = be.alloc(n * h * hd, DType::Act).unwrap();
@@ -165,7 +165,7 @@ fn attention_seq_sweep() {
     let (h, kvh, hd) = (32usize, 8usize, 128usize);
     for s in [2048usize, 8192, 32768] {
         let act = |len: usize, seed: u64, a: f32| be.upload(&fast_random(len, seed, a), DType::Act).unwrap();
-        let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd };
+        let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd, ..Default::default() };
         let (q, k, v) = (act(s * h * hd, 1, 1.0), act(s * kvh * hd, 2, 1.0), act(s * kvh * hd, 3, 1.0));
         let dout = act(s * h * hd, 4, 1.0);
         let seg = be.upload_ids(&vec![0; s]).unwrap();

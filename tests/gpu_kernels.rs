@@ -502,30 +502,30 @@ fn attn_cases() -> Vec<AttnCase> {
     let mut cases = Vec::new();
     // GQA group 4, seq not a multiple of the 64-row tile, row 0 packs two examples, row 1 has a
     // padding tail in its own segment.
-    let s = AttnShape { batch: 2, seq: 100, heads: 8, kv_heads: 2, head_dim: 64 };
+    let s = AttnShape { batch: 2, seq: 100, heads: 8, kv_heads: 2, head_dim: 64, ..Default::default() };
     let mut seg = Vec::new();
     seg.extend((0..100).map(|t| if t < 40 { 0 } else { 1 }));
     seg.extend((0..100).map(|t| if t < 77 { 0 } else { 1 }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Group 1 (plain MHA), head_dim 128, three tiles.
-    let s = AttnShape { batch: 1, seq: 130, heads: 4, kv_heads: 4, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 130, heads: 4, kv_heads: 4, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![0; 130] });
     // head_dim 32 (one exact tile, multi-query) and 96 (packed into three examples).
-    let s = AttnShape { batch: 1, seq: 64, heads: 2, kv_heads: 1, head_dim: 32 };
+    let s = AttnShape { batch: 1, seq: 64, heads: 2, kv_heads: 1, head_dim: 32, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![3; 64] });
-    let s = AttnShape { batch: 2, seq: 70, heads: 3, kv_heads: 1, head_dim: 96 };
+    let s = AttnShape { batch: 2, seq: 70, heads: 3, kv_heads: 1, head_dim: 96, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..140).map(|i: i32| (i % 70) / 25).collect() });
     // One partial tile (17 rows; most warps of a block have no row), multi-query, two sequences.
-    let s = AttnShape { batch: 2, seq: 17, heads: 2, kv_heads: 1, head_dim: 64 };
+    let s = AttnShape { batch: 2, seq: 17, heads: 2, kv_heads: 1, head_dim: 64, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![4; 34] });
-    let s = AttnShape { batch: 1, seq: 1, heads: 4, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 1, heads: 4, kv_heads: 2, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![0] });
     // Segments alternating every 3 tokens: no tile is one segment, every score is masked per element.
-    let s = AttnShape { batch: 1, seq: 150, heads: 2, kv_heads: 1, head_dim: 64 };
+    let s = AttnShape { batch: 1, seq: 150, heads: 2, kv_heads: 1, head_dim: 64, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..150).map(|t: i32| (t / 3) % 2).collect() });
     // Three sequences at head_dim 128, GQA 2: boundaries on the 64/128-row tiles, one sequence a
     // single example (unmasked tiles), one with boundaries off the tiles.
-    let s = AttnShape { batch: 3, seq: 300, heads: 4, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 3, seq: 300, heads: 4, kv_heads: 2, head_dim: 128, ..Default::default() };
     let mut seg = Vec::new();
     seg.extend((0..300).map(|t| {
         if t < 128 {
@@ -548,13 +548,13 @@ fn attn_cases() -> Vec<AttnCase> {
     }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Long sequences at head_dim 128, one example each: most tiles take the unmasked path.
-    let s = AttnShape { batch: 1, seq: 2048, heads: 8, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 2048, heads: 8, kv_heads: 2, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![0; 2048] });
-    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 8, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 8, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![1; 4096] });
     // Packed at head_dim 128: boundaries on and off the 64/128-row tiles (whole tiles of two
     // different examples are skipped), a padding tail, seq not a multiple of any tile.
-    let s = AttnShape { batch: 2, seq: 1000, heads: 8, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 2, seq: 1000, heads: 8, kv_heads: 2, head_dim: 128, ..Default::default() };
     let mut seg = Vec::new();
     seg.extend((0..1000).map(|t| {
         if t < 300 {
@@ -578,16 +578,28 @@ fn attn_cases() -> Vec<AttnCase> {
     }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Packed at head_dim 64, GQA 4, boundaries on tile multiples.
-    let s = AttnShape { batch: 1, seq: 700, heads: 4, kv_heads: 1, head_dim: 64 };
+    let s = AttnShape { batch: 1, seq: 700, heads: 4, kv_heads: 1, head_dim: 64, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..700).map(|t: i32| t / 256).collect() });
     // head_dim 256 (Gemma 3): the backward in 128-column slices, packed and whole, GQA 2.
-    let s = AttnShape { batch: 2, seq: 300, heads: 4, kv_heads: 2, head_dim: 256 };
+    let s = AttnShape { batch: 2, seq: 300, heads: 4, kv_heads: 2, head_dim: 256, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..600).map(|i: i32| if i < 300 { 0 } else { (i - 300) / 130 }).collect() });
-    let s = AttnShape { batch: 1, seq: 2048, heads: 4, kv_heads: 1, head_dim: 256 };
+    let s = AttnShape { batch: 1, seq: 2048, heads: 4, kv_heads: 1, head_dim: 256, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![0; 2048] });
     // head_dim 32 (the demo model's) at length, GQA 2, three examples.
-    let s = AttnShape { batch: 1, seq: 2048, heads: 4, kv_heads: 2, head_dim: 32 };
+    let s = AttnShape { batch: 1, seq: 2048, heads: 4, kv_heads: 2, head_dim: 32, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..2048).map(|t: i32| t / 700).collect() });
+    // Sliding windows (Gemma 3's local layers) with its scale (query_pre_attn_scalar 256): across
+    // tiles with packed examples, on a tile boundary with one example (whole tiles skipped and
+    // unmasked), shorter than a tile at head dim 256, and at length.
+    let gemma = Some(1.0 / 16.0);
+    let s = AttnShape { batch: 2, seq: 300, heads: 4, kv_heads: 2, head_dim: 128, window: Some(70), softmax_scale: gemma };
+    cases.push(AttnCase { shape: s, segments: (0..600).map(|i: i32| if i < 300 { i / 200 } else { 5 }).collect() });
+    let s = AttnShape { batch: 1, seq: 320, heads: 2, kv_heads: 1, head_dim: 64, window: Some(64), softmax_scale: None };
+    cases.push(AttnCase { shape: s, segments: vec![0; 320] });
+    let s = AttnShape { batch: 1, seq: 200, heads: 2, kv_heads: 2, head_dim: 256, window: Some(40), softmax_scale: gemma };
+    cases.push(AttnCase { shape: s, segments: vec![0; 200] });
+    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 4, head_dim: 256, window: Some(1024), softmax_scale: gemma };
+    cases.push(AttnCase { shape: s, segments: vec![0; 4096] });
     cases
 }
 
@@ -629,7 +641,7 @@ fn attention_checks(limits: &[Option<usize>], wanted: impl Fn(&AttnCase) -> bool
             continue;
         }
         let AttnCase { shape, segments } = case;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim, .. } = shape;
         // Fresh inputs per case (seeded by the case, so every card profile sees the same ones).
         let mut rng = ChaCha8Rng::seed_from_u64(109 + i as u64);
         let n = batch * seq;
@@ -643,7 +655,8 @@ fn attention_checks(limits: &[Option<usize>], wanted: impl Fn(&AttnCase) -> bool
         let gseg = be.upload_ids(&segments).unwrap();
         be.set_attention_scratch_limit(None);
         let kern = be.attention_kernels(head_dim).unwrap_or_else(|e| panic!("{card}: head_dim {head_dim}: {e}"));
-        let tag = format!("{} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}", kern.fwd.kernel.symbol());
+        let win = shape.window.map(|w| format!(" win={w}")).unwrap_or_default();
+        let tag = format!("{} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}{win}", kern.fwd.kernel.symbol());
         let mut gout = poisoned(&be, qn, DType::Act);
         let mut glse = poisoned(&be, n * heads, DType::F32);
         be.attention_fwd(&gq, &gk, &gv, &gseg, shape, &mut gout, &mut glse).unwrap();
@@ -665,7 +678,7 @@ fn attention_checks(limits: &[Option<usize>], wanted: impl Fn(&AttnCase) -> bool
         for &limit in limits {
             be.set_attention_scratch_limit(limit.map(|units| units * attn_unit_bytes(shape)));
             let split = limit.map(|u| format!(" scratch {u} unit(s)")).unwrap_or_default();
-            let tag = format!("{}{split} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}", kern.bwd.kernel.symbol());
+            let tag = format!("{}{split} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}{win}", kern.bwd.kernel.symbol());
             let (mut gdq, mut gdk, mut gdv) = (poisoned(&be, qn, DType::Act), poisoned(&be, kn, DType::Act), poisoned(&be, kn, DType::Act));
             be.attention_bwd(&gdout, &gq, &gk, &gv, &gout, &glse, &gseg, shape, &mut gdq, &mut gdk, &mut gdv).unwrap();
             // dS = P∘(dP − D) is rounded to bf16 before the dQ and dK products and involves a

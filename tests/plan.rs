@@ -116,7 +116,7 @@ fn attention_backward_split_fits_the_scratch() {
     for (batch, seq, heads, kv_heads, head_dim) in
         [(1, 8192, 32, 8, 128), (4, 2048, 32, 8, 128), (3, 300, 4, 2, 128), (2, 100, 8, 2, 64), (1, 1, 4, 2, 128), (5, 1000, 24, 8, 64)]
     {
-        let s = AttnShape { batch, seq, heads, kv_heads, head_dim };
+        let s = AttnShape { batch, seq, heads, kv_heads, head_dim, ..Default::default() };
         for limit in [unit(s) - 1, unit(s), 3 * unit(s), 7 * unit(s) + 5, ATTN_BWD_SCRATCH_BYTES] {
             match attention_bwd_split(s, limit) {
                 None => assert!(unit(s) > limit, "{s:?} limit {limit}: a unit fits"),
@@ -127,7 +127,7 @@ fn attention_backward_split_fits_the_scratch() {
             }
         }
     }
-    let s = AttnShape { batch: 1, seq: 8192, heads: 32, kv_heads: 8, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 8192, heads: 32, kv_heads: 8, head_dim: 128, ..Default::default() };
     let (bc, kvc) = attention_bwd_split(s, ATTN_BWD_SCRATCH_BYTES).unwrap();
     assert_eq!(s.batch.div_ceil(bc) * s.kv_heads.div_ceil(kvc), 2);
 }

@@ -175,6 +175,7 @@ pub fn attention_max_shape(spec: &ModelSpec, batch_size: usize, max_seq_len: usi
         heads: spec.num_heads,
         kv_heads: spec.num_kv_heads,
         head_dim: spec.head_dim,
+        ..Default::default()
     }
 }
 

@@ -592,12 +592,11 @@ impl CudaBackend {
         dv: &CudaTensor,
     ) -> Result<()> {
         let [dout, q, k, v, out, lse] = t;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
         let (bc, kvc) = split;
         let group = heads / kv_heads;
         let (qs, ks) = (heads * hd, kv_heads * hd);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let window = 0;
+        let (scale, window) = (shape.scale() as f32, shape.effective_window().unwrap_or(0));
         let bwd = kern.bwd;
         let key_tiles = seq.div_ceil(bwd.keys()) as u32;
         for b0 in (0..batch).step_by(bc) {
@@ -1468,7 +1467,7 @@ impl Backend for CudaBackend {
         lse: &mut Self::Tensor,
     ) -> Result<()> {
         self.bind()?;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim, .. } = shape;
         let fwd = self.attention_for("attention_fwd", shape)?.fwd;
         let n = batch * seq;
         act("attention_fwd", "q", q, n * heads * head_dim)?;
@@ -1477,8 +1476,8 @@ impl Backend for CudaBackend {
         act("attention_fwd", "out", out, n * heads * head_dim)?;
         f32t("attention_fwd", "lse", lse, n * heads)?;
         check_len("attention_fwd", "segments", segments.len, n)?;
-        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
-        let window = 0;
+        // A window no shorter than the sequence masks nothing: 0 tells the kernel there is none.
+        let (scale, window) = (shape.scale() as f32, shape.effective_window().unwrap_or(0));
         let args = [p(q), p(k), p(v), pi(segments), p(out), p(lse), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale), i32a(window)];
         self.launch(fwd.kernel, (heads as u32, seq.div_ceil(fwd.rows()) as u32, batch as u32), fwd.threads(), fwd.smem_bytes(), &args)
     }
@@ -1498,7 +1497,7 @@ impl Backend for CudaBackend {
         dv: &mut Self::Tensor,
     ) -> Result<()> {
         self.bind()?;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim, .. } = shape;
         let kern = self.attention_for("attention_bwd", shape)?;
         let n = batch * seq;
         let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
