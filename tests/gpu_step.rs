@@ -147,7 +147,7 @@ fn batch(rng: &mut ChaCha8Rng, vocab: u32) -> Batch {
     b
 }
 
-fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64) -> EngineOptions {
+fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64, mlp_chunk_rows: usize) -> EngineOptions {
     EngineOptions {
         lora: LoraConfig { r: 16, alpha: 32.0, dropout, targets: Target::ALL.to_vec(), rslora: false },
         optim: OptimConfig { lr: 1e-3, ..OptimConfig::default() },
@@ -156,7 +156,7 @@ fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64) -> Engin
         max_seq_len: 96,
         checkpointing: policy,
         seed: 5,
-        mlp_chunk_rows: 0,
+        mlp_chunk_rows,
     }
 }
 
@@ -190,9 +190,9 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-fn compare_step(name: &str, spec: ModelSpec, quant: Quantization, policy: CheckpointPolicy, dropout: f64) {
+fn compare_step(name: &str, spec: ModelSpec, quant: Quantization, policy: CheckpointPolicy, dropout: f64, mlp_chunk_rows: usize) {
     let weights = RandomWeights::new(&spec, 3, 0.05);
-    let opts = options(quant, policy, dropout);
+    let opts = options(quant, policy, dropout, mlp_chunk_rows);
     let init = lora_init(&spec, &opts.lora);
     let cuda = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
     let cpu_src = SameWeights { inner: RandomWeights { spec: spec.clone(), tensors: weights.tensors.clone() }, for_cpu: true };
@@ -254,36 +254,51 @@ fn compare_step(name: &str, spec: ModelSpec, quant: Quantization, policy: Checkp
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn step_bf16_layer_checkpointing() {
-    compare_step("bf16, layer checkpointing", spec(false), Quantization::Bf16, CheckpointPolicy::Layer, 0.0);
+    compare_step("bf16, layer checkpointing", spec(false), Quantization::Bf16, CheckpointPolicy::Layer, 0.0, 0);
+}
+
+/// Layer inputs in pinned host memory (copied on the copy stream, prefetched a layer ahead), the
+/// untied embedding table in pinned host memory, the MLP in row chunks.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_nf4_offload() {
+    compare_step("nf4, offload", spec(false), Quantization::Nf4, CheckpointPolicy::Offload, 0.0, 0);
+}
+
+/// The MLP recomputed in row chunks that do not divide the rows (192 rows, chunks of 40).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_bf16_layer_chunked_mlp() {
+    compare_step("bf16, layer, MLP chunks of 40 rows", spec(true), Quantization::Bf16, CheckpointPolicy::Layer, 0.1, 40);
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn step_nf4_keep_all_dropout_qkv_bias() {
-    compare_step("nf4, keep all, dropout 0.1, qkv bias", spec(true), Quantization::Nf4, CheckpointPolicy::None, 0.1);
+    compare_step("nf4, keep all, dropout 0.1, qkv bias", spec(true), Quantization::Nf4, CheckpointPolicy::None, 0.1, 0);
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn step_qwen3_nf4_layer_checkpointing() {
-    compare_step("qwen3, nf4, layer checkpointing", qwen3_spec(), Quantization::Nf4, CheckpointPolicy::Layer, 0.0);
-    compare_step("qwen3, bf16, keep all, dropout 0.1", qwen3_spec(), Quantization::Bf16, CheckpointPolicy::None, 0.1);
+    compare_step("qwen3, nf4, layer checkpointing", qwen3_spec(), Quantization::Nf4, CheckpointPolicy::Layer, 0.0, 0);
+    compare_step("qwen3, bf16, keep all, dropout 0.1", qwen3_spec(), Quantization::Bf16, CheckpointPolicy::None, 0.1, 0);
+    compare_step("qwen3, bf16, offload, MLP chunks of 40 rows", qwen3_spec(), Quantization::Bf16, CheckpointPolicy::Offload, 0.0, 40);
 }
 
-/// Gemma 3 with a window as long as the sequence (the local layer's mask is then causal), so
-/// the attention kernels of today run it: everything but the window's mask.
+/// Gemma 3 with head_dim 128 and a window as long as the sequence (the local layer's mask is then
+/// plain causal): the norms, GeGLU, embedding scale, softmax scale and per-layer RoPE.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn step_gemma3_nf4_window_not_masking() {
-    compare_step("gemma3, nf4, layer checkpointing", gemma3_spec(128, 96), Quantization::Nf4, CheckpointPolicy::Layer, 0.0);
-    compare_step("gemma3, bf16, keep all, dropout 0.1", gemma3_spec(128, 96), Quantization::Bf16, CheckpointPolicy::None, 0.1);
+    compare_step("gemma3, nf4, layer checkpointing", gemma3_spec(128, 96), Quantization::Nf4, CheckpointPolicy::Layer, 0.0, 0);
+    compare_step("gemma3, bf16, keep all, dropout 0.1", gemma3_spec(128, 96), Quantization::Bf16, CheckpointPolicy::None, 0.1, 0);
+    compare_step("gemma3, nf4, layer, MLP chunks of 40 rows", gemma3_spec(128, 96), Quantization::Nf4, CheckpointPolicy::Layer, 0.0, 40);
 }
 
-/// Gemma 3 as published: head_dim 256 and a window shorter than the sequence. Needs the CUDA
-/// attention with a sliding window and head_dim 256 (until then the step stops with the
-/// attention's error naming the window or the head_dim).
+/// Gemma 3 as published: head_dim 256 and a window (32) shorter than the sequence, which masks.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn step_gemma3_sliding_window_head_dim_256() {
-    compare_step("gemma3, head_dim 256, window 32, nf4", gemma3_spec(256, 32), Quantization::Nf4, CheckpointPolicy::Layer, 0.0);
+    compare_step("gemma3, head_dim 256, window 32, nf4", gemma3_spec(256, 32), Quantization::Nf4, CheckpointPolicy::Layer, 0.0, 0);
 }

@@ -140,6 +140,8 @@ impl<T: Real> Backend for CpuBackend<T> {
             name: format!("CPU ({}, {} threads)", T::NAME, rayon::current_num_threads()),
             total_memory_bytes: None,
             free_memory_bytes: None,
+            others_bytes: None,
+            card: None,
         }
     }
 

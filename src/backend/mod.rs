@@ -14,6 +14,7 @@ pub mod card;
 pub mod context;
 pub mod cpu;
 pub mod cuda;
+pub mod nvml;
 
 use crate::error::Result;
 use crate::quant::nf4::Nf4Tensor;
@@ -189,7 +190,7 @@ mod host_tests {
 }
 
 /// What the backend runs on, for logs and the studio.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct DeviceInfo {
     /// `cpu` or `cuda`.
     pub kind: String,
@@ -197,6 +198,10 @@ pub struct DeviceInfo {
     pub name: String,
     pub total_memory_bytes: Option<u64>,
     pub free_memory_bytes: Option<u64>,
+    /// Device memory held by other processes (and the driver), when NVML reports it.
+    pub others_bytes: Option<u64>,
+    /// A GPU's limits (the device's, or its profile's under `TUNESTUDIO_CARD`).
+    pub card: Option<card::CardLimits>,
 }
 
 pub trait Backend: Send {
@@ -366,6 +371,11 @@ pub trait Backend: Send {
         dk: &mut Self::Tensor,
         dv: &mut Self::Tensor,
     ) -> Result<()>;
+    /// Size whatever the attention backward needs for shapes up to `max` (the CUDA backend's
+    /// accumulator scratch, [`cuda::attention_scratch_bytes`]), once, before the first step.
+    fn reserve_attention(&self, _max: AttnShape) -> Result<()> {
+        Ok(())
+    }
 
     /// `out = silu(g) · u` on `n` elements.
     fn swiglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()>;

@@ -290,7 +290,6 @@ impl<B: Backend> Trainer<B> {
                         // Our context is already there: add it back, the plan counts it.
                         free_bytes: dev.free_memory_bytes.map(|f| f + context_bytes),
                         context_bytes,
-                        attention: plan::cuda_attention_default(),
                         host_bytes: crate::backend::host_memory().map(|h| h.available_bytes),
                     }
                 } else {
@@ -483,6 +482,7 @@ impl<B: Backend> Trainer<B> {
                 ..Default::default()
             },
         };
+        backend.reserve_attention(plan::attention_max_shape(&spec, opts.batch_size, opts.max_seq_len))?;
         let ledger = lg.entries;
         Ok(Trainer {
             backend,
