@@ -104,7 +104,7 @@ pub struct DatasetConfig {
     pub fix_untrained_tokens: bool,
     /// Rows longer than `train.max_seq_len`: `truncate` (keep the start) or `drop`.
     #[serde(default)]
-    pub long_rows: crate::data::LongRows,
+    pub long_rows: LongRows,
 }
 
 impl Default for DatasetConfig {
@@ -118,9 +118,20 @@ impl Default for DatasetConfig {
             packing: false,
             max_bad_fraction: 0.1,
             fix_untrained_tokens: true,
-            long_rows: crate::data::LongRows::Truncate,
+            long_rows: LongRows::Truncate,
         }
     }
+}
+
+/// What to do with a row longer than `max_seq_len` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LongRows {
+    /// Keep the first `max_seq_len` tokens (TRL's default); counted in `truncated_rows`.
+    #[default]
+    Truncate,
+    /// Leave the row out; it is listed among the skipped rows.
+    Drop,
 }
 
 /// The seven linears of a Llama decoder layer that LoRA can adapt.

@@ -10,31 +10,21 @@ pub mod encode;
 pub mod format;
 pub mod preflight;
 pub mod read;
+pub mod record;
 pub mod tabular;
 
 use std::path::PathBuf;
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use batch::{Batch, Batcher, IGNORE_INDEX};
 pub use encode::MaskSource;
 
-use crate::config::{DatasetConfig, DatasetFormat, TrainOn};
+use crate::config::{DatasetConfig, DatasetFormat, LongRows, TrainOn};
 use crate::error::{Error, Result};
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::TokenizerBundle;
-
-/// What to do with a row longer than `max_seq_len` tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LongRows {
-    /// Keep the first `max_seq_len` tokens (TRL's default); counted in `truncated_rows`.
-    #[default]
-    Truncate,
-    /// Leave the row out; it is listed among the skipped rows.
-    Drop,
-}
 
 /// One training example. `labels[i]` is the label of `input_ids[i]` (Hugging Face alignment),
 /// `IGNORE_INDEX` where the token is not trained; the batcher shifts them into targets.
