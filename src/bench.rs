@@ -133,7 +133,7 @@ impl WeightSource for BenchWeights {
         })
     }
     fn has(&self, name: &str) -> bool {
-        !name.ends_with(".bias") && !(self.tied && name == "lm_head.weight")
+        !(name.ends_with(".bias") || self.tied && name == "lm_head.weight")
     }
     fn linear(&self, _name: &str, shape: (usize, usize), _quant: Quantization) -> Result<HostWeight> {
         let mut cache = self.cache.lock().map_err(|_| Error::msg("bench weight cache poisoned"))?;

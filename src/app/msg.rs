@@ -102,6 +102,7 @@ impl Pick {
 
 /// A result posted back to the window.
 #[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "a few messages a second, moved once through a channel: boxing would buy nothing")]
 pub enum Msg {
     Model {
         path: PathBuf,

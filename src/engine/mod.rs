@@ -111,6 +111,12 @@ struct TrainableRows<B: Backend> {
 }
 
 /// The activations of one decoder layer that its backward reads.
+/// One buffer per LoRA target, indexed by `Target as usize`; `None` where the target is not adapted.
+type PerTarget<T> = Vec<Option<T>>;
+
+/// A block's LoRA products `x·Aᵀ` and dropped-out inputs, per target.
+type LoraInputs<T> = (PerTarget<T>, PerTarget<T>);
+
 struct LayerActs<B: Backend> {
     h1: B::Tensor,
     inv1: B::Tensor,
@@ -123,9 +129,9 @@ struct LayerActs<B: Backend> {
     h2: B::Tensor,
     inv2: B::Tensor,
     /// `x_lora · Aᵀ` per attention target (`[n, r]`), by `Target as usize` (q, k, v, o).
-    xa: Vec<Option<B::Tensor>>,
+    xa: PerTarget<B::Tensor>,
     /// The dropped-out LoRA input per attention target, when dropout is on.
-    xd: Vec<Option<B::Tensor>>,
+    xd: PerTarget<B::Tensor>,
     mlp: MlpActs<B>,
     /// Per-head q/k norms (Qwen3, Gemma 3).
     qk: Option<QkNormActs<B>>,
@@ -155,8 +161,8 @@ struct MlpActs<B: Backend> {
     u: B::Tensor,
     m: B::Tensor,
     /// By `Target as usize`; only gate, up and down are used.
-    xa: Vec<Option<B::Tensor>>,
-    xd: Vec<Option<B::Tensor>>,
+    xa: PerTarget<B::Tensor>,
+    xd: PerTarget<B::Tensor>,
 }
 
 /// Backward scratch of the MLP (chunk rows) and of every LoRA linear.
@@ -363,7 +369,7 @@ impl<B: Backend> Trainer<B> {
         for set in 0..n_acts {
             let p = format!("acts.{set}");
             // LoRA products and dropped inputs, for all rows (attention) or one chunk (MLP).
-            let mut lora_bufs = |targets: &[Target], n_rows: usize| -> Result<(Vec<Option<B::Tensor>>, Vec<Option<B::Tensor>>)> {
+            let mut lora_bufs = |targets: &[Target], n_rows: usize| -> Result<LoraInputs<B::Tensor>> {
                 let (mut xa, mut xd): (Vec<_>, Vec<_>) = (0..7).map(|_| (None, None)).unzip();
                 for &t in targets.iter().filter(|&&t| adapted(t)) {
                     xa[t as usize] = Some(lg.alloc(format!("{p}.xa.{}", t.short()), la, n_rows * r, DType::Act)?);

@@ -155,13 +155,13 @@ pub fn start(config: RunConfig, options: StartOptions) -> SessionHandle {
                 let last_checkpoint = run_dir.as_deref().and_then(|d: &Path| {
                     checkpoint::list(d).last().map(|s| d.join(checkpoint::CHECKPOINTS_DIR).join(format!("step-{s:06}")))
                 });
-                if let Some(d) = &run_dir {
-                    if let Ok(mut st) = RunStatus::load(d) {
-                        st.state = "failed".into();
-                        st.error = Some(message.clone());
-                        st.updated = now();
-                        let _ = st.save(d);
-                    }
+                if let Some(d) = &run_dir
+                    && let Ok(mut st) = RunStatus::load(d)
+                {
+                    st.state = "failed".into();
+                    st.error = Some(message.clone());
+                    st.updated = now();
+                    let _ = st.save(d);
                 }
                 let _ = etx.send(Event::Failed { message, run_dir, last_checkpoint });
             }
