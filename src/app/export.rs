@@ -13,7 +13,7 @@ use crossbeam_channel::Sender;
 use eframe::egui::{self, RichText, Ui};
 
 use crate::RunConfig;
-use crate::export::adapter::{load_peft, save_peft_with_tokens};
+use crate::export::adapter::load_peft;
 use crate::export::merged::{FsSink, MergeDtype, MergeInput, MergeOptions, Sink, export_merged_with};
 use crate::model::ModelSpec;
 use crate::session::checkpoint;
@@ -92,14 +92,8 @@ pub fn export_adapter(run_dir: &Path, parent: &Path, tx: &Sender<Msg>) -> crate:
     let dest = target_dir(parent, &format!("{}-adapter", run_name(run_dir)));
     send_step(tx, 0.1, "reading the run's adapter");
     let cfg = RunConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))?;
-    if run_dir.join(checkpoint::ADAPTER_DIR).join(crate::export::adapter::CONFIG_FILE).is_file() {
-        send_step(tx, 0.4, "writing adapter_model.safetensors");
-        crate::export::run::export_adapter(run_dir, Some(&dest))?;
-    } else {
-        let c = checkpoint::load_latest(run_dir)?;
-        send_step(tx, 0.4, format!("writing adapter_model.safetensors from {}", c.dir.display()));
-        save_peft_with_tokens(&dest, &c.weights, &cfg.lora, &cfg.model.path.display().to_string(), c.token_rows.as_ref())?;
-    }
+    send_step(tx, 0.4, "writing adapter_model.safetensors");
+    crate::export::run::export_adapter(run_dir, Some(&dest))?;
     send_step(tx, 0.9, "checking the written adapter loads");
     load_peft(&dest, &ModelSpec::from_dir(&cfg.model.path)?)?;
     Ok(dest)
