@@ -101,33 +101,6 @@ pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
     Ok((v * mult as f64).round() as u64)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_sizes() {
-        assert_eq!(parse_bytes("24GiB"), Ok(24 << 30));
-        assert_eq!(parse_bytes("1.5 GB"), Ok(3 << 29));
-        assert_eq!(parse_bytes("512B"), Ok(512));
-        assert!(parse_bytes("x").unwrap_err().contains("not a size"));
-        assert!(parse_bytes("24").unwrap_err().contains("no unit: write 24GiB"));
-        assert!(parse_bytes("24 parsecs").unwrap_err().contains("unknown unit"));
-    }
-
-    #[test]
-    fn atomic_dir_replaces_or_leaves_nothing() {
-        let d = tempfile::tempdir().unwrap();
-        let dest = d.path().join("out");
-        write_dir_atomic(&dest, |p| write_atomic(&p.join("a"), b"1")).unwrap();
-        assert!(dest.join("a").exists());
-        let r = write_dir_atomic(&dest, |_| Err(Error::msg("boom")));
-        assert!(r.is_err());
-        assert!(dest.join("a").exists(), "failed write must keep the old folder");
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temp folder left behind");
-    }
-}
-
 /// `8.03B`, `1.24M`, `512`.
 pub fn fmt_count(n: u64) -> String {
     let v = n as f64;
@@ -165,4 +138,31 @@ pub fn process_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("24GiB"), Ok(24 << 30));
+        assert_eq!(parse_bytes("1.5 GB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("512B"), Ok(512));
+        assert!(parse_bytes("x").unwrap_err().contains("not a size"));
+        assert!(parse_bytes("24").unwrap_err().contains("no unit: write 24GiB"));
+        assert!(parse_bytes("24 parsecs").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn atomic_dir_replaces_or_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("out");
+        write_dir_atomic(&dest, |p| write_atomic(&p.join("a"), b"1")).unwrap();
+        assert!(dest.join("a").exists());
+        let r = write_dir_atomic(&dest, |_| Err(Error::msg("boom")));
+        assert!(r.is_err());
+        assert!(dest.join("a").exists(), "failed write must keep the old folder");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temp folder left behind");
+    }
 }

@@ -24,7 +24,7 @@ use crate::engine::TokenRows;
 use crate::engine::lora::{LoraPair, LoraWeights, peft_key};
 use crate::error::{Error, IoContext, Result};
 use crate::model::ModelSpec;
-use crate::model::weights::{OutTensor, read_small_f32, serialize_safetensors};
+use crate::model::weights::{OutTensor, SmallTensors, read_small_f32, serialize_safetensors};
 use crate::util::{write_atomic, write_dir_atomic};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -277,13 +277,7 @@ fn token_ids(v: &Value, cfg_path: &Path, module: &str) -> Result<Option<Vec<u32>
     Ok(Some(ids))
 }
 
-fn load_token_rows(
-    v: &Value,
-    cfg_path: &Path,
-    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    weights_path: &Path,
-    spec: &ModelSpec,
-) -> Result<Option<TokenRows>> {
+fn load_token_rows(v: &Value, cfg_path: &Path, tensors: &SmallTensors, weights_path: &Path, spec: &ModelSpec) -> Result<Option<TokenRows>> {
     if let Some(Value::Object(m)) = v.get("trainable_token_indices")
         && let Some(other) = m.keys().find(|k| *k != "embed_tokens" && *k != "lm_head")
     {

@@ -275,8 +275,11 @@ pub fn serialize_safetensors(tensors: &[OutTensor], metadata: Option<BTreeMap<St
     safetensors::tensor::serialize(views, meta).map_err(|e| Error::msg(format!("safetensors serialization failed: {e}")))
 }
 
+/// Tensors by name, each as (shape, f32 data).
+pub type SmallTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Read a whole small safetensors file into name → (shape, f32 data) (adapters, checkpoints).
-pub fn read_small_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_small_f32(path: &Path) -> Result<SmallTensors> {
     let bytes = std::fs::read(path).with_path(path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
     let mut out = BTreeMap::new();
