@@ -707,6 +707,8 @@ fn gui_session_errors_are_readable_messages_and_the_app_goes_on() {
     h.state_mut().state.training.begin(generation, "a GPU run".into());
     h.state_mut().state.training.apply(tunestudio::session::Event::Failed { message: oom.clone(), run_dir: None, last_checkpoint: None });
     settle(&mut h);
+    h.state_mut().state.page = Page::Monitor;
+    settle(&mut h);
     assert!(h.query_by_label(&oom).is_some(), "{oom}");
     assert!(h.query_by_label("⚠ Training").is_some(), "the nav marks the failed run");
     assert!(!disabled(&h, "▶ Start"), "the studio goes on: Start is available again");
