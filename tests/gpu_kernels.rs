@@ -351,6 +351,7 @@ fn nf4_dequantize_matches_the_layout() {
     }
 }
 
+#[derive(Clone, Copy)]
 struct LinearCase {
     n: usize,
     inp: usize,
@@ -371,9 +372,12 @@ fn linear_with_lora_forward_and_backward() {
         // Odd sizes and rank 3: shapes cuBLASLt may decline go through the fallback kernel.
         LinearCase { n: 5, inp: 24, out: 40, r: 3, bias: true, nf4: false },
     ];
-    for c in cases {
+    // Every case on cuBLASLt, then every GEMM of it on the fallback kernel (which otherwise runs only
+    // for the shapes cuBLASLt declines).
+    for (c, fallback) in cases.iter().map(|&c| (c, false)).chain(cases.iter().map(|&c| (c, true))) {
+        be.set_gemm_fallback_only(fallback);
         let LinearCase { n, inp, out, r, bias, nf4 } = c;
-        let tag = format!("n={n} in={inp} out={out} r={r} bias={bias} nf4={nf4}");
+        let tag = format!("n={n} in={inp} out={out} r={r} bias={bias} nf4={nf4} fallback={fallback}");
         let dims = LinearDims { n, inp, out };
         let raw: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-0.1f32..0.1)).collect();
         // Both backends get the same bf16 weight values: for NF4 the CPU side gets the dequantized

@@ -107,7 +107,7 @@ fn batch(rng: &mut ChaCha8Rng, vocab: u32) -> Batch {
     b
 }
 
-fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64) -> EngineOptions {
+fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64, mlp_chunk_rows: usize) -> EngineOptions {
     EngineOptions {
         lora: LoraConfig { r: 16, alpha: 32.0, dropout, targets: Target::ALL.to_vec(), rslora: false },
         optim: OptimConfig { lr: 1e-3, ..OptimConfig::default() },
@@ -116,7 +116,7 @@ fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64) -> Engin
         max_seq_len: 96,
         checkpointing: policy,
         seed: 5,
-        mlp_chunk_rows: 0,
+        mlp_chunk_rows,
     }
 }
 
@@ -150,10 +150,10 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-fn compare_step(name: &str, quant: Quantization, policy: CheckpointPolicy, dropout: f64, qkv_bias: bool) {
+fn compare_step(name: &str, quant: Quantization, policy: CheckpointPolicy, dropout: f64, qkv_bias: bool, mlp_chunk_rows: usize) {
     let spec = spec(qkv_bias);
     let weights = RandomWeights::new(&spec, 3, 0.05);
-    let opts = options(quant, policy, dropout);
+    let opts = options(quant, policy, dropout, mlp_chunk_rows);
     let init = lora_init(&spec, &opts.lora);
     let cuda = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
     let cpu_src = SameWeights { inner: RandomWeights { spec: spec.clone(), tensors: weights.tensors.clone() }, for_cpu: true };
@@ -215,11 +215,26 @@ fn compare_step(name: &str, quant: Quantization, policy: CheckpointPolicy, dropo
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn step_bf16_layer_checkpointing() {
-    compare_step("bf16, layer checkpointing", Quantization::Bf16, CheckpointPolicy::Layer, 0.0, false);
+    compare_step("bf16, layer checkpointing", Quantization::Bf16, CheckpointPolicy::Layer, 0.0, false, 0);
+}
+
+/// Layer inputs in pinned host memory (copied on the copy stream, prefetched a layer ahead), the
+/// untied embedding table in pinned host memory, the MLP in row chunks.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_nf4_offload() {
+    compare_step("nf4, offload", Quantization::Nf4, CheckpointPolicy::Offload, 0.0, false, 0);
+}
+
+/// The MLP recomputed in row chunks that do not divide the rows (192 rows, chunks of 40).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_bf16_layer_chunked_mlp() {
+    compare_step("bf16, layer, MLP chunks of 40 rows", Quantization::Bf16, CheckpointPolicy::Layer, 0.1, true, 40);
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn step_nf4_keep_all_dropout_qkv_bias() {
-    compare_step("nf4, keep all, dropout 0.1, qkv bias", Quantization::Nf4, CheckpointPolicy::None, 0.1, true);
+    compare_step("nf4, keep all, dropout 0.1, qkv bias", Quantization::Nf4, CheckpointPolicy::None, 0.1, true, 0);
 }

@@ -348,6 +348,8 @@ pub struct CudaBackend {
     sync_each_launch: bool,
     /// Bytes of the attention scratch the backward may use (tests shrink it to force splits).
     attn_scratch_limit: std::cell::Cell<Option<usize>>,
+    /// Run every GEMM on the fallback kernel (tests check it on shapes cuBLASLt would take).
+    gemm_fallback_only: std::cell::Cell<bool>,
     profiler: profile::Profiler,
 }
 
@@ -501,6 +503,7 @@ impl CudaBackend {
             context_bytes,
             sync_each_launch: std::env::var("TUNESTUDIO_CUDA_SYNC").is_ok_and(|v| v == "1"),
             attn_scratch_limit: std::cell::Cell::new(None),
+            gemm_fallback_only: std::cell::Cell::new(false),
             profiler: profile::Profiler::default(),
         })
     }
@@ -554,6 +557,12 @@ impl CudaBackend {
     /// Live device allocations.
     pub fn allocation_count(&self) -> usize {
         self.shared.allocations()
+    }
+
+    /// Run every GEMM on the fallback kernel instead of cuBLASLt (tests: the fallback otherwise runs
+    /// only for the few shapes cuBLASLt declines).
+    pub fn set_gemm_fallback_only(&self, on: bool) {
+        self.gemm_fallback_only.set(on);
     }
 
     /// Use at most `bytes` of the attention backward's scratch (`None`: all of it), so tests can
@@ -767,7 +776,7 @@ impl CudaBackend {
             }
             return Ok(());
         }
-        let done = self.scratch.borrow_mut().gemm.run(&call, self.stream())?;
+        let done = !self.gemm_fallback_only.get() && self.scratch.borrow_mut().gemm.run(&call, self.stream())?;
         if !done {
             let grid = (call.n.div_ceil(16) as u32, call.m.div_ceil(16) as u32, 1);
             let args = [
