@@ -234,7 +234,9 @@ fn ckpt_adapter_without_rows(tmp: &Path, adapter: &Path) -> PathBuf {
     let spec = ModelSpec::from_dir(&root().join("assets/demo/model")).unwrap();
     let a = load_peft(adapter, &spec).unwrap();
     let out = tmp.join("no-rows");
-    tunestudio::export::adapter::AdapterFiles { weights: &a.weights, lora: &a.lora, base_model: "demo", tokens: None }.save(&out).unwrap();
+    tunestudio::export::adapter::AdapterFiles { spec: &spec, weights: &a.weights, lora: &a.lora, base_model: "demo", tokens: None }
+        .save(&out)
+        .unwrap();
     out
 }
 

@@ -31,9 +31,12 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// The JSON PEFT writes for a LoRA adapter (fields PEFT ≥ 0.10 reads; unknown ones are ignored).
-pub fn adapter_config_json(lora: &LoraConfig, base_model: &str) -> Value {
+/// The text model of a multimodal folder is targeted by a regex on its modules, so PEFT leaves the
+/// vision tower's projections (also named `q_proj`, …) alone.
+pub fn adapter_config_json(spec: &ModelSpec, lora: &LoraConfig, base_model: &str) -> Value {
     let mut targets: Vec<&str> = lora.targets.iter().map(|t| t.hf_name()).collect();
     targets.sort();
+    let target_modules = if spec.text_tower { json!(format!(r".*\.language_model\..*\.({})", targets.join("|"))) } else { json!(targets) };
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -41,7 +44,7 @@ pub fn adapter_config_json(lora: &LoraConfig, base_model: &str) -> Value {
         "r": lora.r,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
-        "target_modules": targets,
+        "target_modules": target_modules,
         "use_rslora": lora.rslora,
         "bias": "none",
         "fan_in_fan_out": false,
@@ -58,7 +61,9 @@ pub fn adapter_config_json(lora: &LoraConfig, base_model: &str) -> Value {
 }
 
 /// PEFT's key for the trained rows of the input embedding.
-pub const EMBED_TOKENS_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+pub fn embed_tokens_key(spec: &ModelSpec) -> String {
+    format!("{}embed_tokens.token_adapter.trainable_tokens_delta", spec.peft_decoder_prefix())
+}
 /// PEFT's key for the trained rows of an untied `lm_head`.
 pub const LM_HEAD_TOKENS_KEY: &str = "base_model.model.lm_head.token_adapter.trainable_tokens_delta";
 
@@ -77,6 +82,8 @@ fn trainable_token_indices(rows: &TokenRows) -> Value {
 /// and the token rows trained alongside (PEFT's trainable tokens, see the module comment).
 #[derive(Clone, Copy)]
 pub struct AdapterFiles<'a> {
+    /// The base model's shape: PEFT's key names depend on it (a multimodal folder's text model).
+    pub spec: &'a ModelSpec,
     pub weights: &'a LoraWeights,
     pub lora: &'a LoraConfig,
     pub base_model: &'a str,
@@ -100,11 +107,11 @@ impl AdapterFiles<'_> {
             for (&t, p) in layer {
                 let inp = p.a.len() / weights.rank;
                 let out = p.b.len() / weights.rank;
-                tensors.push(OutTensor::from_f32(peft_key(l, t, 'A'), vec![weights.rank, inp], &p.a, Dtype::F32));
-                tensors.push(OutTensor::from_f32(peft_key(l, t, 'B'), vec![out, weights.rank], &p.b, Dtype::F32));
+                tensors.push(OutTensor::from_f32(peft_key(self.spec, l, t, 'A'), vec![weights.rank, inp], &p.a, Dtype::F32));
+                tensors.push(OutTensor::from_f32(peft_key(self.spec, l, t, 'B'), vec![out, weights.rank], &p.b, Dtype::F32));
             }
         }
-        let mut config = adapter_config_json(self.lora, self.base_model);
+        let mut config = adapter_config_json(self.spec, self.lora, self.base_model);
         if let Some(rows) = self.tokens {
             let k = rows.ids.len();
             let d = rows.embed.len().checked_div(k).unwrap_or(0);
@@ -114,7 +121,7 @@ impl AdapterFiles<'_> {
                     rows.embed.len()
                 )));
             }
-            tensors.push(OutTensor::from_f32(EMBED_TOKENS_KEY, vec![k, d], &rows.embed, Dtype::F32));
+            tensors.push(OutTensor::from_f32(embed_tokens_key(self.spec), vec![k, d], &rows.embed, Dtype::F32));
             if let Some(h) = &rows.head {
                 tensors.push(OutTensor::from_f32(LM_HEAD_TOKENS_KEY, vec![k, d], h, Dtype::F32));
             }
@@ -137,7 +144,8 @@ impl AdapterFiles<'_> {
 
 /// LoRA weights and token rows read from a PEFT weights file without a model spec (a
 /// checkpoint's own adapter): each listed `(layer, target)`'s `lora_A`/`lora_B` and the
-/// trainable-token rows of `ids`, shapes as stored.
+/// trainable-token rows of `ids`, shapes as stored. Keys are found by their ending, which does
+/// not depend on the model's prefix (`…model.layers.N…` or `…language_model.layers.N…`).
 pub fn read_weights(
     path: &Path,
     rank: usize,
@@ -146,19 +154,24 @@ pub fn read_weights(
     head_rows: bool,
 ) -> Result<(LoraWeights, Option<TokenRows>)> {
     let tensors = read_small_f32(path)?;
-    let take = |key: &str| -> Result<Vec<f32>> {
-        tensors.get(key).map(|t| t.1.clone()).ok_or_else(|| Error::tensor(key, Some(path), "is missing"))
+    let take = |suffix: &str| -> Result<Vec<f32>> {
+        tensors
+            .iter()
+            .find(|(k, _)| k.ends_with(suffix))
+            .map(|(_, t)| t.1.clone())
+            .ok_or_else(|| Error::tensor(format!("…{suffix}"), Some(path), "is missing"))
     };
     let layers_n = slots.iter().map(|s| s.0 + 1).max().unwrap_or(0);
     let mut layers = vec![BTreeMap::new(); layers_n];
     for &(l, t) in slots {
-        layers[l].insert(t, LoraPair { a: take(&peft_key(l, t, 'A'))?, b: take(&peft_key(l, t, 'B'))? });
+        let key = |which: char| format!(".layers.{l}.{}.{}.lora_{which}.weight", t.hf_parent(), t.hf_name());
+        layers[l].insert(t, LoraPair { a: take(&key('A'))?, b: take(&key('B'))? });
     }
     let rows = if ids.is_empty() {
         None
     } else {
         let head = if head_rows { Some(take(LM_HEAD_TOKENS_KEY)?) } else { None };
-        Some(TokenRows { ids: ids.to_vec(), embed: take(EMBED_TOKENS_KEY)?, head })
+        Some(TokenRows { ids: ids.to_vec(), embed: take("embed_tokens.token_adapter.trainable_tokens_delta")?, head })
     };
     Ok((LoraWeights { rank, layers }, rows))
 }
@@ -193,6 +206,8 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<LoadedAdapter> {
     if rank_pattern {
         return Err(Error::file(&cfg_path, "per-module ranks (rank_pattern) are not supported"));
     }
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let tensors = read_small_f32(&weights_path)?;
     let targets: Vec<Target> = match v.get("target_modules") {
         Some(Value::Array(a)) => a
             .iter()
@@ -202,7 +217,17 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<LoadedAdapter> {
                     .ok_or_else(|| Error::file(&cfg_path, format!("target module `{name}` is not one of the 7 Llama linears")))
             })
             .collect::<Result<_>>()?,
-        Some(Value::String(s)) => return Err(Error::file(&cfg_path, format!("target_modules as a regex (`{s}`) is not supported"))),
+        // A regex (PEFT matches it against module names; Unsloth and we write one for multimodal
+        // folders): the adapted linears are the ones the weights file holds.
+        Some(Value::String(_)) => Target::ALL
+            .into_iter()
+            .filter(|&t| {
+                (0..spec.num_layers).any(|l| {
+                    let key = peft_key(spec, l, t, 'A');
+                    tensors.contains_key(&key) || tensors.contains_key(&key.replace("lora_A.weight", "lora_A.default.weight"))
+                })
+            })
+            .collect(),
         _ => return Err(Error::file(&cfg_path, "`target_modules` is missing")),
     };
     let mut targets = targets;
@@ -215,15 +240,13 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<LoadedAdapter> {
         targets: targets.clone(),
         rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
     };
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let tensors = read_small_f32(&weights_path)?;
     let mut layers = vec![BTreeMap::new(); spec.num_layers];
     let mut used = 0;
     for (l, layer) in layers.iter_mut().enumerate() {
         for &t in &targets {
             let (out, inp) = spec.linear_shape(t);
             let get = |which: char, shape: [usize; 2]| -> Result<Vec<f32>> {
-                let key = peft_key(l, t, which);
+                let key = peft_key(spec, l, t, which);
                 // PEFT also writes keys with the adapter name (`lora_A.default.weight`) in some versions.
                 let alt = key.replace(&format!("lora_{which}.weight"), &format!("lora_{which}.default.weight"));
                 let (s, data) = tensors
@@ -302,14 +325,15 @@ fn load_token_rows(v: &Value, cfg_path: &Path, tensors: &SmallTensors, weights_p
         }
         Ok(data.clone())
     };
-    let stray = [EMBED_TOKENS_KEY, LM_HEAD_TOKENS_KEY].into_iter().find(|k| tensors.contains_key(*k));
+    let embed_key = embed_tokens_key(spec);
+    let stray = [embed_key.as_str(), LM_HEAD_TOKENS_KEY].into_iter().find(|k| tensors.contains_key(*k));
     match (embed_ids, head_ids) {
         (None, None) => match stray {
             Some(k) => Err(Error::tensor(k, Some(weights_path), "is present but adapter_config.json has no `trainable_token_indices`")),
             None => Ok(None),
         },
         (Some(ids), head) => {
-            let embed = rows_of(EMBED_TOKENS_KEY, &ids)?;
+            let embed = rows_of(&embed_key, &ids)?;
             let head = match head {
                 None => None,
                 Some(h) if h == ids => Some(rows_of(LM_HEAD_TOKENS_KEY, &h)?),
@@ -371,7 +395,7 @@ mod tests {
         let w = LoraWeights::init(&s, &lora, 3);
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("adapter");
-        AdapterFiles { weights: &w, lora: &lora, base_model: "base", tokens: None }.save(&out).unwrap();
+        AdapterFiles { spec: &s, weights: &w, lora: &lora, base_model: "base", tokens: None }.save(&out).unwrap();
         let back = load_peft(&out, &s).unwrap();
         assert_eq!(back.weights, w);
         assert_eq!(back.lora.targets, lora.targets);
@@ -389,7 +413,7 @@ mod tests {
             TokenRows { ids: vec![3, 7], embed: (0..16).map(|i| i as f32).collect(), head: Some((0..16).map(|i| -(i as f32)).collect()) };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("adapter");
-        AdapterFiles { weights: &w, lora: &lora, base_model: "base", tokens: Some(&rows) }.save(&out).unwrap();
+        AdapterFiles { spec: &s, weights: &w, lora: &lora, base_model: "base", tokens: Some(&rows) }.save(&out).unwrap();
         let back = load_peft(&out, &s).unwrap();
         assert_eq!(back.token_rows, Some(rows.clone()));
         // A tied model cannot take separate head rows.

@@ -91,6 +91,7 @@ pub fn export_adapter(run_dir: &Path, to: Option<&Path>) -> Result<PathBuf> {
     let art = load_run(run_dir)?;
     let dest = to.map_or_else(|| run_dir.join(checkpoint::ADAPTER_DIR), Path::to_path_buf);
     let base = art.config.model.path.display().to_string();
-    AdapterFiles { weights: &art.adapter.weights, lora: &art.adapter.lora, base_model: &base, tokens: token_rows(&art) }.save(&dest)?;
+    AdapterFiles { spec: &art.spec, weights: &art.adapter.weights, lora: &art.adapter.lora, base_model: &base, tokens: token_rows(&art) }
+        .save(&dest)?;
     Ok(dest)
 }

@@ -694,7 +694,7 @@ fn train_on<B: Backend>(
             head_rows: false,
         };
         let (weights, rows) = (trainer.lora_weights()?, trainer.token_rows()?);
-        let adapter = AdapterFiles { weights: &weights, lora: &cfg.lora, base_model: &model_name, tokens: rows.as_ref() };
+        let adapter = AdapterFiles { spec: &p.spec, weights: &weights, lora: &cfg.lora, base_model: &model_name, tokens: rows.as_ref() };
         let dir = checkpoint::save(&p.run_dir, adapter, &trainer.optimizer_state()?, &state)?;
         *last_saved = Some(trainer.step);
         send(Event::Checkpoint { step: trainer.step, dir });
@@ -813,7 +813,8 @@ fn train_on<B: Backend>(
     save(&trainer, &mut last_saved)?;
     let adapter_dir = p.run_dir.join(checkpoint::ADAPTER_DIR);
     let (weights, rows) = (trainer.lora_weights()?, trainer.token_rows()?);
-    AdapterFiles { weights: &weights, lora: &cfg.lora, base_model: &model_name, tokens: rows.as_ref() }.save(&adapter_dir)?;
+    AdapterFiles { spec: &p.spec, weights: &weights, lora: &cfg.lora, base_model: &model_name, tokens: rows.as_ref() }
+        .save(&adapter_dir)?;
     status.state = if stopped { "stopped".into() } else { "done".into() };
     status.step = trainer.step;
     status.updated = now();
