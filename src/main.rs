@@ -141,6 +141,10 @@ enum Command {
         #[arg(long)]
         per_example: bool,
     },
+    /// Answer one prompt with a model (a run folder, or a model folder and --adapter), streamed.
+    Generate(tunestudio::commands::generate::GenerateArgs),
+    /// Talk to a model on the terminal (a run folder, or a model folder and --adapter).
+    Chat(tunestudio::commands::chat::ChatArgs),
     /// Export a run: its PEFT adapter, or the base model with the adapter merged in.
     Export {
         #[command(subcommand)]
@@ -220,6 +224,8 @@ fn main() -> ExitCode {
             json,
             per_example,
         }) => eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }),
+        Some(Command::Generate(args)) => tunestudio::commands::generate::run(&args),
+        Some(Command::Chat(args)) => tunestudio::commands::chat::run(&args),
         Some(Command::Export { what: ExportCommand::Adapter { run, to } }) => {
             tunestudio::export::run::export_adapter(&run, to.as_deref()).map(|d| println!("adapter written to {}", d.display()))
         }

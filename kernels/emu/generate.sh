@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build and run the host emulation of kernels/generate.cu (generate_main.cpp: every kernel against
+# a double-precision reference; no GPU needed). EMU_ASAN=1 runs an AddressSanitizer build instead.
+# Usage: kernels/emu/generate.sh          Output folder: $EMU_OUT (default /tmp/tunestudio-emu).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${EMU_OUT:-/tmp/tunestudio-emu}
+mkdir -p "$out"
+inc=""
+for py in /work/.nvcc-venv/bin/python3 python3; do
+    command -v "$py" >/dev/null 2>&1 || continue
+    for d in $("$py" -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null); do
+        for c in "$d/nvidia/cu13/include" "$d/nvidia/cuda_runtime/include"; do
+            if [[ -z "$inc" && -f "$c/cuda_bf16.h" ]]; then inc=$c; fi
+        done
+    done
+done
+[[ -n "$inc" ]] || { echo "cuda_bf16.h not found: install the pip packages listed in kernels/build.sh" >&2; exit 1; }
+flags=(-std=c++20 -g -fno-strict-aliasing -I"$inc" -I"$here/.." -I"$here")
+if [[ "${EMU_ASAN:-0}" == 1 ]]; then
+    g++ "${flags[@]}" -O1 -fsanitize=address,undefined "$here/generate_main.cpp" -o "$out/emu_generate_asan"
+    ASAN_OPTIONS=detect_leaks=0 "$out/emu_generate_asan"
+else
+    g++ "${flags[@]}" -O2 "$here/generate_main.cpp" -o "$out/emu_generate"
+    "$out/emu_generate"
+fi
