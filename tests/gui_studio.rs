@@ -15,17 +15,32 @@ use std::time::{Duration, Instant};
 use eframe::egui;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
-use tunestudio::app::budget::{self, Card};
-use tunestudio::app::monitor::Phase;
-use tunestudio::app::preflight::{Check, Level, PreflightReport, UntrainedUse};
-use tunestudio::app::widgets::Load;
+use tunestudio::app::jobs::Load;
+use tunestudio::app::state::memory::{self as budget, Card};
+use tunestudio::app::state::preflight::{Check, Level, PreflightView, UntrainedUse};
+use tunestudio::app::state::training::Phase;
 use tunestudio::app::{Action, Page, StudioApp, StudioOptions};
 use tunestudio::session::checkpoint::StepMetrics;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+/// One GUI test at a time on this machine: in this process (the mutex) and across processes
+/// (an exclusive `flock` on a file beside the fixed folders), since two checkouts testing at once
+/// would empty each other's fixed folders mid-run.
+struct Serial {
+    _in_process: MutexGuard<'static, ()>,
+    _across_processes: std::fs::File,
+}
+
+fn serial() -> Serial {
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let root = std::env::temp_dir().join("tunestudio-gui-tests");
+    std::fs::create_dir_all(&root).unwrap();
+    let file = std::fs::File::create(root.with_extension("lock")).unwrap();
+    // SAFETY: flock on a descriptor this function owns; released when `file` is dropped.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    Serial { _in_process: guard, _across_processes: file }
 }
 
 /// A folder under the temp dir with a fixed name (emptied first): snapshot pixels then never
@@ -200,7 +215,7 @@ fn gui_demo_opens_with_model_and_dataset_selected() {
     let view = s.dataset.view.ready().unwrap();
     assert_eq!(view.rows_used, view.rows_total);
     assert!(!view.previews.is_empty());
-    assert!(view.previews[0].segments.iter().any(|x| x.kind == tunestudio::app::dataset::SpanKind::Trained));
+    assert!(view.previews[0].segments.iter().any(|x| x.kind == tunestudio::app::state::dataset::SpanKind::Trained));
     assert!(h.query_by_label_contains("Untrained tokens").is_some());
     assert_eq!(h.state().state.model.recent.models.first(), Some(&h.state().state.config.model.path), "a loaded model is remembered");
     assert!(tunestudio::app::start_blocker(&h.state().state).is_none());
@@ -259,8 +274,8 @@ fn gui_snapshots_of_the_main_screens() {
     snapshot(&mut h, "preflight_needs_fix");
 }
 
-fn crafted_report(uses_untrained: bool) -> PreflightReport {
-    PreflightReport {
+fn crafted_report(uses_untrained: bool) -> PreflightView {
+    PreflightView {
         model: "llama (Llama): 4 layers, hidden 128".into(),
         data: "360 rows used of 360 (0 skipped, 0 truncated), 9000 trained tokens".into(),
         steps: "60 optimizer steps (45 per epoch), 8 sequences each, learning rate 2.00e-3".into(),

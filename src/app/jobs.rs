@@ -1,86 +1,49 @@
 //! Work that may take longer than a frame runs here, on its own thread, and comes back as a
-//! `Msg` on one channel that the app drains with `try_recv` at the start of each frame. Every
+//! message on one channel that the app drains with `try_recv` at the start of each frame. Every
 //! sender wakes the window with `request_repaint`, so an idle studio sleeps instead of polling.
+//! Generic over the message type: nothing here knows the studio's panels or messages.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use eframe::egui;
 
-use crate::model::tokenizer::TokenizerBundle;
-use crate::session::Event;
-
-use super::budget::{Fixes, Machine};
-use super::dataset::DatasetView;
-use super::export::ExportProgress;
-use super::model::ModelInfo;
-use super::preflight::PreflightReport;
-use super::runs::{RunRecord, ViewedRun};
-
-/// What a file chooser was opened for; the answer is routed by it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pick {
-    ModelFolder,
-    DatasetFile,
-    AdapterFolder,
-    OpenConfig,
-    SaveConfigAs,
-    OutputFolder,
-    ExportFolder,
+/// Something a worker is producing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Load<T> {
+    #[default]
+    Empty,
+    Loading,
+    Ready(T),
+    Failed(String),
 }
 
-/// A result posted back to the window.
-#[derive(Debug)]
-pub enum Msg {
-    Model {
-        path: PathBuf,
-        result: Result<ModelInfo, String>,
-    },
-    Dataset {
-        key: u64,
-        result: Result<DatasetView, String>,
-    },
-    Preflight {
-        key: u64,
-        result: Result<PreflightReport, String>,
-    },
-    Export(ExportProgress),
-    Runs {
-        dir: PathBuf,
-        records: Vec<RunRecord>,
-    },
-    RunOpened(Result<ViewedRun, String>),
-    Picked {
-        purpose: Pick,
-        path: Option<PathBuf>,
-    },
-    /// What this machine has (GPU, RAM), probed once at start-up.
-    Machine(Machine),
-    /// "Largest that fits" for the memory budget's inputs `key`.
-    BudgetFixes {
-        key: u64,
-        result: Result<Fixes, String>,
-    },
-    /// An event of the session started as `generation` (older generations are ignored).
-    Session {
-        generation: u64,
-        event: Event,
-    },
+impl<T> Load<T> {
+    pub fn ready(&self) -> Option<&T> {
+        match self {
+            Load::Ready(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn is_loading(&self) -> bool {
+        matches!(self, Load::Loading)
+    }
 }
 
-pub struct Jobs {
-    tx: Sender<Msg>,
-    rx: Receiver<Msg>,
+/// Worker threads that post their results as messages of type `M` on one channel.
+pub struct Jobs<M> {
+    tx: Sender<M>,
+    rx: Receiver<M>,
     ctx: egui::Context,
     running: Arc<AtomicUsize>,
 }
 
-impl Jobs {
+impl<M: Send + 'static> Jobs<M> {
     pub fn new(ctx: egui::Context) -> Self {
         let (tx, rx) = unbounded();
         Jobs { tx, rx, ctx, running: Arc::new(AtomicUsize::new(0)) }
@@ -88,7 +51,7 @@ impl Jobs {
 
     /// Run `work` on a new thread; its message is posted and the window woken. `work` gets a
     /// sender of its own for progress messages.
-    pub fn spawn(&self, name: &str, work: impl FnOnce(&Sender<Msg>) -> Msg + Send + 'static) {
+    pub fn spawn(&self, name: &str, work: impl FnOnce(&Sender<M>) -> M + Send + 'static) {
         let tx = self.tx.clone();
         let ctx = self.ctx.clone();
         let running = Arc::clone(&self.running);
@@ -110,49 +73,22 @@ impl Jobs {
     }
 
     /// Messages that arrived since the last frame, without waiting.
-    pub fn drain(&self) -> Vec<Msg> {
+    pub fn drain(&self) -> Vec<M> {
         self.rx.try_iter().collect()
     }
 
-    /// Forward a session's events to the window, waking it after each one. The thread ends when
-    /// the session thread hangs up (after `Finished` or `Failed`) or the window is gone.
-    pub fn forward_session(&self, events: Receiver<Event>, generation: u64) {
+    /// Forward every item of `events` to the window as `wrap(item)`, waking it after each one.
+    /// The thread ends when the sender hangs up or the window is gone.
+    pub fn forward<E: Send + 'static>(&self, name: &str, events: Receiver<E>, wrap: impl Fn(E) -> M + Send + 'static) {
         let tx = self.tx.clone();
         let ctx = self.ctx.clone();
-        let _ = std::thread::Builder::new().name("studio-session-events".into()).spawn(move || {
+        let _ = std::thread::Builder::new().name(format!("studio-{name}")).spawn(move || {
             for event in events.iter() {
-                if tx.send(Msg::Session { generation, event }).is_err() {
+                if tx.send(wrap(event)).is_err() {
                     break;
                 }
                 ctx.request_repaint();
             }
-        });
-    }
-
-    /// Open a native file chooser on a worker thread: rfd's dialogs block their caller until the
-    /// person answers, which must never be the frame.
-    pub fn pick(&self, purpose: Pick, start_in: Option<PathBuf>) {
-        self.spawn("file-dialog", move |_| {
-            let mut d = rfd::FileDialog::new();
-            if let Some(dir) = start_in.filter(|p| p.is_dir()) {
-                d = d.set_directory(dir);
-            }
-            let path = match purpose {
-                Pick::ModelFolder => d.set_title("Choose a Hugging Face model folder").pick_folder(),
-                Pick::AdapterFolder => d.set_title("Choose a PEFT LoRA adapter folder").pick_folder(),
-                Pick::OutputFolder => d.set_title("Choose the folder that holds runs").pick_folder(),
-                Pick::ExportFolder => d.set_title("Export into this folder").pick_folder(),
-                Pick::DatasetFile => d
-                    .set_title("Choose a dataset")
-                    .add_filter("datasets", &["jsonl", "ndjson", "json", "csv", "tsv", "parquet", "txt"])
-                    .add_filter("all files", &["*"])
-                    .pick_file(),
-                Pick::OpenConfig => d.set_title("Open a run config").add_filter("TOML", &["toml"]).pick_file(),
-                Pick::SaveConfigAs => {
-                    d.set_title("Save the run config").set_file_name("run.toml").add_filter("TOML", &["toml"]).save_file()
-                }
-            };
-            Msg::Picked { purpose, path }
         });
     }
 }
@@ -168,22 +104,6 @@ pub fn guarded<T>(f: impl FnOnce() -> crate::Result<T>) -> Result<T, String> {
             p.downcast_ref::<String>().map(String::as_str).or(p.downcast_ref::<&str>().copied()).unwrap_or("panic")
         )),
     }
-}
-
-/// The tokenizer of the model folder last asked for. Loading a real tokenizer.json takes a
-/// noticeable fraction of a second and the dataset preview asks for it on every edit.
-pub fn tokenizer(model_dir: &Path) -> crate::Result<Arc<TokenizerBundle>> {
-    static CACHE: Mutex<Option<(PathBuf, Arc<TokenizerBundle>)>> = Mutex::new(None);
-    if let Some((p, t)) = CACHE.lock().ok().and_then(|c| c.clone())
-        && p == model_dir
-    {
-        return Ok(t);
-    }
-    let t = Arc::new(TokenizerBundle::load(model_dir)?);
-    if let Ok(mut c) = CACHE.lock() {
-        *c = Some((model_dir.to_path_buf(), Arc::clone(&t)));
-    }
-    Ok(t)
 }
 
 /// A stable key for "the inputs of this job", to drop results that an edit has made stale.

@@ -1,22 +1,20 @@
-//! The studio window (eframe/egui). `AppState` is plain data the panels read and edit; panels
-//! return `Action`s instead of doing work, and `StudioApp` carries the actions out: it starts
-//! workers (`jobs`) and the training session, and folds what comes back into the state at the
-//! start of each frame. Nothing here computes on tensors or waits for another thread: results
-//! arrive over channels drained with `try_recv`, and every sender wakes the window.
+//! The studio window (eframe/egui). `AppState` (state/) is plain data the panels read and edit;
+//! panels (panels/) return `Action`s instead of doing work, and `StudioApp` carries the actions
+//! out: it starts workers (`jobs`) and the training session, and folds the `Msg`s that come back
+//! into the state at the start of each frame. Nothing here computes on tensors or waits for
+//! another thread: results arrive over channels drained with `try_recv`, and every sender wakes
+//! the window.
 //!
-//! One file per panel: `model`, `dataset`, `hyper` (with the memory `budget`), `preflight`,
-//! `monitor`, `runs`, `export`. Each keeps its view model (what to show, computed from the state) apart
-//! from its drawing so the tests can check it without pixels.
+//! Layers, each importing only those below it (ARCHITECTURE.md has the map):
+//! `mod.rs` (StudioApp, the frame, pages composed) → `panels/` (one per page, none importing
+//! another) → `widgets` → `msg` (Action, Msg, Pick) → `state/` (one module per panel: state,
+//! view model, worker functions) → `fields` (field docs, problems) and `jobs` (generic workers).
 
-pub mod budget;
-pub mod dataset;
-pub mod export;
-pub mod hyper;
+pub mod fields;
 pub mod jobs;
-pub mod model;
-pub mod monitor;
-pub mod preflight;
-pub mod runs;
+pub mod msg;
+pub mod panels;
+pub mod state;
 pub mod widgets;
 
 use std::path::{Path, PathBuf};
@@ -27,9 +25,10 @@ use eframe::egui::{self, Key, KeyboardShortcut, Modifiers, RichText, ViewportCom
 use crate::RunConfig;
 use crate::session::{self, Control, Event, SessionHandle, StartOptions};
 
-use jobs::{Debounce, DebounceState, Jobs, Msg, Pick};
-use monitor::Phase;
-use widgets::Load;
+use jobs::{Debounce, DebounceState, Jobs, Load};
+pub use msg::{Action, Msg, Pick};
+pub use state::{AppState, Page, start_blocker, window_title};
+use state::{dataset, export, memory as budget, model, preflight, runs, training::Phase};
 
 pub const START_KEYS: &str = "Ctrl+Enter or F5";
 const START: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
@@ -52,145 +51,6 @@ impl Default for StudioOptions {
     fn default() -> Self {
         StudioOptions { config: None, settings_dir: crate::assets::config_dir(), output_dir: None }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Page {
-    Model,
-    Dataset,
-    Hyper,
-    Monitor,
-    Runs,
-    Export,
-}
-
-impl Page {
-    pub const ALL: [Page; 6] = [Page::Model, Page::Dataset, Page::Hyper, Page::Monitor, Page::Runs, Page::Export];
-
-    pub fn title(self) -> &'static str {
-        match self {
-            Page::Model => "Model",
-            Page::Dataset => "Dataset",
-            Page::Hyper => "Hyperparameters",
-            Page::Monitor => "Training",
-            Page::Runs => "Runs",
-            Page::Export => "Export",
-        }
-    }
-}
-
-/// What a panel asks the app to do.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    Pick(Pick),
-    SetModel(PathBuf),
-    SetDataset(PathBuf),
-    LoadConfig(PathBuf),
-    SaveConfig,
-    LoadDemo,
-    Start,
-    ConfirmStart,
-    AcceptFixAndStart,
-    CancelPreflight,
-    Pause,
-    Resume,
-    Stop,
-    SaveNow,
-    RefreshRuns,
-    OpenRun(PathBuf),
-    ResumeRun(PathBuf),
-    ExportFrom(PathBuf),
-    Export(export::ExportKind),
-    /// "Largest that fits" in the memory budget: set this setting to this value.
-    ApplyBudget(budget::Setting, usize),
-    BackToLive,
-    GoTo(Page),
-    DismissNotice(usize),
-    Quit,
-}
-
-/// Everything the window shows, as plain data.
-#[derive(Debug)]
-pub struct AppState {
-    pub page: Page,
-    pub config: RunConfig,
-    /// The file the config came from or was last saved to.
-    pub config_path: Option<PathBuf>,
-    /// The config as last loaded or saved, to show unsaved edits.
-    pub saved_config: RunConfig,
-    /// Whether `config_path` is the demo's own file (saving it asks for a new name instead).
-    pub config_is_demo: bool,
-    pub model: model::ModelState,
-    pub dataset: dataset::DatasetState,
-    pub preflight: preflight::PreflightState,
-    pub training: monitor::TrainingState,
-    pub runs: runs::RunsState,
-    pub export: export::ExportState,
-    pub budget: budget::BudgetState,
-    /// Messages for the person (errors from workers, notes); dismissable.
-    pub notices: Vec<String>,
-    pub settings_dir: PathBuf,
-}
-
-impl AppState {
-    pub fn new(config: RunConfig, config_path: Option<PathBuf>, config_is_demo: bool, settings_dir: PathBuf) -> Self {
-        let recent = model::Recent::load(&settings_dir);
-        AppState {
-            page: Page::Model,
-            saved_config: config.clone(),
-            config,
-            config_path,
-            config_is_demo,
-            model: model::ModelState { recent, ..Default::default() },
-            dataset: Default::default(),
-            preflight: Default::default(),
-            training: Default::default(),
-            runs: Default::default(),
-            export: Default::default(),
-            budget: Default::default(),
-            notices: Vec::new(),
-            settings_dir,
-        }
-    }
-
-    pub fn config_name(&self) -> String {
-        match &self.config_path {
-            Some(_) if self.config_is_demo => "demo".into(),
-            Some(p) => p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
-            None => "untitled".into(),
-        }
-    }
-}
-
-/// Why Start is disabled, or `None` when it is not.
-pub fn start_blocker(s: &AppState) -> Option<String> {
-    if s.training.phase.is_active() {
-        return Some("a run is in progress".into());
-    }
-    if s.preflight.open {
-        return Some("the preflight check is open".into());
-    }
-    if let Some(p) = hyper::first_problem(&hyper::problem_map(s)) {
-        return Some(p);
-    }
-    if s.model.info.is_loading() {
-        return Some("still reading the model folder".into());
-    }
-    None
-}
-
-/// "TuneStudio — demo — training 12/60".
-pub fn window_title(s: &AppState) -> String {
-    let dirty = if s.config != s.saved_config { " •" } else { "" };
-    let mut t = format!("TuneStudio — {}{dirty}", s.config_name());
-    let tr = &s.training;
-    if tr.phase != Phase::Idle {
-        t.push_str(&format!(" — {}", tr.phase.label()));
-        if let Some(m) = tr.metrics.last() {
-            t.push_str(&format!(" {}/{}", m.step, m.total_steps));
-        }
-    }
-    t
 }
 
 /// What a path dropped on the window is for.
@@ -225,7 +85,7 @@ fn load_config(path: &Path) -> crate::Result<RunConfig> {
 
 pub struct StudioApp {
     pub state: AppState,
-    jobs: Jobs,
+    jobs: Jobs<Msg>,
     session: Option<SessionHandle>,
     model_watch: Debounce,
     dataset_watch: Debounce,
@@ -300,7 +160,7 @@ impl StudioApp {
                     Pick::ExportFolder => Some(s.export.dest.clone()),
                     Pick::OpenConfig | Pick::SaveConfigAs => s.config_path.as_ref().and_then(|p| p.parent()).map(Path::to_path_buf),
                 };
-                self.jobs.pick(p, start_in);
+                self.pick(p, start_in);
             }
             Action::SetModel(p) => {
                 s.config.model.path = p;
@@ -339,7 +199,7 @@ impl StudioApp {
                     Ok(()) => s.saved_config = s.config.clone(),
                     Err(e) => s.notices.push(format!("Could not save the config: {e}")),
                 },
-                _ => self.jobs.pick(Pick::SaveConfigAs, None),
+                _ => self.pick(Pick::SaveConfigAs, None),
             },
             Action::Start => {
                 if let Some(why) = start_blocker(s) {
@@ -408,9 +268,12 @@ impl StudioApp {
                 s.export.progress = Some((0.0, "starting".into()));
                 s.export.result = None;
                 self.jobs.spawn("export", move |tx| {
+                    let progress = |fraction: f32, what: &str| {
+                        let _ = tx.send(Msg::Export(export::ExportProgress::Step { fraction, what: what.to_string() }));
+                    };
                     Msg::Export(export::ExportProgress::Done(jobs::guarded(|| match kind {
-                        export::ExportKind::Adapter => export::export_adapter(&src, &dest, tx),
-                        export::ExportKind::Merged(dtype) => export::export_merged(&src, &dest, dtype, tx),
+                        export::ExportKind::Adapter => export::export_adapter(&src, &dest, &progress),
+                        export::ExportKind::Merged(dtype) => export::export_merged(&src, &dest, dtype, &progress),
                     })))
                 });
             }
@@ -446,9 +309,15 @@ impl StudioApp {
             self.state.training.plan_input = Some(Box::new((info.spec.clone(), cfg.clone())));
         }
         let handle = session::start(cfg, StartOptions { resume, ..Default::default() });
-        self.jobs.forward_session(handle.events.clone(), generation);
+        self.jobs.forward("session-events", handle.events.clone(), move |event| Msg::Session { generation, event });
         self.session = Some(handle);
         self.state.page = Page::Monitor;
+    }
+
+    /// Open a native file chooser on a worker: rfd's dialogs block their caller until the person
+    /// answers, which must never be the frame.
+    fn pick(&self, purpose: Pick, start_in: Option<PathBuf>) {
+        self.jobs.spawn("file-dialog", move |_| Msg::Picked { purpose, path: purpose.ask(start_in.as_deref()) });
     }
 
     fn refresh_runs(&mut self) {
@@ -709,7 +578,7 @@ impl StudioApp {
                 actions.push(Action::SaveNow);
             }
             ui.separator();
-            let p = monitor::progress(&s.training.metrics, s.training.loaded.as_ref().map(|l| l.total_steps), phase);
+            let p = state::training::progress(&s.training.metrics, s.training.loaded.as_ref().map(|l| l.total_steps), phase);
             let status = if s.training.pause_requested { "pausing…".to_string() } else { phase.label().to_string() };
             ui.label(RichText::new(status).strong());
             if phase != Phase::Idle {
@@ -758,7 +627,7 @@ impl StudioApp {
     }
 
     fn nav(&mut self, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
-        let problems = hyper::problem_map(&self.state);
+        let problems = self.state.problems();
         ui.add_space(6.0);
         for p in Page::ALL {
             let flag = match p {
@@ -860,16 +729,16 @@ impl eframe::App for StudioApp {
             }
             let s = &mut self.state;
             match s.page {
-                Page::Model => model::ui(ui, s, &mut actions),
-                Page::Dataset => dataset::ui(ui, s, &mut actions),
-                Page::Hyper => hyper::ui(ui, s, &mut actions),
-                Page::Monitor => monitor::ui(ui, s, &mut actions),
-                Page::Runs => runs::ui(ui, s, &mut actions),
-                Page::Export => export::ui(ui, s, &mut actions),
+                Page::Model => panels::model::ui(ui, s, &mut actions),
+                Page::Dataset => panels::dataset::ui(ui, s, &mut actions),
+                Page::Hyper => panels::hyper::ui(ui, s, &mut actions, panels::budget::panel),
+                Page::Monitor => panels::monitor::ui(ui, s, &mut actions),
+                Page::Runs => panels::runs::ui(ui, s, &mut actions),
+                Page::Export => panels::export::ui(ui, s, &mut actions),
             }
         });
         let ctx = ui.ctx().clone();
-        preflight::dialog(&ctx, &mut self.state, &mut actions);
+        panels::preflight::dialog(&ctx, &mut self.state, &mut actions);
         if ctx.input(|i| !i.raw.hovered_files.is_empty()) {
             let rect = ctx.content_rect();
             let painter = ctx.layer_painter(egui::LayerId::new(egui::Order::Foreground, egui::Id::unique("drop-overlay")));
@@ -909,6 +778,65 @@ pub fn run(options: StudioOptions) -> crate::Result<()> {
 mod tests {
     use super::*;
 
+    /// The studio's layers, bottom first: a module may name modules of lower layers only (state
+    /// modules may also name each other; panels may not). `app` stands for this file.
+    const LAYERS: [(&str, u8); 8] =
+        [("jobs", 0), ("fields", 0), ("state", 1), ("msg", 2), ("widgets", 3), ("panels", 4), ("app", 5), ("", 5)];
+
+    fn rank(module: &str) -> u8 {
+        LAYERS.iter().find(|(m, _)| *m == module).map_or(5, |(_, r)| *r)
+    }
+
+    /// The studio modules a source file names (`crate::app::x`, `super::x`), outside its tests,
+    /// as top-level module names; `folder` is the file's folder under src/app ("" at the top).
+    fn named_modules(folder: &str, source: &str) -> Vec<String> {
+        let code = source.split("#[cfg(test)]").next().unwrap_or(source);
+        let ident = |rest: &str| rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>();
+        let mut out = Vec::new();
+        for (i, _) in code.match_indices("crate::app::") {
+            out.push(ident(&code[i + "crate::app::".len()..]));
+        }
+        for (i, _) in code.match_indices("super::") {
+            let name = ident(&code[i + "super::".len()..]);
+            // In a sub-folder `super::x` is a sibling; at the top it is a module of app (or app itself).
+            let top = if folder.is_empty() { name } else { folder.to_string() };
+            out.push(if LAYERS.iter().any(|(m, _)| *m == top) { top } else { "app".into() });
+        }
+        out
+    }
+
+    #[test]
+    fn layers_import_only_downward() {
+        // Every file under src/app, so a new panel is held to the layers without being listed.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/app");
+        let mut files = Vec::new();
+        for folder in ["", "state", "panels"] {
+            for e in std::fs::read_dir(root.join(folder)).unwrap().flatten() {
+                let (path, stem) = (e.path(), e.path().file_stem().unwrap().to_string_lossy().to_string());
+                if path.extension().is_some_and(|x| x == "rs") && !(folder.is_empty() && stem == "mod") {
+                    let module = if folder.is_empty() { stem } else { folder.to_string() };
+                    files.push((module, folder, std::fs::read_to_string(&path).unwrap()));
+                }
+            }
+        }
+        assert!(files.len() >= 20, "{} files found under {}", files.len(), root.display());
+        let mut wrong = Vec::new();
+        for (module, folder, source) in &files {
+            let file_rank = rank(module);
+            for named in named_modules(folder, source) {
+                let ok = rank(&named) < file_rank || (named == "state" && module == "state");
+                if !ok {
+                    wrong.push(format!("{module} names {named}"));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "imports against the layers: {wrong:?}");
+        // The checker itself sees what it must refuse.
+        assert_eq!(named_modules("panels", "use super::budget;"), vec!["panels"]);
+        assert_eq!(named_modules("", "use super::hyper::doc;"), vec!["app"]);
+        assert_eq!(named_modules("", "use crate::app::msg::Action;"), vec!["msg"]);
+    }
+
     #[test]
     fn drops_are_told_apart() {
         let d = tempfile::tempdir().unwrap();
@@ -923,22 +851,5 @@ mod tests {
         assert_eq!(classify_drop(&data), Dropped::Dataset(data.clone()));
         assert_eq!(classify_drop(&cfg), Dropped::Config(cfg.clone()));
         assert!(matches!(classify_drop(d.path()), Dropped::Unknown(_)));
-    }
-
-    #[test]
-    fn title_and_blocker_follow_the_state() {
-        let mut c = RunConfig::default();
-        c.model.path = "m".into();
-        c.dataset.path = "d".into();
-        let mut s = AppState::new(c, None, false, std::env::temp_dir().join("tunestudio-test-settings"));
-        assert_eq!(window_title(&s), "TuneStudio — untitled");
-        assert_eq!(start_blocker(&s), None);
-        s.config.lora.r = 0;
-        assert!(window_title(&s).ends_with('•'), "edited config is marked");
-        assert!(start_blocker(&s).unwrap().contains("lora.r"));
-        s.config.lora.r = 8;
-        s.training.begin(1, "x".into());
-        assert_eq!(start_blocker(&s).unwrap(), "a run is in progress");
-        assert!(window_title(&s).contains("loading"));
     }
 }

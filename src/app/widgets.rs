@@ -1,46 +1,22 @@
 //! Small pieces every panel uses: a config field row (label with its tooltip, the widget tied to
-//! the label for screen readers and tests, the problem marked in place), path fields and message
-//! boxes.
+//! the label for screen readers and tests, the problem marked in place), path fields, message
+//! boxes, and the memory plan's bar (the budget panel, the preflight dialog and the monitor
+//! draw the same one).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use eframe::egui::{self, Color32, RichText, Stroke, Ui};
 
-use super::Action;
-use super::hyper;
-
-/// Something a worker is producing.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub enum Load<T> {
-    #[default]
-    Empty,
-    Loading,
-    Ready(T),
-    Failed(String),
-}
-
-impl<T> Load<T> {
-    pub fn ready(&self) -> Option<&T> {
-        match self {
-            Load::Ready(v) => Some(v),
-            _ => None,
-        }
-    }
-
-    pub fn is_loading(&self) -> bool {
-        matches!(self, Load::Loading)
-    }
-}
-
-/// Problems by dotted field name (`lora.r`), as `RunConfig::problems` names them.
-pub type Problems = BTreeMap<String, Vec<String>>;
+use super::fields::{self, Problems};
+use super::msg::Action;
+use super::state::memory::{BudgetView, HostMemory, TERMS, bar, verdict};
+use crate::util::fmt_bytes;
 
 /// One row of a two-column grid: the field's label (tooltip: what it does and its default) and
 /// the widget `add` draws. A field with a problem gets a red outline and the message beside it.
 pub fn field(ui: &mut Ui, problems: &Problems, key: &str, add: impl FnOnce(&mut Ui) -> egui::Response) -> egui::Response {
-    let doc = hyper::doc(key);
-    let tip = hyper::tooltip(key);
+    let doc = fields::doc(key);
+    let tip = fields::tooltip(key);
     let label = ui.label(doc.label).on_hover_text(&tip);
     let msgs = problems.get(key);
     let inner = ui.horizontal(|ui| {
@@ -167,4 +143,97 @@ pub fn ok_line(ui: &mut Ui, text: &str) {
 /// Green that reads on both themes.
 pub fn ok_color(ui: &Ui) -> Color32 {
     if ui.visuals().dark_mode { Color32::from_rgb(110, 200, 120) } else { Color32::from_rgb(30, 130, 50) }
+}
+
+/// The stacked bar with the free/total marks and, when given, the measured memory.
+pub fn memory_bar(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
+    let b = bar(v, measured);
+    let width = ui.available_width().clamp(200.0, 640.0);
+    let (rect, resp) = ui.allocate_exact_size(egui::vec2(width, 20.0), egui::Sense::hover());
+    let painter = ui.painter_at(rect.expand(2.0));
+    let x = |f: f32| rect.left() + f * rect.width();
+    painter.rect_filled(rect, 3.0, ui.visuals().extreme_bg_color);
+    if let (Some(free), Some(total)) = (b.free_at, b.total_at) {
+        // Taken by others: between free and total.
+        painter.rect_filled(egui::Rect::from_x_y_ranges(x(free)..=x(total), rect.y_range()), 0.0, Color32::from_gray(70));
+    }
+    for (s, (from, to)) in v.segments.iter().zip(&b.segments) {
+        painter.rect_filled(egui::Rect::from_x_y_ranges(x(*from)..=x(*to), rect.y_range()), 0.0, s.color);
+    }
+    let fg = ui.visuals().strong_text_color();
+    if let Some(t) = b.total_at {
+        painter.vline(x(t), rect.expand(2.0).y_range(), Stroke::new(2.0, fg));
+    }
+    if let Some(m) = b.measured_at {
+        let red = Color32::from_rgb(240, 70, 70);
+        painter.vline(x(m), rect.expand(2.0).y_range(), Stroke::new(2.5, red));
+    }
+    let mut tip = format!("Scale: {} across", fmt_bytes(b.scale_bytes));
+    for s in &v.segments {
+        tip.push_str(&format!("\n{}: {}", s.label, fmt_bytes(s.bytes)));
+    }
+    resp.on_hover_text(tip);
+}
+
+pub fn memory_legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
+    ui.horizontal_wrapped(|ui| {
+        ui.spacing_mut().item_spacing.x = 10.0;
+        // One item never breaks across lines; the row wraps between items.
+        let item = |ui: &mut Ui, text: String, color: Color32| ui.add(egui::Label::new(RichText::new(text).color(color).small()).extend());
+        for s in &v.segments {
+            item(ui, format!("■ {} {}", s.label, fmt_bytes(s.bytes)), s.color);
+        }
+        if let Some(m) = measured {
+            item(ui, format!("| measured now {}", fmt_bytes(m)), Color32::from_rgb(240, 70, 70)).on_hover_text(if v.on_gpu {
+                "Used on the card, from the driver (other processes included)."
+            } else {
+                "The process's resident memory: also the mapped model file, the tokenizer and this window."
+            });
+        }
+    });
+    let policy = format!("{:?}", v.checkpointing).to_lowercase();
+    let mut line = format!("checkpointing: {policy}{}", if v.auto { " (chosen by auto)" } else { "" });
+    if v.pinned_host_bytes > 0 {
+        line.push_str(&format!(
+            " · pinned host memory {}{}",
+            fmt_bytes(v.pinned_host_bytes),
+            v.host.as_ref().map(|h| format!(" of {} RAM available here", fmt_bytes(h.available_bytes))).unwrap_or_default()
+        ));
+    }
+    ui.weak(line);
+    if let Some(h) = v.host.as_ref().filter(|_| v.pinned_host_bytes > 0) {
+        host_bar(ui, v.pinned_host_bytes, h);
+    }
+}
+
+/// What offloading pins in host memory, against this machine's RAM.
+fn host_bar(ui: &mut Ui, pinned: u64, h: &HostMemory) {
+    let width = ui.available_width().clamp(200.0, 640.0);
+    let (rect, resp) = ui.allocate_exact_size(egui::vec2(width, 8.0), egui::Sense::hover());
+    let painter = ui.painter_at(rect);
+    let scale = h.total_bytes.max(pinned).max(1) as f32;
+    let x = |b: u64| rect.left() + b as f32 / scale * rect.width();
+    painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+    painter.rect_filled(egui::Rect::from_x_y_ranges(x(h.available_bytes)..=x(h.total_bytes), rect.y_range()), 0.0, Color32::from_gray(70));
+    painter.rect_filled(egui::Rect::from_x_y_ranges(rect.left()..=x(pinned), rect.y_range()), 0.0, TERMS[5].2);
+    resp.on_hover_text(format!(
+        "Host RAM: {} pinned of {} ({} available)",
+        fmt_bytes(pinned),
+        fmt_bytes(h.total_bytes),
+        fmt_bytes(h.available_bytes)
+    ));
+}
+
+/// The budget in the preflight dialog and the monitor: bar, verdict, legend; no picker.
+pub fn memory_summary(ui: &mut Ui, v: Option<&BudgetView>, measured: Option<u64>) {
+    ui.strong("Memory budget");
+    let Some(v) = v else {
+        ui.weak("No memory plan for this run.");
+        return;
+    };
+    memory_bar(ui, v, measured);
+    let (line, good) = verdict(v);
+    let color = if good { ui.visuals().text_color() } else { ui.visuals().error_fg_color };
+    ui.label(RichText::new(line).color(color));
+    memory_legend(ui, v, measured);
 }

@@ -10,6 +10,7 @@
 //!   destination (residual streams, several consumers of one input), else they overwrite it.
 //! - LoRA gradients are always accumulated (`+=`); the engine zeroes them once per optimizer step.
 
+pub mod card;
 pub mod context;
 pub mod cpu;
 pub mod cuda;

@@ -1,17 +1,13 @@
-//! Hyperparameters: one documented row per `RunConfig` field, grouped as a person thinks about a
-//! run (LoRA, optimisation, schedule, sequence and batch, memory, output). `FIELDS` is the single
-//! place a field's label and help live; tooltips add the default read from `RunConfig::default()`,
-//! so they cannot drift from the code. Problems come from `RunConfig::problems()` and are drawn
-//! next to the field that has them; the first one is also why Start is disabled. The memory
-//! budget (budget.rs) sits beside the fields it depends on and follows them as they change.
+//! Every `RunConfig` field as the studio names it: `FIELDS` is the single place a field's label
+//! and help live (tooltips add the default read from `RunConfig::default()`, so they cannot drift
+//! from the code), and `Problems` maps a dotted field name to what is wrong with it. Below every
+//! panel: the Hyperparameters, Model and Dataset panels, the field rows of `widgets` and the
+//! reason Start is disabled all read it.
 
-use eframe::egui::{self, Ui};
+use std::collections::BTreeMap;
 
-use crate::config::{CheckpointPolicy, DeviceChoice, Quantization, RunConfig, ScheduleKind, Target};
+use crate::config::RunConfig;
 use crate::error::Error;
-
-use super::widgets::{self, Fmt, Load, Problems, combo, drag_f64, drag_u64, drag_usize, field};
-use super::{Action, AppState};
 
 pub struct FieldDoc {
     /// The dotted TOML name, as `problems()` reports it.
@@ -137,21 +133,18 @@ pub fn tooltip(key: &str) -> String {
     format!("{}\n\nDefault: {}\nIn run.toml: {key}", doc(key).help, default_text(key))
 }
 
-/// Every problem that stops a start, by field: the config's own checks plus what the workers
-/// found (a model folder that does not load, a dataset that cannot be used).
-pub fn problem_map(state: &AppState) -> Problems {
+/// Problems by dotted field name (`lora.r`), as `RunConfig::problems` names them; a problem
+/// that names no field is kept under the empty key.
+pub type Problems = BTreeMap<String, Vec<String>>;
+
+/// The config's own checks, by field.
+pub fn config_problems(config: &RunConfig) -> Problems {
     let mut out = Problems::new();
-    for e in state.config.problems() {
+    for e in config.problems() {
         match e {
             Error::Config { field, msg } => out.entry(field).or_default().push(msg),
             other => out.entry(String::new()).or_default().push(other.to_string()),
         }
-    }
-    if let Load::Failed(e) = &state.model.info {
-        out.entry("model.path".into()).or_default().push(e.clone());
-    }
-    if let Load::Failed(e) = &state.dataset.view {
-        out.entry("dataset.path".into()).or_default().push(e.clone());
     }
     out
 }
@@ -165,185 +158,6 @@ pub fn first_problem(problems: &Problems) -> Option<String> {
         }
     }
     problems.iter().next().map(|(k, m)| if k.is_empty() { m[0].clone() } else { format!("{k}: {}", m[0]) })
-}
-
-pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
-    let problems = problem_map(state);
-    ui.heading("Hyperparameters");
-    ui.label("Hover a name for what it does and its default. Invalid values are marked where they are.");
-    ui.add_space(6.0);
-    egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
-        ui.columns(2, |cols| {
-            let (left, right) = cols.split_at_mut(1);
-            let (l, r) = (&mut left[0], &mut right[0]);
-            group(l, "LoRA", "hp-lora", |ui| lora_fields(ui, &problems, &mut state.config));
-            group(l, "Optimisation", "hp-optim", |ui| optim_fields(ui, &problems, &mut state.config));
-            group(l, "Schedule", "hp-schedule", |ui| schedule_fields(ui, &problems, &mut state.config));
-            group(r, "Sequence and batch", "hp-batch", |ui| batch_fields(ui, &problems, &mut state.config));
-            group(r, "Memory", "hp-memory", |ui| memory_fields(ui, &problems, &mut state.config));
-            // Drawn after every field it follows, so a dragged value shows in the same frame.
-            r.group(|ui| {
-                ui.set_width(ui.available_width());
-                ui.strong("Memory budget");
-                super::budget::panel(ui, state, actions);
-            });
-            r.add_space(6.0);
-            group(r, "Output", "hp-output", |ui| output_fields(ui, &problems, &mut state.config, actions));
-        });
-    });
-}
-
-fn group(ui: &mut Ui, title: &str, id: &str, body: impl FnOnce(&mut Ui)) {
-    ui.group(|ui| {
-        ui.set_width(ui.available_width());
-        ui.strong(title);
-        egui::Grid::new(id).num_columns(2).spacing([12.0, 6.0]).show(ui, body);
-    });
-    ui.add_space(6.0);
-}
-
-fn lora_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
-    field(ui, p, "lora.r", |ui| ui.add(drag_usize(&mut c.lora.r, 0.2)));
-    ui.end_row();
-    field(ui, p, "lora.alpha", |ui| ui.add(drag_f64(&mut c.lora.alpha, Fmt::Plain)));
-    ui.end_row();
-    field(ui, p, "lora.dropout", |ui| ui.add(drag_f64(&mut c.lora.dropout, Fmt::Plain).speed(0.005)));
-    ui.end_row();
-    field(ui, p, "lora.targets", |ui| {
-        let mut resp: Option<egui::Response> = None;
-        ui.horizontal_wrapped(|ui| {
-            for t in Target::ALL {
-                let mut on = c.lora.targets.contains(&t);
-                let r = ui.checkbox(&mut on, t.short());
-                if r.changed() {
-                    if on {
-                        c.lora.targets.push(t);
-                        // Keep the canonical order so the saved TOML reads the same every time.
-                        c.lora.targets.sort();
-                    } else {
-                        c.lora.targets.retain(|x| *x != t);
-                    }
-                }
-                resp = Some(match resp.take() {
-                    Some(acc) => acc.union(r),
-                    None => r,
-                });
-            }
-        });
-        resp.unwrap_or_else(|| ui.label(""))
-    });
-    ui.end_row();
-    field(ui, p, "lora.rslora", |ui| ui.checkbox(&mut c.lora.rslora, "α/√r"));
-    ui.end_row();
-    ui.label("");
-    let scale = c.lora.scale();
-    ui.weak(if scale.is_finite() { format!("adapter scale: {scale:.3}") } else { "adapter scale: –".into() });
-    ui.end_row();
-}
-
-fn optim_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
-    field(ui, p, "optim.lr", |ui| ui.add(drag_f64(&mut c.optim.lr, Fmt::Sci)));
-    ui.end_row();
-    field(ui, p, "optim.beta1", |ui| ui.add(drag_f64(&mut c.optim.beta1, Fmt::Plain).speed(0.001)));
-    ui.end_row();
-    field(ui, p, "optim.beta2", |ui| ui.add(drag_f64(&mut c.optim.beta2, Fmt::Plain).speed(0.0001)));
-    ui.end_row();
-    field(ui, p, "optim.eps", |ui| ui.add(drag_f64(&mut c.optim.eps, Fmt::Sci)));
-    ui.end_row();
-    field(ui, p, "optim.weight_decay", |ui| ui.add(drag_f64(&mut c.optim.weight_decay, Fmt::Plain).speed(0.0005)));
-    ui.end_row();
-    field(ui, p, "optim.max_grad_norm", |ui| ui.add(drag_f64(&mut c.optim.max_grad_norm, Fmt::Plain).speed(0.01)));
-    ui.end_row();
-}
-
-fn schedule_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
-    field(ui, p, "schedule.kind", |ui| {
-        combo(
-            ui,
-            "schedule.kind",
-            &mut c.schedule.kind,
-            &[(ScheduleKind::Linear, "linear"), (ScheduleKind::Cosine, "cosine"), (ScheduleKind::Constant, "constant")],
-        )
-    });
-    ui.end_row();
-    field(ui, p, "schedule.warmup_steps", |ui| ui.add(drag_u64(&mut c.schedule.warmup_steps, 0.2)));
-    ui.end_row();
-    field(ui, p, "schedule.warmup_ratio", |ui| ui.add(drag_f64(&mut c.schedule.warmup_ratio, Fmt::Plain).speed(0.005)));
-    ui.end_row();
-    field(ui, p, "train.max_steps", |ui| {
-        let mut limited = c.train.max_steps.is_some();
-        let r = ui.checkbox(&mut limited, "limit");
-        if r.changed() {
-            c.train.max_steps = if limited { Some(100) } else { None };
-        }
-        if let Some(s) = c.train.max_steps.as_mut() {
-            return ui.add(drag_u64(s, 1.0).suffix(" steps"));
-        }
-        r
-    });
-    ui.end_row();
-    field(ui, p, "train.epochs", |ui| ui.add_enabled(c.train.max_steps.is_none(), drag_f64(&mut c.train.epochs, Fmt::Plain).speed(0.05)));
-    ui.end_row();
-    field(ui, p, "train.save_every", |ui| ui.add(drag_u64(&mut c.train.save_every, 0.5).suffix(" steps")));
-    ui.end_row();
-}
-
-fn batch_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
-    field(ui, p, "train.max_seq_len", |ui| ui.add(drag_usize(&mut c.train.max_seq_len, 8.0).suffix(" tokens")));
-    ui.end_row();
-    field(ui, p, "train.batch_size", |ui| ui.add(drag_usize(&mut c.train.batch_size, 0.1)));
-    ui.end_row();
-    field(ui, p, "train.grad_accum", |ui| ui.add(drag_usize(&mut c.train.grad_accum, 0.1)));
-    ui.end_row();
-    ui.label("");
-    ui.weak(format!("effective batch: {} sequences per step", c.train.batch_size * c.train.grad_accum));
-    ui.end_row();
-    field(ui, p, "train.seed", |ui| ui.add(drag_u64(&mut c.train.seed, 1.0)));
-    ui.end_row();
-}
-
-fn memory_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
-    field(ui, p, "model.quantization", |ui| {
-        combo(
-            ui,
-            "model.quantization",
-            &mut c.model.quantization,
-            &[(Quantization::Nf4, "NF4 (QLoRA)"), (Quantization::Bf16, "16-bit (LoRA)")],
-        )
-    });
-    ui.end_row();
-    field(ui, p, "memory.checkpointing", |ui| {
-        combo(
-            ui,
-            "memory.checkpointing",
-            &mut c.memory.checkpointing,
-            &[
-                (CheckpointPolicy::Auto, "auto"),
-                (CheckpointPolicy::None, "none (keep all)"),
-                (CheckpointPolicy::Layer, "layer"),
-                (CheckpointPolicy::Offload, "offload to host"),
-            ],
-        )
-    });
-    ui.end_row();
-    field(ui, p, "train.device", |ui| {
-        combo(
-            ui,
-            "train.device",
-            &mut c.train.device,
-            &[(DeviceChoice::Auto, "auto"), (DeviceChoice::Cpu, "CPU"), (DeviceChoice::Cuda, "CUDA GPU")],
-        )
-    });
-    ui.end_row();
-}
-
-fn output_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig, actions: &mut Vec<Action>) {
-    widgets::path_field(ui, p, "output.dir", &mut c.output.dir, Some(Action::Pick(super::jobs::Pick::OutputFolder)), actions);
-    ui.end_row();
-    field(ui, p, "output.run_name", |ui| {
-        ui.add(egui::TextEdit::singleline(&mut c.output.run_name).hint_text("automatic").desired_width(240.0))
-    });
-    ui.end_row();
 }
 
 #[cfg(test)]
@@ -397,12 +211,7 @@ mod tests {
         c.dataset.path = "d".into();
         c.lora.r = 0;
         c.optim.lr = -1.0;
-        let mut p = Problems::new();
-        for e in c.problems() {
-            if let Error::Config { field, msg } = e {
-                p.entry(field).or_default().push(msg);
-            }
-        }
+        let p = config_problems(&c);
         let first = first_problem(&p).unwrap();
         assert!(first.starts_with("LoRA rank (r) (lora.r): 0 is outside"), "{first}");
         assert!(p.contains_key("optim.lr"));

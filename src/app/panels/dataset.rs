@@ -1,206 +1,23 @@
 //! The Dataset panel: the file, its record format (detected, or overridden with a column
 //! mapping), the chat template, a preview of rendered examples with the trained span marked, a
-//! token-length histogram against `max_seq_len`, and every skipped row with its reason.
-//! `prepare_view` runs on a worker with the same code the session uses (`prepare_dataset`), so
-//! what the preview shows is what training sees.
-
-use std::path::PathBuf;
+//! token-length histogram against `max_seq_len`, and every skipped row with its reason. It draws
+//! the `DatasetView` a worker produced (`state::dataset::prepare_view`).
 
 use eframe::egui::{self, Color32, RichText, Ui, text::LayoutJob};
 use egui_plot::{Bar, BarChart, Legend, Plot, VLine};
 
 use crate::config::{DatasetFormat, RunConfig, TrainOn};
-use crate::data::encode::Encoder;
-use crate::data::preflight::LengthStats;
-use crate::data::{IGNORE_INDEX, LongRows, SkippedRow, format, prepare_dataset, read};
+use crate::data::LongRows;
 
-use super::widgets::{self, Fmt, Load, combo, drag_f64, field};
-use super::{Action, AppState};
-
-/// Rendered examples kept for the preview.
-const PREVIEW_ROWS: usize = 12;
-/// Records looked at for column names.
-const COLUMN_SCAN: usize = 32;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SpanKind {
-    /// Prompt, system turn, template scaffolding: read, not learned.
-    Prompt,
-    /// Contributes to the loss.
-    Trained,
-    /// Past `max_seq_len`: cut off before training.
-    Cut,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Segment {
-    pub text: String,
-    pub kind: SpanKind,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Preview {
-    /// The row in the file (1-based, as an editor shows it).
-    pub row: usize,
-    pub tokens: usize,
-    pub trained: usize,
-    pub segments: Vec<Segment>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct DatasetView {
-    pub path: PathBuf,
-    pub file_kind: String,
-    pub format: DatasetFormat,
-    pub template: String,
-    pub mask: String,
-    /// Column names of the first records, for the mapping menus.
-    pub columns: Vec<String>,
-    pub rows_total: usize,
-    pub rows_used: usize,
-    pub skipped: Vec<SkippedRow>,
-    pub truncated_rows: usize,
-    pub trained_tokens: usize,
-    pub total_tokens: usize,
-    pub max_seq_len: usize,
-    /// Token counts per used row before truncation (the data module's statistics and histogram).
-    pub lengths: LengthStats,
-    pub previews: Vec<Preview>,
-}
-
-#[derive(Debug, Default)]
-pub struct DatasetState {
-    pub view: Load<DatasetView>,
-    /// Which preview is shown.
-    pub preview_index: usize,
-}
-
-/// Read and encode the dataset as training would, and render the first rows for the preview.
-pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
-    let tok = super::jobs::tokenizer(&cfg.model.path)?;
-    let max = cfg.train.max_seq_len;
-    let (_, records) = read::read_records(&cfg.dataset.path)?;
-    let mut columns: Vec<String> = Vec::new();
-    for r in records.iter().take(COLUMN_SCAN) {
-        if let Ok(serde_json::Value::Object(m)) = &r.value {
-            for k in m.keys() {
-                if !columns.contains(k) {
-                    columns.push(k.clone());
-                }
-            }
-        }
-    }
-    let prepared = prepare_dataset(&cfg.dataset, &tok, max)?;
-    let report = prepared.report;
-    // Raw text renders no template (as in training), so a model whose template does not compile
-    // still previews a text dataset.
-    let template =
-        if report.format == crate::config::DatasetFormat::Text { None } else { Some(tok.resolve_template(&cfg.dataset.template)?) };
-    let encoder = Encoder { tok: &tok, template: template.as_ref(), train_on: cfg.dataset.train_on };
-    let mut previews = Vec::new();
-    for rec in &records {
-        if previews.len() >= PREVIEW_ROWS {
-            break;
-        }
-        let Ok(value) = &rec.value else { continue };
-        let Ok(sample) = format::to_sample(report.format, &cfg.dataset.columns, value) else { continue };
-        let Ok(enc) = encoder.encode(&sample, true) else { continue };
-        let Some(text) = enc.text else { continue };
-        let is_text = matches!(sample, format::Sample::Text(_));
-        let crate::model::tokenizer::Encoded { ids, offsets } = tok.encode_with_offsets(&text, false)?;
-        // Raw text gets BOS in front (and EOS behind) outside the text, so its body starts one
-        // token later; every body token is trained.
-        let (labels, keep) = if is_text {
-            (ids.iter().map(|&t| t as i32).collect::<Vec<_>>(), max.saturating_sub(1))
-        } else if ids.len() == enc.labels.len() {
-            (enc.labels.clone(), max)
-        } else {
-            continue;
-        };
-        let trained = labels.iter().take(keep).skip(1).filter(|&&l| l != IGNORE_INDEX).count();
-        previews.push(Preview { row: rec.row, tokens: enc.input_ids.len(), trained, segments: segments(&text, &offsets, &labels, keep) });
-    }
-    Ok(DatasetView {
-        path: cfg.dataset.path.clone(),
-        file_kind: report.file_kind.clone(),
-        format: report.format,
-        template: report.template.clone(),
-        mask: format!("{:?}", report.mask),
-        columns,
-        rows_total: report.rows_total,
-        rows_used: report.rows_used,
-        skipped: report.rows_skipped.clone(),
-        truncated_rows: report.truncated_rows,
-        trained_tokens: report.trained_tokens,
-        total_tokens: report.total_tokens,
-        max_seq_len: report.max_seq_len,
-        lengths: LengthStats::of(&report.lengths.iter().map(|l| l.original_tokens).collect::<Vec<_>>(), report.max_seq_len),
-        previews,
-    })
-}
-
-/// Split `text` into runs of prompt, trained and cut-off text from each token's byte range and
-/// label. Tokens past `keep` are cut; bytes no token covers take the kind of the text before them.
-pub fn segments(text: &str, offsets: &[(usize, usize)], labels: &[i32], keep: usize) -> Vec<Segment> {
-    let n = text.len();
-    let mut kind: Vec<Option<SpanKind>> = vec![None; n];
-    for (i, &(a, b)) in offsets.iter().enumerate() {
-        let k = if i >= keep {
-            SpanKind::Cut
-        } else if labels.get(i).is_some_and(|&l| l != IGNORE_INDEX) {
-            SpanKind::Trained
-        } else {
-            SpanKind::Prompt
-        };
-        for slot in kind.iter_mut().take(b.min(n)).skip(a.min(n)) {
-            *slot = Some(k);
-        }
-    }
-    let mut out: Vec<Segment> = Vec::new();
-    let mut last = SpanKind::Prompt;
-    for (i, ch) in text.char_indices() {
-        let k = kind[i].unwrap_or(last);
-        last = k;
-        match out.last_mut() {
-            Some(s) if s.kind == k => s.text.push(ch),
-            _ => out.push(Segment { text: ch.to_string(), kind: k }),
-        }
-    }
-    out
-}
-
-/// The one-line summary above the preview.
-pub fn summary(v: &DatasetView) -> String {
-    let frac = if v.total_tokens == 0 { 0.0 } else { 100.0 * v.trained_tokens as f64 / v.total_tokens as f64 };
-    format!(
-        "{} {} rows: {} used, {} skipped, {} truncated to {} tokens · {} tokens, {} trained ({frac:.0}%) · per row: median {}, p95 {}, max {}",
-        v.rows_total,
-        v.file_kind,
-        v.rows_used,
-        v.skipped.len(),
-        v.truncated_rows,
-        v.max_seq_len,
-        v.total_tokens,
-        v.trained_tokens,
-        v.lengths.p50,
-        v.lengths.p95,
-        v.lengths.max
-    )
-}
-
-pub fn format_name(f: DatasetFormat) -> &'static str {
-    match f {
-        DatasetFormat::Auto => "auto",
-        DatasetFormat::Alpaca => "Alpaca",
-        DatasetFormat::Sharegpt => "ShareGPT",
-        DatasetFormat::Messages => "messages (OpenAI)",
-        DatasetFormat::Text => "raw text",
-        DatasetFormat::Columns => "column mapping",
-    }
-}
+use crate::app::fields::Problems;
+use crate::app::jobs::Load;
+use crate::app::msg::{Action, Pick};
+use crate::app::state::AppState;
+use crate::app::state::dataset::{DatasetView, Segment, SpanKind, format_name, summary};
+use crate::app::widgets::{self, Fmt, combo, drag_f64, field};
 
 pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
-    let problems = super::hyper::problem_map(state);
+    let problems = state.problems();
     ui.heading("Dataset");
     egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
         let view = state.dataset.view.ready().cloned();
@@ -209,14 +26,7 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         let templates = template_choices(state);
         let c = &mut state.config;
         egui::Grid::new("dataset-grid").num_columns(2).spacing([12.0, 6.0]).show(ui, |ui| {
-            widgets::path_field(
-                ui,
-                &problems,
-                "dataset.path",
-                &mut c.dataset.path,
-                Some(Action::Pick(super::jobs::Pick::DatasetFile)),
-                actions,
-            );
+            widgets::path_field(ui, &problems, "dataset.path", &mut c.dataset.path, Some(Action::Pick(Pick::DatasetFile)), actions);
             ui.end_row();
             let auto = match detected {
                 Some(f) if c.dataset.format == DatasetFormat::Auto => format!("auto (detected: {})", format_name(f)),
@@ -306,7 +116,7 @@ fn template_choices(state: &AppState) -> Vec<String> {
     t
 }
 
-fn column_fields(ui: &mut Ui, problems: &widgets::Problems, c: &mut RunConfig, columns: &[String]) {
+fn column_fields(ui: &mut Ui, problems: &Problems, c: &mut RunConfig, columns: &[String]) {
     field(ui, problems, "dataset.columns.prompt", |ui| {
         let mut acc: Option<egui::Response> = None;
         ui.horizontal_wrapped(|ui| {
@@ -461,30 +271,4 @@ fn histogram_plot(ui: &mut Ui, v: &DatasetView) {
             p.bar_chart(BarChart::new("rows", bars));
             p.vline(VLine::new(format!("max_seq_len = {}", v.max_seq_len), max_len).color(Color32::from_rgb(230, 120, 60)).width(2.0));
         });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn segments_follow_labels_and_cut() {
-        // "ab cd ef": tokens "ab", " cd", " ef"; the second is trained, the third is past keep.
-        let text = "ab cd ef";
-        let offsets = [(0, 2), (2, 5), (5, 8)];
-        let labels = [IGNORE_INDEX, 7, 8];
-        let s = segments(text, &offsets, &labels, 2);
-        let kinds: Vec<(&str, SpanKind)> = s.iter().map(|x| (x.text.as_str(), x.kind)).collect();
-        assert_eq!(kinds, vec![("ab", SpanKind::Prompt), (" cd", SpanKind::Trained), (" ef", SpanKind::Cut)]);
-    }
-
-    #[test]
-    fn segments_keep_multibyte_text_whole() {
-        let text = "é→ok";
-        let offsets = [(0, 2), (2, 5), (5, 7)];
-        let labels = [IGNORE_INDEX, IGNORE_INDEX, 3];
-        let s = segments(text, &offsets, &labels, 10);
-        assert_eq!(s.iter().map(|x| x.text.as_str()).collect::<String>(), text);
-        assert_eq!(s.last().unwrap().kind, SpanKind::Trained);
-    }
 }

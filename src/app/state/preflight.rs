@@ -1,18 +1,16 @@
-//! The Preflight dialog, between pressing Start and the first step: what will run (model, data,
-//! steps, device), the tokenizer checks, the untrained-token report with the fix to accept, the
-//! memory budget (see budget.rs), and either a Start button or the reason the run cannot start.
-//! `check` gathers the facts on a worker; `verdict` and `lines` are the view model.
-
-use eframe::egui::{self, RichText, Ui};
+//! The preflight dialog's state, between pressing Start and the first step: `PreflightView`, the
+//! studio's view of `crate::preflight::PreflightReport` (what will run, the tokenizer and data
+//! checks, the untrained-token report with the fix to accept, the memory budget) plus what only
+//! a window run needs to know. `check` gathers it on a worker; `verdict` and `untrained_lines`
+//! are the view model the dialog (`panels::preflight`) draws.
 
 use crate::config::{DeviceChoice, RunConfig};
 use crate::data::preflight::{self as data_preflight, Marking};
 use crate::model::ModelSpec;
 use crate::session::checkpoint::STATUS_FILE;
 
-use super::budget::{self, BudgetView, Card, Machine};
-use super::widgets::{self, Load};
-use super::{Action, AppState};
+use super::memory::{self as budget, BudgetView, Card, Machine};
+use crate::app::jobs::Load;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -46,7 +44,7 @@ pub struct UntrainedUse {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct PreflightReport {
+pub struct PreflightView {
     pub model: String,
     pub data: String,
     pub steps: String,
@@ -79,7 +77,7 @@ pub enum Verdict {
     Blocked(String),
 }
 
-pub fn verdict(r: &PreflightReport, fix_enabled: bool) -> Verdict {
+pub fn verdict(r: &PreflightView, fix_enabled: bool) -> Verdict {
     if let Some(c) = r.checks.iter().find(|c| c.level == Level::Block) {
         return Verdict::Blocked(c.text.clone());
     }
@@ -90,7 +88,7 @@ pub fn verdict(r: &PreflightReport, fix_enabled: bool) -> Verdict {
 }
 
 /// The untrained-token section as lines of text (the dialog draws these; tests read them).
-pub fn untrained_lines(r: &PreflightReport, fix_enabled: bool) -> Vec<(Level, String)> {
+pub fn untrained_lines(r: &PreflightView, fix_enabled: bool) -> Vec<(Level, String)> {
     if r.untrained.is_empty() {
         return vec![(Level::Ok, "The model has no untrained token rows.".into())];
     }
@@ -130,11 +128,11 @@ pub fn untrained_lines(r: &PreflightReport, fix_enabled: bool) -> Vec<(Level, St
 /// statistics, the tokenizer checks, the untrained-token decision and the verdict); the studio
 /// adds what only a window run needs to know (an occupied run name, the device, the memory
 /// budget). `machine` is what the studio probed at start-up (probed here when it has not arrived).
-pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<PreflightReport> {
+pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<PreflightView> {
     let machine = machine.unwrap_or_else(budget::probe_machine);
     let core = crate::preflight::PreflightReport::build(cfg, Marking::Plain)?;
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
-    let tok = super::jobs::tokenizer(&cfg.model.path)?;
+    let tok = super::model::tokenizer(&cfg.model.path)?;
     let (ds, stats, found) = (&core.dataset, &core.stats, &core.untrained_tokens);
     let mut checks = Vec::new();
 
@@ -221,7 +219,7 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         checks.push(Check::new(Level::Warn, format!("{line}; {advice}.")));
     }
 
-    Ok(PreflightReport {
+    Ok(PreflightView {
         model: spec.summary(),
         data: format!(
             "{} rows used of {} ({} skipped, {} truncated), {} trained tokens",
@@ -246,114 +244,15 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
 pub struct PreflightState {
     pub open: bool,
     pub key: u64,
-    pub report: Load<PreflightReport>,
-}
-
-fn level_line(ui: &mut Ui, level: Level, text: &str) {
-    match level {
-        Level::Ok => widgets::ok_line(ui, text),
-        Level::Info => {
-            ui.add(egui::Label::new(format!("ℹ {text}")).wrap());
-        }
-        Level::Warn => widgets::warning_line(ui, text),
-        Level::Block => {
-            let c = ui.visuals().error_fg_color;
-            ui.add(egui::Label::new(RichText::new(format!("✖ {text}")).color(c)).wrap());
-        }
-    }
-}
-
-/// The modal dialog; drawn only while `state.preflight.open`.
-pub fn dialog(ctx: &egui::Context, state: &mut AppState, actions: &mut Vec<Action>) {
-    if !state.preflight.open {
-        return;
-    }
-    let fix = state.config.dataset.fix_untrained_tokens;
-    let modal = egui::Modal::new(egui::Id::unique("preflight")).show(ctx, |ui| {
-        ui.set_width(640.0);
-        ui.heading("Before the first step");
-        ui.add_space(4.0);
-        match &state.preflight.report {
-            Load::Empty | Load::Loading => {
-                ui.horizontal(|ui| {
-                    ui.spinner();
-                    ui.label("Checking the model, the tokenizer and the data…");
-                });
-                ui.add_space(8.0);
-                if ui.button("Cancel").clicked() {
-                    actions.push(Action::CancelPreflight);
-                }
-            }
-            Load::Failed(e) => {
-                ui.label("The run cannot start:");
-                widgets::error_box(ui, e);
-                ui.add_space(8.0);
-                if ui.button("Close").clicked() {
-                    actions.push(Action::CancelPreflight);
-                }
-            }
-            Load::Ready(r) => {
-                let r = r.clone();
-                egui::ScrollArea::vertical().max_height((ctx.content_rect().height() - 220.0).max(240.0)).show(ui, |ui| {
-                    egui::Grid::new("preflight-summary").num_columns(2).spacing([12.0, 4.0]).show(ui, |ui| {
-                        for (k, v) in [("Model", &r.model), ("Data", &r.data), ("Steps", &r.steps), ("Device", &r.device)] {
-                            ui.strong(k);
-                            ui.add(egui::Label::new(v.as_str()).wrap());
-                            ui.end_row();
-                        }
-                    });
-                    ui.separator();
-                    ui.strong("Tokenizer and data checks");
-                    for c in &r.checks {
-                        level_line(ui, c.level, &c.text);
-                    }
-                    ui.separator();
-                    ui.strong("Untrained tokens");
-                    for (l, t) in untrained_lines(&r, fix) {
-                        level_line(ui, l, &t);
-                    }
-                    ui.separator();
-                    budget::summary_ui(ui, r.budget.as_ref(), None);
-                });
-                ui.separator();
-                let v = verdict(&r, fix);
-                ui.horizontal(|ui| {
-                    match &v {
-                        Verdict::Ready => {
-                            if ui.button(RichText::new("▶ Start training").strong()).on_hover_text("Enter").clicked() {
-                                actions.push(Action::ConfirmStart);
-                            }
-                        }
-                        Verdict::NeedsFix => {
-                            if ui.button("Accept the fix and start").clicked() {
-                                actions.push(Action::AcceptFixAndStart);
-                            }
-                        }
-                        Verdict::Blocked(_) => {
-                            ui.add_enabled(false, egui::Button::new("▶ Start training"));
-                        }
-                    }
-                    if ui.button("Cancel").on_hover_text("Escape").clicked() {
-                        actions.push(Action::CancelPreflight);
-                    }
-                });
-                if let Verdict::Blocked(reason) = &v {
-                    level_line(ui, Level::Block, &format!("Cannot start: {reason}"));
-                }
-            }
-        }
-    });
-    if modal.should_close() {
-        actions.push(Action::CancelPreflight);
-    }
+    pub report: Load<PreflightView>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    pub fn crafted(used: bool) -> PreflightReport {
-        PreflightReport {
+    pub fn crafted(used: bool) -> PreflightView {
+        PreflightView {
             model: "llama".into(),
             data: "10 rows".into(),
             steps: "5 steps".into(),

@@ -1,24 +1,23 @@
-//! The memory budget (the VRAM preview): the run's `engine::plan` — every buffer the engine and
-//! its backend will allocate, from the model's shape and the run's settings, no GPU touched — as
-//! one stacked bar of its terms against the card's total and free memory (and the host's RAM for
-//! what offloading pins there), with the verdict, the largest sequence length, batch size and
-//! LoRA rank that fit with one-click apply, and a picker of common cards to preview a run for a
-//! machine you do not have. During a run the measured memory is drawn on the same scale.
+//! The memory budget's state (the VRAM preview): the run's `engine::plan` — every buffer the
+//! engine and its backend will allocate, from the model's shape and the run's settings, no GPU
+//! touched — as stacked terms against the card's total and free memory (and the host's RAM for
+//! what offloading pins there), the verdict, the largest sequence length, batch size and LoRA
+//! rank that fit, and the machine the plan is for (this one, or a common card you do not have).
 //!
-//! The panel's own plan is one call of a pure function, made in the frame that changed a setting
-//! (so the bar follows a dragged slider without lag); the "largest that fits" numbers are binary
-//! searches over many plans and run on a worker (`fixes`). `view`, `verdict`, `bar` and `fixes`
-//! are the view model; `panel` and `bar_ui` draw it.
+//! The plan is one call of a pure function, made in the frame that changed a setting (so the bar
+//! follows a dragged slider without lag); the "largest that fits" numbers are binary searches
+//! over many plans and run on a worker (`fixes`). `view`, `verdict`, `bar` and `fixes` are the
+//! view model; `panels::budget` and the memory bar of `widgets` draw it.
 
-use eframe::egui::{self, Color32, RichText, Stroke, Ui};
+use eframe::egui::Color32;
 
 use crate::config::{CheckpointPolicy, DeviceChoice, RunConfig};
 use crate::engine::plan::{self, BackendKind, PlanInput, PlanTarget, Term, largest_fitting, suggestions};
 use crate::model::ModelSpec;
 use crate::util::fmt_bytes;
 
-use super::widgets::Load;
-use super::{Action, AppState};
+use crate::app::jobs::{Load, key_of};
+use crate::app::state::AppState;
 
 /// The cards the picker offers, in GB as sold (each taken as that many GiB).
 pub const CARD_PRESETS_GB: [u32; 7] = [8, 12, 16, 24, 40, 48, 80];
@@ -346,11 +345,11 @@ pub struct BudgetState {
 /// Everything a view depends on, as one key.
 pub fn key(spec_source: &std::path::Path, cfg: &RunConfig, target: &PlanTarget, host: Option<&HostMemory>) -> u64 {
     let input = PlanInput::from_config(cfg);
-    super::jobs::key_of(&[&spec_source, &format!("{input:?}|{target:?}|{host:?}")])
+    key_of(&[&spec_source, &format!("{input:?}|{target:?}|{host:?}")])
 }
 
 /// Why there is no plan to show, or `None` when there is one.
-fn no_plan_reason(state: &AppState) -> Option<&'static str> {
+pub fn no_plan_reason(state: &AppState) -> Option<&'static str> {
     if state.model.info.ready().is_none_or(|i| i.path != state.config.model.path) {
         return Some("The plan appears once the model folder is loaded.");
     }
@@ -400,172 +399,6 @@ pub fn measured_now(state: &AppState) -> Option<u64> {
         return None;
     }
     t.metrics.last().and_then(|m| m.memory_bytes)
-}
-
-/// The panel on the Hyperparameters page.
-pub fn panel(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
-    refresh(state);
-    ui.horizontal(|ui| {
-        let label = ui.label("Preview for").on_hover_text("Plan the run for this machine, or for a card you do not have.");
-        let machine = state.budget.machine.ready().cloned();
-        let current = state.budget.card.label(machine.as_ref());
-        let mut card = state.budget.card;
-        egui::ComboBox::from_id_salt("budget-card")
-            .selected_text(current)
-            .show_ui(ui, |ui| {
-                let this = ui.selectable_value(&mut card, Card::ThisMachine, Card::ThisMachine.label(machine.as_ref()));
-                if let Some(m) = machine.as_ref().filter(|m| m.gpu.is_none() && !m.no_gpu_reason.is_empty()) {
-                    this.on_hover_text(format!("No GPU: {}", m.no_gpu_reason));
-                }
-                for gb in CARD_PRESETS_GB {
-                    ui.selectable_value(&mut card, Card::Preset(gb), Card::Preset(gb).label(None)).on_hover_text(Card::examples(gb));
-                }
-            })
-            .response
-            .labelled_by(label.id);
-        if card != state.budget.card {
-            state.budget.card = card;
-            refresh(state);
-        }
-    });
-    if let Some(why) = no_plan_reason(state) {
-        ui.weak(why);
-        return;
-    }
-    let Some((k, v)) = state.budget.view.clone() else { return };
-    let measured = measured_now(state);
-    bar_ui(ui, &v, measured);
-    let (line, good) = verdict(&v);
-    let color = if good { super::widgets::ok_color(ui) } else { ui.visuals().error_fg_color };
-    ui.label(RichText::new(line).color(color).strong());
-    legend(ui, &v, measured);
-    let fixes = state.budget.fixes.as_ref().filter(|(fk, _)| *fk == k).map(|(_, f)| f);
-    ui.horizontal_wrapped(|ui| {
-        ui.label("Largest that fits (the rest as set):").on_hover_text("Each found by planning with only that setting changed.");
-        let Some(f) = fixes else {
-            ui.spinner();
-            return;
-        };
-        let c = &state.config;
-        for (setting, name, found, now) in [
-            (Setting::MaxSeqLen, "seq len", f.max_seq_len, c.train.max_seq_len),
-            (Setting::BatchSize, "batch", f.batch_size, c.train.batch_size),
-            (Setting::LoraRank, "rank", f.lora_r, c.lora.r),
-        ] {
-            match found {
-                Some(value) => {
-                    let cap = if setting == Setting::MaxSeqLen && value == f.seq_cap { " (the model's context)" } else { "" };
-                    let text = format!("{name} {value}{cap}");
-                    if value == now {
-                        ui.add_enabled(false, egui::Button::new(text)).on_disabled_hover_text("already set");
-                    } else if ui.button(text).on_hover_text(format!("Set {name} to {value}")).clicked() {
-                        actions.push(Action::ApplyBudget(setting, value));
-                    }
-                }
-                None => {
-                    ui.weak(format!("{name}: nothing fits"));
-                }
-            }
-        }
-    });
-    if let Some(f) = fixes {
-        for s in &f.suggestions {
-            ui.label(format!("To fit: {s}"));
-        }
-    }
-}
-
-/// The stacked bar with the free/total marks and, when given, the measured memory.
-pub fn bar_ui(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
-    let b = bar(v, measured);
-    let width = ui.available_width().clamp(200.0, 640.0);
-    let (rect, resp) = ui.allocate_exact_size(egui::vec2(width, 20.0), egui::Sense::hover());
-    let painter = ui.painter_at(rect.expand(2.0));
-    let x = |f: f32| rect.left() + f * rect.width();
-    painter.rect_filled(rect, 3.0, ui.visuals().extreme_bg_color);
-    if let (Some(free), Some(total)) = (b.free_at, b.total_at) {
-        // Taken by others: between free and total.
-        painter.rect_filled(egui::Rect::from_x_y_ranges(x(free)..=x(total), rect.y_range()), 0.0, Color32::from_gray(70));
-    }
-    for (s, (from, to)) in v.segments.iter().zip(&b.segments) {
-        painter.rect_filled(egui::Rect::from_x_y_ranges(x(*from)..=x(*to), rect.y_range()), 0.0, s.color);
-    }
-    let fg = ui.visuals().strong_text_color();
-    if let Some(t) = b.total_at {
-        painter.vline(x(t), rect.expand(2.0).y_range(), Stroke::new(2.0, fg));
-    }
-    if let Some(m) = b.measured_at {
-        let red = Color32::from_rgb(240, 70, 70);
-        painter.vline(x(m), rect.expand(2.0).y_range(), Stroke::new(2.5, red));
-    }
-    let mut tip = format!("Scale: {} across", fmt_bytes(b.scale_bytes));
-    for s in &v.segments {
-        tip.push_str(&format!("\n{}: {}", s.label, fmt_bytes(s.bytes)));
-    }
-    resp.on_hover_text(tip);
-}
-
-fn legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
-    ui.horizontal_wrapped(|ui| {
-        ui.spacing_mut().item_spacing.x = 10.0;
-        // One item never breaks across lines; the row wraps between items.
-        let item = |ui: &mut Ui, text: String, color: Color32| ui.add(egui::Label::new(RichText::new(text).color(color).small()).extend());
-        for s in &v.segments {
-            item(ui, format!("■ {} {}", s.label, fmt_bytes(s.bytes)), s.color);
-        }
-        if let Some(m) = measured {
-            item(ui, format!("| measured now {}", fmt_bytes(m)), Color32::from_rgb(240, 70, 70)).on_hover_text(if v.on_gpu {
-                "Used on the card, from the driver (other processes included)."
-            } else {
-                "The process's resident memory: also the mapped model file, the tokenizer and this window."
-            });
-        }
-    });
-    let policy = format!("{:?}", v.checkpointing).to_lowercase();
-    let mut line = format!("checkpointing: {policy}{}", if v.auto { " (chosen by auto)" } else { "" });
-    if v.pinned_host_bytes > 0 {
-        line.push_str(&format!(
-            " · pinned host memory {}{}",
-            fmt_bytes(v.pinned_host_bytes),
-            v.host.as_ref().map(|h| format!(" of {} RAM available here", fmt_bytes(h.available_bytes))).unwrap_or_default()
-        ));
-    }
-    ui.weak(line);
-    if let Some(h) = v.host.as_ref().filter(|_| v.pinned_host_bytes > 0) {
-        host_bar(ui, v.pinned_host_bytes, h);
-    }
-}
-
-/// What offloading pins in host memory, against this machine's RAM.
-fn host_bar(ui: &mut Ui, pinned: u64, h: &HostMemory) {
-    let width = ui.available_width().clamp(200.0, 640.0);
-    let (rect, resp) = ui.allocate_exact_size(egui::vec2(width, 8.0), egui::Sense::hover());
-    let painter = ui.painter_at(rect);
-    let scale = h.total_bytes.max(pinned).max(1) as f32;
-    let x = |b: u64| rect.left() + b as f32 / scale * rect.width();
-    painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
-    painter.rect_filled(egui::Rect::from_x_y_ranges(x(h.available_bytes)..=x(h.total_bytes), rect.y_range()), 0.0, Color32::from_gray(70));
-    painter.rect_filled(egui::Rect::from_x_y_ranges(rect.left()..=x(pinned), rect.y_range()), 0.0, TERMS[5].2);
-    resp.on_hover_text(format!(
-        "Host RAM: {} pinned of {} ({} available)",
-        fmt_bytes(pinned),
-        fmt_bytes(h.total_bytes),
-        fmt_bytes(h.available_bytes)
-    ));
-}
-
-/// The budget in the preflight dialog and the monitor: bar, verdict, legend; no picker.
-pub fn summary_ui(ui: &mut Ui, v: Option<&BudgetView>, measured: Option<u64>) {
-    ui.strong("Memory budget");
-    let Some(v) = v else {
-        ui.weak("No memory plan for this run.");
-        return;
-    };
-    bar_ui(ui, v, measured);
-    let (line, good) = verdict(v);
-    let color = if good { ui.visuals().text_color() } else { ui.visuals().error_fg_color };
-    ui.label(RichText::new(line).color(color));
-    legend(ui, v, measured);
 }
 
 #[cfg(test)]

@@ -1,18 +1,16 @@
-//! The Model panel: choose a Hugging Face model folder (chooser, drop, recent list) and see what
-//! it holds before anything is loaded on a device. `describe` runs on a worker; the panel only
-//! draws the `ModelInfo` it produced.
+//! The Model panel's state: the model folder described before anything is loaded on a device
+//! (`describe`, run on a worker), the rows the panel shows, and the recent folders.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use eframe::egui;
 use serde::{Deserialize, Serialize};
 
-use crate::model::tokenizer::PadSource;
+use crate::model::tokenizer::{PadSource, TokenizerBundle};
 use crate::model::{ModelSpec, WeightStore, untrained};
 use crate::util::{fmt_bytes, fmt_count};
 
-use super::widgets::{self, Load};
-use super::{Action, AppState};
+use crate::app::jobs::Load;
 
 /// Everything the panel shows about a model folder.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,7 +43,7 @@ pub struct ModelInfo {
 pub fn describe(dir: &Path) -> crate::Result<ModelInfo> {
     let spec = ModelSpec::from_dir(dir)?;
     let store = WeightStore::open(dir)?;
-    let tok = super::jobs::tokenizer(dir)?;
+    let tok = tokenizer(dir)?;
     let mut exclude: Vec<u32> = [tok.bos_id(), tok.eos_id(), Some(tok.pad_id())].into_iter().flatten().collect();
     exclude.extend(spec.eos_token_ids.iter().copied());
     let untrained = untrained::detect(&store, &spec, &exclude)?;
@@ -83,6 +81,22 @@ pub fn describe(dir: &Path) -> crate::Result<ModelInfo> {
         untrained: untrained.iter().map(|&i| (i, tok.token_text(i).unwrap_or_default())).collect(),
         tokenizer_warnings: tok.warnings().to_vec(),
     })
+}
+
+/// The tokenizer of the model folder last asked for. Loading a real tokenizer.json takes a
+/// noticeable fraction of a second and the dataset preview asks for it on every edit.
+pub fn tokenizer(model_dir: &Path) -> crate::Result<Arc<TokenizerBundle>> {
+    static CACHE: Mutex<Option<(PathBuf, Arc<TokenizerBundle>)>> = Mutex::new(None);
+    if let Some((p, t)) = CACHE.lock().ok().and_then(|c| c.clone())
+        && p == model_dir
+    {
+        return Ok(t);
+    }
+    let t = Arc::new(TokenizerBundle::load(model_dir)?);
+    if let Ok(mut c) = CACHE.lock() {
+        *c = Some((model_dir.to_path_buf(), Arc::clone(&t)));
+    }
+    Ok(t)
 }
 
 /// The rows of the info table, as (label, value) text: what the panel draws, testable as text.
@@ -139,70 +153,6 @@ impl Recent {
 pub struct ModelState {
     pub info: Load<ModelInfo>,
     pub recent: Recent,
-}
-
-pub fn ui(ui: &mut egui::Ui, state: &mut AppState, actions: &mut Vec<Action>) {
-    ui.heading("Model");
-    ui.label("A Hugging Face model folder: config.json, *.safetensors and tokenizer.json. Drop one anywhere on the window.");
-    ui.add_space(6.0);
-    let problems = super::hyper::problem_map(state);
-    egui::Grid::new("model-grid").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
-        widgets::path_field(
-            ui,
-            &problems,
-            "model.path",
-            &mut state.config.model.path,
-            Some(Action::Pick(super::jobs::Pick::ModelFolder)),
-            actions,
-        );
-        ui.end_row();
-        widgets::optional_path_field(
-            ui,
-            &problems,
-            "model.adapter",
-            &mut state.config.model.adapter,
-            Action::Pick(super::jobs::Pick::AdapterFolder),
-            actions,
-        );
-        ui.end_row();
-    });
-    if !state.model.recent.models.is_empty() {
-        ui.add_space(6.0);
-        ui.horizontal_wrapped(|ui| {
-            ui.label("Recent:");
-            for p in &state.model.recent.models {
-                let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| p.display().to_string());
-                if ui.button(name).on_hover_text(p.display().to_string()).clicked() {
-                    actions.push(Action::SetModel(p.clone()));
-                }
-            }
-        });
-    }
-    ui.separator();
-    match &state.model.info {
-        Load::Empty => {
-            ui.weak("No model folder chosen yet.");
-        }
-        Load::Loading => {
-            ui.horizontal(|ui| {
-                ui.spinner();
-                ui.label("Reading the model folder…");
-            });
-        }
-        Load::Failed(e) => widgets::error_box(ui, e),
-        Load::Ready(info) => {
-            egui::Grid::new("model-info").num_columns(2).striped(true).spacing([16.0, 6.0]).show(ui, |ui| {
-                for (k, v) in info_rows(info) {
-                    ui.strong(k);
-                    ui.add(egui::Label::new(v).wrap());
-                    ui.end_row();
-                }
-            });
-            for w in &info.tokenizer_warnings {
-                widgets::warning_line(ui, w);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

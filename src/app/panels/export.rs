@@ -1,0 +1,98 @@
+//! The Export page: pick a run and a folder, write the adapter or the merged weights on a
+//! worker (`state::export`), with progress and the resulting path.
+
+use std::path::PathBuf;
+
+use eframe::egui::{self, RichText, Ui};
+
+use crate::export::merged::MergeDtype;
+
+use crate::app::msg::{Action, Pick};
+use crate::app::state::AppState;
+use crate::app::state::export::ExportKind;
+use crate::app::widgets;
+
+pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
+    ui.heading("Export");
+    ui.label("Write a run's LoRA adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors), loadable with peft's PeftModel.from_pretrained, or the base model with the adapter merged in, as a 16-bit Hugging Face folder. Token rows the run trained go with both.");
+    ui.add_space(6.0);
+    let runs: Vec<PathBuf> = state
+        .runs
+        .records
+        .ready()
+        .map(|r| r.iter().filter(|r| r.has_adapter || !r.checkpoints.is_empty()).map(|r| r.dir.clone()).collect())
+        .unwrap_or_default();
+    let e = &mut state.export;
+    if e.source.is_none() {
+        e.source = runs.first().cloned();
+    }
+    egui::Grid::new("export-grid").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
+        let label = ui.label("Run");
+        let shown = e
+            .source
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "no run with an adapter yet".into());
+        egui::ComboBox::from_id_salt("export-source")
+            .selected_text(shown)
+            .width(360.0)
+            .show_ui(ui, |ui| {
+                for r in &runs {
+                    let name = r.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                    ui.selectable_value(&mut e.source, Some(r.clone()), name);
+                }
+            })
+            .response
+            .labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Into folder");
+        ui.horizontal(|ui| {
+            let mut text = e.dest.display().to_string();
+            if ui.add(egui::TextEdit::singleline(&mut text).desired_width(360.0).hint_text("a folder")).labelled_by(label.id).changed() {
+                e.dest = PathBuf::from(text.trim());
+            }
+            if ui.button("Browse…").clicked() {
+                actions.push(Action::Pick(Pick::ExportFolder));
+            }
+        });
+        ui.end_row();
+    });
+    ui.add_space(6.0);
+    ui.horizontal(|ui| {
+        let ready = e.source.is_some() && !e.dest.as_os_str().is_empty() && !e.busy();
+        let why = if e.busy() {
+            "an export is running"
+        } else if e.source.is_none() {
+            "no run to export yet"
+        } else {
+            "choose a destination folder"
+        };
+        if ui.add_enabled(ready, egui::Button::new("Export adapter")).on_hover_text("adapter_config.json + adapter_model.safetensors, for peft").on_disabled_hover_text(why).clicked() {
+            actions.push(Action::Export(ExportKind::Adapter));
+        }
+        ui.separator();
+        let merged = ui
+            .add_enabled(ready, egui::Button::new("Export merged weights"))
+            .on_hover_text("The base model with the adapter merged into every linear, as a Hugging Face folder (safetensors shards, config, tokenizer) that transformers, vLLM or llama.cpp's converter load without peft")
+            .on_disabled_hover_text(why);
+        egui::ComboBox::from_id_salt("export-dtype").selected_text(format!("{:?}", e.merged_dtype).to_lowercase()).width(64.0).show_ui(ui, |ui| {
+            ui.selectable_value(&mut e.merged_dtype, MergeDtype::Bf16, "bf16");
+            ui.selectable_value(&mut e.merged_dtype, MergeDtype::F16, "f16");
+        });
+        if merged.clicked() {
+            actions.push(Action::Export(ExportKind::Merged(e.merged_dtype)));
+        }
+    });
+    if let Some((f, what)) = &e.progress {
+        ui.add(egui::ProgressBar::new(*f).text(what.as_str()).show_percentage());
+    }
+    match &e.result {
+        Some(Ok(p)) => {
+            widgets::ok_line(ui, "Exported to:");
+            ui.add(egui::Label::new(RichText::new(p.display().to_string()).monospace()).selectable(true));
+        }
+        Some(Err(msg)) => widgets::error_box(ui, msg),
+        None => {}
+    }
+}

@@ -1,0 +1,131 @@
+//! The training monitor: progress with ETA, loss (raw and smoothed), learning rate, gradient
+//! norm, throughput and memory as plots, the session's log, and the run's failure when there is
+//! one. It draws `state::training`'s view model.
+
+use eframe::egui::{self, Color32, RichText, Ui};
+use egui_plot::{HLine, Legend, Line, Plot, PlotPoints};
+
+use crate::session::LoadedInfo;
+use crate::session::checkpoint::StepMetrics;
+use crate::util::fmt_bytes;
+
+use crate::app::msg::Action;
+use crate::app::state::AppState;
+use crate::app::state::training::{Phase, curves, memory_axis, memory_lines, progress};
+use crate::app::widgets;
+
+fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: Color32, hlines: &[(&str, f64, Color32)], width: f32) {
+    ui.vertical(|ui| {
+        ui.set_width(width);
+        ui.small(title);
+        Plot::new(id).height(120.0).width(width).allow_scroll(false).show_x(true).show(ui, |p| {
+            p.line(Line::new(title, PlotPoints::from(points)).color(color));
+            for (name, y, c) in hlines {
+                p.hline(HLine::new(*name, *y).color(*c));
+            }
+        });
+    });
+}
+
+pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
+    let t = &mut state.training;
+    ui.horizontal(|ui| {
+        ui.heading("Training");
+        if let Some(v) = &t.viewing {
+            ui.label(RichText::new(format!("viewing {} ({})", v.name, v.status)).strong());
+            if ui.button("Back to the live run").clicked() {
+                actions.push(Action::BackToLive);
+            }
+        } else {
+            ui.label(RichText::new(t.phase.label()).strong());
+            if let Some(d) = t.run_dir() {
+                ui.weak(d.display().to_string());
+            }
+        }
+    });
+    let (metrics, loaded): (&[StepMetrics], Option<&LoadedInfo>) = match &t.viewing {
+        Some(v) => (&v.metrics, None),
+        None => (&t.metrics, t.loaded.as_deref()),
+    };
+    if t.viewing.is_none() {
+        if let Some(f) = &t.failure {
+            widgets::error_box(ui, &f.message);
+            if let (Some(dir), Some(_)) = (&f.run_dir, &f.last_checkpoint)
+                && ui.button("Resume from the last checkpoint").clicked()
+            {
+                actions.push(Action::ResumeRun(dir.clone()));
+            }
+        }
+        if t.phase == Phase::Idle {
+            ui.label("Press Start (Ctrl+Enter) to check the run and begin training; its curves appear here.");
+        }
+        if t.phase == Phase::Loading {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label(t.log.back().cloned().unwrap_or_default());
+            });
+        }
+    }
+    let total_steps = loaded.map(|l| l.total_steps).or(t.viewing.as_ref().map(|v| v.total_steps));
+    let p = progress(metrics, total_steps, if t.viewing.is_some() { Phase::Done } else { t.phase });
+    ui.add(egui::ProgressBar::new(p.fraction).text(p.text).desired_height(18.0));
+    ui.add_space(4.0);
+
+    let c = curves(metrics, t.smoothing);
+    let (mem_title, mem_total) = memory_axis(loaded);
+    let log_height = 130.0;
+    let plan = if t.viewing.is_none() { t.plan.as_ref() } else { None };
+    let plan_height = if plan.is_some() { 30.0 } else { 0.0 };
+    let avail = ui.available_height() - 120.0 - log_height - 70.0 - plan_height;
+    ui.horizontal(|ui| {
+        ui.strong("Loss");
+        ui.add(egui::Slider::new(&mut t.smoothing, 0.0..=0.99).text("smoothing"));
+    });
+    Plot::new("loss").height(avail.max(140.0)).legend(Legend::default()).x_axis_label("step").allow_scroll(false).show(ui, |pl| {
+        pl.line(Line::new("loss", PlotPoints::from(c.loss)).color(Color32::from_rgba_unmultiplied(100, 150, 220, 110)));
+        pl.line(Line::new("smoothed", PlotPoints::from(c.loss_smooth)).color(Color32::from_rgb(60, 140, 240)).width(2.5));
+    });
+    let w = ((ui.available_width() - 3.0 * ui.spacing().item_spacing.x) / 4.0).max(80.0);
+    ui.horizontal(|ui| {
+        small_plot(ui, "lr", "Learning rate", c.lr, Color32::from_rgb(220, 160, 60), &[], w);
+        small_plot(ui, "grad-norm", "Gradient norm", c.grad_norm, Color32::from_rgb(200, 90, 90), &[], w);
+        small_plot(ui, "tok-s", "Tokens / s", c.tokens_per_s, Color32::from_rgb(90, 180, 110), &[], w);
+        small_plot(
+            ui,
+            "memory",
+            &format!("{mem_title} (GiB)"),
+            c.memory,
+            Color32::from_rgb(160, 110, 200),
+            &memory_lines(mem_total, plan),
+            w,
+        );
+    });
+    if let Some(p) = plan {
+        // The plan's bar with the newest measurement on the same scale.
+        let measured = metrics.last().and_then(|m| m.memory_bytes);
+        ui.horizontal(|ui| {
+            ui.strong("Memory");
+            ui.label(format!(
+                "plan {}{}",
+                fmt_bytes(p.peak_bytes),
+                measured.map(|m| format!(" · measured {}", fmt_bytes(m))).unwrap_or_default()
+            ))
+            .on_hover_text(if p.on_gpu {
+                "Measured: used on the card, from the driver."
+            } else {
+                "Measured: the process's resident memory, which also holds the mapped model file, the tokenizer and this window."
+            });
+            widgets::memory_bar(ui, p, measured);
+        });
+    }
+    egui::CollapsingHeader::new(format!("Log ({} lines)", t.log.len())).default_open(true).show(ui, |ui| {
+        egui::ScrollArea::vertical().id_salt("log").max_height(log_height).stick_to_bottom(true).auto_shrink([false, true]).show(
+            ui,
+            |ui| {
+                for line in &t.log {
+                    ui.monospace(line);
+                }
+            },
+        );
+    });
+}

@@ -1,0 +1,164 @@
+//! What the window shows, as plain data, and the work that produces it: one module per panel
+//! with its state and view model (what to show, computed apart from drawing, so the tests check
+//! it without pixels) and the functions its workers run. Nothing here draws, and nothing here
+//! imports a panel or a message: the panels (`app::panels`) read this, `app::msg` carries it.
+
+pub mod dataset;
+pub mod export;
+pub mod memory;
+pub mod model;
+pub mod preflight;
+pub mod runs;
+pub mod training;
+
+use std::path::PathBuf;
+
+use crate::RunConfig;
+
+use super::fields::{self, Problems};
+use super::jobs::Load;
+use training::Phase;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    Model,
+    Dataset,
+    Hyper,
+    Monitor,
+    Runs,
+    Export,
+}
+
+impl Page {
+    pub const ALL: [Page; 6] = [Page::Model, Page::Dataset, Page::Hyper, Page::Monitor, Page::Runs, Page::Export];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Page::Model => "Model",
+            Page::Dataset => "Dataset",
+            Page::Hyper => "Hyperparameters",
+            Page::Monitor => "Training",
+            Page::Runs => "Runs",
+            Page::Export => "Export",
+        }
+    }
+}
+
+/// Everything the window shows, as plain data.
+#[derive(Debug)]
+pub struct AppState {
+    pub page: Page,
+    pub config: RunConfig,
+    /// The file the config came from or was last saved to.
+    pub config_path: Option<PathBuf>,
+    /// The config as last loaded or saved, to show unsaved edits.
+    pub saved_config: RunConfig,
+    /// Whether `config_path` is the demo's own file (saving it asks for a new name instead).
+    pub config_is_demo: bool,
+    pub model: model::ModelState,
+    pub dataset: dataset::DatasetState,
+    pub preflight: preflight::PreflightState,
+    pub training: training::TrainingState,
+    pub runs: runs::RunsState,
+    pub export: export::ExportState,
+    pub budget: memory::BudgetState,
+    /// Messages for the person (errors from workers, notes); dismissable.
+    pub notices: Vec<String>,
+    pub settings_dir: PathBuf,
+}
+
+impl AppState {
+    pub fn new(config: RunConfig, config_path: Option<PathBuf>, config_is_demo: bool, settings_dir: PathBuf) -> Self {
+        let recent = model::Recent::load(&settings_dir);
+        AppState {
+            page: Page::Model,
+            saved_config: config.clone(),
+            config,
+            config_path,
+            config_is_demo,
+            model: model::ModelState { recent, ..Default::default() },
+            dataset: Default::default(),
+            preflight: Default::default(),
+            training: Default::default(),
+            runs: Default::default(),
+            export: Default::default(),
+            budget: Default::default(),
+            notices: Vec::new(),
+            settings_dir,
+        }
+    }
+
+    pub fn config_name(&self) -> String {
+        match &self.config_path {
+            Some(_) if self.config_is_demo => "demo".into(),
+            Some(p) => p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            None => "untitled".into(),
+        }
+    }
+
+    /// Every problem that stops a start, by field: the config's own checks plus what the workers
+    /// found (a model folder that does not load, a dataset that cannot be used).
+    pub fn problems(&self) -> Problems {
+        let mut out = fields::config_problems(&self.config);
+        if let Load::Failed(e) = &self.model.info {
+            out.entry("model.path".into()).or_default().push(e.clone());
+        }
+        if let Load::Failed(e) = &self.dataset.view {
+            out.entry("dataset.path".into()).or_default().push(e.clone());
+        }
+        out
+    }
+}
+
+/// Why Start is disabled, or `None` when it is not.
+pub fn start_blocker(s: &AppState) -> Option<String> {
+    if s.training.phase.is_active() {
+        return Some("a run is in progress".into());
+    }
+    if s.preflight.open {
+        return Some("the preflight check is open".into());
+    }
+    if let Some(p) = fields::first_problem(&s.problems()) {
+        return Some(p);
+    }
+    if s.model.info.is_loading() {
+        return Some("still reading the model folder".into());
+    }
+    None
+}
+
+/// "TuneStudio — demo — training 12/60".
+pub fn window_title(s: &AppState) -> String {
+    let dirty = if s.config != s.saved_config { " •" } else { "" };
+    let mut t = format!("TuneStudio — {}{dirty}", s.config_name());
+    let tr = &s.training;
+    if tr.phase != Phase::Idle {
+        t.push_str(&format!(" — {}", tr.phase.label()));
+        if let Some(m) = tr.metrics.last() {
+            t.push_str(&format!(" {}/{}", m.step, m.total_steps));
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn title_and_blocker_follow_the_state() {
+        let mut c = RunConfig::default();
+        c.model.path = "m".into();
+        c.dataset.path = "d".into();
+        let mut s = AppState::new(c, None, false, std::env::temp_dir().join("tunestudio-test-settings"));
+        assert_eq!(window_title(&s), "TuneStudio — untitled");
+        assert_eq!(start_blocker(&s), None);
+        s.config.lora.r = 0;
+        assert!(window_title(&s).ends_with('•'), "edited config is marked");
+        assert!(start_blocker(&s).unwrap().contains("lora.r"));
+        s.config.lora.r = 8;
+        s.training.begin(1, "x".into());
+        assert_eq!(start_blocker(&s).unwrap(), "a run is in progress");
+        assert!(window_title(&s).contains("loading"));
+    }
+}
