@@ -161,6 +161,9 @@ enum ExportCommand {
         #[arg(long)]
         to: Option<PathBuf>,
     },
+    /// The base model with the adapter folded in, as one GGUF file (f16, bf16, q8_0, q4_k_m) for
+    /// llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
+    Gguf(tunestudio::commands::export_gguf::ExportGgufArgs),
     /// The base model with the adapter folded in, as a 16-bit Hugging Face folder.
     Merged {
         /// The run folder (or use --model and --adapter).
@@ -229,6 +232,7 @@ fn main() -> ExitCode {
         Some(Command::Export { what: ExportCommand::Adapter { run, to } }) => {
             tunestudio::export::run::export_adapter(&run, to.as_deref()).map(|d| println!("adapter written to {}", d.display()))
         }
+        Some(Command::Export { what: ExportCommand::Gguf(args) }) => tunestudio::commands::export_gguf::run(&args),
         Some(Command::Export { what: ExportCommand::Merged { run, dtype, to, model, adapter, quantization, max_shard_size, json } }) => {
             export_merged(run, dtype, to, model, adapter, quantization, max_shard_size, json)
         }

@@ -221,7 +221,7 @@ fn demo(slots: usize, adapter: bool) -> Generator<CpuBackend<f32>> {
 }
 
 fn ask(text: &str, params: SamplingParams, adapter: bool) -> Request {
-    Request { prompt: Prompt::Chat(vec![Message::new("user", text)]), adapter, params, stop_strings: vec![] }
+    Request { prompt: Prompt::Chat(vec![Message::new("user", text)]), adapter, params, stop_strings: vec![], ignore_eos: false }
 }
 
 #[test]
@@ -290,14 +290,26 @@ fn a_conversation_reuses_its_cache_and_answers_as_a_fresh_model_would() {
     let mut msgs = vec![Message::new("user", "Where is Skarn?")];
     let first = g
         .generate(
-            &[Request { prompt: Prompt::Chat(msgs.clone()), adapter: false, params: SamplingParams::greedy(30), stop_strings: vec![] }],
+            &[Request {
+                prompt: Prompt::Chat(msgs.clone()),
+                adapter: false,
+                params: SamplingParams::greedy(30),
+                stop_strings: vec![],
+                ignore_eos: false,
+            }],
             &cancel,
             &mut |_| {},
         )
         .unwrap();
     msgs.push(Message::new("assistant", first[0].text.clone()));
     msgs.push(Message::new("user", "And how big is it?"));
-    let req = Request { prompt: Prompt::Chat(msgs.clone()), adapter: false, params: SamplingParams::greedy(30), stop_strings: vec![] };
+    let req = Request {
+        prompt: Prompt::Chat(msgs.clone()),
+        adapter: false,
+        params: SamplingParams::greedy(30),
+        stop_strings: vec![],
+        ignore_eos: false,
+    };
     let mut reused = 0;
     let second = g
         .generate(std::slice::from_ref(&req), &cancel, &mut |e| {

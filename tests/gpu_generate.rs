@@ -265,6 +265,7 @@ fn greedy_answers_on_the_demo_equal_the_cpu_token_for_token() {
                 adapter: on,
                 params: SamplingParams { max_new_tokens: 48, ..SamplingParams::greedy(48) },
                 stop_strings: vec![],
+                ignore_eos: false,
             };
             // Side by side on the GPU (when there is an adapter), alone on the CPU.
             let reqs: Vec<Request> = if adapter { vec![req(true), req(false)] } else { vec![req(false)] };

@@ -106,6 +106,7 @@ pub fn run(a: &ChatArgs) -> Result<()> {
                 adapter: on,
                 params: params.clone(),
                 stop_strings: a.sampling.stop.clone(),
+                ignore_eos: false,
             });
         }
         let cancel = AtomicBool::new(false);

@@ -61,6 +61,9 @@ pub struct SamplingArgs {
     /// A string that ends the answer (repeatable); end-of-turn tokens always do.
     #[arg(long = "stop")]
     pub stop: Vec<String>,
+    /// Keep generating past end-of-turn tokens, up to --max-new-tokens (benchmarks, checks).
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 impl SamplingArgs {
@@ -168,7 +171,8 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     }
     let params = a.sampling.params();
     let prompt = Prompt::Chat(messages(a.system.as_deref(), &a.prompt));
-    let mut reqs = vec![Request { prompt, adapter: !a.base, params, stop_strings: a.sampling.stop.clone() }];
+    let mut reqs =
+        vec![Request { prompt, adapter: !a.base, params, stop_strings: a.sampling.stop.clone(), ignore_eos: a.sampling.ignore_eos }];
     if a.compare {
         reqs.push(Request { adapter: false, ..reqs[0].clone() });
     }

@@ -90,6 +90,8 @@ pub struct Request {
     pub params: SamplingParams,
     /// Strings that end the answer (not shown).
     pub stop_strings: Vec<String>,
+    /// Keep going past end tokens (benchmarks and token-for-token checks of a fixed length).
+    pub ignore_eos: bool,
 }
 
 /// What to answer.
@@ -301,7 +303,7 @@ impl<B: Backend> Generator<B> {
                 on(StreamEvent::Token { index: slot, id: Some(id), text });
                 let reason = if stop_string {
                     Some(FinishReason::StopString)
-                } else if st.stop_ids.contains(&id) {
+                } else if !st.ignore_eos && st.stop_ids.contains(&id) {
                     Some(FinishReason::Stop)
                 } else if st.tokens.len() >= st.params.max_new_tokens {
                     Some(FinishReason::Length)
@@ -354,6 +356,7 @@ struct State {
     params: SamplingParams,
     sampler: Sampler,
     stop_ids: Vec<u32>,
+    ignore_eos: bool,
     text: TextStream,
     tokens: Vec<u32>,
     history: Vec<u32>,
@@ -370,6 +373,7 @@ impl State {
             params: r.params.clone(),
             sampler: Sampler::new(r.params.clone()),
             stop_ids: stop_ids.to_vec(),
+            ignore_eos: r.ignore_eos,
             text: TextStream::new(&r.stop_strings),
             tokens: Vec::new(),
             finish: None,

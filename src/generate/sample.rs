@@ -204,7 +204,7 @@ mod tests {
         // Softmax of [5, 4, 3, 0, -2] is about [.66, .24, .09, .004, .0006].
         assert_eq!(draw(params(|p| p.top_p = 0.8)), [0, 1].into());
         assert_eq!(draw(params(|p| p.min_p = 0.1)), [0, 1, 2].into());
-        assert_eq!(draw(params(|_| {})).len(), 5, "no filter: every token can come out in 400 draws");
+        assert!(draw(params(|_| {})).len() >= 3, "no filter: the three likely tokens all come out in 400 draws");
     }
 
     #[test]
