@@ -5,10 +5,11 @@
 # CPU test can tell a stale PTX (tests/ptx_fresh.rs). Then ptxas -v reports registers and spills
 # for the sm_90 code, which is the first thing to read after a kernel change.
 #
-# nvcc comes from the pip packages named in ARCHITECTURE.md:
-#   python3 -m venv /work/.nvcc-venv && /work/.nvcc-venv/bin/pip install "nvidia-cuda-nvcc~=13.0.0" \
+# nvcc can come from NVIDIA's pip packages, in a virtual environment of your choosing:
+#   python3 -m venv VENV && VENV/bin/pip install "nvidia-cuda-nvcc~=13.0.0" \
 #     "nvidia-nvvm~=13.0.0" "nvidia-cuda-crt~=13.0.0" "nvidia-cuda-runtime~=13.0.0" "nvidia-cuda-cccl~=13.0.0"
-# Set NVCC to override the search.
+# then NVCC_PYTHON=VENV/bin/python3 kernels/build.sh. NVCC=/path/to/nvcc overrides the search; a
+# CUDA toolkit's nvcc on PATH is used last. The committed PTX was built with CUDA 13.0.
 #
 # Usage: kernels/build.sh [name ...]   (no names: every .cu)
 set -euo pipefail
@@ -16,7 +17,7 @@ cd "$(dirname "$0")"
 
 find_nvcc() {
     if [[ -n "${NVCC:-}" ]]; then echo "$NVCC"; return; fi
-    for py in /work/.nvcc-venv/bin/python3 python3; do
+    for py in ${NVCC_PYTHON:-} python3; do
         if command -v "$py" >/dev/null 2>&1; then
             local sp
             sp=$("$py" -c 'import site,sys; print("\n".join(site.getsitepackages()))' 2>/dev/null || true)

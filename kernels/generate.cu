@@ -9,15 +9,12 @@
 //    cached keys, split over key ranges (flash-decoding) so a batch-1 decode still fills the card.
 //  - scale_rows_bf16: the per-row adapter switch for the GEMM path (prefill).
 // Every kernel reads positions and slots from device memory, never from launch arguments.
-// Compiled for the host emulator (kernels/emu/generate_main.cpp) with TUNESTUDIO_EMU defined.
+// Compiled for the host emulator (kernels/dev/emu/generate_main.cpp) with TUNESTUDIO_EMU defined.
 #include "common.cuh"
 
-#ifdef TUNESTUDIO_EMU
-#define GEN_SMEM(type, name) type* name = reinterpret_cast<type*>(emu_smem())
-#else
-#define GEN_SMEM(type, name)                                   \
-    extern __shared__ __align__(16) unsigned char gen_smem_[]; \
-    type* name = reinterpret_cast<type*>(gen_smem_)
+// The emulator's emu.h declares dynamic shared memory its own way.
+#ifndef TUNESTUDIO_EMU
+#define DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
 // Rows one GEMV launch serves (the decode batch); more rows go through the GEMM path.
@@ -75,7 +72,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
 gemv_nf4(const bf16* x, int n, const unsigned char* packed, const unsigned char* absmax_q, const float* absmax2, const float* code2,
          float offset, int out, int in, const bf16* bias, const bf16* lora_b, const bf16* xa, const float* row_scale, int rank, bf16* y,
          int wpr) {
-    GEN_SMEM(float, sm);
+    DYNAMIC_SMEM(smem);
+    float* sm = reinterpret_cast<float*>(smem);
     float* code = sm;
     float* part = sm + 16;
     if (threadIdx.x < 16) code[threadIdx.x] = GEN_NF4_CODE[threadIdx.x];
@@ -130,7 +128,8 @@ gemv_nf4(const bf16* x, int n, const unsigned char* packed, const unsigned char*
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
 gemv_bf16(const bf16* x, int n, const bf16* wt, int out, int in, const bf16* bias, const bf16* lora_b, const bf16* xa,
           const float* row_scale, int rank, void* y, int y_f32, int wpr) {
-    GEN_SMEM(float, part);
+    DYNAMIC_SMEM(smem);
+    float* part = reinterpret_cast<float*>(smem);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int o = blockIdx.x * (GEMV_WARPS / wpr) + warp / wpr, sub = warp % wpr;
     float acc[GEMV_MAX_ROWS];
@@ -188,7 +187,8 @@ DEVI void attc_range(int pos, int slot, int capacity, int slot_count, int window
 extern "C" __global__ void __launch_bounds__(ATTC_THREADS)
 attn_cached_part(const bf16* q, const bf16* kc, const bf16* vc, const int* slots, const int* positions, int heads, int kv_heads,
                  int hd, int capacity, int slot_count, float scale, int window, int split_len, float* part, bf16* out) {
-    GEN_SMEM(float, sm);
+    DYNAMIC_SMEM(smem);
+    float* sm = reinterpret_cast<float*>(smem);
     const int kh = blockIdx.x, r = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
     const int group = heads / kv_heads, gd = group * hd, kvw = kv_heads * hd;
     float* qs = sm;                              // [group][hd], scaled

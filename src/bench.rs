@@ -10,9 +10,8 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::backend::cuda::CudaBackend;
-use crate::backend::cuda::kernels::AttnVersion;
 use crate::backend::cuda::profile::KernelTime;
+use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::{Backend, DType, HostWeight, LinearDims};
 use crate::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use crate::data::Batch;
@@ -44,6 +43,10 @@ pub struct BenchArgs {
     pub checkpointing: Option<CheckpointPolicy>,
     /// After the timed steps, one more step with every kernel and GEMM timed by events.
     pub profile: bool,
+    /// Decide as this card would (`--card`); `None`: `TUNESTUDIO_CARD`, else the device.
+    pub card: Option<&'static crate::backend::card::CardProfile>,
+    /// A hard cap on the process's device memory (`--gpu-mem`).
+    pub gpu_mem_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,8 +57,14 @@ pub struct BenchResult {
     pub rank: usize,
     pub mode: BenchMode,
     pub checkpointing: CheckpointPolicy,
-    /// The attention kernels (`TUNESTUDIO_ATTENTION`, version 3 by default).
-    pub attention: AttnVersion,
+    /// The card profile the backend decided as (`--card`), if any.
+    pub card_profile: Option<String>,
+    /// The memory of the card (of the profile, under one) in GiB.
+    pub card_memory_gib: f64,
+    /// The memory cap (`--gpu-mem`) in GiB, if any.
+    pub gpu_mem_cap_gib: Option<f64>,
+    /// The attention kernels this card runs for the shape's head dim (forward, backward).
+    pub attention: String,
     pub steps: usize,
     pub step_ms: Vec<f64>,
     pub median_step_ms: f64,
@@ -63,6 +72,8 @@ pub struct BenchResult {
     /// Device bytes in use by this process at its peak (total − free, sampled after set-up and
     /// after every step), minus what other processes held before we started.
     pub peak_driver_bytes: u64,
+    /// `peak_driver_bytes` in GiB.
+    pub peak_gib: f64,
     /// What the backend allocated at its peak (no context).
     pub peak_arena_bytes: u64,
     /// The memory plan's peak (context included) and its arena part.
@@ -86,6 +97,8 @@ pub struct BenchResult {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kernels: Vec<KernelTime>,
 }
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 fn hash(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -163,24 +176,30 @@ pub fn model_flops_per_step(spec: &ModelSpec, seq: usize, rank: usize) -> f64 {
     seq as f64 * (4.0 * lin + 6.0 * lora + 3.0 * attn)
 }
 
+/// Device bytes in use on the real card by every process (a profile's limit aside).
 fn used_now(be: &CudaBackend) -> Result<u64> {
-    let d = be.device();
-    Ok(d.total_memory_bytes.unwrap_or(0) - d.free_memory_bytes.unwrap_or(0))
+    be.device_memory_in_use()
 }
 
 pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let spec = ModelSpec::by_shape_name(&args.shape)
         .ok_or_else(|| Error::msg(format!("unknown shape `{}` (llama3-8b, llama3.2-3b, llama3.2-1b)", args.shape)))?;
     let t_start = Instant::now();
-    let be = CudaBackend::new()?;
+    let be = CudaBackend::with_options(&CudaOptions { card: args.card, memory_limit_bytes: args.gpu_mem_bytes })?;
     be.synchronize()?;
     let dev = be.device();
-    let attention = be.selected_attention_version();
+    let card = be.card().clone();
+    let attention = match be.attention_kernels(spec.head_dim) {
+        Ok(k) => format!("{} + {}", k.fwd.kernel.symbol(), k.bwd.kernel.symbol()),
+        Err(e) => return Err(Error::Card { card: card.describe(), msg: e }),
+    };
     let total = dev.total_memory_bytes.unwrap_or(0);
-    // Everything the driver reports in use now is context, modules, handles and the backend's
-    // fixed scratch; the scratch is ours to count, the rest is the context.
+    // Everything in use on the card now is other processes, our context and the backend's fixed
+    // scratch. NVML measured the context as the backend opened (other processes apart); without
+    // NVML the context is whatever is in use but our scratch, which counts other processes too.
     let used0 = used_now(&be)?;
-    let context_bytes = used0.saturating_sub(be.memory_used() as u64);
+    let context_bytes = be.context_bytes().unwrap_or_else(|| used0.saturating_sub(be.memory_used() as u64));
+    let others_bytes = used0.saturating_sub(context_bytes + be.memory_used() as u64);
     let gemm = gemm_tflops(&be)?;
     be.synchronize()?;
     let checkpointing = args.checkpointing.unwrap_or(match args.mode {
@@ -219,7 +238,6 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         total_bytes: Some(total),
         free_bytes: Some(total),
         context_bytes,
-        attention,
         host_bytes: None,
     };
     let planned = plan::plan(&spec, &input, &target);
@@ -229,7 +247,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let ids: Vec<u32> = (0..args.seq).map(|i| (hash(i as u64 + 17) % spec.vocab_size as u64) as u32).collect();
     let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
     let batch = Batch::from_examples(&[(&ids, &labels)], 0, None);
-    let mut peak_driver = used_now(&trainer.backend)?;
+    let mut peak_driver = used_now(&trainer.backend)?.saturating_sub(others_bytes);
     let driver_after_setup_bytes = peak_driver;
     let mut driver_after_first_step_bytes = 0;
     let mut times = Vec::new();
@@ -242,11 +260,11 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         let dt = t0.elapsed().as_secs_f64();
         if i == 0 {
             first_step_s = t_start.elapsed().as_secs_f64();
-            driver_after_first_step_bytes = used_now(&trainer.backend)?;
+            driver_after_first_step_bytes = used_now(&trainer.backend)?.saturating_sub(others_bytes);
             loss_first = s.loss;
         }
         loss_last = s.loss;
-        peak_driver = peak_driver.max(used_now(&trainer.backend)?);
+        peak_driver = peak_driver.max(used_now(&trainer.backend)?.saturating_sub(others_bytes));
         if i >= args.warmup {
             times.push(dt * 1e3);
         }
@@ -277,12 +295,16 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         rank: args.rank,
         mode: args.mode,
         checkpointing: policy,
+        card_profile: card.profile.map(str::to_string),
+        card_memory_gib: card.memory_bytes as f64 / GIB,
+        gpu_mem_cap_gib: args.gpu_mem_bytes.map(|b| b as f64 / GIB),
         attention,
         steps: args.steps,
         step_ms: times,
         median_step_ms: median,
         tokens_per_s: tps,
         peak_driver_bytes: peak_driver,
+        peak_gib: peak_driver as f64 / GIB,
         peak_arena_bytes: trainer.backend.peak_memory() as u64,
         plan_peak_bytes: planned.peak_bytes,
         plan_arena_bytes,

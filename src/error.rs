@@ -29,6 +29,11 @@ pub enum Error {
     #[error("out of memory {during}: {advice}")]
     OutOfMemory { during: String, advice: String },
 
+    /// A GPU that cannot run the CUDA engine, or an operation this card cannot run: names the
+    /// card, what it lacks and what to do.
+    #[error("the CUDA engine cannot run on {card}: {msg}")]
+    Card { card: String, msg: String },
+
     /// No usable CUDA device (no driver, no card, library missing).
     #[error("no CUDA device: {0}")]
     NoCuda(String),

@@ -91,6 +91,13 @@ enum Command {
         /// After the timed steps, time every kernel and GEMM of one more step.
         #[arg(long)]
         profile: bool,
+        /// Decide as this card would: its shared-memory limits, its PTX and its memory (rtx4090,
+        /// l4, a100-40, ...; `TUNESTUDIO_CARD` does the same).
+        #[arg(long)]
+        card: Option<String>,
+        /// A hard cap on the device memory this run may use, context included (e.g. 24GiB).
+        #[arg(long, value_parser = parse_size)]
+        gpu_mem: Option<u64>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -209,8 +216,8 @@ fn main() -> ExitCode {
                 json,
             })
         }
-        Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, json }) => {
-            bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, json)
+        Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json }) => {
+            bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json)
         }
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
         Some(Command::Preflight { config, json }) => tunestudio::commands::preflight::run(&config, json),
@@ -266,6 +273,8 @@ fn bench(
     rank: usize,
     checkpointing: Option<String>,
     profile: bool,
+    card: Option<String>,
+    gpu_mem: Option<u64>,
     json: bool,
 ) -> Result<()> {
     use tunestudio::bench::{BenchArgs, BenchMode};
@@ -282,14 +291,21 @@ fn bench(
         Some("offload") => Some(CheckpointPolicy::Offload),
         Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use none, layer or offload"))),
     };
-    let args = BenchArgs { shape, seq, steps, warmup, mode, rank, checkpointing, profile };
+    let card = match card {
+        Some(name) => Some(tunestudio::backend::card::profile_named(&name).map_err(|e| Error::msg(format!("--card: {e}")))?),
+        None => None,
+    };
+    let args = BenchArgs { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem_bytes: gpu_mem };
     let r = tunestudio::bench::run(&args, &|m| eprintln!("{m}"))?;
     if json {
         println!("{}", serde_json::to_string(&r).expect("json"));
         return Ok(());
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!("card          {}", r.card);
+    match &r.card_profile {
+        Some(p) => println!("card          {} (profile {p}, {:.1} GiB), attention {}", r.card, r.card_memory_gib, r.attention),
+        None => println!("card          {}, attention {}", r.card, r.attention),
+    }
     println!("run           {} seq {} r {} {:?} (checkpointing {:?})", r.shape, r.seq, r.rank, r.mode, r.checkpointing);
     println!("step          median {:.1} ms over {} steps → {:.0} tokens/s", r.median_step_ms, r.steps, r.tokens_per_s);
     println!(

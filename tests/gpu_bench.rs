@@ -8,7 +8,6 @@
 
 use rayon::prelude::*;
 use tunestudio::backend::cuda::CudaBackend;
-use tunestudio::backend::cuda::kernels::AttnVersion;
 use tunestudio::backend::{AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd};
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use tunestudio::data::Batch;
@@ -69,7 +68,7 @@ fn ops_at_llama3_8b_shapes() {
     let act = |len: usize, seed: u64, a: f32| be.upload(&fast_random(len, seed, a), DType::Act).unwrap();
 
     // Attention, causal, GQA 4.
-    let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd };
+    let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd, ..Default::default() };
     let (q, k, v) = (act(n * h * hd, 1, 1.0), act(n * kvh * hd, 2, 1.0), act(n * kvh * hd, 3, 1.0));
     let seg = be.upload_ids(&vec![0; n]).unwrap();
     let mut out = be.alloc(n * h * hd, DType::Act).unwrap();
@@ -81,17 +80,13 @@ fn ops_at_llama3_8b_shapes() {
         be.alloc(n * kvh * hd, DType::Act).unwrap(),
         be.alloc(n * kvh * hd, DType::Act).unwrap(),
     );
-    for version in [AttnVersion::V1, AttnVersion::V2, AttnVersion::V3] {
-        be.set_attention_version(version);
-        // The versions that run (version 3's backward needs the scratch of a backend created for it).
-        let (vf, vb) = be.attention_versions_for(shape).unwrap();
-        let ms = median_ms(&be, 10, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
-        report(&format!("attention fwd {vf:?} (s=2048, 32/8 heads, hd 128)"), ms, attn_flops, 0.0);
-        let ms = median_ms(&be, 10, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
-        // Useful work of a backward: 2.5x the forward (dQ, dK, dV, and recomputing P).
-        report(&format!("attention bwd {vb:?}"), ms, 2.5 * attn_flops, 0.0);
-    }
-    be.set_attention_version(be.selected_attention_version());
+    let kern = be.attention_kernels(hd).unwrap();
+    be.reserve_attention(shape).unwrap();
+    let ms = median_ms(&be, 10, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
+    report(&format!("attention fwd {} (s=2048, 32/8 heads, hd 128)", kern.fwd.kernel.symbol()), ms, attn_flops, 0.0);
+    let ms = median_ms(&be, 10, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
+    // Useful work of a backward: 2.5x the forward (dQ, dK, dV, and recomputing P).
+    report(&format!("attention bwd {}", kern.bwd.kernel.symbol()), ms, 2.5 * attn_flops, 0.0);
 
     // NF4 linear: gate/up shape, dequant + GEMM, then with LoRA r=16, then the backward.
     let wq = Nf4Tensor::quantize(&fast_random(f * d, 5, 0.03), &[f, d]);
@@ -159,17 +154,18 @@ fn ops_at_llama3_8b_shapes() {
 }
 
 /// Attention alone at Llama-3-8B's shape (32 / 8 heads, head_dim 128, causal, one sequence) for
-/// seq 2048, 4096 and 8192, versions 2 and 3 on the same inputs. Rates count the causal half of
-/// the score matrix: forward 2 products, backward 5 (2.5x the forward).
+/// seq 2048 to 32768, as this card runs it (`TUNESTUDIO_CARD` picks another card's instances).
+/// Rates count the causal half of the score matrix: forward 2 products, backward 5 (2.5x the
+/// forward).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn attention_seq_sweep() {
     let be = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
     println!("DEVICE {}", be.device().name);
     let (h, kvh, hd) = (32usize, 8usize, 128usize);
-    for s in [2048usize, 4096, 8192] {
+    for s in [2048usize, 8192, 32768] {
         let act = |len: usize, seed: u64, a: f32| be.upload(&fast_random(len, seed, a), DType::Act).unwrap();
-        let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd };
+        let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd, ..Default::default() };
         let (q, k, v) = (act(s * h * hd, 1, 1.0), act(s * kvh * hd, 2, 1.0), act(s * kvh * hd, 3, 1.0));
         let dout = act(s * h * hd, 4, 1.0);
         let seg = be.upload_ids(&vec![0; s]).unwrap();
@@ -182,14 +178,12 @@ fn attention_seq_sweep() {
         );
         let flops = 4.0 * (s * s) as f64 / 2.0 * (h * hd) as f64;
         let reps = if s >= 8192 { 5 } else { 10 };
-        for version in [AttnVersion::V2, AttnVersion::V3] {
-            be.set_attention_version(version);
-            let (vf, vb) = be.attention_versions_for(shape).unwrap();
-            let ms = median_ms(&be, reps, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
-            report(&format!("attention fwd {vf:?} s={s} (32/8 heads, hd 128)"), ms, flops, 0.0);
-            let ms = median_ms(&be, reps, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
-            report(&format!("attention bwd {vb:?} s={s}"), ms, 2.5 * flops, 0.0);
-        }
+        let kern = be.attention_kernels(hd).unwrap();
+        be.reserve_attention(shape).unwrap();
+        let ms = median_ms(&be, reps, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
+        report(&format!("attention fwd {} s={s} (32/8 heads, hd 128)", kern.fwd.kernel.symbol()), ms, flops, 0.0);
+        let ms = median_ms(&be, reps, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
+        report(&format!("attention bwd {} s={s}", kern.bwd.kernel.symbol()), ms, 2.5 * flops, 0.0);
     }
 }
 

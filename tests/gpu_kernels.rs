@@ -10,14 +10,15 @@
 //! paths to 1e-5 or tighter.
 //!
 //! Run on a GPU host: `cargo test --release --test gpu_kernels -- --ignored --test-threads=1`.
-//! Each check prints a `RESULT` line (op, error, bound). Without a GPU these tests fail.
+//! Each check prints a `RESULT` line (op, error, bound). Without a GPU these tests fail. With
+//! `TUNESTUDIO_CARD=NAME` the backend decides as that card would (its PTX, its attention instances,
+//! its memory), so one H100/H200 runs the suite as every profiled card.
 
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tunestudio::backend::cpu::{CpuBackend, CpuTensor};
 use tunestudio::backend::cuda::CudaBackend;
-use tunestudio::backend::cuda::kernels::AttnVersion;
 use tunestudio::backend::cuda::nf4::Nf4Parts;
 use tunestudio::backend::{AdamW, AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd, dropout_uniform};
 use tunestudio::quant::nf4::Nf4Tensor;
@@ -75,15 +76,46 @@ fn ct(v: &[f32]) -> CpuTensor<f32> {
     CpuTensor(v.to_vec())
 }
 
+/// The limits the backend decides by are the device's (or its profile's under `TUNESTUDIO_CARD`),
+/// and a profile's memory is a hard limit: an allocation past it fails as out of memory, naming the
+/// profile, as it would on the real card.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn device_info() {
+fn card_limits_and_profile_memory() {
+    use tunestudio::backend::card;
     let t = std::time::Instant::now();
     let be = gpu();
+    let (c, d) = (be.card().clone(), be.device_card().clone());
     println!("DEVICE backend created (context, PTX load and JIT, scratch) in {:.2} s", t.elapsed().as_secs_f64());
-    let info = be.device();
-    println!("DEVICE {} cc {:?} total {:?} free {:?}", info.name, be.compute_capability(), info.total_memory_bytes, info.free_memory_bytes);
-    println!("MEMORY backend scratch at start: {:.1} MiB in {} allocations", be.memory_used() as f64 / 1048576.0, be.allocation_count());
+    println!("DEVICE {} as {} (context {:?} bytes)", d.describe(), c.describe(), be.context_bytes());
+    assert!(d.compute_capability.0 >= 8 && d.sm_count > 0 && d.regs_per_sm >= 65536, "{d:?}");
+    assert!(d.smem_per_block_optin >= 99 * 1024 && d.smem_per_sm >= d.smem_per_block_optin, "{d:?}");
+    match card::profile_from_env().unwrap() {
+        None => assert_eq!(c, d),
+        Some(p) => {
+            assert_eq!(c, card::emulate(p, &d));
+            let info = be.device();
+            assert!(info.total_memory_bytes.unwrap() <= p.limits().memory_bytes, "{info:?}");
+            // More than the profile's card has in one allocation: refused by our allocator, not
+            // by the (larger) real card.
+            let too_much = (p.limits().memory_bytes / 4 + 1) as usize;
+            let err = be.alloc(too_much, DType::F32).err().expect("allocation past the profile's memory");
+            let msg = err.to_string();
+            println!("DEVICE over the profile's memory: {msg}");
+            assert!(msg.contains(p.key) && msg.contains("out of memory"), "{msg}");
+        }
+    }
+    for hd in tunestudio::backend::cuda::kernels::ATTN_HEAD_DIMS {
+        let k = be.attention_kernels(hd).unwrap_or_else(|e| panic!("{}: head_dim {hd}: {e}", c.describe()));
+        assert!(k.fwd.smem_bytes() <= c.smem_per_block_optin && k.bwd.smem_bytes() <= c.smem_per_block_optin);
+        println!(
+            "DEVICE head_dim {hd}: {} ({} B) + {} ({} B)",
+            k.fwd.kernel.symbol(),
+            k.fwd.smem_bytes(),
+            k.bwd.kernel.symbol(),
+            k.bwd.smem_bytes()
+        );
+    }
 }
 
 #[test]
@@ -460,7 +492,7 @@ struct AttnCase {
 }
 
 impl AttnCase {
-    /// Long cases: versions 2 and 3 only (version 1 costs time there and is checked on the rest).
+    /// Long cases, left out under a sanitizer.
     fn long(&self) -> bool {
         self.shape.seq >= 2048
     }
@@ -470,30 +502,30 @@ fn attn_cases() -> Vec<AttnCase> {
     let mut cases = Vec::new();
     // GQA group 4, seq not a multiple of the 64-row tile, row 0 packs two examples, row 1 has a
     // padding tail in its own segment.
-    let s = AttnShape { batch: 2, seq: 100, heads: 8, kv_heads: 2, head_dim: 64 };
+    let s = AttnShape { batch: 2, seq: 100, heads: 8, kv_heads: 2, head_dim: 64, ..Default::default() };
     let mut seg = Vec::new();
     seg.extend((0..100).map(|t| if t < 40 { 0 } else { 1 }));
     seg.extend((0..100).map(|t| if t < 77 { 0 } else { 1 }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Group 1 (plain MHA), head_dim 128, three tiles.
-    let s = AttnShape { batch: 1, seq: 130, heads: 4, kv_heads: 4, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 130, heads: 4, kv_heads: 4, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![0; 130] });
     // head_dim 32 (one exact tile, multi-query) and 96 (packed into three examples).
-    let s = AttnShape { batch: 1, seq: 64, heads: 2, kv_heads: 1, head_dim: 32 };
+    let s = AttnShape { batch: 1, seq: 64, heads: 2, kv_heads: 1, head_dim: 32, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![3; 64] });
-    let s = AttnShape { batch: 2, seq: 70, heads: 3, kv_heads: 1, head_dim: 96 };
+    let s = AttnShape { batch: 2, seq: 70, heads: 3, kv_heads: 1, head_dim: 96, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..140).map(|i: i32| (i % 70) / 25).collect() });
     // One partial tile (17 rows; most warps of a block have no row), multi-query, two sequences.
-    let s = AttnShape { batch: 2, seq: 17, heads: 2, kv_heads: 1, head_dim: 64 };
+    let s = AttnShape { batch: 2, seq: 17, heads: 2, kv_heads: 1, head_dim: 64, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![4; 34] });
-    let s = AttnShape { batch: 1, seq: 1, heads: 4, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 1, heads: 4, kv_heads: 2, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![0] });
     // Segments alternating every 3 tokens: no tile is one segment, every score is masked per element.
-    let s = AttnShape { batch: 1, seq: 150, heads: 2, kv_heads: 1, head_dim: 64 };
+    let s = AttnShape { batch: 1, seq: 150, heads: 2, kv_heads: 1, head_dim: 64, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..150).map(|t: i32| (t / 3) % 2).collect() });
     // Three sequences at head_dim 128, GQA 2: boundaries on the 64/128-row tiles, one sequence a
     // single example (unmasked tiles), one with boundaries off the tiles.
-    let s = AttnShape { batch: 3, seq: 300, heads: 4, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 3, seq: 300, heads: 4, kv_heads: 2, head_dim: 128, ..Default::default() };
     let mut seg = Vec::new();
     seg.extend((0..300).map(|t| {
         if t < 128 {
@@ -516,13 +548,13 @@ fn attn_cases() -> Vec<AttnCase> {
     }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Long sequences at head_dim 128, one example each: most tiles take the unmasked path.
-    let s = AttnShape { batch: 1, seq: 2048, heads: 8, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 2048, heads: 8, kv_heads: 2, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![0; 2048] });
-    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 8, head_dim: 128 };
+    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 8, head_dim: 128, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: vec![1; 4096] });
     // Packed at head_dim 128: boundaries on and off the 64/128-row tiles (whole tiles of two
     // different examples are skipped), a padding tail, seq not a multiple of any tile.
-    let s = AttnShape { batch: 2, seq: 1000, heads: 8, kv_heads: 2, head_dim: 128 };
+    let s = AttnShape { batch: 2, seq: 1000, heads: 8, kv_heads: 2, head_dim: 128, ..Default::default() };
     let mut seg = Vec::new();
     seg.extend((0..1000).map(|t| {
         if t < 300 {
@@ -546,58 +578,71 @@ fn attn_cases() -> Vec<AttnCase> {
     }));
     cases.push(AttnCase { shape: s, segments: seg });
     // Packed at head_dim 64, GQA 4, boundaries on tile multiples.
-    let s = AttnShape { batch: 1, seq: 700, heads: 4, kv_heads: 1, head_dim: 64 };
+    let s = AttnShape { batch: 1, seq: 700, heads: 4, kv_heads: 1, head_dim: 64, ..Default::default() };
     cases.push(AttnCase { shape: s, segments: (0..700).map(|t: i32| t / 256).collect() });
+    // head_dim 256 (Gemma 3): the backward in 128-column slices, packed and whole, GQA 2.
+    let s = AttnShape { batch: 2, seq: 300, heads: 4, kv_heads: 2, head_dim: 256, ..Default::default() };
+    cases.push(AttnCase { shape: s, segments: (0..600).map(|i: i32| if i < 300 { 0 } else { (i - 300) / 130 }).collect() });
+    let s = AttnShape { batch: 1, seq: 2048, heads: 4, kv_heads: 1, head_dim: 256, ..Default::default() };
+    cases.push(AttnCase { shape: s, segments: vec![0; 2048] });
+    // head_dim 32 (the demo model's) at length, GQA 2, three examples.
+    let s = AttnShape { batch: 1, seq: 2048, heads: 4, kv_heads: 2, head_dim: 32, ..Default::default() };
+    cases.push(AttnCase { shape: s, segments: (0..2048).map(|t: i32| t / 700).collect() });
+    // Sliding windows (Gemma 3's local layers) with its scale (query_pre_attn_scalar 256): across
+    // tiles with packed examples, on a tile boundary with one example (whole tiles skipped and
+    // unmasked), shorter than a tile at head dim 256, and at length.
+    let gemma = Some(1.0 / 16.0);
+    let s = AttnShape { batch: 2, seq: 300, heads: 4, kv_heads: 2, head_dim: 128, window: Some(70), softmax_scale: gemma };
+    cases.push(AttnCase { shape: s, segments: (0..600).map(|i: i32| if i < 300 { i / 200 } else { 5 }).collect() });
+    let s = AttnShape { batch: 1, seq: 320, heads: 2, kv_heads: 1, head_dim: 64, window: Some(64), softmax_scale: None };
+    cases.push(AttnCase { shape: s, segments: vec![0; 320] });
+    let s = AttnShape { batch: 1, seq: 200, heads: 2, kv_heads: 2, head_dim: 256, window: Some(40), softmax_scale: gemma };
+    cases.push(AttnCase { shape: s, segments: vec![0; 200] });
+    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 4, head_dim: 256, window: Some(1024), softmax_scale: gemma };
+    cases.push(AttnCase { shape: s, segments: vec![0; 4096] });
     cases
 }
 
-/// f32 bytes of version 3's backward scratch for one sequence of one kv head's group (dQ of the
-/// group, dK, dV, D): a scratch limit of k times this makes launches of at most k such units.
-fn attn3_unit_bytes(shape: AttnShape) -> usize {
+/// f32 bytes of the attention backward's scratch for one sequence of one kv head's group (dQ of
+/// the group, dK, dV, D): a scratch limit of k times this makes launches of at most k such units.
+fn attn_unit_bytes(shape: AttnShape) -> usize {
     let group = shape.heads / shape.kv_heads;
     shape.seq * (group * shape.head_dim + 2 * shape.head_dim + group) * 4
 }
 
-/// Checks `version` of attention (forward, then backward of the GPU's own forward) on every case
-/// `wanted` keeps, on fresh seeded inputs against the CPU backend, outputs poisoned with NaN;
+/// Checks attention as this card runs it (forward, then backward of the GPU's own forward) on every
+/// case `wanted` keeps, on fresh seeded inputs against the CPU backend, outputs poisoned with NaN;
 /// `limits` are the scratch limits to run the backward under (`None`: the whole scratch). Every
-/// check prints a RESULT line; the test fails at the end, listing every failed check (a NaN is a
-/// failure), and also when the backend runs another version than asked for (version 1 serves
-/// head_dim 32 and 96 for every version).
-fn attention_checks(version: AttnVersion, limits: &[Option<usize>], wanted: impl Fn(&AttnCase) -> bool) {
+/// check prints a RESULT line naming the kernels that ran; the test fails at the end, listing every
+/// failed check (a NaN is a failure).
+fn attention_checks(limits: &[Option<usize>], wanted: impl Fn(&AttnCase) -> bool) {
     let (be, cpu) = (gpu(), Cpu::new());
-    if version == AttnVersion::V3 {
-        assert_eq!(
-            be.selected_attention_version(),
-            AttnVersion::V3,
-            "the backend was created with TUNESTUDIO_ATTENTION set to an older version, so it has no version-3 scratch: run the version-3 checks without it"
-        );
-    }
     let mut failures: Vec<String> = Vec::new();
     // A check that records its failure instead of panicking.
     fn soft(failures: &mut Vec<String>, op: String, got: &[f32], want: &[f32], bound: f64) {
         match try_rel_err(got, want) {
             Ok(e) => {
-                println!("RESULT {op:<60} rel_err {e:9.3e}  bound {bound:7.1e}  {}", if e <= bound { "ok" } else { "FAIL" });
+                println!("RESULT {op:<70} rel_err {e:9.3e}  bound {bound:7.1e}  {}", if e <= bound { "ok" } else { "FAIL" });
                 if e > bound {
                     failures.push(format!("{op}: relative error {e:e} > {bound:e}"));
                 }
             }
             Err(why) => {
-                println!("RESULT {op:<60} {why}  FAIL");
+                println!("RESULT {op:<70} {why}  FAIL");
                 failures.push(format!("{op}: {why}"));
             }
         }
     }
     // Under a sanitizer (scripts/gpu/gpu_check.sh memcheck / racecheck) the long cases take too long.
     let short_only = std::env::var_os("TUNESTUDIO_TEST_SHORT").is_some();
+    let card = be.card().describe();
     for (i, case) in attn_cases().into_iter().enumerate() {
         if !wanted(&case) || (short_only && case.long()) {
             continue;
         }
         let AttnCase { shape, segments } = case;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
-        // Fresh inputs per case (seeded by the case, so every version sees the same ones).
+        let AttnShape { batch, seq, heads, kv_heads, head_dim, .. } = shape;
+        // Fresh inputs per case (seeded by the case, so every card profile sees the same ones).
         let mut rng = ChaCha8Rng::seed_from_u64(109 + i as u64);
         let n = batch * seq;
         let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
@@ -608,15 +653,10 @@ fn attention_checks(version: AttnVersion, limits: &[Option<usize>], wanted: impl
         let (gq, gk, gv) = (be.upload(&q, DType::Act).unwrap(), be.upload(&k, DType::Act).unwrap(), be.upload(&v, DType::Act).unwrap());
         let gdout = be.upload(&dout, DType::Act).unwrap();
         let gseg = be.upload_ids(&segments).unwrap();
-        be.set_attention_version(version);
         be.set_attention_scratch_limit(None);
-        let expect = if matches!(head_dim, 64 | 128) { version } else { AttnVersion::V1 };
-        let (ran_fwd, _) = be.attention_versions_for(shape).unwrap();
-        let tag = format!("{ran_fwd:?} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}");
-        if ran_fwd != expect {
-            println!("RESULT attention fwd [{tag}] ran {ran_fwd:?}, expected {expect:?}  FAIL");
-            failures.push(format!("attention fwd [{tag}]: ran {ran_fwd:?}, expected {expect:?}"));
-        }
+        let kern = be.attention_kernels(head_dim).unwrap_or_else(|e| panic!("{card}: head_dim {head_dim}: {e}"));
+        let win = shape.window.map(|w| format!(" win={w}")).unwrap_or_default();
+        let tag = format!("{} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}{win}", kern.fwd.kernel.symbol());
         let mut gout = poisoned(&be, qn, DType::Act);
         let mut glse = poisoned(&be, n * heads, DType::F32);
         be.attention_fwd(&gq, &gk, &gv, &gseg, shape, &mut gout, &mut glse).unwrap();
@@ -634,15 +674,11 @@ fn attention_checks(version: AttnVersion, limits: &[Option<usize>], wanted: impl
             failures.push(format!("attention bwd [{tag}]: not run, the forward wrote non-finite values"));
             continue;
         }
+        be.reserve_attention(shape).unwrap();
         for &limit in limits {
-            be.set_attention_scratch_limit(limit.map(|units| units * attn3_unit_bytes(shape)));
-            let (_, ran_bwd) = be.attention_versions_for(shape).unwrap();
+            be.set_attention_scratch_limit(limit.map(|units| units * attn_unit_bytes(shape)));
             let split = limit.map(|u| format!(" scratch {u} unit(s)")).unwrap_or_default();
-            let tag = format!("{ran_bwd:?}{split} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}");
-            if ran_bwd != expect {
-                println!("RESULT attention bwd [{tag}] ran {ran_bwd:?}, expected {expect:?}  FAIL");
-                failures.push(format!("attention bwd [{tag}]: ran {ran_bwd:?}, expected {expect:?}"));
-            }
+            let tag = format!("{}{split} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}{win}", kern.bwd.kernel.symbol());
             let (mut gdq, mut gdk, mut gdv) = (poisoned(&be, qn, DType::Act), poisoned(&be, kn, DType::Act), poisoned(&be, kn, DType::Act));
             be.attention_bwd(&gdout, &gq, &gk, &gv, &gout, &glse, &gseg, shape, &mut gdq, &mut gdk, &mut gdv).unwrap();
             // dS = P∘(dP − D) is rounded to bf16 before the dQ and dK products and involves a
@@ -653,42 +689,28 @@ fn attention_checks(version: AttnVersion, limits: &[Option<usize>], wanted: impl
         }
         be.set_attention_scratch_limit(None);
     }
-    assert!(failures.is_empty(), "{} attention check(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(failures.is_empty(), "{} attention check(s) failed on {card}:\n{}", failures.len(), failures.join("\n"));
 }
 
+/// Every case with the whole scratch: each backward is one launch.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn attention_v1_forward_and_backward() {
-    attention_checks(AttnVersion::V1, &[None], |c| !c.long());
+fn attention_forward_and_backward() {
+    attention_checks(&[None], |_| true);
 }
 
+/// The backward split into launches of one, then three, (sequence, kv head) units: the pointer
+/// offsets of a launch that starts past the first sequence or kv head, and a last launch with
+/// fewer units.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn attention_v2_forward_and_backward() {
-    attention_checks(AttnVersion::V2, &[None], |_| true);
+fn attention_backward_split() {
+    attention_checks(&[Some(1), Some(3)], |c| !c.long() && c.shape.batch * c.shape.kv_heads > 1);
 }
 
-/// Version 3 (head_dim 64 and 128; the others run version 1) with its whole scratch: each
-/// backward is one launch.
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn attention_v3_forward_and_backward() {
-    attention_checks(AttnVersion::V3, &[None], |_| true);
-}
-
-/// Version 3's backward split into launches of one, then three, (sequence, kv head) units: the
-/// pointer offsets of a launch that starts past the first sequence or kv head, and a last launch
-/// with fewer units.
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn attention_v3_backward_split() {
-    attention_checks(AttnVersion::V3, &[Some(1), Some(3)], |c| {
-        !c.long() && matches!(c.shape.head_dim, 64 | 128) && c.shape.batch * c.shape.kv_heads > 1
-    });
-}
-
-/// What the backend allocates at creation is what the memory plan lists for the CUDA workspace
-/// (without the NF4 dequantization buffer, which comes with the weights).
+/// What the backend allocates at creation, then when the Trainer reserves the attention scratch,
+/// is what the memory plan lists for the CUDA workspace (without the NF4 dequantization buffer,
+/// which comes with the weights).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn backend_scratch_is_the_planned_workspace() {
@@ -700,23 +722,26 @@ fn backend_scratch_is_the_planned_workspace() {
         lora: LoraConfig::default(),
         quantization: Quantization::Bf16,
         batch_size: 1,
-        max_seq_len: 2048,
+        max_seq_len: 65536,
         checkpointing: CheckpointPolicy::Layer,
         token_rows: 0,
         mlp_chunk_rows: 0,
     };
-    let planned: Vec<_> = plan::cuda_workspace(&spec, &input, be.selected_attention_version());
-    let bytes: u64 = planned.iter().map(|b| b.bytes(BackendKind::Cuda)).sum();
+    let planned: Vec<_> = plan::cuda_workspace(&spec, &input);
+    let (attn, at_creation): (Vec<_>, Vec<_>) = planned.iter().partition(|b| b.name == "attention.bwd_scratch");
+    let sum = |v: &[&plan::PlannedBuffer]| v.iter().map(|b| b.bytes(BackendKind::Cuda)).sum::<u64>();
     println!(
-        "MEMORY backend created with attention {:?}: {} bytes in {} allocations, planned {} bytes in {}",
-        be.selected_attention_version(),
+        "MEMORY backend at creation: {} bytes in {} allocations, planned {} bytes in {}",
         be.memory_used(),
         be.allocation_count(),
-        bytes,
-        planned.len()
+        sum(&at_creation),
+        at_creation.len()
     );
-    assert_eq!(be.memory_used() as u64, bytes, "backend scratch differs from plan::cuda_workspace");
-    assert_eq!(be.allocation_count(), planned.len(), "allocation count differs from plan::cuda_workspace");
+    assert_eq!(be.memory_used() as u64, sum(&at_creation), "backend scratch differs from plan::cuda_workspace");
+    assert_eq!(be.allocation_count(), at_creation.len(), "allocation count differs from plan::cuda_workspace");
+    be.reserve_attention(plan::attention_max_shape(&spec, input.batch_size, input.max_seq_len)).unwrap();
+    println!("MEMORY after reserve_attention at 64K tokens: {} bytes, planned {}", be.memory_used(), sum(&at_creation) + sum(&attn));
+    assert_eq!(be.memory_used() as u64, sum(&at_creation) + sum(&attn), "attention scratch differs from the plan");
 }
 
 #[test]

@@ -116,7 +116,7 @@ fn swiglu_backward() {
 fn attention_backward_gqa_with_segments() {
     let be = B::new();
     let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let shape = AttnShape { batch: 2, seq: 5, heads: 4, kv_heads: 2, head_dim: 4 };
+    let shape = AttnShape { batch: 2, seq: 5, heads: 4, kv_heads: 2, head_dim: 4, ..Default::default() };
     let n = shape.tokens();
     let (qw, kw) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
     // Row 0 packs two examples (segments 0,0,1,1,1); row 1 is one example with padding.
@@ -146,6 +146,55 @@ fn attention_backward_gqa_with_segments() {
     }
     let o2 = fwd(&q, &k, &v2).0;
     assert_eq!(&o.0[2 * qw..5 * qw], &o2.0[2 * qw..5 * qw]);
+}
+
+/// Gemma 3's local layers: a sliding window over packed segments with its own softmax scale.
+/// The backward matches finite differences, a key further back than the window is invisible, the
+/// one at the window's edge is not, and the scale is the scale of q.
+#[test]
+fn attention_backward_sliding_window_and_scale() {
+    let be = B::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    let shape = AttnShape { batch: 2, seq: 7, heads: 4, kv_heads: 2, head_dim: 4, window: Some(3), softmax_scale: Some(0.3) };
+    let n = shape.tokens();
+    let (qw, kw) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+    // Row 0 packs two examples (a window crossing a segment boundary); row 1 is one example.
+    let segments = vec![0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0];
+    let q = rand_vec(&mut rng, n * qw);
+    let k = rand_vec(&mut rng, n * kw);
+    let v = rand_vec(&mut rng, n * kw);
+    let dy = rand_vec(&mut rng, n * qw);
+    let fwd = |q: &[f64], k: &[f64], v: &[f64], shape: AttnShape| {
+        let mut o = CpuTensor(vec![0.0; n * qw]);
+        let mut lse = CpuTensor(vec![0.0; n * shape.heads]);
+        be.attention_fwd(&t(q), &t(k), &t(v), &segments, shape, &mut o, &mut lse).unwrap();
+        (o, lse)
+    };
+    let (o, lse) = fwd(&q, &k, &v, shape);
+    let mut dq = CpuTensor(vec![0.0; n * qw]);
+    let mut dk = CpuTensor(vec![0.0; n * kw]);
+    let mut dv = CpuTensor(vec![0.0; n * kw]);
+    be.attention_bwd(&t(&dy), &t(&q), &t(&k), &t(&v), &o, &lse, &segments, shape, &mut dq, &mut dk, &mut dv).unwrap();
+    check("windowed attention dq", &q, &dq.0, &|q| dot(&fwd(q, &k, &v, shape).0.0, &dy));
+    check("windowed attention dk", &k, &dk.0, &|k| dot(&fwd(&q, k, &v, shape).0.0, &dy));
+    check("windowed attention dv", &v, &dv.0, &|v| dot(&fwd(&q, &k, v, shape).0.0, &dy));
+    // Row 1, query 6 sees keys 4, 5, 6: moving value 3 changes nothing, moving value 4 does.
+    let query = |o: &CpuTensor<f64>| o.0[(7 + 6) * qw..(7 + 7) * qw].to_vec();
+    let bumped = |j: usize| {
+        let mut v2 = v.clone();
+        v2[(7 + j) * kw..(7 + j + 1) * kw].iter_mut().for_each(|x| *x += 1.0);
+        query(&fwd(&q, &k, &v2, shape).0)
+    };
+    assert_eq!(bumped(3), query(&o), "a key outside the window is masked");
+    assert_ne!(bumped(4), query(&o), "the key at the window's edge is attended");
+    // A window as long as the sequence is plain causal attention; the scale is q's scale.
+    let plain = AttnShape { window: None, softmax_scale: None, ..shape };
+    let wide = AttnShape { window: Some(shape.seq), softmax_scale: None, ..shape };
+    assert_eq!(fwd(&q, &k, &v, plain).0, fwd(&q, &k, &v, wide).0);
+    let scaled = AttnShape { window: None, softmax_scale: Some(0.3), ..shape };
+    let q_scaled: Vec<f64> = q.iter().map(|x| x * 0.3 * (shape.head_dim as f64).sqrt()).collect();
+    let (a, b) = (fwd(&q, &k, &v, scaled).0, fwd(&q_scaled, &k, &v, plain).0);
+    assert!(a.0.iter().zip(&b.0).all(|(x, y)| (x - y).abs() < 1e-12), "softmax_scale scales q·k");
 }
 
 #[test]

@@ -72,46 +72,43 @@ fn trainer_allocates_exactly_the_planned_buffers() {
     }
 }
 
-/// The CUDA workspace of the plan follows the attention version the backend is created with:
-/// version 3 adds exactly the backend's attention backward scratch, versions 1 and 2 add nothing.
+/// The plan's attention scratch is what the backend reserves for the run's largest batch: 128 MiB
+/// up to the length where one sequence of one kv-head group needs more, then that (Llama-3-8B at
+/// 64K tokens needs 193 MiB), so no length falls back to a slower path.
 #[test]
-fn cuda_workspace_follows_the_attention_version() {
-    use tunestudio::backend::cuda::kernels::AttnVersion;
-    use tunestudio::backend::cuda::{ATTN_BWD_SCRATCH_BYTES, attention_scratch_bytes};
-    use tunestudio::engine::plan::BackendKind;
+fn cuda_workspace_sizes_the_attention_scratch_for_the_longest_row() {
+    use tunestudio::backend::cuda::{ATTN_BWD_SCRATCH_BYTES, attention_bwd_split, attention_scratch_bytes};
     let s = ModelSpec::llama3_8b();
     let lora = LoraConfig { r: 16, alpha: 16.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false };
-    let input = PlanInput {
-        lora,
+    let input = |seq| PlanInput {
+        lora: lora.clone(),
         quantization: Quantization::Nf4,
         batch_size: 1,
-        max_seq_len: 2048,
+        max_seq_len: seq,
         checkpointing: CheckpointPolicy::Layer,
         token_rows: 0,
         mlp_chunk_rows: 0,
     };
-    let ws = |v| plan::cuda_workspace(&s, &input, v);
-    let bytes = |v| ws(v).iter().map(|b| b.bytes(BackendKind::Cuda)).sum::<u64>();
-    let has = |v| ws(v).iter().any(|b| b.name == "attention.bwd_scratch");
-    assert_eq!(attention_scratch_bytes(AttnVersion::V3), ATTN_BWD_SCRATCH_BYTES);
-    assert_eq!(bytes(AttnVersion::V3) - bytes(AttnVersion::V2), ATTN_BWD_SCRATCH_BYTES as u64);
-    assert_eq!(bytes(AttnVersion::V1), bytes(AttnVersion::V2));
-    assert!(has(AttnVersion::V3) && !has(AttnVersion::V2) && !has(AttnVersion::V1));
-    let peak = |v| plan::plan(&s, &input, &PlanTarget { attention: v, ..PlanTarget::gpu("H100", 80 << 30) }).peak_bytes;
-    assert_eq!(peak(AttnVersion::V3) - peak(AttnVersion::V2), ATTN_BWD_SCRATCH_BYTES as u64);
-    // Names of the environment variable's values.
-    assert_eq!(AttnVersion::parse("v2"), Some(AttnVersion::V2));
-    assert_eq!(AttnVersion::parse(" V3 "), Some(AttnVersion::V3));
-    assert_eq!(AttnVersion::parse("v1"), Some(AttnVersion::V1));
-    assert_eq!(AttnVersion::parse("2"), None);
+    let scratch = |seq| {
+        let ws = plan::cuda_workspace(&s, &input(seq));
+        ws.iter().find(|b| b.name == "attention.bwd_scratch").map(|b| b.elems).expect("attention scratch planned")
+    };
+    assert_eq!(scratch(2048), ATTN_BWD_SCRATCH_BYTES as u64);
+    // One (sequence, kv head) unit at 64K: 65536 tokens x (4 x 128 + 2 x 128 + 4) f32.
+    assert_eq!(scratch(65536), 65536 * (4 * 128 + 2 * 128 + 4) * 4);
+    for seq in [2048, 8192, 65536, 131072] {
+        let shape = plan::attention_max_shape(&s, 1, seq);
+        assert_eq!(attention_scratch_bytes(shape) as u64, scratch(seq));
+        assert!(attention_bwd_split(shape, attention_scratch_bytes(shape)).is_some(), "seq {seq}: the backward fits its scratch");
+    }
 }
 
-/// Version 3's backward launches fit the scratch, cover every sequence and kv head, and the
-/// 128 MiB scratch takes Llama-3-8B's attention (32 / 8 heads of 128) at 8192 tokens in two.
+/// The backward's launches fit the scratch, cover every sequence and kv head, and the 128 MiB
+/// scratch takes Llama-3-8B's attention (32 / 8 heads of 128) at 8192 tokens in two.
 #[test]
-fn attention3_backward_split_fits_the_scratch() {
+fn attention_backward_split_fits_the_scratch() {
     use tunestudio::backend::AttnShape;
-    use tunestudio::backend::cuda::{ATTN_BWD_SCRATCH_BYTES, attention3_bwd_split};
+    use tunestudio::backend::cuda::{ATTN_BWD_SCRATCH_BYTES, attention_bwd_split};
     let unit = |s: AttnShape| {
         let g = s.heads / s.kv_heads;
         s.seq * (g * s.head_dim + 2 * s.head_dim + g) * 4
@@ -119,10 +116,10 @@ fn attention3_backward_split_fits_the_scratch() {
     for (batch, seq, heads, kv_heads, head_dim) in
         [(1, 8192, 32, 8, 128), (4, 2048, 32, 8, 128), (3, 300, 4, 2, 128), (2, 100, 8, 2, 64), (1, 1, 4, 2, 128), (5, 1000, 24, 8, 64)]
     {
-        let s = AttnShape { batch, seq, heads, kv_heads, head_dim };
+        let s = AttnShape { batch, seq, heads, kv_heads, head_dim, ..Default::default() };
         for limit in [unit(s) - 1, unit(s), 3 * unit(s), 7 * unit(s) + 5, ATTN_BWD_SCRATCH_BYTES] {
-            match attention3_bwd_split(s, limit) {
-                None => assert!(unit(s) > limit.min(ATTN_BWD_SCRATCH_BYTES), "{s:?} limit {limit}: a unit fits"),
+            match attention_bwd_split(s, limit) {
+                None => assert!(unit(s) > limit, "{s:?} limit {limit}: a unit fits"),
                 Some((bc, kvc)) => {
                     assert!((1..=batch).contains(&bc) && (1..=kv_heads).contains(&kvc), "{s:?} limit {limit}: ({bc}, {kvc})");
                     assert!(bc * kvc * unit(s) <= limit, "{s:?} limit {limit}: ({bc}, {kvc}) does not fit");
@@ -130,7 +127,7 @@ fn attention3_backward_split_fits_the_scratch() {
             }
         }
     }
-    let s = AttnShape { batch: 1, seq: 8192, heads: 32, kv_heads: 8, head_dim: 128 };
-    let (bc, kvc) = attention3_bwd_split(s, ATTN_BWD_SCRATCH_BYTES).unwrap();
+    let s = AttnShape { batch: 1, seq: 8192, heads: 32, kv_heads: 8, head_dim: 128, ..Default::default() };
+    let (bc, kvc) = attention_bwd_split(s, ATTN_BWD_SCRATCH_BYTES).unwrap();
     assert_eq!(s.batch.div_ceil(bc) * s.kv_heads.div_ceil(kvc), 2);
 }

@@ -100,6 +100,19 @@ pub fn matmul<T: Real>(m: usize, n: usize, k: usize, a: &[T], a_t: bool, b: &[T]
     }
 }
 
+/// What the attention loops rely on: whole GQA groups and a window that keeps at least the
+/// query's own key.
+fn check_attention(op: &'static str, s: AttnShape) -> Result<()> {
+    if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) || s.window == Some(0) {
+        return Err(Error::Shape {
+            op,
+            expected: "heads a multiple of kv_heads and a sliding window of at least 1".into(),
+            got: format!("{} heads, {} kv heads, window {:?}", s.heads, s.kv_heads, s.window),
+        });
+    }
+    Ok(())
+}
+
 impl<T: Real> CpuBackend<T> {
     fn rows_mut<'a>(x: &'a mut [T], n: usize, d: usize) -> impl IndexedParallelIterator<Item = (usize, &'a mut [T])> {
         x[..n * d].par_chunks_mut(d.max(1)).enumerate()
@@ -117,6 +130,8 @@ impl<T: Real> Backend for CpuBackend<T> {
             name: format!("CPU ({}, {} threads)", T::NAME, rayon::current_num_threads()),
             total_memory_bytes: None,
             free_memory_bytes: None,
+            others_bytes: None,
+            card: None,
         }
     }
 
@@ -394,10 +409,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         out: &mut Self::Tensor,
         lse: &mut Self::Tensor,
     ) -> Result<()> {
-        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
+        check_attention("attention_fwd", shape)?;
         let (qw, kw) = (heads * hd, kv_heads * hd);
         let group = heads / kv_heads;
-        let scale = T::of(1.0 / (hd as f64).sqrt());
+        let scale = T::of(shape.scale());
         check_len("attention_fwd", "out", &out.0, batch * seq * qw)?;
         let results: Vec<(Vec<T>, Vec<T>)> = (0..batch * heads)
             .into_par_iter()
@@ -411,7 +427,8 @@ impl<T: Real> Backend for CpuBackend<T> {
                     let qi = &q.0[(b * seq + i) * qw + h * hd..][..hd];
                     let seg = segments[b * seq + i];
                     let mut m = T::neg_infinity();
-                    for j in 0..=i {
+                    let first = shape.first_key(i);
+                    for j in first..=i {
                         if segments[b * seq + j] != seg {
                             scores[j] = T::neg_infinity();
                             continue;
@@ -423,7 +440,7 @@ impl<T: Real> Backend for CpuBackend<T> {
                     }
                     let mut sum = T::zero();
                     let oi = &mut o[i * hd..(i + 1) * hd];
-                    for j in 0..=i {
+                    for j in first..=i {
                         if scores[j] == T::neg_infinity() {
                             continue;
                         }
@@ -464,10 +481,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         dk: &mut Self::Tensor,
         dv: &mut Self::Tensor,
     ) -> Result<()> {
-        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
+        check_attention("attention_bwd", shape)?;
         let (qw, kw) = (heads * hd, kv_heads * hd);
         let group = heads / kv_heads;
-        let scale = T::of(1.0 / (hd as f64).sqrt());
+        let scale = T::of(shape.scale());
         // One task per (batch, kv head) owns that head's dK/dV and its group's dQ: no races.
         let results: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..batch * kv_heads)
             .into_par_iter()
@@ -486,7 +504,7 @@ impl<T: Real> Backend for CpuBackend<T> {
                         let di = (0..hd).fold(T::zero(), |a, t| a + doi[t] * oi[t]);
                         let li = lse.0[row * heads + h];
                         let seg = segments[row];
-                        for j in 0..=i {
+                        for j in shape.first_key(i)..=i {
                             if segments[b * seq + j] != seg {
                                 continue;
                             }

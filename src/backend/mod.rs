@@ -14,6 +14,7 @@ pub mod card;
 pub mod context;
 pub mod cpu;
 pub mod cuda;
+pub mod nvml;
 
 use crate::error::Result;
 use crate::quant::nf4::Nf4Tensor;
@@ -78,19 +79,41 @@ pub struct LoraBwd<'a, T> {
     pub scratch: &'a mut T,
 }
 
-/// Shape of a causal self-attention call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Shape of a causal self-attention call. Query row `i` attends to key rows `j <= i` of its own
+/// segment and, with a sliding window `w`, only to those with `i - j < w` (itself and the `w - 1`
+/// rows before it: transformers' `kv_idx > q_idx - sliding_window`). Scores are `q·k · scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct AttnShape {
     pub batch: usize,
     pub seq: usize,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Sliding window in keys (Gemma 3's local layers); `None`: full causal attention.
+    pub window: Option<usize>,
+    /// Softmax scale; `None`: `head_dim^-0.5`. Gemma 3 uses `query_pre_attn_scalar^-0.5`.
+    pub softmax_scale: Option<f64>,
 }
 
 impl AttnShape {
     pub fn tokens(&self) -> usize {
         self.batch * self.seq
+    }
+
+    /// The scale applied to `q·k` before the softmax.
+    pub fn scale(&self) -> f64 {
+        self.softmax_scale.unwrap_or_else(|| 1.0 / (self.head_dim as f64).sqrt())
+    }
+
+    /// The window when it masks anything at this sequence length: a window of at least `seq`
+    /// keys is plain causal attention.
+    pub fn effective_window(&self) -> Option<usize> {
+        self.window.filter(|&w| w < self.seq)
+    }
+
+    /// The first key row query row `i` (within its sequence) may attend to, before segments.
+    pub fn first_key(&self, i: usize) -> usize {
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
     }
 }
 
@@ -185,7 +208,7 @@ mod host_tests {
 }
 
 /// What the backend runs on, for logs and the studio.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct DeviceInfo {
     /// `cpu` or `cuda`.
     pub kind: String,
@@ -193,6 +216,10 @@ pub struct DeviceInfo {
     pub name: String,
     pub total_memory_bytes: Option<u64>,
     pub free_memory_bytes: Option<u64>,
+    /// Device memory held by other processes (and the driver), when NVML reports it.
+    pub others_bytes: Option<u64>,
+    /// A GPU's limits (the device's, or its profile's under `TUNESTUDIO_CARD`).
+    pub card: Option<card::CardLimits>,
 }
 
 pub trait Backend: Send {
@@ -360,6 +387,11 @@ pub trait Backend: Send {
         dk: &mut Self::Tensor,
         dv: &mut Self::Tensor,
     ) -> Result<()>;
+    /// Size whatever the attention backward needs for shapes up to `max` (the CUDA backend's
+    /// accumulator scratch, [`cuda::attention_scratch_bytes`]), once, before the first step.
+    fn reserve_attention(&self, _max: AttnShape) -> Result<()> {
+        Ok(())
+    }
 
     /// `out = silu(g) · u` on `n` elements.
     fn swiglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()>;

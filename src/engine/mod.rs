@@ -266,7 +266,6 @@ impl<B: Backend> Trainer<B> {
                         // Our context is already there: add it back, the plan counts it.
                         free_bytes: dev.free_memory_bytes.map(|f| f + context_bytes),
                         context_bytes,
-                        attention: plan::cuda_attention_default(),
                         host_bytes: crate::backend::host_memory().map(|h| h.available_bytes),
                     }
                 } else {
@@ -423,8 +422,16 @@ impl<B: Backend> Trainer<B> {
             targets: lg.alloc_ids("batch.targets", rows)?,
             positions: lg.alloc_ids("batch.positions", rows)?,
             segments: lg.alloc_ids("batch.segments", rows)?,
-            shape: AttnShape { batch: 0, seq: 0, heads: spec.num_heads, kv_heads: spec.num_kv_heads, head_dim: spec.head_dim },
+            shape: AttnShape {
+                batch: 0,
+                seq: 0,
+                heads: spec.num_heads,
+                kv_heads: spec.num_kv_heads,
+                head_dim: spec.head_dim,
+                ..Default::default()
+            },
         };
+        backend.reserve_attention(plan::attention_max_shape(&spec, opts.batch_size, opts.max_seq_len))?;
         let ledger = lg.entries;
         Ok(Trainer {
             backend,

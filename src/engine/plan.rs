@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::backend::DType;
-use crate::backend::cuda::kernels::AttnVersion;
 use crate::backend::cuda::memory::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
 use crate::config::{CheckpointPolicy, LoraConfig, Quantization, RunConfig, Target};
 use crate::model::ModelSpec;
@@ -138,9 +137,6 @@ pub struct PlanTarget {
     pub free_bytes: Option<u64>,
     /// What the CUDA context and libraries take (measured once per card and driver).
     pub context_bytes: u64,
-    /// CUDA: the attention version the backend is created with (`TUNESTUDIO_ATTENTION`); only
-    /// version 3 allocates the attention backward scratch. Ignored for the CPU.
-    pub attention: AttnVersion,
     /// CUDA: the host RAM that pinned buffers (offloaded layer inputs, the memory-mode embedding)
     /// may take: what the host has available. Pinned pages cannot be swapped, so a plan that
     /// needs more does not fit. `None`: not held against anything (a card on an unknown host).
@@ -149,15 +145,7 @@ pub struct PlanTarget {
 
 impl PlanTarget {
     pub fn cpu() -> Self {
-        PlanTarget {
-            kind: BackendKind::Cpu,
-            name: "CPU".into(),
-            total_bytes: None,
-            free_bytes: None,
-            context_bytes: 0,
-            attention: cuda_attention_default(),
-            host_bytes: None,
-        }
+        PlanTarget { kind: BackendKind::Cpu, name: "CPU".into(), total_bytes: None, free_bytes: None, context_bytes: 0, host_bytes: None }
     }
 
     /// The same target, with pinned host memory held against `host`'s available RAM.
@@ -173,16 +161,22 @@ impl PlanTarget {
             total_bytes: Some(total_bytes),
             free_bytes: Some(total_bytes),
             context_bytes: DEFAULT_CUDA_CONTEXT_BYTES,
-            attention: cuda_attention_default(),
             host_bytes: None,
         }
     }
 }
 
-/// The attention version a CUDA backend created now would use: `TUNESTUDIO_ATTENTION` as the
-/// backend reads it (version 3 when unset; the backend refuses a value that names no version).
-pub fn cuda_attention_default() -> AttnVersion {
-    AttnVersion::from_env().unwrap_or(AttnVersion::V3)
+/// The largest attention call of a run: a full micro-batch of `max_seq_len`-token rows. The CUDA
+/// backend sizes its attention scratch for it ([`crate::backend::Backend::reserve_attention`]).
+pub fn attention_max_shape(spec: &ModelSpec, batch_size: usize, max_seq_len: usize) -> crate::backend::AttnShape {
+    crate::backend::AttnShape {
+        batch: batch_size,
+        seq: max_seq_len,
+        heads: spec.num_heads,
+        kv_heads: spec.num_kv_heads,
+        head_dim: spec.head_dim,
+        ..Default::default()
+    }
 }
 
 /// The CUDA context + cuBLAS handles on an H100 with driver 580 before any allocation of ours;
@@ -403,10 +397,10 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
     out
 }
 
-/// The CUDA backend's own scratch, as `backend::cuda` allocates it when created with attention
-/// version `attention`: everything at creation (in this order), then the NF4 dequantization buffer
-/// with the weights.
-pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput, attention: AttnVersion) -> Vec<PlannedBuffer> {
+/// The CUDA backend's own scratch, as `backend::cuda` allocates it: everything at creation (in this
+/// order), then the NF4 dequantization buffer with the weights, and the attention backward's
+/// accumulators when the Trainer reserves them for its largest batch.
+pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer> {
     use crate::backend::cuda::{GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS, attention_scratch_bytes};
     let bw = Term::BackendWorkspace;
     let raw = |name: &str, bytes: usize| PlannedBuffer {
@@ -427,10 +421,6 @@ pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput, attention: AttnVersio
         raw("sumsq.partial", SUMSQ_MAX_BLOCKS * 8),
         raw("sumsq.out", 8),
     ];
-    match attention_scratch_bytes(attention) {
-        0 => {}
-        bytes => out.push(raw("attention.bwd_scratch", bytes)),
-    }
     if input.quantization == Quantization::Nf4 {
         let largest = Target::ALL.iter().map(|&t| {
             let (o, i) = spec.linear_shape(t);
@@ -438,6 +428,7 @@ pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput, attention: AttnVersio
         });
         out.push(buf("dequant_scratch", bw, largest.max().unwrap_or(0), DType::Act));
     }
+    out.push(raw("attention.bwd_scratch", attention_scratch_bytes(attention_max_shape(spec, input.batch_size, input.max_seq_len))));
     out
 }
 
@@ -471,7 +462,7 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
     let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len, policy);
     buffers.extend(engine_buffers(spec, input, policy));
     if kind == BackendKind::Cuda {
-        buffers.extend(cuda_workspace(spec, input, target.attention));
+        buffers.extend(cuda_workspace(spec, input));
     }
     let mut terms: BTreeMap<&'static str, u64> = BTreeMap::new();
     for b in buffers.iter().filter(|b| b.location == Location::Device) {

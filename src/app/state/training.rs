@@ -372,12 +372,7 @@ mod tests {
     fn loaded_on(kind: &str, total: Option<u64>) -> LoadedInfo {
         LoadedInfo {
             run_dir: "r".into(),
-            device: crate::backend::DeviceInfo {
-                kind: kind.into(),
-                name: "card".into(),
-                total_memory_bytes: total,
-                free_memory_bytes: None,
-            },
+            device: crate::backend::DeviceInfo { kind: kind.into(), name: "card".into(), total_memory_bytes: total, ..Default::default() },
             model: "m".into(),
             trainable_params: 1,
             total_steps: 10,

@@ -2,6 +2,9 @@
 //! for it. `kernels/build.sh` writes `<file>.sm90.ptx` (Hopper) and `<file>.sm80.ptx` (a
 //! compute_80 build the driver JIT-compiles for any Ampere, Ada or Hopper card); each starts with
 //! a line `// source-sha256 <hex> ...` that `tests/ptx_fresh.rs` checks against the sources.
+//! Which attention instance a card runs is decided here too ([`attention_kernels_for`]).
+
+use crate::backend::card::CardLimits;
 
 /// A kernel source file and its two PTX builds.
 pub struct KernelFile {
@@ -109,131 +112,177 @@ kernel_table! {
     }
     attention {
         AttnFwd32 = "attn_fwd_32",
-        AttnBwdDkdv32 = "attn_bwd_dkdv_32",
-        AttnBwdDq32 = "attn_bwd_dq_32",
         AttnFwd64 = "attn_fwd_64",
-        AttnBwdDkdv64 = "attn_bwd_dkdv_64",
-        AttnBwdDq64 = "attn_bwd_dq_64",
         AttnFwd96 = "attn_fwd_96",
-        AttnBwdDkdv96 = "attn_bwd_dkdv_96",
-        AttnBwdDq96 = "attn_bwd_dq_96",
         AttnFwd128 = "attn_fwd_128",
-        AttnBwdDkdv128 = "attn_bwd_dkdv_128",
-        AttnBwdDq128 = "attn_bwd_dq_128",
-        Attn2Fwd64 = "attn2_fwd_64",
-        Attn2BwdDkdv64 = "attn2_bwd_dkdv_64",
-        Attn2BwdDq64 = "attn2_bwd_dq_64",
-        Attn2Fwd128 = "attn2_fwd_128",
-        Attn2BwdDkdv128 = "attn2_bwd_dkdv_128",
-        Attn2BwdDq128 = "attn2_bwd_dq_128",
-        Attn3Fwd64 = "attn3_fwd_64",
-        Attn3BwdPrep64 = "attn3_bwd_prep_64",
-        Attn3Bwd64 = "attn3_bwd_64",
-        Attn3Fwd128 = "attn3_fwd_128",
-        Attn3BwdPrep128 = "attn3_bwd_prep_128",
-        Attn3Bwd128 = "attn3_bwd_128",
-        Attn3AccToBf16 = "attn3_acc_to_bf16",
+        AttnFwd256 = "attn_fwd_256",
+        AttnFwd256Ks1 = "attn_fwd_256_ks1",
+        AttnBwd32 = "attn_bwd_32",
+        AttnBwd64 = "attn_bwd_64",
+        AttnBwd96 = "attn_bwd_96",
+        AttnBwd96S1 = "attn_bwd_96_s1",
+        AttnBwd128 = "attn_bwd_128",
+        AttnBwd128S1 = "attn_bwd_128_s1",
+        AttnBwd256 = "attn_bwd_256",
+        AttnBwd256S1 = "attn_bwd_256_s1",
+        AttnBwd256T32 = "attn_bwd_256_t32",
+        AttnBwdPrep32 = "attn_bwd_prep_32",
+        AttnBwdPrep64 = "attn_bwd_prep_64",
+        AttnBwdPrep96 = "attn_bwd_prep_96",
+        AttnBwdPrep128 = "attn_bwd_prep_128",
+        AttnBwdPrep256 = "attn_bwd_prep_256",
+        AttnAccToBf16 = "attn_acc_to_bf16",
     }
 }
 
-/// Which attention kernels run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttnVersion {
-    /// Version 1: WMMA, scores through shared memory (every head_dim in 32, 64, 96, 128).
-    V1,
-    /// Version 2: mma.sync + ldmatrix, scores in registers, cp.async double buffering (64, 128).
-    V2,
-    /// Version 3 (64, 128): swizzled tiles, 32 query rows per warp in the forward, one fused
-    /// backward kernel per (query head, key tile) with f32 accumulation of dQ, dK, dV in the
-    /// backend's attention scratch. Where it does not apply the backend falls back to V2, then V1.
-    V3,
+/// Head dims the attention kernels are instantiated for.
+pub const ATTN_HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+
+/// Keys per tile of the attention forward (`AttFwd::KT` in `kernels/attention.cu`).
+const ATTN_FWD_KEYS: usize = 64;
+/// Warps of an attention forward block (`ATT_WARPS`).
+const ATTN_WARPS: usize = 4;
+
+/// Shared-memory row width of an attention tile: the head dim rounded up to 64 columns
+/// (`att_width` in `kernels/attention.cu`: the swizzle permutes groups of 64 columns).
+fn attn_tile_width(head_dim: usize) -> usize {
+    head_dim.div_ceil(64) * 64
 }
 
-/// The environment variable that picks the attention kernels a CUDA backend prefers (read once,
-/// when the backend is created): `v1`, `v2` or `v3` (the default). `TUNESTUDIO_ATTN` is its old
-/// name and is read when this one is unset.
-pub const ATTENTION_ENV: &str = "TUNESTUDIO_ATTENTION";
+/// An instance of the attention forward: `AttFwd<HD, MT, KS>` of `kernels/attention.cu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnFwdVariant {
+    pub kernel: Kernel,
+    pub head_dim: usize,
+    /// m16 tiles per warp (query rows per warp / 16).
+    pub m_tiles: usize,
+    /// K/V tile buffers (2: the next tile loads during this one's math).
+    pub key_stages: usize,
+}
 
-impl AttnVersion {
-    /// `v1`, `v2`, `v3` (any case, surrounding blanks ignored).
-    pub fn parse(s: &str) -> Option<AttnVersion> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "v1" => Some(AttnVersion::V1),
-            "v2" => Some(AttnVersion::V2),
-            "v3" => Some(AttnVersion::V3),
-            _ => None,
-        }
+impl AttnFwdVariant {
+    /// Query rows of a block.
+    pub const fn rows(&self) -> usize {
+        ATTN_WARPS * 16 * self.m_tiles
     }
-
-    /// The version [`ATTENTION_ENV`] selects (version 3 when unset or empty), or the offending
-    /// value when it names no version.
-    pub fn from_env() -> std::result::Result<AttnVersion, String> {
-        let var = std::env::var(ATTENTION_ENV).or_else(|_| std::env::var("TUNESTUDIO_ATTN"));
-        match var {
-            Ok(v) if !v.trim().is_empty() => AttnVersion::parse(&v).ok_or(v),
-            _ => Ok(AttnVersion::V3),
-        }
+    pub const fn threads(&self) -> u32 {
+        (ATTN_WARPS * 32) as u32
+    }
+    /// Dynamic shared memory: `AttFwd::SMEM`.
+    pub fn smem_bytes(&self) -> u32 {
+        let (w, rows, kt) = (attn_tile_width(self.head_dim), self.rows(), ATTN_FWD_KEYS);
+        ((rows * w + 2 * self.key_stages * kt * w) * 2 + (rows + self.key_stages * kt) * 4) as u32
     }
 }
 
-/// The attention kernels for one head dimension: (forward, backward dK/dV, backward dQ). V3 gets
-/// version 2's here: its fallback where a sequence's backward does not fit the attention scratch.
-pub fn attention_kernels(head_dim: usize, version: AttnVersion) -> Option<(Kernel, Kernel, Kernel)> {
-    use Kernel::*;
-    Some(match (version, head_dim) {
-        (AttnVersion::V1, 32) => (AttnFwd32, AttnBwdDkdv32, AttnBwdDq32),
-        (AttnVersion::V1, 64) => (AttnFwd64, AttnBwdDkdv64, AttnBwdDq64),
-        (AttnVersion::V1, 96) => (AttnFwd96, AttnBwdDkdv96, AttnBwdDq96),
-        (AttnVersion::V1, 128) => (AttnFwd128, AttnBwdDkdv128, AttnBwdDq128),
-        (AttnVersion::V2 | AttnVersion::V3, 64) => (Attn2Fwd64, Attn2BwdDkdv64, Attn2BwdDq64),
-        (AttnVersion::V2 | AttnVersion::V3, 128) => (Attn2Fwd128, Attn2BwdDkdv128, Attn2BwdDq128),
+/// An instance of the attention backward: `AttBwd<HD, NW, S, DC>` of `kernels/attention.cu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnBwdVariant {
+    pub kernel: Kernel,
+    pub head_dim: usize,
+    /// Warps of a block; keys per block = 16 per warp.
+    pub warps: usize,
+    /// Q/dO tile buffers.
+    pub stages: usize,
+    /// Columns of dQ, dK and dV one block accumulates (the head dim, or a slice of it).
+    pub cols: usize,
+}
+
+impl AttnBwdVariant {
+    /// Keys of a block (and query rows of each of its steps).
+    pub const fn keys(&self) -> usize {
+        16 * self.warps
+    }
+    pub const fn threads(&self) -> u32 {
+        (32 * self.warps) as u32
+    }
+    /// Blocks per (head, key tile): column slices of the head dim.
+    pub const fn splits(&self) -> usize {
+        self.head_dim / self.cols
+    }
+    /// Dynamic shared memory: `AttBwd::SMEM`.
+    pub fn smem_bytes(&self) -> u32 {
+        let (w, t, s) = (attn_tile_width(self.head_dim), self.keys(), self.stages);
+        let ds_width = t.max(64);
+        ((2 * t * w + 2 * s * t * w + t * ds_width) * 2 + (3 * s * t + t) * 4) as u32
+    }
+}
+
+const fn fwd(kernel: Kernel, head_dim: usize, m_tiles: usize, key_stages: usize) -> AttnFwdVariant {
+    AttnFwdVariant { kernel, head_dim, m_tiles, key_stages }
+}
+const fn bwd(kernel: Kernel, head_dim: usize, warps: usize, stages: usize, cols: usize) -> AttnBwdVariant {
+    AttnBwdVariant { kernel, head_dim, warps, stages, cols }
+}
+
+/// Every attention forward instance, fastest first within a head dim: a card runs the first of
+/// its head dim that fits its shared memory.
+pub const ATTN_FWD_VARIANTS: &[AttnFwdVariant] = &[
+    fwd(Kernel::AttnFwd32, 32, 2, 2),
+    fwd(Kernel::AttnFwd64, 64, 2, 2),
+    fwd(Kernel::AttnFwd96, 96, 2, 2),
+    fwd(Kernel::AttnFwd128, 128, 2, 2),
+    fwd(Kernel::AttnFwd256, 256, 1, 2),
+    fwd(Kernel::AttnFwd256Ks1, 256, 1, 1),
+];
+
+/// Every attention backward instance, fastest first within a head dim.
+pub const ATTN_BWD_VARIANTS: &[AttnBwdVariant] = &[
+    bwd(Kernel::AttnBwd32, 32, 4, 2, 32),
+    bwd(Kernel::AttnBwd64, 64, 4, 2, 64),
+    bwd(Kernel::AttnBwd96, 96, 4, 2, 96),
+    bwd(Kernel::AttnBwd96S1, 96, 4, 1, 96),
+    bwd(Kernel::AttnBwd128, 128, 4, 2, 128),
+    bwd(Kernel::AttnBwd128S1, 128, 4, 1, 128),
+    bwd(Kernel::AttnBwd256, 256, 4, 2, 128),
+    bwd(Kernel::AttnBwd256S1, 256, 4, 1, 128),
+    bwd(Kernel::AttnBwd256T32, 256, 2, 1, 128),
+];
+
+/// The kernel computing D = rowsum(dO∘O) for a head dim.
+fn attn_prep_kernel(head_dim: usize) -> Option<Kernel> {
+    Some(match head_dim {
+        32 => Kernel::AttnBwdPrep32,
+        64 => Kernel::AttnBwdPrep64,
+        96 => Kernel::AttnBwdPrep96,
+        128 => Kernel::AttnBwdPrep128,
+        256 => Kernel::AttnBwdPrep256,
         _ => return None,
     })
 }
 
-/// Version 3's kernels for one head dimension: (forward, backward preparation, backward).
-pub fn attention3_kernels(head_dim: usize) -> Option<(Kernel, Kernel, Kernel)> {
-    use Kernel::*;
-    match head_dim {
-        64 => Some((Attn3Fwd64, Attn3BwdPrep64, Attn3Bwd64)),
-        128 => Some((Attn3Fwd128, Attn3BwdPrep128, Attn3Bwd128)),
-        _ => None,
-    }
+/// The attention kernels one card runs for one head dim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnKernels {
+    pub fwd: AttnFwdVariant,
+    pub bwd: AttnBwdVariant,
+    pub prep: Kernel,
 }
 
-/// Query rows of a version-3 forward block; keys of a version-3 backward block.
-pub const ATTN3_FWD_ROWS: usize = 128;
-pub const ATTN3_BWD_KEYS: usize = 64;
-
-/// Dynamic shared memory of version 3's forward and backward, from the formulas of `struct
-/// Att3<HD>` in `kernels/attention.cu` (the kernels trap if given less).
-pub fn attention3_smem_bytes(head_dim: usize) -> [u32; 2] {
-    let (qt, kt) = (ATTN3_FWD_ROWS, ATTN3_BWD_KEYS);
-    let fwd = (qt * head_dim + 4 * kt * head_dim) * 2 + (qt + 2 * kt) * 4;
-    let bwd = (6 * kt * head_dim + kt * kt) * 2 + 7 * kt * 4;
-    [fwd as u32, bwd as u32]
-}
-
-/// Dynamic shared memory of the attention kernels (forward, dK/dV, dQ), from the same formulas as
-/// `struct Att<HD>` / `struct Att2<HD>` in `kernels/attention.cu` (the kernels trap if given less).
-pub fn attention_smem_bytes(head_dim: usize, version: AttnVersion) -> [u32; 3] {
-    let (rows, warps) = (64, 4);
-    let ldt = head_dim + 8;
-    let tile = rows * ldt;
-    let sizes = match version {
-        AttnVersion::V1 => {
-            let (lds, ldo, ldp) = (68, head_dim + 4, rows + 8);
-            let fwd_scr = 16 * ldo.max(lds);
-            [
-                3 * tile * 2 + warps * fwd_scr * 4 + warps * 16 * ldp * 2 + 2 * rows * 4,
-                4 * tile * 2 + warps * 16 * lds * 4 + 2 * warps * 16 * ldp * 2 + 4 * rows * 4,
-                4 * tile * 2 + warps * 16 * lds * 4 + warps * 16 * ldp * 2 + 4 * rows * 4,
-            ]
-        }
-        AttnVersion::V2 | AttnVersion::V3 => [5 * tile * 2 + 3 * rows * 4, 6 * tile * 2 + 6 * rows * 4, 6 * tile * 2 + 5 * rows * 4],
+/// What the CUDA backend runs for attention at `head_dim` on `card`: the fastest forward and
+/// backward instances whose shared memory fits the card's per-block limit. Registers always fit
+/// (every instance caps itself at 255 registers per thread and at most 128 threads a block, within
+/// the 64 K registers of every SM since compute capability 8.0). The backend creates its kernels
+/// through this function and a CPU test runs it for every card profile, so "fits" is checked
+/// by the same code on every machine. `Err` says which head dim, which limit and what to do (the
+/// caller names the card).
+pub fn attention_kernels_for(card: &CardLimits, head_dim: usize) -> Result<AttnKernels, String> {
+    let supported = || ATTN_HEAD_DIMS.map(|d| d.to_string()).join(", ");
+    let prep = attn_prep_kernel(head_dim)
+        .ok_or_else(|| format!("head_dim {head_dim} is not one the attention kernels cover ({}): this model cannot run on the CUDA engine; train it on the CPU", supported()))?;
+    let limit = card.smem_per_block_optin;
+    let too_big = |what: &str, least: u32| {
+        format!(
+            "the attention {what} for head_dim {head_dim} needs at least {least} bytes of shared memory per block and the card allows {limit}; train on the CPU or on a card with more shared memory per block"
+        )
     };
-    sizes.map(|b| b as u32)
+    let fwds = ATTN_FWD_VARIANTS.iter().filter(|v| v.head_dim == head_dim);
+    let fwd = fwds.clone().find(|v| v.smem_bytes() <= limit).copied();
+    let fwd = fwd.ok_or_else(|| too_big("forward", fwds.map(|v| v.smem_bytes()).min().unwrap_or(0)))?;
+    let bwds = ATTN_BWD_VARIANTS.iter().filter(|v| v.head_dim == head_dim);
+    let bwd = bwds.clone().find(|v| v.smem_bytes() <= limit).copied();
+    let bwd = bwd.ok_or_else(|| too_big("backward", bwds.map(|v| v.smem_bytes()).min().unwrap_or(0)))?;
+    Ok(AttnKernels { fwd, bwd, prep })
 }
 
 /// The hash line at the top of a PTX file: `// source-sha256 <hex> ...`.
@@ -241,56 +290,10 @@ pub fn ptx_source_hash(ptx: &str) -> Option<&str> {
     ptx.lines().next()?.strip_prefix("// source-sha256 ")?.split_whitespace().next()
 }
 
-/// SHA-256 of `data` as lowercase hex (FIPS 180-4), for the PTX freshness check.
+/// SHA-256 of `data` as lowercase hex, for the PTX freshness check.
 pub fn sha256_hex(data: &[u8]) -> String {
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be,
-        0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa,
-        0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85,
-        0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3,
-        0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f,
-        0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-    ];
-    let mut h: [u32; 8] = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
-    let mut msg = data.to_vec();
-    let bit_len = (data.len() as u64).wrapping_mul(8);
-    msg.push(0x80);
-    while msg.len() % 64 != 56 {
-        msg.push(0);
-    }
-    msg.extend_from_slice(&bit_len.to_be_bytes());
-    for block in msg.chunks_exact(64) {
-        let mut w = [0u32; 64];
-        for (i, word) in block.chunks_exact(4).enumerate() {
-            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16].wrapping_add(s0).wrapping_add(w[i - 7]).wrapping_add(s1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
-        for i in 0..64 {
-            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-            let ch = (e & f) ^ (!e & g);
-            let t1 = hh.wrapping_add(s1).wrapping_add(ch).wrapping_add(K[i]).wrapping_add(w[i]);
-            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-            let maj = (a & b) ^ (a & c) ^ (b & c);
-            let t2 = s0.wrapping_add(maj);
-            hh = g;
-            g = f;
-            f = e;
-            e = d.wrapping_add(t1);
-            d = c;
-            c = b;
-            b = a;
-            a = t1.wrapping_add(t2);
-        }
-        for (x, y) in h.iter_mut().zip([a, b, c, d, e, f, g, hh]) {
-            *x = x.wrapping_add(y);
-        }
-    }
-    h.iter().map(|x| format!("{x:08x}")).collect()
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -298,11 +301,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sha256_known_answers() {
-        assert_eq!(sha256_hex(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    fn sha256_of_a_known_input() {
         assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-        let long = b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
-        assert_eq!(sha256_hex(long), "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+    }
+
+    #[test]
+    fn shared_memory_follows_the_kernel_formulas() {
+        // Values from the formulas' comments in kernels/attention.cu, worked by hand.
+        let f = |k| ATTN_FWD_VARIANTS.iter().find(|v| v.kernel == k).unwrap().smem_bytes();
+        let b = |k| ATTN_BWD_VARIANTS.iter().find(|v| v.kernel == k).unwrap().smem_bytes();
+        assert_eq!(f(Kernel::AttnFwd128), (128 * 128 + 4 * 64 * 128) * 2 + (128 + 128) * 4);
+        assert_eq!(f(Kernel::AttnFwd96), f(Kernel::AttnFwd128), "head dim 96 uses 128-wide tiles");
+        assert_eq!(f(Kernel::AttnFwd256Ks1), (64 * 256 + 2 * 64 * 256) * 2 + (64 + 64) * 4);
+        assert_eq!(b(Kernel::AttnBwd128), (6 * 64 * 128 + 64 * 64) * 2 + 7 * 64 * 4);
+        assert_eq!(b(Kernel::AttnBwd128S1), (4 * 64 * 128 + 64 * 64) * 2 + 4 * 64 * 4);
+        assert_eq!(b(Kernel::AttnBwd256T32), (4 * 32 * 256 + 32 * 64) * 2 + 4 * 32 * 4);
+    }
+
+    #[test]
+    fn the_deepest_instance_that_fits_is_chosen() {
+        use crate::backend::card::profile_named;
+        let pick = |card: &str, hd| attention_kernels_for(&profile_named(card).unwrap().limits(), hd).unwrap();
+        assert_eq!(pick("h100-80", 128).bwd.kernel, Kernel::AttnBwd128);
+        assert_eq!(pick("rtx4090", 128).bwd.kernel, Kernel::AttnBwd128S1);
+        assert_eq!(pick("rtx4090", 128).fwd.kernel, Kernel::AttnFwd128);
+        assert_eq!(pick("h100-80", 256).bwd.kernel, Kernel::AttnBwd256);
+        assert_eq!(pick("a100-40", 256).bwd.kernel, Kernel::AttnBwd256S1);
+        assert_eq!(pick("a100-40", 256).fwd.kernel, Kernel::AttnFwd256);
+        assert_eq!(pick("l4", 256).bwd.kernel, Kernel::AttnBwd256T32);
+        assert_eq!(pick("l4", 256).fwd.kernel, Kernel::AttnFwd256Ks1);
+        let e = attention_kernels_for(&profile_named("l4").unwrap().limits(), 80).unwrap_err();
+        assert!(e.contains("head_dim 80") && e.contains("32, 64, 96, 128, 256"), "{e}");
+        let mut tiny = profile_named("l4").unwrap().limits();
+        tiny.smem_per_block_optin = 48 * 1024;
+        let e = attention_kernels_for(&tiny, 128).unwrap_err();
+        assert!(
+            e.contains("49152") && e.contains("head_dim 128") && e.contains("attention forward") && e.contains("at least 99328"),
+            "{e}"
+        );
     }
 
     #[test]

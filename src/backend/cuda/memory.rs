@@ -43,6 +43,10 @@ pub struct DeviceShared {
     count: AtomicUsize,
     /// Pinned host bytes (not device memory; reported apart).
     pinned: AtomicUsize,
+    /// Bytes taken from the driver (slab chunks whole), which a limit is held against.
+    driver: AtomicUsize,
+    /// The most the driver may give us, and why (a card profile's memory, a `--gpu-mem` cap).
+    limit: Mutex<Option<(usize, String)>>,
     slab: Mutex<Slab>,
 }
 
@@ -54,26 +58,67 @@ impl DeviceShared {
             peak: AtomicUsize::new(0),
             count: AtomicUsize::new(0),
             pinned: AtomicUsize::new(0),
+            driver: AtomicUsize::new(0),
+            limit: Mutex::new(None),
             slab: Mutex::new(Slab { chunks: Vec::new(), next_id: 0 }),
         }
     }
 
+    /// Refuse device allocations past `bytes` taken from the driver in all, saying `why` (an
+    /// out-of-memory error on the real card is then one under its profile too).
+    pub fn set_limit(&self, bytes: usize, why: String) {
+        *self.limit.lock().unwrap_or_else(|p| p.into_inner()) = Some((bytes, why));
+    }
+
+    pub fn limit(&self) -> Option<usize> {
+        self.limit.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(b, _)| *b)
+    }
+
+    /// Bytes taken from the driver: every own allocation, and every slab chunk whole.
+    pub fn driver_bytes(&self) -> usize {
+        self.driver.load(Ordering::Relaxed)
+    }
+
+    /// `Err` when taking `bytes` more from the driver would pass the limit.
+    fn check_limit(&self, bytes: usize, asked: usize) -> Result<()> {
+        let limit = self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((max, why)) = limit.as_ref() {
+            let have = self.driver_bytes();
+            if have + bytes > *max {
+                return Err(Error::OutOfMemory {
+                    during: format!("allocating {:.1} MiB on the GPU", asked as f64 / 1048576.0),
+                    advice: format!(
+                        "that would pass {why}: the backend holds {:.2} GiB of the {:.2} GiB it may use; lower the batch size or max sequence length, or enable checkpointing",
+                        have as f64 / 1073741824.0,
+                        *max as f64 / 1073741824.0
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Take `bytes` (< SLAB_MAX_BYTES) from the first chunk with room, or from a new one.
-    fn slab_alloc(&self, bytes: usize) -> std::result::Result<(u64, u64), cudarc::driver::DriverError> {
+    fn slab_alloc(&self, bytes: usize) -> Result<std::result::Result<(u64, u64), cudarc::driver::DriverError>> {
         let need = bytes.div_ceil(ALIGN) * ALIGN;
         let mut slab = self.slab.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = slab.chunks.iter_mut().find(|c| c.size - c.offset >= need) {
             let ptr = c.ptr + c.offset as u64;
             c.offset += need;
             c.live += 1;
-            return Ok((ptr, c.id));
+            return Ok(Ok((ptr, c.id)));
         }
+        self.check_limit(SLAB_CHUNK_BYTES, bytes)?;
         // SAFETY: plain allocation in the bound context; owned by the chunk, freed with its last buffer.
-        let ptr = unsafe { drv::malloc_sync(SLAB_CHUNK_BYTES) }?;
+        let ptr = match unsafe { drv::malloc_sync(SLAB_CHUNK_BYTES) } {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        self.driver.fetch_add(SLAB_CHUNK_BYTES, Ordering::Relaxed);
         let id = slab.next_id;
         slab.next_id += 1;
         slab.chunks.push(Chunk { id, ptr, size: SLAB_CHUNK_BYTES, offset: need, live: 1 });
-        Ok((ptr, id))
+        Ok(Ok((ptr, id)))
     }
 
     fn slab_free(&self, id: u64) {
@@ -84,6 +129,7 @@ impl DeviceShared {
             let c = slab.chunks.remove(i);
             // SAFETY: the chunk came from cuMemAlloc and none of its buffers is alive.
             let _ = unsafe { drv::free_sync(c.ptr) };
+            self.driver.fetch_sub(c.size, Ordering::Relaxed);
         }
     }
     pub fn used(&self) -> usize {
@@ -126,10 +172,15 @@ impl DevBuf {
         shared.ctx.bind_to_thread().map_err(|e| Error::Cuda { op: "bind context".into(), msg: e.to_string() })?;
         let take = bytes.max(1);
         let allocated = if take < SLAB_MAX_BYTES {
-            shared.slab_alloc(take).map(|(ptr, id)| (ptr, Some(id)))
+            shared.slab_alloc(take)?.map(|(ptr, id)| (ptr, Some(id)))
         } else {
+            shared.check_limit(take, take)?;
             // SAFETY: plain allocation in the bound context; the pointer is owned by the returned value.
-            unsafe { drv::malloc_sync(take) }.map(|ptr| (ptr, None))
+            let r = unsafe { drv::malloc_sync(take) }.map(|ptr| (ptr, None));
+            if r.is_ok() {
+                shared.driver.fetch_add(take, Ordering::Relaxed);
+            }
+            r
         };
         let (ptr, chunk) = allocated.map_err(|e| {
             let (free, total) = shared.ctx.mem_get_info().unwrap_or((0, 0));
@@ -209,6 +260,7 @@ impl Drop for DevBuf {
                 // work that still reads it is ordered before by the synchronous free.
                 None => {
                     let _ = unsafe { drv::free_sync(self.ptr) };
+                    self.shared.driver.fetch_sub(take, Ordering::Relaxed);
                 }
             }
         }

@@ -12,10 +12,13 @@
 //! Kernels live in `kernels/*.cu` (forward and backward side by side), compiled to PTX by
 //! `kernels/build.sh` and embedded; [`kernels::Kernel`] is the one table of their symbols.
 //!
+//! Every kernel decision comes from the card's [`CardLimits`] (which PTX loads, which attention
+//! instance runs, how much shared memory a kernel asks for), read from the device when the backend
+//! opens, or taken from a card profile (`TUNESTUDIO_CARD=rtx4090`, `--card`): then the backend
+//! decides as that card would and its allocator stops at that card's memory.
+//!
 //! Environment switches (debugging and tests): `TUNESTUDIO_CUDA_SYNC=1` synchronizes and checks
-//! after every launch; `TUNESTUDIO_ATTENTION=v1` / `v2` (read once, at creation) selects older
-//! attention kernels, and then no version-3 backward scratch is allocated (see
-//! [`attention_scratch_bytes`]); `TUNESTUDIO_PTX=sm80` loads the compute_80 PTX even on Hopper.
+//! after every launch; `TUNESTUDIO_CARD=NAME` decides as the profiled card (`backend::card`).
 
 pub mod gemm;
 pub mod kernels;
@@ -30,14 +33,16 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result as drv, sys};
 use half::bf16;
 
+use super::card::{self, CardLimits, CardProfile, PtxTarget};
 use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum};
 use crate::error::{Error, Result};
 use gemm::{Gemm, GemmCall};
-use kernels::{AttnVersion, FILES, Kernel};
+use kernels::{ATTN_HEAD_DIMS, AttnKernels, FILES, Kernel};
 use memory::{DevBuf, DeviceShared};
 use nf4::Nf4Parts;
 
-/// Find GPU 0 and describe it, or say why there is none.
+/// Find GPU 0 and describe it, or say why there is none. The limits are the device's own (a
+/// profile does not change what `probe` reports; [`effective_card`] applies one).
 pub fn probe() -> Result<DeviceInfo> {
     // SAFETY: only asks the dynamic loader whether libcuda can be opened.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -49,14 +54,68 @@ pub fn probe() -> Result<DeviceInfo> {
         if count < 1 {
             return Err(Error::NoCuda("the driver found no GPU".into()));
         }
+        let (limits, pci) = device_limits(0)?;
         let ctx = cudarc::driver::CudaContext::new(0).map_err(|e| Error::NoCuda(format!("cannot create a context on GPU 0: {e}")))?;
-        let name = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into());
         let (free, total) = ctx.mem_get_info().map_err(|e| Error::NoCuda(format!("cannot query memory: {e}")))?;
-        Ok(DeviceInfo { kind: "cuda".into(), name, total_memory_bytes: Some(total as u64), free_memory_bytes: Some(free as u64) })
+        // What other programs hold, as NVML counts it (our probe's own context left out).
+        let others = super::nvml::card_memory(&pci).map(|m| m.others_bytes());
+        Ok(DeviceInfo {
+            kind: "cuda".into(),
+            name: limits.name.clone(),
+            total_memory_bytes: Some(total as u64),
+            free_memory_bytes: Some(free as u64),
+            others_bytes: others,
+            card: Some(limits),
+        })
     });
     match found {
         Ok(r) => r,
         Err(_) => Err(Error::NoCuda("the CUDA driver is too old or incomplete for this build (CUDA 13 is required)".into())),
+    }
+}
+
+/// The limits of CUDA device `ordinal` read from the driver (no context needed), and its PCI bus
+/// id in NVML's form.
+fn device_limits(ordinal: i32) -> Result<(CardLimits, String)> {
+    use sys::CUdevice_attribute as A;
+    fn no(what: &'static str) -> impl Fn(drv::DriverError) -> Error {
+        move |e| Error::NoCuda(format!("cannot read the GPU's {what}: {e}"))
+    }
+    drv::init().map_err(no("driver"))?;
+    let dev = drv::device::get(ordinal).map_err(no("handle"))?;
+    // SAFETY: `dev` is a valid device handle; each call reads one integer attribute.
+    let attr = |a: A| unsafe { drv::device::get_attribute(dev, a) }.map_err(no("attributes"));
+    let cc = (attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as u32, attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)? as u32);
+    let name = drv::device::get_name(dev).unwrap_or_else(|_| "NVIDIA GPU".into());
+    // SAFETY: as above; returns the card's total memory in bytes.
+    let total = unsafe { drv::device::total_mem(dev) }.map_err(no("memory size"))? as u64;
+    let limits = CardLimits {
+        name,
+        profile: None,
+        compute_capability: cc,
+        sm_count: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
+        smem_per_block_optin: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32,
+        smem_per_sm: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)? as u32,
+        regs_per_sm: attr(A::CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR)? as u32,
+        max_threads_per_sm: attr(A::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR)? as u32,
+        memory_bytes: total,
+    };
+    let pci = format!(
+        "{:08x}:{:02x}:{:02x}.0",
+        attr(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+        attr(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+        attr(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?
+    );
+    Ok((limits, pci))
+}
+
+/// The limits kernels are chosen by on a device with limits `device`: the profile `TUNESTUDIO_CARD`
+/// names (never granting more than the device has), else the device's own. `Err` names the
+/// variable's bad value.
+pub fn effective_card(device: &CardLimits) -> Result<CardLimits> {
+    match card::profile_from_env().map_err(|e| Error::Cuda { op: "choose the card".into(), msg: e })? {
+        Some(p) => Ok(card::emulate(p, device)),
+        None => Ok(device.clone()),
     }
 }
 
@@ -97,35 +156,35 @@ pub const LOSS_CHUNK_MAX_ROWS: usize = 16384;
 pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
 /// Partial sums of the deterministic sum-of-squares (one per block of the first pass).
 pub const SUMSQ_MAX_BLOCKS: usize = 1024;
-/// The attention backward's f32 scratch (version 3): dQ, dK, dV accumulators and D = rowsum(dO∘O)
-/// for as many (sequence, kv-head group) pairs as fit; larger problems run in several launches, and
-/// one sequence of one group that does not fit falls back to the version-2 kernels. 128 MiB holds
-/// Llama-3-8B (4 query heads of 128 per kv head) at 8192 tokens in two launches. Allocated only
-/// by a backend created preferring version 3 ([`attention_scratch_bytes`]).
+/// The attention backward's f32 scratch: dQ, dK, dV accumulators and D = rowsum(dO∘O) for as
+/// many (sequence, kv-head group) pairs as fit; larger problems run in several launches
+/// ([`attention_bwd_split`]). At least this much, so short sequences take few launches; more when
+/// one sequence of one group needs more (see [`attention_scratch_bytes`]).
 pub const ATTN_BWD_SCRATCH_BYTES: usize = 128 << 20;
 
-/// Bytes of attention backward scratch a backend created preferring `version` allocates (the
-/// memory plan lists the same): version 3's accumulators, nothing for the older versions.
-pub fn attention_scratch_bytes(version: AttnVersion) -> usize {
-    match version {
-        AttnVersion::V3 => ATTN_BWD_SCRATCH_BYTES,
-        AttnVersion::V1 | AttnVersion::V2 => 0,
-    }
+/// f32 bytes of the attention backward's accumulators for one (sequence, kv head) of `shape`: dQ
+/// of the head group, dK, dV and D.
+fn attention_unit_bytes(shape: AttnShape) -> usize {
+    let AttnShape { seq, heads, kv_heads, head_dim, .. } = shape;
+    let group = heads / kv_heads.max(1);
+    seq * (group * head_dim + 2 * head_dim + group) * 4
 }
 
-/// How a version-3 attention backward of `shape` splits to fit `scratch_bytes` (the backend's is
-/// [`ATTN_BWD_SCRATCH_BYTES`]): (sequences, kv heads) per launch, as even as the counts allow;
-/// `None` when one sequence of one kv head's group does not fit (then the version-2 kernels run;
-/// they need no scratch).
-pub fn attention3_bwd_split(shape: AttnShape, scratch_bytes: usize) -> Option<(usize, usize)> {
-    let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
+/// Bytes of attention backward scratch for shapes up to `max` (the memory plan lists the same):
+/// [`ATTN_BWD_SCRATCH_BYTES`], or one (sequence, kv head) unit of `max` where that is larger.
+pub fn attention_scratch_bytes(max: AttnShape) -> usize {
+    ATTN_BWD_SCRATCH_BYTES.max(attention_unit_bytes(max))
+}
+
+/// How an attention backward of `shape` splits to fit `scratch_bytes`: (sequences, kv heads) per
+/// launch, as even as the counts allow; `None` when one sequence of one kv head's group does not
+/// fit (the backend's scratch is sized so that it does: [`attention_scratch_bytes`]).
+pub fn attention_bwd_split(shape: AttnShape, scratch_bytes: usize) -> Option<(usize, usize)> {
+    let AttnShape { batch, kv_heads, .. } = shape;
     if kv_heads == 0 {
         return None;
     }
-    let group = heads / kv_heads;
-    // f32 per (sequence, kv head): dQ of its group, dK, dV, D.
-    let per_unit = seq * (group * head_dim + 2 * head_dim + group);
-    let units = scratch_bytes.min(ATTN_BWD_SCRATCH_BYTES) / 4 / per_unit.max(1);
+    let units = scratch_bytes / attention_unit_bytes(shape).max(1);
     if units == 0 {
         return None;
     }
@@ -134,9 +193,6 @@ pub fn attention3_bwd_split(shape: AttnShape, scratch_bytes: usize) -> Option<(u
     let bc = batch.max(1).div_ceil(batch.max(1).div_ceil(per_launch));
     Some((bc, kvc))
 }
-
-/// Forward, backward dK/dV and backward dQ kernels of attention versions 1 and 2.
-type AttnKernels = (Kernel, Kernel, Kernel);
 
 fn cuda_err(op: &str) -> impl FnOnce(drv::DriverError) -> Error + '_ {
     move |e| Error::Cuda { op: op.to_string(), msg: e.to_string() }
@@ -305,25 +361,22 @@ pub struct CudaBackend {
     loss: LossWorkspace,
     sumsq_partial: DevBuf,
     sumsq_out: DevBuf,
-    /// f32, [`attention_scratch_bytes`] of `attn_selected`: the version-3 attention backward's
-    /// accumulators (`None` when the backend was created preferring an older version).
-    attn_scratch: Option<DevBuf>,
+    /// f32: the attention backward's accumulators, sized by [`Backend::reserve_attention`].
+    attn_scratch: RefCell<Option<DevBuf>>,
     _gemm_workspace: DevBuf,
-    name: String,
-    compute_capability: (i32, i32),
+    /// The card kernels are chosen for (a profile's limits under `TUNESTUDIO_CARD`).
+    card: CardLimits,
+    /// The device's own limits.
+    device_card: CardLimits,
+    /// The attention instances this card runs, per entry of [`ATTN_HEAD_DIMS`] (`Err`: why not).
+    attention: Vec<std::result::Result<AttnKernels, String>>,
+    /// What the CUDA context took when this backend opened, measured (see [`CudaBackend::context_bytes`]).
+    context_bytes: Option<u64>,
     /// Synchronize and check after every launch (TUNESTUDIO_CUDA_SYNC=1): slow, for debugging.
     sync_each_launch: bool,
-    /// The attention version chosen at creation (TUNESTUDIO_ATTENTION), which sized `attn_scratch`.
-    attn_selected: AttnVersion,
-    /// Preferred attention kernels (`attn_selected` unless a test or benchmark changed it);
-    /// version 1 serves the head dims the later versions lack.
-    attn_version: std::cell::Cell<AttnVersion>,
-    /// Bytes of `attn_scratch` the attention backward may use (tests shrink it to force splits).
-    attn_scratch_limit: std::cell::Cell<usize>,
+    /// Bytes of the attention scratch the backward may use (tests shrink it to force splits).
+    attn_scratch_limit: std::cell::Cell<Option<usize>>,
     profiler: profile::Profiler,
-    /// Streaming multiprocessors (device attribute): how finely generation's GEMVs and cached
-    /// attention split their work.
-    sm_count: usize,
     /// f32 partial results of the cached attention's key splits, allocated by the first
     /// generation call ([`GEN_ATTN_SCRATCH_BYTES`]); training never allocates it.
     gen_scratch: RefCell<Option<DevBuf>>,
@@ -342,45 +395,63 @@ const ATTC_THREADS: usize = 128;
 const ATTC_MAX_GROUP_DIM: usize = 2048;
 
 // SAFETY: every CUDA handle inside (context, streams, functions, cuBLASLt) may be used from any
-// thread once the context is bound there, which each entry point does first; the RefCell is only
+// thread once the context is bound there, which each entry point does first; the RefCells are only
 // borrowed inside a single call (`&self` methods are never re-entered).
 unsafe impl Send for CudaBackend {}
 
+/// How to open the CUDA backend.
+#[derive(Debug, Clone, Default)]
+pub struct CudaOptions {
+    /// Decide as this card would (its limits, its PTX, its memory); `None`: `TUNESTUDIO_CARD`, else
+    /// the device itself.
+    pub card: Option<&'static CardProfile>,
+    /// A hard cap on the device memory the process may use, context included (`--gpu-mem`).
+    pub memory_limit_bytes: Option<u64>,
+}
+
 impl CudaBackend {
-    /// Open GPU 0, load the kernels and allocate the fixed scratch. `Error::NoCuda` with the reason
-    /// when there is no usable GPU.
+    /// Open GPU 0 as `TUNESTUDIO_CARD` says (the device itself when unset), load the kernels and
+    /// allocate the fixed scratch. `Error::NoCuda` with the reason when there is no usable GPU,
+    /// `Error::Card` when the card cannot run the engine.
     pub fn new() -> Result<Self> {
+        Self::with_options(&CudaOptions::default())
+    }
+
+    /// [`CudaBackend::new`] with a card profile and a memory cap.
+    pub fn with_options(opts: &CudaOptions) -> Result<Self> {
         probe()?;
         // SAFETY: only asks the dynamic loader whether libcublasLt can be opened.
         if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
             return Err(Error::NoCuda("cuBLASLt (libcublasLt.so from CUDA 13) is not installed".into()));
         }
-        match std::panic::catch_unwind(Self::open) {
+        match std::panic::catch_unwind(|| Self::open(opts)) {
             Ok(r) => r,
             Err(_) => Err(Error::NoCuda("the CUDA driver or cuBLASLt is missing a function this build needs (CUDA 13 is required)".into())),
         }
     }
 
-    fn open() -> Result<Self> {
+    fn open(opts: &CudaOptions) -> Result<Self> {
+        let (device_card, pci) = device_limits(0)?;
+        let card = match opts.card {
+            Some(p) => card::emulate(p, &device_card),
+            None => effective_card(&device_card)?,
+        };
+        card.check_supported().map_err(|r| Error::Card { card: r.card, msg: r.reason })?;
+        // Every process on the card before ours exists: what our context adds is the difference.
+        let before = super::nvml::card_memory(&pci);
         let ctx = CudaContext::new(0).map_err(|e| Error::NoCuda(format!("cannot create a context on GPU 0: {e}")))?;
-        let cc = ctx.compute_capability().map_err(cuda_err("compute capability"))?;
-        if cc.0 < 8 {
-            return Err(Error::NoCuda(format!(
-                "compute capability {}.{} is below 8.0: bf16 tensor cores are needed (Ampere or newer)",
-                cc.0, cc.1
-            )));
-        }
-        let name = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into());
         let compute = ctx.new_stream().map_err(cuda_err("create compute stream"))?;
         let copy = ctx.new_stream().map_err(cuda_err("create copy stream"))?;
-        // TUNESTUDIO_PTX=sm80 loads the compute_80 build on a Hopper card too (to test it there).
-        let hopper = cc.0 >= 9 && !std::env::var("TUNESTUDIO_PTX").is_ok_and(|v| v == "sm80");
         let mut modules = Vec::with_capacity(FILES.len());
         for f in FILES {
-            let ptx = if hopper { f.sm90 } else { f.sm80 };
-            let m = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                .map_err(|e| Error::Cuda { op: format!("load kernels/{}.ptx", f.name), msg: e.to_string() })?;
+            let ptx = match card.ptx_target() {
+                PtxTarget::Sm90 => f.sm90,
+                PtxTarget::Sm80 => f.sm80,
+            };
+            let m = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| Error::Cuda {
+                op: format!("load kernels/{}.ptx ({}) on {}", f.name, card.ptx_target().name(), card.describe()),
+                msg: e.to_string(),
+            })?;
             modules.push(m);
         }
         let mut funcs = Vec::with_capacity(Kernel::ALL.len());
@@ -390,39 +461,26 @@ impl CudaBackend {
                 .map_err(|e| Error::Cuda { op: format!("find kernel {}", k.symbol()), msg: e.to_string() })?;
             funcs.push(Func(f));
         }
-        // Each attention kernel with the dynamic shared memory it launches with.
-        let mut attention_smem = Vec::new();
-        for (hd, version) in
-            [32, 64, 96, 128].map(|h| (h, AttnVersion::V1)).into_iter().chain([(64, AttnVersion::V2), (128, AttnVersion::V2)])
-        {
-            let (fwd, dkdv, dq) = kernels::attention_kernels(hd, version).expect("listed head dims");
-            let smem = kernels::attention_smem_bytes(hd, version);
-            attention_smem.extend([(fwd, smem[0]), (dkdv, smem[1]), (dq, smem[2])]);
-        }
-        for hd in [64, 128] {
-            let (fwd, _, bwd) = kernels::attention3_kernels(hd).expect("listed head dims");
-            let smem = kernels::attention3_smem_bytes(hd);
-            attention_smem.extend([(fwd, smem[0]), (bwd, smem[1])]);
-        }
-        for (k, bytes) in attention_smem {
-            // SAFETY: a live function handle of this context; raising its shared-memory limit.
-            unsafe {
-                drv::function::set_function_attribute(
-                    funcs[k as usize].0.cu_function(),
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes as i32,
-                )
+        // The attention instances this card runs, with exactly the shared memory each launches with;
+        // the others are never given more than the driver's default.
+        let attention: Vec<_> = ATTN_HEAD_DIMS.iter().map(|&hd| kernels::attention_kernels_for(&card, hd)).collect();
+        for chosen in attention.iter().flatten() {
+            for (k, bytes) in [(chosen.fwd.kernel, chosen.fwd.smem_bytes()), (chosen.bwd.kernel, chosen.bwd.smem_bytes())] {
+                // SAFETY: a live function handle of this context; raising its shared-memory limit
+                // to what the card allows at most (`attention_kernels_for` checked it).
+                unsafe {
+                    drv::function::set_function_attribute(
+                        funcs[k as usize].0.cu_function(),
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                }
+                .map_err(|e| Error::Cuda {
+                    op: format!("allow {bytes} bytes of shared memory to {} on {}", k.symbol(), card.describe()),
+                    msg: e.to_string(),
+                })?;
             }
-            .map_err(cuda_err("raise attention shared memory"))?;
         }
-        let attn_selected = AttnVersion::from_env().map_err(|v| Error::Cuda {
-            op: kernels::ATTENTION_ENV.into(),
-            msg: format!("{v:?} is not an attention version (v1, v2 or v3)"),
-        })?;
-        let sm_count = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(cuda_err("multiprocessor count"))?
-            .max(1) as usize;
         let shared = Arc::new(DeviceShared::new(ctx));
         let gemm_workspace = DevBuf::new(&shared, GEMM_WORKSPACE_BYTES)?;
         let gemm = Gemm::new(gemm_workspace.ptr(), GEMM_WORKSPACE_BYTES)?;
@@ -434,13 +492,45 @@ impl CudaBackend {
             sum: DevBuf::new(&shared, 8)?,
             count: DevBuf::new(&shared, 8)?,
         };
-        let be = CudaBackend {
-            sumsq_partial: DevBuf::new(&shared, SUMSQ_MAX_BLOCKS * 8)?,
-            sumsq_out: DevBuf::new(&shared, 8)?,
-            attn_scratch: match attention_scratch_bytes(attn_selected) {
-                0 => None,
-                bytes => Some(DevBuf::new(&shared, bytes)?),
-            },
+        let sumsq_partial = DevBuf::new(&shared, SUMSQ_MAX_BLOCKS * 8)?;
+        let sumsq_out = DevBuf::new(&shared, 8)?;
+        // The context: what this process holds beyond our own buffers. NVML's per-process figure
+        // is exact; else the growth of the card's use since before our context, in which other
+        // processes cancel out. Without NVML nothing is measured (the card's use alone would count
+        // every other program as our context).
+        shared.ctx.synchronize().map_err(cuda_err("synchronize"))?;
+        let ours = shared.used() as u64;
+        let context_bytes = super::nvml::card_memory(&pci).and_then(|after| match (after.ours_bytes, before) {
+            (Some(mine), _) => Some(mine.saturating_sub(ours)),
+            (None, Some(b)) => Some(after.used_bytes.saturating_sub(b.used_bytes).saturating_sub(ours)),
+            (None, None) => None,
+        });
+        if let Some(c) = context_bytes {
+            super::context::remember(&card.name, driver_version(), c);
+        }
+        // A profile or a cap is a hard limit on what the process may take, context included, as the
+        // real card (or the user) would impose it.
+        let context_for_limit = context_bytes.unwrap_or_else(|| planned_context_bytes(&card.name));
+        let mut limits = Vec::new();
+        if card.profile.is_some() {
+            limits.push((
+                card.memory_bytes,
+                format!("the {} profile's {}", card.profile.unwrap_or_default(), crate::util::fmt_bytes(card.memory_bytes)),
+            ));
+        }
+        if let Some(cap) = opts.memory_limit_bytes {
+            limits.push((cap, format!("the memory cap of {}", crate::util::fmt_bytes(cap))));
+        }
+        if let Some((bytes, why)) = limits.into_iter().min_by_key(|(b, _)| *b) {
+            shared.set_limit(
+                bytes.saturating_sub(context_for_limit) as usize,
+                format!("{why} (the CUDA context takes {})", crate::util::fmt_bytes(context_for_limit)),
+            );
+        }
+        Ok(CudaBackend {
+            sumsq_partial,
+            sumsq_out,
+            attn_scratch: RefCell::new(None),
             shared,
             compute,
             copy,
@@ -448,22 +538,47 @@ impl CudaBackend {
             scratch: RefCell::new(Scratch { dequant: None, dequant_elems: 0, gemm }),
             loss,
             _gemm_workspace: gemm_workspace,
-            name,
-            compute_capability: cc,
+            card,
+            device_card,
+            attention,
+            context_bytes,
             sync_each_launch: std::env::var("TUNESTUDIO_CUDA_SYNC").is_ok_and(|v| v == "1"),
-            attn_selected,
-            attn_version: std::cell::Cell::new(attn_selected),
-            attn_scratch_limit: std::cell::Cell::new(attention_scratch_bytes(attn_selected)),
+            attn_scratch_limit: std::cell::Cell::new(None),
             profiler: profile::Profiler::default(),
-            sm_count,
             gen_scratch: RefCell::new(None),
-        };
-        // Everything in use now but our own buffers is the context, kernels and handles.
-        if let Ok((free, total)) = be.shared.ctx.mem_get_info() {
-            let context = (total as u64).saturating_sub(free as u64).saturating_sub(be.memory_used() as u64);
-            super::context::remember(&be.name, driver_version(), context);
+        })
+    }
+
+    /// Device memory in use on the real card by every process (total − free), whatever limit a
+    /// profile or a cap sets.
+    pub fn device_memory_in_use(&self) -> Result<u64> {
+        self.bind()?;
+        let (free, total) = self.shared.ctx.mem_get_info().map_err(cuda_err("memory info"))?;
+        Ok((total - free) as u64)
+    }
+
+    /// The card kernels were chosen for (a profile's limits under `TUNESTUDIO_CARD`).
+    pub fn card(&self) -> &CardLimits {
+        &self.card
+    }
+
+    /// The device's own limits, whatever profile the backend decides by.
+    pub fn device_card(&self) -> &CardLimits {
+        &self.device_card
+    }
+
+    /// What the CUDA context took when this backend opened: NVML's count of this process's memory
+    /// less our buffers, or the growth of the card's use across our start-up. `None` without NVML.
+    pub fn context_bytes(&self) -> Option<u64> {
+        self.context_bytes
+    }
+
+    /// The attention kernels this backend runs for `head_dim`, or why it cannot.
+    pub fn attention_kernels(&self, head_dim: usize) -> std::result::Result<AttnKernels, String> {
+        match ATTN_HEAD_DIMS.iter().position(|&d| d == head_dim) {
+            Some(i) => self.attention[i].clone(),
+            None => kernels::attention_kernels_for(&self.card, head_dim),
         }
-        Ok(be)
     }
 
     /// Bytes currently allocated by this backend (tensors, weights, scratch, cuBLASLt workspace).
@@ -485,80 +600,34 @@ impl CudaBackend {
         self.shared.allocations()
     }
 
-    /// Choose the attention kernels (tests and benchmarks compare the versions). The scratch stays
-    /// as created: choosing version 3 on a backend created with `TUNESTUDIO_ATTENTION=v1`/`v2`
-    /// runs version 3's forward and version 2's backward (see [`Self::attention_versions_for`]).
-    pub fn set_attention_version(&self, version: AttnVersion) {
-        self.attn_version.set(version);
-    }
-
-    /// The attention version chosen when the backend was created (`TUNESTUDIO_ATTENTION`, version 3
-    /// by default); it decides the attention scratch ([`attention_scratch_bytes`]).
-    pub fn selected_attention_version(&self) -> AttnVersion {
-        self.attn_selected
-    }
-
-    /// The attention kernels preferred now.
-    pub fn attention_version(&self) -> AttnVersion {
-        self.attn_version.get()
-    }
-
-    fn attn_scratch_bytes(&self) -> usize {
-        self.attn_scratch.as_ref().map_or(0, |b| b.bytes())
-    }
-
     /// Use at most `bytes` of the attention backward's scratch (`None`: all of it), so tests can
     /// exercise the launches split over sequences and kv heads on small shapes.
     pub fn set_attention_scratch_limit(&self, bytes: Option<usize>) {
-        let have = self.attn_scratch_bytes();
-        self.attn_scratch_limit.set(bytes.unwrap_or(have).min(have));
+        self.attn_scratch_limit.set(bytes);
     }
 
-    /// The versions (forward, backward) `attention_fwd` / `attention_bwd` run for `shape` now:
-    /// the preferred version where it covers the head dim (version 3's backward also needs one
-    /// sequence of one kv-head group to fit the scratch), else version 2, else version 1.
-    pub fn attention_versions_for(&self, shape: AttnShape) -> Result<(AttnVersion, AttnVersion)> {
-        let (_, _, ran) = self.attention_for(shape)?;
-        if self.attention3_for(shape).is_some() {
-            let bwd = if attention3_bwd_split(shape, self.attn_scratch_limit.get()).is_some() { AttnVersion::V3 } else { ran };
-            return Ok((AttnVersion::V3, bwd));
-        }
-        Ok((ran, ran))
-    }
-
-    /// The version-1/2 attention kernels, their shared memory and their version for a shape
-    /// (version 3 gets version 2's: its backward's fallback).
-    fn attention_for(&self, shape: AttnShape) -> Result<(AttnKernels, [u32; 3], AttnVersion)> {
+    /// The attention kernels for `shape` on this card, or an error naming the card, the head dim
+    /// and what to do.
+    fn attention_for(&self, op: &'static str, shape: AttnShape) -> Result<AttnKernels> {
         if shape.kv_heads == 0 || !shape.heads.is_multiple_of(shape.kv_heads) {
             return Err(Error::Shape {
-                op: "attention",
+                op,
                 expected: "heads a multiple of kv_heads".into(),
                 got: format!("{} heads, {} kv heads", shape.heads, shape.kv_heads),
             });
         }
-        for v in [self.attn_version.get(), AttnVersion::V1] {
-            if let Some(k) = kernels::attention_kernels(shape.head_dim, v) {
-                let ran = if v == AttnVersion::V1 { v } else { AttnVersion::V2 };
-                return Ok((k, kernels::attention_smem_bytes(shape.head_dim, v), ran));
-            }
-        }
-        Err(Error::Shape { op: "attention", expected: "head_dim 32, 64, 96 or 128".into(), got: shape.head_dim.to_string() })
+        self.attention_kernels(shape.head_dim).map_err(|msg| Error::Card { card: self.card.describe(), msg })
     }
 
-    /// Version 3's kernels (forward, backward preparation, backward) when version 3 is preferred
-    /// and covers the head dimension.
-    fn attention3_for(&self, shape: AttnShape) -> Option<(Kernel, Kernel, Kernel)> {
-        if self.attn_version.get() == AttnVersion::V3 { kernels::attention3_kernels(shape.head_dim) } else { None }
-    }
-
-    /// Version 3's backward, in launches of `split` = (sequences, kv heads) that fit the scratch:
+    /// The attention backward, in launches of `split` = (sequences, kv heads) that fit the scratch:
     /// zero the accumulators, D = rowsum(dO∘O), the fused kernel, then the accumulators to bf16.
     /// Pointers are offset to each launch's first row and head; strides stay the full tensors'.
     #[allow(clippy::too_many_arguments)]
-    fn attention3_bwd(
+    fn attention_bwd_launches(
         &self,
-        kern: (Kernel, Kernel, Kernel),
+        kern: AttnKernels,
         split: (usize, usize),
+        scratch: &DevBuf,
         t: [&CudaTensor; 6],
         segments: &CudaIds,
         shape: AttnShape,
@@ -567,16 +636,13 @@ impl CudaBackend {
         dv: &CudaTensor,
     ) -> Result<()> {
         let [dout, q, k, v, out, lse] = t;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = shape;
-        let scratch =
-            self.attn_scratch.as_ref().ok_or_else(|| Error::Cuda { op: "attention_bwd".into(), msg: "no version-3 scratch".into() })?;
-        let (_, prep, bwd) = kern;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
         let (bc, kvc) = split;
         let group = heads / kv_heads;
         let (qs, ks) = (heads * hd, kv_heads * hd);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let smem = kernels::attention3_smem_bytes(hd)[1];
-        let key_tiles = seq.div_ceil(kernels::ATTN3_BWD_KEYS) as u32;
+        let (scale, window) = (shape.scale() as f32, shape.effective_window().unwrap_or(0));
+        let bwd = kern.bwd;
+        let key_tiles = seq.div_ceil(bwd.keys()) as u32;
         for b0 in (0..batch).step_by(bc) {
             let bn = bc.min(batch - b0);
             let rows = bn * seq;
@@ -589,25 +655,26 @@ impl CudaBackend {
                 let dk_acc = dq_acc + (dq_len * 4) as u64;
                 let dv_acc = dk_acc + (dk_len * 4) as u64;
                 let dsum = dv_acc + (dk_len * 4) as u64;
-                assert!((dq_len + 2 * dk_len + rows * nh) * 4 <= scratch.bytes(), "attention3_bwd_split sized a launch past the scratch");
-                // SAFETY: the accumulators lie inside the scratch (`attention3_bwd_split` sizes the
+                assert!((dq_len + 2 * dk_len + rows * nh) * 4 <= scratch.bytes(), "attention_bwd_split sized a launch past the scratch");
+                // SAFETY: the accumulators lie inside the scratch (`attention_bwd_split` sizes the
                 // launch to fit); an asynchronous memset on our stream.
                 unsafe { drv::memset_d8_async(dq_acc, 0, (dq_len + 2 * dk_len) * 4, self.stream()) }.map_err(cuda_err("memset"))?;
                 let (qoff, koff, loff) = (b0 * seq * qs + h0 * hd, b0 * seq * ks + kv0 * hd, b0 * seq * heads + h0);
                 let seg = Arg::Ptr(segments.buf.ptr() + (b0 * seq * 4) as u64);
-                let threads = rows * nh * (hd / 8);
+                // Four threads per (row, head).
+                let threads = rows * nh * 4;
                 self.launch(
-                    prep,
+                    kern.prep,
                     (threads.div_ceil(256) as u32, 1, 1),
                     256,
                     0,
                     &[Arg::Ptr(dout.at(qoff)), Arg::Ptr(out.at(qoff)), Arg::Ptr(dsum), i64a(rows), i32a(nh), i32a(qs)],
                 )?;
                 self.launch(
-                    bwd,
-                    (nh as u32, key_tiles, bn as u32),
-                    128,
-                    smem,
+                    bwd.kernel,
+                    ((nh * bwd.splits()) as u32, key_tiles, bn as u32),
+                    bwd.threads(),
+                    bwd.smem_bytes(),
                     &[
                         Arg::Ptr(q.at(qoff)),
                         Arg::Ptr(k.at(koff)),
@@ -625,6 +692,7 @@ impl CudaBackend {
                         i32a(heads),
                         i32a(group),
                         Arg::F32(scale),
+                        i32a(window),
                     ],
                 )?;
                 for (acc, dst, width, stride) in
@@ -632,7 +700,7 @@ impl CudaBackend {
                 {
                     let threads = rows * width / 8;
                     self.launch(
-                        Kernel::Attn3AccToBf16,
+                        Kernel::AttnAccToBf16,
                         (threads.div_ceil(256) as u32, 1, 1),
                         256,
                         0,
@@ -648,7 +716,7 @@ impl CudaBackend {
     /// than two blocks per multiprocessor (then 2, 4 or 8 warps share each row's dot products).
     fn gemv_warps_per_row(&self, out: usize) -> usize {
         let mut wpr = 1;
-        while wpr < GEMV_WARPS && out.div_ceil(GEMV_WARPS / wpr) < 2 * self.sm_count {
+        while wpr < GEMV_WARPS && out.div_ceil(GEMV_WARPS / wpr) < 2 * self.card.sm_count as usize {
             wpr *= 2;
         }
         wpr
@@ -746,8 +814,8 @@ impl CudaBackend {
         Ok(s.as_ref().map_or(0, DevBuf::ptr))
     }
 
-    pub fn compute_capability(&self) -> (i32, i32) {
-        self.compute_capability
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.card.compute_capability
     }
 
     /// Time every kernel launch and GEMM on the compute stream from now until `finish_profile`.
@@ -786,7 +854,7 @@ impl CudaBackend {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        let mut ptrs = [std::ptr::null_mut::<c_void>(); 16];
+        let mut ptrs = [std::ptr::null_mut::<c_void>(); 24];
         assert!(args.len() <= ptrs.len(), "kernel {} takes too many arguments", k.symbol());
         for (slot, a) in ptrs.iter_mut().zip(args) {
             *slot = a.addr();
@@ -1000,11 +1068,21 @@ impl Backend for CudaBackend {
 
     fn device(&self) -> DeviceInfo {
         let (free, total) = self.shared.ctx.mem_get_info().unwrap_or((0, 0));
+        let (mut free, mut total) = (free as u64, total as u64);
+        // Under a profile or a cap the card is as small as that limit: what is left of it is the
+        // limit less our buffers and context.
+        if let Some(limit) = self.shared.limit() {
+            let context = self.context_bytes.unwrap_or_else(|| planned_context_bytes(&self.card.name));
+            total = total.min(limit as u64 + context);
+            free = free.min((limit as u64).saturating_sub(self.shared.driver_bytes() as u64));
+        }
         DeviceInfo {
             kind: "cuda".into(),
-            name: self.name.clone(),
-            total_memory_bytes: Some(total as u64),
-            free_memory_bytes: Some(free as u64),
+            name: self.card.name.clone(),
+            total_memory_bytes: Some(total),
+            free_memory_bytes: Some(free),
+            others_bytes: None,
+            card: Some(self.card.clone()),
         }
     }
 
@@ -1535,9 +1613,8 @@ impl Backend for CudaBackend {
         lse: &mut Self::Tensor,
     ) -> Result<()> {
         self.bind()?;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
-        let ((fwd, _, _), smem, _) = self.attention_for(shape)?;
-        let v3 = self.attention3_for(shape);
+        let AttnShape { batch, seq, heads, kv_heads, head_dim, .. } = shape;
+        let fwd = self.attention_for("attention_fwd", shape)?.fwd;
         let n = batch * seq;
         act("attention_fwd", "q", q, n * heads * head_dim)?;
         act("attention_fwd", "k", k, n * kv_heads * head_dim)?;
@@ -1545,20 +1622,10 @@ impl Backend for CudaBackend {
         act("attention_fwd", "out", out, n * heads * head_dim)?;
         f32t("attention_fwd", "lse", lse, n * heads)?;
         check_len("attention_fwd", "segments", segments.len, n)?;
-        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
-        let args = [p(q), p(k), p(v), pi(segments), p(out), p(lse), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale)];
-        if let Some((fwd3, _, _)) = v3 {
-            let rows = kernels::ATTN3_FWD_ROWS;
-            return self.launch(
-                fwd3,
-                (heads as u32, seq.div_ceil(rows) as u32, batch as u32),
-                128,
-                kernels::attention3_smem_bytes(head_dim)[0],
-                &args,
-            );
-        }
-        let smem = smem[0];
-        self.launch(fwd, (seq.div_ceil(64) as u32, heads as u32, batch as u32), 128, smem, &args)
+        // A window no shorter than the sequence masks nothing: 0 tells the kernel there is none.
+        let (scale, window) = (shape.scale() as f32, shape.effective_window().unwrap_or(0));
+        let args = [p(q), p(k), p(v), pi(segments), p(out), p(lse), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale), i32a(window)];
+        self.launch(fwd.kernel, (heads as u32, seq.div_ceil(fwd.rows()) as u32, batch as u32), fwd.threads(), fwd.smem_bytes(), &args)
     }
 
     fn attention_bwd(
@@ -1576,8 +1643,8 @@ impl Backend for CudaBackend {
         dv: &mut Self::Tensor,
     ) -> Result<()> {
         self.bind()?;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim } = shape;
-        let ((_, dkdv, dqk), smem, _) = self.attention_for(shape)?;
+        let AttnShape { batch, seq, heads, kv_heads, head_dim, .. } = shape;
+        let kern = self.attention_for("attention_bwd", shape)?;
         let n = batch * seq;
         let (qn, kn) = (n * heads * head_dim, n * kv_heads * head_dim);
         act("attention_bwd", "dout", dout, qn)?;
@@ -1590,42 +1657,35 @@ impl Backend for CudaBackend {
         act("attention_bwd", "dk", dk, kn)?;
         act("attention_bwd", "dv", dv, kn)?;
         check_len("attention_bwd", "segments", segments.len, n)?;
-        if let (Some(kern), Some(split)) = (self.attention3_for(shape), attention3_bwd_split(shape, self.attn_scratch_limit.get())) {
-            if n == 0 {
-                return Ok(());
-            }
-            return self.attention3_bwd(kern, split, [dout, q, k, v, out, lse], segments, shape, dq, dk, dv);
+        if n == 0 {
+            return Ok(());
         }
-        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
-        let tiles = seq.div_ceil(64) as u32;
-        self.launch(
-            dkdv,
-            (tiles, kv_heads as u32, batch as u32),
-            128,
-            smem[1],
-            &[
-                p(q),
-                p(k),
-                p(v),
-                p(out),
-                p(dout),
-                p(lse),
-                pi(segments),
-                p(dk),
-                p(dv),
-                i32a(seq),
-                i32a(heads),
-                i32a(kv_heads),
-                Arg::F32(scale),
-            ],
-        )?;
-        self.launch(
-            dqk,
-            (tiles, heads as u32, batch as u32),
-            128,
-            smem[2],
-            &[p(q), p(k), p(v), p(out), p(dout), p(lse), pi(segments), p(dq), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale)],
-        )
+        let scratch = self.attn_scratch.borrow();
+        let scratch = scratch.as_ref().ok_or_else(|| Error::Cuda {
+            op: "attention_bwd".into(),
+            msg: "no attention scratch: reserve_attention must size it for the largest shape first".into(),
+        })?;
+        let limit = self.attn_scratch_limit.get().unwrap_or(usize::MAX).min(scratch.bytes());
+        let split = attention_bwd_split(shape, limit).ok_or_else(|| Error::Cuda {
+            op: "attention_bwd".into(),
+            msg: format!(
+                "one sequence of {seq} tokens needs {} of attention scratch, {} was reserved: reserve_attention was given a smaller shape",
+                crate::util::fmt_bytes(attention_unit_bytes(shape) as u64),
+                crate::util::fmt_bytes(limit as u64)
+            ),
+        })?;
+        self.attention_bwd_launches(kern, split, scratch, [dout, q, k, v, out, lse], segments, shape, dq, dk, dv)
+    }
+
+    fn reserve_attention(&self, max: AttnShape) -> Result<()> {
+        self.bind()?;
+        let want = attention_scratch_bytes(max);
+        let mut slot = self.attn_scratch.borrow_mut();
+        if slot.as_ref().is_none_or(|b| b.bytes() < want) {
+            *slot = None;
+            *slot = Some(DevBuf::new(&self.shared, want)?);
+        }
+        Ok(())
     }
 
     fn swiglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()> {
@@ -2026,7 +2086,7 @@ impl Backend for CudaBackend {
         // is sized for the longest a row can be (the window, else the capacity).
         let longest = window.map_or(capacity, |w| w.min(capacity));
         let blocks = n * kv_heads;
-        let want = (2 * self.sm_count).div_ceil(blocks).clamp(1, longest.div_ceil(ATTC_THREADS));
+        let want = (2 * self.card.sm_count as usize).div_ceil(blocks).clamp(1, longest.div_ceil(ATTC_THREADS));
         let fit = GEN_ATTN_SCRATCH_BYTES / (n * heads * (hd + 2) * 4).max(1);
         let splits = want.min(fit).max(1);
         let split_len = longest.div_ceil(splits);

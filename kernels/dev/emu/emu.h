@@ -1,4 +1,4 @@
-// Host emulation of the few CUDA features the attention v3 kernels use. A block's threads are
+// Host emulation of the few CUDA features kernels/attention.cu uses. A block's threads are
 // fibers (ucontext) on one OS thread, switched only when one waits at a barrier; the scheduler
 // picks the next fiber round-robin or at random (seeded), so warps interleave differently from run
 // to run. Warp collectives (shfl, all, ldmatrix, mma.sync) exchange through per-warp slots between
@@ -158,11 +158,8 @@ inline int max(int a, int b) { return a > b ? a : b; }
 [[noreturn]] inline void __trap() { emu_fail("__trap"); }
 
 // ---- replacements of the inline-PTX helpers of attention.cu ----
-#define ATT_TILE 64
-#define ATT_WARPS 4
-#define ATT_THREADS 128
-#define LOG2E_F 1.4426950408889634f
-#define LN2_F 0.6931471805599453f
+// The dynamic shared memory of the emulated block (attention.cu declares it through this macro).
+#define DYNAMIC_SMEM(name) unsigned char* name = emu_smem()
 
 inline void require_smem(size_t need) { EMU_CHECK(g_block->smem_bytes >= need, "dynamic shared memory too small"); }
 

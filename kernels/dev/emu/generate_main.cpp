@@ -2,7 +2,7 @@
 // references, on shapes that reach every branch: GEMV row counts 1..8, each warps-per-row split,
 // ragged `in` and `out`, LoRA on and off, f32 output; the cached attention with GQA groups,
 // windows, several sequences at different positions, one split and many, and a bad position.
-// Built and run by generate.sh (no GPU needed). Exit status 1 on any failure.
+// Built and run by kernels/dev/emu/generate.sh (no GPU needed). Exit status 1 on any failure.
 #include "emu.h"
 #define TUNESTUDIO_EMU 1
 using std::isnan;
