@@ -102,6 +102,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time prefill and decode on the GPU with random weights of a real shape: the NF4 base with a
+    /// LoRA adapter on all seven linears, switched on, batch 1 (the Chat page's path).
+    BenchGenerate {
+        /// llama3-8b, llama3.2-3b or llama3.2-1b.
+        #[arg(long, default_value = "llama3-8b")]
+        shape: String,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe a model folder: architecture, parameters, dtypes, untrained tokens.
     Inspect {
         model: PathBuf,
@@ -218,6 +234,19 @@ fn main() -> ExitCode {
         }
         Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json }) => {
             bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json)
+        }
+        Some(Command::BenchGenerate { shape, rank, prompt_tokens, new_tokens, json }) => {
+            let args = tunestudio::generate::bench::DecodeBenchArgs { shape, rank, prompt_tokens, new_tokens };
+            tunestudio::generate::bench::run(&args, &|m| eprintln!("{m}")).map(|r| {
+                if json {
+                    println!("{}", serde_json::to_string(&r).expect("json"));
+                } else {
+                    println!(
+                        "{} {} NF4 + LoRA r {}: prefill {} tokens {:.0} tokens/s; decode {:.1} tokens/s ({:.2} ms per token)",
+                        r.card, r.shape, r.rank, r.prompt_tokens, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.decode_ms_per_token
+                    );
+                }
+            })
         }
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
         Some(Command::Preflight { config, json }) => tunestudio::commands::preflight::run(&config, json),

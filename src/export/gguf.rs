@@ -183,15 +183,9 @@ fn tensor_type(quant: GgufQuant, gguf: &str, shape: &[usize], layers: usize, tie
         GgufQuant::Q4KM => {
             let layer = gguf.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
             let is_output = gguf == "output.weight" || (tied && gguf == "token_embd.weight");
-            if is_output {
-                GgmlDType::Q6K
-            } else if (gguf.ends_with("attn_v.weight") || gguf.ends_with("ffn_down.weight"))
-                && layer.is_some_and(|l| use_more_bits(l, layers))
-            {
-                GgmlDType::Q6K
-            } else {
-                GgmlDType::Q4K
-            }
+            let more_bits =
+                (gguf.ends_with("attn_v.weight") || gguf.ends_with("ffn_down.weight")) && layer.is_some_and(|l| use_more_bits(l, layers));
+            if is_output || more_bits { GgmlDType::Q6K } else { GgmlDType::Q4K }
         }
     };
     // Rows that are not whole blocks take llama.cpp's fallbacks.

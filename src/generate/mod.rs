@@ -8,6 +8,7 @@
 //! copy of the weights. Each request uses the cache slot of its index; a slot keeps the tokens it
 //! holds, so the next turn of a conversation only runs its new tokens.
 
+pub mod bench;
 pub mod sample;
 pub mod stream;
 
