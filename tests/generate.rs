@@ -17,6 +17,7 @@ use tunestudio::engine::model::RandomWeights;
 use tunestudio::engine::{EngineOptions, TokenRows, Trainer};
 use tunestudio::generate::{FinishReason, Generator, LoadOptions, Prompt, Request, SamplingParams, StreamEvent};
 use tunestudio::model::ModelSpec;
+use tunestudio::model::arch::{Family, MlpActivation, Rope, RopeScaling};
 use tunestudio::model::chat_template::Message;
 
 type B = CpuBackend<f64>;
@@ -35,6 +36,31 @@ fn spec(qkv_bias: bool, tied: bool) -> ModelSpec {
         tie_word_embeddings: tied,
         rope_theta: 10000.0,
         ..ModelSpec::llama3_8b()
+    }
+}
+
+/// Qwen3 in small: per-head q/k norms, a head_dim that is not hidden / heads.
+fn qwen3() -> ModelSpec {
+    ModelSpec { family: Family::Qwen3, model_type: "qwen3".into(), head_dim: 6, qk_norm: true, ..spec(false, false) }
+}
+
+/// Gemma 3 in small: (1 + w) norms around both blocks, q/k norms, GeGLU, the scaled embedding,
+/// tied head, a sliding window of 3 on layer 0 with its own RoPE, a softmax scale of its own.
+fn gemma3() -> ModelSpec {
+    ModelSpec {
+        family: Family::Gemma3,
+        model_type: "gemma3_text".into(),
+        qk_norm: true,
+        norm_weight_offset: 1.0,
+        sandwich_norms: true,
+        mlp_activation: MlpActivation::GeluTanh,
+        embed_scale: Some((16f32).sqrt()),
+        attn_scale: Some(0.3),
+        sliding_window: Some(3),
+        sliding_layers: vec![true, false],
+        local_rope: Some(Rope { theta: 100.0, scaling: None }),
+        rope_scaling: Some(RopeScaling::Linear { factor: 2.0 }),
+        ..spec(false, true)
     }
 }
 
@@ -120,8 +146,15 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn cached_decode_matches_the_training_forward() {
     let ids: Vec<u32> = vec![1, 3, 5, 17, 2, 3, 28, 0, 9, 17, 4];
-    for (bias, tied, quant) in [(false, false, Quantization::Bf16), (true, true, Quantization::Bf16), (false, false, Quantization::Nf4)] {
-        let s = spec(bias, tied);
+    let cases = [
+        (spec(false, false), Quantization::Bf16),
+        (spec(true, true), Quantization::Bf16),
+        (spec(false, false), Quantization::Nf4),
+        (qwen3(), Quantization::Bf16),
+        (gemma3(), Quantization::Bf16),
+    ];
+    for (s, quant) in cases {
+        let (bias, tied) = (s.qkv_bias, s.tie_word_embeddings);
         let w = RandomWeights::new(&s, 5, 0.4);
         let a = adapter(&s, tied);
         for with_adapter in [false, true] {

@@ -155,7 +155,7 @@ pub fn memory_bar(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
     painter.rect_filled(rect, 3.0, ui.visuals().extreme_bg_color);
     if let (Some(free), Some(total)) = (b.free_at, b.total_at) {
         // Taken by others: between free and total.
-        painter.rect_filled(egui::Rect::from_x_y_ranges(x(free)..=x(total), rect.y_range()), 0.0, Color32::from_gray(70));
+        painter.rect_filled(egui::Rect::from_x_y_ranges(x(free)..=x(total), rect.y_range()), 0.0, OTHERS_GREY);
     }
     for (s, (from, to)) in v.segments.iter().zip(&b.segments) {
         painter.rect_filled(egui::Rect::from_x_y_ranges(x(*from)..=x(*to), rect.y_range()), 0.0, s.color);
@@ -172,8 +172,16 @@ pub fn memory_bar(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
     for s in &v.segments {
         tip.push_str(&format!("\n{}: {}", s.label, fmt_bytes(s.bytes)));
     }
+    if let (Some(free), Some(total)) = (v.free_bytes, v.total_bytes)
+        && free < total
+    {
+        tip.push_str(&format!("\ngrey: {} in use by others", fmt_bytes(total - free)));
+    }
     resp.on_hover_text(tip);
 }
+
+/// Memory taken by others (between free and total) on the bars and in the legend.
+const OTHERS_GREY: Color32 = Color32::from_gray(110);
 
 pub fn memory_legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
     ui.horizontal_wrapped(|ui| {
@@ -182,6 +190,12 @@ pub fn memory_legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
         let item = |ui: &mut Ui, text: String, color: Color32| ui.add(egui::Label::new(RichText::new(text).color(color).small()).extend());
         for s in &v.segments {
             item(ui, format!("■ {} {}", s.label, fmt_bytes(s.bytes)), s.color);
+        }
+        if let (Some(free), Some(total)) = (v.free_bytes, v.total_bytes)
+            && free < total
+        {
+            let what = if v.on_gpu { "in use by other processes" } else { "RAM in use by other programs" };
+            item(ui, format!("■ {what} {}", fmt_bytes(total - free)), OTHERS_GREY);
         }
         if let Some(m) = measured {
             item(ui, format!("| measured now {}", fmt_bytes(m)), Color32::from_rgb(240, 70, 70)).on_hover_text(if v.on_gpu {
@@ -214,7 +228,7 @@ fn host_bar(ui: &mut Ui, pinned: u64, h: &HostMemory) {
     let scale = h.total_bytes.max(pinned).max(1) as f32;
     let x = |b: u64| rect.left() + b as f32 / scale * rect.width();
     painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
-    painter.rect_filled(egui::Rect::from_x_y_ranges(x(h.available_bytes)..=x(h.total_bytes), rect.y_range()), 0.0, Color32::from_gray(70));
+    painter.rect_filled(egui::Rect::from_x_y_ranges(x(h.available_bytes)..=x(h.total_bytes), rect.y_range()), 0.0, OTHERS_GREY);
     painter.rect_filled(egui::Rect::from_x_y_ranges(rect.left()..=x(pinned), rect.y_range()), 0.0, TERMS[5].2);
     resp.on_hover_text(format!(
         "Host RAM: {} pinned of {} ({} available)",

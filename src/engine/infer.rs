@@ -21,6 +21,7 @@ use crate::engine::lora::LoraWeights;
 use crate::engine::model::{DeviceModel, LayerWeights, WeightSource};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
+use crate::model::arch::MlpActivation;
 
 /// Sizes of an inference model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +68,13 @@ struct Workspace<B: Backend> {
     x: B::Tensor,
     h: B::Tensor,
     t: B::Tensor,
+    /// A block's output before Gemma's output norm.
+    pre: B::Tensor,
     inv: B::Tensor,
+    /// q and k before their per-head norms (Qwen3, Gemma 3), with the norms' inverse RMS.
+    q_pre: B::Tensor,
+    k_pre: B::Tensor,
+    qk_inv: B::Tensor,
     q: B::Tensor,
     k: B::Tensor,
     v: B::Tensor,
@@ -174,7 +181,7 @@ impl<B: Backend> Inference<B> {
                     let (out, inp) = spec.linear_shape(t);
                     if pair.a.len() != rank * inp || pair.b.len() != out * rank {
                         return Err(Error::tensor(
-                            crate::engine::lora::peft_key(l, t, 'A'),
+                            crate::engine::lora::peft_key(&spec, l, t, 'A'),
                             None,
                             format!("LoRA shapes do not match the model ({out}x{inp} at rank {rank})"),
                         ));
@@ -205,7 +212,11 @@ impl<B: Backend> Inference<B> {
             x: act(n * d)?,
             h: act(n * d)?,
             t: act(n * d)?,
+            pre: act(n * d)?,
             inv: backend.alloc(n, DType::F32)?,
+            q_pre: act(n * qd)?,
+            k_pre: act(n * kvd)?,
+            qk_inv: backend.alloc(n * spec.num_heads, DType::F32)?,
             q: act(n * qd)?,
             k: act(n * kvd)?,
             v: act(n * kvd)?,
@@ -339,7 +350,7 @@ impl<B: Backend> Inference<B> {
         let (be, ws) = (&self.backend, &mut self.ws);
         let (n, d) = (entries.len(), self.spec.hidden_size);
         let table = self.vocab + self.extra.len();
-        be.rmsnorm_fwd(&ws.last, &self.model.final_norm, n, d, self.spec.rms_norm_eps as f32, &mut ws.last_normed, &mut ws.last_inv)?;
+        be.rmsnorm_fwd(&ws.last, &self.model.final_norm, self.spec.norm(), n, d, &mut ws.last_normed, &mut ws.last_inv)?;
         be.logits(&ws.last_normed, self.model.head(), n, d, table, &mut ws.logits)?;
         let all = be.download(&ws.logits)?;
         Ok(entries
@@ -361,7 +372,7 @@ impl<B: Backend> Inference<B> {
     /// Every layer over one chunk of rows; the chunk's keys and values go into the cache.
     fn run_chunk(&mut self, chunk: &[(usize, usize, u32)]) -> Result<()> {
         let n = chunk.len();
-        let (d, eps) = (self.spec.hidden_size, self.spec.rms_norm_eps as f32);
+        let d = self.spec.hidden_size;
         let be = &self.backend;
         let ws = &mut self.ws;
         // A fine-tuned row reads a trained token's appended row.
@@ -378,17 +389,20 @@ impl<B: Backend> Inference<B> {
         let scales: Vec<f32> = chunk.iter().map(|c| if self.adapter_on[c.0] { self.scale } else { 0.0 }).collect();
         be.write(&mut ws.row_scale, &scales)?;
         be.embedding_fwd(&ws.ids, &self.model.embed, n, d, &mut ws.x)?;
-        let kv = KvShape {
-            heads: self.spec.num_heads,
-            kv_heads: self.spec.num_kv_heads,
-            head_dim: self.spec.head_dim,
-            capacity: self.opts.capacity,
-            scale: (1.0 / (self.spec.head_dim as f64).sqrt()) as f32,
-            window: None,
-        };
+        if let Some(s) = self.spec.embed_scale {
+            be.scale(&mut ws.x, n * d, s)?;
+        }
         for l in 0..self.spec.num_layers {
-            let ctx = LayerCtx { be, spec: &self.spec, lora: &self.lora[l], rank: self.rank, n, kv, eps };
-            layer_forward(&ctx, &self.model.layers[l], &mut self.cache[l], &self.model.rope_table, ws)?;
+            let kv = KvShape {
+                heads: self.spec.num_heads,
+                kv_heads: self.spec.num_kv_heads,
+                head_dim: self.spec.head_dim,
+                capacity: self.opts.capacity,
+                scale: self.spec.attn_scale.unwrap_or(1.0 / (self.spec.head_dim as f64).sqrt()) as f32,
+                window: self.spec.layer_window(l),
+            };
+            let ctx = LayerCtx { be, spec: &self.spec, lora: &self.lora[l], rank: self.rank, n, kv };
+            layer_forward(&ctx, &self.model.layers[l], &mut self.cache[l], self.model.rope_table_for(&self.spec, l), ws)?;
         }
         Ok(())
     }
@@ -401,7 +415,6 @@ struct LayerCtx<'a, B: Backend> {
     rank: usize,
     n: usize,
     kv: KvShape,
-    eps: f32,
 }
 
 impl<B: Backend> LayerCtx<'_, B> {
@@ -421,8 +434,9 @@ impl<B: Backend> LayerCtx<'_, B> {
     }
 }
 
-/// One decoder layer in place on `ws.x`: the training forward's blocks, with attention over the
-/// cache. (Families with more per-layer steps add them here as in `engine::layer_forward`.)
+/// One decoder layer in place on `ws.x`: the training forward's blocks (`engine::attention_forward`
+/// and `mlp_forward`: per-head q/k norms, Gemma's output norms, GeGLU), with attention over the
+/// cache.
 fn layer_forward<B: Backend>(
     c: &LayerCtx<'_, B>,
     lw: &LayerWeights<B>,
@@ -432,22 +446,49 @@ fn layer_forward<B: Backend>(
 ) -> Result<()> {
     let (be, spec, n) = (c.be, c.spec, c.n);
     let (d, hd) = (spec.hidden_size, spec.head_dim);
-    be.rmsnorm_fwd(&ws.x, &lw.input_norm, n, d, c.eps, &mut ws.h, &mut ws.inv)?;
-    c.linear(lw, Target::Q, &ws.h, &mut ws.q, &mut ws.xa, &ws.row_scale)?;
-    c.linear(lw, Target::K, &ws.h, &mut ws.k, &mut ws.xa, &ws.row_scale)?;
+    let norm = spec.norm();
+    be.rmsnorm_fwd(&ws.x, &lw.input_norm, norm, n, d, &mut ws.h, &mut ws.inv)?;
     c.linear(lw, Target::V, &ws.h, &mut ws.v, &mut ws.xa, &ws.row_scale)?;
+    match (&lw.q_norm, &lw.k_norm) {
+        (Some(qn), Some(kn)) => {
+            c.linear(lw, Target::Q, &ws.h, &mut ws.q_pre, &mut ws.xa, &ws.row_scale)?;
+            c.linear(lw, Target::K, &ws.h, &mut ws.k_pre, &mut ws.xa, &ws.row_scale)?;
+            be.rmsnorm_fwd(&ws.q_pre, qn, norm, n * spec.num_heads, hd, &mut ws.q, &mut ws.qk_inv)?;
+            be.rmsnorm_fwd(&ws.k_pre, kn, norm, n * spec.num_kv_heads, hd, &mut ws.k, &mut ws.qk_inv)?;
+        }
+        _ => {
+            c.linear(lw, Target::Q, &ws.h, &mut ws.q, &mut ws.xa, &ws.row_scale)?;
+            c.linear(lw, Target::K, &ws.h, &mut ws.k, &mut ws.xa, &ws.row_scale)?;
+        }
+    }
     be.rope(&mut ws.q, n, spec.num_heads, hd, &ws.positions, rope_table, false)?;
     be.rope(&mut ws.k, n, spec.num_kv_heads, hd, &ws.positions, rope_table, false)?;
     let [kc, vc] = cache;
     be.kv_store(&ws.k, n, c.kv, &ws.slots, &ws.positions, kc)?;
     be.kv_store(&ws.v, n, c.kv, &ws.slots, &ws.positions, vc)?;
     be.attention_cached(&ws.q, kc, vc, &ws.slots, &ws.positions, n, c.kv, &mut ws.att)?;
-    c.linear(lw, Target::O, &ws.att, &mut ws.t, &mut ws.xa, &ws.row_scale)?;
+    match &lw.attn_out_norm {
+        Some(wn) => {
+            c.linear(lw, Target::O, &ws.att, &mut ws.pre, &mut ws.xa, &ws.row_scale)?;
+            be.rmsnorm_fwd(&ws.pre, wn, norm, n, d, &mut ws.t, &mut ws.inv)?;
+        }
+        None => c.linear(lw, Target::O, &ws.att, &mut ws.t, &mut ws.xa, &ws.row_scale)?,
+    }
     be.add(&mut ws.x, &ws.t, n * d)?;
-    be.rmsnorm_fwd(&ws.x, &lw.post_attention_norm, n, d, c.eps, &mut ws.h, &mut ws.inv)?;
+    be.rmsnorm_fwd(&ws.x, &lw.post_attention_norm, norm, n, d, &mut ws.h, &mut ws.inv)?;
     c.linear(lw, Target::Gate, &ws.h, &mut ws.g, &mut ws.xa, &ws.row_scale)?;
     c.linear(lw, Target::Up, &ws.h, &mut ws.u, &mut ws.xa, &ws.row_scale)?;
-    be.swiglu_fwd(&ws.g, &ws.u, n * spec.intermediate_size, &mut ws.m)?;
-    c.linear(lw, Target::Down, &ws.m, &mut ws.t, &mut ws.xa, &ws.row_scale)?;
+    let elems = n * spec.intermediate_size;
+    match spec.mlp_activation {
+        MlpActivation::Silu => be.swiglu_fwd(&ws.g, &ws.u, elems, &mut ws.m)?,
+        MlpActivation::GeluTanh => be.geglu_fwd(&ws.g, &ws.u, elems, &mut ws.m)?,
+    }
+    match &lw.mlp_out_norm {
+        Some(wn) => {
+            c.linear(lw, Target::Down, &ws.m, &mut ws.pre, &mut ws.xa, &ws.row_scale)?;
+            be.rmsnorm_fwd(&ws.pre, wn, norm, n, d, &mut ws.t, &mut ws.inv)?;
+        }
+        None => c.linear(lw, Target::Down, &ws.m, &mut ws.t, &mut ws.xa, &ws.row_scale)?,
+    }
     be.add(&mut ws.x, &ws.t, n * d)
 }

@@ -4,7 +4,7 @@
 //! with candle-core's `gguf_file` writer and quantized by its quantizers (`f16`, `bf16`, `q8_0`,
 //! and `q4_k_m` as llama.cpp mixes it); and an Ollama `Modelfile` beside the file.
 //!
-//! Families: `llama` (Llama, Mistral) and `qwen2`. A new family adds a row to [`Arch::of`] (its
+//! Families: `llama` (Llama, Mistral), `qwen2` and `qwen3` (its per-head q/k norms as `attn_q_norm`/`attn_k_norm`); Gemma 3 is refused for now. A new family adds a row to [`Arch::of`] (its
 //! llama.cpp architecture name, whether q/k are permuted, extra per-layer tensors in
 //! [`gguf_name`]) and its hyper-parameter keys in [`arch_metadata`].
 //!
@@ -112,11 +112,19 @@ struct Arch {
 }
 
 impl Arch {
-    fn of(spec: &ModelSpec) -> Arch {
-        match spec.family {
+    fn of(spec: &ModelSpec) -> Result<Arch> {
+        Ok(match spec.family {
             Family::Llama | Family::Mistral => Arch { name: "llama", permute_qk: true },
             Family::Qwen2 => Arch { name: "qwen2", permute_qk: false },
-        }
+            Family::Qwen3 => Arch { name: "qwen3", permute_qk: false },
+            // Gemma 3 needs llama.cpp's own norm convention (weights stored as 1 + w) and its
+            // sliding-window keys; not written yet rather than written wrong.
+            Family::Gemma3 => {
+                return Err(Error::msg(
+                    "Gemma 3 models cannot be exported to GGUF yet; export the merged folder and convert it with llama.cpp's convert_hf_to_gguf.py",
+                ));
+            }
+        })
     }
 }
 
@@ -139,6 +147,8 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
@@ -208,7 +218,7 @@ pub fn export_gguf(input: &MergeInput, dest: &Path, opts: &GgufOptions, progress
     }
     let merged = MergedTensors::open(input)?;
     let spec = merged.spec().clone();
-    let arch = Arch::of(&spec);
+    let arch = Arch::of(&spec)?;
     let tok = TokenizerBundle::load(&input.model)?;
     let template = tok.resolve_template(&opts.template)?;
     let vocab = TokenizerVocab::read(&input.model, &tok, &spec)?;
