@@ -116,10 +116,17 @@ fn random_uniform(n: usize, seed: u64, a: f32) -> Vec<f32> {
 
 /// Random weights in the exact shape: one random NF4 tensor per distinct linear shape, shared by
 /// every layer (the values do not change the speed or the memory, but they are never zeros).
-struct BenchWeights {
+pub(crate) struct BenchWeights {
     quant: Quantization,
     tied: bool,
     cache: Mutex<BTreeMap<(usize, usize), HostWeight>>,
+}
+
+impl BenchWeights {
+    /// Random weights of `spec`'s shape (the decode benchmark of `generate::bench` uses them too).
+    pub(crate) fn new(quant: Quantization, spec: &ModelSpec) -> Self {
+        BenchWeights { quant, tied: spec.tie_word_embeddings, cache: Mutex::new(BTreeMap::new()) }
+    }
 }
 
 impl WeightSource for BenchWeights {

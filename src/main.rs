@@ -114,6 +114,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time prefill and decode on the GPU with random weights of a real shape: the NF4 base with a
+    /// LoRA adapter on all seven linears, switched on, batch 1 (the Chat page's path).
+    BenchGenerate {
+        /// llama3-8b, llama3.2-3b or llama3.2-1b.
+        #[arg(long, default_value = "llama3-8b")]
+        shape: String,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe a model folder: architecture, parameters, dtypes, untrained tokens.
     Inspect {
         model: PathBuf,
@@ -160,6 +176,10 @@ enum Command {
         #[arg(long)]
         per_example: bool,
     },
+    /// Answer one prompt with a model (a run folder, or a model folder and --adapter), streamed.
+    Generate(tunestudio::commands::generate::GenerateArgs),
+    /// Talk to a model on the terminal (a run folder, or a model folder and --adapter).
+    Chat(tunestudio::commands::chat::ChatArgs),
     /// Export a run: its PEFT adapter, or the base model with the adapter merged in.
     Export {
         #[command(subcommand)]
@@ -176,6 +196,9 @@ enum ExportCommand {
         #[arg(long)]
         to: Option<PathBuf>,
     },
+    /// The base model with the adapter folded in, as one GGUF file (f16, bf16, q8_0, q4_k_m) for
+    /// llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
+    Gguf(tunestudio::commands::export_gguf::ExportGgufArgs),
     /// The base model with the adapter folded in, as a 16-bit Hugging Face folder.
     Merged {
         /// The run folder (or use --model and --adapter).
@@ -231,6 +254,19 @@ fn main() -> ExitCode {
         Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json }) => {
             bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json)
         }
+        Some(Command::BenchGenerate { shape, rank, prompt_tokens, new_tokens, json }) => {
+            let args = tunestudio::generate::bench::DecodeBenchArgs { shape, rank, prompt_tokens, new_tokens };
+            tunestudio::generate::bench::run(&args, &|m| eprintln!("{m}")).map(|r| {
+                if json {
+                    println!("{}", serde_json::to_string(&r).expect("json"));
+                } else {
+                    println!(
+                        "{} {} NF4 + LoRA r {}: prefill {} tokens {:.0} tokens/s; decode {:.1} tokens/s ({:.2} ms per token)",
+                        r.card, r.shape, r.rank, r.prompt_tokens, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.decode_ms_per_token
+                    );
+                }
+            })
+        }
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
         Some(Command::Preflight { config, json }) => tunestudio::commands::preflight::run(&config, json),
         Some(Command::Eval {
@@ -246,9 +282,12 @@ fn main() -> ExitCode {
             json,
             per_example,
         }) => eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }),
+        Some(Command::Generate(args)) => tunestudio::commands::generate::run(&args),
+        Some(Command::Chat(args)) => tunestudio::commands::chat::run(&args),
         Some(Command::Export { what: ExportCommand::Adapter { run, to } }) => {
             tunestudio::export::run::export_adapter(&run, to.as_deref()).map(|d| println!("adapter written to {}", d.display()))
         }
+        Some(Command::Export { what: ExportCommand::Gguf(args) }) => tunestudio::commands::export_gguf::run(&args),
         Some(Command::Export { what: ExportCommand::Merged { run, dtype, to, model, adapter, quantization, max_shard_size, json } }) => {
             export_merged(run, dtype, to, model, adapter, quantization, max_shard_size, json)
         }

@@ -243,6 +243,19 @@ fn describe(e: &minijinja::Error) -> String {
 /// the two marker characters. Keeping a block tag (rather than an expression) keeps the
 /// trim_blocks/lstrip_blocks behaviour of the original tag.
 fn rewrite_generation_tags(source: &str) -> (String, bool) {
+    replace_generation_tags(source, "filter __ts_generation", "endfilter")
+}
+
+/// The template with its `{% generation %}` blocks turned into `{% if true %}` blocks (same
+/// whitespace control), for tools that do not know the tag (llama.cpp, Ollama): it renders the
+/// same text.
+pub fn portable_source(source: &str) -> String {
+    replace_generation_tags(source, "if true", "endif").0
+}
+
+/// Every generation tag replaced by a block tag with `open` / `close` as its body; and whether
+/// there was one.
+fn replace_generation_tags(source: &str, open: &str, close: &str) -> (String, bool) {
     let mut out = String::with_capacity(source.len() + 32);
     let mut rest = source;
     let mut found = false;
@@ -252,7 +265,7 @@ fn rewrite_generation_tags(source: &str) -> (String, bool) {
         match parse_generation_tag(tag) {
             Some((len, open_mark, end, close_mark)) => {
                 found = true;
-                let body = if end { "endfilter".to_string() } else { "filter __ts_generation".to_string() };
+                let body = if end { close } else { open };
                 out.push_str(&format!("{{%{open_mark} {body} {close_mark}%}}"));
                 rest = &tag[len..];
             }
