@@ -357,6 +357,9 @@ impl ModelSpec {
         }
     }
 
+    /// The names `by_shape_name` knows, for menus and messages.
+    pub const SHAPE_NAMES: [&str; 3] = ["llama3-8b", "llama3.2-3b", "llama3.2-1b"];
+
     /// Named shapes for `bench` and `plan`.
     pub fn by_shape_name(name: &str) -> Option<Self> {
         match name {
@@ -379,6 +382,13 @@ impl ModelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_shape_name_resolves() {
+        for name in ModelSpec::SHAPE_NAMES {
+            assert!(ModelSpec::by_shape_name(name).is_some(), "{name}");
+        }
+    }
 
     #[test]
     fn llama3_8b_param_count() {
