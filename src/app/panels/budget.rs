@@ -48,7 +48,7 @@ pub fn panel(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             .selected_text(shown)
             .show_ui(ui, |ui| {
                 ui.selectable_value(&mut shape, None, "the model folder");
-                for name in ModelSpec::SHAPE_NAMES {
+                for &name in ModelSpec::SHAPE_NAMES {
                     ui.selectable_value(&mut shape, Some(name.to_string()), name);
                 }
             })
@@ -79,7 +79,8 @@ pub fn panel(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         };
         let c = &state.config;
         // When the search stopped at its useful end rather than at the memory, say which end.
-        let whole_data = if c.train.grad_accum > 1 { " (the whole dataset per step, with accumulation)" } else { " (the whole dataset per step)" };
+        let whole_data =
+            if c.train.grad_accum > 1 { " (the whole dataset per step, with accumulation)" } else { " (the whole dataset per step)" };
         for (setting, name, found, now, cap, why) in [
             (Setting::MaxSeqLen, "seq len", f.max_seq_len, c.train.max_seq_len, f.seq_cap, " (the model's context)"),
             (Setting::BatchSize, "batch", f.batch_size, c.train.batch_size, if f.batch_cap_is_data { f.batch_cap } else { 0 }, whole_data),

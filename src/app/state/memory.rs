@@ -466,7 +466,11 @@ mod tests {
         let cfg = RunConfig::default();
         let t = target(Card::Preset(80), DeviceChoice::Auto, None);
         let f = fixes(&spec, &cfg, &t, Some(350));
-        assert_eq!((f.batch_cap, f.batch_size), (350 / cfg.train.grad_accum, Some(350 / cfg.train.grad_accum)), "no step larger than the data");
+        assert_eq!(
+            (f.batch_cap, f.batch_size),
+            (350 / cfg.train.grad_accum, Some(350 / cfg.train.grad_accum)),
+            "no step larger than the data"
+        );
         assert_eq!(full_rank(&spec, &cfg.lora.targets), 32, "k_proj and v_proj are 64 → 32 wide");
         assert_eq!((f.rank_cap, f.lora_r), (32, Some(32)), "no rank above the linears' own");
         let mut mlp_only = cfg.clone();

@@ -236,10 +236,7 @@ pub fn scan_hf_cache(root: &Path) -> Vec<CachedModel> {
                     .map(|s| s.path())
             };
             let path = main.filter(|p| p.join("config.json").is_file()).or_else(newest)?;
-            let has_weights = std::fs::read_dir(&path)
-                .ok()?
-                .flatten()
-                .any(|f| f.file_name().to_string_lossy().ends_with(".safetensors"));
+            let has_weights = std::fs::read_dir(&path).ok()?.flatten().any(|f| f.file_name().to_string_lossy().ends_with(".safetensors"));
             has_weights.then_some(CachedModel { repo_id, path })
         })
         .collect();

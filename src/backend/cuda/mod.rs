@@ -34,7 +34,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result as drv, sys};
 use half::bf16;
 
 use super::card::{self, CardLimits, CardProfile, PtxTarget};
-use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum};
+use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm};
 use crate::error::{Error, Result};
 use gemm::{Gemm, GemmCall};
 use kernels::{ATTN_HEAD_DIMS, AttnKernels, FILES, Kernel};
@@ -1196,9 +1196,9 @@ impl Backend for CudaBackend {
         &self,
         x: &Self::Tensor,
         w: &Self::Tensor,
+        norm: RmsNorm,
         n: usize,
         d: usize,
-        eps: f32,
         out: &mut Self::Tensor,
         inv_rms: &mut Self::Tensor,
     ) -> Result<()> {
@@ -1208,7 +1208,13 @@ impl Backend for CudaBackend {
         act("rmsnorm_fwd", "out", out, n * d)?;
         f32t("rmsnorm_fwd", "inv_rms", inv_rms, n)?;
         let threads = row_threads(d);
-        self.launch(Kernel::RmsnormFwd, (n as u32, 1, 1), threads, 0, &[p(x), p(w), p(out), p(inv_rms), i32a(d), Arg::F32(eps)])
+        self.launch(
+            Kernel::RmsnormFwd,
+            (n as u32, 1, 1),
+            threads,
+            0,
+            &[p(x), p(w), Arg::F32(norm.weight_offset), p(out), p(inv_rms), i32a(d), Arg::F32(norm.eps)],
+        )
     }
 
     fn rmsnorm_bwd(
@@ -1216,6 +1222,7 @@ impl Backend for CudaBackend {
         dy: &Self::Tensor,
         x: &Self::Tensor,
         w: &Self::Tensor,
+        norm: RmsNorm,
         inv_rms: &Self::Tensor,
         n: usize,
         d: usize,
@@ -1234,7 +1241,7 @@ impl Backend for CudaBackend {
             (n as u32, 1, 1),
             threads,
             0,
-            &[p(dy), p(x), p(w), p(inv_rms), p(dx), i32a(d), Arg::I32(accumulate as i32)],
+            &[p(dy), p(x), p(w), Arg::F32(norm.weight_offset), p(inv_rms), p(dx), i32a(d), Arg::I32(accumulate as i32)],
         )
     }
 
@@ -1575,6 +1582,42 @@ impl Backend for CudaBackend {
         act("swiglu_bwd", "dg", dg, n)?;
         act("swiglu_bwd", "du", du, n)?;
         self.launch_ew(Kernel::SwigluBwd, n, &[p(dout), p(g), p(u), p(dg), p(du), i64a(n)])
+    }
+
+    fn geglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        act("geglu_fwd", "g", g, n)?;
+        act("geglu_fwd", "u", u, n)?;
+        act("geglu_fwd", "out", out, n)?;
+        self.launch_ew(Kernel::GegluFwd, n, &[p(g), p(u), p(out), i64a(n)])
+    }
+
+    fn geglu_bwd(
+        &self,
+        dout: &Self::Tensor,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        n: usize,
+        dg: &mut Self::Tensor,
+        du: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.bind()?;
+        act("geglu_bwd", "dout", dout, n)?;
+        act("geglu_bwd", "g", g, n)?;
+        act("geglu_bwd", "u", u, n)?;
+        act("geglu_bwd", "dg", dg, n)?;
+        act("geglu_bwd", "du", du, n)?;
+        self.launch_ew(Kernel::GegluBwd, n, &[p(dout), p(g), p(u), p(dg), p(du), i64a(n)])
+    }
+
+    fn scale(&self, x: &mut Self::Tensor, n: usize, alpha: f32) -> Result<()> {
+        self.bind()?;
+        check_len("scale", "x", x.len, n)?;
+        let (k, alpha) = match x.dtype {
+            DType::Act => (Kernel::ScaleBf16, bf16::from_f32(alpha).to_f32()),
+            DType::F32 => (Kernel::ScaleF32, alpha),
+        };
+        self.launch_ew(k, n, &[p(x), i64a(n), Arg::F32(alpha)])
     }
 
     fn embedding_bwd_rows(
