@@ -1041,11 +1041,15 @@ fn gui_models_in_the_hugging_face_cache_and_named_shapes() {
     click(&mut h, "tunestudio/demo-llama");
     assert_eq!(h.state().state.config.model.path, snapshot, "the cached snapshot is the model folder");
     wait_for(&mut h, "the cached model", 60, |a| a.state.model.info.ready().is_some_and(|i| i.path == a.state.config.model.path));
+    // The dataset is read again with the new model's tokenizer (after a debounce); the batch's
+    // bound needs its rows.
+    wait_for(&mut h, "the dataset's new reading", 60, |a| matches!(a.state.dataset.view, Load::Loading));
+    wait_loaded(&mut h);
 
     // Plan a model that is not on disk from its named shape.
     h.state_mut().state.budget.card = Card::Preset(24);
     go(&mut h, Page::Hyper);
-    click(&mut h, "Model");
+    click(&mut h, "Plan for");
     click(&mut h, "llama3-8b");
     assert_eq!(h.state().state.budget.shape.as_deref(), Some("llama3-8b"));
     settle(&mut h);

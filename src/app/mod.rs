@@ -473,7 +473,7 @@ impl StudioApp {
                     let _ = s.model.recent.save(&s.settings_dir);
                 }
                 s.model.info = match result {
-                    Ok(i) => Load::Ready(i),
+                    Ok(i) => Load::Ready(*i),
                     Err(e) => Load::Failed(e),
                 };
             }
@@ -575,7 +575,10 @@ impl StudioApp {
         match self.model_watch.poll(jobs::key_of(&[&model_path]), now) {
             DebounceState::Ready if !model_path.as_os_str().is_empty() => {
                 s.model.info = Load::Loading;
-                self.jobs.spawn("model", move |_| Msg::Model { result: jobs::guarded(|| model::describe(&model_path)), path: model_path });
+                self.jobs.spawn("model", move |_| Msg::Model {
+                    result: jobs::guarded(|| model::describe(&model_path).map(Box::new)),
+                    path: model_path,
+                });
             }
             DebounceState::Ready => s.model.info = Load::Empty,
             DebounceState::Waiting(d) => ctx.request_repaint_after(d),

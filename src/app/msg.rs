@@ -105,7 +105,8 @@ impl Pick {
 pub enum Msg {
     Model {
         path: PathBuf,
-        result: Result<ModelInfo, String>,
+        /// Boxed: a model's description is larger than every other message together.
+        result: Result<Box<ModelInfo>, String>,
     },
     Dataset {
         key: u64,

@@ -40,7 +40,7 @@ pub fn panel(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     });
     ui.horizontal(|ui| {
         let label = ui
-            .label("Model")
+            .label("Plan for")
             .on_hover_text("Plan the model folder, or a model you do not have from its named shape (only its dimensions are needed).");
         let mut shape = state.budget.shape.clone();
         let shown = shape.as_deref().map_or_else(|| "the model folder".to_string(), |n| format!("{n} (shape only, no files)"));

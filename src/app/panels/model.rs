@@ -78,7 +78,10 @@ fn cached_models(ui: &mut egui::Ui, state: &AppState, actions: &mut Vec<Action>)
         ui.label("On this machine:").on_hover_text(format!("Models in the Hugging Face cache, {}", dir.display()));
         match &state.model.cached {
             Load::Ready(models) if models.is_empty() => {
-                ui.weak(format!("no model with safetensors weights in the Hugging Face cache ({})", dir.display()));
+                ui.weak(format!(
+                    "none yet: a model downloaded with `hf download ORG/NAME` appears here (Hugging Face cache {})",
+                    dir.display()
+                ));
             }
             Load::Ready(models) => {
                 for m in models {

@@ -240,7 +240,7 @@ pub fn scan_hf_cache(root: &Path) -> Vec<CachedModel> {
             has_weights.then_some(CachedModel { repo_id, path })
         })
         .collect();
-    out.sort_by(|a, b| a.repo_id.to_lowercase().cmp(&b.repo_id.to_lowercase()));
+    out.sort_by_key(|m| m.repo_id.to_lowercase());
     out
 }
 
