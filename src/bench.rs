@@ -119,6 +119,8 @@ fn random_uniform(n: usize, seed: u64, a: f32) -> Vec<f32> {
 pub(crate) struct BenchWeights {
     quant: Quantization,
     tied: bool,
+    /// What norm weights sit around: 1, or 0 where the model adds the 1 (Gemma).
+    norm_base: f32,
     cache: Mutex<BTreeMap<(usize, usize), HostWeight>>,
 }
 
@@ -134,7 +136,7 @@ impl WeightSource for BenchWeights {
         let n: usize = shape.iter().product();
         let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         Ok(if name.contains("norm") {
-            random_uniform(n, seed, 0.1).into_iter().map(|x| 1.0 + x).collect()
+            random_uniform(n, seed, 0.1).into_iter().map(|x| self.norm_base + x).collect()
         } else {
             random_uniform(n, seed, 0.035)
         })
@@ -225,7 +227,12 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         mlp_chunk_rows: 0,
     };
     log(&format!("{}: building a random {} (r = {}, seq {}) …", dev.name, args.shape, args.rank, args.seq));
-    let weights = BenchWeights { quant: Quantization::Nf4, tied: spec.tie_word_embeddings, cache: Mutex::new(BTreeMap::new()) };
+    let weights = BenchWeights {
+        quant: Quantization::Nf4,
+        tied: spec.tie_word_embeddings,
+        norm_base: 1.0 - spec.norm_weight_offset,
+        cache: Mutex::new(BTreeMap::new()),
+    };
     // The GEMM probe's buffers are gone; measure the peak from here.
     be.reset_peak_memory();
     let mut trainer = Trainer::new(be, spec.clone(), &weights, opts, None)?;

@@ -2,6 +2,7 @@
 //! The GUI edits it, the CLI loads it, the session validates it once and the engine takes only a
 //! validated copy. Defaults follow Unsloth's notebooks where they are sensible.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -93,8 +94,13 @@ pub struct DatasetConfig {
     pub format: DatasetFormat,
     pub columns: ColumnMapping,
     /// `auto` uses the model's chat template; otherwise a built-in one by name
-    /// (`llama-3`, `chatml`, `alpaca`, `mistral`).
+    /// (`llama-3`, `chatml`, `qwen3`, `gemma`, `alpaca`, `mistral`).
     pub template: String,
+    /// Extra variables for the chat template, as `apply_chat_template(**kwargs)` passes them:
+    /// `enable_thinking = false` trains Qwen3's non-thinking mode (its empty <think> block is
+    /// then part of the prompt).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub template_kwargs: BTreeMap<String, toml::Value>,
     pub train_on: TrainOn,
     /// Pack several examples into each sequence (attention kept within each example).
     pub packing: bool,
@@ -118,6 +124,7 @@ impl Default for DatasetConfig {
             format: DatasetFormat::Auto,
             columns: ColumnMapping::default(),
             template: "auto".into(),
+            template_kwargs: BTreeMap::new(),
             train_on: TrainOn::Responses,
             packing: false,
             max_bad_fraction: 0.1,
@@ -585,6 +592,20 @@ mod tests {
         let back = RunConfig::from_toml_str(&c.to_toml(), Path::new("x.toml")).unwrap();
         assert_eq!(c, back);
         c.validate().unwrap();
+    }
+
+    /// Chat-template variables (Qwen3's non-thinking mode) read from and written to TOML.
+    #[test]
+    fn template_kwargs_round_trip() {
+        let c = RunConfig::from_toml_str(
+            "[dataset]\ntemplate = \"auto\"\n[dataset.template_kwargs]\nenable_thinking = false\n",
+            Path::new("run.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.dataset.template_kwargs.get("enable_thinking"), Some(&toml::Value::Boolean(false)));
+        let back = RunConfig::from_toml_str(&c.to_toml(), Path::new("run.toml")).unwrap();
+        assert_eq!(back.dataset.template_kwargs, c.dataset.template_kwargs);
+        assert!(!RunConfig::default().to_toml().contains("template_kwargs"), "empty: not written");
     }
 
     #[test]
