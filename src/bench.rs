@@ -127,7 +127,7 @@ pub(crate) struct BenchWeights {
 impl BenchWeights {
     /// Random weights of `spec`'s shape (the decode benchmark of `generate::bench` uses them too).
     pub(crate) fn new(quant: Quantization, spec: &ModelSpec) -> Self {
-        BenchWeights { quant, tied: spec.tie_word_embeddings, cache: Mutex::new(BTreeMap::new()) }
+        BenchWeights { quant, tied: spec.tie_word_embeddings, norm_base: 1.0 - spec.norm_weight_offset, cache: Mutex::new(BTreeMap::new()) }
     }
 }
 
@@ -227,12 +227,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         mlp_chunk_rows: 0,
     };
     log(&format!("{}: building a random {} (r = {}, seq {}) …", dev.name, args.shape, args.rank, args.seq));
-    let weights = BenchWeights {
-        quant: Quantization::Nf4,
-        tied: spec.tie_word_embeddings,
-        norm_base: 1.0 - spec.norm_weight_offset,
-        cache: Mutex::new(BTreeMap::new()),
-    };
+    let weights = BenchWeights::new(Quantization::Nf4, &spec);
     // The GEMM probe's buffers are gone; measure the peak from here.
     be.reset_peak_memory();
     let mut trainer = Trainer::new(be, spec.clone(), &weights, opts, None)?;

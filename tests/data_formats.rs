@@ -5,8 +5,8 @@ mod data_support;
 
 use data_support::*;
 use serde_json::json;
-use tunestudio::config::{ColumnMapping, DatasetConfig, DatasetFormat, TrainOn};
-use tunestudio::data::{LongRows, prepare_dataset};
+use tunestudio::config::{ColumnMapping, DatasetConfig, DatasetFormat, LongRows, TrainOn};
+use tunestudio::data::prepare_dataset;
 use tunestudio::model::tokenizer::TokenizerBundle;
 
 const H_SYS: &str = "<|start_header_id|>system<|end_header_id|>\n\n";

@@ -13,6 +13,10 @@
 //!
 //! Run on a GPU host: `cargo test --release --test gpu_step -- --ignored --test-threads=1`.
 
+mod model_support;
+
+use model_support::RandomWeights;
+
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,7 +27,7 @@ use tunestudio::backend::{Backend, HostWeight};
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use tunestudio::data::Batch;
 use tunestudio::engine::lora::LoraWeights;
-use tunestudio::engine::model::{RandomWeights, WeightSource};
+use tunestudio::engine::model::WeightSource;
 use tunestudio::engine::{EngineOptions, Trainer};
 use tunestudio::model::ModelSpec;
 use tunestudio::model::arch::{Family, MlpActivation, Rope, RopeScaling};

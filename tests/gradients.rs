@@ -3,6 +3,10 @@
 //! ~h² · f''' and rounding ~1e-16 / h, so a relative error below 1e-6 means the derivative is right;
 //! a wrong backward is off by O(1).
 
+mod model_support;
+
+use model_support::RandomWeights;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tunestudio::backend::cpu::{CpuBackend, CpuTensor};
@@ -10,7 +14,6 @@ use tunestudio::backend::{AttnShape, Backend, DType, HostWeight, LinearDims, Lor
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use tunestudio::data::Batch;
 use tunestudio::engine::lora::LoraWeights;
-use tunestudio::engine::model::RandomWeights;
 use tunestudio::engine::{EngineOptions, TokenRows, Trainer};
 use tunestudio::model::ModelSpec;
 use tunestudio::model::arch::{Family, MlpActivation, Rope, RopeScaling};

@@ -1,9 +1,12 @@
 //! The memory plan is the allocation: the Trainer allocates exactly the buffers
 //! `plan::engine_buffers` lists (names, sizes, dtypes, order), for every policy and option.
 
+mod model_support;
+
+use model_support::RandomWeights;
+
 use tunestudio::backend::cpu::CpuBackend;
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
-use tunestudio::engine::model::RandomWeights;
 use tunestudio::engine::plan::{self, PlanInput, PlanTarget};
 use tunestudio::engine::{EngineOptions, TokenRows, Trainer};
 use tunestudio::model::ModelSpec;

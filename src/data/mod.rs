@@ -10,68 +10,21 @@ pub mod encode;
 pub mod format;
 pub mod preflight;
 pub mod read;
+pub mod record;
 pub mod tabular;
 
 use std::path::PathBuf;
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use batch::{Batch, Batcher, IGNORE_INDEX};
 pub use encode::MaskSource;
 
-use crate::config::{DatasetConfig, DatasetFormat, TrainOn};
+use crate::config::{DatasetConfig, DatasetFormat, LongRows, TrainOn};
 use crate::error::{Error, Result};
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::TokenizerBundle;
-
-/// What to do with a row longer than `max_seq_len` tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LongRows {
-    /// Keep the first `max_seq_len` tokens (TRL's default); counted in `truncated_rows`.
-    #[default]
-    Truncate,
-    /// Leave the row out; it is listed among the skipped rows.
-    Drop,
-}
-
-/// The size and SHA-256 of a dataset file: what a run records so that a resume can tell whether
-/// it would continue on the same data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fingerprint {
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-impl Fingerprint {
-    /// Read the whole file once (buffered; a few seconds for a gigabyte).
-    pub fn of_file(path: &std::path::Path) -> Result<Self> {
-        use sha2::Digest;
-        use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-        let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut bytes = 0u64;
-        loop {
-            let n = f.read(&mut buf).map_err(|e| Error::file(path, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            bytes += n as u64;
-        }
-        let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Fingerprint { bytes, sha256 })
-    }
-}
-
-impl std::fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} bytes, sha256 {}…", self.bytes, &self.sha256[..self.sha256.len().min(12)])
-    }
-}
 
 /// One training example. `labels[i]` is the label of `input_ids[i]` (Hugging Face alignment),
 /// `IGNORE_INDEX` where the token is not trained; the batcher shifts them into targets.

@@ -6,8 +6,7 @@
 use eframe::egui::{self, Color32, RichText, Ui, text::LayoutJob};
 use egui_plot::{Bar, BarChart, Legend, Plot, VLine};
 
-use crate::config::{DatasetFormat, RunConfig, TrainOn};
-use crate::data::LongRows;
+use crate::config::{DatasetFormat, LongRows, RunConfig, TrainOn};
 
 use crate::app::fields::Problems;
 use crate::app::jobs::Load;
