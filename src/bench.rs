@@ -57,6 +57,8 @@ pub struct BenchResult {
     pub rank: usize,
     pub mode: BenchMode,
     pub checkpointing: CheckpointPolicy,
+    /// Layers whose activations were kept (all under `none`; under `auto` with a cap, what fits).
+    pub kept_layers: usize,
     /// The card profile the backend decided as (`--card`), if any.
     pub card_profile: Option<String>,
     /// The memory of the card (of the profile, under one) in GiB.
@@ -249,7 +251,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         context_bytes,
         host_bytes: None,
     };
-    let planned = plan::plan(&spec, &input, &target);
+    let planned = plan::plan_resolved(&spec, &input, &target, policy, trainer.kept_layers());
     let plan_arena_bytes = planned.peak_bytes - context_bytes;
     let setup_s = t_start.elapsed().as_secs_f64();
 
@@ -304,6 +306,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         rank: args.rank,
         mode: args.mode,
         checkpointing: policy,
+        kept_layers: trainer.kept_layers(),
         card_profile: card.profile.map(str::to_string),
         card_memory_gib: card.memory_bytes as f64 / GIB,
         gpu_mem_cap_gib: args.gpu_mem_bytes.map(|b| b as f64 / GIB),

@@ -97,7 +97,8 @@ enum Command {
         mode: String,
         #[arg(long, default_value_t = 32)]
         rank: usize,
-        /// Force a checkpointing policy: none, layer or offload.
+        /// Force a checkpointing policy: auto (the fastest that fits the card or --gpu-mem, keeping as
+        /// many layers' activations as fit), none, layer or offload.
         #[arg(long)]
         checkpointing: Option<String>,
         /// After the timed steps, time every kernel and GEMM of one more step.
@@ -334,10 +335,11 @@ fn bench(
     };
     let checkpointing = match checkpointing.as_deref() {
         None => None,
+        Some("auto") => Some(CheckpointPolicy::Auto),
         Some("none") => Some(CheckpointPolicy::None),
         Some("layer") => Some(CheckpointPolicy::Layer),
         Some("offload") => Some(CheckpointPolicy::Offload),
-        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use none, layer or offload"))),
+        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use auto, none, layer or offload"))),
     };
     let card = match card {
         Some(name) => Some(tunestudio::backend::card::profile_named(&name).map_err(|e| Error::msg(format!("--card: {e}")))?),
@@ -354,7 +356,10 @@ fn bench(
         Some(p) => println!("card          {} (profile {p}, {:.1} GiB), attention {}", r.card, r.card_memory_gib, r.attention),
         None => println!("card          {}, attention {}", r.card, r.attention),
     }
-    println!("run           {} seq {} r {} {:?} (checkpointing {:?})", r.shape, r.seq, r.rank, r.mode, r.checkpointing);
+    println!(
+        "run           {} seq {} r {} {:?} (checkpointing {:?}, {} of the layers' activations kept)",
+        r.shape, r.seq, r.rank, r.mode, r.checkpointing, r.kept_layers
+    );
     println!("step          median {:.1} ms over {} steps → {:.0} tokens/s", r.median_step_ms, r.steps, r.tokens_per_s);
     println!(
         "memory        driver peak {:.2} GiB, arena peak {:.2} GiB (+ context {:.2} GiB); plan {:.2} GiB",
