@@ -26,7 +26,7 @@ if os.path.exists(path):
     for r in read([path]):
         rows.append({
             "date": date, "commit": commit, "card": card, "system": "tunestudio", "shape": r["shape"], "seq": r["seq"],
-            "rank": r["rank"], "mode": r["mode"], "checkpointing": r["checkpointing"], "tokens_per_s": round(r["tokens_per_s"], 1),
+            "rank": r["rank"], "mode": r["mode"], "checkpointing": r["checkpointing"], "kept_layers": r.get("kept_layers"), "tokens_per_s": round(r["tokens_per_s"], 1),
             "peak_gib": round(r["peak_driver_bytes"] / G, 3), "peak_arena_gib": round(r["peak_arena_bytes"] / G, 3),
             "plan_gib": round(r["plan_peak_bytes"] / G, 3), "mfu": round(r["mfu"], 4), "first_step_s": round(r["first_step_s"], 2),
             "attention": r.get("attention"), "card_profile": r.get("card_profile"), "card_memory_gib": r.get("card_memory_gib"),
