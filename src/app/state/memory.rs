@@ -178,6 +178,8 @@ pub struct BudgetView {
     pub on_gpu: bool,
     /// The policy the plan used (`auto` resolved), and whether it was resolved from auto.
     pub checkpointing: CheckpointPolicy,
+    /// The policy in words, with the layers kept when `auto` kept only some.
+    pub checkpointing_label: String,
     pub auto: bool,
     /// Non-empty terms in stacking order.
     pub segments: Vec<Segment>,
@@ -213,6 +215,7 @@ pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option
         device: target.name.clone(),
         on_gpu,
         checkpointing: p.checkpointing,
+        checkpointing_label: p.checkpointing_label(spec),
         auto: cfg.memory.checkpointing == CheckpointPolicy::Auto,
         segments,
         peak_bytes: peak,
