@@ -127,7 +127,7 @@ pub struct PreparedDataset {
 pub const LIST_SKIPPED: usize = 20;
 
 enum Outcome {
-    Used { example: Example, original: usize, truncated: bool },
+    Used { example: Example, original: usize, truncated: bool, mask: MaskSource },
     Skipped(SkippedRow),
 }
 
@@ -143,7 +143,15 @@ pub fn prepare_dataset(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: 
 /// The chat template a dataset of `format` is rendered with: none for raw text, so a model whose
 /// template does not compile can still train on text.
 pub fn dataset_template(cfg: &DatasetConfig, tok: &TokenizerBundle, format: DatasetFormat) -> Result<Option<ChatTemplate>> {
-    if format == DatasetFormat::Text { Ok(None) } else { tok.resolve_template(&cfg.template).map(Some) }
+    if format == DatasetFormat::Text {
+        return Ok(None);
+    }
+    let vars = cfg
+        .template_kwargs
+        .iter()
+        .map(|(k, v)| serde_json::to_value(v).map(|j| (k.clone(), j)).map_err(|e| Error::config(format!("dataset.template_kwargs.{k}"), e)))
+        .collect::<Result<serde_json::Map<_, _>>>()?;
+    Ok(Some(tok.resolve_template(&cfg.template)?.with_vars(vars)))
 }
 
 /// `prepare_dataset` without the refusal: however many rows are bad, the report comes back (the
@@ -174,7 +182,7 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
                 Ok(e) => e,
                 Err(reason) => return skip(reason),
             };
-            let original = enc.input_ids.len();
+            let (original, mask) = (enc.input_ids.len(), enc.mask);
             let mut example = Example { input_ids: enc.input_ids, labels: enc.labels, row: rec.row };
             let truncated = original > max_seq_len;
             if truncated {
@@ -189,7 +197,7 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
                     ));
                 }
             }
-            Outcome::Used { example, original, truncated }
+            Outcome::Used { example, original, truncated, mask }
         })
         .collect();
 
@@ -198,9 +206,11 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
     let mut skipped = Vec::new();
     let mut lengths = Vec::with_capacity(rows_total);
     let (mut truncated_rows, mut trained_tokens, mut total_tokens) = (0, 0, 0);
+    let mut lent = false;
     for o in outcomes {
         match o {
-            Outcome::Used { example, original, truncated } => {
+            Outcome::Used { example, original, truncated, mask } => {
+                lent |= mask == MaskSource::EquivalentBuiltin;
                 let trained = example.trained_tokens();
                 trained_tokens += trained;
                 total_tokens += example.input_ids.len();
@@ -214,6 +224,8 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
     let mask = match (&template, cfg.train_on) {
         (None, _) | (_, TrainOn::All) => MaskSource::All,
         (Some(t), _) if t.has_generation_blocks() => MaskSource::GenerationBlocks,
+        // Some rows rendered as the built-in of the model's family and took its blocks.
+        (Some(_), _) if lent => MaskSource::EquivalentBuiltin,
         _ => MaskSource::RenderedPrefixes,
     };
     let report = DatasetReport {

@@ -716,6 +716,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_listed_shape_name_resolves() {
+        for name in ModelSpec::SHAPE_NAMES {
+            assert!(ModelSpec::by_shape_name(name).is_some(), "{name}");
+        }
+    }
+
+    #[test]
     fn llama3_8b_param_count() {
         // 8,030,261,248 is what transformers reports for Meta-Llama-3-8B.
         assert_eq!(ModelSpec::llama3_8b().total_params(), 8_030_261_248);

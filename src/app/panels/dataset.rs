@@ -111,7 +111,7 @@ fn template_choices(state: &AppState) -> Vec<String> {
     if let Some(info) = state.model.info.ready() {
         t.extend(info.named_templates.iter().cloned());
     }
-    t.extend(["llama-3", "chatml", "alpaca", "mistral"].map(String::from));
+    t.extend(crate::model::chat_template::BUILTIN_NAMES.map(String::from));
     if !t.contains(&state.config.dataset.template) {
         t.push(state.config.dataset.template.clone());
     }
