@@ -430,6 +430,8 @@ fn run(
         (None, None) => {
             cfg.make_absolute();
             cfg.validate()?;
+            // A wrong model folder is said before a run folder is made for it.
+            crate::model::check_folder(&cfg.model.path)?;
             let (dir, lock) = new_run_dir(&cfg)?;
             (take_folder(dir, lock), None)
         }
@@ -443,7 +445,7 @@ fn run(
     }
 
     log(format!("reading {}", cfg.model.path.display()));
-    let spec = ModelSpec::from_dir(&cfg.model.path)?;
+    let spec = crate::model::spec_of_folder(&cfg.model.path)?;
     let tok = TokenizerBundle::load(&cfg.model.path)?;
     let mut lora_init = None;
     if let Some(adapter) = cfg.model.adapter.clone() {
@@ -467,7 +469,7 @@ fn run(
     log(format!("preparing {}", cfg.dataset.path.display()));
     let data = prepare_dataset(&cfg.dataset, &tok, cfg.train.max_seq_len)?;
     for s in data.report.rows_skipped.iter().take(5) {
-        log(format!("skipped row {}: {}", s.row, s.reason));
+        log(format!("skipped {}: {}", s.place(&data.report.file_kind), s.reason));
     }
     let report = data.report.clone();
     let examples = Arc::new(data.examples);
