@@ -2,6 +2,7 @@
 //! The GUI edits it, the CLI loads it, the session validates it once and the engine takes only a
 //! validated copy. Defaults follow Unsloth's notebooks where they are sensible.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -93,8 +94,13 @@ pub struct DatasetConfig {
     pub format: DatasetFormat,
     pub columns: ColumnMapping,
     /// `auto` uses the model's chat template; otherwise a built-in one by name
-    /// (`llama-3`, `chatml`, `alpaca`, `mistral`).
+    /// (`llama-3`, `chatml`, `qwen3`, `gemma`, `alpaca`, `mistral`).
     pub template: String,
+    /// Extra variables for the chat template, as `apply_chat_template(**kwargs)` passes them:
+    /// `enable_thinking = false` trains Qwen3's non-thinking mode (its empty <think> block is
+    /// then part of the prompt).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub template_kwargs: BTreeMap<String, toml::Value>,
     pub train_on: TrainOn,
     /// Pack several examples into each sequence (attention kept within each example).
     pub packing: bool,
@@ -104,11 +110,11 @@ pub struct DatasetConfig {
     pub fix_untrained_tokens: bool,
     /// Rows longer than `train.max_seq_len`: `truncate` (keep the start) or `drop`.
     #[serde(default)]
-    pub long_rows: crate::data::LongRows,
+    pub long_rows: LongRows,
     /// Size and SHA-256 of the dataset file, written by a run into its `config.toml`: a resume
     /// refuses a file that no longer matches (unless told to go on with the new data).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<crate::data::Fingerprint>,
+    pub fingerprint: Option<Fingerprint>,
 }
 
 impl Default for DatasetConfig {
@@ -118,13 +124,62 @@ impl Default for DatasetConfig {
             format: DatasetFormat::Auto,
             columns: ColumnMapping::default(),
             template: "auto".into(),
+            template_kwargs: BTreeMap::new(),
             train_on: TrainOn::Responses,
             packing: false,
             max_bad_fraction: 0.1,
             fix_untrained_tokens: true,
-            long_rows: crate::data::LongRows::Truncate,
+            long_rows: LongRows::Truncate,
             fingerprint: None,
         }
+    }
+}
+
+/// What to do with a row longer than `max_seq_len` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LongRows {
+    /// Keep the first `max_seq_len` tokens (TRL's default); counted in `truncated_rows`.
+    #[default]
+    Truncate,
+    /// Leave the row out; it is listed among the skipped rows.
+    Drop,
+}
+
+/// The size and SHA-256 of a dataset file: what a run records so that a resume can tell whether
+/// it would continue on the same data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fingerprint {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl Fingerprint {
+    /// Read the whole file once (buffered; a few seconds for a gigabyte).
+    pub fn of_file(path: &std::path::Path) -> Result<Self> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::file(path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            bytes += n as u64;
+        }
+        let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Fingerprint { bytes, sha256 })
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes, sha256 {}…", self.bytes, &self.sha256[..self.sha256.len().min(12)])
     }
 }
 
@@ -585,6 +640,20 @@ mod tests {
         let back = RunConfig::from_toml_str(&c.to_toml(), Path::new("x.toml")).unwrap();
         assert_eq!(c, back);
         c.validate().unwrap();
+    }
+
+    /// Chat-template variables (Qwen3's non-thinking mode) read from and written to TOML.
+    #[test]
+    fn template_kwargs_round_trip() {
+        let c = RunConfig::from_toml_str(
+            "[dataset]\ntemplate = \"auto\"\n[dataset.template_kwargs]\nenable_thinking = false\n",
+            Path::new("run.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.dataset.template_kwargs.get("enable_thinking"), Some(&toml::Value::Boolean(false)));
+        let back = RunConfig::from_toml_str(&c.to_toml(), Path::new("run.toml")).unwrap();
+        assert_eq!(back.dataset.template_kwargs, c.dataset.template_kwargs);
+        assert!(!RunConfig::default().to_toml().contains("template_kwargs"), "empty: not written");
     }
 
     #[test]

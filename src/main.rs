@@ -97,7 +97,8 @@ enum Command {
         mode: String,
         #[arg(long, default_value_t = 32)]
         rank: usize,
-        /// Force a checkpointing policy: none, layer or offload.
+        /// Force a checkpointing policy: auto (the fastest that fits the card or --gpu-mem, keeping as
+        /// many layers' activations as fit), none, layer or offload.
         #[arg(long)]
         checkpointing: Option<String>,
         /// After the timed steps, time every kernel and GEMM of one more step.
@@ -110,6 +111,22 @@ enum Command {
         /// A hard cap on the device memory this run may use, context included (e.g. 24GiB).
         #[arg(long, value_parser = parse_size)]
         gpu_mem: Option<u64>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time prefill and decode on the GPU with random weights of a real shape: the NF4 base with a
+    /// LoRA adapter on all seven linears, switched on, batch 1 (the Chat page's path).
+    BenchGenerate {
+        /// llama3-8b, llama3.2-3b or llama3.2-1b.
+        #[arg(long, default_value = "llama3-8b")]
+        shape: String,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -160,6 +177,10 @@ enum Command {
         #[arg(long)]
         per_example: bool,
     },
+    /// Answer one prompt with a model (a run folder, or a model folder and --adapter), streamed.
+    Generate(tunestudio::commands::generate::GenerateArgs),
+    /// Talk to a model on the terminal (a run folder, or a model folder and --adapter).
+    Chat(tunestudio::commands::chat::ChatArgs),
     /// Export a run: its PEFT adapter, or the base model with the adapter merged in.
     Export {
         #[command(subcommand)]
@@ -176,6 +197,9 @@ enum ExportCommand {
         #[arg(long)]
         to: Option<PathBuf>,
     },
+    /// The base model with the adapter folded in, as one GGUF file (f16, bf16, q8_0, q4_k_m) for
+    /// llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
+    Gguf(tunestudio::commands::export_gguf::ExportGgufArgs),
     /// The base model with the adapter folded in, as a 16-bit Hugging Face folder.
     Merged {
         /// The run folder (or use --model and --adapter).
@@ -231,6 +255,19 @@ fn main() -> ExitCode {
         Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json }) => {
             bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json)
         }
+        Some(Command::BenchGenerate { shape, rank, prompt_tokens, new_tokens, json }) => {
+            let args = tunestudio::generate::bench::DecodeBenchArgs { shape, rank, prompt_tokens, new_tokens };
+            tunestudio::generate::bench::run(&args, &|m| eprintln!("{m}")).map(|r| {
+                if json {
+                    println!("{}", serde_json::to_string(&r).expect("json"));
+                } else {
+                    println!(
+                        "{} {} NF4 + LoRA r {}: prefill {} tokens {:.0} tokens/s; decode {:.1} tokens/s ({:.2} ms per token)",
+                        r.card, r.shape, r.rank, r.prompt_tokens, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.decode_ms_per_token
+                    );
+                }
+            })
+        }
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
         Some(Command::Preflight { config, json }) => tunestudio::commands::preflight::run(&config, json),
         Some(Command::Eval {
@@ -246,9 +283,12 @@ fn main() -> ExitCode {
             json,
             per_example,
         }) => eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }),
+        Some(Command::Generate(args)) => tunestudio::commands::generate::run(&args),
+        Some(Command::Chat(args)) => tunestudio::commands::chat::run(&args),
         Some(Command::Export { what: ExportCommand::Adapter { run, to } }) => {
             tunestudio::export::run::export_adapter(&run, to.as_deref()).map(|d| println!("adapter written to {}", d.display()))
         }
+        Some(Command::Export { what: ExportCommand::Gguf(args) }) => tunestudio::commands::export_gguf::run(&args),
         Some(Command::Export { what: ExportCommand::Merged { run, dtype, to, model, adapter, quantization, max_shard_size, json } }) => {
             export_merged(run, dtype, to, model, adapter, quantization, max_shard_size, json)
         }
@@ -295,10 +335,11 @@ fn bench(
     };
     let checkpointing = match checkpointing.as_deref() {
         None => None,
+        Some("auto") => Some(CheckpointPolicy::Auto),
         Some("none") => Some(CheckpointPolicy::None),
         Some("layer") => Some(CheckpointPolicy::Layer),
         Some("offload") => Some(CheckpointPolicy::Offload),
-        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use none, layer or offload"))),
+        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use auto, none, layer or offload"))),
     };
     let card = match card {
         Some(name) => Some(tunestudio::backend::card::profile_named(&name).map_err(|e| Error::msg(format!("--card: {e}")))?),
@@ -315,7 +356,10 @@ fn bench(
         Some(p) => println!("card          {} (profile {p}, {:.1} GiB), attention {}", r.card, r.card_memory_gib, r.attention),
         None => println!("card          {}, attention {}", r.card, r.attention),
     }
-    println!("run           {} seq {} r {} {:?} (checkpointing {:?})", r.shape, r.seq, r.rank, r.mode, r.checkpointing);
+    println!(
+        "run           {} seq {} r {} {:?} (checkpointing {:?}, {} of the layers' activations kept)",
+        r.shape, r.seq, r.rank, r.mode, r.checkpointing, r.kept_layers
+    );
     println!("step          median {:.1} ms over {} steps → {:.0} tokens/s", r.median_step_ms, r.steps, r.tokens_per_s);
     println!(
         "memory        driver peak {:.2} GiB, arena peak {:.2} GiB (+ context {:.2} GiB); plan {:.2} GiB",

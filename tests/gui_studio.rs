@@ -64,10 +64,12 @@ fn studio(config: Option<PathBuf>, test: &str) -> Harness<'static, StudioApp> {
 }
 
 fn studio_sized(config: Option<PathBuf>, test: &str, size: [f32; 2]) -> Harness<'static, StudioApp> {
+    // An empty Hugging Face cache of the test's own: the machine's would change the pixels.
     let opts = StudioOptions {
         config,
         settings_dir: fixed_dir(&format!("{test}-settings")),
         output_dir: Some(fixed_dir(&format!("{test}-runs"))),
+        hf_cache: Some(fixed_dir(&format!("{test}-hf-cache"))),
     };
     Harness::builder().with_size(size).wgpu().build_eframe(move |cc| StudioApp::new(cc, opts))
 }
@@ -979,4 +981,86 @@ fn gui_unsaved_edits_and_a_running_run_are_asked_about() {
         closed |= closes(&h);
     }
     assert!(closed, "the window closes once the run has stopped and the edits are answered for");
+}
+
+#[test]
+fn gui_hyperparameters_fit_narrow_windows() {
+    let _g = serial();
+    for width in [640.0, 900.0] {
+        let mut h = studio_sized(Some(demo_config()), "narrow", [width, 820.0]);
+        wait_loaded(&mut h);
+        h.state_mut().state.budget.card = Card::Preset(24);
+        go(&mut h, Page::Hyper);
+        wait_budget(&mut h);
+        // Nothing reaches past the window's right edge (there is no horizontal scrolling)...
+        let cut: Vec<String> = h
+            .query_all_by(|n| n.bounding_box().is_some())
+            .filter(|n| n.rect().right() > width + 0.5 && n.rect().width() > 0.0)
+            .map(|n| format!("{:?} {:?} {:?}", n.accesskit_node().role(), n.accesskit_node().label(), n.rect()))
+            .collect();
+        assert!(cut.is_empty(), "at {width} px, cut off at the right: {cut:#?}");
+        // ...and no two checkboxes are drawn over each other.
+        let boxes: Vec<(String, egui::Rect)> = h
+            .query_all_by_role(egui::accesskit::Role::CheckBox)
+            .map(|n| (n.accesskit_node().label().unwrap_or_default(), n.rect()))
+            .collect();
+        assert!(boxes.len() >= 9, "the seven targets, rsLoRA and the step limit: {boxes:?}");
+        for (i, (a, ra)) in boxes.iter().enumerate() {
+            for (b, rb) in &boxes[i + 1..] {
+                let overlap = ra.intersect(*rb);
+                assert!(overlap.width() <= 0.5 || overlap.height() <= 0.5, "at {width} px, {a:?} {ra:?} overlaps {b:?} {rb:?}");
+            }
+        }
+        for label in ["Memory budget", "Runs folder", "Checkpoint every"] {
+            assert!(h.query_all_by_label(label).next().is_some(), "{label} is on the page at {width} px");
+        }
+    }
+}
+
+#[test]
+fn gui_models_in_the_hugging_face_cache_and_named_shapes() {
+    let _g = serial();
+    // A hub cache holding the demo model as a download would leave it.
+    let entry = fixed_dir("hfcache-hf-cache").join("models--tunestudio--demo-llama");
+    let snapshot = entry.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(entry.join("refs")).unwrap();
+    std::fs::write(entry.join("refs/main"), "0123abcd").unwrap();
+    let demo_model = demo_config().with_file_name("model");
+    for e in std::fs::read_dir(&demo_model).unwrap().flatten() {
+        std::fs::copy(e.path(), snapshot.join(e.file_name())).unwrap();
+    }
+    let opts = StudioOptions {
+        config: Some(demo_config()),
+        settings_dir: fixed_dir("hfcache-settings"),
+        output_dir: Some(fixed_dir("hfcache-runs")),
+        hf_cache: Some(entry.parent().unwrap().to_path_buf()),
+    };
+    let mut h = Harness::builder().with_size([1280.0, 820.0]).wgpu().build_eframe(move |cc| StudioApp::new(cc, opts));
+    wait_loaded(&mut h);
+    settle(&mut h);
+    click(&mut h, "tunestudio/demo-llama");
+    assert_eq!(h.state().state.config.model.path, snapshot, "the cached snapshot is the model folder");
+    wait_for(&mut h, "the cached model", 60, |a| a.state.model.info.ready().is_some_and(|i| i.path == a.state.config.model.path));
+    // The dataset is read again with the new model's tokenizer (after a debounce); the batch's
+    // bound needs its rows.
+    wait_for(&mut h, "the dataset's new reading", 60, |a| matches!(a.state.dataset.view, Load::Loading));
+    wait_loaded(&mut h);
+
+    // Plan a model that is not on disk from its named shape.
+    h.state_mut().state.budget.card = Card::Preset(24);
+    go(&mut h, Page::Hyper);
+    click(&mut h, "Plan for");
+    click(&mut h, "llama3-8b");
+    assert_eq!(h.state().state.budget.shape.as_deref(), Some("llama3-8b"));
+    settle(&mut h);
+    let s = &h.state().state;
+    let target = budget::target(Card::Preset(24), s.config.train.device, None);
+    let want = budget::verdict(&budget::view(&tunestudio::model::ModelSpec::llama3_8b(), &s.config, &target, None, 0)).0;
+    assert!(h.query_by_label(&want).is_some(), "the plan is the 8B shape's: {want}");
+    // "Largest that fits" stops at the data and the linears, not at the search's end.
+    wait_budget(&mut h);
+    let f = h.state().state.budget.fixes.as_ref().unwrap().1.clone();
+    assert_eq!(f.batch_cap, 350, "the demo's 350 rows, one per sequence, no accumulation");
+    assert!(f.batch_size.unwrap() <= 350 && f.lora_r.unwrap() <= 1024);
 }

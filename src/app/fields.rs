@@ -206,7 +206,7 @@ mod tests {
         c.train.max_steps = Some(1);
         c.dataset.columns.system = Some("s".into());
         c.schedule.steps = Some(1);
-        c.dataset.fingerprint = Some(crate::data::Fingerprint { bytes: 1, sha256: "0".into() });
+        c.dataset.fingerprint = Some(crate::config::Fingerprint { bytes: 1, sha256: "0".into() });
         let mut keys = Vec::new();
         leaves("", &toml::Value::try_from(&c).unwrap(), &mut keys);
         keys.sort();

@@ -12,7 +12,7 @@ use super::state::Page;
 use super::state::dataset::DatasetView;
 use super::state::export::{ExportKind, ExportProgress};
 use super::state::memory::{Fixes, Machine, Setting};
-use super::state::model::ModelInfo;
+use super::state::model::{CachedModel, ModelInfo};
 use super::state::preflight::PreflightView;
 use super::state::runs::{RunRecord, ViewedRun};
 
@@ -105,7 +105,8 @@ impl Pick {
 pub enum Msg {
     Model {
         path: PathBuf,
-        result: Result<ModelInfo, String>,
+        /// Boxed: a model's description is larger than every other message together.
+        result: Result<Box<ModelInfo>, String>,
     },
     Dataset {
         key: u64,
@@ -125,6 +126,8 @@ pub enum Msg {
         purpose: Pick,
         path: Option<PathBuf>,
     },
+    /// The models in the Hugging Face cache, listed once at start-up.
+    HfCache(Vec<CachedModel>),
     /// What this machine has (GPU, RAM), probed once at start-up.
     Machine(Machine),
     /// "Largest that fits" for the memory budget's inputs `key`.

@@ -5,7 +5,10 @@
 
 use rayon::prelude::*;
 
-use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm, dropout_uniform};
+use super::{
+    AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum, RmsNorm,
+    dropout_uniform,
+};
 use crate::error::{Error, Result};
 
 /// The float type of a CPU backend.
@@ -754,6 +757,120 @@ impl<T: Real> Backend for CpuBackend<T> {
         });
         Ok(())
     }
+
+    // ---- generation --------------------------------------------------------------------------
+    fn linear_rows(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<LoraRows<'_, Self::Tensor>>,
+        dims: LinearDims,
+        y: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.linear_fwd(x, w, None, dims, y)?;
+        let Some(l) = lora else { return Ok(()) };
+        let LinearDims { n, inp, out } = dims;
+        let r = l.rank;
+        check_len("linear_rows", "lora xa", &l.xa.0, n * r)?;
+        check_len("linear_rows", "lora row_scale", &l.row_scale.0, n)?;
+        matmul(n, r, inp, &x.0, false, &l.a.0, true, &mut l.xa.0, T::one(), false);
+        for (row, &s) in l.xa.0[..n * r].chunks_mut(r.max(1)).zip(&l.row_scale.0[..n]) {
+            row.iter_mut().for_each(|v| *v = *v * s);
+        }
+        matmul(n, out, r, &l.xa.0, false, &l.b.0, true, &mut y.0, T::one(), true);
+        Ok(())
+    }
+
+    fn kv_store(
+        &self,
+        src: &Self::Tensor,
+        n: usize,
+        kv: KvShape,
+        slots: &Self::Ids,
+        positions: &Self::Ids,
+        cache: &mut Self::Tensor,
+    ) -> Result<()> {
+        let w = kv.kv_width();
+        check_len("kv_store", "src", &src.0, n * w)?;
+        let rows = cache.0.len() / w.max(1);
+        for r in 0..n {
+            let dst = cache_row("kv_store", slots[r], positions[r], kv.capacity, rows)?;
+            cache.0[dst * w..(dst + 1) * w].copy_from_slice(&src.0[r * w..(r + 1) * w]);
+        }
+        Ok(())
+    }
+
+    fn attention_cached(
+        &self,
+        q: &Self::Tensor,
+        k_cache: &Self::Tensor,
+        v_cache: &Self::Tensor,
+        slots: &Self::Ids,
+        positions: &Self::Ids,
+        n: usize,
+        kv: KvShape,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        let KvShape { heads, kv_heads, head_dim: hd, capacity, scale, window } = kv;
+        let (qw, kw) = (heads * hd, kv_heads * hd);
+        let group = heads / kv_heads.max(1);
+        check_len("attention_cached", "q", &q.0, n * qw)?;
+        check_len("attention_cached", "out", &out.0, n * qw)?;
+        let rows = k_cache.0.len() / kw.max(1);
+        let mut first = Vec::with_capacity(n);
+        for r in 0..n {
+            let last = cache_row("attention_cached", slots[r], positions[r], capacity, rows)?;
+            let pos = positions[r] as usize;
+            let from = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            first.push((last - pos + from, last));
+        }
+        let scale = T::of(scale as f64);
+        Self::rows_mut(&mut out.0, n, qw).for_each(|(r, o)| {
+            let (j0, j1) = first[r];
+            let mut scores = vec![T::zero(); j1 + 1 - j0];
+            for h in 0..heads {
+                let kh = h / group;
+                let qi = &q.0[r * qw + h * hd..][..hd];
+                let mut m = T::neg_infinity();
+                for (s, j) in scores.iter_mut().zip(j0..=j1) {
+                    let kj = &k_cache.0[j * kw + kh * hd..][..hd];
+                    *s = (0..hd).fold(T::zero(), |a, t| a + qi[t] * kj[t]) * scale;
+                    m = m.max(*s);
+                }
+                let oi = &mut o[h * hd..(h + 1) * hd];
+                oi.iter_mut().for_each(|x| *x = T::zero());
+                let mut sum = T::zero();
+                for (&s, j) in scores.iter().zip(j0..=j1) {
+                    let p = (s - m).exp();
+                    sum = sum + p;
+                    let vj = &v_cache.0[j * kw + kh * hd..][..hd];
+                    oi.iter_mut().zip(vj).for_each(|(x, &v)| *x = *x + p * v);
+                }
+                oi.iter_mut().for_each(|x| *x = *x / sum);
+            }
+        });
+        Ok(())
+    }
+
+    fn logits(&self, h: &Self::Tensor, head: &Self::Tensor, n: usize, d: usize, vocab: usize, out: &mut Self::Tensor) -> Result<()> {
+        check_len("logits", "h", &h.0, n * d)?;
+        check_len("logits", "head", &head.0, vocab * d)?;
+        check_len("logits", "out", &out.0, n * vocab)?;
+        matmul(n, vocab, d, &h.0, false, &head.0, true, &mut out.0, T::one(), false);
+        Ok(())
+    }
+}
+
+/// The cache row of (`slot`, `position`), checked against a cache of `rows` rows.
+fn cache_row(op: &'static str, slot: i32, position: i32, capacity: usize, rows: usize) -> Result<usize> {
+    if slot < 0 || position < 0 || position as usize >= capacity || (slot as usize + 1) * capacity > rows {
+        return Err(Error::Shape {
+            op,
+            expected: format!("a slot below {} and a position below {capacity}", rows / capacity.max(1)),
+            got: format!("slot {slot}, position {position}"),
+        });
+    }
+    Ok(slot as usize * capacity + position as usize)
 }
 
 #[cfg(test)]

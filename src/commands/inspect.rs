@@ -44,11 +44,15 @@ pub fn run(model_dir: &Path, as_json: bool) -> Result<()> {
     let dtypes: Vec<String> = store.dtype_counts().iter().map(|(d, n)| format!("{d} ×{n}")).collect();
     println!("dtypes       {}", dtypes.join(", "));
     println!(
-        "context      {} positions, rope θ {}{}",
+        "context      {} positions, rope θ {}{}{}",
         spec.max_position_embeddings,
         spec.rope_theta,
-        spec.rope_scaling.as_ref().map(|s| format!(", scaling {s:?}")).unwrap_or_default()
+        spec.rope_scaling.as_ref().map(|s| format!(", scaling {s:?}")).unwrap_or_default(),
+        spec.local_rope.as_ref().map(|r| format!("; sliding-window layers θ {}", r.theta)).unwrap_or_default()
     );
+    if spec.text_tower {
+        println!("text model   of a multimodal folder (text_config); the other towers pass through exports unchanged");
+    }
     println!(
         "tokenizer    {} tokens, chat template {}",
         tok.vocab_size(),

@@ -107,6 +107,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
             "card": target.name,
             "total_bytes": target.total_bytes,
             "checkpointing": p.checkpointing,
+            "kept_layers": p.kept_layers,
             "pinned_host_bytes": p.pinned_host_bytes,
             "host_available_bytes": target.host_bytes,
             "host_fits": p.host_fits,
@@ -119,13 +120,13 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
     }
     println!("model   {}", spec.summary());
     println!(
-        "run     batch {} × seq {}, LoRA r = {} on {} targets, {:?} base, checkpointing {:?}",
+        "run     batch {} × seq {}, LoRA r = {} on {} targets, {:?} base, checkpointing {}",
         input.batch_size,
         input.max_seq_len,
         input.lora.r,
         input.lora.targets.len(),
         input.quantization,
-        p.checkpointing
+        p.checkpointing_label(&spec)
     );
     println!();
     for (name, bytes) in &p.terms {

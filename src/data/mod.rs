@@ -10,68 +10,21 @@ pub mod encode;
 pub mod format;
 pub mod preflight;
 pub mod read;
+pub mod record;
 pub mod tabular;
 
 use std::path::PathBuf;
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use batch::{Batch, Batcher, IGNORE_INDEX};
 pub use encode::MaskSource;
 
-use crate::config::{DatasetConfig, DatasetFormat, TrainOn};
+use crate::config::{DatasetConfig, DatasetFormat, LongRows, TrainOn};
 use crate::error::{Error, Result};
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::TokenizerBundle;
-
-/// What to do with a row longer than `max_seq_len` tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LongRows {
-    /// Keep the first `max_seq_len` tokens (TRL's default); counted in `truncated_rows`.
-    #[default]
-    Truncate,
-    /// Leave the row out; it is listed among the skipped rows.
-    Drop,
-}
-
-/// The size and SHA-256 of a dataset file: what a run records so that a resume can tell whether
-/// it would continue on the same data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fingerprint {
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-impl Fingerprint {
-    /// Read the whole file once (buffered; a few seconds for a gigabyte).
-    pub fn of_file(path: &std::path::Path) -> Result<Self> {
-        use sha2::Digest;
-        use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-        let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut bytes = 0u64;
-        loop {
-            let n = f.read(&mut buf).map_err(|e| Error::file(path, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            bytes += n as u64;
-        }
-        let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Fingerprint { bytes, sha256 })
-    }
-}
-
-impl std::fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} bytes, sha256 {}…", self.bytes, &self.sha256[..self.sha256.len().min(12)])
-    }
-}
 
 /// One training example. `labels[i]` is the label of `input_ids[i]` (Hugging Face alignment),
 /// `IGNORE_INDEX` where the token is not trained; the batcher shifts them into targets.
@@ -93,9 +46,9 @@ impl Example {
 /// A row that was left out, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SkippedRow {
-    /// The line it starts on (the row in Parquet), as in `read::RawRecord`.
+    /// The line it starts on (the row in Parquet), as in `record::RawRecord`.
     pub row: usize,
-    /// In a JSON array, its 1-based position in the array (see `read::RawRecord`).
+    /// In a JSON array, its 1-based position in the array (see `record::RawRecord`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub record: Option<usize>,
     pub reason: String,
@@ -106,7 +59,7 @@ impl SkippedRow {
     /// `line 298`, `row 12` in Parquet (which has no lines), and for an item of a JSON array also
     /// its place in the array, as a program reading the array counts: `line 298 (record 150, index 149)`.
     pub fn place(&self, file_kind: &str) -> String {
-        let unit = if file_kind == read::FileKind::Parquet.name() { "row" } else { "line" };
+        let unit = if file_kind == record::FileKind::Parquet.name() { "row" } else { "line" };
         match self.record {
             Some(r) => format!("{unit} {} (record {r}, index {})", self.row, r - 1),
             None => format!("{unit} {}", self.row),
@@ -192,7 +145,7 @@ pub struct PreparedDataset {
 pub const LIST_SKIPPED: usize = 20;
 
 enum Outcome {
-    Used { example: Example, original: usize, truncated: bool },
+    Used { example: Example, original: usize, truncated: bool, mask: MaskSource },
     Skipped(SkippedRow),
 }
 
@@ -208,7 +161,15 @@ pub fn prepare_dataset(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: 
 /// The chat template a dataset of `format` is rendered with: none for raw text, so a model whose
 /// template does not compile can still train on text.
 pub fn dataset_template(cfg: &DatasetConfig, tok: &TokenizerBundle, format: DatasetFormat) -> Result<Option<ChatTemplate>> {
-    if format == DatasetFormat::Text { Ok(None) } else { tok.resolve_template(&cfg.template).map(Some) }
+    if format == DatasetFormat::Text {
+        return Ok(None);
+    }
+    let vars = cfg
+        .template_kwargs
+        .iter()
+        .map(|(k, v)| serde_json::to_value(v).map(|j| (k.clone(), j)).map_err(|e| Error::config(format!("dataset.template_kwargs.{k}"), e)))
+        .collect::<Result<serde_json::Map<_, _>>>()?;
+    Ok(Some(tok.resolve_template(&cfg.template)?.with_vars(vars)))
 }
 
 /// `prepare_dataset` without the refusal: however many rows are bad, the report comes back (the
@@ -240,7 +201,7 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
                 Ok(e) => e,
                 Err(reason) => return skip(reason),
             };
-            let original = enc.total_tokens;
+            let (original, mask) = (enc.total_tokens, enc.mask);
             let about = if enc.cut { "about " } else { "" };
             let mut example = Example { input_ids: enc.input_ids, labels: enc.labels, row: rec.row };
             let truncated = example.input_ids.len() > max_seq_len;
@@ -256,7 +217,7 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
                     ));
                 }
             }
-            Outcome::Used { example, original, truncated }
+            Outcome::Used { example, original, truncated, mask }
         })
         .collect();
 
@@ -265,9 +226,11 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
     let mut skipped = Vec::new();
     let mut lengths = Vec::with_capacity(rows_total);
     let (mut truncated_rows, mut trained_tokens, mut total_tokens) = (0, 0, 0);
+    let mut lent = false;
     for o in outcomes {
         match o {
-            Outcome::Used { example, original, truncated } => {
+            Outcome::Used { example, original, truncated, mask } => {
+                lent |= mask == MaskSource::EquivalentBuiltin;
                 let trained = example.trained_tokens();
                 trained_tokens += trained;
                 total_tokens += example.input_ids.len();
@@ -281,6 +244,8 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
     let mask = match (&template, cfg.train_on) {
         (None, _) | (_, TrainOn::All) => MaskSource::All,
         (Some(t), _) if t.has_generation_blocks() => MaskSource::GenerationBlocks,
+        // Some rows rendered as the built-in of the model's family and took its blocks.
+        (Some(_), _) if lent => MaskSource::EquivalentBuiltin,
         _ => MaskSource::RenderedPrefixes,
     };
     let report = DatasetReport {
@@ -303,7 +268,7 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
 
 /// A file with no record, or none that can be read at all (a binary or mis-encoded file): said of
 /// the file, before format detection could blame `dataset.format` for it.
-fn unreadable(path: &std::path::Path, kind: read::FileKind, records: &[read::RawRecord]) -> Result<()> {
+fn unreadable(path: &std::path::Path, kind: record::FileKind, records: &[record::RawRecord]) -> Result<()> {
     if records.is_empty() {
         return Err(Error::file(path, format!("has no rows: the {} file is empty (or holds only blank lines)", kind.name())));
     }

@@ -379,7 +379,7 @@ fn run(
                 }
             }
             let recorded = cfg.dataset.fingerprint.clone();
-            let now = cfg.dataset.path.is_file().then(|| crate::data::Fingerprint::of_file(&cfg.dataset.path)).transpose()?;
+            let now = cfg.dataset.path.is_file().then(|| crate::config::Fingerprint::of_file(&cfg.dataset.path)).transpose()?;
             if let (Some(then), Some(now)) = (&recorded, &now)
                 && then != now
             {
@@ -438,7 +438,7 @@ fn run(
     };
     cfg.validate()?;
     if resume.is_none() && cfg.dataset.path.is_file() {
-        cfg.dataset.fingerprint = Some(crate::data::Fingerprint::of_file(&cfg.dataset.path)?);
+        cfg.dataset.fingerprint = Some(crate::config::Fingerprint::of_file(&cfg.dataset.path)?);
     }
     if let Some(m) = data_changed {
         log(m);

@@ -94,8 +94,7 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
     let report = prepared.report;
     // Raw text renders no template (as in training), so a model whose template does not compile
     // still previews a text dataset.
-    let template =
-        if report.format == crate::config::DatasetFormat::Text { None } else { Some(tok.resolve_template(&cfg.dataset.template)?) };
+    let template = crate::data::dataset_template(&cfg.dataset, &tok, report.format)?;
     let encoder = Encoder { tok: &tok, template: template.as_ref(), train_on: cfg.dataset.train_on, max_tokens: None };
     let mut previews = Vec::new();
     for rec in &records {
