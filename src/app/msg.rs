@@ -14,7 +14,7 @@ use super::state::export::{ExportKind, ExportProgress};
 use super::state::memory::{Fixes, Machine, Setting};
 use super::state::model::{CachedModel, ModelInfo};
 use super::state::preflight::PreflightView;
-use super::state::runs::{RunRecord, ViewedRun};
+use super::state::runs::{Comparison, RunRecord, ViewedRun};
 
 /// What a panel asks the app to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +35,10 @@ pub enum Action {
     SaveNow,
     RefreshRuns,
     OpenRun(PathBuf),
+    /// Rename a run's folder (the name typed in the runs list).
+    RenameRun(PathBuf, String),
+    /// Overlay the runs ticked in the runs list and diff their configs.
+    CompareRuns,
     ResumeRun(PathBuf),
     ExportFrom(PathBuf),
     Export(ExportKind),
@@ -118,9 +122,11 @@ pub enum Msg {
     },
     Export(ExportProgress),
     Runs {
-        dir: PathBuf,
+        dirs: Vec<PathBuf>,
         records: Vec<RunRecord>,
     },
+    Renamed(Result<PathBuf, String>),
+    Compared(Result<Comparison, String>),
     RunOpened(Result<ViewedRun, String>),
     Picked {
         purpose: Pick,

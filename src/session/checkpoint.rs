@@ -42,6 +42,9 @@ pub struct StepMetrics {
     /// Device memory in use after the step (driver-reported on a GPU, process RSS on the CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// Mean loss over the evaluation rows, on the steps where the run evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
 }
 
 /// `run.json`: what the runs list shows without reading anything else.
@@ -58,6 +61,9 @@ pub struct RunStatus {
     pub updated: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Dataset rows the run trains on (after skipped rows), for the runs list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<usize>,
 }
 
 impl RunStatus {

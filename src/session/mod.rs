@@ -227,15 +227,13 @@ fn is_unused(dir: &Path) -> bool {
 }
 
 /// The folder a new run writes to, created and locked: `output.dir/run_name`, or a default name
-/// `<model>-<date>-<time>` with `-2`, `-3`, … when taken. The folder is created with `create_dir`,
+/// `<model>-<dataset>-<date>-<time>` with `-2`, `-3`, … when taken. The folder is created with `create_dir`,
 /// which exactly one process can win, and a run never moves into a folder that holds anything.
 fn new_run_dir(cfg: &RunConfig) -> Result<(PathBuf, RunLock)> {
     let out = &cfg.output.dir;
     std::fs::create_dir_all(out).with_path(out)?;
     if cfg.output.run_name.is_empty() {
-        let model = cfg.model.path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-        let (d, t) = crate::util::utc_now();
-        let base = format!("{model}-{}-{}", d.replace('-', ""), t.replace(':', ""));
+        let base = default_run_name(cfg);
         for n in 1u32.. {
             let dir = if n == 1 { out.join(&base) } else { out.join(format!("{base}-{n}")) };
             match std::fs::create_dir(&dir) {
@@ -260,6 +258,15 @@ fn new_run_dir(cfg: &RunConfig) -> Result<(PathBuf, RunLock)> {
         return Err(occupied(&dir));
     }
     Ok((dir, lock))
+}
+
+/// `<model>-<dataset>-<date>-<time>`: the folder's name says what was trained on what, so runs
+/// read apart in a list (the studio can rename them afterwards).
+pub fn default_run_name(cfg: &RunConfig) -> String {
+    let model = cfg.model.path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+    let dataset = cfg.dataset.path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "data".into());
+    let (d, t) = crate::util::utc_now();
+    format!("{model}-{dataset}-{}-{}", d.replace('-', ""), t.replace(':', ""))
 }
 
 /// Names of leftovers that writes in progress leave when a process dies: `.<name>.tmp-<pid>`,
@@ -655,6 +662,7 @@ fn train_on<B: Backend>(
         started: now(),
         updated: now(),
         error: None,
+        rows: Some(p.report.rows_used),
     };
     status.save(&p.run_dir)?;
     send(Event::Loaded(Box::new(LoadedInfo {
@@ -786,6 +794,7 @@ fn train_on<B: Backend>(
                 .free_memory_bytes
                 .and_then(|f| trainer.backend.device().total_memory_bytes.map(|t| t - f))
                 .or_else(crate::util::process_rss_bytes),
+            eval_loss: None,
         };
         checkpoint::append_metrics(&p.run_dir, &m)?;
         last_loss = Some(stats.loss);
