@@ -115,7 +115,7 @@ impl MergeInput {
 
     /// From a model folder and a PEFT adapter folder.
     pub fn from_adapter(model: &Path, adapter: &Path, quantization: Quantization) -> Result<Self> {
-        let spec = crate::model::spec_of_folder(model)?;
+        let spec = crate::model::spec_of_weights_folder(model)?;
         let a = load_peft(adapter, &spec)?;
         Ok(MergeInput {
             model: model.to_path_buf(),

@@ -46,9 +46,19 @@ pub fn check_config_folder(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What a model folder must hold to be trained, evaluated or described: `check_config_folder`,
-/// safetensors weights and `tokenizer.json`.
+/// What a model folder must hold to be trained, evaluated or described: `check_weights_folder`
+/// and `tokenizer.json`.
 pub fn check_folder(dir: &Path) -> Result<()> {
+    check_weights_folder(dir)?;
+    if !dir.join("tokenizer.json").is_file() {
+        return Err(Error::file(dir, "has no tokenizer.json: copy the model's tokenizer files into it"));
+    }
+    Ok(())
+}
+
+/// What a model folder must hold to be merged with an adapter: `check_config_folder` and
+/// safetensors weights. A merge copies the tokenizer files when there are some and needs none.
+pub fn check_weights_folder(dir: &Path) -> Result<()> {
     check_config_folder(dir)?;
     let fail = |what: String| Err(Error::file(dir, what));
     let files: Vec<String> =
@@ -62,9 +72,6 @@ pub fn check_folder(dir: &Path) -> Result<()> {
             None => "has no *.safetensors weights: download the model's weights into it".to_string(),
         });
     }
-    if !dir.join("tokenizer.json").is_file() {
-        return fail("has no tokenizer.json: copy the model's tokenizer files into it".into());
-    }
     Ok(())
 }
 
@@ -75,6 +82,14 @@ pub fn spec_of_folder(dir: &Path) -> Result<ModelSpec> {
     check_config_folder(dir)?;
     let spec = ModelSpec::from_dir(dir)?;
     check_folder(dir)?;
+    Ok(spec)
+}
+
+/// `spec_of_folder` for a folder whose weights are read but whose tokenizer is not (a merge).
+pub fn spec_of_weights_folder(dir: &Path) -> Result<ModelSpec> {
+    check_config_folder(dir)?;
+    let spec = ModelSpec::from_dir(dir)?;
+    check_weights_folder(dir)?;
     Ok(spec)
 }
 
@@ -99,6 +114,8 @@ mod tests {
         assert!(msg(&model).contains("holds pytorch_model.bin but no *.safetensors"), "{}", msg(&model));
         std::fs::write(model.join("model.safetensors"), "").unwrap();
         assert!(msg(&model).contains("no tokenizer.json"));
+        // A merge reads the weights only: no tokenizer is needed.
+        check_weights_folder(&model).unwrap();
         std::fs::write(model.join("tokenizer.json"), "").unwrap();
         check_folder(&model).unwrap();
         for m in [msg(&d.path().join("missing")), up] {
