@@ -134,6 +134,28 @@ enum Outcome {
 /// Read, check, render and tokenize a dataset. Rows that cannot be used are reported, not fatal;
 /// the call fails when more than `cfg.max_bad_fraction` of them are unusable (or none is usable),
 /// listing the first ones with their reasons.
+/// Hold out `fraction` of the examples for evaluation, drawn by `seed` (at least one, and at
+/// least one left to train on). Returns `(train, eval)`, each in file order. The same data and
+/// seed always give the same split, so a resumed run evaluates on the same rows.
+pub fn split_eval(examples: Vec<Example>, fraction: f64, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
+    let n = examples.len();
+    if n < 2 {
+        return Err(Error::config("dataset.eval_split", format!("needs at least 2 usable rows to hold some out; the dataset has {n}")));
+    }
+    let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
+    // A stream of its own, so the split does not shift the training order's draws.
+    let order = batch::permutation(n, &mut batch::rng_for(seed, 0xe7a1));
+    let mut held = vec![false; n];
+    for &i in &order[..k] {
+        held[i as usize] = true;
+    }
+    let (mut train, mut eval) = (Vec::with_capacity(n - k), Vec::with_capacity(k));
+    for (e, h) in examples.into_iter().zip(held) {
+        if h { eval.push(e) } else { train.push(e) }
+    }
+    Ok((train, eval))
+}
+
 pub fn prepare_dataset(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: usize) -> Result<PreparedDataset> {
     let ds = prepare_dataset_unchecked(cfg, tok, max_seq_len)?;
     refuse_if_too_bad(&ds.report, cfg.max_bad_fraction)?;
