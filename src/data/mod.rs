@@ -131,9 +131,6 @@ enum Outcome {
     Skipped(SkippedRow),
 }
 
-/// Read, check, render and tokenize a dataset. Rows that cannot be used are reported, not fatal;
-/// the call fails when more than `cfg.max_bad_fraction` of them are unusable (or none is usable),
-/// listing the first ones with their reasons.
 /// Hold out `fraction` of the examples for evaluation, drawn by `seed` (at least one, and at
 /// least one left to train on). Returns `(train, eval)`, each in file order. The same data and
 /// seed always give the same split, so a resumed run evaluates on the same rows.
@@ -156,6 +153,9 @@ pub fn split_eval(examples: Vec<Example>, fraction: f64, seed: u64) -> Result<(V
     Ok((train, eval))
 }
 
+/// Read, check, render and tokenize a dataset. Rows that cannot be used are reported, not fatal;
+/// the call fails when more than `cfg.max_bad_fraction` of them are unusable (or none is usable),
+/// listing the first ones with their reasons.
 pub fn prepare_dataset(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: usize) -> Result<PreparedDataset> {
     let ds = prepare_dataset_unchecked(cfg, tok, max_seq_len)?;
     refuse_if_too_bad(&ds.report, cfg.max_bad_fraction)?;
