@@ -722,6 +722,31 @@ mod tests {
     }
 
     #[test]
+    fn eval_split_is_a_fraction_or_a_file_and_is_checked() {
+        let c = RunConfig::from_toml_str("[dataset]\neval_split = 0.1\n[train]\neval_every = 20\n", Path::new("run.toml")).unwrap();
+        assert_eq!(c.dataset.eval_split, Some(EvalSplit::Fraction(0.1)));
+        assert_eq!(c.train.eval_every, 20);
+        let c = RunConfig::from_toml_str("[dataset]\neval_split = \"held.jsonl\"\n", Path::new("run.toml")).unwrap();
+        assert_eq!(c.dataset.eval_split, Some(EvalSplit::File("held.jsonl".into())));
+        let mut c = RunConfig::default();
+        c.model.path = "m".into();
+        c.dataset.path = "d".into();
+        for bad in [0.0, 0.6, f64::NAN] {
+            c.dataset.eval_split = Some(EvalSplit::Fraction(bad));
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("dataset.eval_split") && e.contains("(0, 0.5]"), "{e}");
+        }
+        c.dataset.eval_split = Some(EvalSplit::File(PathBuf::new()));
+        assert!(c.validate().unwrap_err().to_string().contains("empty path"));
+        // About ten evaluations by default, and always one after the last step.
+        let t = TrainConfig::default();
+        let at: Vec<u64> = (1..=25).filter(|&s| t.evaluates_at(s, 25)).collect();
+        assert_eq!(at, vec![3, 6, 9, 12, 15, 18, 21, 24, 25]);
+        let t = TrainConfig { eval_every: 10, ..t };
+        assert_eq!((1..=25).filter(|&s| t.evaluates_at(s, 25)).collect::<Vec<_>>(), vec![10, 20, 25]);
+    }
+
+    #[test]
     fn unknown_field_is_refused_with_line() {
         let e = RunConfig::from_toml_str("[lora]\nr = 8\nrank = 4\n", Path::new("run.toml")).unwrap_err();
         let s = e.to_string();

@@ -21,7 +21,7 @@ use serde::Serialize;
 pub use batch::{Batch, Batcher, IGNORE_INDEX};
 pub use encode::MaskSource;
 
-use crate::config::{DatasetConfig, DatasetFormat, LongRows, TrainOn};
+use crate::config::{DatasetConfig, DatasetFormat, EvalSplit, LongRows, TrainOn};
 use crate::error::{Error, Result};
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::TokenizerBundle;
@@ -151,6 +151,31 @@ pub fn split_eval(examples: Vec<Example>, fraction: f64, seed: u64) -> Result<(V
         if h { eval.push(e) } else { train.push(e) }
     }
     Ok((train, eval))
+}
+
+/// The rows a run trains on and the rows it evaluates on, as `cfg.eval_split` says: all rows and
+/// none; the dataset less a held-out fraction (drawn by `seed`) and that fraction; or all rows and
+/// the usable rows of the evaluation file, read like the dataset. The session and the preflight
+/// both call this, so the steps per epoch the preflight counts are the run's.
+pub fn eval_sets(
+    cfg: &DatasetConfig,
+    examples: Vec<Example>,
+    seed: u64,
+    tok: &TokenizerBundle,
+    max_seq_len: usize,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    match &cfg.eval_split {
+        None => Ok((examples, Vec::new())),
+        Some(EvalSplit::Fraction(f)) => split_eval(examples, *f, seed),
+        Some(EvalSplit::File(path)) => {
+            let eval_cfg = DatasetConfig { path: path.clone(), fingerprint: None, eval_split: None, ..cfg.clone() };
+            let held = prepare_dataset(&eval_cfg, tok, max_seq_len)?;
+            if held.examples.is_empty() {
+                return Err(Error::file(path, "has no usable row to evaluate on (dataset.eval_split): give another file or a fraction such as 0.1"));
+            }
+            Ok((examples, held.examples))
+        }
+    }
 }
 
 /// Read, check, render and tokenize a dataset. Rows that cannot be used are reported, not fatal;

@@ -311,3 +311,41 @@ pub fn append_metrics(run_dir: &Path, m: &StepMetrics) -> Result<()> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).with_path(&p)?;
     writeln!(f, "{}", serde_json::to_string(m).expect("json")).with_path(&p)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder `list` counts as a complete checkpoint (the files exist; their content is not read).
+    fn fake(run_dir: &Path, step: u64) {
+        let d = step_dir(run_dir, step);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in [ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE] {
+            std::fs::write(d.join(f), b"").unwrap();
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_best_checkpoint_whatever_its_age() {
+        let t = tempfile::tempdir().unwrap();
+        for s in [10, 20, 30, 40] {
+            fake(t.path(), s);
+        }
+        // No evaluation: the newest two.
+        prune(t.path(), 40, Retention::default());
+        assert_eq!(list(t.path()), vec![30, 40]);
+        // The best is older than both: it stays beside them.
+        fake(t.path(), 10);
+        fake(t.path(), 50);
+        prune(t.path(), 50, Retention { best: Some(10), only_best: false });
+        assert_eq!(list(t.path()), vec![10, 40, 50]);
+        // Only the best (and the newest, to resume from).
+        fake(t.path(), 60);
+        prune(t.path(), 60, Retention { best: Some(10), only_best: true });
+        assert_eq!(list(t.path()), vec![10, 60]);
+        // only_best with no evaluation yet falls back to the newest two.
+        fake(t.path(), 70);
+        prune(t.path(), 70, Retention { best: None, only_best: true });
+        assert_eq!(list(t.path()), vec![60, 70]);
+    }
+}

@@ -14,11 +14,9 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, DeviceInfo};
-use crate::config::{DeviceChoice, RunConfig};
-use crate::backend::LossSum;
-use crate::config::{DatasetConfig, EvalSplit};
-use crate::data::{Batch, Batcher, DatasetReport, prepare_dataset, split_eval};
+use crate::backend::{Backend, DeviceInfo, LossSum};
+use crate::config::{DeviceChoice, EvalSplit, RunConfig};
+use crate::data::{Batch, Batcher, DatasetReport, eval_sets, prepare_dataset};
 use crate::engine::lora::LoraWeights;
 use crate::engine::schedule::Schedule;
 use crate::engine::{EngineOptions, TokenRows, Trainer};
@@ -77,6 +75,9 @@ pub struct DatasetSummary {
     pub rows_skipped: usize,
     pub truncated_rows: usize,
     pub trained_tokens: usize,
+    /// Rows held out to evaluate on (`dataset.eval_split`): of `rows_used` for a fraction, from
+    /// their own file otherwise; 0 without an evaluation set.
+    pub eval_rows: usize,
 }
 
 impl From<&DatasetReport> for DatasetSummary {
@@ -87,6 +88,7 @@ impl From<&DatasetReport> for DatasetSummary {
             rows_skipped: r.rows_skipped.len(),
             truncated_rows: r.truncated_rows,
             trained_tokens: r.trained_tokens,
+            eval_rows: 0,
         }
     }
 }
@@ -99,6 +101,9 @@ pub struct Finished {
     pub final_loss: Option<f64>,
     /// Stopped by the user before the last step (resumable).
     pub stopped: bool,
+    /// The lowest evaluation loss and its step, whose checkpoint (`best_checkpoint`) is kept.
+    pub best: Option<checkpoint::BestEval>,
+    pub best_checkpoint: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,6 +361,7 @@ struct Prepared {
     eval: Vec<Batch>,
     /// Rows trained on (the dataset's usable rows less the held-out ones).
     train_rows: usize,
+    eval_rows: usize,
 }
 
 fn run(
@@ -502,18 +508,7 @@ fn run(
         log(format!("skipped row {}: {}", s.row, s.reason));
     }
     let report = data.report.clone();
-    let (train_examples, eval_examples) = match &cfg.dataset.eval_split {
-        None => (data.examples, Vec::new()),
-        Some(EvalSplit::Fraction(f)) => split_eval(data.examples, *f, cfg.train.seed)?,
-        Some(EvalSplit::File(path)) => {
-            let eval_cfg = DatasetConfig { path: path.clone(), fingerprint: None, eval_split: None, ..cfg.dataset.clone() };
-            let held = prepare_dataset(&eval_cfg, &tok, cfg.train.max_seq_len)?;
-            if held.examples.is_empty() {
-                return Err(Error::file(path, "has no usable row to evaluate on (dataset.eval_split)"));
-            }
-            (data.examples, held.examples)
-        }
-    };
+    let (train_examples, eval_examples) = eval_sets(&cfg.dataset, data.examples, cfg.train.seed, &tok, cfg.train.max_seq_len)?;
     let train_rows = train_examples.len();
     let eval: Vec<Batch> = eval_examples
         .chunks(cfg.train.batch_size.max(1))
@@ -523,7 +518,11 @@ fn run(
         })
         .collect();
     if !eval.is_empty() {
-        log(format!("holding out {} rows to evaluate on; training on {train_rows}", eval_examples.len()));
+        let every = if cfg.train.eval_every == 0 { "about ten times over the run".to_string() } else { format!("every {} steps", cfg.train.eval_every) };
+        match &cfg.dataset.eval_split {
+            Some(EvalSplit::File(f)) => log(format!("evaluating on the {} rows of {} {every}", eval_examples.len(), f.display())),
+            _ => log(format!("holding out {} rows to evaluate on {every}; training on {train_rows}", eval_examples.len())),
+        }
     }
     let examples = Arc::new(train_examples);
     let batcher =
@@ -543,6 +542,8 @@ fn run(
             steps: c.state.step,
             final_loss: checkpoint::read_metrics(&run_dir).last().map(|m| m.loss),
             stopped: false,
+            best: None,
+            best_checkpoint: None,
             run_dir,
         });
     }
@@ -554,9 +555,32 @@ fn run(
     }
     cfg.save(&run_dir.join(checkpoint::CONFIG_FILE))?;
 
-    let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, (&examples, &report), &run_dir, &log)? };
+    let token_fix = if resume.is_some() {
+        None
+    } else if eval_examples.is_empty() {
+        untrained_token_fix(&cfg, &spec, &tok, (&examples, &report), &run_dir, &log)?
+    } else {
+        // The held-out rows are read by the same model: a token only they use needs its row too.
+        let all: Vec<_> = examples.iter().chain(&eval_examples).cloned().collect();
+        untrained_token_fix(&cfg, &spec, &tok, (&all, &report), &run_dir, &log)?
+    };
     let prepared =
-        Prepared { cfg, run_dir, spec, batcher, report, total_steps, steps_per_epoch, lora_init, token_fix, resume, started, eval, train_rows };
+        Prepared {
+        cfg,
+        run_dir,
+        spec,
+        batcher,
+        report,
+        total_steps,
+        steps_per_epoch,
+        lora_init,
+        token_fix,
+        resume,
+        started,
+        eval,
+        train_rows,
+        eval_rows: eval_examples.len(),
+    };
     match prepared.cfg.train.device {
         DeviceChoice::Cpu => train_on(CpuBackend::<f32>::new(), prepared, &options, events, control),
         DeviceChoice::Auto => match crate::backend::cuda::CudaBackend::new() {
@@ -723,7 +747,7 @@ fn train_on<B: Backend>(
         total_steps: p.total_steps,
         start_step: trainer.step,
         steps_per_epoch: p.steps_per_epoch,
-        dataset: DatasetSummary::from(&p.report),
+        dataset: DatasetSummary { eval_rows: p.eval_rows, ..DatasetSummary::from(&p.report) },
         keeps_all_activations: trainer.keeps_all_activations(),
         load_secs: p.started.elapsed().as_secs_f64(),
     })));
@@ -892,5 +916,14 @@ fn train_on<B: Backend>(
     status.step = trainer.step;
     status.updated = now();
     status.save(&p.run_dir)?;
-    Ok(Finished { run_dir: p.run_dir.clone(), adapter_dir, steps: trainer.step, final_loss: last_loss, stopped })
+    let best_checkpoint = status.best.map(|b| checkpoint::step_dir(&p.run_dir, b.step));
+    Ok(Finished {
+        run_dir: p.run_dir.clone(),
+        adapter_dir,
+        steps: trainer.step,
+        final_loss: last_loss,
+        stopped,
+        best: status.best,
+        best_checkpoint,
+    })
 }
