@@ -1171,7 +1171,9 @@ fn gui_eval_loss_is_drawn_with_the_training_loss_and_the_best_is_marked() {
     h.state_mut().state.config.dataset.eval_split = Some(tunestudio::config::EvalSplit::Fraction(0.1));
     go(&mut h, Page::Dataset);
     settle(&mut h);
-    assert!(h.query_by_label("hold out a fraction").is_some() && h.query_by_label("of the rows").is_some());
+    assert!(h.query_by_label("of the rows").is_some(), "the fraction's field is drawn");
+    let combo = h.query_all_by_label("Evaluation rows").find(|n| n.accesskit_node().role() == egui::accesskit::Role::ComboBox);
+    assert_eq!(combo.and_then(|n| n.accesskit_node().value().map(String::from)).as_deref(), Some("hold out a fraction"));
     go(&mut h, Page::Hyper);
     settle(&mut h);
     assert!(h.query_all_by_label("Evaluate every").all(|n| !n.accesskit_node().is_disabled()));
