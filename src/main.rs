@@ -495,7 +495,12 @@ fn train(a: TrainArgs) -> Result<()> {
                     f.adapter_dir.display()
                 );
                 if let (Some(b), Some(dir)) = (f.best, &f.best_checkpoint) {
-                    eprintln!("best eval loss {:.4} at step {}: {} (a PEFT adapter; export it with --adapter)", b.eval_loss, b.step, dir.display());
+                    eprintln!(
+                        "best eval loss {:.4} at step {}: {} (a PEFT adapter; export it with --adapter)",
+                        b.eval_loss,
+                        b.step,
+                        dir.display()
+                    );
                 }
             }
             Event::Failed { message, last_checkpoint, run_dir } => {

@@ -171,7 +171,10 @@ pub fn eval_sets(
             let eval_cfg = DatasetConfig { path: path.clone(), fingerprint: None, eval_split: None, ..cfg.clone() };
             let held = prepare_dataset(&eval_cfg, tok, max_seq_len)?;
             if held.examples.is_empty() {
-                return Err(Error::file(path, "has no usable row to evaluate on (dataset.eval_split): give another file or a fraction such as 0.1"));
+                return Err(Error::file(
+                    path,
+                    "has no usable row to evaluate on (dataset.eval_split): give another file or a fraction such as 0.1",
+                ));
             }
             Ok((examples, held.examples))
         }

@@ -277,9 +277,9 @@ fn best_step(status: &RunStatus) -> Option<u64> {
 fn evaluate<B: Backend>(trainer: &mut Trainer<B>, batches: &[Batch]) -> Result<f64> {
     let (micro, dropout) = (trainer.micro_counter(), trainer.opts.lora.dropout);
     trainer.opts.lora.dropout = 0.0;
-    let total = batches.iter().try_fold(LossSum::default(), |a, b| {
-        trainer.evaluate(b).map(|l| LossSum { sum: a.sum + l.sum, count: a.count + l.count })
-    });
+    let total = batches
+        .iter()
+        .try_fold(LossSum::default(), |a, b| trainer.evaluate(b).map(|l| LossSum { sum: a.sum + l.sum, count: a.count + l.count }));
     trainer.opts.lora.dropout = dropout;
     trainer.set_micro_counter(micro);
     let total = total?;
@@ -518,7 +518,11 @@ fn run(
         })
         .collect();
     if !eval.is_empty() {
-        let every = if cfg.train.eval_every == 0 { "about ten times over the run".to_string() } else { format!("every {} steps", cfg.train.eval_every) };
+        let every = if cfg.train.eval_every == 0 {
+            "about ten times over the run".to_string()
+        } else {
+            format!("every {} steps", cfg.train.eval_every)
+        };
         match &cfg.dataset.eval_split {
             Some(EvalSplit::File(f)) => log(format!("evaluating on the {} rows of {} {every}", eval_examples.len(), f.display())),
             _ => log(format!("holding out {} rows to evaluate on {every}; training on {train_rows}", eval_examples.len())),
@@ -564,8 +568,7 @@ fn run(
         let all: Vec<_> = examples.iter().chain(&eval_examples).cloned().collect();
         untrained_token_fix(&cfg, &spec, &tok, (&all, &report), &run_dir, &log)?
     };
-    let prepared =
-        Prepared {
+    let prepared = Prepared {
         cfg,
         run_dir,
         spec,

@@ -120,7 +120,11 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             }
             if let Some(b) = c.best_eval {
                 pl.points(
-                    Points::new("best eval", PlotPoints::from(vec![b])).color(EVAL_COLOR).shape(MarkerShape::Diamond).radius(7.0).filled(false),
+                    Points::new("best eval", PlotPoints::from(vec![b]))
+                        .color(EVAL_COLOR)
+                        .shape(MarkerShape::Diamond)
+                        .radius(7.0)
+                        .filled(false),
                 );
             }
         });
