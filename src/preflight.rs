@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::RunConfig;
 use crate::config::{DatasetFormat, TrainOn};
 use crate::data::preflight::{DatasetStats, Finding, Level, MarkedExample, Marking, dataset_stats, sample_examples, tokenizer_checks};
-use crate::data::{Batcher, Example, LIST_SKIPPED, MaskSource, SkippedRow, dataset_template, prepare_dataset_unchecked};
+use crate::data::{Batcher, Example, LIST_SKIPPED, MaskSource, SkippedRow, dataset_template, eval_sets, prepare_dataset_unchecked};
 use crate::error::{Error, Result};
 use crate::model::chat_template::{ChatTemplate, Message};
 use crate::model::tokenizer::TokenizerBundle;
@@ -215,6 +215,9 @@ pub struct DatasetSection {
     /// the row for Parquet).
     pub skipped: Vec<SkippedRow>,
     pub max_bad_fraction: f64,
+    /// Rows the run evaluates on (`dataset.eval_split`), held out of `rows_used` or read from
+    /// their own file; 0 without evaluation.
+    pub eval_rows: usize,
 }
 
 /// Whether the run can start.
@@ -265,7 +268,7 @@ impl PreflightReport {
         let template = dataset_template(&cfg.dataset, &tok, data.report.format)?;
 
         let r = &data.report;
-        let dataset = DatasetSection {
+        let mut dataset = DatasetSection {
             path: r.path.clone(),
             file_kind: r.file_kind.clone(),
             format: r.format,
@@ -280,8 +283,21 @@ impl PreflightReport {
             rows_skipped: r.rows_skipped.len(),
             skipped: r.rows_skipped.iter().take(LIST_SKIPPED).cloned().collect(),
             max_bad_fraction: cfg.dataset.max_bad_fraction,
+            eval_rows: 0,
         };
-        let examples = Arc::new(data.examples.clone());
+        // The steps are counted over the rows the run trains on, as the session splits them.
+        let mut eval_problem = None;
+        let train = match eval_sets(&cfg.dataset, data.examples.clone(), cfg.train.seed, &tok, cfg.train.max_seq_len) {
+            Ok((train, eval)) => {
+                dataset.eval_rows = eval.len();
+                train
+            }
+            Err(e) => {
+                eval_problem = Some(e.to_string());
+                data.examples.clone()
+            }
+        };
+        let examples = Arc::new(train);
         let batcher =
             Batcher::new(examples, cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
         let stats = dataset_stats(&data, &batcher, cfg.train.grad_accum);
@@ -304,7 +320,7 @@ impl PreflightReport {
         };
         let untrained = untrained_tokens(&store, &spec, &tok, &data.examples, template.as_ref(), cfg.dataset.fix_untrained_tokens)?;
 
-        let mut reasons = Vec::new();
+        let mut reasons: Vec<String> = eval_problem.into_iter().collect();
         if let Err(e) = store.check_finite() {
             reasons.push(e.to_string());
         }

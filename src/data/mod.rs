@@ -21,7 +21,7 @@ use serde::Serialize;
 pub use batch::{Batch, Batcher, IGNORE_INDEX};
 pub use encode::MaskSource;
 
-use crate::config::{DatasetConfig, DatasetFormat, LongRows, TrainOn};
+use crate::config::{DatasetConfig, DatasetFormat, EvalSplit, LongRows, TrainOn};
 use crate::error::{Error, Result};
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::TokenizerBundle;
@@ -147,6 +147,56 @@ pub const LIST_SKIPPED: usize = 20;
 enum Outcome {
     Used { example: Example, original: usize, truncated: bool, mask: MaskSource },
     Skipped(SkippedRow),
+}
+
+/// Hold out `fraction` of the examples for evaluation, drawn by `seed` (at least one, and at
+/// least one left to train on). Returns `(train, eval)`, each in file order. The same data and
+/// seed always give the same split, so a resumed run evaluates on the same rows.
+pub fn split_eval(examples: Vec<Example>, fraction: f64, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
+    let n = examples.len();
+    if n < 2 {
+        return Err(Error::config("dataset.eval_split", format!("needs at least 2 usable rows to hold some out; the dataset has {n}")));
+    }
+    let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
+    // A stream of its own, so the split does not shift the training order's draws.
+    let order = batch::permutation(n, &mut batch::rng_for(seed, 0xe7a1));
+    let mut held = vec![false; n];
+    for &i in &order[..k] {
+        held[i as usize] = true;
+    }
+    let (mut train, mut eval) = (Vec::with_capacity(n - k), Vec::with_capacity(k));
+    for (e, h) in examples.into_iter().zip(held) {
+        if h { eval.push(e) } else { train.push(e) }
+    }
+    Ok((train, eval))
+}
+
+/// The rows a run trains on and the rows it evaluates on, as `cfg.eval_split` says: all rows and
+/// none; the dataset less a held-out fraction (drawn by `seed`) and that fraction; or all rows and
+/// the usable rows of the evaluation file, read like the dataset. The session and the preflight
+/// both call this, so the steps per epoch the preflight counts are the run's.
+pub fn eval_sets(
+    cfg: &DatasetConfig,
+    examples: Vec<Example>,
+    seed: u64,
+    tok: &TokenizerBundle,
+    max_seq_len: usize,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    match &cfg.eval_split {
+        None => Ok((examples, Vec::new())),
+        Some(EvalSplit::Fraction(f)) => split_eval(examples, *f, seed),
+        Some(EvalSplit::File(path)) => {
+            let eval_cfg = DatasetConfig { path: path.clone(), fingerprint: None, eval_split: None, ..cfg.clone() };
+            let held = prepare_dataset(&eval_cfg, tok, max_seq_len)?;
+            if held.examples.is_empty() {
+                return Err(Error::file(
+                    path,
+                    "has no usable row to evaluate on (dataset.eval_split): give another file or a fraction such as 0.1",
+                ));
+            }
+            Ok((examples, held.examples))
+        }
+    }
 }
 
 /// Read, check, render and tokenize a dataset. Rows that cannot be used are reported, not fatal;
