@@ -386,3 +386,46 @@ fn plan_takes_qwen3_8b_and_gemma3_4b_configs() {
     assert!(ok);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["terms"]["base_weights"].as_u64(), Some(gemma));
 }
+
+/// Issue 17/18: a folder that is not a model says what to choose instead of "(os error 2)", for
+/// every command that reads one; an export that cannot be written names `--to`, not the hidden
+/// temporary folder it writes first.
+#[test]
+fn wrong_folders_and_unwritable_exports_name_what_the_user_gave() {
+    let d = tempfile::tempdir().unwrap();
+    let empty = d.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let cfg = small_run_config(d.path(), "wrong", 1);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(&format!("{:?}", demo().join("model")), &format!("{empty:?}"));
+    let wrong = d.path().join("wrong-model.toml");
+    std::fs::write(&wrong, text).unwrap();
+    for args in [
+        vec!["inspect", empty.to_str().unwrap()],
+        vec!["plan", "--model", empty.to_str().unwrap()],
+        vec!["preflight", wrong.to_str().unwrap()],
+        vec!["train", wrong.to_str().unwrap()],
+    ] {
+        let (ok, _, err) = tunestudio(&args);
+        assert!(!ok, "{args:?}");
+        assert_error(&err, "has no config.json, so it is not a model folder");
+        assert!(!err.contains("os error"), "{args:?}: {err}");
+    }
+
+    let cfg = small_run_config(d.path(), "export", 1);
+    let (ok, _, err) = tunestudio(&["train", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let run = d.path().join("runs/export");
+    // A destination under a file cannot be created, even by root (unlike a read-only folder).
+    let blocker = d.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    let to = blocker.join("adapter-out");
+    let (ok, _, err) = tunestudio(&["export", "adapter", run.to_str().unwrap(), "--to", to.to_str().unwrap()]);
+    assert!(!ok);
+    assert_error(&err, &format!("{}: cannot be created", to.display()));
+    assert!(!err.contains(".tmp-") && !err.contains(".adapter-out"), "{err}");
+    let to = blocker.join("merged-out");
+    let (ok, _, err) = tunestudio(&["export", "merged", run.to_str().unwrap(), "--to", to.to_str().unwrap()]);
+    assert!(!ok);
+    assert_error(&err, &format!("{}: cannot be created", to.display()));
+    assert!(!err.contains(".partial-"), "{err}");
+}

@@ -264,6 +264,7 @@ fn gui_snapshots_of_the_main_screens() {
             elapsed_s: x * 0.5,
             eta_s: (60.0 - x) * 0.5,
             memory_bytes: Some((300 << 20) + (i << 16)),
+            eval_loss: None,
         });
         t.push_log(format!("step {i}/60"));
     }
@@ -907,8 +908,9 @@ fn gui_too_many_bad_rows_is_said_once_at_the_field_it_concerns() {
     assert!(at_field.top() < field.bottom() && at_field.bottom() > field.top(), "the message is on the field's row");
     let status = h.get_by_label_contains("Start is disabled: Max unusable rows (dataset.max_bad_fraction): 4 of 20 rows").rect();
     assert!(status.height() < 24.0, "the status bar stays one line: {status:?}");
-    for row in 17..=20 {
-        assert!(h.query_by_label(&format!("row {row}")).is_some(), "skipped row {row} is listed");
+    // Listed by the line they are on, as SkippedRow::place says it for every file kind.
+    for line in 17..=20 {
+        assert!(h.query_by_label(&format!("line {line}")).is_some(), "skipped row on line {line} is listed");
     }
     assert!(disabled(&h, "▶ Start"));
     assert!(h.query_by_label("not ready").is_some(), "the toolbar does not say ready while Start is disabled");
@@ -1063,4 +1065,136 @@ fn gui_models_in_the_hugging_face_cache_and_named_shapes() {
     let f = h.state().state.budget.fixes.as_ref().unwrap().1.clone();
     assert_eq!(f.batch_cap, 350, "the demo's 350 rows, one per sequence, no accumulation");
     assert!(f.batch_size.unwrap() <= 350 && f.lora_r.unwrap() <= 1024);
+}
+
+#[test]
+fn gui_runs_side_by_side_named_compared_renamed_and_remembered_across_folders() {
+    let _g = serial();
+    let mut h = studio_sized(Some(demo_config()), "compare", [1280.0, 900.0]);
+    wait_loaded(&mut h);
+    let ctx = h.ctx.clone();
+    let train = |h: &mut Harness<'static, StudioApp>, out: PathBuf, lr: f64| {
+        let c = &mut h.state_mut().state.config;
+        c.output.dir = out;
+        c.output.run_name = String::new();
+        c.optim.lr = lr;
+        c.train.max_steps = Some(3);
+        h.state_mut().act(Action::ConfirmStart, &ctx);
+        wait_for(h, "a short run", 180, |a| a.state.training.phase == Phase::Done);
+        h.state().state.training.run_dir().unwrap().to_path_buf()
+    };
+    let first = train(&mut h, fixed_dir("compare-runs-a"), 2e-3);
+    let second = train(&mut h, fixed_dir("compare-runs-b"), 5e-4);
+    let name = |d: &Path| d.file_name().unwrap().to_string_lossy().to_string();
+    assert!(name(&first).starts_with("model-train-"), "named after the model and the dataset: {}", name(&first));
+
+    // A config whose output folder holds no run still lists the runs of both folders trained into.
+    h.state_mut().state.config.output.dir = fixed_dir("compare-runs-empty");
+    go(&mut h, Page::Runs);
+    wait_for(&mut h, "both runs", 30, |a| a.state.runs.records.ready().is_some_and(|r| r.len() == 2));
+    settle(&mut h);
+    for header in ["Dataset", "Rows", "lr", "r", "α", "Loss", "Best eval", "Tokens/s", "Peak memory"] {
+        assert!(h.query_all_by_label(header).count() >= 1, "column {header}");
+    }
+    assert_eq!(h.query_all_by_label("train.jsonl").count(), 2, "each run's dataset");
+    assert!(h.query_by_label("2.0e-3").is_some() && h.query_by_label("5.0e-4").is_some(), "each run's lr");
+    let records = h.state().state.runs.records.ready().unwrap().clone();
+    for r in &records {
+        let s = &r.summary;
+        assert!(s.rows.is_some_and(|n| n > 0) && s.smoothed_loss.is_some() && s.tokens_per_s.is_some() && s.peak_memory.is_some(), "{s:?}");
+    }
+
+    // Tick both, compare: two overlaid curves and the keys that differ.
+    assert_eq!(h.query_all_by_role(egui::accesskit::Role::CheckBox).count(), 2);
+    for i in 0..2 {
+        h.query_all_by_role(egui::accesskit::Role::CheckBox).nth(i).unwrap().click();
+        settle(&mut h);
+    }
+    assert_eq!(h.state().state.runs.selected.len(), 2);
+    click(&mut h, "Compare 2 selected");
+    wait_for(&mut h, "the comparison", 30, |a| a.state.runs.comparison.as_ref().is_some_and(|c| c.ready().is_some()));
+    settle(&mut h);
+    let c = h.state().state.runs.comparison.as_ref().unwrap().ready().unwrap().clone();
+    assert_eq!(c.runs.len(), 2);
+    assert!(c.runs.iter().all(|r| r.loss_smooth.len() == 3));
+    assert_ne!(c.runs[0].name, c.runs[1].name, "the legend tells the runs apart");
+    let keys: Vec<&str> = c.diff.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(keys.contains(&"optim.lr") && keys.contains(&"output.dir"), "{keys:?}");
+    assert!(!keys.contains(&"lora.r"), "equal values are not listed: {keys:?}");
+    assert!(h.query_by_label("optim.lr").is_some(), "the diff is on screen");
+    if let Ok(p) = std::env::var("LOOK_AT") {
+        h.render().unwrap().save(p).unwrap();
+    }
+
+    // Rename the first run: click ✏ on its row, type, Enter.
+    let row = records.iter().position(|r| r.dir == first).unwrap();
+    h.query_all_by_label("✏").nth(row).unwrap().click();
+    settle(&mut h);
+    h.state_mut().state.runs.renaming.as_mut().unwrap().1 = "lr-2e-3 baseline".into();
+    h.step();
+    h.key_press(egui::Key::Enter);
+    wait_for(&mut h, "the renamed run", 30, |a| {
+        a.state.runs.records.ready().is_some_and(|r| r.iter().any(|r| r.name == "lr-2e-3 baseline"))
+    });
+    assert!(first.with_file_name("lr-2e-3 baseline").join("run.json").is_file() && !first.exists());
+    // A name that would leave the folder is refused with a line that says why.
+    h.state_mut().act(Action::RenameRun(second.clone(), "../x".into()), &ctx);
+    wait_for(&mut h, "the refusal", 30, |a| !a.state.notices.is_empty());
+    assert!(h.state().state.notices[0].text.contains("without / or \\"), "{:?}", h.state().state.notices);
+    assert!(second.exists());
+}
+
+#[test]
+fn gui_eval_loss_is_drawn_with_the_training_loss_and_the_best_is_marked() {
+    let _g = serial();
+    let mut h = studio_sized(Some(demo_config()), "eval", [1280.0, 900.0]);
+    wait_loaded(&mut h);
+    let ctx = h.ctx.clone();
+    // Without evaluation rows the evaluation settings would do nothing: they are disabled.
+    go(&mut h, Page::Hyper);
+    settle(&mut h);
+    assert!(h.query_all_by_label("Evaluate every").any(|n| n.accesskit_node().is_disabled()));
+
+    // A run with no evaluation rows draws no evaluation curve.
+    let train = |h: &mut Harness<'static, StudioApp>, name: &str| {
+        let c = &mut h.state_mut().state.config;
+        c.output.run_name = name.into();
+        c.train.max_steps = Some(5);
+        h.state_mut().act(Action::ConfirmStart, &ctx);
+        wait_for(h, "a short run", 180, |a| a.state.training.phase == Phase::Done);
+        settle(h);
+    };
+    train(&mut h, "without-eval");
+    assert!(h.query_by_label("smoothed").is_some(), "the loss plot's legend is there");
+    assert!(h.query_by_label("eval loss").is_none() && h.query_by_label_contains("best eval loss").is_none());
+
+    // Hold out a tenth of the rows (the Dataset page's field), evaluate every 2 steps.
+    h.state_mut().state.config.dataset.eval_split = Some(tunestudio::config::EvalSplit::Fraction(0.1));
+    go(&mut h, Page::Dataset);
+    settle(&mut h);
+    assert!(h.query_by_label("of the rows").is_some(), "the fraction's field is drawn");
+    let combo = h.query_all_by_label("Evaluation rows").find(|n| n.accesskit_node().role() == egui::accesskit::Role::ComboBox);
+    assert_eq!(combo.and_then(|n| n.accesskit_node().value().map(String::from)).as_deref(), Some("hold out a fraction"));
+    go(&mut h, Page::Hyper);
+    settle(&mut h);
+    assert!(h.query_all_by_label("Evaluate every").all(|n| !n.accesskit_node().is_disabled()));
+    h.state_mut().state.config.train.eval_every = 2;
+    train(&mut h, "with-eval");
+    assert_eq!(h.state().state.page, Page::Monitor);
+
+    // The evaluation loss is in the loss plot's legend beside the training loss, with the best
+    // marked there and named above the plot.
+    let metrics = h.state().state.training.metrics.clone();
+    let evals: Vec<(u64, f64)> = metrics.iter().filter_map(|m| Some((m.step, m.eval_loss?))).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 4, 5]);
+    assert!(h.query_by_label("smoothed").is_some() && h.query_by_label("eval loss").is_some() && h.query_by_label("best eval").is_some());
+    let best = evals.iter().copied().fold((0, f64::INFINITY), |b, e| if e.1 < b.1 { e } else { b });
+    let label = format!("best eval loss {:.4} at step {}", best.1, best.0);
+    assert!(h.query_by_label(&label).is_some(), "{label} is shown");
+    let log = &h.state().state.training.log;
+    assert!(log.iter().any(|l| l.starts_with("holding out 35 rows")), "{log:?}");
+    assert!(log.iter().any(|l| l.starts_with("best eval loss") && l.contains(&format!("step-{:06}", best.0))), "{log:?}");
+    if let Ok(p) = std::env::var("LOOK_AT") {
+        h.render().unwrap().save(p).unwrap();
+    }
 }

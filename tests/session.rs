@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use tunestudio::RunConfig;
+use tunestudio::config::EvalSplit;
 use tunestudio::session::checkpoint::{self, RunStatus};
 use tunestudio::session::{Event, StartOptions, start};
 
@@ -399,4 +400,71 @@ fn the_demo_trains_its_whole_schedule_without_tripping_the_divergence_guard() {
     assert!(cfg.train.stop_on_divergence);
     let (losses, _, _) = run(cfg, StartOptions::default());
     assert_eq!(losses.len(), 60);
+}
+
+#[test]
+fn held_out_rows_give_an_eval_loss_and_the_best_checkpoint_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(tmp.path(), 8);
+    cfg.dataset.eval_split = Some(EvalSplit::Fraction(0.1));
+    cfg.train.eval_every = 3;
+    cfg.train.save_every = 1;
+    cfg.train.keep_only_best = true;
+    let (_, dir, events) = run(cfg, StartOptions::default());
+
+    let loaded = events.iter().find_map(|e| if let Event::Loaded(i) = e { Some(i) } else { None }).unwrap();
+    let usable = loaded.dataset.rows_used;
+    assert_eq!(loaded.dataset.eval_rows, (usable as f64 * 0.1).round() as usize);
+    assert_eq!(RunStatus::load(&dir).unwrap().rows, Some(usable - loaded.dataset.eval_rows), "trains on the rest");
+
+    // Every 3 steps and after the last, in metrics.jsonl as in the events.
+    let metrics = checkpoint::read_metrics(&dir);
+    let evals: Vec<(u64, f64)> = metrics.iter().filter_map(|m| Some((m.step, m.eval_loss?))).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 6, 8]);
+    assert!(evals.iter().all(|e| e.1.is_finite() && e.1 > 0.0), "{evals:?}");
+    let line = std::fs::read_to_string(dir.join(checkpoint::METRICS_FILE)).unwrap();
+    assert!(line.lines().nth(2).unwrap().contains("\"eval_loss\":"), "written as eval_loss");
+
+    // The best is the lowest, marked in run.json and in the Finished event, and its checkpoint
+    // is on disk; with keep_only_best only it and the newest remain of the 8 saved.
+    let best = evals.iter().copied().fold((0, f64::INFINITY), |b, e| if e.1 < b.1 { e } else { b });
+    let status = RunStatus::load(&dir).unwrap();
+    let marked = status.best.expect("run.json marks the best evaluation");
+    assert_eq!((marked.step, marked.eval_loss), best);
+    let finished = events.iter().find_map(|e| if let Event::Finished(f) = e { Some(f) } else { None }).unwrap();
+    assert_eq!(finished.best, Some(marked));
+    assert_eq!(finished.best_checkpoint.as_deref(), Some(checkpoint::step_dir(&dir, best.0).as_path()));
+    let mut kept = vec![best.0, 8];
+    kept.dedup();
+    assert_eq!(checkpoint::list(&dir), kept);
+}
+
+#[test]
+fn evaluating_does_not_change_the_training_curve() {
+    // The same rows trained with an evaluation file beside them: bit-identical training losses,
+    // so an evaluation draws nothing from the dropout masks or the data order (dropout is on).
+    let a = tempfile::tempdir().unwrap();
+    let (plain, _, _) = run(demo_config(a.path(), 4), StartOptions::default());
+    let b = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(b.path(), 4);
+    let eval_file = b.path().join("held.jsonl");
+    let rows: Vec<String> = std::fs::read_to_string(&cfg.dataset.path).unwrap().lines().take(6).map(String::from).collect();
+    std::fs::write(&eval_file, rows.join("\n")).unwrap();
+    cfg.dataset.eval_split = Some(EvalSplit::File(eval_file));
+    cfg.train.eval_every = 1;
+    let (with_eval, dir, events) = run(cfg, StartOptions::default());
+    assert_eq!(with_eval, plain);
+    assert!(checkpoint::read_metrics(&dir).iter().all(|m| m.eval_loss.is_some()));
+    let loaded = events.iter().find_map(|e| if let Event::Loaded(i) = e { Some(i) } else { None }).unwrap();
+    assert_eq!(loaded.dataset.eval_rows, 6);
+
+    // An evaluation file with no usable row is refused, naming the file and the key.
+    let c = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(c.path(), 1);
+    let empty = c.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    cfg.dataset.eval_split = Some(EvalSplit::File(empty));
+    let h = start(cfg, StartOptions::default());
+    let msg = h.events.iter().find_map(|e| if let Event::Failed { message, .. } = e { Some(message) } else { None }).unwrap();
+    assert!(msg.contains("empty.jsonl"), "{msg}");
 }

@@ -90,6 +90,10 @@ fn chooser_folder(purpose: Pick, s: &AppState) -> Option<PathBuf> {
         Pick::ModelFolder => parent(&s.config.model.path),
         Pick::AdapterFolder => s.config.model.adapter.as_deref().and_then(parent).or_else(|| parent(&s.config.model.path)),
         Pick::DatasetFile => parent(&s.config.dataset.path),
+        Pick::EvalFile => match &s.config.dataset.eval_split {
+            Some(crate::config::EvalSplit::File(f)) => parent(f),
+            _ => parent(&s.config.dataset.path),
+        },
         Pick::OutputFolder => Some(s.config.output.dir.clone()),
         Pick::ExportFolder => Some(s.export.dest.clone()),
         Pick::OpenConfig | Pick::SaveConfigAs => s.config_path.as_deref().and_then(parent),
@@ -340,6 +344,16 @@ impl StudioApp {
             Action::OpenRun(dir) => {
                 self.jobs.spawn("open-run", move |_| Msg::RunOpened(jobs::guarded(|| runs::open(&dir))));
             }
+            Action::RenameRun(dir, name) => {
+                s.runs.renaming = None;
+                self.jobs.spawn("rename-run", move |_| Msg::Renamed(jobs::guarded(|| runs::rename(&dir, &name))));
+            }
+            Action::CompareRuns => {
+                let dirs = s.runs.selected.clone();
+                let smoothing = s.training.smoothing;
+                s.runs.comparison = Some(Load::Loading);
+                self.jobs.spawn("compare-runs", move |_| Msg::Compared(jobs::guarded(|| runs::compare(&dirs, smoothing))));
+            }
             Action::ResumeRun(dir) => {
                 if s.training.phase.is_active() {
                     s.notify("A run is in progress: stop it before resuming another.", Lasts::WhileRunActive);
@@ -430,6 +444,12 @@ impl StudioApp {
         {
             self.state.training.plan_input = Some(Box::new((info.spec.clone(), cfg.clone())));
         }
+        // Remember where runs go, so the runs list finds them whichever config is open later.
+        let out_dir = resume.as_deref().and_then(Path::parent).unwrap_or(&cfg.output.dir).to_path_buf();
+        if self.state.runs.folders.push(&out_dir) {
+            // Losing the list costs only the list; not worth stopping the run for.
+            let _ = self.state.runs.folders.save(&self.state.settings_dir);
+        }
         let handle = session::start(cfg, StartOptions { resume, ..Default::default() });
         self.jobs.forward(
             "session-events",
@@ -452,11 +472,11 @@ impl StudioApp {
     }
 
     fn refresh_runs(&mut self) {
-        let dir = self.state.config.output.dir.clone();
+        let dirs = self.state.runs.folders.with(&self.state.config.output.dir);
         if self.state.runs.records.ready().is_none() {
             self.state.runs.records = Load::Loading;
         }
-        self.jobs.spawn("runs", move |_| Msg::Runs { records: runs::scan(&dir), dir });
+        self.jobs.spawn("runs", move |_| Msg::Runs { records: runs::scan(&dirs), dirs });
     }
 
     /// Fold a worker's or the session's message into the state.
@@ -514,9 +534,23 @@ impl StudioApp {
                 });
                 s.budget.fixes = Some((key, fixes));
             }
-            Msg::Runs { dir, records } => {
-                s.runs.dir = dir;
+            Msg::Runs { dirs, records } => {
+                s.runs.dirs = dirs;
+                // Ticks on runs that are gone (renamed, deleted) would compare nothing.
+                s.runs.selected.retain(|d| records.iter().any(|r| &r.dir == d));
                 s.runs.records = Load::Ready(records);
+            }
+            Msg::Renamed(result) => {
+                if let Err(e) = result {
+                    s.notify(format!("Could not rename the run: {e}"), Lasts::UntilDismissed);
+                }
+                self.refresh_runs();
+            }
+            Msg::Compared(result) => {
+                s.runs.comparison = Some(match result {
+                    Ok(c) => Load::Ready(c),
+                    Err(e) => Load::Failed(e),
+                });
             }
             Msg::RunOpened(Ok(v)) => {
                 s.training.viewing = Some(v);
@@ -528,6 +562,7 @@ impl StudioApp {
                 Pick::ModelFolder => s.config.model.path = p,
                 Pick::AdapterFolder => s.config.model.adapter = Some(p),
                 Pick::DatasetFile => s.config.dataset.path = p,
+                Pick::EvalFile => s.config.dataset.eval_split = Some(crate::config::EvalSplit::File(p)),
                 Pick::OutputFolder => s.config.output.dir = p,
                 Pick::ExportFolder => s.export.dest = p,
                 // Unsaved edits were asked about when the chooser opened.

@@ -14,7 +14,7 @@ use super::state::export::{ExportKind, ExportProgress};
 use super::state::memory::{Fixes, Machine, Setting};
 use super::state::model::{CachedModel, ModelInfo};
 use super::state::preflight::PreflightView;
-use super::state::runs::{RunRecord, ViewedRun};
+use super::state::runs::{Comparison, RunRecord, ViewedRun};
 
 /// What a panel asks the app to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +35,10 @@ pub enum Action {
     SaveNow,
     RefreshRuns,
     OpenRun(PathBuf),
+    /// Rename a run's folder (the name typed in the runs list).
+    RenameRun(PathBuf, String),
+    /// Overlay the runs ticked in the runs list and diff their configs.
+    CompareRuns,
     ResumeRun(PathBuf),
     ExportFrom(PathBuf),
     Export(ExportKind),
@@ -69,6 +73,8 @@ pub enum Answer {
 pub enum Pick {
     ModelFolder,
     DatasetFile,
+    /// `dataset.eval_split` as a file of its own.
+    EvalFile,
     AdapterFolder,
     OpenConfig,
     SaveConfigAs,
@@ -89,6 +95,11 @@ impl Pick {
             Pick::AdapterFolder => d.set_title("Choose a PEFT LoRA adapter folder").pick_folder(),
             Pick::OutputFolder => d.set_title("Choose the folder that holds runs").pick_folder(),
             Pick::ExportFolder => d.set_title("Export into this folder").pick_folder(),
+            Pick::EvalFile => d
+                .set_title("Choose the rows to evaluate on")
+                .add_filter("datasets", &["jsonl", "ndjson", "json", "csv", "tsv", "parquet", "txt"])
+                .add_filter("all files", &["*"])
+                .pick_file(),
             Pick::DatasetFile => d
                 .set_title("Choose a dataset")
                 .add_filter("datasets", &["jsonl", "ndjson", "json", "csv", "tsv", "parquet", "txt"])
@@ -118,9 +129,11 @@ pub enum Msg {
     },
     Export(ExportProgress),
     Runs {
-        dir: PathBuf,
+        dirs: Vec<PathBuf>,
         records: Vec<RunRecord>,
     },
+    Renamed(Result<PathBuf, String>),
+    Compared(Result<Comparison, String>),
     RunOpened(Result<ViewedRun, String>),
     Picked {
         purpose: Pick,
