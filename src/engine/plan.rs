@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::backend::DType;
+use crate::backend::context::DEFAULT_CUDA_CONTEXT_BYTES;
 use crate::backend::cuda::memory::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
 use crate::config::{CheckpointPolicy, LoraConfig, Quantization, RunConfig, Target};
 use crate::model::ModelSpec;
@@ -178,10 +179,6 @@ pub fn attention_max_shape(spec: &ModelSpec, batch_size: usize, max_seq_len: usi
         ..Default::default()
     }
 }
-
-/// The CUDA context + cuBLAS handles on an H100 with driver 580 before any allocation of ours;
-/// replaced by the measured value once the backend has run on the card.
-pub const DEFAULT_CUDA_CONTEXT_BYTES: u64 = 530 << 20;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryPlan {

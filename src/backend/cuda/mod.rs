@@ -123,7 +123,7 @@ pub fn effective_card(device: &CardLimits) -> Result<CardLimits> {
 /// added back (a run's context is planned as a term of its own).
 pub fn free_for_run(probed: &DeviceInfo) -> Option<u64> {
     let total = probed.total_memory_bytes.unwrap_or(0);
-    probed.free_memory_bytes.map(|f| f + crate::engine::plan::DEFAULT_CUDA_CONTEXT_BYTES.min(total.saturating_sub(f)))
+    probed.free_memory_bytes.map(|f| f + crate::backend::context::DEFAULT_CUDA_CONTEXT_BYTES.min(total.saturating_sub(f)))
 }
 
 /// The CUDA driver API version (13000 for CUDA 13.0), for keying per-driver measurements.
