@@ -15,7 +15,9 @@ fn names_above(source: &str) -> Vec<String> {
         for (i, _) in line.match_indices("crate::") {
             let rest = &line[i + "crate::".len()..];
             let names: Vec<&str> = match rest.strip_prefix('{') {
-                Some(group) => group.split('}').next().unwrap_or("").split(',').map(|n| n.trim().split("::").next().unwrap_or("")).collect(),
+                Some(group) => {
+                    group.split('}').next().unwrap_or("").split(',').map(|n| n.trim().split("::").next().unwrap_or("")).collect()
+                }
                 None => vec![rest.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("")],
             };
             found.extend(names.into_iter().filter(|n| ABOVE.contains(n)).map(str::to_string));

@@ -255,7 +255,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         check_len("embedding_fwd", "ids", ids, n)?;
         check_len("embedding_fwd", "out", &out.0, n * d)?;
         if let Some(bad) = ids[..n].iter().find(|&&i| i < 0 || i as usize >= vocab) {
-            return Err(Error::msg(format!("token id {bad} is outside the vocabulary (size {vocab})")));
+            return Err(Error::vocab(*bad, vocab, "embedding"));
         }
         Self::rows_mut(&mut out.0, n, d).for_each(|(r, row)| {
             let id = ids[r] as usize;
@@ -402,7 +402,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         let max_pos = table.0.len() / (2 * half);
         let (cos, sin) = table.0.split_at(max_pos * half);
         if let Some(p) = positions[..n].iter().find(|&&p| p < 0 || p as usize >= max_pos) {
-            return Err(Error::msg(format!("position {p} is beyond the rotary table ({max_pos} positions)")));
+            return Err(Error::bug("rope", format!("position {p} is beyond the rotary table ({max_pos} positions)")));
         }
         let width = heads * head_dim;
         Self::rows_mut(&mut x.0, n, width).for_each(|(r, row)| {
@@ -669,7 +669,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         check_len("lm_head_ce", "head", &head.0, vocab * d)?;
         check_len("lm_head_ce", "dh", &dh.0, n * d)?;
         if let Some(t) = targets[..n].iter().find(|&&t| t >= vocab as i32) {
-            return Err(Error::msg(format!("target token id {t} is outside the vocabulary (size {vocab})")));
+            return Err(Error::vocab(*t, vocab, "a target token"));
         }
         // Rows per chunk: 64, fewer for a large vocabulary so a chunk's logits stay at about
         // 4M values (16 rows of Gemma 3's 262K) whatever the vocabulary.

@@ -42,7 +42,7 @@ pub fn run(a: &ChatArgs) -> Result<()> {
     let adapter = chat.has_adapter();
     let mut mode = if a.compare { Mode::Compare } else { Mode::Tuned };
     if mode == Mode::Compare && !adapter {
-        return Err(Error::msg("--compare needs an adapter: give a run folder or --adapter"));
+        return Err(Error::arg("--compare", "it needs an adapter: give a run folder or --adapter"));
     }
     let params = a.sampling.params();
     params.validate()?;
@@ -57,7 +57,7 @@ pub fn run(a: &ChatArgs) -> Result<()> {
         eprint!("> ");
         let _ = std::io::stderr().flush();
         let Some(line) = lines.next() else { break };
-        let line = line.map_err(|e| Error::msg(format!("reading the terminal: {e}")))?;
+        let line = line.map_err(|e| Error::op("reading the terminal", e))?;
         let line = line.trim_end();
         if line.is_empty() {
             continue;

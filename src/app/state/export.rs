@@ -72,7 +72,7 @@ pub type Progress<'a> = &'a (dyn Fn(f32, &str) + Sync);
 
 fn prepare_parent(parent: &Path) -> crate::Result<()> {
     if parent.as_os_str().is_empty() {
-        return Err(crate::Error::msg("choose a destination folder first"));
+        return Err(crate::Error::op("export", "choose a destination folder first"));
     }
     std::fs::create_dir_all(parent).map_err(|e| crate::Error::file(parent, e))
 }
