@@ -16,8 +16,7 @@ use crate::error::{Error, Result};
 const FILE: &str = "cuda_context.json";
 
 /// The CUDA context + cuBLAS handles on an H100 with driver 580 before any allocation of ours;
-/// replaced by the measured value once the backend has run on the card. Here, below the engine,
-/// because both the backend (`cuda::free_for_run`) and the memory plan use it.
+/// plans use it until a backend has measured the card.
 pub const DEFAULT_CUDA_CONTEXT_BYTES: u64 = 530 << 20;
 
 /// `NVIDIA H100 80GB HBM3 | CUDA driver 13000`.

@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::backend::DType;
-use crate::backend::context::DEFAULT_CUDA_CONTEXT_BYTES;
 use crate::backend::cuda::memory::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
 use crate::config::{CheckpointPolicy, LoraConfig, Quantization, RunConfig, Target};
 use crate::model::ModelSpec;
@@ -179,6 +178,9 @@ pub fn attention_max_shape(spec: &ModelSpec, batch_size: usize, max_seq_len: usi
         ..Default::default()
     }
 }
+
+/// What a plan counts for the CUDA context before a backend has measured it on the card.
+pub use crate::backend::context::DEFAULT_CUDA_CONTEXT_BYTES;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryPlan {

@@ -130,7 +130,7 @@ pub fn device_target(device: &crate::backend::DeviceInfo, machine: Option<&Machi
         ("cuda", Some(total)) => {
             let probed = machine.and_then(|m| m.gpu.as_ref()).filter(|g| g.name == device.name);
             let free = probed.map_or(total, |g| g.free_bytes);
-            let context_bytes = probed.map_or(crate::backend::context::DEFAULT_CUDA_CONTEXT_BYTES, |g| g.context_bytes);
+            let context_bytes = probed.map_or(plan::DEFAULT_CUDA_CONTEXT_BYTES, |g| g.context_bytes);
             PlanTarget { free_bytes: Some(free), context_bytes, ..PlanTarget::gpu(&device.name, total) }
                 .with_host(machine.and_then(|m| m.host.as_ref()))
         }
