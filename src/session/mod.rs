@@ -394,15 +394,17 @@ fn run(
                 return Err(Error::file(dir, "is not a run folder (no config.toml): give the folder `tunestudio train` printed"));
             }
             let dir = take_folder(dir.clone(), RunLock::acquire(dir, "resume")?);
-            let ckpt = checkpoint::load_latest(&dir).map_err(|_| {
-                Error::file(
+            if checkpoint::latest_dir(&dir).is_none() {
+                return Err(Error::file(
                     &dir,
                     format!(
                         "has no checkpoint to resume from (it stopped before its first save): start it again in place with `tunestudio train --restart {}`",
                         dir.display()
                     ),
-                )
-            })?;
+                ));
+            }
+            // A checkpoint that is there but cannot be read says why (a damaged file, NaN weights).
+            let ckpt = checkpoint::load_latest(&dir)?;
             let saved = RunConfig::load(&dir.join(checkpoint::CONFIG_FILE))?;
             // Only how long to train may change on resume; everything else must match the run.
             let max_steps = cfg.train.max_steps;
