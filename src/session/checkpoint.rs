@@ -93,7 +93,7 @@ pub struct Checkpoint {
     pub token_rows: Option<TokenRows>,
 }
 
-fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(CHECKPOINTS_DIR).join(format!("step-{step:06}"))
 }
 

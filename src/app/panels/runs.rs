@@ -66,6 +66,15 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
                             if ui.add_enabled(v.can_export, egui::Button::new("Export…")).on_hover_text("export its adapter").clicked() {
                                 actions.push(Action::ExportFrom(r.dir.clone()));
                             }
+                            let can_chat = !r.checkpoints.is_empty() || r.has_adapter;
+                            if ui
+                                .add_enabled(can_chat, egui::Button::new("Chat"))
+                                .on_hover_text("talk to it as of its newest checkpoint")
+                                .on_disabled_hover_text("no checkpoint yet")
+                                .clicked()
+                            {
+                                actions.push(Action::ChatWith(r.dir.clone()));
+                            }
                         });
                         ui.end_row();
                     }
