@@ -138,6 +138,12 @@ fn gguf_files_read_back_with_their_tokenizer_and_every_tensor() {
         let (model, adapter) = case_dirs(name);
         let input = MergeInput::from_adapter(&model, &adapter, Quantization::Bf16).unwrap();
         let merged = MergedTensors::open(&input).unwrap();
+        let want_arch = match name.split('_').next().unwrap() {
+            "qwen2" => "qwen2",
+            "qwen3" => "qwen3",
+            "gemma3" => "gemma3",
+            _ => "llama",
+        };
         for quant in [GgufQuant::F16, GgufQuant::Q8_0, GgufQuant::Q4KM] {
             let path = dir.path().join(format!("{name}-{}.gguf", quant.name()));
             let opts = GgufOptions { quant, template: "auto".into(), sampling: SamplingParams::default(), name: name.clone() };
@@ -145,7 +151,7 @@ fn gguf_files_read_back_with_their_tokenizer_and_every_tensor() {
             let mut f = std::fs::File::open(&path).unwrap();
             let c = gguf_file::Content::read(&mut f).unwrap();
             let arch = c.metadata["general.architecture"].to_string().unwrap().clone();
-            assert_eq!(arch, if name.starts_with("qwen2") { "qwen2" } else { "llama" });
+            assert_eq!(arch, want_arch, "{name}");
             for key in [
                 "tokenizer.ggml.model",
                 "tokenizer.ggml.pre",
