@@ -57,6 +57,8 @@ pub struct BenchResult {
     pub rank: usize,
     pub mode: BenchMode,
     pub checkpointing: CheckpointPolicy,
+    /// Layers whose activations were kept (all under `none`; under `auto` with a cap, what fits).
+    pub kept_layers: usize,
     /// The card profile the backend decided as (`--card`), if any.
     pub card_profile: Option<String>,
     /// The memory of the card (of the profile, under one) in GiB.
@@ -119,13 +121,15 @@ fn random_uniform(n: usize, seed: u64, a: f32) -> Vec<f32> {
 pub(crate) struct BenchWeights {
     quant: Quantization,
     tied: bool,
+    /// What norm weights sit around: 1, or 0 where the model adds the 1 (Gemma).
+    norm_base: f32,
     cache: Mutex<BTreeMap<(usize, usize), HostWeight>>,
 }
 
 impl BenchWeights {
     /// Random weights of `spec`'s shape (the decode benchmark of `generate::bench` uses them too).
     pub(crate) fn new(quant: Quantization, spec: &ModelSpec) -> Self {
-        BenchWeights { quant, tied: spec.tie_word_embeddings, cache: Mutex::new(BTreeMap::new()) }
+        BenchWeights { quant, tied: spec.tie_word_embeddings, norm_base: 1.0 - spec.norm_weight_offset, cache: Mutex::new(BTreeMap::new()) }
     }
 }
 
@@ -134,7 +138,7 @@ impl WeightSource for BenchWeights {
         let n: usize = shape.iter().product();
         let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         Ok(if name.contains("norm") {
-            random_uniform(n, seed, 0.1).into_iter().map(|x| 1.0 + x).collect()
+            random_uniform(n, seed, 0.1).into_iter().map(|x| self.norm_base + x).collect()
         } else {
             random_uniform(n, seed, 0.035)
         })
@@ -225,7 +229,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         mlp_chunk_rows: 0,
     };
     log(&format!("{}: building a random {} (r = {}, seq {}) …", dev.name, args.shape, args.rank, args.seq));
-    let weights = BenchWeights { quant: Quantization::Nf4, tied: spec.tie_word_embeddings, cache: Mutex::new(BTreeMap::new()) };
+    let weights = BenchWeights::new(Quantization::Nf4, &spec);
     // The GEMM probe's buffers are gone; measure the peak from here.
     be.reset_peak_memory();
     let mut trainer = Trainer::new(be, spec.clone(), &weights, opts, None)?;
@@ -247,7 +251,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         context_bytes,
         host_bytes: None,
     };
-    let planned = plan::plan(&spec, &input, &target);
+    let planned = plan::plan_resolved(&spec, &input, &target, policy, trainer.kept_layers());
     let plan_arena_bytes = planned.peak_bytes - context_bytes;
     let setup_s = t_start.elapsed().as_secs_f64();
 
@@ -302,6 +306,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         rank: args.rank,
         mode: args.mode,
         checkpointing: policy,
+        kept_layers: trainer.kept_layers(),
         card_profile: card.profile.map(str::to_string),
         card_memory_gib: card.memory_bytes as f64 / GIB,
         gpu_mem_cap_gib: args.gpu_mem_bytes.map(|b| b as f64 / GIB),

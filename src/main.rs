@@ -31,8 +31,19 @@ enum Command {
         #[arg(long)]
         device: Option<DeviceChoice>,
         /// Continue the run in this folder from its newest checkpoint.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "restart")]
         resume: Option<PathBuf>,
+        /// Start the run in this folder again from step 0, in place: for a run that stopped
+        /// before its first checkpoint. Uses the folder's config.toml unless a config is given.
+        #[arg(long)]
+        restart: Option<PathBuf>,
+        /// With --resume: go on although the dataset file changed since the run started.
+        #[arg(long, requires = "resume")]
+        allow_changed_data: bool,
+        /// With --resume and --max-steps: spread the learning-rate schedule over the new length
+        /// (by default the original schedule is kept).
+        #[arg(long, requires = "resume")]
+        reschedule: bool,
         /// Print each step as a JSON object instead of a line of text.
         #[arg(long)]
         json: bool,
@@ -43,6 +54,7 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// The memory plan (VRAM budget) of a run: every term, the peak, fits or not, what fits.
+    /// Exit code 0: fits; 2: does not fit (on the card or in host RAM); 1: an error.
     Plan {
         /// A run config; or use --model / --shape.
         config: Option<PathBuf>,
@@ -58,7 +70,7 @@ enum Command {
         batch: Option<usize>,
         #[arg(long)]
         rank: Option<usize>,
-        /// Plan for a card of this size (e.g. 24GiB) instead of the detected one.
+        /// Plan for a card of this size (e.g. 24GiB; a unit is required) instead of the detected one.
         #[arg(long, value_parser = parse_size)]
         gpu_mem: Option<u64>,
         /// The RAM that pinned host memory (offloaded activations) may take, e.g. 64GiB; by
@@ -85,7 +97,8 @@ enum Command {
         mode: String,
         #[arg(long, default_value_t = 32)]
         rank: usize,
-        /// Force a checkpointing policy: none, layer or offload.
+        /// Force a checkpointing policy: auto (the fastest that fits the card or --gpu-mem, keeping as
+        /// many layers' activations as fit), none, layer or offload.
         #[arg(long)]
         checkpointing: Option<String>,
         /// After the timed steps, time every kernel and GEMM of one more step.
@@ -218,9 +231,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => studio(None),
         Some(Command::Studio { config }) => studio(config),
-        Some(Command::Train { config, output, max_steps, device, resume, json }) => train(config, output, max_steps, device, resume, json),
+        Some(Command::Train { config, output, max_steps, device, resume, restart, allow_changed_data, reschedule, json }) => {
+            train(TrainArgs { config, output, max_steps, device, resume, restart, allow_changed_data, reschedule, json })
+        }
         Some(Command::Plan { config, model, shape, seq, batch, rank, gpu_mem, host_mem, json }) => {
-            tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
+            let fits = tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
                 config: config.as_deref(),
                 model: model.as_deref(),
                 shape: shape.as_deref(),
@@ -230,7 +245,12 @@ fn main() -> ExitCode {
                 gpu_mem,
                 host_mem,
                 json,
-            })
+            });
+            // Exit code 2: the plan was made and the run does not fit (README, "Command line").
+            match fits {
+                Ok(Some(false)) => return ExitCode::from(2),
+                other => other.map(|_| ()),
+            }
         }
         Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json }) => {
             bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json)
@@ -315,10 +335,11 @@ fn bench(
     };
     let checkpointing = match checkpointing.as_deref() {
         None => None,
+        Some("auto") => Some(CheckpointPolicy::Auto),
         Some("none") => Some(CheckpointPolicy::None),
         Some("layer") => Some(CheckpointPolicy::Layer),
         Some("offload") => Some(CheckpointPolicy::Offload),
-        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use none, layer or offload"))),
+        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use auto, none, layer or offload"))),
     };
     let card = match card {
         Some(name) => Some(tunestudio::backend::card::profile_named(&name).map_err(|e| Error::msg(format!("--card: {e}")))?),
@@ -335,7 +356,10 @@ fn bench(
         Some(p) => println!("card          {} (profile {p}, {:.1} GiB), attention {}", r.card, r.card_memory_gib, r.attention),
         None => println!("card          {}, attention {}", r.card, r.attention),
     }
-    println!("run           {} seq {} r {} {:?} (checkpointing {:?})", r.shape, r.seq, r.rank, r.mode, r.checkpointing);
+    println!(
+        "run           {} seq {} r {} {:?} (checkpointing {:?}, {} of the layers' activations kept)",
+        r.shape, r.seq, r.rank, r.mode, r.checkpointing, r.kept_layers
+    );
     println!("step          median {:.1} ms over {} steps → {:.0} tokens/s", r.median_step_ms, r.steps, r.tokens_per_s);
     println!(
         "memory        driver peak {:.2} GiB, arena peak {:.2} GiB (+ context {:.2} GiB); plan {:.2} GiB",
@@ -355,32 +379,64 @@ fn bench(
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    tunestudio::util::parse_bytes(s).ok_or_else(|| format!("`{s}` is not a size such as 24GiB or 80GB"))
+    tunestudio::util::parse_bytes(s)
 }
 
-fn train(
+struct TrainArgs {
     config: Option<PathBuf>,
     output: Option<PathBuf>,
     max_steps: Option<u64>,
     device: Option<DeviceChoice>,
     resume: Option<PathBuf>,
+    restart: Option<PathBuf>,
+    allow_changed_data: bool,
+    reschedule: bool,
     json: bool,
-) -> Result<()> {
-    let mut cfg = match (&config, &resume) {
-        (Some(path), _) => RunConfig::load(path)?,
-        (None, Some(_)) => RunConfig::default(),
-        (None, None) => return Err(Error::msg("give a run config (e.g. assets/demo/run.toml) or --resume <run-dir>")),
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let json = a.json;
+    let mut cfg = match (&a.config, &a.resume, &a.restart) {
+        (Some(path), None, _) => RunConfig::load(path)?,
+        (Some(_), Some(_), _) => {
+            return Err(Error::msg(
+                "--resume continues a run with its own config.toml: give the run folder alone (and --max-steps to extend it)",
+            ));
+        }
+        (None, Some(_), _) => RunConfig::default(),
+        (None, None, Some(dir)) => RunConfig::load(&dir.join(tunestudio::session::checkpoint::CONFIG_FILE))?,
+        (None, None, None) => {
+            return Err(Error::msg("give a run config (e.g. assets/demo/run.toml), --resume <run-dir> or --restart <run-dir>"));
+        }
     };
-    if let Some(o) = output {
+    if let Some(o) = a.output {
         cfg.output.dir = o;
     }
-    if let Some(s) = max_steps {
+    if let Some(s) = a.max_steps {
         cfg.train.max_steps = Some(s);
     }
-    if let Some(d) = device {
+    if let Some(d) = a.device {
         cfg.train.device = d;
     }
-    let handle = session::start(cfg, StartOptions { resume, ..Default::default() });
+    let options = StartOptions {
+        resume: a.resume,
+        restart: a.restart,
+        allow_changed_data: a.allow_changed_data,
+        reschedule: a.reschedule,
+        ..Default::default()
+    };
+    let handle = session::start(cfg, options);
+    // Ctrl+C (or SIGTERM) stops at the next step boundary with a checkpoint, as Stop does in the
+    // studio; a second one ends the process at once.
+    let control = handle.control.clone();
+    let stopping = std::sync::atomic::AtomicBool::new(false);
+    let _ = ctrlc::set_handler(move || {
+        if stopping.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("stopping after this step (saving a checkpoint); press Ctrl+C again to quit at once");
+        let _ = control.send(session::Control::Stop);
+    });
     let mut outcome = Ok(());
     for event in handle.events.iter() {
         match event {
@@ -515,8 +571,8 @@ fn export_merged(
     let mut opts = MergeOptions { dtype, ..MergeOptions::default() };
     if let Some(s) = max_shard_size {
         opts.max_shard_bytes = tunestudio::util::parse_bytes(&s)
-            .filter(|&b| b > 0)
-            .ok_or_else(|| Error::msg(format!("--max-shard-size: `{s}` is not a size such as 2GB or 500MiB")))?;
+            .and_then(|b| if b > 0 { Ok(b) } else { Err("must be more than 0 bytes".into()) })
+            .map_err(|e| Error::msg(format!("--max-shard-size: {e}")))?;
     }
     let (input, default_dest) = match (run, model, adapter) {
         (Some(run), None, None) => (MergeInput::from_run(&run)?, Some(run.join(format!("merged-{}", format!("{dtype:?}").to_lowercase())))),

@@ -13,7 +13,8 @@ use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization
 use tunestudio::data::Batch;
 use tunestudio::engine::infer::{InferAdapter, InferOptions, Inference};
 use tunestudio::engine::lora::LoraWeights;
-use tunestudio::engine::model::RandomWeights;
+mod model_support;
+use model_support::RandomWeights;
 use tunestudio::engine::{EngineOptions, TokenRows, Trainer};
 use tunestudio::generate::{FinishReason, Generator, LoadOptions, Prompt, Request, SamplingParams, StreamEvent};
 use tunestudio::model::ModelSpec;

@@ -22,7 +22,8 @@ use tunestudio::config::{LoraConfig, Quantization, Target};
 use tunestudio::engine::TokenRows;
 use tunestudio::engine::infer::{InferAdapter, InferOptions, Inference};
 use tunestudio::engine::lora::LoraWeights;
-use tunestudio::engine::model::RandomWeights;
+mod model_support;
+use model_support::RandomWeights;
 use tunestudio::generate::{Generator, LoadOptions, Prompt, Request, SamplingParams};
 use tunestudio::model::ModelSpec;
 use tunestudio::model::chat_template::Message;
@@ -240,7 +241,9 @@ impl<B: Backend> Step for Inference<B> {
 }
 
 fn demo_options(adapter: bool) -> LoadOptions {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The binary may run from a copy of the tree on the GPU host, where the build's path is not.
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = if built.join("assets/demo/model").is_dir() { built.to_path_buf() } else { std::env::current_dir().unwrap() };
     let mut o = LoadOptions::new(root.join("assets/demo/model"));
     o.slots = 2;
     o.context = 512;

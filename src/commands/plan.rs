@@ -1,11 +1,14 @@
 //! `tunestudio plan`: the memory plan as a table, the verdict for a card, the largest settings
-//! that fit, and the cheapest change that makes a run fit.
+//! that fit, and the cheapest change that makes a run fit. The settings are validated as `train`
+//! validates them; the verdict names the limit that binds (the card, or the host RAM that
+//! offloading pins), and the caller turns "does not fit" into exit code 2.
 
 use std::path::Path;
 
 use serde_json::json;
 
 use crate::RunConfig;
+use crate::config::{MAX_BATCH_SIZE, MAX_LORA_R, MAX_SEQ_LEN, MIN_SEQ_LEN};
 use crate::engine::plan::{self, PlanInput, PlanTarget, largest_fitting, suggestions};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
@@ -24,7 +27,8 @@ pub struct PlanArgs<'a> {
     pub json: bool,
 }
 
-pub fn run(a: PlanArgs<'_>) -> Result<()> {
+/// Whether the planned run fits (`None`: no card to plan for was detected or given).
+pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
     let mut cfg = match a.config {
         Some(p) => RunConfig::load(p)?,
         None => RunConfig::default(),
@@ -47,6 +51,19 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
     if let Some(r) = a.rank {
         cfg.lora.r = r;
     }
+    // The same ranges `train` enforces; a value given by flag is named by its flag.
+    if let Some(e) = cfg.setting_problems().into_iter().next() {
+        let flag = match &e {
+            Error::Config { field, .. } if field == "train.max_seq_len" => a.seq.map(|v| format!("--seq {v}")),
+            Error::Config { field, .. } if field == "train.batch_size" => a.batch.map(|v| format!("--batch {v}")),
+            Error::Config { field, .. } if field == "lora.r" => a.rank.map(|v| format!("--rank {v}")),
+            _ => None,
+        };
+        return Err(match flag {
+            Some(f) => Error::msg(format!("{f}: {e}")),
+            None => e,
+        });
+    }
     let input = PlanInput::from_config(&cfg);
     let target = match a.gpu_mem {
         Some(bytes) => PlanTarget::gpu(&format!("a {} card", fmt_bytes(bytes)), bytes),
@@ -66,9 +83,18 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
     let target = target.with_host(host.as_ref());
     let p = plan::plan(&spec, &input, &target);
     let known = target.total_bytes.is_some();
-    let largest_seq = known.then(|| largest_fitting(&spec, &input, &target, 64, 1 << 21, |i, v| i.max_seq_len = v)).flatten();
-    let largest_batch = known.then(|| largest_fitting(&spec, &input, &target, 1, 4096, |i, v| i.batch_size = v)).flatten();
-    let largest_rank = known.then(|| largest_fitting(&spec, &input, &target, 1, 1024, |i, v| i.lora.r = v)).flatten();
+    let largest_seq = known.then(|| largest_fitting(&spec, &input, &target, MIN_SEQ_LEN, MAX_SEQ_LEN, |i, v| i.max_seq_len = v)).flatten();
+    let largest_batch = known.then(|| largest_fitting(&spec, &input, &target, 1, MAX_BATCH_SIZE, |i, v| i.batch_size = v)).flatten();
+    let largest_rank = known.then(|| largest_fitting(&spec, &input, &target, 1, MAX_LORA_R, |i, v| i.lora.r = v)).flatten();
+    let card_fits = target.free_bytes.is_none_or(|free| p.peak_bytes <= free);
+    // What stops the run from fitting: the card's free memory, the host RAM that offloading pins,
+    // or both.
+    let binding = match (known && !card_fits, !p.host_fits) {
+        (true, true) => Some("card_and_host_ram"),
+        (true, false) => Some("card"),
+        (false, true) => Some("host_ram"),
+        (false, false) => None,
+    };
     let fixes = if known { suggestions(&spec, &input, &target) } else { vec![] };
     if a.json {
         let v = json!({
@@ -78,24 +104,26 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
             "card": target.name,
             "total_bytes": target.total_bytes,
             "checkpointing": p.checkpointing,
+            "kept_layers": p.kept_layers,
             "pinned_host_bytes": p.pinned_host_bytes,
             "host_available_bytes": target.host_bytes,
             "host_fits": p.host_fits,
+            "binding": binding,
             "largest": {"max_seq_len": largest_seq, "batch_size": largest_batch, "lora_r": largest_rank},
             "suggestions": fixes,
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
-        return Ok(());
+        return Ok(known.then_some(p.fits));
     }
     println!("model   {}", spec.summary());
     println!(
-        "run     batch {} × seq {}, LoRA r = {} on {} targets, {:?} base, checkpointing {:?}",
+        "run     batch {} × seq {}, LoRA r = {} on {} targets, {:?} base, checkpointing {}",
         input.batch_size,
         input.max_seq_len,
         input.lora.r,
         input.lora.targets.len(),
         input.quantization,
-        p.checkpointing
+        p.checkpointing_label(&spec)
     );
     println!();
     for (name, bytes) in &p.terms {
@@ -113,13 +141,21 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
     match target.total_bytes {
         None => println!("no GPU detected: pass --gpu-mem 24GiB to plan for a card"),
         Some(total) => {
-            println!(
-                "{}: {} of {} → {}",
-                target.name,
-                fmt_bytes(p.peak_bytes),
-                fmt_bytes(total),
-                if p.fits { "fits" } else { "does NOT fit" }
-            );
+            let free = target.free_bytes.filter(|&f| f < total).map(|f| format!(" ({} free)", fmt_bytes(f))).unwrap_or_default();
+            let host = || {
+                format!(
+                    "pinned host memory needs {} but the host has {} of RAM available",
+                    fmt_bytes(p.pinned_host_bytes),
+                    target.host_bytes.map_or("less".to_string(), fmt_bytes)
+                )
+            };
+            let verdict = match binding {
+                None => "fits".to_string(),
+                Some("card") => "does NOT fit on the card".to_string(),
+                Some("host_ram") => format!("fits on the card, but does NOT fit in host RAM: {}", host()),
+                Some(_) => format!("does NOT fit on the card, nor in host RAM: {}", host()),
+            };
+            println!("{}: {} of {}{free} → {verdict}", target.name, fmt_bytes(p.peak_bytes), fmt_bytes(total));
             let show = |v: Option<usize>| v.map_or("none".to_string(), |x| x.to_string());
             println!(
                 "largest that fit (others fixed): max_seq_len {}, batch_size {}, lora.r {}",
@@ -132,5 +168,5 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(known.then_some(p.fits))
 }

@@ -96,6 +96,8 @@ pub struct MergeInput {
     pub quantization: Quantization,
     pub adapter: Option<(LoraConfig, LoraWeights)>,
     pub token_rows: Option<TokenRows>,
+    /// The run folder's lock when the input came from a run: held until the export is done.
+    pub run_lock: Option<std::sync::Arc<crate::session::lock::RunLock>>,
 }
 
 impl MergeInput {
@@ -107,6 +109,7 @@ impl MergeInput {
             quantization: art.config.model.quantization,
             token_rows: art.adapter.token_rows.clone(),
             adapter: Some((art.adapter.lora, art.adapter.weights)),
+            run_lock: Some(std::sync::Arc::new(art.lock)),
         })
     }
 
@@ -114,7 +117,13 @@ impl MergeInput {
     pub fn from_adapter(model: &Path, adapter: &Path, quantization: Quantization) -> Result<Self> {
         let spec = ModelSpec::from_dir(model)?;
         let a = load_peft(adapter, &spec)?;
-        Ok(MergeInput { model: model.to_path_buf(), quantization, token_rows: a.token_rows, adapter: Some((a.lora, a.weights)) })
+        Ok(MergeInput {
+            model: model.to_path_buf(),
+            quantization,
+            token_rows: a.token_rows,
+            adapter: Some((a.lora, a.weights)),
+            run_lock: None,
+        })
     }
 }
 

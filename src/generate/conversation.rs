@@ -63,13 +63,7 @@ impl Conversation {
                 let mut m: Vec<Message> = self.system.iter().map(|s| Message::new("system", s)).collect();
                 m.extend(history.iter().cloned());
                 m.push(Message::new("user", user));
-                Request {
-                    prompt: Prompt::Chat(m),
-                    adapter,
-                    params: params.clone(),
-                    stop_strings: stop_strings.to_vec(),
-                    ignore_eos: false,
-                }
+                Request { prompt: Prompt::Chat(m), adapter, params: params.clone(), stop_strings: stop_strings.to_vec(), ignore_eos: false }
             })
             .collect()
     }

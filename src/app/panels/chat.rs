@@ -66,23 +66,26 @@ fn source_row(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             Some(d) => records.iter().find(|r| &r.dir == d).map(|r| format!("run {}", r.name)).unwrap_or_else(|| d.display().to_string()),
             None => format!("Model page: {config_label}"),
         };
-        egui::ComboBox::from_id_salt("chat-source").selected_text(selected).width(300.0).show_ui(ui, |ui| {
-            if ui.selectable_label(c.run.is_none(), format!("Model page: {config_label}")).clicked() {
-                c.run = None;
-                c.step = None;
-            }
-            for r in &records {
-                let state = r.status.as_ref().map(|s| s.state.clone()).unwrap_or_else(|_| "unreadable".into());
-                let usable = !r.checkpoints.is_empty() || r.has_adapter;
-                let text = format!("run {} ({state}{})", r.name, if usable { "" } else { ", no checkpoint yet" });
-                if ui.add_enabled(usable, egui::Button::selectable(c.run.as_ref() == Some(&r.dir), text)).clicked() {
-                    c.run = Some(r.dir.clone());
+        egui::ComboBox::from_id_salt("chat-source")
+            .selected_text(selected)
+            .width(300.0)
+            .show_ui(ui, |ui| {
+                if ui.selectable_label(c.run.is_none(), format!("Model page: {config_label}")).clicked() {
+                    c.run = None;
                     c.step = None;
                 }
-            }
-        })
-        .response
-        .on_hover_text("A run answers with its newest checkpoint (or another one, next); the Model page's choice with its adapter.");
+                for r in &records {
+                    let state = r.status.as_ref().map(|s| s.state.clone()).unwrap_or_else(|_| "unreadable".into());
+                    let usable = !r.checkpoints.is_empty() || r.has_adapter;
+                    let text = format!("run {} ({state}{})", r.name, if usable { "" } else { ", no checkpoint yet" });
+                    if ui.add_enabled(usable, egui::Button::selectable(c.run.as_ref() == Some(&r.dir), text)).clicked() {
+                        c.run = Some(r.dir.clone());
+                        c.step = None;
+                    }
+                }
+            })
+            .response
+            .on_hover_text("A run answers with its newest checkpoint (or another one, next); the Model page's choice with its adapter.");
         if let Some(r) = c.run.as_ref().and_then(|d| records.iter().find(|r| &r.dir == d))
             && !r.checkpoints.is_empty()
         {
@@ -192,7 +195,7 @@ fn input_row(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     if let Some(e) = &c.error {
         ui.colored_label(ui.visuals().error_fg_color, format!("The answer failed: {e}"));
     }
-    let id = egui::Id::new(INPUT_ID);
+    let id = egui::Id::unique(INPUT_ID);
     // Enter sends; Shift+Enter is a new line. Taken before the text field sees it.
     let send_key = ui.memory(|m| m.has_focus(id)) && ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Enter));
     ui.horizontal(|ui| {

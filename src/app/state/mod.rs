@@ -102,6 +102,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: RunConfig, config_path: Option<PathBuf>, config_is_demo: bool, settings_dir: PathBuf) -> Self {
         let recent = model::Recent::load(&settings_dir);
+        let folders = runs::RunFolders::load(&settings_dir);
         AppState {
             page: Page::Model,
             saved_config: config.clone(),
@@ -112,7 +113,7 @@ impl AppState {
             dataset: Default::default(),
             preflight: Default::default(),
             training: Default::default(),
-            runs: Default::default(),
+            runs: runs::RunsState { folders, ..Default::default() },
             export: Default::default(),
             chat: Default::default(),
             budget: Default::default(),
