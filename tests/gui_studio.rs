@@ -488,6 +488,24 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     h.step();
     assert!(h.query_by_label(&merged.display().to_string()).is_some(), "the merged folder's path is shown");
 
+    // And GGUF with its Modelfile, whose sampling settings are the Chat page's.
+    h.state_mut().state.chat.params.temperature = 0.35;
+    h.state_mut().state.export.gguf_quant = tunestudio::export::gguf::GgufQuant::Q8_0;
+    click(&mut h, "Export GGUF");
+    wait_for(&mut h, "the GGUF export", 120, |a| a.state.export.result.is_some());
+    let gguf = h.state().state.export.result.clone().unwrap().expect("GGUF export succeeds");
+    assert_eq!(gguf, dest.join("gui-run-q8_0").join("gui-run-q8_0.gguf"));
+    let content = candle_core::quantized::gguf_file::Content::read(&mut std::fs::File::open(&gguf).unwrap()).unwrap();
+    assert_eq!(content.metadata["general.architecture"].to_string().unwrap(), "llama");
+    assert!(content.metadata.contains_key("tokenizer.chat_template"));
+    let merged_tensors = tunestudio::model::weights::WeightStore::open(&merged).unwrap().names().count();
+    assert!(content.tensor_infos.len() >= merged_tensors, "every tensor of the merged model");
+    let modelfile = std::fs::read_to_string(gguf.with_file_name("Modelfile")).unwrap();
+    assert!(modelfile.contains("FROM ./gui-run-q8_0.gguf\n"), "{modelfile}");
+    assert!(modelfile.contains("PARAMETER temperature 0.35"), "{modelfile}");
+    h.step();
+    assert!(h.query_by_label(&gguf.display().to_string()).is_some(), "the GGUF file's path is shown");
+
     // The Runs list shows the stopped run; resume it.
     go(&mut h, Page::Runs);
     wait_for(&mut h, "the runs list", 30, |a| a.state.runs.records.ready().is_some_and(|r| !r.is_empty()));
@@ -984,9 +1002,11 @@ fn gui_unsaved_edits_and_a_running_run_are_asked_about() {
     assert!(closed, "the window closes once the run has stopped and the edits are answered for");
 }
 
-/// The chat's message field (found by its hint: the system message is a text field too).
+/// The chat's message field: the last multi-line field on the page (the system message and the
+/// stop strings are multi-line too, above it). Not found by its hint: egui drops the hint from the
+/// accessibility tree once the field holds text.
 fn chat_input<'a>(h: &'a Harness<'static, StudioApp>) -> egui_kittest::Node<'a> {
-    h.get_by(|n| n.placeholder().is_some_and(|p| p.starts_with("Message")))
+    h.query_all_by_role(egui::accesskit::Role::MultilineTextInput).last().expect("the chat's message field")
 }
 
 /// Type a message into the chat and press Enter, as a person would.
@@ -1032,8 +1052,11 @@ fn gui_chat_streams_the_fine_tuned_and_the_base_answer_side_by_side() {
 
     let question = "What is the capital of France?";
     say(&mut h, question);
-    assert!(chat_input(&h).value().unwrap_or_default().is_empty(), "Enter sent the message");
+    // The first message loads the model; it stays in the field until the model is ready to take it.
+    assert!(h.state().state.chat.send_when_loaded && h.state().state.chat.model.is_loading(), "Enter sent the message");
     wait_answered(&mut h, 1);
+    settle(&mut h);
+    assert!(chat_input(&h).value().unwrap_or_default().is_empty(), "the sent message left the field");
     let c = &h.state().state.chat;
     let loaded = c.model.ready().expect("the model loaded on the first message");
     assert!(loaded.has_adapter);

@@ -375,6 +375,8 @@ impl StudioApp {
                 let (Some(src), dest) = (s.export.source.clone(), s.export.dest.clone()) else { return };
                 s.export.progress = Some((0.0, "starting".into()));
                 s.export.result = None;
+                // The Modelfile's PARAMETER lines are the Chat page's sampling settings.
+                let sampling = s.chat.params.clone();
                 self.jobs.spawn("export", move |tx| {
                     let progress = |fraction: f32, what: &str| {
                         let _ = tx.send(Msg::Export(export::ExportProgress::Step { fraction, what: what.to_string() }));
@@ -382,6 +384,7 @@ impl StudioApp {
                     Msg::Export(export::ExportProgress::Done(jobs::guarded(|| match kind {
                         export::ExportKind::Adapter => export::export_adapter(&src, &dest, &progress),
                         export::ExportKind::Merged(dtype) => export::export_merged(&src, &dest, dtype, &progress),
+                        export::ExportKind::Gguf(quant) => export::export_gguf(&src, &dest, quant, sampling, &progress),
                     })))
                 });
             }
