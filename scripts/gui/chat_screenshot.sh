@@ -32,7 +32,7 @@ cleanup() {
 trap cleanup EXIT
 
 # A real fine-tune of the demo, so the two columns show what training changed.
-"$bin" train assets/demo/run.toml --device cpu --output "$work/runs" --json >"$work/train.log"
+"$bin" train assets/demo/run.toml --device cpu --output "$work/runs" >"$work/train.log" 2>&1
 run_dir="$(ls -d "$work"/runs/*/ | head -1)"
 adapter="${run_dir%/}/adapter"
 [ -f "$adapter/adapter_model.safetensors" ] || { echo "the demo run wrote no adapter: see $work/train.log" >&2; exit 1; }
@@ -46,7 +46,8 @@ xvfb_pid=$!
 export DISPLAY="$display"
 for _ in $(seq 50); do xdotool getdisplaygeometry >/dev/null 2>&1 && break; sleep 0.1; done
 
-XDG_CONFIG_HOME="$work/config" "$bin" studio "$work/chat.toml" >"$work/studio.log" 2>&1 &
+mkdir -m 700 "$work/xdg-run"
+XDG_RUNTIME_DIR="$work/xdg-run" XDG_CONFIG_HOME="$work/config" "$bin" studio "$work/chat.toml" >"$work/studio.log" 2>&1 &
 app_pid=$!
 win="$(timeout 60 xdotool search --sync --name '^TuneStudio')"
 xdotool windowmove "$win" 0 0
@@ -56,7 +57,10 @@ xdotool windowfocus "$win"
 # side-by-side checkbox under the page's model row, then the message field at the bottom.
 xdotool mousemove --window "$win" 30 190 click 1
 sleep 1
-xdotool mousemove --window "$win" 190 ${CHAT_CHECKBOX_Y:-130} click 1
+xdotool mousemove --window "$win" 190 ${CHAT_CHECKBOX_Y:-122} click 1
+sleep 0.5
+# Open "System message and sampling" so the settings show.
+xdotool mousemove --window "$win" 200 ${CHAT_SETTINGS_Y:-145} click 1
 sleep 0.5
 xdotool mousemove --window "$win" 600 ${CHAT_INPUT_Y:-745} click 1
 sleep 0.5
@@ -65,7 +69,7 @@ xdotool key Return
 xdotool mousemove --window "$win" 1000 400
 sleep "$wait_s"
 
-import -window root "$work/full.png"
-convert "$work/full.png" -resize 60% -strip -define png:compression-level=9 "$out"
+# 75%: the answers stay legible. Grabbed and resized by `import` alone (ImageMagick's `convert` may be shadowed by another tool).
+import -window root -resize 75% -strip -define png:compression-level=9 "$out"
 echo "screenshot: $out ($(du -h "$out" | cut -f1))"
 grep -i -E "error|panic" "$work/studio.log" >&2 || true

@@ -275,6 +275,17 @@ impl<B: Backend> Generator<B> {
         Ok(())
     }
 
+    /// The next-token logits after `prompt` in slot 0, from an empty cache, with the adapter on
+    /// or off (checks of the forward against the training one and transformers').
+    pub fn logits_after(&mut self, prompt: &[u32], adapter: bool) -> Result<Vec<f32>> {
+        self.reset()?;
+        self.infer.set_adapter(0, adapter)?;
+        let logits = self.infer.forward(&[(0, prompt)])?.pop().expect("one entry");
+        // The cache now holds a prompt that `cached` does not list: drop it.
+        self.reset()?;
+        Ok(logits)
+    }
+
     /// Answer every request (request `i` in cache slot `i`), reporting through `on` as tokens
     /// come. `cancel` stops every answer at the next token.
     pub fn generate(&mut self, reqs: &[Request], cancel: &AtomicBool, on: &mut dyn FnMut(StreamEvent)) -> Result<Vec<Answer>> {

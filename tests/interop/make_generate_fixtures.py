@@ -234,7 +234,13 @@ def last_logits(llm):
     import llama_cpp
     import numpy as np
     ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+    logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+    # A run of this script once recorded greedy tokens that were all 0: the logits read here were
+    # constant (not the last position's). Refuse to record such a run rather than commit it.
+    if not np.isfinite(logits).all() or float(logits.max() - logits.min()) == 0.0:
+        raise SystemExit("llama.cpp's last logits are constant or not finite: this llama-cpp-python "
+                         "does not expose them the way last_logits reads them; nothing recorded")
+    return logits
 
 
 def phase_llamacpp(fx, demo, gg):
