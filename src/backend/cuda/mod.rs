@@ -973,7 +973,10 @@ impl CudaBackend {
                     match &s.dequant {
                         Some(b) if s.dequant_elems >= numel => b.ptr(),
                         _ => {
-                            return Err(Error::bug("NF4 dequantization", "the scratch is smaller than the weight (upload_weight sizes it)"));
+                            return Err(Error::bug(
+                                "NF4 dequantization",
+                                "the scratch is smaller than the weight (upload_weight sizes it)",
+                            ));
                         }
                     }
                 };
