@@ -65,7 +65,7 @@ fn demo_run_writes_a_complete_run_folder() {
 #[test]
 fn resumed_run_reproduces_the_uninterrupted_loss_curve_exactly() {
     let a = tempfile::tempdir().unwrap();
-    let (full, _, _) = run(demo_config(a.path(), 6), StartOptions::default());
+    let (full, full_dir, _) = run(demo_config(a.path(), 6), StartOptions::default());
 
     let b = tempfile::tempdir().unwrap();
     let (first, dir, _) = run(demo_config(b.path(), 6), StartOptions { stop_after_step: Some(3), ..Default::default() });
@@ -76,8 +76,16 @@ fn resumed_run_reproduces_the_uninterrupted_loss_curve_exactly() {
     let resumed: Vec<(u64, f64)> = first.into_iter().chain(rest).collect();
     // Bit-for-bit: same data order, same dropout masks, same optimizer state.
     assert_eq!(resumed, full);
-    let on_disk: Vec<(u64, f64)> = checkpoint::read_metrics(&dir).into_iter().map(|m| (m.step, m.loss)).collect();
-    assert_eq!(on_disk, full);
+    // The history on disk is the uninterrupted run's too, digit for digit: the resume keeps the
+    // lines before its checkpoint as they were written. (serde_json reads some 17-digit floats one
+    // unit off, so a line parsed and written again would differ; losses are compared as text.)
+    let losses = |d: &Path| -> Vec<String> {
+        let text = std::fs::read_to_string(d.join(checkpoint::METRICS_FILE)).unwrap();
+        text.lines().map(|l| l.split("\"loss\":").nth(1).and_then(|r| r.split(',').next()).unwrap().to_string()).collect()
+    };
+    assert_eq!(losses(&dir), losses(&full_dir));
+    let on_disk: Vec<u64> = checkpoint::read_metrics(&dir).into_iter().map(|m| m.step).collect();
+    assert_eq!(on_disk, (1..=6).collect::<Vec<_>>());
 }
 
 #[test]
@@ -500,4 +508,86 @@ fn paused_time_is_not_counted_as_elapsed() {
     // A demo step takes milliseconds: no step comes 1.5 s of training time after the one before.
     let gap = elapsed.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
     assert!(gap < 0.5, "a step came {gap:.3} s of training time after the one before it: the pause was counted");
+}
+
+fn checkpoint_steps(events: &[Event]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Checkpoint { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 18: checkpoints come by training time as well as by steps, and at every stop. With step
+/// checkpoints off (`save_every = 0`), an interval shorter than a step saves after every step; the
+/// default 10 minutes saves nothing in a short run but its end; a stop saves the step it stopped at.
+#[test]
+fn checkpoints_are_written_by_training_time_and_at_every_stop() {
+    assert_eq!(RunConfig::default().train.save_every_minutes, 10.0, "README documents 10 minutes");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(tmp.path(), 4);
+    cfg.train.save_every = 0;
+    cfg.output.run_name = "by-time".into();
+    // 6 microseconds: every step of the demo takes longer.
+    cfg.train.save_every_minutes = 1e-7;
+    let (_, dir, events) = run(cfg.clone(), StartOptions::default());
+    assert_eq!(checkpoint_steps(&events), vec![1, 2, 3, 4]);
+    assert!(checkpoint::list(&dir).ends_with(&[4]));
+
+    cfg.output.run_name = "default-interval".into();
+    cfg.train.save_every_minutes = 10.0;
+    let (_, _, events) = run(cfg.clone(), StartOptions::default());
+    assert_eq!(checkpoint_steps(&events), vec![4], "only the end: ten minutes have not passed");
+
+    cfg.output.run_name = "stopped".into();
+    cfg.train.save_every_minutes = 0.0;
+    let (_, dir, events) = run(cfg, StartOptions { stop_after_step: Some(2), ..Default::default() });
+    assert_eq!(checkpoint_steps(&events), vec![2], "a stop saves the step it stopped at");
+    assert_eq!(checkpoint::list(&dir), vec![2]);
+    assert_eq!(RunStatus::load(&dir).unwrap().state, "stopped");
+}
+
+/// Issue 18: an adapter or checkpoint holding NaN or ±inf is refused where it is read, naming the
+/// tensor: continuing from it (`model.adapter`), resuming from it, exporting or evaluating it would
+/// otherwise train or ship NaNs.
+#[test]
+fn non_finite_adapters_and_checkpoints_are_refused_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dir, _) = run(demo_config(tmp.path(), 2), StartOptions { stop_after_step: Some(1), ..Default::default() });
+    let spec = tunestudio::model::ModelSpec::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/model")).unwrap();
+    let good = tunestudio::export::adapter::load_peft(&dir.join("adapter"), &spec).unwrap();
+    let mut weights = good.weights.clone();
+    let (&target, pair) = weights.layers[1].iter_mut().next().unwrap();
+    pair.b[3] = f32::NAN;
+    pair.b[5] = f32::INFINITY;
+    let bad = tmp.path().join("bad");
+    tunestudio::export::adapter::AdapterFiles {
+        spec: &spec,
+        weights: &weights,
+        lora: &good.lora,
+        base_model: &good.base_model,
+        tokens: None,
+    }
+    .save(&bad)
+    .unwrap();
+    let tensor = format!("layers.1.{}.{}.lora_B", target.hf_parent(), target.hf_name());
+    let check = |m: &str| assert!(m.contains(&tensor) && m.contains("2 non-finite values"), "{m}");
+
+    check(&tunestudio::export::adapter::load_peft(&bad, &spec).unwrap_err().to_string());
+    let mut cfg = demo_config(tmp.path(), 2);
+    cfg.output.run_name = "continued".into();
+    cfg.model.adapter = Some(bad.clone());
+    let (_, failed) = outcome(cfg, StartOptions::default());
+    check(&failed.expect("continuing from a NaN adapter must fail"));
+
+    let ckpt = checkpoint::latest_dir(&dir).unwrap();
+    std::fs::copy(bad.join("adapter_model.safetensors"), ckpt.join("adapter_model.safetensors")).unwrap();
+    let (_, failed) = outcome(RunConfig::default(), StartOptions { resume: Some(dir.clone()), ..Default::default() });
+    let m = failed.expect("resuming from a NaN checkpoint must fail");
+    check(&m);
+    assert!(m.contains("delete its checkpoints/step-* folder"), "{m}");
+    std::fs::remove_dir_all(dir.join("adapter")).unwrap();
+    check(&tunestudio::export::run::export_adapter(&dir, Some(&tmp.path().join("x"))).unwrap_err().to_string());
 }

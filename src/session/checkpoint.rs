@@ -14,7 +14,7 @@ use crate::engine::lora::{LoraPair, LoraWeights};
 use crate::engine::{OptimizerState, TokenRows};
 use crate::error::{Error, IoContext, Result};
 use crate::export::adapter::{AdapterFiles, CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_weights};
-use crate::model::weights::{OutTensor, read_small_f32, serialize_safetensors};
+use crate::model::weights::{OutTensor, read_small_f32_finite, serialize_safetensors};
 use crate::util::{write_atomic, write_dir_atomic};
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -235,7 +235,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         let rank = cfg.get("r").and_then(serde_json::Value::as_u64).ok_or_else(|| Error::file(&cfg_path, "`r` is missing"))? as usize;
         read_weights(&dir.join(ADAPTER_WEIGHTS_FILE), rank, &state.slots, &state.token_ids, state.head_rows)?
     };
-    let o = read_small_f32(&dir.join(OPTIMIZER_FILE))?;
+    let o = read_small_f32_finite(&dir.join(OPTIMIZER_FILE))?;
     let take = |key: String| -> Result<Vec<f32>> {
         o.get(&key)
             .map(|t| t.1.clone())
@@ -274,7 +274,7 @@ fn load_old_weights(dir: &Path, state: &CheckpointState) -> Result<(LoraWeights,
         .parse()
         .map_err(|_| Error::file(&rank_path, "is not a number"))?;
     let path = dir.join(OLD_WEIGHTS_FILE);
-    let w = read_small_f32(&path)?;
+    let w = read_small_f32_finite(&path)?;
     let take = |key: String| -> Result<Vec<f32>> {
         w.get(&key).map(|t| t.1.clone()).ok_or_else(|| Error::tensor(key, Some(&path), "is missing from the checkpoint"))
     };
@@ -298,10 +298,14 @@ pub fn read_metrics(run_dir: &Path) -> Vec<StepMetrics> {
     std::fs::read_to_string(run_dir.join(METRICS_FILE)).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
-/// Keep only metrics up to `step` (a resumed run rewrites what came after its checkpoint).
+/// Keep only metrics up to `step` (a resumed run rewrites what came after its checkpoint). The
+/// kept lines are copied as written, not parsed and written again: serde_json's parser may read a
+/// float's 17th digit one unit off, and the history of a resumed run must stay the history of the
+/// run (a torn last line is dropped).
 pub fn truncate_metrics(run_dir: &Path, step: u64) -> Result<()> {
+    let text = std::fs::read_to_string(run_dir.join(METRICS_FILE)).unwrap_or_default();
     let kept: String =
-        read_metrics(run_dir).into_iter().filter(|m| m.step <= step).map(|m| serde_json::to_string(&m).expect("json") + "\n").collect();
+        text.lines().filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= step)).map(|l| format!("{l}\n")).collect();
     write_atomic(&run_dir.join(METRICS_FILE), kept.as_bytes())
 }
 

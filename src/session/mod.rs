@@ -394,15 +394,17 @@ fn run(
                 return Err(Error::file(dir, "is not a run folder (no config.toml): give the folder `tunestudio train` printed"));
             }
             let dir = take_folder(dir.clone(), RunLock::acquire(dir, "resume")?);
-            let ckpt = checkpoint::load_latest(&dir).map_err(|_| {
-                Error::file(
+            if checkpoint::latest_dir(&dir).is_none() {
+                return Err(Error::file(
                     &dir,
                     format!(
                         "has no checkpoint to resume from (it stopped before its first save): start it again in place with `tunestudio train --restart {}`",
                         dir.display()
                     ),
-                )
-            })?;
+                ));
+            }
+            // A checkpoint that is there but cannot be read says why (a damaged file, NaN weights).
+            let ckpt = checkpoint::load_latest(&dir)?;
             let saved = RunConfig::load(&dir.join(checkpoint::CONFIG_FILE))?;
             // Only how long to train may change on resume; everything else must match the run.
             let max_steps = cfg.train.max_steps;
@@ -468,6 +470,8 @@ fn run(
         (None, None) => {
             cfg.make_absolute();
             cfg.validate()?;
+            // A wrong model folder is said before a run folder is made for it.
+            crate::model::check_folder(&cfg.model.path)?;
             let (dir, lock) = new_run_dir(&cfg)?;
             (take_folder(dir, lock), None)
         }
@@ -481,7 +485,7 @@ fn run(
     }
 
     log(format!("reading {}", cfg.model.path.display()));
-    let spec = ModelSpec::from_dir(&cfg.model.path)?;
+    let spec = crate::model::spec_of_folder(&cfg.model.path)?;
     let tok = TokenizerBundle::load(&cfg.model.path)?;
     let mut lora_init = None;
     if let Some(adapter) = cfg.model.adapter.clone() {
@@ -505,7 +509,7 @@ fn run(
     log(format!("preparing {}", cfg.dataset.path.display()));
     let data = prepare_dataset(&cfg.dataset, &tok, cfg.train.max_seq_len)?;
     for s in data.report.rows_skipped.iter().take(5) {
-        log(format!("skipped row {}: {}", s.row, s.reason));
+        log(format!("skipped {}: {}", s.place(&data.report.file_kind), s.reason));
     }
     let report = data.report.clone();
     let (train_examples, eval_examples) = eval_sets(&cfg.dataset, data.examples, cfg.train.seed, &tok, cfg.train.max_seq_len)?;

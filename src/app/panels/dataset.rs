@@ -235,7 +235,7 @@ fn report_ui(ui: &mut Ui, v: &DatasetView, preview_index: &mut usize) {
             egui::ScrollArea::vertical().id_salt("skipped").max_height(200.0).show(&mut cols[1], |ui| {
                 egui::Grid::new("skipped-grid").num_columns(2).striped(true).show(ui, |ui| {
                     for s in &v.skipped {
-                        ui.monospace(format!("row {}", s.row));
+                        ui.monospace(s.place(&v.file_kind));
                         ui.add(egui::Label::new(&s.reason).wrap());
                         ui.end_row();
                     }
