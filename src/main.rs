@@ -27,9 +27,19 @@ enum Command {
         /// Stop after this many optimizer steps (overrides train.max_steps).
         #[arg(long)]
         max_steps: Option<u64>,
-        /// cpu, cuda or auto (overrides train.device).
+        /// cpu, cuda or auto (overrides train.device). Given as `auto`, a card the CUDA engine
+        /// cannot start on falls back to the CPU (said in the run's first lines); otherwise that
+        /// stops the run with the reason.
         #[arg(long)]
         device: Option<DeviceChoice>,
+        /// Decide as this card would: its limits, its PTX and its memory (rtx4090, l4, a100-40,
+        /// ...; `TUNESTUDIO_CARD` does the same).
+        #[arg(long)]
+        card: Option<String>,
+        /// A hard cap on the GPU memory this run may use, context included, e.g. 24GiB
+        /// (overrides memory.gpu_mem): the plan targets it and the allocator enforces it.
+        #[arg(long, value_parser = parse_size)]
+        gpu_mem: Option<u64>,
         /// Continue the run in this folder from its newest checkpoint.
         #[arg(long)]
         resume: Option<PathBuf>,
@@ -58,7 +68,12 @@ enum Command {
         batch: Option<usize>,
         #[arg(long)]
         rank: Option<usize>,
-        /// Plan for a card of this size (e.g. 24GiB) instead of the detected one.
+        /// Plan as this card (rtx3060, rtx4090, l4, a10, a100-40, h100-80, ...) instead of the
+        /// detected one; works without a GPU.
+        #[arg(long)]
+        card: Option<String>,
+        /// A cap on the run's GPU memory, e.g. 24GiB (overrides memory.gpu_mem); with no GPU
+        /// here and no --card, plans for a card of this size.
         #[arg(long, value_parser = parse_size)]
         gpu_mem: Option<u64>,
         /// The RAM that pinned host memory (offloaded activations) may take, e.g. 64GiB; by
@@ -112,6 +127,9 @@ enum Command {
     /// examples, tokenizer checks, untrained tokens, and a verdict (exit 1 only if it cannot start).
     Preflight {
         config: PathBuf,
+        /// Check the run as this card would run it (see `train --card`).
+        #[arg(long)]
+        card: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -195,25 +213,32 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => studio(None),
         Some(Command::Studio { config }) => studio(config),
-        Some(Command::Train { config, output, max_steps, device, resume, json }) => train(config, output, max_steps, device, resume, json),
-        Some(Command::Plan { config, model, shape, seq, batch, rank, gpu_mem, host_mem, json }) => {
-            tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
-                config: config.as_deref(),
-                model: model.as_deref(),
-                shape: shape.as_deref(),
-                seq,
-                batch,
-                rank,
-                gpu_mem,
-                host_mem,
-                json,
+        Some(Command::Train { config, output, max_steps, device, card, gpu_mem, resume, json }) => {
+            train(TrainArgs { config, output, max_steps, device, card, gpu_mem, resume, json })
+        }
+        Some(Command::Plan { config, model, shape, seq, batch, rank, card, gpu_mem, host_mem, json }) => {
+            card_profile(card).and_then(|card| {
+                tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
+                    config: config.as_deref(),
+                    model: model.as_deref(),
+                    shape: shape.as_deref(),
+                    seq,
+                    batch,
+                    rank,
+                    card,
+                    gpu_mem,
+                    host_mem,
+                    json,
+                })
             })
         }
         Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json }) => {
             bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json)
         }
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
-        Some(Command::Preflight { config, json }) => tunestudio::commands::preflight::run(&config, json),
+        Some(Command::Preflight { config, card, json }) => {
+            card_profile(card).and_then(|card| tunestudio::commands::preflight::run(&config, card, json))
+        }
         Some(Command::Eval {
             model,
             adapter,
@@ -281,10 +306,7 @@ fn bench(
         Some("offload") => Some(CheckpointPolicy::Offload),
         Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use none, layer or offload"))),
     };
-    let card = match card {
-        Some(name) => Some(tunestudio::backend::card::profile_named(&name).map_err(|e| Error::msg(format!("--card: {e}")))?),
-        None => None,
-    };
+    let card = card_profile(card)?;
     let args = BenchArgs { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem_bytes: gpu_mem };
     let r = tunestudio::bench::run(&args, &|m| eprintln!("{m}"))?;
     if json {
@@ -315,18 +337,29 @@ fn bench(
     Ok(())
 }
 
+/// The card profile `--card` names.
+fn card_profile(name: Option<String>) -> Result<Option<&'static tunestudio::backend::card::CardProfile>> {
+    name.map(|n| tunestudio::backend::card::profile_named(&n).map_err(|e| Error::config("--card", e))).transpose()
+}
+
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
     tunestudio::util::parse_bytes(s).ok_or_else(|| format!("`{s}` is not a size such as 24GiB or 80GB"))
 }
 
-fn train(
+struct TrainArgs {
     config: Option<PathBuf>,
     output: Option<PathBuf>,
     max_steps: Option<u64>,
     device: Option<DeviceChoice>,
+    card: Option<String>,
+    gpu_mem: Option<u64>,
     resume: Option<PathBuf>,
     json: bool,
-) -> Result<()> {
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let TrainArgs { config, output, max_steps, device, card, gpu_mem, resume, json } = a;
+    let card = card_profile(card)?;
     let mut cfg = match (&config, &resume) {
         (Some(path), _) => RunConfig::load(path)?,
         (None, Some(_)) => RunConfig::default(),
@@ -341,7 +374,12 @@ fn train(
     if let Some(d) = device {
         cfg.train.device = d;
     }
-    let handle = session::start(cfg, StartOptions { resume, ..Default::default() });
+    if let Some(cap) = gpu_mem {
+        cfg.memory.gpu_mem = Some(tunestudio::config::ByteSize(cap));
+    }
+    // Only an explicit `--device auto` lets a card that cannot run fall back to the CPU.
+    let cpu_fallback = device == Some(DeviceChoice::Auto);
+    let handle = session::start(cfg, StartOptions { resume, card, cpu_fallback, ..Default::default() });
     let mut outcome = Ok(());
     for event in handle.events.iter() {
         match event {
@@ -389,6 +427,8 @@ fn train(
             Event::Checkpoint { step, dir } => eprintln!("checkpoint at step {step}: {}", dir.display()),
             Event::Paused { step } => eprintln!("paused at step {step}"),
             Event::Resumed { step } => eprintln!("resumed at step {step}"),
+            // The studio plots these; a throttling card is warned about once, as a log line.
+            Event::Gpu(_) => {}
             Event::Finished(f) => {
                 eprintln!(
                     "{} after {} steps{}; adapter: {}",

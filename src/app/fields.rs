@@ -93,11 +93,20 @@ pub const FIELDS: &[FieldDoc] = &[
         "Checkpoint every",
         "Write a resumable checkpoint every N optimizer steps; 0 writes only the final one (Save now writes one at any time).",
     ),
-    f("train.device", "Device", "auto trains on a CUDA GPU when one is usable, else on the CPU."),
+    f(
+        "train.device",
+        "Device",
+        "auto trains on a CUDA GPU when there is one, else on the CPU; a GPU the engine cannot start on is shown before Start, with the CPU as a choice.",
+    ),
     f(
         "memory.checkpointing",
         "Activation checkpointing",
         "What the backward pass keeps: auto picks the fastest policy that fits; none keeps everything; layer keeps layer inputs and recomputes; offload keeps them in host memory.",
+    ),
+    f(
+        "memory.gpu_mem",
+        "GPU memory cap",
+        "A hard limit on the GPU memory the run may use, CUDA context included: the plan targets it and the allocator never goes past it. Leave room for other programs on a shared card.",
     ),
     f("output.dir", "Runs folder", "The folder that holds one folder per run (metrics, checkpoints, the adapter)."),
     f("output.run_name", "Run name", "The run's folder name; empty picks <model>-<date>-<time>."),
@@ -184,6 +193,7 @@ mod tests {
         c.model.adapter = Some("a".into());
         c.train.max_steps = Some(1);
         c.dataset.columns.system = Some("s".into());
+        c.memory.gpu_mem = Some(crate::config::ByteSize(24 << 30));
         let mut keys = Vec::new();
         leaves("", &toml::Value::try_from(&c).unwrap(), &mut keys);
         keys.sort();

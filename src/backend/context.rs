@@ -2,7 +2,7 @@
 //! handles): the memory plan needs it, and it differs by card and driver. A CUDA backend measures
 //! it when it opens (device memory in use minus our own buffers) and remembers it in the user's
 //! cache folder, keyed by card name and driver version; plans for that card use the remembered
-//! value, and `plan::DEFAULT_CUDA_CONTEXT_BYTES` until a backend has opened there once.
+//! value, and [`DEFAULT_CUDA_CONTEXT_BYTES`] until a backend has opened there once.
 //!
 //! The newest measurement wins. Another process's memory on the card at that moment would make
 //! it too large, which errs on the safe side (the plan then asks for more than it will use);
@@ -11,10 +11,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::engine::plan::DEFAULT_CUDA_CONTEXT_BYTES;
 use crate::error::{Error, Result};
 
 const FILE: &str = "cuda_context.json";
+
+/// The CUDA context + cuBLAS handles on an H100 with driver 580 before any allocation of ours;
+/// plans use it until a backend has measured the card.
+pub const DEFAULT_CUDA_CONTEXT_BYTES: u64 = 530 << 20;
 
 /// `NVIDIA H100 80GB HBM3 | CUDA driver 13000`.
 pub fn card_key(card: &str, driver_version: Option<i32>) -> String {

@@ -244,7 +244,10 @@ impl<B: Backend> Trainer<B> {
     pub fn new(backend: B, spec: ModelSpec, src: &dyn WeightSource, opts: EngineOptions, lora_init: Option<&LoraWeights>) -> Result<Self> {
         let rows = opts.batch_size * opts.max_seq_len;
         let policy = match opts.checkpointing {
-            CheckpointPolicy::Auto => {
+            // What fits a card depends on the card, other processes and a cap: the caller resolves
+            // `auto` against `crate::device::plan_target` before building the Trainer. On the CPU
+            // the plan's own rule (recompute past 2 GiB of activations) needs no target.
+            CheckpointPolicy::Auto if backend.device().kind == "cpu" => {
                 let input = plan::PlanInput {
                     lora: opts.lora.clone(),
                     quantization: opts.quantization,
@@ -254,23 +257,13 @@ impl<B: Backend> Trainer<B> {
                     token_rows: 0,
                     mlp_chunk_rows: opts.mlp_chunk_rows,
                 };
-                let dev = backend.device();
-                let target = if dev.kind == "cuda" {
-                    // Measured when this backend opened (backend::context).
-                    let context_bytes = crate::backend::cuda::planned_context_bytes(&dev.name);
-                    plan::PlanTarget {
-                        kind: plan::BackendKind::Cuda,
-                        name: dev.name.clone(),
-                        total_bytes: dev.total_memory_bytes,
-                        // Our context is already there: add it back, the plan counts it.
-                        free_bytes: dev.free_memory_bytes.map(|f| f + context_bytes),
-                        context_bytes,
-                        host_bytes: crate::backend::host_memory().map(|h| h.available_bytes),
-                    }
-                } else {
-                    plan::PlanTarget::cpu()
-                };
-                plan::plan(&spec, &input, &target).checkpointing
+                plan::plan(&spec, &input, &plan::PlanTarget::cpu()).checkpointing
+            }
+            CheckpointPolicy::Auto => {
+                return Err(Error::config(
+                    "memory.checkpointing",
+                    "`auto` must be resolved against the card's plan target before the engine is built (crate::device::plan_target)",
+                ));
             }
             p => p,
         };

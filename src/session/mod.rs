@@ -3,6 +3,7 @@
 //! channels: `Event`s out, `Control`s in. It never blocks its owner.
 
 pub mod checkpoint;
+pub mod telemetry;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +16,9 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DeviceInfo};
 use crate::config::{DeviceChoice, RunConfig};
 use crate::data::{Batch, Batcher, DatasetReport, prepare_dataset};
+use crate::device::{Gpu, Machine, Opened, plan_target};
 use crate::engine::lora::LoraWeights;
+use crate::engine::plan::PlanTarget;
 use crate::engine::schedule::Schedule;
 use crate::engine::{EngineOptions, TokenRows, Trainer};
 use crate::error::{Error, IoContext, Result};
@@ -41,6 +44,8 @@ pub enum Event {
     Resumed {
         step: u64,
     },
+    /// A telemetry reading of the GPU (about once a second during a CUDA run, where NVML reads it).
+    Gpu(crate::backend::nvml::GpuSample),
     Finished(Finished),
     /// The run could not go on; `message` says what to do.
     Failed {
@@ -54,6 +59,8 @@ pub enum Event {
 pub struct LoadedInfo {
     pub run_dir: PathBuf,
     pub device: DeviceInfo,
+    /// What the run was planned for (`device::plan_target`): the card, other processes, the cap.
+    pub target: PlanTarget,
     pub model: String,
     pub trainable_params: usize,
     pub total_steps: u64,
@@ -110,6 +117,12 @@ pub struct StartOptions {
     pub resume: Option<PathBuf>,
     /// Behave as if Stop was pressed right after this step (scripts and tests).
     pub stop_after_step: Option<u64>,
+    /// Decide and plan as this card (`train --card`); `None`: `TUNESTUDIO_CARD`, else the device.
+    pub card: Option<&'static crate::backend::card::CardProfile>,
+    /// With `train.device = auto`: train on the CPU when the card found cannot run the CUDA
+    /// engine, saying why in the run's first lines (`train --device auto`). Otherwise that stops
+    /// the run with the reason.
+    pub cpu_fallback: bool,
 }
 
 pub struct SessionHandle {
@@ -219,26 +232,44 @@ fn run(
     let log = |m: String| {
         let _ = events.send(Event::Log(m));
     };
-    let (run_dir, resume) = match &options.resume {
+    let resume = match &options.resume {
         Some(dir) => {
             let ckpt = checkpoint::load_latest(dir)?;
             let saved = RunConfig::load(&dir.join(checkpoint::CONFIG_FILE))?;
-            // Only how long to train may change on resume; everything else must match the run.
-            let max_steps = cfg.train.max_steps;
+            // Only how long to train and the memory cap (a property of the machine, not of the
+            // run) may change on resume; everything else must match the run.
+            let (max_steps, cap) = (cfg.train.max_steps, cfg.memory.gpu_mem);
             cfg = saved;
             if max_steps.is_some() && max_steps != cfg.train.max_steps {
                 cfg.train.max_steps = max_steps;
             }
+            if cap.is_some() {
+                cfg.memory.gpu_mem = cap;
+            }
             log(format!("resuming {} from step {}", dir.display(), ckpt.state.step));
-            (dir.clone(), Some(ckpt))
+            Some((dir.clone(), ckpt))
         }
-        None => {
-            cfg.validate()?;
-            (new_run_dir(&cfg)?, None)
+        None => None,
+    };
+    cfg.validate()?;
+
+    // The device first, so that what it decided is in the run's first lines, and a device that
+    // cannot start leaves no run folder behind (and a resumed one as it was).
+    let request = crate::device::Request::of_config(&cfg, options.card)?;
+    let opened = crate::device::open(&request, options.cpu_fallback).map_err(|u| u.into_error())?;
+    match &opened {
+        Opened::Cpu { fallback: Some(u), .. } => {
+            log(format!("warning: {}", u.message()));
+            log("warning: training on the CPU instead (--device auto), which is far slower".into());
         }
+        Opened::Cpu { note: Some(n), .. } => log(n.clone()),
+        _ => {}
+    }
+    let (run_dir, resume) = match resume {
+        Some((dir, ckpt)) => (dir, Some(ckpt)),
+        None => (new_run_dir(&cfg)?, None),
     };
     *run_dir_out = Some(run_dir.clone());
-    cfg.validate()?;
 
     log(format!("reading {}", cfg.model.path.display()));
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
@@ -278,16 +309,21 @@ fn run(
 
     let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, (&examples, &report), &run_dir, &log)? };
     let prepared = Prepared { cfg, run_dir, spec, batcher, report, total_steps, steps_per_epoch, lora_init, token_fix, resume, started };
-    match prepared.cfg.train.device {
-        DeviceChoice::Cpu => train_on(CpuBackend::<f32>::new(), prepared, &options, events, control),
-        DeviceChoice::Auto => match crate::backend::cuda::CudaBackend::new() {
-            Ok(gpu) => train_on(gpu, prepared, &options, events, control),
-            Err(e) => {
-                log(format!("training on the CPU ({e})"));
-                train_on(CpuBackend::<f32>::new(), prepared, &options, events, control)
-            }
-        },
-        DeviceChoice::Cuda => train_on(crate::backend::cuda::CudaBackend::new()?, prepared, &options, events, control),
+    let host = crate::backend::host_memory();
+    match opened {
+        Opened::Cuda(gpu) => {
+            // The card as this backend runs it (a profile's under one), what other processes hold
+            // on it now, and the context it measured as it opened.
+            let machine = Machine { gpu: Some(Gpu::of_backend(&gpu)), no_gpu_reason: String::new(), host };
+            let req = crate::device::Request { device: DeviceChoice::Cuda, card: None, memory_cap: request.memory_cap };
+            let target = plan_target(&req, &machine);
+            train_on(*gpu, prepared, &target, &options, events, control)
+        }
+        Opened::Cpu { .. } => {
+            let machine = Machine { host, ..Machine::default() };
+            let target = plan_target(&crate::device::Request { device: DeviceChoice::Cpu, ..Default::default() }, &machine);
+            train_on(CpuBackend::<f32>::new(), prepared, &target, &options, events, control)
+        }
     }
 }
 
@@ -352,28 +388,26 @@ fn untrained_token_fix(
 
 /// An out-of-memory at set-up (every buffer is allocated before the first step) becomes a message
 /// with the plan's numbers and the cheapest changes that fit.
-fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInput, device: &DeviceInfo) -> Error {
-    use crate::engine::plan::{self, PlanTarget};
+fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInput, target: &PlanTarget) -> Error {
+    use crate::engine::plan;
     use crate::util::fmt_bytes;
     let Error::OutOfMemory { during, advice } = e else { return e };
-    let Some(total) = device.total_memory_bytes else { return Error::OutOfMemory { during, advice } };
-    let host = crate::backend::host_memory();
-    let target =
-        PlanTarget { context_bytes: crate::backend::cuda::planned_context_bytes(&device.name), ..PlanTarget::gpu(&device.name, total) }
-            .with_host(host.as_ref());
-    let p = plan::plan(spec, input, &target);
+    let (Some(total), Some(room)) = (target.total_bytes, target.available_bytes()) else { return Error::OutOfMemory { during, advice } };
+    let p = plan::plan(spec, input, target);
     let fixes: Vec<String> =
-        plan::suggestions(spec, input, &target).into_iter().map(|s| format!("{} ({})", s.change, fmt_bytes(s.peak_bytes))).collect();
-    let pinned = match (&host, p.host_fits) {
-        (Some(h), false) => {
-            format!(" and {} of pinned host memory with {} of RAM available", fmt_bytes(p.pinned_host_bytes), fmt_bytes(h.available_bytes))
-        }
+        plan::suggestions(spec, input, target).into_iter().map(|s| format!("{} ({})", s.change, fmt_bytes(s.peak_bytes))).collect();
+    let pinned = match (target.host_bytes, p.host_fits) {
+        (Some(h), false) => format!(" and {} of pinned host memory with {} of RAM available", fmt_bytes(p.pinned_host_bytes), fmt_bytes(h)),
         _ => String::new(),
     };
+    let others =
+        if target.others_bytes > 0 { format!(", {} of it used by other processes", fmt_bytes(target.others_bytes)) } else { String::new() };
+    let cap = target.cap_bytes.map(|c| format!(" under the memory cap of {}", fmt_bytes(c))).unwrap_or_default();
     let advice = format!(
-        "the plan needs {} on a {} card of {}{pinned} (checkpointing {:?}); {}",
+        "the plan needs {} of the {} left on {} ({}{others}){cap}{pinned} (checkpointing {:?}); {}",
         fmt_bytes(p.peak_bytes),
-        device.name,
+        fmt_bytes(room),
+        target.name,
         fmt_bytes(total),
         p.checkpointing,
         if fixes.is_empty() { advice } else { format!("to fit: {}", fixes.join("; or ")) }
@@ -384,6 +418,7 @@ fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInpu
 fn train_on<B: Backend>(
     backend: B,
     p: Prepared,
+    target: &PlanTarget,
     options: &StartOptions,
     events: &Sender<Event>,
     control: &Receiver<Control>,
@@ -393,9 +428,11 @@ fn train_on<B: Backend>(
     };
     let cfg = &p.cfg;
     let device = backend.device();
+    // Read about once a second while the run lasts (dropped, and joined, when this returns).
+    let _telemetry = device.pci_bus_id.clone().and_then(|pci| telemetry::Sampler::start(pci, p.started, events.clone()));
     send(Event::Log(format!("loading weights on {}", device.name)));
     let store = WeightStore::open(&cfg.model.path)?;
-    let opts = EngineOptions {
+    let mut opts = EngineOptions {
         lora: cfg.lora.clone(),
         optim: cfg.optim.clone(),
         quantization: cfg.model.quantization,
@@ -406,9 +443,17 @@ fn train_on<B: Backend>(
         mlp_chunk_rows: 0,
     };
     let init = p.resume.as_ref().map(|c| &c.weights).or(p.lora_init.as_ref());
-    let input = crate::engine::plan::PlanInput::from_config(cfg);
-    let mut trainer = Trainer::new(backend, p.spec.clone(), &store, opts, init).map_err(|e| explain_oom(e, &p.spec, &input, &device))?;
-    if let Some(rows) = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref()) {
+    let rows = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref());
+    let mut input = crate::engine::plan::PlanInput::from_config(cfg);
+    input.token_rows = rows.map_or(0, |r| r.ids.len());
+    // `auto` is the fastest policy that fits what this card leaves us (other processes, the cap).
+    let planned = crate::engine::plan::plan(&p.spec, &input, target);
+    opts.checkpointing = planned.checkpointing;
+    if cfg.memory.checkpointing == crate::config::CheckpointPolicy::Auto {
+        send(Event::Log(format!("checkpointing auto: {:?} (plan {})", planned.checkpointing, crate::util::fmt_bytes(planned.peak_bytes))));
+    }
+    let mut trainer = Trainer::new(backend, p.spec.clone(), &store, opts, init).map_err(|e| explain_oom(e, &p.spec, &input, target))?;
+    if let Some(rows) = rows {
         trainer.set_token_rows(rows)?;
     }
     let mut elapsed_before = 0.0;
@@ -435,6 +480,7 @@ fn train_on<B: Backend>(
     send(Event::Loaded(Box::new(LoadedInfo {
         run_dir: p.run_dir.clone(),
         device: device.clone(),
+        target: target.clone(),
         model: p.spec.summary(),
         trainable_params: trainable,
         total_steps: p.total_steps,
