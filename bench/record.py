@@ -28,7 +28,8 @@ if os.path.exists(path):
             "rank": r["rank"], "mode": r["mode"], "checkpointing": r["checkpointing"], "tokens_per_s": round(r["tokens_per_s"], 1),
             "peak_gib": round(r["peak_driver_bytes"] / G, 3), "peak_arena_gib": round(r["peak_arena_bytes"] / G, 3),
             "plan_gib": round(r["plan_peak_bytes"] / G, 3), "mfu": round(r["mfu"], 4), "first_step_s": round(r["first_step_s"], 2),
-            "attention": r.get("attention"), "run_id": run_id,
+            "attention": r.get("attention"), "card_profile": r.get("card_profile"), "card_memory_gib": r.get("card_memory_gib"),
+            "gpu_mem_cap_gib": r.get("gpu_mem_cap_gib"), "run_id": run_id,
         })
 names = {"A": "hf_peft", "B": "hf_peft_qlora", "C": "unsloth"}
 for key, system in names.items():
@@ -47,8 +48,9 @@ with open(os.path.join(os.path.dirname(__file__), "results.jsonl"), "a") as f:
     for r in rows:
         f.write(json.dumps(r) + "\n")
 print(f"{len(rows)} rows appended (run {run_id}, {card}, commit {commit})\n")
-print("| system | shape | seq | r | mode / policy | tokens/s | peak GiB (ours: driver, peers: torch reserved) | ours: arena / peers: allocated |")
-print("|---|---|---|---|---|---|---|---|")
+print("| system | card profile | shape | seq | r | mode / policy | tokens/s | peak GiB (ours: driver, peers: torch reserved) | ours: arena / peers: allocated |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     second = r.get("peak_arena_gib", r.get("peak_alloc_gib"))
-    print(f'| {r["system"]} | {r["shape"]} | {r["seq"]} | {r["rank"]} | {r["mode"]} / {r["checkpointing"]} | {r["tokens_per_s"]:,.0f} | {r["peak_gib"]:.2f} | {second:.2f} |')
+    profile = r.get("card_profile") or "—"
+    print(f'| {r["system"]} | {profile} | {r["shape"]} | {r["seq"]} | {r["rank"]} | {r["mode"]} / {r["checkpointing"]} | {r["tokens_per_s"]:,.0f} | {r["peak_gib"]:.2f} | {second:.2f} |')

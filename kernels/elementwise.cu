@@ -1,5 +1,5 @@
 // Elementwise helpers the trait needs between the fused ops: residual add, casts between the
-// f32 masters and their bf16 compute copies, fill. Each thread owns 8 consecutive elements (one
+// f32 masters and their bf16 compute copies, fill, scale (Gemma's embedding). Each thread owns 8 consecutive elements (one
 // 16-byte access for bf16, two for f32); the last thread of a ragged tail falls back to scalars.
 #include "common.cuh"
 
@@ -57,4 +57,22 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS) fill_bf16(bf16* x, long
 extern "C" __global__ void __launch_bounds__(EW_THREADS) fill_f32(float* x, long long n, float v) {
     long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     for (long long i = i0; i < i0 + 8 && i < n; i++) x[i] = v;
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS) scale_bf16(bf16* x, long long n, float alpha) {
+    long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i0 + 8 <= n) {
+        float a[8];
+        load8(x + i0, a);
+#pragma unroll
+        for (int j = 0; j < 8; j++) a[j] *= alpha;
+        store8(x + i0, a);
+    } else {
+        for (long long i = i0; i < n; i++) x[i] = tobf(bf(x[i]) * alpha);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS) scale_f32(float* x, long long n, float alpha) {
+    long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    for (long long i = i0; i < i0 + 8 && i < n; i++) x[i] *= alpha;
 }

@@ -1,11 +1,13 @@
 // RMSNorm forward and backward, one block per row. The forward saves only the inverse RMS (f32);
 // the backward recomputes everything else from x. Rows whose width is a multiple of 8 use 16-byte
-// accesses (VEC); others fall back to scalars.
+// accesses (VEC); others fall back to scalars. The weight applied is `w_off + w`, added in f32:
+// 0 for Llama/Qwen, 1 for Gemma, whose norm weights are stored around 0. Per-head q/k norms are
+// the same kernels over rows of head_dim.
 #include "common.cuh"
 
-// out = w * (x * s), s = 1 / sqrt(mean(x^2) + eps)
+// out = (w_off + w) * (x * s), s = 1 / sqrt(mean(x^2) + eps)
 template <bool VEC>
-DEVI void rmsnorm_fwd_impl(const bf16* x, const bf16* w, bf16* out, float* inv_rms, int d, float eps) {
+DEVI void rmsnorm_fwd_impl(const bf16* x, const bf16* w, float w_off, bf16* out, float* inv_rms, int d, float eps) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const bf16* xr = x + row * d;
@@ -33,18 +35,18 @@ DEVI void rmsnorm_fwd_impl(const bf16* x, const bf16* w, bf16* out, float* inv_r
             load8(xr + c, a);
             load8(w + c, g);
 #pragma unroll
-            for (int j = 0; j < 8; j++) a[j] = g[j] * (a[j] * s);
+            for (int j = 0; j < 8; j++) a[j] = (w_off + g[j]) * (a[j] * s);
             store8(orow + c, a);
         }
     } else {
-        for (int c = threadIdx.x; c < d; c += blockDim.x) orow[c] = tobf(bf(w[c]) * (bf(xr[c]) * s));
+        for (int c = threadIdx.x; c < d; c += blockDim.x) orow[c] = tobf((w_off + bf(w[c])) * (bf(xr[c]) * s));
     }
 }
 
-// dx (+)= s * w * dy - (s^3 * sum(dy * w * x) / d) * x
+// dx (+)= s * w' * dy - (s^3 * sum(dy * w' * x) / d) * x, w' = w_off + w
 template <bool VEC>
-DEVI void rmsnorm_bwd_impl(const bf16* dy, const bf16* x, const bf16* w, const float* inv_rms, bf16* dx, int d,
-                           int accumulate) {
+DEVI void rmsnorm_bwd_impl(const bf16* dy, const bf16* x, const bf16* w, float w_off, const float* inv_rms, bf16* dx,
+                           int d, int accumulate) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const bf16* xr = x + row * d;
@@ -59,10 +61,10 @@ DEVI void rmsnorm_bwd_impl(const bf16* dy, const bf16* x, const bf16* w, const f
             load8(gr + c, g);
             load8(w + c, ww);
 #pragma unroll
-            for (int j = 0; j < 8; j++) dot += g[j] * ww[j] * a[j];
+            for (int j = 0; j < 8; j++) dot += g[j] * (w_off + ww[j]) * a[j];
         }
     } else {
-        for (int c = threadIdx.x; c < d; c += blockDim.x) dot += bf(gr[c]) * bf(w[c]) * bf(xr[c]);
+        for (int c = threadIdx.x; c < d; c += blockDim.x) dot += bf(gr[c]) * (w_off + bf(w[c])) * bf(xr[c]);
     }
     dot = block_sum(dot, scratch);
     const float k = s * s * s * dot / (float)d;
@@ -75,27 +77,28 @@ DEVI void rmsnorm_bwd_impl(const bf16* dy, const bf16* x, const bf16* w, const f
             if (accumulate) load8(dr + c, o);
 #pragma unroll
             for (int j = 0; j < 8; j++) {
-                float v = s * ww[j] * g[j] - k * a[j];
+                float v = s * (w_off + ww[j]) * g[j] - k * a[j];
                 o[j] = accumulate ? o[j] + v : v;
             }
             store8(dr + c, o);
         }
     } else {
         for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            float v = s * bf(w[c]) * bf(gr[c]) - k * bf(xr[c]);
+            float v = s * (w_off + bf(w[c])) * bf(gr[c]) - k * bf(xr[c]);
             dr[c] = tobf(accumulate ? bf(dr[c]) + v : v);
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
-rmsnorm_fwd(const bf16* x, const bf16* w, bf16* out, float* inv_rms, int d, float eps) {
-    if ((d & 7) == 0) rmsnorm_fwd_impl<true>(x, w, out, inv_rms, d, eps);
-    else rmsnorm_fwd_impl<false>(x, w, out, inv_rms, d, eps);
+rmsnorm_fwd(const bf16* x, const bf16* w, float w_off, bf16* out, float* inv_rms, int d, float eps) {
+    if ((d & 7) == 0) rmsnorm_fwd_impl<true>(x, w, w_off, out, inv_rms, d, eps);
+    else rmsnorm_fwd_impl<false>(x, w, w_off, out, inv_rms, d, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
-rmsnorm_bwd(const bf16* dy, const bf16* x, const bf16* w, const float* inv_rms, bf16* dx, int d, int accumulate) {
-    if ((d & 7) == 0) rmsnorm_bwd_impl<true>(dy, x, w, inv_rms, dx, d, accumulate);
-    else rmsnorm_bwd_impl<false>(dy, x, w, inv_rms, dx, d, accumulate);
+rmsnorm_bwd(const bf16* dy, const bf16* x, const bf16* w, float w_off, const float* inv_rms, bf16* dx, int d,
+            int accumulate) {
+    if ((d & 7) == 0) rmsnorm_bwd_impl<true>(dy, x, w, w_off, inv_rms, dx, d, accumulate);
+    else rmsnorm_bwd_impl<false>(dy, x, w, w_off, inv_rms, dx, d, accumulate);
 }

@@ -189,7 +189,7 @@ fn used_now(be: &CudaBackend) -> Result<u64> {
 
 pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let spec = ModelSpec::by_shape_name(&args.shape)
-        .ok_or_else(|| Error::msg(format!("unknown shape `{}` (llama3-8b, llama3.2-3b, llama3.2-1b)", args.shape)))?;
+        .ok_or_else(|| Error::msg(format!("unknown shape `{}` ({})", args.shape, ModelSpec::SHAPE_NAMES.join(", "))))?;
     let t_start = Instant::now();
     let be = CudaBackend::with_options(&CudaOptions { card: args.card, memory_limit_bytes: args.gpu_mem_bytes })?;
     be.synchronize()?;

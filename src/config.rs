@@ -473,6 +473,21 @@ impl RunConfig {
         crate::util::write_atomic(path, self.to_toml().as_bytes())
     }
 
+    /// Write to `path`, keeping what a person wrote in the file there: comments, blank lines, key
+    /// order, and the spelling of every value that did not change (`2e-4` stays `2e-4`, a relative
+    /// path that still names the same place stays relative). Only changed values are rewritten,
+    /// keys the config no longer has are removed and new ones added at the end of their table. A
+    /// missing or unreadable file is written as `save` would.
+    pub fn save_keeping_comments(&self, path: &Path) -> Result<()> {
+        let new: toml_edit::DocumentMut = self.to_toml().parse().expect("RunConfig's own TOML parses");
+        let Some(mut doc) = std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml_edit::DocumentMut>().ok()) else {
+            return self.save(path);
+        };
+        let base = path.parent().unwrap_or(Path::new(""));
+        merge_toml(doc.as_table_mut(), new.as_table(), base);
+        crate::util::write_atomic(path, doc.to_string().as_bytes())
+    }
+
     /// Check every value; the first problem is returned with its field name and allowed range.
     pub fn validate(&self) -> Result<()> {
         self.problems().into_iter().next().map_or(Ok(()), Err)
@@ -529,6 +544,50 @@ impl RunConfig {
             }
         }
         out
+    }
+}
+
+/// Bring `old` (a table of a file being saved over) to the values of `new`, leaving every entry
+/// whose value is unchanged as it was written, with its comments.
+fn merge_toml(old: &mut toml_edit::Table, new: &toml_edit::Table, base: &Path) {
+    use toml_edit::Item;
+    let gone: Vec<String> = old.iter().map(|(k, _)| k.to_string()).filter(|k| !new.contains_key(k)).collect();
+    for k in gone {
+        old.remove(&k);
+    }
+    for (k, n) in new.iter() {
+        match (old.get_mut(k), n) {
+            (Some(Item::Table(o)), Item::Table(n)) => merge_toml(o, n, base),
+            (Some(Item::Value(o)), Item::Value(n)) => {
+                if !same_toml_value(o, n, base) {
+                    let decor = o.decor().clone();
+                    *o = n.clone();
+                    *o.decor_mut() = decor;
+                }
+            }
+            (Some(o), n) => *o = n.clone(),
+            (None, n) => {
+                old.insert(k, n.clone());
+            }
+        }
+    }
+}
+
+/// Whether two TOML values mean the same (`16` and `16.0` do; so do a relative path in a file in
+/// `base` and the absolute path it names).
+fn same_toml_value(a: &toml_edit::Value, b: &toml_edit::Value, base: &Path) -> bool {
+    use toml_edit::Value as V;
+    match (a, b) {
+        (V::String(x), V::String(y)) => {
+            let (x, y) = (Path::new(x.value()), Path::new(y.value()));
+            x == y || (x.is_relative() && !x.as_os_str().is_empty() && normalize(&base.join(x)) == normalize(y))
+        }
+        (V::Integer(x), V::Integer(y)) => x.value() == y.value(),
+        (V::Float(x), V::Float(y)) => x.value() == y.value(),
+        (V::Integer(i), V::Float(f)) | (V::Float(f), V::Integer(i)) => *i.value() as f64 == *f.value(),
+        (V::Boolean(x), V::Boolean(y)) => x.value() == y.value(),
+        (V::Array(x), V::Array(y)) => x.len() == y.len() && x.iter().zip(y.iter()).all(|(a, b)| same_toml_value(a, b, base)),
+        _ => false,
     }
 }
 
@@ -600,6 +659,42 @@ mod tests {
         small.memory.gpu_mem = Some(ByteSize(512 << 20));
         let e = small.validate().unwrap_err().to_string();
         assert!(e.contains("memory.gpu_mem") && e.contains("512MiB"), "{e}");
+    }
+
+    #[test]
+    fn saving_over_a_file_keeps_its_comments_and_unchanged_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("model")).unwrap();
+        let path = dir.path().join("run.toml");
+        let text = "# My run: Llama on the support tickets.\n\n[model]\npath = \"model\" # the base\n\n[lora]\n# rank 8 was too small\nr = 16\nalpha = 32 # twice r\n\n[optim]\nlr = 2e-4\n\n[train]\nmax_steps = 60\n";
+        std::fs::write(&path, text).unwrap();
+        let mut c = RunConfig::load(&path).unwrap();
+        assert!(c.model.path.is_absolute() || c.model.path.ends_with("model"));
+        // As the studio holds it: paths absolute; then edited.
+        c.model.path = dir.path().join("model");
+        c.lora.r = 32;
+        c.train.max_steps = None;
+        c.save_keeping_comments(&path).unwrap();
+        let saved = std::fs::read_to_string(&path).unwrap();
+        for kept in [
+            "# My run: Llama on the support tickets.",
+            "path = \"model\" # the base",
+            "# rank 8 was too small",
+            "alpha = 32 # twice r",
+            "lr = 2e-4",
+        ] {
+            assert!(saved.contains(kept), "{kept:?} kept in:\n{saved}");
+        }
+        assert!(saved.contains("r = 32"), "the edit is written:\n{saved}");
+        assert!(!saved.contains("max_steps"), "an unset field is removed:\n{saved}");
+        assert!(saved.contains("[dataset]") && saved.contains("epochs = 1.0"), "fields the file lacked are added:\n{saved}");
+        let mut back = RunConfig::load(&path).unwrap();
+        back.model.path = dir.path().join("model");
+        assert_eq!(back, c, "the file reads back as the config that was saved");
+        // A file that is not TOML is replaced by a plain save.
+        std::fs::write(&path, "not = [toml").unwrap();
+        c.save_keeping_comments(&path).unwrap();
+        assert_eq!(RunConfig::from_toml_str(&std::fs::read_to_string(&path).unwrap(), &path).unwrap(), c);
     }
 
     #[test]

@@ -145,6 +145,14 @@ impl Scorer {
     }
 }
 
+impl Scorer {
+    /// The logits of one sequence, `[len, vocab]` (checks against transformers' forward).
+    pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let labels = vec![crate::data::batch::IGNORE_INDEX; ids.len()];
+        self.trainer.logits(&Batch::from_examples(&[(ids, &labels)], self.pad_id, None))
+    }
+}
+
 /// Evaluate a dataset on the CPU reference backend (f32).
 pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     let tok = TokenizerBundle::load(&opts.model)?;

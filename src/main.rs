@@ -59,7 +59,7 @@ enum Command {
         /// A model folder (only config.json is read).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// A named shape instead of a folder: llama3-8b, llama3.2-3b, llama3.2-1b.
+        /// A named shape instead of a folder: llama3-8b, llama3.2-3b, llama3.2-1b, qwen3-8b, gemma3-4b.
         #[arg(long)]
         shape: Option<String>,
         #[arg(long)]
@@ -85,7 +85,7 @@ enum Command {
     },
     /// Time training steps of a model shape on the GPU with random weights (no files needed).
     Bench {
-        /// llama3-8b, llama3.2-3b or llama3.2-1b.
+        /// llama3-8b, llama3.2-3b, llama3.2-1b, qwen3-8b or gemma3-4b.
         #[arg(long, default_value = "llama3-8b")]
         shape: String,
         #[arg(long, default_value_t = 2048)]

@@ -186,3 +186,39 @@ fn plan_holds_offloaded_activations_against_the_host_ram() {
     let (ok, text, _) = tunestudio(&["plan", "--shape", "llama3-8b", "--seq", "32768", "--gpu-mem", "24GiB", "--host-mem", "4GiB"]);
     assert!(ok && text.contains("of 4.00 GiB RAM available: does NOT fit"), "{text}");
 }
+
+/// `plan --model DIR` on the published config.json of Qwen3-8B and of Gemma-3-4B (a multimodal
+/// folder: its text model is planned): the base-weight bytes equal a count by hand from the
+/// published dimensions (NF4 linears with bitsandbytes' quant state, 16-bit tables and norms).
+#[test]
+fn plan_takes_qwen3_8b_and_gemma3_4b_configs() {
+    let configs = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/configs"));
+    let base_bytes = |dir: &str| {
+        let (ok, out, err) =
+            tunestudio(&["plan", "--model", configs.join(dir).to_str().unwrap(), "--seq", "2048", "--gpu-mem", "80GiB", "--json"]);
+        assert!(ok, "{dir}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["terms"]["base_weights"].as_u64().unwrap()
+    };
+    // NF4 bytes of n values: n/2 packed, one absmax byte per 64, one f32 per 256 absmax, 1 KiB code.
+    let nf4 = |n: u64| n / 2 + n / 64 + (n / 64).div_ceil(256) * 4 + 1024;
+    assert_eq!(nf4(4096 * 4096), 8_655_872);
+    // Qwen3-8B: 36 layers of q/o 4096x4096, k/v 1024x4096, gate/up/down 4096x12288; untied
+    // 151936 x 4096 embedding and head; per layer two hidden norms and the 128-wide q/k norms.
+    let qwen_layer = 2 * nf4(4096 * 4096) + 2 * nf4(1024 * 4096) + 3 * nf4(12288 * 4096);
+    assert_eq!(qwen_layer, 99_537_920);
+    let qwen = 36 * qwen_layer + 2 * 151_936 * 4096 * 2 + 36 * (2 * 4096 + 2 * 128) * 2 + 4096 * 2;
+    assert_eq!(qwen, 6_073_300_992);
+    assert_eq!(base_bytes("qwen3-8b"), qwen);
+    // Gemma-3-4B's text model (Gemma3TextConfig's defaults for what the file leaves out): 34
+    // layers of q/o 2048x2560 (8 heads of 256), k/v 1024x2560, gate/up/down 2560x10240; one tied
+    // 262208 x 2560 table; four hidden norms and the 256-wide q/k norms per layer.
+    let gemma_layer = 2 * nf4(2048 * 2560) + 2 * nf4(1024 * 2560) + 3 * nf4(10240 * 2560);
+    let gemma = 34 * gemma_layer + 262_208 * 2560 * 2 + 34 * (4 * 2560 + 2 * 256) * 2 + 2560 * 2;
+    assert_eq!(gemma, 2_998_724_608);
+    assert_eq!(base_bytes("gemma-3-4b-it"), gemma);
+    // The named shapes are the same models.
+    let (ok, out, _) = tunestudio(&["plan", "--shape", "gemma3-4b", "--seq", "2048", "--gpu-mem", "80GiB", "--json"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["terms"]["base_weights"].as_u64(), Some(gemma));
+}

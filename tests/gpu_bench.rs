@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 use tunestudio::backend::cuda::CudaBackend;
-use tunestudio::backend::{AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd};
+use tunestudio::backend::{AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd, RmsNorm};
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use tunestudio::data::Batch;
 use tunestudio::engine::model::WeightSource;
@@ -134,9 +134,9 @@ fn ops_at_llama3_8b_shapes() {
     let nw = be.upload(&vec![1.0; d], DType::Act).unwrap();
     let mut hn = be.alloc(n * d, DType::Act).unwrap();
     let mut inv = be.alloc(n, DType::F32).unwrap();
-    let ms = median_ms(&be, 20, || be.rmsnorm_fwd(&x, &nw, n, d, 1e-5, &mut hn, &mut inv));
+    let ms = median_ms(&be, 20, || be.rmsnorm_fwd(&x, &nw, RmsNorm::plain(1e-5), n, d, &mut hn, &mut inv));
     report("rmsnorm fwd (2048 x 4096)", ms, 0.0, (2 * n * d * 2) as f64);
-    let ms = median_ms(&be, 20, || be.rmsnorm_bwd(&hn, &x, &nw, &inv, n, d, &mut dx, true));
+    let ms = median_ms(&be, 20, || be.rmsnorm_bwd(&hn, &x, &nw, RmsNorm::plain(1e-5), &inv, n, d, &mut dx, true));
     report("rmsnorm bwd (accumulate)", ms, 0.0, (4 * n * d * 2) as f64);
     let table = be.upload(&fast_random(2 * s * hd / 2, 12, 1.0), DType::F32).unwrap();
     let pos = be.upload_ids(&(0..n as i32).collect::<Vec<_>>()).unwrap();

@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use tunestudio::backend::cpu::{CpuBackend, CpuTensor};
 use tunestudio::backend::cuda::CudaBackend;
 use tunestudio::backend::cuda::nf4::Nf4Parts;
-use tunestudio::backend::{AdamW, AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd, dropout_uniform};
+use tunestudio::backend::{AdamW, AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd, RmsNorm, dropout_uniform};
 use tunestudio::quant::nf4::Nf4Tensor;
 
 type Cpu = CpuBackend<f32>;
@@ -241,37 +241,46 @@ fn embedding_gather_rows_and_set_rows() {
     check("set_rows (f32 values into bf16 table)", &be.download(&gt).unwrap(), &want.0, 0.0);
 }
 
+/// Llama's norm over the hidden size (wide and ragged rows), Gemma's `(1 + w)` norm, and the
+/// per-head q/k norms of Qwen3 (head_dim 128) and Gemma 3 (256): `n · heads` rows of head_dim.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn rmsnorm_forward_and_backward() {
     let (be, cpu) = (gpu(), Cpu::new());
     let mut rng = ChaCha8Rng::seed_from_u64(104);
-    for d in [4096usize, 100] {
-        let n = 33;
-        let eps = 1e-5;
+    let gemma = RmsNorm { eps: 1e-6, weight_offset: 1.0 };
+    for (norm, n, d) in [
+        (RmsNorm::plain(1e-5), 33, 4096usize),
+        (RmsNorm::plain(1e-5), 33, 100),
+        (gemma, 33, 2560),
+        (RmsNorm::plain(1e-6), 33 * 32, 128),
+        (gemma, 33 * 8, 256),
+    ] {
+        let what = format!("d={d}, offset {}", norm.weight_offset);
         let x = randv(&mut rng, n * d, 2.0);
-        let w: Vec<f32> = (0..d).map(|_| rb(1.0 + rng.random_range(-0.2f32..0.2))).collect();
+        // Gemma's weights sit around 0 (the kernel adds the 1), the others around 1.
+        let w: Vec<f32> = (0..d).map(|_| rb(1.0 - norm.weight_offset + rng.random_range(-0.2f32..0.2))).collect();
         let (mut out, mut inv) = (ct(&vec![0.0; n * d]), ct(&vec![0.0; n]));
-        cpu.rmsnorm_fwd(&ct(&x), &ct(&w), n, d, eps, &mut out, &mut inv).unwrap();
+        cpu.rmsnorm_fwd(&ct(&x), &ct(&w), norm, n, d, &mut out, &mut inv).unwrap();
         let (gx, gw) = (be.upload(&x, DType::Act).unwrap(), be.upload(&w, DType::Act).unwrap());
         let mut gout = poisoned(&be, n * d, DType::Act);
         let mut ginv = poisoned(&be, n, DType::F32);
-        be.rmsnorm_fwd(&gx, &gw, n, d, eps, &mut gout, &mut ginv).unwrap();
-        check(&format!("rmsnorm fwd out (d={d})"), &be.download(&gout).unwrap(), &out.0, 4e-3);
+        be.rmsnorm_fwd(&gx, &gw, norm, n, d, &mut gout, &mut ginv).unwrap();
+        check(&format!("rmsnorm fwd out ({what})"), &be.download(&gout).unwrap(), &out.0, 4e-3);
         // f32 sum of squares of the same values, different order.
-        check(&format!("rmsnorm fwd inv_rms (d={d})"), &be.download(&ginv).unwrap(), &inv.0, 1e-5);
+        check(&format!("rmsnorm fwd inv_rms ({what})"), &be.download(&ginv).unwrap(), &inv.0, 1e-5);
 
         let dy = randv(&mut rng, n * d, 1.0);
         let acc0 = randv(&mut rng, n * d, 1.0);
         for accumulate in [false, true] {
             let mut want = ct(&acc0);
-            cpu.rmsnorm_bwd(&ct(&dy), &ct(&x), &ct(&w), &inv, n, d, &mut want, accumulate).unwrap();
+            cpu.rmsnorm_bwd(&ct(&dy), &ct(&x), &ct(&w), norm, &inv, n, d, &mut want, accumulate).unwrap();
             let mut got = be.upload(&acc0, DType::Act).unwrap();
             if !accumulate {
                 be.fill(&mut got, f32::NAN).unwrap();
             }
-            be.rmsnorm_bwd(&be.upload(&dy, DType::Act).unwrap(), &gx, &gw, &ginv, n, d, &mut got, accumulate).unwrap();
-            check(&format!("rmsnorm bwd (d={d}, accumulate={accumulate})"), &be.download(&got).unwrap(), &want.0, 4e-3);
+            be.rmsnorm_bwd(&be.upload(&dy, DType::Act).unwrap(), &gx, &gw, norm, &ginv, n, d, &mut got, accumulate).unwrap();
+            check(&format!("rmsnorm bwd ({what}, accumulate={accumulate})"), &be.download(&got).unwrap(), &want.0, 4e-3);
         }
     }
 }
@@ -332,6 +341,50 @@ fn swiglu_forward_and_backward() {
     check("swiglu bwd du", &be.download(&du).unwrap(), &wdu.0, 4e-3);
 }
 
+/// Gemma's GeGLU (tanh GELU), with a ragged tail.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn geglu_forward_and_backward() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(115);
+    let n = 5003;
+    let (g, u, dy) = (randv(&mut rng, n, 6.0), randv(&mut rng, n, 2.0), randv(&mut rng, n, 1.0));
+    let mut want = ct(&vec![0.0; n]);
+    cpu.geglu_fwd(&ct(&g), &ct(&u), n, &mut want).unwrap();
+    let (gg, gu) = (be.upload(&g, DType::Act).unwrap(), be.upload(&u, DType::Act).unwrap());
+    let mut out = poisoned(&be, n, DType::Act);
+    be.geglu_fwd(&gg, &gu, n, &mut out).unwrap();
+    check("geglu fwd", &be.download(&out).unwrap(), &want.0, 4e-3);
+    let (mut wdg, mut wdu) = (ct(&vec![0.0; n]), ct(&vec![0.0; n]));
+    cpu.geglu_bwd(&ct(&dy), &ct(&g), &ct(&u), n, &mut wdg, &mut wdu).unwrap();
+    let (mut dg, mut du) = (poisoned(&be, n, DType::Act), poisoned(&be, n, DType::Act));
+    be.geglu_bwd(&be.upload(&dy, DType::Act).unwrap(), &gg, &gu, n, &mut dg, &mut du).unwrap();
+    check("geglu bwd dg", &be.download(&dg).unwrap(), &wdg.0, 4e-3);
+    check("geglu bwd du", &be.download(&du).unwrap(), &wdu.0, 4e-3);
+}
+
+/// The embedding scale: a bf16 tensor is scaled by bf16(alpha) (as transformers' Gemma does in
+/// bf16), an f32 tensor by alpha.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn scale_in_place() {
+    let (be, cpu) = (gpu(), Cpu::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(116);
+    let n = 4099;
+    let alpha = (2560f32).sqrt();
+    let x = randv(&mut rng, n, 1.0);
+    let mut want = ct(&x);
+    cpu.scale(&mut want, n, rb(alpha)).unwrap();
+    let mut got = be.upload(&x, DType::Act).unwrap();
+    be.scale(&mut got, n, alpha).unwrap();
+    check("scale bf16", &be.download(&got).unwrap(), &want.0, 4e-3);
+    let mut want = ct(&x);
+    cpu.scale(&mut want, n, alpha).unwrap();
+    let mut got = be.upload(&x, DType::F32).unwrap();
+    be.scale(&mut got, n, alpha).unwrap();
+    check("scale f32", &be.download(&got).unwrap(), &want.0, 1e-7);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn nf4_dequantize_matches_the_layout() {
@@ -351,6 +404,7 @@ fn nf4_dequantize_matches_the_layout() {
     }
 }
 
+#[derive(Clone, Copy)]
 struct LinearCase {
     n: usize,
     inp: usize,
@@ -371,9 +425,12 @@ fn linear_with_lora_forward_and_backward() {
         // Odd sizes and rank 3: shapes cuBLASLt may decline go through the fallback kernel.
         LinearCase { n: 5, inp: 24, out: 40, r: 3, bias: true, nf4: false },
     ];
-    for c in cases {
+    // Every case on cuBLASLt, then every GEMM of it on the fallback kernel (which otherwise runs only
+    // for the shapes cuBLASLt declines).
+    for (c, fallback) in cases.iter().map(|&c| (c, false)).chain(cases.iter().map(|&c| (c, true))) {
+        be.set_gemm_fallback_only(fallback);
         let LinearCase { n, inp, out, r, bias, nf4 } = c;
-        let tag = format!("n={n} in={inp} out={out} r={r} bias={bias} nf4={nf4}");
+        let tag = format!("n={n} in={inp} out={out} r={r} bias={bias} nf4={nf4} fallback={fallback}");
         let dims = LinearDims { n, inp, out };
         let raw: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-0.1f32..0.1)).collect();
         // Both backends get the same bf16 weight values: for NF4 the CPU side gets the dequantized

@@ -1,5 +1,8 @@
 //! The whole training step (`engine::Trainer`) on the CUDA backend against the CPU reference
-//! (`CpuBackend<f32>`), on a small random Llama-shaped model (GQA, head_dim 64, packed rows).
+//! (`CpuBackend<f32>`), on small random models of each family: Llama-shaped (GQA, head_dim 64,
+//! packed rows), Qwen3 (q/k norms, head_dim 128 ≠ hidden / heads, tied) and Gemma 3 (the (1 + w)
+//! norms around both blocks, GeGLU, the scaled embedding, local layers with their own RoPE and a
+//! sliding window, query_pre_attn_scalar).
 //!
 //! Both backends see the same weight values: every dense tensor is rounded to bf16 first, and for
 //! NF4 the CPU side gets the dequantized weights (what the CUDA kernel produces) as dense ones.
@@ -23,6 +26,7 @@ use tunestudio::engine::lora::LoraWeights;
 use tunestudio::engine::model::{RandomWeights, WeightSource};
 use tunestudio::engine::{EngineOptions, Trainer};
 use tunestudio::model::ModelSpec;
+use tunestudio::model::arch::{Family, MlpActivation, Rope, RopeScaling};
 use tunestudio::quant::nf4::Nf4Tensor;
 
 fn rb(x: f32) -> f32 {
@@ -75,6 +79,42 @@ fn spec(qkv_bias: bool) -> ModelSpec {
     }
 }
 
+/// Qwen3 in small: per-head q/k norms, a head_dim of its own, tied embeddings.
+fn qwen3_spec() -> ModelSpec {
+    ModelSpec {
+        family: Family::Qwen3,
+        model_type: "qwen3".into(),
+        head_dim: 128,
+        qk_norm: true,
+        tie_word_embeddings: true,
+        rms_norm_eps: 1e-6,
+        ..spec(false)
+    }
+}
+
+/// Gemma 3 in small, layer 0 local (window `window`, θ 10 000), layer 1 global (θ 1e6, linear ×8).
+fn gemma3_spec(head_dim: usize, window: usize) -> ModelSpec {
+    ModelSpec {
+        family: Family::Gemma3,
+        model_type: "gemma3_text".into(),
+        head_dim,
+        qk_norm: true,
+        norm_weight_offset: 1.0,
+        sandwich_norms: true,
+        mlp_activation: MlpActivation::GeluTanh,
+        embed_scale: Some((256f32).sqrt()),
+        attn_scale: Some(1.0 / 12.0),
+        sliding_window: Some(window),
+        sliding_layers: vec![true, false],
+        local_rope: Some(Rope { theta: 10_000.0, scaling: None }),
+        rope_theta: 1_000_000.0,
+        rope_scaling: Some(RopeScaling::Linear { factor: 8.0 }),
+        tie_word_embeddings: true,
+        rms_norm_eps: 1e-6,
+        ..spec(false)
+    }
+}
+
 /// Two rows of 96: row 0 packs two examples (positions restart, segments 0 and 1), row 1 is one
 /// example with a padding tail. Prompt tokens of each example are not trained.
 fn batch(rng: &mut ChaCha8Rng, vocab: u32) -> Batch {
@@ -107,7 +147,7 @@ fn batch(rng: &mut ChaCha8Rng, vocab: u32) -> Batch {
     b
 }
 
-fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64) -> EngineOptions {
+fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64, mlp_chunk_rows: usize) -> EngineOptions {
     EngineOptions {
         lora: LoraConfig { r: 16, alpha: 32.0, dropout, targets: Target::ALL.to_vec(), rslora: false },
         optim: OptimConfig { lr: 1e-3, ..OptimConfig::default() },
@@ -116,7 +156,7 @@ fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64) -> Engin
         max_seq_len: 96,
         checkpointing: policy,
         seed: 5,
-        mlp_chunk_rows: 0,
+        mlp_chunk_rows,
     }
 }
 
@@ -150,10 +190,9 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-fn compare_step(name: &str, quant: Quantization, policy: CheckpointPolicy, dropout: f64, qkv_bias: bool) {
-    let spec = spec(qkv_bias);
+fn compare_step(name: &str, spec: ModelSpec, quant: Quantization, policy: CheckpointPolicy, dropout: f64, mlp_chunk_rows: usize) {
     let weights = RandomWeights::new(&spec, 3, 0.05);
-    let opts = options(quant, policy, dropout);
+    let opts = options(quant, policy, dropout, mlp_chunk_rows);
     let init = lora_init(&spec, &opts.lora);
     let cuda = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
     let cpu_src = SameWeights { inner: RandomWeights { spec: spec.clone(), tensors: weights.tensors.clone() }, for_cpu: true };
@@ -215,11 +254,51 @@ fn compare_step(name: &str, quant: Quantization, policy: CheckpointPolicy, dropo
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn step_bf16_layer_checkpointing() {
-    compare_step("bf16, layer checkpointing", Quantization::Bf16, CheckpointPolicy::Layer, 0.0, false);
+    compare_step("bf16, layer checkpointing", spec(false), Quantization::Bf16, CheckpointPolicy::Layer, 0.0, 0);
+}
+
+/// Layer inputs in pinned host memory (copied on the copy stream, prefetched a layer ahead), the
+/// untied embedding table in pinned host memory, the MLP in row chunks.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_nf4_offload() {
+    compare_step("nf4, offload", spec(false), Quantization::Nf4, CheckpointPolicy::Offload, 0.0, 0);
+}
+
+/// The MLP recomputed in row chunks that do not divide the rows (192 rows, chunks of 40).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_bf16_layer_chunked_mlp() {
+    compare_step("bf16, layer, MLP chunks of 40 rows", spec(true), Quantization::Bf16, CheckpointPolicy::Layer, 0.1, 40);
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn step_nf4_keep_all_dropout_qkv_bias() {
-    compare_step("nf4, keep all, dropout 0.1, qkv bias", Quantization::Nf4, CheckpointPolicy::None, 0.1, true);
+    compare_step("nf4, keep all, dropout 0.1, qkv bias", spec(true), Quantization::Nf4, CheckpointPolicy::None, 0.1, 0);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_qwen3_nf4_layer_checkpointing() {
+    compare_step("qwen3, nf4, layer checkpointing", qwen3_spec(), Quantization::Nf4, CheckpointPolicy::Layer, 0.0, 0);
+    compare_step("qwen3, bf16, keep all, dropout 0.1", qwen3_spec(), Quantization::Bf16, CheckpointPolicy::None, 0.1, 0);
+    compare_step("qwen3, bf16, offload, MLP chunks of 40 rows", qwen3_spec(), Quantization::Bf16, CheckpointPolicy::Offload, 0.0, 40);
+}
+
+/// Gemma 3 with head_dim 128 and a window as long as the sequence (the local layer's mask is then
+/// plain causal): the norms, GeGLU, embedding scale, softmax scale and per-layer RoPE.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_gemma3_nf4_window_not_masking() {
+    compare_step("gemma3, nf4, layer checkpointing", gemma3_spec(128, 96), Quantization::Nf4, CheckpointPolicy::Layer, 0.0, 0);
+    compare_step("gemma3, bf16, keep all, dropout 0.1", gemma3_spec(128, 96), Quantization::Bf16, CheckpointPolicy::None, 0.1, 0);
+    compare_step("gemma3, nf4, layer, MLP chunks of 40 rows", gemma3_spec(128, 96), Quantization::Nf4, CheckpointPolicy::Layer, 0.0, 40);
+}
+
+/// Gemma 3 as published: head_dim 256 and a window (32) shorter than the sequence, which masks.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_gemma3_sliding_window_head_dim_256() {
+    compare_step("gemma3, head_dim 256, window 32, nf4", gemma3_spec(256, 32), Quantization::Nf4, CheckpointPolicy::Layer, 0.0, 0);
 }

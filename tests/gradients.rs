@@ -6,13 +6,14 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tunestudio::backend::cpu::{CpuBackend, CpuTensor};
-use tunestudio::backend::{AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd};
+use tunestudio::backend::{AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd, RmsNorm};
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use tunestudio::data::Batch;
 use tunestudio::engine::lora::LoraWeights;
 use tunestudio::engine::model::RandomWeights;
 use tunestudio::engine::{EngineOptions, TokenRows, Trainer};
 use tunestudio::model::ModelSpec;
+use tunestudio::model::arch::{Family, MlpActivation, Rope, RopeScaling};
 
 type B = CpuBackend<f64>;
 const H: f64 = 1e-5;
@@ -47,29 +48,36 @@ fn dot(a: &[f64], w: &[f64]) -> f64 {
     a.iter().zip(w).map(|(x, y)| x * y).sum()
 }
 
+/// Llama's norm (`x̂ · w`) and Gemma's (`x̂ · (1 + w)`, weights around 0), over rows of the
+/// hidden size and over per-head rows (q/k norms: `heads` rows of head_dim per token).
 #[test]
 fn rmsnorm_backward() {
     let be = B::new();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let (n, d) = (3, 8);
-    let x = rand_vec(&mut rng, n * d);
-    let w = rand_vec(&mut rng, d);
-    let dy = rand_vec(&mut rng, n * d);
-    let fwd = |x: &[f64]| {
-        let mut out = CpuTensor(vec![0.0; n * d]);
-        let mut inv = CpuTensor(vec![0.0; n]);
-        be.rmsnorm_fwd(&t(x), &t(&w), n, d, 1e-5, &mut out, &mut inv).unwrap();
-        (out, inv)
-    };
-    let (_, inv) = fwd(&x);
-    let mut dx = CpuTensor(vec![0.5; n * d]);
-    be.rmsnorm_bwd(&t(&dy), &t(&x), &t(&w), &inv, n, d, &mut dx, false).unwrap();
-    check("rmsnorm dx", &x, &dx.0, &|x| dot(&fwd(x).0.0, &dy));
-    // accumulate adds on top of what is there
-    let mut acc = CpuTensor(vec![1.0; n * d]);
-    be.rmsnorm_bwd(&t(&dy), &t(&x), &t(&w), &inv, n, d, &mut acc, true).unwrap();
-    for i in 0..n * d {
-        assert!((acc.0[i] - 1.0 - dx.0[i]).abs() < 1e-12);
+    for (norm, n, d) in [(RmsNorm::plain(1e-5), 3, 8), (RmsNorm { eps: 1e-6, weight_offset: 1.0 }, 3, 8), (RmsNorm::plain(1e-6), 12, 4)] {
+        let x = rand_vec(&mut rng, n * d);
+        let w = rand_vec(&mut rng, d);
+        let dy = rand_vec(&mut rng, n * d);
+        let fwd = |x: &[f64]| {
+            let mut out = CpuTensor(vec![0.0; n * d]);
+            let mut inv = CpuTensor(vec![0.0; n]);
+            be.rmsnorm_fwd(&t(x), &t(&w), norm, n, d, &mut out, &mut inv).unwrap();
+            (out, inv)
+        };
+        let (out, inv) = fwd(&x);
+        // The offset is added to the weight: the output is x̂ · (offset + w).
+        let ms = x[..d].iter().map(|v| v * v).sum::<f64>() / d as f64;
+        let want0 = x[0] / (ms + norm.eps as f64).sqrt() * (norm.weight_offset as f64 + w[0]);
+        assert!((out.0[0] - want0).abs() < 1e-6, "{} vs {want0}", out.0[0]);
+        let mut dx = CpuTensor(vec![0.5; n * d]);
+        be.rmsnorm_bwd(&t(&dy), &t(&x), &t(&w), norm, &inv, n, d, &mut dx, false).unwrap();
+        check(&format!("rmsnorm dx ({norm:?}, {n}x{d})"), &x, &dx.0, &|x| dot(&fwd(x).0.0, &dy));
+        // accumulate adds on top of what is there
+        let mut acc = CpuTensor(vec![1.0; n * d]);
+        be.rmsnorm_bwd(&t(&dy), &t(&x), &t(&w), norm, &inv, n, d, &mut acc, true).unwrap();
+        for i in 0..n * d {
+            assert!((acc.0[i] - 1.0 - dx.0[i]).abs() < 1e-12);
+        }
     }
 }
 
@@ -110,6 +118,42 @@ fn swiglu_backward() {
     be.swiglu_bwd(&t(&dy), &t(&g), &t(&u), n, &mut dg, &mut du).unwrap();
     check("swiglu dg", &g, &dg.0, &|g| dot(&fwd(g, &u), &dy));
     check("swiglu du", &u, &du.0, &|u| dot(&fwd(&g, u), &dy));
+}
+
+/// Gemma's GeGLU with the tanh GELU: the backward against finite differences, the forward against
+/// GELU's closed form at a few points.
+#[test]
+fn geglu_backward() {
+    let be = B::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let n = 23;
+    let g = rand_vec(&mut rng, n).iter().map(|v| v * 4.0).collect::<Vec<_>>();
+    let u = rand_vec(&mut rng, n);
+    let dy = rand_vec(&mut rng, n);
+    let fwd = |g: &[f64], u: &[f64]| {
+        let mut o = CpuTensor(vec![0.0; n]);
+        be.geglu_fwd(&t(g), &t(u), n, &mut o).unwrap();
+        o.0
+    };
+    let (mut dg, mut du) = (CpuTensor(vec![0.0; n]), CpuTensor(vec![0.0; n]));
+    be.geglu_bwd(&t(&dy), &t(&g), &t(&u), n, &mut dg, &mut du).unwrap();
+    check("geglu dg", &g, &dg.0, &|g| dot(&fwd(g, &u), &dy));
+    check("geglu du", &u, &du.0, &|u| dot(&fwd(&g, u), &dy));
+    // gelu_tanh(1) = 0.8411919906082768, gelu_tanh(-2) = -0.04540230591222, gelu_tanh(0) = 0.
+    let mut out = CpuTensor(vec![0.0; 3]);
+    be.geglu_fwd(&t(&[1.0, -2.0, 0.0]), &t(&[1.0, 1.0, 1.0]), 3, &mut out).unwrap();
+    for (got, want) in out.0.iter().zip([0.8411919906082768, -0.04540230591222494, 0.0]) {
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+    }
+}
+
+/// Gemma's embedding scale is an op of its own (forward and the token rows' backward).
+#[test]
+fn scale_multiplies_in_place() {
+    let be = B::new();
+    let mut x = t(&[1.0, -2.0, 3.0, 4.0]);
+    be.scale(&mut x, 3, 0.5).unwrap();
+    assert_eq!(x.0, vec![0.5, -1.0, 1.5, 4.0]);
 }
 
 #[test]
@@ -306,6 +350,32 @@ fn tiny_spec(qkv_bias: bool) -> ModelSpec {
     }
 }
 
+/// Qwen3 in small: per-head q/k norms, a head_dim that is not hidden / heads.
+fn tiny_qwen3() -> ModelSpec {
+    ModelSpec { family: Family::Qwen3, model_type: "qwen3".into(), head_dim: 6, qk_norm: true, ..tiny_spec(false) }
+}
+
+/// Gemma 3 in small: (1 + w) norms around both blocks, q/k norms, GeGLU, the scaled embedding,
+/// tied head, a sliding window of 3 on layer 0 with its own RoPE, a global layer 1 with linear
+/// RoPE scaling, and a softmax scale that is not head_dim^-0.5.
+fn tiny_gemma3() -> ModelSpec {
+    ModelSpec {
+        family: Family::Gemma3,
+        model_type: "gemma3_text".into(),
+        qk_norm: true,
+        norm_weight_offset: 1.0,
+        sandwich_norms: true,
+        mlp_activation: MlpActivation::GeluTanh,
+        embed_scale: Some((8f32).sqrt()),
+        attn_scale: Some(0.3),
+        sliding_window: Some(3),
+        sliding_layers: vec![true, false],
+        local_rope: Some(Rope { theta: 100.0, scaling: None }),
+        rope_scaling: Some(RopeScaling::Linear { factor: 2.0 }),
+        ..tiny_spec(true)
+    }
+}
+
 fn tiny_batch(rng: &mut ChaCha8Rng, vocab: u32) -> Batch {
     let a: Vec<u32> = (0..7).map(|_| rng.random_range(0..vocab)).collect();
     let b: Vec<u32> = (0..5).map(|_| rng.random_range(0..vocab)).collect();
@@ -361,20 +431,24 @@ fn check_step_gradients(tr: &mut Trainer<B>, batches: &[Batch]) {
                 let len = if which == 'A' { pair.a.len() } else { pair.b.len() };
                 for _ in 0..3 {
                     let i = rng.random_range(0..len);
+                    // The weights with entry i moved by `delta`, and the value it took (f32).
                     let bump = |delta: f32| {
                         let mut w = base.clone();
                         let p = w.layers[l].get_mut(&target).unwrap();
-                        if which == 'A' {
-                            p.a[i] += delta
-                        } else {
-                            p.b[i] += delta
-                        }
-                        w
+                        let v = if which == 'A' { &mut p.a[i] } else { &mut p.b[i] };
+                        *v += delta;
+                        let moved = *v as f64;
+                        (w, moved)
                     };
-                    // LoRA weights travel as f32: use a step large enough for f32 storage, and
-                    // compare against the f32-representable step actually taken.
+                    // LoRA weights travel as f32: steps large enough for f32 storage, divided by
+                    // the f32-representable step actually taken; Richardson extrapolation of the
+                    // steps h and 2h cancels the h² truncation term (the q/k norms curve the loss).
+                    let central = |h: f32, tr: &mut Trainer<B>| {
+                        let ((wp, xp), (wm, xm)) = (bump(h), bump(-h));
+                        (eval(&wp, tr) - eval(&wm, tr)) / (xp - xm)
+                    };
                     let h = 1e-3f32;
-                    let numeric = (eval(&bump(h), tr) - eval(&bump(-h), tr)) / (2.0 * h as f64);
+                    let numeric = (4.0 * central(h, tr) - central(2.0 * h, tr)) / 3.0;
                     let g = &grads.layers[l][&target];
                     let analytic = if which == 'A' { g.a[i] } else { g.b[i] } as f64;
                     let err = (numeric - analytic).abs() / analytic.abs().max(1e-2);
@@ -386,7 +460,9 @@ fn check_step_gradients(tr: &mut Trainer<B>, batches: &[Batch]) {
     }
     tr.set_lora_weights(&base).unwrap();
     assert!(checked > 0);
-    // Central differences with h = 1e-3 on a smooth loss: truncation error ~1e-6 relative.
+    // Extrapolated central differences with h = 1e-3 on a smooth loss: what remains is rounding
+    // of the f64 loss (~1e-13 / h) and the h⁴ term, far below 1e-4; a wrong backward is off by
+    // O(1).
     assert!(worst < 1e-4, "whole-step LoRA gradient relative error {worst:e}");
 }
 
@@ -421,6 +497,29 @@ fn chunked_mlp_and_offloaded_inputs_match_finite_differences() {
     }
 }
 
+/// Qwen3 and Gemma 3 through the whole step: every policy (kept activations, recomputed layers
+/// with the MLP in uneven row chunks, offloaded inputs), dropout, an NF4 base.
+#[test]
+fn qwen3_and_gemma3_steps_match_finite_differences() {
+    for spec in [tiny_qwen3(), tiny_gemma3()] {
+        let mut rng = ChaCha8Rng::seed_from_u64(18);
+        let batches = vec![tiny_batch(&mut rng, spec.vocab_size as u32), tiny_batch(&mut rng, spec.vocab_size as u32)];
+        for (policy, quant, dropout) in [
+            (CheckpointPolicy::None, Quantization::Bf16, 0.0),
+            (CheckpointPolicy::Layer, Quantization::Nf4, 0.15),
+            (CheckpointPolicy::Offload, Quantization::Bf16, 0.0),
+        ] {
+            let mut tr = trainer(&spec, quant, policy, dropout, Target::ALL.to_vec());
+            check_step_gradients(&mut tr, &batches);
+        }
+        // Recomputing (in chunks) gives the very gradients keeping everything does.
+        let mut keep = trainer(&spec, Quantization::Nf4, CheckpointPolicy::None, 0.1, Target::ALL.to_vec());
+        let mut recompute = trainer(&spec, Quantization::Nf4, CheckpointPolicy::Layer, 0.1, Target::ALL.to_vec());
+        assert_eq!(keep.compute_gradients(&batches).unwrap(), recompute.compute_gradients(&batches).unwrap());
+        assert_eq!(keep.lora_grads().unwrap(), recompute.lora_grads().unwrap(), "{}", spec.model_type);
+    }
+}
+
 #[test]
 fn checkpointing_policies_give_identical_gradients() {
     let spec = tiny_spec(false);
@@ -439,8 +538,8 @@ fn checkpointing_policies_give_identical_gradients() {
 /// gradients must match finite differences too, tied and untied.
 #[test]
 fn trainable_token_rows_match_finite_differences() {
-    for tied in [false, true] {
-        let spec = tiny_spec(tied);
+    // Gemma's rows reach the stream through the embedding scale.
+    for (tied, spec) in [(false, tiny_spec(false)), (true, tiny_spec(true)), (true, tiny_gemma3())] {
         let mut rng = ChaCha8Rng::seed_from_u64(14);
         let mut batch = tiny_batch(&mut rng, spec.vocab_size as u32);
         // Make sure the trained ids occur as inputs and as targets.

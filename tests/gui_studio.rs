@@ -60,12 +60,16 @@ fn demo_config() -> PathBuf {
 }
 
 fn studio(config: Option<PathBuf>, test: &str) -> Harness<'static, StudioApp> {
+    studio_sized(config, test, [1280.0, 820.0])
+}
+
+fn studio_sized(config: Option<PathBuf>, test: &str, size: [f32; 2]) -> Harness<'static, StudioApp> {
     let opts = StudioOptions {
         config,
         settings_dir: fixed_dir(&format!("{test}-settings")),
         output_dir: Some(fixed_dir(&format!("{test}-runs"))),
     };
-    Harness::builder().with_size([1280.0, 820.0]).wgpu().build_eframe(move |cc| StudioApp::new(cc, opts))
+    Harness::builder().with_size(size).wgpu().build_eframe(move |cc| StudioApp::new(cc, opts))
 }
 
 /// Step frames (as the window would, woken by the workers) until `cond` holds.
@@ -561,7 +565,7 @@ fn gui_drop_a_dataset_and_see_failures_as_messages() {
     h.step();
     assert_eq!(h.state().state.config.dataset.path, bad);
     assert_eq!(h.state().state.page, Page::Dataset);
-    wait_for(&mut h, "the dataset check", 60, |a| matches!(a.state.dataset.view, Load::Failed(_)));
+    wait_for(&mut h, "the dataset check", 60, |a| a.state.dataset.view.ready().is_some_and(|v| v.refusal.is_some()));
     h.step();
     let reason = tunestudio::app::start_blocker(&h.state().state).unwrap();
     assert!(reason.starts_with("Dataset file (dataset.path):"), "{reason}");
@@ -861,4 +865,264 @@ fn gui_monitor_plots_gpu_telemetry_and_warns_when_the_card_throttles() {
     }
     h.state_mut().state.training.phase = Phase::Done;
     snapshot(&mut h, "training_monitor_gpu");
+}
+
+/// A report as long as a real one on imperfect data: every kind of check, untrained rows used,
+/// the memory budget of an 8B model on a 24 GB card.
+fn long_report() -> PreflightView {
+    let mut r = crafted_report(true);
+    let mut cfg = tunestudio::RunConfig::default();
+    cfg.memory.checkpointing = tunestudio::config::CheckpointPolicy::Layer;
+    let target = budget::target(Card::profile("rtx4090"), &cfg, None);
+    r.budget = Some(budget::view(&tunestudio::model::ModelSpec::llama3_8b(), &cfg, &target, None, 0));
+    r.checks = vec![
+        Check { level: Level::Ok, text: "Chat template: model.".into() },
+        Check { level: Level::Warn, text: "5 rows are skipped (reasons in the Dataset panel).".into() },
+        Check { level: Level::Warn, text: "12 rows are longer than max_seq_len 256 and are truncated.".into() },
+        Check {
+            level: Level::Info,
+            text: "41% of the tokens in a batch are padding; dataset.packing would spend that compute on data.".into(),
+        },
+        Check { level: Level::Warn, text: "The tokenizer has no pad token; the EOS token pads, masked out of the loss.".into() },
+        Check { level: Level::Info, text: "600 steps of 8 sequences over 95 rows is about 50 epochs.".into() },
+    ];
+    r
+}
+
+#[test]
+fn gui_preflight_dialog_shows_its_report_at_its_opening_size() {
+    let _g = serial();
+    for size in [[1600.0, 1000.0], [1280.0, 820.0]] {
+        let mut h = studio_sized(Some(demo_config()), "dialog", size);
+        wait_loaded(&mut h);
+        h.state_mut().state.config.dataset.fix_untrained_tokens = false;
+        // As after pressing Start: a spinner while the check runs, then the report.
+        let p = &mut h.state_mut().state.preflight;
+        p.open = true;
+        p.report = Load::Loading;
+        settle(&mut h);
+        let report = long_report();
+        h.state_mut().state.preflight.report = Load::Ready(report.clone());
+        settle(&mut h);
+        // Every line of the report is above the button that starts the run, not scrolled away
+        // below it: what the person confirms is on screen when the dialog opens.
+        let button = h.get_by_label("Accept the fix and start").rect();
+        let mut lines: Vec<String> = report.checks.iter().map(|c| c.text.clone()).collect();
+        lines.push("The data uses 1 of the model's 8 untrained token rows".into());
+        lines.push("The fix is off".into());
+        // The memory budget comes last: its verdict and its legend's last line.
+        lines.push(budget::verdict(report.budget.as_ref().unwrap()).0);
+        lines.push("checkpointing: layer".into());
+        for line in &lines {
+            let r = h.get_by_label_contains(line).rect();
+            assert!(r.bottom() <= button.top() + 0.5, "at {size:?}: {line:?} at {r:?} is below the Start button at {button:?}");
+        }
+        assert!(button.bottom() <= size[1], "at {size:?}: the button is in the window ({button:?})");
+    }
+}
+
+#[test]
+fn gui_shift_f5_stops_a_run_and_refusals_go_when_their_reason_does() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "keys");
+    wait_loaded(&mut h);
+    // No run: Shift+F5 does nothing (it used to open the preflight check, as F5 does).
+    h.key_press_modifiers(egui::Modifiers::SHIFT, egui::Key::F5);
+    h.step();
+    assert!(!h.state().state.preflight.open, "Shift+F5 is Stop, never Start");
+    h.state_mut().state.config.train.max_steps = Some(400);
+    let ctx = h.ctx.clone();
+    h.state_mut().act(Action::ConfirmStart, &ctx);
+    wait_for(&mut h, "two steps", 180, |a| a.state.training.metrics.len() >= 2);
+    // F5 during a run is refused, once however often it is pressed.
+    for _ in 0..3 {
+        h.key_press(egui::Key::F5);
+        h.step();
+    }
+    let refusal = "Cannot start: a run is in progress";
+    assert_eq!(h.state().state.notices.iter().filter(|n| n.text == refusal).count(), 1, "{:?}", h.state().state.notices);
+    settle(&mut h);
+    assert_eq!(h.query_all_by_label(refusal).count(), 1, "shown once");
+    // Shift+F5 stops it.
+    h.key_press_modifiers(egui::Modifiers::SHIFT, egui::Key::F5);
+    h.step();
+    assert_eq!(h.state().state.training.phase, Phase::Stopping);
+    wait_for(&mut h, "the stop", 120, |a| !a.state.training.phase.is_active());
+    let t = &h.state().state.training;
+    assert_eq!(t.phase, Phase::Stopped, "{:?}", t.failure);
+    assert!(t.metrics.last().unwrap().step < 400, "stopped early, not run to the end");
+    // The refusal went with the run it was about.
+    settle(&mut h);
+    assert!(h.state().state.notices.is_empty(), "{:?}", h.state().state.notices);
+    assert!(h.query_by_label(refusal).is_none());
+}
+
+#[test]
+fn gui_a_past_run_opened_from_runs_shows_its_own_log() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "pastlog");
+    wait_loaded(&mut h);
+    let ctx = h.ctx.clone();
+    h.state_mut().state.config.train.max_steps = Some(3);
+    h.state_mut().state.config.output.run_name = "first".into();
+    h.state_mut().act(Action::ConfirmStart, &ctx);
+    wait_for(&mut h, "the first run", 180, |a| a.state.training.phase == Phase::Done);
+    let first = h.state().state.training.run_dir().unwrap().to_path_buf();
+    h.state_mut().state.config.train.max_steps = Some(400);
+    h.state_mut().state.config.output.run_name = "second".into();
+    h.state_mut().act(Action::ConfirmStart, &ctx);
+    wait_for(&mut h, "the second run's steps", 180, |a| a.state.training.metrics.len() >= 2);
+    h.state_mut().act(Action::OpenRun(first.clone()), &ctx);
+    wait_for(&mut h, "the opened run", 30, |a| a.state.training.viewing.is_some());
+    settle(&mut h);
+    // The first run's curves beside the first run's log: its three steps and its end.
+    assert!(h.query_by_label_contains("step 3/3  loss").is_some(), "the opened run's last step is in the log");
+    assert!(h.query_by_label_contains("done at step 3 of 3").is_some());
+    assert_eq!(h.query_all_by_label_contains("/400  loss").count(), 0, "no line of the live run");
+    assert!(h.query_by_label_contains("starting a run of").is_none(), "no line of the live run");
+    click(&mut h, "Back to the live run");
+    assert!(h.query_all_by_label_contains("/400  loss").count() >= 2, "the live log is back");
+    h.state_mut().act(Action::Stop, &ctx);
+    wait_for(&mut h, "the stop", 120, |a| !a.state.training.phase.is_active());
+}
+
+#[test]
+fn gui_the_log_keeps_its_newest_line_in_view() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "logview");
+    wait_loaded(&mut h);
+    go(&mut h, Page::Monitor);
+    let height = 820.0;
+    let t = &mut h.state_mut().state.training;
+    t.phase = Phase::Done;
+    for i in 1..=100 {
+        t.push_log(format!("old line {i}"));
+    }
+    settle(&mut h);
+    let in_view = |h: &Harness<'static, StudioApp>, line: &str| h.get_by_label(line).rect().bottom() <= height;
+    assert!(in_view(&h, "old line 100"));
+    // Each new line, as steps arrive, in the frame that shows it (the window may not draw
+    // another for a while).
+    for i in 1..=5 {
+        h.state_mut().state.training.push_log(format!("new line {i}"));
+        h.step();
+        assert!(in_view(&h, &format!("new line {i}")), "line {i} is in view in its first frame");
+    }
+    // After another page, the lines that came meanwhile.
+    go(&mut h, Page::Dataset);
+    for i in 6..=40 {
+        h.state_mut().state.training.push_log(format!("new line {i}"));
+    }
+    go(&mut h, Page::Monitor);
+    h.step();
+    assert!(in_view(&h, "new line 40"), "back on the page, the newest line is in view");
+}
+
+#[test]
+fn gui_too_many_bad_rows_is_said_once_at_the_field_it_concerns() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "badrows");
+    wait_loaded(&mut h);
+    let data = fixed_dir("badrows-data").join("tickets.jsonl");
+    let mut rows = String::new();
+    for i in 0..16 {
+        rows.push_str(&format!("{{\"instruction\": \"Question {i}?\", \"input\": \"\", \"output\": \"Answer {i}.\"}}\n"));
+    }
+    for i in 16..20 {
+        rows.push_str(&format!("{{\"instruction\": \"Question {i}?\", \"input\": \"\"}}\n"));
+    }
+    std::fs::write(&data, rows).unwrap();
+    h.state_mut().state.config.dataset.path = data;
+    go(&mut h, Page::Dataset);
+    wait_for(&mut h, "the dataset report", 60, |a| a.state.dataset.view.ready().is_some_and(|v| v.rows_total == 20));
+    settle(&mut h);
+    let s = &h.state().state;
+    let problems = s.problems();
+    let why = &problems["dataset.max_bad_fraction"][0];
+    assert!(why.starts_with("4 of 20 rows (20.0%) cannot be used"), "{why}");
+    assert!(!problems.contains_key("dataset.path"), "the file is readable: the share of bad rows is the problem");
+    assert!(s.notices.is_empty());
+    // Once at the field the person would change ("Max unusable rows"), once (one line) in the
+    // status bar; the rows themselves are listed.
+    let shown: Vec<_> = h.query_all_by_label_contains("cannot be used, more than").collect();
+    assert_eq!(shown.len(), 2, "{:?}", shown.iter().map(|n| n.accesskit_node().label()).collect::<Vec<_>>());
+    let field = h.query_all_by_label("Max unusable rows").next().unwrap().rect();
+    let at_field = h.get_by_label(&format!("⚠ {why}")).rect();
+    assert!(at_field.top() < field.bottom() && at_field.bottom() > field.top(), "the message is on the field's row");
+    let status = h.get_by_label_contains("Start is disabled: Max unusable rows (dataset.max_bad_fraction): 4 of 20 rows").rect();
+    assert!(status.height() < 24.0, "the status bar stays one line: {status:?}");
+    for row in 17..=20 {
+        assert!(h.query_by_label(&format!("row {row}")).is_some(), "skipped row {row} is listed");
+    }
+    assert!(disabled(&h, "▶ Start"));
+    assert!(h.query_by_label("not ready").is_some(), "the toolbar does not say ready while Start is disabled");
+}
+
+#[test]
+fn gui_unsaved_edits_and_a_running_run_are_asked_about() {
+    let _g = serial();
+    // A config of the person's own, with their comments.
+    let demo = demo_config();
+    let mine = demo.with_file_name("mine.toml");
+    std::fs::copy(&demo, &mine).unwrap();
+    let mut h = studio(Some(mine.clone()), "asks");
+    wait_loaded(&mut h);
+    h.state_mut().state.config.optim.lr = 1e-3;
+    h.step();
+    // Ctrl+O with edits asks first; Cancel keeps everything.
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::O);
+    settle(&mut h);
+    assert!(h.query_by_label("Unsaved edits").is_some(), "Ctrl+O asks about the edits");
+    assert_eq!(h.state().jobs_running(), 0, "no file chooser before the answer");
+    click(&mut h, "Cancel");
+    assert!(h.state().state.confirm.is_none() && h.state().state.config.optim.lr == 1e-3);
+    // Opening the demo asks too; discarding opens it.
+    click(&mut h, "File");
+    click(&mut h, "Open the demo");
+    assert!(h.query_by_label("Unsaved edits").is_some());
+    click(&mut h, "Discard the edits");
+    assert!(h.state().state.config_is_demo && h.state().state.confirm.is_none());
+    // Back to mine: Ctrl+S writes the edit and keeps the file's comments and spelling.
+    let ctx = h.ctx.clone();
+    h.state_mut().act(Action::LoadConfig(mine.clone()), &ctx);
+    assert!(h.state().state.confirm.is_none(), "nothing to ask: the demo was not edited");
+    h.state_mut().state.config.optim.lr = 1e-3;
+    h.step();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::S);
+    h.step();
+    let saved = std::fs::read_to_string(&mine).unwrap();
+    assert!(saved.starts_with("# The demo run: QLoRA on the tiny base model"), "{saved}");
+    assert!(saved.contains("lr = 0.001") && !saved.contains("lr = 2e-3"), "{saved}");
+    assert!(saved.contains("path = \"model\"") && saved.contains("alpha = 16\n"), "unchanged values keep their spelling: {saved}");
+    assert!(!h.state().state.has_unsaved_edits());
+
+    // Quitting while a run trains asks; "Keep training" keeps it.
+    h.state_mut().state.config.train.max_steps = Some(400);
+    h.state_mut().act(Action::ConfirmStart, &ctx);
+    wait_for(&mut h, "two steps", 180, |a| a.state.training.metrics.len() >= 2);
+    click(&mut h, "File");
+    click(&mut h, "Quit");
+    assert!(h.query_by_label("A run is training").is_some(), "quitting during a run asks");
+    click(&mut h, "Keep training");
+    assert!(h.state().state.training.phase.is_active() && h.state().state.confirm.is_none());
+    click(&mut h, "File");
+    click(&mut h, "Quit");
+    click(&mut h, "Stop, save and quit");
+    wait_for(&mut h, "the stop", 120, |a| !a.state.training.phase.is_active());
+    let t = &h.state().state.training;
+    assert_eq!(t.phase, Phase::Stopped, "{:?}", t.failure);
+    assert!(t.run_dir().unwrap().join("adapter/adapter_model.safetensors").is_file(), "the adapter is saved before the window closes");
+    // The step limit set above is an unsaved edit: that is asked about before the window goes.
+    settle(&mut h);
+    assert!(h.query_by_label("Unsaved edits").is_some(), "closing with an edited config asks");
+    // Clicked by hand: the close command is in the output of the frame that takes the click.
+    h.get_by_label("Discard the edits").click();
+    let closes =
+        |h: &Harness<'static, StudioApp>| h.output().viewport_output.values().any(|v| v.commands.contains(&egui::ViewportCommand::Close));
+    let mut closed = false;
+    for _ in 0..3 {
+        h.step();
+        closed |= closes(&h);
+    }
+    assert!(closed, "the window closes once the run has stopped and the edits are answered for");
 }

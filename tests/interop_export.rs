@@ -227,7 +227,7 @@ fn ckpt_adapter_without_rows(tmp: &Path, adapter: &Path) -> PathBuf {
     let spec = ModelSpec::from_dir(&root().join("assets/demo/model")).unwrap();
     let a = load_peft(adapter, &spec).unwrap();
     let out = tmp.join("no-rows");
-    tunestudio::export::adapter::save_peft(&out, &a.weights, &a.lora, "demo").unwrap();
+    tunestudio::export::adapter::save_peft(&out, &spec, &a.weights, &a.lora, "demo").unwrap();
     out
 }
 

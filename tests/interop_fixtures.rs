@@ -22,6 +22,13 @@ use tunestudio::model::{ModelSpec, WeightStore};
 
 const REL_TOL: f64 = 1e-4;
 const MODELS: [&str; 3] = ["llama_gqa", "llama_tied", "qwen2_bias"];
+/// Qwen3 (q/k norms, its own head_dim, tied), Gemma 3's text model (sliding window, local and
+/// global RoPE, query_pre_attn_scalar, GeGLU, (1 + w) norms, scaled embedding) and the text model
+/// of a multimodal Gemma 3 folder; made on the CPU by `make_interop_fixtures.py models FX NAMES`.
+const FAMILY_MODELS: [&str; 3] = ["qwen3_tied", "gemma3_text", "gemma3_mm"];
+/// Per-token logits: the largest difference, relative to the largest logit. The same f32 sums in
+/// other orders move a logit by about 1e-6 of its scale; a wrong mask, scale or norm by 1e-2.
+const LOGIT_TOL: f64 = 1e-4;
 
 fn fixtures() -> PathBuf {
     std::env::var_os("INTEROP_FIXTURES")
@@ -217,5 +224,131 @@ fn demo_merged_export_matches_what_transformers_computed() {
         if dt == MergeDtype::F32 {
             assert_close("demo merged f32 vs base + adapter", (r.loss_sum, r.tokens), (reference.loss_sum, reference.tokens));
         }
+    }
+}
+
+#[test]
+fn qwen3_and_gemma3_forward_matches_transformers_loss_and_logits() {
+    let e = expected();
+    let seqs = token_seqs();
+    for m in FAMILY_MODELS {
+        let dir = fixtures().join(m);
+        let ours = our_loss(&dir, None, Quantization::Bf16);
+        assert_close(&format!("{m} base"), ours, want_sum(&e, &[m, "base"]));
+        let theirs = tunestudio::model::weights::read_small_f32(&fixtures().join(format!("{m}_logits.safetensors"))).unwrap();
+        let max = seqs.iter().map(|s| s.0.len()).max().unwrap();
+        let mut scorer = Scorer::open(&dir, None, Quantization::Bf16, 1, max, 0).unwrap();
+        for (i, (ids, _)) in seqs.iter().enumerate() {
+            let (shape, want) = &theirs[&format!("seq{i}")];
+            let got = scorer.logits(ids).unwrap();
+            assert_eq!(shape.iter().product::<usize>(), got.len(), "{m} seq{i}: logits shape {shape:?}");
+            let scale = want.iter().fold(0f64, |a, &x| a.max(x.abs() as f64));
+            let worst = got.iter().zip(want).fold(0f64, |a, (&g, &w)| a.max((g as f64 - w as f64).abs()));
+            eprintln!("{m} seq{i}: max |logit difference| {worst:.3e} of logits up to {scale:.2}");
+            assert!(worst / scale < LOGIT_TOL, "{m} seq{i}: logits differ by {worst:e} (scale {scale})");
+        }
+    }
+}
+
+#[test]
+fn qwen3_and_gemma3_peft_adapters_match_peft() {
+    let e = expected();
+    for m in FAMILY_MODELS {
+        let dir = fixtures().join(m);
+        let adapter = fixtures().join(format!("{m}_adapter"));
+        let a = load_peft(&adapter, &ModelSpec::from_dir(&dir).unwrap()).unwrap();
+        // Trainable tokens on the two text models; a regex over the text model's modules on the
+        // multimodal one (the adapted linears are read from the weights file).
+        assert_eq!(a.token_rows.is_some(), m != "gemma3_mm", "{m}: trainable tokens");
+        assert_eq!(a.lora.targets, Target::ALL.to_vec(), "{m}: targets");
+        let ours = our_loss(&dir, Some(&adapter), Quantization::Bf16);
+        assert_close(&format!("{m} + PEFT adapter"), ours, want_sum(&e, &[m, "peft"]));
+    }
+}
+
+#[test]
+fn qwen3_and_gemma3_merged_exports_give_what_transformers_computed_from_them() {
+    let e = expected();
+    let tmp = tempfile::tempdir().unwrap();
+    for m in FAMILY_MODELS {
+        let input = MergeInput::from_adapter(&fixtures().join(m), &fixtures().join(format!("{m}_adapter")), Quantization::Bf16).unwrap();
+        let f32_dir = tmp.path().join(format!("{m}-f32"));
+        export_merged(&input, &f32_dir, &MergeOptions { dtype: MergeDtype::F32, ..Default::default() }).unwrap();
+        let ours = our_loss(&f32_dir, None, Quantization::Bf16);
+        assert_close(&format!("{m} merged f32 vs PEFT"), ours, want_sum(&e, &[m, "peft"]));
+        assert_close(&format!("{m} merged f32 vs HF on the same folder"), ours, want_sum(&e, &[m, "merged_f32_hf"]));
+        let bf16_dir = tmp.path().join(format!("{m}-bf16"));
+        export_merged(&input, &bf16_dir, &MergeOptions { dtype: MergeDtype::Bf16, max_shard_bytes: 40_000 }).unwrap();
+        let ours = our_loss(&bf16_dir, None, Quantization::Bf16);
+        assert_close(&format!("{m} merged bf16 vs HF on the same folder"), ours, want_sum(&e, &[m, "merged_bf16_hf"]));
+    }
+    // The multimodal folder keeps its layout and its vision tower.
+    let names = |dir: &Path| -> std::collections::BTreeSet<String> {
+        let store = WeightStore::open(dir).unwrap();
+        store.names().map(|n| store.original_name(n).to_string()).collect()
+    };
+    assert_eq!(names(&fixtures().join("gemma3_mm")), names(&tmp.path().join("gemma3_mm-bf16")));
+}
+
+/// `cargo test --release --test interop_fixtures -- --ignored write_trained_adapters`: train a
+/// LoRA adapter (and two token rows on the text models) on each new family's fixture for a few
+/// steps on the CPU and export it for PEFT as `<model>_trained_adapter`; `make_interop_fixtures.py
+/// trained FX` then records PEFT's loss with it, which `adapters_we_trained_match_peft` checks.
+#[test]
+#[ignore = "writes fixtures"]
+fn write_trained_adapters() {
+    use tunestudio::config::LoraConfig;
+    use tunestudio::engine::{EngineOptions, TokenRows, Trainer};
+    let seqs = token_seqs();
+    let max = seqs.iter().map(|s| s.0.len()).max().unwrap();
+    let pairs: Vec<(&[u32], &[i32])> = seqs.iter().map(|(i, l)| (i.as_slice(), l.as_slice())).collect();
+    let batch = tunestudio::data::Batch::from_examples(&pairs, 0, None);
+    for m in FAMILY_MODELS {
+        let dir = fixtures().join(m);
+        let spec = ModelSpec::from_dir(&dir).unwrap();
+        let store = WeightStore::open(&dir).unwrap();
+        let lora = LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() };
+        let opts = EngineOptions {
+            lora: lora.clone(),
+            optim: Default::default(),
+            quantization: Quantization::Bf16,
+            batch_size: seqs.len(),
+            max_seq_len: max,
+            checkpointing: Default::default(),
+            seed: 3,
+            mlp_chunk_rows: 0,
+        };
+        let mut t = Trainer::new(tunestudio::backend::cpu::CpuBackend::<f32>::new(), spec.clone(), &store, opts, None).unwrap();
+        let with_rows = m != "gemma3_mm";
+        if with_rows {
+            let d = spec.hidden_size;
+            let table = store.f32("model.embed_tokens.weight", &[spec.vocab_size, d]).unwrap();
+            let ids = vec![3u32, 90];
+            let embed = ids.iter().flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec()).collect();
+            t.set_token_rows(&TokenRows { ids, embed, head: None }).unwrap();
+        }
+        let losses: Vec<f64> = (0..4).map(|_| t.train_step(std::slice::from_ref(&batch), 2e-2).unwrap().loss).collect();
+        assert!(losses[3] < losses[0], "{m}: {losses:?}");
+        let rows = t.token_rows().unwrap();
+        let out = fixtures().join(format!("{m}_trained_adapter"));
+        let _ = std::fs::remove_dir_all(&out);
+        tunestudio::export::adapter::save_peft_with_tokens(&out, &spec, &t.lora_weights().unwrap(), &lora, m, rows.as_ref()).unwrap();
+        eprintln!("{m}: losses {losses:?}, adapter in {}", out.display());
+    }
+}
+
+/// An adapter trained and exported by us, loaded by PEFT, gives the loss our eval gives.
+#[test]
+fn qwen3_and_gemma3_adapters_we_trained_match_peft() {
+    let e = expected();
+    for m in FAMILY_MODELS {
+        let dir = fixtures().join(m);
+        let adapter = fixtures().join(format!("{m}_trained_adapter"));
+        let a = load_peft(&adapter, &ModelSpec::from_dir(&dir).unwrap()).unwrap();
+        assert_eq!(a.token_rows.is_some(), m != "gemma3_mm", "{m}: trained token rows");
+        let ours = our_loss(&dir, Some(&adapter), Quantization::Bf16);
+        assert_close(&format!("{m} + the adapter we trained, vs PEFT"), ours, want_sum(&e, &[m, "trained_peft"]));
+        let base = want_sum(&e, &[m, "base"]);
+        assert!(ours.0 < base.0, "{m}: training lowered nothing ({} vs base {})", ours.0, base.0);
     }
 }

@@ -32,8 +32,12 @@ fn trainer_allocates_exactly_the_planned_buffers() {
         (CheckpointPolicy::Auto, 0.0, Target::ALL.to_vec(), 0, false),
         (CheckpointPolicy::Offload, 0.1, Target::ALL.to_vec(), 1, false),
     ];
-    for (policy, dropout, targets, token_rows, tied) in cases {
-        let s = spec(tied);
+    // Qwen3's q/k norms and Gemma 3's output norms add activations and scratch of their own.
+    let qwen3 = |tied| ModelSpec { qk_norm: true, head_dim: 6, ..spec(tied) };
+    let gemma3 = |tied| ModelSpec { sandwich_norms: true, norm_weight_offset: 1.0, ..qwen3(tied) };
+    let families: [&dyn Fn(bool) -> ModelSpec; 3] = [&spec, &qwen3, &gemma3];
+    for ((policy, dropout, targets, token_rows, tied), family) in cases.into_iter().flat_map(|c| families.map(|f| (c.clone(), f))) {
+        let s = family(tied);
         let lora = LoraConfig { r: 5, alpha: 8.0, dropout, targets, rslora: false };
         let opts = EngineOptions {
             lora: lora.clone(),

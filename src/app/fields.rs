@@ -91,7 +91,7 @@ pub const FIELDS: &[FieldDoc] = &[
     f(
         "train.save_every",
         "Checkpoint every",
-        "Write a resumable checkpoint every N optimizer steps; 0 writes only the final one (Save now writes one at any time).",
+        "Write a resumable checkpoint every N optimizer steps; 0 (off) writes only the final one (Save now writes one at any time).",
     ),
     f(
         "train.device",

@@ -77,17 +77,27 @@ impl<M: Send + 'static> Jobs<M> {
         self.rx.try_iter().collect()
     }
 
-    /// Forward every item of `events` to the window as `wrap(item)`, waking it after each one.
-    /// The thread ends when the sender hangs up or the window is gone.
-    pub fn forward<E: Send + 'static>(&self, name: &str, events: Receiver<E>, wrap: impl Fn(E) -> M + Send + 'static) {
+    /// Forward every item of `events` to the window as `wrap(item)`. The window is woken
+    /// `wake_after(item)` later: at once for what changes the state the person acts on, later for
+    /// what only moves a plot, so a stream of small events costs a bounded number of frames
+    /// (egui keeps the earliest pending wake-up, so a burst makes one frame). The thread ends when
+    /// the sender hangs up or the window is gone.
+    pub fn forward<E: Send + 'static>(
+        &self,
+        name: &str,
+        events: Receiver<E>,
+        wrap: impl Fn(E) -> M + Send + 'static,
+        wake_after: impl Fn(&E) -> Duration + Send + 'static,
+    ) {
         let tx = self.tx.clone();
         let ctx = self.ctx.clone();
         let _ = std::thread::Builder::new().name(format!("studio-{name}")).spawn(move || {
             for event in events.iter() {
+                let after = wake_after(&event);
                 if tx.send(wrap(event)).is_err() {
                     break;
                 }
-                ctx.request_repaint();
+                ctx.request_repaint_after(after);
             }
         });
     }
@@ -202,6 +212,37 @@ mod tests {
         assert_eq!(d.poll(3, t0 + Duration::from_millis(500)), DebounceState::Idle);
         d.reset();
         assert_eq!(d.poll(3, t0), DebounceState::Ready);
+    }
+
+    #[test]
+    fn a_stream_of_small_events_wakes_the_window_once_per_interval() {
+        let ctx = egui::Context::default();
+        let delays = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&delays);
+        ctx.set_request_repaint_callback(move |info| seen.lock().unwrap().push(info.delay));
+        // Past the first frames, which repaint on their own, to an idle window.
+        for _ in 0..4 {
+            let _ = ctx.run_ui(Default::default(), |_| {});
+        }
+        delays.lock().unwrap().clear();
+        let jobs = Jobs::<u32>::new(ctx);
+        let (tx, rx) = unbounded();
+        let slow = Duration::from_millis(250);
+        jobs.forward("test", rx, |e| e, move |e| if *e == 0 { Duration::ZERO } else { slow });
+        for e in (1..=50).chain([0]) {
+            tx.send(e).unwrap();
+        }
+        drop(tx);
+        let mut got = Vec::new();
+        let t0 = Instant::now();
+        while got.len() < 51 && t0.elapsed() < Duration::from_secs(10) {
+            got.extend(jobs.drain());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(got.len(), 51, "every event arrives");
+        let delays = delays.lock().unwrap().clone();
+        assert_eq!(delays.iter().filter(|d| **d == slow).count(), 1, "50 plot events, one wake-up: {delays:?}");
+        assert_eq!(delays.last(), Some(&Duration::ZERO), "a state change wakes at once: {delays:?}");
     }
 
     #[test]

@@ -26,9 +26,14 @@ use crate::RunConfig;
 use crate::session::{self, Control, Event, SessionHandle, StartOptions};
 
 use jobs::{Debounce, DebounceState, Jobs, Load};
-pub use msg::{Action, Msg, Pick};
+pub use msg::{Action, Answer, Msg, Pick};
 pub use state::{AppState, Page, start_blocker, window_title};
+use state::{Confirm, Lasts};
 use state::{dataset, export, memory as budget, model, preflight, runs, training::Phase};
+
+/// How often the window redraws while only the training plots change (steps can come at dozens
+/// per second; every redraw takes CPU time from the training thread).
+pub const PLOT_REFRESH: Duration = Duration::from_millis(250);
 
 pub const START_KEYS: &str = "Ctrl+Enter or F5";
 const START: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
@@ -74,6 +79,39 @@ pub fn classify_drop(path: &Path) -> Dropped {
     }
 }
 
+/// The folder a file chooser opens in: the one holding the current value, else the config's
+/// folder, else the working folder. Always an existing, absolute folder: given none (or a
+/// relative one) the choosers open on "Recent".
+fn chooser_folder(purpose: Pick, s: &AppState) -> Option<PathBuf> {
+    let parent = |p: &Path| p.parent().map(Path::to_path_buf);
+    let near = match purpose {
+        Pick::ModelFolder => parent(&s.config.model.path),
+        Pick::AdapterFolder => s.config.model.adapter.as_deref().and_then(parent).or_else(|| parent(&s.config.model.path)),
+        Pick::DatasetFile => parent(&s.config.dataset.path),
+        Pick::OutputFolder => Some(s.config.output.dir.clone()),
+        Pick::ExportFolder => Some(s.export.dest.clone()),
+        Pick::OpenConfig | Pick::SaveConfigAs => s.config_path.as_deref().and_then(parent),
+    };
+    let config_dir = s.config_path.as_deref().and_then(parent);
+    [near, config_dir, std::env::current_dir().ok()]
+        .into_iter()
+        .flatten()
+        .filter(|p| !p.as_os_str().is_empty() && p.is_dir())
+        .find_map(|p| std::path::absolute(p).ok())
+}
+
+/// Show `dir` in the desktop's file manager (without waiting for it).
+fn open_in_file_manager(dir: &Path) -> std::io::Result<()> {
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else if cfg!(windows) {
+        "explorer"
+    } else {
+        "xdg-open"
+    };
+    std::process::Command::new(opener).arg(dir).spawn().map(drop)
+}
+
 /// Load a config file for the editor; relative paths in it are taken from its folder.
 fn load_config(path: &Path) -> crate::Result<RunConfig> {
     let mut cfg = RunConfig::load(path)?;
@@ -95,6 +133,10 @@ pub struct StudioApp {
     dataset_key: u64,
     title: String,
     close_after_stop: bool,
+    /// The person agreed to close the window (or nothing needed asking).
+    quit_confirmed: bool,
+    /// The action waiting for the answer to `state.confirm`.
+    pending: Option<Action>,
     /// `StudioOptions::output_dir`, applied to every config opened.
     output_override: Option<PathBuf>,
 }
@@ -122,7 +164,9 @@ impl StudioApp {
             config.output.dir = o.clone();
         }
         let mut state = AppState::new(config, path, is_demo, options.settings_dir.clone());
-        state.notices = notices;
+        for n in notices {
+            state.notify(n, Lasts::UntilDismissed);
+        }
         state.export.dest = crate::assets::data_dir().join("exports");
         state.budget.machine = Load::Loading;
         let delay = Duration::from_millis(300);
@@ -139,6 +183,8 @@ impl StudioApp {
             dataset_key: 0,
             title: String::new(),
             close_after_stop: false,
+            quit_confirmed: false,
+            pending: None,
             output_override: options.output_dir,
         }
     }
@@ -148,18 +194,56 @@ impl StudioApp {
         self.jobs.running()
     }
 
-    /// Carry out one action.
+    /// Carry out one action, first asking when it would lose something (unsaved edits, a run).
     pub fn act(&mut self, action: Action, ctx: &egui::Context) {
+        if let Some(question) = self.question_before(&action) {
+            self.state.confirm = Some(question);
+            self.pending = Some(action);
+            return;
+        }
+        self.carry_out(action, ctx);
+    }
+
+    /// What to ask before `action`, if anything.
+    fn question_before(&self, action: &Action) -> Option<Confirm> {
+        let s = &self.state;
+        let doing = match action {
+            Action::Pick(Pick::OpenConfig) | Action::LoadConfig(_) => "open another config",
+            Action::LoadDemo => "open the demo",
+            Action::Quit if s.training.phase.is_active() => return Some(Confirm::QuitDuringRun),
+            Action::Quit => "quit",
+            _ => return None,
+        };
+        s.has_unsaved_edits().then(|| Confirm::DiscardEdits { doing: doing.into() })
+    }
+
+    /// Save the config to its own file; `false` when it has none (a Save As chooser opens) or
+    /// the save failed.
+    fn save_config(&mut self) -> bool {
+        let s = &mut self.state;
+        match (&s.config_path, s.config_is_demo) {
+            (Some(p), false) => match s.config.save_keeping_comments(p) {
+                Ok(()) => {
+                    s.saved_config = s.config.clone();
+                    true
+                }
+                Err(e) => {
+                    s.notify(format!("Could not save the config: {e}"), Lasts::UntilDismissed);
+                    false
+                }
+            },
+            _ => {
+                self.pick(Pick::SaveConfigAs, None);
+                false
+            }
+        }
+    }
+
+    fn carry_out(&mut self, action: Action, ctx: &egui::Context) {
         let s = &mut self.state;
         match action {
             Action::Pick(p) => {
-                let start_in = match p {
-                    Pick::ModelFolder | Pick::AdapterFolder => s.config.model.path.parent().map(Path::to_path_buf),
-                    Pick::DatasetFile => s.config.dataset.path.parent().map(Path::to_path_buf),
-                    Pick::OutputFolder => Some(s.config.output.dir.clone()),
-                    Pick::ExportFolder => Some(s.export.dest.clone()),
-                    Pick::OpenConfig | Pick::SaveConfigAs => s.config_path.as_ref().and_then(|p| p.parent()).map(Path::to_path_buf),
-                };
+                let start_in = chooser_folder(p, s);
                 self.pick(p, start_in);
             }
             Action::SetModel(p) => {
@@ -175,35 +259,34 @@ impl StudioApp {
                     if let Some(o) = &self.output_override {
                         c.output.dir = o.clone();
                     }
+                    // What was said about the previous config no longer holds.
+                    s.notices.clear();
                     s.saved_config = c.clone();
                     s.config = c;
                     s.config_path = Some(p);
                     s.config_is_demo = false;
                 }
-                Err(e) => s.notices.push(format!("Could not open the config: {e}")),
+                Err(e) => s.notify(format!("Could not open the config: {e}"), Lasts::UntilDismissed),
             },
             Action::LoadDemo => match crate::assets::demo_config() {
                 Ok((p, mut c)) => {
                     if let Some(o) = &self.output_override {
                         c.output.dir = o.clone();
                     }
+                    s.notices.clear();
                     s.saved_config = c.clone();
                     s.config = c;
                     s.config_path = Some(p);
                     s.config_is_demo = true;
                 }
-                Err(e) => s.notices.push(format!("The built-in demo could not be prepared: {e}")),
+                Err(e) => s.notify(format!("The built-in demo could not be prepared: {e}"), Lasts::UntilDismissed),
             },
-            Action::SaveConfig => match (&s.config_path, s.config_is_demo) {
-                (Some(p), false) => match s.config.save(p) {
-                    Ok(()) => s.saved_config = s.config.clone(),
-                    Err(e) => s.notices.push(format!("Could not save the config: {e}")),
-                },
-                _ => self.pick(Pick::SaveConfigAs, None),
-            },
+            Action::SaveConfig => {
+                self.save_config();
+            }
             Action::Start => {
                 if let Some(why) = start_blocker(s) {
-                    s.notices.push(format!("Cannot start: {why}"));
+                    s.notify(format!("Cannot start: {why}"), Lasts::WhileStartBlocked);
                     return;
                 }
                 let key = jobs::key_of(&[&s.config.to_toml()]);
@@ -257,7 +340,7 @@ impl StudioApp {
             }
             Action::ResumeRun(dir) => {
                 if s.training.phase.is_active() {
-                    s.notices.push("A run is in progress: stop it before resuming another.".into());
+                    s.notify("A run is in progress: stop it before resuming another.", Lasts::WhileRunActive);
                     return;
                 }
                 // The session reads the run's own config; only an explicit step limit carries over.
@@ -295,7 +378,39 @@ impl StudioApp {
                     s.notices.remove(i);
                 }
             }
-            Action::Quit => ctx.send_viewport_cmd(ViewportCommand::Close),
+            Action::Answer(answer) => {
+                let question = s.confirm.take();
+                let then = self.pending.take();
+                match (answer, question, then) {
+                    (Answer::Save, Some(Confirm::DiscardEdits { .. }), Some(then)) => {
+                        // Without a file of its own the config goes to Save As, and `then` waits
+                        // for another try.
+                        let saved = self.save_config();
+                        if saved {
+                            self.carry_out(then, ctx);
+                        }
+                    }
+                    (Answer::Discard, Some(Confirm::DiscardEdits { .. }), Some(then)) => self.carry_out(then, ctx),
+                    (Answer::StopAndQuit, Some(Confirm::QuitDuringRun), _) if s.training.phase.is_active() => {
+                        self.close_after_stop = true;
+                        s.notify("Stopping the run; the window closes once the adapter is saved.", Lasts::WhileRunActive);
+                        self.carry_out(Action::Stop, ctx);
+                    }
+                    // The run ended while the question was up: nothing is left to stop.
+                    (Answer::StopAndQuit, Some(Confirm::QuitDuringRun), _) => self.act(Action::Quit, ctx),
+                    _ => {}
+                }
+            }
+            Action::OpenFolder(dir) => {
+                if let Err(e) = open_in_file_manager(&dir) {
+                    s.notify(format!("Could not open {}: {e}", dir.display()), Lasts::UntilDismissed);
+                }
+            }
+            Action::CopyText(text) => ctx.copy_text(text),
+            Action::Quit => {
+                self.quit_confirmed = true;
+                ctx.send_viewport_cmd(ViewportCommand::Close);
+            }
         }
     }
 
@@ -314,7 +429,16 @@ impl StudioApp {
             self.state.training.plan_input = Some(Box::new((info.spec.clone(), cfg.clone())));
         }
         let handle = session::start(cfg, StartOptions { resume, ..Default::default() });
-        self.jobs.forward("session-events", handle.events.clone(), move |event| Msg::Session { generation, event });
+        self.jobs.forward(
+            "session-events",
+            handle.events.clone(),
+            move |event| Msg::Session { generation, event },
+            |event| match event {
+                // A step only moves the plots: redraw at a bounded rate and leave the cores to training.
+                Event::Step(_) => PLOT_REFRESH,
+                _ => Duration::ZERO,
+            },
+        );
         self.session = Some(handle);
         self.state.page = Page::Monitor;
     }
@@ -392,7 +516,7 @@ impl StudioApp {
                 s.training.viewing = Some(v);
                 s.page = Page::Monitor;
             }
-            Msg::RunOpened(Err(e)) => s.notices.push(format!("Could not open the run: {e}")),
+            Msg::RunOpened(Err(e)) => s.notify(format!("Could not open the run: {e}"), Lasts::UntilDismissed),
             Msg::Picked { path: None, .. } => {}
             Msg::Picked { purpose, path: Some(p) } => match purpose {
                 Pick::ModelFolder => s.config.model.path = p,
@@ -400,14 +524,15 @@ impl StudioApp {
                 Pick::DatasetFile => s.config.dataset.path = p,
                 Pick::OutputFolder => s.config.output.dir = p,
                 Pick::ExportFolder => s.export.dest = p,
-                Pick::OpenConfig => self.act(Action::LoadConfig(p), ctx),
+                // Unsaved edits were asked about when the chooser opened.
+                Pick::OpenConfig => self.carry_out(Action::LoadConfig(p), ctx),
                 Pick::SaveConfigAs => match s.config.save(&p) {
                     Ok(()) => {
                         s.saved_config = s.config.clone();
                         s.config_path = Some(p);
                         s.config_is_demo = false;
                     }
-                    Err(e) => s.notices.push(format!("Could not save the config: {e}")),
+                    Err(e) => s.notify(format!("Could not save the config: {e}"), Lasts::UntilDismissed),
                 },
             },
             Msg::Session { generation, event } => {
@@ -428,8 +553,8 @@ impl StudioApp {
                         self.state.export.source = Some(d.to_path_buf());
                     }
                     self.refresh_runs();
-                    if self.close_after_stop {
-                        ctx.send_viewport_cmd(ViewportCommand::Close);
+                    if std::mem::take(&mut self.close_after_stop) {
+                        self.act(Action::Quit, ctx);
                     }
                 }
             }
@@ -481,10 +606,14 @@ impl StudioApp {
 
     fn shortcuts(&mut self, ctx: &egui::Context) {
         let typing = ctx.egui_wants_keyboard_input();
-        let (start, stop, pause, save, open, enter) = ctx.input_mut(|i| {
+        if self.state.confirm.is_some() {
+            return; // the question's own buttons (and Escape) answer it
+        }
+        // Stop first: egui matches F5 ignoring Shift, so Start would also take Shift+F5.
+        let (stop, start, pause, save, open, enter) = ctx.input_mut(|i| {
             (
-                i.consume_shortcut(&START) || i.consume_key(Modifiers::NONE, Key::F5),
                 i.consume_shortcut(&STOP),
+                i.consume_shortcut(&START) || i.consume_key(Modifiers::NONE, Key::F5),
                 i.consume_key(Modifiers::NONE, Key::F6),
                 i.consume_shortcut(&SAVE),
                 i.consume_shortcut(&OPEN),
@@ -532,10 +661,10 @@ impl StudioApp {
                 Dropped::Model(p) => self.act(Action::SetModel(p), ctx),
                 Dropped::Dataset(p) => self.act(Action::SetDataset(p), ctx),
                 Dropped::Config(p) => self.act(Action::LoadConfig(p), ctx),
-                Dropped::Unknown(p) => self.state.notices.push(format!(
-                    "{} is neither a model folder (with config.json), a dataset file nor a run config (.toml).",
-                    p.display()
-                )),
+                Dropped::Unknown(p) => self.state.notify(
+                    format!("{} is neither a model folder (with config.json), a dataset file nor a run config (.toml).", p.display()),
+                    Lasts::UntilDismissed,
+                ),
             }
         }
     }
@@ -544,9 +673,15 @@ impl StudioApp {
         let s = &self.state;
         ui.horizontal(|ui| {
             let blocker = start_blocker(s);
-            let start = ui
-                .add_enabled(blocker.is_none(), egui::Button::new(RichText::new("▶ Start").strong()))
-                .on_hover_text(format!("Check the run and start training ({START_KEYS})"));
+            // Filled with the accent colour when it can be pressed, so enabled and disabled differ
+            // at a glance, not only by a shade of grey.
+            let button = if blocker.is_none() {
+                egui::Button::new(RichText::new("▶ Start").strong().color(ui.visuals().selection.stroke.color))
+                    .fill(ui.visuals().selection.bg_fill)
+            } else {
+                egui::Button::new(RichText::new("▶ Start").strong())
+            };
+            let start = ui.add_enabled(blocker.is_none(), button).on_hover_text(format!("Check the run and start training ({START_KEYS})"));
             let start = match &blocker {
                 Some(why) => start.on_disabled_hover_text(format!("Start is disabled: {why}")),
                 None => start,
@@ -584,7 +719,13 @@ impl StudioApp {
             }
             ui.separator();
             let p = state::training::progress(&s.training.metrics, s.training.loaded.as_ref().map(|l| l.total_steps), phase);
-            let status = if s.training.pause_requested { "pausing…".to_string() } else { phase.label().to_string() };
+            let status = if s.training.pause_requested {
+                "pausing…"
+            } else if !phase.is_active() && blocker.is_some() {
+                "not ready"
+            } else {
+                phase.label()
+            };
             ui.label(RichText::new(status).strong());
             if phase != Phase::Idle {
                 ui.add(egui::ProgressBar::new(p.fraction).desired_width(220.0).text(p.text.split(" · ").next().unwrap_or("").to_string()));
@@ -672,15 +813,19 @@ impl eframe::App for StudioApp {
         }
         self.shortcuts(ctx);
         self.drops(ctx);
-        if ctx.input(|i| i.viewport().close_requested()) && self.state.training.phase.is_active() {
-            // Closing mid-run would lose the steps since the last checkpoint: stop cleanly first.
-            ctx.send_viewport_cmd(ViewportCommand::CancelClose);
-            if !self.close_after_stop {
-                self.close_after_stop = true;
-                self.state.notices.push("Stopping the run; the window closes once the adapter is saved.".into());
-                self.act(Action::Stop, ctx);
+        if ctx.input(|i| i.viewport().close_requested()) && !self.quit_confirmed {
+            // Closing mid-run would lose the steps since the last checkpoint, closing with
+            // unsaved edits would lose them: ask first (or, while a stop is under way, wait).
+            if self.close_after_stop || self.question_before(&Action::Quit).is_some() {
+                ctx.send_viewport_cmd(ViewportCommand::CancelClose);
+                if !self.close_after_stop && self.state.confirm.is_none() {
+                    self.act(Action::Quit, ctx);
+                }
+            } else {
+                self.quit_confirmed = true;
             }
         }
+        self.state.expire_notices();
         let title = window_title(&self.state);
         if title != self.title {
             ctx.send_viewport_cmd(ViewportCommand::Title(title.clone()));
@@ -700,8 +845,12 @@ impl eframe::App for StudioApp {
             ui.horizontal(|ui| {
                 match start_blocker(&self.state) {
                     Some(why) if !self.state.training.phase.is_active() => {
+                        // One line, whatever the reason's length: the field it names carries the rest.
                         let c = ui.visuals().warn_fg_color;
-                        ui.label(RichText::new(format!("Start is disabled: {why}")).color(c));
+                        let first = why.lines().next().unwrap_or_default();
+                        let more = if why.lines().nth(1).is_some() { " …" } else { "" };
+                        ui.add(egui::Label::new(RichText::new(format!("Start is disabled: {first}{more}")).color(c)).truncate())
+                            .on_hover_text(why);
                     }
                     _ if self.state.training.phase.is_active() => {
                         ui.label("Training · Pause F6 · Stop Shift+F5");
@@ -726,7 +875,7 @@ impl eframe::App for StudioApp {
                     if ui.small_button("✖").on_hover_text("dismiss").clicked() {
                         dismiss = Some(i);
                     }
-                    ui.add(egui::Label::new(RichText::new(n).color(c)).wrap());
+                    ui.add(egui::Label::new(RichText::new(&n.text).color(c)).wrap());
                 });
             }
             if let Some(i) = dismiss {
@@ -744,6 +893,7 @@ impl eframe::App for StudioApp {
         });
         let ctx = ui.ctx().clone();
         panels::preflight::dialog(&ctx, &mut self.state, &mut actions);
+        panels::confirm::dialog(&ctx, &self.state, &mut actions);
         if ctx.input(|i| !i.raw.hovered_files.is_empty()) {
             let rect = ctx.content_rect();
             let painter = ctx.layer_painter(egui::LayerId::new(egui::Order::Foreground, egui::Id::unique("drop-overlay")));
@@ -840,6 +990,27 @@ mod tests {
         assert_eq!(named_modules("panels", "use super::budget;"), vec!["panels"]);
         assert_eq!(named_modules("", "use super::hyper::doc;"), vec!["app"]);
         assert_eq!(named_modules("", "use crate::app::msg::Action;"), vec!["msg"]);
+    }
+
+    #[test]
+    fn choosers_open_in_an_absolute_folder_near_the_current_value() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let mut c = RunConfig::default();
+        c.dataset.path = data.join("train.jsonl");
+        let mut s = AppState::new(c, Some(d.path().join("run.toml")), false, d.path().join("settings"));
+        assert_eq!(chooser_folder(Pick::DatasetFile, &s), Some(data.clone()), "the dataset's own folder");
+        // No dataset yet, or one whose folder is gone: the config's folder, never nothing.
+        s.config.dataset.path = PathBuf::new();
+        assert_eq!(chooser_folder(Pick::DatasetFile, &s), Some(d.path().to_path_buf()));
+        s.config.dataset.path = d.path().join("gone/train.jsonl");
+        assert_eq!(chooser_folder(Pick::DatasetFile, &s), Some(d.path().to_path_buf()));
+        // A relative value is made absolute.
+        s.config_path = None;
+        s.config.dataset.path = "x.jsonl".into();
+        let f = chooser_folder(Pick::DatasetFile, &s).unwrap();
+        assert!(f.is_absolute() && f.is_dir(), "{}", f.display());
     }
 
     #[test]

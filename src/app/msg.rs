@@ -45,7 +45,25 @@ pub enum Action {
     BackToLive,
     GoTo(Page),
     DismissNotice(usize),
+    /// The answer to the question the window asked (`state::Confirm`).
+    Answer(Answer),
+    /// Open a folder in the desktop's file manager.
+    OpenFolder(PathBuf),
+    CopyText(String),
     Quit,
+}
+
+/// How the person answered a `state::Confirm` question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Save the config, then do what was asked.
+    Save,
+    /// Drop the edits and do what was asked.
+    Discard,
+    /// Stop the run (saving its adapter), then close the window.
+    StopAndQuit,
+    /// Do nothing.
+    Cancel,
 }
 
 /// What a file chooser was opened for; the answer is routed by it.

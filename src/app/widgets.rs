@@ -146,7 +146,8 @@ pub fn ok_color(ui: &Ui) -> Color32 {
     if ui.visuals().dark_mode { Color32::from_rgb(110, 200, 120) } else { Color32::from_rgb(30, 130, 50) }
 }
 
-/// The stacked bar with the free/total marks and, when given, the measured memory.
+/// The stacked bar (other processes first, then our terms) with the total and cap marks and,
+/// when given, the measured memory.
 pub fn memory_bar(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
     let b = bar(v, measured);
     let width = ui.available_width().clamp(200.0, 640.0);
@@ -177,6 +178,9 @@ pub fn memory_bar(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
     }
     resp.on_hover_text(tip);
 }
+
+/// RAM taken by other programs on the host bar.
+const OTHERS_GREY: Color32 = Color32::from_gray(110);
 
 pub fn memory_legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
     ui.horizontal_wrapped(|ui| {
@@ -217,7 +221,7 @@ fn host_bar(ui: &mut Ui, pinned: u64, h: &HostMemory) {
     let scale = h.total_bytes.max(pinned).max(1) as f32;
     let x = |b: u64| rect.left() + b as f32 / scale * rect.width();
     painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
-    painter.rect_filled(egui::Rect::from_x_y_ranges(x(h.available_bytes)..=x(h.total_bytes), rect.y_range()), 0.0, Color32::from_gray(70));
+    painter.rect_filled(egui::Rect::from_x_y_ranges(x(h.available_bytes)..=x(h.total_bytes), rect.y_range()), 0.0, OTHERS_GREY);
     painter.rect_filled(egui::Rect::from_x_y_ranges(rect.left()..=x(pinned), rect.y_range()), 0.0, term_color(Term::SavedActivations));
     resp.on_hover_text(format!(
         "Host RAM: {} pinned of {} ({} available)",

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum, dropout_uniform};
+use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm, dropout_uniform};
 use crate::error::{Error, Result};
 
 /// The float type of a CPU backend.
@@ -96,6 +96,18 @@ pub fn matmul<T: Real>(m: usize, n: usize, k: usize, a: &[T], a_t: bool, b: &[T]
             par,
         );
     }
+}
+
+/// GELU's tanh approximation and its derivative: `0.5·x·(1 + t)` with `t = tanh(k·(x + c·x³))`,
+/// `k = √(2/π)`, `c = 0.044715`; the slope is `0.5·(1 + t) + 0.5·x·(1 − t²)·k·(1 + 3c·x²)`.
+fn gelu_tanh<T: Real>(x: T) -> (T, T) {
+    let (half, one) = (T::of(0.5), T::one());
+    let k = T::of((2.0 / std::f64::consts::PI).sqrt());
+    let c = T::of(0.044715);
+    let t = (k * (x + c * x * x * x)).tanh();
+    let value = half * x * (one + t);
+    let slope = half * (one + t) + half * x * (one - t * t) * k * (one + T::of(3.0) * c * x * x);
+    (value, slope)
 }
 
 /// What the attention loops rely on: whole GQA groups and a window that keeps at least the
@@ -250,23 +262,25 @@ impl<T: Real> Backend for CpuBackend<T> {
         &self,
         x: &Self::Tensor,
         w: &Self::Tensor,
+        norm: RmsNorm,
         n: usize,
         d: usize,
-        eps: f32,
         out: &mut Self::Tensor,
         inv_rms: &mut Self::Tensor,
     ) -> Result<()> {
         check_len("rmsnorm_fwd", "x", &x.0, n * d)?;
+        check_len("rmsnorm_fwd", "w", &w.0, d)?;
         check_len("rmsnorm_fwd", "inv_rms", &inv_rms.0, n)?;
-        let eps = T::of(eps as f64);
+        let eps = T::of(norm.eps as f64);
         let dn = T::of(d as f64);
+        let w: Vec<T> = w.0[..d].iter().map(|&v| v + T::of(norm.weight_offset as f64)).collect();
         out.0[..n * d].par_chunks_mut(d).zip(inv_rms.0[..n].par_iter_mut()).enumerate().for_each(|(r, (o, inv))| {
             let xr = &x.0[r * d..(r + 1) * d];
             let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / dn;
             let s = T::one() / (ms + eps).sqrt();
             *inv = s;
             for i in 0..d {
-                o[i] = w.0[i] * (xr[i] * s);
+                o[i] = w[i] * (xr[i] * s);
             }
         });
         Ok(())
@@ -277,6 +291,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         dy: &Self::Tensor,
         x: &Self::Tensor,
         w: &Self::Tensor,
+        norm: RmsNorm,
         inv_rms: &Self::Tensor,
         n: usize,
         d: usize,
@@ -284,15 +299,17 @@ impl<T: Real> Backend for CpuBackend<T> {
         accumulate: bool,
     ) -> Result<()> {
         check_len("rmsnorm_bwd", "dx", &dx.0, n * d)?;
+        check_len("rmsnorm_bwd", "w", &w.0, d)?;
         let dn = T::of(d as f64);
+        let w: Vec<T> = w.0[..d].iter().map(|&v| v + T::of(norm.weight_offset as f64)).collect();
         Self::rows_mut(&mut dx.0, n, d).for_each(|(r, o)| {
             let xr = &x.0[r * d..(r + 1) * d];
             let g = &dy.0[r * d..(r + 1) * d];
             let s = inv_rms.0[r];
-            let dot = (0..d).fold(T::zero(), |a, i| a + g[i] * w.0[i] * xr[i]);
+            let dot = (0..d).fold(T::zero(), |a, i| a + g[i] * w[i] * xr[i]);
             let c = s * s * s * dot / dn;
             for i in 0..d {
-                let v = s * w.0[i] * g[i] - c * xr[i];
+                let v = s * w[i] * g[i] - c * xr[i];
                 o[i] = if accumulate { o[i] + v } else { v };
             }
         });
@@ -567,6 +584,38 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
+    fn geglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()> {
+        check_len("geglu_fwd", "out", &out.0, n)?;
+        out.0[..n].par_iter_mut().enumerate().for_each(|(i, o)| *o = gelu_tanh(g.0[i]).0 * u.0[i]);
+        Ok(())
+    }
+
+    fn geglu_bwd(
+        &self,
+        dout: &Self::Tensor,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        n: usize,
+        dg: &mut Self::Tensor,
+        du: &mut Self::Tensor,
+    ) -> Result<()> {
+        check_len("geglu_bwd", "dg", &dg.0, n)?;
+        check_len("geglu_bwd", "du", &du.0, n)?;
+        dg.0[..n].par_iter_mut().zip(du.0[..n].par_iter_mut()).enumerate().for_each(|(i, (dgi, dui))| {
+            let (gelu, slope) = gelu_tanh(g.0[i]);
+            *dui = dout.0[i] * gelu;
+            *dgi = dout.0[i] * u.0[i] * slope;
+        });
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Self::Tensor, n: usize, alpha: f32) -> Result<()> {
+        check_len("scale", "x", &x.0, n)?;
+        let a = T::of(alpha as f64);
+        x.0[..n].par_iter_mut().for_each(|v| *v = *v * a);
+        Ok(())
+    }
+
     fn embedding_bwd_rows(
         &self,
         dx: &Self::Tensor,
@@ -612,15 +661,17 @@ impl<T: Real> Backend for CpuBackend<T> {
         if let Some(t) = targets[..n].iter().find(|&&t| t >= vocab as i32) {
             return Err(Error::msg(format!("target token id {t} is outside the vocabulary (size {vocab})")));
         }
-        const CHUNK: usize = 64;
+        // Rows per chunk: 64, fewer for a large vocabulary so a chunk's logits stay at about
+        // 4M values (16 rows of Gemma 3's 262K) whatever the vocabulary.
+        let chunk_rows = ((4usize << 20) / vocab.max(1)).clamp(1, 64);
         let gs = T::of(grad_scale as f64);
         let row_ids: Vec<usize> = head_rows.as_ref().map(|(ids, _)| ids.iter().map(|&i| i as usize).collect()).unwrap_or_default();
         let k = row_ids.len();
         let parts: Vec<(f64, usize, Vec<T>)> = dh.0[..n * d]
-            .par_chunks_mut(CHUNK * d)
+            .par_chunks_mut(chunk_rows * d)
             .enumerate()
             .map(|(c, dh_chunk)| {
-                let r0 = c * CHUNK;
+                let r0 = c * chunk_rows;
                 let rows = dh_chunk.len() / d;
                 let mut logits = vec![T::zero(); rows * vocab];
                 matmul(rows, vocab, d, &h.0[r0 * d..], false, &head.0, true, &mut logits, T::one(), false);

@@ -118,6 +118,22 @@ impl AttnShape {
     }
 }
 
+/// An RMSNorm as a model applies it: `out = x · rsqrt(mean(x²) + eps) · (weight_offset + w)`.
+/// Gemma stores its norm weights around 0 and adds 1 (`weight_offset = 1`); the offset is added
+/// in f32 inside the op, so a bf16 weight near 0 keeps its precision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RmsNorm {
+    pub eps: f32,
+    pub weight_offset: f32,
+}
+
+impl RmsNorm {
+    /// Llama's: `x̂ · w`.
+    pub fn plain(eps: f32) -> Self {
+        RmsNorm { eps, weight_offset: 0.0 }
+    }
+}
+
 /// AdamW hyper-parameters for one update (torch.optim.AdamW semantics, decoupled decay).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamW {
@@ -265,15 +281,16 @@ pub trait Backend: Send {
     /// `out[r] = table[ids[r]]` for `n` rows of width `d`.
     fn embedding_fwd(&self, ids: &Self::Ids, table: &Self::Tensor, n: usize, d: usize, out: &mut Self::Tensor) -> Result<()>;
 
-    /// `out = x · rsqrt(mean(x²) + eps) · w`; saves the inverse RMS per row (f32).
+    /// `out = x · rsqrt(mean(x²) + eps) · (offset + w)` over `n` rows of width `d` (per-head q/k
+    /// norms are rows of `head_dim`); saves the inverse RMS per row (f32).
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_fwd(
         &self,
         x: &Self::Tensor,
         w: &Self::Tensor,
+        norm: RmsNorm,
         n: usize,
         d: usize,
-        eps: f32,
         out: &mut Self::Tensor,
         inv_rms: &mut Self::Tensor,
     ) -> Result<()>;
@@ -284,6 +301,7 @@ pub trait Backend: Send {
         dy: &Self::Tensor,
         x: &Self::Tensor,
         w: &Self::Tensor,
+        norm: RmsNorm,
         inv_rms: &Self::Tensor,
         n: usize,
         d: usize,
@@ -373,6 +391,24 @@ pub trait Backend: Send {
         dg: &mut Self::Tensor,
         du: &mut Self::Tensor,
     ) -> Result<()>;
+
+    /// `out = gelu_tanh(g) · u` on `n` elements (GeGLU; GELU's tanh approximation,
+    /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, transformers' `gelu_pytorch_tanh`).
+    fn geglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()>;
+    fn geglu_bwd(
+        &self,
+        dout: &Self::Tensor,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        n: usize,
+        dg: &mut Self::Tensor,
+        du: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// `x[..n] *= alpha` (Gemma's embedding scale, forward and backward), with `alpha` as the
+    /// tensor's storage holds it: a bf16 tensor is scaled by bf16(alpha), as transformers' Gemma
+    /// converts its scale to the weights' dtype.
+    fn scale(&self, x: &mut Self::Tensor, n: usize, alpha: f32) -> Result<()>;
 
     /// Accumulate the gradient of trainable embedding rows: for every row `r` whose token has a
     /// slot (`slot_of_token[ids[r]] >= 0`), `grad_rows[slot] += dx[r]`.

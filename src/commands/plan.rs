@@ -41,7 +41,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
     }
     let spec = match (a.shape, cfg.model.path.as_os_str().is_empty()) {
         (Some(name), _) => ModelSpec::by_shape_name(name)
-            .ok_or_else(|| Error::msg(format!("unknown shape `{name}` (llama3-8b, llama3.2-3b, llama3.2-1b)")))?,
+            .ok_or_else(|| Error::msg(format!("unknown shape `{name}` ({})", ModelSpec::SHAPE_NAMES.join(", "))))?,
         (None, false) => ModelSpec::from_dir(&cfg.model.path)?,
         (None, true) => return Err(Error::msg("give a run config, --model DIR (only config.json is read) or --shape NAME")),
     };

@@ -58,7 +58,8 @@ impl LoraWeights {
     }
 }
 
-/// PEFT's key for a LoRA matrix: `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`.
-pub fn peft_key(layer: usize, target: Target, which: char) -> String {
-    format!("base_model.model.model.layers.{layer}.{}.{}.lora_{which}.weight", target.hf_parent(), target.hf_name())
+/// PEFT's key for a LoRA matrix: `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`
+/// (`…model.language_model.layers.N…` for the text model of a multimodal folder).
+pub fn peft_key(spec: &ModelSpec, layer: usize, target: Target, which: char) -> String {
+    format!("{}layers.{layer}.{}.{}.lora_{which}.weight", spec.peft_decoder_prefix(), target.hf_parent(), target.hf_name())
 }

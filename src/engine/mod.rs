@@ -16,6 +16,7 @@ use crate::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Tar
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
+use crate::model::arch::MlpActivation;
 use lora::{LoraPair, LoraWeights};
 use model::{DeviceModel, LayerWeights, WeightSource};
 use plan::{Location, PlannedBuffer, Term};
@@ -126,6 +127,26 @@ struct LayerActs<B: Backend> {
     /// The dropped-out LoRA input per attention target, when dropout is on.
     xd: Vec<Option<B::Tensor>>,
     mlp: MlpActs<B>,
+    /// Per-head q/k norms (Qwen3, Gemma 3).
+    qk: Option<QkNormActs<B>>,
+    /// Gemma's norms of the attention output (all rows) and of the MLP output (per chunk).
+    attn_out: Option<OutNormActs<B>>,
+    mlp_out: Option<OutNormActs<B>>,
+}
+
+/// The q and k projections before their per-head norms, and the norms' inverse RMS per
+/// (row, head); `q`/`k` of `LayerActs` hold the normed (then rotated) values.
+struct QkNormActs<B: Backend> {
+    q_pre: B::Tensor,
+    k_pre: B::Tensor,
+    q_inv: B::Tensor,
+    k_inv: B::Tensor,
+}
+
+/// A norm applied to a block's output before the residual add: its input and inverse RMS.
+struct OutNormActs<B: Backend> {
+    pre: B::Tensor,
+    inv: B::Tensor,
 }
 
 /// The MLP's activations, for all rows or for one chunk of rows.
@@ -169,6 +190,10 @@ struct Workspace<B: Backend> {
     dv: B::Tensor,
     datt: B::Tensor,
     mlp: MlpGrads<B>,
+    /// The gradient of k before its per-head norm (q's goes to `datt`).
+    dk_pre: Option<B::Tensor>,
+    /// The gradient of the MLP's output before Gemma's output norm (chunk rows).
+    dmlp_out: Option<B::Tensor>,
     chunk: Option<ChunkBuffers<B>>,
     /// Device copies of offloaded layer inputs, alternating so one is prefetched while the
     /// other is used.
@@ -286,7 +311,7 @@ impl<B: Backend> Trainer<B> {
                 let r = weights.rank;
                 if pair.a.len() != r * inp || pair.b.len() != out * r {
                     return Err(Error::tensor(
-                        crate::engine::lora::peft_key(l, t, 'A'),
+                        crate::engine::lora::peft_key(&spec, l, t, 'A'),
                         None,
                         format!(
                             "LoRA shapes do not match the model: A has {} values (expected {}x{}), B has {} (expected {}x{})",
@@ -345,7 +370,7 @@ impl<B: Backend> Trainer<B> {
             let (xa, xd) = lora_bufs(&[Target::Q, Target::K, Target::V, Target::O], rows)?;
             let (mxa, mxd) = lora_bufs(&[Target::Gate, Target::Up, Target::Down], mlp_chunk)?;
             let mut act = |name: &str, n: usize, dt: DType| lg.alloc(format!("{p}.{name}"), la, n, dt);
-            acts.push(LayerActs {
+            let mut layer = LayerActs {
                 h1: act("h1", rows * d, DType::Act)?,
                 inv1: act("inv1", rows, DType::F32)?,
                 q: act("q", rows * qd, DType::Act)?,
@@ -365,7 +390,24 @@ impl<B: Backend> Trainer<B> {
                     xa: mxa,
                     xd: mxd,
                 },
-            });
+                qk: None,
+                attn_out: None,
+                mlp_out: None,
+            };
+            // The family's own activations, in the plan's order and names.
+            let mut extra = std::collections::BTreeMap::new();
+            for (name, n, dt) in plan::layer_extra_acts(&spec, rows, mlp_chunk) {
+                extra.insert(name, act(name, n, dt)?);
+            }
+            let mut take = |name: &str| extra.remove(name).expect("planned by layer_extra_acts");
+            if spec.qk_norm {
+                layer.qk = Some(QkNormActs { q_pre: take("q_pre"), k_pre: take("k_pre"), q_inv: take("q_inv"), k_inv: take("k_inv") });
+            }
+            if spec.sandwich_norms {
+                layer.attn_out = Some(OutNormActs { pre: take("attn_out_pre"), inv: take("attn_out_inv") });
+                layer.mlp_out = Some(OutNormActs { pre: take("mlp_out_pre"), inv: take("mlp_out_inv") });
+            }
+            acts.push(layer);
         }
         let saved_inputs = (0..spec.num_layers)
             .map(|l| {
@@ -396,9 +438,19 @@ impl<B: Backend> Trainer<B> {
                 lora_scratch: w("lora_scratch", rows * r, DType::Act)?,
                 dx_lora: w("dx_lora", (rows * d.max(qd)).max(mlp_chunk * f), DType::Act)?,
             },
+            dk_pre: None,
+            dmlp_out: None,
             chunk: None,
             stage: None,
         };
+        for (name, n, dt) in plan::workspace_extra(&spec, rows, mlp_chunk) {
+            let t = w(name, n, dt)?;
+            match name {
+                "dk_pre" => ws.dk_pre = Some(t),
+                "dmlp_out" => ws.dmlp_out = Some(t),
+                other => unreachable!("workspace_extra planned `{other}`"),
+            }
+        }
         if mlp_chunk < rows {
             ws.chunk = Some(ChunkBuffers {
                 h2: w("chunk.h2", mlp_chunk * d, DType::Act)?,
@@ -593,6 +645,18 @@ impl<B: Backend> Trainer<B> {
         self.forward_backward(batch, 0.0, false)
     }
 
+    /// The logits of every row of one batch, `[tokens, vocab]` on the host, for comparing the
+    /// forward with other tools on small vocabularies (training never forms them).
+    pub fn logits(&mut self, batch: &Batch) -> Result<Vec<f32>> {
+        self.forward_backward(batch, 0.0, false)?;
+        let (n, d, v) = (batch.tokens(), self.spec.hidden_size, self.spec.vocab_size);
+        let hidden = self.backend.download(&self.ws.hf)?;
+        let head = self.backend.download(self.model.head())?;
+        let mut out = vec![0f32; n * v];
+        crate::backend::cpu::matmul::<f32>(n, v, d, &hidden, false, &head, true, &mut out, 1.0, false);
+        Ok(out)
+    }
+
     /// Global L2 norm of the LoRA gradients.
     pub fn grad_norm(&self) -> Result<f64> {
         let mut sq = 0.0;
@@ -677,13 +741,16 @@ impl<B: Backend> Trainer<B> {
         let db = &self.batch;
         let n = batch.tokens();
         let d = self.spec.hidden_size;
-        let eps = self.spec.rms_norm_eps as f32;
+        let norm = self.spec.norm();
         let micro = self.micro_counter;
         self.micro_counter += 1;
         let be = &self.backend;
         let ws = &mut self.ws;
         let mlp_chunk = self.mlp_chunk;
         be.embedding_fwd(&db.ids, &self.model.embed, n, d, &mut ws.x)?;
+        if let Some(s) = self.spec.embed_scale {
+            be.scale(&mut ws.x, n * d, s)?;
+        }
         for l in 0..self.spec.num_layers {
             let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
             let ctx = LayerCtx {
@@ -695,7 +762,7 @@ impl<B: Backend> Trainer<B> {
                 n,
                 row0: 0,
                 batch: db,
-                rope_table: &self.model.rope_table,
+                rope_table: self.model.rope_table_for(&self.spec, l),
             };
             let (lw, slots) = (&self.model.layers[l], &self.slots[l]);
             if self.offload {
@@ -710,7 +777,7 @@ impl<B: Backend> Trainer<B> {
                 layer_forward(&ctx, lw, slots, acts, ws.chunk.as_mut(), mlp_chunk, &self.saved_inputs[l], &mut ws.x)?;
             }
         }
-        be.rmsnorm_fwd(&ws.x, &self.model.final_norm, n, d, eps, &mut ws.hf, &mut ws.invf)?;
+        be.rmsnorm_fwd(&ws.x, &self.model.final_norm, norm, n, d, &mut ws.hf, &mut ws.invf)?;
         let head = self.model.head.as_ref().unwrap_or(&self.model.embed);
         // Trainable head rows: the head's own rows, or the embedding's when tied (both paths
         // then add into one gradient).
@@ -722,7 +789,7 @@ impl<B: Backend> Trainer<B> {
         if !backward {
             return Ok(loss);
         }
-        be.rmsnorm_bwd(&ws.dh, &ws.x, &self.model.final_norm, &ws.invf, n, d, &mut ws.dx, false)?;
+        be.rmsnorm_bwd(&ws.dh, &ws.x, &self.model.final_norm, norm, &ws.invf, n, d, &mut ws.dx, false)?;
         let layers = self.spec.num_layers;
         if self.offload {
             let stage = ws.stage.as_mut().expect("offload allocates staging buffers");
@@ -739,7 +806,7 @@ impl<B: Backend> Trainer<B> {
                 n,
                 row0: 0,
                 batch: db,
-                rope_table: &self.model.rope_table,
+                rope_table: self.model.rope_table_for(&self.spec, l),
             };
             let (lw, slots) = (&self.model.layers[l], &mut self.slots[l]);
             let mut stage = ws.stage.take();
@@ -770,6 +837,10 @@ impl<B: Backend> Trainer<B> {
             result?;
         }
         if let Some(r) = self.rows.as_mut() {
+            // The table's rows reach the stream through the embedding scale (Gemma).
+            if let Some(s) = self.spec.embed_scale {
+                be.scale(&mut ws.dx, n * d, s)?;
+            }
             be.embedding_bwd_rows(&ws.dx, &db.ids, n, d, &r.slot_of_token, &mut r.embed.grad)?;
         }
         Ok(loss)
@@ -813,7 +884,7 @@ impl<B: Backend> Trainer<B> {
                     .layers
                     .get(l)
                     .and_then(|m| m.get(&s.target))
-                    .ok_or_else(|| Error::tensor(lora::peft_key(l, s.target, 'A'), None, "is missing from the adapter"))?;
+                    .ok_or_else(|| Error::tensor(lora::peft_key(&self.spec, l, s.target, 'A'), None, "is missing from the adapter"))?;
                 self.backend.write(&mut s.a, &p.a)?;
                 self.backend.write(&mut s.b, &p.b)?;
                 self.backend.write(&mut s.a_compute, &p.a)?;
@@ -914,6 +985,15 @@ impl<B: Backend> LayerCtx<'_, B> {
     fn slot<'s>(&self, slots: &'s [LoraSlot<B>], t: Target) -> Option<&'s LoraSlot<B>> {
         slots.iter().find(|s| s.target == t)
     }
+    /// This layer's attention: the batch's shape with the layer's window and the model's scale.
+    fn attn_shape(&self) -> AttnShape {
+        AttnShape { window: self.spec.layer_window(self.layer), softmax_scale: self.spec.attn_scale, ..self.batch.shape }
+    }
+}
+
+/// The weights and activations of an optional norm must come together (both follow the spec).
+fn norm_mismatch(what: &str, layer: usize) -> Error {
+    Error::msg(format!("layer {layer}: the {what} norm's weights and activations disagree (an engine bug)"))
 }
 
 /// `y = x·Wᵀ (+ bias) + scale · dropout(x)·Aᵀ·Bᵀ` for one of the seven linears.
@@ -990,7 +1070,9 @@ fn lora_linear_bwd<B: Backend>(
     }
 }
 
-/// Attention block and the MLP's input norm: `x2 = input + o(attention(…))`, `h2 = rmsnorm(x2)`.
+/// Attention block and the MLP's input norm: `x2 = input + o(attention(…))` (Gemma: the output
+/// normed first), `h2 = rmsnorm(x2)`. With per-head q/k norms the projections land in
+/// `qk.q_pre`/`k_pre` and their norms write `q`/`k`, which RoPE then rotates in place.
 fn attention_forward<B: Backend>(
     ctx: &LayerCtx<'_, B>,
     lw: &LayerWeights<B>,
@@ -1000,24 +1082,46 @@ fn attention_forward<B: Backend>(
 ) -> Result<()> {
     let (be, spec, n) = (ctx.be, ctx.spec, ctx.n);
     let (d, hd) = (spec.hidden_size, spec.head_dim);
-    let eps = spec.rms_norm_eps as f32;
+    let norm = spec.norm();
     let w = |t: Target| &lw.linears[t as usize];
     let ti = |t: Target| t as usize;
     let positions = &ctx.batch.positions;
-    be.rmsnorm_fwd(input, &lw.input_norm, n, d, eps, &mut a.h1, &mut a.inv1)?;
-    for (t, y) in [(Target::Q, &mut a.q), (Target::K, &mut a.k), (Target::V, &mut a.v)] {
+    be.rmsnorm_fwd(input, &lw.input_norm, norm, n, d, &mut a.h1, &mut a.inv1)?;
+    let (q_out, k_out) = match a.qk.as_mut() {
+        Some(qk) => (&mut qk.q_pre, &mut qk.k_pre),
+        None => (&mut a.q, &mut a.k),
+    };
+    for (t, y) in [(Target::Q, q_out), (Target::K, k_out), (Target::V, &mut a.v)] {
         lora_linear_fwd(ctx, t, w(t), ctx.slot(slots, t), &a.h1, &mut a.xa[ti(t)], &mut a.xd[ti(t)], y)?;
+    }
+    match (a.qk.as_mut(), &lw.q_norm, &lw.k_norm) {
+        (Some(qk), Some(qn), Some(kn)) => {
+            be.rmsnorm_fwd(&qk.q_pre, qn, norm, n * spec.num_heads, hd, &mut a.q, &mut qk.q_inv)?;
+            be.rmsnorm_fwd(&qk.k_pre, kn, norm, n * spec.num_kv_heads, hd, &mut a.k, &mut qk.k_inv)?;
+        }
+        (None, None, None) => {}
+        _ => return Err(norm_mismatch("q/k", ctx.layer)),
     }
     be.rope(&mut a.q, n, spec.num_heads, hd, positions, ctx.rope_table, false)?;
     be.rope(&mut a.k, n, spec.num_kv_heads, hd, positions, ctx.rope_table, false)?;
-    be.attention_fwd(&a.q, &a.k, &a.v, &ctx.batch.segments, ctx.batch.shape, &mut a.att, &mut a.lse)?;
+    be.attention_fwd(&a.q, &a.k, &a.v, &ctx.batch.segments, ctx.attn_shape(), &mut a.att, &mut a.lse)?;
     let o = Target::O;
-    lora_linear_fwd(ctx, o, w(o), ctx.slot(slots, o), &a.att, &mut a.xa[ti(o)], &mut a.xd[ti(o)], &mut a.x2)?;
+    let o_out = match a.attn_out.as_mut() {
+        Some(p) => &mut p.pre,
+        None => &mut a.x2,
+    };
+    lora_linear_fwd(ctx, o, w(o), ctx.slot(slots, o), &a.att, &mut a.xa[ti(o)], &mut a.xd[ti(o)], o_out)?;
+    match (a.attn_out.as_mut(), &lw.attn_out_norm) {
+        (Some(p), Some(wn)) => be.rmsnorm_fwd(&p.pre, wn, norm, n, d, &mut a.x2, &mut p.inv)?,
+        (None, None) => {}
+        _ => return Err(norm_mismatch("attention output", ctx.layer)),
+    }
     be.add(&mut a.x2, input, n * d)?;
-    be.rmsnorm_fwd(&a.x2, &lw.post_attention_norm, n, d, eps, &mut a.h2, &mut a.inv2)
+    be.rmsnorm_fwd(&a.x2, &lw.post_attention_norm, norm, n, d, &mut a.h2, &mut a.inv2)
 }
 
-/// `g, u, m` and `out = down(m)` for the rows of `h2` (a whole batch or one chunk).
+/// `g, u, m` and `out = down(m)` for the rows of `h2` (a whole batch or one chunk), with the
+/// model's gate activation (SwiGLU or GeGLU).
 fn mlp_core_forward<B: Backend>(
     ctx: &LayerCtx<'_, B>,
     lw: &LayerWeights<B>,
@@ -1031,9 +1135,35 @@ fn mlp_core_forward<B: Backend>(
     for (t, y) in [(Target::Gate, &mut a.g), (Target::Up, &mut a.u)] {
         lora_linear_fwd(ctx, t, w(t), ctx.slot(slots, t), h2, &mut a.xa[ti(t)], &mut a.xd[ti(t)], y)?;
     }
-    ctx.be.swiglu_fwd(&a.g, &a.u, ctx.n * ctx.spec.intermediate_size, &mut a.m)?;
+    let elems = ctx.n * ctx.spec.intermediate_size;
+    match ctx.spec.mlp_activation {
+        MlpActivation::Silu => ctx.be.swiglu_fwd(&a.g, &a.u, elems, &mut a.m)?,
+        MlpActivation::GeluTanh => ctx.be.geglu_fwd(&a.g, &a.u, elems, &mut a.m)?,
+    }
     let dn = Target::Down;
     lora_linear_fwd(ctx, dn, w(dn), ctx.slot(slots, dn), &a.m, &mut a.xa[ti(dn)], &mut a.xd[ti(dn)], out)
+}
+
+/// The MLP block's output for the rows of `h2`: `down(…)`, normed by Gemma's output norm when
+/// the model has one (its input and inverse RMS kept in `post`).
+#[allow(clippy::too_many_arguments)]
+fn mlp_forward<B: Backend>(
+    ctx: &LayerCtx<'_, B>,
+    lw: &LayerWeights<B>,
+    slots: &[LoraSlot<B>],
+    a: &mut MlpActs<B>,
+    post: Option<&mut OutNormActs<B>>,
+    h2: &B::Tensor,
+    out: &mut B::Tensor,
+) -> Result<()> {
+    match (post, &lw.mlp_out_norm) {
+        (Some(p), Some(wn)) => {
+            mlp_core_forward(ctx, lw, slots, a, h2, &mut p.pre)?;
+            ctx.be.rmsnorm_fwd(&p.pre, wn, ctx.spec.norm(), ctx.n, ctx.spec.hidden_size, out, &mut p.inv)
+        }
+        (None, None) => mlp_core_forward(ctx, lw, slots, a, h2, out),
+        _ => Err(norm_mismatch("MLP output", ctx.layer)),
+    }
 }
 
 /// Row ranges of the MLP chunks: `(first row, rows)`.
@@ -1062,11 +1192,11 @@ fn layer_forward<B: Backend>(
             for (r0, rows) in chunks(n, mlp_chunk) {
                 let cctx = ctx.for_chunk(r0, rows);
                 be.copy_range(&a.h2, r0 * d, &mut cw.h2, 0, rows * d)?;
-                mlp_core_forward(&cctx, lw, slots, &mut a.mlp, &cw.h2, &mut cw.out)?;
+                mlp_forward(&cctx, lw, slots, &mut a.mlp, a.mlp_out.as_mut(), &cw.h2, &mut cw.out)?;
                 be.copy_range(&cw.out, 0, output, r0 * d, rows * d)?;
             }
         }
-        _ => mlp_core_forward(ctx, lw, slots, &mut a.mlp, &a.h2, output)?,
+        _ => mlp_forward(ctx, lw, slots, &mut a.mlp, a.mlp_out.as_mut(), &a.h2, output)?,
     }
     be.add(output, &a.x2, n * d)
 }
@@ -1105,10 +1235,39 @@ fn mlp_core_backward<B: Backend>(
         &mut g.lora_scratch,
         &mut g.dx_lora,
     )?;
-    ctx.be.swiglu_bwd(&g.dm, &a.g, &a.u, ctx.n * ctx.spec.intermediate_size, &mut g.dg, &mut g.du)?;
+    let elems = ctx.n * ctx.spec.intermediate_size;
+    match ctx.spec.mlp_activation {
+        MlpActivation::Silu => ctx.be.swiglu_bwd(&g.dm, &a.g, &a.u, elems, &mut g.dg, &mut g.du)?,
+        MlpActivation::GeluTanh => ctx.be.geglu_bwd(&g.dm, &a.g, &a.u, elems, &mut g.dg, &mut g.du)?,
+    }
     let (gt, ut) = (Target::Gate, Target::Up);
     lora_linear_bwd(ctx, gt, w(gt), slot!(gt), h2, &a.xa[ti(gt)], &a.xd[ti(gt)], &g.dg, dh2, false, &mut g.lora_scratch, &mut g.dx_lora)?;
     lora_linear_bwd(ctx, ut, w(ut), slot!(ut), h2, &a.xa[ti(ut)], &a.xd[ti(ut)], &g.du, dh2, true, &mut g.lora_scratch, &mut g.dx_lora)
+}
+
+/// Backward of [`mlp_forward`]: through Gemma's output norm (into `d_pre`) when the model has one,
+/// then the MLP; writes `dh2`.
+#[allow(clippy::too_many_arguments)]
+fn mlp_backward<B: Backend>(
+    ctx: &LayerCtx<'_, B>,
+    lw: &LayerWeights<B>,
+    slots: &mut [LoraSlot<B>],
+    a: &MlpActs<B>,
+    post: Option<&OutNormActs<B>>,
+    h2: &B::Tensor,
+    dy: &B::Tensor,
+    dh2: &mut B::Tensor,
+    g: &mut MlpGrads<B>,
+    d_pre: Option<&mut B::Tensor>,
+) -> Result<()> {
+    match (post, &lw.mlp_out_norm, d_pre) {
+        (Some(p), Some(wn), Some(dp)) => {
+            ctx.be.rmsnorm_bwd(dy, &p.pre, wn, ctx.spec.norm(), &p.inv, ctx.n, ctx.spec.hidden_size, dp, false)?;
+            mlp_core_backward(ctx, lw, slots, a, h2, dp, dh2, g)
+        }
+        (None, None, None) => mlp_core_backward(ctx, lw, slots, a, h2, dy, dh2, g),
+        _ => Err(norm_mismatch("MLP output", ctx.layer)),
+    }
 }
 
 /// On entry `ws.dx` holds the gradient of the layer's output; on exit, of its input. With
@@ -1131,20 +1290,21 @@ fn layer_backward<B: Backend>(
     let positions = &ctx.batch.positions;
 
     // MLP block (recomputed chunk by chunk when chunked).
+    let norm = spec.norm();
     match ws.chunk.as_mut() {
         Some(cw) if mlp_chunk < n => {
             for (r0, rows) in chunks(n, mlp_chunk) {
                 let cctx = ctx.for_chunk(r0, rows);
                 be.copy_range(&a.h2, r0 * d, &mut cw.h2, 0, rows * d)?;
                 be.copy_range(&ws.dx, r0 * d, &mut cw.dy, 0, rows * d)?;
-                mlp_core_forward(&cctx, lw, slots, &mut a.mlp, &cw.h2, &mut cw.out)?;
-                mlp_core_backward(&cctx, lw, slots, &a.mlp, &cw.h2, &cw.dy, &mut cw.out, &mut ws.mlp)?;
+                mlp_forward(&cctx, lw, slots, &mut a.mlp, a.mlp_out.as_mut(), &cw.h2, &mut cw.out)?;
+                mlp_backward(&cctx, lw, slots, &a.mlp, a.mlp_out.as_ref(), &cw.h2, &cw.dy, &mut cw.out, &mut ws.mlp, ws.dmlp_out.as_mut())?;
                 be.copy_range(&cw.out, 0, &mut ws.dh, r0 * d, rows * d)?;
             }
         }
-        _ => mlp_core_backward(ctx, lw, slots, &a.mlp, &a.h2, &ws.dx, &mut ws.dh, &mut ws.mlp)?,
+        _ => mlp_backward(ctx, lw, slots, &a.mlp, a.mlp_out.as_ref(), &a.h2, &ws.dx, &mut ws.dh, &mut ws.mlp, ws.dmlp_out.as_mut())?,
     }
-    be.rmsnorm_bwd(&ws.dh, &a.x2, &lw.post_attention_norm, &a.inv2, n, d, &mut ws.dx, true)?;
+    be.rmsnorm_bwd(&ws.dh, &a.x2, &lw.post_attention_norm, norm, &a.inv2, n, d, &mut ws.dx, true)?;
 
     // Attention block.
     macro_rules! slot {
@@ -1154,6 +1314,16 @@ fn layer_backward<B: Backend>(
     }
     let o = Target::O;
     let m = &mut ws.mlp;
+    // Gemma: x2 = input + norm(o(…)); the gradient passes that norm first, into `dh` (free until
+    // the q/k/v backward writes it).
+    let d_o: &B::Tensor = match (a.attn_out.as_ref(), &lw.attn_out_norm) {
+        (Some(p), Some(wn)) => {
+            be.rmsnorm_bwd(&ws.dx, &p.pre, wn, norm, &p.inv, n, d, &mut ws.dh, false)?;
+            &ws.dh
+        }
+        (None, None) => &ws.dx,
+        _ => return Err(norm_mismatch("attention output", ctx.layer)),
+    };
     lora_linear_bwd(
         ctx,
         o,
@@ -1162,17 +1332,40 @@ fn layer_backward<B: Backend>(
         &a.att,
         &a.xa[ti(o)],
         &a.xd[ti(o)],
-        &ws.dx,
+        d_o,
         &mut ws.datt,
         false,
         &mut m.lora_scratch,
         &mut m.dx_lora,
     )?;
-    be.attention_bwd(&ws.datt, &a.q, &a.k, &a.v, &a.att, &a.lse, &ctx.batch.segments, ctx.batch.shape, &mut ws.dq, &mut ws.dk, &mut ws.dv)?;
+    be.attention_bwd(
+        &ws.datt,
+        &a.q,
+        &a.k,
+        &a.v,
+        &a.att,
+        &a.lse,
+        &ctx.batch.segments,
+        ctx.attn_shape(),
+        &mut ws.dq,
+        &mut ws.dk,
+        &mut ws.dv,
+    )?;
     be.rope(&mut ws.dq, n, spec.num_heads, hd, positions, ctx.rope_table, true)?;
     be.rope(&mut ws.dk, n, spec.num_kv_heads, hd, positions, ctx.rope_table, true)?;
+    // Per-head norms: q's gradient through its norm into `datt` (attention's backward has read
+    // it), k's into `dk_pre`.
+    let (dq, dk): (&B::Tensor, &B::Tensor) = match (a.qk.as_ref(), &lw.q_norm, &lw.k_norm, ws.dk_pre.as_mut()) {
+        (Some(qk), Some(qn), Some(kn), Some(dk_pre)) => {
+            be.rmsnorm_bwd(&ws.dq, &qk.q_pre, qn, norm, &qk.q_inv, n * spec.num_heads, hd, &mut ws.datt, false)?;
+            be.rmsnorm_bwd(&ws.dk, &qk.k_pre, kn, norm, &qk.k_inv, n * spec.num_kv_heads, hd, dk_pre, false)?;
+            (&ws.datt, &*dk_pre)
+        }
+        (None, None, None, None) => (&ws.dq, &ws.dk),
+        _ => return Err(norm_mismatch("q/k", ctx.layer)),
+    };
     let mut first = true;
-    for (t, dy) in [(Target::Q, &ws.dq), (Target::K, &ws.dk), (Target::V, &ws.dv)] {
+    for (t, dy) in [(Target::Q, dq), (Target::K, dk), (Target::V, &ws.dv)] {
         lora_linear_bwd(
             ctx,
             t,
@@ -1189,5 +1382,5 @@ fn layer_backward<B: Backend>(
         )?;
         first = false;
     }
-    be.rmsnorm_bwd(&ws.dh, input, &lw.input_norm, &a.inv1, n, d, &mut ws.dx, true)
+    be.rmsnorm_bwd(&ws.dh, input, &lw.input_norm, norm, &a.inv1, n, d, &mut ws.dx, true)
 }

@@ -4,12 +4,21 @@
 use crate::backend::{Backend, DType, HostWeight};
 use crate::config::{Quantization, Target};
 use crate::error::{Error, Result};
+use crate::model::arch::Rope;
 use crate::model::{ModelSpec, WeightStore};
 use crate::quant::nf4::Nf4Tensor;
 
 pub struct LayerWeights<B: Backend> {
     pub input_norm: B::Tensor,
+    /// The MLP's input norm: Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`.
     pub post_attention_norm: B::Tensor,
+    /// Gemma's norms of the attention and MLP outputs (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`), applied before each residual add.
+    pub attn_out_norm: Option<B::Tensor>,
+    pub mlp_out_norm: Option<B::Tensor>,
+    /// Per-head norms of q and k (`[head_dim]`, Qwen3 and Gemma 3).
+    pub q_norm: Option<B::Tensor>,
+    pub k_norm: Option<B::Tensor>,
     /// Indexed by `Target as usize` (q, k, v, o, gate, up, down).
     pub linears: Vec<B::Weight>,
 }
@@ -22,12 +31,22 @@ pub struct DeviceModel<B: Backend> {
     pub layers: Vec<LayerWeights<B>>,
     /// `[max_pos, head_dim/2]` cosines then sines.
     pub rope_table: B::Tensor,
+    /// The same for sliding-window layers with a RoPE of their own (Gemma 3).
+    pub rope_table_local: Option<B::Tensor>,
     pub rope_positions: usize,
 }
 
 impl<B: Backend> DeviceModel<B> {
     pub fn head(&self) -> &B::Tensor {
         self.head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The rotary table layer `l` reads.
+    pub fn rope_table_for(&self, spec: &ModelSpec, l: usize) -> &B::Tensor {
+        match &self.rope_table_local {
+            Some(t) if spec.uses_local_rope(l) => t,
+            _ => &self.rope_table,
+        }
     }
 }
 
@@ -91,10 +110,15 @@ impl WeightSource for WeightStore {
     }
 }
 
-/// The rotary table for positions `0..max_pos`, computed in f64.
+/// The rotary table of the global layers for positions `0..max_pos`, computed in f64.
 pub fn rope_table(spec: &ModelSpec, max_pos: usize) -> Vec<f32> {
-    let inv = spec.rope_inv_freq();
-    let scale = spec.rope_position_scale();
+    rope_table_of(spec, &spec.global_rope(), max_pos)
+}
+
+/// [`rope_table`] for a given rotary embedding (a local layer's).
+pub fn rope_table_of(spec: &ModelSpec, rope: &Rope, max_pos: usize) -> Vec<f32> {
+    let inv = spec.rope_inv_freq_of(rope);
+    let scale = ModelSpec::rope_position_scale_of(rope);
     let half = inv.len();
     let mut table = vec![0f32; 2 * max_pos * half];
     for p in 0..max_pos {
@@ -136,8 +160,14 @@ impl<B: Backend> DeviceModel<B> {
         let mut layers = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let p = format!("model.layers.{l}");
-            let input_norm = backend.upload(&src.dense(&format!("{p}.input_layernorm.weight"), &[d])?, DType::Act)?;
-            let post_attention_norm = backend.upload(&src.dense(&format!("{p}.post_attention_layernorm.weight"), &[d])?, DType::Act)?;
+            let norm = |name: &str| -> Result<B::Tensor> { backend.upload(&src.dense(&format!("{p}.{name}.weight"), &[d])?, DType::Act) };
+            // In `ModelSpec::layer_norm_names` order: input, MLP input, then Gemma's output norms.
+            let names = spec.layer_norm_names();
+            let (input_norm, post_attention_norm) = (norm(names[0])?, norm(names[1])?);
+            let attn_out_norm = names.get(2).map(|n| norm(n)).transpose()?;
+            let mlp_out_norm = names.get(3).map(|n| norm(n)).transpose()?;
+            let head_norm = |name: &str| backend.upload(&src.dense(&format!("{p}.self_attn.{name}.weight"), &[spec.head_dim])?, DType::Act);
+            let (q_norm, k_norm) = if spec.qk_norm { (Some(head_norm("q_norm")?), Some(head_norm("k_norm")?)) } else { (None, None) };
             let mut linears = Vec::with_capacity(7);
             for t in Target::ALL {
                 let name = linear_name(l, t);
@@ -146,10 +176,12 @@ impl<B: Backend> DeviceModel<B> {
                 let bias = if spec.has_bias(t) { Some(src.dense(&format!("{name}.bias"), &[shape.0])?) } else { None };
                 linears.push(backend.upload_weight(&w, bias.as_deref())?);
             }
-            layers.push(LayerWeights { input_norm, post_attention_norm, linears });
+            layers.push(LayerWeights { input_norm, post_attention_norm, attn_out_norm, mlp_out_norm, q_norm, k_norm, linears });
         }
         let rope_table = backend.upload(&rope_table(spec, max_pos), DType::F32)?;
-        Ok(DeviceModel { embed, head, final_norm, layers, rope_table, rope_positions: max_pos })
+        let rope_table_local =
+            spec.local_rope.as_ref().map(|r| backend.upload(&rope_table_of(spec, r, max_pos), DType::F32)).transpose()?;
+        Ok(DeviceModel { embed, head, final_norm, layers, rope_table, rope_table_local, rope_positions: max_pos })
     }
 }
 
@@ -179,11 +211,17 @@ impl RandomWeights {
         if !spec.tie_word_embeddings {
             tensors.insert("lm_head.weight".to_string(), normal(v * d, std));
         }
-        let norm = |x: Vec<f32>| x.into_iter().map(|e| 1.0 + e).collect::<Vec<f32>>();
+        // Norms apply `offset + w` ≈ 1 (Gemma stores w around 0).
+        let base = 1.0 - spec.norm_weight_offset;
+        let norm = |x: Vec<f32>| x.into_iter().map(|e| base + e).collect::<Vec<f32>>();
         tensors.insert("model.norm.weight".to_string(), norm(normal(d, 0.1)));
         for l in 0..spec.num_layers {
-            tensors.insert(format!("model.layers.{l}.input_layernorm.weight"), norm(normal(d, 0.1)));
-            tensors.insert(format!("model.layers.{l}.post_attention_layernorm.weight"), norm(normal(d, 0.1)));
+            for name in spec.layer_norm_names() {
+                tensors.insert(format!("model.layers.{l}.{name}.weight"), norm(normal(d, 0.1)));
+            }
+            for name in spec.qk_norm_names() {
+                tensors.insert(format!("model.layers.{l}.self_attn.{name}.weight"), norm(normal(spec.head_dim, 0.1)));
+            }
             for t in Target::ALL {
                 let (o, i) = spec.linear_shape(t);
                 tensors.insert(format!("{}.weight", linear_name(l, t)), normal(o * i, std));

@@ -276,6 +276,13 @@ pub fn weight_buffers(
     for l in 0..spec.num_layers {
         out.push(buf(format!("layers.{l}.input_norm"), Term::BaseWeights, d, DType::Act));
         out.push(buf(format!("layers.{l}.post_attention_norm"), Term::BaseWeights, d, DType::Act));
+        if spec.sandwich_norms {
+            out.push(buf(format!("layers.{l}.attn_out_norm"), Term::BaseWeights, d, DType::Act));
+            out.push(buf(format!("layers.{l}.mlp_out_norm"), Term::BaseWeights, d, DType::Act));
+        }
+        for name in spec.qk_norm_names() {
+            out.push(buf(format!("layers.{l}.{name}"), Term::BaseWeights, spec.head_dim, DType::Act));
+        }
         for t in Target::ALL {
             let (o, i) = spec.linear_shape(t);
             let name = format!("layers.{l}.{}", t.hf_name());
@@ -296,6 +303,9 @@ pub fn weight_buffers(
         }
     }
     out.push(buf("rope_table", Term::Workspace, 2 * max_pos * (spec.head_dim / 2), DType::F32));
+    if spec.local_rope.is_some() {
+        out.push(buf("rope_table_local", Term::Workspace, 2 * max_pos * (spec.head_dim / 2), DType::F32));
+    }
     out
 }
 
@@ -312,6 +322,39 @@ pub fn mlp_chunk_rows(rows: usize, keep_all: bool, requested: usize) -> usize {
 /// Whether the engine keeps every layer's activations (no recompute) under `policy`.
 pub fn keeps_all(policy: CheckpointPolicy) -> bool {
     policy == CheckpointPolicy::None
+}
+
+/// Per-layer activations only some families have, after the common ones: the inputs and inverse
+/// RMS of the per-head q/k norms (Qwen3, Gemma 3), and the pre-norm outputs and inverse RMS of
+/// Gemma's attention and MLP output norms (the MLP's per chunk).
+pub fn layer_extra_acts(spec: &ModelSpec, rows: usize, chunk: usize) -> Vec<(&'static str, usize, DType)> {
+    let mut out = Vec::new();
+    if spec.qk_norm {
+        out.push(("q_pre", rows * spec.q_dim(), DType::Act));
+        out.push(("k_pre", rows * spec.kv_dim(), DType::Act));
+        out.push(("q_inv", rows * spec.num_heads, DType::F32));
+        out.push(("k_inv", rows * spec.num_kv_heads, DType::F32));
+    }
+    if spec.sandwich_norms {
+        out.push(("attn_out_pre", rows * spec.hidden_size, DType::Act));
+        out.push(("attn_out_inv", rows, DType::F32));
+        out.push(("mlp_out_pre", chunk * spec.hidden_size, DType::Act));
+        out.push(("mlp_out_inv", chunk, DType::F32));
+    }
+    out
+}
+
+/// Backward scratch only some families need: the gradient of k before its norm (q's reuses
+/// `datt`), and of the MLP's output before Gemma's norm (per chunk).
+pub fn workspace_extra(spec: &ModelSpec, rows: usize, chunk: usize) -> Vec<(&'static str, usize, DType)> {
+    let mut out = Vec::new();
+    if spec.qk_norm {
+        out.push(("dk_pre", rows * spec.kv_dim(), DType::Act));
+    }
+    if spec.sandwich_norms {
+        out.push(("dmlp_out", chunk * spec.hidden_size, DType::Act));
+    }
+    out
 }
 
 /// The buffers `engine::Trainer::new` allocates, in order, for a resolved policy.
@@ -375,6 +418,9 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
         ] {
             out.push(buf(format!("{p}.{name}"), a, n, dt));
         }
+        for (name, n, dt) in layer_extra_acts(spec, rows, chunk) {
+            out.push(buf(format!("{p}.{name}"), a, n, dt));
+        }
     }
     for l in 0..spec.num_layers {
         let mut b = buf(format!("saved_input.{l}"), Term::SavedActivations, rows * d, DType::Act);
@@ -401,6 +447,9 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
         ("lora_scratch", rows * r, DType::Act),
         ("dx_lora", (rows * d.max(qd)).max(chunk * f), DType::Act),
     ] {
+        out.push(buf(format!("ws.{name}"), w, n, dt));
+    }
+    for (name, n, dt) in workspace_extra(spec, rows, chunk) {
         out.push(buf(format!("ws.{name}"), w, n, dt));
     }
     if chunk < rows {

@@ -31,9 +31,12 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// The JSON PEFT writes for a LoRA adapter (fields PEFT ≥ 0.10 reads; unknown ones are ignored).
-pub fn adapter_config_json(lora: &LoraConfig, base_model: &str) -> Value {
+/// The text model of a multimodal folder is targeted by a regex on its modules, so PEFT leaves the
+/// vision tower's projections (also named `q_proj`, …) alone.
+pub fn adapter_config_json(spec: &ModelSpec, lora: &LoraConfig, base_model: &str) -> Value {
     let mut targets: Vec<&str> = lora.targets.iter().map(|t| t.hf_name()).collect();
     targets.sort();
+    let target_modules = if spec.text_tower { json!(format!(r".*\.language_model\..*\.({})", targets.join("|"))) } else { json!(targets) };
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -41,7 +44,7 @@ pub fn adapter_config_json(lora: &LoraConfig, base_model: &str) -> Value {
         "r": lora.r,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
-        "target_modules": targets,
+        "target_modules": target_modules,
         "use_rslora": lora.rslora,
         "bias": "none",
         "fan_in_fan_out": false,
@@ -58,7 +61,9 @@ pub fn adapter_config_json(lora: &LoraConfig, base_model: &str) -> Value {
 }
 
 /// PEFT's key for the trained rows of the input embedding.
-pub const EMBED_TOKENS_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+pub fn embed_tokens_key(spec: &ModelSpec) -> String {
+    format!("{}embed_tokens.token_adapter.trainable_tokens_delta", spec.peft_decoder_prefix())
+}
 /// PEFT's key for the trained rows of an untied `lm_head`.
 pub const LM_HEAD_TOKENS_KEY: &str = "base_model.model.lm_head.token_adapter.trainable_tokens_delta";
 
@@ -74,14 +79,15 @@ fn trainable_token_indices(rows: &TokenRows) -> Value {
 }
 
 /// Write `dir` atomically (built in a temporary sibling, renamed into place).
-pub fn save_peft(dir: &Path, weights: &LoraWeights, lora: &LoraConfig, base_model: &str) -> Result<()> {
-    save_peft_with_tokens(dir, weights, lora, base_model, None)
+pub fn save_peft(dir: &Path, spec: &ModelSpec, weights: &LoraWeights, lora: &LoraConfig, base_model: &str) -> Result<()> {
+    save_peft_with_tokens(dir, spec, weights, lora, base_model, None)
 }
 
 /// [`save_peft`] with the token rows trained alongside (PEFT's trainable tokens, see the module
 /// comment).
 pub fn save_peft_with_tokens(
     dir: &Path,
+    spec: &ModelSpec,
     weights: &LoraWeights,
     lora: &LoraConfig,
     base_model: &str,
@@ -92,11 +98,11 @@ pub fn save_peft_with_tokens(
         for (&t, p) in layer {
             let inp = p.a.len() / weights.rank;
             let out = p.b.len() / weights.rank;
-            tensors.push(OutTensor::from_f32(peft_key(l, t, 'A'), vec![weights.rank, inp], &p.a, Dtype::F32));
-            tensors.push(OutTensor::from_f32(peft_key(l, t, 'B'), vec![out, weights.rank], &p.b, Dtype::F32));
+            tensors.push(OutTensor::from_f32(peft_key(spec, l, t, 'A'), vec![weights.rank, inp], &p.a, Dtype::F32));
+            tensors.push(OutTensor::from_f32(peft_key(spec, l, t, 'B'), vec![out, weights.rank], &p.b, Dtype::F32));
         }
     }
-    let mut config = adapter_config_json(lora, base_model);
+    let mut config = adapter_config_json(spec, lora, base_model);
     if let Some(rows) = tokens {
         let k = rows.ids.len();
         let d = rows.embed.len().checked_div(k).unwrap_or(0);
@@ -106,7 +112,7 @@ pub fn save_peft_with_tokens(
                 rows.embed.len()
             )));
         }
-        tensors.push(OutTensor::from_f32(EMBED_TOKENS_KEY, vec![k, d], &rows.embed, Dtype::F32));
+        tensors.push(OutTensor::from_f32(embed_tokens_key(spec), vec![k, d], &rows.embed, Dtype::F32));
         if let Some(h) = &rows.head {
             tensors.push(OutTensor::from_f32(LM_HEAD_TOKENS_KEY, vec![k, d], h, Dtype::F32));
         }
@@ -151,6 +157,8 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<LoadedAdapter> {
     if rank_pattern {
         return Err(Error::file(&cfg_path, "per-module ranks (rank_pattern) are not supported"));
     }
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let tensors = read_small_f32(&weights_path)?;
     let targets: Vec<Target> = match v.get("target_modules") {
         Some(Value::Array(a)) => a
             .iter()
@@ -160,7 +168,17 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<LoadedAdapter> {
                     .ok_or_else(|| Error::file(&cfg_path, format!("target module `{name}` is not one of the 7 Llama linears")))
             })
             .collect::<Result<_>>()?,
-        Some(Value::String(s)) => return Err(Error::file(&cfg_path, format!("target_modules as a regex (`{s}`) is not supported"))),
+        // A regex (PEFT matches it against module names; Unsloth and we write one for multimodal
+        // folders): the adapted linears are the ones the weights file holds.
+        Some(Value::String(_)) => Target::ALL
+            .into_iter()
+            .filter(|&t| {
+                (0..spec.num_layers).any(|l| {
+                    let key = peft_key(spec, l, t, 'A');
+                    tensors.contains_key(&key) || tensors.contains_key(&key.replace("lora_A.weight", "lora_A.default.weight"))
+                })
+            })
+            .collect(),
         _ => return Err(Error::file(&cfg_path, "`target_modules` is missing")),
     };
     let mut targets = targets;
@@ -173,15 +191,13 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<LoadedAdapter> {
         targets: targets.clone(),
         rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
     };
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let tensors = read_small_f32(&weights_path)?;
     let mut layers = vec![BTreeMap::new(); spec.num_layers];
     let mut used = 0;
     for (l, layer) in layers.iter_mut().enumerate() {
         for &t in &targets {
             let (out, inp) = spec.linear_shape(t);
             let get = |which: char, shape: [usize; 2]| -> Result<Vec<f32>> {
-                let key = peft_key(l, t, which);
+                let key = peft_key(spec, l, t, which);
                 // PEFT also writes keys with the adapter name (`lora_A.default.weight`) in some versions.
                 let alt = key.replace(&format!("lora_{which}.weight"), &format!("lora_{which}.default.weight"));
                 let (s, data) = tensors
@@ -266,14 +282,15 @@ fn load_token_rows(
         }
         Ok(data.clone())
     };
-    let stray = [EMBED_TOKENS_KEY, LM_HEAD_TOKENS_KEY].into_iter().find(|k| tensors.contains_key(*k));
+    let embed_key = embed_tokens_key(spec);
+    let stray = [embed_key.as_str(), LM_HEAD_TOKENS_KEY].into_iter().find(|k| tensors.contains_key(*k));
     match (embed_ids, head_ids) {
         (None, None) => match stray {
             Some(k) => Err(Error::tensor(k, Some(weights_path), "is present but adapter_config.json has no `trainable_token_indices`")),
             None => Ok(None),
         },
         (Some(ids), head) => {
-            let embed = rows_of(EMBED_TOKENS_KEY, &ids)?;
+            let embed = rows_of(&embed_key, &ids)?;
             let head = match head {
                 None => None,
                 Some(h) if h == ids => Some(rows_of(LM_HEAD_TOKENS_KEY, &h)?),
@@ -335,7 +352,7 @@ mod tests {
         let w = LoraWeights::init(&s, &lora, 3);
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("adapter");
-        save_peft(&out, &w, &lora, "base").unwrap();
+        save_peft(&out, &spec(), &w, &lora, "base").unwrap();
         let back = load_peft(&out, &s).unwrap();
         assert_eq!(back.weights, w);
         assert_eq!(back.lora.targets, lora.targets);
@@ -353,7 +370,7 @@ mod tests {
             TokenRows { ids: vec![3, 7], embed: (0..16).map(|i| i as f32).collect(), head: Some((0..16).map(|i| -(i as f32)).collect()) };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("adapter");
-        save_peft_with_tokens(&out, &w, &lora, "base", Some(&rows)).unwrap();
+        save_peft_with_tokens(&out, &spec(), &w, &lora, "base", Some(&rows)).unwrap();
         let back = load_peft(&out, &s).unwrap();
         assert_eq!(back.token_rows, Some(rows.clone()));
         // A tied model cannot take separate head rows.

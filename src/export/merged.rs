@@ -170,7 +170,10 @@ impl Sink for FsSink {
 
 /// One tensor of the output, planned before any value is read.
 struct Planned {
+    /// The name the engine reads it by.
     name: String,
+    /// The name written: the source folder's (a multimodal folder keeps its layout).
+    file_name: String,
     shape: Vec<usize>,
     /// Output dtype: the export dtype for floats; integer tensors keep theirs.
     dtype: Dtype,
@@ -266,7 +269,14 @@ fn plan(store: &WeightStore, spec: &ModelSpec, dtype: MergeDtype) -> Result<Vec<
             Source::Raw => (entry.end - entry.start) as u64,
             _ => (numel * dtype.bytes()) as u64,
         };
-        out.push(Planned { name: name.to_string(), shape, dtype: dtype_out, bytes, kind });
+        out.push(Planned {
+            name: name.to_string(),
+            file_name: store.original_name(name).to_string(),
+            shape,
+            dtype: dtype_out,
+            bytes,
+            kind,
+        });
     }
     out.sort_by_key(|p| order_key(&p.name));
     Ok(out)
@@ -301,7 +311,7 @@ fn header(plan: &[Planned]) -> Vec<u8> {
     m.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut at = 0u64;
     for p in plan {
-        m.insert(p.name.clone(), json!({"dtype": dtype_name(p.dtype), "shape": p.shape, "data_offsets": [at, at + p.bytes]}));
+        m.insert(p.file_name.clone(), json!({"dtype": dtype_name(p.dtype), "shape": p.shape, "data_offsets": [at, at + p.bytes]}));
         at += p.bytes;
     }
     let mut h = serde_json::to_vec(&Value::Object(m)).expect("json");
@@ -513,7 +523,7 @@ pub fn export_merged_with(input: &MergeInput, dest: &Path, opts: &MergeOptions, 
                 let bytes = merger.tensor_bytes(p)?;
                 debug_assert_eq!(bytes.len() as u64, p.bytes, "{}", p.name);
                 w.write_all(&bytes).with_path(&path)?;
-                weight_map.insert(p.name.clone(), json!(file));
+                weight_map.insert(p.file_name.clone(), json!(file));
             }
             w.flush().with_path(&path)?;
         }

@@ -75,6 +75,6 @@ pub fn export_adapter(run_dir: &Path, to: Option<&Path>) -> Result<PathBuf> {
         None => run_dir.join(checkpoint::ADAPTER_DIR),
     };
     let base = art.config.model.path.display().to_string();
-    save_peft_with_tokens(&dest, &art.adapter.weights, &art.adapter.lora, &base, token_rows(&art))?;
+    save_peft_with_tokens(&dest, &art.spec, &art.adapter.weights, &art.adapter.lora, &base, token_rows(&art))?;
     Ok(dest)
 }

@@ -25,7 +25,26 @@ pub struct TensorEntry {
 pub struct WeightStore {
     pub dir: PathBuf,
     shards: Vec<(PathBuf, Mmap)>,
+    /// By the name the engine uses: a multimodal folder's text model (`gemma3`) is listed as a
+    /// plain causal LM (`model.layers.…`, `lm_head.weight`); its other tensors keep their names.
     entries: BTreeMap<String, TensorEntry>,
+    /// The file's name of every renamed tensor, for writing the folder back in its own layout.
+    original: BTreeMap<String, String>,
+}
+
+/// Where a multimodal checkpoint keeps its text model, as (file prefix, engine prefix): the
+/// layout transformers ≥ 4.52 writes (`model.language_model.layers.…`, `lm_head.weight`) and
+/// the earlier one (`language_model.model.layers.…`, `language_model.lm_head.weight`).
+const TEXT_TOWER_LAYOUTS: [&[(&str, &str)]; 2] =
+    [&[("model.language_model.", "model.")], &[("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")]];
+
+/// The renames that make a multimodal checkpoint's text model read as a causal LM, if the names
+/// are one of [`TEXT_TOWER_LAYOUTS`].
+fn text_tower_renames<'a>(names: impl Iterator<Item = &'a String> + Clone) -> Option<&'static [(&'static str, &'static str)]> {
+    TEXT_TOWER_LAYOUTS.into_iter().find(|layout| {
+        let embed = format!("{}embed_tokens.weight", layout[0].0);
+        names.clone().any(|n| *n == embed) && !names.clone().any(|n| n == "model.embed_tokens.weight")
+    })
 }
 
 impl std::fmt::Debug for WeightStore {
@@ -92,7 +111,29 @@ impl WeightStore {
             }
             shards.push((path, mmap));
         }
-        Ok(WeightStore { dir: dir.to_path_buf(), shards, entries })
+        let mut original = BTreeMap::new();
+        if let Some(renames) = text_tower_renames(entries.keys()) {
+            let mut renamed = BTreeMap::new();
+            for (name, e) in entries {
+                match renames.iter().find_map(|(from, to)| name.strip_prefix(from).map(|rest| format!("{to}{rest}"))) {
+                    Some(engine_name) => {
+                        original.insert(engine_name.clone(), name);
+                        renamed.insert(engine_name, e);
+                    }
+                    None => {
+                        renamed.insert(name, e);
+                    }
+                }
+            }
+            entries = renamed;
+        }
+        Ok(WeightStore { dir: dir.to_path_buf(), shards, entries, original })
+    }
+
+    /// The name a tensor has in the files (differs from `name` for a multimodal folder's text
+    /// model).
+    pub fn original_name<'a>(&'a self, name: &'a str) -> &'a str {
+        self.original.get(name).map_or(name, String::as_str)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -112,7 +153,9 @@ impl WeightStore {
     }
 
     fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.entries.get(name).ok_or_else(|| Error::tensor(name, Some(&self.dir), "is missing from the model's safetensors files"))
+        self.entries
+            .get(name)
+            .ok_or_else(|| Error::tensor(self.original_name(name), Some(&self.dir), "is missing from the model's safetensors files"))
     }
 
     /// The raw bytes of a tensor, as stored.
@@ -216,4 +259,54 @@ pub fn read_small_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f
         out.insert(name.to_string(), (view.shape().to_vec(), data));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, names: &[&str]) {
+        let tensors: Vec<OutTensor> = names.iter().map(|n| OutTensor::from_f32(*n, vec![2], &[1.0, 2.0], Dtype::F32)).collect();
+        std::fs::write(dir.join("model.safetensors"), serialize_safetensors(&tensors, None).unwrap()).unwrap();
+    }
+
+    /// Both layouts transformers writes for a multimodal folder's text model read as a causal
+    /// LM; the vision tower keeps its names, and every tensor remembers the file's name.
+    #[test]
+    fn text_model_of_a_multimodal_folder_reads_as_a_causal_lm() {
+        for (embed, head) in [
+            ("model.language_model.embed_tokens.weight", "lm_head.weight"),
+            ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let layer = embed.replace("embed_tokens.weight", "layers.0.self_attn.q_proj.weight");
+            write(d.path(), &[embed, head, &layer, "vision_tower.encoder.layers.0.self_attn.q_proj.weight"]);
+            let s = WeightStore::open(d.path()).unwrap();
+            let names: Vec<&str> = s.names().collect();
+            assert_eq!(
+                names,
+                [
+                    "lm_head.weight",
+                    "model.embed_tokens.weight",
+                    "model.layers.0.self_attn.q_proj.weight",
+                    "vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+                ],
+                "{embed}"
+            );
+            assert_eq!(s.original_name("model.embed_tokens.weight"), embed);
+            assert_eq!(s.original_name("lm_head.weight"), head);
+            assert_eq!(
+                s.original_name("vision_tower.encoder.layers.0.self_attn.q_proj.weight"),
+                "vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+            );
+            assert_eq!(s.f32("model.layers.0.self_attn.q_proj.weight", &[2]).unwrap(), vec![1.0, 2.0]);
+            // A missing tensor is named as the file would name it.
+            let e = s.f32("model.layers.1.self_attn.q_proj.weight", &[2]).unwrap_err().to_string();
+            assert!(e.contains("model.layers.1"), "{e}");
+        }
+        // A plain causal LM is left as it is.
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), &["model.embed_tokens.weight", "model.language_model.embed_tokens.weight"]);
+        assert_eq!(WeightStore::open(d.path()).unwrap().names().count(), 2);
+    }
 }

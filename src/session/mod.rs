@@ -617,7 +617,7 @@ fn train_on<B: Backend>(
 
     save(&trainer, &mut last_saved)?;
     let adapter_dir = p.run_dir.join(checkpoint::ADAPTER_DIR);
-    save_peft(&adapter_dir, &trainer.lora_weights()?, &cfg.lora, &model_name)?;
+    save_peft(&adapter_dir, &trainer.spec, &trainer.lora_weights()?, &cfg.lora, &model_name)?;
     status.state = if stopped { "stopped".into() } else { "done".into() };
     status.step = trainer.step;
     status.updated = now();

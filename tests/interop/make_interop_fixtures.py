@@ -4,16 +4,26 @@
 Runs in phases (tests/interop/run_on_gpu.sh runs them all on a GPU host, with the tunestudio
 binary between them); every phase reads and extends FX/expected.json:
 
-    models FX       random tiny models made with transformers (Llama with GQA and an untied head,
-                    Llama with tied embeddings, llama3 rope scaling and MQA, Qwen2 with q/k/v bias),
-                    each with a PEFT LoRA adapter whose A and B are random (and PEFT trainable tokens
-                    on two of them); token sequences with labels; HF's loss of every base and
-                    PEFT's loss of every base + adapter, in f32.                        (CPU)
+    models FX [NAME...]
+                    random tiny models made with transformers (Llama with GQA and an untied head,
+                    Llama with tied embeddings, llama3 rope scaling and MQA, Qwen2 with q/k/v bias;
+                    Qwen3 with q/k norms and a head_dim of its own; Gemma 3's text model and the
+                    text model of a multimodal Gemma 3 folder, with sliding-window layers, their
+                    own RoPE and query_pre_attn_scalar), each with a PEFT LoRA adapter whose A and
+                    B are random (and PEFT trainable tokens on some); token sequences with labels;
+                    HF's loss of every base and PEFT's loss of every base + adapter, in f32, and
+                    HF's per-token logits of the Qwen3 and Gemma 3 bases. NAMEs: only those models
+                    (their entries are replaced; the others' are kept).                  (CPU)
     bnb FX          a tiny Llama saved by transformers + bitsandbytes as a `*-bnb-4bit` checkpoint,
                     bnb's dequantization of each of its linears (bf16 and f32) and the f32 loss
                     of the model with those dequantized weights.                          (CUDA)
-    merged FX DIR   HF loads the merged folders tunestudio wrote into DIR (<model>-f32 and
+    merged FX DIR [NAME...]
+                    HF loads the merged folders tunestudio wrote into DIR (<model>-f32 and
                     <model>-bf16) and scores the same tokens.                             (CPU)
+    trained FX      PEFT loads the adapters tunestudio trained on the Qwen3 and Gemma 3 models
+                    (<model>_trained_adapter, written by `cargo test --release --test
+                    interop_fixtures -- --ignored write_trained_adapters`) and scores the tokens.
+                                                                                         (CPU)
     demo FX DIR DEMO  PEFT loads the adapter tunestudio exported from a demo run (with trainable
                     tokens) over the demo base, with its linears as they are and as bnb's NF4
                     dequantizes them, and scores the examples tunestudio scored; HF loads the
@@ -39,6 +49,8 @@ torch.backends.cudnn.allow_tf32 = False
 TOKEN_SEQS_FILE = "tokens.json"
 EXPECTED_FILE = "expected.json"
 MODELS = ["llama_gqa", "llama_tied", "qwen2_bias"]
+# The families of issue 14; their fixtures are made on the CPU (no bitsandbytes involved).
+FAMILY_MODELS = ["qwen3_tied", "gemma3_text", "gemma3_mm"]
 VOCAB = 96
 
 
@@ -84,11 +96,27 @@ def rel(a, b):
 
 
 def configs():
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import (Gemma3Config, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config,
+                              SiglipVisionConfig)
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0)
+    # Gemma 3's text model, small: a window shorter than the sequences (5 of up to 24 tokens), a
+    # softmax scale that is not head_dim^-0.5, local and global RoPE (linear scaling on the global
+    # layers only, as Gemma-3-4B has), GeGLU and (1 + w) norms come with the class.
+    gemma_text = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                      sliding_window=5, hidden_activation="gelu_pytorch_tanh",
+                      rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                      **{**common, "num_hidden_layers": 3})
+    gemma_text["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
+    # The text model of a multimodal folder: MQA, head_dim twice hidden / heads, a tiny SigLIP
+    # tower that must survive the merge. Image tokens sit outside the text vocabulary.
+    mm_text = dict(gemma_text, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                   query_pre_attn_scalar=40, sliding_window=7, layer_types=["sliding_attention", "full_attention"])
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
     return {
         "llama_gqa": LlamaConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                  tie_word_embeddings=False, **common),
@@ -101,6 +129,14 @@ def configs():
                                   **common),
         "qwen2_bias": Qwen2Config(num_attention_heads=4, num_key_value_heads=2,
                                   tie_word_embeddings=True, use_sliding_window=False, **common),
+        # q/k norms, a head_dim that is not hidden / heads, tied embeddings as the small Qwen3s.
+        "qwen3_tied": Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                  tie_word_embeddings=True, use_sliding_window=False,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common),
+        "gemma3_text": Gemma3TextConfig(**gemma_text),
+        "gemma3_mm": Gemma3Config(text_config=Gemma3TextConfig(**mm_text).to_dict(), vision_config=vision.to_dict(),
+                                  mm_tokens_per_image=4, image_token_index=1000, boi_token_index=1001,
+                                  eoi_token_index=1002),
     }
 
 
@@ -113,6 +149,11 @@ def adapter_settings():
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                            trainable_token_indices={"embed_tokens": [5, 17]}),
         "qwen2_bias": dict(r=2, lora_alpha=4, target_modules=all7),
+        "qwen3_tied": dict(r=4, lora_alpha=8, target_modules=all7, trainable_token_indices={"embed_tokens": [3, 90]}),
+        # Trainable tokens go through Gemma's embedding scale in PEFT too.
+        "gemma3_text": dict(r=4, lora_alpha=8, target_modules=all7, trainable_token_indices={"embed_tokens": [5, 17]}),
+        # A regex, as for any multimodal model: the vision tower's q/k/v/out projections stay plain.
+        "gemma3_mm": dict(r=2, lora_alpha=4, target_modules=r".*\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"),
     }
 
 
@@ -120,15 +161,20 @@ def randomize(model, seed):
     """Weights of a size that gives the loss something to depend on (HF's init std of 0.02 makes
     every logit nearly equal, so any forward would pass)."""
     g = torch.Generator().manual_seed(seed)
+    gemma = "gemma3" in model.config.model_type
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            if gemma and ("vision_tower" in name or "multi_modal_projector" in name):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("norm.weight"):
+                # Gemma's norms multiply by (1 + w): keep the factor near 1 there too.
+                p.copy_((0.0 if gemma else 1.0) + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
-                # Small enough that a tied head gives logits of order one.
-                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+                # Small enough that a tied head gives logits of order one (Gemma's head sees the
+                # table unscaled, its stream the table times sqrt(hidden)).
+                p.copy_((0.12 if gemma else 0.25) * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
 
@@ -148,7 +194,19 @@ def token_seqs():
     return seqs
 
 
-def phase_models(fx):
+def save_logits(model, seqs, path):
+    """HF's f32 logits of every sequence, `seq<i>` = [len, vocab]."""
+    from safetensors.torch import save_file
+
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for i, (ids, _) in enumerate(seqs):
+            out[f"seq{i}"] = model(input_ids=torch.tensor([ids])).logits[0].float().contiguous()
+    save_file(out, path)
+
+
+def phase_models(fx, names=None):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -157,6 +215,8 @@ def phase_models(fx):
     save_json(os.path.join(fx, TOKEN_SEQS_FILE), [{"input_ids": i, "labels": l} for i, l in seqs])
     expected = load_json(os.path.join(fx, EXPECTED_FILE), {})
     for k, (name, cfg) in enumerate(configs().items()):
+        if names and name not in names:
+            continue
         torch.manual_seed(k)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         randomize(model, 100 + k)
@@ -165,6 +225,8 @@ def phase_models(fx):
         model.to(torch.bfloat16).save_pretrained(folder)
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         rec = {"base": loss_record(loss_sum(base, seqs))}
+        if name in FAMILY_MODELS:
+            save_logits(base, seqs, os.path.join(fx, name + "_logits.safetensors"))
 
         peft_model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **adapter_settings()[name]))
         g = torch.Generator().manual_seed(200 + k)
@@ -257,11 +319,11 @@ def load_checked(path, **kw):
     return model
 
 
-def phase_merged(fx, merged_dir):
+def phase_merged(fx, merged_dir, names=None):
     seqs = [(s["input_ids"], s["labels"]) for s in load_json(os.path.join(fx, TOKEN_SEQS_FILE))]
     expected = load_json(os.path.join(fx, EXPECTED_FILE))
     report = {}
-    for name in MODELS:
+    for name in names or MODELS:
         rec = expected[name]
         for dt in ("f32", "bf16"):
             path = os.path.join(merged_dir, f"{name}-{dt}")
@@ -346,14 +408,40 @@ def phase_demo(fx, merged_dir, demo):
     return report
 
 
+def phase_trained(fx):
+    """PEFT's loss with the adapters tunestudio trained (and exported) for the new families."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    seqs = [(s["input_ids"], s["labels"]) for s in load_json(os.path.join(fx, TOKEN_SEQS_FILE))]
+    expected = load_json(os.path.join(fx, EXPECTED_FILE))
+    report = {}
+    for name in FAMILY_MODELS:
+        adapter = os.path.join(fx, name + "_trained_adapter")
+        base = AutoModelForCausalLM.from_pretrained(os.path.join(fx, name), dtype=torch.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = PeftModel.from_pretrained(base, adapter)
+        bad = [str(w.message) for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+        assert not bad, f"{name}: PEFT warned while loading the adapter tunestudio trained: {bad}"
+        got = loss_record(loss_sum(model, seqs))
+        expected[name]["trained_peft"] = got
+        report[f"{name}: PEFT loss with tunestudio's trained adapter"] = got["mean"]
+        report[f"{name}: base loss"] = expected[name]["base"]["mean"]
+    save_json(os.path.join(fx, EXPECTED_FILE), expected)
+    return report
+
+
 def main():
     phase, fx = sys.argv[1], sys.argv[2]
     if phase == "models":
-        phase_models(fx)
+        phase_models(fx, sys.argv[3:])
     elif phase == "bnb":
         phase_bnb(fx)
     elif phase == "merged":
-        print(json.dumps(phase_merged(fx, sys.argv[3]), indent=1))
+        print(json.dumps(phase_merged(fx, sys.argv[3], sys.argv[4:]), indent=1))
+    elif phase == "trained":
+        print(json.dumps(phase_trained(fx), indent=1))
     elif phase == "demo":
         print(json.dumps(phase_demo(fx, sys.argv[3], sys.argv[4]), indent=1))
     else:

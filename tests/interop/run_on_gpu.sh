@@ -29,8 +29,12 @@ python3 "$PY" models "$FX"
 echo "== bnb-4bit checkpoint"
 python3 "$PY" bnb "$FX"
 
+echo "== tunestudio trains adapters on the Qwen3 and Gemma 3 models; PEFT scores them"
+INTEROP_FIXTURES="$FX" "$D/interop_fixtures" --ignored write_trained_adapters --nocapture
+python3 "$PY" trained "$FX" | tee "$OUT/trained.json"
+
 echo "== tunestudio merges the PEFT adapters"
-for m in llama_gqa llama_tied qwen2_bias; do
+for m in llama_gqa llama_tied qwen2_bias qwen3_tied gemma3_text gemma3_mm; do
   "$BIN" export merged --model "$FX/$m" --adapter "$FX/${m}_adapter" --dtype f32 --to "$M/$m-f32"
   "$BIN" export merged --model "$FX/$m" --adapter "$FX/${m}_adapter" --dtype bf16 --max-shard-size 40000 --to "$M/$m-bf16"
 done
@@ -39,7 +43,7 @@ if "$BIN" export merged --model "$FX/llama_gqa" --adapter "$FX/llama_gqa_adapter
   echo "FAIL: an existing destination was overwritten"; exit 1
 fi
 echo "refused as expected: $(tail -1 "$OUT/refused.txt")"
-python3 "$PY" merged "$FX" "$M" | tee "$OUT/merged.json"
+python3 "$PY" merged "$FX" "$M" llama_gqa llama_tied qwen2_bias qwen3_tied gemma3_text gemma3_mm | tee "$OUT/merged.json"
 
 echo "== demo run with the untrained-token fix, exported for PEFT"
 mkdir -p "$FX/demo_fix"

@@ -95,7 +95,10 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
                     ui.label("Reading and tokenizing the dataset…");
                 });
             }
-            Load::Failed(e) => widgets::error_box(ui, e),
+            // The reason is at the field it belongs to, above: said once.
+            Load::Failed(_) => {
+                ui.weak("No preview: the dataset could not be read (the reason is at the Dataset file field).");
+            }
             Load::Ready(v) => {
                 let v = v.clone();
                 report_ui(ui, &v, &mut state.dataset.preview_index);
@@ -168,7 +171,7 @@ fn column_fields(ui: &mut Ui, problems: &Problems, c: &mut RunConfig, columns: &
 
 fn report_ui(ui: &mut Ui, v: &DatasetView, preview_index: &mut usize) {
     ui.label(summary(v));
-    ui.weak(format!("template: {} · trained spans from: {}", v.template, v.mask));
+    ui.weak(format!("template: {} · trained: {}", v.template, v.mask));
     ui.add_space(6.0);
     ui.columns(2, |cols| {
         cols[0].strong("Token lengths");

@@ -91,6 +91,14 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         Some(Ok(p)) => {
             widgets::ok_line(ui, "Exported to:");
             ui.add(egui::Label::new(RichText::new(p.display().to_string()).monospace()).selectable(true));
+            ui.horizontal(|ui| {
+                if ui.button("📂 Open folder").on_hover_text("Show it in the file manager").clicked() {
+                    actions.push(Action::OpenFolder(p.clone()));
+                }
+                if ui.button("📋 Copy path").clicked() {
+                    actions.push(Action::CopyText(p.display().to_string()));
+                }
+            });
         }
         Some(Err(msg)) => widgets::error_box(ui, msg),
         None => {}

@@ -131,7 +131,17 @@ fn schedule_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
     ui.end_row();
     field(ui, p, "train.epochs", |ui| ui.add_enabled(c.train.max_steps.is_none(), drag_f64(&mut c.train.epochs, Fmt::Plain).speed(0.05)));
     ui.end_row();
-    field(ui, p, "train.save_every", |ui| ui.add(drag_u64(&mut c.train.save_every, 0.5).suffix(" steps")));
+    field(ui, p, "train.save_every", |ui| {
+        // 0 is "off" on screen, not "every 0 steps"; typing "off" (or 0) turns it off.
+        ui.add(
+            drag_u64(&mut c.train.save_every, 0.5)
+                .custom_formatter(|v, _| if v == 0.0 { "off (final adapter only)".into() } else { format!("{v} steps") })
+                .custom_parser(|t| {
+                    let t = t.trim().trim_end_matches("steps").trim();
+                    if t.starts_with("off") { Some(0.0) } else { t.parse::<f64>().ok() }
+                }),
+        )
+    });
     ui.end_row();
 }
 

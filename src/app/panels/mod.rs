@@ -1,8 +1,9 @@
-//! One module per page of the window, plus the preflight dialog. Each draws `app::state` and
+//! One module per page of the window, plus the preflight and confirmation dialogs. Each draws `app::state` and
 //! pushes `app::msg::Action`s; none imports another (a page made of two panels, Hyperparameters
 //! with the memory budget, is composed by the app).
 
 pub mod budget;
+pub mod confirm;
 pub mod dataset;
 pub mod export;
 pub mod hyper;

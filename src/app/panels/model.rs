@@ -50,7 +50,10 @@ pub fn ui(ui: &mut egui::Ui, state: &mut AppState, actions: &mut Vec<Action>) {
                 ui.label("Reading the model folder…");
             });
         }
-        Load::Failed(e) => widgets::error_box(ui, e),
+        // The reason is at the Model folder field, above: said once.
+        Load::Failed(_) => {
+            ui.weak("Nothing to show: the folder could not be read (the reason is at the Model folder field).");
+        }
         Load::Ready(info) => {
             egui::Grid::new("model-info").num_columns(2).striped(true).spacing([16.0, 6.0]).show(ui, |ui| {
                 for (k, v) in model::info_rows(info) {

@@ -19,7 +19,12 @@ fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: 
     ui.vertical(|ui| {
         ui.set_width(width);
         ui.small(title);
-        Plot::new(id).height(120.0).width(width).allow_scroll(false).show_x(true).show(ui, |p| {
+        let mut plot = Plot::new(id).height(120.0).width(width).allow_scroll(false).show_x(true);
+        if !hlines.is_empty() {
+            // Several lines: say which is which.
+            plot = plot.legend(Legend::default());
+        }
+        plot.show(ui, |p| {
             p.line(Line::new(title, PlotPoints::from(points)).color(color));
             for (name, y, c) in hlines {
                 p.hline(HLine::new(*name, *y).color(*c));
@@ -124,85 +129,99 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     ui.add(egui::ProgressBar::new(p.fraction).text(p.text).desired_height(18.0));
     ui.add_space(4.0);
 
-    let c = curves(metrics, t.smoothing);
-    let (mem_title, mem_total) = memory_axis(loaded);
     let log_height = 130.0;
-    let plan = if t.viewing.is_none() { t.plan.as_ref() } else { None };
-    let plan_height = if plan.is_some() { 30.0 } else { 0.0 };
-    let avail = ui.available_height() - 120.0 - log_height - 70.0 - plan_height;
     // The live run's GPU, beside the loss (a past run's telemetry is not kept).
     let gpu = if t.viewing.is_none() { t.gpu.as_slice() } else { &[] };
-    if !gpu.is_empty() {
-        for w in &t.gpu_warnings {
-            widgets::warning_line(ui, w);
-        }
+    for w in t.gpu_warnings.iter().filter(|_| !gpu.is_empty()) {
+        widgets::warning_line(ui, w);
     }
-    ui.horizontal(|ui| {
-        ui.strong("Loss");
-        ui.add(egui::Slider::new(&mut t.smoothing, 0.0..=0.99).text("smoothing"));
-        if let Some(now) = throttling_now(gpu) {
-            ui.label(RichText::new(format!("GPU {now}")).color(ui.visuals().warn_fg_color));
-        }
-    });
-    let loss_height = avail.max(140.0);
-    let loss_plot = |ui: &mut Ui, width: f32| {
-        Plot::new("loss").height(loss_height).width(width).legend(Legend::default()).x_axis_label("step").allow_scroll(false).show(
-            ui,
-            |pl| {
-                pl.line(Line::new("loss", PlotPoints::from(c.loss.clone())).color(Color32::from_rgba_unmultiplied(100, 150, 220, 110)));
-                pl.line(Line::new("smoothed", PlotPoints::from(c.loss_smooth.clone())).color(Color32::from_rgb(60, 140, 240)).width(2.5));
-            },
-        );
-    };
-    if gpu.is_empty() {
-        loss_plot(ui, ui.available_width());
+    if metrics.is_empty() {
+        // No axes around nothing: the plots appear with the first step.
+        ui.add_space(8.0);
+        ui.weak("The loss, learning rate, gradient norm, throughput and memory are plotted here from the first step on.");
+        ui.add_space(8.0);
     } else {
-        let g = gpu_curves(gpu);
-        ui.horizontal_top(|ui| {
-            let gap = ui.spacing().item_spacing.x;
-            let side = (ui.available_width() * 0.34).clamp(160.0, 420.0);
-            loss_plot(ui, ui.available_width() - side - gap);
-            ui.vertical(|ui| gpu_column(ui, &g, side, loss_height));
-        });
-    }
-    let w = ((ui.available_width() - 3.0 * ui.spacing().item_spacing.x) / 4.0).max(80.0);
-    ui.horizontal(|ui| {
-        small_plot(ui, "lr", "Learning rate", c.lr, Color32::from_rgb(220, 160, 60), &[], w);
-        small_plot(ui, "grad-norm", "Gradient norm", c.grad_norm, Color32::from_rgb(200, 90, 90), &[], w);
-        small_plot(ui, "tok-s", "Tokens / s", c.tokens_per_s, Color32::from_rgb(90, 180, 110), &[], w);
-        small_plot(
-            ui,
-            "memory",
-            &format!("{mem_title} (GiB)"),
-            c.memory,
-            Color32::from_rgb(160, 110, 200),
-            &memory_lines(mem_total, plan),
-            w,
-        );
-    });
-    if let Some(p) = plan {
-        // The plan's bar with the newest measurement on the same scale.
-        let measured = metrics.last().and_then(|m| m.memory_bytes);
+        let c = curves(metrics, t.smoothing);
+        let (mem_title, mem_total) = memory_axis(loaded);
+        let plan = if t.viewing.is_none() { t.plan.as_ref() } else { None };
+        let plan_height = if plan.is_some() { 30.0 } else { 0.0 };
+        let avail = ui.available_height() - 120.0 - log_height - 70.0 - plan_height;
         ui.horizontal(|ui| {
-            ui.strong("Memory");
-            ui.label(format!(
-                "plan {}{}",
-                fmt_bytes(p.peak_bytes),
-                measured.map(|m| format!(" · measured {}", fmt_bytes(m))).unwrap_or_default()
-            ))
-            .on_hover_text(if p.on_gpu {
-                "Measured: used on the card, from the driver."
-            } else {
-                "Measured: the process's resident memory, which also holds the mapped model file, the tokenizer and this window."
-            });
-            widgets::memory_bar(ui, p, measured);
+            ui.strong("Loss");
+            ui.add(egui::Slider::new(&mut t.smoothing, 0.0..=0.99).text("smoothing"));
+            if let Some(now) = throttling_now(gpu) {
+                ui.label(RichText::new(format!("GPU {now}")).color(ui.visuals().warn_fg_color));
+            }
         });
+        let loss_height = avail.max(140.0);
+        let loss_plot = |ui: &mut Ui, width: f32| {
+            Plot::new("loss").height(loss_height).width(width).legend(Legend::default()).x_axis_label("step").allow_scroll(false).show(
+                ui,
+                |pl| {
+                    pl.line(Line::new("loss", PlotPoints::from(c.loss.clone())).color(Color32::from_rgba_unmultiplied(100, 150, 220, 110)));
+                    pl.line(
+                        Line::new("smoothed", PlotPoints::from(c.loss_smooth.clone())).color(Color32::from_rgb(60, 140, 240)).width(2.5),
+                    );
+                },
+            );
+        };
+        if gpu.is_empty() {
+            loss_plot(ui, ui.available_width());
+        } else {
+            let g = gpu_curves(gpu);
+            ui.horizontal_top(|ui| {
+                let gap = ui.spacing().item_spacing.x;
+                let side = (ui.available_width() * 0.34).clamp(160.0, 420.0);
+                loss_plot(ui, ui.available_width() - side - gap);
+                ui.vertical(|ui| gpu_column(ui, &g, side, loss_height));
+            });
+        }
+        let w = ((ui.available_width() - 3.0 * ui.spacing().item_spacing.x) / 4.0).max(80.0);
+        ui.horizontal(|ui| {
+            small_plot(ui, "lr", "Learning rate", c.lr, Color32::from_rgb(220, 160, 60), &[], w);
+            small_plot(ui, "grad-norm", "Gradient norm", c.grad_norm, Color32::from_rgb(200, 90, 90), &[], w);
+            small_plot(ui, "tok-s", "Tokens / s", c.tokens_per_s, Color32::from_rgb(90, 180, 110), &[], w);
+            small_plot(
+                ui,
+                "memory",
+                &format!("{mem_title} (GiB)"),
+                c.memory,
+                Color32::from_rgb(160, 110, 200),
+                &memory_lines(mem_total, plan),
+                w,
+            );
+        });
+        if let Some(p) = plan {
+            // The plan's bar with the newest measurement on the same scale.
+            let measured = metrics.last().and_then(|m| m.memory_bytes);
+            ui.horizontal(|ui| {
+                ui.strong("Memory");
+                ui.label(format!(
+                    "plan {}{}",
+                    fmt_bytes(p.peak_bytes),
+                    measured.map(|m| format!(" · measured {}", fmt_bytes(m))).unwrap_or_default()
+                ))
+                .on_hover_text(if p.on_gpu {
+                    "Measured: used on the card, from the driver (other processes included)."
+                } else {
+                    "Measured: the process's resident memory, which also holds the mapped model file, the tokenizer and this window."
+                });
+                widgets::memory_bar(ui, p, measured);
+            });
+        }
     }
-    egui::CollapsingHeader::new(format!("Log ({} lines)", t.log.len())).default_open(true).show(ui, |ui| {
+    // A past run shows its own log; the live one stays with the live run.
+    let log: Vec<&String> = match &t.viewing {
+        Some(v) => v.log.iter().collect(),
+        None => t.log.iter().collect(),
+    };
+    // The header's id must not follow its text: the scroll area's id (and with it the offset
+    // that keeps the newest line in view) hangs below it, and the count changes every step.
+    egui::CollapsingHeader::new(format!("Log ({} lines)", log.len())).id_salt("log-header").default_open(true).show(ui, |ui| {
         egui::ScrollArea::vertical().id_salt("log").max_height(log_height).stick_to_bottom(true).auto_shrink([false, true]).show(
             ui,
             |ui| {
-                for line in &t.log {
+                for line in log {
                     ui.monospace(line);
                 }
             },

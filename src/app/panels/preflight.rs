@@ -57,7 +57,11 @@ pub fn dialog(ctx: &egui::Context, state: &mut AppState, actions: &mut Vec<Actio
             }
             Load::Ready(r) => {
                 let r = r.clone();
-                egui::ScrollArea::vertical().max_height((ctx.content_rect().height() - 220.0).max(240.0)).show(ui, |ui| {
+                // As tall as the report (up to the window): the area the modal had while the
+                // check ran is a spinner's height, and a scroll area sized from it would stay
+                // that small, hiding the report behind a scroll bar (so `min_scrolled_height`).
+                let height = (ctx.content_rect().height() - 220.0).max(240.0);
+                egui::ScrollArea::vertical().max_height(height).min_scrolled_height(height).show(ui, |ui| {
                     egui::Grid::new("preflight-summary").num_columns(2).spacing([12.0, 4.0]).show(ui, |ui| {
                         for (k, v) in [("Model", &r.model), ("Data", &r.data), ("Steps", &r.steps), ("Device", &r.device)] {
                             ui.strong(k);

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use crate::config::{DatasetFormat, RunConfig};
 use crate::data::encode::Encoder;
+use crate::data::encode::MaskSource;
 use crate::data::preflight::LengthStats;
-use crate::data::{IGNORE_INDEX, SkippedRow, format, prepare_dataset, read};
+use crate::data::{IGNORE_INDEX, SkippedRow, format, prepare_dataset_unchecked, read};
 
 use crate::app::jobs::Load;
 
@@ -48,7 +49,11 @@ pub struct DatasetView {
     pub file_kind: String,
     pub format: DatasetFormat,
     pub template: String,
+    /// Which tokens are trained, in words.
     pub mask: String,
+    /// Why training would refuse this data (too many unusable rows, none usable), with the
+    /// report still here so the rows can be read.
+    pub refusal: Option<String>,
     /// Column names of the first records, for the mapping menus.
     pub columns: Vec<String>,
     pub rows_total: usize,
@@ -85,7 +90,8 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
             }
         }
     }
-    let prepared = prepare_dataset(&cfg.dataset, &tok, max)?;
+    // The report even of data training would refuse: the panel lists the rows that are bad.
+    let prepared = prepare_dataset_unchecked(&cfg.dataset, &tok, max)?;
     let report = prepared.report;
     // Raw text renders no template (as in training), so a model whose template does not compile
     // still previews a text dataset.
@@ -120,7 +126,8 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
         file_kind: report.file_kind.clone(),
         format: report.format,
         template: report.template.clone(),
-        mask: format!("{:?}", report.mask),
+        mask: mask_words(report.mask).to_string(),
+        refusal: report.too_bad(cfg.dataset.max_bad_fraction),
         columns,
         rows_total: report.rows_total,
         rows_used: report.rows_used,
@@ -132,6 +139,21 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
         lengths: LengthStats::of(&report.lengths.iter().map(|l| l.original_tokens).collect::<Vec<_>>(), report.max_seq_len),
         previews,
     })
+}
+
+/// Which tokens a run trains on, as the Dataset panel says it.
+pub fn mask_words(mask: MaskSource) -> &'static str {
+    match mask {
+        MaskSource::GenerationBlocks => "the assistant's replies, as the chat template marks them",
+        MaskSource::RenderedPrefixes => "the assistant's replies, found by rendering each turn",
+        MaskSource::All => "every token",
+    }
+}
+
+/// The field a refusal of the data belongs to: the share of bad rows is "Max unusable rows";
+/// a file with no usable row at all is the file's problem.
+pub fn refusal_field(view: &DatasetView) -> &'static str {
+    if view.rows_used == 0 { "dataset.path" } else { "dataset.max_bad_fraction" }
 }
 
 /// Split `text` into runs of prompt, trained and cut-off text from each token's byte range and

@@ -90,7 +90,8 @@ pub fn export_adapter(run_dir: &Path, parent: &Path, progress: Progress<'_>) -> 
     } else {
         let c = checkpoint::load_latest(run_dir)?;
         progress(0.4, &format!("writing adapter_model.safetensors from {}", c.dir.display()));
-        save_peft_with_tokens(&dest, &c.weights, &cfg.lora, &cfg.model.path.display().to_string(), c.token_rows.as_ref())?;
+        let spec = ModelSpec::from_dir(&cfg.model.path)?;
+        save_peft_with_tokens(&dest, &spec, &c.weights, &cfg.lora, &cfg.model.path.display().to_string(), c.token_rows.as_ref())?;
     }
     progress(0.9, "checking the written adapter loads");
     load_peft(&dest, &ModelSpec::from_dir(&cfg.model.path)?)?;

@@ -157,6 +157,8 @@ pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option
     let segments = TERMS
         .iter()
         .filter_map(|&(term, label, color)| {
+            // On the CPU, what others hold is RAM, not a card's memory.
+            let label = if term == Term::OtherProcesses && !on_gpu { "RAM used by other programs" } else { label };
             p.terms.get(term.name()).filter(|&&b| b > 0).map(|&bytes| Segment { term, label, color, bytes })
         })
         .collect();

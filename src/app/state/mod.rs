@@ -44,6 +44,32 @@ impl Page {
     }
 }
 
+/// A message above the page, and how long it stays up besides being dismissed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub text: String,
+    pub lasts: Lasts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lasts {
+    UntilDismissed,
+    /// Why Start was refused: gone once Start is possible.
+    WhileStartBlocked,
+    /// About the run in progress: gone once it has ended.
+    WhileRunActive,
+}
+
+/// A question asked before an action that would lose something.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Confirm {
+    /// The config has edits that are not saved; `doing` says what was asked for ("open another
+    /// config"). The app keeps the action itself until the answer comes.
+    DiscardEdits { doing: String },
+    /// The window is closing while a run trains.
+    QuitDuringRun,
+}
+
 /// Everything the window shows, as plain data.
 #[derive(Debug)]
 pub struct AppState {
@@ -62,8 +88,10 @@ pub struct AppState {
     pub runs: runs::RunsState,
     pub export: export::ExportState,
     pub budget: memory::BudgetState,
-    /// Messages for the person (errors from workers, notes); dismissable.
-    pub notices: Vec<String>,
+    /// Messages for the person (errors from workers, notes), each shown once; dismissable.
+    pub notices: Vec<Notice>,
+    /// A question the window asks before going on (unsaved edits, quitting during a run).
+    pub confirm: Option<Confirm>,
     pub settings_dir: PathBuf,
 }
 
@@ -84,6 +112,7 @@ impl AppState {
             export: Default::default(),
             budget: Default::default(),
             notices: Vec::new(),
+            confirm: None,
             settings_dir,
         }
     }
@@ -96,6 +125,30 @@ impl AppState {
         }
     }
 
+    /// Show `text` above the page, unless it is up already.
+    pub fn notify(&mut self, text: impl Into<String>, lasts: Lasts) {
+        let text = text.into();
+        if !self.notices.iter().any(|n| n.text == text) {
+            self.notices.push(Notice { text, lasts });
+        }
+    }
+
+    /// Take down the notices whose reason has gone (called every frame).
+    pub fn expire_notices(&mut self) {
+        let startable = start_blocker(self).is_none();
+        let running = self.training.phase.is_active();
+        self.notices.retain(|n| match n.lasts {
+            Lasts::UntilDismissed => true,
+            Lasts::WhileStartBlocked => !startable,
+            Lasts::WhileRunActive => running,
+        });
+    }
+
+    /// Whether the config differs from the file it was loaded from or saved to.
+    pub fn has_unsaved_edits(&self) -> bool {
+        self.config != self.saved_config
+    }
+
     /// Every problem that stops a start, by field: the config's own checks plus what the workers
     /// found (a model folder that does not load, a dataset that cannot be used).
     pub fn problems(&self) -> Problems {
@@ -103,8 +156,14 @@ impl AppState {
         if let Load::Failed(e) = &self.model.info {
             out.entry("model.path".into()).or_default().push(e.clone());
         }
-        if let Load::Failed(e) = &self.dataset.view {
-            out.entry("dataset.path".into()).or_default().push(e.clone());
+        match &self.dataset.view {
+            Load::Failed(e) => out.entry("dataset.path".into()).or_default().push(e.clone()),
+            Load::Ready(v) => {
+                if let Some(why) = &v.refusal {
+                    out.entry(dataset::refusal_field(v).into()).or_default().push(why.clone());
+                }
+            }
+            Load::Empty | Load::Loading => {}
         }
         out
     }

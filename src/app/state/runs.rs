@@ -26,6 +26,8 @@ pub struct ViewedRun {
     pub status: String,
     pub total_steps: u64,
     pub metrics: Vec<StepMetrics>,
+    /// The run's own log, rebuilt from its folder (the live log belongs to the live run).
+    pub log: Vec<String>,
 }
 
 /// Run folders (those with a `run.json`) under `dir`, newest first.
@@ -57,13 +59,32 @@ pub fn scan(dir: &Path) -> Vec<RunRecord> {
 
 pub fn open(dir: &Path) -> crate::Result<ViewedRun> {
     let status = RunStatus::load(dir)?;
+    let metrics = checkpoint::read_metrics(dir);
     Ok(ViewedRun {
         dir: dir.to_path_buf(),
         name: dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+        log: past_log(&status, &metrics, &checkpoint::list(dir)),
         status: status.state,
         total_steps: status.total_steps,
-        metrics: checkpoint::read_metrics(dir),
+        metrics,
     })
+}
+
+/// A finished run's log as the monitor would have shown it, from what its folder keeps: when
+/// and where it ran, each step's line, its checkpoints and how it ended.
+pub fn past_log(status: &RunStatus, metrics: &[StepMetrics], checkpoints: &[u64]) -> Vec<String> {
+    let mut log = vec![format!("{} on {}, started {}", status.model, status.device, status.started.replace('T', " "))];
+    for m in metrics {
+        log.push(super::training::step_line(m));
+        if checkpoints.contains(&m.step) {
+            log.push(format!("checkpoint at step {}", m.step));
+        }
+    }
+    log.push(format!("{} at step {} of {} ({})", status.state, status.step, status.total_steps, status.updated.replace('T', " ")));
+    if let Some(e) = &status.error {
+        log.push(format!("failed: {e}"));
+    }
+    log
 }
 
 #[derive(Debug, Clone, PartialEq)]

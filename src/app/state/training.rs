@@ -155,10 +155,7 @@ impl TrainingState {
                 }
             }
             Event::Step(m) => {
-                self.push_log(format!(
-                    "step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s",
-                    m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s
-                ));
+                self.push_log(step_line(&m));
                 self.metrics.push(m);
                 if self.phase == Phase::Loading {
                     self.phase = Phase::Running;
@@ -214,6 +211,14 @@ impl TrainingState {
             .or(self.finished.as_ref().map(|f| f.run_dir.as_path()))
             .or(self.failure.as_ref().and_then(|f| f.run_dir.as_deref()))
     }
+}
+
+/// One step's line in the log.
+pub fn step_line(m: &StepMetrics) -> String {
+    format!(
+        "step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s",
+        m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s
+    )
 }
 
 /// Debiased exponential moving average (the first values are not dragged toward zero).

@@ -59,10 +59,16 @@ kernel_table! {
         CastBf16F32 = "cast_bf16_f32",
         FillBf16 = "fill_bf16",
         FillF32 = "fill_f32",
+        ScaleBf16 = "scale_bf16",
+        ScaleF32 = "scale_f32",
     }
     swiglu {
         SwigluFwd = "swiglu_fwd",
         SwigluBwd = "swiglu_bwd",
+    }
+    geglu {
+        GegluFwd = "geglu_fwd",
+        GegluBwd = "geglu_bwd",
     }
     dropout {
         DropoutFwd = "dropout_fwd",

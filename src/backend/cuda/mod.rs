@@ -34,7 +34,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result as drv, sys};
 use half::bf16;
 
 use super::card::{self, CardLimits, CardProfile, PtxTarget};
-use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum};
+use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm};
 use crate::error::{Error, Result};
 use gemm::{Gemm, GemmCall};
 use kernels::{ATTN_HEAD_DIMS, AttnKernels, FILES, Kernel};
@@ -305,6 +305,8 @@ pub struct CudaBackend {
     sync_each_launch: bool,
     /// Bytes of the attention scratch the backward may use (tests shrink it to force splits).
     attn_scratch_limit: std::cell::Cell<Option<usize>>,
+    /// Run every GEMM on the fallback kernel (tests check it on shapes cuBLASLt would take).
+    gemm_fallback_only: std::cell::Cell<bool>,
     profiler: profile::Profiler,
 }
 
@@ -459,6 +461,7 @@ impl CudaBackend {
             context_bytes,
             sync_each_launch: std::env::var("TUNESTUDIO_CUDA_SYNC").is_ok_and(|v| v == "1"),
             attn_scratch_limit: std::cell::Cell::new(None),
+            gemm_fallback_only: std::cell::Cell::new(false),
             profiler: profile::Profiler::default(),
         })
     }
@@ -512,6 +515,12 @@ impl CudaBackend {
     /// Live device allocations.
     pub fn allocation_count(&self) -> usize {
         self.shared.allocations()
+    }
+
+    /// Run every GEMM on the fallback kernel instead of cuBLASLt (tests: the fallback otherwise runs
+    /// only for the few shapes cuBLASLt declines).
+    pub fn set_gemm_fallback_only(&self, on: bool) {
+        self.gemm_fallback_only.set(on);
     }
 
     /// Use at most `bytes` of the attention backward's scratch (`None`: all of it), so tests can
@@ -725,7 +734,7 @@ impl CudaBackend {
             }
             return Ok(());
         }
-        let done = self.scratch.borrow_mut().gemm.run(&call, self.stream())?;
+        let done = !self.gemm_fallback_only.get() && self.scratch.borrow_mut().gemm.run(&call, self.stream())?;
         if !done {
             let grid = (call.n.div_ceil(16) as u32, call.m.div_ceil(16) as u32, 1);
             let args = [
@@ -1146,9 +1155,9 @@ impl Backend for CudaBackend {
         &self,
         x: &Self::Tensor,
         w: &Self::Tensor,
+        norm: RmsNorm,
         n: usize,
         d: usize,
-        eps: f32,
         out: &mut Self::Tensor,
         inv_rms: &mut Self::Tensor,
     ) -> Result<()> {
@@ -1158,7 +1167,13 @@ impl Backend for CudaBackend {
         act("rmsnorm_fwd", "out", out, n * d)?;
         f32t("rmsnorm_fwd", "inv_rms", inv_rms, n)?;
         let threads = row_threads(d);
-        self.launch(Kernel::RmsnormFwd, (n as u32, 1, 1), threads, 0, &[p(x), p(w), p(out), p(inv_rms), i32a(d), Arg::F32(eps)])
+        self.launch(
+            Kernel::RmsnormFwd,
+            (n as u32, 1, 1),
+            threads,
+            0,
+            &[p(x), p(w), Arg::F32(norm.weight_offset), p(out), p(inv_rms), i32a(d), Arg::F32(norm.eps)],
+        )
     }
 
     fn rmsnorm_bwd(
@@ -1166,6 +1181,7 @@ impl Backend for CudaBackend {
         dy: &Self::Tensor,
         x: &Self::Tensor,
         w: &Self::Tensor,
+        norm: RmsNorm,
         inv_rms: &Self::Tensor,
         n: usize,
         d: usize,
@@ -1184,7 +1200,7 @@ impl Backend for CudaBackend {
             (n as u32, 1, 1),
             threads,
             0,
-            &[p(dy), p(x), p(w), p(inv_rms), p(dx), i32a(d), Arg::I32(accumulate as i32)],
+            &[p(dy), p(x), p(w), Arg::F32(norm.weight_offset), p(inv_rms), p(dx), i32a(d), Arg::I32(accumulate as i32)],
         )
     }
 
@@ -1525,6 +1541,42 @@ impl Backend for CudaBackend {
         act("swiglu_bwd", "dg", dg, n)?;
         act("swiglu_bwd", "du", du, n)?;
         self.launch_ew(Kernel::SwigluBwd, n, &[p(dout), p(g), p(u), p(dg), p(du), i64a(n)])
+    }
+
+    fn geglu_fwd(&self, g: &Self::Tensor, u: &Self::Tensor, n: usize, out: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        act("geglu_fwd", "g", g, n)?;
+        act("geglu_fwd", "u", u, n)?;
+        act("geglu_fwd", "out", out, n)?;
+        self.launch_ew(Kernel::GegluFwd, n, &[p(g), p(u), p(out), i64a(n)])
+    }
+
+    fn geglu_bwd(
+        &self,
+        dout: &Self::Tensor,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        n: usize,
+        dg: &mut Self::Tensor,
+        du: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.bind()?;
+        act("geglu_bwd", "dout", dout, n)?;
+        act("geglu_bwd", "g", g, n)?;
+        act("geglu_bwd", "u", u, n)?;
+        act("geglu_bwd", "dg", dg, n)?;
+        act("geglu_bwd", "du", du, n)?;
+        self.launch_ew(Kernel::GegluBwd, n, &[p(dout), p(g), p(u), p(dg), p(du), i64a(n)])
+    }
+
+    fn scale(&self, x: &mut Self::Tensor, n: usize, alpha: f32) -> Result<()> {
+        self.bind()?;
+        check_len("scale", "x", x.len, n)?;
+        let (k, alpha) = match x.dtype {
+            DType::Act => (Kernel::ScaleBf16, bf16::from_f32(alpha).to_f32()),
+            DType::F32 => (Kernel::ScaleF32, alpha),
+        };
+        self.launch_ew(k, n, &[p(x), i64a(n), Arg::F32(alpha)])
     }
 
     fn embedding_bwd_rows(
