@@ -747,6 +747,8 @@ fn gui_budget_shows_other_processes_and_plans_for_card_profiles() {
     c.train.device = tunestudio::config::DeviceChoice::Auto;
     c.train.batch_size = 1;
     c.train.max_seq_len = 2048;
+    // A fixed policy: `auto` may rightly pick another one when others leave less room.
+    c.memory.checkpointing = tunestudio::config::CheckpointPolicy::Layer;
     go(&mut h, Page::Hyper);
     settle(&mut h);
     assert!(h.query_by_label("■ used by other processes 10.00 GiB").is_some(), "other processes are a legend item of their own");
@@ -762,7 +764,7 @@ fn gui_budget_shows_other_processes_and_plans_for_card_profiles() {
     snapshot(&mut h, "memory_budget_shared_card");
 
     // The memory cap is a field of its own, and the plan targets it.
-    click(&mut h, "cap");
+    click(&mut h, "GPU memory cap");
     assert_eq!(h.state().state.config.memory.gpu_mem, Some(tunestudio::config::ByteSize(24 << 30)));
     h.state_mut().state.config.memory.gpu_mem = Some(tunestudio::config::ByteSize(8 << 30));
     settle(&mut h);
@@ -782,6 +784,7 @@ fn gui_budget_shows_other_processes_and_plans_for_card_profiles() {
     assert!(h.query_by_label(&want).is_some());
     click(&mut h, "Preview for");
     click(&mut h, "Tesla T4 · 15 GiB (cannot run)");
+    assert_eq!(h.state().state.budget.card, Card::profile("t4"));
     settle(&mut h);
     let t4 = h.get_by_label_contains("Cannot train on Tesla T4").accesskit_node().value().unwrap_or_default();
     assert!(t4.contains("compute capability 7.5 has no bf16 tensor cores"), "{t4}");

@@ -21,6 +21,8 @@ pub fn panel(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         let current = state.budget.card.label(machine.as_ref());
         let mut card = state.budget.card;
         egui::ComboBox::from_id_salt("budget-card")
+            // Tall enough for every profile without scrolling.
+            .height(560.0)
             .selected_text(current)
             .show_ui(ui, |ui| {
                 let this = ui.selectable_value(&mut card, Card::ThisMachine, Card::ThisMachine.label(machine.as_ref()));
