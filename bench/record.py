@@ -7,6 +7,7 @@ peers/C.json (Unsloth), peers/B.json (HF+PEFT QLoRA), peers/A.json (HF+PEFT) whe
 Every line carries date, commit, card, system, shape, seq, mode, tokens_per_s, peak_gib and run_id,
 so rows measured in the same device call pair up."""
 import datetime
+import glob
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ if os.path.exists(path):
     for r in read([path]):
         rows.append({
             "date": date, "commit": commit, "card": card, "system": "tunestudio", "shape": r["shape"], "seq": r["seq"],
-            "rank": r["rank"], "mode": r["mode"], "checkpointing": r["checkpointing"], "tokens_per_s": round(r["tokens_per_s"], 1),
+            "rank": r["rank"], "mode": r["mode"], "checkpointing": r["checkpointing"], "kept_layers": r.get("kept_layers"), "tokens_per_s": round(r["tokens_per_s"], 1),
             "peak_gib": round(r["peak_driver_bytes"] / G, 3), "peak_arena_gib": round(r["peak_arena_bytes"] / G, 3),
             "plan_gib": round(r["plan_peak_bytes"] / G, 3), "mfu": round(r["mfu"], 4), "first_step_s": round(r["first_step_s"], 2),
             "attention": r.get("attention"), "card_profile": r.get("card_profile"), "card_memory_gib": r.get("card_memory_gib"),
@@ -33,17 +34,18 @@ if os.path.exists(path):
         })
 names = {"A": "hf_peft", "B": "hf_peft_qlora", "C": "unsloth"}
 for key, system in names.items():
-    p = os.path.join(out, "peers", f"{key}.json")
-    if not os.path.exists(p):
-        continue
-    d = json.load(open(p))
-    for k, v in d.items():
-        if (k == "tp" or k.startswith("tp_")) and isinstance(v, dict) and "tokens_per_s" in v:
-            rows.append({
-                "date": date, "commit": commit, "card": card, "system": system, "shape": "llama3-8b", "seq": v["seq"], "rank": 32,
-                "mode": "memory" if system == "unsloth" else "speed", "checkpointing": "peer default", "tokens_per_s": round(v["tokens_per_s"], 1),
-                "peak_gib": round(v["max_reserved_GiB"], 3), "peak_alloc_gib": round(v["max_alloc_GiB"], 3), "run_id": run_id,
-            })
+    # A.json for the default shape, A-qwen3-8b.json for another (PEER_SHAPE); each file names its shape.
+    paths = glob.glob(os.path.join(out, "peers", f"{key}.json")) + glob.glob(os.path.join(out, "peers", f"{key}-*.json"))
+    for p in sorted(paths):
+        d = json.load(open(p))
+        for k, v in d.items():
+            if (k == "tp" or k.startswith("tp_")) and isinstance(v, dict) and "tokens_per_s" in v:
+                rows.append({
+                    "date": date, "commit": commit, "card": card, "system": system, "shape": d.get("shape", "llama3-8b"), "seq": v["seq"],
+                    "rank": 32, "mode": "memory" if system == "unsloth" else "speed", "checkpointing": "peer default",
+                    "tokens_per_s": round(v["tokens_per_s"], 1), "peak_gib": round(v["max_reserved_GiB"], 3),
+                    "peak_alloc_gib": round(v["max_alloc_GiB"], 3), "run_id": run_id,
+                })
 with open(os.path.join(os.path.dirname(__file__), "results.jsonl"), "a") as f:
     for r in rows:
         f.write(json.dumps(r) + "\n")

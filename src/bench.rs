@@ -59,6 +59,8 @@ pub struct BenchResult {
     pub rank: usize,
     pub mode: BenchMode,
     pub checkpointing: CheckpointPolicy,
+    /// Layers whose activations were kept (all under `none`; under `auto` with a cap, what fits).
+    pub kept_layers: usize,
     /// The card profile the backend decided as (`--card`), if any.
     pub card_profile: Option<String>,
     /// The memory of the card (of the profile, under one) in GiB.
@@ -122,10 +124,19 @@ fn random_uniform(n: usize, seed: u64, a: f32) -> Vec<f32> {
 
 /// Random weights in the exact shape: one random NF4 tensor per distinct linear shape, shared by
 /// every layer (the values do not change the speed or the memory, but they are never zeros).
-struct BenchWeights {
+pub(crate) struct BenchWeights {
     quant: Quantization,
     tied: bool,
+    /// What norm weights sit around: 1, or 0 where the model adds the 1 (Gemma).
+    norm_base: f32,
     cache: Mutex<BTreeMap<(usize, usize), HostWeight>>,
+}
+
+impl BenchWeights {
+    /// Random weights of `spec`'s shape (the decode benchmark of `generate::bench` uses them too).
+    pub(crate) fn new(quant: Quantization, spec: &ModelSpec) -> Self {
+        BenchWeights { quant, tied: spec.tie_word_embeddings, norm_base: 1.0 - spec.norm_weight_offset, cache: Mutex::new(BTreeMap::new()) }
+    }
 }
 
 impl WeightSource for BenchWeights {
@@ -133,7 +144,7 @@ impl WeightSource for BenchWeights {
         let n: usize = shape.iter().product();
         let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         Ok(if name.contains("norm") {
-            random_uniform(n, seed, 0.1).into_iter().map(|x| 1.0 + x).collect()
+            random_uniform(n, seed, 0.1).into_iter().map(|x| self.norm_base + x).collect()
         } else {
             random_uniform(n, seed, 0.035)
         })
@@ -225,8 +236,10 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         token_rows: 0,
         mlp_chunk_rows: 0,
     };
-    // `auto` (speed mode): the fastest policy that fits what the card leaves us.
-    let policy = plan::plan(&spec, &input, &target).checkpointing;
+    // `auto` (speed mode): the fastest policy that fits what the card leaves us, with the layers
+    // whose activations it keeps.
+    let resolved = plan::plan(&spec, &input, &target);
+    let (policy, kept) = (resolved.checkpointing, resolved.kept_layers);
     input.checkpointing = policy;
     let opts = EngineOptions {
         lora,
@@ -239,12 +252,13 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         mlp_chunk_rows: 0,
     };
     log(&format!("{}: building a random {} (r = {}, seq {}) …", dev.name, args.shape, args.rank, args.seq));
-    let weights = BenchWeights { quant: Quantization::Nf4, tied: spec.tie_word_embeddings, cache: Mutex::new(BTreeMap::new()) };
+    let weights = BenchWeights::new(Quantization::Nf4, &spec);
     // The GEMM probe's buffers are gone; measure the peak from here.
     be.reset_peak_memory();
-    let mut trainer = Trainer::new(be, spec.clone(), &weights, opts, None)?;
+    let kept = (policy == CheckpointPolicy::Layer).then_some(kept);
+    let mut trainer = Trainer::with_kept_layers(be, spec.clone(), &weights, opts, None, kept)?;
     // Planned with the context this backend measured, as the driver peak is.
-    let planned = plan::plan(&spec, &input, &PlanTarget { context_bytes, ..target.clone() });
+    let planned = plan::plan_resolved(&spec, &input, &PlanTarget { context_bytes, ..target.clone() }, policy, trainer.kept_layers());
     let plan_arena_bytes = planned.peak_bytes - context_bytes;
     let setup_s = t_start.elapsed().as_secs_f64();
 
@@ -299,6 +313,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         rank: args.rank,
         mode: args.mode,
         checkpointing: policy,
+        kept_layers: trainer.kept_layers(),
         card_profile: card.profile.map(str::to_string),
         card_memory_gib: card.memory_bytes as f64 / GIB,
         gpu_mem_cap_gib: args.gpu_mem_bytes.map(|b| b as f64 / GIB),

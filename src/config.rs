@@ -2,6 +2,7 @@
 //! The GUI edits it, the CLI loads it, the session validates it once and the engine takes only a
 //! validated copy. Defaults follow Unsloth's notebooks where they are sensible.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -93,8 +94,13 @@ pub struct DatasetConfig {
     pub format: DatasetFormat,
     pub columns: ColumnMapping,
     /// `auto` uses the model's chat template; otherwise a built-in one by name
-    /// (`llama-3`, `chatml`, `alpaca`, `mistral`).
+    /// (`llama-3`, `chatml`, `qwen3`, `gemma`, `alpaca`, `mistral`).
     pub template: String,
+    /// Extra variables for the chat template, as `apply_chat_template(**kwargs)` passes them:
+    /// `enable_thinking = false` trains Qwen3's non-thinking mode (its empty <think> block is
+    /// then part of the prompt).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub template_kwargs: BTreeMap<String, toml::Value>,
     pub train_on: TrainOn,
     /// Pack several examples into each sequence (attention kept within each example).
     pub packing: bool,
@@ -104,7 +110,11 @@ pub struct DatasetConfig {
     pub fix_untrained_tokens: bool,
     /// Rows longer than `train.max_seq_len`: `truncate` (keep the start) or `drop`.
     #[serde(default)]
-    pub long_rows: crate::data::LongRows,
+    pub long_rows: LongRows,
+    /// Size and SHA-256 of the dataset file, written by a run into its `config.toml`: a resume
+    /// refuses a file that no longer matches (unless told to go on with the new data).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
 }
 
 impl Default for DatasetConfig {
@@ -114,12 +124,62 @@ impl Default for DatasetConfig {
             format: DatasetFormat::Auto,
             columns: ColumnMapping::default(),
             template: "auto".into(),
+            template_kwargs: BTreeMap::new(),
             train_on: TrainOn::Responses,
             packing: false,
             max_bad_fraction: 0.1,
             fix_untrained_tokens: true,
-            long_rows: crate::data::LongRows::Truncate,
+            long_rows: LongRows::Truncate,
+            fingerprint: None,
         }
+    }
+}
+
+/// What to do with a row longer than `max_seq_len` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LongRows {
+    /// Keep the first `max_seq_len` tokens (TRL's default); counted in `truncated_rows`.
+    #[default]
+    Truncate,
+    /// Leave the row out; it is listed among the skipped rows.
+    Drop,
+}
+
+/// The size and SHA-256 of a dataset file: what a run records so that a resume can tell whether
+/// it would continue on the same data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fingerprint {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl Fingerprint {
+    /// Read the whole file once (buffered; a few seconds for a gigabyte).
+    pub fn of_file(path: &std::path::Path) -> Result<Self> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::file(path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            bytes += n as u64;
+        }
+        let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Fingerprint { bytes, sha256 })
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes, sha256 {}…", self.bytes, &self.sha256[..self.sha256.len().min(12)])
     }
 }
 
@@ -235,11 +295,16 @@ pub struct ScheduleConfig {
     pub warmup_steps: u64,
     /// Warm-up as a fraction of the total steps; overrides `warmup_steps` when > 0.
     pub warmup_ratio: f64,
+    /// The optimizer steps the schedule spans; unset: the run's own length. A run extended on
+    /// resume (`--max-steps`) keeps its original span here unless it is re-planned
+    /// (`--reschedule`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
 }
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
-        ScheduleConfig { kind: ScheduleKind::Linear, warmup_steps: 5, warmup_ratio: 0.0 }
+        ScheduleConfig { kind: ScheduleKind::Linear, warmup_steps: 5, warmup_ratio: 0.0, steps: None }
     }
 }
 
@@ -276,8 +341,14 @@ pub struct TrainConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_steps: Option<u64>,
     pub seed: u64,
-    /// Write a checkpoint every N optimizer steps; 0 writes only the final one.
+    /// Write a checkpoint every N optimizer steps; 0: no step-based checkpoints.
     pub save_every: u64,
+    /// Also write a checkpoint after every this many minutes of training, so a crash or kill
+    /// loses little; 0: off. A run also checkpoints whenever it stops.
+    pub save_every_minutes: f64,
+    /// Stop a run that diverges (gradient norm stuck at 0, loss stuck at the uniform guess or
+    /// rising far above its best) as failed, keeping its last checkpoint.
+    pub stop_on_divergence: bool,
     pub device: DeviceChoice,
 }
 
@@ -291,6 +362,8 @@ impl Default for TrainConfig {
             max_steps: None,
             seed: 3407,
             save_every: 0,
+            save_every_minutes: 10.0,
+            stop_on_divergence: true,
             device: DeviceChoice::Auto,
         }
     }
@@ -389,6 +462,12 @@ impl Default for OutputConfig {
     }
 }
 
+/// The allowed ranges of the settings that plans search over (`plan::largest_fitting`).
+pub const MAX_LORA_R: usize = 1024;
+pub const MAX_BATCH_SIZE: usize = 4096;
+pub const MIN_SEQ_LEN: usize = 8;
+pub const MAX_SEQ_LEN: usize = 1 << 20;
+
 /// Remove `.` and `name/..` pairs lexically, so `assets/demo/../../runs` prints as `runs`.
 fn normalize(p: &Path) -> PathBuf {
     let mut out = PathBuf::new();
@@ -434,7 +513,8 @@ impl RunConfig {
         Ok(config)
     }
 
-    /// Load a TOML file; relative paths inside it are resolved against the file's folder.
+    /// Load a TOML file; relative paths inside it are resolved against the file's folder (never
+    /// the working directory), so a config means the same files wherever it is used from.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_path(path)?;
         let mut config = Self::from_toml_str(&text, path)?;
@@ -443,26 +523,28 @@ impl RunConfig {
         Ok(config)
     }
 
-    /// Make relative paths absolute-ish by joining them to `base` (the config file's folder), but
-    /// keep paths that already exist relative to the working directory as they are.
+    /// Make every relative path (model, adapter, dataset, output folder) absolute by joining it
+    /// to `base`, itself taken from the working directory when relative.
     pub fn resolve_paths(&mut self, base: &Path) {
+        let base =
+            std::path::absolute(if base.as_os_str().is_empty() { Path::new(".") } else { base }).unwrap_or_else(|_| base.to_path_buf());
         let fix = |p: &mut PathBuf| {
-            if !p.as_os_str().is_empty() && p.is_relative() && !p.exists() {
-                let joined = base.join(&*p);
-                if joined.exists() {
-                    *p = joined;
-                }
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = normalize(&base.join(&*p));
             }
         };
         fix(&mut self.model.path);
         fix(&mut self.dataset.path);
-        // Outputs need not exist yet: a relative output folder is always relative to the file.
-        if self.output.dir.is_relative() && !base.as_os_str().is_empty() {
-            self.output.dir = normalize(&base.join(&self.output.dir));
-        }
+        fix(&mut self.output.dir);
         if let Some(a) = self.model.adapter.as_mut() {
             fix(a);
         }
+    }
+
+    /// [`resolve_paths`](Self::resolve_paths) against the working directory: what a relative path
+    /// given on the command line means.
+    pub fn make_absolute(&mut self) {
+        self.resolve_paths(Path::new("."));
     }
 
     pub fn to_toml(&self) -> String {
@@ -496,18 +578,26 @@ impl RunConfig {
     /// All problems at once (the studio marks each field in place).
     pub fn problems(&self) -> Vec<Error> {
         let mut out = Vec::new();
+        if self.model.path.as_os_str().is_empty() {
+            out.push(Error::config("model.path", "is empty: choose a Hugging Face model folder"));
+        }
+        if self.dataset.path.as_os_str().is_empty() {
+            out.push(Error::config("dataset.path", "is empty: choose a dataset file"));
+        }
+        out.extend(self.setting_problems());
+        out
+    }
+
+    /// The problems of every setting but the model and dataset paths: what `tunestudio plan`
+    /// checks, which plans from a shape without files.
+    pub fn setting_problems(&self) -> Vec<Error> {
+        let mut out = Vec::new();
         let mut push = |r: Result<()>| {
             if let Err(e) = r {
                 out.push(e)
             }
         };
-        if self.model.path.as_os_str().is_empty() {
-            push(Err(Error::config("model.path", "is empty: choose a Hugging Face model folder")));
-        }
-        if self.dataset.path.as_os_str().is_empty() {
-            push(Err(Error::config("dataset.path", "is empty: choose a dataset file")));
-        }
-        push(check_int("lora.r", self.lora.r as u64, 1, 1024));
+        push(check_int("lora.r", self.lora.r as u64, 1, MAX_LORA_R as u64));
         push(check_range("lora.alpha", self.lora.alpha, 0.0, 1e6, true));
         push(check_range("lora.dropout", self.lora.dropout, 0.0, 0.9, false));
         if self.lora.targets.is_empty() {
@@ -527,9 +617,13 @@ impl RunConfig {
         push(check_range("optim.max_grad_norm", self.optim.max_grad_norm, 0.0, 1e6, false));
         push(check_int("schedule.warmup_steps", self.schedule.warmup_steps, 0, 1_000_000));
         push(check_range("schedule.warmup_ratio", self.schedule.warmup_ratio, 0.0, 1.0, false));
-        push(check_int("train.batch_size", self.train.batch_size as u64, 1, 4096));
+        if let Some(s) = self.schedule.steps {
+            push(check_int("schedule.steps", s, 1, 100_000_000));
+        }
+        push(check_range("train.save_every_minutes", self.train.save_every_minutes, 0.0, 1e6, false));
+        push(check_int("train.batch_size", self.train.batch_size as u64, 1, MAX_BATCH_SIZE as u64));
         push(check_int("train.grad_accum", self.train.grad_accum as u64, 1, 4096));
-        push(check_int("train.max_seq_len", self.train.max_seq_len as u64, 8, 1 << 20));
+        push(check_int("train.max_seq_len", self.train.max_seq_len as u64, MIN_SEQ_LEN as u64, MAX_SEQ_LEN as u64));
         if self.train.max_steps.is_none() {
             push(check_range("train.epochs", self.train.epochs, 0.0, 10_000.0, true));
         }
@@ -603,6 +697,20 @@ mod tests {
         let back = RunConfig::from_toml_str(&c.to_toml(), Path::new("x.toml")).unwrap();
         assert_eq!(c, back);
         c.validate().unwrap();
+    }
+
+    /// Chat-template variables (Qwen3's non-thinking mode) read from and written to TOML.
+    #[test]
+    fn template_kwargs_round_trip() {
+        let c = RunConfig::from_toml_str(
+            "[dataset]\ntemplate = \"auto\"\n[dataset.template_kwargs]\nenable_thinking = false\n",
+            Path::new("run.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.dataset.template_kwargs.get("enable_thinking"), Some(&toml::Value::Boolean(false)));
+        let back = RunConfig::from_toml_str(&c.to_toml(), Path::new("run.toml")).unwrap();
+        assert_eq!(back.dataset.template_kwargs, c.dataset.template_kwargs);
+        assert!(!RunConfig::default().to_toml().contains("template_kwargs"), "empty: not written");
     }
 
     #[test]

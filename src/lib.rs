@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod generate;
 pub mod model;
 pub mod preflight;
 pub mod quant;

@@ -41,8 +41,19 @@ enum Command {
         #[arg(long, value_parser = parse_size)]
         gpu_mem: Option<u64>,
         /// Continue the run in this folder from its newest checkpoint.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "restart")]
         resume: Option<PathBuf>,
+        /// Start the run in this folder again from step 0, in place: for a run that stopped
+        /// before its first checkpoint. Uses the folder's config.toml unless a config is given.
+        #[arg(long)]
+        restart: Option<PathBuf>,
+        /// With --resume: go on although the dataset file changed since the run started.
+        #[arg(long, requires = "resume")]
+        allow_changed_data: bool,
+        /// With --resume and --max-steps: spread the learning-rate schedule over the new length
+        /// (by default the original schedule is kept).
+        #[arg(long, requires = "resume")]
+        reschedule: bool,
         /// Print each step as a JSON object instead of a line of text.
         #[arg(long)]
         json: bool,
@@ -53,6 +64,7 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// The memory plan (VRAM budget) of a run: every term, the peak, fits or not, what fits.
+    /// Exit code 0: fits; 2: does not fit (on the card or in host RAM); 1: an error.
     Plan {
         /// A run config; or use --model / --shape.
         config: Option<PathBuf>,
@@ -72,7 +84,7 @@ enum Command {
         /// detected one; works without a GPU.
         #[arg(long)]
         card: Option<String>,
-        /// A cap on the run's GPU memory, e.g. 24GiB (overrides memory.gpu_mem); with no GPU
+        /// A cap on the run's GPU memory, e.g. 24GiB; a unit is required (overrides memory.gpu_mem); with no GPU
         /// here and no --card, plans for a card of this size.
         #[arg(long, value_parser = parse_size)]
         gpu_mem: Option<u64>,
@@ -100,7 +112,8 @@ enum Command {
         mode: String,
         #[arg(long, default_value_t = 32)]
         rank: usize,
-        /// Force a checkpointing policy: none, layer or offload.
+        /// Force a checkpointing policy: auto (the fastest that fits the card or --gpu-mem, keeping as
+        /// many layers' activations as fit), none, layer or offload.
         #[arg(long)]
         checkpointing: Option<String>,
         /// After the timed steps, time every kernel and GEMM of one more step.
@@ -113,6 +126,22 @@ enum Command {
         /// A hard cap on the device memory this run may use, context included (e.g. 24GiB).
         #[arg(long, value_parser = parse_size)]
         gpu_mem: Option<u64>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time prefill and decode on the GPU with random weights of a real shape: the NF4 base with a
+    /// LoRA adapter on all seven linears, switched on, batch 1 (the Chat page's path).
+    BenchGenerate {
+        /// llama3-8b, llama3.2-3b or llama3.2-1b.
+        #[arg(long, default_value = "llama3-8b")]
+        shape: String,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -166,6 +195,10 @@ enum Command {
         #[arg(long)]
         per_example: bool,
     },
+    /// Answer one prompt with a model (a run folder, or a model folder and --adapter), streamed.
+    Generate(tunestudio::commands::generate::GenerateArgs),
+    /// Talk to a model on the terminal (a run folder, or a model folder and --adapter).
+    Chat(tunestudio::commands::chat::ChatArgs),
     /// Export a run: its PEFT adapter, or the base model with the adapter merged in.
     Export {
         #[command(subcommand)]
@@ -182,6 +215,9 @@ enum ExportCommand {
         #[arg(long)]
         to: Option<PathBuf>,
     },
+    /// The base model with the adapter folded in, as one GGUF file (f16, bf16, q8_0, q4_k_m) for
+    /// llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
+    Gguf(tunestudio::commands::export_gguf::ExportGgufArgs),
     /// The base model with the adapter folded in, as a 16-bit Hugging Face folder.
     Merged {
         /// The run folder (or use --model and --adapter).
@@ -213,11 +249,21 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => studio(None),
         Some(Command::Studio { config }) => studio(config),
-        Some(Command::Train { config, output, max_steps, device, card, gpu_mem, resume, json }) => {
-            train(TrainArgs { config, output, max_steps, device, card, gpu_mem, resume, json })
-        }
+        Some(Command::Train {
+            config,
+            output,
+            max_steps,
+            device,
+            card,
+            gpu_mem,
+            resume,
+            restart,
+            allow_changed_data,
+            reschedule,
+            json,
+        }) => train(TrainArgs { config, output, max_steps, device, card, gpu_mem, resume, restart, allow_changed_data, reschedule, json }),
         Some(Command::Plan { config, model, shape, seq, batch, rank, card, gpu_mem, host_mem, json }) => {
-            card_profile(card).and_then(|card| {
+            let fits = card_profile(card).and_then(|card| {
                 tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
                     config: config.as_deref(),
                     model: model.as_deref(),
@@ -230,10 +276,28 @@ fn main() -> ExitCode {
                     host_mem,
                     json,
                 })
-            })
+            });
+            // Exit code 2: the plan was made and the run does not fit (README, "Command line").
+            match fits {
+                Ok(Some(false)) => return ExitCode::from(2),
+                other => other.map(|_| ()),
+            }
         }
         Some(Command::Bench { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json }) => {
             bench(shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem, json)
+        }
+        Some(Command::BenchGenerate { shape, rank, prompt_tokens, new_tokens, json }) => {
+            let args = tunestudio::generate::bench::DecodeBenchArgs { shape, rank, prompt_tokens, new_tokens };
+            tunestudio::generate::bench::run(&args, &|m| eprintln!("{m}")).map(|r| {
+                if json {
+                    println!("{}", serde_json::to_string(&r).expect("json"));
+                } else {
+                    println!(
+                        "{} {} NF4 + LoRA r {}: prefill {} tokens {:.0} tokens/s; decode {:.1} tokens/s ({:.2} ms per token)",
+                        r.card, r.shape, r.rank, r.prompt_tokens, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.decode_ms_per_token
+                    );
+                }
+            })
         }
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
         Some(Command::Preflight { config, card, json }) => {
@@ -252,9 +316,12 @@ fn main() -> ExitCode {
             json,
             per_example,
         }) => eval(EvalArgs { model, adapter, data, format, template, train_on, quantization, max_seq_len, batch_size, json, per_example }),
+        Some(Command::Generate(args)) => tunestudio::commands::generate::run(&args),
+        Some(Command::Chat(args)) => tunestudio::commands::chat::run(&args),
         Some(Command::Export { what: ExportCommand::Adapter { run, to } }) => {
             tunestudio::export::run::export_adapter(&run, to.as_deref()).map(|d| println!("adapter written to {}", d.display()))
         }
+        Some(Command::Export { what: ExportCommand::Gguf(args) }) => tunestudio::commands::export_gguf::run(&args),
         Some(Command::Export { what: ExportCommand::Merged { run, dtype, to, model, adapter, quantization, max_shard_size, json } }) => {
             export_merged(run, dtype, to, model, adapter, quantization, max_shard_size, json)
         }
@@ -301,10 +368,11 @@ fn bench(
     };
     let checkpointing = match checkpointing.as_deref() {
         None => None,
+        Some("auto") => Some(CheckpointPolicy::Auto),
         Some("none") => Some(CheckpointPolicy::None),
         Some("layer") => Some(CheckpointPolicy::Layer),
         Some("offload") => Some(CheckpointPolicy::Offload),
-        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use none, layer or offload"))),
+        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use auto, none, layer or offload"))),
     };
     let card = card_profile(card)?;
     let args = BenchArgs { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem_bytes: gpu_mem };
@@ -318,7 +386,10 @@ fn bench(
         Some(p) => println!("card          {} (profile {p}, {:.1} GiB), attention {}", r.card, r.card_memory_gib, r.attention),
         None => println!("card          {}, attention {}", r.card, r.attention),
     }
-    println!("run           {} seq {} r {} {:?} (checkpointing {:?})", r.shape, r.seq, r.rank, r.mode, r.checkpointing);
+    println!(
+        "run           {} seq {} r {} {:?} (checkpointing {:?}, {} of the layers' activations kept)",
+        r.shape, r.seq, r.rank, r.mode, r.checkpointing, r.kept_layers
+    );
     println!("step          median {:.1} ms over {} steps → {:.0} tokens/s", r.median_step_ms, r.steps, r.tokens_per_s);
     println!(
         "memory        driver peak {:.2} GiB, arena peak {:.2} GiB (+ context {:.2} GiB); plan {:.2} GiB",
@@ -343,7 +414,7 @@ fn card_profile(name: Option<String>) -> Result<Option<&'static tunestudio::back
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    tunestudio::util::parse_bytes(s).ok_or_else(|| format!("`{s}` is not a size such as 24GiB or 80GB"))
+    tunestudio::util::parse_bytes(s)
 }
 
 struct TrainArgs {
@@ -354,32 +425,63 @@ struct TrainArgs {
     card: Option<String>,
     gpu_mem: Option<u64>,
     resume: Option<PathBuf>,
+    restart: Option<PathBuf>,
+    allow_changed_data: bool,
+    reschedule: bool,
     json: bool,
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let TrainArgs { config, output, max_steps, device, card, gpu_mem, resume, json } = a;
-    let card = card_profile(card)?;
-    let mut cfg = match (&config, &resume) {
-        (Some(path), _) => RunConfig::load(path)?,
-        (None, Some(_)) => RunConfig::default(),
-        (None, None) => return Err(Error::msg("give a run config (e.g. assets/demo/run.toml) or --resume <run-dir>")),
+    let json = a.json;
+    let card = card_profile(a.card.clone())?;
+    let mut cfg = match (&a.config, &a.resume, &a.restart) {
+        (Some(path), None, _) => RunConfig::load(path)?,
+        (Some(_), Some(_), _) => {
+            return Err(Error::msg(
+                "--resume continues a run with its own config.toml: give the run folder alone (and --max-steps to extend it)",
+            ));
+        }
+        (None, Some(_), _) => RunConfig::default(),
+        (None, None, Some(dir)) => RunConfig::load(&dir.join(tunestudio::session::checkpoint::CONFIG_FILE))?,
+        (None, None, None) => {
+            return Err(Error::msg("give a run config (e.g. assets/demo/run.toml), --resume <run-dir> or --restart <run-dir>"));
+        }
     };
-    if let Some(o) = output {
+    if let Some(o) = a.output {
         cfg.output.dir = o;
     }
-    if let Some(s) = max_steps {
+    if let Some(s) = a.max_steps {
         cfg.train.max_steps = Some(s);
     }
-    if let Some(d) = device {
+    if let Some(d) = a.device {
         cfg.train.device = d;
     }
-    if let Some(cap) = gpu_mem {
+    if let Some(cap) = a.gpu_mem {
         cfg.memory.gpu_mem = Some(tunestudio::config::ByteSize(cap));
     }
     // Only an explicit `--device auto` lets a card that cannot run fall back to the CPU.
-    let cpu_fallback = device == Some(DeviceChoice::Auto);
-    let handle = session::start(cfg, StartOptions { resume, card, cpu_fallback, ..Default::default() });
+    let cpu_fallback = a.device == Some(DeviceChoice::Auto);
+    let options = StartOptions {
+        resume: a.resume,
+        restart: a.restart,
+        allow_changed_data: a.allow_changed_data,
+        reschedule: a.reschedule,
+        card,
+        cpu_fallback,
+        ..Default::default()
+    };
+    let handle = session::start(cfg, options);
+    // Ctrl+C (or SIGTERM) stops at the next step boundary with a checkpoint, as Stop does in the
+    // studio; a second one ends the process at once.
+    let control = handle.control.clone();
+    let stopping = std::sync::atomic::AtomicBool::new(false);
+    let _ = ctrlc::set_handler(move || {
+        if stopping.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("stopping after this step (saving a checkpoint); press Ctrl+C again to quit at once");
+        let _ = control.send(session::Control::Stop);
+    });
     let mut outcome = Ok(());
     for event in handle.events.iter() {
         match event {
@@ -516,8 +618,8 @@ fn export_merged(
     let mut opts = MergeOptions { dtype, ..MergeOptions::default() };
     if let Some(s) = max_shard_size {
         opts.max_shard_bytes = tunestudio::util::parse_bytes(&s)
-            .filter(|&b| b > 0)
-            .ok_or_else(|| Error::msg(format!("--max-shard-size: `{s}` is not a size such as 2GB or 500MiB")))?;
+            .and_then(|b| if b > 0 { Ok(b) } else { Err("must be more than 0 bytes".into()) })
+            .map_err(|e| Error::msg(format!("--max-shard-size: {e}")))?;
     }
     let (input, default_dest) = match (run, model, adapter) {
         (Some(run), None, None) => (MergeInput::from_run(&run)?, Some(run.join(format!("merged-{}", format!("{dtype:?}").to_lowercase())))),

@@ -308,6 +308,9 @@ impl PreflightReport {
         let untrained = untrained_tokens(&store, &spec, &tok, &data.examples, template.as_ref(), cfg.dataset.fix_untrained_tokens)?;
 
         let mut reasons = Vec::new();
+        if let Err(e) = store.check_finite() {
+            reasons.push(e.to_string());
+        }
         if let Some(why) = r.too_bad(cfg.dataset.max_bad_fraction) {
             reasons.push(why);
         }

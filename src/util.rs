@@ -81,45 +81,24 @@ pub fn fmt_duration(secs: f64) -> String {
     }
 }
 
-/// Parse sizes such as `24GiB`, `24GB`, `24G`, `1.5 TiB`, `512MiB` (binary units throughout).
-pub fn parse_bytes(text: &str) -> Option<u64> {
+/// Parse sizes such as `24GiB`, `24GB`, `24G`, `1.5 TiB`, `512MiB`, `100B` (binary units
+/// throughout). A bare number is refused, not taken as bytes: `--gpu-mem 24` meant 24 GiB, and
+/// planning for a 24-byte card helps nobody.
+pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().ok()?;
+    let v: f64 = num.parse().map_err(|_| format!("`{text}` is not a size such as 24GiB or 80GB"))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1u64,
+        "" => return Err(format!("`{text}` has no unit: write {num}GiB (or {num}GB, {num}MiB, {num}B)")),
+        "b" => 1u64,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        _ => return None,
+        other => return Err(format!("`{text}`: unknown unit `{other}` (use B, KiB, MiB, GiB or TiB)")),
     };
-    Some((v * mult as f64).round() as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_sizes() {
-        assert_eq!(parse_bytes("24GiB"), Some(24 << 30));
-        assert_eq!(parse_bytes("1.5 GB"), Some(3 << 29));
-        assert_eq!(parse_bytes("x"), None);
-    }
-
-    #[test]
-    fn atomic_dir_replaces_or_leaves_nothing() {
-        let d = tempfile::tempdir().unwrap();
-        let dest = d.path().join("out");
-        write_dir_atomic(&dest, |p| write_atomic(&p.join("a"), b"1")).unwrap();
-        assert!(dest.join("a").exists());
-        let r = write_dir_atomic(&dest, |_| Err(Error::msg("boom")));
-        assert!(r.is_err());
-        assert!(dest.join("a").exists(), "failed write must keep the old folder");
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temp folder left behind");
-    }
+    Ok((v * mult as f64).round() as u64)
 }
 
 /// `8.03B`, `1.24M`, `512`.
@@ -159,4 +138,31 @@ pub fn process_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("24GiB"), Ok(24 << 30));
+        assert_eq!(parse_bytes("1.5 GB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("512B"), Ok(512));
+        assert!(parse_bytes("x").unwrap_err().contains("not a size"));
+        assert!(parse_bytes("24").unwrap_err().contains("no unit: write 24GiB"));
+        assert!(parse_bytes("24 parsecs").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn atomic_dir_replaces_or_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("out");
+        write_dir_atomic(&dest, |p| write_atomic(&p.join("a"), b"1")).unwrap();
+        assert!(dest.join("a").exists());
+        let r = write_dir_atomic(&dest, |_| Err(Error::msg("boom")));
+        assert!(r.is_err());
+        assert!(dest.join("a").exists(), "failed write must keep the old folder");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temp folder left behind");
+    }
 }

@@ -169,10 +169,14 @@ fn a_card_that_cannot_run_is_refused_by_train_and_preflight() {
 #[test]
 fn plan_holds_offloaded_activations_against_the_host_ram() {
     let plan = |host: &str| {
-        let (ok, out, err) =
-            tunestudio(&["plan", "--shape", "llama3-8b", "--seq", "32768", "--gpu-mem", "24GiB", "--host-mem", host, "--json"]);
-        assert!(ok, "{err}");
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+        let out = Command::new(env!("CARGO_BIN_EXE_tunestudio"))
+            .args(["plan", "--shape", "llama3-8b", "--seq", "32768", "--gpu-mem", "24GiB", "--host-mem", host, "--json"])
+            .output()
+            .unwrap();
+        let v = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        // Exit code 2: planned, and it does not fit.
+        assert_eq!(out.status.code(), Some(if v["fits"] == true { 0 } else { 2 }), "{}", String::from_utf8_lossy(&out.stderr));
+        v
     };
     let (small, large) = (plan("4GiB"), plan("256GiB"));
     assert_eq!(large["checkpointing"], "offload", "{large}");
@@ -183,8 +187,226 @@ fn plan_holds_offloaded_activations_against_the_host_ram() {
     let longest = |v: &serde_json::Value| v["largest"]["max_seq_len"].as_u64().unwrap();
     assert!(longest(&small) < 32768 && longest(&small) < longest(&large), "{} vs {}", longest(&small), longest(&large));
     assert!(small["suggestions"].as_array().unwrap().iter().any(|s| s["change"].as_str().unwrap().contains("max_seq_len")), "{small}");
+    assert_eq!(small["binding"], "host_ram", "{small}");
     let (ok, text, _) = tunestudio(&["plan", "--shape", "llama3-8b", "--seq", "32768", "--gpu-mem", "24GiB", "--host-mem", "4GiB"]);
-    assert!(ok && text.contains("of 4.00 GiB RAM available: does NOT fit"), "{text}");
+    assert!(!ok && text.contains("of 4.00 GiB RAM available: does NOT fit"), "{text}");
+    // The verdict blames the host RAM, not the card.
+    let verdict = text.lines().find(|l| l.contains(" → ")).unwrap();
+    assert!(verdict.contains("fits on the card, but does NOT fit in host RAM"), "{verdict}");
+}
+
+/// Issue 18: `plan` validates what `train` validates, refuses sizes without a unit, never offers
+/// more than the validator allows, and exits 2 when the run does not fit.
+#[test]
+fn plan_validates_like_train_and_exits_2_when_nothing_fits() {
+    for (flag, value, field) in [("--seq", "0", "train.max_seq_len"), ("--batch", "0", "train.batch_size"), ("--rank", "0", "lora.r")] {
+        let (ok, _, err) = tunestudio(&["plan", "--shape", "llama3.2-1b", flag, value, "--gpu-mem", "24GiB"]);
+        assert!(!ok, "{flag} {value} must be refused");
+        assert_error(&err, &format!("{flag} {value}"));
+        assert!(err.contains(field), "{err}");
+    }
+    let (ok, _, err) = tunestudio(&["plan", "--shape", "llama3.2-1b", "--gpu-mem", "24"]);
+    assert!(!ok);
+    assert!(err.contains("no unit") && err.contains("24GiB"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_tunestudio"))
+        .args(["plan", "--shape", "llama3.2-1b", "--gpu-mem", "1000GiB", "--host-mem", "4096GiB", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["largest"]["max_seq_len"].as_u64().unwrap() <= 1 << 20, "{}", v["largest"]);
+    assert!(v["largest"]["batch_size"].as_u64().unwrap() <= 4096 && v["largest"]["lora_r"].as_u64().unwrap() <= 1024);
+    // Nothing fits on a 1 GiB card: the plan is printed, and the exit code is 2.
+    let out = Command::new(env!("CARGO_BIN_EXE_tunestudio")).args(["plan", "--shape", "llama3-8b", "--gpu-mem", "1GiB"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("does NOT fit on the card"), "{text}");
+}
+
+/// A run config on the demo in `dir`: few small steps on the CPU, a checkpoint after every step.
+fn small_run_config(dir: &Path, run_name: &str, steps: u64) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(demo().join("run.toml"))
+        .unwrap()
+        .replace("path = \"model\"", &format!("path = {:?}", demo().join("model")))
+        .replace("path = \"data/train.jsonl\"", &format!("path = {:?}", demo().join("data/train.jsonl")))
+        .replace("dir = \"../../runs\"", &format!("dir = {:?}\nrun_name = {run_name:?}", dir.join("runs")))
+        .replace("batch_size = 8", "batch_size = 2")
+        .replace("max_seq_len = 256", "max_seq_len = 96")
+        .replace("max_steps = 60", &format!("max_steps = {steps}\nsave_every = 1\ndevice = \"cpu\""));
+    let cfg = dir.join(format!("{run_name}.toml"));
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+fn metrics_of(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Issue 18: two `train` processes started at once into the same run folder: exactly one runs,
+/// the other is refused naming why (the PID holding the folder, or the run already in it).
+#[test]
+fn two_train_processes_on_one_run_folder_exactly_one_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = small_run_config(d.path(), "same", 3);
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_tunestudio"))
+            .args(["train", cfg.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let ok: Vec<bool> = outs.iter().map(|o| o.status.success()).collect();
+    assert_eq!(ok.iter().filter(|&&s| s).count(), 1, "exactly one must run: {ok:?}");
+    let loser = outs.iter().find(|o| !o.status.success()).unwrap();
+    let err = String::from_utf8_lossy(&loser.stderr);
+    assert!(err.contains("is in use by process") || err.contains("already holds a run"), "{err}");
+    assert_error(&err, "same");
+    let run = d.path().join("runs/same");
+    assert_eq!(metrics_of(&run).iter().map(|m| m.0).collect::<Vec<_>>(), vec![1, 2, 3], "one run's metrics, not two interleaved");
+}
+
+/// Issue 18: kill -9 at arbitrary points (often mid-checkpoint: one is written after every step),
+/// resume each time; the finished run equals an uninterrupted one exactly and `checkpoints/`
+/// holds nothing stale.
+#[test]
+fn kill_dash_nine_and_resume_is_exact_and_leaves_nothing_stale() {
+    let d = tempfile::tempdir().unwrap();
+    const STEPS: u64 = 10;
+    let reference = small_run_config(d.path(), "reference", STEPS);
+    let (ok, _, err) = tunestudio(&["train", reference.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let want = metrics_of(&d.path().join("runs/reference"));
+    assert_eq!(want.len(), STEPS as usize);
+
+    let cfg = small_run_config(d.path(), "killed", STEPS);
+    let run = d.path().join("runs/killed");
+    let mut took_over = false;
+    for round in 0..6u64 {
+        let args: Vec<String> = if !run.join("config.toml").exists() {
+            vec!["train".into(), cfg.to_str().unwrap().into()]
+        } else if tunestudio::session::checkpoint::list(&run).is_empty() {
+            vec!["train".into(), "--restart".into(), run.to_str().unwrap().into()]
+        } else {
+            vec!["train".into(), "--resume".into(), run.to_str().unwrap().into()]
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tunestudio"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Let it make progress (a different number of new metric lines each round), then kill -9.
+        let start = metrics_of(&run).len();
+        let target = start + 1 + (round % 3) as usize;
+        loop {
+            if child.try_wait().unwrap().is_some() || metrics_of(&run).len() >= target {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        took_over |= String::from_utf8_lossy(&out.stderr).contains("took over the lock");
+        if metrics_of(&run).len() >= STEPS as usize && out.status.success() {
+            break;
+        }
+    }
+    // Finish whatever is left.
+    let last = if tunestudio::session::checkpoint::list(&run).is_empty() { "--restart" } else { "--resume" };
+    let (ok, _, err) = tunestudio(&["train", last, run.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(took_over || err.contains("took over the lock"), "a killed holder's lock is taken over with a note:\n{err}");
+    let got = metrics_of(&run);
+    assert_eq!(got, want, "the killed and resumed run must reproduce the uninterrupted one exactly");
+    let entries: Vec<String> =
+        std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert!(entries.iter().all(|e| e.starts_with("step-")) && entries.len() <= 2, "stale entries in checkpoints/: {entries:?}");
+    for e in &entries {
+        let files: Vec<String> =
+            std::fs::read_dir(run.join("checkpoints").join(e)).unwrap().map(|f| f.unwrap().file_name().to_string_lossy().into()).collect();
+        for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "state.json"] {
+            assert!(files.iter().any(|x| x == f), "{e} lacks {f}: {files:?}");
+        }
+    }
+    let hidden: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.') && n != ".lock")
+        .collect();
+    assert!(hidden.is_empty(), "leftovers in the run folder: {hidden:?}");
+}
+
+/// Issue 18: relative paths in a config are the config folder's, wherever the command runs from.
+#[test]
+fn relative_paths_are_resolved_against_the_config_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let proj = d.path().join("proj");
+    let other = d.path().join("other");
+    std::fs::create_dir_all(proj.join("data")).unwrap();
+    std::fs::create_dir_all(other.join("data")).unwrap();
+    std::fs::copy(demo().join("data/train.jsonl"), proj.join("data/train.jsonl")).unwrap();
+    let twenty: String =
+        std::fs::read_to_string(demo().join("data/train.jsonl")).unwrap().lines().take(20).map(|l| format!("{l}\n")).collect();
+    std::fs::write(other.join("data/train.jsonl"), twenty).unwrap();
+    std::fs::write(
+        proj.join("run.toml"),
+        format!("[model]\npath = {:?}\n\n[dataset]\npath = \"data/train.jsonl\"\n\n[train]\nmax_seq_len = 128\n", demo().join("model")),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tunestudio"))
+        .current_dir(&other)
+        .args(["preflight", "--json", "../proj/run.toml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["dataset"]["rows_total"], 350, "took the working directory's data/train.jsonl");
+    assert!(v["dataset"]["path"].as_str().unwrap().ends_with("proj/data/train.jsonl"), "{}", v["dataset"]["path"]);
+}
+
+/// Issue 18: NaN weights are refused at load, before NF4 quantization can hide them, by `train`,
+/// `preflight` and `inspect`, each naming the tensor.
+#[test]
+fn nan_weights_are_refused_naming_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(demo().join("model")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let name = "model.layers.1.mlp.down_proj.weight";
+    let (start, width) = {
+        let store = tunestudio::model::WeightStore::open(&model).unwrap();
+        let e = store.get(name).unwrap();
+        (e.start, e.dtype.bitsize() / 8)
+    };
+    let st = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    for i in 0..32 {
+        let at = start + i * 7 * width;
+        // All-ones exponent and a mantissa bit: a NaN in bf16, f16 or f32 (the top bytes).
+        bytes[at + width - 2..at + width].copy_from_slice(&[0xC0, 0x7F]);
+    }
+    std::fs::write(&st, bytes).unwrap();
+    let cfg = small_run_config(d.path(), "nan", 2);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(&format!("{:?}", demo().join("model")), &format!("{model:?}"));
+    assert!(text.contains("quantization = \"nf4\""));
+    std::fs::write(&cfg, text).unwrap();
+    for args in [vec!["train", cfg.to_str().unwrap()], vec!["preflight", cfg.to_str().unwrap()], vec!["inspect", model.to_str().unwrap()]] {
+        let (ok, _, err) = tunestudio(&args);
+        assert!(!ok, "{args:?} must fail");
+        assert_error(&err, name);
+        assert!(err.contains("non-finite"), "{err}");
+    }
 }
 
 /// `plan --model DIR` on the published config.json of Qwen3-8B and of Gemma-3-4B (a multimodal

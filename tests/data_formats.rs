@@ -5,8 +5,8 @@ mod data_support;
 
 use data_support::*;
 use serde_json::json;
-use tunestudio::config::{ColumnMapping, DatasetConfig, DatasetFormat, TrainOn};
-use tunestudio::data::{LongRows, prepare_dataset};
+use tunestudio::config::{ColumnMapping, DatasetConfig, DatasetFormat, LongRows, TrainOn};
+use tunestudio::data::prepare_dataset;
 use tunestudio::model::tokenizer::TokenizerBundle;
 
 const H_SYS: &str = "<|start_header_id|>system<|end_header_id|>\n\n";
@@ -95,7 +95,7 @@ const HF_LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loo
 {% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
 
 #[test]
-fn openai_messages_with_model_template_masks_by_rendered_prefixes() {
+fn openai_messages_with_model_template_mask_the_responses() {
     let model = model_dir(Some(json!({
         "bos_token": {"content": "<|begin_of_text|>", "lstrip": false},
         "eos_token": "<|eot_id|>",
@@ -113,7 +113,22 @@ fn openai_messages_with_model_template_masks_by_rendered_prefixes() {
     let ds = prepare_dataset(&cfg(&data), &tok, 512).unwrap();
     assert_eq!(ds.report.format, DatasetFormat::Messages);
     assert_eq!(ds.report.template, "model");
-    assert_eq!(ds.report.mask, tunestudio::data::MaskSource::RenderedPrefixes);
+    // It renders these chats exactly as the built-in llama-3 does, whose blocks then mark the
+    // responses; rendering prefixes (the same template without a donor) finds the same labels.
+    assert_eq!(ds.report.mask, tunestudio::data::MaskSource::EquivalentBuiltin);
+    let specials = tunestudio::model::chat_template::SpecialTokens { bos_token: Some("<|begin_of_text|>".into()), ..Default::default() };
+    let plain = tunestudio::model::chat_template::ChatTemplate::new(HF_LLAMA3, "plain", specials).unwrap();
+    assert!(plain.span_donor().is_none());
+    let msgs = ["q1", "r1", "q2", "r2"]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| tunestudio::model::chat_template::Message::new(if i % 2 == 0 { "user" } else { "assistant" }, *c))
+        .collect();
+    let by_prefixes = tunestudio::data::encode::Encoder { tok: &tok, template: Some(&plain), train_on: TrainOn::Responses }
+        .encode(&tunestudio::data::format::Sample::Chat(msgs), false)
+        .unwrap();
+    assert_eq!(by_prefixes.mask, tunestudio::data::MaskSource::RenderedPrefixes);
+    assert_eq!((&by_prefixes.input_ids, &by_prefixes.labels), (&ds.examples[0].input_ids, &ds.examples[0].labels));
     let pieces = [
         ("<|begin_of_text|>", false),
         (H_USER, false),
@@ -126,6 +141,45 @@ fn openai_messages_with_model_template_masks_by_rendered_prefixes() {
         ("r2<|eot_id|>", true),
     ];
     assert_eq!((ds.examples[0].input_ids.clone(), ds.examples[0].labels.clone()), expect(&pieces));
+}
+
+/// Qwen3's layout as a model ships it (no generation blocks): earlier reasoning is dropped once a
+/// later user turn follows, so rendering prefixes cannot find the responses; the built-in qwen3
+/// renders the same text and marks them: the first answer alone, the last with its <think> block.
+/// With `enable_thinking = false` the last turn's empty block is prompt.
+#[test]
+fn qwen3_thinking_chats_train_the_right_spans() {
+    let builtin = tunestudio::model::chat_template::ChatTemplate::builtin("qwen3", Default::default()).unwrap();
+    let shipped = builtin.source().replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "");
+    let model = model_dir(Some(json!({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": shipped})));
+    let tok = tok(&model);
+    let rec = json!({"messages": [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "<think>\nt1\n</think>\n\nr1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "<think>\nt2\n</think>\n\nr2"}
+    ]});
+    let plain = json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]});
+    let data = write(model.path(), "m.jsonl", &format!("{rec}\n{plain}\n"));
+    let ds = prepare_dataset(&cfg(&data), &tok, 512).unwrap();
+    assert_eq!(ds.report.mask, tunestudio::data::MaskSource::EquivalentBuiltin);
+    let pieces = [
+        ("<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\n", false),
+        ("r1<|im_end|>", true),
+        ("\n<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n", false),
+        ("<think>\nt2\n</think>\n\nr2<|im_end|>", true),
+        ("\n", false),
+    ];
+    assert_eq!((ds.examples[0].input_ids.clone(), ds.examples[0].labels.clone()), expect(&pieces));
+    let thinking =
+        [("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", false), ("<think>\n\n</think>\n\nr<|im_end|>", true), ("\n", false)];
+    assert_eq!((ds.examples[1].input_ids.clone(), ds.examples[1].labels.clone()), expect(&thinking));
+    let mut c = cfg(&data);
+    c.template_kwargs.insert("enable_thinking".into(), toml::Value::Boolean(false));
+    let ds = prepare_dataset(&c, &tok, 512).unwrap();
+    let no_thinking =
+        [("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", false), ("r<|im_end|>", true), ("\n", false)];
+    assert_eq!((ds.examples[1].input_ids.clone(), ds.examples[1].labels.clone()), expect(&no_thinking));
 }
 
 #[test]

@@ -13,6 +13,10 @@
 //!
 //! Run on a GPU host: `cargo test --release --test gpu_step -- --ignored --test-threads=1`.
 
+mod model_support;
+
+use model_support::RandomWeights;
+
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,7 +27,7 @@ use tunestudio::backend::{Backend, HostWeight};
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use tunestudio::data::Batch;
 use tunestudio::engine::lora::LoraWeights;
-use tunestudio::engine::model::{RandomWeights, WeightSource};
+use tunestudio::engine::model::WeightSource;
 use tunestudio::engine::{EngineOptions, Trainer};
 use tunestudio::model::ModelSpec;
 use tunestudio::model::arch::{Family, MlpActivation, Rope, RopeScaling};
@@ -191,14 +195,31 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn compare_step(name: &str, spec: ModelSpec, quant: Quantization, policy: CheckpointPolicy, dropout: f64, mlp_chunk_rows: usize) {
+    compare_step_kept(name, spec, quant, policy, dropout, mlp_chunk_rows, None)
+}
+
+/// [`compare_step`] with `layer` checkpointing keeping the last `kept` layers' activations (both
+/// backends), as `auto` does when only some fit.
+fn compare_step_kept(
+    name: &str,
+    spec: ModelSpec,
+    quant: Quantization,
+    policy: CheckpointPolicy,
+    dropout: f64,
+    mlp_chunk_rows: usize,
+    kept: Option<usize>,
+) {
     let weights = RandomWeights::new(&spec, 3, 0.05);
     let opts = options(quant, policy, dropout, mlp_chunk_rows);
     let init = lora_init(&spec, &opts.lora);
     let cuda = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
     let cpu_src = SameWeights { inner: RandomWeights { spec: spec.clone(), tensors: weights.tensors.clone() }, for_cpu: true };
     let gpu_src = SameWeights { inner: weights, for_cpu: false };
-    let mut tc = Trainer::new(CpuBackend::<f32>::new(), spec.clone(), &cpu_src, opts.clone(), Some(&init)).unwrap();
-    let mut tg = Trainer::new(cuda, spec.clone(), &gpu_src, opts.clone(), Some(&init)).unwrap();
+    let mut tc = Trainer::with_kept_layers(CpuBackend::<f32>::new(), spec.clone(), &cpu_src, opts.clone(), Some(&init), kept).unwrap();
+    let mut tg = Trainer::with_kept_layers(cuda, spec.clone(), &gpu_src, opts.clone(), Some(&init), kept).unwrap();
+    if let Some(k) = kept {
+        assert_eq!(tg.kept_layers(), k, "{name}: kept layers");
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(31);
     let micro = vec![batch(&mut rng, spec.vocab_size as u32), batch(&mut rng, spec.vocab_size as u32)];
 
@@ -269,6 +290,25 @@ fn step_nf4_offload() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn step_bf16_layer_chunked_mlp() {
+    // One layer kept whole (MLP over all rows), the other recomputed in MLP chunks.
+    compare_step_kept(
+        "nf4, layer, 1 of 2 layers kept, MLP chunks of 40 rows",
+        spec(true),
+        Quantization::Nf4,
+        CheckpointPolicy::Layer,
+        0.1,
+        40,
+        Some(1),
+    );
+    compare_step_kept(
+        "gemma3, bf16, layer, 1 of 2 layers kept",
+        gemma3_spec(128, 96),
+        Quantization::Bf16,
+        CheckpointPolicy::Layer,
+        0.0,
+        40,
+        Some(1),
+    );
     compare_step("bf16, layer, MLP chunks of 40 rows", spec(true), Quantization::Bf16, CheckpointPolicy::Layer, 0.1, 40);
 }
 

@@ -3,6 +3,10 @@
 //! ~h² · f''' and rounding ~1e-16 / h, so a relative error below 1e-6 means the derivative is right;
 //! a wrong backward is off by O(1).
 
+mod model_support;
+
+use model_support::RandomWeights;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tunestudio::backend::cpu::{CpuBackend, CpuTensor};
@@ -10,7 +14,6 @@ use tunestudio::backend::{AttnShape, Backend, DType, HostWeight, LinearDims, Lor
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use tunestudio::data::Batch;
 use tunestudio::engine::lora::LoraWeights;
-use tunestudio::engine::model::RandomWeights;
 use tunestudio::engine::{EngineOptions, TokenRows, Trainer};
 use tunestudio::model::ModelSpec;
 use tunestudio::model::arch::{Family, MlpActivation, Rope, RopeScaling};
@@ -408,6 +411,14 @@ fn trainer(spec: &ModelSpec, quant: Quantization, policy: CheckpointPolicy, drop
     Trainer::new(B::new(), spec.clone(), &weights, opts, Some(&init)).unwrap()
 }
 
+/// [`trainer`]'s model and adapter with `layer` checkpointing keeping the last `kept` layers.
+fn trainer_kept(spec: &ModelSpec, kept: usize) -> Trainer<B> {
+    let base = trainer(spec, Quantization::Nf4, CheckpointPolicy::Layer, 0.1, Target::ALL.to_vec());
+    let init = base.lora_weights().unwrap();
+    let opts = base.opts.clone();
+    Trainer::with_kept_layers(B::new(), spec.clone(), &RandomWeights::new(spec, 11, 0.3), opts, Some(&init), Some(kept)).unwrap()
+}
+
 /// Finite differences of the mean loss w.r.t. a sample of LoRA entries, against the engine's
 /// accumulated gradients.
 fn check_step_gradients(tr: &mut Trainer<B>, batches: &[Batch]) {
@@ -532,6 +543,30 @@ fn checkpointing_policies_give_identical_gradients() {
     let l2 = recompute.compute_gradients(&batches).unwrap();
     assert_eq!(l1, l2);
     assert_eq!(keep.lora_grads().unwrap(), recompute.lora_grads().unwrap());
+}
+
+/// Keeping some layers' activations (the last ones) and recomputing the others, as `auto` does
+/// when only some fit, gives the very gradients of keeping them all: on every family, with
+/// dropout, the MLP of recomputed layers in uneven chunks, over two micro-batches.
+#[test]
+fn keeping_some_layers_gives_the_gradients_of_keeping_all() {
+    for spec in [tiny_spec(false), tiny_qwen3(), tiny_gemma3()] {
+        let mut rng = ChaCha8Rng::seed_from_u64(19);
+        let batches = vec![tiny_batch(&mut rng, spec.vocab_size as u32), tiny_batch(&mut rng, spec.vocab_size as u32)];
+        let mut keep = trainer(&spec, Quantization::Nf4, CheckpointPolicy::None, 0.1, Target::ALL.to_vec());
+        let l_keep = keep.compute_gradients(&batches).unwrap();
+        let g_keep = keep.lora_grads().unwrap();
+        let mut mixed = trainer_kept(&spec, 1);
+        assert_eq!((mixed.kept_layers(), mixed.keeps_all_activations()), (1, false));
+        assert_eq!(mixed.compute_gradients(&batches).unwrap(), l_keep, "{}", spec.model_type);
+        assert_eq!(mixed.lora_grads().unwrap(), g_keep, "{}", spec.model_type);
+    }
+    // Only `layer` checkpointing keeps some and recomputes the others.
+    let spec = tiny_spec(false);
+    let opts = trainer(&spec, Quantization::Nf4, CheckpointPolicy::Offload, 0.0, Target::ALL.to_vec()).opts.clone();
+    let err =
+        Trainer::with_kept_layers(B::new(), spec.clone(), &RandomWeights::new(&spec, 11, 0.3), opts, None, Some(1)).err().expect("refused");
+    assert!(err.to_string().contains("memory.checkpointing"), "{err}");
 }
 
 /// The untrained-token fix trains embedding (and untied head) rows with the adapter: their

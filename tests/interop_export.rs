@@ -123,7 +123,7 @@ fn shards_and_index_read_back_as_one_model() {
 fn merged_config_is_dense_and_16_bit() {
     let tmp = tempfile::tempdir().unwrap();
     // From a bnb-4bit checkpoint: quantization_config must go, dtype must be the export's.
-    let input = MergeInput { model: fx("bnb4bit"), quantization: Quantization::Nf4, adapter: None, token_rows: None };
+    let input = MergeInput { model: fx("bnb4bit"), quantization: Quantization::Nf4, adapter: None, token_rows: None, run_lock: None };
     let dest = tmp.path().join("m");
     let s = export_merged(&input, &dest, &MergeOptions { dtype: MergeDtype::F16, ..Default::default() }).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dest.join("config.json")).unwrap()).unwrap();
@@ -140,7 +140,13 @@ fn merged_config_is_dense_and_16_bit() {
 fn merged_demo_stops_at_the_end_of_a_turn() {
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("m");
-    let input = MergeInput { model: root().join("assets/demo/model"), quantization: Quantization::Bf16, adapter: None, token_rows: None };
+    let input = MergeInput {
+        model: root().join("assets/demo/model"),
+        quantization: Quantization::Bf16,
+        adapter: None,
+        token_rows: None,
+        run_lock: None,
+    };
     let s = export_merged(&input, &dest, &MergeOptions::default()).unwrap();
     let tok = tunestudio::model::tokenizer::TokenizerBundle::load(&root().join("assets/demo/model")).unwrap();
     let eot = tok.token_id("<|eot_id|>").unwrap();
@@ -194,9 +200,10 @@ fn exported_adapter_carries_the_trained_token_rows() {
     assert_eq!(a.weights, ckpt.weights);
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(to.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["trainable_token_indices"], serde_json::json!({"embed_tokens": rows.ids, "lm_head": rows.ids}));
-    // Exports never overwrite; the in-place form rewrites <run>/adapter with the rows.
+    // Exports never overwrite; the run's own adapter already carries the rows (issue 18), and
+    // the in-place form rewrites it with the same content.
     assert!(tunestudio::export::run::export_adapter(&run, Some(&to)).is_err());
-    assert!(load_peft(&run.join("adapter"), &spec).unwrap().token_rows.is_none());
+    assert_eq!(load_peft(&run.join("adapter"), &spec).unwrap().token_rows, Some(rows.clone()));
     tunestudio::export::run::export_adapter(&run, None).unwrap();
     assert_eq!(load_peft(&run.join("adapter"), &spec).unwrap().token_rows, Some(rows.clone()));
 
@@ -227,7 +234,9 @@ fn ckpt_adapter_without_rows(tmp: &Path, adapter: &Path) -> PathBuf {
     let spec = ModelSpec::from_dir(&root().join("assets/demo/model")).unwrap();
     let a = load_peft(adapter, &spec).unwrap();
     let out = tmp.join("no-rows");
-    tunestudio::export::adapter::save_peft(&out, &spec, &a.weights, &a.lora, "demo").unwrap();
+    tunestudio::export::adapter::AdapterFiles { spec: &spec, weights: &a.weights, lora: &a.lora, base_model: "demo", tokens: None }
+        .save(&out)
+        .unwrap();
     out
 }
 

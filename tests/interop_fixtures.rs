@@ -332,7 +332,10 @@ fn write_trained_adapters() {
         let rows = t.token_rows().unwrap();
         let out = fixtures().join(format!("{m}_trained_adapter"));
         let _ = std::fs::remove_dir_all(&out);
-        tunestudio::export::adapter::save_peft_with_tokens(&out, &spec, &t.lora_weights().unwrap(), &lora, m, rows.as_ref()).unwrap();
+        let weights = t.lora_weights().unwrap();
+        tunestudio::export::adapter::AdapterFiles { spec: &spec, weights: &weights, lora: &lora, base_model: m, tokens: rows.as_ref() }
+            .save(&out)
+            .unwrap();
         eprintln!("{m}: losses {losses:?}, adapter in {}", out.display());
     }
 }

@@ -1,9 +1,12 @@
 //! The memory plan is the allocation: the Trainer allocates exactly the buffers
 //! `plan::engine_buffers` lists (names, sizes, dtypes, order), for every policy and option.
 
+mod model_support;
+
+use model_support::RandomWeights;
+
 use tunestudio::backend::cpu::CpuBackend;
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
-use tunestudio::engine::model::RandomWeights;
 use tunestudio::engine::plan::{self, PlanInput, PlanTarget};
 use tunestudio::engine::{EngineOptions, TokenRows, Trainer};
 use tunestudio::model::ModelSpec;
@@ -24,19 +27,22 @@ fn spec(tied: bool) -> ModelSpec {
 
 #[test]
 fn trainer_allocates_exactly_the_planned_buffers() {
+    // The last field: layers kept whole under `layer` (what `auto` picks when only some fit).
     let cases = [
-        (CheckpointPolicy::None, 0.0, Target::ALL.to_vec(), 0, false),
-        (CheckpointPolicy::Layer, 0.1, vec![Target::Q, Target::V], 0, false),
-        (CheckpointPolicy::Layer, 0.0, vec![Target::Down, Target::Gate], 3, false),
-        (CheckpointPolicy::None, 0.2, Target::ALL.to_vec(), 2, true),
-        (CheckpointPolicy::Auto, 0.0, Target::ALL.to_vec(), 0, false),
-        (CheckpointPolicy::Offload, 0.1, Target::ALL.to_vec(), 1, false),
+        (CheckpointPolicy::None, 0.0, Target::ALL.to_vec(), 0, false, None),
+        (CheckpointPolicy::Layer, 0.1, vec![Target::Q, Target::V], 0, false, None),
+        (CheckpointPolicy::Layer, 0.0, vec![Target::Down, Target::Gate], 3, false, None),
+        (CheckpointPolicy::None, 0.2, Target::ALL.to_vec(), 2, true, None),
+        (CheckpointPolicy::Auto, 0.0, Target::ALL.to_vec(), 0, false, None),
+        (CheckpointPolicy::Offload, 0.1, Target::ALL.to_vec(), 1, false, None),
+        (CheckpointPolicy::Layer, 0.1, Target::ALL.to_vec(), 0, false, Some(1)),
+        (CheckpointPolicy::Layer, 0.0, vec![Target::Q, Target::Up, Target::Down], 2, true, Some(2)),
     ];
     // Qwen3's q/k norms and Gemma 3's output norms add activations and scratch of their own.
     let qwen3 = |tied| ModelSpec { qk_norm: true, head_dim: 6, ..spec(tied) };
     let gemma3 = |tied| ModelSpec { sandwich_norms: true, norm_weight_offset: 1.0, ..qwen3(tied) };
     let families: [&dyn Fn(bool) -> ModelSpec; 3] = [&spec, &qwen3, &gemma3];
-    for ((policy, dropout, targets, token_rows, tied), family) in cases.into_iter().flat_map(|c| families.map(|f| (c.clone(), f))) {
+    for ((policy, dropout, targets, token_rows, tied, kept), family) in cases.into_iter().flat_map(|c| families.map(|f| (c.clone(), f))) {
         let s = family(tied);
         let lora = LoraConfig { r: 5, alpha: 8.0, dropout, targets, rslora: false };
         let opts = EngineOptions {
@@ -49,7 +55,8 @@ fn trainer_allocates_exactly_the_planned_buffers() {
             seed: 1,
             mlp_chunk_rows: 7,
         };
-        let mut tr = Trainer::new(CpuBackend::<f32>::new(), s.clone(), &RandomWeights::new(&s, 2, 0.1), opts, None).unwrap();
+        let mut tr =
+            Trainer::with_kept_layers(CpuBackend::<f32>::new(), s.clone(), &RandomWeights::new(&s, 2, 0.1), opts, None, kept).unwrap();
         if token_rows > 0 {
             let d = s.hidden_size;
             let ids: Vec<u32> = (0..token_rows as u32).map(|i| 40 + i).collect();
@@ -67,7 +74,7 @@ fn trainer_allocates_exactly_the_planned_buffers() {
         };
         let resolved = plan::plan(&s, &input, &PlanTarget::cpu()).checkpointing;
         assert_eq!(plan::keeps_all(resolved), tr.keeps_all_activations(), "{policy:?}");
-        let expected = plan::engine_buffers(&s, &input, resolved);
+        let expected = plan::engine_buffers(&s, &input, resolved, tr.kept_layers());
         let got = tr.allocations();
         for (i, (e, g)) in expected.iter().zip(got).enumerate() {
             assert_eq!(e, g, "buffer {i} differs ({policy:?}, dropout {dropout})");
@@ -79,6 +86,50 @@ fn trainer_allocates_exactly_the_planned_buffers() {
 /// The plan's attention scratch is what the backend reserves for the run's largest batch: 128 MiB
 /// up to the length where one sequence of one kv-head group needs more, then that (Llama-3-8B at
 /// 64K tokens needs 193 MiB), so no length falls back to a slower path.
+/// `auto` on a card: everything kept when it fits; otherwise as many layers kept whole as fit
+/// with the headroom to spare (the others recomputed), more of them on a bigger card or a shorter
+/// sequence; offload only when recomputing every layer does not fit.
+#[test]
+fn auto_keeps_as_many_layers_as_the_card_holds() {
+    let s = ModelSpec::llama3_8b();
+    let input = |seq| PlanInput {
+        lora: LoraConfig { r: 32, alpha: 32.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false },
+        quantization: Quantization::Nf4,
+        batch_size: 1,
+        max_seq_len: seq,
+        checkpointing: CheckpointPolicy::Auto,
+        token_rows: 0,
+        mlp_chunk_rows: 0,
+    };
+    let card = |gib: u64| PlanTarget::gpu(&format!("{gib} GiB"), gib << 30);
+    let kept = |seq, gib| {
+        let p = plan::plan(&s, &input(seq), &card(gib));
+        assert!(p.fits, "{seq} on {gib} GiB fits");
+        let free = card(gib).available_bytes().unwrap();
+        if p.checkpointing == CheckpointPolicy::Layer && p.kept_layers > 0 {
+            assert!(p.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES <= free, "{seq} on {gib} GiB leaves the headroom");
+            let one_more = plan::plan_resolved(&s, &input(seq), &card(gib), CheckpointPolicy::Layer, p.kept_layers + 1);
+            assert!(one_more.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES > free, "{seq} on {gib} GiB: one more layer would fit");
+            let layer = plan::plan_resolved(&s, &input(seq), &card(gib), CheckpointPolicy::Layer, 0);
+            assert!(p.peak_bytes > layer.peak_bytes, "kept layers cost memory");
+        }
+        (p.checkpointing, p.kept_layers)
+    };
+    assert_eq!(kept(2048, 80), (CheckpointPolicy::None, 32));
+    let (policy, at_8k) = kept(8192, 24);
+    assert_eq!(policy, CheckpointPolicy::Layer);
+    assert!((1..32).contains(&at_8k), "8192 tokens on 24 GiB keeps some layers, not all: {at_8k}");
+    let (_, at_4k) = kept(4096, 24);
+    assert!(at_4k > at_8k, "shorter rows keep more layers: {at_4k} at 4096 against {at_8k} at 8192");
+    let (_, on_40) = kept(8192, 40);
+    assert!(on_40 > at_8k, "a bigger card keeps more: {on_40} on 40 GiB against {at_8k} on 24 GiB");
+    let long = plan::plan(&s, &input(65536), &card(24));
+    assert_eq!((long.checkpointing, long.kept_layers), (CheckpointPolicy::Offload, 0), "64K tokens: the inputs go to the host");
+    // The label says what the plan chose.
+    let p = plan::plan(&s, &input(8192), &card(24));
+    assert_eq!(p.checkpointing_label(&s), format!("layer ({at_8k} of 32 layers kept, the rest recomputed)"));
+}
+
 #[test]
 fn cuda_workspace_sizes_the_attention_scratch_for_the_longest_row() {
     use tunestudio::backend::cuda::{ATTN_BWD_SCRATCH_BYTES, attention_bwd_split, attention_scratch_bytes};

@@ -82,6 +82,11 @@ pub const FIELDS: &[FieldDoc] = &[
         "Optimizer steps over which the learning rate rises from zero; used when the warm-up ratio is 0.",
     ),
     f("schedule.warmup_ratio", "Warm-up ratio", "Warm-up as a fraction of all steps; overrides warm-up steps when above 0."),
+    f(
+        "schedule.steps",
+        "Schedule length",
+        "The optimizer steps the learning-rate schedule spans; unset: the whole run. A run extended on resume keeps its original length here.",
+    ),
     f("train.batch_size", "Batch size", "Sequences per micro-batch: the main memory knob after sequence length."),
     f("train.grad_accum", "Gradient accumulation", "Micro-batches per optimizer step; the effective batch is batch size × this."),
     f("train.max_seq_len", "Max sequence length", "Tokens per sequence; longer rows are truncated or dropped (see the Dataset panel)."),
@@ -92,6 +97,16 @@ pub const FIELDS: &[FieldDoc] = &[
         "train.save_every",
         "Checkpoint every",
         "Write a resumable checkpoint every N optimizer steps; 0 (off) writes only the final one (Save now writes one at any time).",
+    ),
+    f(
+        "train.save_every_minutes",
+        "Checkpoint every (minutes)",
+        "Also write a checkpoint after this many minutes of training, so a crash loses little; 0 turns it off.",
+    ),
+    f(
+        "train.stop_on_divergence",
+        "Stop on divergence",
+        "Stop the run as failed, keeping its last checkpoint, when the gradient norm stays at 0, the loss climbs to a uniform guess, or the loss rises far above its best.",
     ),
     f(
         "train.device",
@@ -107,6 +122,12 @@ pub const FIELDS: &[FieldDoc] = &[
         "memory.gpu_mem",
         "GPU memory cap",
         "A hard limit on the GPU memory the run may use, CUDA context included: the plan targets it and the allocator never goes past it. Leave room for other programs on a shared card.",
+    ),
+    f("dataset.fingerprint.bytes", "Dataset size", "Written by a run: the dataset file's size when the run started; a resume checks it."),
+    f(
+        "dataset.fingerprint.sha256",
+        "Dataset SHA-256",
+        "Written by a run: the dataset file's SHA-256 when the run started; a resume checks it.",
     ),
     f("output.dir", "Runs folder", "The folder that holds one folder per run (metrics, checkpoints, the adapter)."),
     f("output.run_name", "Run name", "The run's folder name; empty picks <model>-<date>-<time>."),
@@ -194,6 +215,8 @@ mod tests {
         c.train.max_steps = Some(1);
         c.dataset.columns.system = Some("s".into());
         c.memory.gpu_mem = Some(crate::config::ByteSize(24 << 30));
+        c.schedule.steps = Some(1);
+        c.dataset.fingerprint = Some(crate::config::Fingerprint { bytes: 1, sha256: "0".into() });
         let mut keys = Vec::new();
         leaves("", &toml::Value::try_from(&c).unwrap(), &mut keys);
         keys.sort();

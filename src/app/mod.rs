@@ -50,11 +50,13 @@ pub struct StudioOptions {
     pub settings_dir: PathBuf,
     /// Overrides the config's `output.dir` (tests write runs into a temporary folder).
     pub output_dir: Option<PathBuf>,
+    /// The Hugging Face hub cache whose models the Model page lists (`None`: none).
+    pub hf_cache: Option<PathBuf>,
 }
 
 impl Default for StudioOptions {
     fn default() -> Self {
-        StudioOptions { config: None, settings_dir: crate::assets::config_dir(), output_dir: None }
+        StudioOptions { config: None, settings_dir: crate::assets::config_dir(), output_dir: None, hf_cache: state::model::hf_cache_dir() }
     }
 }
 
@@ -172,6 +174,11 @@ impl StudioApp {
         let delay = Duration::from_millis(300);
         let jobs = Jobs::new(cc.egui_ctx.clone());
         jobs.spawn("machine", |_| Msg::Machine(budget::probe_machine()));
+        state.model.cache_dir = options.hf_cache.clone();
+        if let Some(root) = options.hf_cache.clone() {
+            state.model.cached = Load::Loading;
+            jobs.spawn("hf-cache", move |_| Msg::HfCache(model::scan_hf_cache(&root)));
+        }
         StudioApp {
             state,
             jobs,
@@ -338,6 +345,16 @@ impl StudioApp {
             Action::OpenRun(dir) => {
                 self.jobs.spawn("open-run", move |_| Msg::RunOpened(jobs::guarded(|| runs::open(&dir))));
             }
+            Action::RenameRun(dir, name) => {
+                s.runs.renaming = None;
+                self.jobs.spawn("rename-run", move |_| Msg::Renamed(jobs::guarded(|| runs::rename(&dir, &name))));
+            }
+            Action::CompareRuns => {
+                let dirs = s.runs.selected.clone();
+                let smoothing = s.training.smoothing;
+                s.runs.comparison = Some(Load::Loading);
+                self.jobs.spawn("compare-runs", move |_| Msg::Compared(jobs::guarded(|| runs::compare(&dirs, smoothing))));
+            }
             Action::ResumeRun(dir) => {
                 if s.training.phase.is_active() {
                     s.notify("A run is in progress: stop it before resuming another.", Lasts::WhileRunActive);
@@ -428,6 +445,12 @@ impl StudioApp {
         {
             self.state.training.plan_input = Some(Box::new((info.spec.clone(), cfg.clone())));
         }
+        // Remember where runs go, so the runs list finds them whichever config is open later.
+        let out_dir = resume.as_deref().and_then(Path::parent).unwrap_or(&cfg.output.dir).to_path_buf();
+        if self.state.runs.folders.push(&out_dir) {
+            // Losing the list costs only the list; not worth stopping the run for.
+            let _ = self.state.runs.folders.save(&self.state.settings_dir);
+        }
         let handle = session::start(cfg, StartOptions { resume, ..Default::default() });
         self.jobs.forward(
             "session-events",
@@ -450,11 +473,11 @@ impl StudioApp {
     }
 
     fn refresh_runs(&mut self) {
-        let dir = self.state.config.output.dir.clone();
+        let dirs = self.state.runs.folders.with(&self.state.config.output.dir);
         if self.state.runs.records.ready().is_none() {
             self.state.runs.records = Load::Loading;
         }
-        self.jobs.spawn("runs", move |_| Msg::Runs { records: runs::scan(&dir), dir });
+        self.jobs.spawn("runs", move |_| Msg::Runs { records: runs::scan(&dirs), dirs });
     }
 
     /// Fold a worker's or the session's message into the state.
@@ -471,7 +494,7 @@ impl StudioApp {
                     let _ = s.model.recent.save(&s.settings_dir);
                 }
                 s.model.info = match result {
-                    Ok(i) => Load::Ready(i),
+                    Ok(i) => Load::Ready(*i),
                     Err(e) => Load::Failed(e),
                 };
             }
@@ -497,20 +520,38 @@ impl StudioApp {
                 s.export.result = Some(r);
             }
             Msg::Machine(m) => s.budget.machine = Load::Ready(m),
+            Msg::HfCache(models) => s.model.cached = Load::Ready(models),
             Msg::BudgetFixes { key, result } => {
                 s.budget.fixes_pending = None;
                 let fixes = result.unwrap_or_else(|e| budget::Fixes {
                     max_seq_len: None,
                     seq_cap: 0,
                     batch_size: None,
+                    batch_cap: 0,
+                    batch_cap_is_data: false,
                     lora_r: None,
+                    rank_cap: 0,
                     suggestions: vec![format!("(the search failed: {e})")],
                 });
                 s.budget.fixes = Some((key, fixes));
             }
-            Msg::Runs { dir, records } => {
-                s.runs.dir = dir;
+            Msg::Runs { dirs, records } => {
+                s.runs.dirs = dirs;
+                // Ticks on runs that are gone (renamed, deleted) would compare nothing.
+                s.runs.selected.retain(|d| records.iter().any(|r| &r.dir == d));
                 s.runs.records = Load::Ready(records);
+            }
+            Msg::Renamed(result) => {
+                if let Err(e) = result {
+                    s.notify(format!("Could not rename the run: {e}"), Lasts::UntilDismissed);
+                }
+                self.refresh_runs();
+            }
+            Msg::Compared(result) => {
+                s.runs.comparison = Some(match result {
+                    Ok(c) => Load::Ready(c),
+                    Err(e) => Load::Failed(e),
+                });
             }
             Msg::RunOpened(Ok(v)) => {
                 s.training.viewing = Some(v);
@@ -569,7 +610,10 @@ impl StudioApp {
         match self.model_watch.poll(jobs::key_of(&[&model_path]), now) {
             DebounceState::Ready if !model_path.as_os_str().is_empty() => {
                 s.model.info = Load::Loading;
-                self.jobs.spawn("model", move |_| Msg::Model { result: jobs::guarded(|| model::describe(&model_path)), path: model_path });
+                self.jobs.spawn("model", move |_| Msg::Model {
+                    result: jobs::guarded(|| model::describe(&model_path).map(Box::new)),
+                    path: model_path,
+                });
             }
             DebounceState::Ready => s.model.info = Load::Empty,
             DebounceState::Waiting(d) => ctx.request_repaint_after(d),
@@ -798,13 +842,13 @@ impl eframe::App for StudioApp {
         }
         self.watch_inputs(ctx);
         budget::refresh(&mut self.state);
-        if let Some((key, spec, cfg, target)) = budget::fixes_wanted(&self.state) {
+        if let Some((key, spec, cfg, target, rows)) = budget::fixes_wanted(&self.state) {
             match self.fixes_watch.poll(key, Instant::now()) {
                 DebounceState::Ready => {
                     self.state.budget.fixes_pending = Some(key);
                     self.jobs.spawn("budget", move |_| Msg::BudgetFixes {
                         key,
-                        result: jobs::guarded(|| Ok(budget::fixes(&spec, &cfg, &target))),
+                        result: jobs::guarded(|| Ok(budget::fixes(&spec, &cfg, &target, rows))),
                     });
                 }
                 DebounceState::Waiting(d) => ctx.request_repaint_after(d),
@@ -918,7 +962,7 @@ pub fn run(options: StudioOptions) -> crate::Result<()> {
         .with_title("TuneStudio")
         .with_app_id("tunestudio")
         .with_inner_size([1280.0, 820.0])
-        .with_min_inner_size([960.0, 620.0])
+        .with_min_inner_size([640.0, 480.0])
         .with_drag_and_drop(true);
     if let Ok(icon) = eframe::icon_data::from_png_bytes(include_bytes!("../../packaging/icons/tunestudio-256.png")) {
         viewport = viewport.with_icon(icon);

@@ -12,9 +12,9 @@ use super::state::Page;
 use super::state::dataset::DatasetView;
 use super::state::export::{ExportKind, ExportProgress};
 use super::state::memory::{Fixes, Machine, Setting};
-use super::state::model::ModelInfo;
+use super::state::model::{CachedModel, ModelInfo};
 use super::state::preflight::PreflightView;
-use super::state::runs::{RunRecord, ViewedRun};
+use super::state::runs::{Comparison, RunRecord, ViewedRun};
 
 /// What a panel asks the app to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +37,10 @@ pub enum Action {
     SaveNow,
     RefreshRuns,
     OpenRun(PathBuf),
+    /// Rename a run's folder (the name typed in the runs list).
+    RenameRun(PathBuf, String),
+    /// Overlay the runs ticked in the runs list and diff their configs.
+    CompareRuns,
     ResumeRun(PathBuf),
     ExportFrom(PathBuf),
     Export(ExportKind),
@@ -107,7 +111,8 @@ impl Pick {
 pub enum Msg {
     Model {
         path: PathBuf,
-        result: Result<ModelInfo, String>,
+        /// Boxed: a model's description is larger than every other message together.
+        result: Result<Box<ModelInfo>, String>,
     },
     Dataset {
         key: u64,
@@ -119,14 +124,18 @@ pub enum Msg {
     },
     Export(ExportProgress),
     Runs {
-        dir: PathBuf,
+        dirs: Vec<PathBuf>,
         records: Vec<RunRecord>,
     },
+    Renamed(Result<PathBuf, String>),
+    Compared(Result<Comparison, String>),
     RunOpened(Result<ViewedRun, String>),
     Picked {
         purpose: Pick,
         path: Option<PathBuf>,
     },
+    /// The models in the Hugging Face cache, listed once at start-up.
+    HfCache(Vec<CachedModel>),
     /// What this machine has (GPU, RAM), probed once at start-up.
     Machine(Machine),
     /// "Largest that fits" for the memory budget's inputs `key`.

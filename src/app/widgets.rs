@@ -198,8 +198,7 @@ pub fn memory_legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
             });
         }
     });
-    let policy = format!("{:?}", v.checkpointing).to_lowercase();
-    let mut line = format!("checkpointing: {policy}{}", if v.auto { " (chosen by auto)" } else { "" });
+    let mut line = format!("checkpointing: {}{}", v.checkpointing_label, if v.auto { " (chosen by auto)" } else { "" });
     if v.pinned_host_bytes > 0 {
         line.push_str(&format!(
             " · pinned host memory {}{}",

@@ -5,7 +5,10 @@
 
 use rayon::prelude::*;
 
-use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm, dropout_uniform};
+use super::{
+    AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum, RmsNorm,
+    dropout_uniform,
+};
 use crate::error::{Error, Result};
 
 /// The float type of a CPU backend.
@@ -271,13 +274,16 @@ impl<T: Real> Backend for CpuBackend<T> {
         check_len("rmsnorm_fwd", "x", &x.0, n * d)?;
         check_len("rmsnorm_fwd", "w", &w.0, d)?;
         check_len("rmsnorm_fwd", "inv_rms", &inv_rms.0, n)?;
-        let eps = T::of(norm.eps as f64);
-        let dn = T::of(d as f64);
+        // The mean square is accumulated in f64: in f32 it overflows to inf once |x| nears 1e19
+        // (a diverging run's residual stream), 1/√inf = 0, and the layer's output and every
+        // gradient through it became exact zeros: a dead run that looked finite. In f64 the
+        // squares of any finite f32 fit, and RMSNorm's output stays what it is, x/rms(x).
+        let eps = norm.eps as f64;
         let w: Vec<T> = w.0[..d].iter().map(|&v| v + T::of(norm.weight_offset as f64)).collect();
         out.0[..n * d].par_chunks_mut(d).zip(inv_rms.0[..n].par_iter_mut()).enumerate().for_each(|(r, (o, inv))| {
             let xr = &x.0[r * d..(r + 1) * d];
-            let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / dn;
-            let s = T::one() / (ms + eps).sqrt();
+            let ms = xr.iter().fold(0f64, |a, &v| a + v.f64() * v.f64()) / d as f64;
+            let s = T::of(1.0 / (ms + eps).sqrt());
             *inv = s;
             for i in 0..d {
                 o[i] = w[i] * (xr[i] * s);
@@ -300,16 +306,17 @@ impl<T: Real> Backend for CpuBackend<T> {
     ) -> Result<()> {
         check_len("rmsnorm_bwd", "dx", &dx.0, n * d)?;
         check_len("rmsnorm_bwd", "w", &w.0, d)?;
-        let dn = T::of(d as f64);
         let w: Vec<T> = w.0[..d].iter().map(|&v| v + T::of(norm.weight_offset as f64)).collect();
+        // In f64 for the reason given in `rmsnorm_fwd`: s³ and the dot product leave f32's range
+        // exactly when the inputs are large.
         Self::rows_mut(&mut dx.0, n, d).for_each(|(r, o)| {
             let xr = &x.0[r * d..(r + 1) * d];
             let g = &dy.0[r * d..(r + 1) * d];
-            let s = inv_rms.0[r];
-            let dot = (0..d).fold(T::zero(), |a, i| a + g[i] * w[i] * xr[i]);
-            let c = s * s * s * dot / dn;
+            let s = inv_rms.0[r].f64();
+            let dot = (0..d).fold(0f64, |a, i| a + g[i].f64() * w[i].f64() * xr[i].f64());
+            let c = s * s * s * dot / d as f64;
             for i in 0..d {
-                let v = s * w[i] * g[i] - c * xr[i];
+                let v = T::of(s * w[i].f64() * g[i].f64() - c * xr[i].f64());
                 o[i] = if accumulate { o[i] + v } else { v };
             }
         });
@@ -746,5 +753,154 @@ impl<T: Real> Backend for CpuBackend<T> {
             *p = *p - step_size * *mi / denom;
         });
         Ok(())
+    }
+
+    // ---- generation --------------------------------------------------------------------------
+    fn linear_rows(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<LoraRows<'_, Self::Tensor>>,
+        dims: LinearDims,
+        y: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.linear_fwd(x, w, None, dims, y)?;
+        let Some(l) = lora else { return Ok(()) };
+        let LinearDims { n, inp, out } = dims;
+        let r = l.rank;
+        check_len("linear_rows", "lora xa", &l.xa.0, n * r)?;
+        check_len("linear_rows", "lora row_scale", &l.row_scale.0, n)?;
+        matmul(n, r, inp, &x.0, false, &l.a.0, true, &mut l.xa.0, T::one(), false);
+        for (row, &s) in l.xa.0[..n * r].chunks_mut(r.max(1)).zip(&l.row_scale.0[..n]) {
+            row.iter_mut().for_each(|v| *v = *v * s);
+        }
+        matmul(n, out, r, &l.xa.0, false, &l.b.0, true, &mut y.0, T::one(), true);
+        Ok(())
+    }
+
+    fn kv_store(
+        &self,
+        src: &Self::Tensor,
+        n: usize,
+        kv: KvShape,
+        slots: &Self::Ids,
+        positions: &Self::Ids,
+        cache: &mut Self::Tensor,
+    ) -> Result<()> {
+        let w = kv.kv_width();
+        check_len("kv_store", "src", &src.0, n * w)?;
+        let rows = cache.0.len() / w.max(1);
+        for r in 0..n {
+            let dst = cache_row("kv_store", slots[r], positions[r], kv.capacity, rows)?;
+            cache.0[dst * w..(dst + 1) * w].copy_from_slice(&src.0[r * w..(r + 1) * w]);
+        }
+        Ok(())
+    }
+
+    fn attention_cached(
+        &self,
+        q: &Self::Tensor,
+        k_cache: &Self::Tensor,
+        v_cache: &Self::Tensor,
+        slots: &Self::Ids,
+        positions: &Self::Ids,
+        n: usize,
+        kv: KvShape,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        let KvShape { heads, kv_heads, head_dim: hd, capacity, scale, window } = kv;
+        let (qw, kw) = (heads * hd, kv_heads * hd);
+        let group = heads / kv_heads.max(1);
+        check_len("attention_cached", "q", &q.0, n * qw)?;
+        check_len("attention_cached", "out", &out.0, n * qw)?;
+        let rows = k_cache.0.len() / kw.max(1);
+        let mut first = Vec::with_capacity(n);
+        for r in 0..n {
+            let last = cache_row("attention_cached", slots[r], positions[r], capacity, rows)?;
+            let pos = positions[r] as usize;
+            let from = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            first.push((last - pos + from, last));
+        }
+        let scale = T::of(scale as f64);
+        Self::rows_mut(&mut out.0, n, qw).for_each(|(r, o)| {
+            let (j0, j1) = first[r];
+            let mut scores = vec![T::zero(); j1 + 1 - j0];
+            for h in 0..heads {
+                let kh = h / group;
+                let qi = &q.0[r * qw + h * hd..][..hd];
+                let mut m = T::neg_infinity();
+                for (s, j) in scores.iter_mut().zip(j0..=j1) {
+                    let kj = &k_cache.0[j * kw + kh * hd..][..hd];
+                    *s = (0..hd).fold(T::zero(), |a, t| a + qi[t] * kj[t]) * scale;
+                    m = m.max(*s);
+                }
+                let oi = &mut o[h * hd..(h + 1) * hd];
+                oi.iter_mut().for_each(|x| *x = T::zero());
+                let mut sum = T::zero();
+                for (&s, j) in scores.iter().zip(j0..=j1) {
+                    let p = (s - m).exp();
+                    sum = sum + p;
+                    let vj = &v_cache.0[j * kw + kh * hd..][..hd];
+                    oi.iter_mut().zip(vj).for_each(|(x, &v)| *x = *x + p * v);
+                }
+                oi.iter_mut().for_each(|x| *x = *x / sum);
+            }
+        });
+        Ok(())
+    }
+
+    fn logits(&self, h: &Self::Tensor, head: &Self::Tensor, n: usize, d: usize, vocab: usize, out: &mut Self::Tensor) -> Result<()> {
+        check_len("logits", "h", &h.0, n * d)?;
+        check_len("logits", "head", &head.0, vocab * d)?;
+        check_len("logits", "out", &out.0, n * vocab)?;
+        matmul(n, vocab, d, &h.0, false, &head.0, true, &mut out.0, T::one(), false);
+        Ok(())
+    }
+}
+
+/// The cache row of (`slot`, `position`), checked against a cache of `rows` rows.
+fn cache_row(op: &'static str, slot: i32, position: i32, capacity: usize, rows: usize) -> Result<usize> {
+    if slot < 0 || position < 0 || position as usize >= capacity || (slot as usize + 1) * capacity > rows {
+        return Err(Error::Shape {
+            op,
+            expected: format!("a slot below {} and a position below {capacity}", rows / capacity.max(1)),
+            got: format!("slot {slot}, position {position}"),
+        });
+    }
+    Ok(slot as usize * capacity + position as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 18: a diverging run's residual stream reaches |x| ~ 1e20, whose squares overflow f32.
+    /// RMSNorm must still return x / rms(x) (scale-free), not zeros, and its gradient must match
+    /// the f64 reference at any scale.
+    #[test]
+    fn rmsnorm_is_exact_at_scales_whose_squares_overflow_f32() {
+        let d = 8;
+        let base: Vec<f64> = (0..d).map(|i| (i as f64 - 3.5) * 0.37).collect();
+        let w: Vec<f64> = (0..d).map(|i| 1.0 + 0.1 * i as f64).collect();
+        let dy: Vec<f64> = (0..d).map(|i| 0.5 - 0.2 * i as f64).collect();
+        let run = |scale: f64| -> (Vec<f32>, Vec<f32>) {
+            let b = CpuBackend::<f32>::new();
+            let x = CpuTensor(base.iter().map(|v| (v * scale) as f32).collect());
+            let wt = CpuTensor(w.iter().map(|&v| v as f32).collect());
+            let (mut out, mut inv, mut dx) = (CpuTensor(vec![0f32; d]), CpuTensor(vec![0f32; 1]), CpuTensor(vec![0f32; d]));
+            b.rmsnorm_fwd(&x, &wt, super::super::RmsNorm::plain(1e-5), 1, d, &mut out, &mut inv).unwrap();
+            let g = CpuTensor(dy.iter().map(|&v| v as f32).collect());
+            b.rmsnorm_bwd(&g, &x, &wt, super::super::RmsNorm::plain(1e-5), &inv, 1, d, &mut dx, false).unwrap();
+            (out.0, dx.0.iter().map(|v| (*v as f64 * scale) as f32).collect())
+        };
+        let (y1, g1) = run(1.0);
+        for scale in [1e20, 1e30, 1e36] {
+            let (y, g) = run(scale);
+            for i in 0..d {
+                assert!((y[i] - y1[i]).abs() <= 1e-5 * y1[i].abs().max(1.0), "scale {scale}: y[{i}] = {} vs {}", y[i], y1[i]);
+                // dx scales as 1/scale; scaled back it must match the unit-scale gradient.
+                assert!((g[i] - g1[i]).abs() <= 1e-4 * g1[i].abs().max(1.0), "scale {scale}: dx[{i}]·scale = {} vs {}", g[i], g1[i]);
+            }
+        }
     }
 }

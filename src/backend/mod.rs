@@ -118,6 +118,40 @@ impl AttnShape {
     }
 }
 
+/// The LoRA branch of a linear in generation, switched per row:
+/// `y[r] += row_scale[r] · (x[r] · Aᵀ) · Bᵀ`. `row_scale` (F32, `[n]`) holds the adapter's scale
+/// (`α/r`) on rows that answer as the fine-tuned model and 0 on rows that answer as the base, so
+/// both share one copy of the weights and one batched pass. `xa` is `[n, r]` scratch.
+pub struct LoraRows<'a, T> {
+    pub a: &'a T,
+    pub b: &'a T,
+    pub rank: usize,
+    pub row_scale: &'a T,
+    pub xa: &'a mut T,
+}
+
+/// The KV cache of one layer and the attention over it: `slots` sequences of up to `capacity`
+/// positions each; the keys (and values) of sequence `s` at position `p` are row `s · capacity + p`
+/// of a `[slots · capacity, kv_heads · head_dim]` tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub capacity: usize,
+    /// Multiplies `q · k` before the softmax (`1/√head_dim` for Llama and Qwen).
+    pub scale: f32,
+    /// A sliding window: a query at position `p` sees keys at `p − window < j ≤ p`; `None` sees
+    /// every earlier key.
+    pub window: Option<usize>,
+}
+
+impl KvShape {
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
 /// An RMSNorm as a model applies it: `out = x · rsqrt(mean(x²) + eps) · (weight_offset + w)`.
 /// Gemma stores its norm weights around 0 and adds 1 (`weight_offset = 1`); the offset is added
 /// in f32 inside the op, so a bf16 weight near 0 keeps its precision.
@@ -442,6 +476,48 @@ pub trait Backend: Send {
         dh: &mut Self::Tensor,
         head_rows: Option<(&Self::Ids, &mut Self::Tensor)>,
     ) -> Result<LossSum>;
+
+    // ---- generation (inference: no backward, nothing saved) ------------------------------------
+    /// `y = x · Wᵀ + bias + LoRA switched per row` ([`LoraRows`]). A backend may pick another
+    /// kernel than `linear_fwd` for few rows (decode is memory-bound: a fused NF4 GEMV).
+    fn linear_rows(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<LoraRows<'_, Self::Tensor>>,
+        dims: LinearDims,
+        y: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Write `n` rows of width `kv.kv_width()` of `src` into the cache: row `r` goes to sequence
+    /// `slots[r]` at position `positions[r]`.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_store(
+        &self,
+        src: &Self::Tensor,
+        n: usize,
+        kv: KvShape,
+        slots: &Self::Ids,
+        positions: &Self::Ids,
+        cache: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Attention of `n` query rows (`[n, heads · head_dim]`) over the cache: the query of row `r`
+    /// belongs to sequence `slots[r]` at position `positions[r]` and sees that sequence's cached
+    /// keys at positions `0..=positions[r]` (within the window), which must already be stored.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &self,
+        q: &Self::Tensor,
+        k_cache: &Self::Tensor,
+        v_cache: &Self::Tensor,
+        slots: &Self::Ids,
+        positions: &Self::Ids,
+        n: usize,
+        kv: KvShape,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// `out[n, vocab] = h[n, d] · headᵀ` in f32 (`out` is `DType::F32`): the next-token logits.
+    #[allow(clippy::too_many_arguments)]
+    fn logits(&self, h: &Self::Tensor, head: &Self::Tensor, n: usize, d: usize, vocab: usize, out: &mut Self::Tensor) -> Result<()>;
 
     // ---- optimizer ---------------------------------------------------------------------------
     fn sum_squares(&self, t: &Self::Tensor, n: usize) -> Result<f64>;

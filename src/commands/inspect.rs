@@ -17,6 +17,8 @@ pub fn run(model_dir: &Path, as_json: bool) -> Result<()> {
     exclude.extend(spec.eos_token_ids.iter().copied());
     let ids = untrained::detect(&store, &spec, &exclude)?;
     let rows: Vec<(u32, String)> = ids.iter().map(|&i| (i, tok.token_text(i).unwrap_or_default())).collect();
+    // Damaged weights are described like the rest, then make the command fail.
+    let finite = store.check_finite();
     if as_json {
         let v = json!({
             "spec": spec,
@@ -25,9 +27,10 @@ pub fn run(model_dir: &Path, as_json: bool) -> Result<()> {
             "weights_bytes": store.total_bytes(),
             "chat_template": tok.chat_template().is_some(),
             "untrained_tokens": rows.iter().map(|(i, t)| json!({"id": i, "text": t})).collect::<Vec<_>>(),
+            "non_finite": finite.as_ref().err().map(ToString::to_string),
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
-        return Ok(());
+        return finite;
     }
     println!("model        {}", model_dir.display());
     println!("architecture {}", spec.summary());
@@ -40,11 +43,15 @@ pub fn run(model_dir: &Path, as_json: bool) -> Result<()> {
     let dtypes: Vec<String> = store.dtype_counts().iter().map(|(d, n)| format!("{d} ×{n}")).collect();
     println!("dtypes       {}", dtypes.join(", "));
     println!(
-        "context      {} positions, rope θ {}{}",
+        "context      {} positions, rope θ {}{}{}",
         spec.max_position_embeddings,
         spec.rope_theta,
-        spec.rope_scaling.as_ref().map(|s| format!(", scaling {s:?}")).unwrap_or_default()
+        spec.rope_scaling.as_ref().map(|s| format!(", scaling {s:?}")).unwrap_or_default(),
+        spec.local_rope.as_ref().map(|r| format!("; sliding-window layers θ {}", r.theta)).unwrap_or_default()
     );
+    if spec.text_tower {
+        println!("text model   of a multimodal folder (text_config); the other towers pass through exports unchanged");
+    }
     println!(
         "tokenizer    {} tokens, chat template {}",
         tok.vocab_size(),
@@ -61,5 +68,6 @@ pub fn run(model_dir: &Path, as_json: bool) -> Result<()> {
             println!("             … and {} more", rows.len() - 40);
         }
     }
-    Ok(())
+    println!("values       {}", if finite.is_ok() { "all finite" } else { "NOT all finite (below)" });
+    finite
 }

@@ -1,5 +1,7 @@
 //! `tunestudio plan`: the memory plan as a table, the verdict for a card, the largest settings
-//! that fit, and the cheapest change that makes a run fit.
+//! that fit, and the cheapest change that makes a run fit. The settings are validated as `train`
+//! validates them; the verdict names the limit that binds (the card, or the host RAM that
+//! offloading pins), and the caller turns "does not fit" into exit code 2.
 
 use std::path::Path;
 
@@ -8,6 +10,7 @@ use serde_json::json;
 use crate::RunConfig;
 use crate::backend::card::CardProfile;
 use crate::config::DeviceChoice;
+use crate::config::{MAX_BATCH_SIZE, MAX_LORA_R, MAX_SEQ_LEN, MIN_SEQ_LEN};
 use crate::device::{Request, plan_target, probe_machine};
 use crate::engine::plan::{self, PlanInput, Term, largest_fitting, suggestions};
 use crate::error::{Error, Result};
@@ -31,7 +34,8 @@ pub struct PlanArgs<'a> {
     pub json: bool,
 }
 
-pub fn run(a: PlanArgs<'_>) -> Result<()> {
+/// Whether the planned run fits (`None`: no card to plan for was detected or given).
+pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
     let mut cfg = match a.config {
         Some(p) => RunConfig::load(p)?,
         None => RunConfig::default(),
@@ -57,6 +61,19 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
     if let Some(cap) = a.gpu_mem {
         cfg.memory.gpu_mem = Some(crate::config::ByteSize(cap));
     }
+    // The same ranges `train` enforces; a value given by flag is named by its flag.
+    if let Some(e) = cfg.setting_problems().into_iter().next() {
+        let flag = match &e {
+            Error::Config { field, .. } if field == "train.max_seq_len" => a.seq.map(|v| format!("--seq {v}")),
+            Error::Config { field, .. } if field == "train.batch_size" => a.batch.map(|v| format!("--batch {v}")),
+            Error::Config { field, .. } if field == "lora.r" => a.rank.map(|v| format!("--rank {v}")),
+            _ => None,
+        };
+        return Err(match flag {
+            Some(f) => Error::msg(format!("{f}: {e}")),
+            None => e,
+        });
+    }
     let input = PlanInput::from_config(&cfg);
     let mut request = Request::of_config(&cfg, a.card)?;
     // `plan` is the GPU's budget: `auto` plans for a card even where none is found (it says so).
@@ -73,9 +90,18 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
     }
     let p = plan::plan(&spec, &input, &target);
     let known = target.available_bytes().is_some();
-    let largest_seq = known.then(|| largest_fitting(&spec, &input, &target, 64, 1 << 21, |i, v| i.max_seq_len = v)).flatten();
-    let largest_batch = known.then(|| largest_fitting(&spec, &input, &target, 1, 4096, |i, v| i.batch_size = v)).flatten();
-    let largest_rank = known.then(|| largest_fitting(&spec, &input, &target, 1, 1024, |i, v| i.lora.r = v)).flatten();
+    let largest_seq = known.then(|| largest_fitting(&spec, &input, &target, MIN_SEQ_LEN, MAX_SEQ_LEN, |i, v| i.max_seq_len = v)).flatten();
+    let largest_batch = known.then(|| largest_fitting(&spec, &input, &target, 1, MAX_BATCH_SIZE, |i, v| i.batch_size = v)).flatten();
+    let largest_rank = known.then(|| largest_fitting(&spec, &input, &target, 1, MAX_LORA_R, |i, v| i.lora.r = v)).flatten();
+    let card_fits = target.available_bytes().is_none_or(|room| p.peak_bytes <= room);
+    // What stops the run from fitting: the room the card (less other processes, within the cap)
+    // leaves us, the host RAM that offloading pins, or both.
+    let binding = match (known && !card_fits, !p.host_fits) {
+        (true, true) => Some("card_and_host_ram"),
+        (true, false) => Some("card"),
+        (false, true) => Some("host_ram"),
+        (false, false) => None,
+    };
     let fixes = if known { suggestions(&spec, &input, &target) } else { vec![] };
     if a.json {
         let v = json!({
@@ -90,24 +116,26 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
             "available_bytes": target.available_bytes(),
             "context_bytes": target.context_bytes,
             "checkpointing": p.checkpointing,
+            "kept_layers": p.kept_layers,
             "pinned_host_bytes": p.pinned_host_bytes,
             "host_available_bytes": target.host_bytes,
             "host_fits": p.host_fits,
+            "binding": binding,
             "largest": {"max_seq_len": largest_seq, "batch_size": largest_batch, "lora_r": largest_rank},
             "suggestions": fixes,
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
-        return Ok(());
+        return Ok(known.then_some(p.fits));
     }
     println!("model   {}", spec.summary());
     println!(
-        "run     batch {} × seq {}, LoRA r = {} on {} targets, {:?} base, checkpointing {:?}",
+        "run     batch {} × seq {}, LoRA r = {} on {} targets, {:?} base, checkpointing {}",
         input.batch_size,
         input.max_seq_len,
         input.lora.r,
         input.lora.targets.len(),
         input.quantization,
-        p.checkpointing
+        p.checkpointing_label(&spec)
     );
     if let Some(c) = &target.card {
         println!("card    {}", c.describe());
@@ -142,7 +170,20 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
             if let Some(cap) = target.cap_bytes.filter(|&c| c == room) {
                 of = format!("the cap of {} on {of}", fmt_bytes(cap));
             }
-            println!("{}: {} of {of} → {}", target.name, fmt_bytes(p.peak_bytes), if p.fits { "fits" } else { "does NOT fit" });
+            let host = || {
+                format!(
+                    "pinned host memory needs {} but the host has {} of RAM available",
+                    fmt_bytes(p.pinned_host_bytes),
+                    target.host_bytes.map_or("less".to_string(), fmt_bytes)
+                )
+            };
+            let verdict = match binding {
+                None => "fits".to_string(),
+                Some("card") => "does NOT fit on the card".to_string(),
+                Some("host_ram") => format!("fits on the card, but does NOT fit in host RAM: {}", host()),
+                Some(_) => format!("does NOT fit on the card, nor in host RAM: {}", host()),
+            };
+            println!("{}: {} of {of} → {verdict}", target.name, fmt_bytes(p.peak_bytes));
             let show = |v: Option<usize>| v.map_or("none".to_string(), |x| x.to_string());
             println!(
                 "largest that fit (others fixed): max_seq_len {}, batch_size {}, lora.r {}",
@@ -159,5 +200,5 @@ pub fn run(a: PlanArgs<'_>) -> Result<()> {
             machine.no_gpu_reason
         ),
     }
-    Ok(())
+    Ok(known.then_some(p.fits))
 }

@@ -19,6 +19,10 @@ pub enum MaskSource {
     /// The difference between rendering up to an assistant turn (with the generation prompt) and
     /// through it.
     RenderedPrefixes,
+    /// The `{% generation %}` blocks of the built-in template of the model's family, for each
+    /// conversation the model's own template renders to the same text (the others: rendered
+    /// prefixes).
+    EquivalentBuiltin,
     /// Every token is trained (`train_on = all`, raw text).
     All,
 }
@@ -58,6 +62,9 @@ impl Encoder<'_> {
         let full = template.render(msgs, false)?;
         let (spans, mask) = match self.train_on {
             TrainOn::All => (std::iter::once(0..full.text.len()).collect(), MaskSource::All),
+            TrainOn::Responses if full.lent_spans && !full.generation_spans.is_empty() => {
+                (full.generation_spans.clone(), MaskSource::EquivalentBuiltin)
+            }
             TrainOn::Responses if !full.generation_spans.is_empty() => (full.generation_spans.clone(), MaskSource::GenerationBlocks),
             TrainOn::Responses => (prefix_spans(template, msgs, &full.text)?, MaskSource::RenderedPrefixes),
         };

@@ -10,31 +10,21 @@ pub mod encode;
 pub mod format;
 pub mod preflight;
 pub mod read;
+pub mod record;
 pub mod tabular;
 
 use std::path::PathBuf;
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use batch::{Batch, Batcher, IGNORE_INDEX};
 pub use encode::MaskSource;
 
-use crate::config::{DatasetConfig, DatasetFormat, TrainOn};
+use crate::config::{DatasetConfig, DatasetFormat, LongRows, TrainOn};
 use crate::error::{Error, Result};
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::TokenizerBundle;
-
-/// What to do with a row longer than `max_seq_len` tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LongRows {
-    /// Keep the first `max_seq_len` tokens (TRL's default); counted in `truncated_rows`.
-    #[default]
-    Truncate,
-    /// Leave the row out; it is listed among the skipped rows.
-    Drop,
-}
 
 /// One training example. `labels[i]` is the label of `input_ids[i]` (Hugging Face alignment),
 /// `IGNORE_INDEX` where the token is not trained; the batcher shifts them into targets.
@@ -137,7 +127,7 @@ pub struct PreparedDataset {
 pub const LIST_SKIPPED: usize = 20;
 
 enum Outcome {
-    Used { example: Example, original: usize, truncated: bool },
+    Used { example: Example, original: usize, truncated: bool, mask: MaskSource },
     Skipped(SkippedRow),
 }
 
@@ -153,7 +143,15 @@ pub fn prepare_dataset(cfg: &DatasetConfig, tok: &TokenizerBundle, max_seq_len: 
 /// The chat template a dataset of `format` is rendered with: none for raw text, so a model whose
 /// template does not compile can still train on text.
 pub fn dataset_template(cfg: &DatasetConfig, tok: &TokenizerBundle, format: DatasetFormat) -> Result<Option<ChatTemplate>> {
-    if format == DatasetFormat::Text { Ok(None) } else { tok.resolve_template(&cfg.template).map(Some) }
+    if format == DatasetFormat::Text {
+        return Ok(None);
+    }
+    let vars = cfg
+        .template_kwargs
+        .iter()
+        .map(|(k, v)| serde_json::to_value(v).map(|j| (k.clone(), j)).map_err(|e| Error::config(format!("dataset.template_kwargs.{k}"), e)))
+        .collect::<Result<serde_json::Map<_, _>>>()?;
+    Ok(Some(tok.resolve_template(&cfg.template)?.with_vars(vars)))
 }
 
 /// `prepare_dataset` without the refusal: however many rows are bad, the report comes back (the
@@ -184,7 +182,7 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
                 Ok(e) => e,
                 Err(reason) => return skip(reason),
             };
-            let original = enc.input_ids.len();
+            let (original, mask) = (enc.input_ids.len(), enc.mask);
             let mut example = Example { input_ids: enc.input_ids, labels: enc.labels, row: rec.row };
             let truncated = original > max_seq_len;
             if truncated {
@@ -199,7 +197,7 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
                     ));
                 }
             }
-            Outcome::Used { example, original, truncated }
+            Outcome::Used { example, original, truncated, mask }
         })
         .collect();
 
@@ -208,9 +206,11 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
     let mut skipped = Vec::new();
     let mut lengths = Vec::with_capacity(rows_total);
     let (mut truncated_rows, mut trained_tokens, mut total_tokens) = (0, 0, 0);
+    let mut lent = false;
     for o in outcomes {
         match o {
-            Outcome::Used { example, original, truncated } => {
+            Outcome::Used { example, original, truncated, mask } => {
+                lent |= mask == MaskSource::EquivalentBuiltin;
                 let trained = example.trained_tokens();
                 trained_tokens += trained;
                 total_tokens += example.input_ids.len();
@@ -224,6 +224,8 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
     let mask = match (&template, cfg.train_on) {
         (None, _) | (_, TrainOn::All) => MaskSource::All,
         (Some(t), _) if t.has_generation_blocks() => MaskSource::GenerationBlocks,
+        // Some rows rendered as the built-in of the model's family and took its blocks.
+        (Some(_), _) if lent => MaskSource::EquivalentBuiltin,
         _ => MaskSource::RenderedPrefixes,
     };
     let report = DatasetReport {

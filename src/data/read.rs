@@ -8,39 +8,9 @@ use std::path::Path;
 
 use serde_json::Value as Json;
 
+use crate::data::record::{FileKind, RawRecord};
+use crate::data::tabular;
 use crate::error::{Error, IoContext, Result};
-
-/// What kind of file a dataset is, from its extension (or its first byte when that says nothing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileKind {
-    Jsonl,
-    Json,
-    Csv,
-    Tsv,
-    Parquet,
-    Txt,
-}
-
-impl FileKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            FileKind::Jsonl => "JSONL",
-            FileKind::Json => "JSON",
-            FileKind::Csv => "CSV",
-            FileKind::Tsv => "TSV",
-            FileKind::Parquet => "Parquet",
-            FileKind::Txt => "text",
-        }
-    }
-}
-
-/// One record of a dataset file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawRecord {
-    /// 1-based, as a text editor shows it (see the module comment).
-    pub row: usize,
-    pub value: std::result::Result<Json, String>,
-}
 
 pub fn file_kind(path: &Path, head: &[u8]) -> Result<FileKind> {
     let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
@@ -86,14 +56,14 @@ pub fn read_records(path: &Path) -> Result<(FileKind, Vec<RawRecord>)> {
     let kind = file_kind(path, &head[..n])?;
     if kind == FileKind::Parquet {
         // Parquet is read from the file (its footer first), not from one big buffer.
-        return Ok((kind, crate::data::tabular::read_parquet(path)?));
+        return Ok((kind, tabular::read_parquet(path)?));
     }
     let bytes = std::fs::read(path).with_path(path)?;
     let records = match kind {
         FileKind::Jsonl => read_jsonl(&bytes),
         FileKind::Json => read_json(path, &bytes)?,
-        FileKind::Csv => crate::data::tabular::read_csv(path, &bytes, b',')?,
-        FileKind::Tsv => crate::data::tabular::read_csv(path, &bytes, b'\t')?,
+        FileKind::Csv => tabular::read_csv(path, &bytes, b',')?,
+        FileKind::Tsv => tabular::read_csv(path, &bytes, b'\t')?,
         FileKind::Txt => read_txt(path, &bytes)?,
         FileKind::Parquet => unreachable!("handled above"),
     };

@@ -8,7 +8,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 use serde_json::Value as Json;
 
-use crate::data::read::RawRecord;
+use crate::data::record::RawRecord;
 use crate::error::{Error, IoContext, Result};
 
 /// CSV or TSV with a header row. Fields may be quoted and hold newlines; a UTF-8 BOM is skipped.

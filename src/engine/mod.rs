@@ -6,6 +6,7 @@
 //! (`batch_size × max_seq_len` rows); a step allocates nothing. Checkpointing keeps each layer's
 //! input and recomputes the layer in the backward, or keeps every activation when it fits.
 
+pub mod infer;
 pub mod lora;
 pub mod model;
 pub mod plan;
@@ -241,13 +242,12 @@ pub struct Trainer<B: Backend> {
     acts: Vec<LayerActs<B>>,
     /// Every layer's input (on the device, or in pinned host memory when offloaded).
     saved_inputs: Vec<B::Tensor>,
-    /// Rows per MLP chunk (the whole micro-batch when nothing is recomputed).
-    mlp_chunk: usize,
+    /// Which layers keep their activations (the last ones) and which set each layer uses.
+    layout: plan::ActLayout,
     offload: bool,
     ws: Workspace<B>,
     batch: DeviceBatch<B>,
     rows: Option<TrainableRows<B>>,
-    keep_all: bool,
     /// Every buffer this Trainer allocated, in order, as the memory plan names them.
     ledger: Vec<PlannedBuffer>,
     /// Optimizer updates applied so far.
@@ -267,11 +267,25 @@ fn dropout_key(seed: u64, micro: u64, layer: usize, target: Target) -> u64 {
 
 impl<B: Backend> Trainer<B> {
     pub fn new(backend: B, spec: ModelSpec, src: &dyn WeightSource, opts: EngineOptions, lora_init: Option<&LoraWeights>) -> Result<Self> {
+        Self::with_kept_layers(backend, spec, src, opts, lora_init, None)
+    }
+
+    /// [`Trainer::new`], with `layer` checkpointing keeping the activations of the last
+    /// `kept_layers` layers (what `auto` chooses when only some fit; tests set it directly).
+    pub fn with_kept_layers(
+        backend: B,
+        spec: ModelSpec,
+        src: &dyn WeightSource,
+        opts: EngineOptions,
+        lora_init: Option<&LoraWeights>,
+        kept_layers: Option<usize>,
+    ) -> Result<Self> {
         let rows = opts.batch_size * opts.max_seq_len;
-        let policy = match opts.checkpointing {
+        let (policy, kept) = match opts.checkpointing {
             // What fits a card depends on the card, other processes and a cap: the caller resolves
-            // `auto` against `crate::device::plan_target` before building the Trainer. On the CPU
-            // the plan's own rule (recompute past 2 GiB of activations) needs no target.
+            // `auto` against `crate::device::plan_target` before building the Trainer (and passes
+            // the layers it keeps). On the CPU the plan's own rule (recompute past 2 GiB of
+            // activations) needs no target.
             CheckpointPolicy::Auto if backend.device().kind == "cpu" => {
                 let input = plan::PlanInput {
                     lora: opts.lora.clone(),
@@ -282,7 +296,8 @@ impl<B: Backend> Trainer<B> {
                     token_rows: 0,
                     mlp_chunk_rows: opts.mlp_chunk_rows,
                 };
-                plan::plan(&spec, &input, &plan::PlanTarget::cpu()).checkpointing
+                let p = plan::plan(&spec, &input, &plan::PlanTarget::cpu());
+                (p.checkpointing, p.kept_layers)
             }
             CheckpointPolicy::Auto => {
                 return Err(Error::config(
@@ -290,9 +305,14 @@ impl<B: Backend> Trainer<B> {
                     "`auto` must be resolved against the card's plan target before the engine is built (crate::device::plan_target)",
                 ));
             }
-            p => p,
+            p => (p, plan::kept_layers(&spec, p)),
         };
-        let keep_all = plan::keeps_all(policy);
+        let kept = match kept_layers {
+            Some(k) if policy == CheckpointPolicy::Layer => k.min(spec.num_layers),
+            Some(_) => return Err(Error::config("memory.checkpointing", "keeping some layers' activations needs `layer` checkpointing")),
+            None => kept,
+        };
+        let layout = plan::ActLayout::new(&spec, rows, kept, opts.mlp_chunk_rows);
         let model = DeviceModel::load(&backend, &spec, src, opts.quantization, opts.max_seq_len, plan::embed_on_host(&spec, policy))?;
         let init;
         let weights = match lora_init {
@@ -348,12 +368,11 @@ impl<B: Backend> Trainer<B> {
         let r = weights.rank.max(opts.lora.r);
         let dropout_on = opts.lora.dropout > 0.0;
         let offload = policy == CheckpointPolicy::Offload;
-        let mlp_chunk = plan::mlp_chunk_rows(rows, keep_all, opts.mlp_chunk_rows);
         let adapted = |t: Target| weights.layers.iter().any(|m| m.contains_key(&t));
-        let n_acts = if keep_all { spec.num_layers } else { 1 };
-        let mut acts = Vec::with_capacity(n_acts);
+        let sets = layout.sets();
+        let mut acts = Vec::with_capacity(sets.len());
         let la = Term::LayerActivations;
-        for set in 0..n_acts {
+        for (set, mlp_chunk) in sets.into_iter().enumerate() {
             let p = format!("acts.{set}");
             // LoRA products and dropped inputs, for all rows (attention) or one chunk (MLP).
             let mut lora_bufs = |targets: &[Target], n_rows: usize| -> Result<(Vec<Option<B::Tensor>>, Vec<Option<B::Tensor>>)> {
@@ -420,6 +439,7 @@ impl<B: Backend> Trainer<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut w = |name: &str, n: usize, dt: DType| lg.alloc(format!("ws.{name}"), Term::Workspace, n, dt);
+        let (mlp_chunk, mlp_rows) = (layout.chunk, layout.workspace_mlp_rows());
         let mut ws = Workspace {
             x: w("x", rows * d, DType::Act)?,
             layer_out: w("layer_out", rows * d, DType::Act)?,
@@ -432,18 +452,18 @@ impl<B: Backend> Trainer<B> {
             dv: w("dv", rows * kvd, DType::Act)?,
             datt: w("datt", rows * qd, DType::Act)?,
             mlp: MlpGrads {
-                dm: w("dm", mlp_chunk * f, DType::Act)?,
-                dg: w("dg", mlp_chunk * f, DType::Act)?,
-                du: w("du", mlp_chunk * f, DType::Act)?,
+                dm: w("dm", mlp_rows * f, DType::Act)?,
+                dg: w("dg", mlp_rows * f, DType::Act)?,
+                du: w("du", mlp_rows * f, DType::Act)?,
                 lora_scratch: w("lora_scratch", rows * r, DType::Act)?,
-                dx_lora: w("dx_lora", (rows * d.max(qd)).max(mlp_chunk * f), DType::Act)?,
+                dx_lora: w("dx_lora", (rows * d.max(qd)).max(mlp_rows * f), DType::Act)?,
             },
             dk_pre: None,
             dmlp_out: None,
             chunk: None,
             stage: None,
         };
-        for (name, n, dt) in plan::workspace_extra(&spec, rows, mlp_chunk) {
+        for (name, n, dt) in plan::workspace_extra(&spec, rows, mlp_rows) {
             let t = w(name, n, dt)?;
             match name {
                 "dk_pre" => ws.dk_pre = Some(t),
@@ -451,7 +471,7 @@ impl<B: Backend> Trainer<B> {
                 other => unreachable!("workspace_extra planned `{other}`"),
             }
         }
-        if mlp_chunk < rows {
+        if layout.recomputes() && mlp_chunk < rows {
             ws.chunk = Some(ChunkBuffers {
                 h2: w("chunk.h2", mlp_chunk * d, DType::Act)?,
                 dy: w("chunk.dy", mlp_chunk * d, DType::Act)?,
@@ -485,12 +505,11 @@ impl<B: Backend> Trainer<B> {
             slots,
             acts,
             saved_inputs,
-            mlp_chunk,
+            layout,
             offload,
             ws,
             batch,
             rows: None,
-            keep_all,
             ledger,
             step: 0,
             micro_counter: 0,
@@ -498,12 +517,17 @@ impl<B: Backend> Trainer<B> {
     }
 
     pub fn keeps_all_activations(&self) -> bool {
-        self.keep_all
+        !self.layout.recomputes()
+    }
+
+    /// Layers whose activations are kept through the step (the others are recomputed).
+    pub fn kept_layers(&self) -> usize {
+        self.layout.kept
     }
 
     /// The checkpointing policy in force (`auto` resolved by the memory plan).
     pub fn checkpointing(&self) -> CheckpointPolicy {
-        if self.keep_all {
+        if self.keeps_all_activations() {
             CheckpointPolicy::None
         } else if self.offload {
             CheckpointPolicy::Offload
@@ -746,13 +770,13 @@ impl<B: Backend> Trainer<B> {
         self.micro_counter += 1;
         let be = &self.backend;
         let ws = &mut self.ws;
-        let mlp_chunk = self.mlp_chunk;
+        let layout = self.layout;
         be.embedding_fwd(&db.ids, &self.model.embed, n, d, &mut ws.x)?;
         if let Some(s) = self.spec.embed_scale {
             be.scale(&mut ws.x, n * d, s)?;
         }
         for l in 0..self.spec.num_layers {
-            let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
+            let (acts, mlp_chunk) = (&mut self.acts[layout.set_of(l)], layout.mlp_rows(l));
             let ctx = LayerCtx {
                 be,
                 spec: &self.spec,
@@ -796,7 +820,7 @@ impl<B: Backend> Trainer<B> {
             be.copy_async(&self.saved_inputs[layers - 1], &mut stage[(layers - 1) % 2], n * d)?;
         }
         for l in (0..layers).rev() {
-            let acts = if self.keep_all { &mut self.acts[l] } else { &mut self.acts[0] };
+            let (acts, mlp_chunk) = (&mut self.acts[layout.set_of(l)], layout.mlp_rows(l));
             let ctx = LayerCtx {
                 be,
                 spec: &self.spec,
@@ -822,7 +846,7 @@ impl<B: Backend> Trainer<B> {
                 None => &self.saved_inputs[l],
             };
             let result = (|| {
-                if !self.keep_all {
+                if !layout.is_kept(l) {
                     // Recompute what the backward reads; the MLP is recomputed chunk by chunk
                     // inside the backward when it is chunked.
                     if mlp_chunk >= n {

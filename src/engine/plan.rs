@@ -221,6 +221,10 @@ pub struct MemoryPlan {
     pub target: PlanTarget,
     /// The policy actually used (`auto` resolved).
     pub checkpointing: CheckpointPolicy,
+    /// Layers whose activations are kept through the step (the last ones); the others are
+    /// recomputed in the backward. All of them under `none`; under `auto`, as many as the memory
+    /// allows once keeping them all does not fit.
+    pub kept_layers: usize,
     pub buffers: Vec<PlannedBuffer>,
     /// Our device bytes: every device buffer plus the context (other processes not included).
     pub peak_bytes: u64,
@@ -324,6 +328,61 @@ pub fn keeps_all(policy: CheckpointPolicy) -> bool {
     policy == CheckpointPolicy::None
 }
 
+/// The layers a resolved `policy` keeps when `auto` chose nothing finer: every layer or none.
+pub fn kept_layers(spec: &ModelSpec, policy: CheckpointPolicy) -> usize {
+    if keeps_all(policy) { spec.num_layers } else { 0 }
+}
+
+/// How the per-layer activation sets are laid out when the last `kept` of a model's layers keep
+/// theirs and the others are recomputed: one shared set for the recomputed layers (MLP in row
+/// chunks) first, then one set per kept layer (MLP over all rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActLayout {
+    pub layers: usize,
+    pub kept: usize,
+    pub rows: usize,
+    /// Rows per MLP chunk of a recomputed layer.
+    pub chunk: usize,
+}
+
+impl ActLayout {
+    pub fn new(spec: &ModelSpec, rows: usize, kept: usize, requested_chunk: usize) -> Self {
+        let layers = spec.num_layers;
+        let kept = kept.min(layers);
+        let chunk = mlp_chunk_rows(rows, kept == layers, requested_chunk);
+        ActLayout { layers, kept, rows, chunk }
+    }
+    /// The first layer that keeps its activations.
+    pub fn first_kept(&self) -> usize {
+        self.layers - self.kept
+    }
+    pub fn is_kept(&self, layer: usize) -> bool {
+        layer >= self.first_kept()
+    }
+    /// Whether some layer is recomputed (the shared set exists).
+    pub fn recomputes(&self) -> bool {
+        self.kept < self.layers
+    }
+    /// The activation sets, in allocation order, with the MLP rows of each.
+    pub fn sets(&self) -> Vec<usize> {
+        let shared = self.recomputes().then_some(self.chunk);
+        shared.into_iter().chain(std::iter::repeat_n(self.rows, self.kept)).collect()
+    }
+    /// The set `layer` uses.
+    pub fn set_of(&self, layer: usize) -> usize {
+        let shared = usize::from(self.recomputes());
+        if self.is_kept(layer) { shared + layer - self.first_kept() } else { 0 }
+    }
+    /// The MLP rows `layer` runs at once.
+    pub fn mlp_rows(&self, layer: usize) -> usize {
+        if self.is_kept(layer) { self.rows } else { self.chunk }
+    }
+    /// The rows the MLP backward scratch must hold: all of them once one layer is kept.
+    pub fn workspace_mlp_rows(&self) -> usize {
+        if self.kept > 0 { self.rows } else { self.chunk }
+    }
+}
+
 /// Per-layer activations only some families have, after the common ones: the inputs and inverse
 /// RMS of the per-head q/k norms (Qwen3, Gemma 3), and the pre-norm outputs and inverse RMS of
 /// Gemma's attention and MLP output norms (the MLP's per chunk).
@@ -357,8 +416,9 @@ pub fn workspace_extra(spec: &ModelSpec, rows: usize, chunk: usize) -> Vec<(&'st
     out
 }
 
-/// The buffers `engine::Trainer::new` allocates, in order, for a resolved policy.
-pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy) -> Vec<PlannedBuffer> {
+/// The buffers `engine::Trainer::new` allocates, in order, for a resolved policy that keeps the
+/// activations of the last `kept` layers.
+pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, kept: usize) -> Vec<PlannedBuffer> {
     let rows = input.rows();
     let r = input.lora.r;
     let (d, f, qd, kvd, h) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim(), spec.num_heads);
@@ -385,11 +445,9 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
         }
     }
     let dropout_on = input.lora.dropout > 0.0;
-    let keep = keeps_all(policy);
-    let chunk = mlp_chunk_rows(rows, keep, input.mlp_chunk_rows);
-    let sets = if keep { spec.num_layers } else { 1 };
+    let layout = ActLayout::new(spec, rows, kept, input.mlp_chunk_rows);
     let a = Term::LayerActivations;
-    for s in 0..sets {
+    for (s, chunk) in layout.sets().into_iter().enumerate() {
         let p = format!("acts.{s}");
         let attention = [Target::Q, Target::K, Target::V, Target::O];
         let mlp = [Target::Gate, Target::Up, Target::Down];
@@ -430,6 +488,7 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
         out.push(b);
     }
     let w = Term::Workspace;
+    let (chunk, mlp_rows) = (layout.chunk, layout.workspace_mlp_rows());
     for (name, n, dt) in [
         ("x", rows * d, DType::Act),
         ("layer_out", rows * d, DType::Act),
@@ -441,18 +500,18 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
         ("dk", rows * kvd, DType::Act),
         ("dv", rows * kvd, DType::Act),
         ("datt", rows * qd, DType::Act),
-        ("dm", chunk * f, DType::Act),
-        ("dg", chunk * f, DType::Act),
-        ("du", chunk * f, DType::Act),
+        ("dm", mlp_rows * f, DType::Act),
+        ("dg", mlp_rows * f, DType::Act),
+        ("du", mlp_rows * f, DType::Act),
         ("lora_scratch", rows * r, DType::Act),
-        ("dx_lora", (rows * d.max(qd)).max(chunk * f), DType::Act),
+        ("dx_lora", (rows * d.max(qd)).max(mlp_rows * f), DType::Act),
     ] {
         out.push(buf(format!("ws.{name}"), w, n, dt));
     }
-    for (name, n, dt) in workspace_extra(spec, rows, chunk) {
+    for (name, n, dt) in workspace_extra(spec, rows, mlp_rows) {
         out.push(buf(format!("ws.{name}"), w, n, dt));
     }
-    if chunk < rows {
+    if layout.recomputes() && chunk < rows {
         for name in ["h2", "dy", "out"] {
             out.push(buf(format!("ws.chunk.{name}"), w, chunk * d, DType::Act));
         }
@@ -544,10 +603,10 @@ fn total(buffers: &[PlannedBuffer], kind: BackendKind, loc: Location) -> u64 {
     buffers.iter().filter(|b| b.location == loc).map(|b| b.bytes(kind)).sum()
 }
 
-fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: CheckpointPolicy) -> MemoryPlan {
+fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: CheckpointPolicy, kept_layers: usize) -> MemoryPlan {
     let kind = target.kind;
     let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len, policy);
-    buffers.extend(engine_buffers(spec, input, policy));
+    buffers.extend(engine_buffers(spec, input, policy, kept_layers));
     if kind == BackendKind::Cuda {
         buffers.extend(cuda_workspace(spec, input));
     }
@@ -575,6 +634,7 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
     MemoryPlan {
         target: target.clone(),
         checkpointing: policy,
+        kept_layers,
         buffers,
         peak_bytes,
         pinned_host_bytes,
@@ -585,23 +645,70 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
     }
 }
 
-/// The plan for a run; `auto` picks the fastest policy that fits (keep everything, then keep
-/// layer inputs on the device, then offload them to pinned host memory).
+/// What `auto` leaves free when it keeps some layers' activations and recomputes the others: it
+/// fills the card up to here, and a desktop's other processes grow (a browser tab, the
+/// compositor), so the plan must not end a few megabytes short of an out-of-memory error.
+pub const PARTIAL_KEEP_HEADROOM_BYTES: u64 = 512 << 20;
+
+/// Under `layer` checkpointing on a card, the most layers whose activations can be kept with
+/// [`PARTIAL_KEEP_HEADROOM_BYTES`] to spare (each kept layer skips its recompute in the backward).
+fn most_kept_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> usize {
+    let Some(free) = target.available_bytes() else { return 0 };
+    let fits = |k: usize| {
+        let p = build(spec, input, target, CheckpointPolicy::Layer, k);
+        p.fits && p.peak_bytes + PARTIAL_KEEP_HEADROOM_BYTES <= free
+    };
+    // The peak grows with every kept layer: binary search over 0..layers (all of them is `none`).
+    if !fits(1) {
+        return 0;
+    }
+    let (mut good, mut bad) = (1, spec.num_layers);
+    while bad - good > 1 {
+        let mid = good + (bad - good) / 2;
+        if fits(mid) { good = mid } else { bad = mid }
+    }
+    good
+}
+
+/// The plan for a run; `auto` picks the fastest policy that fits (keep everything; then keep layer
+/// inputs on the device, with as many layers' activations kept as the card has room for and the
+/// others recomputed; then offload the inputs to pinned host memory).
 pub fn plan(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan {
     match input.checkpointing {
         CheckpointPolicy::Auto => {
             let order = [CheckpointPolicy::None, CheckpointPolicy::Layer, CheckpointPolicy::Offload];
-            let plans: Vec<MemoryPlan> = order.iter().map(|&p| build(spec, input, target, p)).collect();
+            let plans: Vec<MemoryPlan> = order.iter().map(|&p| build(spec, input, target, p, kept_layers(spec, p))).collect();
             // On the CPU, memory is not planned against a card; recompute when activations would
             // take more than 2 GiB, as the engine does.
             if target.kind == BackendKind::Cpu {
                 let acts = plans[0].terms.get(Term::LayerActivations.name()).copied().unwrap_or(0);
                 return if acts < (2 << 30) { plans.into_iter().next() } else { plans.into_iter().nth(1) }.expect("plans");
             }
+            if !plans[0].fits && plans[1].fits {
+                let kept = most_kept_layers(spec, input, target);
+                return build(spec, input, target, CheckpointPolicy::Layer, kept);
+            }
             let n = plans.len();
             plans.into_iter().enumerate().find(|(i, p)| p.fits || *i == n - 1).map(|(_, p)| p).expect("plans")
         }
-        p => build(spec, input, target, p),
+        p => build(spec, input, target, p, kept_layers(spec, p)),
+    }
+}
+
+/// The plan of a policy already resolved, with the layers it keeps (what a running Trainer has).
+pub fn plan_resolved(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: CheckpointPolicy, kept_layers: usize) -> MemoryPlan {
+    build(spec, input, target, policy, kept_layers)
+}
+
+impl MemoryPlan {
+    /// The policy in words, with the kept layers when only some are: "layer (12 of 32 layers kept)".
+    pub fn checkpointing_label(&self, spec: &ModelSpec) -> String {
+        let name = format!("{:?}", self.checkpointing).to_lowercase();
+        if self.checkpointing == CheckpointPolicy::Layer && self.kept_layers > 0 {
+            format!("{name} ({} of {} layers kept, the rest recomputed)", self.kept_layers, spec.num_layers)
+        } else {
+            name
+        }
     }
 }
 

@@ -27,7 +27,8 @@ impl Schedule {
             ScheduleKind::Constant => 1.0,
             ScheduleKind::Linear => ((t - k) / (t - w).max(1.0)).max(0.0),
             ScheduleKind::Cosine => {
-                let progress = (k - w) / (t - w).max(1.0);
+                // Past its span (a run extended without re-planning) the schedule stays at its end.
+                let progress = ((k - w) / (t - w).max(1.0)).min(1.0);
                 (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
             }
         };
@@ -40,7 +41,7 @@ mod tests {
     use super::*;
 
     fn sched(kind: ScheduleKind, warmup: u64, total: u64) -> Schedule {
-        Schedule::new(&ScheduleConfig { kind, warmup_steps: warmup, warmup_ratio: 0.0 }, 1.0, total)
+        Schedule::new(&ScheduleConfig { kind, warmup_steps: warmup, warmup_ratio: 0.0, steps: None }, 1.0, total)
     }
 
     #[test]
@@ -59,6 +60,7 @@ mod tests {
         assert_eq!(s.lr(0), 1.0);
         assert!((s.lr(5) - 0.5).abs() < 1e-12);
         assert!(s.lr(10).abs() < 1e-12);
+        assert!(s.lr(15).abs() < 1e-12, "past its span the cosine stays at 0");
         let c = sched(ScheduleKind::Constant, 2, 10);
         assert_eq!(c.lr(1), 0.5);
         assert_eq!(c.lr(9), 1.0);
@@ -66,7 +68,7 @@ mod tests {
 
     #[test]
     fn warmup_ratio_overrides_steps() {
-        let s = Schedule::new(&ScheduleConfig { kind: ScheduleKind::Linear, warmup_steps: 5, warmup_ratio: 0.1 }, 1.0, 100);
+        let s = Schedule::new(&ScheduleConfig { kind: ScheduleKind::Linear, warmup_steps: 5, warmup_ratio: 0.1, steps: None }, 1.0, 100);
         assert_eq!(s.warmup_steps, 10);
     }
 }

@@ -24,7 +24,7 @@ use crate::engine::TokenRows;
 use crate::engine::lora::{LoraPair, LoraWeights, peft_key};
 use crate::error::{Error, IoContext, Result};
 use crate::model::ModelSpec;
-use crate::model::weights::{OutTensor, read_small_f32, serialize_safetensors};
+use crate::model::weights::{OutTensor, SmallTensors, read_small_f32, serialize_safetensors};
 use crate::util::{write_atomic, write_dir_atomic};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -78,53 +78,102 @@ fn trainable_token_indices(rows: &TokenRows) -> Value {
     Value::Object(m)
 }
 
-/// Write `dir` atomically (built in a temporary sibling, renamed into place).
-pub fn save_peft(dir: &Path, spec: &ModelSpec, weights: &LoraWeights, lora: &LoraConfig, base_model: &str) -> Result<()> {
-    save_peft_with_tokens(dir, spec, weights, lora, base_model, None)
+/// What a PEFT adapter holds: the LoRA weights and settings, the base model it was trained on,
+/// and the token rows trained alongside (PEFT's trainable tokens, see the module comment).
+#[derive(Clone, Copy)]
+pub struct AdapterFiles<'a> {
+    /// The base model's shape: PEFT's key names depend on it (a multimodal folder's text model).
+    pub spec: &'a ModelSpec,
+    pub weights: &'a LoraWeights,
+    pub lora: &'a LoraConfig,
+    pub base_model: &'a str,
+    pub tokens: Option<&'a TokenRows>,
 }
 
-/// [`save_peft`] with the token rows trained alongside (PEFT's trainable tokens, see the module
-/// comment).
-pub fn save_peft_with_tokens(
-    dir: &Path,
-    spec: &ModelSpec,
-    weights: &LoraWeights,
-    lora: &LoraConfig,
-    base_model: &str,
-    tokens: Option<&TokenRows>,
-) -> Result<()> {
-    let mut tensors = Vec::new();
-    for (l, layer) in weights.layers.iter().enumerate() {
-        for (&t, p) in layer {
-            let inp = p.a.len() / weights.rank;
-            let out = p.b.len() / weights.rank;
-            tensors.push(OutTensor::from_f32(peft_key(spec, l, t, 'A'), vec![weights.rank, inp], &p.a, Dtype::F32));
-            tensors.push(OutTensor::from_f32(peft_key(spec, l, t, 'B'), vec![out, weights.rank], &p.b, Dtype::F32));
-        }
+impl AdapterFiles<'_> {
+    /// Write `adapter_config.json` and `adapter_model.safetensors` into `folder`. Every adapter
+    /// we write goes through here (a run's `adapter/`, each checkpoint, `tunestudio export`, the
+    /// studio's export), so none can lose the trained token rows.
+    pub fn write_into(&self, folder: &Path) -> Result<()> {
+        let (bytes, config) = self.serialize()?;
+        write_atomic(&folder.join(WEIGHTS_FILE), &bytes)?;
+        write_atomic(&folder.join(CONFIG_FILE), config.as_bytes())
     }
-    let mut config = adapter_config_json(spec, lora, base_model);
-    if let Some(rows) = tokens {
-        let k = rows.ids.len();
-        let d = rows.embed.len().checked_div(k).unwrap_or(0);
-        if k == 0 || rows.embed.len() != k * d || rows.head.as_ref().is_some_and(|h| h.len() != k * d) {
-            return Err(Error::msg(format!(
-                "token rows: {k} ids with {} embedding values cannot be saved as [k, hidden]",
-                rows.embed.len()
-            )));
+
+    fn serialize(&self) -> Result<(Vec<u8>, String)> {
+        let weights = self.weights;
+        let mut tensors = Vec::new();
+        for (l, layer) in weights.layers.iter().enumerate() {
+            for (&t, p) in layer {
+                let inp = p.a.len() / weights.rank;
+                let out = p.b.len() / weights.rank;
+                tensors.push(OutTensor::from_f32(peft_key(self.spec, l, t, 'A'), vec![weights.rank, inp], &p.a, Dtype::F32));
+                tensors.push(OutTensor::from_f32(peft_key(self.spec, l, t, 'B'), vec![out, weights.rank], &p.b, Dtype::F32));
+            }
         }
-        tensors.push(OutTensor::from_f32(embed_tokens_key(spec), vec![k, d], &rows.embed, Dtype::F32));
-        if let Some(h) = &rows.head {
-            tensors.push(OutTensor::from_f32(LM_HEAD_TOKENS_KEY, vec![k, d], h, Dtype::F32));
+        let mut config = adapter_config_json(self.spec, self.lora, self.base_model);
+        if let Some(rows) = self.tokens {
+            let k = rows.ids.len();
+            let d = rows.embed.len().checked_div(k).unwrap_or(0);
+            if k == 0 || rows.embed.len() != k * d || rows.head.as_ref().is_some_and(|h| h.len() != k * d) {
+                return Err(Error::msg(format!(
+                    "token rows: {k} ids with {} embedding values cannot be saved as [k, hidden]",
+                    rows.embed.len()
+                )));
+            }
+            tensors.push(OutTensor::from_f32(embed_tokens_key(self.spec), vec![k, d], &rows.embed, Dtype::F32));
+            if let Some(h) = &rows.head {
+                tensors.push(OutTensor::from_f32(LM_HEAD_TOKENS_KEY, vec![k, d], h, Dtype::F32));
+            }
+            config["trainable_token_indices"] = trainable_token_indices(rows);
         }
-        config["trainable_token_indices"] = trainable_token_indices(rows);
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        Ok((serialize_safetensors(&tensors, Some(meta))?, serde_json::to_string_pretty(&config).expect("json")))
     }
-    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = serialize_safetensors(&tensors, Some(meta))?;
-    let config = serde_json::to_string_pretty(&config).expect("json");
-    write_dir_atomic(dir, |tmp| {
-        write_atomic(&tmp.join(WEIGHTS_FILE), &bytes)?;
-        write_atomic(&tmp.join(CONFIG_FILE), config.as_bytes())
-    })
+
+    /// Write the adapter as the folder `dir`, atomically (built in a temporary sibling, renamed
+    /// into place).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let (bytes, config) = self.serialize()?;
+        write_dir_atomic(dir, |tmp| {
+            write_atomic(&tmp.join(WEIGHTS_FILE), &bytes)?;
+            write_atomic(&tmp.join(CONFIG_FILE), config.as_bytes())
+        })
+    }
+}
+
+/// LoRA weights and token rows read from a PEFT weights file without a model spec (a
+/// checkpoint's own adapter): each listed `(layer, target)`'s `lora_A`/`lora_B` and the
+/// trainable-token rows of `ids`, shapes as stored. Keys are found by their ending, which does
+/// not depend on the model's prefix (`…model.layers.N…` or `…language_model.layers.N…`).
+pub fn read_weights(
+    path: &Path,
+    rank: usize,
+    slots: &[(usize, Target)],
+    ids: &[u32],
+    head_rows: bool,
+) -> Result<(LoraWeights, Option<TokenRows>)> {
+    let tensors = read_small_f32(path)?;
+    let take = |suffix: &str| -> Result<Vec<f32>> {
+        tensors
+            .iter()
+            .find(|(k, _)| k.ends_with(suffix))
+            .map(|(_, t)| t.1.clone())
+            .ok_or_else(|| Error::tensor(format!("…{suffix}"), Some(path), "is missing"))
+    };
+    let layers_n = slots.iter().map(|s| s.0 + 1).max().unwrap_or(0);
+    let mut layers = vec![BTreeMap::new(); layers_n];
+    for &(l, t) in slots {
+        let key = |which: char| format!(".layers.{l}.{}.{}.lora_{which}.weight", t.hf_parent(), t.hf_name());
+        layers[l].insert(t, LoraPair { a: take(&key('A'))?, b: take(&key('B'))? });
+    }
+    let rows = if ids.is_empty() {
+        None
+    } else {
+        let head = if head_rows { Some(take(LM_HEAD_TOKENS_KEY)?) } else { None };
+        Some(TokenRows { ids: ids.to_vec(), embed: take("embed_tokens.token_adapter.trainable_tokens_delta")?, head })
+    };
+    Ok((LoraWeights { rank, layers }, rows))
 }
 
 /// An adapter read back from disk.
@@ -251,13 +300,7 @@ fn token_ids(v: &Value, cfg_path: &Path, module: &str) -> Result<Option<Vec<u32>
     Ok(Some(ids))
 }
 
-fn load_token_rows(
-    v: &Value,
-    cfg_path: &Path,
-    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    weights_path: &Path,
-    spec: &ModelSpec,
-) -> Result<Option<TokenRows>> {
+fn load_token_rows(v: &Value, cfg_path: &Path, tensors: &SmallTensors, weights_path: &Path, spec: &ModelSpec) -> Result<Option<TokenRows>> {
     if let Some(Value::Object(m)) = v.get("trainable_token_indices")
         && let Some(other) = m.keys().find(|k| *k != "embed_tokens" && *k != "lm_head")
     {
@@ -352,7 +395,7 @@ mod tests {
         let w = LoraWeights::init(&s, &lora, 3);
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("adapter");
-        save_peft(&out, &spec(), &w, &lora, "base").unwrap();
+        AdapterFiles { spec: &s, weights: &w, lora: &lora, base_model: "base", tokens: None }.save(&out).unwrap();
         let back = load_peft(&out, &s).unwrap();
         assert_eq!(back.weights, w);
         assert_eq!(back.lora.targets, lora.targets);
@@ -370,7 +413,7 @@ mod tests {
             TokenRows { ids: vec![3, 7], embed: (0..16).map(|i| i as f32).collect(), head: Some((0..16).map(|i| -(i as f32)).collect()) };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("adapter");
-        save_peft_with_tokens(&out, &spec(), &w, &lora, "base", Some(&rows)).unwrap();
+        AdapterFiles { spec: &s, weights: &w, lora: &lora, base_model: "base", tokens: Some(&rows) }.save(&out).unwrap();
         let back = load_peft(&out, &s).unwrap();
         assert_eq!(back.token_rows, Some(rows.clone()));
         // A tied model cannot take separate head rows.

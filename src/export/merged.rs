@@ -96,6 +96,8 @@ pub struct MergeInput {
     pub quantization: Quantization,
     pub adapter: Option<(LoraConfig, LoraWeights)>,
     pub token_rows: Option<TokenRows>,
+    /// The run folder's lock when the input came from a run: held until the export is done.
+    pub run_lock: Option<std::sync::Arc<crate::session::lock::RunLock>>,
 }
 
 impl MergeInput {
@@ -107,6 +109,7 @@ impl MergeInput {
             quantization: art.config.model.quantization,
             token_rows: art.adapter.token_rows.clone(),
             adapter: Some((art.adapter.lora, art.adapter.weights)),
+            run_lock: Some(std::sync::Arc::new(art.lock)),
         })
     }
 
@@ -114,7 +117,13 @@ impl MergeInput {
     pub fn from_adapter(model: &Path, adapter: &Path, quantization: Quantization) -> Result<Self> {
         let spec = ModelSpec::from_dir(model)?;
         let a = load_peft(adapter, &spec)?;
-        Ok(MergeInput { model: model.to_path_buf(), quantization, token_rows: a.token_rows, adapter: Some((a.lora, a.weights)) })
+        Ok(MergeInput {
+            model: model.to_path_buf(),
+            quantization,
+            token_rows: a.token_rows,
+            adapter: Some((a.lora, a.weights)),
+            run_lock: None,
+        })
     }
 }
 
@@ -357,9 +366,17 @@ struct Merger<'a> {
 impl Merger<'_> {
     /// The output bytes of one planned tensor.
     fn tensor_bytes(&mut self, p: &Planned) -> Result<Vec<u8>> {
+        match self.values(p)? {
+            Some(values) => encode(&values, self.dtype, &p.name),
+            None => Ok(self.store.bytes(&p.name)?.to_vec()),
+        }
+    }
+
+    /// The merged values of one planned float tensor in f32 (`None` for a non-float tensor).
+    fn values(&mut self, p: &Planned) -> Result<Option<Vec<f32>>> {
         let (spec, store) = (self.spec, self.store);
         let values = match p.kind {
-            Source::Raw => return Ok(store.bytes(&p.name)?.to_vec()),
+            Source::Raw => return Ok(None),
             Source::Linear { layer, target } => {
                 let shape = spec.linear_shape(target);
                 let mut w = match store.linear(&p.name, shape, self.input.quantization)? {
@@ -396,16 +413,68 @@ impl Merger<'_> {
             }
             Source::Float => store.f32_any_shape(&p.name)?,
         };
-        encode(&values, self.dtype, &p.name)
+        Ok(Some(values))
+    }
+}
+
+/// The merged model's float tensors in f32, read one at a time (the GGUF export builds on this):
+/// the same merge as [`export_merged`], without writing a folder.
+pub struct MergedTensors {
+    store: WeightStore,
+    spec: ModelSpec,
+    input: MergeInput,
+    planned: Vec<Planned>,
+}
+
+impl MergedTensors {
+    pub fn open(input: &MergeInput) -> Result<Self> {
+        let spec = ModelSpec::from_dir(&input.model)?;
+        let store = WeightStore::open(&input.model)?;
+        let planned = plan(&store, &spec, MergeDtype::F32)?;
+        Ok(MergedTensors { store, spec, input: input.clone(), planned })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Names and shapes of the float tensors, in Hugging Face order (embeddings, layers, rest).
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        self.planned.iter().filter(|p| !matches!(p.kind, Source::Raw)).map(|p| (p.name.clone(), p.shape.clone())).collect()
+    }
+
+    /// The merged values of a float tensor.
+    pub fn values(&self, name: &str) -> Result<Vec<f32>> {
+        let p = self
+            .planned
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| Error::tensor(name, Some(&self.store.dir), "is not in the model"))?;
+        let mut m = Merger { store: &self.store, spec: &self.spec, input: &self.input, dtype: MergeDtype::F32, merged_linears: 0 };
+        let v = m.values(p)?.ok_or_else(|| Error::tensor(name, Some(&self.store.dir), "is not a float tensor"))?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::tensor(name, None, format!("has a non-finite value at element {i} after merging; the adapter is broken")));
+        }
+        Ok(v)
+    }
+
+    /// Linears the adapter changes.
+    pub fn merged_linears(&self) -> usize {
+        self.input.adapter.as_ref().map_or(0, |(_, w)| w.layers.iter().map(|m| m.len()).sum())
     }
 }
 
 /// The end-of-turn token of the chat template: the first special token the template writes after
 /// an assistant message. `None` when the model has no template or it ends turns with plain text.
 pub fn end_of_turn_token(tok: &TokenizerBundle) -> Option<u32> {
-    use crate::model::chat_template::Message;
     tok.chat_template()?;
-    let template = tok.resolve_template("auto").ok()?;
+    end_of_turn_token_in(tok, &tok.resolve_template("auto").ok()?)
+}
+
+/// The first special token `template` writes after an assistant message (see
+/// [`end_of_turn_token`]), for any template, built-ins included.
+pub fn end_of_turn_token_in(tok: &TokenizerBundle, template: &crate::model::chat_template::ChatTemplate) -> Option<u32> {
+    use crate::model::chat_template::Message;
     let marker = "Quokka lantern 7391";
     let msgs = [Message::new("user", "Hello there"), Message::new("assistant", marker)];
     let rendered = template.render(&msgs, false).ok()?;

@@ -1,38 +1,57 @@
-//! What an export reads from a run folder: the effective config, the adapter the session wrote,
-//! and the token rows trained with it (kept in the newest checkpoint, which the session writes
-//! at the same step as `adapter/`).
+//! What an export reads from a run folder: the effective config and the adapter with the token
+//! rows trained with it. A finished or stopped run has `adapter/`; a run that failed or was killed
+//! has only its checkpoints, each of which is a PEFT adapter too, and the newest one is used. The
+//! run folder is locked while it is read, so an export never reads a run that another process is
+//! writing.
 
 use std::path::{Path, PathBuf};
 
 use crate::config::RunConfig;
 use crate::engine::TokenRows;
 use crate::error::{Error, Result};
-use crate::export::adapter::{LoadedAdapter, load_peft, save_peft_with_tokens};
+use crate::export::adapter::{AdapterFiles, LoadedAdapter, load_peft};
 use crate::model::ModelSpec;
 use crate::session::checkpoint;
+use crate::session::lock::RunLock;
 
 pub struct RunArtifacts {
     pub run_dir: PathBuf,
     pub config: RunConfig,
     pub spec: ModelSpec,
     pub adapter: LoadedAdapter,
+    /// Where the adapter was read from: `adapter/` or a checkpoint folder.
+    pub source: PathBuf,
+    /// The run folder's lock, held for as long as these are in use.
+    pub lock: RunLock,
 }
 
-/// Read a finished (or stopped) run: `config.toml`, `adapter/`, and, when the run trained token
-/// rows (`token_fix.json`), those rows from the newest checkpoint.
+/// Read a run: `config.toml`, and `adapter/` or else the newest checkpoint. A run written before
+/// `adapter/` carried the trained token rows (`token_fix.json` present, rows absent) gets them
+/// from the newest checkpoint, which the session writes at the same step as `adapter/`.
 pub fn load_run(run_dir: &Path) -> Result<RunArtifacts> {
     let cfg_path = run_dir.join(checkpoint::CONFIG_FILE);
     if !cfg_path.exists() {
         return Err(Error::file(run_dir, "is not a run folder (no config.toml); give the folder `tunestudio train` printed"));
     }
+    let lock = RunLock::acquire(run_dir, "export")?;
     let config = RunConfig::load(&cfg_path)?;
     let spec = ModelSpec::from_dir(&config.model.path)?;
     let adapter_dir = run_dir.join(checkpoint::ADAPTER_DIR);
-    if !adapter_dir.exists() {
-        return Err(Error::file(
-            &adapter_dir,
-            "is missing: the run has not finished a step yet (or was interrupted before saving); continue it with `tunestudio train --resume`",
-        ));
+    if !adapter_dir.join(crate::export::adapter::CONFIG_FILE).is_file() {
+        let Some(ckpt_dir) = checkpoint::latest_dir(run_dir) else {
+            return Err(Error::file(
+                &adapter_dir,
+                format!(
+                    "is missing and the run saved no checkpoint: it stopped before its first save; start it again with `tunestudio train --restart {}`",
+                    run_dir.display()
+                ),
+            ));
+        };
+        let c = checkpoint::load(&ckpt_dir)?;
+        let lora = crate::config::LoraConfig { r: c.weights.rank, ..config.lora.clone() };
+        let base_model = config.model.path.display().to_string();
+        let adapter = LoadedAdapter { lora, weights: c.weights, base_model, token_rows: c.token_rows };
+        return Ok(RunArtifacts { run_dir: run_dir.to_path_buf(), config, spec, adapter, source: ckpt_dir, lock });
     }
     let mut adapter = load_peft(&adapter_dir, &spec)?;
     if adapter.token_rows.is_none() && run_dir.join("token_fix.json").exists() {
@@ -53,7 +72,7 @@ pub fn load_run(run_dir: &Path) -> Result<RunArtifacts> {
             ckpt.token_rows.ok_or_else(|| Error::file(&ckpt.dir, "has no token rows although token_fix.json says the run trained some"))?;
         adapter.token_rows = Some(rows);
     }
-    Ok(RunArtifacts { run_dir: run_dir.to_path_buf(), config, spec, adapter })
+    Ok(RunArtifacts { run_dir: run_dir.to_path_buf(), config, spec, adapter, source: adapter_dir, lock })
 }
 
 /// The token rows of a run's adapter, if it trained any.
@@ -64,17 +83,15 @@ pub fn token_rows(a: &RunArtifacts) -> Option<&TokenRows> {
 /// `tunestudio export adapter`: write the run's adapter, with its trained token rows as PEFT
 /// trainable tokens, to `to` (refused if it exists), or rewrite `<run>/adapter` in place.
 pub fn export_adapter(run_dir: &Path, to: Option<&Path>) -> Result<PathBuf> {
+    if let Some(d) = to
+        && d.exists()
+    {
+        return Err(Error::file(d, "already exists; choose a new folder (exports never overwrite)"));
+    }
     let art = load_run(run_dir)?;
-    let dest = match to {
-        Some(d) => {
-            if d.exists() {
-                return Err(Error::file(d, "already exists; choose a new folder (exports never overwrite)"));
-            }
-            d.to_path_buf()
-        }
-        None => run_dir.join(checkpoint::ADAPTER_DIR),
-    };
+    let dest = to.map_or_else(|| run_dir.join(checkpoint::ADAPTER_DIR), Path::to_path_buf);
     let base = art.config.model.path.display().to_string();
-    save_peft_with_tokens(&dest, &art.spec, &art.adapter.weights, &art.adapter.lora, &base, token_rows(&art))?;
+    AdapterFiles { spec: &art.spec, weights: &art.adapter.weights, lora: &art.adapter.lora, base_model: &base, tokens: token_rows(&art) }
+        .save(&dest)?;
     Ok(dest)
 }

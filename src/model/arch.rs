@@ -220,9 +220,8 @@ impl ModelSpec {
         let hidden_size = usize_field(v, "hidden_size", path)?;
         let num_heads = usize_field(v, "num_attention_heads", path)?;
         let num_kv_heads = get(v, "num_key_value_heads").and_then(Value::as_u64).map_or(num_heads, |x| x as usize);
-        let head_dim = get(v, "head_dim")
-            .and_then(Value::as_u64)
-            .map_or_else(|| if num_heads == 0 { 0 } else { hidden_size / num_heads }, |x| x as usize);
+        let head_dim =
+            get(v, "head_dim").and_then(Value::as_u64).map_or_else(|| hidden_size.checked_div(num_heads).unwrap_or(0), |x| x as usize);
         let num_layers = usize_field(v, "num_hidden_layers", path)?;
         // transformers ≥ 5 writes `rope_parameters` (theta + scaling together; per layer type for
         // models with local layers); older files write `rope_theta` and `rope_scaling`.
@@ -355,13 +354,13 @@ impl ModelSpec {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 || self.hidden_size == 0 {
             return bad("hidden_size, num_attention_heads, num_key_value_heads and head_dim must be > 0".into());
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
         }
         if self.vocab_size == 0 || self.num_layers == 0 || self.intermediate_size == 0 {
@@ -715,6 +714,13 @@ impl ModelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_shape_name_resolves() {
+        for name in ModelSpec::SHAPE_NAMES {
+            assert!(ModelSpec::by_shape_name(name).is_some(), "{name}");
+        }
+    }
 
     #[test]
     fn llama3_8b_param_count() {

@@ -48,10 +48,12 @@ pub struct SpecialTokens {
 pub struct Rendered {
     pub text: String,
     pub generation_spans: Vec<std::ops::Range<usize>>,
+    /// The spans are the span donor's (a built-in that rendered the same text).
+    pub lent_spans: bool,
 }
 
 /// The built-in templates, by the name `dataset.template` uses.
-pub const BUILTIN_NAMES: [&str; 4] = ["llama-3", "chatml", "alpaca", "mistral"];
+pub const BUILTIN_NAMES: [&str; 6] = ["llama-3", "chatml", "qwen3", "gemma", "alpaca", "mistral"];
 
 /// Source of a built-in template. Each marks the assistant's text and its end-of-turn token with a
 /// generation block, so the label mask never depends on comparing renders.
@@ -84,6 +86,80 @@ pub fn builtin_source(name: &str) -> Option<&'static str> {
             "{{- '\\n' -}}",
             "{%- endfor -%}",
             "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+        ),
+        // Qwen3's layout: ChatML, with the assistant's reasoning in a <think> block that is kept
+        // only after the last user query (earlier turns show the answer alone), taken from
+        // `reasoning_content` or from a <think>…</think> prefix of the content; the last turn
+        // always carries the block, empty when there was no reasoning. `enable_thinking = false`
+        // puts the empty block in the generation prompt, so there it is prompt, not response.
+        // Tool results are user turns wrapped in <tool_response>.
+        "qwen3" => concat!(
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' -}}",
+            "{%- endif -%}",
+            "{%- set ns = namespace(last_query=messages|length - 1) -%}",
+            "{%- for m in messages -%}",
+            "{%- if m['role'] == 'user' and not (m['content'].startswith('<tool_response>') and m['content'].endswith('</tool_response>')) -%}",
+            "{%- set ns.last_query = loop.index0 -%}",
+            "{%- endif -%}",
+            "{%- endfor -%}",
+            "{%- set no_thinking = enable_thinking is defined and enable_thinking is false -%}",
+            "{%- for m in messages -%}",
+            "{%- if m['role'] == 'user' or (m['role'] == 'system' and not loop.first) -%}",
+            "{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' -}}",
+            "{%- elif m['role'] == 'assistant' -%}",
+            "{%- set content = m['content'] -%}",
+            "{%- set reasoning = '' -%}",
+            "{%- if m['reasoning_content'] is string -%}",
+            "{%- set reasoning = m['reasoning_content'] -%}",
+            "{%- elif '</think>' in content -%}",
+            "{%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') -%}",
+            "{%- set content = content.split('</think>')[-1].lstrip('\n') -%}",
+            "{%- endif -%}",
+            "{{- '<|im_start|>assistant\n' -}}",
+            "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) -%}",
+            "{%- if no_thinking and not reasoning.strip('\n') -%}",
+            "{{- '<think>\n\n</think>\n\n' -}}",
+            "{%- generation -%}{{- content.lstrip('\n') + '<|im_end|>' -}}{%- endgeneration -%}",
+            "{%- else -%}",
+            "{%- generation -%}{{- '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') + '<|im_end|>' -}}{%- endgeneration -%}",
+            "{%- endif -%}",
+            "{%- else -%}",
+            "{%- generation -%}{{- content + '<|im_end|>' -}}{%- endgeneration -%}",
+            "{%- endif -%}",
+            "{{- '\n' -}}",
+            "{%- elif m['role'] == 'tool' -%}",
+            "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}",
+            "{{- '\n<tool_response>\n' + m['content'] + '\n</tool_response>' -}}",
+            "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}",
+            "{%- endif -%}",
+            "{%- endfor -%}",
+            "{%- if add_generation_prompt -%}",
+            "{{- '<|im_start|>assistant\n' -}}",
+            "{%- if no_thinking -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}",
+            "{%- endif -%}",
+        ),
+        // Gemma's turns: <start_of_turn>user / model, content trimmed, <end_of_turn>; a system
+        // turn goes in front of the first user turn (the format has no place of its own for it).
+        "gemma" => concat!(
+            "{{- bos_token or '' -}}",
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{%- set first_prefix = messages[0]['content'] + '\n\n' -%}",
+            "{%- set turns = messages[1:] -%}",
+            "{%- else -%}",
+            "{%- set first_prefix = '' -%}",
+            "{%- set turns = messages -%}",
+            "{%- endif -%}",
+            "{%- for m in turns -%}",
+            "{{- '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' + (first_prefix if loop.first else '') -}}",
+            "{%- if m['role'] == 'assistant' -%}",
+            "{%- generation -%}{{- m['content'] | trim -}}<end_of_turn>{%- endgeneration -%}",
+            "{%- else -%}",
+            "{{- m['content'] | trim -}}<end_of_turn>",
+            "{%- endif -%}",
+            "{{- '\n' -}}",
+            "{%- endfor -%}",
+            "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}",
         ),
         // The Stanford Alpaca prompt; the system turn replaces the preamble, and each later
         // user/assistant pair becomes another Instruction/Response block.
@@ -135,6 +211,11 @@ pub struct ChatTemplate {
     origin: String,
     has_generation: bool,
     specials: SpecialTokens,
+    /// Template variables beyond the standard ones (`dataset.template_kwargs`: `enable_thinking`).
+    vars: serde_json::Map<String, serde_json::Value>,
+    /// For a template without `{% generation %}` blocks: a built-in that has them and may render
+    /// the same text; where it does for a conversation, its blocks mark the responses.
+    span_donor: Option<Box<ChatTemplate>>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -168,7 +249,15 @@ impl ChatTemplate {
         });
         env.add_template_owned(TEMPLATE_NAME, rewritten)
             .map_err(|e| Error::msg(format!("chat template ({origin}) does not compile: {}", describe(&e))))?;
-        Ok(ChatTemplate { env: Arc::new(env), source: source.to_string(), origin, has_generation, specials })
+        Ok(ChatTemplate {
+            env: Arc::new(env),
+            source: source.to_string(),
+            origin,
+            has_generation,
+            specials,
+            vars: serde_json::Map::new(),
+            span_donor: None,
+        })
     }
 
     /// A built-in template by name (`llama-3`, `chatml`, `alpaca`, `mistral`).
@@ -192,6 +281,49 @@ impl ChatTemplate {
         self.has_generation
     }
 
+    /// The same template rendering with extra variables (HF's `apply_chat_template(**kwargs)`,
+    /// e.g. Qwen3's `enable_thinking`); they reach the span donor too.
+    pub fn with_vars(mut self, vars: serde_json::Map<String, serde_json::Value>) -> Self {
+        if let Some(d) = self.span_donor.take() {
+            self.span_donor = Some(Box::new(d.with_vars(vars.clone())));
+        }
+        self.vars = vars;
+        self
+    }
+
+    /// For a model's template without generation blocks, the built-in of the same family (by its
+    /// turn markers) as a span donor: where both render a conversation to the same text, the
+    /// built-in's blocks mark the responses. Needed where rendering prefixes cannot find them:
+    /// Qwen3 drops the reasoning of earlier turns once a later user turn follows.
+    pub fn with_span_donor(mut self) -> Self {
+        if self.has_generation {
+            return self;
+        }
+        let src = &self.source;
+        let name = if src.contains("<|im_start|>") && src.contains("<think>") {
+            "qwen3"
+        } else if src.contains("<start_of_turn>") {
+            "gemma"
+        } else if src.contains("<|im_start|>") {
+            "chatml"
+        } else if src.contains("<|start_header_id|>") {
+            "llama-3"
+        } else if src.contains("[INST]") {
+            "mistral"
+        } else {
+            return self;
+        };
+        if let Ok(d) = Self::builtin(name, self.specials.clone()) {
+            self.span_donor = Some(Box::new(d.with_vars(self.vars.clone())));
+        }
+        self
+    }
+
+    /// The built-in lending its generation blocks, if any (`builtin:<name>`).
+    pub fn span_donor(&self) -> Option<&str> {
+        self.span_donor.as_deref().map(ChatTemplate::origin)
+    }
+
     /// Render a conversation. Errors (a `raise_exception`, a type error in the template) come back
     /// as messages meant for a dataset row report.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> std::result::Result<Rendered, String> {
@@ -212,6 +344,8 @@ impl ChatTemplate {
             }
         }
         let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| describe(&e))?;
+        let mut vars = self.vars.clone();
+        vars.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
         let ctx = minijinja::context! {
             messages => Value::from(Serde(messages)),
             add_generation_prompt => add_generation_prompt,
@@ -219,10 +353,18 @@ impl ChatTemplate {
             eos_token => self.specials.eos_token.clone(),
             pad_token => self.specials.pad_token.clone(),
             unk_token => self.specials.unk_token.clone(),
-            ..Value::from(Serde(extra))
+            ..Value::from(Serde(&vars))
         };
         let raw = tmpl.render(ctx).map_err(|e| format!("chat template ({}): {}", self.origin, describe(&e)))?;
-        split_generation_marks(&raw).map_err(|e| format!("chat template ({}): {e}", self.origin))
+        let mut rendered = split_generation_marks(&raw).map_err(|e| format!("chat template ({}): {e}", self.origin))?;
+        if let Some(donor) = &self.span_donor
+            && let Ok(d) = donor.render_with(messages, add_generation_prompt, extra)
+            && d.text == rendered.text
+        {
+            rendered.generation_spans = d.generation_spans;
+            rendered.lent_spans = true;
+        }
+        Ok(rendered)
     }
 }
 
@@ -243,6 +385,19 @@ fn describe(e: &minijinja::Error) -> String {
 /// the two marker characters. Keeping a block tag (rather than an expression) keeps the
 /// trim_blocks/lstrip_blocks behaviour of the original tag.
 fn rewrite_generation_tags(source: &str) -> (String, bool) {
+    replace_generation_tags(source, "filter __ts_generation", "endfilter")
+}
+
+/// The template with its `{% generation %}` blocks turned into `{% if true %}` blocks (same
+/// whitespace control), for tools that do not know the tag (llama.cpp, Ollama): it renders the
+/// same text.
+pub fn portable_source(source: &str) -> String {
+    replace_generation_tags(source, "if true", "endif").0
+}
+
+/// Every generation tag replaced by a block tag with `open` / `close` as its body; and whether
+/// there was one.
+fn replace_generation_tags(source: &str, open: &str, close: &str) -> (String, bool) {
     let mut out = String::with_capacity(source.len() + 32);
     let mut rest = source;
     let mut found = false;
@@ -252,7 +407,7 @@ fn rewrite_generation_tags(source: &str) -> (String, bool) {
         match parse_generation_tag(tag) {
             Some((len, open_mark, end, close_mark)) => {
                 found = true;
-                let body = if end { "endfilter".to_string() } else { "filter __ts_generation".to_string() };
+                let body = if end { close } else { open };
                 out.push_str(&format!("{{%{open_mark} {body} {close_mark}%}}"));
                 rest = &tag[len..];
             }
@@ -333,7 +488,7 @@ fn split_generation_marks(raw: &str) -> std::result::Result<Rendered, String> {
     if open.is_some() {
         return Err("unclosed {% generation %} block".into());
     }
-    Ok(Rendered { text, generation_spans: spans })
+    Ok(Rendered { text, generation_spans: spans, lent_spans: false })
 }
 
 fn invalid(msg: impl Into<String>) -> minijinja::Error {
@@ -598,7 +753,9 @@ mod tests {
             assert!(t.has_generation_blocks(), "{name}");
             let r = t.render(&convo(), false).unwrap();
             assert_eq!(r.generation_spans.len(), 1, "{name}: {}", r.text);
-            assert!(r.text[r.generation_spans[0].clone()].starts_with("Hello!"), "{name}");
+            // Qwen3's last response opens with its (here empty) <think> block.
+            let span = &r.text[r.generation_spans[0].clone()];
+            assert!(span.starts_with("Hello!") || span.starts_with("<think>\n\n</think>\n\nHello!"), "{name}: {span}");
         }
     }
 
@@ -637,6 +794,84 @@ mod tests {
         let r = t.render(&convo()[1..], false).unwrap();
         assert_eq!(r.text, "<|begin_of_text|><user>Hi<assistant>Hello!<|eot_id|>");
         assert_eq!(&r.text[r.generation_spans[0].clone()], "Hello!<|eot_id|>");
+    }
+
+    /// Qwen3: the reasoning of turns before the last user query is dropped, the last turn keeps
+    /// its <think> block (empty when there was none); each response, block included, is trained.
+    /// With `enable_thinking = false` the empty block is the generation prompt's, not trained.
+    #[test]
+    fn qwen3_builtin_thinking_spans() {
+        let t = ChatTemplate::builtin("qwen3", SpecialTokens::default()).unwrap();
+        let msgs = vec![
+            Message::new("system", "Be brief."),
+            Message::new("user", "2+2?"),
+            Message::new("assistant", "<think>\nadd them\n</think>\n\n4"),
+            Message::new("user", "3+3?"),
+            Message::new("assistant", "<think>\nagain\n</think>\n\n6"),
+        ];
+        let r = t.render(&msgs, false).unwrap();
+        assert_eq!(
+            r.text,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n\
+             <|im_start|>user\n3+3?<|im_end|>\n<|im_start|>assistant\n<think>\nagain\n</think>\n\n6<|im_end|>\n"
+        );
+        let spans: Vec<&str> = r.generation_spans.iter().map(|s| &r.text[s.clone()]).collect();
+        assert_eq!(spans, ["4<|im_end|>", "<think>\nagain\n</think>\n\n6<|im_end|>"]);
+        // No reasoning in the last turn: an empty block, trained in thinking mode…
+        let plain = [Message::new("user", "hi"), Message::new("assistant", "hello")];
+        let r = t.render(&plain, false).unwrap();
+        assert_eq!(&r.text[r.generation_spans[0].clone()], "<think>\n\n</think>\n\nhello<|im_end|>");
+        assert!(t.render(&plain[..1], true).unwrap().text.ends_with("<|im_start|>assistant\n"));
+        // …and prompt in non-thinking mode, where the generation prompt writes it.
+        let mut vars = serde_json::Map::new();
+        vars.insert("enable_thinking".into(), serde_json::json!(false));
+        let nt = ChatTemplate::builtin("qwen3", SpecialTokens::default()).unwrap().with_vars(vars);
+        let r = nt.render(&plain, false).unwrap();
+        assert!(r.text.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\nhello<|im_end|>\n"), "{}", r.text);
+        assert_eq!(&r.text[r.generation_spans[0].clone()], "hello<|im_end|>");
+        assert!(nt.render(&plain[..1], true).unwrap().text.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
+        // reasoning_content as a field of its own.
+        let mut m = Message::new("assistant", "5");
+        m.extra.insert("reasoning_content".into(), serde_json::json!("count"));
+        let r = t.render(&[Message::new("user", "?"), m], false).unwrap();
+        assert!(r.text.ends_with("<think>\ncount\n</think>\n\n5<|im_end|>\n"), "{}", r.text);
+    }
+
+    /// A model's template without generation blocks borrows the built-in's where both render a
+    /// conversation to the same text: a multi-turn Qwen3 chat, whose earlier reasoning vanishes
+    /// once a later turn follows (so rendering prefixes cannot find the responses), gets the
+    /// built-in's spans; a conversation the two render differently keeps none.
+    #[test]
+    fn span_donor_lends_blocks_where_the_texts_agree() {
+        let builtin = ChatTemplate::builtin("qwen3", SpecialTokens::default()).unwrap();
+        let plain_src = builtin.source().replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "");
+        let model = ChatTemplate::new(&plain_src, "model", SpecialTokens::default()).unwrap();
+        assert!(!model.has_generation_blocks());
+        let model = model.with_span_donor();
+        assert_eq!(model.span_donor(), Some("builtin:qwen3"));
+        let msgs = vec![
+            Message::new("user", "a"),
+            Message::new("assistant", "<think>x</think>b"),
+            Message::new("user", "c"),
+            Message::new("assistant", "d"),
+        ];
+        let (m, b) = (model.render(&msgs, false).unwrap(), builtin.render(&msgs, false).unwrap());
+        assert_eq!((&m.text, &m.generation_spans, m.lent_spans), (&b.text, &b.generation_spans, true));
+        // A template of another layout lends nothing.
+        let other = ChatTemplate::new("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}", "model", SpecialTokens::default())
+            .unwrap()
+            .with_span_donor();
+        assert_eq!(other.span_donor(), Some("builtin:chatml"));
+        assert!(other.render(&msgs, false).unwrap().generation_spans.is_empty());
+    }
+
+    #[test]
+    fn gemma_builtin_layout() {
+        let t = ChatTemplate::builtin("gemma", SpecialTokens { bos_token: Some("<bos>".into()), ..Default::default() }).unwrap();
+        let r = t.render(&convo(), false).unwrap();
+        assert_eq!(r.text, "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n");
+        assert_eq!(&r.text[r.generation_spans[0].clone()], "Hello!<end_of_turn>");
+        assert!(t.render(&convo()[..2], true).unwrap().text.ends_with("<start_of_turn>model\n"));
     }
 
     #[test]

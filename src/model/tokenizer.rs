@@ -371,12 +371,12 @@ impl TokenizerBundle {
         let name = name.trim();
         if name.is_empty() || name == "auto" {
             if let Some(src) = self.chat_template() {
-                return ChatTemplate::new(src, "model", self.specials.clone());
+                return Ok(ChatTemplate::new(src, "model", self.specials.clone())?.with_span_donor());
             }
             return ChatTemplate::builtin(self.default_builtin(), self.specials.clone());
         }
         if let Some(src) = self.templates.get(name) {
-            return ChatTemplate::new(src, format!("model:{name}"), self.specials.clone());
+            return Ok(ChatTemplate::new(src, format!("model:{name}"), self.specials.clone())?.with_span_donor());
         }
         ChatTemplate::builtin(name, self.specials.clone())
     }
@@ -389,6 +389,8 @@ impl TokenizerBundle {
             "llama-3"
         } else if has("<|im_start|>") && has("<|im_end|>") {
             "chatml"
+        } else if has("<start_of_turn>") && has("<end_of_turn>") {
+            "gemma"
         } else if has("[INST]") {
             "mistral"
         } else {

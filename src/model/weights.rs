@@ -177,12 +177,27 @@ impl WeightStore {
         self.f32_any_shape(name)
     }
 
-    /// Read a floating-point tensor as f32, whatever its shape.
+    /// Read a floating-point tensor as f32, whatever its shape. A tensor holding NaN or ±inf is
+    /// refused here, before anything (quantization included) can hide it.
     pub fn f32_any_shape(&self, name: &str) -> Result<Vec<f32>> {
         let e = self.entry(name)?;
         let bytes = &self.shards[e.shard].1[e.start..e.end];
+        if let Some(bad) = non_finite(bytes, e.dtype) {
+            return Err(bad.error(self.original_name(name), Some(self.shard_path(e))));
+        }
         to_f32(bytes, e.dtype)
             .ok_or_else(|| Error::tensor(name, Some(self.shard_path(e)), format!("has dtype {:?}; expected f32, f16 or bf16", e.dtype)))
+    }
+
+    /// Every floating-point tensor checked for NaN and ±inf, from the stored bits (a fast, parallel
+    /// pass); the error names the first bad tensor, its file and how many values are bad.
+    pub fn check_finite(&self) -> Result<()> {
+        for (name, e) in &self.entries {
+            if let Some(bad) = non_finite(&self.shards[e.shard].1[e.start..e.end], e.dtype) {
+                return Err(bad.error(self.original_name(name), Some(self.shard_path(e))));
+            }
+        }
+        Ok(())
     }
 
     /// dtype names present, with counts (for `inspect`).
@@ -197,6 +212,61 @@ impl WeightStore {
     pub fn total_bytes(&self) -> u64 {
         self.entries.values().map(|e| (e.end - e.start) as u64).sum()
     }
+}
+
+/// Non-finite values found in a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonFinite {
+    pub count: usize,
+    /// Flat index of the first one.
+    pub first: usize,
+}
+
+impl NonFinite {
+    pub fn error(&self, tensor: &str, file: Option<&Path>) -> Error {
+        Error::tensor(
+            tensor,
+            file,
+            format!(
+                "holds {} non-finite value{} (NaN or ±inf; the first at flat index {}): the weights are damaged; download or save the model again",
+                self.count,
+                if self.count == 1 { "" } else { "s" },
+                self.first
+            ),
+        )
+    }
+}
+
+/// NaN and ±inf in raw little-endian floats, found by their exponent bits (all ones); `None` when
+/// there are none or the dtype is not a float.
+pub fn non_finite(bytes: &[u8], dtype: Dtype) -> Option<NonFinite> {
+    use rayon::prelude::*;
+    let (width, bad): (usize, fn(&[u8]) -> bool) = match dtype {
+        Dtype::BF16 => (2, |c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80),
+        Dtype::F16 => (2, |c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00),
+        Dtype::F32 => (4, |c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000),
+        Dtype::F64 => {
+            (8, |c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) & 0x7FF0_0000_0000_0000 == 0x7FF0_0000_0000_0000)
+        }
+        _ => return None,
+    };
+    const CHUNK: usize = 1 << 16;
+    let (count, first) = bytes
+        .par_chunks(CHUNK * width)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut n = 0;
+            let mut first = None;
+            for (j, c) in chunk.chunks_exact(width).enumerate() {
+                if bad(c) {
+                    n += 1;
+                    first.get_or_insert(i * CHUNK + j);
+                }
+            }
+            (n, first)
+        })
+        .reduce(|| (0, None), |a, b| (a.0 + b.0, a.1.or(b.1)));
+    first.map(|first| NonFinite { count, first })
 }
 
 /// Convert raw little-endian bytes of a float dtype to f32.
@@ -248,8 +318,11 @@ pub fn serialize_safetensors(tensors: &[OutTensor], metadata: Option<BTreeMap<St
     safetensors::tensor::serialize(views, meta).map_err(|e| Error::msg(format!("safetensors serialization failed: {e}")))
 }
 
+/// Tensors by name, each as (shape, f32 data).
+pub type SmallTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Read a whole small safetensors file into name → (shape, f32 data) (adapters, checkpoints).
-pub fn read_small_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_small_f32(path: &Path) -> Result<SmallTensors> {
     let bytes = std::fs::read(path).with_path(path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
     let mut out = BTreeMap::new();
@@ -264,6 +337,22 @@ pub fn read_small_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_values_are_found_in_every_float_dtype() {
+        let vals = [1.0f32, f32::NAN, -2.5, f32::INFINITY, 0.0, f32::NEG_INFINITY];
+        let bf: Vec<u8> = vals.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect();
+        let hf: Vec<u8> = vals.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
+        let f: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let d: Vec<u8> = vals.iter().flat_map(|&v| (v as f64).to_le_bytes()).collect();
+        for (bytes, dtype) in [(bf, Dtype::BF16), (hf, Dtype::F16), (f, Dtype::F32), (d, Dtype::F64)] {
+            assert_eq!(non_finite(&bytes, dtype), Some(NonFinite { count: 3, first: 1 }), "{dtype:?}");
+        }
+        let big: Vec<u8> = (0..200_000).flat_map(|i| bf16::from_f32(if i == 150_001 { f32::NAN } else { 1.0 }).to_le_bytes()).collect();
+        assert_eq!(non_finite(&big, Dtype::BF16), Some(NonFinite { count: 1, first: 150_001 }));
+        assert_eq!(non_finite(&[0u8; 16], Dtype::U8), None);
+        assert_eq!(non_finite(&f32::MAX.to_le_bytes(), Dtype::F32), None);
+    }
 
     fn write(dir: &Path, names: &[&str]) {
         let tensors: Vec<OutTensor> = names.iter().map(|n| OutTensor::from_f32(*n, vec![2], &[1.0, 2.0], Dtype::F32)).collect();

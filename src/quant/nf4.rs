@@ -538,6 +538,9 @@ fn expect_dtype(name: &str, file: Option<&Path>, t: &RawTensor<'_>, dtype: Dtype
 
 fn f32s(name: &str, file: Option<&Path>, t: &RawTensor<'_>, len: Option<usize>) -> Result<Vec<f32>> {
     expect_dtype(name, file, t, Dtype::F32)?;
+    if let Some(bad) = crate::model::weights::non_finite(t.bytes, Dtype::F32) {
+        return Err(bad.error(name, file));
+    }
     let vals: Vec<f32> = t.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     if let Some(len) = len
         && vals.len() != len

@@ -1,6 +1,7 @@
 //! Run folders and checkpoints. A checkpoint is a folder `checkpoints/step-NNNNNN/` holding the
-//! LoRA masters, the AdamW moments and `state.json` (step, micro-batch counter); it is built in a
-//! temporary folder and renamed into place, so a crash leaves either the old or the new one.
+//! LoRA masters and trained token rows as a PEFT adapter, the AdamW moments and `state.json`
+//! (step, micro-batch counter); it is built in a temporary folder and renamed into place, so a
+//! crash leaves either the old or the new one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use crate::config::Target;
 use crate::engine::lora::{LoraPair, LoraWeights};
 use crate::engine::{OptimizerState, TokenRows};
 use crate::error::{Error, IoContext, Result};
+use crate::export::adapter::{AdapterFiles, CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_weights};
 use crate::model::weights::{OutTensor, read_small_f32, serialize_safetensors};
 use crate::util::{write_atomic, write_dir_atomic};
 
@@ -40,6 +42,9 @@ pub struct StepMetrics {
     /// Device memory in use after the step (driver-reported on a GPU, process RSS on the CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// Mean loss over the evaluation rows, on the steps where the run evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
 }
 
 /// `run.json`: what the runs list shows without reading anything else.
@@ -56,6 +61,9 @@ pub struct RunStatus {
     pub updated: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Dataset rows the run trains on (after skipped rows), for the runs list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<usize>,
 }
 
 impl RunStatus {
@@ -97,54 +105,42 @@ fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(CHECKPOINTS_DIR).join(format!("step-{step:06}"))
 }
 
-/// Write a checkpoint atomically and prune older ones.
-pub fn save(
-    run_dir: &Path,
-    weights: &LoraWeights,
-    opt: &OptimizerState,
-    rows: Option<&TokenRows>,
-    state: &CheckpointState,
-) -> Result<PathBuf> {
+const STATE_FILE: &str = "state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The LoRA weights of checkpoints written before checkpoints held a PEFT adapter (read only).
+const OLD_WEIGHTS_FILE: &str = "lora.safetensors";
+
+/// Write a checkpoint atomically and prune older ones. The folder is a PEFT adapter (LoRA and
+/// trained token rows, written by the same function as every other adapter) plus the optimizer
+/// state and `state.json`, so any checkpoint loads in PEFT as it is.
+pub fn save(run_dir: &Path, adapter: AdapterFiles<'_>, opt: &OptimizerState, state: &CheckpointState) -> Result<PathBuf> {
     let dir = step_dir(run_dir, state.step);
-    let mut w = Vec::new();
     let mut o = Vec::new();
-    let mut slot = 0;
-    for (l, layer) in weights.layers.iter().enumerate() {
-        for (&t, p) in layer {
-            let name = format!("{l}.{}", t.short());
-            w.push(OutTensor::from_f32(format!("{name}.a"), vec![p.a.len()], &p.a, Dtype::F32));
-            w.push(OutTensor::from_f32(format!("{name}.b"), vec![p.b.len()], &p.b, Dtype::F32));
-            let m = &opt.moments[slot];
-            for (i, which) in ["m_a", "v_a", "m_b", "v_b"].iter().enumerate() {
-                o.push(OutTensor::from_f32(format!("{name}.{which}"), vec![m[i].len()], &m[i], Dtype::F32));
-            }
-            slot += 1;
+    for (slot, (l, t)) in weights_slots(adapter.weights).into_iter().enumerate() {
+        let name = format!("{l}.{}", t.short());
+        let m = &opt.moments[slot];
+        for (i, which) in ["m_a", "v_a", "m_b", "v_b"].iter().enumerate() {
+            o.push(OutTensor::from_f32(format!("{name}.{which}"), vec![m[i].len()], &m[i], Dtype::F32));
         }
     }
-    if let Some(r) = rows {
-        w.push(OutTensor::from_f32("token_rows.embed", vec![r.embed.len()], &r.embed, Dtype::F32));
-        if let Some(h) = &r.head {
-            w.push(OutTensor::from_f32("token_rows.head", vec![h.len()], h, Dtype::F32));
-        }
+    if adapter.tokens.is_some() {
         for (i, m) in opt.token_rows.iter().enumerate() {
             o.push(OutTensor::from_f32(format!("token_rows.moment{i}"), vec![m.len()], m, Dtype::F32));
         }
     }
-    let wb = serialize_safetensors(&w, None)?;
     let ob = serialize_safetensors(&o, None)?;
+    let rows = adapter.tokens;
     let full_state = CheckpointState {
-        slots: weights_slots(weights),
+        slots: weights_slots(adapter.weights),
         token_ids: rows.map(|r| r.ids.clone()).unwrap_or_default(),
         head_rows: rows.is_some_and(|r| r.head.is_some()),
         ..state.clone()
     };
     let sb = serde_json::to_string_pretty(&full_state).expect("json");
-    let rank = weights.rank.to_string();
     write_dir_atomic(&dir, |tmp| {
-        write_atomic(&tmp.join("lora.safetensors"), &wb)?;
-        write_atomic(&tmp.join("optimizer.safetensors"), &ob)?;
-        write_atomic(&tmp.join("rank"), rank.as_bytes())?;
-        write_atomic(&tmp.join("state.json"), sb.as_bytes())
+        adapter.write_into(tmp)?;
+        write_atomic(&tmp.join(OPTIMIZER_FILE), &ob)?;
+        write_atomic(&tmp.join(STATE_FILE), sb.as_bytes())
     })?;
     prune(run_dir, state.step);
     Ok(dir)
@@ -154,17 +150,39 @@ fn weights_slots(w: &LoraWeights) -> Vec<(usize, Target)> {
     w.layers.iter().enumerate().flat_map(|(l, m)| m.keys().map(move |&t| (l, t))).collect()
 }
 
+/// Whether a checkpoint folder holds every file a resume reads (a folder whose removal was
+/// interrupted may keep some of them).
+fn is_complete(dir: &Path) -> bool {
+    let weights = dir.join(ADAPTER_WEIGHTS_FILE).is_file() && dir.join(ADAPTER_CONFIG_FILE).is_file()
+        || dir.join(OLD_WEIGHTS_FILE).is_file() && dir.join("rank").is_file();
+    weights && dir.join(OPTIMIZER_FILE).is_file() && dir.join(STATE_FILE).is_file()
+}
+
 /// Steps of the complete checkpoints in a run folder, ascending.
 pub fn list(run_dir: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(run_dir.join(CHECKPOINTS_DIR))
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("state.json").exists())
+        .filter(|e| is_complete(&e.path()))
         .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
         .collect();
     steps.sort();
     steps
+}
+
+/// The folder of the newest complete checkpoint.
+pub fn latest_dir(run_dir: &Path) -> Option<PathBuf> {
+    list(run_dir).last().map(|&s| step_dir(run_dir, s))
+}
+
+/// Remove a folder by first renaming it out of sight, so a removal cut short (a crash, kill -9)
+/// leaves a hidden leftover that `clean_stale` deletes, never a half-empty `step-N/`.
+fn remove_out_of_sight(dir: &Path) {
+    let hidden = dir.with_file_name(format!(".{}.removing-{}", dir.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    if std::fs::rename(dir, &hidden).is_ok() {
+        let _ = std::fs::remove_dir_all(&hidden);
+    }
 }
 
 fn prune(run_dir: &Path, newest: u64) {
@@ -172,65 +190,87 @@ fn prune(run_dir: &Path, newest: u64) {
     let keep_from = steps.len().saturating_sub(KEEP_OLD + 1);
     for &s in &steps[..keep_from] {
         if s != newest {
-            let _ = std::fs::remove_dir_all(step_dir(run_dir, s));
+            remove_out_of_sight(&step_dir(run_dir, s));
         }
     }
 }
 
 /// Load the newest complete checkpoint.
 pub fn load_latest(run_dir: &Path) -> Result<Checkpoint> {
-    let step =
-        *list(run_dir).last().ok_or_else(|| Error::file(run_dir, "has no checkpoint to resume from (checkpoints/step-*/state.json)"))?;
-    load(&step_dir(run_dir, step))
+    let dir = latest_dir(run_dir).ok_or_else(|| Error::file(run_dir, "has no checkpoint to resume from (checkpoints/step-*/)"))?;
+    load(&dir)
 }
 
 pub fn load(dir: &Path) -> Result<Checkpoint> {
-    let sp = dir.join("state.json");
+    let sp = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&sp).with_path(&sp)?;
     let state: CheckpointState =
         serde_json::from_str(&text).map_err(|e| Error::line(&sp, e.line(), format!("invalid checkpoint state: {e}")))?;
+    let (weights, token_rows) = if dir.join(OLD_WEIGHTS_FILE).is_file() && !dir.join(ADAPTER_WEIGHTS_FILE).is_file() {
+        load_old_weights(dir, &state)?
+    } else {
+        let cfg_path = dir.join(ADAPTER_CONFIG_FILE);
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_path(&cfg_path)?)
+            .map_err(|e| Error::line(&cfg_path, e.line(), format!("invalid JSON: {e}")))?;
+        let rank = cfg.get("r").and_then(serde_json::Value::as_u64).ok_or_else(|| Error::file(&cfg_path, "`r` is missing"))? as usize;
+        read_weights(&dir.join(ADAPTER_WEIGHTS_FILE), rank, &state.slots, &state.token_ids, state.head_rows)?
+    };
+    let o = read_small_f32(&dir.join(OPTIMIZER_FILE))?;
+    let take = |key: String| -> Result<Vec<f32>> {
+        o.get(&key)
+            .map(|t| t.1.clone())
+            .ok_or_else(|| Error::tensor(key, Some(&dir.join(OPTIMIZER_FILE)), "is missing from the checkpoint"))
+    };
+    let mut moments = Vec::new();
+    for &(l, t) in &state.slots {
+        let name = format!("{l}.{}", t.short());
+        let mut m: [Vec<f32>; 4] = Default::default();
+        for (i, which) in ["m_a", "v_a", "m_b", "v_b"].iter().enumerate() {
+            m[i] = take(format!("{name}.{which}"))?;
+        }
+        moments.push(m);
+    }
+    let mut row_moments = Vec::new();
+    if token_rows.is_some() {
+        for i in 0..if state.head_rows { 4 } else { 2 } {
+            row_moments.push(take(format!("token_rows.moment{i}"))?);
+        }
+    }
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        optimizer: OptimizerState { step: state.step, moments, token_rows: row_moments },
+        weights,
+        token_rows,
+        state,
+    })
+}
+
+/// The weights of a checkpoint in the layout before checkpoints held a PEFT adapter.
+fn load_old_weights(dir: &Path, state: &CheckpointState) -> Result<(LoraWeights, Option<TokenRows>)> {
     let rank_path = dir.join("rank");
     let rank: usize = std::fs::read_to_string(&rank_path)
         .with_path(&rank_path)?
         .trim()
         .parse()
         .map_err(|_| Error::file(&rank_path, "is not a number"))?;
-    let w = read_small_f32(&dir.join("lora.safetensors"))?;
-    let o = read_small_f32(&dir.join("optimizer.safetensors"))?;
+    let path = dir.join(OLD_WEIGHTS_FILE);
+    let w = read_small_f32(&path)?;
+    let take = |key: String| -> Result<Vec<f32>> {
+        w.get(&key).map(|t| t.1.clone()).ok_or_else(|| Error::tensor(key, Some(&path), "is missing from the checkpoint"))
+    };
     let layers_n = state.slots.iter().map(|s| s.0 + 1).max().unwrap_or(0);
     let mut layers = vec![BTreeMap::new(); layers_n];
-    let mut moments = Vec::new();
-    let take = |m: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, file: &str, key: String| -> Result<Vec<f32>> {
-        m.get(&key).map(|t| t.1.clone()).ok_or_else(|| Error::tensor(key, Some(&dir.join(file)), "is missing from the checkpoint"))
-    };
     for &(l, t) in &state.slots {
         let name = format!("{l}.{}", t.short());
-        let a = take(&w, "lora.safetensors", format!("{name}.a"))?;
-        let b = take(&w, "lora.safetensors", format!("{name}.b"))?;
-        layers[l].insert(t, LoraPair { a, b });
-        let mut m: [Vec<f32>; 4] = Default::default();
-        for (i, which) in ["m_a", "v_a", "m_b", "v_b"].iter().enumerate() {
-            m[i] = take(&o, "optimizer.safetensors", format!("{name}.{which}"))?;
-        }
-        moments.push(m);
+        layers[l].insert(t, LoraPair { a: take(format!("{name}.a"))?, b: take(format!("{name}.b"))? });
     }
-    let mut token_rows = None;
-    let mut row_moments = Vec::new();
-    if !state.token_ids.is_empty() {
-        let embed = take(&w, "lora.safetensors", "token_rows.embed".into())?;
-        let head = if state.head_rows { Some(take(&w, "lora.safetensors", "token_rows.head".into())?) } else { None };
-        for i in 0..if state.head_rows { 4 } else { 2 } {
-            row_moments.push(take(&o, "optimizer.safetensors", format!("token_rows.moment{i}"))?);
-        }
-        token_rows = Some(TokenRows { ids: state.token_ids.clone(), embed, head });
-    }
-    Ok(Checkpoint {
-        dir: dir.to_path_buf(),
-        optimizer: OptimizerState { step: state.step, moments, token_rows: row_moments },
-        weights: LoraWeights { rank, layers },
-        token_rows,
-        state,
-    })
+    let rows = if state.token_ids.is_empty() {
+        None
+    } else {
+        let head = if state.head_rows { Some(take("token_rows.head".into())?) } else { None };
+        Some(TokenRows { ids: state.token_ids.clone(), embed: take("token_rows.embed".into())?, head })
+    };
+    Ok((LoraWeights { rank, layers }, rows))
 }
 
 /// Read `metrics.jsonl` (skipping a torn last line).

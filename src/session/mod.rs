@@ -3,6 +3,8 @@
 //! channels: `Event`s out, `Control`s in. It never blocks its owner.
 
 pub mod checkpoint;
+pub mod guard;
+pub mod lock;
 pub mod telemetry;
 
 use std::path::{Path, PathBuf};
@@ -22,10 +24,11 @@ use crate::engine::plan::PlanTarget;
 use crate::engine::schedule::Schedule;
 use crate::engine::{EngineOptions, TokenRows, Trainer};
 use crate::error::{Error, IoContext, Result};
-use crate::export::adapter::{load_peft, save_peft};
+use crate::export::adapter::{AdapterFiles, load_peft};
 use crate::model::tokenizer::TokenizerBundle;
 use crate::model::{ModelSpec, WeightStore};
 use checkpoint::{CheckpointState, RunStatus, StepMetrics};
+use lock::RunLock;
 
 /// What the session reports, in order.
 #[derive(Debug, Clone)]
@@ -115,6 +118,14 @@ pub enum Control {
 pub struct StartOptions {
     /// Continue the run in this folder from its newest checkpoint.
     pub resume: Option<PathBuf>,
+    /// Start the run in this folder again from step 0 with the given config: for a run folder
+    /// that holds no checkpoint (killed or failed before its first save).
+    pub restart: Option<PathBuf>,
+    /// On resume, go on although the dataset file changed since the run started.
+    pub allow_changed_data: bool,
+    /// On resume with a new `max_steps`, spread the learning-rate schedule over the new length
+    /// instead of keeping the original one.
+    pub reschedule: bool,
     /// Behave as if Stop was pressed right after this step (scripts and tests).
     pub stop_after_step: Option<u64>,
     /// Decide and plan as this card (`train --card`); `None`: `TUNESTUDIO_CARD`, else the device.
@@ -151,8 +162,10 @@ pub fn start(config: RunConfig, options: StartOptions) -> SessionHandle {
     let thread = std::thread::Builder::new()
         .name("tunestudio-session".into())
         .spawn(move || {
-            let mut run_dir = None;
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(config, options, &etx, &crx, &mut run_dir)));
+            // The run folder and its lock, filled in as soon as the run has them; the lock is
+            // held until the outcome is written.
+            let mut folder = RunFolder::default();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(config, options, &etx, &crx, &mut folder)));
             let failure = match result {
                 Ok(Ok(f)) => {
                     let _ = etx.send(Event::Finished(f));
@@ -165,19 +178,19 @@ pub fn start(config: RunConfig, options: StartOptions) -> SessionHandle {
                 )),
             };
             if let Some(message) = failure {
-                let last_checkpoint = run_dir.as_deref().and_then(|d: &Path| {
-                    checkpoint::list(d).last().map(|s| d.join(checkpoint::CHECKPOINTS_DIR).join(format!("step-{s:06}")))
-                });
-                if let Some(d) = &run_dir {
-                    if let Ok(mut st) = RunStatus::load(d) {
-                        st.state = "failed".into();
-                        st.error = Some(message.clone());
-                        st.updated = now();
-                        let _ = st.save(d);
-                    }
+                let run_dir = folder.dir.clone();
+                let last_checkpoint = run_dir.as_deref().and_then(checkpoint::latest_dir);
+                if let (Some(d), Some(_)) = (&run_dir, &folder.lock)
+                    && let Ok(mut st) = RunStatus::load(d)
+                {
+                    st.state = "failed".into();
+                    st.error = Some(message.clone());
+                    st.updated = now();
+                    let _ = st.save(d);
                 }
                 let _ = etx.send(Event::Failed { message, run_dir, last_checkpoint });
             }
+            drop(folder);
         })
         .expect("spawning the session thread");
     SessionHandle { events: erx, control: ctx, thread: Some(thread) }
@@ -188,21 +201,133 @@ fn now() -> String {
     format!("{d}T{t}Z")
 }
 
-/// The folder a new run writes to: `output.dir/run_name`, refusing to overwrite a previous run.
-fn new_run_dir(cfg: &RunConfig) -> Result<PathBuf> {
-    let name = if cfg.output.run_name.is_empty() {
-        let model = cfg.model.path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-        let (d, t) = crate::util::utc_now();
-        format!("{model}-{}-{}", d.replace('-', ""), t.replace(':', ""))
-    } else {
-        cfg.output.run_name.clone()
-    };
-    let dir = cfg.output.dir.join(name);
-    if dir.join(checkpoint::STATUS_FILE).exists() {
-        return Err(Error::file(&dir, "already holds a run: resume it (train --resume) or pick another output.run_name"));
+/// The run folder a session works in, with the lock that makes it the only process there.
+#[derive(Default)]
+struct RunFolder {
+    dir: Option<PathBuf>,
+    lock: Option<RunLock>,
+}
+
+/// Why a run folder cannot take a new run, and what to do instead.
+fn occupied(dir: &Path) -> Error {
+    if let Some(who) = RunLock::holder(dir) {
+        return Error::file(
+            dir,
+            format!("is in use by {who}: two processes never share a run folder; wait for it, or pick another output.run_name"),
+        );
     }
-    std::fs::create_dir_all(&dir).with_path(&dir)?;
-    Ok(dir)
+    let d = dir.display();
+    match checkpoint::list(dir).last() {
+        Some(step) => Error::file(
+            dir,
+            format!(
+                "already holds a run (checkpoint at step {step}): continue it with `tunestudio train --resume {d}`, or pick another output.run_name"
+            ),
+        ),
+        None if dir.join(checkpoint::STATUS_FILE).exists() || dir.join(checkpoint::CONFIG_FILE).exists() => Error::file(
+            dir,
+            format!(
+                "already holds a run that saved no checkpoint: start it again in place with `tunestudio train --restart {d}`, or pick another output.run_name"
+            ),
+        ),
+        None => Error::file(dir, "already exists and is not empty: pick another output.run_name"),
+    }
+}
+
+/// Whether a folder holds nothing but (possibly) its lock file.
+fn is_unused(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map(|mut it| it.all(|e| e.is_ok_and(|e| e.file_name() == lock::LOCK_FILE))).unwrap_or(false)
+}
+
+/// The folder a new run writes to, created and locked: `output.dir/run_name`, or a default name
+/// `<model>-<dataset>-<date>-<time>` with `-2`, `-3`, … when taken. The folder is created with `create_dir`,
+/// which exactly one process can win, and a run never moves into a folder that holds anything.
+fn new_run_dir(cfg: &RunConfig) -> Result<(PathBuf, RunLock)> {
+    let out = &cfg.output.dir;
+    std::fs::create_dir_all(out).with_path(out)?;
+    if cfg.output.run_name.is_empty() {
+        let base = default_run_name(cfg);
+        for n in 1u32.. {
+            let dir = if n == 1 { out.join(&base) } else { out.join(format!("{base}-{n}")) };
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok((dir.clone(), RunLock::acquire(&dir, "train")?)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::file(&dir, e)),
+            }
+        }
+        unreachable!("some suffix is free")
+    }
+    let dir = out.join(&cfg.output.run_name);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && is_unused(&dir) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(occupied(&dir)),
+        Err(e) => return Err(Error::file(&dir, e)),
+    }
+    let lock = RunLock::acquire(&dir, "train")?;
+    // Another process may have created the folder and written a run into it in between.
+    if !is_unused(&dir) {
+        drop(lock);
+        return Err(occupied(&dir));
+    }
+    Ok((dir, lock))
+}
+
+/// `<model>-<dataset>-<date>-<time>`: the folder's name says what was trained on what, so runs
+/// read apart in a list (the studio can rename them afterwards).
+pub fn default_run_name(cfg: &RunConfig) -> String {
+    let model = cfg.model.path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+    let dataset = cfg.dataset.path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "data".into());
+    let (d, t) = crate::util::utc_now();
+    format!("{model}-{dataset}-{}-{}", d.replace('-', ""), t.replace(':', ""))
+}
+
+/// Names of leftovers that writes in progress leave when a process dies: `.<name>.tmp-<pid>`,
+/// `.<name>.old-<pid>` (`util::write_atomic`, `util::write_dir_atomic`), `.<name>.removing-<pid>`
+/// (checkpoint pruning) and `.<name>.partial-<pid>` (merged exports). Returns `<name>` and the kind.
+fn leftover(file_name: &str) -> Option<(&str, &str)> {
+    let rest = file_name.strip_prefix('.')?;
+    let (head, pid) = rest.rsplit_once('-')?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (name, kind) = head.rsplit_once('.')?;
+    matches!(kind, "tmp" | "old" | "removing" | "partial").then_some((name, kind))
+}
+
+/// Remove what a process that died while writing into the run folder left behind (the caller
+/// holds the lock, so no live process is writing): temporary files and folders, checkpoint
+/// folders that are incomplete, and half-finished removals. A folder that was being replaced
+/// when the process died (`.X.old-PID` with no `X`) is put back instead. Returns what was done.
+pub fn clean_stale(run_dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    for dir in [run_dir.to_path_buf(), run_dir.join(checkpoint::CHECKPOINTS_DIR)] {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let path = e.path();
+            let remove = |what: &str, done: &mut Vec<String>| {
+                let r = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                if r.is_ok() {
+                    done.push(format!("removed {what} {}", path.display()));
+                }
+            };
+            if let Some((original, kind)) = leftover(&name) {
+                let target = dir.join(original);
+                if kind == "old" && !target.exists() && std::fs::rename(&path, &target).is_ok() {
+                    done.push(format!("restored {} from an interrupted replacement", target.display()));
+                } else {
+                    remove("the leftover", &mut done);
+                }
+            } else if dir != run_dir
+                && name.starts_with("step-")
+                && checkpoint::list(run_dir).iter().all(|s| format!("step-{s:06}") != name)
+            {
+                remove("the incomplete checkpoint", &mut done);
+            }
+        }
+    }
+    done
 }
 
 /// Everything a run needs before the first step, independent of the backend.
@@ -226,15 +351,41 @@ fn run(
     options: StartOptions,
     events: &Sender<Event>,
     control: &Receiver<Control>,
-    run_dir_out: &mut Option<PathBuf>,
+    folder: &mut RunFolder,
 ) -> Result<Finished> {
     let started = Instant::now();
     let log = |m: String| {
         let _ = events.send(Event::Log(m));
     };
-    let resume = match &options.resume {
-        Some(dir) => {
-            let ckpt = checkpoint::load_latest(dir)?;
+    let mut take_folder = |dir: PathBuf, lock: RunLock| {
+        if let Some(note) = lock.stale_note() {
+            log(note);
+        }
+        for what in clean_stale(&dir) {
+            log(what);
+        }
+        folder.dir = Some(dir.clone());
+        folder.lock = Some(lock);
+        dir
+    };
+    let mut data_changed = None;
+    // A new run's folder is made once the device has started (below).
+    let (run_dir, resume) = match (&options.resume, &options.restart) {
+        (Some(_), Some(_)) => return Err(Error::msg("resume or restart a run folder, not both")),
+        (Some(dir), None) => {
+            if !dir.join(checkpoint::CONFIG_FILE).is_file() {
+                return Err(Error::file(dir, "is not a run folder (no config.toml): give the folder `tunestudio train` printed"));
+            }
+            let dir = take_folder(dir.clone(), RunLock::acquire(dir, "resume")?);
+            let ckpt = checkpoint::load_latest(&dir).map_err(|_| {
+                Error::file(
+                    &dir,
+                    format!(
+                        "has no checkpoint to resume from (it stopped before its first save): start it again in place with `tunestudio train --restart {}`",
+                        dir.display()
+                    ),
+                )
+            })?;
             let saved = RunConfig::load(&dir.join(checkpoint::CONFIG_FILE))?;
             // Only how long to train and the memory cap (a property of the machine, not of the
             // run) may change on resume; everything else must match the run.
@@ -242,14 +393,69 @@ fn run(
             cfg = saved;
             if max_steps.is_some() && max_steps != cfg.train.max_steps {
                 cfg.train.max_steps = max_steps;
+                if options.reschedule {
+                    cfg.schedule.steps = None;
+                } else if cfg.schedule.steps.is_none() {
+                    // The schedule keeps the span it was planned with (lr continues as before).
+                    cfg.schedule.steps = Some(ckpt.state.total_steps);
+                }
             }
             if cap.is_some() {
                 cfg.memory.gpu_mem = cap;
             }
+            let recorded = cfg.dataset.fingerprint.clone();
+            let now = cfg.dataset.path.is_file().then(|| crate::config::Fingerprint::of_file(&cfg.dataset.path)).transpose()?;
+            if let (Some(then), Some(now)) = (&recorded, &now)
+                && then != now
+            {
+                if !options.allow_changed_data {
+                    return Err(Error::file(
+                        &cfg.dataset.path,
+                        format!(
+                            "has changed since the run started ({then} then, {now} now): resuming on other data would not continue the same run; restore the file, or pass --allow-changed-data to go on with it as it is"
+                        ),
+                    ));
+                }
+                data_changed =
+                    Some(format!("the dataset changed since the run started ({then} then, {now} now): going on with it as it is"));
+            }
+            cfg.dataset.fingerprint = now.or(recorded);
             log(format!("resuming {} from step {}", dir.display(), ckpt.state.step));
-            Some((dir.clone(), ckpt))
+            (Some(dir), Some(ckpt))
         }
-        None => None,
+        (None, Some(dir)) => {
+            let lock = RunLock::acquire(dir, "restart")?;
+            if let Some(step) = checkpoint::list(dir).last() {
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "holds a checkpoint at step {step}: continue it with `tunestudio train --resume {}` (--restart is for a run folder without one)",
+                        dir.display()
+                    ),
+                ));
+            }
+            let dir = take_folder(dir.clone(), lock);
+            cfg.make_absolute();
+            cfg.validate()?;
+            for f in [checkpoint::METRICS_FILE, checkpoint::STATUS_FILE, "token_fix.json"] {
+                let p = dir.join(f);
+                if p.exists() {
+                    std::fs::remove_file(&p).with_path(&p)?;
+                }
+            }
+            for d in [checkpoint::ADAPTER_DIR, checkpoint::CHECKPOINTS_DIR] {
+                let p = dir.join(d);
+                if p.exists() {
+                    std::fs::remove_dir_all(&p).with_path(&p)?;
+                }
+            }
+            log(format!("restarting {} from step 0", dir.display()));
+            (Some(dir), None)
+        }
+        (None, None) => {
+            cfg.make_absolute();
+            (None, None)
+        }
     };
     cfg.validate()?;
 
@@ -265,11 +471,19 @@ fn run(
         Opened::Cpu { note: Some(n), .. } => log(n.clone()),
         _ => {}
     }
-    let (run_dir, resume) = match resume {
-        Some((dir, ckpt)) => (dir, Some(ckpt)),
-        None => (new_run_dir(&cfg)?, None),
+    let run_dir = match run_dir {
+        Some(dir) => dir,
+        None => {
+            let (dir, lock) = new_run_dir(&cfg)?;
+            take_folder(dir, lock)
+        }
     };
-    *run_dir_out = Some(run_dir.clone());
+    if resume.is_none() && cfg.dataset.path.is_file() {
+        cfg.dataset.fingerprint = Some(crate::config::Fingerprint::of_file(&cfg.dataset.path)?);
+    }
+    if let Some(m) = data_changed {
+        log(m);
+    }
 
     log(format!("reading {}", cfg.model.path.display()));
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
@@ -305,6 +519,27 @@ fn run(
     let bpe = batcher.batches_per_epoch().max(1) as u64;
     let steps_per_epoch = bpe.div_ceil(cfg.train.grad_accum as u64);
     let total_steps = cfg.train.total_steps(steps_per_epoch);
+    if let Some(c) = resume.as_ref().filter(|c| c.state.step >= total_steps) {
+        log(format!(
+            "{} has already made {} of its {total_steps} steps: nothing to train; to train further, resume it with --max-steps N (N > {})",
+            run_dir.display(),
+            c.state.step,
+            c.state.step
+        ));
+        return Ok(Finished {
+            adapter_dir: run_dir.join(checkpoint::ADAPTER_DIR),
+            steps: c.state.step,
+            final_loss: checkpoint::read_metrics(&run_dir).last().map(|m| m.loss),
+            stopped: false,
+            run_dir,
+        });
+    }
+    if let Some(span) = cfg.schedule.steps.filter(|&s| s < total_steps && cfg.schedule.kind != crate::config::ScheduleKind::Constant) {
+        log(format!(
+            "the learning-rate schedule spans {span} steps and ends at lr 0, so steps {}–{total_steps} learn nothing; resume with --reschedule to spread it over {total_steps} steps",
+            span + 1
+        ));
+    }
     cfg.save(&run_dir.join(checkpoint::CONFIG_FILE))?;
 
     let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, (&examples, &report), &run_dir, &log)? };
@@ -450,9 +685,16 @@ fn train_on<B: Backend>(
     let planned = crate::engine::plan::plan(&p.spec, &input, target);
     opts.checkpointing = planned.checkpointing;
     if cfg.memory.checkpointing == crate::config::CheckpointPolicy::Auto {
-        send(Event::Log(format!("checkpointing auto: {:?} (plan {})", planned.checkpointing, crate::util::fmt_bytes(planned.peak_bytes))));
+        send(Event::Log(format!(
+            "checkpointing auto: {} (plan {})",
+            planned.checkpointing_label(&p.spec),
+            crate::util::fmt_bytes(planned.peak_bytes)
+        )));
     }
-    let mut trainer = Trainer::new(backend, p.spec.clone(), &store, opts, init).map_err(|e| explain_oom(e, &p.spec, &input, target))?;
+    // The layers whose activations the plan keeps (all of them, or some under `layer`).
+    let kept = (planned.checkpointing == crate::config::CheckpointPolicy::Layer).then_some(planned.kept_layers);
+    let mut trainer = Trainer::with_kept_layers(backend, p.spec.clone(), &store, opts, init, kept)
+        .map_err(|e| explain_oom(e, &p.spec, &input, target))?;
     if let Some(rows) = rows {
         trainer.set_token_rows(rows)?;
     }
@@ -475,6 +717,7 @@ fn train_on<B: Backend>(
         started: now(),
         updated: now(),
         error: None,
+        rows: Some(p.report.rows_used),
     };
     status.save(&p.run_dir)?;
     send(Event::Loaded(Box::new(LoadedInfo {
@@ -491,7 +734,7 @@ fn train_on<B: Backend>(
         load_secs: p.started.elapsed().as_secs_f64(),
     })));
 
-    let schedule = Schedule::new(&cfg.schedule, cfg.optim.lr, p.total_steps);
+    let schedule = Schedule::new(&cfg.schedule, cfg.optim.lr, cfg.schedule.steps.unwrap_or(p.total_steps));
     let ga = cfg.train.grad_accum as u64;
     let bpe = p.batcher.batches_per_epoch().max(1) as u64;
     let loop_start = Instant::now();
@@ -499,6 +742,11 @@ fn train_on<B: Backend>(
     let mut last_saved = p.resume.as_ref().map(|c| c.state.step);
     let mut last_loss = None;
     let mut paused = false;
+    let mut guard = guard::DivergenceGuard::new(p.spec.vocab_size);
+    let mut paused_unsaved = std::time::Duration::ZERO;
+    // Training time since the last checkpoint (paused time does not count).
+    let mut unsaved_since = Instant::now();
+    let save_interval = std::time::Duration::from_secs_f64(cfg.train.save_every_minutes * 60.0);
     let save = |trainer: &Trainer<B>, last_saved: &mut Option<u64>| -> Result<()> {
         if *last_saved == Some(trainer.step) || trainer.step == 0 {
             return Ok(());
@@ -511,8 +759,9 @@ fn train_on<B: Backend>(
             token_ids: vec![],
             head_rows: false,
         };
-        let rows = trainer.token_rows()?;
-        let dir = checkpoint::save(&p.run_dir, &trainer.lora_weights()?, &trainer.optimizer_state()?, rows.as_ref(), &state)?;
+        let (weights, rows) = (trainer.lora_weights()?, trainer.token_rows()?);
+        let adapter = AdapterFiles { spec: &p.spec, weights: &weights, lora: &cfg.lora, base_model: &model_name, tokens: rows.as_ref() };
+        let dir = checkpoint::save(&p.run_dir, adapter, &trainer.optimizer_state()?, &state)?;
         *last_saved = Some(trainer.step);
         send(Event::Checkpoint { step: trainer.step, dir });
         Ok(())
@@ -527,12 +776,14 @@ fn train_on<B: Backend>(
             match c {
                 Some(Control::Pause) if !paused => {
                     paused = true;
+                    paused_unsaved = unsaved_since.elapsed();
                     status.state = "paused".into();
                     status.save(&p.run_dir)?;
                     send(Event::Paused { step: trainer.step });
                 }
                 Some(Control::Resume) if paused => {
                     paused = false;
+                    unsaved_since = Instant::now() - paused_unsaved;
                     status.state = "running".into();
                     status.save(&p.run_dir)?;
                     send(Event::Resumed { step: trainer.step });
@@ -553,6 +804,7 @@ fn train_on<B: Backend>(
         }
         if save_now {
             save(&trainer, &mut last_saved)?;
+            unsaved_since = Instant::now();
         }
         if stopped {
             break;
@@ -598,12 +850,22 @@ fn train_on<B: Backend>(
                 .free_memory_bytes
                 .and_then(|f| trainer.backend.device().total_memory_bytes.map(|t| t - f))
                 .or_else(crate::util::process_rss_bytes),
+            eval_loss: None,
         };
         checkpoint::append_metrics(&p.run_dir, &m)?;
         last_loss = Some(stats.loss);
         send(Event::Step(m));
-        if cfg.train.save_every > 0 && trainer.step % cfg.train.save_every == 0 {
+        if cfg.train.stop_on_divergence
+            && let Some(why) = guard.check(trainer.step, stats.loss, stats.grad_norm)
+        {
+            // No checkpoint of this state: it is the diverged one. The last one saved is kept.
+            return Err(Error::msg(format!("the run diverged at step {}: {why}", trainer.step)));
+        }
+        let by_steps = cfg.train.save_every > 0 && trainer.step % cfg.train.save_every == 0;
+        let by_time = cfg.train.save_every_minutes > 0.0 && unsaved_since.elapsed() >= save_interval;
+        if by_steps || by_time {
             save(&trainer, &mut last_saved)?;
+            unsaved_since = Instant::now();
         }
         status.step = trainer.step;
         status.last_loss = last_loss;
@@ -617,7 +879,9 @@ fn train_on<B: Backend>(
 
     save(&trainer, &mut last_saved)?;
     let adapter_dir = p.run_dir.join(checkpoint::ADAPTER_DIR);
-    save_peft(&adapter_dir, &trainer.spec, &trainer.lora_weights()?, &cfg.lora, &model_name)?;
+    let (weights, rows) = (trainer.lora_weights()?, trainer.token_rows()?);
+    AdapterFiles { spec: &p.spec, weights: &weights, lora: &cfg.lora, base_model: &model_name, tokens: rows.as_ref() }
+        .save(&adapter_dir)?;
     status.state = if stopped { "stopped".into() } else { "done".into() };
     status.step = trainer.step;
     status.updated = now();

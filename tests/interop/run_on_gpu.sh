@@ -54,6 +54,9 @@ cp "$FX/demo_fix/train.jsonl" "$R/train.jsonl"
 "$BIN" train "$R/run.toml" --device cpu
 cat "$R/demo_fix/token_fix.json"
 "$BIN" export adapter "$R/demo_fix" --to "$FX/demo_adapter"
+# The export names the base model by the path the run was given, a path of the machine that ran it;
+# the committed fixture names the demo by its place in the repository instead.
+sed -i 's|"base_model_name_or_path": ".*"|"base_model_name_or_path": "assets/demo/model"|' "$FX/demo_adapter/adapter_config.json"
 "$BIN" export merged "$R/demo_fix" --dtype f32 --to "$M/demo-f32"
 "$BIN" export merged "$R/demo_fix" --dtype bf16 --to "$M/demo-bf16" --json
 for q in nf4 bf16; do

@@ -6,6 +6,8 @@
 
 use eframe::egui::{self, RichText, Ui};
 
+use crate::model::ModelSpec;
+
 use crate::app::msg::Action;
 use crate::app::state::AppState;
 use crate::app::state::memory::{Card, Setting, measured_now, no_plan_reason, profile_help, profile_label, refresh, verdict};
@@ -40,6 +42,27 @@ pub fn panel(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             refresh(state);
         }
     });
+    ui.horizontal(|ui| {
+        let label = ui
+            .label("Plan for")
+            .on_hover_text("Plan the model folder, or a model you do not have from its named shape (only its dimensions are needed).");
+        let mut shape = state.budget.shape.clone();
+        let shown = shape.as_deref().map_or_else(|| "the model folder".to_string(), |n| format!("{n} (shape only, no files)"));
+        egui::ComboBox::from_id_salt("budget-shape")
+            .selected_text(shown)
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut shape, None, "the model folder");
+                for &name in ModelSpec::SHAPE_NAMES {
+                    ui.selectable_value(&mut shape, Some(name.to_string()), name);
+                }
+            })
+            .response
+            .labelled_by(label.id);
+        if shape != state.budget.shape {
+            state.budget.shape = shape;
+            refresh(state);
+        }
+    });
     if let Some(why) = no_plan_reason(state) {
         ui.weak(why);
         return;
@@ -59,15 +82,17 @@ pub fn panel(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             return;
         };
         let c = &state.config;
-        for (setting, name, found, now) in [
-            (Setting::MaxSeqLen, "seq len", f.max_seq_len, c.train.max_seq_len),
-            (Setting::BatchSize, "batch", f.batch_size, c.train.batch_size),
-            (Setting::LoraRank, "rank", f.lora_r, c.lora.r),
+        // When the search stopped at its useful end rather than at the memory, say which end.
+        let whole_data =
+            if c.train.grad_accum > 1 { " (the whole dataset per step, with accumulation)" } else { " (the whole dataset per step)" };
+        for (setting, name, found, now, cap, why) in [
+            (Setting::MaxSeqLen, "seq len", f.max_seq_len, c.train.max_seq_len, f.seq_cap, " (the model's context)"),
+            (Setting::BatchSize, "batch", f.batch_size, c.train.batch_size, if f.batch_cap_is_data { f.batch_cap } else { 0 }, whole_data),
+            (Setting::LoraRank, "rank", f.lora_r, c.lora.r, f.rank_cap, " (full rank of the adapted linears)"),
         ] {
             match found {
                 Some(value) => {
-                    let cap = if setting == Setting::MaxSeqLen && value == f.seq_cap { " (the model's context)" } else { "" };
-                    let text = format!("{name} {value}{cap}");
+                    let text = format!("{name} {value}{}", if value == cap { why } else { "" });
                     if value == now {
                         ui.add_enabled(false, egui::Button::new(text)).on_disabled_hover_text("already set");
                     } else if ui.button(text).on_hover_text(format!("Set {name} to {value}")).clicked() {

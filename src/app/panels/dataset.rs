@@ -6,8 +6,7 @@
 use eframe::egui::{self, Color32, RichText, Ui, text::LayoutJob};
 use egui_plot::{Bar, BarChart, Legend, Plot, VLine};
 
-use crate::config::{DatasetFormat, RunConfig, TrainOn};
-use crate::data::LongRows;
+use crate::config::{DatasetFormat, LongRows, RunConfig, TrainOn};
 
 use crate::app::fields::Problems;
 use crate::app::jobs::Load;
@@ -112,7 +111,7 @@ fn template_choices(state: &AppState) -> Vec<String> {
     if let Some(info) = state.model.info.ready() {
         t.extend(info.named_templates.iter().cloned());
     }
-    t.extend(["llama-3", "chatml", "alpaca", "mistral"].map(String::from));
+    t.extend(crate::model::chat_template::BUILTIN_NAMES.map(String::from));
     if !t.contains(&state.config.dataset.template) {
         t.push(state.config.dataset.template.clone());
     }

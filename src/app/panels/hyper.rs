@@ -12,32 +12,57 @@ use crate::app::msg::{Action, Pick};
 use crate::app::state::AppState;
 use crate::app::widgets::{self, Fmt, combo, drag_f64, drag_u64, drag_usize, field};
 
-/// The page, with `budget` drawn in the right column after every field it follows (the memory
-/// budget is another panel: the caller composes it in, so this one does not import it).
+/// Below this width the groups stack in one column: two columns of half of it would cut the
+/// budget bar and the path fields off at the right.
+const TWO_COLUMNS_MIN_WIDTH: f32 = 1000.0;
+
+/// The page, with `budget` drawn after every field it follows (the memory budget is another
+/// panel: the caller composes it in, so this one does not import it).
 pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>, budget: impl FnOnce(&mut Ui, &mut AppState, &mut Vec<Action>)) {
     let problems = state.problems();
     ui.heading("Hyperparameters");
-    ui.label("Hover a name for what it does and its default. Invalid values are marked where they are.");
+    ui.add(egui::Label::new("Hover a name for what it does and its default. Invalid values are marked where they are.").wrap());
     ui.add_space(6.0);
+    let two_columns = ui.available_width() >= TWO_COLUMNS_MIN_WIDTH;
     egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
-        ui.columns(2, |cols| {
-            let (left, right) = cols.split_at_mut(1);
-            let (l, r) = (&mut left[0], &mut right[0]);
-            group(l, "LoRA", "hp-lora", |ui| lora_fields(ui, &problems, &mut state.config));
-            group(l, "Optimisation", "hp-optim", |ui| optim_fields(ui, &problems, &mut state.config));
-            group(l, "Schedule", "hp-schedule", |ui| schedule_fields(ui, &problems, &mut state.config));
-            group(r, "Sequence and batch", "hp-batch", |ui| batch_fields(ui, &problems, &mut state.config));
-            group(r, "Memory", "hp-memory", |ui| memory_fields(ui, &problems, &mut state.config));
-            // Drawn after every field it follows, so a dragged value shows in the same frame.
-            r.group(|ui| {
-                ui.set_width(ui.available_width());
-                ui.strong("Memory budget");
-                budget(ui, state, actions);
+        if two_columns {
+            ui.columns(2, |cols| {
+                let (left, right) = cols.split_at_mut(1);
+                training_groups(&mut left[0], &problems, &mut state.config);
+                resource_groups(&mut right[0], &problems, state, actions, budget);
             });
-            r.add_space(6.0);
-            group(r, "Output", "hp-output", |ui| output_fields(ui, &problems, &mut state.config, actions));
-        });
+        } else {
+            training_groups(ui, &problems, &mut state.config);
+            resource_groups(ui, &problems, state, actions, budget);
+        }
     });
+}
+
+/// What the run learns and how: LoRA, optimisation, schedule.
+fn training_groups(ui: &mut Ui, problems: &Problems, c: &mut RunConfig) {
+    group(ui, "LoRA", "hp-lora", |ui| lora_fields(ui, problems, c));
+    group(ui, "Optimisation", "hp-optim", |ui| optim_fields(ui, problems, c));
+    group(ui, "Schedule", "hp-schedule", |ui| schedule_fields(ui, problems, c));
+}
+
+/// What it costs and where it goes: sequence and batch, memory with its budget, output.
+fn resource_groups(
+    ui: &mut Ui,
+    problems: &Problems,
+    state: &mut AppState,
+    actions: &mut Vec<Action>,
+    budget: impl FnOnce(&mut Ui, &mut AppState, &mut Vec<Action>),
+) {
+    group(ui, "Sequence and batch", "hp-batch", |ui| batch_fields(ui, problems, &mut state.config));
+    group(ui, "Memory", "hp-memory", |ui| memory_fields(ui, problems, &mut state.config));
+    // Drawn after every field it follows, so a dragged value shows in the same frame.
+    ui.group(|ui| {
+        ui.set_width(ui.available_width());
+        ui.strong("Memory budget");
+        budget(ui, state, actions);
+    });
+    ui.add_space(6.0);
+    group(ui, "Output", "hp-output", |ui| output_fields(ui, problems, &mut state.config, actions));
 }
 
 fn group(ui: &mut Ui, title: &str, id: &str, body: impl FnOnce(&mut Ui)) {

@@ -39,6 +39,7 @@ pub fn ui(ui: &mut egui::Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             }
         });
     }
+    cached_models(ui, state, actions);
     ui.separator();
     match &state.model.info {
         Load::Empty => {
@@ -67,4 +68,32 @@ pub fn ui(ui: &mut egui::Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             }
         }
     }
+}
+
+/// The models already downloaded with Hugging Face tools, by repo id: one click trains one.
+fn cached_models(ui: &mut egui::Ui, state: &AppState, actions: &mut Vec<Action>) {
+    let Some(dir) = &state.model.cache_dir else { return };
+    ui.add_space(6.0);
+    ui.horizontal_wrapped(|ui| {
+        ui.label("On this machine:").on_hover_text(format!("Models in the Hugging Face cache, {}", dir.display()));
+        match &state.model.cached {
+            Load::Ready(models) if models.is_empty() => {
+                ui.weak(format!(
+                    "none yet: a model downloaded with `hf download ORG/NAME` appears here (Hugging Face cache {})",
+                    dir.display()
+                ));
+            }
+            Load::Ready(models) => {
+                for m in models {
+                    let current = state.config.model.path == m.path;
+                    if ui.selectable_label(current, &m.repo_id).on_hover_text(m.path.display().to_string()).clicked() {
+                        actions.push(Action::SetModel(m.path.clone()));
+                    }
+                }
+            }
+            _ => {
+                ui.spinner();
+            }
+        }
+    });
 }

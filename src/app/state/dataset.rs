@@ -95,8 +95,7 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
     let report = prepared.report;
     // Raw text renders no template (as in training), so a model whose template does not compile
     // still previews a text dataset.
-    let template =
-        if report.format == crate::config::DatasetFormat::Text { None } else { Some(tok.resolve_template(&cfg.dataset.template)?) };
+    let template = crate::data::dataset_template(&cfg.dataset, &tok, report.format)?;
     let encoder = Encoder { tok: &tok, template: template.as_ref(), train_on: cfg.dataset.train_on };
     let mut previews = Vec::new();
     for rec in &records {
@@ -146,6 +145,7 @@ pub fn mask_words(mask: MaskSource) -> &'static str {
     match mask {
         MaskSource::GenerationBlocks => "the assistant's replies, as the chat template marks them",
         MaskSource::RenderedPrefixes => "the assistant's replies, found by rendering each turn",
+        MaskSource::EquivalentBuiltin => "the assistant's replies, as the built-in template of the model's family marks them",
         MaskSource::All => "every token",
     }
 }

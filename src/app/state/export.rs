@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::RunConfig;
-use crate::export::adapter::{load_peft, save_peft_with_tokens};
+use crate::export::adapter::load_peft;
 use crate::export::merged::{FsSink, MergeDtype, MergeInput, MergeOptions, Sink, export_merged_with};
 use crate::model::ModelSpec;
 use crate::session::checkpoint;
@@ -84,15 +84,9 @@ pub fn export_adapter(run_dir: &Path, parent: &Path, progress: Progress<'_>) -> 
     let dest = target_dir(parent, &format!("{}-adapter", run_name(run_dir)));
     progress(0.1, "reading the run's adapter");
     let cfg = RunConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))?;
-    if run_dir.join(checkpoint::ADAPTER_DIR).join(crate::export::adapter::CONFIG_FILE).is_file() {
-        progress(0.4, "writing adapter_model.safetensors");
-        crate::export::run::export_adapter(run_dir, Some(&dest))?;
-    } else {
-        let c = checkpoint::load_latest(run_dir)?;
-        progress(0.4, &format!("writing adapter_model.safetensors from {}", c.dir.display()));
-        let spec = ModelSpec::from_dir(&cfg.model.path)?;
-        save_peft_with_tokens(&dest, &spec, &c.weights, &cfg.lora, &cfg.model.path.display().to_string(), c.token_rows.as_ref())?;
-    }
+    // crate::export reads adapter/, or the newest checkpoint of a run that has none.
+    progress(0.4, "writing adapter_model.safetensors");
+    crate::export::run::export_adapter(run_dir, Some(&dest))?;
     progress(0.9, "checking the written adapter loads");
     load_peft(&dest, &ModelSpec::from_dir(&cfg.model.path)?)?;
     Ok(dest)

@@ -12,7 +12,7 @@
 use eframe::egui::Color32;
 
 use crate::backend::card::{self, CardProfile};
-use crate::config::{CheckpointPolicy, DeviceChoice, RunConfig};
+use crate::config::{CheckpointPolicy, DeviceChoice, RunConfig, Target};
 use crate::device::{Request, plan_target};
 use crate::engine::plan::{self, BackendKind, PlanInput, PlanTarget, Term, largest_fitting, suggestions};
 use crate::model::ModelSpec;
@@ -126,6 +126,8 @@ pub struct BudgetView {
     pub on_gpu: bool,
     /// The policy the plan used (`auto` resolved), and whether it was resolved from auto.
     pub checkpointing: CheckpointPolicy,
+    /// The policy in words, with the layers kept when `auto` kept only some.
+    pub checkpointing_label: String,
     pub auto: bool,
     /// Non-empty terms in stacking order, other processes first.
     pub segments: Vec<Segment>,
@@ -170,6 +172,7 @@ pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option
         device: target.name.clone(),
         on_gpu,
         checkpointing: p.checkpointing,
+        checkpointing_label: p.checkpointing_label(spec),
         auto: cfg.memory.checkpointing == CheckpointPolicy::Auto,
         segments,
         peak_bytes: peak,
@@ -266,7 +269,14 @@ pub struct Fixes {
     /// The search's upper end for the sequence length: the model's context length.
     pub seq_cap: usize,
     pub batch_size: Option<usize>,
+    /// The search's upper end for the batch: the dataset's rows per step (a larger effective
+    /// batch than the dataset only repeats rows), else the config's limit.
+    pub batch_cap: usize,
+    /// Whether `batch_cap` comes from the dataset (not from the config's limit).
+    pub batch_cap_is_data: bool,
     pub lora_r: Option<usize>,
+    /// The search's upper end for the rank: the full rank of the smallest adapted linear.
+    pub rank_cap: usize,
     pub suggestions: Vec<String>,
 }
 
@@ -274,16 +284,45 @@ pub struct Fixes {
 const MAX_BATCH: usize = 1024;
 const MAX_RANK: usize = 1024;
 
-pub fn fixes(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget) -> Fixes {
+/// The largest settings that fit `target`, each bounded by what is useful as well as by memory:
+/// the sequence by the model's context, the batch by `rows` (the dataset's usable rows, when
+/// known) per step, the rank by the adapted linears' full rank.
+pub fn fixes(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, rows: Option<usize>) -> Fixes {
     let input = PlanInput::from_config(cfg);
     let seq_cap = spec.max_position_embeddings.max(64);
     let seq = largest_fitting(spec, &input, target, 64, seq_cap, |i, v| i.max_seq_len = v)
         .map(|s| if s < seq_cap && s >= 128 { s / 64 * 64 } else { s });
-    let batch = largest_fitting(spec, &input, target, 1, MAX_BATCH, |i, v| i.batch_size = v);
-    let rank = largest_fitting(spec, &input, target, 1, MAX_RANK, |i, v| i.lora.r = v);
+    let batch_cap = rows.map_or(MAX_BATCH, |r| (r / cfg.train.grad_accum.max(1)).clamp(1, MAX_BATCH));
+    let batch = largest_fitting(spec, &input, target, 1, batch_cap, |i, v| i.batch_size = v);
+    let rank_cap = full_rank(spec, &cfg.lora.targets).clamp(1, MAX_RANK);
+    let rank = largest_fitting(spec, &input, target, 1, rank_cap, |i, v| i.lora.r = v);
     let suggestions =
         suggestions(spec, &input, target).into_iter().map(|s| format!("{} (peak {})", s.change, fmt_bytes(s.peak_bytes))).collect();
-    Fixes { max_seq_len: seq, seq_cap, batch_size: batch, lora_r: rank, suggestions }
+    Fixes {
+        max_seq_len: seq,
+        seq_cap,
+        batch_size: batch,
+        batch_cap,
+        batch_cap_is_data: rows.is_some(),
+        lora_r: rank,
+        rank_cap,
+        suggestions,
+    }
+}
+
+/// The highest rank a LoRA update can have on `targets`: an update of a `d_out × d_in` linear
+/// has rank at most min(d_in, d_out), so a larger r only adds memory.
+pub fn full_rank(spec: &ModelSpec, targets: &[Target]) -> usize {
+    let (h, q, kv, m) = (spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size);
+    targets
+        .iter()
+        .map(|t| match t {
+            Target::Q | Target::O => h.min(q),
+            Target::K | Target::V => h.min(kv),
+            Target::Gate | Target::Up | Target::Down => h.min(m),
+        })
+        .min()
+        .unwrap_or(h)
 }
 
 /// A setting "largest that fits" can apply.
@@ -313,18 +352,36 @@ pub struct BudgetState {
     pub fixes: Option<(u64, Fixes)>,
     /// The key a worker is computing now.
     pub fixes_pending: Option<u64>,
+    /// Plan for this named shape (`ModelSpec::SHAPE_NAMES`) instead of the model folder: a model
+    /// the person does not have yet.
+    pub shape: Option<String>,
 }
 
 /// Everything a view depends on, as one key.
-pub fn key(spec_source: &std::path::Path, cfg: &RunConfig, target: &PlanTarget, host: Option<&HostMemory>) -> u64 {
+pub fn key(spec_source: &str, cfg: &RunConfig, target: &PlanTarget, host: Option<&HostMemory>, rows: Option<usize>) -> u64 {
     let input = PlanInput::from_config(cfg);
-    key_of(&[&spec_source, &format!("{input:?}|{target:?}|{host:?}")])
+    key_of(&[&spec_source, &format!("{input:?}|{target:?}|{host:?}|{rows:?}")])
+}
+
+/// The model the budget plans for, with a name for it: the named shape when one is picked,
+/// else the loaded model folder.
+pub fn planned_model(state: &AppState) -> Option<(String, ModelSpec)> {
+    if let Some(name) = &state.budget.shape {
+        return ModelSpec::by_shape_name(name).map(|s| (format!("shape {name}"), s));
+    }
+    let info = state.model.info.ready().filter(|i| i.path == state.config.model.path)?;
+    Some((info.path.display().to_string(), info.spec.clone()))
+}
+
+/// The dataset's usable rows, when the preview has read them.
+fn dataset_rows(state: &AppState) -> Option<usize> {
+    state.dataset.view.ready().map(|v| v.rows_used).filter(|&r| r > 0)
 }
 
 /// Why there is no plan to show, or `None` when there is one.
 pub fn no_plan_reason(state: &AppState) -> Option<&'static str> {
-    if state.model.info.ready().is_none_or(|i| i.path != state.config.model.path) {
-        return Some("The plan appears once the model folder is loaded.");
+    if planned_model(state).is_none() {
+        return Some("The plan appears once the model folder is loaded (or plan for a named shape).");
     }
     let c = &state.config;
     if c.train.batch_size == 0 || c.train.max_seq_len < 2 || c.lora.r == 0 {
@@ -341,34 +398,34 @@ pub fn refresh(state: &mut AppState) {
         state.budget.view = None;
         return;
     }
-    let Some(info) = state.model.info.ready() else { return };
+    let Some((source, spec)) = planned_model(state) else { return };
     let machine = state.budget.machine.ready();
     let target = target(state.budget.card, &state.config, machine);
     let host = machine.and_then(|m| m.host.as_ref());
-    let k = key(&info.path, &state.config, &target, host);
+    let k = key(&source, &state.config, &target, host, dataset_rows(state));
     if state.budget.view.as_ref().is_some_and(|(vk, _)| *vk == k) {
         return;
     }
-    let v = view(&info.spec, &state.config, &target, host, 0);
+    let v = view(&spec, &state.config, &target, host, 0);
     state.budget.view = Some((k, v));
 }
 
 /// The inputs of the "largest that fits" worker when the current plan has none (or an old one)
-/// and no worker is on it: `(key, spec, config, target)`.
-pub fn fixes_wanted(state: &AppState) -> Option<(u64, ModelSpec, RunConfig, PlanTarget)> {
+/// and no worker is on it: `(key, spec, config, target, dataset rows)`.
+pub fn fixes_wanted(state: &AppState) -> Option<(u64, ModelSpec, RunConfig, PlanTarget, Option<usize>)> {
     let (k, _) = state.budget.view.as_ref()?;
     if state.budget.fixes.as_ref().is_some_and(|(fk, _)| fk == k) || state.budget.fixes_pending.is_some() {
         return None;
     }
-    let info = state.model.info.ready()?;
+    let (_, spec) = planned_model(state)?;
     let target = target(state.budget.card, &state.config, state.budget.machine.ready());
-    Some((*k, info.spec.clone(), state.config.clone(), target))
+    Some((*k, spec, state.config.clone(), target, dataset_rows(state)))
 }
 
 /// The newest measured memory of the live run, when the budget is for this machine.
 pub fn measured_now(state: &AppState) -> Option<u64> {
     let t = &state.training;
-    if !t.phase.is_active() || state.budget.card != Card::ThisMachine {
+    if !t.phase.is_active() || state.budget.card != Card::ThisMachine || state.budget.shape.is_some() {
         return None;
     }
     t.metrics.last().and_then(|m| m.memory_bytes)
@@ -377,6 +434,27 @@ pub fn measured_now(state: &AppState) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn largest_that_fits_stops_at_what_is_useful() {
+        // The demo's shape: hidden 128, two KV heads of 32, on a card it fits many times over.
+        let spec = tiny();
+        let cfg = RunConfig::default();
+        let t = target(Card::Preset(80), DeviceChoice::Auto, None);
+        let f = fixes(&spec, &cfg, &t, Some(350));
+        assert_eq!(
+            (f.batch_cap, f.batch_size),
+            (350 / cfg.train.grad_accum, Some(350 / cfg.train.grad_accum)),
+            "no step larger than the data"
+        );
+        assert_eq!(full_rank(&spec, &cfg.lora.targets), 32, "k_proj and v_proj are 64 → 32 wide");
+        assert_eq!((f.rank_cap, f.lora_r), (32, Some(32)), "no rank above the linears' own");
+        let mut mlp_only = cfg.clone();
+        mlp_only.lora.targets = vec![Target::Gate, Target::Down];
+        assert_eq!(full_rank(&spec, &mlp_only.lora.targets), 64);
+        // Without a dataset read yet, the config's own limit.
+        assert_eq!(fixes(&spec, &cfg, &t, None).batch_cap, MAX_BATCH);
+    }
 
     fn tiny() -> ModelSpec {
         ModelSpec {
@@ -530,7 +608,7 @@ mod tests {
         assert!(verdict(&v).0.contains("pinned host memory"), "{}", verdict(&v).0);
         // "Largest that fits" is bounded by the RAM too: the offload run is shortened until its
         // pinned layer inputs fit the 2 GiB available (the memory-mode embedding takes 1 GiB of it).
-        let f = fixes(&spec, &cfg, &t);
+        let f = fixes(&spec, &cfg, &t, None);
         let mut c = cfg.clone();
         apply(&mut c, Setting::MaxSeqLen, f.max_seq_len.expect("a short run fits"));
         let shorter = view(&spec, &c, &t, Some(&host), 0);
@@ -545,14 +623,14 @@ mod tests {
         cfg.train.batch_size = 8;
         cfg.memory.checkpointing = CheckpointPolicy::Layer;
         let t = target(Card::profile("rtx3060"), &cfg, None);
-        let f = fixes(&spec, &cfg, &t);
+        let f = fixes(&spec, &cfg, &t, None);
         assert_eq!(f.seq_cap, spec.max_position_embeddings);
         let fits = |c: &RunConfig| view(&spec, c, &t, None, 0).fits == Some(true);
         // The sequence length is rounded down to a multiple of 64, the others are exact.
         for (setting, v, step, cap) in [
             (Setting::MaxSeqLen, f.max_seq_len.unwrap(), 64, f.seq_cap),
-            (Setting::BatchSize, f.batch_size.unwrap(), 1, MAX_BATCH),
-            (Setting::LoraRank, f.lora_r.unwrap(), 1, MAX_RANK),
+            (Setting::BatchSize, f.batch_size.unwrap(), 1, f.batch_cap),
+            (Setting::LoraRank, f.lora_r.unwrap(), 1, f.rank_cap),
         ] {
             let mut c = cfg.clone();
             apply(&mut c, setting, v);

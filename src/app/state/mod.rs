@@ -98,6 +98,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: RunConfig, config_path: Option<PathBuf>, config_is_demo: bool, settings_dir: PathBuf) -> Self {
         let recent = model::Recent::load(&settings_dir);
+        let folders = runs::RunFolders::load(&settings_dir);
         AppState {
             page: Page::Model,
             saved_config: config.clone(),
@@ -108,7 +109,7 @@ impl AppState {
             dataset: Default::default(),
             preflight: Default::default(),
             training: Default::default(),
-            runs: Default::default(),
+            runs: runs::RunsState { folders, ..Default::default() },
             export: Default::default(),
             budget: Default::default(),
             notices: Vec::new(),

@@ -191,11 +191,90 @@ impl Recent {
 pub struct ModelState {
     pub info: Load<ModelInfo>,
     pub recent: Recent,
+    /// Models already downloaded into the Hugging Face cache, and the cache's folder.
+    pub cached: Load<Vec<CachedModel>>,
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// A model in the Hugging Face hub cache, by the repo id it was downloaded as.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedModel {
+    pub repo_id: String,
+    /// The snapshot folder (what `snapshot_download` returns): the model folder to train.
+    pub path: PathBuf,
+}
+
+/// Where `huggingface_hub` keeps downloads: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
+/// `XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
+pub fn hf_cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("HF_HUB_CACHE")
+        .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
+        .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface/hub")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache/huggingface/hub")))
+}
+
+/// The models in a hub cache that TuneStudio can train: `models--ORG--NAME` entries whose
+/// snapshot (the one `refs/main` names, else the newest) holds config.json and safetensors
+/// weights. Sorted by repo id; an unreadable cache is an empty one.
+pub fn scan_hf_cache(root: &Path) -> Vec<CachedModel> {
+    let mut out: Vec<CachedModel> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let repo_id = name.strip_prefix("models--")?.replace("--", "/");
+            let entry = e.path();
+            let main = std::fs::read_to_string(entry.join("refs/main")).ok().map(|h| entry.join("snapshots").join(h.trim()));
+            let newest = || {
+                std::fs::read_dir(entry.join("snapshots"))
+                    .ok()?
+                    .flatten()
+                    .filter(|s| s.path().join("config.json").is_file())
+                    .max_by_key(|s| s.metadata().and_then(|m| m.modified()).ok())
+                    .map(|s| s.path())
+            };
+            let path = main.filter(|p| p.join("config.json").is_file()).or_else(newest)?;
+            let has_weights = std::fs::read_dir(&path).ok()?.flatten().any(|f| f.file_name().to_string_lossy().ends_with(".safetensors"));
+            has_weights.then_some(CachedModel { repo_id, path })
+        })
+        .collect();
+    out.sort_by_key(|m| m.repo_id.to_lowercase());
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hub_cache_is_listed_by_repo_id() {
+        let d = tempfile::tempdir().unwrap();
+        let snapshot = |repo: &str, hash: &str, files: &[&str]| {
+            let p = d.path().join(repo).join("snapshots").join(hash);
+            std::fs::create_dir_all(&p).unwrap();
+            for f in files {
+                std::fs::write(p.join(f), "").unwrap();
+            }
+            p
+        };
+        let smol = snapshot("models--HuggingFaceTB--SmolLM2-135M-Instruct", "aaa", &["config.json", "model.safetensors"]);
+        std::fs::create_dir_all(d.path().join("models--HuggingFaceTB--SmolLM2-135M-Instruct/refs")).unwrap();
+        std::fs::write(d.path().join("models--HuggingFaceTB--SmolLM2-135M-Instruct/refs/main"), "aaa\n").unwrap();
+        let qwen = snapshot("models--Qwen--Qwen2.5-0.5B", "bbb", &["config.json", "model-00001-of-00002.safetensors"]);
+        snapshot("models--someone--gguf-only", "ccc", &["config.json", "model.gguf"]);
+        snapshot("datasets--someone--data", "ddd", &["config.json", "x.safetensors"]);
+        let found = scan_hf_cache(d.path());
+        assert_eq!(
+            found,
+            vec![
+                CachedModel { repo_id: "HuggingFaceTB/SmolLM2-135M-Instruct".into(), path: smol },
+                CachedModel { repo_id: "Qwen/Qwen2.5-0.5B".into(), path: qwen },
+            ]
+        );
+        assert!(scan_hf_cache(&d.path().join("missing")).is_empty());
+    }
 
     #[test]
     fn a_wrong_model_folder_says_what_to_choose() {

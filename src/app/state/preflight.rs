@@ -205,6 +205,10 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         ));
     }
 
+    if let Some(line) = many_epochs(core.total_steps, stats.steps_per_epoch as u64, ds.rows_used) {
+        checks.push(Check::new(Level::Warn, line));
+    }
+
     // A token only the template writes counts as used in every row.
     let untrained_used: Vec<UntrainedUse> = found
         .tokens
@@ -247,6 +251,22 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         untrained_used,
         budget: Some(b),
         cuda_refusal,
+    })
+}
+
+/// From this many passes over the data on, a run mostly learns its rows by heart.
+const MANY_EPOCHS: f64 = 5.0;
+
+/// The warning for a run that repeats a small dataset many times, or `None`.
+pub fn many_epochs(total_steps: u64, steps_per_epoch: u64, rows: usize) -> Option<String> {
+    let epochs = total_steps as f64 / steps_per_epoch.max(1) as f64;
+    (epochs >= MANY_EPOCHS).then(|| {
+        format!(
+            "{total_steps} steps are about {epochs:.0} epochs over {rows} rows: the model will learn these rows by heart, and the \
+             training loss falling toward 0 will not say how it does on anything else. About {} steps make 3 epochs; or hold \
+             out rows to see a validation loss.",
+            3 * steps_per_epoch.max(1)
+        )
     })
 }
 
@@ -311,6 +331,15 @@ mod tests {
         assert!(matches!(verdict(&r, false), Verdict::CpuOffered(w) if w.contains("Tesla T4")));
         r.checks.push(Check::new(Level::Block, "output.run_name: taken"));
         assert_eq!(verdict(&r, false), Verdict::Blocked("output.run_name: taken".into()), "what the CPU cannot fix comes first");
+    }
+
+    #[test]
+    fn many_epochs_over_few_rows_are_warned_about() {
+        // The issue's run: 600 steps of 8 sequences over 95 rows.
+        let w = many_epochs(600, 12, 95).unwrap();
+        assert!(w.starts_with("600 steps are about 50 epochs over 95 rows") && w.contains("About 36 steps make 3 epochs"), "{w}");
+        assert_eq!(many_epochs(60, 44, 350), None, "the demo's run: 1.4 epochs");
+        assert!(many_epochs(220, 44, 350).is_some(), "5 epochs");
     }
 
     #[test]

@@ -20,6 +20,9 @@ use super::runs::ViewedRun;
 const LOG_KEEP: usize = 4000;
 /// Points per plotted line: beyond this, every k-th step is drawn (and always the last).
 pub const MAX_POINTS: usize = 2000;
+/// The loss curve's smoothing until the person moves the slider; the runs list's smoothed final
+/// loss uses it too, so the two read alike.
+pub const SMOOTHING: f64 = 0.8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -105,7 +108,7 @@ impl Default for TrainingState {
             finished: None,
             last_checkpoint: None,
             pause_requested: false,
-            smoothing: 0.8,
+            smoothing: SMOOTHING,
             viewing: None,
             plan_input: None,
             plan: None,
@@ -389,6 +392,7 @@ mod tests {
             elapsed_s: step as f64,
             eta_s: (10 - step) as f64,
             memory_bytes: Some(1 << 30),
+            eval_loss: None,
         }
     }
 

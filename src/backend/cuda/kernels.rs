@@ -108,6 +108,14 @@ kernel_table! {
     gemm_fallback {
         GemmFallback = "gemm_fallback",
     }
+    generate {
+        GemvNf4 = "gemv_nf4",
+        GemvBf16 = "gemv_bf16",
+        KvStore = "kv_store",
+        AttnCachedPart = "attn_cached_part",
+        AttnCachedCombine = "attn_cached_combine",
+        ScaleRowsBf16 = "scale_rows_bf16",
+    }
     attention {
         AttnFwd32 = "attn_fwd_32",
         AttnFwd64 = "attn_fwd_64",

@@ -34,7 +34,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result as drv, sys};
 use half::bf16;
 
 use super::card::{self, CardLimits, CardProfile, PtxTarget};
-use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm};
+use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum, RmsNorm};
 use crate::error::{Error, Result};
 use gemm::{Gemm, GemmCall};
 use kernels::{ATTN_HEAD_DIMS, AttnKernels, FILES, Kernel};
@@ -223,6 +223,34 @@ impl CudaWeight {
     }
 }
 
+/// What a generation GEMV multiplies by.
+enum GemvWeight<'a> {
+    Nf4 {
+        weight: &'a CudaWeight,
+        packed: &'a DevBuf,
+        absmax_q: &'a DevBuf,
+        absmax2: &'a DevBuf,
+        code2: &'a DevBuf,
+        offset: f32,
+    },
+    /// bf16 `[out, in]` at `ptr`, with a bf16 bias at `bias` (0: none).
+    Dense {
+        ptr: u64,
+        bias: u64,
+    },
+}
+
+impl<'a> GemvWeight<'a> {
+    fn of(w: &'a CudaWeight) -> Self {
+        match &w.data {
+            WeightData::Dense(b) => GemvWeight::Dense { ptr: b.ptr(), bias: w.bias.as_ref().map_or(0, DevBuf::ptr) },
+            WeightData::Nf4 { packed, absmax_q, absmax2, code2, offset } => {
+                GemvWeight::Nf4 { weight: w, packed, absmax_q, absmax2, code2, offset: *offset }
+            }
+        }
+    }
+}
+
 /// A kernel argument as `cuLaunchKernel` reads it (the payload's address is passed).
 #[derive(Clone, Copy)]
 enum Arg {
@@ -308,7 +336,22 @@ pub struct CudaBackend {
     /// Run every GEMM on the fallback kernel (tests check it on shapes cuBLASLt would take).
     gemm_fallback_only: std::cell::Cell<bool>,
     profiler: profile::Profiler,
+    /// f32 partial results of the cached attention's key splits, allocated by the first
+    /// generation call ([`GEN_ATTN_SCRATCH_BYTES`]); training never allocates it.
+    gen_scratch: RefCell<Option<DevBuf>>,
 }
+
+/// The cached attention's split scratch: `[rows][heads][splits][head_dim + 2]` f32. 16 MiB holds
+/// 8 decode rows of a 64-head, head_dim 128 model in 60 splits; prefill chunks use fewer splits.
+pub const GEN_ATTN_SCRATCH_BYTES: usize = 16 << 20;
+/// Rows the generation GEMV kernels serve at once (`GEMV_MAX_ROWS` in kernels/generate.cu); more
+/// rows go through the dequantize + GEMM path of training.
+pub const GEMV_MAX_ROWS: usize = 8;
+const GEMV_WARPS: usize = 8;
+/// Keys per tile of the cached attention and the (query heads per kv head) × head_dim its
+/// registers hold (`ATTC_THREADS`, `ATTC_MAX_GROUP_DIM` in kernels/generate.cu).
+const ATTC_THREADS: usize = 128;
+const ATTC_MAX_GROUP_DIM: usize = 2048;
 
 // SAFETY: every CUDA handle inside (context, streams, functions, cuBLASLt) may be used from any
 // thread once the context is bound there, which each entry point does first; the RefCells are only
@@ -463,6 +506,7 @@ impl CudaBackend {
             attn_scratch_limit: std::cell::Cell::new(None),
             gemm_fallback_only: std::cell::Cell::new(false),
             profiler: profile::Profiler::default(),
+            gen_scratch: RefCell::new(None),
         })
     }
 
@@ -633,6 +677,108 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+
+    /// Warps per output row of a generation GEMV with `out` rows: one, unless that leaves fewer
+    /// than two blocks per multiprocessor (then 2, 4 or 8 warps share each row's dot products).
+    fn gemv_warps_per_row(&self, out: usize) -> usize {
+        let mut wpr = 1;
+        while wpr < GEMV_WARPS && out.div_ceil(GEMV_WARPS / wpr) < 2 * self.card.sm_count as usize {
+            wpr *= 2;
+        }
+        wpr
+    }
+
+    /// `y[n, out] = x[n, in] · Wᵀ (+ bias) (+ LoRA up-projection)` by the GEMV kernels, for
+    /// `n ≤ GEMV_MAX_ROWS`. `w` is a weight, or a bare bf16 `[out, in]` matrix (LoRA's A, the
+    /// head); `lora` = (B, xa, row_scale, rank). Returns false when the shape does not suit the
+    /// kernels (the caller takes the GEMM path).
+    #[allow(clippy::too_many_arguments)]
+    fn gemv(
+        &self,
+        x: &CudaTensor,
+        n: usize,
+        w: GemvWeight<'_>,
+        out: usize,
+        inp: usize,
+        lora: Option<(&CudaTensor, &CudaTensor, &CudaTensor, usize)>,
+        y: u64,
+        y_f32: bool,
+    ) -> Result<bool> {
+        let wpr = self.gemv_warps_per_row(out);
+        let blocks = (out.div_ceil(GEMV_WARPS / wpr) as u32, 1, 1);
+        let (lb, xa, rs, rank) = match lora {
+            Some((b, xa, rs, r)) => (Arg::Ptr(b.ptr()), Arg::Ptr(xa.ptr()), Arg::Ptr(rs.ptr()), r),
+            None => (Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), 0),
+        };
+        let parts = (GEMV_WARPS * GEMV_MAX_ROWS * 4) as u32;
+        match w {
+            GemvWeight::Nf4 { weight, packed, absmax_q, absmax2, code2, offset } => {
+                if n > GEMV_MAX_ROWS || !inp.is_multiple_of(32) || y_f32 {
+                    return Ok(false);
+                }
+                self.launch(
+                    Kernel::GemvNf4,
+                    blocks,
+                    (GEMV_WARPS * 32) as u32,
+                    16 * 4 + parts,
+                    &[
+                        p(x),
+                        i32a(n),
+                        Arg::Ptr(packed.ptr()),
+                        Arg::Ptr(absmax_q.ptr()),
+                        Arg::Ptr(absmax2.ptr()),
+                        Arg::Ptr(code2.ptr()),
+                        Arg::F32(offset),
+                        i32a(out),
+                        i32a(inp),
+                        Arg::Ptr(weight.bias.as_ref().map_or(0, DevBuf::ptr)),
+                        lb,
+                        xa,
+                        rs,
+                        i32a(rank),
+                        Arg::Ptr(y),
+                        i32a(wpr),
+                    ],
+                )?;
+            }
+            GemvWeight::Dense { ptr, bias } => {
+                if n > GEMV_MAX_ROWS || !inp.is_multiple_of(8) {
+                    return Ok(false);
+                }
+                self.launch(
+                    Kernel::GemvBf16,
+                    blocks,
+                    (GEMV_WARPS * 32) as u32,
+                    parts,
+                    &[
+                        p(x),
+                        i32a(n),
+                        Arg::Ptr(ptr),
+                        i32a(out),
+                        i32a(inp),
+                        Arg::Ptr(bias),
+                        lb,
+                        xa,
+                        rs,
+                        i32a(rank),
+                        Arg::Ptr(y),
+                        Arg::I32(y_f32 as i32),
+                        i32a(wpr),
+                    ],
+                )?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The generation scratch, allocated on first use.
+    fn gen_scratch_ptr(&self) -> Result<u64> {
+        let mut s = self.gen_scratch.borrow_mut();
+        if s.is_none() {
+            *s = Some(DevBuf::new(&self.shared, GEN_ATTN_SCRATCH_BYTES)?);
+        }
+        Ok(s.as_ref().map_or(0, DevBuf::ptr))
     }
 
     pub fn compute_capability(&self) -> (u32, u32) {
@@ -1803,6 +1949,218 @@ impl Backend for CudaBackend {
     fn synchronize(&self) -> Result<()> {
         self.bind()?;
         self.compute.synchronize().map_err(cuda_err("synchronize"))
+    }
+
+    // ---- generation --------------------------------------------------------------------------
+    fn linear_rows(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<LoraRows<'_, Self::Tensor>>,
+        dims: LinearDims,
+        y: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.bind()?;
+        let LinearDims { n, inp, out } = dims;
+        if w.in_features != inp || w.out_features != out {
+            return Err(Error::Shape {
+                op: "linear_rows",
+                expected: format!("{out}x{inp}"),
+                got: format!("{}x{}", w.out_features, w.in_features),
+            });
+        }
+        act("linear_rows", "x", x, n * inp)?;
+        act("linear_rows", "y", y, n * out)?;
+        if let Some(l) = &lora {
+            act("linear_rows", "lora A", l.a, l.rank * inp)?;
+            act("linear_rows", "lora B", l.b, out * l.rank)?;
+            act("linear_rows", "lora xa", l.xa, n * l.rank)?;
+            f32t("linear_rows", "lora row_scale", l.row_scale, n)?;
+        }
+        // Few rows (decode): xa = x · Aᵀ, then one GEMV reading the weight once with the bias and
+        // the switched LoRA term fused in.
+        if n <= GEMV_MAX_ROWS {
+            let fits = match &lora {
+                Some(l) => self.gemv(x, n, GemvWeight::Dense { ptr: l.a.ptr(), bias: 0 }, l.rank, inp, None, l.xa.ptr(), false)?,
+                None => true,
+            };
+            if fits {
+                let up = lora.as_ref().map(|l| (l.b, &*l.xa, l.row_scale, l.rank));
+                if self.gemv(x, n, GemvWeight::of(w), out, inp, up, y.ptr(), false)? {
+                    return Ok(());
+                }
+            }
+        }
+        // Many rows (prefill): training's path, with the LoRA input rows scaled by their switch.
+        self.linear_fwd(x, w, None, dims, y)?;
+        let Some(l) = lora else { return Ok(()) };
+        let r = l.rank;
+        self.gemm(GemmCall {
+            m: n,
+            n: r,
+            k: inp,
+            a: x.ptr(),
+            a_t: false,
+            b: l.a.ptr(),
+            b_t: true,
+            c: l.xa.ptr(),
+            c_f32: false,
+            alpha: 1.0,
+            beta: 0.0,
+            bias: None,
+        })?;
+        self.launch(Kernel::ScaleRowsBf16, ((n * r).div_ceil(256) as u32, 1, 1), 256, 0, &[p(l.xa), p(l.row_scale), i64a(n), i32a(r)])?;
+        self.gemm(GemmCall {
+            m: n,
+            n: out,
+            k: r,
+            a: l.xa.ptr(),
+            a_t: false,
+            b: l.b.ptr(),
+            b_t: true,
+            c: y.ptr(),
+            c_f32: false,
+            alpha: 1.0,
+            beta: 1.0,
+            bias: None,
+        })
+    }
+
+    fn kv_store(
+        &self,
+        src: &Self::Tensor,
+        n: usize,
+        kv: KvShape,
+        slots: &Self::Ids,
+        positions: &Self::Ids,
+        cache: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.bind()?;
+        let w = kv.kv_width();
+        act("kv_store", "src", src, n * w)?;
+        check_dtype("kv_store", "cache", cache, DType::Act)?;
+        check_len("kv_store", "slots", slots.len, n)?;
+        check_len("kv_store", "positions", positions.len, n)?;
+        if !w.is_multiple_of(8) {
+            return Err(Error::Shape { op: "kv_store", expected: "kv_heads × head_dim a multiple of 8".into(), got: w.to_string() });
+        }
+        let slot_count = cache.len / (w * kv.capacity).max(1);
+        let threads = n * w / 8;
+        self.launch(
+            Kernel::KvStore,
+            (threads.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            &[p(src), i64a(n), i32a(w), pi(slots), pi(positions), i32a(kv.capacity), i32a(slot_count), p(cache)],
+        )
+    }
+
+    fn attention_cached(
+        &self,
+        q: &Self::Tensor,
+        k_cache: &Self::Tensor,
+        v_cache: &Self::Tensor,
+        slots: &Self::Ids,
+        positions: &Self::Ids,
+        n: usize,
+        kv: KvShape,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.bind()?;
+        let KvShape { heads, kv_heads, head_dim: hd, capacity, scale, window } = kv;
+        if kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || !hd.is_multiple_of(8)
+            || hd > 256
+            || heads / kv_heads * hd > ATTC_MAX_GROUP_DIM
+        {
+            return Err(Error::Shape {
+                op: "attention_cached",
+                expected: format!(
+                    "heads a multiple of kv_heads, head_dim a multiple of 8 up to 256, (heads / kv_heads) × head_dim ≤ {ATTC_MAX_GROUP_DIM}"
+                ),
+                got: format!("{heads} heads, {kv_heads} kv heads, head_dim {hd}"),
+            });
+        }
+        act("attention_cached", "q", q, n * heads * hd)?;
+        act("attention_cached", "out", out, n * heads * hd)?;
+        check_dtype("attention_cached", "k_cache", k_cache, DType::Act)?;
+        check_dtype("attention_cached", "v_cache", v_cache, DType::Act)?;
+        check_len("attention_cached", "slots", slots.len, n)?;
+        check_len("attention_cached", "positions", positions.len, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let slot_count = k_cache.len / (kv.kv_width() * capacity).max(1);
+        // Key splits: enough blocks for two per multiprocessor, at least one tile of keys each,
+        // within the scratch. The kernels read each row's length from `positions`, so the split
+        // is sized for the longest a row can be (the window, else the capacity).
+        let longest = window.map_or(capacity, |w| w.min(capacity));
+        let blocks = n * kv_heads;
+        let want = (2 * self.card.sm_count as usize).div_ceil(blocks).clamp(1, longest.div_ceil(ATTC_THREADS));
+        let fit = GEN_ATTN_SCRATCH_BYTES / (n * heads * (hd + 2) * 4).max(1);
+        let splits = want.min(fit).max(1);
+        let split_len = longest.div_ceil(splits);
+        let group = heads / kv_heads;
+        let smem = ((group * hd + group * ATTC_THREADS + 3 * group) * 4) as u32;
+        let part = if splits > 1 { self.gen_scratch_ptr()? } else { 0 };
+        self.launch(
+            Kernel::AttnCachedPart,
+            (kv_heads as u32, n as u32, splits as u32),
+            ATTC_THREADS as u32,
+            smem,
+            &[
+                p(q),
+                p(k_cache),
+                p(v_cache),
+                pi(slots),
+                pi(positions),
+                i32a(heads),
+                i32a(kv_heads),
+                i32a(hd),
+                i32a(capacity),
+                i32a(slot_count),
+                Arg::F32(scale),
+                i32a(window.unwrap_or(0)),
+                i32a(split_len),
+                Arg::Ptr(part),
+                p(out),
+            ],
+        )?;
+        if splits > 1 {
+            self.launch(
+                Kernel::AttnCachedCombine,
+                (heads as u32, n as u32, 1),
+                hd.next_multiple_of(32) as u32,
+                0,
+                &[Arg::Ptr(part), i32a(heads), i32a(hd), i32a(splits), p(out)],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn logits(&self, h: &Self::Tensor, head: &Self::Tensor, n: usize, d: usize, vocab: usize, out: &mut Self::Tensor) -> Result<()> {
+        self.bind()?;
+        act("logits", "h", h, n * d)?;
+        act("logits", "head", head, vocab * d)?;
+        f32t("logits", "out", out, n * vocab)?;
+        if n <= GEMV_MAX_ROWS && self.gemv(h, n, GemvWeight::Dense { ptr: head.ptr(), bias: 0 }, vocab, d, None, out.ptr(), true)? {
+            return Ok(());
+        }
+        self.gemm(GemmCall {
+            m: n,
+            n: vocab,
+            k: d,
+            a: h.ptr(),
+            a_t: false,
+            b: head.ptr(),
+            b_t: true,
+            c: out.ptr(),
+            c_f32: true,
+            alpha: 1.0,
+            beta: 0.0,
+            bias: None,
+        })
     }
 }
 

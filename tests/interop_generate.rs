@@ -1,0 +1,184 @@
+//! Generation and GGUF export against transformers and llama.cpp, from the fixtures that
+//! tests/interop/generate_check.sh wrote with those tools (tests/fixtures/generate/expected.json):
+//! our chat prompts tokenize to the ids `apply_chat_template` gave; our greedy decode (CPU, f32)
+//! equals transformers' `generate` (f32, with and without the PEFT adapter) token for token, and
+//! equals llama.cpp's greedy decode of our f16 GGUF; our GGUF files read back with the
+//! architecture, the tokenizer keys and every tensor, the f16 token embedding equal to the merged
+//! one. `TUNESTUDIO_GENERATE_FIXTURES` points at another fixture folder (the script's fresh one).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use candle_core::quantized::gguf_file;
+use serde_json::Value;
+use tunestudio::backend::cpu::CpuBackend;
+use tunestudio::config::Quantization;
+use tunestudio::export::gguf::{GgufOptions, GgufQuant, export_gguf};
+use tunestudio::export::merged::{MergeInput, MergedTensors};
+use tunestudio::generate::{Generator, LoadOptions, Prompt, Request, SamplingParams};
+use tunestudio::model::chat_template::Message;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("TUNESTUDIO_GENERATE_FIXTURES").map(PathBuf::from).unwrap_or_else(|| root().join("tests/fixtures/generate"))
+}
+
+fn expected() -> Value {
+    let p = fixtures().join("expected.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+/// (model folder, adapter folder) of a case.
+fn case_dirs(name: &str) -> (PathBuf, PathBuf) {
+    match name {
+        "demo" => (root().join("assets/demo/model"), root().join("tests/fixtures/interop/demo_adapter")),
+        n => (fixtures().join(n), fixtures().join(format!("{n}_adapter"))),
+    }
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn generator(model: &Path, adapter: Option<&Path>) -> Generator<CpuBackend<f32>> {
+    let mut o = LoadOptions::new(model);
+    o.adapter = adapter.map(Path::to_path_buf);
+    o.quantization = Quantization::Bf16;
+    o.context = 256;
+    Generator::open(CpuBackend::<f32>::new(), &o).unwrap()
+}
+
+fn greedy(g: &mut Generator<CpuBackend<f32>>, prompt: &[u32], adapter: bool, n: usize) -> Vec<u32> {
+    let req = Request {
+        prompt: Prompt::Tokens(prompt.to_vec()),
+        adapter,
+        params: SamplingParams::greedy(n),
+        stop_strings: vec![],
+        ignore_eos: true,
+    };
+    g.generate(&[req], &AtomicBool::new(false), &mut |_| {}).unwrap().pop().unwrap().tokens
+}
+
+fn equal_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[test]
+fn prompts_tokenize_as_transformers_renders_them() {
+    let exp = expected();
+    for (name, rec) in exp.as_object().unwrap() {
+        let (model, _) = case_dirs(name);
+        let g = generator(&model, None);
+        for p in rec["prompts"].as_array().unwrap() {
+            let msgs: Vec<Message> = p["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+                .collect();
+            let ours = g.prompt_ids(&Prompt::Chat(msgs)).unwrap();
+            assert_eq!(ours, ids(&p["ids"]), "{name}: prompt ids differ from apply_chat_template's for {}", p["text"]);
+        }
+        // llama.cpp tokenizes the rendered text of the models whose pre-tokenizer it knows exactly.
+        if name != "demo"
+            && let Some(lc) = rec["llamacpp_prompt_ids"].as_array()
+        {
+            for (l, p) in lc.iter().zip(rec["prompts"].as_array().unwrap()) {
+                assert_eq!(ids(l), ids(&p["ids"]), "{name}: llama.cpp tokenizes the prompt differently");
+            }
+        }
+        println!("RESULT {name}: prompt ids equal transformers'");
+    }
+}
+
+#[test]
+fn greedy_decode_equals_transformers_and_llama_cpp() {
+    let exp = expected();
+    for (name, rec) in exp.as_object().unwrap() {
+        let (model, adapter) = case_dirs(name);
+        let prompts: Vec<Vec<u32>> = rec["prompts"].as_array().unwrap().iter().map(|p| ids(&p["ids"])).collect();
+        let mut base = generator(&model, None);
+        let mut tuned = generator(&model, Some(&adapter));
+        for (i, p) in prompts.iter().enumerate() {
+            let want_base = ids(&rec["hf_base"][i]);
+            let want_tuned = ids(&rec["hf_adapter"][i]);
+            let got_base = greedy(&mut base, p, false, want_base.len());
+            let got_tuned = greedy(&mut tuned, p, true, want_tuned.len());
+            println!(
+                "RESULT {name} prompt {i}: base {}/{} tokens equal transformers, fine-tuned {}/{} equal transformers+PEFT",
+                equal_prefix(&got_base, &want_base),
+                want_base.len(),
+                equal_prefix(&got_tuned, &want_tuned),
+                want_tuned.len()
+            );
+            assert_eq!(got_base, want_base, "{name} prompt {i}: base greedy decode differs from transformers");
+            assert_eq!(got_tuned, want_tuned, "{name} prompt {i}: fine-tuned greedy decode differs from transformers + PEFT");
+            if let Some(lc) = rec["llamacpp_adapter"].as_array() {
+                let want = ids(&lc[i]);
+                println!(
+                    "RESULT {name} prompt {i}: {}/{} tokens equal llama.cpp on our f16 GGUF",
+                    equal_prefix(&got_tuned, &want),
+                    want.len()
+                );
+                assert!(want.len() >= 32);
+                assert_eq!(got_tuned, want, "{name} prompt {i}: llama.cpp's greedy decode of our GGUF differs");
+            }
+        }
+    }
+}
+
+#[test]
+fn gguf_files_read_back_with_their_tokenizer_and_every_tensor() {
+    let exp = expected();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, rec) in exp.as_object().unwrap() {
+        let (model, adapter) = case_dirs(name);
+        let input = MergeInput::from_adapter(&model, &adapter, Quantization::Bf16).unwrap();
+        let merged = MergedTensors::open(&input).unwrap();
+        for quant in [GgufQuant::F16, GgufQuant::Q8_0, GgufQuant::Q4KM] {
+            let path = dir.path().join(format!("{name}-{}.gguf", quant.name()));
+            let opts = GgufOptions { quant, template: "auto".into(), sampling: SamplingParams::default(), name: name.clone() };
+            let s = export_gguf(&input, &path, &opts, &|_, _| {}).unwrap();
+            let mut f = std::fs::File::open(&path).unwrap();
+            let c = gguf_file::Content::read(&mut f).unwrap();
+            let arch = c.metadata["general.architecture"].to_string().unwrap().clone();
+            assert_eq!(arch, if name.starts_with("qwen2") { "qwen2" } else { "llama" });
+            for key in [
+                "tokenizer.ggml.model",
+                "tokenizer.ggml.pre",
+                "tokenizer.ggml.tokens",
+                "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges",
+                "tokenizer.ggml.eos_token_id",
+                "tokenizer.chat_template",
+            ] {
+                assert!(c.metadata.contains_key(key), "{name} {quant:?}: {key} missing");
+            }
+            let tokens = c.metadata["tokenizer.ggml.tokens"].to_vec().unwrap().len();
+            assert_eq!(tokens, merged.spec().vocab_size, "{name}: one token per row of the embedding");
+            let hf = merged.tensors().len();
+            let extra = usize::from(c.tensor_infos.contains_key("rope_freqs.weight"));
+            assert_eq!(c.tensor_infos.len(), hf + extra, "{name} {quant:?}: every tensor of the merged model");
+            // The tensor types the Python gguf reader saw in the script's exports of the same model.
+            if let Some(types) = rec["gguf"][quant.name()].as_object() {
+                let mut ours: Vec<String> =
+                    s.types.keys().map(|t| t.to_uppercase().replace("Q4K", "Q4_K").replace("Q6K", "Q6_K")).collect();
+                let mut theirs: Vec<String> = types.keys().cloned().collect();
+                ours.sort();
+                theirs.sort();
+                assert_eq!(ours, theirs, "{name} {quant:?}: tensor types");
+            }
+            if quant == GgufQuant::F16 {
+                let t = c.tensor(&mut f, "token_embd.weight", &candle_core::Device::Cpu).unwrap();
+                let got: Vec<f32> = t.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let want: Vec<f32> =
+                    merged.values("model.embed_tokens.weight").unwrap().into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect();
+                assert_eq!(got, want, "{name}: the f16 token embedding equals the merged one rounded to f16");
+            }
+        }
+        println!("RESULT {name}: f16, q8_0 and q4_k_m GGUF read back (architecture, tokenizer, every tensor)");
+    }
+}
