@@ -442,7 +442,7 @@ impl<'de> Deserialize<'de> for ByteSize {
             Raw::Bytes(b) => Ok(ByteSize(b)),
             Raw::Text(t) => crate::util::parse_bytes(&t)
                 .map(ByteSize)
-                .ok_or_else(|| serde::de::Error::custom(format!("`{t}` is not a size such as \"24GiB\" or \"80GB\""))),
+                .map_err(serde::de::Error::custom),
         }
     }
 }

@@ -847,6 +847,7 @@ fn gui_monitor_plots_gpu_telemetry_and_warns_when_the_card_throttles() {
             elapsed_s: x,
             eta_s: 60.0 - x,
             memory_bytes: Some(18 << 30),
+            eval_loss: None,
         });
         let hot = i >= 30;
         let raw = RawSample {
@@ -1140,7 +1141,7 @@ fn gui_hyperparameters_fit_narrow_windows() {
     for width in [640.0, 900.0] {
         let mut h = studio_sized(Some(demo_config()), "narrow", [width, 820.0]);
         wait_loaded(&mut h);
-        h.state_mut().state.budget.card = Card::Preset(24);
+        h.state_mut().state.budget.card = Card::profile("rtx4090");
         go(&mut h, Page::Hyper);
         wait_budget(&mut h);
         // Nothing reaches past the window's right edge (there is no horizontal scrolling)...
@@ -1199,14 +1200,14 @@ fn gui_models_in_the_hugging_face_cache_and_named_shapes() {
     wait_loaded(&mut h);
 
     // Plan a model that is not on disk from its named shape.
-    h.state_mut().state.budget.card = Card::Preset(24);
+    h.state_mut().state.budget.card = Card::profile("rtx4090");
     go(&mut h, Page::Hyper);
     click(&mut h, "Plan for");
     click(&mut h, "llama3-8b");
     assert_eq!(h.state().state.budget.shape.as_deref(), Some("llama3-8b"));
     settle(&mut h);
     let s = &h.state().state;
-    let target = budget::target(Card::Preset(24), s.config.train.device, None);
+    let target = budget::target(Card::profile("rtx4090"), &s.config, None);
     let want = budget::verdict(&budget::view(&tunestudio::model::ModelSpec::llama3_8b(), &s.config, &target, None, 0)).0;
     assert!(h.query_by_label(&want).is_some(), "the plan is the 8B shape's: {want}");
     // "Largest that fits" stops at the data and the linears, not at the search's end.

@@ -440,7 +440,7 @@ mod tests {
         // The demo's shape: hidden 128, two KV heads of 32, on a card it fits many times over.
         let spec = tiny();
         let cfg = RunConfig::default();
-        let t = target(Card::Preset(80), DeviceChoice::Auto, None);
+        let t = target(Card::profile("a100-80"), &cfg_with(DeviceChoice::Auto), None);
         let f = fixes(&spec, &cfg, &t, Some(350));
         assert_eq!(
             (f.batch_cap, f.batch_size),
