@@ -426,7 +426,10 @@ impl std::fmt::Display for ByteSize {
 
 impl Serialize for ByteSize {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
+        // A whole GiB or MiB reads best as text; any other size as a plain number of bytes,
+        // which reads back exactly (text needs a unit).
+        let b = self.0;
+        if b > 0 && b % (1 << 20) == 0 { s.serialize_str(&self.to_string()) } else { s.serialize_u64(b) }
     }
 }
 
