@@ -132,6 +132,9 @@ pub fn absolutize(cfg: &mut RunConfig, base: &Path) {
     if let Some(a) = cfg.model.adapter.as_mut() {
         *a = join(a);
     }
+    if let Some(crate::config::EvalSplit::File(f)) = cfg.dataset.eval_split.as_mut() {
+        *f = join(f);
+    }
 }
 
 /// Drop `.` and fold `..` without touching the file system (the folders may not exist yet).

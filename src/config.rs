@@ -115,6 +115,20 @@ pub struct DatasetConfig {
     /// refuses a file that no longer matches (unless told to go on with the new data).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<Fingerprint>,
+    /// Rows held out to measure the loss on data the run does not train on: a fraction of the
+    /// dataset's rows (`0.1`), or the path of a file read like the dataset (`"eval.jsonl"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_split: Option<EvalSplit>,
+}
+
+/// Where the evaluation rows come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EvalSplit {
+    /// This fraction of the dataset's rows, drawn with `train.seed` (0 < f ≤ 0.5).
+    Fraction(f64),
+    /// A file of its own, in the dataset's format.
+    File(PathBuf),
 }
 
 impl Default for DatasetConfig {
@@ -131,6 +145,7 @@ impl Default for DatasetConfig {
             fix_untrained_tokens: true,
             long_rows: LongRows::Truncate,
             fingerprint: None,
+            eval_split: None,
         }
     }
 }
@@ -350,6 +365,12 @@ pub struct TrainConfig {
     /// rising far above its best) as failed, keeping its last checkpoint.
     pub stop_on_divergence: bool,
     pub device: DeviceChoice,
+    /// With `dataset.eval_split`: measure the evaluation loss every N optimizer steps and after
+    /// the last; 0: about ten times over the run.
+    pub eval_every: u64,
+    /// With `dataset.eval_split`: keep only the checkpoint of the best evaluation loss and the
+    /// newest one (to resume from), instead of the newest two and the best.
+    pub keep_only_best: bool,
 }
 
 impl Default for TrainConfig {
@@ -365,6 +386,8 @@ impl Default for TrainConfig {
             save_every_minutes: 10.0,
             stop_on_divergence: true,
             device: DeviceChoice::Auto,
+            eval_every: 0,
+            keep_only_best: false,
         }
     }
 }
@@ -373,6 +396,13 @@ impl TrainConfig {
     /// Optimizer steps of the whole run: `max_steps`, else `epochs` × steps per epoch (at least one).
     pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
         self.max_steps.unwrap_or_else(|| ((self.epochs * steps_per_epoch as f64).ceil() as u64).max(1))
+    }
+
+    /// Whether a run of `total_steps` evaluates after `step` (given an evaluation set): every
+    /// `eval_every` steps (0: about ten times over the run) and after the last.
+    pub fn evaluates_at(&self, step: u64, total_steps: u64) -> bool {
+        let every = if self.eval_every == 0 { total_steps.div_ceil(10).max(1) } else { self.eval_every };
+        step == total_steps || step.is_multiple_of(every)
     }
 }
 
@@ -640,6 +670,14 @@ impl RunConfig {
                 push(Err(Error::config("memory.gpu_mem", format!("{cap} is below 1GiB, which the CUDA context and scratch alone take"))));
             }
         }
+        match &self.dataset.eval_split {
+            Some(EvalSplit::Fraction(f)) => push(check_range("dataset.eval_split", *f, 0.0, 0.5, true)),
+            Some(EvalSplit::File(p)) if p.as_os_str().is_empty() => {
+                push(Err(Error::config("dataset.eval_split", "is an empty path: give a fraction such as 0.1 or an evaluation file")))
+            }
+            _ => {}
+        }
+        push(check_int("train.eval_every", self.train.eval_every, 0, 100_000_000));
         out
     }
 }
@@ -741,6 +779,31 @@ mod tests {
         c.optim.lr = -1.0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("optim.lr") && e.contains("(0, 1]"), "{e}");
+    }
+
+    #[test]
+    fn eval_split_is_a_fraction_or_a_file_and_is_checked() {
+        let c = RunConfig::from_toml_str("[dataset]\neval_split = 0.1\n[train]\neval_every = 20\n", Path::new("run.toml")).unwrap();
+        assert_eq!(c.dataset.eval_split, Some(EvalSplit::Fraction(0.1)));
+        assert_eq!(c.train.eval_every, 20);
+        let c = RunConfig::from_toml_str("[dataset]\neval_split = \"held.jsonl\"\n", Path::new("run.toml")).unwrap();
+        assert_eq!(c.dataset.eval_split, Some(EvalSplit::File("held.jsonl".into())));
+        let mut c = RunConfig::default();
+        c.model.path = "m".into();
+        c.dataset.path = "d".into();
+        for bad in [0.0, 0.6, f64::NAN] {
+            c.dataset.eval_split = Some(EvalSplit::Fraction(bad));
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("dataset.eval_split") && e.contains("(0, 0.5]"), "{e}");
+        }
+        c.dataset.eval_split = Some(EvalSplit::File(PathBuf::new()));
+        assert!(c.validate().unwrap_err().to_string().contains("empty path"));
+        // About ten evaluations by default, and always one after the last step.
+        let t = TrainConfig::default();
+        let at: Vec<u64> = (1..=25).filter(|&s| t.evaluates_at(s, 25)).collect();
+        assert_eq!(at, vec![3, 6, 9, 12, 15, 18, 21, 24, 25]);
+        let t = TrainConfig { eval_every: 10, ..t };
+        assert_eq!((1..=25).filter(|&s| t.evaluates_at(s, 25)).collect::<Vec<_>>(), vec![10, 20, 25]);
     }
 
     #[test]

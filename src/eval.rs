@@ -155,6 +155,7 @@ impl Scorer {
 
 /// Evaluate a dataset on the CPU reference backend (f32).
 pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
+    crate::model::check_folder(&opts.model)?;
     let tok = TokenizerBundle::load(&opts.model)?;
     let data = prepare_dataset(&opts.dataset, &tok, opts.max_seq_len)?;
     let batch_size = if opts.per_example { 1 } else { opts.batch_size.max(1) };

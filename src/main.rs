@@ -493,10 +493,11 @@ fn train(a: TrainArgs) -> Result<()> {
                 eprintln!("model    {}", info.model);
                 eprintln!("device   {}", info.device.name);
                 eprintln!(
-                    "data     {} rows ({} skipped, {} truncated), {} trained tokens, {} steps/epoch",
+                    "data     {} rows ({} skipped, {} truncated){}, {} trained tokens, {} steps/epoch",
                     info.dataset.rows_used,
                     info.dataset.rows_skipped,
                     info.dataset.truncated_rows,
+                    if info.dataset.eval_rows > 0 { format!(", {} to evaluate on", info.dataset.eval_rows) } else { String::new() },
                     info.dataset.trained_tokens,
                     info.steps_per_epoch
                 );
@@ -514,7 +515,7 @@ fn train(a: TrainArgs) -> Result<()> {
                     println!("{}", serde_json::to_string(&m).expect("json"));
                 } else {
                     println!(
-                        "step {:>5}/{:<5} loss {:>8.4}  lr {:>9.3e}  grad-norm {:>8.4}  {:>9.0} tok/s  elapsed {:>8}  ETA {:>8}",
+                        "step {:>5}/{:<5} loss {:>8.4}  lr {:>9.3e}  grad-norm {:>8.4}  {:>9.0} tok/s  elapsed {:>8}  ETA {:>8}{}",
                         m.step,
                         m.total_steps,
                         m.loss,
@@ -522,7 +523,8 @@ fn train(a: TrainArgs) -> Result<()> {
                         m.grad_norm,
                         m.tokens_per_s,
                         tunestudio::util::fmt_duration(m.elapsed_s),
-                        tunestudio::util::fmt_duration(m.eta_s)
+                        tunestudio::util::fmt_duration(m.eta_s),
+                        m.eval_loss.map(|l| format!("  eval loss {l:.4}")).unwrap_or_default()
                     );
                 }
             }
@@ -539,6 +541,14 @@ fn train(a: TrainArgs) -> Result<()> {
                     f.final_loss.map(|l| format!(", final loss {l:.4}")).unwrap_or_default(),
                     f.adapter_dir.display()
                 );
+                if let (Some(b), Some(dir)) = (f.best, &f.best_checkpoint) {
+                    eprintln!(
+                        "best eval loss {:.4} at step {}: {} (a PEFT adapter; export it with --adapter)",
+                        b.eval_loss,
+                        b.step,
+                        dir.display()
+                    );
+                }
             }
             Event::Failed { message, last_checkpoint, run_dir } => {
                 if let Some(c) = last_checkpoint {

@@ -14,11 +14,11 @@ use serde::Serialize;
 use crate::RunConfig;
 use crate::config::{DatasetFormat, TrainOn};
 use crate::data::preflight::{DatasetStats, Finding, Level, MarkedExample, Marking, dataset_stats, sample_examples, tokenizer_checks};
-use crate::data::{Batcher, Example, LIST_SKIPPED, MaskSource, SkippedRow, dataset_template, prepare_dataset_unchecked};
+use crate::data::{Batcher, Example, LIST_SKIPPED, MaskSource, SkippedRow, dataset_template, eval_sets, prepare_dataset_unchecked};
 use crate::error::{Error, Result};
 use crate::model::chat_template::{ChatTemplate, Message};
 use crate::model::tokenizer::TokenizerBundle;
-use crate::model::untrained::{self, UNTRAINED_EPS};
+use crate::model::untrained::{self, RowKind, UNTRAINED_EPS};
 use crate::model::{ModelSpec, WeightStore};
 
 /// One untrained token row (not BOS, EOS or PAD) and where it occurs.
@@ -27,6 +27,8 @@ pub struct UntrainedToken {
     pub id: u32,
     /// The vocabulary entry (`<|reserved_special_token_0|>`).
     pub text: String,
+    /// Zero, or collapsed onto a vector it shares with other tokens.
+    pub kind: RowKind,
     /// Examples (after rendering, tokenizing and truncation) that contain it.
     pub data_rows: usize,
     /// The dataset row of the first such example.
@@ -60,7 +62,8 @@ pub enum TokenAction {
 /// Untrained token rows of the model, checked against the data and the template.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UntrainedTokens {
-    /// A row is untrained when every |value| ≤ eps in each matrix checked.
+    /// A row is untrained when, in each matrix checked, every |value| ≤ eps (`zero`) or it is
+    /// bit for bit the same as another row (`collapsed`).
     pub eps: f32,
     /// The matrices whose rows must both be untrained (`embed_tokens`, and `lm_head` unless tied).
     pub matrices: Vec<&'static str>,
@@ -94,7 +97,7 @@ impl UntrainedTokens {
             Error::config(
                 "dataset.fix_untrained_tokens",
                 format!(
-                    "the data or chat template uses token rows that were never trained ({}); their embeddings are zero and the loss would become NaN/inf. Set dataset.fix_untrained_tokens = true to start them at the mean of the trained rows and train them, or remove them from the data",
+                    "the data or chat template uses token rows that were never trained ({}); their embeddings are zero or one vector shared by several tokens, and the loss would become NaN/inf or every such token would be learned from the same start. Set dataset.fix_untrained_tokens = true to start them at the mean of the trained rows and train them, or remove them from the data",
                     self.used_names().join(", ")
                 ),
             )
@@ -137,8 +140,11 @@ pub fn untrained_tokens(
     excluded.extend(spec.eos_token_ids.iter().copied());
     excluded.sort_unstable();
     excluded.dedup();
-    let all_ids = untrained::detect(store, spec, &[])?;
+    let all_rows = untrained::classify(store, spec, &[])?;
+    let all_ids: Vec<u32> = all_rows.iter().map(|r| r.id).collect();
     let candidates: Vec<u32> = all_ids.iter().copied().filter(|i| !excluded.contains(i)).collect();
+    // (`classify` returns rows in id order.)
+    let kind_of = |id: u32| all_rows.binary_search_by_key(&id, |r| r.id).map_or(RowKind::Zero, |i| all_rows[i].kind);
 
     // Per candidate: examples that contain it and the first one's row (token ids of the examples,
     // not the batcher's rows, which hold example indices).
@@ -160,6 +166,7 @@ pub fn untrained_tokens(
         .map(|&id| UntrainedToken {
             id,
             text: tok.token_text(id).unwrap_or_default(),
+            kind: kind_of(id),
             data_rows: in_data.get(&id).map_or(0, |&(n, _)| n),
             first_row: in_data.get(&id).map(|&(_, row)| row),
             in_template: in_template.contains(&id),
@@ -208,6 +215,9 @@ pub struct DatasetSection {
     /// the row for Parquet).
     pub skipped: Vec<SkippedRow>,
     pub max_bad_fraction: f64,
+    /// Rows the run evaluates on (`dataset.eval_split`), held out of `rows_used` or read from
+    /// their own file; 0 without evaluation.
+    pub eval_rows: usize,
 }
 
 /// Whether the run can start.
@@ -261,14 +271,14 @@ impl PreflightReport {
     pub fn build_for(cfg: &RunConfig, marking: Marking, card: Option<&'static crate::backend::card::CardProfile>) -> Result<Self> {
         cfg.validate()?;
         let device = crate::device::check(&crate::device::Request::of_config(cfg, card)?);
-        let spec = ModelSpec::from_dir(&cfg.model.path)?;
+                let spec = crate::model::spec_of_folder(&cfg.model.path)?;
         let tok = TokenizerBundle::load(&cfg.model.path)?;
         let store = WeightStore::open(&cfg.model.path)?;
         let data = prepare_dataset_unchecked(&cfg.dataset, &tok, cfg.train.max_seq_len)?;
         let template = dataset_template(&cfg.dataset, &tok, data.report.format)?;
 
         let r = &data.report;
-        let dataset = DatasetSection {
+        let mut dataset = DatasetSection {
             path: r.path.clone(),
             file_kind: r.file_kind.clone(),
             format: r.format,
@@ -283,8 +293,21 @@ impl PreflightReport {
             rows_skipped: r.rows_skipped.len(),
             skipped: r.rows_skipped.iter().take(LIST_SKIPPED).cloned().collect(),
             max_bad_fraction: cfg.dataset.max_bad_fraction,
+            eval_rows: 0,
         };
-        let examples = Arc::new(data.examples.clone());
+        // The steps are counted over the rows the run trains on, as the session splits them.
+        let mut eval_problem = None;
+        let train = match eval_sets(&cfg.dataset, data.examples.clone(), cfg.train.seed, &tok, cfg.train.max_seq_len) {
+            Ok((train, eval)) => {
+                dataset.eval_rows = eval.len();
+                train
+            }
+            Err(e) => {
+                eval_problem = Some(e.to_string());
+                data.examples.clone()
+            }
+        };
+        let examples = Arc::new(train);
         let batcher =
             Batcher::new(examples, cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
         let stats = dataset_stats(&data, &batcher, cfg.train.grad_accum);
@@ -307,7 +330,7 @@ impl PreflightReport {
         };
         let untrained = untrained_tokens(&store, &spec, &tok, &data.examples, template.as_ref(), cfg.dataset.fix_untrained_tokens)?;
 
-        let mut reasons = Vec::new();
+        let mut reasons: Vec<String> = eval_problem.into_iter().collect();
         if let Err(e) = store.check_finite() {
             reasons.push(e.to_string());
         }

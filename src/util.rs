@@ -1,7 +1,7 @@
 //! Small helpers shared by every module: atomic writes and human-readable sizes.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -29,14 +29,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// only when `fill` succeeds; on failure nothing is left behind.
 pub fn write_dir_atomic(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_path(parent)?;
+    std::fs::create_dir_all(parent).map_err(|e| cannot_create(dest, e))?;
     let name = dest.file_name().ok_or_else(|| Error::file(dest, "not a folder path"))?;
     let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_path(&tmp)?;
+    std::fs::create_dir_all(&tmp).map_err(|e| cannot_create(dest, e))?;
     if let Err(e) = fill(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+        return Err(told_of_dest(e, &tmp, dest));
     }
     let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
     let had_old = dest.exists();
@@ -54,6 +54,27 @@ pub fn write_dir_atomic(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
         let _ = std::fs::remove_dir_all(&old);
     }
     Ok(())
+}
+
+/// A folder that could not be created (read-only or full disk), named as the user chose it, not
+/// as the hidden temporary sibling it is first written to.
+pub fn cannot_create(dest: &Path, e: std::io::Error) -> Error {
+    Error::file(dest, format!("cannot be created: {e}"))
+}
+
+/// An error met while filling `tmp`, the temporary folder that becomes `dest`, told of `dest`:
+/// the user chose `dest`, and `tmp` is gone by the time the message is read.
+pub fn told_of_dest(e: Error, tmp: &Path, dest: &Path) -> Error {
+    let moved = |path: PathBuf| match path.strip_prefix(tmp) {
+        Ok(rest) if rest.as_os_str().is_empty() => dest.to_path_buf(),
+        Ok(rest) => dest.join(rest),
+        Err(_) => path,
+    };
+    match e {
+        Error::File { path, msg } => Error::File { path: moved(path), msg },
+        Error::Line { path, line, msg } => Error::Line { path: moved(path), line, msg },
+        other => other,
+    }
 }
 
 pub fn fmt_bytes(bytes: u64) -> String {

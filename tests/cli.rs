@@ -133,10 +133,14 @@ fn plan_for_every_card_profile_without_a_gpu() {
         assert_eq!(v["fits"], true, "a 1B model at 2048 tokens fits every card: {}", p.key);
         assert!(v["card"].as_str().unwrap().contains(&format!("(profile {})", p.key)), "{}", v["card"]);
     }
-    // The cap is held on top of the card: a 12 GB card capped at 4 GiB.
-    let (ok, out, err) = tunestudio(&["plan", "--shape", "llama3-8b", "--seq", "2048", "--card", "rtx3060", "--gpu-mem", "4GiB", "--json"]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // The cap is held on top of the card: a 12 GB card capped at 4 GiB, where the 8B does not
+    // fit (exit code 2: planned, does not fit).
+    let out = Command::new(env!("CARGO_BIN_EXE_tunestudio"))
+        .args(["plan", "--shape", "llama3-8b", "--seq", "2048", "--card", "rtx3060", "--gpu-mem", "4GiB", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((v["cap_bytes"].as_u64(), v["available_bytes"].as_u64(), v["fits"].as_bool()), (Some(4 << 30), Some(4 << 30), Some(false)));
     let (ok, _, err) = tunestudio(&["plan", "--shape", "llama3-8b", "--card", "rtx9999"]);
     assert!(!ok);
@@ -443,4 +447,84 @@ fn plan_takes_qwen3_8b_and_gemma3_4b_configs() {
     let (ok, out, _) = tunestudio(&["plan", "--shape", "gemma3-4b", "--seq", "2048", "--gpu-mem", "80GiB", "--json"]);
     assert!(ok);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["terms"]["base_weights"].as_u64(), Some(gemma));
+}
+
+/// Issue 17/18: a folder that is not a model says what to choose instead of "(os error 2)", for
+/// every command that reads one; an export that cannot be written names `--to`, not the hidden
+/// temporary folder it writes first.
+#[test]
+fn wrong_folders_and_unwritable_exports_name_what_the_user_gave() {
+    let d = tempfile::tempdir().unwrap();
+    let empty = d.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let cfg = small_run_config(d.path(), "wrong", 1);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(&format!("{:?}", demo().join("model")), &format!("{empty:?}"));
+    let wrong = d.path().join("wrong-model.toml");
+    std::fs::write(&wrong, text).unwrap();
+    for args in [
+        vec!["inspect", empty.to_str().unwrap()],
+        vec!["plan", "--model", empty.to_str().unwrap()],
+        vec!["preflight", wrong.to_str().unwrap()],
+        vec!["train", wrong.to_str().unwrap()],
+    ] {
+        let (ok, _, err) = tunestudio(&args);
+        assert!(!ok, "{args:?}");
+        assert_error(&err, "has no config.json, so it is not a model folder");
+        assert!(!err.contains("os error"), "{args:?}: {err}");
+    }
+
+    let cfg = small_run_config(d.path(), "export", 1);
+    let (ok, _, err) = tunestudio(&["train", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let run = d.path().join("runs/export");
+    // A destination under a file cannot be created, even by root (unlike a read-only folder).
+    let blocker = d.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    let to = blocker.join("adapter-out");
+    let (ok, _, err) = tunestudio(&["export", "adapter", run.to_str().unwrap(), "--to", to.to_str().unwrap()]);
+    assert!(!ok);
+    assert_error(&err, &format!("{}: cannot be created", to.display()));
+    assert!(!err.contains(".tmp-") && !err.contains(".adapter-out"), "{err}");
+    let to = blocker.join("merged-out");
+    let (ok, _, err) = tunestudio(&["export", "merged", run.to_str().unwrap(), "--to", to.to_str().unwrap()]);
+    assert!(!ok);
+    assert_error(&err, &format!("{}: cannot be created", to.display()));
+    assert!(!err.contains(".partial-"), "{err}");
+}
+
+/// Issue 18: SIGTERM (as Ctrl+C) stops `train` after the step in progress with a checkpoint of
+/// that step, although step checkpoints are off, so a stop loses nothing; the run is "stopped",
+/// keeps its adapter, and resumes from there.
+#[test]
+fn sigterm_stops_train_with_a_checkpoint_of_its_last_step() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = small_run_config(d.path(), "term", 10_000);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("save_every = 1", "save_every = 0");
+    std::fs::write(&cfg, text).unwrap();
+    let run = d.path().join("runs/term");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tunestudio"))
+        .args(["train", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while metrics_of(&run).len() < 3 {
+        assert!(child.try_wait().unwrap().is_none(), "train ended before it was signalled");
+        assert!(t0.elapsed().as_secs() < 300, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child, whose PID is live until we wait for it.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let steps = metrics_of(&run).len() as u64;
+    assert!(steps < 10_000 && err.contains(&format!("stopped after {steps} steps")), "{err}");
+    assert_eq!(tunestudio::session::checkpoint::list(&run), vec![steps], "the stop saved its step, and only it");
+    assert_eq!(tunestudio::session::checkpoint::RunStatus::load(&run).unwrap().state, "stopped");
+    assert!(run.join("adapter/adapter_model.safetensors").is_file());
+    let (ok, _, err) = tunestudio(&["train", "--resume", run.to_str().unwrap(), "--max-steps", &(steps + 2).to_string()]);
+    assert!(ok, "{err}");
+    assert_eq!(metrics_of(&run).iter().map(|m| m.0).collect::<Vec<_>>(), (1..=steps + 2).collect::<Vec<_>>());
 }

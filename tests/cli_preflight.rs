@@ -242,3 +242,66 @@ fn a_config_that_does_not_validate_is_an_error() {
     assert!(!ok && out.is_empty(), "{out}");
     assert_error(&err, "train.max_seq_len");
 }
+
+/// Issue 17: rows collapsed onto one shared non-zero vector (SmolLM2's unused special tokens) are
+/// untrained too, though no zero test sees them: listed as their own kind, and fixed like zero
+/// rows when the data uses them.
+#[test]
+fn rows_collapsed_onto_one_shared_vector_are_untrained_and_get_the_fix() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(root().join("assets/demo/model")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    // Reserved tokens 0–3 (ids 1579–1582) get one shared bf16 vector in both matrices; 4–7 stay zero.
+    let st = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    {
+        let store = tunestudio::model::WeightStore::open(&model).unwrap();
+        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+            let e = store.get(name).unwrap();
+            assert_eq!(e.dtype.bitsize(), 16, "the demo is bf16");
+            let hidden = e.shape[1];
+            for id in 1579..=1582usize {
+                for j in 0..hidden {
+                    // ±2⁻⁶, alternating in a pattern of three: one vector, not a constant.
+                    let v: u16 = if j % 3 == 0 { 0xBC80 } else { 0x3C80 };
+                    let at = e.start + (id * hidden + j) * 2;
+                    bytes[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+    std::fs::write(&st, bytes).unwrap();
+
+    let (ok, out, err) = tunestudio(&["inspect", "--json", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let kinds: Vec<(u64, String)> = v["untrained_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_u64().unwrap(), t["kind"].as_str().unwrap().to_string()))
+        .collect();
+    let want: Vec<(u64, String)> = (1579..=1586).map(|id| (id, if id <= 1582 { "collapsed" } else { "zero" }.to_string())).collect();
+    assert_eq!(kinds, want);
+
+    let data = std::fs::read_to_string(root().join("tests/fixtures/interop/demo_fix/train.jsonl")).unwrap();
+    let cfg = config_with_data(d.path(), &data, "format = \"alpaca\"");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(&format!("{:?}", root().join("assets/demo/model")), &format!("{model:?}"));
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, v, err) = preflight_json(&cfg);
+    assert!(ok, "{err}");
+    let u = &v["untrained_tokens"];
+    assert_eq!(u["action"], "fix");
+    assert_eq!(ids(&u["used_ids"]), vec![1579]);
+    assert_eq!((u["tokens"][0]["id"].as_u64(), u["tokens"][0]["kind"].as_str()), (Some(1579), Some("collapsed")));
+    assert_eq!(u["tokens"][7]["kind"], "zero");
+    let (ok, out, err) = tunestudio(&["preflight", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let row = out.lines().find(|l| l.contains("<|reserved_special_token_0|>")).unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("shared vector") && row.contains("USED"), "{row}");
+    assert!(out.contains("verdict    ready with fixes"), "{out}");
+}

@@ -57,9 +57,9 @@ fn five_malformed_csv_rows_among_100_are_named_by_starting_line() {
     // `grep -n BAD tests/fixtures/data/malformed_100.csv` shows the same numbers.
     assert_eq!(rows, vec![15, 41, 64, 79, 107], "{got:?}");
     assert_eq!(got[0].1, "missing column `output`");
-    assert_eq!(got[1].1, "empty response in turn 2");
+    assert_eq!(got[1].1, "column `output` is empty: the row has no response to train on");
     assert!(got[2].1.contains("4 fields but the header has 3"), "{got:?}");
-    assert_eq!(got[3].1, "empty response in turn 2");
+    assert_eq!(got[3].1, "column `output` is empty: the row has no response to train on");
     assert_eq!(got[4].1, "missing column `output`");
     // The tenth record spans two lines (quoted newline) and keeps both in the user turn.
     let tenth = ds.examples.iter().find(|e| e.row == 11).expect("record 10 starts on line 11");
@@ -113,7 +113,7 @@ fn parquet_string_columns_zstd_and_sharegpt_gzip() {
     assert_eq!(ds.examples.len(), 2);
     let text = tok.decode(&ds.examples[0].input_ids, false).unwrap();
     assert!(text.contains("Add\n\n1 2<|eot_id|>"), "{text}");
-    assert_eq!(skipped(&ds), vec![(3, "missing column `output`".to_string())]);
+    assert_eq!(skipped(&ds), vec![(3, "column `output` is null".to_string())]);
 
     let ds = prepare_dataset(&cfg(fixture("sharegpt_gzip.parquet")), &tok, 512).unwrap();
     assert_eq!(ds.report.format, DatasetFormat::Sharegpt);
@@ -129,6 +129,27 @@ fn not_a_parquet_file_is_a_file_error() {
     let tok = TokenizerBundle::load(model.path()).unwrap();
     let e = prepare_dataset(&cfg(p), &tok, 512).unwrap_err().to_string();
     assert!(e.contains("x.parquet") && e.contains("not a readable Parquet file"), "{e}");
+}
+
+/// Issue 18: an empty file and a binary one are said to be what they are, naming the file, and
+/// not blamed on `dataset.format` (which detection would otherwise say it cannot tell).
+#[test]
+fn empty_and_binary_files_name_the_file_not_the_format() {
+    let model = model_dir(None);
+    let tok = TokenizerBundle::load(model.path()).unwrap();
+    let p = write(model.path(), "empty.jsonl", "\n\n");
+    let e = prepare_dataset(&cfg(p), &tok, 512).unwrap_err().to_string();
+    assert!(e.contains("empty.jsonl: has no rows") && !e.contains("dataset.format"), "{e}");
+    let noise: Vec<u8> = (0..4000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let p = model.path().join("noise.jsonl");
+    std::fs::write(&p, &noise).unwrap();
+    let e = prepare_dataset(&cfg(p.clone()), &tok, 512).unwrap_err().to_string();
+    assert!(e.contains("noise.jsonl: none of its") && e.contains("is it a dataset file?") && e.contains("line 1:"), "{e}");
+    assert!(!e.contains("dataset.format"), "{e}");
+    let csv = model.path().join("noise.csv");
+    std::fs::write(&csv, [b"a,b\n".as_slice(), &[0xff, 0xfe, b',', 0xff, b'\n'], &[0xc3, 0x28, b',', b'x', b'\n']].concat()).unwrap();
+    let e = prepare_dataset(&cfg(csv), &tok, 512).unwrap_err().to_string();
+    assert!(e.contains("noise.csv: none of its 2 rows") && !e.contains("dataset.format"), "{e}");
 }
 
 #[test]

@@ -124,9 +124,10 @@ fn openai_messages_with_model_template_mask_the_responses() {
         .enumerate()
         .map(|(i, c)| tunestudio::model::chat_template::Message::new(if i % 2 == 0 { "user" } else { "assistant" }, *c))
         .collect();
-    let by_prefixes = tunestudio::data::encode::Encoder { tok: &tok, template: Some(&plain), train_on: TrainOn::Responses }
-        .encode(&tunestudio::data::format::Sample::Chat(msgs), false)
-        .unwrap();
+    let by_prefixes =
+        tunestudio::data::encode::Encoder { tok: &tok, template: Some(&plain), train_on: TrainOn::Responses, max_tokens: None }
+            .encode(&tunestudio::data::format::Sample::Chat(msgs), false)
+            .unwrap();
     assert_eq!(by_prefixes.mask, tunestudio::data::MaskSource::RenderedPrefixes);
     assert_eq!((&by_prefixes.input_ids, &by_prefixes.labels), (&ds.examples[0].input_ids, &ds.examples[0].labels));
     let pieces = [
@@ -191,7 +192,7 @@ fn template_that_rewrites_earlier_turns_is_refused_per_row_with_a_reason() {
     let rec = json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]});
     let data = write(model.path(), "m.jsonl", &format!("{rec}\n"));
     let e = prepare_dataset(&cfg(&data), &tok, 512).unwrap_err().to_string();
-    assert!(e.contains("row 1:") && e.contains("renders turn 2 differently"), "{e}");
+    assert!(e.contains("line 1:") && e.contains("renders turn 2 differently"), "{e}");
 }
 
 #[test]
@@ -288,8 +289,55 @@ fn json_array_rows_are_reported_by_line() {
     let mut c = cfg(&data);
     c.max_bad_fraction = 1.0;
     let ds = prepare_dataset(&c, &tok, 512).unwrap();
-    let skipped: Vec<(usize, &str)> = ds.report.rows_skipped.iter().map(|s| (s.row, s.reason.as_str())).collect();
-    assert_eq!(skipped, vec![(3, "missing column `output`"), (4, "empty response in turn 2")]);
+    let skipped: Vec<(usize, Option<usize>, &str)> = ds.report.rows_skipped.iter().map(|s| (s.row, s.record, s.reason.as_str())).collect();
+    assert_eq!(
+        skipped,
+        vec![(3, Some(2), "missing column `output`"), (4, Some(3), "column `output` is empty: the row has no response to train on")]
+    );
+    // Issue 17: the line, and the item of the array a program reading it sees.
+    let places: Vec<String> = ds.report.rows_skipped.iter().map(|s| s.place(&ds.report.file_kind)).collect();
+    assert_eq!(places, vec!["line 3 (record 2, index 1)", "line 4 (record 3, index 2)"]);
+    assert_eq!(ds.report.rows_skipped[0].place("JSONL"), "line 3 (record 2, index 1)");
+    let jsonl = tunestudio::data::SkippedRow { row: 7, record: None, reason: String::new() };
+    assert_eq!((jsonl.place("JSONL"), jsonl.place("Parquet")), ("line 7".to_string(), "row 7".to_string()));
+}
+
+/// Issue 18: a row of hundreds of kilobytes is tokenized only as far as max_seq_len needs, and
+/// what training gets is what tokenizing it whole and truncating gives.
+#[test]
+fn a_very_long_row_is_tokenized_only_as_far_as_training_needs() {
+    use tunestudio::data::encode::Encoder;
+    use tunestudio::data::format::Sample;
+    use tunestudio::model::chat_template::Message;
+    let model = model_dir(None);
+    let tok = tok(&model);
+    let long: String = (0..60_000).map(|i| format!("w{} ", i % 97)).collect();
+    let template = tok.resolve_template("auto").unwrap();
+    let sample = Sample::Chat(vec![Message::new("user", "Say it all."), Message::new("assistant", long.clone())]);
+    let whole =
+        Encoder { tok: &tok, template: Some(&template), train_on: TrainOn::Responses, max_tokens: None }.encode(&sample, false).unwrap();
+    let part = Encoder { tok: &tok, template: Some(&template), train_on: TrainOn::Responses, max_tokens: Some(64) }
+        .encode(&sample, false)
+        .unwrap();
+    assert!(!whole.cut && part.cut);
+    assert!(whole.input_ids.len() > long.len() && part.input_ids.len() < 2000, "{}", part.input_ids.len());
+    assert_eq!(part.input_ids[..64], whole.input_ids[..64]);
+    assert_eq!(part.labels[..64], whole.labels[..64]);
+    // The whole length is estimated from the prefix (exact here: one token per byte).
+    let err = part.total_tokens.abs_diff(whole.total_tokens) as f64 / whole.total_tokens as f64;
+    assert!(err < 0.01, "{} vs {}", part.total_tokens, whole.total_tokens);
+    // Raw text: BOS, the first tokens, and no EOS in the middle of the text.
+    let text = Sample::Text(long.clone());
+    let part = Encoder { tok: &tok, template: None, train_on: TrainOn::All, max_tokens: Some(64) }.encode(&text, false).unwrap();
+    assert!(part.cut && part.input_ids[0] == BOS && !part.input_ids.contains(&tok.eos_id().unwrap()));
+    assert_eq!(part.input_ids[1..65], ref_ids(&long)[..64]);
+
+    // Through the dataset: truncated, counted, with the first max_seq_len tokens of the whole row.
+    let data = write(model.path(), "long.jsonl", &format!("{}\n", json!({"instruction": "Say it all.", "output": long})));
+    let ds = prepare_dataset(&cfg(&data), &tok, 64).unwrap();
+    assert_eq!(ds.report.truncated_rows, 1);
+    assert_eq!(ds.examples[0].input_ids, whole.input_ids[..64]);
+    assert!(ds.report.lengths[0].original_tokens.abs_diff(whole.total_tokens) * 100 < whole.total_tokens);
 }
 
 #[test]
@@ -303,7 +351,7 @@ fn too_many_bad_rows_refuses_with_the_first_twenty() {
     let data = write(model.path(), "bad.jsonl", &text);
     let e = prepare_dataset(&cfg(&data), &tok, 512).unwrap_err().to_string();
     assert!(e.contains("30 of 31 rows") && e.contains("the first 20"), "{e}");
-    assert!(e.contains("row 2: bad JSON") && e.contains("row 21:") && !e.contains("row 22:"), "{e}");
+    assert!(e.contains("line 2: bad JSON") && e.contains("line 21:") && !e.contains("line 22:"), "{e}");
     assert!(e.starts_with(&data.display().to_string()), "{e}");
 }
 

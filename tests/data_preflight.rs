@@ -87,3 +87,33 @@ fn checks_catch_missing_eos_generation_prompt_and_pad_eos() {
     let eos = f.iter().find(|x| x.code == "no_eos_in_response").unwrap();
     assert!(eos.message.contains("<|eot_id|>"), "{}", eos.message);
 }
+
+/// Issue 17: ChatML turns end in `<|im_end|>\n`. The stop token is inside the trained span (the
+/// newline after it is trained too), so nothing warns that the model will not learn to stop; and
+/// SmolLM2's pad = EOS is one note, not two warnings.
+#[test]
+fn chatml_turns_hold_their_stop_token_and_pad_eos_is_one_note() {
+    let specials = [("<|endoftext|>", 256), ("<|im_start|>", 257), ("<|im_end|>", 258)];
+    let tmpl = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    let model = model_dir(Some(json!({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "chat_template": tmpl
+    })));
+    write_json(&model.path().join("tokenizer.json"), &tokenizer_json(&specials));
+    let tok = TokenizerBundle::load(model.path()).unwrap();
+    let t = tok.resolve_template("auto").unwrap();
+    let f = tokenizer_checks(&tok, &t);
+    assert!(!f.iter().any(|x| x.code == "no_eos_in_response"), "{f:?}");
+    let pad: Vec<_> = f.iter().filter(|x| x.message.contains("pad")).collect();
+    assert_eq!(pad.len(), 1, "{f:?}");
+    assert_eq!((pad[0].code, pad[0].level), ("pad_is_eos", Level::Info), "{f:?}");
+    assert!(f.iter().all(|x| x.level == Level::Info), "{f:?}");
+
+    // The same turns with the assistant's text closed by a bare newline: no stop token is trained.
+    let tmpl = "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' + message['content'] + '\\n' }}{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    let model = model_dir(Some(json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": tmpl})));
+    write_json(&model.path().join("tokenizer.json"), &tokenizer_json(&specials));
+    let tok = TokenizerBundle::load(model.path()).unwrap();
+    let f = tokenizer_checks(&tok, &tok.resolve_template("auto").unwrap());
+    let eos = f.iter().find(|x| x.code == "no_eos_in_response").expect("a turn without its stop token is found");
+    assert!(eos.message.contains("<|im_end|>"), "{}", eos.message);
+}

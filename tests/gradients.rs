@@ -622,3 +622,30 @@ fn trainable_token_rows_match_finite_differences() {
         assert!(worst < 1e-4, "token-row gradient relative error {worst:e} (tied={tied})");
     }
 }
+
+/// Issue 18: a non-finite loss stops the step before the update, naming the loss and the step and
+/// saying what to change. The trainer keeps the weights it had and does not count the step, so
+/// the session's last checkpoint is of the last good state.
+#[test]
+fn a_non_finite_loss_stops_the_step_before_the_update() {
+    let spec = tiny_spec(false);
+    let mut tr = trainer(&spec, Quantization::Bf16, CheckpointPolicy::Layer, 0.0, Target::ALL.to_vec());
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let batch = tiny_batch(&mut rng, spec.vocab_size as u32);
+    tr.train_step(std::slice::from_ref(&batch), 1e-3).unwrap();
+    let mut w = tr.lora_weights().unwrap();
+    w.layers[1].get_mut(&Target::Down).unwrap().b[0] = f32::NAN;
+    tr.set_lora_weights(&w).unwrap();
+    let e = tr.train_step(&[batch], 1e-3).unwrap_err().to_string();
+    assert!(e.starts_with("non-finite loss at step 2:") && e.contains("learning rate"), "{e}");
+    assert_eq!(tr.step, 1, "the failed step is not counted");
+    let after = tr.lora_weights().unwrap();
+    for (l, layer) in w.layers.iter().enumerate() {
+        for (t, p) in layer {
+            let q = &after.layers[l][t];
+            for (x, y) in p.a.iter().chain(&p.b).zip(q.a.iter().chain(&q.b)) {
+                assert!(x == y || x.is_nan() && y.is_nan(), "layer {l} {t:?} was updated: {x} -> {y}");
+            }
+        }
+    }
+}

@@ -1059,8 +1059,9 @@ fn gui_too_many_bad_rows_is_said_once_at_the_field_it_concerns() {
     assert!(at_field.top() < field.bottom() && at_field.bottom() > field.top(), "the message is on the field's row");
     let status = h.get_by_label_contains("Start is disabled: Max unusable rows (dataset.max_bad_fraction): 4 of 20 rows").rect();
     assert!(status.height() < 24.0, "the status bar stays one line: {status:?}");
-    for row in 17..=20 {
-        assert!(h.query_by_label(&format!("row {row}")).is_some(), "skipped row {row} is listed");
+    // Listed by the line they are on, as SkippedRow::place says it for every file kind.
+    for line in 17..=20 {
+        assert!(h.query_by_label(&format!("line {line}")).is_some(), "skipped row on line {line} is listed");
     }
     assert!(disabled(&h, "▶ Start"));
     assert!(h.query_by_label("not ready").is_some(), "the toolbar does not say ready while Start is disabled");
@@ -1292,4 +1293,59 @@ fn gui_runs_side_by_side_named_compared_renamed_and_remembered_across_folders() 
     wait_for(&mut h, "the refusal", 30, |a| !a.state.notices.is_empty());
     assert!(h.state().state.notices[0].text.contains("without / or \\"), "{:?}", h.state().state.notices);
     assert!(second.exists());
+}
+
+#[test]
+fn gui_eval_loss_is_drawn_with_the_training_loss_and_the_best_is_marked() {
+    let _g = serial();
+    let mut h = studio_sized(Some(demo_config()), "eval", [1280.0, 900.0]);
+    wait_loaded(&mut h);
+    let ctx = h.ctx.clone();
+    // Without evaluation rows the evaluation settings would do nothing: they are disabled.
+    go(&mut h, Page::Hyper);
+    settle(&mut h);
+    assert!(h.query_all_by_label("Evaluate every").any(|n| n.accesskit_node().is_disabled()));
+
+    // A run with no evaluation rows draws no evaluation curve.
+    let train = |h: &mut Harness<'static, StudioApp>, name: &str| {
+        let c = &mut h.state_mut().state.config;
+        c.output.run_name = name.into();
+        c.train.max_steps = Some(5);
+        h.state_mut().act(Action::ConfirmStart, &ctx);
+        wait_for(h, "a short run", 180, |a| a.state.training.phase == Phase::Done);
+        settle(h);
+    };
+    train(&mut h, "without-eval");
+    assert!(h.query_by_label("smoothed").is_some(), "the loss plot's legend is there");
+    assert!(h.query_by_label("eval loss").is_none() && h.query_by_label_contains("best eval loss").is_none());
+
+    // Hold out a tenth of the rows (the Dataset page's field), evaluate every 2 steps.
+    h.state_mut().state.config.dataset.eval_split = Some(tunestudio::config::EvalSplit::Fraction(0.1));
+    go(&mut h, Page::Dataset);
+    settle(&mut h);
+    assert!(h.query_by_label("of the rows").is_some(), "the fraction's field is drawn");
+    let combo = h.query_all_by_label("Evaluation rows").find(|n| n.accesskit_node().role() == egui::accesskit::Role::ComboBox);
+    assert_eq!(combo.and_then(|n| n.accesskit_node().value().map(String::from)).as_deref(), Some("hold out a fraction"));
+    go(&mut h, Page::Hyper);
+    settle(&mut h);
+    assert!(h.query_all_by_label("Evaluate every").all(|n| !n.accesskit_node().is_disabled()));
+    h.state_mut().state.config.train.eval_every = 2;
+    train(&mut h, "with-eval");
+    assert_eq!(h.state().state.page, Page::Monitor);
+
+    // The evaluation loss is in the loss plot's legend beside the training loss, with the best
+    // marked there and named above the plot.
+    let metrics = h.state().state.training.metrics.clone();
+    let evals: Vec<(u64, f64)> = metrics.iter().filter_map(|m| Some((m.step, m.eval_loss?))).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 4, 5]);
+    assert!(h.query_by_label("smoothed").is_some() && h.query_by_label("eval loss").is_some() && h.query_by_label("best eval").is_some());
+    let best = evals.iter().copied().fold((0, f64::INFINITY), |b, e| if e.1 < b.1 { e } else { b });
+    let label = format!("best eval loss {:.4} at step {}", best.1, best.0);
+    assert!(h.query_by_label(&label).is_some(), "{label} is shown");
+    let log = &h.state().state.training.log;
+    assert!(log.iter().any(|l| l.starts_with("holding out 35 rows")), "{log:?}");
+    assert!(log.iter().any(|l| l.starts_with("best eval loss") && l.contains(&format!("step-{:06}", best.0))), "{log:?}");
+    if let Ok(p) = std::env::var("LOOK_AT") {
+        h.render().unwrap().save(p).unwrap();
+    }
 }

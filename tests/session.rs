@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use tunestudio::RunConfig;
+use tunestudio::config::EvalSplit;
 use tunestudio::session::checkpoint::{self, RunStatus};
 use tunestudio::session::{Event, StartOptions, start};
 
@@ -64,7 +65,7 @@ fn demo_run_writes_a_complete_run_folder() {
 #[test]
 fn resumed_run_reproduces_the_uninterrupted_loss_curve_exactly() {
     let a = tempfile::tempdir().unwrap();
-    let (full, _, _) = run(demo_config(a.path(), 6), StartOptions::default());
+    let (full, full_dir, _) = run(demo_config(a.path(), 6), StartOptions::default());
 
     let b = tempfile::tempdir().unwrap();
     let (first, dir, _) = run(demo_config(b.path(), 6), StartOptions { stop_after_step: Some(3), ..Default::default() });
@@ -75,8 +76,16 @@ fn resumed_run_reproduces_the_uninterrupted_loss_curve_exactly() {
     let resumed: Vec<(u64, f64)> = first.into_iter().chain(rest).collect();
     // Bit-for-bit: same data order, same dropout masks, same optimizer state.
     assert_eq!(resumed, full);
-    let on_disk: Vec<(u64, f64)> = checkpoint::read_metrics(&dir).into_iter().map(|m| (m.step, m.loss)).collect();
-    assert_eq!(on_disk, full);
+    // The history on disk is the uninterrupted run's too, digit for digit: the resume keeps the
+    // lines before its checkpoint as they were written. (serde_json reads some 17-digit floats one
+    // unit off, so a line parsed and written again would differ; losses are compared as text.)
+    let losses = |d: &Path| -> Vec<String> {
+        let text = std::fs::read_to_string(d.join(checkpoint::METRICS_FILE)).unwrap();
+        text.lines().map(|l| l.split("\"loss\":").nth(1).and_then(|r| r.split(',').next()).unwrap().to_string()).collect()
+    };
+    assert_eq!(losses(&dir), losses(&full_dir));
+    let on_disk: Vec<u64> = checkpoint::read_metrics(&dir).into_iter().map(|m| m.step).collect();
+    assert_eq!(on_disk, (1..=6).collect::<Vec<_>>());
 }
 
 #[test]
@@ -399,4 +408,153 @@ fn the_demo_trains_its_whole_schedule_without_tripping_the_divergence_guard() {
     assert!(cfg.train.stop_on_divergence);
     let (losses, _, _) = run(cfg, StartOptions::default());
     assert_eq!(losses.len(), 60);
+}
+
+#[test]
+fn held_out_rows_give_an_eval_loss_and_the_best_checkpoint_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(tmp.path(), 8);
+    cfg.dataset.eval_split = Some(EvalSplit::Fraction(0.1));
+    cfg.train.eval_every = 3;
+    cfg.train.save_every = 1;
+    cfg.train.keep_only_best = true;
+    let (_, dir, events) = run(cfg, StartOptions::default());
+
+    let loaded = events.iter().find_map(|e| if let Event::Loaded(i) = e { Some(i) } else { None }).unwrap();
+    let usable = loaded.dataset.rows_used;
+    assert_eq!(loaded.dataset.eval_rows, (usable as f64 * 0.1).round() as usize);
+    assert_eq!(RunStatus::load(&dir).unwrap().rows, Some(usable - loaded.dataset.eval_rows), "trains on the rest");
+
+    // Every 3 steps and after the last, in metrics.jsonl as in the events.
+    let metrics = checkpoint::read_metrics(&dir);
+    let evals: Vec<(u64, f64)> = metrics.iter().filter_map(|m| Some((m.step, m.eval_loss?))).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 6, 8]);
+    assert!(evals.iter().all(|e| e.1.is_finite() && e.1 > 0.0), "{evals:?}");
+    let line = std::fs::read_to_string(dir.join(checkpoint::METRICS_FILE)).unwrap();
+    assert!(line.lines().nth(2).unwrap().contains("\"eval_loss\":"), "written as eval_loss");
+
+    // The best is the lowest, marked in run.json and in the Finished event, and its checkpoint
+    // is on disk; with keep_only_best only it and the newest remain of the 8 saved.
+    let best = evals.iter().copied().fold((0, f64::INFINITY), |b, e| if e.1 < b.1 { e } else { b });
+    let status = RunStatus::load(&dir).unwrap();
+    let marked = status.best.expect("run.json marks the best evaluation");
+    assert_eq!((marked.step, marked.eval_loss), best);
+    let finished = events.iter().find_map(|e| if let Event::Finished(f) = e { Some(f) } else { None }).unwrap();
+    assert_eq!(finished.best, Some(marked));
+    assert_eq!(finished.best_checkpoint.as_deref(), Some(checkpoint::step_dir(&dir, best.0).as_path()));
+    let mut kept = vec![best.0, 8];
+    kept.dedup();
+    assert_eq!(checkpoint::list(&dir), kept);
+}
+
+#[test]
+fn evaluating_does_not_change_the_training_curve() {
+    // The same rows trained with an evaluation file beside them: bit-identical training losses,
+    // so an evaluation draws nothing from the dropout masks or the data order (dropout is on).
+    let a = tempfile::tempdir().unwrap();
+    let (plain, _, _) = run(demo_config(a.path(), 4), StartOptions::default());
+    let b = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(b.path(), 4);
+    let eval_file = b.path().join("held.jsonl");
+    let rows: Vec<String> = std::fs::read_to_string(&cfg.dataset.path).unwrap().lines().take(6).map(String::from).collect();
+    std::fs::write(&eval_file, rows.join("\n")).unwrap();
+    cfg.dataset.eval_split = Some(EvalSplit::File(eval_file));
+    cfg.train.eval_every = 1;
+    let (with_eval, dir, events) = run(cfg, StartOptions::default());
+    assert_eq!(with_eval, plain);
+    assert!(checkpoint::read_metrics(&dir).iter().all(|m| m.eval_loss.is_some()));
+    let loaded = events.iter().find_map(|e| if let Event::Loaded(i) = e { Some(i) } else { None }).unwrap();
+    assert_eq!(loaded.dataset.eval_rows, 6);
+
+    // An evaluation file with no usable row is refused, naming the file and the key.
+    let c = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(c.path(), 1);
+    let empty = c.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    cfg.dataset.eval_split = Some(EvalSplit::File(empty));
+    let h = start(cfg, StartOptions::default());
+    let msg = h.events.iter().find_map(|e| if let Event::Failed { message, .. } = e { Some(message) } else { None }).unwrap();
+    assert!(msg.contains("empty.jsonl"), "{msg}");
+}
+
+fn checkpoint_steps(events: &[Event]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Checkpoint { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 18: checkpoints come by training time as well as by steps, and at every stop. With step
+/// checkpoints off (`save_every = 0`), an interval shorter than a step saves after every step; the
+/// default 10 minutes saves nothing in a short run but its end; a stop saves the step it stopped at.
+#[test]
+fn checkpoints_are_written_by_training_time_and_at_every_stop() {
+    assert_eq!(RunConfig::default().train.save_every_minutes, 10.0, "README documents 10 minutes");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(tmp.path(), 4);
+    cfg.train.save_every = 0;
+    cfg.output.run_name = "by-time".into();
+    // 6 microseconds: every step of the demo takes longer.
+    cfg.train.save_every_minutes = 1e-7;
+    let (_, dir, events) = run(cfg.clone(), StartOptions::default());
+    assert_eq!(checkpoint_steps(&events), vec![1, 2, 3, 4]);
+    assert!(checkpoint::list(&dir).ends_with(&[4]));
+
+    cfg.output.run_name = "default-interval".into();
+    cfg.train.save_every_minutes = 10.0;
+    let (_, _, events) = run(cfg.clone(), StartOptions::default());
+    assert_eq!(checkpoint_steps(&events), vec![4], "only the end: ten minutes have not passed");
+
+    cfg.output.run_name = "stopped".into();
+    cfg.train.save_every_minutes = 0.0;
+    let (_, dir, events) = run(cfg, StartOptions { stop_after_step: Some(2), ..Default::default() });
+    assert_eq!(checkpoint_steps(&events), vec![2], "a stop saves the step it stopped at");
+    assert_eq!(checkpoint::list(&dir), vec![2]);
+    assert_eq!(RunStatus::load(&dir).unwrap().state, "stopped");
+}
+
+/// Issue 18: an adapter or checkpoint holding NaN or ±inf is refused where it is read, naming the
+/// tensor: continuing from it (`model.adapter`), resuming from it, exporting or evaluating it would
+/// otherwise train or ship NaNs.
+#[test]
+fn non_finite_adapters_and_checkpoints_are_refused_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dir, _) = run(demo_config(tmp.path(), 2), StartOptions { stop_after_step: Some(1), ..Default::default() });
+    let spec = tunestudio::model::ModelSpec::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/model")).unwrap();
+    let good = tunestudio::export::adapter::load_peft(&dir.join("adapter"), &spec).unwrap();
+    let mut weights = good.weights.clone();
+    let (&target, pair) = weights.layers[1].iter_mut().next().unwrap();
+    pair.b[3] = f32::NAN;
+    pair.b[5] = f32::INFINITY;
+    let bad = tmp.path().join("bad");
+    tunestudio::export::adapter::AdapterFiles {
+        spec: &spec,
+        weights: &weights,
+        lora: &good.lora,
+        base_model: &good.base_model,
+        tokens: None,
+    }
+    .save(&bad)
+    .unwrap();
+    let tensor = format!("layers.1.{}.{}.lora_B", target.hf_parent(), target.hf_name());
+    let check = |m: &str| assert!(m.contains(&tensor) && m.contains("2 non-finite values"), "{m}");
+
+    check(&tunestudio::export::adapter::load_peft(&bad, &spec).unwrap_err().to_string());
+    let mut cfg = demo_config(tmp.path(), 2);
+    cfg.output.run_name = "continued".into();
+    cfg.model.adapter = Some(bad.clone());
+    let (_, failed) = outcome(cfg, StartOptions::default());
+    check(&failed.expect("continuing from a NaN adapter must fail"));
+
+    let ckpt = checkpoint::latest_dir(&dir).unwrap();
+    std::fs::copy(bad.join("adapter_model.safetensors"), ckpt.join("adapter_model.safetensors")).unwrap();
+    let (_, failed) = outcome(RunConfig::default(), StartOptions { resume: Some(dir.clone()), ..Default::default() });
+    let m = failed.expect("resuming from a NaN checkpoint must fail");
+    check(&m);
+    assert!(m.contains("delete its checkpoints/step-* folder"), "{m}");
+    std::fs::remove_dir_all(dir.join("adapter")).unwrap();
+    check(&tunestudio::export::run::export_adapter(&dir, Some(&tmp.path().join("x"))).unwrap_err().to_string());
 }

@@ -64,6 +64,11 @@ pub const FIELDS: &[FieldDoc] = &[
         "Rows over max length",
         "truncate keeps the first max-sequence-length tokens; drop leaves the row out (listed among skipped rows).",
     ),
+    f(
+        "dataset.eval_split",
+        "Evaluation rows",
+        "Rows the run does not train on, to measure the loss on data it has not seen: a fraction of the dataset's rows (0.1 holds out a tenth, drawn with the seed), or a file of its own in the dataset's format. A falling training loss with a rising evaluation loss is overfitting.",
+    ),
     f("lora.r", "LoRA rank (r)", "Rank of the low-rank update: more capacity and memory as it grows. 8–64 is usual."),
     f("lora.alpha", "LoRA alpha", "Scale of the update: the adapter's output is multiplied by alpha / r (or alpha / √r with rsLoRA)."),
     f("lora.dropout", "LoRA dropout", "Dropout on the adapter's input during training; 0 is the usual choice for short fine-tunes."),
@@ -102,6 +107,16 @@ pub const FIELDS: &[FieldDoc] = &[
         "train.save_every_minutes",
         "Checkpoint every (minutes)",
         "Also write a checkpoint after this many minutes of training, so a crash loses little; 0 turns it off.",
+    ),
+    f(
+        "train.eval_every",
+        "Evaluate every",
+        "With evaluation rows: measure their loss every N optimizer steps and after the last; 0 (auto) does it about ten times over the run. Each evaluation is a forward pass over every evaluation row.",
+    ),
+    f(
+        "train.keep_only_best",
+        "Keep only the best checkpoint",
+        "With evaluation rows: keep the checkpoint of the lowest evaluation loss and the newest one (to resume from), instead of the newest two and the best.",
     ),
     f(
         "train.stop_on_divergence",
@@ -217,6 +232,7 @@ mod tests {
         c.memory.gpu_mem = Some(crate::config::ByteSize(24 << 30));
         c.schedule.steps = Some(1);
         c.dataset.fingerprint = Some(crate::config::Fingerprint { bytes: 1, sha256: "0".into() });
+        c.dataset.eval_split = Some(crate::config::EvalSplit::Fraction(0.1));
         let mut keys = Vec::new();
         leaves("", &toml::Value::try_from(&c).unwrap(), &mut keys);
         keys.sort();

@@ -90,6 +90,10 @@ fn chooser_folder(purpose: Pick, s: &AppState) -> Option<PathBuf> {
         Pick::ModelFolder => parent(&s.config.model.path),
         Pick::AdapterFolder => s.config.model.adapter.as_deref().and_then(parent).or_else(|| parent(&s.config.model.path)),
         Pick::DatasetFile => parent(&s.config.dataset.path),
+        Pick::EvalFile => match &s.config.dataset.eval_split {
+            Some(crate::config::EvalSplit::File(f)) => parent(f),
+            _ => parent(&s.config.dataset.path),
+        },
         Pick::OutputFolder => Some(s.config.output.dir.clone()),
         Pick::ExportFolder => Some(s.export.dest.clone()),
         Pick::OpenConfig | Pick::SaveConfigAs => s.config_path.as_deref().and_then(parent),
@@ -563,6 +567,7 @@ impl StudioApp {
                 Pick::ModelFolder => s.config.model.path = p,
                 Pick::AdapterFolder => s.config.model.adapter = Some(p),
                 Pick::DatasetFile => s.config.dataset.path = p,
+                Pick::EvalFile => s.config.dataset.eval_split = Some(crate::config::EvalSplit::File(p)),
                 Pick::OutputFolder => s.config.output.dir = p,
                 Pick::ExportFolder => s.export.dest = p,
                 // Unsaved edits were asked about when the chooser opened.

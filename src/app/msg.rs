@@ -75,6 +75,8 @@ pub enum Answer {
 pub enum Pick {
     ModelFolder,
     DatasetFile,
+    /// `dataset.eval_split` as a file of its own.
+    EvalFile,
     AdapterFolder,
     OpenConfig,
     SaveConfigAs,
@@ -95,6 +97,11 @@ impl Pick {
             Pick::AdapterFolder => d.set_title("Choose a PEFT LoRA adapter folder").pick_folder(),
             Pick::OutputFolder => d.set_title("Choose the folder that holds runs").pick_folder(),
             Pick::ExportFolder => d.set_title("Export into this folder").pick_folder(),
+            Pick::EvalFile => d
+                .set_title("Choose the rows to evaluate on")
+                .add_filter("datasets", &["jsonl", "ndjson", "json", "csv", "tsv", "parquet", "txt"])
+                .add_filter("all files", &["*"])
+                .pick_file(),
             Pick::DatasetFile => d
                 .set_title("Choose a dataset")
                 .add_filter("datasets", &["jsonl", "ndjson", "json", "csv", "tsv", "parquet", "txt"])

@@ -6,17 +6,18 @@ use serde_json::json;
 
 use crate::error::Result;
 use crate::model::tokenizer::TokenizerBundle;
-use crate::model::{ModelSpec, WeightStore, untrained};
+use crate::model::{WeightStore, untrained};
 use crate::util::{fmt_bytes, fmt_count};
 
 pub fn run(model_dir: &Path, as_json: bool) -> Result<()> {
-    let spec = ModelSpec::from_dir(model_dir)?;
+    let spec = crate::model::spec_of_folder(model_dir)?;
     let store = WeightStore::open(model_dir)?;
     let tok = TokenizerBundle::load(model_dir)?;
     let mut exclude: Vec<u32> = [tok.bos_id(), tok.eos_id(), Some(tok.pad_id())].into_iter().flatten().collect();
     exclude.extend(spec.eos_token_ids.iter().copied());
-    let ids = untrained::detect(&store, &spec, &exclude)?;
-    let rows: Vec<(u32, String)> = ids.iter().map(|&i| (i, tok.token_text(i).unwrap_or_default())).collect();
+    let found = untrained::classify(&store, &spec, &exclude)?;
+    let rows: Vec<(u32, String, untrained::RowKind)> =
+        found.iter().map(|r| (r.id, tok.token_text(r.id).unwrap_or_default(), r.kind)).collect();
     // Damaged weights are described like the rest, then make the command fail.
     let finite = store.check_finite();
     if as_json {
@@ -26,7 +27,7 @@ pub fn run(model_dir: &Path, as_json: bool) -> Result<()> {
             "dtypes": store.dtype_counts(),
             "weights_bytes": store.total_bytes(),
             "chat_template": tok.chat_template().is_some(),
-            "untrained_tokens": rows.iter().map(|(i, t)| json!({"id": i, "text": t})).collect::<Vec<_>>(),
+            "untrained_tokens": rows.iter().map(|(i, t, k)| json!({"id": i, "text": t, "kind": k})).collect::<Vec<_>>(),
             "non_finite": finite.as_ref().err().map(ToString::to_string),
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
@@ -60,9 +61,9 @@ pub fn run(model_dir: &Path, as_json: bool) -> Result<()> {
     if rows.is_empty() {
         println!("untrained    none");
     } else {
-        println!("untrained    {} token rows are all zero in embed_tokens and lm_head:", rows.len());
-        for (i, t) in rows.iter().take(40) {
-            println!("             {i:>7}  {t}");
+        println!("untrained    {} token rows in embed_tokens and lm_head are zero or one vector shared by several tokens:", rows.len());
+        for (i, t, k) in rows.iter().take(40) {
+            println!("             {i:>7}  {t:<32} {}", k.words());
         }
         if rows.len() > 40 {
             println!("             … and {} more", rows.len() - 40);

@@ -46,7 +46,10 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
     let spec = match (a.shape, cfg.model.path.as_os_str().is_empty()) {
         (Some(name), _) => ModelSpec::by_shape_name(name)
             .ok_or_else(|| Error::msg(format!("unknown shape `{name}` ({})", ModelSpec::SHAPE_NAMES.join(", "))))?,
-        (None, false) => ModelSpec::from_dir(&cfg.model.path)?,
+        (None, false) => {
+            crate::model::check_config_folder(&cfg.model.path)?;
+            ModelSpec::from_dir(&cfg.model.path)?
+        }
         (None, true) => return Err(Error::msg("give a run config, --model DIR (only config.json is read) or --shape NAME")),
     };
     if let Some(s) = a.seq {

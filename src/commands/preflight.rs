@@ -87,14 +87,7 @@ fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
 
     let _ = writeln!(o, "dataset    {} ({})", d.path.display(), d.file_kind);
     let _ = writeln!(o, "format     {} ({})", name(&d.format), if d.format_overridden { "set by dataset.format" } else { "detected" });
-    let _ = writeln!(
-        o,
-        "template   {}; trains on {} (spans from {}){}",
-        d.template,
-        name(&d.train_on),
-        name(&d.mask).replace('_', " "),
-        if d.packing { "; packed" } else { "" }
-    );
+    let _ = writeln!(o, "template   {}; trains on {}{}", d.template, d.mask.words(), if d.packing { "; packed" } else { "" });
     let _ = writeln!(
         o,
         "rows       {} used, {} skipped of {} (refused above {} = dataset.max_bad_fraction)",
@@ -103,9 +96,8 @@ fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
         d.rows_total,
         pct(d.max_bad_fraction)
     );
-    let unit = if d.file_kind == "Parquet" { "row" } else { "line" };
     for s in &d.skipped {
-        let _ = writeln!(o, "  {unit} {}: {}", s.row, s.reason);
+        let _ = writeln!(o, "  {}: {}", s.place(&d.file_kind), s.reason);
     }
     if d.rows_skipped > d.skipped.len() {
         let _ = writeln!(o, "  … and {} more skipped rows", d.rows_skipped - d.skipped.len());
@@ -175,14 +167,19 @@ fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
 
     let u = &r.untrained_tokens;
     if u.tokens.is_empty() {
-        let _ = writeln!(o, "untrained  none (no rows all ≤ {:e} in {}, BOS/EOS/PAD aside)", u.eps, u.matrices.join(" and "));
+        let _ = writeln!(
+            o,
+            "untrained  none (no rows all ≤ {:e} or shared by several tokens in {}, BOS/EOS/PAD aside)",
+            u.eps,
+            u.matrices.join(" and ")
+        );
     } else {
         let _ = writeln!(
             o,
-            "untrained  {} token rows all ≤ {:e} in {} (BOS/EOS/PAD excluded):",
+            "untrained  {} token rows in {}, zero (all ≤ {:e}) or one shared vector (identical rows), BOS/EOS/PAD excluded:",
             u.tokens.len(),
-            u.eps,
-            u.matrices.join(" and ")
+            u.matrices.join(" and "),
+            u.eps
         );
         for t in &u.tokens {
             let mut place = Vec::new();
@@ -193,7 +190,7 @@ fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
                 place.push("in the chat template".to_string());
             }
             let place = if place.is_empty() { "unused".to_string() } else { format!("USED {}", place.join(", ")) };
-            let _ = writeln!(o, "  {:>8}  {:<32} {place}", t.id, t.text);
+            let _ = writeln!(o, "  {:>8}  {:<32} {:<14} {place}", t.id, t.text, t.kind.words());
         }
         let unused = u.tokens.len() - u.used_ids.len();
         if unused > 0 {

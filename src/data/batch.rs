@@ -102,7 +102,7 @@ impl std::fmt::Debug for Batcher {
 
 /// A ChaCha stream for `(seed, stream)`. The 32-byte key is spelled out rather than taken from
 /// `seed_from_u64`, whose expansion belongs to another crate and could change under us.
-fn rng_for(seed: u64, stream: u64) -> ChaCha8Rng {
+pub(crate) fn rng_for(seed: u64, stream: u64) -> ChaCha8Rng {
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
     key[8..16].copy_from_slice(b"tunestud");
@@ -123,7 +123,7 @@ fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
 }
 
 /// Fisher–Yates over `0..n`, written out so the order never depends on a library's choice.
-fn permutation(n: usize, rng: &mut ChaCha8Rng) -> Vec<u32> {
+pub(crate) fn permutation(n: usize, rng: &mut ChaCha8Rng) -> Vec<u32> {
     let mut p: Vec<u32> = (0..n as u32).collect();
     for i in (1..n).rev() {
         let j = below(rng, i as u64 + 1) as usize;

@@ -106,8 +106,24 @@ fn kind_name(v: &Json) -> &'static str {
     }
 }
 
+/// A field the record cannot do without: absent and null are told apart, since a null usually
+/// means an export wrote an empty cell rather than that the column is misnamed.
 fn required(obj: &serde_json::Map<String, Json>, key: &str) -> std::result::Result<String, String> {
-    field_text(obj, key)?.ok_or_else(|| format!("missing column `{key}`"))
+    match obj.get(key) {
+        None => Err(format!("missing column `{key}`")),
+        Some(Json::Null) => Err(format!("column `{key}` is null")),
+        Some(_) => Ok(field_text(obj, key)?.unwrap_or_default()),
+    }
+}
+
+/// The response column of a one-turn record (Alpaca's `output`, the mapped response column):
+/// blank means the row has nothing to train on, said in the column's own name.
+fn response(obj: &serde_json::Map<String, Json>, key: &str) -> std::result::Result<String, String> {
+    let text = required(obj, key)?;
+    if text.trim().is_empty() {
+        return Err(format!("column `{key}` is empty: the row has no response to train on"));
+    }
+    Ok(text)
 }
 
 /// Turn one record into a sample, or say why it cannot be used.
@@ -125,7 +141,7 @@ pub fn to_sample(format: DatasetFormat, columns: &ColumnMapping, record: &Json) 
         DatasetFormat::Alpaca => {
             let instruction = required(obj, "instruction")?;
             let input = field_text(obj, "input")?.unwrap_or_default();
-            let output = required(obj, "output")?;
+            let output = response(obj, "output")?;
             let user = match (instruction.trim().is_empty(), input.trim().is_empty()) {
                 (_, true) => instruction,
                 (true, false) => input,
@@ -154,7 +170,7 @@ pub fn to_sample(format: DatasetFormat, columns: &ColumnMapping, record: &Json) 
                 msgs.push(Message::new("system", sys));
             }
             msgs.push(Message::new("user", parts.join("\n\n")));
-            msgs.push(Message::new("assistant", required(obj, &columns.response)?));
+            msgs.push(Message::new("assistant", response(obj, &columns.response)?));
             msgs
         }
         DatasetFormat::Messages | DatasetFormat::Sharegpt => {
@@ -273,7 +289,21 @@ mod tests {
         let none = ColumnMapping::default();
         let r = |f, v: Json| to_sample(f, &none, &v).unwrap_err();
         assert_eq!(r(DatasetFormat::Alpaca, json!({"instruction": "x"})), "missing column `output`");
-        assert_eq!(r(DatasetFormat::Alpaca, json!({"instruction": "x", "output": "  "})), "empty response in turn 2");
+        assert_eq!(r(DatasetFormat::Alpaca, json!({"instruction": "x", "output": null})), "column `output` is null");
+        assert_eq!(r(DatasetFormat::Alpaca, json!({"instruction": null, "output": "y"})), "column `instruction` is null");
+        assert_eq!(
+            r(DatasetFormat::Alpaca, json!({"instruction": "x", "output": "  "})),
+            "column `output` is empty: the row has no response to train on"
+        );
+        let cols = ColumnMapping { prompt: vec!["q".into()], response: "a".into(), system: None };
+        assert_eq!(
+            to_sample(DatasetFormat::Columns, &cols, &json!({"q": "x", "a": ""})).unwrap_err(),
+            "column `a` is empty: the row has no response to train on"
+        );
+        assert_eq!(
+            r(DatasetFormat::Messages, json!({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]})),
+            "empty response in turn 2"
+        );
         assert_eq!(r(DatasetFormat::Messages, json!({"messages": [{"role": "user", "content": "x"}]})), "no assistant turn");
         assert!(r(DatasetFormat::Sharegpt, json!({"conversations": [{"from": "alien", "value": "x"}]})).contains("unknown role `alien`"));
         assert_eq!(r(DatasetFormat::Text, json!([1])), "expected a JSON object, found a list");

@@ -21,7 +21,7 @@ use serde::Serialize;
 pub use batch::{Batch, Batcher, IGNORE_INDEX};
 pub use encode::MaskSource;
 
-use crate::config::{DatasetConfig, DatasetFormat, LongRows, TrainOn};
+use crate::config::{DatasetConfig, DatasetFormat, EvalSplit, LongRows, TrainOn};
 use crate::error::{Error, Result};
 use crate::model::chat_template::ChatTemplate;
 use crate::model::tokenizer::TokenizerBundle;
@@ -46,8 +46,25 @@ impl Example {
 /// A row that was left out, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SkippedRow {
+    /// The line it starts on (the row in Parquet), as in `record::RawRecord`.
     pub row: usize,
+    /// In a JSON array, its 1-based position in the array (see `record::RawRecord`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<usize>,
     pub reason: String,
+}
+
+impl SkippedRow {
+    /// Where a person finds the row in a file of `file_kind` (`DatasetReport::file_kind`):
+    /// `line 298`, `row 12` in Parquet (which has no lines), and for an item of a JSON array also
+    /// its place in the array, as a program reading the array counts: `line 298 (record 150, index 149)`.
+    pub fn place(&self, file_kind: &str) -> String {
+        let unit = if file_kind == record::FileKind::Parquet.name() { "row" } else { "line" };
+        match self.record {
+            Some(r) => format!("{unit} {} (record {r}, index {})", self.row, r - 1),
+            None => format!("{unit} {}", self.row),
+        }
+    }
 }
 
 /// Per-example sizes for the preflight histograms, in the order of `PreparedDataset::examples`.
@@ -57,7 +74,8 @@ pub struct ExampleLengths {
     pub tokens: usize,
     /// Trained tokens (targets) after truncation.
     pub trained: usize,
-    /// Tokens before truncation.
+    /// Tokens before truncation: exact, except for a text far beyond max_seq_len, which is only
+    /// tokenized in part (`encode::encode_bounded`) and whose count is scaled from that part.
     pub original_tokens: usize,
 }
 
@@ -105,7 +123,7 @@ impl DatasetReport {
             return None;
         }
         Some(if total == 0 {
-            "the dataset has no rows".to_string()
+            format!("the dataset {} has no rows", self.path.display())
         } else if self.rows_used == 0 {
             format!("none of the {total} rows can be used")
         } else {
@@ -129,6 +147,56 @@ pub const LIST_SKIPPED: usize = 20;
 enum Outcome {
     Used { example: Example, original: usize, truncated: bool, mask: MaskSource },
     Skipped(SkippedRow),
+}
+
+/// Hold out `fraction` of the examples for evaluation, drawn by `seed` (at least one, and at
+/// least one left to train on). Returns `(train, eval)`, each in file order. The same data and
+/// seed always give the same split, so a resumed run evaluates on the same rows.
+pub fn split_eval(examples: Vec<Example>, fraction: f64, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
+    let n = examples.len();
+    if n < 2 {
+        return Err(Error::config("dataset.eval_split", format!("needs at least 2 usable rows to hold some out; the dataset has {n}")));
+    }
+    let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
+    // A stream of its own, so the split does not shift the training order's draws.
+    let order = batch::permutation(n, &mut batch::rng_for(seed, 0xe7a1));
+    let mut held = vec![false; n];
+    for &i in &order[..k] {
+        held[i as usize] = true;
+    }
+    let (mut train, mut eval) = (Vec::with_capacity(n - k), Vec::with_capacity(k));
+    for (e, h) in examples.into_iter().zip(held) {
+        if h { eval.push(e) } else { train.push(e) }
+    }
+    Ok((train, eval))
+}
+
+/// The rows a run trains on and the rows it evaluates on, as `cfg.eval_split` says: all rows and
+/// none; the dataset less a held-out fraction (drawn by `seed`) and that fraction; or all rows and
+/// the usable rows of the evaluation file, read like the dataset. The session and the preflight
+/// both call this, so the steps per epoch the preflight counts are the run's.
+pub fn eval_sets(
+    cfg: &DatasetConfig,
+    examples: Vec<Example>,
+    seed: u64,
+    tok: &TokenizerBundle,
+    max_seq_len: usize,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    match &cfg.eval_split {
+        None => Ok((examples, Vec::new())),
+        Some(EvalSplit::Fraction(f)) => split_eval(examples, *f, seed),
+        Some(EvalSplit::File(path)) => {
+            let eval_cfg = DatasetConfig { path: path.clone(), fingerprint: None, eval_split: None, ..cfg.clone() };
+            let held = prepare_dataset(&eval_cfg, tok, max_seq_len)?;
+            if held.examples.is_empty() {
+                return Err(Error::file(
+                    path,
+                    "has no usable row to evaluate on (dataset.eval_split): give another file or a fraction such as 0.1",
+                ));
+            }
+            Ok((examples, held.examples))
+        }
+    }
 }
 
 /// Read, check, render and tokenize a dataset. Rows that cannot be used are reported, not fatal;
@@ -162,14 +230,15 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
     }
     let path = &cfg.path;
     let (kind, records) = read::read_records(path)?;
+    unreadable(path, kind, &records)?;
     let format = format::detect(cfg, records.iter().filter_map(|r| r.value.as_ref().ok()))?;
     let template = dataset_template(cfg, tok, format)?;
-    let encoder = encode::Encoder { tok, template: template.as_ref(), train_on: cfg.train_on };
+    let encoder = encode::Encoder { tok, template: template.as_ref(), train_on: cfg.train_on, max_tokens: Some(max_seq_len) };
 
     let outcomes: Vec<Outcome> = records
         .par_iter()
         .map(|rec| {
-            let skip = |reason: String| Outcome::Skipped(SkippedRow { row: rec.row, reason });
+            let skip = |reason: String| Outcome::Skipped(SkippedRow { row: rec.row, record: rec.record, reason });
             let value = match &rec.value {
                 Ok(v) => v,
                 Err(reason) => return skip(reason.clone()),
@@ -182,18 +251,19 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
                 Ok(e) => e,
                 Err(reason) => return skip(reason),
             };
-            let (original, mask) = (enc.input_ids.len(), enc.mask);
+            let (original, mask) = (enc.total_tokens, enc.mask);
+            let about = if enc.cut { "about " } else { "" };
             let mut example = Example { input_ids: enc.input_ids, labels: enc.labels, row: rec.row };
-            let truncated = original > max_seq_len;
+            let truncated = example.input_ids.len() > max_seq_len;
             if truncated {
                 if cfg.long_rows == LongRows::Drop {
-                    return skip(format!("{original} tokens, longer than max_seq_len {max_seq_len} (dataset.long_rows = \"drop\")"));
+                    return skip(format!("{about}{original} tokens, longer than max_seq_len {max_seq_len} (dataset.long_rows = \"drop\")"));
                 }
                 example.input_ids.truncate(max_seq_len);
                 example.labels.truncate(max_seq_len);
                 if example.trained_tokens() == 0 {
                     return skip(format!(
-                        "{original} tokens: nothing trained is left within max_seq_len {max_seq_len} (the prompt alone fills it)"
+                        "{about}{original} tokens: nothing trained is left within max_seq_len {max_seq_len} (the prompt alone fills it)"
                     ));
                 }
             }
@@ -246,6 +316,23 @@ pub fn prepare_dataset_unchecked(cfg: &DatasetConfig, tok: &TokenizerBundle, max
     Ok(PreparedDataset { examples, report })
 }
 
+/// A file with no record, or none that can be read at all (a binary or mis-encoded file): said of
+/// the file, before format detection could blame `dataset.format` for it.
+fn unreadable(path: &std::path::Path, kind: record::FileKind, records: &[record::RawRecord]) -> Result<()> {
+    if records.is_empty() {
+        return Err(Error::file(path, format!("has no rows: the {} file is empty (or holds only blank lines)", kind.name())));
+    }
+    if records.iter().any(|r| r.value.is_ok()) {
+        return Ok(());
+    }
+    let mut msg = format!("none of its {} rows can be read as {}; is it a dataset file?", records.len(), kind.name());
+    for r in records.iter().take(3) {
+        let place = SkippedRow { row: r.row, record: r.record, reason: String::new() }.place(kind.name());
+        msg.push_str(&format!("\n  {place}: {}", r.value.as_ref().err().map_or("", String::as_str)));
+    }
+    Err(Error::file(path, msg))
+}
+
 fn refuse_if_too_bad(report: &DatasetReport, max_bad_fraction: f64) -> Result<()> {
     let Some(mut msg) = report.too_bad(max_bad_fraction) else { return Ok(()) };
     let bad = report.rows_skipped.len();
@@ -256,7 +343,7 @@ fn refuse_if_too_bad(report: &DatasetReport, max_bad_fraction: f64) -> Result<()
             msg.push(':');
         }
         for s in report.rows_skipped.iter().take(LIST_SKIPPED) {
-            msg.push_str(&format!("\n  row {}: {}", s.row, s.reason));
+            msg.push_str(&format!("\n  {}: {}", s.place(&report.file_kind), s.reason));
         }
     }
     Err(Error::file(&report.path, msg))

@@ -197,6 +197,23 @@ fn finding(level: Level, code: &'static str, message: impl Into<String>) -> Find
     Finding { level, code, message: message.into() }
 }
 
+/// Token ranges of the runs of trained labels (one per assistant turn, when turns are apart).
+fn trained_spans(labels: &[i32]) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
+    let mut start = None;
+    for (i, &l) in labels.iter().chain([&IGNORE_INDEX]).enumerate() {
+        match (l != IGNORE_INDEX, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                spans.push(s..i);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    spans
+}
+
 /// Checks of the tokenizer and the chat template on a small made-up conversation.
 pub fn tokenizer_checks(tok: &TokenizerBundle, template: &ChatTemplate) -> Vec<Finding> {
     let mut out: Vec<Finding> = tok.warnings().iter().map(|w| finding(Level::Warning, "tokenizer_config", w.clone())).collect();
@@ -236,29 +253,33 @@ pub fn tokenizer_checks(tok: &TokenizerBundle, template: &ChatTemplate) -> Vec<F
         out.push(finding(Level::Warning, "template_error", format!("rendering a two-turn chat failed: {e}")));
     }
 
-    // The trained part must end in a token that stops generation.
-    let enc = Encoder { tok, template: Some(template), train_on: TrainOn::Responses };
-    if let Ok(e) = enc.encode(&Sample::Chat(convo.clone()), false) {
-        let last_trained = e.labels.iter().rposition(|&l| l != IGNORE_INDEX).map(|i| e.input_ids[i]);
+    // Each trained span (an assistant turn) must hold a token that stops generation. Not
+    // necessarily as its last token: ChatML turns end in `<|im_end|>\n`, and the newline after
+    // the stop token is trained too.
+    let enc = Encoder { tok, template: Some(template), train_on: TrainOn::Responses, max_tokens: None };
+    let two_turns = [convo.clone(), vec![Message::new("user", "And 3 + 3?"), Message::new("assistant", "6")]].concat();
+    if let Ok(e) = enc.encode(&Sample::Chat(two_turns), false) {
         let stops = tok.stop_ids();
-        match last_trained {
-            Some(id) if stops.contains(&id) => {}
-            Some(id) => out.push(finding(
+        let spans = trained_spans(&e.labels);
+        if let Some(span) = spans.iter().find(|&s| !e.input_ids[s.clone()].iter().any(|id| stops.contains(id))) {
+            let last = e.input_ids[span.end - 1];
+            out.push(finding(
                 Level::Warning,
                 "no_eos_in_response",
                 format!(
-                    "assistant turns end with `{}`, not an end-of-turn token ({}): the model will not learn to stop",
-                    tok.token_text(id).unwrap_or_else(|| id.to_string()),
+                    "assistant turns end with `{}` and hold no end-of-turn token ({}): the model will not learn to stop",
+                    tok.token_text(last).unwrap_or_else(|| last.to_string()),
                     stops.iter().filter_map(|&s| tok.token_text(s)).collect::<Vec<_>>().join(", ")
                 ),
-            )),
-            None => {}
+            ));
         }
     }
 
+    // One finding per fact: the tokenizer itself does not warn about its pad token.
     match tok.pad_source() {
+        // A note, not a warning: harmless here, a trap only for other tools.
         PadSource::Declared if Some(tok.pad_id()) == tok.eos_id() => out.push(finding(
-            Level::Warning,
+            Level::Info,
             "pad_is_eos",
             "the pad token is the EOS token; training here masks padding by position so EOS is still learned, \
              but tools that mask by token id will never train EOS",

@@ -85,7 +85,7 @@ pub fn read_jsonl(bytes: &[u8]) -> Vec<RawRecord> {
                 serde_json::from_str::<Json>(text).map_err(|e| format!("bad JSON at column {}: {}", e.column(), strip_position(&e)))
             }
         };
-        out.push(RawRecord { row: i + 1, value });
+        out.push(RawRecord { row: i + 1, record: None, value });
     }
     out
 }
@@ -112,7 +112,7 @@ pub fn read_json(path: &Path, bytes: &[u8]) -> Result<Vec<RawRecord>> {
             Ok(items
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| RawRecord { row: lines.get(i).copied().unwrap_or(i + 1), value: Ok(v) })
+                .map(|(i, v)| RawRecord { row: lines.get(i).copied().unwrap_or(i + 1), record: Some(i + 1), value: Ok(v) })
                 .collect())
         }
         Ok(Json::Object(_)) => {
@@ -196,7 +196,7 @@ pub fn read_txt(path: &Path, bytes: &[u8]) -> Result<Vec<RawRecord>> {
     let blank = |l: &str| l.trim().is_empty();
     let non_blank: Vec<usize> = (0..lines.len()).filter(|&i| !blank(lines[i])).collect();
     let has_gap = non_blank.windows(2).any(|w| w[1] > w[0] + 1);
-    let record = |row: usize, text: String| RawRecord { row, value: Ok(serde_json::json!({ "text": text })) };
+    let record = |row: usize, text: String| RawRecord { row, record: None, value: Ok(serde_json::json!({ "text": text })) };
     let mut out = Vec::new();
     if !has_gap {
         for i in non_blank {
@@ -240,6 +240,8 @@ mod tests {
         let recs = read_json(Path::new("d.json"), text.as_bytes()).unwrap();
         let rows: Vec<usize> = recs.iter().map(|r| r.row).collect();
         assert_eq!(rows, vec![2, 3, 5]);
+        let records: Vec<Option<usize>> = recs.iter().map(|r| r.record).collect();
+        assert_eq!(records, vec![Some(1), Some(2), Some(3)]);
     }
 
     #[test]

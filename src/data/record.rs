@@ -34,5 +34,8 @@ pub struct RawRecord {
     /// 1-based, as a text editor shows it: the line for JSONL, JSON arrays and CSV, the
     /// paragraph's first line for text, the row for Parquet.
     pub row: usize,
+    /// For an item of a JSON array, its 1-based position in the array: in a pretty-printed file
+    /// the line alone does not say which item a program reading the array sees.
+    pub record: Option<usize>,
     pub value: std::result::Result<Json, String>,
 }

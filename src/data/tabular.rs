@@ -55,11 +55,11 @@ pub fn read_csv(path: &Path, bytes: &[u8], delimiter: u8) -> Result<Vec<RawRecor
                 if record.len() == 1 && record[0].iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                out.push(RawRecord { row, value: csv_row(&names, &record) });
+                out.push(RawRecord { row, record: None, value: csv_row(&names, &record) });
             }
             Err(e) => {
                 let row = line_at(e.position(), start_line);
-                out.push(RawRecord { row, value: Err(format!("unreadable CSV record: {}", csv_error_kind(&e))) });
+                out.push(RawRecord { row, record: None, value: Err(format!("unreadable CSV record: {}", csv_error_kind(&e))) });
                 if !matches!(e.kind(), csv::ErrorKind::Utf8 { .. } | csv::ErrorKind::UnequalLengths { .. }) {
                     // I/O errors do not go away by reading on.
                     break;
@@ -112,7 +112,7 @@ pub fn read_parquet(path: &Path) -> Result<Vec<RawRecord>> {
                 }
             }
         }
-        out.push(RawRecord { row: i + 1, value: value.map(|()| Json::Object(obj)) });
+        out.push(RawRecord { row: i + 1, record: None, value: value.map(|()| Json::Object(obj)) });
     }
     Ok(out)
 }

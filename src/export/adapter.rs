@@ -24,7 +24,7 @@ use crate::engine::TokenRows;
 use crate::engine::lora::{LoraPair, LoraWeights, peft_key};
 use crate::error::{Error, IoContext, Result};
 use crate::model::ModelSpec;
-use crate::model::weights::{OutTensor, SmallTensors, read_small_f32, serialize_safetensors};
+use crate::model::weights::{OutTensor, SmallTensors, read_small_f32_finite, serialize_safetensors};
 use crate::util::{write_atomic, write_dir_atomic};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -153,7 +153,7 @@ pub fn read_weights(
     ids: &[u32],
     head_rows: bool,
 ) -> Result<(LoraWeights, Option<TokenRows>)> {
-    let tensors = read_small_f32(path)?;
+    let tensors = read_small_f32_finite(path)?;
     let take = |suffix: &str| -> Result<Vec<f32>> {
         tensors
             .iter()
@@ -207,7 +207,7 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<LoadedAdapter> {
         return Err(Error::file(&cfg_path, "per-module ranks (rank_pattern) are not supported"));
     }
     let weights_path = dir.join(WEIGHTS_FILE);
-    let tensors = read_small_f32(&weights_path)?;
+    let tensors = read_small_f32_finite(&weights_path)?;
     let targets: Vec<Target> = match v.get("target_modules") {
         Some(Value::Array(a)) => a
             .iter()

@@ -115,7 +115,7 @@ impl MergeInput {
 
     /// From a model folder and a PEFT adapter folder.
     pub fn from_adapter(model: &Path, adapter: &Path, quantization: Quantization) -> Result<Self> {
-        let spec = ModelSpec::from_dir(model)?;
+        let spec = crate::model::spec_of_weights_folder(model)?;
         let a = load_peft(adapter, &spec)?;
         Ok(MergeInput {
             model: model.to_path_buf(),
@@ -572,11 +572,11 @@ pub fn export_merged_with(input: &MergeInput, dest: &Path, opts: &MergeOptions, 
     let (generation, eos) = generation_config(&input.model, &spec, tok.as_ref())?;
 
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_path(parent)?;
+    std::fs::create_dir_all(parent).map_err(|e| crate::util::cannot_create(dest, e))?;
     let leaf = dest.file_name().ok_or_else(|| Error::file(dest, "is not a folder path"))?.to_string_lossy().to_string();
     let tmp = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_path(&tmp)?;
+    std::fs::create_dir(&tmp).map_err(|e| crate::util::cannot_create(dest, e))?;
 
     let mut merger = Merger { store: &store, spec: &spec, input, dtype: opts.dtype, merged_linears: 0 };
     let result = (|| -> Result<()> {
@@ -613,7 +613,7 @@ pub fn export_merged_with(input: &MergeInput, dest: &Path, opts: &MergeOptions, 
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+        return Err(crate::util::told_of_dest(e, &tmp, dest));
     }
     if dest.exists() {
         let _ = std::fs::remove_dir_all(&tmp);

@@ -254,12 +254,9 @@ impl TokenizerBundle {
         } else if let Some(p) = reserved {
             (p, PadSource::Reserved)
         } else {
-            self.warnings.push("no pad token and no unused special token: padding with EOS".into());
             (self.eos_id.unwrap_or(0), PadSource::Eos)
         };
-        if self.pad_source == PadSource::Declared && Some(self.pad_id) == self.eos_id {
-            self.warnings.push("the declared pad token is the EOS token".into());
-        }
+        // What the pad choice means (`pad_source`) is reported once, by the preflight's checks.
         if self.specials.pad_token.is_none() || self.pad_source != PadSource::Declared {
             self.specials.pad_token = self.tokenizer.id_to_token(self.pad_id);
         }

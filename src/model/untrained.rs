@@ -1,10 +1,17 @@
-//! Untrained token rows: rows of `embed_tokens` and `lm_head` whose entries are all (nearly) zero,
-//! as Llama 3's reserved special tokens are. A row counts only when both matrices flag it (with
-//! tied embeddings, the one matrix). Training on such a token drives the loss to NaN or inf, so
-//! the preflight report lists them and the fix replaces them with the mean of the trained rows.
+//! Untrained token rows of `embed_tokens` and `lm_head`, of two kinds: rows whose entries are all
+//! (nearly) zero, as Llama 3's reserved special tokens are, and rows collapsed onto one shared
+//! non-zero vector, as SmolLM2's unused special tokens are (initialised alike, never trained
+//! apart; a zero test cannot see them). A row counts only when both matrices flag it (with tied
+//! embeddings, the one matrix). Training on such a token drives the loss to NaN or inf, or teaches
+//! every token of the group from the same start, so the preflight report lists them and the fix
+//! replaces the used ones with the mean of the trained rows.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
 use rayon::prelude::*;
 use safetensors::Dtype;
+use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::{ModelSpec, WeightStore};
@@ -23,8 +30,37 @@ fn row_is_untrained(bytes: &[u8], dtype: Dtype) -> bool {
     }
 }
 
-/// Rows of one `[vocab, hidden]` matrix that look untrained.
-pub fn untrained_rows(store: &WeightStore, name: &str, spec: &ModelSpec) -> Result<Vec<bool>> {
+/// Why a row counts as untrained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowKind {
+    /// Every |value| ≤ `UNTRAINED_EPS`.
+    Zero,
+    /// Not zero, but bit for bit the same as at least one other row of the matrix: one vector
+    /// shared by several tokens, which training would have pulled apart.
+    Collapsed,
+}
+
+impl RowKind {
+    /// How reports name the kind.
+    pub fn words(self) -> &'static str {
+        match self {
+            RowKind::Zero => "zero",
+            RowKind::Collapsed => "shared vector",
+        }
+    }
+}
+
+/// One untrained row of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UntrainedRow {
+    pub id: u32,
+    /// `Zero` when every matrix checked has it zero, else `Collapsed`.
+    pub kind: RowKind,
+}
+
+/// The kind of each row of one `[vocab, hidden]` matrix that looks untrained (None: trained).
+pub fn untrained_rows(store: &WeightStore, name: &str, spec: &ModelSpec) -> Result<Vec<Option<RowKind>>> {
     let e = store.get(name).ok_or_else(|| Error::tensor(name, Some(&store.dir), "is missing"))?;
     let expect = [spec.vocab_size, spec.hidden_size];
     if e.shape != expect {
@@ -32,19 +68,66 @@ pub fn untrained_rows(store: &WeightStore, name: &str, spec: &ModelSpec) -> Resu
     }
     let row_bytes = spec.hidden_size * e.dtype.bitsize() / 8;
     let bytes = store.bytes(name)?;
-    Ok(bytes.par_chunks(row_bytes).map(|r| row_is_untrained(r, e.dtype)).collect())
+    // Per row: zero, or the hash of its bytes (rows are grouped by hash, then compared whole).
+    let scanned: Vec<(bool, u64)> = bytes
+        .par_chunks(row_bytes)
+        .map(|r| {
+            let zero = row_is_untrained(r, e.dtype);
+            let mut h = std::hash::DefaultHasher::new();
+            if !zero {
+                r.hash(&mut h);
+            }
+            (zero, h.finish())
+        })
+        .collect();
+    let mut kinds: Vec<Option<RowKind>> = scanned.iter().map(|&(zero, _)| zero.then_some(RowKind::Zero)).collect();
+    let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, &(zero, h)) in scanned.iter().enumerate() {
+        if !zero {
+            by_hash.entry(h).or_default().push(i);
+        }
+    }
+    let row = |i: usize| &bytes[i * row_bytes..(i + 1) * row_bytes];
+    for group in by_hash.values().filter(|g| g.len() > 1) {
+        // Equal hashes are split into classes of byte-identical rows (one class, unless the hash
+        // collided); a class of two or more is collapsed.
+        let mut classes: Vec<Vec<usize>> = Vec::new();
+        for &i in group {
+            match classes.iter_mut().find(|c| row(c[0]) == row(i)) {
+                Some(c) => c.push(i),
+                None => classes.push(vec![i]),
+            }
+        }
+        for &i in classes.iter().filter(|c| c.len() > 1).flatten() {
+            kinds[i] = Some(RowKind::Collapsed);
+        }
+    }
+    Ok(kinds)
 }
 
-/// Token ids whose embedding and output rows are both untrained, minus `exclude` (BOS/EOS/PAD,
-/// which models legitimately leave odd).
-pub fn detect(store: &WeightStore, spec: &ModelSpec, exclude: &[u32]) -> Result<Vec<u32>> {
+/// Token rows untrained in the embedding and in the output head (zero, or collapsed onto a shared
+/// vector), minus `exclude` (BOS/EOS/PAD, which models legitimately leave odd), by id.
+pub fn classify(store: &WeightStore, spec: &ModelSpec, exclude: &[u32]) -> Result<Vec<UntrainedRow>> {
     let embed = untrained_rows(store, "model.embed_tokens.weight", spec)?;
     let head = if store.contains("lm_head.weight") { Some(untrained_rows(store, "lm_head.weight", spec)?) } else { None };
     Ok((0..spec.vocab_size)
-        .filter(|&i| embed[i] && head.as_ref().is_none_or(|h| h[i]))
-        .map(|i| i as u32)
-        .filter(|id| !exclude.contains(id))
+        .filter_map(|i| {
+            let e = embed[i]?;
+            let kind = match head.as_ref().map(|h| h[i]) {
+                None => e,
+                Some(None) => return None,
+                Some(Some(RowKind::Zero)) if e == RowKind::Zero => RowKind::Zero,
+                Some(Some(_)) => RowKind::Collapsed,
+            };
+            Some(UntrainedRow { id: i as u32, kind })
+        })
+        .filter(|r| !exclude.contains(&r.id))
         .collect())
+}
+
+/// The ids of `classify`, whatever their kind.
+pub fn detect(store: &WeightStore, spec: &ModelSpec, exclude: &[u32]) -> Result<Vec<u32>> {
+    Ok(classify(store, spec, exclude)?.into_iter().map(|r| r.id).collect())
 }
 
 /// The mean of the trained rows of a `[vocab, hidden]` matrix, as (sum of all rows − sum of the

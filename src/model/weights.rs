@@ -223,17 +223,29 @@ pub struct NonFinite {
 }
 
 impl NonFinite {
+    /// In a model's weights.
     pub fn error(&self, tensor: &str, file: Option<&Path>) -> Error {
+        self.error_because(tensor, file, "the weights are damaged; download or save the model again")
+    }
+
+    /// `why` says what the file is and what to do instead.
+    pub fn error_because(&self, tensor: &str, file: Option<&Path>, why: &str) -> Error {
         Error::tensor(
             tensor,
             file,
             format!(
-                "holds {} non-finite value{} (NaN or ±inf; the first at flat index {}): the weights are damaged; download or save the model again",
+                "holds {} non-finite value{} (NaN or ±inf; the first at flat index {}): {why}",
                 self.count,
                 if self.count == 1 { "" } else { "s" },
                 self.first
             ),
         )
+    }
+
+    /// NaN and ±inf among values already read.
+    pub fn in_f32(values: &[f32]) -> Option<NonFinite> {
+        let first = values.iter().position(|v| !v.is_finite())?;
+        Some(NonFinite { count: values[first..].iter().filter(|v| !v.is_finite()).count(), first })
     }
 }
 
@@ -322,6 +334,24 @@ pub fn serialize_safetensors(tensors: &[OutTensor], metadata: Option<BTreeMap<St
 pub type SmallTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Read a whole small safetensors file into name → (shape, f32 data) (adapters, checkpoints).
+/// `read_small_f32` for an adapter's or a checkpoint's tensors, refusing NaN and ±inf by tensor:
+/// continuing training from them, resuming, evaluating or exporting them would carry the NaNs on
+/// in silence (a model's own weights are checked by `WeightStore`).
+pub fn read_small_f32_finite(path: &Path) -> Result<SmallTensors> {
+    let tensors = read_small_f32(path)?;
+    for (name, (_, values)) in &tensors {
+        if let Some(bad) = NonFinite::in_f32(values) {
+            return Err(bad.error_because(
+                name,
+                Some(path),
+                "the file is damaged or was written by a run that had diverged; for a checkpoint, delete its \
+                 checkpoints/step-* folder to resume from the one before, else train again (with a lower optim.lr if it diverged)",
+            ));
+        }
+    }
+    Ok(tensors)
+}
+
 pub fn read_small_f32(path: &Path) -> Result<SmallTensors> {
     let bytes = std::fs::read(path).with_path(path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
@@ -352,6 +382,8 @@ mod tests {
         assert_eq!(non_finite(&big, Dtype::BF16), Some(NonFinite { count: 1, first: 150_001 }));
         assert_eq!(non_finite(&[0u8; 16], Dtype::U8), None);
         assert_eq!(non_finite(&f32::MAX.to_le_bytes(), Dtype::F32), None);
+        assert_eq!(NonFinite::in_f32(&vals), Some(NonFinite { count: 3, first: 1 }));
+        assert_eq!(NonFinite::in_f32(&[1.0, f32::MAX, -0.0]), None);
     }
 
     fn write(dir: &Path, names: &[&str]) {

@@ -14,7 +14,7 @@ use crate::engine::lora::{LoraPair, LoraWeights};
 use crate::engine::{OptimizerState, TokenRows};
 use crate::error::{Error, IoContext, Result};
 use crate::export::adapter::{AdapterFiles, CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_weights};
-use crate::model::weights::{OutTensor, read_small_f32, serialize_safetensors};
+use crate::model::weights::{OutTensor, read_small_f32_finite, serialize_safetensors};
 use crate::util::{write_atomic, write_dir_atomic};
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -64,6 +64,25 @@ pub struct RunStatus {
     /// Dataset rows the run trains on (after skipped rows), for the runs list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<usize>,
+    /// The lowest evaluation loss so far and its step, whose checkpoint is kept (`best` below).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestEval>,
+}
+
+/// The best evaluation of a run: its checkpoint `checkpoints/step-NNNNNN/` is never pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestEval {
+    pub step: u64,
+    pub eval_loss: f64,
+}
+
+/// Which checkpoints pruning keeps besides the newest.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Retention {
+    /// The step of the best evaluation, kept whatever its age.
+    pub best: Option<u64>,
+    /// Keep only the best and the newest (`train.keep_only_best`).
+    pub only_best: bool,
 }
 
 impl RunStatus {
@@ -101,7 +120,7 @@ pub struct Checkpoint {
     pub token_rows: Option<TokenRows>,
 }
 
-fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(CHECKPOINTS_DIR).join(format!("step-{step:06}"))
 }
 
@@ -113,7 +132,7 @@ const OLD_WEIGHTS_FILE: &str = "lora.safetensors";
 /// Write a checkpoint atomically and prune older ones. The folder is a PEFT adapter (LoRA and
 /// trained token rows, written by the same function as every other adapter) plus the optimizer
 /// state and `state.json`, so any checkpoint loads in PEFT as it is.
-pub fn save(run_dir: &Path, adapter: AdapterFiles<'_>, opt: &OptimizerState, state: &CheckpointState) -> Result<PathBuf> {
+pub fn save(run_dir: &Path, adapter: AdapterFiles<'_>, opt: &OptimizerState, state: &CheckpointState, keep: Retention) -> Result<PathBuf> {
     let dir = step_dir(run_dir, state.step);
     let mut o = Vec::new();
     for (slot, (l, t)) in weights_slots(adapter.weights).into_iter().enumerate() {
@@ -142,7 +161,7 @@ pub fn save(run_dir: &Path, adapter: AdapterFiles<'_>, opt: &OptimizerState, sta
         write_atomic(&tmp.join(OPTIMIZER_FILE), &ob)?;
         write_atomic(&tmp.join(STATE_FILE), sb.as_bytes())
     })?;
-    prune(run_dir, state.step);
+    prune(run_dir, state.step, keep);
     Ok(dir)
 }
 
@@ -185,11 +204,12 @@ fn remove_out_of_sight(dir: &Path) {
     }
 }
 
-fn prune(run_dir: &Path, newest: u64) {
+fn prune(run_dir: &Path, newest: u64, keep: Retention) {
     let steps = list(run_dir);
-    let keep_from = steps.len().saturating_sub(KEEP_OLD + 1);
+    let old = if keep.only_best && keep.best.is_some() { 0 } else { KEEP_OLD };
+    let keep_from = steps.len().saturating_sub(old + 1);
     for &s in &steps[..keep_from] {
-        if s != newest {
+        if s != newest && Some(s) != keep.best {
             remove_out_of_sight(&step_dir(run_dir, s));
         }
     }
@@ -215,7 +235,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         let rank = cfg.get("r").and_then(serde_json::Value::as_u64).ok_or_else(|| Error::file(&cfg_path, "`r` is missing"))? as usize;
         read_weights(&dir.join(ADAPTER_WEIGHTS_FILE), rank, &state.slots, &state.token_ids, state.head_rows)?
     };
-    let o = read_small_f32(&dir.join(OPTIMIZER_FILE))?;
+    let o = read_small_f32_finite(&dir.join(OPTIMIZER_FILE))?;
     let take = |key: String| -> Result<Vec<f32>> {
         o.get(&key)
             .map(|t| t.1.clone())
@@ -254,7 +274,7 @@ fn load_old_weights(dir: &Path, state: &CheckpointState) -> Result<(LoraWeights,
         .parse()
         .map_err(|_| Error::file(&rank_path, "is not a number"))?;
     let path = dir.join(OLD_WEIGHTS_FILE);
-    let w = read_small_f32(&path)?;
+    let w = read_small_f32_finite(&path)?;
     let take = |key: String| -> Result<Vec<f32>> {
         w.get(&key).map(|t| t.1.clone()).ok_or_else(|| Error::tensor(key, Some(&path), "is missing from the checkpoint"))
     };
@@ -278,10 +298,14 @@ pub fn read_metrics(run_dir: &Path) -> Vec<StepMetrics> {
     std::fs::read_to_string(run_dir.join(METRICS_FILE)).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
-/// Keep only metrics up to `step` (a resumed run rewrites what came after its checkpoint).
+/// Keep only metrics up to `step` (a resumed run rewrites what came after its checkpoint). The
+/// kept lines are copied as written, not parsed and written again: serde_json's parser may read a
+/// float's 17th digit one unit off, and the history of a resumed run must stay the history of the
+/// run (a torn last line is dropped).
 pub fn truncate_metrics(run_dir: &Path, step: u64) -> Result<()> {
+    let text = std::fs::read_to_string(run_dir.join(METRICS_FILE)).unwrap_or_default();
     let kept: String =
-        read_metrics(run_dir).into_iter().filter(|m| m.step <= step).map(|m| serde_json::to_string(&m).expect("json") + "\n").collect();
+        text.lines().filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= step)).map(|l| format!("{l}\n")).collect();
     write_atomic(&run_dir.join(METRICS_FILE), kept.as_bytes())
 }
 
@@ -290,4 +314,42 @@ pub fn append_metrics(run_dir: &Path, m: &StepMetrics) -> Result<()> {
     let p = run_dir.join(METRICS_FILE);
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).with_path(&p)?;
     writeln!(f, "{}", serde_json::to_string(m).expect("json")).with_path(&p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder `list` counts as a complete checkpoint (the files exist; their content is not read).
+    fn fake(run_dir: &Path, step: u64) {
+        let d = step_dir(run_dir, step);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in [ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE] {
+            std::fs::write(d.join(f), b"").unwrap();
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_best_checkpoint_whatever_its_age() {
+        let t = tempfile::tempdir().unwrap();
+        for s in [10, 20, 30, 40] {
+            fake(t.path(), s);
+        }
+        // No evaluation: the newest two.
+        prune(t.path(), 40, Retention::default());
+        assert_eq!(list(t.path()), vec![30, 40]);
+        // The best is older than both: it stays beside them.
+        fake(t.path(), 10);
+        fake(t.path(), 50);
+        prune(t.path(), 50, Retention { best: Some(10), only_best: false });
+        assert_eq!(list(t.path()), vec![10, 40, 50]);
+        // Only the best (and the newest, to resume from).
+        fake(t.path(), 60);
+        prune(t.path(), 60, Retention { best: Some(10), only_best: true });
+        assert_eq!(list(t.path()), vec![10, 60]);
+        // only_best with no evaluation yet falls back to the newest two.
+        fake(t.path(), 70);
+        prune(t.path(), 70, Retention { best: None, only_best: true });
+        assert_eq!(list(t.path()), vec![60, 70]);
+    }
 }

@@ -15,9 +15,9 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, DeviceInfo};
-use crate::config::{DeviceChoice, RunConfig};
-use crate::data::{Batch, Batcher, DatasetReport, prepare_dataset};
+use crate::backend::{Backend, DeviceInfo, LossSum};
+use crate::config::{DeviceChoice, EvalSplit, RunConfig};
+use crate::data::{Batch, Batcher, DatasetReport, eval_sets, prepare_dataset};
 use crate::device::{Gpu, Machine, Opened, plan_target};
 use crate::engine::lora::LoraWeights;
 use crate::engine::plan::PlanTarget;
@@ -82,6 +82,9 @@ pub struct DatasetSummary {
     pub rows_skipped: usize,
     pub truncated_rows: usize,
     pub trained_tokens: usize,
+    /// Rows held out to evaluate on (`dataset.eval_split`): of `rows_used` for a fraction, from
+    /// their own file otherwise; 0 without an evaluation set.
+    pub eval_rows: usize,
 }
 
 impl From<&DatasetReport> for DatasetSummary {
@@ -92,6 +95,7 @@ impl From<&DatasetReport> for DatasetSummary {
             rows_skipped: r.rows_skipped.len(),
             truncated_rows: r.truncated_rows,
             trained_tokens: r.trained_tokens,
+            eval_rows: 0,
         }
     }
 }
@@ -104,6 +108,9 @@ pub struct Finished {
     pub final_loss: Option<f64>,
     /// Stopped by the user before the last step (resumable).
     pub stopped: bool,
+    /// The lowest evaluation loss and its step, whose checkpoint (`best_checkpoint`) is kept.
+    pub best: Option<checkpoint::BestEval>,
+    pub best_checkpoint: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,6 +280,25 @@ fn new_run_dir(cfg: &RunConfig) -> Result<(PathBuf, RunLock)> {
     Ok((dir, lock))
 }
 
+fn best_step(status: &RunStatus) -> Option<u64> {
+    status.best.map(|b| b.step)
+}
+
+/// The mean loss per trained token over the held-out batches, as a forward in evaluation mode:
+/// no LoRA dropout, and the dropout masks of training (keyed by the micro-batch counter) go on as
+/// if the evaluation had not happened, so evaluating does not change the run.
+fn evaluate<B: Backend>(trainer: &mut Trainer<B>, batches: &[Batch]) -> Result<f64> {
+    let (micro, dropout) = (trainer.micro_counter(), trainer.opts.lora.dropout);
+    trainer.opts.lora.dropout = 0.0;
+    let total = batches
+        .iter()
+        .try_fold(LossSum::default(), |a, b| trainer.evaluate(b).map(|l| LossSum { sum: a.sum + l.sum, count: a.count + l.count }));
+    trainer.opts.lora.dropout = dropout;
+    trainer.set_micro_counter(micro);
+    let total = total?;
+    Ok(total.sum / total.count.max(1) as f64)
+}
+
 /// `<model>-<dataset>-<date>-<time>`: the folder's name says what was trained on what, so runs
 /// read apart in a list (the studio can rename them afterwards).
 pub fn default_run_name(cfg: &RunConfig) -> String {
@@ -344,6 +370,11 @@ struct Prepared {
     token_fix: Option<TokenRows>,
     resume: Option<checkpoint::Checkpoint>,
     started: Instant,
+    /// The held-out rows in batches of `train.batch_size` (empty: no evaluation).
+    eval: Vec<Batch>,
+    /// Rows trained on (the dataset's usable rows less the held-out ones).
+    train_rows: usize,
+    eval_rows: usize,
 }
 
 fn run(
@@ -377,15 +408,17 @@ fn run(
                 return Err(Error::file(dir, "is not a run folder (no config.toml): give the folder `tunestudio train` printed"));
             }
             let dir = take_folder(dir.clone(), RunLock::acquire(dir, "resume")?);
-            let ckpt = checkpoint::load_latest(&dir).map_err(|_| {
-                Error::file(
+            if checkpoint::latest_dir(&dir).is_none() {
+                return Err(Error::file(
                     &dir,
                     format!(
                         "has no checkpoint to resume from (it stopped before its first save): start it again in place with `tunestudio train --restart {}`",
                         dir.display()
                     ),
-                )
-            })?;
+                ));
+            }
+            // A checkpoint that is there but cannot be read says why (a damaged file, NaN weights).
+            let ckpt = checkpoint::load_latest(&dir)?;
             let saved = RunConfig::load(&dir.join(checkpoint::CONFIG_FILE))?;
             // Only how long to train and the memory cap (a property of the machine, not of the
             // run) may change on resume; everything else must match the run.
@@ -454,6 +487,10 @@ fn run(
         }
         (None, None) => {
             cfg.make_absolute();
+            cfg.validate()?;
+            // A wrong model folder is said before a run folder is made for it (which waits for
+            // the device, below).
+            crate::model::check_folder(&cfg.model.path)?;
             (None, None)
         }
     };
@@ -486,7 +523,7 @@ fn run(
     }
 
     log(format!("reading {}", cfg.model.path.display()));
-    let spec = ModelSpec::from_dir(&cfg.model.path)?;
+    let spec = crate::model::spec_of_folder(&cfg.model.path)?;
     let tok = TokenizerBundle::load(&cfg.model.path)?;
     let mut lora_init = None;
     if let Some(adapter) = cfg.model.adapter.clone() {
@@ -510,10 +547,30 @@ fn run(
     log(format!("preparing {}", cfg.dataset.path.display()));
     let data = prepare_dataset(&cfg.dataset, &tok, cfg.train.max_seq_len)?;
     for s in data.report.rows_skipped.iter().take(5) {
-        log(format!("skipped row {}: {}", s.row, s.reason));
+        log(format!("skipped {}: {}", s.place(&data.report.file_kind), s.reason));
     }
     let report = data.report.clone();
-    let examples = Arc::new(data.examples);
+    let (train_examples, eval_examples) = eval_sets(&cfg.dataset, data.examples, cfg.train.seed, &tok, cfg.train.max_seq_len)?;
+    let train_rows = train_examples.len();
+    let eval: Vec<Batch> = eval_examples
+        .chunks(cfg.train.batch_size.max(1))
+        .map(|c| {
+            let pairs: Vec<(&[u32], &[i32])> = c.iter().map(|e| (e.input_ids.as_slice(), e.labels.as_slice())).collect();
+            Batch::from_examples(&pairs, tok.pad_id(), None)
+        })
+        .collect();
+    if !eval.is_empty() {
+        let every = if cfg.train.eval_every == 0 {
+            "about ten times over the run".to_string()
+        } else {
+            format!("every {} steps", cfg.train.eval_every)
+        };
+        match &cfg.dataset.eval_split {
+            Some(EvalSplit::File(f)) => log(format!("evaluating on the {} rows of {} {every}", eval_examples.len(), f.display())),
+            _ => log(format!("holding out {} rows to evaluate on {every}; training on {train_rows}", eval_examples.len())),
+        }
+    }
+    let examples = Arc::new(train_examples);
     let batcher =
         Batcher::new(examples.clone(), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
     let bpe = batcher.batches_per_epoch().max(1) as u64;
@@ -531,6 +588,8 @@ fn run(
             steps: c.state.step,
             final_loss: checkpoint::read_metrics(&run_dir).last().map(|m| m.loss),
             stopped: false,
+            best: None,
+            best_checkpoint: None,
             run_dir,
         });
     }
@@ -542,8 +601,31 @@ fn run(
     }
     cfg.save(&run_dir.join(checkpoint::CONFIG_FILE))?;
 
-    let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &spec, &tok, (&examples, &report), &run_dir, &log)? };
-    let prepared = Prepared { cfg, run_dir, spec, batcher, report, total_steps, steps_per_epoch, lora_init, token_fix, resume, started };
+    let token_fix = if resume.is_some() {
+        None
+    } else if eval_examples.is_empty() {
+        untrained_token_fix(&cfg, &spec, &tok, (&examples, &report), &run_dir, &log)?
+    } else {
+        // The held-out rows are read by the same model: a token only they use needs its row too.
+        let all: Vec<_> = examples.iter().chain(&eval_examples).cloned().collect();
+        untrained_token_fix(&cfg, &spec, &tok, (&all, &report), &run_dir, &log)?
+    };
+    let prepared = Prepared {
+        cfg,
+        run_dir,
+        spec,
+        batcher,
+        report,
+        total_steps,
+        steps_per_epoch,
+        lora_init,
+        token_fix,
+        resume,
+        started,
+        eval,
+        train_rows,
+        eval_rows: eval_examples.len(),
+    };
     let host = crate::backend::host_memory();
     match opened {
         Opened::Cuda(gpu) => {
@@ -717,7 +799,10 @@ fn train_on<B: Backend>(
         started: now(),
         updated: now(),
         error: None,
-        rows: Some(p.report.rows_used),
+        rows: Some(p.train_rows),
+        // A resumed run keeps the best evaluation it had (its checkpoint is at or before the
+        // newest, which the resume starts from).
+        best: p.resume.as_ref().and_then(|_| RunStatus::load(&p.run_dir).ok()?.best),
     };
     status.save(&p.run_dir)?;
     send(Event::Loaded(Box::new(LoadedInfo {
@@ -729,7 +814,7 @@ fn train_on<B: Backend>(
         total_steps: p.total_steps,
         start_step: trainer.step,
         steps_per_epoch: p.steps_per_epoch,
-        dataset: DatasetSummary::from(&p.report),
+        dataset: DatasetSummary { eval_rows: p.eval_rows, ..DatasetSummary::from(&p.report) },
         keeps_all_activations: trainer.keeps_all_activations(),
         load_secs: p.started.elapsed().as_secs_f64(),
     })));
@@ -747,7 +832,7 @@ fn train_on<B: Backend>(
     // Training time since the last checkpoint (paused time does not count).
     let mut unsaved_since = Instant::now();
     let save_interval = std::time::Duration::from_secs_f64(cfg.train.save_every_minutes * 60.0);
-    let save = |trainer: &Trainer<B>, last_saved: &mut Option<u64>| -> Result<()> {
+    let save = |trainer: &Trainer<B>, last_saved: &mut Option<u64>, best: Option<u64>| -> Result<()> {
         if *last_saved == Some(trainer.step) || trainer.step == 0 {
             return Ok(());
         }
@@ -761,7 +846,8 @@ fn train_on<B: Backend>(
         };
         let (weights, rows) = (trainer.lora_weights()?, trainer.token_rows()?);
         let adapter = AdapterFiles { spec: &p.spec, weights: &weights, lora: &cfg.lora, base_model: &model_name, tokens: rows.as_ref() };
-        let dir = checkpoint::save(&p.run_dir, adapter, &trainer.optimizer_state()?, &state)?;
+        let keep = checkpoint::Retention { best, only_best: cfg.train.keep_only_best };
+        let dir = checkpoint::save(&p.run_dir, adapter, &trainer.optimizer_state()?, &state, keep)?;
         *last_saved = Some(trainer.step);
         send(Event::Checkpoint { step: trainer.step, dir });
         Ok(())
@@ -803,7 +889,7 @@ fn train_on<B: Backend>(
             }
         }
         if save_now {
-            save(&trainer, &mut last_saved)?;
+            save(&trainer, &mut last_saved, best_step(&status))?;
             unsaved_since = Instant::now();
         }
         if stopped {
@@ -823,7 +909,7 @@ fn train_on<B: Backend>(
             Err(e) => {
                 // The update is the step's last phase, so the masters still hold step k: keep them.
                 if trainer.step == k {
-                    let _ = save(&trainer, &mut last_saved);
+                    let _ = save(&trainer, &mut last_saved, best_step(&status));
                 }
                 return Err(e);
             }
@@ -852,6 +938,16 @@ fn train_on<B: Backend>(
                 .or_else(crate::util::process_rss_bytes),
             eval_loss: None,
         };
+        let mut m = m;
+        let mut new_best = false;
+        if !p.eval.is_empty() && cfg.train.evaluates_at(trainer.step, p.total_steps) {
+            let l = evaluate(&mut trainer, &p.eval)?;
+            m.eval_loss = Some(l);
+            if l.is_finite() && status.best.is_none_or(|b| l < b.eval_loss) {
+                status.best = Some(checkpoint::BestEval { step: trainer.step, eval_loss: l });
+                new_best = true;
+            }
+        }
         checkpoint::append_metrics(&p.run_dir, &m)?;
         last_loss = Some(stats.loss);
         send(Event::Step(m));
@@ -863,8 +959,9 @@ fn train_on<B: Backend>(
         }
         let by_steps = cfg.train.save_every > 0 && trainer.step % cfg.train.save_every == 0;
         let by_time = cfg.train.save_every_minutes > 0.0 && unsaved_since.elapsed() >= save_interval;
-        if by_steps || by_time {
-            save(&trainer, &mut last_saved)?;
+        // A new best evaluation is checkpointed at once, so the best weights are on disk.
+        if by_steps || by_time || new_best {
+            save(&trainer, &mut last_saved, best_step(&status))?;
             unsaved_since = Instant::now();
         }
         status.step = trainer.step;
@@ -877,7 +974,7 @@ fn train_on<B: Backend>(
         }
     }
 
-    save(&trainer, &mut last_saved)?;
+    save(&trainer, &mut last_saved, best_step(&status))?;
     let adapter_dir = p.run_dir.join(checkpoint::ADAPTER_DIR);
     let (weights, rows) = (trainer.lora_weights()?, trainer.token_rows()?);
     AdapterFiles { spec: &p.spec, weights: &weights, lora: &cfg.lora, base_model: &model_name, tokens: rows.as_ref() }
@@ -886,5 +983,14 @@ fn train_on<B: Backend>(
     status.step = trainer.step;
     status.updated = now();
     status.save(&p.run_dir)?;
-    Ok(Finished { run_dir: p.run_dir.clone(), adapter_dir, steps: trainer.step, final_loss: last_loss, stopped })
+    let best_checkpoint = status.best.map(|b| checkpoint::step_dir(&p.run_dir, b.step));
+    Ok(Finished {
+        run_dir: p.run_dir.clone(),
+        adapter_dir,
+        steps: trainer.step,
+        final_loss: last_loss,
+        stopped,
+        best: status.best,
+        best_checkpoint,
+    })
 }

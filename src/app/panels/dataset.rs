@@ -6,7 +6,9 @@
 use eframe::egui::{self, Color32, RichText, Ui, text::LayoutJob};
 use egui_plot::{Bar, BarChart, Legend, Plot, VLine};
 
-use crate::config::{DatasetFormat, LongRows, RunConfig, TrainOn};
+use std::path::PathBuf;
+
+use crate::config::{DatasetFormat, EvalSplit, LongRows, RunConfig, TrainOn};
 
 use crate::app::fields::Problems;
 use crate::app::jobs::Load;
@@ -78,6 +80,8 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
                 ui.add(drag_f64(&mut c.dataset.max_bad_fraction, Fmt::Plain).speed(0.005))
             });
             ui.end_row();
+            field(ui, &problems, "dataset.eval_split", |ui| eval_split_ui(ui, &mut c.dataset.eval_split, actions));
+            ui.end_row();
             field(ui, &problems, "dataset.fix_untrained_tokens", |ui| {
                 ui.checkbox(&mut c.dataset.fix_untrained_tokens, "start them at the mean and train them")
             });
@@ -104,6 +108,55 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             }
         }
     });
+}
+
+/// No evaluation, a fraction of the rows, or a file: the choice, then the value it needs.
+fn eval_split_ui(ui: &mut Ui, split: &mut Option<EvalSplit>, actions: &mut Vec<Action>) -> egui::Response {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        None,
+        Fraction,
+        File,
+    }
+    let kind = match split {
+        None => Kind::None,
+        Some(EvalSplit::Fraction(_)) => Kind::Fraction,
+        Some(EvalSplit::File(_)) => Kind::File,
+    };
+    let mut chosen = kind;
+    let mut r = combo(
+        ui,
+        "dataset.eval_split",
+        &mut chosen,
+        &[(Kind::None, "none"), (Kind::Fraction, "hold out a fraction"), (Kind::File, "a file of its own")],
+    );
+    if chosen != kind {
+        *split = match chosen {
+            Kind::None => None,
+            // A tenth is the usual first choice; the field below changes it.
+            Kind::Fraction => Some(EvalSplit::Fraction(0.1)),
+            Kind::File => Some(EvalSplit::File(PathBuf::new())),
+        };
+    }
+    match split {
+        Some(EvalSplit::Fraction(f)) => {
+            r = r.union(ui.add(drag_f64(f, Fmt::Plain).speed(0.005)));
+            ui.weak("of the rows");
+        }
+        Some(EvalSplit::File(p)) => {
+            let mut text = p.display().to_string();
+            let t = ui.add(egui::TextEdit::singleline(&mut text).desired_width(240.0).hint_text("type a path or use Browse…"));
+            if t.changed() {
+                *p = PathBuf::from(text.trim());
+            }
+            r = r.union(t);
+            if ui.button("Browse…").clicked() {
+                actions.push(Action::Pick(Pick::EvalFile));
+            }
+        }
+        None => {}
+    }
+    r
 }
 
 fn template_choices(state: &AppState) -> Vec<String> {
@@ -182,7 +235,7 @@ fn report_ui(ui: &mut Ui, v: &DatasetView, preview_index: &mut usize) {
             egui::ScrollArea::vertical().id_salt("skipped").max_height(200.0).show(&mut cols[1], |ui| {
                 egui::Grid::new("skipped-grid").num_columns(2).striped(true).show(ui, |ui| {
                     for s in &v.skipped {
-                        ui.monospace(format!("row {}", s.row));
+                        ui.monospace(s.place(&v.file_kind));
                         ui.add(egui::Label::new(&s.reason).wrap());
                         ui.end_row();
                     }

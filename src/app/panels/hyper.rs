@@ -168,6 +168,26 @@ fn schedule_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
         )
     });
     ui.end_row();
+    // Evaluation needs rows to evaluate on (Dataset page): without them these do nothing.
+    let evaluates = c.dataset.eval_split.is_some();
+    field(ui, p, "train.eval_every", |ui| {
+        ui.add_enabled(
+            evaluates,
+            drag_u64(&mut c.train.eval_every, 0.5)
+                .custom_formatter(|v, _| if v == 0.0 { "auto (10 times a run)".into() } else { format!("{v} steps") })
+                .custom_parser(|t| {
+                    let t = t.trim().trim_end_matches("steps").trim();
+                    if t.starts_with("auto") { Some(0.0) } else { t.parse::<f64>().ok() }
+                }),
+        )
+        .on_disabled_hover_text("Choose evaluation rows on the Dataset page first.")
+    });
+    ui.end_row();
+    field(ui, p, "train.keep_only_best", |ui| {
+        ui.add_enabled(evaluates, egui::Checkbox::new(&mut c.train.keep_only_best, "and the newest, to resume from"))
+            .on_disabled_hover_text("Choose evaluation rows on the Dataset page first.")
+    });
+    ui.end_row();
 }
 
 fn batch_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {

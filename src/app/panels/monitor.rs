@@ -4,7 +4,7 @@
 //! the run's failure when there is one. It draws `state::training`'s view model.
 
 use eframe::egui::{self, Color32, RichText, Ui};
-use egui_plot::{HLine, Legend, Line, Plot, PlotPoints};
+use egui_plot::{HLine, Legend, Line, MarkerShape, Plot, PlotPoints, Points};
 
 use crate::session::LoadedInfo;
 use crate::session::checkpoint::StepMetrics;
@@ -14,6 +14,9 @@ use crate::app::msg::Action;
 use crate::app::state::AppState;
 use crate::app::state::training::{GpuCurves, Phase, curves, gpu_curves, memory_axis, memory_lines, progress, throttling_now};
 use crate::app::widgets;
+
+/// The evaluation loss, in the loss plot and the best's label.
+const EVAL_COLOR: Color32 = Color32::from_rgb(230, 120, 40);
 
 fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: Color32, hlines: &[(&str, f64, Color32)], width: f32) {
     ui.vertical(|ui| {
@@ -146,14 +149,29 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         let plan = if t.viewing.is_none() { t.plan.as_ref() } else { None };
         let plan_height = if plan.is_some() { 30.0 } else { 0.0 };
         let avail = ui.available_height() - 120.0 - log_height - 70.0 - plan_height;
+        let best = c.best_eval.map(|[step, loss]| {
+            let dir = match &t.viewing {
+                Some(v) => Some(v.dir.as_path()),
+                None => t.run_dir(),
+            };
+            let hover = match dir.map(|d| crate::session::checkpoint::step_dir(d, step as u64)) {
+                Some(k) => format!("Its checkpoint is kept, a PEFT adapter you can export: {}", k.display()),
+                None => "Its checkpoint is kept.".into(),
+            };
+            (format!("best eval loss {loss:.4} at step {step}"), hover)
+        });
         ui.horizontal(|ui| {
             ui.strong("Loss");
             ui.add(egui::Slider::new(&mut t.smoothing, 0.0..=0.99).text("smoothing"));
+            if let Some((text, hover)) = best {
+                ui.label(RichText::new(text).color(EVAL_COLOR)).on_hover_text(hover);
+            }
             if let Some(now) = throttling_now(gpu) {
                 ui.label(RichText::new(format!("GPU {now}")).color(ui.visuals().warn_fg_color));
             }
         });
         let loss_height = avail.max(140.0);
+        let eval_empty = c.eval_loss.is_empty();
         let loss_plot = |ui: &mut Ui, width: f32| {
             Plot::new("loss").height(loss_height).width(width).legend(Legend::default()).x_axis_label("step").allow_scroll(false).show(
                 ui,
@@ -162,6 +180,20 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
                     pl.line(
                         Line::new("smoothed", PlotPoints::from(c.loss_smooth.clone())).color(Color32::from_rgb(60, 140, 240)).width(2.5),
                     );
+                    if !eval_empty {
+                        // Few points (one per evaluation): a line through markers, so a single one shows.
+                        pl.line(Line::new("eval loss", PlotPoints::from(c.eval_loss.clone())).color(EVAL_COLOR).width(2.0));
+                        pl.points(Points::new("eval loss", PlotPoints::from(c.eval_loss.clone())).color(EVAL_COLOR).radius(3.5));
+                    }
+                    if let Some(b) = c.best_eval {
+                        pl.points(
+                            Points::new("best eval", PlotPoints::from(vec![b]))
+                                .color(EVAL_COLOR)
+                                .shape(MarkerShape::Diamond)
+                                .radius(7.0)
+                                .filled(false),
+                        );
+                    }
                 },
             );
         };

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use crate::config::{DatasetFormat, RunConfig};
 use crate::data::encode::Encoder;
-use crate::data::encode::MaskSource;
 use crate::data::preflight::LengthStats;
 use crate::data::{IGNORE_INDEX, SkippedRow, format, prepare_dataset_unchecked, read};
 
@@ -96,7 +95,7 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
     // Raw text renders no template (as in training), so a model whose template does not compile
     // still previews a text dataset.
     let template = crate::data::dataset_template(&cfg.dataset, &tok, report.format)?;
-    let encoder = Encoder { tok: &tok, template: template.as_ref(), train_on: cfg.dataset.train_on };
+    let encoder = Encoder { tok: &tok, template: template.as_ref(), train_on: cfg.dataset.train_on, max_tokens: None };
     let mut previews = Vec::new();
     for rec in &records {
         if previews.len() >= PREVIEW_ROWS {
@@ -125,7 +124,7 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
         file_kind: report.file_kind.clone(),
         format: report.format,
         template: report.template.clone(),
-        mask: mask_words(report.mask).to_string(),
+        mask: report.mask.words().to_string(),
         refusal: report.too_bad(cfg.dataset.max_bad_fraction),
         columns,
         rows_total: report.rows_total,
@@ -138,16 +137,6 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
         lengths: LengthStats::of(&report.lengths.iter().map(|l| l.original_tokens).collect::<Vec<_>>(), report.max_seq_len),
         previews,
     })
-}
-
-/// Which tokens a run trains on, as the Dataset panel says it.
-pub fn mask_words(mask: MaskSource) -> &'static str {
-    match mask {
-        MaskSource::GenerationBlocks => "the assistant's replies, as the chat template marks them",
-        MaskSource::RenderedPrefixes => "the assistant's replies, found by rendering each turn",
-        MaskSource::EquivalentBuiltin => "the assistant's replies, as the built-in template of the model's family marks them",
-        MaskSource::All => "every token",
-    }
 }
 
 /// The field a refusal of the data belongs to: the share of bad rows is "Max unusable rows";

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::model::tokenizer::{PadSource, TokenizerBundle};
-use crate::model::{ModelSpec, WeightStore, untrained};
+use crate::model::{ModelSpec, WeightStore, check_folder, untrained};
 use crate::util::{fmt_bytes, fmt_count};
 
 use crate::app::jobs::Load;
@@ -98,43 +98,6 @@ pub fn tokenizer(model_dir: &Path) -> crate::Result<Arc<TokenizerBundle>> {
         *c = Some((model_dir.to_path_buf(), Arc::clone(&t)));
     }
     Ok(t)
-}
-
-/// What a model folder must hold, checked before reading it, so a wrong folder gets a sentence
-/// that says what to choose instead of the operating system's "(os error 2)".
-pub fn check_folder(dir: &Path) -> crate::Result<()> {
-    const WANTED: &str = "choose a Hugging Face model folder (config.json, *.safetensors and tokenizer.json)";
-    let fail = |what: String| Err(crate::Error::file(dir, what));
-    if !dir.exists() {
-        return fail(format!("does not exist: {WANTED}"));
-    }
-    if !dir.is_dir() {
-        return fail(format!("is a file, not a folder: {WANTED}"));
-    }
-    let has = |name: &str| dir.join(name).is_file();
-    let files: Vec<String> =
-        std::fs::read_dir(dir).map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect()).unwrap_or_default();
-    if !has("config.json") {
-        // A folder one level up from the model (a Hugging Face cache entry, a download folder).
-        let inner: Vec<String> = files.iter().filter(|f| dir.join(f).join("config.json").is_file()).cloned().collect();
-        return match inner.as_slice() {
-            [one] => fail(format!("has no config.json, but {one}/ inside it has: choose {}", dir.join(one).display())),
-            _ => fail(format!("has no config.json, so it is not a model folder: {WANTED}")),
-        };
-    }
-    if !files.iter().any(|f| f.ends_with(".safetensors")) {
-        let other = files.iter().find(|f| f.ends_with(".bin") || f.ends_with(".gguf") || f.ends_with(".pth"));
-        return fail(match other {
-            Some(f) => format!(
-                "holds {f} but no *.safetensors: TuneStudio reads safetensors weights (convert them, or download the safetensors version)"
-            ),
-            None => "has no *.safetensors weights: download the model's weights into it".to_string(),
-        });
-    }
-    if !has("tokenizer.json") {
-        return fail("has no tokenizer.json: copy the model's tokenizer files into it".into());
-    }
-    Ok(())
 }
 
 /// The rows of the info table, as (label, value) text: what the panel draws, testable as text.
@@ -274,30 +237,6 @@ mod tests {
             ]
         );
         assert!(scan_hf_cache(&d.path().join("missing")).is_empty());
-    }
-
-    #[test]
-    fn a_wrong_model_folder_says_what_to_choose() {
-        let d = tempfile::tempdir().unwrap();
-        let msg = |p: &Path| check_folder(p).unwrap_err().to_string();
-        assert!(msg(&d.path().join("missing")).contains("does not exist: choose a Hugging Face model folder"));
-        let file = d.path().join("f.txt");
-        std::fs::write(&file, "").unwrap();
-        assert!(msg(&file).contains("is a file, not a folder"));
-        let model = d.path().join("snapshots").join("abc");
-        std::fs::create_dir_all(&model).unwrap();
-        std::fs::write(model.join("config.json"), "{}").unwrap();
-        let up = msg(&d.path().join("snapshots"));
-        assert!(up.contains("abc/ inside it has") && up.contains(&model.display().to_string()), "{up}");
-        std::fs::write(model.join("pytorch_model.bin"), "").unwrap();
-        assert!(msg(&model).contains("holds pytorch_model.bin but no *.safetensors"), "{}", msg(&model));
-        std::fs::write(model.join("model.safetensors"), "").unwrap();
-        assert!(msg(&model).contains("no tokenizer.json"));
-        std::fs::write(model.join("tokenizer.json"), "").unwrap();
-        check_folder(&model).unwrap();
-        for m in [msg(&d.path().join("missing")), up] {
-            assert!(!m.contains("os error"), "{m}");
-        }
     }
 
     #[test]

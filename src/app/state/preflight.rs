@@ -205,7 +205,10 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         ));
     }
 
-    if let Some(line) = many_epochs(core.total_steps, stats.steps_per_epoch as u64, ds.rows_used) {
+    // Held-out rows are not trained on: the epochs are over the rest.
+    let held_out = matches!(cfg.dataset.eval_split, Some(crate::config::EvalSplit::Fraction(_)));
+    let train_rows = if held_out { ds.rows_used.saturating_sub(ds.eval_rows) } else { ds.rows_used };
+    if let Some(line) = many_epochs(core.total_steps, stats.steps_per_epoch as u64, train_rows, ds.eval_rows > 0) {
         checks.push(Check::new(Level::Warn, line));
     }
 
@@ -235,8 +238,17 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
     Ok(PreflightView {
         model: spec.summary(),
         data: format!(
-            "{} rows used of {} ({} skipped, {} truncated), {} trained tokens",
-            ds.rows_used, ds.rows_total, ds.rows_skipped, stats.truncated_rows, stats.trained_tokens
+            "{} rows used of {} ({} skipped, {} truncated), {} trained tokens{}",
+            ds.rows_used,
+            ds.rows_total,
+            ds.rows_skipped,
+            stats.truncated_rows,
+            stats.trained_tokens,
+            match (ds.eval_rows, held_out) {
+                (0, _) => String::new(),
+                (n, true) => format!("; {n} of them held out to evaluate on"),
+                (n, false) => format!("; {n} rows of the evaluation file to evaluate on"),
+            }
         ),
         steps: format!(
             "{} optimizer steps ({} per epoch), {} sequences each, learning rate {:.2e}",
@@ -257,16 +269,26 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
 /// From this many passes over the data on, a run mostly learns its rows by heart.
 const MANY_EPOCHS: f64 = 5.0;
 
-/// The warning for a run that repeats a small dataset many times, or `None`.
-pub fn many_epochs(total_steps: u64, steps_per_epoch: u64, rows: usize) -> Option<String> {
+/// The warning for a run that repeats a small dataset of `rows` training rows many times, or
+/// `None`. With evaluation rows (`evaluates`) the evaluation loss will show the overfitting, so
+/// the advice points at it rather than at holding rows out.
+pub fn many_epochs(total_steps: u64, steps_per_epoch: u64, rows: usize, evaluates: bool) -> Option<String> {
     let epochs = total_steps as f64 / steps_per_epoch.max(1) as f64;
     (epochs >= MANY_EPOCHS).then(|| {
-        format!(
-            "{total_steps} steps are about {epochs:.0} epochs over {rows} rows: the model will learn these rows by heart, and the \
-             training loss falling toward 0 will not say how it does on anything else. About {} steps make 3 epochs; or hold \
-             out rows to see a validation loss.",
-            3 * steps_per_epoch.max(1)
-        )
+        let three = 3 * steps_per_epoch.max(1);
+        if evaluates {
+            format!(
+                "{total_steps} steps are about {epochs:.0} epochs over {rows} rows: the model will learn these rows by heart. Watch \
+                 the evaluation loss: when it rises while the training loss falls, the best checkpoint is the one to keep. About \
+                 {three} steps make 3 epochs."
+            )
+        } else {
+            format!(
+                "{total_steps} steps are about {epochs:.0} epochs over {rows} rows: the model will learn these rows by heart, and the \
+                 training loss falling toward 0 will not say how it does on anything else. About {three} steps make 3 epochs; or \
+                 hold out rows (Evaluation rows on the Dataset page, dataset.eval_split) to see an evaluation loss."
+            )
+        }
     })
 }
 
@@ -336,10 +358,13 @@ mod tests {
     #[test]
     fn many_epochs_over_few_rows_are_warned_about() {
         // The issue's run: 600 steps of 8 sequences over 95 rows.
-        let w = many_epochs(600, 12, 95).unwrap();
+        let w = many_epochs(600, 12, 95, false).unwrap();
         assert!(w.starts_with("600 steps are about 50 epochs over 95 rows") && w.contains("About 36 steps make 3 epochs"), "{w}");
-        assert_eq!(many_epochs(60, 44, 350), None, "the demo's run: 1.4 epochs");
-        assert!(many_epochs(220, 44, 350).is_some(), "5 epochs");
+        assert!(w.contains("dataset.eval_split"), "{w}");
+        assert_eq!(many_epochs(60, 44, 350, false), None, "the demo's run: 1.4 epochs");
+        assert!(many_epochs(220, 44, 350, false).is_some(), "5 epochs");
+        let with_eval = many_epochs(600, 12, 85, true).unwrap();
+        assert!(with_eval.contains("Watch the evaluation loss") && !with_eval.contains("hold out"), "{with_eval}");
     }
 
     #[test]

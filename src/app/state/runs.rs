@@ -428,6 +428,7 @@ mod tests {
                 updated: "2026-01-01T00:01:00Z".into(),
                 error: None,
                 rows: Some(95),
+                best: None,
             }),
             summary: RunSummary { smoothed_loss: Some(1.5), ..Default::default() },
             checkpoints,

@@ -195,6 +195,9 @@ impl TrainingState {
                     f.final_loss.map(|l| format!(", final loss {l:.4}")).unwrap_or_default(),
                     f.adapter_dir.display()
                 ));
+                if let (Some(b), Some(dir)) = (f.best, &f.best_checkpoint) {
+                    self.push_log(format!("best eval loss {:.4} at step {}: {}", b.eval_loss, b.step, dir.display()));
+                }
                 self.phase = if f.stopped { Phase::Stopped } else { Phase::Done };
                 self.finished = Some(f);
             }
@@ -219,8 +222,14 @@ impl TrainingState {
 /// One step's line in the log.
 pub fn step_line(m: &StepMetrics) -> String {
     format!(
-        "step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s",
-        m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s
+        "step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s{}",
+        m.step,
+        m.total_steps,
+        m.loss,
+        m.lr,
+        m.grad_norm,
+        m.tokens_per_s,
+        m.eval_loss.map(|l| format!("  eval loss {l:.4}")).unwrap_or_default()
     )
 }
 
@@ -249,6 +258,10 @@ pub struct Curves {
     pub tokens_per_s: Vec<[f64; 2]>,
     /// In GiB.
     pub memory: Vec<[f64; 2]>,
+    /// The evaluation loss at the steps that measured it (never decimated: there are few).
+    pub eval_loss: Vec<[f64; 2]>,
+    /// The lowest evaluation loss so far, the one whose checkpoint the run keeps.
+    pub best_eval: Option<[f64; 2]>,
 }
 
 pub fn curves(metrics: &[StepMetrics], smoothing: f64) -> Curves {
@@ -267,6 +280,12 @@ pub fn curves(metrics: &[StepMetrics], smoothing: f64) -> Curves {
             c.memory.push([x, b as f64 / (1u64 << 30) as f64]);
         }
     }
+    c.eval_loss = metrics.iter().filter_map(|m| Some([m.step as f64, m.eval_loss.filter(|l| l.is_finite())?])).collect();
+    // The first of equal lows, as the session keeps it (it replaces the best only when lower).
+    c.best_eval = c.eval_loss.iter().copied().fold(None, |b: Option<[f64; 2]>, p| match b {
+        Some(b) if b[1] <= p[1] => Some(b),
+        _ => Some(p),
+    });
     c
 }
 
@@ -414,6 +433,20 @@ mod tests {
     }
 
     #[test]
+    fn eval_loss_is_plotted_at_its_steps_with_the_best_marked() {
+        let mut ms: Vec<StepMetrics> = (1..=6).map(|i| m(i, 2.0 / i as f64)).collect();
+        for (i, l) in [(1, 2.5), (3, 1.5), (5, 1.5)] {
+            ms[i].eval_loss = Some(l);
+        }
+        let c = curves(&ms, 0.5);
+        assert_eq!(c.eval_loss, vec![[2.0, 2.5], [4.0, 1.5], [6.0, 1.5]]);
+        assert_eq!(c.best_eval, Some([4.0, 1.5]), "the first of equal lows, as the session keeps it");
+        assert!(step_line(&ms[3]).ends_with("eval loss 1.5000"), "{}", step_line(&ms[3]));
+        assert!(!step_line(&ms[0]).contains("eval"));
+        assert_eq!(curves(&ms[..1], 0.5).best_eval, None);
+    }
+
+    #[test]
     fn progress_text_and_fraction() {
         let p = progress(&[m(5, 1.0)], Some(10), Phase::Running);
         assert_eq!(p.fraction, 0.5);
@@ -440,6 +473,8 @@ mod tests {
             steps: 1,
             final_loss: Some(2.0),
             stopped: true,
+            best: None,
+            best_checkpoint: None,
         }));
         assert_eq!(t.phase, Phase::Stopped);
         assert!(!t.phase.is_active());
@@ -500,6 +535,7 @@ mod tests {
                 rows_skipped: 0,
                 truncated_rows: 0,
                 trained_tokens: 1,
+                eval_rows: 0,
             },
             keeps_all_activations: false,
             load_secs: 0.0,
