@@ -489,6 +489,24 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     h.step();
     assert!(h.query_by_label(&merged.display().to_string()).is_some(), "the merged folder's path is shown");
 
+    // And GGUF with its Modelfile, whose sampling settings are the Chat page's.
+    h.state_mut().state.chat.params.temperature = 0.35;
+    h.state_mut().state.export.gguf_quant = tunestudio::export::gguf::GgufQuant::Q8_0;
+    click(&mut h, "Export GGUF");
+    wait_for(&mut h, "the GGUF export", 120, |a| a.state.export.result.is_some());
+    let gguf = h.state().state.export.result.clone().unwrap().expect("GGUF export succeeds");
+    assert_eq!(gguf, dest.join("gui-run-q8_0").join("gui-run-q8_0.gguf"));
+    let content = candle_core::quantized::gguf_file::Content::read(&mut std::fs::File::open(&gguf).unwrap()).unwrap();
+    assert_eq!(content.metadata["general.architecture"].to_string().unwrap(), "llama");
+    assert!(content.metadata.contains_key("tokenizer.chat_template"));
+    let merged_tensors = tunestudio::model::weights::WeightStore::open(&merged).unwrap().names().count();
+    assert!(content.tensor_infos.len() >= merged_tensors, "every tensor of the merged model");
+    let modelfile = std::fs::read_to_string(gguf.with_file_name("Modelfile")).unwrap();
+    assert!(modelfile.contains("FROM ./gui-run-q8_0.gguf\n"), "{modelfile}");
+    assert!(modelfile.contains("PARAMETER temperature 0.35"), "{modelfile}");
+    h.step();
+    assert!(h.query_by_label(&gguf.display().to_string()).is_some(), "the GGUF file's path is shown");
+
     // The Runs list shows the stopped run; resume it.
     go(&mut h, Page::Runs);
     wait_for(&mut h, "the runs list", 30, |a| a.state.runs.records.ready().is_some_and(|r| !r.is_empty()));
@@ -1134,6 +1152,138 @@ fn gui_unsaved_edits_and_a_running_run_are_asked_about() {
         closed |= closes(&h);
     }
     assert!(closed, "the window closes once the run has stopped and the edits are answered for");
+}
+
+/// The chat's message field: the last multi-line field on the page (the system message and the
+/// stop strings are multi-line too, above it). Not found by its hint: egui drops the hint from the
+/// accessibility tree once the field holds text.
+fn chat_input<'a>(h: &'a Harness<'static, StudioApp>) -> egui_kittest::Node<'a> {
+    h.query_all_by_role(egui::accesskit::Role::MultilineTextInput).last().expect("the chat's message field")
+}
+
+/// Type a message into the chat and press Enter, as a person would.
+fn say(h: &mut Harness<'static, StudioApp>, text: &str) {
+    settle(h);
+    chat_input(h).focus();
+    h.step();
+    chat_input(h).type_text(text);
+    h.step();
+    h.key_press(egui::Key::Enter);
+    h.step();
+}
+
+fn wait_answered(h: &mut Harness<'static, StudioApp>, turns: usize) {
+    wait_for(h, "the answer", 180, |a| {
+        let c = &a.state.chat;
+        c.turns.len() == turns && !c.answering && c.turns.iter().all(|t| t.answers.iter().all(|x| x.finish.is_some()))
+    });
+    if let Some(e) = &h.state().state.chat.error {
+        panic!("the answer failed: {e}");
+    }
+}
+
+#[test]
+fn gui_chat_streams_the_fine_tuned_and_the_base_answer_side_by_side() {
+    use std::sync::atomic::AtomicBool;
+    use tunestudio::generate::conversation::{Answerers, Conversation};
+
+    let _g = serial();
+    let mut h = studio(None, "chat");
+    wait_loaded(&mut h);
+    // The Model page's model with an adapter that changes its answers (it trains a token row too).
+    let adapter = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop/demo_adapter");
+    h.state_mut().state.config.model.adapter = Some(adapter);
+    h.step();
+    go(&mut h, Page::Chat);
+    assert_eq!(h.state().state.chat.model, Load::Empty, "nothing is loaded before it is needed");
+    click(&mut h, "System message and sampling");
+    click(&mut h, "Greedy");
+    h.state_mut().state.chat.params.max_new_tokens = 24;
+    click(&mut h, "Side by side with the base model");
+    assert!(h.state().state.chat.side_by_side);
+
+    let question = "What is the capital of France?";
+    say(&mut h, question);
+    // The first message loads the model; it stays in the field until the model is ready to take it.
+    assert!(h.state().state.chat.send_when_loaded && h.state().state.chat.model.is_loading(), "Enter sent the message");
+    wait_answered(&mut h, 1);
+    settle(&mut h);
+    assert!(chat_input(&h).value().unwrap_or_default().is_empty(), "the sent message left the field");
+    let c = &h.state().state.chat;
+    let loaded = c.model.ready().expect("the model loaded on the first message");
+    assert!(loaded.has_adapter);
+    let turn = &c.turns[0];
+    assert_eq!(turn.user, question);
+    assert_eq!((turn.answers[0].who, turn.answers[1].who), ("fine-tuned", "base"));
+
+    // What streamed is what the generator answers to the same requests, and the adapter shows.
+    let source = c.source(&h.state().state.config);
+    let opts = source.load_options().unwrap();
+    let mut g = tunestudio::generate::Generator::open(tunestudio::backend::cpu::CpuBackend::<f32>::new(), &opts).unwrap();
+    let reqs = Conversation::new(None).requests(question, Answerers::Both, &c.params, &[]);
+    let want = g.generate(&reqs, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    for (shown, want) in turn.answers.iter().zip(&want) {
+        assert_eq!(shown.text, want.text, "{} answer", shown.who);
+        assert_eq!(shown.tokens, want.tokens.len());
+        assert!(!shown.text.is_empty());
+    }
+    assert_ne!(want[0].text, want[1].text, "the adapter changes the answer");
+    settle(&mut h);
+    assert!(h.query_by_label_contains(&want[1].text).is_some(), "the base answer is on screen");
+    assert!(h.query_all_by_label_contains("tokens/s").count() >= 2, "each answer says its speed");
+
+    // The next turn continues each model's own conversation, reusing what the cache holds.
+    say(&mut h, "And of Spain?");
+    wait_answered(&mut h, 2);
+    let t2 = &h.state().state.chat.turns[1];
+    assert!(t2.answers.iter().all(|a| a.cached_tokens > 0 && a.cached_tokens < a.prompt_tokens), "{t2:?}");
+
+    // Copy puts the whole conversation on the clipboard (in the output of the frame of the click).
+    settle(&mut h);
+    let transcript = h.state().state.chat.transcript();
+    assert!(transcript.contains("And of Spain?") && transcript.contains("Assistant (base): "), "{transcript}");
+    h.get_by_label("Copy").click();
+    let mut copied = false;
+    for _ in 0..3 {
+        h.step();
+        copied |= h.output().platform_output.commands.contains(&egui::OutputCommand::CopyText(transcript.clone()));
+    }
+    assert!(copied, "Copy puts the conversation on the clipboard");
+    click(&mut h, "New chat");
+    assert!(h.state().state.chat.turns.is_empty());
+}
+
+#[test]
+fn gui_chat_with_a_paused_run_answers_from_its_newest_checkpoint() {
+    let _g = serial();
+    let mut h = studio(None, "chat-run");
+    wait_loaded(&mut h);
+    h.state_mut().state.config.train.max_steps = Some(400);
+    h.state_mut().state.config.train.save_every = 2;
+    h.state_mut().state.config.output.run_name = "chat-run".into();
+    let ctx = h.ctx.clone();
+    h.state_mut().act(Action::ConfirmStart, &ctx);
+    wait_for(&mut h, "a checkpoint", 180, |a| a.state.training.last_checkpoint.is_some());
+    click(&mut h, "⏸ Pause");
+    wait_for(&mut h, "the pause", 60, |a| a.state.training.phase == Phase::Paused);
+    let at = steps(&h);
+    let run_dir = h.state().state.training.run_dir().unwrap().to_path_buf();
+    click(&mut h, "Chat with it");
+    assert_eq!(h.state().state.page, Page::Chat);
+    assert_eq!(h.state().state.chat.run.as_deref(), Some(run_dir.as_path()));
+    h.state_mut().state.chat.params = tunestudio::generate::SamplingParams::greedy(16);
+    say(&mut h, "Hello there");
+    wait_answered(&mut h, 1);
+    let m = h.state().state.chat.model.ready().unwrap();
+    let newest = tunestudio::session::checkpoint::list(&run_dir).last().copied().unwrap();
+    assert_eq!(m.adapter.as_deref(), Some(tunestudio::session::checkpoint::step_dir(&run_dir, newest).as_path()));
+    assert!(m.has_adapter);
+    assert_eq!(h.state().state.training.phase, Phase::Paused, "chatting leaves the run paused");
+    assert_eq!(steps(&h), at);
+    click(&mut h, "⏵ Resume");
+    wait_for(&mut h, "a step after resuming", 60, |a| a.state.training.metrics.last().is_some_and(|m| m.step > at));
+    h.key_press_modifiers(egui::Modifiers::SHIFT, egui::Key::F5);
+    wait_for(&mut h, "the stop", 120, |a| !a.state.training.phase.is_active());
 }
 
 #[test]

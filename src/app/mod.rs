@@ -26,7 +26,8 @@ use crate::RunConfig;
 use crate::session::{self, Control, Event, SessionHandle, StartOptions};
 
 use jobs::{Debounce, DebounceState, Jobs, Load};
-pub use msg::{Action, Answer, Msg, Pick};
+pub use msg::{Action, Answer, ChatAction, Msg, Pick};
+use state::chat::{ChatCommand, ChatEvent, ChatWorker};
 pub use state::{AppState, Page, start_blocker, window_title};
 use state::{Confirm, Lasts};
 use state::{dataset, export, memory as budget, model, preflight, runs, training::Phase};
@@ -34,6 +35,10 @@ use state::{dataset, export, memory as budget, model, preflight, runs, training:
 /// How often the window redraws while only the training plots change (steps can come at dozens
 /// per second; every redraw takes CPU time from the training thread).
 pub const PLOT_REFRESH: Duration = Duration::from_millis(250);
+
+/// How often the window redraws while only an answer's text grows (a burst of tokens makes one
+/// frame; the text still reads as streaming).
+pub const TOKEN_REFRESH: Duration = Duration::from_millis(40);
 
 pub const START_KEYS: &str = "Ctrl+Enter or F5";
 const START: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
@@ -131,6 +136,8 @@ pub struct StudioApp {
     pub state: AppState,
     jobs: Jobs<Msg>,
     session: Option<SessionHandle>,
+    /// The thread that holds the Chat page's model, started when the page first needs it.
+    chat: Option<ChatWorker>,
     model_watch: Debounce,
     dataset_watch: Debounce,
     runs_watch: Debounce,
@@ -187,6 +194,7 @@ impl StudioApp {
             state,
             jobs,
             session: None,
+            chat: None,
             model_watch: Debounce::new(delay),
             dataset_watch: Debounce::new(delay),
             runs_watch: Debounce::new(delay),
@@ -376,6 +384,8 @@ impl StudioApp {
                 let (Some(src), dest) = (s.export.source.clone(), s.export.dest.clone()) else { return };
                 s.export.progress = Some((0.0, "starting".into()));
                 s.export.result = None;
+                // The Modelfile's PARAMETER lines are the Chat page's sampling settings.
+                let sampling = s.chat.params.clone();
                 self.jobs.spawn("export", move |tx| {
                     let progress = |fraction: f32, what: &str| {
                         let _ = tx.send(Msg::Export(export::ExportProgress::Step { fraction, what: what.to_string() }));
@@ -383,14 +393,25 @@ impl StudioApp {
                     Msg::Export(export::ExportProgress::Done(jobs::guarded(|| match kind {
                         export::ExportKind::Adapter => export::export_adapter(&src, &dest, &progress),
                         export::ExportKind::Merged(dtype) => export::export_merged(&src, &dest, dtype, &progress),
+                        export::ExportKind::Gguf(quant) => export::export_gguf(&src, &dest, quant, sampling, &progress),
                     })))
                 });
             }
+            Action::ChatWith(dir) => {
+                s.chat.run = Some(dir);
+                s.chat.step = None;
+                self.carry_out(Action::GoTo(Page::Chat), ctx);
+            }
+            Action::Chat(a) => self.chat_action(a),
             Action::ApplyBudget(setting, value) => budget::apply(&mut s.config, setting, value),
             Action::BackToLive => s.training.viewing = None,
             Action::GoTo(p) => {
                 s.page = p;
-                if p == Page::Runs || p == Page::Export {
+                if p == Page::Chat && s.chat.run.is_none() && s.chat.model == Load::Empty {
+                    // After (or during) a run, the Chat page starts on it.
+                    s.chat.run = s.training.run_dir().map(Path::to_path_buf);
+                }
+                if p == Page::Runs || p == Page::Export || p == Page::Chat {
                     self.refresh_runs();
                 }
             }
@@ -433,6 +454,52 @@ impl StudioApp {
                 ctx.send_viewport_cmd(ViewportCommand::Close);
             }
         }
+    }
+
+    fn chat_action(&mut self, a: ChatAction) {
+        match a {
+            ChatAction::Load => self.chat_load(),
+            ChatAction::Send => {
+                let c = &self.state.chat;
+                let source = c.source(&self.state.config);
+                if !c.model.ready().is_some_and(|m| m.source == source) {
+                    // Load first; the message goes once the model is ready.
+                    if !(c.model.is_loading() && c.requested.as_ref() == Some(&source)) {
+                        self.chat_load();
+                    }
+                    self.state.chat.send_when_loaded = true;
+                    return;
+                }
+                if let Some(reqs) = self.state.chat.begin_turn() {
+                    self.chat_worker().send(ChatCommand::Answer(reqs));
+                }
+            }
+            ChatAction::Stop => {
+                if let Some(w) = &self.chat {
+                    w.stop();
+                }
+            }
+            ChatAction::Clear => self.state.chat.clear(),
+        }
+    }
+
+    fn chat_load(&mut self) {
+        let source = self.state.chat.source(&self.state.config);
+        self.state.chat.model = Load::Loading;
+        self.state.chat.requested = Some(source.clone());
+        self.chat_worker().send(ChatCommand::Load(source));
+    }
+
+    fn chat_worker(&mut self) -> &ChatWorker {
+        if self.chat.is_none() {
+            let (worker, events) = ChatWorker::start();
+            self.jobs.forward("chat-events", events, Msg::Chat, |e| match e {
+                ChatEvent::Stream(crate::generate::StreamEvent::Token { .. }) => TOKEN_REFRESH,
+                _ => Duration::ZERO,
+            });
+            self.chat = Some(worker);
+        }
+        self.chat.as_ref().expect("started")
     }
 
     fn start_session(&mut self, cfg: RunConfig, resume: Option<PathBuf>) {
@@ -581,6 +648,14 @@ impl StudioApp {
                     Err(e) => s.notify(format!("Could not save the config: {e}"), Lasts::UntilDismissed),
                 },
             },
+            Msg::Chat(e) => {
+                let loaded = matches!(&e, ChatEvent::Loaded { result: Ok(_), .. });
+                s.chat.apply(e);
+                if loaded && s.chat.send_when_loaded && s.chat.model.ready().is_some() {
+                    s.chat.send_when_loaded = false;
+                    self.chat_action(ChatAction::Send);
+                }
+            }
             Msg::Session { generation, event } => {
                 if generation != s.training.generation {
                     return;
@@ -670,6 +745,12 @@ impl StudioApp {
             )
         });
         let s = &self.state;
+        // In the chat's message field Ctrl+Enter sends, as in other chat windows.
+        let chat_typing = s.page == Page::Chat && ctx.memory(|m| m.has_focus(egui::Id::unique(panels::chat::INPUT_ID)));
+        if chat_typing && start {
+            self.act(Action::Chat(ChatAction::Send), ctx);
+            return;
+        }
         if s.preflight.open {
             let ready = s
                 .preflight
@@ -937,6 +1018,7 @@ impl eframe::App for StudioApp {
                 Page::Hyper => panels::hyper::ui(ui, s, &mut actions, panels::budget::panel),
                 Page::Monitor => panels::monitor::ui(ui, s, &mut actions),
                 Page::Runs => panels::runs::ui(ui, s, &mut actions),
+                Page::Chat => panels::chat::ui(ui, s, &mut actions),
                 Page::Export => panels::export::ui(ui, s, &mut actions),
             }
         });

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::session::Event;
 
 use super::state::Page;
+use super::state::chat::ChatEvent;
 use super::state::dataset::DatasetView;
 use super::state::export::{ExportKind, ExportProgress};
 use super::state::memory::{Fixes, Machine, Setting};
@@ -44,6 +45,9 @@ pub enum Action {
     ResumeRun(PathBuf),
     ExportFrom(PathBuf),
     Export(ExportKind),
+    /// Open the Chat page on this run (its newest checkpoint).
+    ChatWith(PathBuf),
+    Chat(ChatAction),
     /// "Largest that fits" in the memory budget: set this setting to this value.
     ApplyBudget(Setting, usize),
     BackToLive,
@@ -55,6 +59,19 @@ pub enum Action {
     OpenFolder(PathBuf),
     CopyText(String),
     Quit,
+}
+
+/// What the Chat page asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatAction {
+    /// Load the model the page names.
+    Load,
+    /// Send the typed message (loading the model first when it is not loaded).
+    Send,
+    /// End the answer under way.
+    Stop,
+    /// Start a new conversation.
+    Clear,
 }
 
 /// How the person answered a `state::Confirm` question.
@@ -150,6 +167,8 @@ pub enum Msg {
         key: u64,
         result: Result<Fixes, String>,
     },
+    /// What the chat worker did.
+    Chat(ChatEvent),
     /// An event of the session started as `generation` (older generations are ignored).
     Session {
         generation: u64,

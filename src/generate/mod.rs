@@ -9,6 +9,7 @@
 //! holds, so the next turn of a conversation only runs its new tokens.
 
 pub mod bench;
+pub mod conversation;
 pub mod sample;
 pub mod stream;
 
@@ -27,6 +28,7 @@ use crate::export::adapter::{complete_token_rows, load_peft};
 use crate::model::chat_template::{ChatTemplate, Message};
 use crate::model::tokenizer::TokenizerBundle;
 use crate::model::{ModelSpec, WeightStore};
+use crate::session::checkpoint;
 pub use sample::{Sampler, SamplingParams};
 pub use stream::{FinishReason, StopRules, TextStream};
 
@@ -34,7 +36,8 @@ pub use stream::{FinishReason, StopRules, TextStream};
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadOptions {
     pub model: PathBuf,
-    /// A PEFT adapter folder (a run's `adapter/`, or an exported one).
+    /// A PEFT adapter folder (a run's `adapter/`, or an exported one), or a run's checkpoint
+    /// folder (`checkpoints/step-N/`: answers as the run did at that step, while it trains).
     pub adapter: Option<PathBuf>,
     /// `nf4` answers with the function a QLoRA adapter was trained against; `bf16` with the stored
     /// weights.
@@ -61,17 +64,30 @@ impl LoadOptions {
         }
     }
 
-    /// A run folder's model, adapter, quantization and template.
+    /// A run folder's model, newest adapter, quantization and template. The newest checkpoint
+    /// is at least as new as `adapter/` (the session saves both at the end, only checkpoints
+    /// before it), so a run that is training or paused answers as of its last checkpoint.
     pub fn from_run(run_dir: &Path) -> Result<Self> {
-        let cfg_path = run_dir.join(crate::session::checkpoint::CONFIG_FILE);
+        let steps = checkpoint::list(run_dir);
+        let adapter = match steps.last() {
+            Some(&step) => checkpoint::step_dir(run_dir, step),
+            None => run_dir.join(checkpoint::ADAPTER_DIR),
+        };
+        Self::from_run_at(run_dir, &adapter)
+    }
+
+    /// A run folder's model, quantization and template with one of its adapters: `adapter/` or a
+    /// folder of `checkpoints/`.
+    pub fn from_run_at(run_dir: &Path, adapter: &Path) -> Result<Self> {
+        let cfg_path = run_dir.join(checkpoint::CONFIG_FILE);
         if !cfg_path.exists() {
             return Err(Error::file(run_dir, "is not a run folder (no config.toml); give the folder `tunestudio train` printed"));
         }
         let cfg = crate::RunConfig::load(&cfg_path)?;
-        let adapter = run_dir.join(crate::session::checkpoint::ADAPTER_DIR);
         if !adapter.exists() {
-            return Err(Error::file(&adapter, "is missing: the run has not saved its adapter yet"));
+            return Err(Error::file(adapter, "is missing: the run has not saved a checkpoint or its adapter yet"));
         }
+        let adapter = adapter.to_path_buf();
         Ok(LoadOptions {
             adapter: Some(adapter),
             quantization: cfg.model.quantization,
@@ -141,6 +157,31 @@ pub struct Answer {
     pub tokens_per_s: f64,
 }
 
+/// Whether `dir` is one of a run's checkpoints (rather than a PEFT adapter folder).
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join("state.json").is_file() && dir.join("optimizer.safetensors").is_file()
+}
+
+/// The LoRA (and trained token rows) of a PEFT adapter folder or of a run's checkpoint, whose
+/// LoRA settings are the run's (`checkpoints/step-N/../../config.toml`).
+fn load_adapter(dir: &Path, spec: &ModelSpec, store: &WeightStore) -> Result<InferAdapter> {
+    let (lora, weights, rows) = if is_checkpoint(dir) {
+        let run_dir = dir.parent().and_then(Path::parent).unwrap_or(dir);
+        let cfg_path = run_dir.join(checkpoint::CONFIG_FILE);
+        if !cfg_path.is_file() {
+            return Err(Error::file(dir, "is a checkpoint outside its run folder (no ../../config.toml for its LoRA settings)"));
+        }
+        let cfg = crate::RunConfig::load(&cfg_path)?;
+        let c = checkpoint::load(dir)?;
+        (cfg.lora, c.weights, c.token_rows)
+    } else {
+        let a = load_peft(dir, spec)?;
+        (a.lora, a.weights, a.token_rows)
+    };
+    let token_rows = rows.as_ref().map(|r| complete_token_rows(r, spec, store)).transpose()?;
+    Ok(InferAdapter { lora, weights, token_rows })
+}
+
 /// A loaded model that answers, on any backend.
 pub struct Generator<B: Backend> {
     infer: Inference<B>,
@@ -169,14 +210,7 @@ impl<B: Backend> Generator<B> {
         let store = WeightStore::open(&opts.model)?;
         let tok = TokenizerBundle::load(&opts.model)?;
         let template = tok.resolve_template(&opts.template)?;
-        let adapter = match &opts.adapter {
-            Some(dir) => {
-                let a = load_peft(dir, &spec)?;
-                let token_rows = a.token_rows.as_ref().map(|r| complete_token_rows(r, &spec, &store)).transpose()?;
-                Some(InferAdapter { lora: a.lora, weights: a.weights, token_rows })
-            }
-            None => None,
-        };
+        let adapter = opts.adapter.as_deref().map(|dir| load_adapter(dir, &spec, &store)).transpose()?;
         let context = opts.context.min(spec.max_position_embeddings.max(1)).max(1);
         let io = InferOptions { chunk_rows: 512.min(context), ..InferOptions::new(opts.quantization, opts.slots.max(1), context) };
         let infer = Inference::new(backend, spec.clone(), &store, io, adapter.as_ref())?;
@@ -239,6 +273,17 @@ impl<B: Backend> Generator<B> {
             self.cached[s].clear();
         }
         Ok(())
+    }
+
+    /// The next-token logits after `prompt` in slot 0, from an empty cache, with the adapter on
+    /// or off (checks of the forward against the training one and transformers').
+    pub fn logits_after(&mut self, prompt: &[u32], adapter: bool) -> Result<Vec<f32>> {
+        self.reset()?;
+        self.infer.set_adapter(0, adapter)?;
+        let logits = self.infer.forward(&[(0, prompt)])?.pop().expect("one entry");
+        // The cache now holds a prompt that `cached` does not list: drop it.
+        self.reset()?;
+        Ok(logits)
     }
 
     /// Answer every request (request `i` in cache slot `i`), reporting through `on` as tokens

@@ -19,18 +19,19 @@ trap 'rm -rf "$GG"' EXIT
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$FX"
 
-echo "== random Llama-3- and Qwen2-shaped models with PEFT adapters (transformers)"
+echo "== random Llama-3-, Qwen2-, Qwen3- and Gemma-3-shaped models with PEFT adapters (transformers)"
 "$TORCH_PY" "$PY" models "$FX" "$DEMO"
 echo "== prompt ids and greedy generation (transformers + PEFT, f32)"
 "$TORCH_PY" "$PY" hf "$FX" "$DEMO"
 
 echo "== tunestudio: merged f32 weights and GGUF exports (f16, q8_0, q4_k_m) of every model + adapter"
-declare -A MODEL=([demo]=$DEMO/model [llama3_gen]=$FX/llama3_gen [qwen2_gen]=$FX/qwen2_gen)
-declare -A ADAPTER=([demo]=$ROOT/tests/fixtures/interop/demo_adapter [llama3_gen]=$FX/llama3_gen_adapter [qwen2_gen]=$FX/qwen2_gen_adapter)
-for c in demo llama3_gen qwen2_gen; do
-  "$BIN" export merged --model "${MODEL[$c]}" --adapter "${ADAPTER[$c]}" --dtype f32 --to "$GG/$c-f32" >/dev/null
+# The cases of GGUF_CASES in make_generate_fixtures.py.
+for c in demo llama3_gen qwen2_gen qwen3_gen; do
+  if [ $c = demo ]; then model=$DEMO/model adapter=$ROOT/tests/fixtures/interop/demo_adapter
+  else model=$FX/$c adapter=$FX/${c}_adapter; fi
+  "$BIN" export merged --model "$model" --adapter "$adapter" --dtype f32 --to "$GG/$c-f32" >/dev/null
   for q in f16 q8_0 q4_k_m; do
-    "$BIN" export gguf --model "${MODEL[$c]}" --adapter "${ADAPTER[$c]}" --quant $q --to "$GG/$c-$q.gguf" --temperature 0.6
+    "$BIN" export gguf --model "$model" --adapter "$adapter" --quant $q --to "$GG/$c-$q.gguf" --temperature 0.6
   done
 done
 echo "== llama.cpp loads the files, every tensor dequantizes to the merged weights, greedy generation"

@@ -3,17 +3,21 @@
 llama.cpp. Runs in phases (tests/interop/generate_check.sh runs them all, with the tunestudio
 binary between them, on a GPU host or on the CPU); every phase reads and extends FX/expected.json:
 
-    models FX DEMO      two random tiny models made with transformers, each with a PEFT LoRA
+    models FX DEMO      random tiny models made with transformers, each with a PEFT LoRA
                         adapter whose A and B are random: a Llama-3-shaped one (GQA, llama3 rope
-                        scaling, untied head, the Llama 3 pre-tokenizer and chat template) and a
+                        scaling, untied head, the Llama 3 pre-tokenizer and chat template), a
                         Qwen2-shaped one (q/k/v bias, tied embeddings, the Qwen2 pre-tokenizer,
-                        ChatML, no BOS). Their byte-level BPE is the demo's, re-split.  (torch)
-    hf FX DEMO          for the demo (with its fixture adapter, which trains a token row) and both
-                        random models, base and with the adapter: the prompt ids of two chat
+                        ChatML, no BOS), a Qwen3-shaped one (per-head q/k norms, head_dim wider
+                        than hidden / heads, untied, rows of 256 for Q4_K and Q6_K) and a Gemma-3-shaped one ((1 + w) norms around
+                        both blocks, GeGLU, scaled embedding, five sliding-window layers of 8 keys
+                        with their own RoPE and a global sixth, Gemma's turn template). Their
+                        byte-level BPE is the demo's, re-split.  (torch)
+    hf FX DEMO          for the demo (with its fixture adapter, which trains a token row) and every
+                        random model, base and with the adapter: the prompt ids of two chat
                         prompts (apply_chat_template, add_generation_prompt) and transformers'
                         greedy `generate` of 40 tokens in f32, end tokens not stopping it.  (torch)
     llamacpp FX GG      llama.cpp (llama-cpp-python) loads the f16 GGUF tunestudio exported of
-                        every model + adapter (GG/<case>-f16.gguf), tokenizes each rendered prompt
+                        every model + adapter in GGUF_CASES (GG/<case>-f16.gguf), tokenizes each rendered prompt
                         and generates 40 greedy tokens from the same prompt ids; the `gguf` reader
                         opens the f16, q8_0 and q4_k_m files and every tensor is dequantized and
                         compared with the merged f32 weights (GG/<case>-f32/): exact for f16,
@@ -46,6 +50,19 @@ CHATML = ("{%- for message in messages %}"
           "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
           "{%- endfor %}"
           "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# Gemma 3's turn format (text only): the system message joins the first user turn.
+GEMMA = ("{{- bos_token }}"
+         "{%- if messages[0]['role'] == 'system' %}"
+         "{%- set prefix = messages[0]['content'] + '\\n\\n' %}{%- set turns = messages[1:] %}"
+         "{%- else %}{%- set prefix = '' %}{%- set turns = messages %}{%- endif %}"
+         "{%- for message in turns %}"
+         "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+         "{{- '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}"
+         "{%- endfor %}"
+         "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}")
+# The random models (the demo is a case besides them), and the cases tunestudio exports to GGUF.
+RANDOM_MODELS = ["llama3_gen", "qwen2_gen", "qwen3_gen", "gemma3_gen"]
+GGUF_CASES = ["demo", "llama3_gen", "qwen2_gen", "qwen3_gen"]
 
 
 def load_json(path, default=None):
@@ -66,38 +83,43 @@ def save_json(path, value):
 def cases(fx, demo):
     """(name, model folder, adapter folder)."""
     here = os.path.dirname(os.path.abspath(fx.rstrip("/")))
-    return [
-        ("demo", os.path.join(demo, "model"), os.path.join(here, "interop", "demo_adapter")),
-        ("llama3_gen", os.path.join(fx, "llama3_gen"), os.path.join(fx, "llama3_gen_adapter")),
-        ("qwen2_gen", os.path.join(fx, "qwen2_gen"), os.path.join(fx, "qwen2_gen_adapter")),
-    ]
+    return [("demo", os.path.join(demo, "model"), os.path.join(here, "interop", "demo_adapter"))] + [
+        (name, os.path.join(fx, name), os.path.join(fx, name + "_adapter")) for name in RANDOM_MODELS]
 
 
-def write_tokenizer(src_dir, dst_dir, split, qwen):
-    """The demo's byte-level BPE with another splitting rule; for Qwen, ChatML tokens and no BOS."""
+def write_tokenizer(src_dir, dst_dir, split, style):
+    """The demo's byte-level BPE with another splitting rule; `chatml` (Qwen): ChatML tokens and no
+    BOS; `gemma`: Gemma's turn tokens; `llama3`: the demo's own tokens and template."""
     tok = load_json(os.path.join(src_dir, "tokenizer.json"))
     cfg = load_json(os.path.join(src_dir, "tokenizer_config.json"))
     tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-    tok["model"]["ignore_merges"] = not qwen
-    if qwen:
+    tok["model"]["ignore_merges"] = style != "chatml"
+    added = {"chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "gemma": ["<start_of_turn>", "<end_of_turn>"]}
+    base = max(t["id"] for t in tok["added_tokens"]) + 1
+    for i, content in enumerate(added.get(style, [])):
+        tok["added_tokens"].append({"id": base + i, "content": content, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": True})
+        cfg["added_tokens_decoder"][str(base + i)] = {"content": content, "lstrip": False, "normalized": False,
+                                                      "rstrip": False, "single_word": False, "special": True}
+    if style == "chatml":
         tok["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-        base = max(t["id"] for t in tok["added_tokens"]) + 1
-        for i, content in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]):
-            tok["added_tokens"].append({"id": base + i, "content": content, "single_word": False, "lstrip": False,
-                                        "rstrip": False, "normalized": False, "special": True})
-            cfg["added_tokens_decoder"][str(base + i)] = {"content": content, "lstrip": False, "normalized": False,
-                                                          "rstrip": False, "single_word": False, "special": True}
         cfg.update({"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML})
+    elif style == "gemma":
+        cfg.update({"eos_token": "<end_of_turn>", "chat_template": GEMMA})
     os.makedirs(dst_dir, exist_ok=True)
     save_json(os.path.join(dst_dir, "tokenizer.json"), tok)
     save_json(os.path.join(dst_dir, "tokenizer_config.json"), cfg)
     return max(t["id"] for t in tok["added_tokens"]) + 1
 
 
-def randomize(model, seed):
-    """Weights large enough that greedy choices are clear (HF's 0.02 init makes logits nearly equal)."""
+def randomize(model, seed, gemma=False):
+    """Weights large enough that greedy choices are clear (HF's 0.02 init makes logits nearly equal).
+    Gemma scales its embedding by √hidden on the way in, so it is drawn smaller (and its norms,
+    which multiply by 1 + w, scale each block's output by about 2): otherwise the residual stream is
+    mostly the input token's row and the tied head repeats it."""
+    embed_std = 0.1 if gemma else 0.5
     import torch
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -107,7 +129,7 @@ def randomize(model, seed):
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+                p.copy_(embed_std * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(1.5 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
 
@@ -115,18 +137,33 @@ def randomize(model, seed):
 def phase_models(fx, demo):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
     src = os.path.join(demo, "model")
-    for k, name in enumerate(["llama3_gen", "qwen2_gen"]):
+    for k, name in enumerate(RANDOM_MODELS):
         folder = os.path.join(fx, name)
-        qwen = name.startswith("qwen2")
-        vocab = write_tokenizer(src, folder, QWEN2_SPLIT if qwen else LLAMA3_SPLIT, qwen)
-        if qwen:
+        style = {"llama3_gen": "llama3", "gemma3_gen": "gemma"}.get(name, "chatml")
+        vocab = write_tokenizer(src, folder, LLAMA3_SPLIT if style == "llama3" else QWEN2_SPLIT, style)
+        if name == "qwen2_gen":
             cfg = Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, use_sliding_window=False, rope_theta=1000000.0,
                               eos_token_id=vocab - 1, pad_token_id=vocab - 3, bos_token_id=None, **common)
+        elif name == "qwen3_gen":
+            # Rows of 256 (o_proj, down_proj), so q4_k_m writes real Q4_K and Q6_K blocks.
+            cfg = Qwen3Config(vocab_size=vocab, head_dim=64, tie_word_embeddings=False, use_sliding_window=False,
+                              rope_theta=1000000.0, eos_token_id=vocab - 1, pad_token_id=vocab - 3, bos_token_id=None,
+                              **dict(common, intermediate_size=256))
+        elif name == "gemma3_gen":
+            # Six layers so that llama.cpp's fixed Gemma 3 pattern (every sixth layer global) is
+            # the model's; a window of 8 keys, far shorter than the prompts; query_pre_attn_scalar
+            # = head_dim as in the released models.
+            g3 = dict(common, num_hidden_layers=6, rms_norm_eps=1e-6)
+            cfg = Gemma3TextConfig(vocab_size=vocab, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+                                   tie_word_embeddings=True, bos_token_id=1573, eos_token_id=[1574, vocab - 1],
+                                   pad_token_id=1578, **g3)
         else:
             cfg = LlamaConfig(vocab_size=vocab, head_dim=16, tie_word_embeddings=False, bos_token_id=1573,
                               eos_token_id=[1574, 1577], pad_token_id=1578,
@@ -135,7 +172,7 @@ def phase_models(fx, demo):
                                                "original_max_position_embeddings": 64}, **common)
         torch.manual_seed(k)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        randomize(model, 500 + k)
+        randomize(model, 500 + k, gemma=style == "gemma")
         model.save_pretrained(folder)
         if os.path.exists(os.path.join(folder, "generation_config.json")):
             os.remove(os.path.join(folder, "generation_config.json"))
@@ -191,6 +228,21 @@ def unpermute(w, heads):
     return w.reshape(heads, per // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def last_logits(llm):
+    """The logits of the last token evaluated, read from llama.cpp's context (`Llama.scores` is
+    only filled for every position when the model is opened with logits_all)."""
+    import llama_cpp
+    import numpy as np
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+    # A run of this script once recorded greedy tokens that were all 0: the logits read here were
+    # constant (not the last position's). Refuse to record such a run rather than commit it.
+    if not np.isfinite(logits).all() or float(logits.max() - logits.min()) == 0.0:
+        raise SystemExit("llama.cpp's last logits are constant or not finite: this llama-cpp-python "
+                         "does not expose them the way last_logits reads them; nothing recorded")
+    return logits
+
+
 def phase_llamacpp(fx, demo, gg):
     import gguf
     import numpy as np
@@ -205,12 +257,15 @@ def phase_llamacpp(fx, demo, gg):
              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
              "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
              "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
-             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+             "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
     failures = []
     for name, model_dir, _ in cases(fx, demo):
+        if name not in GGUF_CASES:
+            continue
         rec = expected[name]
         cfg = load_json(os.path.join(model_dir, "config.json"))
-        arch = "qwen2" if cfg["model_type"] == "qwen2" else "llama"
+        arch = cfg["model_type"] if cfg["model_type"] in ("qwen2", "qwen3") else "llama"
         merged = load_file(os.path.join(gg, f"{name}-f32", "model.safetensors"))
         # Every tensor of every quantization against the merged weights.
         rec["gguf"] = {}
@@ -256,7 +311,7 @@ def phase_llamacpp(fx, demo, gg):
             llm.eval(p["ids"])
             out = []
             for _ in range(NEW_TOKENS):
-                t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                t = int(np.argmax(last_logits(llm)))
                 out.append(t)
                 llm.eval([t])
             rec["llamacpp_adapter"].append(out)

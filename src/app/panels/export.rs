@@ -1,10 +1,12 @@
-//! The Export page: pick a run and a folder, write the adapter or the merged weights on a
-//! worker (`state::export`), with progress and the resulting path.
+//! The Export page: pick a run and a folder, write the adapter, the merged weights or a GGUF
+//! file with its Ollama Modelfile on a worker (`state::export`), with progress and the resulting
+//! path.
 
 use std::path::PathBuf;
 
 use eframe::egui::{self, RichText, Ui};
 
+use crate::export::gguf::GgufQuant;
 use crate::export::merged::MergeDtype;
 
 use crate::app::msg::{Action, Pick};
@@ -14,7 +16,7 @@ use crate::app::widgets;
 
 pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     ui.heading("Export");
-    ui.label("Write a run's LoRA adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors), loadable with peft's PeftModel.from_pretrained, or the base model with the adapter merged in, as a 16-bit Hugging Face folder. Token rows the run trained go with both.");
+    ui.label("Write a run's LoRA adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors), loadable with peft's PeftModel.from_pretrained, the base model with the adapter merged in, as a 16-bit Hugging Face folder, or the merged model as GGUF (f16, bf16, q8_0, q4_k_m) with an Ollama Modelfile. Token rows the run trained go with all of them.");
     ui.add_space(6.0);
     let runs: Vec<PathBuf> = state
         .runs
@@ -82,6 +84,19 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         });
         if merged.clicked() {
             actions.push(Action::Export(ExportKind::Merged(e.merged_dtype)));
+        }
+        ui.separator();
+        let gguf = ui
+            .add_enabled(ready, egui::Button::new("Export GGUF"))
+            .on_hover_text("The merged model as one .gguf file for llama.cpp, Ollama or LM Studio, with its tokenizer and chat template, and an Ollama Modelfile beside it (its sampling settings are the Chat page's)")
+            .on_disabled_hover_text(why);
+        egui::ComboBox::from_id_salt("export-gguf-quant").selected_text(e.gguf_quant.name()).width(72.0).show_ui(ui, |ui| {
+            for q in GgufQuant::ALL {
+                ui.selectable_value(&mut e.gguf_quant, q, q.name());
+            }
+        });
+        if gguf.clicked() {
+            actions.push(Action::Export(ExportKind::Gguf(e.gguf_quant)));
         }
     });
     if let Some((f, what)) = &e.progress {

@@ -3,6 +3,7 @@
 //! with the memory budget, is composed by the app).
 
 pub mod budget;
+pub mod chat;
 pub mod confirm;
 pub mod dataset;
 pub mod export;

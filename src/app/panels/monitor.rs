@@ -101,6 +101,11 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             ui.label(RichText::new(t.phase.label()).strong());
             if let Some(d) = t.run_dir() {
                 ui.weak(d.display().to_string());
+                // Paused or ended, the run answers as of its newest checkpoint.
+                let chat_ready = matches!(t.phase, Phase::Paused | Phase::Done | Phase::Stopped) && t.last_checkpoint.is_some();
+                if chat_ready && ui.button("Chat with it").on_hover_text("try the model as of its newest checkpoint").clicked() {
+                    actions.push(Action::ChatWith(d.to_path_buf()));
+                }
             }
         }
     });

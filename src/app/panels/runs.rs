@@ -156,6 +156,15 @@ fn row(
         if ui.add_enabled(v.can_export, egui::Button::new("Export…")).on_hover_text("export its adapter").clicked() {
             actions.push(Action::ExportFrom(r.dir.clone()));
         }
+        let can_chat = !r.checkpoints.is_empty() || r.has_adapter;
+        if ui
+            .add_enabled(can_chat, egui::Button::new("Chat"))
+            .on_hover_text("talk to it as of its newest checkpoint")
+            .on_disabled_hover_text("no checkpoint yet")
+            .clicked()
+        {
+            actions.push(Action::ChatWith(r.dir.clone()));
+        }
     });
     for cell in v.cells() {
         ui.label(cell);

@@ -1,6 +1,7 @@
-//! The Export page's state and its work: a run's LoRA adapter as a PEFT folder, or the base
-//! model with the adapter merged in as a 16-bit Hugging Face folder, written into a folder the
-//! person chooses, reporting progress through a callback (the app posts it to the window). Both go through the same code as `tunestudio export` (crate::export), so
+//! The Export page's state and its work: a run's LoRA adapter as a PEFT folder, the base
+//! model with the adapter merged in as a 16-bit Hugging Face folder, or the merged model as one
+//! GGUF file with an Ollama Modelfile beside it, written into a folder the person chooses,
+//! reporting progress through a callback (the app posts it to the window). Both go through the same code as `tunestudio export` (crate::export), so
 //! trained token rows travel with the adapter and the merged weights alike. A run that has no
 //! `adapter/` yet (failed, or interrupted before its first save) exports its adapter from its
 //! newest checkpoint.
@@ -11,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::RunConfig;
 use crate::export::adapter::load_peft;
+use crate::export::gguf::{GgufOptions, GgufQuant};
+use crate::generate::SamplingParams;
 use crate::export::merged::{FsSink, MergeDtype, MergeInput, MergeOptions, Sink, export_merged_with};
 use crate::model::ModelSpec;
 use crate::session::checkpoint;
@@ -26,6 +29,8 @@ pub enum ExportProgress {
 pub enum ExportKind {
     Adapter,
     Merged(MergeDtype),
+    /// One `.gguf` file and a `Modelfile`, in a folder of their own.
+    Gguf(GgufQuant),
 }
 
 #[derive(Debug)]
@@ -36,13 +41,15 @@ pub struct ExportState {
     pub dest: PathBuf,
     /// The dtype of a merged export.
     pub merged_dtype: MergeDtype,
+    /// The quantization of a GGUF export.
+    pub gguf_quant: GgufQuant,
     pub progress: Option<(f32, String)>,
     pub result: Option<Result<PathBuf, String>>,
 }
 
 impl Default for ExportState {
     fn default() -> Self {
-        ExportState { source: None, dest: PathBuf::new(), merged_dtype: MergeDtype::Bf16, progress: None, result: None }
+        ExportState { source: None, dest: PathBuf::new(), merged_dtype: MergeDtype::Bf16, gguf_quant: GgufQuant::Q8_0, progress: None, result: None }
     }
 }
 
@@ -145,6 +152,39 @@ pub fn export_merged(run_dir: &Path, parent: &Path, dtype: MergeDtype, progress:
         &format!("{} tensors, {} linears merged, {}", summary.tensors, summary.merged_linears, crate::util::fmt_bytes(summary.total_bytes)),
     );
     Ok(summary.dest)
+}
+
+/// Merge the run's adapter into its base and write `parent/<run>-<quant>/<run>-<quant>.gguf`
+/// with an Ollama `Modelfile` beside it (`FROM`, the template, stop words and `sampling`, the
+/// Chat page's settings), as `tunestudio export gguf` does. Returns the `.gguf` file.
+pub fn export_gguf(run_dir: &Path, parent: &Path, quant: GgufQuant, sampling: SamplingParams, progress: Progress<'_>) -> crate::Result<PathBuf> {
+    prepare_parent(parent)?;
+    progress(0.02, "reading the run's adapter");
+    let input = MergeInput::from_run(run_dir)?;
+    // The run's own chat template goes into the file and the Modelfile (what it was trained with).
+    let template = RunConfig::load(&run_dir.join(checkpoint::CONFIG_FILE)).map(|c| c.dataset.template).unwrap_or_else(|_| "auto".into());
+    let name = run_name(run_dir);
+    let folder = target_dir(parent, &format!("{name}-{}", quant.name()));
+    std::fs::create_dir(&folder).map_err(|e| crate::Error::file(&folder, e))?;
+    let dest = folder.join(format!("{name}-{}.gguf", quant.name()));
+    let opts = GgufOptions { quant, template, sampling, name };
+    let tensors = |done: usize, all: usize| {
+        progress(0.05 + 0.9 * done as f32 / all.max(1) as f32, &format!("merging and writing tensor {done} of {all} ({})", quant.name()));
+    };
+    let summary = match crate::export::gguf::export_gguf(&input, &dest, &opts, &tensors) {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing half-written stays behind: the folder was created for this export alone.
+            let _ = std::fs::remove_dir_all(&folder);
+            return Err(e);
+        }
+    };
+    let warn = if summary.warnings.is_empty() { String::new() } else { format!("; {}", summary.warnings.join("; ")) };
+    progress(
+        1.0,
+        &format!("{} tensors, {} linears merged, {}, pre-tokenizer {}{warn}", summary.tensors, summary.merged_linears, crate::util::fmt_bytes(summary.bytes), summary.pre_tokenizer),
+    );
+    Ok(summary.path)
 }
 
 #[cfg(test)]

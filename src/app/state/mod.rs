@@ -3,6 +3,7 @@
 //! it without pixels) and the functions its workers run. Nothing here draws, and nothing here
 //! imports a panel or a message: the panels (`app::panels`) read this, `app::msg` carries it.
 
+pub mod chat;
 pub mod dataset;
 pub mod export;
 pub mod memory;
@@ -26,11 +27,12 @@ pub enum Page {
     Hyper,
     Monitor,
     Runs,
+    Chat,
     Export,
 }
 
 impl Page {
-    pub const ALL: [Page; 6] = [Page::Model, Page::Dataset, Page::Hyper, Page::Monitor, Page::Runs, Page::Export];
+    pub const ALL: [Page; 7] = [Page::Model, Page::Dataset, Page::Hyper, Page::Monitor, Page::Runs, Page::Chat, Page::Export];
 
     pub fn title(self) -> &'static str {
         match self {
@@ -39,6 +41,7 @@ impl Page {
             Page::Hyper => "Hyperparameters",
             Page::Monitor => "Training",
             Page::Runs => "Runs",
+            Page::Chat => "Chat",
             Page::Export => "Export",
         }
     }
@@ -87,6 +90,7 @@ pub struct AppState {
     pub training: training::TrainingState,
     pub runs: runs::RunsState,
     pub export: export::ExportState,
+    pub chat: chat::ChatState,
     pub budget: memory::BudgetState,
     /// Messages for the person (errors from workers, notes), each shown once; dismissable.
     pub notices: Vec<Notice>,
@@ -111,6 +115,7 @@ impl AppState {
             training: Default::default(),
             runs: runs::RunsState { folders, ..Default::default() },
             export: Default::default(),
+            chat: Default::default(),
             budget: Default::default(),
             notices: Vec::new(),
             confirm: None,
