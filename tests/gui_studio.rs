@@ -440,6 +440,14 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     assert_eq!(steps(&h), at, "no step while paused");
     click(&mut h, "⏵ Resume");
     wait_for(&mut h, "a step after resuming", 60, |a| a.state.training.metrics.last().is_some_and(|m| m.step > at));
+    // The 0.8 s paused are not training time: the elapsed time (and the ETA from it) leave them out.
+    let elapsed_at = |step: u64| h.state().state.training.metrics.iter().find(|m| m.step == step).unwrap().elapsed_s;
+    let across = elapsed_at(at + 1) - elapsed_at(at);
+    let around: Vec<(u64, f64)> = h.state().state.training.metrics.iter().map(|m| (m.step, m.elapsed_s)).collect();
+    assert!(
+        across < 0.5,
+        "the step after the pause came {across:.3} s of training time later: the pause was counted; paused at {at}: {around:?}"
+    );
     // With save_every = 0 nothing is saved before the end unless asked.
     assert!(h.state().state.training.last_checkpoint.is_none());
     click(&mut h, "💾 Save now");
@@ -466,6 +474,15 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     assert!(out.join("adapter_config.json").is_file() && out.join("adapter_model.safetensors").is_file());
     h.step();
     assert!(h.query_by_label(&out.display().to_string()).is_some(), "the resulting path is shown");
+    // Beside it, its folder opens in the file manager and the path can be copied.
+    assert!(h.query_by_label("📂 Open folder").is_some());
+    h.get_by_label("📋 Copy path").click();
+    let mut copied = false;
+    for _ in 0..3 {
+        h.step();
+        copied |= h.output().platform_output.commands.contains(&egui::OutputCommand::CopyText(out.display().to_string()));
+    }
+    assert!(copied, "Copy path puts the exported folder's path on the clipboard");
     let exported =
         tunestudio::export::adapter::load_peft(&out, &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap())
             .unwrap();
@@ -1498,4 +1515,56 @@ fn gui_eval_loss_is_drawn_with_the_training_loss_and_the_best_is_marked() {
     if let Ok(p) = std::env::var("LOOK_AT") {
         h.render().unwrap().save(p).unwrap();
     }
+}
+
+#[test]
+fn gui_smaller_faults_of_issue_17_stay_fixed() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "smaller");
+    wait_loaded(&mut h);
+    let ctx = h.ctx.clone();
+
+    // Before any run the Training page says what will be plotted instead of drawing empty axes.
+    go(&mut h, Page::Monitor);
+    settle(&mut h);
+    assert!(h.query_by_label_contains("are plotted here from the first step on").is_some());
+    assert!(h.query_by_label("smoothed").is_none(), "no loss plot (its legend) before the first step");
+
+    // What was said about one config goes when another is loaded.
+    h.state_mut().act(Action::LoadConfig(fixed_dir("smaller-gone").join("missing.toml")), &ctx);
+    settle(&mut h);
+    assert!(h.query_by_label_contains("Could not open the config").is_some());
+    h.state_mut().act(Action::LoadConfig(demo_config()), &ctx);
+    settle(&mut h);
+    assert!(h.state().state.notices.is_empty() && h.query_by_label_contains("Could not open the config").is_none());
+    wait_loaded(&mut h);
+
+    // A model folder that is not there says what to choose, not "(os error 2)".
+    h.state_mut().state.config.model.path = fixed_dir("smaller-models").join("no-such-model");
+    wait_for(&mut h, "the model check", 60, |a| matches!(a.state.model.info, Load::Failed(_)) && a.jobs_running() == 0);
+    click(&mut h, "⚠ Model");
+    assert_eq!(h.state().state.page, Page::Model, "the page with the problem is flagged");
+    // At the field and in the status bar's one line, no more.
+    let said = h.query_all_by_label_contains("does not exist: choose a Hugging Face model folder").count();
+    assert!((1..=2).contains(&said), "said {said} times");
+    assert_eq!(h.query_all_by_label_contains("os error").count(), 0);
+
+    // 600 steps over 95 rows: the preflight warns before the run starts (issue 17 fault 9).
+    let demo_model = h.state().state.saved_config.model.path.clone();
+    h.state_mut().state.config.model.path = demo_model;
+    wait_loaded(&mut h);
+    let data = fixed_dir("smaller-data").join("small.jsonl");
+    let rows: Vec<String> =
+        std::fs::read_to_string(&h.state().state.config.dataset.path).unwrap().lines().take(95).map(String::from).collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    h.state_mut().state.config.dataset.path = data;
+    h.state_mut().state.config.train.max_steps = Some(600);
+    wait_loaded(&mut h);
+    click(&mut h, "▶ Start");
+    wait_for(&mut h, "the preflight report", 120, |a| a.state.preflight.report.ready().is_some());
+    settle(&mut h);
+    let node = h.get_by_label_contains("epochs over 95 rows");
+    let warning = node.accesskit_node().value().or(node.accesskit_node().label()).unwrap_or_default().to_string();
+    assert!(warning.contains("600 steps are about 50 epochs over 95 rows") && warning.contains("dataset.eval_split"), "{warning}");
+    assert!(h.state().state.training.phase == Phase::Idle, "nothing starts before the dialog is answered");
 }

@@ -477,6 +477,39 @@ fn evaluating_does_not_change_the_training_curve() {
     assert!(msg.contains("empty.jsonl"), "{msg}");
 }
 
+#[test]
+fn paused_time_is_not_counted_as_elapsed() {
+    use tunestudio::session::Control;
+    let tmp = tempfile::tempdir().unwrap();
+    // Enough steps that the pause lands mid-run (it is taken between steps).
+    let h = start(demo_config(tmp.path(), 100), StartOptions::default());
+    let mut elapsed = vec![];
+    let mut paused = false;
+    let pause = std::time::Duration::from_millis(1500);
+    for e in h.events.iter() {
+        match e {
+            Event::Step(m) => {
+                elapsed.push(m.elapsed_s);
+                if m.step == 2 {
+                    h.send(Control::Pause);
+                }
+            }
+            Event::Paused { .. } => {
+                paused = true;
+                std::thread::sleep(pause);
+                h.send(Control::Resume);
+            }
+            Event::Failed { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    h.join();
+    assert!(paused && elapsed.len() == 100, "paused: {paused}, steps: {}", elapsed.len());
+    // A demo step takes milliseconds: no step comes 1.5 s of training time after the one before.
+    let gap = elapsed.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    assert!(gap < 0.5, "a step came {gap:.3} s of training time after the one before it: the pause was counted");
+}
+
 fn checkpoint_steps(events: &[Event]) -> Vec<u64> {
     events
         .iter()

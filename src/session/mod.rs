@@ -829,6 +829,10 @@ fn train_on<B: Backend>(
     let mut paused = false;
     let mut guard = guard::DivergenceGuard::new(p.spec.vocab_size);
     let mut paused_unsaved = std::time::Duration::ZERO;
+    // Time spent paused, left out of the elapsed time and the ETA (issue 17: a paused hour
+    // showed as an hour of training).
+    let mut paused_since: Option<Instant> = None;
+    let mut paused_total = std::time::Duration::ZERO;
     // Training time since the last checkpoint (paused time does not count).
     let mut unsaved_since = Instant::now();
     let save_interval = std::time::Duration::from_secs_f64(cfg.train.save_every_minutes * 60.0);
@@ -862,6 +866,7 @@ fn train_on<B: Backend>(
             match c {
                 Some(Control::Pause) if !paused => {
                     paused = true;
+                    paused_since = Some(Instant::now());
                     paused_unsaved = unsaved_since.elapsed();
                     status.state = "paused".into();
                     status.save(&p.run_dir)?;
@@ -869,6 +874,7 @@ fn train_on<B: Backend>(
                 }
                 Some(Control::Resume) if paused => {
                     paused = false;
+                    paused_total += paused_since.take().map_or(std::time::Duration::ZERO, |t| t.elapsed());
                     unsaved_since = Instant::now() - paused_unsaved;
                     status.state = "running".into();
                     status.save(&p.run_dir)?;
@@ -916,7 +922,7 @@ fn train_on<B: Backend>(
         };
         let step_secs = t0.elapsed().as_secs_f64();
         let done = (trainer.step - first_step) as f64;
-        let elapsed = loop_start.elapsed().as_secs_f64();
+        let elapsed = loop_start.elapsed().saturating_sub(paused_total).as_secs_f64();
         let eta = elapsed / done * (p.total_steps - trainer.step) as f64;
         let m = StepMetrics {
             step: trainer.step,
