@@ -13,10 +13,12 @@ use serde::Serialize;
 use crate::backend::cuda::profile::KernelTime;
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::{Backend, DType, HostWeight, LinearDims};
+use crate::config::DeviceChoice;
 use crate::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use crate::data::Batch;
+use crate::device::{Gpu, Machine, Request, plan_target};
 use crate::engine::model::WeightSource;
-use crate::engine::plan::{self, BackendKind, PlanInput, PlanTarget};
+use crate::engine::plan::{self, PlanInput, PlanTarget};
 use crate::engine::{EngineOptions, Trainer};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
@@ -83,6 +85,10 @@ pub struct BenchResult {
     pub plan_arena_bytes: u64,
     /// The CUDA context + modules + library handles, measured before any allocation of ours.
     pub context_bytes: u64,
+    /// Device bytes other processes held when the backend opened (not counted in the peaks).
+    pub others_bytes: u64,
+    /// The plan's terms (ours, and `other_processes` as NVML saw them when the run was planned).
+    pub plan_terms: BTreeMap<&'static str, u64>,
     /// Driver-reported bytes in use after set-up (before the first step) and after the first
     /// step: what grows in between is not ours (lazily loaded library code, for one).
     pub driver_after_setup_bytes: u64,
@@ -207,7 +213,6 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         Ok(k) => format!("{} + {}", k.fwd.kernel.symbol(), k.bwd.kernel.symbol()),
         Err(e) => return Err(Error::Card { card: card.describe(), msg: e }),
     };
-    let total = dev.total_memory_bytes.unwrap_or(0);
     // Everything in use on the card now is other processes, our context and the backend's fixed
     // scratch. NVML measured the context as the backend opened (other processes apart); without
     // NVML the context is whatever is in use but our scratch, which counts other processes too.
@@ -220,14 +225,32 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         BenchMode::Speed => CheckpointPolicy::Auto,
         BenchMode::Memory => CheckpointPolicy::Offload,
     });
+    // The plan target of this backend: its card (a profile's under one), what other processes hold
+    // on it, its measured context and the cap. Pinned memory is not held against the host here.
+    let machine = Machine { gpu: Some(Gpu::of_backend(&be)), ..Machine::default() };
+    let target = plan_target(&Request { device: DeviceChoice::Cuda, card: None, memory_cap: args.gpu_mem_bytes }, &machine);
     let lora = LoraConfig { r: args.rank, alpha: args.rank as f64, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false };
-    let opts = EngineOptions {
+    let mut input = PlanInput {
         lora: lora.clone(),
-        optim: OptimConfig::default(),
         quantization: Quantization::Nf4,
         batch_size: 1,
         max_seq_len: args.seq,
         checkpointing,
+        token_rows: 0,
+        mlp_chunk_rows: 0,
+    };
+    // `auto` (speed mode): the fastest policy that fits what the card leaves us, with the layers
+    // whose activations it keeps.
+    let resolved = plan::plan(&spec, &input, &target);
+    let (policy, kept) = (resolved.checkpointing, resolved.kept_layers);
+    input.checkpointing = policy;
+    let opts = EngineOptions {
+        lora,
+        optim: OptimConfig::default(),
+        quantization: Quantization::Nf4,
+        batch_size: 1,
+        max_seq_len: args.seq,
+        checkpointing: policy,
         seed: 3407,
         mlp_chunk_rows: 0,
     };
@@ -235,26 +258,10 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let weights = BenchWeights::new(Quantization::Nf4, &spec);
     // The GEMM probe's buffers are gone; measure the peak from here.
     be.reset_peak_memory();
-    let mut trainer = Trainer::new(be, spec.clone(), &weights, opts, None)?;
-    let policy = trainer.checkpointing();
-    let input = PlanInput {
-        lora,
-        quantization: Quantization::Nf4,
-        batch_size: 1,
-        max_seq_len: args.seq,
-        checkpointing: policy,
-        token_rows: 0,
-        mlp_chunk_rows: 0,
-    };
-    let target = PlanTarget {
-        kind: BackendKind::Cuda,
-        name: dev.name.clone(),
-        total_bytes: Some(total),
-        free_bytes: Some(total),
-        context_bytes,
-        host_bytes: None,
-    };
-    let planned = plan::plan_resolved(&spec, &input, &target, policy, trainer.kept_layers());
+    let kept = (policy == CheckpointPolicy::Layer).then_some(kept);
+    let mut trainer = Trainer::with_kept_layers(be, spec.clone(), &weights, opts, None, kept)?;
+    // Planned with the context this backend measured, as the driver peak is.
+    let planned = plan::plan_resolved(&spec, &input, &PlanTarget { context_bytes, ..target.clone() }, policy, trainer.kept_layers());
     let plan_arena_bytes = planned.peak_bytes - context_bytes;
     let setup_s = t_start.elapsed().as_secs_f64();
 
@@ -324,6 +331,8 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         plan_peak_bytes: planned.peak_bytes,
         plan_arena_bytes,
         context_bytes,
+        others_bytes,
+        plan_terms: planned.terms.clone(),
         driver_after_setup_bytes,
         driver_after_first_step_bytes,
         pinned_host_bytes: planned.pinned_host_bytes,

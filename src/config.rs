@@ -424,6 +424,58 @@ pub enum CheckpointPolicy {
 #[serde(default, deny_unknown_fields)]
 pub struct MemoryConfig {
     pub checkpointing: CheckpointPolicy,
+    /// A hard cap on the GPU memory the run may use, its CUDA context included (`"24GiB"`): the
+    /// plan targets it and the allocator refuses to go past it. `None`: the whole card.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_mem: Option<ByteSize>,
+}
+
+/// A size in bytes, written in TOML as `"24GiB"`, `"1.5 GB"` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    /// Exact: whole GiB or MiB where the value is one, else bytes (so a saved config reads back equal).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        if b > 0 && b % (1 << 30) == 0 {
+            write!(f, "{}GiB", b >> 30)
+        } else if b > 0 && b % (1 << 20) == 0 {
+            write!(f, "{}MiB", b >> 20)
+        } else {
+            write!(f, "{b}")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        // A whole GiB or MiB reads best as text; any other size as a plain number of bytes,
+        // which reads back exactly (text needs a unit).
+        let b = self.0;
+        if b > 0 && b % (1 << 20) == 0 { s.serialize_str(&self.to_string()) } else { s.serialize_u64(b) }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(ByteSize(b)),
+            Raw::Text(t) => crate::util::parse_bytes(&t).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -610,6 +662,12 @@ impl RunConfig {
             push(check_int("train.max_steps", s, 1, 100_000_000));
         }
         push(check_range("dataset.max_bad_fraction", self.dataset.max_bad_fraction, 0.0, 1.0, false));
+        if let Some(cap) = self.memory.gpu_mem {
+            // Below 1 GiB not even the CUDA context and the kernels' scratch fit.
+            if cap.bytes() < (1 << 30) {
+                push(Err(Error::config("memory.gpu_mem", format!("{cap} is below 1GiB, which the CUDA context and scratch alone take"))));
+            }
+        }
         match &self.dataset.eval_split {
             Some(EvalSplit::Fraction(f)) => push(check_range("dataset.eval_split", *f, 0.0, 0.5, true)),
             Some(EvalSplit::File(p)) if p.as_os_str().is_empty() => {
@@ -751,6 +809,28 @@ mod tests {
         let e = RunConfig::from_toml_str("[lora]\nr = 8\nrank = 4\n", Path::new("run.toml")).unwrap_err();
         let s = e.to_string();
         assert!(s.starts_with("run.toml:3:") && s.contains("rank"), "{s}");
+    }
+
+    #[test]
+    fn memory_cap_reads_sizes_and_writes_them_back_exactly() {
+        let c = RunConfig::from_toml_str("[memory]\ngpu_mem = \"24GiB\"\n", Path::new("run.toml")).unwrap();
+        assert_eq!(c.memory.gpu_mem, Some(ByteSize(24 << 30)));
+        assert!(c.to_toml().contains("gpu_mem = \"24GiB\""), "{}", c.to_toml());
+        for b in [24u64 << 30, 1536 << 20, (1 << 30) + 7] {
+            let mut c = RunConfig::default();
+            c.memory.gpu_mem = Some(ByteSize(b));
+            assert_eq!(RunConfig::from_toml_str(&c.to_toml(), Path::new("x.toml")).unwrap().memory.gpu_mem, Some(ByteSize(b)));
+        }
+        let n = RunConfig::from_toml_str("[memory]\ngpu_mem = 2147483648\n", Path::new("run.toml")).unwrap();
+        assert_eq!(n.memory.gpu_mem, Some(ByteSize(2 << 30)));
+        let e = RunConfig::from_toml_str("[memory]\ngpu_mem = \"lots\"\n", Path::new("run.toml")).unwrap_err().to_string();
+        assert!(e.starts_with("run.toml:2") && e.contains("lots"), "{e}");
+        let mut small = RunConfig::default();
+        small.model.path = "m".into();
+        small.dataset.path = "d".into();
+        small.memory.gpu_mem = Some(ByteSize(512 << 20));
+        let e = small.validate().unwrap_err().to_string();
+        assert!(e.contains("memory.gpu_mem") && e.contains("512MiB"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -27,9 +27,19 @@ enum Command {
         /// Stop after this many optimizer steps (overrides train.max_steps).
         #[arg(long)]
         max_steps: Option<u64>,
-        /// cpu, cuda or auto (overrides train.device).
+        /// cpu, cuda or auto (overrides train.device). Given as `auto`, a card the CUDA engine
+        /// cannot start on falls back to the CPU (said in the run's first lines); otherwise that
+        /// stops the run with the reason.
         #[arg(long)]
         device: Option<DeviceChoice>,
+        /// Decide as this card would: its limits, its PTX and its memory (rtx4090, l4, a100-40,
+        /// ...; `TUNESTUDIO_CARD` does the same).
+        #[arg(long)]
+        card: Option<String>,
+        /// A hard cap on the GPU memory this run may use, context included, e.g. 24GiB
+        /// (overrides memory.gpu_mem): the plan targets it and the allocator enforces it.
+        #[arg(long, value_parser = parse_size)]
+        gpu_mem: Option<u64>,
         /// Continue the run in this folder from its newest checkpoint.
         #[arg(long, conflicts_with = "restart")]
         resume: Option<PathBuf>,
@@ -70,7 +80,12 @@ enum Command {
         batch: Option<usize>,
         #[arg(long)]
         rank: Option<usize>,
-        /// Plan for a card of this size (e.g. 24GiB; a unit is required) instead of the detected one.
+        /// Plan as this card (rtx3060, rtx4090, l4, a10, a100-40, h100-80, ...) instead of the
+        /// detected one; works without a GPU.
+        #[arg(long)]
+        card: Option<String>,
+        /// A cap on the run's GPU memory, e.g. 24GiB; a unit is required (overrides memory.gpu_mem); with no GPU
+        /// here and no --card, plans for a card of this size.
         #[arg(long, value_parser = parse_size)]
         gpu_mem: Option<u64>,
         /// The RAM that pinned host memory (offloaded activations) may take, e.g. 64GiB; by
@@ -141,6 +156,9 @@ enum Command {
     /// examples, tokenizer checks, untrained tokens, and a verdict (exit 1 only if it cannot start).
     Preflight {
         config: PathBuf,
+        /// Check the run as this card would run it (see `train --card`).
+        #[arg(long)]
+        card: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -231,20 +249,33 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => studio(None),
         Some(Command::Studio { config }) => studio(config),
-        Some(Command::Train { config, output, max_steps, device, resume, restart, allow_changed_data, reschedule, json }) => {
-            train(TrainArgs { config, output, max_steps, device, resume, restart, allow_changed_data, reschedule, json })
-        }
-        Some(Command::Plan { config, model, shape, seq, batch, rank, gpu_mem, host_mem, json }) => {
-            let fits = tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
-                config: config.as_deref(),
-                model: model.as_deref(),
-                shape: shape.as_deref(),
-                seq,
-                batch,
-                rank,
-                gpu_mem,
-                host_mem,
-                json,
+        Some(Command::Train {
+            config,
+            output,
+            max_steps,
+            device,
+            card,
+            gpu_mem,
+            resume,
+            restart,
+            allow_changed_data,
+            reschedule,
+            json,
+        }) => train(TrainArgs { config, output, max_steps, device, card, gpu_mem, resume, restart, allow_changed_data, reschedule, json }),
+        Some(Command::Plan { config, model, shape, seq, batch, rank, card, gpu_mem, host_mem, json }) => {
+            let fits = card_profile(card).and_then(|card| {
+                tunestudio::commands::plan::run(tunestudio::commands::plan::PlanArgs {
+                    config: config.as_deref(),
+                    model: model.as_deref(),
+                    shape: shape.as_deref(),
+                    seq,
+                    batch,
+                    rank,
+                    card,
+                    gpu_mem,
+                    host_mem,
+                    json,
+                })
             });
             // Exit code 2: the plan was made and the run does not fit (README, "Command line").
             match fits {
@@ -269,7 +300,9 @@ fn main() -> ExitCode {
             })
         }
         Some(Command::Inspect { model, json }) => tunestudio::commands::inspect::run(&model, json),
-        Some(Command::Preflight { config, json }) => tunestudio::commands::preflight::run(&config, json),
+        Some(Command::Preflight { config, card, json }) => {
+            card_profile(card).and_then(|card| tunestudio::commands::preflight::run(&config, card, json))
+        }
         Some(Command::Eval {
             model,
             adapter,
@@ -344,10 +377,7 @@ fn bench(
         Some("offload") => Some(CheckpointPolicy::Offload),
         Some(other) => return Err(Error::arg("--checkpointing", format!("`{other}`: use auto, none, layer or offload"))),
     };
-    let card = match card {
-        Some(name) => Some(tunestudio::backend::card::profile_named(&name).map_err(|e| Error::arg("--card", e))?),
-        None => None,
-    };
+    let card = card_profile(card)?;
     let args = BenchArgs { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem_bytes: gpu_mem };
     let r = tunestudio::bench::run(&args, &|m| eprintln!("{m}"))?;
     if json {
@@ -381,6 +411,11 @@ fn bench(
     Ok(())
 }
 
+/// The card profile `--card` names.
+fn card_profile(name: Option<String>) -> Result<Option<&'static tunestudio::backend::card::CardProfile>> {
+    name.map(|n| tunestudio::backend::card::profile_named(&n).map_err(|e| Error::arg("--card", e))).transpose()
+}
+
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
     tunestudio::util::parse_bytes(s)
 }
@@ -390,6 +425,8 @@ struct TrainArgs {
     output: Option<PathBuf>,
     max_steps: Option<u64>,
     device: Option<DeviceChoice>,
+    card: Option<String>,
+    gpu_mem: Option<u64>,
     resume: Option<PathBuf>,
     restart: Option<PathBuf>,
     allow_changed_data: bool,
@@ -399,6 +436,7 @@ struct TrainArgs {
 
 fn train(a: TrainArgs) -> Result<()> {
     let json = a.json;
+    let card = card_profile(a.card.clone())?;
     let mut cfg = match (&a.config, &a.resume, &a.restart) {
         (Some(path), None, _) => RunConfig::load(path)?,
         (Some(_), Some(_), _) => {
@@ -422,11 +460,18 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(d) = a.device {
         cfg.train.device = d;
     }
+    if let Some(cap) = a.gpu_mem {
+        cfg.memory.gpu_mem = Some(tunestudio::config::ByteSize(cap));
+    }
+    // Only an explicit `--device auto` lets a card that cannot run fall back to the CPU.
+    let cpu_fallback = a.device == Some(DeviceChoice::Auto);
     let options = StartOptions {
         resume: a.resume,
         restart: a.restart,
         allow_changed_data: a.allow_changed_data,
         reschedule: a.reschedule,
+        card,
+        cpu_fallback,
         ..Default::default()
     };
     let handle = session::start(cfg, options);
@@ -490,6 +535,8 @@ fn train(a: TrainArgs) -> Result<()> {
             Event::Checkpoint { step, dir } => eprintln!("checkpoint at step {step}: {}", dir.display()),
             Event::Paused { step } => eprintln!("paused at step {step}"),
             Event::Resumed { step } => eprintln!("resumed at step {step}"),
+            // The studio plots these; a throttling card is warned about once, as a log line.
+            Event::Gpu(_) => {}
             Event::Finished(f) => {
                 eprintln!(
                     "{} after {} steps{}; adapter: {}",

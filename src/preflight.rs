@@ -252,6 +252,9 @@ pub struct PreflightReport {
     pub examples: Vec<MarkedExample>,
     pub tokenizer_checks: Vec<Finding>,
     pub untrained_tokens: UntrainedTokens,
+    /// Where the run would train, checked by opening the backend: the card, or why the CUDA engine
+    /// cannot start (then the run cannot start until the CPU is chosen).
+    pub device: crate::device::DeviceCheck,
     pub verdict: Verdict,
 }
 
@@ -260,7 +263,14 @@ impl PreflightReport {
     /// what stops even the report (an unreadable model or dataset file); a dataset with too many
     /// bad rows, or untrained tokens the run would refuse, come back as a `cannot_start` verdict.
     pub fn build(cfg: &RunConfig, marking: Marking) -> Result<Self> {
+        Self::build_for(cfg, marking, None)
+    }
+
+    /// [`PreflightReport::build`] for a run that decides as the profiled `card` (`--card`; `None`:
+    /// `TUNESTUDIO_CARD`, else the device).
+    pub fn build_for(cfg: &RunConfig, marking: Marking, card: Option<&'static crate::backend::card::CardProfile>) -> Result<Self> {
         cfg.validate()?;
+        let device = crate::device::check(&crate::device::Request::of_config(cfg, card)?);
         let spec = crate::model::spec_of_folder(&cfg.model.path)?;
         let tok = TokenizerBundle::load(&cfg.model.path)?;
         let store = WeightStore::open(&cfg.model.path)?;
@@ -330,6 +340,9 @@ impl PreflightReport {
         if let Some(e) = untrained.refusal() {
             reasons.push(e.to_string());
         }
+        if let Some(why) = &device.refusal {
+            reasons.push(why.clone());
+        }
         let mut fixes = Vec::new();
         if untrained.action == TokenAction::Fix {
             fixes.push(format!(
@@ -352,6 +365,7 @@ impl PreflightReport {
             examples: sample_examples(&data, &tok, marking),
             tokenizer_checks,
             untrained_tokens: untrained,
+            device,
             verdict: Verdict { status, reasons, fixes, warnings },
         })
     }

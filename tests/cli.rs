@@ -104,6 +104,68 @@ fn cuda_device_without_a_gpu_is_a_clear_error() {
         tunestudio(&["train", demo().join("run.toml").to_str().unwrap(), "--output", d.path().to_str().unwrap(), "--device", "cuda"]);
     assert!(!ok);
     assert_error(&err, "no CUDA device");
+    assert_error(&err, "set train.device = \"cpu\" (--device cpu)");
+    assert!(!d.path().read_dir().unwrap().any(|_| true), "a device that cannot start leaves no run folder behind");
+}
+
+/// `plan --card NAME --json` on any machine: every profile the engine runs is planned as that
+/// card (its memory, its limits, idle); one it cannot run is refused in one line that names it.
+#[test]
+fn plan_for_every_card_profile_without_a_gpu() {
+    use tunestudio::backend::card::PROFILES;
+    for p in PROFILES {
+        let (ok, out, err) = tunestudio(&["plan", "--shape", "llama3.2-1b", "--seq", "2048", "--card", p.key, "--json"]);
+        if !p.supported() {
+            assert!(!ok && out.is_empty(), "{}: {out}", p.key);
+            assert_error(&err, p.name);
+            assert_error(&err, "no bf16 tensor cores");
+            assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+            continue;
+        }
+        assert!(ok, "{}: {err}", p.key);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["card_limits"]["profile"], p.key, "{v}");
+        assert_eq!(v["total_bytes"].as_u64(), Some(p.memory_mib << 20), "{}", p.key);
+        assert_eq!(v["others_bytes"], 0, "a profile is planned idle");
+        assert!(v["terms"].get("other_processes").is_none(), "{}", p.key);
+        let cc = &v["card_limits"]["compute_capability"];
+        assert_eq!((cc[0].as_u64(), cc[1].as_u64()), (Some(p.compute_capability.0 as u64), Some(p.compute_capability.1 as u64)));
+        assert_eq!(v["fits"], true, "a 1B model at 2048 tokens fits every card: {}", p.key);
+        assert!(v["card"].as_str().unwrap().contains(&format!("(profile {})", p.key)), "{}", v["card"]);
+    }
+    // The cap is held on top of the card: a 12 GB card capped at 4 GiB, where the 8B does not
+    // fit (exit code 2: planned, does not fit).
+    let out = Command::new(env!("CARGO_BIN_EXE_tunestudio"))
+        .args(["plan", "--shape", "llama3-8b", "--seq", "2048", "--card", "rtx3060", "--gpu-mem", "4GiB", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["cap_bytes"].as_u64(), v["available_bytes"].as_u64(), v["fits"].as_bool()), (Some(4 << 30), Some(4 << 30), Some(false)));
+    let (ok, _, err) = tunestudio(&["plan", "--shape", "llama3-8b", "--card", "rtx9999"]);
+    assert!(!ok);
+    assert_error(&err, "unknown card profile \"rtx9999\": use one of rtx3060");
+}
+
+/// A card profile the engine cannot run stops `train` and `preflight` in one line that names it
+/// and says what to do, GPU or not; nothing is written.
+#[test]
+fn a_card_that_cannot_run_is_refused_by_train_and_preflight() {
+    let d = tempfile::tempdir().unwrap();
+    let config = demo().join("run.toml");
+    for card in ["t4", "v100-32", "rtx2080ti"] {
+        let (ok, _, err) = tunestudio(&["train", config.to_str().unwrap(), "--output", d.path().to_str().unwrap(), "--card", card]);
+        assert!(!ok, "{card}");
+        assert_error(&err, "the CUDA engine cannot run on");
+        assert_error(&err, "no bf16 tensor cores");
+        assert_error(&err, "train.device = \"cpu\"");
+        assert!(!err.contains("reading"), "refused before anything is read: {err}");
+        let (ok, out, err) = tunestudio(&["preflight", config.to_str().unwrap(), "--card", card]);
+        assert!(!ok, "{card}");
+        assert!(out.lines().any(|l| l.starts_with("device     CANNOT START: ") && l.contains("bf16")), "{out}");
+        assert_error(&err, "cannot start: ");
+    }
+    assert!(!d.path().read_dir().unwrap().any(|_| true), "no run folder for a refused card");
 }
 
 /// `plan` holds the device bytes against the card and the pinned host bytes of offloading

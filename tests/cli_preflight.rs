@@ -102,6 +102,15 @@ fn demo_is_ready_and_its_unused_reserved_rows_are_left_alone() {
     assert_eq!(u["action"], "leave_alone");
     assert_eq!(u["matrices"], serde_json::json!(["embed_tokens", "lm_head"]));
     assert!(v["tokenizer_checks"].as_array().unwrap().iter().all(|f| f["code"].is_string() && f["level"].is_string()));
+    // Where it would train, checked by opening the backend: on a machine without a GPU, `auto`
+    // is the CPU and says why.
+    let dev = &v["device"];
+    assert_eq!(dev["requested"], "auto");
+    if tunestudio::backend::cuda::probe().is_err() {
+        assert_eq!((dev["trains_on"].as_str(), dev["device"].as_str()), (Some("cpu"), Some("CPU")), "{dev}");
+        assert!(dev["note"].as_str().unwrap().contains("no usable GPU"), "{dev}");
+        assert!(dev["refusal"].is_null());
+    }
 
     let (ok, out, err) = tunestudio(&["preflight", config.to_str().unwrap()]);
     assert!(ok, "{err}");

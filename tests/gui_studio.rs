@@ -240,7 +240,7 @@ fn gui_snapshots_of_the_main_screens() {
     snapshot(&mut h, "dataset_panel");
     go(&mut h, Page::Hyper);
     // The memory budget planned for a fixed card: this machine's RAM would change the pixels.
-    h.state_mut().state.budget.card = Card::Preset(24);
+    h.state_mut().state.budget.card = Card::profile("rtx4090");
     settle(&mut h);
     wait_budget(&mut h);
     snapshot(&mut h, "hyperparameters_panel");
@@ -298,6 +298,7 @@ fn crafted_report(uses_untrained: bool) -> PreflightView {
             vec![]
         },
         budget: None,
+        cuda_refusal: None,
     }
 }
 
@@ -362,7 +363,7 @@ fn gui_invalid_field_disables_start_with_its_reason() {
     let mut h = studio(Some(demo_config()), "invalid");
     wait_loaded(&mut h);
     go(&mut h, Page::Hyper);
-    h.state_mut().state.budget.card = Card::Preset(24);
+    h.state_mut().state.budget.card = Card::profile("rtx4090");
     h.get_by_label("LoRA rank (r)").set_value_accesskit(0.0);
     h.step();
     h.step();
@@ -623,7 +624,7 @@ fn gui_drop_a_dataset_and_see_failures_as_messages() {
 fn expected_verdict(h: &Harness<'static, StudioApp>, spec: &tunestudio::model::ModelSpec) -> String {
     let s = &h.state().state;
     let machine = s.budget.machine.ready();
-    let target = budget::target(s.budget.card, s.config.train.device, machine);
+    let target = budget::target(s.budget.card, &s.config, machine);
     budget::verdict(&budget::view(spec, &s.config, &target, machine.and_then(|m| m.host.as_ref()), 0)).0
 }
 
@@ -645,8 +646,8 @@ fn gui_budget_panel_follows_a_dragged_slider_within_the_frame() {
     }
     go(&mut h, Page::Hyper);
     click(&mut h, "Preview for");
-    click(&mut h, "8 GB card");
-    assert_eq!(h.state().state.budget.card, Card::Preset(8));
+    click(&mut h, "RTX 3060 · 12 GiB");
+    assert_eq!(h.state().state.budget.card, Card::profile("rtx3060"));
     settle(&mut h);
     assert!(h.query_by_label(&expected_verdict(&h, &spec)).is_some(), "the plan for the picked card is shown");
 
@@ -687,7 +688,7 @@ fn gui_budget_panel_follows_a_dragged_slider_within_the_frame() {
     assert!(want.starts_with("Does not fit: needs"), "{want}");
     assert!(h.query_by_label(&want).is_some());
     wait_budget(&mut h);
-    let fit = h.state().state.budget.fixes.as_ref().unwrap().1.max_seq_len.expect("some length fits an 8 GB card");
+    let fit = h.state().state.budget.fixes.as_ref().unwrap().1.max_seq_len.expect("some length fits a 12 GB card");
     assert!(fit < 8192);
     assert!(h.query_all_by_label_contains("To fit: ").count() >= 1, "the cheapest changes are listed");
     click(&mut h, &format!("seq len {fit}"));
@@ -759,13 +760,163 @@ fn gui_session_errors_are_readable_messages_and_the_app_goes_on() {
     snapshot(&mut h, "session_error");
 }
 
+/// A 24 GB card on which another program holds 10 GiB: the budget shows that memory as a term of
+/// its own (ours are the idle card's), the verdict counts it, and the card picker's profiles plan
+/// for another card, one the engine cannot run saying why instead of a plan.
+#[test]
+fn gui_budget_shows_other_processes_and_plans_for_card_profiles() {
+    use tunestudio::backend::card::profile_named;
+    use tunestudio::device::{Gpu, Machine};
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "cards");
+    wait_loaded(&mut h);
+    wait_for(&mut h, "the machine probe", 60, |a| a.state.budget.machine.ready().is_some());
+    let card = tunestudio::backend::card::CardLimits { profile: None, ..profile_named("rtx4090").unwrap().limits() };
+    let shared = |others: u64| Machine {
+        gpu: Some(Gpu { card: card.clone(), others_bytes: Some(others), context_bytes: 600 << 20, pci_bus_id: None }),
+        no_gpu_reason: String::new(),
+        host: Some(budget::HostMemory { total_bytes: 32 << 30, available_bytes: 24 << 30 }),
+    };
+    h.state_mut().state.budget.machine = Load::Ready(shared(10 << 30));
+    let spec = tunestudio::model::ModelSpec::llama3_8b();
+    if let Load::Ready(info) = &mut h.state_mut().state.model.info {
+        info.spec = spec.clone();
+    }
+    let c = &mut h.state_mut().state.config;
+    c.train.device = tunestudio::config::DeviceChoice::Auto;
+    c.train.batch_size = 1;
+    c.train.max_seq_len = 2048;
+    // A fixed policy: `auto` may rightly pick another one when others leave less room.
+    c.memory.checkpointing = tunestudio::config::CheckpointPolicy::Layer;
+    go(&mut h, Page::Hyper);
+    settle(&mut h);
+    assert!(h.query_by_label("■ used by other processes 10.00 GiB").is_some(), "other processes are a legend item of their own");
+    let want = expected_verdict(&h, &spec);
+    assert!(want.contains("used by other processes") && h.query_by_label(&want).is_some(), "{want}");
+    // Our own terms are those of the idle card.
+    let ours = |v: &budget::BudgetView| v.segments.iter().filter(|s| s.label != "used by other processes").cloned().collect::<Vec<_>>();
+    let busy = h.state().state.budget.view.clone().unwrap().1;
+    let s = &h.state().state;
+    let idle = budget::view(&spec, &s.config, &budget::target(Card::ThisMachine, &s.config, Some(&shared(0))), None, 0);
+    assert_eq!(ours(&busy), ours(&idle));
+    wait_budget(&mut h);
+    snapshot(&mut h, "memory_budget_shared_card");
+
+    // The memory cap is a field of its own, and the plan targets it.
+    click(&mut h, "GPU memory cap");
+    assert_eq!(h.state().state.config.memory.gpu_mem, Some(tunestudio::config::ByteSize(24 << 30)));
+    h.state_mut().state.config.memory.gpu_mem = Some(tunestudio::config::ByteSize(8 << 30));
+    settle(&mut h);
+    let want = expected_verdict(&h, &spec);
+    assert!(want.contains("the 8.00 GiB cap") && h.query_by_label(&want).is_some(), "{want}");
+    h.state_mut().state.config.memory.gpu_mem = None;
+
+    click(&mut h, "Preview for");
+    for p in tunestudio::backend::card::PROFILES {
+        assert!(h.query_by_label(&budget::profile_label(p)).is_some(), "{} is offered", p.key);
+    }
+    click(&mut h, "L4 · 22.5 GiB");
+    assert_eq!(h.state().state.budget.card, Card::profile("l4"));
+    settle(&mut h);
+    let want = expected_verdict(&h, &spec);
+    assert!(want.contains("NVIDIA L4 (profile l4)") && !want.contains("other processes"), "a profile is that card, idle: {want}");
+    assert!(h.query_by_label(&want).is_some());
+    click(&mut h, "Preview for");
+    click(&mut h, "Tesla T4 · 15 GiB (cannot run)");
+    assert_eq!(h.state().state.budget.card, Card::profile("t4"));
+    settle(&mut h);
+    let t4 = h.get_by_label_contains("Cannot train on Tesla T4").accesskit_node().value().unwrap_or_default();
+    assert!(t4.contains("compute capability 7.5 has no bf16 tensor cores"), "{t4}");
+}
+
+/// `train.device = cuda` on a machine without a usable GPU: the preflight dialog says why and
+/// offers the CPU as an explicit choice, which checks the run again on the CPU.
+#[test]
+fn gui_preflight_offers_the_cpu_when_cuda_cannot_start() {
+    if tunestudio::backend::cuda::probe().is_ok() {
+        return; // a GPU host: the GPU would start
+    }
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "nocuda");
+    wait_loaded(&mut h);
+    h.state_mut().state.config.train.device = tunestudio::config::DeviceChoice::Cuda;
+    click(&mut h, "▶ Start");
+    wait_for(&mut h, "the preflight report", 120, |a| a.state.preflight.report.ready().is_some());
+    settle(&mut h);
+    let why = h.get_by_label_contains("Cannot start on the GPU: ").accesskit_node().value().unwrap_or_default();
+    assert!(why.contains("no usable CUDA device") && why.contains("train.device = \"cpu\""), "{why}");
+    assert!(h.query_by_label("▶ Start training").is_none(), "no start on a device that cannot start");
+    snapshot(&mut h, "preflight_cuda_refused");
+    click(&mut h, "Train on the CPU instead");
+    assert_eq!(h.state().state.config.train.device, tunestudio::config::DeviceChoice::Cpu);
+    assert!(h.state().state.preflight.open, "the run is checked again, now on the CPU");
+    wait_for(&mut h, "the second preflight report", 120, |a| a.state.preflight.report.ready().is_some());
+    settle(&mut h);
+    assert!(!disabled(&h, "▶ Start training"));
+    click(&mut h, "Cancel");
+}
+
+/// GPU telemetry of a live run (recorded-style samples of a card that heats up until it throttles):
+/// plotted beside the loss, the throttling named on the page, the warning kept in view.
+#[test]
+fn gui_monitor_plots_gpu_telemetry_and_warns_when_the_card_throttles() {
+    use tunestudio::backend::nvml::{GpuSample, RawSample};
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "telemetry");
+    wait_loaded(&mut h);
+    go(&mut h, Page::Monitor);
+    let t = &mut h.state_mut().state.training;
+    t.phase = Phase::Running;
+    for i in 1..=40u64 {
+        let x = i as f64;
+        t.metrics.push(StepMetrics {
+            step: i,
+            total_steps: 60,
+            epoch: x / 45.0,
+            loss: 3.2 * (-x / 18.0).exp() + 0.9,
+            lr: 2e-4,
+            grad_norm: 1.0,
+            tokens: 2048,
+            trained_tokens: 700,
+            tokens_per_s: 4000.0,
+            elapsed_s: x,
+            eta_s: 60.0 - x,
+            memory_bytes: Some(18 << 30),
+            eval_loss: None,
+        });
+        let hot = i >= 30;
+        let raw = RawSample {
+            memory_total: 24 << 30,
+            memory_used: 21 << 30,
+            memory_ours: Some(18 << 30),
+            utilization_gpu: Some(if i < 3 { 20 } else { 98 }),
+            temperature_c: Some(60 + i as u32 / 2 + if hot { 10 } else { 0 }),
+            power_mw: Some(440_000),
+            power_limit_mw: Some(450_000),
+            sm_clock_mhz: Some(if hot { 1800 } else { 2500 }),
+            sm_clock_max_mhz: Some(2520),
+            throttle_reasons: Some(if hot { 0x20 } else { 0 }),
+            ..Default::default()
+        };
+        t.apply(tunestudio::session::Event::Gpu(GpuSample::from_raw(&raw, x)));
+    }
+    settle(&mut h);
+    assert!(h.query_by_label("GPU throttling now: temperature").is_some());
+    assert!(h.query_by_label_contains("⚠ the GPU is throttling for temperature (").is_some(), "the warning stays on the page");
+    for title in ["GPU utilization (%)", "GPU memory (GiB): ours, other processes", "Temperature (°C) and power (W)", "SM clock (MHz)"] {
+        assert!(h.query_by_label(title).is_some(), "{title}");
+    }
+    h.state_mut().state.training.phase = Phase::Done;
+    snapshot(&mut h, "training_monitor_gpu");
+}
+
 /// A report as long as a real one on imperfect data: every kind of check, untrained rows used,
 /// the memory budget of an 8B model on a 24 GB card.
 fn long_report() -> PreflightView {
     let mut r = crafted_report(true);
     let mut cfg = tunestudio::RunConfig::default();
     cfg.memory.checkpointing = tunestudio::config::CheckpointPolicy::Layer;
-    let target = budget::target(Card::Preset(24), tunestudio::config::DeviceChoice::Auto, None);
+    let target = budget::target(Card::profile("rtx4090"), &cfg, None);
     r.budget = Some(budget::view(&tunestudio::model::ModelSpec::llama3_8b(), &cfg, &target, None, 0));
     r.checks = vec![
         Check { level: Level::Ok, text: "Chat template: model.".into() },
@@ -1158,7 +1309,7 @@ fn gui_hyperparameters_fit_narrow_windows() {
     for width in [640.0, 900.0] {
         let mut h = studio_sized(Some(demo_config()), "narrow", [width, 820.0]);
         wait_loaded(&mut h);
-        h.state_mut().state.budget.card = Card::Preset(24);
+        h.state_mut().state.budget.card = Card::profile("rtx4090");
         go(&mut h, Page::Hyper);
         wait_budget(&mut h);
         // Nothing reaches past the window's right edge (there is no horizontal scrolling)...
@@ -1217,14 +1368,14 @@ fn gui_models_in_the_hugging_face_cache_and_named_shapes() {
     wait_loaded(&mut h);
 
     // Plan a model that is not on disk from its named shape.
-    h.state_mut().state.budget.card = Card::Preset(24);
+    h.state_mut().state.budget.card = Card::profile("rtx4090");
     go(&mut h, Page::Hyper);
     click(&mut h, "Plan for");
     click(&mut h, "llama3-8b");
     assert_eq!(h.state().state.budget.shape.as_deref(), Some("llama3-8b"));
     settle(&mut h);
     let s = &h.state().state;
-    let target = budget::target(Card::Preset(24), s.config.train.device, None);
+    let target = budget::target(Card::profile("rtx4090"), &s.config, None);
     let want = budget::verdict(&budget::view(&tunestudio::model::ModelSpec::llama3_8b(), &s.config, &target, None, 0)).0;
     assert!(h.query_by_label(&want).is_some(), "the plan is the 8B shape's: {want}");
     // "Largest that fits" stops at the data and the linears, not at the search's end.

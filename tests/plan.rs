@@ -105,7 +105,7 @@ fn auto_keeps_as_many_layers_as_the_card_holds() {
     let kept = |seq, gib| {
         let p = plan::plan(&s, &input(seq), &card(gib));
         assert!(p.fits, "{seq} on {gib} GiB fits");
-        let free = card(gib).free_bytes.unwrap();
+        let free = card(gib).available_bytes().unwrap();
         if p.checkpointing == CheckpointPolicy::Layer && p.kept_layers > 0 {
             assert!(p.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES <= free, "{seq} on {gib} GiB leaves the headroom");
             let one_more = plan::plan_resolved(&s, &input(seq), &card(gib), CheckpointPolicy::Layer, p.kept_layers + 1);

@@ -8,7 +8,7 @@ DEST=.dev/run
 mkdir -p "$DEST"
 cargo build --release
 strip --strip-debug -o "$DEST/tunestudio" target/release/tunestudio && gzip -f "$DEST/tunestudio"
-cargo test --release --no-run --test gpu_kernels --test gpu_step --test gpu_demo --test gpu_bench --test gpu_generate --message-format=json 2>/dev/null |
+cargo test --release --no-run --test gpu_kernels --test gpu_step --test gpu_demo --test gpu_bench --test gpu_device --test gpu_generate --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)

@@ -123,11 +123,20 @@ pub const FIELDS: &[FieldDoc] = &[
         "Stop on divergence",
         "Stop the run as failed, keeping its last checkpoint, when the gradient norm stays at 0, the loss climbs to a uniform guess, or the loss rises far above its best.",
     ),
-    f("train.device", "Device", "auto trains on a CUDA GPU when one is usable, else on the CPU."),
+    f(
+        "train.device",
+        "Device",
+        "auto trains on a CUDA GPU when there is one, else on the CPU; a GPU the engine cannot start on is shown before Start, with the CPU as a choice.",
+    ),
     f(
         "memory.checkpointing",
         "Activation checkpointing",
         "What the backward pass keeps: auto picks the fastest policy that fits; none keeps everything; layer keeps layer inputs and recomputes; offload keeps them in host memory.",
+    ),
+    f(
+        "memory.gpu_mem",
+        "GPU memory cap",
+        "A hard limit on the GPU memory the run may use, CUDA context included: the plan targets it and the allocator never goes past it. Leave room for other programs on a shared card.",
     ),
     f("dataset.fingerprint.bytes", "Dataset size", "Written by a run: the dataset file's size when the run started; a resume checks it."),
     f(
@@ -220,6 +229,7 @@ mod tests {
         c.model.adapter = Some("a".into());
         c.train.max_steps = Some(1);
         c.dataset.columns.system = Some("s".into());
+        c.memory.gpu_mem = Some(crate::config::ByteSize(24 << 30));
         c.schedule.steps = Some(1);
         c.dataset.fingerprint = Some(crate::config::Fingerprint { bytes: 1, sha256: "0".into() });
         c.dataset.eval_split = Some(crate::config::EvalSplit::Fraction(0.1));

@@ -323,6 +323,11 @@ impl StudioApp {
                 let cfg = s.config.clone();
                 self.start_session(cfg, None);
             }
+            Action::UseCpu => {
+                s.config.train.device = crate::config::DeviceChoice::Cpu;
+                s.preflight.open = false;
+                self.act(Action::Start, ctx);
+            }
             Action::CancelPreflight => s.preflight.open = false,
             Action::Pause => {
                 if let Some(h) = &self.session {
@@ -657,9 +662,9 @@ impl StudioApp {
                 }
                 let ended = matches!(event, Event::Finished(_) | Event::Failed { .. });
                 if let (Event::Loaded(info), Some(input)) = (&event, &s.training.plan_input) {
-                    let machine = s.budget.machine.ready();
-                    let target = budget::device_target(&info.device, machine);
-                    s.training.plan = Some(budget::view(&input.0, &input.1, &target, machine.and_then(|m| m.host.as_ref()), 0));
+                    // The session's own target: the card it opened, as it planned the run.
+                    let host = s.budget.machine.ready().and_then(|m| m.host.as_ref());
+                    s.training.plan = Some(budget::view(&input.0, &input.1, &info.target, host, 0));
                 }
                 s.training.apply(event);
                 if ended {

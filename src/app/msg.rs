@@ -29,6 +29,8 @@ pub enum Action {
     Start,
     ConfirmStart,
     AcceptFixAndStart,
+    /// The preflight's way out when the CUDA engine cannot start: `train.device = cpu`, checked again.
+    UseCpu,
     CancelPreflight,
     Pause,
     Resume,

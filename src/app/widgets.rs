@@ -9,7 +9,8 @@ use eframe::egui::{self, Color32, RichText, Stroke, Ui};
 
 use super::fields::{self, Problems};
 use super::msg::Action;
-use super::state::memory::{BudgetView, HostMemory, TERMS, bar, verdict};
+use super::state::memory::{BudgetView, HostMemory, bar, term_color, verdict};
+use crate::engine::plan::Term;
 use crate::util::fmt_bytes;
 
 /// One row of a two-column grid: the field's label (tooltip: what it does and its default) and
@@ -145,7 +146,8 @@ pub fn ok_color(ui: &Ui) -> Color32 {
     if ui.visuals().dark_mode { Color32::from_rgb(110, 200, 120) } else { Color32::from_rgb(30, 130, 50) }
 }
 
-/// The stacked bar with the free/total marks and, when given, the measured memory.
+/// The stacked bar (other processes first, then our terms) with the total and cap marks and,
+/// when given, the measured memory.
 pub fn memory_bar(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
     let b = bar(v, measured);
     let width = ui.available_width().clamp(200.0, 640.0);
@@ -153,10 +155,6 @@ pub fn memory_bar(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
     let painter = ui.painter_at(rect.expand(2.0));
     let x = |f: f32| rect.left() + f * rect.width();
     painter.rect_filled(rect, 3.0, ui.visuals().extreme_bg_color);
-    if let (Some(free), Some(total)) = (b.free_at, b.total_at) {
-        // Taken by others: between free and total.
-        painter.rect_filled(egui::Rect::from_x_y_ranges(x(free)..=x(total), rect.y_range()), 0.0, OTHERS_GREY);
-    }
     for (s, (from, to)) in v.segments.iter().zip(&b.segments) {
         painter.rect_filled(egui::Rect::from_x_y_ranges(x(*from)..=x(*to), rect.y_range()), 0.0, s.color);
     }
@@ -164,23 +162,24 @@ pub fn memory_bar(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
     if let Some(t) = b.total_at {
         painter.vline(x(t), rect.expand(2.0).y_range(), Stroke::new(2.0, fg));
     }
+    if let Some(c) = b.cap_at {
+        painter.vline(x(c), rect.expand(2.0).y_range(), Stroke::new(2.0, ui.visuals().warn_fg_color));
+    }
     if let Some(m) = b.measured_at {
         let red = Color32::from_rgb(240, 70, 70);
         painter.vline(x(m), rect.expand(2.0).y_range(), Stroke::new(2.5, red));
     }
     let mut tip = format!("Scale: {} across", fmt_bytes(b.scale_bytes));
+    if let Some(c) = v.cap_bytes.filter(|_| b.cap_at.is_some()) {
+        tip.push_str(&format!("\nMemory cap: {} (the yellow line)", fmt_bytes(c)));
+    }
     for s in &v.segments {
         tip.push_str(&format!("\n{}: {}", s.label, fmt_bytes(s.bytes)));
-    }
-    if let (Some(free), Some(total)) = (v.free_bytes, v.total_bytes)
-        && free < total
-    {
-        tip.push_str(&format!("\ngrey: {} in use by others", fmt_bytes(total - free)));
     }
     resp.on_hover_text(tip);
 }
 
-/// Memory taken by others (between free and total) on the bars and in the legend.
+/// RAM taken by other programs on the host bar.
 const OTHERS_GREY: Color32 = Color32::from_gray(110);
 
 pub fn memory_legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
@@ -190,12 +189,6 @@ pub fn memory_legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
         let item = |ui: &mut Ui, text: String, color: Color32| ui.add(egui::Label::new(RichText::new(text).color(color).small()).extend());
         for s in &v.segments {
             item(ui, format!("■ {} {}", s.label, fmt_bytes(s.bytes)), s.color);
-        }
-        if let (Some(free), Some(total)) = (v.free_bytes, v.total_bytes)
-            && free < total
-        {
-            let what = if v.on_gpu { "in use by other processes" } else { "RAM in use by other programs" };
-            item(ui, format!("■ {what} {}", fmt_bytes(total - free)), OTHERS_GREY);
         }
         if let Some(m) = measured {
             item(ui, format!("| measured now {}", fmt_bytes(m)), Color32::from_rgb(240, 70, 70)).on_hover_text(if v.on_gpu {
@@ -228,7 +221,7 @@ fn host_bar(ui: &mut Ui, pinned: u64, h: &HostMemory) {
     let x = |b: u64| rect.left() + b as f32 / scale * rect.width();
     painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
     painter.rect_filled(egui::Rect::from_x_y_ranges(x(h.available_bytes)..=x(h.total_bytes), rect.y_range()), 0.0, OTHERS_GREY);
-    painter.rect_filled(egui::Rect::from_x_y_ranges(rect.left()..=x(pinned), rect.y_range()), 0.0, TERMS[5].2);
+    painter.rect_filled(egui::Rect::from_x_y_ranges(rect.left()..=x(pinned), rect.y_range()), 0.0, term_color(Term::SavedActivations));
     resp.on_hover_text(format!(
         "Host RAM: {} pinned of {} ({} available)",
         fmt_bytes(pinned),

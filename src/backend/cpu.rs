@@ -141,10 +141,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         DeviceInfo {
             kind: "cpu".into(),
             name: format!("CPU ({}, {} threads)", T::NAME, rayon::current_num_threads()),
-            total_memory_bytes: None,
-            free_memory_bytes: None,
-            others_bytes: None,
-            card: None,
+            ..Default::default()
         }
     }
 

@@ -15,6 +15,7 @@ pub mod context;
 pub mod cpu;
 pub mod cuda;
 pub mod nvml;
+pub mod workspace;
 
 use crate::error::Result;
 use crate::quant::nf4::Nf4Tensor;
@@ -235,6 +236,8 @@ pub struct DeviceInfo {
     pub free_memory_bytes: Option<u64>,
     /// Device memory held by other processes (and the driver), when NVML reports it.
     pub others_bytes: Option<u64>,
+    /// A GPU's PCI bus id in NVML's form (`00000000:41:00.0`): how NVML finds the same card.
+    pub pci_bus_id: Option<String>,
     /// A GPU's limits (the device's, or its profile's under `TUNESTUDIO_CARD`).
     pub card: Option<card::CardLimits>,
 }

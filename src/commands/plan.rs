@@ -8,8 +8,11 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::RunConfig;
+use crate::backend::card::CardProfile;
+use crate::config::DeviceChoice;
 use crate::config::{MAX_BATCH_SIZE, MAX_LORA_R, MAX_SEQ_LEN, MIN_SEQ_LEN};
-use crate::engine::plan::{self, PlanInput, PlanTarget, largest_fitting, suggestions};
+use crate::device::{Request, plan_target, probe_machine};
+use crate::engine::plan::{self, PlanInput, Term, largest_fitting, suggestions};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::util::fmt_bytes;
@@ -21,6 +24,10 @@ pub struct PlanArgs<'a> {
     pub seq: Option<usize>,
     pub batch: Option<usize>,
     pub rank: Option<usize>,
+    /// Plan as this card (`--card`); `None`: `TUNESTUDIO_CARD`, else this machine's card.
+    pub card: Option<&'static CardProfile>,
+    /// A cap on the run's device memory (`--gpu-mem`, else the config's `memory.gpu_mem`); with
+    /// no GPU here and no profile, a card of this size.
     pub gpu_mem: Option<u64>,
     /// The RAM pinned host memory may take; `None`: this machine's available RAM.
     pub host_mem: Option<u64>,
@@ -54,6 +61,9 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
     if let Some(r) = a.rank {
         cfg.lora.r = r;
     }
+    if let Some(cap) = a.gpu_mem {
+        cfg.memory.gpu_mem = Some(crate::config::ByteSize(cap));
+    }
     // The same ranges `train` enforces; a value given by flag is named by its flag.
     if let Some(e) = cfg.setting_problems().into_iter().next() {
         let flag = match &e {
@@ -68,30 +78,27 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
         });
     }
     let input = PlanInput::from_config(&cfg);
-    let target = match a.gpu_mem {
-        Some(bytes) => PlanTarget::gpu(&format!("a {} card", fmt_bytes(bytes)), bytes),
-        None => match crate::backend::cuda::probe() {
-            Ok(d) => PlanTarget {
-                free_bytes: crate::backend::cuda::free_for_run(&d),
-                context_bytes: crate::backend::cuda::planned_context_bytes(&d.name),
-                ..PlanTarget::gpu(&d.name, d.total_memory_bytes.unwrap_or(0))
-            },
-            Err(_) => PlanTarget { total_bytes: None, free_bytes: None, ..PlanTarget::gpu("no GPU detected", 0) },
-        },
-    };
-    let host = match a.host_mem {
-        Some(bytes) => Some(crate::backend::HostMemory { total_bytes: bytes, available_bytes: bytes }),
-        None => crate::backend::host_memory(),
-    };
-    let target = target.with_host(host.as_ref());
+    let mut request = Request::of_config(&cfg, a.card)?;
+    // `plan` is the GPU's budget: `auto` plans for a card even where none is found (it says so).
+    if request.device == DeviceChoice::Auto {
+        request.device = DeviceChoice::Cuda;
+    }
+    let mut machine = probe_machine();
+    if let Some(bytes) = a.host_mem {
+        machine.host = Some(crate::backend::HostMemory { total_bytes: bytes, available_bytes: bytes });
+    }
+    let target = plan_target(&request, &machine);
+    if let Some(r) = target.card.as_ref().and_then(|c| c.check_supported().err()) {
+        return Err(Error::Card { card: r.card, msg: r.reason });
+    }
     let p = plan::plan(&spec, &input, &target);
-    let known = target.total_bytes.is_some();
+    let known = target.available_bytes().is_some();
     let largest_seq = known.then(|| largest_fitting(&spec, &input, &target, MIN_SEQ_LEN, MAX_SEQ_LEN, |i, v| i.max_seq_len = v)).flatten();
     let largest_batch = known.then(|| largest_fitting(&spec, &input, &target, 1, MAX_BATCH_SIZE, |i, v| i.batch_size = v)).flatten();
     let largest_rank = known.then(|| largest_fitting(&spec, &input, &target, 1, MAX_LORA_R, |i, v| i.lora.r = v)).flatten();
-    let card_fits = target.free_bytes.is_none_or(|free| p.peak_bytes <= free);
-    // What stops the run from fitting: the card's free memory, the host RAM that offloading pins,
-    // or both.
+    let card_fits = target.available_bytes().is_none_or(|room| p.peak_bytes <= room);
+    // What stops the run from fitting: the room the card (less other processes, within the cap)
+    // leaves us, the host RAM that offloading pins, or both.
     let binding = match (known && !card_fits, !p.host_fits) {
         (true, true) => Some("card_and_host_ram"),
         (true, false) => Some("card"),
@@ -105,7 +112,12 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
             "terms": p.terms,
             "fits": if known { json!(p.fits) } else { json!(null) },
             "card": target.name,
+            "card_limits": target.card,
             "total_bytes": target.total_bytes,
+            "others_bytes": target.others_bytes,
+            "cap_bytes": target.cap_bytes,
+            "available_bytes": target.available_bytes(),
+            "context_bytes": target.context_bytes,
             "checkpointing": p.checkpointing,
             "kept_layers": p.kept_layers,
             "pinned_host_bytes": p.pinned_host_bytes,
@@ -128,11 +140,18 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
         input.quantization,
         p.checkpointing_label(&spec)
     );
+    if let Some(c) = &target.card {
+        println!("card    {}", c.describe());
+    }
     println!();
-    for (name, bytes) in &p.terms {
+    let others = Term::OtherProcesses.name();
+    for (name, bytes) in p.terms.iter().filter(|(n, _)| **n != others) {
         println!("  {name:<20} {:>12}", fmt_bytes(*bytes));
     }
     println!("  {:<20} {:>12}", "peak (device)", fmt_bytes(p.peak_bytes));
+    if p.others_bytes > 0 {
+        println!("  {:<20} {:>12}  (not ours: held by other programs on the card)", others, fmt_bytes(p.others_bytes));
+    }
     if p.pinned_host_bytes > 0 {
         let of = target
             .host_bytes
@@ -141,10 +160,19 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
         println!("  {:<20} {:>12}{of}", "pinned host memory", fmt_bytes(p.pinned_host_bytes));
     }
     println!();
-    match target.total_bytes {
-        None => println!("no GPU detected: pass --gpu-mem 24GiB to plan for a card"),
-        Some(total) => {
-            let free = target.free_bytes.filter(|&f| f < total).map(|f| format!(" ({} free)", fmt_bytes(f))).unwrap_or_default();
+    match (target.total_bytes, target.available_bytes()) {
+        (Some(total), Some(room)) => {
+            let mut of = fmt_bytes(total);
+            if target.others_bytes > 0 {
+                of = format!(
+                    "{} left of {of} ({} used by other processes)",
+                    fmt_bytes(total.saturating_sub(target.others_bytes)),
+                    fmt_bytes(target.others_bytes)
+                );
+            }
+            if let Some(cap) = target.cap_bytes.filter(|&c| c == room) {
+                of = format!("the cap of {} on {of}", fmt_bytes(cap));
+            }
             let host = || {
                 format!(
                     "pinned host memory needs {} but the host has {} of RAM available",
@@ -158,7 +186,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
                 Some("host_ram") => format!("fits on the card, but does NOT fit in host RAM: {}", host()),
                 Some(_) => format!("does NOT fit on the card, nor in host RAM: {}", host()),
             };
-            println!("{}: {} of {}{free} → {verdict}", target.name, fmt_bytes(p.peak_bytes), fmt_bytes(total));
+            println!("{}: {} of {of} → {verdict}", target.name, fmt_bytes(p.peak_bytes));
             let show = |v: Option<usize>| v.map_or("none".to_string(), |x| x.to_string());
             println!(
                 "largest that fit (others fixed): max_seq_len {}, batch_size {}, lora.r {}",
@@ -170,6 +198,10 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
                 println!("  to fit: {} → {}", s.change, fmt_bytes(s.peak_bytes));
             }
         }
+        _ => println!(
+            "no GPU detected ({}): pass --card NAME (rtx4090, l4, a100-80, …) or --gpu-mem 24GiB to plan for a card",
+            machine.no_gpu_reason
+        ),
     }
     Ok(known.then_some(p.fits))
 }

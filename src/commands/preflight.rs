@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::RunConfig;
+use crate::backend::card::CardProfile;
 use crate::data::preflight::{LengthStats, Level, Marking};
 use crate::error::{Error, Result};
 use crate::preflight::{PreflightReport, Readiness, TokenAction};
@@ -15,10 +16,10 @@ use crate::preflight::{PreflightReport, Readiness, TokenAction};
 /// Longest rendered example printed in full (characters); the JSON keeps every one whole.
 const EXAMPLE_CHARS: usize = 3000;
 
-pub fn run(config: &Path, as_json: bool) -> Result<()> {
+pub fn run(config: &Path, card: Option<&'static CardProfile>, as_json: bool) -> Result<()> {
     let cfg = RunConfig::load(config)?;
     let colour = !as_json && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let report = PreflightReport::build(&cfg, if colour { Marking::Ansi } else { Marking::Plain })?;
+    let report = PreflightReport::build_for(&cfg, if colour { Marking::Ansi } else { Marking::Plain }, card)?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report).expect("json"));
     } else {
@@ -57,12 +58,31 @@ fn sparkline(s: &LengthStats, max_seq_len: usize) -> String {
     out
 }
 
+/// Where the run would train: the card (and under which profile or cap), the CPU and why, or why
+/// the CUDA engine cannot start.
+fn device_line(d: &crate::device::DeviceCheck) -> String {
+    let asked = format!("train.device = {}", name(&d.requested));
+    let mut extra = vec![asked];
+    if let Some(p) = &d.card_profile {
+        extra.push(format!("as --card {p}"));
+    }
+    if let Some(cap) = d.memory_cap_bytes {
+        extra.push(format!("capped at {}", crate::util::fmt_bytes(cap)));
+    }
+    match (&d.refusal, &d.note) {
+        (Some(why), _) => format!("CANNOT START: {why}"),
+        (None, Some(note)) => format!("{} ({}; {note})", d.device, extra.join(", ")),
+        (None, None) => format!("{} ({})", d.device, extra.join(", ")),
+    }
+}
+
 fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
     let mut o = String::new();
     let d = &r.dataset;
     let st = &r.stats;
     let _ = writeln!(o, "preflight  {}", config.display());
     let _ = writeln!(o, "model      {}", r.model.display());
+    let _ = writeln!(o, "device     {}", device_line(&r.device));
     let _ = writeln!(o);
 
     let _ = writeln!(o, "dataset    {} ({})", d.path.display(), d.file_kind);

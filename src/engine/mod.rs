@@ -288,7 +288,11 @@ impl<B: Backend> Trainer<B> {
     ) -> Result<Self> {
         let rows = opts.batch_size * opts.max_seq_len;
         let (policy, kept) = match opts.checkpointing {
-            CheckpointPolicy::Auto => {
+            // What fits a card depends on the card, other processes and a cap: the caller resolves
+            // `auto` against `crate::device::plan_target` before building the Trainer (and passes
+            // the layers it keeps). On the CPU the plan's own rule (recompute past 2 GiB of
+            // activations) needs no target.
+            CheckpointPolicy::Auto if backend.device().kind == "cpu" => {
                 let input = plan::PlanInput {
                     lora: opts.lora.clone(),
                     quantization: opts.quantization,
@@ -298,24 +302,14 @@ impl<B: Backend> Trainer<B> {
                     token_rows: 0,
                     mlp_chunk_rows: opts.mlp_chunk_rows,
                 };
-                let dev = backend.device();
-                let target = if dev.kind == "cuda" {
-                    // Measured when this backend opened (backend::context).
-                    let context_bytes = crate::backend::cuda::planned_context_bytes(&dev.name);
-                    plan::PlanTarget {
-                        kind: plan::BackendKind::Cuda,
-                        name: dev.name.clone(),
-                        total_bytes: dev.total_memory_bytes,
-                        // Our context is already there: add it back, the plan counts it.
-                        free_bytes: dev.free_memory_bytes.map(|f| f + context_bytes),
-                        context_bytes,
-                        host_bytes: crate::backend::host_memory().map(|h| h.available_bytes),
-                    }
-                } else {
-                    plan::PlanTarget::cpu()
-                };
-                let p = plan::plan(&spec, &input, &target);
+                let p = plan::plan(&spec, &input, &plan::PlanTarget::cpu());
                 (p.checkpointing, p.kept_layers)
+            }
+            CheckpointPolicy::Auto => {
+                return Err(Error::config(
+                    "memory.checkpointing",
+                    "`auto` must be resolved against the card's plan target before the engine is built (crate::device::plan_target)",
+                ));
             }
             p => (p, plan::kept_layers(&spec, p)),
         };

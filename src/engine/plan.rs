@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::backend::DType;
-use crate::backend::cuda::memory::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
+use crate::backend::card::CardLimits;
+use crate::backend::workspace::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
 use crate::config::{CheckpointPolicy, LoraConfig, Quantization, RunConfig, Target};
 use crate::model::ModelSpec;
 use crate::quant::nf4::{BLOCKSIZE, NESTED_BLOCKSIZE};
@@ -53,6 +54,8 @@ pub enum Term {
     BackendWorkspace,
     /// The CUDA context and libraries, measured once per card and driver.
     CudaContext,
+    /// What other processes hold on the card: not ours, but not ours to have either.
+    OtherProcesses,
 }
 
 impl Term {
@@ -67,6 +70,7 @@ impl Term {
             Term::Workspace => "workspace",
             Term::BackendWorkspace => "backend_workspace",
             Term::CudaContext => "cuda_context",
+            Term::OtherProcesses => "other_processes",
         }
     }
 }
@@ -128,13 +132,24 @@ impl PlanInput {
     }
 }
 
-/// What the plan is for: a backend and, for a GPU, its memory.
+/// What the plan is for: a backend and, for a GPU, the card and what of it a run may have. Built
+/// for this machine (or a card profile, or a cap) by `crate::device::plan_target`, the one place
+/// that reads the device choice, NVML and the measured context.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PlanTarget {
     pub kind: BackendKind,
+    /// "NVIDIA H200", "NVIDIA L4 (profile l4)", "a 24.00 GiB card", "CPU".
     pub name: String,
+    /// The card's limits (the device's own or a profile's); `None` on the CPU or for a card known
+    /// only by its size.
+    pub card: Option<CardLimits>,
+    /// The card's memory (on the CPU, the host's RAM); `None` when unknown.
     pub total_bytes: Option<u64>,
-    pub free_bytes: Option<u64>,
+    /// Memory other processes (and the driver) hold on the card (on the CPU, RAM not available):
+    /// a term of its own, so our own terms are those of an idle card whatever else runs.
+    pub others_bytes: u64,
+    /// A hard cap on what our process may use, context included (`--gpu-mem`, `memory.gpu_mem`).
+    pub cap_bytes: Option<u64>,
     /// What the CUDA context and libraries take (measured once per card and driver).
     pub context_bytes: u64,
     /// CUDA: the host RAM that pinned buffers (offloaded layer inputs, the memory-mode embedding)
@@ -144,8 +159,18 @@ pub struct PlanTarget {
 }
 
 impl PlanTarget {
+    /// The CPU, with nothing known about its RAM.
     pub fn cpu() -> Self {
-        PlanTarget { kind: BackendKind::Cpu, name: "CPU".into(), total_bytes: None, free_bytes: None, context_bytes: 0, host_bytes: None }
+        PlanTarget {
+            kind: BackendKind::Cpu,
+            name: "CPU".into(),
+            card: None,
+            total_bytes: None,
+            others_bytes: 0,
+            cap_bytes: None,
+            context_bytes: 0,
+            host_bytes: None,
+        }
     }
 
     /// The same target, with pinned host memory held against `host`'s available RAM.
@@ -153,15 +178,24 @@ impl PlanTarget {
         PlanTarget { host_bytes: host.map(|h| h.available_bytes), ..self }
     }
 
-    /// A card of `total_bytes`, assumed empty but for our own context.
+    /// An idle card of `total_bytes` known by its size alone, with the default context.
     pub fn gpu(name: &str, total_bytes: u64) -> Self {
         PlanTarget {
             kind: BackendKind::Cuda,
             name: name.into(),
             total_bytes: Some(total_bytes),
-            free_bytes: Some(total_bytes),
             context_bytes: DEFAULT_CUDA_CONTEXT_BYTES,
-            host_bytes: None,
+            ..PlanTarget::cpu()
+        }
+    }
+
+    /// What our process may take: the card less what other processes hold, within the cap.
+    /// `None` when the card's memory is unknown and there is no cap.
+    pub fn available_bytes(&self) -> Option<u64> {
+        let room = self.total_bytes.map(|t| t.saturating_sub(self.others_bytes));
+        match (room, self.cap_bytes) {
+            (Some(r), Some(c)) => Some(r.min(c)),
+            (r, c) => r.or(c),
         }
     }
 }
@@ -192,13 +226,16 @@ pub struct MemoryPlan {
     /// allows once keeping them all does not fit.
     pub kept_layers: usize,
     pub buffers: Vec<PlannedBuffer>,
-    /// Device bytes: every device buffer plus the context.
+    /// Our device bytes: every device buffer plus the context (other processes not included).
     pub peak_bytes: u64,
     pub pinned_host_bytes: u64,
-    /// Device bytes per term (`cuda_context` included).
+    /// Device bytes per term: ours (`cuda_context` included), and `other_processes` when another
+    /// program holds memory on the card.
     pub terms: BTreeMap<&'static str, u64>,
-    /// Whether `peak_bytes` fits the target's free memory (always true on the CPU) and
-    /// `pinned_host_bytes` its host's RAM.
+    /// What other processes hold (the target's), apart from our own terms.
+    pub others_bytes: u64,
+    /// Whether `peak_bytes` fits what the target leaves us (the card less other processes, within
+    /// the cap; on the CPU, everything in the RAM available) and `pinned_host_bytes` its host's RAM.
     pub fits: bool,
     /// Whether `pinned_host_bytes` fits the target's host RAM (true when not held against any).
     pub host_fits: bool,
@@ -508,7 +545,9 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
 /// order), then the NF4 dequantization buffer with the weights, and the attention backward's
 /// accumulators when the Trainer reserves them for its largest batch.
 pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer> {
-    use crate::backend::cuda::{GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS, attention_scratch_bytes};
+    use crate::backend::workspace::{
+        GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS, attention_scratch_bytes,
+    };
     let bw = Term::BackendWorkspace;
     let raw = |name: &str, bytes: usize| PlannedBuffer {
         name: name.into(),
@@ -585,8 +624,13 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
         peak_bytes += slack;
     }
     let pinned_host_bytes = total(&buffers, kind, Location::PinnedHost);
+    if target.others_bytes > 0 {
+        terms.insert(Term::OtherProcesses.name(), target.others_bytes);
+    }
     let host_fits = pinned_host_bytes == 0 || target.host_bytes.is_none_or(|host| pinned_host_bytes <= host);
-    let fits = host_fits && target.free_bytes.is_none_or(|free| peak_bytes <= free);
+    // On the CPU "pinned" memory is the same RAM as the rest.
+    let need = if kind == BackendKind::Cpu { peak_bytes + pinned_host_bytes } else { peak_bytes };
+    let fits = host_fits && target.available_bytes().is_none_or(|room| need <= room);
     MemoryPlan {
         target: target.clone(),
         checkpointing: policy,
@@ -595,6 +639,7 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
         peak_bytes,
         pinned_host_bytes,
         terms,
+        others_bytes: target.others_bytes,
         fits,
         host_fits,
     }
@@ -608,7 +653,7 @@ pub const PARTIAL_KEEP_HEADROOM_BYTES: u64 = 512 << 20;
 /// Under `layer` checkpointing on a card, the most layers whose activations can be kept with
 /// [`PARTIAL_KEEP_HEADROOM_BYTES`] to spare (each kept layer skips its recompute in the backward).
 fn most_kept_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> usize {
-    let Some(free) = target.free_bytes else { return 0 };
+    let Some(free) = target.available_bytes() else { return 0 };
     let fits = |k: usize| {
         let p = build(spec, input, target, CheckpointPolicy::Layer, k);
         p.fits && p.peak_bytes + PARTIAL_KEEP_HEADROOM_BYTES <= free

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod guard;
 pub mod lock;
+pub mod telemetry;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,7 +18,9 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DeviceInfo, LossSum};
 use crate::config::{DeviceChoice, EvalSplit, RunConfig};
 use crate::data::{Batch, Batcher, DatasetReport, eval_sets, prepare_dataset};
+use crate::device::{Gpu, Machine, Opened, plan_target};
 use crate::engine::lora::LoraWeights;
+use crate::engine::plan::PlanTarget;
 use crate::engine::schedule::Schedule;
 use crate::engine::{EngineOptions, TokenRows, Trainer};
 use crate::error::{Error, IoContext, Result};
@@ -44,6 +47,8 @@ pub enum Event {
     Resumed {
         step: u64,
     },
+    /// A telemetry reading of the GPU (about once a second during a CUDA run, where NVML reads it).
+    Gpu(crate::backend::nvml::GpuSample),
     Finished(Finished),
     /// The run could not go on; `message` says what to do.
     Failed {
@@ -57,6 +62,8 @@ pub enum Event {
 pub struct LoadedInfo {
     pub run_dir: PathBuf,
     pub device: DeviceInfo,
+    /// What the run was planned for (`device::plan_target`): the card, other processes, the cap.
+    pub target: PlanTarget,
     pub model: String,
     pub trainable_params: usize,
     pub total_steps: u64,
@@ -128,6 +135,12 @@ pub struct StartOptions {
     pub reschedule: bool,
     /// Behave as if Stop was pressed right after this step (scripts and tests).
     pub stop_after_step: Option<u64>,
+    /// Decide and plan as this card (`train --card`); `None`: `TUNESTUDIO_CARD`, else the device.
+    pub card: Option<&'static crate::backend::card::CardProfile>,
+    /// With `train.device = auto`: train on the CPU when the card found cannot run the CUDA
+    /// engine, saying why in the run's first lines (`train --device auto`). Otherwise that stops
+    /// the run with the reason.
+    pub cpu_fallback: bool,
 }
 
 pub struct SessionHandle {
@@ -387,6 +400,7 @@ fn run(
         dir
     };
     let mut data_changed = None;
+    // A new run's folder is made once the device has started (below).
     let (run_dir, resume) = match (&options.resume, &options.restart) {
         (Some(_), Some(_)) => return Err(Error::arg("--resume/--restart", "resume or restart a run folder, not both")),
         (Some(dir), None) => {
@@ -406,8 +420,9 @@ fn run(
             // A checkpoint that is there but cannot be read says why (a damaged file, NaN weights).
             let ckpt = checkpoint::load_latest(&dir)?;
             let saved = RunConfig::load(&dir.join(checkpoint::CONFIG_FILE))?;
-            // Only how long to train may change on resume; everything else must match the run.
-            let max_steps = cfg.train.max_steps;
+            // Only how long to train and the memory cap (a property of the machine, not of the
+            // run) may change on resume; everything else must match the run.
+            let (max_steps, cap) = (cfg.train.max_steps, cfg.memory.gpu_mem);
             cfg = saved;
             if max_steps.is_some() && max_steps != cfg.train.max_steps {
                 cfg.train.max_steps = max_steps;
@@ -417,6 +432,9 @@ fn run(
                     // The schedule keeps the span it was planned with (lr continues as before).
                     cfg.schedule.steps = Some(ckpt.state.total_steps);
                 }
+            }
+            if cap.is_some() {
+                cfg.memory.gpu_mem = cap;
             }
             let recorded = cfg.dataset.fingerprint.clone();
             let now = cfg.dataset.path.is_file().then(|| crate::config::Fingerprint::of_file(&cfg.dataset.path)).transpose()?;
@@ -436,7 +454,7 @@ fn run(
             }
             cfg.dataset.fingerprint = now.or(recorded);
             log(format!("resuming {} from step {}", dir.display(), ckpt.state.step));
-            (dir, Some(ckpt))
+            (Some(dir), Some(ckpt))
         }
         (None, Some(dir)) => {
             let lock = RunLock::acquire(dir, "restart")?;
@@ -465,18 +483,38 @@ fn run(
                 }
             }
             log(format!("restarting {} from step 0", dir.display()));
-            (dir, None)
+            (Some(dir), None)
         }
         (None, None) => {
             cfg.make_absolute();
             cfg.validate()?;
-            // A wrong model folder is said before a run folder is made for it.
+            // A wrong model folder is said before a run folder is made for it (which waits for
+            // the device, below).
             crate::model::check_folder(&cfg.model.path)?;
-            let (dir, lock) = new_run_dir(&cfg)?;
-            (take_folder(dir, lock), None)
+            (None, None)
         }
     };
     cfg.validate()?;
+
+    // The device first, so that what it decided is in the run's first lines, and a device that
+    // cannot start leaves no run folder behind (and a resumed one as it was).
+    let request = crate::device::Request::of_config(&cfg, options.card)?;
+    let opened = crate::device::open(&request, options.cpu_fallback).map_err(|u| u.into_error())?;
+    match &opened {
+        Opened::Cpu { fallback: Some(u), .. } => {
+            log(format!("warning: {}", u.message()));
+            log("warning: training on the CPU instead (--device auto), which is far slower".into());
+        }
+        Opened::Cpu { note: Some(n), .. } => log(n.clone()),
+        _ => {}
+    }
+    let run_dir = match run_dir {
+        Some(dir) => dir,
+        None => {
+            let (dir, lock) = new_run_dir(&cfg)?;
+            take_folder(dir, lock)
+        }
+    };
     if resume.is_none() && cfg.dataset.path.is_file() {
         cfg.dataset.fingerprint = Some(crate::config::Fingerprint::of_file(&cfg.dataset.path)?);
     }
@@ -588,16 +626,21 @@ fn run(
         train_rows,
         eval_rows: eval_examples.len(),
     };
-    match prepared.cfg.train.device {
-        DeviceChoice::Cpu => train_on(CpuBackend::<f32>::new(), prepared, &options, events, control),
-        DeviceChoice::Auto => match crate::backend::cuda::CudaBackend::new() {
-            Ok(gpu) => train_on(gpu, prepared, &options, events, control),
-            Err(e) => {
-                log(format!("training on the CPU ({e})"));
-                train_on(CpuBackend::<f32>::new(), prepared, &options, events, control)
-            }
-        },
-        DeviceChoice::Cuda => train_on(crate::backend::cuda::CudaBackend::new()?, prepared, &options, events, control),
+    let host = crate::backend::host_memory();
+    match opened {
+        Opened::Cuda(gpu) => {
+            // The card as this backend runs it (a profile's under one), what other processes hold
+            // on it now, and the context it measured as it opened.
+            let machine = Machine { gpu: Some(Gpu::of_backend(&gpu)), no_gpu_reason: String::new(), host };
+            let req = crate::device::Request { device: DeviceChoice::Cuda, card: None, memory_cap: request.memory_cap };
+            let target = plan_target(&req, &machine);
+            train_on(*gpu, prepared, &target, &options, events, control)
+        }
+        Opened::Cpu { .. } => {
+            let machine = Machine { host, ..Machine::default() };
+            let target = plan_target(&crate::device::Request { device: DeviceChoice::Cpu, ..Default::default() }, &machine);
+            train_on(CpuBackend::<f32>::new(), prepared, &target, &options, events, control)
+        }
     }
 }
 
@@ -662,28 +705,26 @@ fn untrained_token_fix(
 
 /// An out-of-memory at set-up (every buffer is allocated before the first step) becomes a message
 /// with the plan's numbers and the cheapest changes that fit.
-fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInput, device: &DeviceInfo) -> Error {
-    use crate::engine::plan::{self, PlanTarget};
+fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInput, target: &PlanTarget) -> Error {
+    use crate::engine::plan;
     use crate::util::fmt_bytes;
     let Error::OutOfMemory { during, advice } = e else { return e };
-    let Some(total) = device.total_memory_bytes else { return Error::OutOfMemory { during, advice } };
-    let host = crate::backend::host_memory();
-    let target =
-        PlanTarget { context_bytes: crate::backend::cuda::planned_context_bytes(&device.name), ..PlanTarget::gpu(&device.name, total) }
-            .with_host(host.as_ref());
-    let p = plan::plan(spec, input, &target);
+    let (Some(total), Some(room)) = (target.total_bytes, target.available_bytes()) else { return Error::OutOfMemory { during, advice } };
+    let p = plan::plan(spec, input, target);
     let fixes: Vec<String> =
-        plan::suggestions(spec, input, &target).into_iter().map(|s| format!("{} ({})", s.change, fmt_bytes(s.peak_bytes))).collect();
-    let pinned = match (&host, p.host_fits) {
-        (Some(h), false) => {
-            format!(" and {} of pinned host memory with {} of RAM available", fmt_bytes(p.pinned_host_bytes), fmt_bytes(h.available_bytes))
-        }
+        plan::suggestions(spec, input, target).into_iter().map(|s| format!("{} ({})", s.change, fmt_bytes(s.peak_bytes))).collect();
+    let pinned = match (target.host_bytes, p.host_fits) {
+        (Some(h), false) => format!(" and {} of pinned host memory with {} of RAM available", fmt_bytes(p.pinned_host_bytes), fmt_bytes(h)),
         _ => String::new(),
     };
+    let others =
+        if target.others_bytes > 0 { format!(", {} of it used by other processes", fmt_bytes(target.others_bytes)) } else { String::new() };
+    let cap = target.cap_bytes.map(|c| format!(" under the memory cap of {}", fmt_bytes(c))).unwrap_or_default();
     let advice = format!(
-        "the plan needs {} on a {} card of {}{pinned} (checkpointing {:?}); {}",
+        "the plan needs {} of the {} left on {} ({}{others}){cap}{pinned} (checkpointing {:?}); {}",
         fmt_bytes(p.peak_bytes),
-        device.name,
+        fmt_bytes(room),
+        target.name,
         fmt_bytes(total),
         p.checkpointing,
         if fixes.is_empty() { advice } else { format!("to fit: {}", fixes.join("; or ")) }
@@ -694,6 +735,7 @@ fn explain_oom(e: Error, spec: &ModelSpec, input: &crate::engine::plan::PlanInpu
 fn train_on<B: Backend>(
     backend: B,
     p: Prepared,
+    target: &PlanTarget,
     options: &StartOptions,
     events: &Sender<Event>,
     control: &Receiver<Control>,
@@ -703,9 +745,11 @@ fn train_on<B: Backend>(
     };
     let cfg = &p.cfg;
     let device = backend.device();
+    // Read about once a second while the run lasts (dropped, and joined, when this returns).
+    let _telemetry = device.pci_bus_id.clone().and_then(|pci| telemetry::Sampler::start(pci, p.started, events.clone()));
     send(Event::Log(format!("loading weights on {}", device.name)));
     let store = WeightStore::open(&cfg.model.path)?;
-    let opts = EngineOptions {
+    let mut opts = EngineOptions {
         lora: cfg.lora.clone(),
         optim: cfg.optim.clone(),
         quantization: cfg.model.quantization,
@@ -716,9 +760,24 @@ fn train_on<B: Backend>(
         mlp_chunk_rows: 0,
     };
     let init = p.resume.as_ref().map(|c| &c.weights).or(p.lora_init.as_ref());
-    let input = crate::engine::plan::PlanInput::from_config(cfg);
-    let mut trainer = Trainer::new(backend, p.spec.clone(), &store, opts, init).map_err(|e| explain_oom(e, &p.spec, &input, &device))?;
-    if let Some(rows) = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref()) {
+    let rows = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref());
+    let mut input = crate::engine::plan::PlanInput::from_config(cfg);
+    input.token_rows = rows.map_or(0, |r| r.ids.len());
+    // `auto` is the fastest policy that fits what this card leaves us (other processes, the cap).
+    let planned = crate::engine::plan::plan(&p.spec, &input, target);
+    opts.checkpointing = planned.checkpointing;
+    if cfg.memory.checkpointing == crate::config::CheckpointPolicy::Auto {
+        send(Event::Log(format!(
+            "checkpointing auto: {} (plan {})",
+            planned.checkpointing_label(&p.spec),
+            crate::util::fmt_bytes(planned.peak_bytes)
+        )));
+    }
+    // The layers whose activations the plan keeps (all of them, or some under `layer`).
+    let kept = (planned.checkpointing == crate::config::CheckpointPolicy::Layer).then_some(planned.kept_layers);
+    let mut trainer = Trainer::with_kept_layers(backend, p.spec.clone(), &store, opts, init, kept)
+        .map_err(|e| explain_oom(e, &p.spec, &input, target))?;
+    if let Some(rows) = rows {
         trainer.set_token_rows(rows)?;
     }
     let mut elapsed_before = 0.0;
@@ -749,6 +808,7 @@ fn train_on<B: Backend>(
     send(Event::Loaded(Box::new(LoadedInfo {
         run_dir: p.run_dir.clone(),
         device: device.clone(),
+        target: target.clone(),
         model: p.spec.summary(),
         trainable_params: trainable,
         total_steps: p.total_steps,

@@ -1,5 +1,6 @@
 //! The memory budget beside the Hyperparameters: a picker of the machine to plan for (this one
-//! or a common card), the plan's bar with the verdict and legend, and the largest sequence
+//! or one of the card profiles, where a card the engine cannot run says why), the plan's bar with
+//! the verdict and legend (other processes' memory as a term of its own), and the largest sequence
 //! length, batch size and LoRA rank that fit, each applied with one click. The state and the
 //! plan are `state::memory`'s; the page composes this panel next to the fields it follows.
 
@@ -9,26 +10,29 @@ use crate::model::ModelSpec;
 
 use crate::app::msg::Action;
 use crate::app::state::AppState;
-use crate::app::state::memory::{CARD_PRESETS_GB, Card, Setting, measured_now, no_plan_reason, refresh, verdict};
+use crate::app::state::memory::{Card, Setting, measured_now, no_plan_reason, profile_help, profile_label, refresh, verdict};
 use crate::app::widgets;
+use crate::backend::card::PROFILES;
 
 /// The panel on the Hyperparameters page.
 pub fn panel(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     refresh(state);
     ui.horizontal(|ui| {
-        let label = ui.label("Preview for").on_hover_text("Plan the run for this machine, or for a card you do not have.");
+        let label = ui.label("Preview for").on_hover_text("Plan the run for this machine, or for a card you do not have (as if idle).");
         let machine = state.budget.machine.ready().cloned();
         let current = state.budget.card.label(machine.as_ref());
         let mut card = state.budget.card;
         egui::ComboBox::from_id_salt("budget-card")
+            // Tall enough for every profile without scrolling.
+            .height(560.0)
             .selected_text(current)
             .show_ui(ui, |ui| {
                 let this = ui.selectable_value(&mut card, Card::ThisMachine, Card::ThisMachine.label(machine.as_ref()));
                 if let Some(m) = machine.as_ref().filter(|m| m.gpu.is_none() && !m.no_gpu_reason.is_empty()) {
                     this.on_hover_text(format!("No GPU: {}", m.no_gpu_reason));
                 }
-                for gb in CARD_PRESETS_GB {
-                    ui.selectable_value(&mut card, Card::Preset(gb), Card::Preset(gb).label(None)).on_hover_text(Card::examples(gb));
+                for p in PROFILES {
+                    ui.selectable_value(&mut card, Card::Profile(p), profile_label(p)).on_hover_text(profile_help(p));
                 }
             })
             .response

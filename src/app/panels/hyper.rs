@@ -5,7 +5,7 @@
 
 use eframe::egui::{self, Ui};
 
-use crate::config::{CheckpointPolicy, DeviceChoice, Quantization, RunConfig, ScheduleKind, Target};
+use crate::config::{ByteSize, CheckpointPolicy, DeviceChoice, Quantization, RunConfig, ScheduleKind, Target};
 
 use crate::app::fields::Problems;
 use crate::app::msg::{Action, Pick};
@@ -226,6 +226,23 @@ fn memory_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
                 (CheckpointPolicy::Offload, "offload to host"),
             ],
         )
+    });
+    ui.end_row();
+    field(ui, p, "memory.gpu_mem", |ui| {
+        let mut capped = c.memory.gpu_mem.is_some();
+        let r = ui.checkbox(&mut capped, "cap");
+        if r.changed() {
+            c.memory.gpu_mem = capped.then_some(ByteSize(24 << 30));
+        }
+        if let Some(cap) = c.memory.gpu_mem.as_mut() {
+            let mut gib = cap.bytes() as f64 / (1u64 << 30) as f64;
+            let d = ui.add(egui::DragValue::new(&mut gib).speed(0.25).range(1.0..=1024.0).max_decimals(2).suffix(" GiB"));
+            if d.changed() {
+                *cap = ByteSize((gib * (1u64 << 30) as f64).round() as u64);
+            }
+            return d;
+        }
+        r
     });
     ui.end_row();
     field(ui, p, "train.device", |ui| {

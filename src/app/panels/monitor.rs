@@ -1,6 +1,7 @@
 //! The training monitor: progress with ETA, loss (raw and smoothed), learning rate, gradient
-//! norm, throughput and memory as plots, the session's log, and the run's failure when there is
-//! one. It draws `state::training`'s view model.
+//! norm, throughput and memory as plots, the GPU's telemetry beside the loss (utilization, memory
+//! ours and others', temperature, power, SM clock) with throttle warnings, the session's log, and
+//! the run's failure when there is one. It draws `state::training`'s view model.
 
 use eframe::egui::{self, Color32, RichText, Ui};
 use egui_plot::{HLine, Legend, Line, MarkerShape, Plot, PlotPoints, Points};
@@ -11,7 +12,7 @@ use crate::util::fmt_bytes;
 
 use crate::app::msg::Action;
 use crate::app::state::AppState;
-use crate::app::state::training::{Phase, curves, memory_axis, memory_lines, progress};
+use crate::app::state::training::{GpuCurves, Phase, curves, gpu_curves, memory_axis, memory_lines, progress, throttling_now};
 use crate::app::widgets;
 
 /// The evaluation loss, in the loss plot and the best's label.
@@ -33,6 +34,58 @@ fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: 
             }
         });
     });
+}
+
+/// One GPU telemetry plot: a title, its lines (name, points, colour) and reference lines, against
+/// seconds into the run.
+fn gpu_plot(ui: &mut Ui, id: &str, title: &str, lines: Vec<(&str, Vec<[f64; 2]>, Color32)>, refs: &[(&str, f64)], width: f32, height: f32) {
+    ui.small(title);
+    Plot::new(id).height(height).width(width).allow_scroll(false).show_x(true).show(ui, |p| {
+        for (name, points, color) in lines {
+            p.line(Line::new(name, PlotPoints::from(points)).color(color));
+        }
+        for (name, y) in refs {
+            p.hline(HLine::new(*name, *y).color(Color32::GRAY));
+        }
+    });
+}
+
+/// Utilization, memory (ours and other processes'), temperature and power, and the SM clock.
+fn gpu_column(ui: &mut Ui, g: &GpuCurves, width: f32, height: f32) {
+    let h = ((height - 4.0 * 22.0) / 4.0).max(40.0);
+    let util = Color32::from_rgb(90, 180, 110);
+    gpu_plot(ui, "gpu-util", "GPU utilization (%)", vec![("utilization", g.utilization_pct.clone(), util)], &[("100%", 100.0)], width, h);
+    let total: Vec<(&str, f64)> = g.memory_total_gib.map(|t| ("card", t)).into_iter().collect();
+    gpu_plot(
+        ui,
+        "gpu-mem",
+        "GPU memory (GiB): ours, other processes",
+        vec![
+            ("ours", g.memory_ours.clone(), Color32::from_rgb(160, 110, 200)),
+            ("other processes", g.memory_others.clone(), Color32::from_gray(140)),
+        ],
+        &total,
+        width,
+        h,
+    );
+    gpu_plot(
+        ui,
+        "gpu-heat",
+        "Temperature (°C) and power (W)",
+        vec![("°C", g.temperature_c.clone(), Color32::from_rgb(230, 120, 90)), ("W", g.power_w.clone(), Color32::from_rgb(220, 160, 60))],
+        &g.power_limit_w.map(|w| ("power limit", w)).into_iter().collect::<Vec<_>>(),
+        width,
+        h,
+    );
+    gpu_plot(
+        ui,
+        "gpu-clock",
+        "SM clock (MHz)",
+        vec![("SM clock", g.sm_clock_mhz.clone(), Color32::from_rgb(120, 190, 200))],
+        &g.sm_clock_max_mhz.map(|m| ("top clock", m)).into_iter().collect::<Vec<_>>(),
+        width,
+        h,
+    );
 }
 
 pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
@@ -85,6 +138,11 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     ui.add_space(4.0);
 
     let log_height = 130.0;
+    // The live run's GPU, beside the loss (a past run's telemetry is not kept).
+    let gpu = if t.viewing.is_none() { t.gpu.as_slice() } else { &[] };
+    for w in t.gpu_warnings.iter().filter(|_| !gpu.is_empty()) {
+        widgets::warning_line(ui, w);
+    }
     if metrics.is_empty() {
         // No axes around nothing: the plots appear with the first step.
         ui.add_space(8.0);
@@ -113,26 +171,48 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             if let Some((text, hover)) = best {
                 ui.label(RichText::new(text).color(EVAL_COLOR)).on_hover_text(hover);
             }
+            if let Some(now) = throttling_now(gpu) {
+                ui.label(RichText::new(format!("GPU {now}")).color(ui.visuals().warn_fg_color));
+            }
         });
+        let loss_height = avail.max(140.0);
         let eval_empty = c.eval_loss.is_empty();
-        Plot::new("loss").height(avail.max(140.0)).legend(Legend::default()).x_axis_label("step").allow_scroll(false).show(ui, |pl| {
-            pl.line(Line::new("loss", PlotPoints::from(c.loss)).color(Color32::from_rgba_unmultiplied(100, 150, 220, 110)));
-            pl.line(Line::new("smoothed", PlotPoints::from(c.loss_smooth)).color(Color32::from_rgb(60, 140, 240)).width(2.5));
-            if !eval_empty {
-                // Few points (one per evaluation): a line through markers, so a single one shows.
-                pl.line(Line::new("eval loss", PlotPoints::from(c.eval_loss.clone())).color(EVAL_COLOR).width(2.0));
-                pl.points(Points::new("eval loss", PlotPoints::from(c.eval_loss)).color(EVAL_COLOR).radius(3.5));
-            }
-            if let Some(b) = c.best_eval {
-                pl.points(
-                    Points::new("best eval", PlotPoints::from(vec![b]))
-                        .color(EVAL_COLOR)
-                        .shape(MarkerShape::Diamond)
-                        .radius(7.0)
-                        .filled(false),
-                );
-            }
-        });
+        let loss_plot = |ui: &mut Ui, width: f32| {
+            Plot::new("loss").height(loss_height).width(width).legend(Legend::default()).x_axis_label("step").allow_scroll(false).show(
+                ui,
+                |pl| {
+                    pl.line(Line::new("loss", PlotPoints::from(c.loss.clone())).color(Color32::from_rgba_unmultiplied(100, 150, 220, 110)));
+                    pl.line(
+                        Line::new("smoothed", PlotPoints::from(c.loss_smooth.clone())).color(Color32::from_rgb(60, 140, 240)).width(2.5),
+                    );
+                    if !eval_empty {
+                        // Few points (one per evaluation): a line through markers, so a single one shows.
+                        pl.line(Line::new("eval loss", PlotPoints::from(c.eval_loss.clone())).color(EVAL_COLOR).width(2.0));
+                        pl.points(Points::new("eval loss", PlotPoints::from(c.eval_loss.clone())).color(EVAL_COLOR).radius(3.5));
+                    }
+                    if let Some(b) = c.best_eval {
+                        pl.points(
+                            Points::new("best eval", PlotPoints::from(vec![b]))
+                                .color(EVAL_COLOR)
+                                .shape(MarkerShape::Diamond)
+                                .radius(7.0)
+                                .filled(false),
+                        );
+                    }
+                },
+            );
+        };
+        if gpu.is_empty() {
+            loss_plot(ui, ui.available_width());
+        } else {
+            let g = gpu_curves(gpu);
+            ui.horizontal_top(|ui| {
+                let gap = ui.spacing().item_spacing.x;
+                let side = (ui.available_width() * 0.34).clamp(160.0, 420.0);
+                loss_plot(ui, ui.available_width() - side - gap);
+                ui.vertical(|ui| gpu_column(ui, &g, side, loss_height));
+            });
+        }
         let w = ((ui.available_width() - 3.0 * ui.spacing().item_spacing.x) / 4.0).max(80.0);
         ui.horizontal(|ui| {
             small_plot(ui, "lr", "Learning rate", c.lr, Color32::from_rgb(220, 160, 60), &[], w);
@@ -159,7 +239,7 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
                     measured.map(|m| format!(" · measured {}", fmt_bytes(m))).unwrap_or_default()
                 ))
                 .on_hover_text(if p.on_gpu {
-                    "Measured: used on the card, from the driver."
+                    "Measured: used on the card, from the driver (other processes included)."
                 } else {
                     "Measured: the process's resident memory, which also holds the mapped model file, the tokenizer and this window."
                 });

@@ -1,6 +1,7 @@
 //! The Preflight dialog, between pressing Start and the first step: what will run (model, data,
 //! steps, device), the tokenizer and data checks, the untrained-token report with the fix to
-//! accept, the memory budget, and either a Start button or the reason the run cannot start. It
+//! accept, the memory budget, and either a Start button or the reason the run cannot start (for
+//! a GPU the CUDA engine cannot start on, with the CPU offered as an explicit choice). It
 //! draws the `PreflightView` a worker gathered (`state::preflight::check`).
 
 use eframe::egui::{self, RichText, Ui};
@@ -95,6 +96,15 @@ pub fn dialog(ctx: &egui::Context, state: &mut AppState, actions: &mut Vec<Actio
                                 actions.push(Action::AcceptFixAndStart);
                             }
                         }
+                        Verdict::CpuOffered(_) => {
+                            if ui
+                                .button("Train on the CPU instead")
+                                .on_hover_text("Set the device to CPU and check the run again (far slower than a GPU)")
+                                .clicked()
+                            {
+                                actions.push(Action::UseCpu);
+                            }
+                        }
                         Verdict::Blocked(_) => {
                             ui.add_enabled(false, egui::Button::new("▶ Start training"));
                         }
@@ -103,8 +113,10 @@ pub fn dialog(ctx: &egui::Context, state: &mut AppState, actions: &mut Vec<Actio
                         actions.push(Action::CancelPreflight);
                     }
                 });
-                if let Verdict::Blocked(reason) = &v {
-                    level_line(ui, Level::Block, &format!("Cannot start: {reason}"));
+                match &v {
+                    Verdict::Blocked(reason) => level_line(ui, Level::Block, &format!("Cannot start: {reason}")),
+                    Verdict::CpuOffered(reason) => level_line(ui, Level::Block, &format!("Cannot start on the GPU: {reason}")),
+                    _ => {}
                 }
             }
         }

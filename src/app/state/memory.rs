@@ -11,7 +11,9 @@
 
 use eframe::egui::Color32;
 
+use crate::backend::card::{self, CardProfile};
 use crate::config::{CheckpointPolicy, DeviceChoice, RunConfig, Target};
+use crate::device::{Request, plan_target};
 use crate::engine::plan::{self, BackendKind, PlanInput, PlanTarget, Term, largest_fitting, suggestions};
 use crate::model::ModelSpec;
 use crate::util::fmt_bytes;
@@ -19,27 +21,29 @@ use crate::util::fmt_bytes;
 use crate::app::jobs::{Load, key_of};
 use crate::app::state::AppState;
 
-/// The cards the picker offers, in GB as sold (each taken as that many GiB).
-pub const CARD_PRESETS_GB: [u32; 7] = [8, 12, 16, 24, 40, 48, 80];
-
 /// Which machine the budget is planned for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Card {
     /// Where the run would train now (as `train.device` and the detected GPU decide).
     #[default]
     ThisMachine,
-    /// A card of this many GB (another machine).
-    Preset(u32),
+    /// A card users train on (`backend::card::PROFILES`): planned as that card, idle.
+    Profile(&'static CardProfile),
 }
 
 impl Card {
+    /// A profile by its key (`rtx4090`).
+    pub fn profile(key: &str) -> Card {
+        Card::Profile(card::profile_named(key).expect("a known card profile"))
+    }
+
     pub fn label(self, machine: Option<&Machine>) -> String {
         match self {
-            Card::Preset(gb) => format!("{gb} GB card"),
+            Card::Profile(p) => profile_label(p),
             Card::ThisMachine => match machine {
                 None => "this machine (looking…)".into(),
                 Some(m) => match &m.gpu {
-                    Some(g) => format!("this machine: {} ({})", g.name, fmt_bytes(g.total_bytes)),
+                    Some(g) => format!("this machine: {} ({})", g.card.name, fmt_bytes(g.card.memory_bytes)),
                     None => format!(
                         "this machine: CPU{}",
                         m.host.as_ref().map(|h| format!(" ({} RAM)", fmt_bytes(h.total_bytes))).unwrap_or_default()
@@ -48,109 +52,48 @@ impl Card {
             },
         }
     }
+}
 
-    /// Cards people train on with that much memory, for the picker's hover text.
-    pub fn examples(gb: u32) -> &'static str {
-        match gb {
-            8 => "RTX 3070, RTX 4060",
-            12 => "RTX 3060, RTX 4070",
-            16 => "RTX 4080, T4, V100 16GB",
-            24 => "RTX 3090, RTX 4090, A10, L4",
-            40 => "A100 40GB",
-            48 => "RTX A6000, L40S",
-            80 => "A100 80GB, H100",
-            _ => "",
-        }
+/// "RTX 4090 · 24 GiB" as the picker lists a profile (the memory the driver reports, which the
+/// plan holds against, a little under the size sold); a card the engine cannot run says so.
+pub fn profile_label(p: &CardProfile) -> String {
+    let short = p.name.trim_start_matches("NVIDIA ").trim_start_matches("GeForce ");
+    let gib = format!("{:.1}", p.memory_mib as f64 / 1024.0);
+    let gib = gib.trim_end_matches(".0");
+    if p.supported() { format!("{short} · {gib} GiB") } else { format!("{short} · {gib} GiB (cannot run)") }
+}
+
+/// Hover text of a profile in the picker: its compute capability, or why it cannot run.
+pub fn profile_help(p: &CardProfile) -> String {
+    let l = p.limits();
+    match l.check_supported() {
+        Ok(()) => format!("{} — plan for this card, idle", l.describe()),
+        Err(r) => r.to_string(),
     }
 }
 
 pub use crate::backend::{HostMemory, host_memory};
+pub use crate::device::{Machine, probe_machine};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Gpu {
-    pub name: String,
-    pub total_bytes: u64,
-    /// Free before our own context (what a run could have).
-    pub free_bytes: u64,
-    /// What a run's context takes on this card (measured by an earlier run, else the default).
-    pub context_bytes: u64,
-}
-
-/// What this machine has: probed once on a worker when the studio opens.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Machine {
-    pub gpu: Option<Gpu>,
-    /// Why there is no GPU (shown in the hover text).
-    pub no_gpu_reason: String,
-    pub host: Option<HostMemory>,
-}
-
-/// Look for a GPU (creates and drops a CUDA context: a worker's job) and read the host's memory.
-pub fn probe_machine() -> Machine {
-    let host = host_memory();
-    match crate::backend::cuda::probe() {
-        Ok(d) => {
-            let total = d.total_memory_bytes.unwrap_or(0);
-            let free = crate::backend::cuda::free_for_run(&d).unwrap_or(total);
-            let context_bytes = crate::backend::cuda::planned_context_bytes(&d.name);
-            Machine {
-                gpu: Some(Gpu { name: d.name, total_bytes: total, free_bytes: free, context_bytes }),
-                no_gpu_reason: String::new(),
-                host,
-            }
-        }
-        Err(e) => Machine { gpu: None, no_gpu_reason: e.to_string(), host },
-    }
-}
-
-/// The plan target for `card`: a preset card, or what the session would train on here. A
-/// card's pinned host memory is held against this machine's RAM (a preset previews the card in
-/// this machine).
-pub fn target(card: Card, device: DeviceChoice, machine: Option<&Machine>) -> PlanTarget {
-    let host = machine.and_then(|m| m.host.as_ref());
-    match card {
-        Card::Preset(gb) => {
-            let article = if gb == 8 || gb == 18 || (80..90).contains(&gb) { "an" } else { "a" };
-            PlanTarget::gpu(&format!("{article} {gb} GB card"), u64::from(gb) << 30).with_host(host)
-        }
-        Card::ThisMachine => match (device, machine.and_then(|m| m.gpu.as_ref())) {
-            (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => {
-                PlanTarget { free_bytes: Some(g.free_bytes), context_bytes: g.context_bytes, ..PlanTarget::gpu(&g.name, g.total_bytes) }
-                    .with_host(host)
-            }
-            _ => cpu_target(host),
-        },
-    }
-}
-
-/// The target of a run already loaded on `device` (the session's own choice, which `auto` may
-/// have resolved either way).
-pub fn device_target(device: &crate::backend::DeviceInfo, machine: Option<&Machine>) -> PlanTarget {
-    match (device.kind.as_str(), device.total_memory_bytes) {
-        ("cuda", Some(total)) => {
-            let probed = machine.and_then(|m| m.gpu.as_ref()).filter(|g| g.name == device.name);
-            let free = probed.map_or(total, |g| g.free_bytes);
-            let context_bytes = probed.map_or(plan::DEFAULT_CUDA_CONTEXT_BYTES, |g| g.context_bytes);
-            PlanTarget { free_bytes: Some(free), context_bytes, ..PlanTarget::gpu(&device.name, total) }
-                .with_host(machine.and_then(|m| m.host.as_ref()))
-        }
-        _ => cpu_target(machine.and_then(|m| m.host.as_ref())),
-    }
-}
-
-/// The CPU backend keeps everything in RAM: the plan is held against the host's memory.
-fn cpu_target(host: Option<&HostMemory>) -> PlanTarget {
-    PlanTarget {
-        name: "CPU".into(),
-        total_bytes: host.map(|h| h.total_bytes),
-        free_bytes: host.map(|h| h.available_bytes),
-        ..PlanTarget::cpu()
-    }
+/// The plan target for `card` with the config's device choice and memory cap: the one
+/// constructor (`device::plan_target`), fed with what the studio probed of this machine. A
+/// profile's pinned host memory is held against this machine's RAM (a card previewed in this
+/// machine).
+pub fn target(card: Card, cfg: &RunConfig, machine: Option<&Machine>) -> PlanTarget {
+    let cap = cfg.memory.gpu_mem.map(|b| b.bytes());
+    let none = Machine::default();
+    let machine = machine.unwrap_or(&none);
+    let req = match card {
+        Card::ThisMachine => Request { device: cfg.train.device, card: None, memory_cap: cap },
+        Card::Profile(p) => Request { device: DeviceChoice::Cuda, card: Some(p), memory_cap: cap },
+    };
+    plan_target(&req, machine)
 }
 
 /// The stacking order and colour of each term (fixed, so a colour keeps its meaning while
-/// sliders move).
-pub const TERMS: [(Term, &str, Color32); 9] = [
+/// sliders move). Other processes come first: their memory is taken before ours.
+pub const TERMS: [(Term, &str, Color32); 10] = [
+    (Term::OtherProcesses, "used by other processes", Color32::from_gray(85)),
     (Term::CudaContext, "CUDA context", Color32::from_rgb(130, 130, 140)),
     (Term::BaseWeights, "base weights", Color32::from_rgb(86, 156, 214)),
     (Term::LoraParams, "LoRA weights", Color32::from_rgb(120, 190, 120)),
@@ -161,6 +104,11 @@ pub const TERMS: [(Term, &str, Color32); 9] = [
     (Term::Workspace, "workspace", Color32::from_rgb(190, 120, 190)),
     (Term::BackendWorkspace, "kernel scratch", Color32::from_rgb(120, 190, 200)),
 ];
+
+/// The colour of `term` on the bar.
+pub fn term_color(term: Term) -> Color32 {
+    TERMS.iter().find(|(t, _, _)| *t == term).map_or(Color32::GRAY, |(_, _, c)| *c)
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Segment {
@@ -173,7 +121,7 @@ pub struct Segment {
 /// The plan of one run on one target, as the panel shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetView {
-    /// "NVIDIA H100 80GB HBM3", "a 24 GB card" or "CPU".
+    /// "NVIDIA H100 80GB HBM3", "NVIDIA L4 (profile l4)" or "CPU".
     pub device: String,
     pub on_gpu: bool,
     /// The policy the plan used (`auto` resolved), and whether it was resolved from auto.
@@ -181,17 +129,24 @@ pub struct BudgetView {
     /// The policy in words, with the layers kept when `auto` kept only some.
     pub checkpointing_label: String,
     pub auto: bool,
-    /// Non-empty terms in stacking order.
+    /// Non-empty terms in stacking order, other processes first.
     pub segments: Vec<Segment>,
-    /// What must fit: device bytes (on the CPU, everything, pinned included).
+    /// Ours, what must fit: device bytes (on the CPU, everything, pinned included).
     pub peak_bytes: u64,
     pub total_bytes: Option<u64>,
-    pub free_bytes: Option<u64>,
+    /// Held by other processes (on the CPU, RAM not available).
+    pub others_bytes: u64,
+    /// The memory cap (`memory.gpu_mem`), when one is set.
+    pub cap_bytes: Option<u64>,
+    /// What the run may have: the card less other processes, within the cap.
+    pub available_bytes: Option<u64>,
     /// Layer inputs (and, in memory mode, the embedding) in pinned host memory; 0 on the CPU.
     pub pinned_host_bytes: u64,
     pub host: Option<HostMemory>,
     /// `None` when nothing is known to hold it against.
     pub fits: Option<bool>,
+    /// Why the CUDA engine cannot run on this card at all (a card below compute capability 8.0).
+    pub refusal: Option<String>,
 }
 
 /// The plan of `cfg` (with `token_rows` embedding rows trained by the untrained-token fix) on
@@ -204,13 +159,15 @@ pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option
     let segments = TERMS
         .iter()
         .filter_map(|&(term, label, color)| {
+            // On the CPU, what others hold is RAM, not a card's memory.
+            let label = if term == Term::OtherProcesses && !on_gpu { "RAM used by other programs" } else { label };
             p.terms.get(term.name()).filter(|&&b| b > 0).map(|&bytes| Segment { term, label, color, bytes })
         })
         .collect();
     // On the CPU "pinned host" is the same RAM as everything else. On a card, the plan holds
     // the device bytes against the card and the pinned bytes against the target's host RAM.
     let (peak, pinned) = if on_gpu { (p.peak_bytes, p.pinned_host_bytes) } else { (p.peak_bytes + p.pinned_host_bytes, 0) };
-    let fits = target.free_bytes.map(|free| if on_gpu { p.fits } else { peak <= free });
+    let available = target.available_bytes();
     BudgetView {
         device: target.name.clone(),
         on_gpu,
@@ -220,31 +177,42 @@ pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option
         segments,
         peak_bytes: peak,
         total_bytes: target.total_bytes,
-        free_bytes: target.free_bytes,
+        others_bytes: target.others_bytes,
+        cap_bytes: target.cap_bytes,
+        available_bytes: available,
         pinned_host_bytes: pinned,
         host: host.cloned(),
-        fits,
+        fits: available.map(|_| p.fits),
+        refusal: target.card.as_ref().and_then(|c| c.check_supported().err()).map(|r| r.reason),
     }
 }
 
 /// The verdict line and whether it is good news.
 pub fn verdict(v: &BudgetView) -> (String, bool) {
+    if let Some(why) = &v.refusal {
+        return (format!("Cannot train on {}: {why}", v.device), false);
+    }
     let what = if v.on_gpu { format!("on {}", v.device) } else { "in RAM (CPU training)".to_string() };
-    let free_word = if v.on_gpu && v.free_bytes != v.total_bytes {
-        "free"
-    } else if v.on_gpu {
-        ""
-    } else {
-        "available"
+    let room = |r: u64| {
+        if v.cap_bytes == Some(r) {
+            format!("the {} cap", fmt_bytes(r))
+        } else if !v.on_gpu {
+            format!("{} available", fmt_bytes(r))
+        } else if v.others_bytes > 0 {
+            format!("{} free", fmt_bytes(r))
+        } else {
+            fmt_bytes(r)
+        }
     };
-    let of = |free: u64| if free_word.is_empty() { fmt_bytes(free) } else { format!("{} {free_word}", fmt_bytes(free)) };
-    match (v.fits, v.free_bytes) {
-        (Some(true), Some(free)) => (
-            format!("Fits: {} of {} {what} ({} to spare)", fmt_bytes(v.peak_bytes), of(free), fmt_bytes(free - v.peak_bytes.min(free))),
+    let others =
+        if v.on_gpu && v.others_bytes > 0 { format!("; {} used by other processes", fmt_bytes(v.others_bytes)) } else { String::new() };
+    match (v.fits, v.available_bytes) {
+        (Some(true), Some(r)) => (
+            format!("Fits: {} of {} {what} ({} to spare{others})", fmt_bytes(v.peak_bytes), room(r), fmt_bytes(r - v.peak_bytes.min(r))),
             true,
         ),
-        (Some(false), Some(free)) if v.peak_bytes > free => (
-            format!("Does not fit: needs {}, {} {what} ({} over)", fmt_bytes(v.peak_bytes), of(free), fmt_bytes(v.peak_bytes - free)),
+        (Some(false), Some(r)) if v.peak_bytes > r => (
+            format!("Does not fit: needs {}, {} {what} ({} over{others})", fmt_bytes(v.peak_bytes), room(r), fmt_bytes(v.peak_bytes - r)),
             false,
         ),
         (Some(false), _) => {
@@ -260,14 +228,18 @@ pub struct Bar {
     /// The bytes the full width stands for: the card (or RAM), or more when the plan or the
     /// measurement is larger, so nothing is drawn off the end.
     pub scale_bytes: u64,
+    /// Each segment's extent, other processes first, then ours.
     pub segments: Vec<(f32, f32)>,
-    pub free_at: Option<f32>,
+    /// The memory cap, measured from the end of other processes' memory (where ours starts).
+    pub cap_at: Option<f32>,
     pub total_at: Option<f32>,
+    /// The card's use now (the driver's figure, other processes included).
     pub measured_at: Option<f32>,
 }
 
 pub fn bar(v: &BudgetView, measured: Option<u64>) -> Bar {
-    let scale = v.total_bytes.unwrap_or(0).max(v.peak_bytes).max(measured.unwrap_or(0)).max(1);
+    let stacked: u64 = v.segments.iter().map(|s| s.bytes).sum();
+    let scale = v.total_bytes.unwrap_or(0).max(stacked).max(measured.unwrap_or(0)).max(1);
     let f = |b: u64| b as f32 / scale as f32;
     let mut x = 0u64;
     let segments = v
@@ -279,10 +251,11 @@ pub fn bar(v: &BudgetView, measured: Option<u64>) -> Bar {
             (from, f(x))
         })
         .collect();
+    let ours_from = if v.on_gpu { v.others_bytes } else { 0 };
     Bar {
         scale_bytes: scale,
         segments,
-        free_at: v.free_bytes.filter(|fr| Some(*fr) != v.total_bytes).map(f),
+        cap_at: v.cap_bytes.filter(|&c| v.total_bytes.is_none_or(|t| ours_from + c < t)).map(|c| f(ours_from + c)),
         total_at: v.total_bytes.map(f),
         measured_at: measured.map(f),
     }
@@ -427,7 +400,7 @@ pub fn refresh(state: &mut AppState) {
     }
     let Some((source, spec)) = planned_model(state) else { return };
     let machine = state.budget.machine.ready();
-    let target = target(state.budget.card, state.config.train.device, machine);
+    let target = target(state.budget.card, &state.config, machine);
     let host = machine.and_then(|m| m.host.as_ref());
     let k = key(&source, &state.config, &target, host, dataset_rows(state));
     if state.budget.view.as_ref().is_some_and(|(vk, _)| *vk == k) {
@@ -445,7 +418,7 @@ pub fn fixes_wanted(state: &AppState) -> Option<(u64, ModelSpec, RunConfig, Plan
         return None;
     }
     let (_, spec) = planned_model(state)?;
-    let target = target(state.budget.card, state.config.train.device, state.budget.machine.ready());
+    let target = target(state.budget.card, &state.config, state.budget.machine.ready());
     Some((*k, spec, state.config.clone(), target, dataset_rows(state)))
 }
 
@@ -467,7 +440,7 @@ mod tests {
         // The demo's shape: hidden 128, two KV heads of 32, on a card it fits many times over.
         let spec = tiny();
         let cfg = RunConfig::default();
-        let t = target(Card::Preset(80), DeviceChoice::Auto, None);
+        let t = target(Card::profile("a100-80"), &cfg_with(DeviceChoice::Auto), None);
         let f = fixes(&spec, &cfg, &t, Some(350));
         assert_eq!(
             (f.batch_cap, f.batch_size),
@@ -497,14 +470,29 @@ mod tests {
         }
     }
 
+    fn cfg_with(device: DeviceChoice) -> RunConfig {
+        let mut c = RunConfig::default();
+        c.train.device = device;
+        c
+    }
+
+    fn gpu_machine(others: u64) -> Machine {
+        let card = crate::backend::card::CardLimits::from_table("Card", (8, 9), 100, 24 << 30);
+        Machine {
+            gpu: Some(crate::device::Gpu { card, others_bytes: Some(others), context_bytes: 600 << 20, pci_bus_id: None }),
+            no_gpu_reason: String::new(),
+            host: Some(HostMemory { total_bytes: 16 << 30, available_bytes: 10 << 30 }),
+        }
+    }
+
     #[test]
     fn the_view_is_the_plan_in_stacking_order() {
         let spec = ModelSpec::llama3_8b();
         let mut cfg = RunConfig::default();
         cfg.train.max_seq_len = 2048;
         cfg.memory.checkpointing = CheckpointPolicy::Layer;
-        let t = target(Card::Preset(24), DeviceChoice::Cpu, None);
-        assert_eq!(t.total_bytes, Some(24 << 30));
+        let t = target(Card::profile("rtx4090"), &cfg_with(DeviceChoice::Cpu), None);
+        assert_eq!(t.total_bytes, Some(24_564 << 20), "a profile plans on its card whatever the device choice");
         let v = view(&spec, &cfg, &t, None, 0);
         let p = plan::plan(&spec, &PlanInput::from_config(&cfg), &t);
         assert_eq!(v.peak_bytes, p.peak_bytes);
@@ -512,9 +500,59 @@ mod tests {
         assert_eq!(v.segments[0].term, Term::CudaContext);
         assert_eq!(v.fits, Some(p.fits));
         let b = bar(&v, None);
-        assert_eq!(b.scale_bytes, 24 << 30);
-        assert!((b.segments.last().unwrap().1 - p.peak_bytes as f32 / (24u64 << 30) as f32).abs() < 1e-6);
+        assert_eq!(b.scale_bytes, 24_564 << 20);
+        assert!((b.segments.last().unwrap().1 - p.peak_bytes as f32 / (24_564u64 << 20) as f32).abs() < 1e-6);
         assert!(verdict(&v).0.starts_with("Fits: "), "{}", verdict(&v).0);
+    }
+
+    /// Another program on the card: its memory is the first segment, ours are unchanged, the
+    /// verdict counts it and names it.
+    #[test]
+    fn other_processes_are_a_segment_of_their_own() {
+        let spec = ModelSpec::llama3_8b();
+        let mut cfg = cfg_with(DeviceChoice::Auto);
+        cfg.train.max_seq_len = 2048;
+        cfg.memory.checkpointing = CheckpointPolicy::Layer;
+        let idle = view(&spec, &cfg, &target(Card::ThisMachine, &cfg, Some(&gpu_machine(0))), None, 0);
+        let busy = view(&spec, &cfg, &target(Card::ThisMachine, &cfg, Some(&gpu_machine(10 << 30))), None, 0);
+        assert_eq!(busy.segments[0].term, Term::OtherProcesses);
+        assert_eq!((busy.segments[0].label, busy.segments[0].bytes), ("used by other processes", 10 << 30));
+        assert_eq!(&busy.segments[1..], &idle.segments[..], "our own terms are those of the idle card");
+        assert_eq!(busy.peak_bytes, idle.peak_bytes);
+        let (line, _) = verdict(&busy);
+        assert!(line.contains("14.00 GiB free") && line.contains("10.00 GiB used by other processes"), "{line}");
+        let b = bar(&busy, None);
+        assert!((b.segments[0].1 - 10.0 / 24.0).abs() < 1e-6, "other processes stack first: {:?}", b.segments[0]);
+        // A cap: the verdict names it, and the bar marks it where our memory starts plus the cap.
+        cfg.memory.gpu_mem = Some(crate::config::ByteSize(8 << 30));
+        let capped = view(&spec, &cfg, &target(Card::ThisMachine, &cfg, Some(&gpu_machine(10 << 30))), None, 0);
+        assert_eq!(capped.available_bytes, Some(8 << 30));
+        assert!(verdict(&capped).0.contains("the 8.00 GiB cap"), "{}", verdict(&capped).0);
+        assert!((bar(&capped, None).cap_at.unwrap() - 18.0 / 24.0).abs() < 1e-6);
+    }
+
+    /// The picker's cards are the profiles; one the engine cannot run says so instead of a plan.
+    #[test]
+    fn every_profile_is_a_card_to_plan_for_and_old_ones_say_why_not() {
+        let spec = ModelSpec::llama3_8b();
+        let cfg = RunConfig::default();
+        for p in crate::backend::card::PROFILES {
+            let v = view(&spec, &cfg, &target(Card::Profile(p), &cfg, None), None, 0);
+            let (line, good) = verdict(&v);
+            assert_eq!(v.total_bytes, Some(p.memory_mib << 20), "{}", p.key);
+            if p.supported() {
+                assert!(v.refusal.is_none() && !profile_label(p).contains("cannot run"), "{}", p.key);
+                assert!(line.contains(p.name), "{line}");
+            } else {
+                assert!(!good && line.starts_with(&format!("Cannot train on {}", p.name)) && line.contains("bf16"), "{line}");
+                assert!(profile_label(p).ends_with("(cannot run)") && profile_help(p).contains("compute capability"), "{}", p.key);
+            }
+        }
+        let label = |k| profile_label(crate::backend::card::profile_named(k).unwrap());
+        assert_eq!(
+            (label("rtx4090"), label("l4"), label("t4")),
+            ("RTX 4090 · 24 GiB".into(), "L4 · 22.5 GiB".into(), "Tesla T4 · 15 GiB (cannot run)".into())
+        );
     }
 
     #[test]
@@ -524,7 +562,7 @@ mod tests {
         cfg.train.max_seq_len = 32768;
         cfg.train.batch_size = 8;
         cfg.memory.checkpointing = CheckpointPolicy::None;
-        let v = view(&spec, &cfg, &target(Card::Preset(8), DeviceChoice::Auto, None), None, 0);
+        let v = view(&spec, &cfg, &target(Card::profile("rtx3060"), &cfg, None), None, 0);
         assert_eq!(v.fits, Some(false));
         let (line, good) = verdict(&v);
         assert!(!good && line.starts_with("Does not fit: needs"), "{line}");
@@ -538,22 +576,17 @@ mod tests {
 
     #[test]
     fn this_machine_follows_the_device_choice() {
-        let host = HostMemory { total_bytes: 16 << 30, available_bytes: 10 << 30 };
-        let gpu = Machine {
-            gpu: Some(Gpu { name: "Card".into(), total_bytes: 24 << 30, free_bytes: 20 << 30, context_bytes: 600 << 20 }),
-            no_gpu_reason: String::new(),
-            host: Some(host.clone()),
-        };
-        let t = target(Card::ThisMachine, DeviceChoice::Auto, Some(&gpu));
+        let gpu = gpu_machine(4 << 30);
+        let t = target(Card::ThisMachine, &cfg_with(DeviceChoice::Auto), Some(&gpu));
         assert_eq!(
-            (t.kind, t.free_bytes, t.context_bytes),
+            (t.kind, t.available_bytes(), t.context_bytes),
             (BackendKind::Cuda, Some(20 << 30), 600 << 20),
             "the measured context of this card"
         );
-        let t = target(Card::ThisMachine, DeviceChoice::Cpu, Some(&gpu));
-        assert_eq!((t.kind, t.total_bytes, t.free_bytes), (BackendKind::Cpu, Some(16 << 30), Some(10 << 30)));
-        let cpu_only = Machine { gpu: None, no_gpu_reason: "no driver".into(), host: Some(host) };
-        let t = target(Card::ThisMachine, DeviceChoice::Auto, Some(&cpu_only));
+        let t = target(Card::ThisMachine, &cfg_with(DeviceChoice::Cpu), Some(&gpu));
+        assert_eq!((t.kind, t.total_bytes, t.available_bytes()), (BackendKind::Cpu, Some(16 << 30), Some(10 << 30)));
+        let cpu_only = Machine { gpu: None, no_gpu_reason: "no driver".into(), host: gpu.host.clone() };
+        let t = target(Card::ThisMachine, &cfg_with(DeviceChoice::Auto), Some(&cpu_only));
         assert_eq!(t.kind, BackendKind::Cpu);
         let v = view(&tiny(), &RunConfig::default(), &t, cpu_only.host.as_ref(), 0);
         assert!(verdict(&v).0.contains("in RAM"), "{}", verdict(&v).0);
@@ -567,8 +600,8 @@ mod tests {
         cfg.memory.checkpointing = CheckpointPolicy::Offload;
         let host = HostMemory { total_bytes: 64 << 30, available_bytes: 2 << 30 };
         let machine = Machine { gpu: None, no_gpu_reason: "none".into(), host: Some(host.clone()) };
-        let t = target(Card::Preset(24), DeviceChoice::Auto, Some(&machine));
-        assert_eq!(t.host_bytes, Some(2 << 30), "a preset card is previewed in this machine");
+        let t = target(Card::profile("rtx4090"), &cfg, Some(&machine));
+        assert_eq!(t.host_bytes, Some(2 << 30), "a profiled card is previewed in this machine");
         let v = view(&spec, &cfg, &t, Some(&host), 0);
         assert!(v.pinned_host_bytes > 2 << 30, "{}", v.pinned_host_bytes);
         assert_eq!(v.fits, Some(false), "the pinned memory does not fit the RAM available");
@@ -589,7 +622,7 @@ mod tests {
         cfg.train.max_seq_len = 256;
         cfg.train.batch_size = 8;
         cfg.memory.checkpointing = CheckpointPolicy::Layer;
-        let t = target(Card::Preset(8), DeviceChoice::Auto, None);
+        let t = target(Card::profile("rtx3060"), &cfg, None);
         let f = fixes(&spec, &cfg, &t, None);
         assert_eq!(f.seq_cap, spec.max_position_embeddings);
         let fits = |c: &RunConfig| view(&spec, c, &t, None, 0).fits == Some(true);
@@ -602,7 +635,7 @@ mod tests {
             let mut c = cfg.clone();
             apply(&mut c, setting, v);
             assert!(fits(&c), "{setting:?} = {v} fits");
-            assert!(v < cap, "{setting:?}: an 8 GB card has a limit below {cap}");
+            assert!(v < cap, "{setting:?}: a 12 GB card has a limit below {cap}");
             apply(&mut c, setting, v + step);
             assert!(!fits(&c), "{setting:?} = {} does not", v + step);
         }

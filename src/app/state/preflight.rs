@@ -55,6 +55,9 @@ pub struct PreflightView {
     pub untrained_used: Vec<UntrainedUse>,
     /// The memory plan on the device the run will use.
     pub budget: Option<BudgetView>,
+    /// Why the CUDA engine cannot start on the card the run asked for (or `auto` found), with
+    /// what to do: the dialog offers the CPU instead.
+    pub cuda_refusal: Option<String>,
 }
 
 /// Untrained rows named in a line: the first dozen, then how many more.
@@ -74,12 +77,17 @@ pub enum Verdict {
     /// The data uses untrained tokens and `dataset.fix_untrained_tokens` is off: accept the fix
     /// or go back and change the data.
     NeedsFix,
+    /// The CUDA engine cannot start on this card: train on the CPU instead, or cancel.
+    CpuOffered(String),
     Blocked(String),
 }
 
 pub fn verdict(r: &PreflightView, fix_enabled: bool) -> Verdict {
     if let Some(c) = r.checks.iter().find(|c| c.level == Level::Block) {
         return Verdict::Blocked(c.text.clone());
+    }
+    if let Some(why) = &r.cuda_refusal {
+        return Verdict::CpuOffered(why.clone());
     }
     if !r.untrained_used.is_empty() && !fix_enabled {
         return Verdict::NeedsFix;
@@ -162,9 +170,11 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
     if ds.rows_skipped > 0 {
         checks.push(Check::new(Level::Warn, format!("{} rows are skipped (reasons in the Dataset panel).", ds.rows_skipped)));
     }
-    // Reasons the run cannot start, but the untrained-token refusal: the dialog offers its fix.
+    // Reasons the run cannot start, but the untrained-token refusal and the device's: the dialog
+    // offers the fix and the CPU for those.
     let refusal = found.refusal().map(|e| e.to_string());
-    for reason in core.verdict.reasons.iter().filter(|r| Some(*r) != refusal.as_ref()) {
+    let cuda_refusal = core.device.refusal.clone();
+    for reason in core.verdict.reasons.iter().filter(|r| Some(*r) != refusal.as_ref() && Some(*r) != cuda_refusal.as_ref()) {
         checks.push(Check::new(Level::Block, reason.clone()));
     }
     if !cfg.output.run_name.is_empty() && cfg.output.dir.join(&cfg.output.run_name).join(STATUS_FILE).exists() {
@@ -176,15 +186,14 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
             ),
         ));
     }
-    let device = match (cfg.train.device, &machine.gpu) {
-        (DeviceChoice::Cpu, _) => "CPU".to_string(),
-        (DeviceChoice::Auto, Some(g)) => format!("auto: {} found", g.name),
-        (DeviceChoice::Auto, None) => "auto: no usable GPU, the CPU".to_string(),
-        (DeviceChoice::Cuda, Some(g)) => g.name.clone(),
-        (DeviceChoice::Cuda, None) => {
-            checks.push(Check::new(Level::Block, format!("train.device is cuda, but {}. Choose auto or CPU.", machine.no_gpu_reason)));
-            "CUDA (not available)".to_string()
-        }
+    let d = &core.device;
+    let cap = d.memory_cap_bytes.map(|c| format!(", capped at {}", crate::util::fmt_bytes(c))).unwrap_or_default();
+    let device = match (&d.refusal, d.trains_on.as_deref(), &d.note) {
+        (Some(_), _, _) => format!("{}: the CUDA engine cannot start on it", d.device),
+        (None, Some("cpu"), Some(note)) => format!("CPU (auto: {note})"),
+        (None, Some("cpu"), None) => "CPU".to_string(),
+        (None, _, _) if cfg.train.device == DeviceChoice::Auto => format!("{} (auto){cap}", d.device),
+        (None, _, _) => format!("{}{cap}", d.device),
     };
     if !cfg.dataset.packing && stats.padding_fraction > 0.3 {
         checks.push(Check::new(
@@ -211,7 +220,7 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         .map(|t| UntrainedUse { id: t.id, text: t.text.clone(), rows: if t.in_template { ds.rows_used } else { t.data_rows } })
         .collect();
     let token_rows = if cfg.dataset.fix_untrained_tokens { untrained_used.len() } else { 0 };
-    let target = budget::target(Card::ThisMachine, cfg.train.device, Some(&machine));
+    let target = budget::target(Card::ThisMachine, cfg, Some(&machine));
     let b = budget::view(&spec, cfg, &target, machine.host.as_ref(), token_rows);
     if b.fits == Some(false) {
         let mut input = crate::engine::plan::PlanInput::from_config(cfg);
@@ -253,6 +262,7 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         untrained: found.tokens.iter().map(|t| (t.id, t.text.clone())).collect(),
         untrained_used,
         budget: Some(b),
+        cuda_refusal,
     })
 }
 
@@ -307,6 +317,7 @@ mod tests {
                 vec![]
             },
             budget: None,
+            cuda_refusal: None,
         }
     }
 
@@ -333,6 +344,15 @@ mod tests {
         let on = untrained_lines(&r, true);
         assert_eq!(on[1].0, Level::Ok);
         assert!(on[1].1.contains("mean of the trained rows"));
+    }
+
+    #[test]
+    fn a_card_that_cannot_run_offers_the_cpu() {
+        let mut r = crafted(false);
+        r.cuda_refusal = Some("train.device is auto and found Tesla T4 (compute capability 7.5, 15 GiB), but ...".into());
+        assert!(matches!(verdict(&r, false), Verdict::CpuOffered(w) if w.contains("Tesla T4")));
+        r.checks.push(Check::new(Level::Block, "output.run_name: taken"));
+        assert_eq!(verdict(&r, false), Verdict::Blocked("output.run_name: taken".into()), "what the CPU cannot fix comes first");
     }
 
     #[test]

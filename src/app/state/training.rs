@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use eframe::egui::Color32;
 
+use crate::backend::nvml::GpuSample;
 use crate::session::checkpoint::StepMetrics;
+use crate::session::telemetry::ThrottleWatch;
 use crate::session::{Event, Finished, LoadedInfo};
 use crate::util::{fmt_bytes, fmt_duration};
 
@@ -86,6 +88,12 @@ pub struct TrainingState {
     /// plan on the device the session chose, to draw the measured memory against.
     pub plan_input: Option<Box<(crate::model::ModelSpec, crate::RunConfig)>>,
     pub plan: Option<BudgetView>,
+    /// The live run's GPU telemetry (about one sample a second), plotted beside the loss.
+    pub gpu: Vec<GpuSample>,
+    /// Throttle warnings of this run, from the session's own rule (`session::telemetry`), shown
+    /// on the page until the run ends.
+    pub gpu_warnings: Vec<String>,
+    gpu_watch: ThrottleWatch,
 }
 
 impl Default for TrainingState {
@@ -104,6 +112,9 @@ impl Default for TrainingState {
             viewing: None,
             plan_input: None,
             plan: None,
+            gpu: Vec::new(),
+            gpu_warnings: Vec::new(),
+            gpu_watch: ThrottleWatch::default(),
         }
     }
 }
@@ -163,6 +174,12 @@ impl TrainingState {
                 if self.phase != Phase::Stopping {
                     self.phase = Phase::Paused;
                 }
+            }
+            Event::Gpu(sample) => {
+                // The session logs the same warnings; the page keeps them in view.
+                let warnings = self.gpu_watch.observe(&sample);
+                self.gpu_warnings.extend(warnings.into_iter().map(|w| w.trim_start_matches("warning: ").to_string()));
+                self.gpu.push(sample);
             }
             Event::Resumed { step } => {
                 self.push_log(format!("resumed at step {}", step + 1));
@@ -270,6 +287,59 @@ pub fn curves(metrics: &[StepMetrics], smoothing: f64) -> Curves {
         _ => Some(p),
     });
     c
+}
+
+/// The GPU telemetry plots, as `[seconds, value]` pairs, and their reference lines.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuCurves {
+    pub utilization_pct: Vec<[f64; 2]>,
+    /// In GiB.
+    pub memory_ours: Vec<[f64; 2]>,
+    pub memory_others: Vec<[f64; 2]>,
+    pub temperature_c: Vec<[f64; 2]>,
+    pub power_w: Vec<[f64; 2]>,
+    pub sm_clock_mhz: Vec<[f64; 2]>,
+    /// The newest power limit and top SM clock (drawn as lines), and the card's memory in GiB.
+    pub power_limit_w: Option<f64>,
+    pub sm_clock_max_mhz: Option<f64>,
+    pub memory_total_gib: Option<f64>,
+}
+
+pub fn gpu_curves(samples: &[GpuSample]) -> GpuCurves {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let stride = samples.len().div_ceil(MAX_POINTS).max(1);
+    let mut c = GpuCurves::default();
+    let kept = samples.iter().enumerate().filter(|(i, _)| i.is_multiple_of(stride) || i + 1 == samples.len());
+    for (_, s) in kept {
+        let x = s.elapsed_s;
+        let put = |v: Option<f64>, line: &mut Vec<[f64; 2]>| {
+            if let Some(v) = v {
+                line.push([x, v]);
+            }
+        };
+        put(s.utilization_pct, &mut c.utilization_pct);
+        put(s.memory_ours_bytes.map(gib), &mut c.memory_ours);
+        put(Some(gib(s.memory_others_bytes)), &mut c.memory_others);
+        put(s.temperature_c, &mut c.temperature_c);
+        put(s.power_w, &mut c.power_w);
+        put(s.sm_clock_mhz, &mut c.sm_clock_mhz);
+    }
+    if let Some(last) = samples.last() {
+        c.power_limit_w = last.power_limit_w;
+        c.sm_clock_max_mhz = last.sm_clock_max_mhz;
+        c.memory_total_gib = Some(gib(last.memory_total_bytes));
+    }
+    c
+}
+
+/// What the card is doing now, when it throttles: "throttling now: temperature, power limit".
+pub fn throttling_now(samples: &[GpuSample]) -> Option<String> {
+    let t = samples.last()?.throttle;
+    let causes: Vec<&str> = [(t.thermal, "temperature"), (t.power, "power limit"), (t.hardware, "hardware slowdown")]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+    (!causes.is_empty()).then(|| format!("throttling now: {}", causes.join(", ")))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -413,10 +483,47 @@ mod tests {
         assert_eq!(t.failure.as_ref().unwrap().message, "boom");
     }
 
+    /// A throttling card: the page keeps the session's warning (once) and says what throttles now;
+    /// the curves follow the samples in the plots' units.
+    #[test]
+    fn gpu_samples_are_plotted_and_throttling_is_warned_on_the_page() {
+        use crate::backend::nvml::RawSample;
+        let mut t = TrainingState::default();
+        t.begin(1, "starting".into());
+        for sec in 0..12u32 {
+            let raw = RawSample {
+                memory_total: 24 << 30,
+                memory_used: 22 << 30,
+                memory_ours: Some(18 << 30),
+                utilization_gpu: Some(99),
+                temperature_c: Some(80 + sec),
+                power_mw: Some(300_000),
+                power_limit_mw: Some(450_000),
+                sm_clock_mhz: Some(2500 - 50 * sec),
+                sm_clock_max_mhz: Some(2520),
+                throttle_reasons: Some(if sec >= 4 { 0x20 } else { 0 }),
+                ..Default::default()
+            };
+            t.apply(Event::Gpu(GpuSample::from_raw(&raw, sec as f64)));
+        }
+        assert_eq!(t.gpu.len(), 12);
+        assert_eq!(t.gpu_warnings.len(), 1, "{:?}", t.gpu_warnings);
+        assert!(t.gpu_warnings[0].starts_with("the GPU is throttling for temperature"), "{}", t.gpu_warnings[0]);
+        assert_eq!(throttling_now(&t.gpu).as_deref(), Some("throttling now: temperature"));
+        let c = gpu_curves(&t.gpu);
+        assert_eq!((c.memory_ours[0][1], c.memory_others[0][1]), (18.0, 4.0));
+        assert_eq!((c.power_limit_w, c.sm_clock_max_mhz, c.memory_total_gib), (Some(450.0), Some(2520.0), Some(24.0)));
+        assert_eq!(c.sm_clock_mhz.last(), Some(&[11.0, 1950.0]));
+        assert!(throttling_now(&[]).is_none());
+        t.begin(2, "again".into());
+        assert!(t.gpu.is_empty() && t.gpu_warnings.is_empty(), "a new run starts clean");
+    }
+
     fn loaded_on(kind: &str, total: Option<u64>) -> LoadedInfo {
         LoadedInfo {
             run_dir: "r".into(),
             device: crate::backend::DeviceInfo { kind: kind.into(), name: "card".into(), total_memory_bytes: total, ..Default::default() },
+            target: crate::engine::plan::PlanTarget::cpu(),
             model: "m".into(),
             trainable_params: 1,
             total_steps: 10,

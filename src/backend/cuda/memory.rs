@@ -9,10 +9,7 @@ use cudarc::driver::{CudaContext, result as drv};
 
 use crate::error::{Error, Result};
 
-/// Device allocations below this size are packed into shared chunks (see [`Slab`]).
-pub const SLAB_MAX_BYTES: usize = 8 << 20;
-/// Size of one chunk of packed small allocations.
-pub const SLAB_CHUNK_BYTES: usize = 64 << 20;
+pub use crate::backend::workspace::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
 /// Alignment of every device buffer (cuMemAlloc's own is 256 bytes; kernels rely on 16).
 const ALIGN: usize = 256;
 

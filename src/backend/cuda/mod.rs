@@ -55,16 +55,18 @@ pub fn probe() -> Result<DeviceInfo> {
             return Err(Error::NoCuda("the driver found no GPU".into()));
         }
         let (limits, pci) = device_limits(0)?;
+        // What other programs hold, as NVML counts it, read before the probe's own context exists
+        // (where the driver does not report per-process memory, it would count as theirs).
+        let others = super::nvml::card_memory(&pci).map(|m| m.others_bytes());
         let ctx = cudarc::driver::CudaContext::new(0).map_err(|e| Error::NoCuda(format!("cannot create a context on GPU 0: {e}")))?;
         let (free, total) = ctx.mem_get_info().map_err(|e| Error::NoCuda(format!("cannot query memory: {e}")))?;
-        // What other programs hold, as NVML counts it (our probe's own context left out).
-        let others = super::nvml::card_memory(&pci).map(|m| m.others_bytes());
         Ok(DeviceInfo {
             kind: "cuda".into(),
             name: limits.name.clone(),
             total_memory_bytes: Some(total as u64),
             free_memory_bytes: Some(free as u64),
             others_bytes: others,
+            pci_bus_id: Some(pci),
             card: Some(limits),
         })
     });
@@ -119,13 +121,6 @@ pub fn effective_card(device: &CardLimits) -> Result<CardLimits> {
     }
 }
 
-/// What a run could have of the card `probe` saw: its free memory with the probe's own context
-/// added back (a run's context is planned as a term of its own).
-pub fn free_for_run(probed: &DeviceInfo) -> Option<u64> {
-    let total = probed.total_memory_bytes.unwrap_or(0);
-    probed.free_memory_bytes.map(|f| f + crate::backend::context::DEFAULT_CUDA_CONTEXT_BYTES.min(total.saturating_sub(f)))
-}
-
 /// The CUDA driver API version (13000 for CUDA 13.0), for keying per-driver measurements.
 /// Call after `probe` found the driver.
 pub fn driver_version() -> Option<i32> {
@@ -146,53 +141,13 @@ pub fn planned_context_bytes(name: &str) -> u64 {
     super::context::bytes_for(name, driver_version())
 }
 
-/// f32 elements of the loss chunk's logits buffer (plus a bf16 copy of the same size for the
-/// gradient): rows per chunk = this / vocab, so 128 MiB + 64 MiB whatever the model. The memory
-/// plan reads this constant.
-pub const LOSS_CHUNK_ELEMS: usize = 32 << 20;
-/// Rows per loss chunk are capped here (the per-row loss buffers are this long).
-pub const LOSS_CHUNK_MAX_ROWS: usize = 16384;
-/// cuBLASLt workspace (NVIDIA's recommendation for Hopper).
-pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
-/// Partial sums of the deterministic sum-of-squares (one per block of the first pass).
-pub const SUMSQ_MAX_BLOCKS: usize = 1024;
-/// The attention backward's f32 scratch: dQ, dK, dV accumulators and D = rowsum(dO∘O) for as
-/// many (sequence, kv-head group) pairs as fit; larger problems run in several launches
-/// ([`attention_bwd_split`]). At least this much, so short sequences take few launches; more when
-/// one sequence of one group needs more (see [`attention_scratch_bytes`]).
-pub const ATTN_BWD_SCRATCH_BYTES: usize = 128 << 20;
-
-/// f32 bytes of the attention backward's accumulators for one (sequence, kv head) of `shape`: dQ
-/// of the head group, dK, dV and D.
-fn attention_unit_bytes(shape: AttnShape) -> usize {
-    let AttnShape { seq, heads, kv_heads, head_dim, .. } = shape;
-    let group = heads / kv_heads.max(1);
-    seq * (group * head_dim + 2 * head_dim + group) * 4
-}
-
-/// Bytes of attention backward scratch for shapes up to `max` (the memory plan lists the same):
-/// [`ATTN_BWD_SCRATCH_BYTES`], or one (sequence, kv head) unit of `max` where that is larger.
-pub fn attention_scratch_bytes(max: AttnShape) -> usize {
-    ATTN_BWD_SCRATCH_BYTES.max(attention_unit_bytes(max))
-}
-
-/// How an attention backward of `shape` splits to fit `scratch_bytes`: (sequences, kv heads) per
-/// launch, as even as the counts allow; `None` when one sequence of one kv head's group does not
-/// fit (the backend's scratch is sized so that it does: [`attention_scratch_bytes`]).
-pub fn attention_bwd_split(shape: AttnShape, scratch_bytes: usize) -> Option<(usize, usize)> {
-    let AttnShape { batch, kv_heads, .. } = shape;
-    if kv_heads == 0 {
-        return None;
-    }
-    let units = scratch_bytes / attention_unit_bytes(shape).max(1);
-    if units == 0 {
-        return None;
-    }
-    let kvc = kv_heads.div_ceil(kv_heads.div_ceil(units.min(kv_heads)));
-    let per_launch = (units / kvc).clamp(1, batch.max(1));
-    let bc = batch.max(1).div_ceil(batch.max(1).div_ceil(per_launch));
-    Some((bc, kvc))
-}
+// The fixed scratch sizes live in `backend::workspace`, which the memory plan reads without
+// importing this module.
+use super::workspace::attention_unit_bytes;
+pub use super::workspace::{
+    ATTN_BWD_SCRATCH_BYTES, GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS, attention_bwd_split,
+    attention_scratch_bytes,
+};
 
 fn cuda_err(op: &str) -> impl FnOnce(drv::DriverError) -> Error + '_ {
     move |e| Error::Cuda { op: op.to_string(), msg: e.to_string() }
@@ -368,6 +323,8 @@ pub struct CudaBackend {
     card: CardLimits,
     /// The device's own limits.
     device_card: CardLimits,
+    /// The card's PCI bus id, as NVML names it.
+    pci_bus_id: String,
     /// The attention instances this card runs, per entry of [`ATTN_HEAD_DIMS`] (`Err`: why not).
     attention: Vec<std::result::Result<AttnKernels, String>>,
     /// What the CUDA context took when this backend opened, measured (see [`CudaBackend::context_bytes`]).
@@ -542,6 +499,7 @@ impl CudaBackend {
             _gemm_workspace: gemm_workspace,
             card,
             device_card,
+            pci_bus_id: pci,
             attention,
             context_bytes,
             sync_each_launch: std::env::var("TUNESTUDIO_CUDA_SYNC").is_ok_and(|v| v == "1"),
@@ -1096,6 +1054,7 @@ impl Backend for CudaBackend {
             total_memory_bytes: Some(total),
             free_memory_bytes: Some(free),
             others_bytes: None,
+            pci_bus_id: Some(self.pci_bus_id.clone()),
             card: Some(self.card.clone()),
         }
     }

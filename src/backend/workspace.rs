@@ -1,0 +1,59 @@
+//! The CUDA backend's fixed scratch, by size: what `backend::cuda` allocates when it opens and
+//! when the Trainer reserves attention scratch, and what the memory plan (`engine::plan`) lists
+//! for it. Plain numbers and shape arithmetic, no CUDA: the plan reads them without importing the
+//! backend.
+
+use super::AttnShape;
+
+/// Device allocations below this size are packed into shared chunks (`cuda::memory`'s slab).
+pub const SLAB_MAX_BYTES: usize = 8 << 20;
+/// Size of one chunk of packed small allocations.
+pub const SLAB_CHUNK_BYTES: usize = 64 << 20;
+
+/// f32 elements of the loss chunk's logits buffer (plus a bf16 copy of the same size for the
+/// gradient): rows per chunk = this / vocab, so 128 MiB + 64 MiB whatever the model. The memory
+/// plan reads this constant.
+pub const LOSS_CHUNK_ELEMS: usize = 32 << 20;
+/// Rows per loss chunk are capped here (the per-row loss buffers are this long).
+pub const LOSS_CHUNK_MAX_ROWS: usize = 16384;
+/// cuBLASLt workspace (NVIDIA's recommendation for Hopper).
+pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
+/// Partial sums of the deterministic sum-of-squares (one per block of the first pass).
+pub const SUMSQ_MAX_BLOCKS: usize = 1024;
+/// The attention backward's f32 scratch: dQ, dK, dV accumulators and D = rowsum(dO∘O) for as
+/// many (sequence, kv-head group) pairs as fit; larger problems run in several launches
+/// ([`attention_bwd_split`]). At least this much, so short sequences take few launches; more when
+/// one sequence of one group needs more (see [`attention_scratch_bytes`]).
+pub const ATTN_BWD_SCRATCH_BYTES: usize = 128 << 20;
+
+/// f32 bytes of the attention backward's accumulators for one (sequence, kv head) of `shape`: dQ
+/// of the head group, dK, dV and D.
+pub fn attention_unit_bytes(shape: AttnShape) -> usize {
+    let AttnShape { seq, heads, kv_heads, head_dim, .. } = shape;
+    let group = heads / kv_heads.max(1);
+    seq * (group * head_dim + 2 * head_dim + group) * 4
+}
+
+/// Bytes of attention backward scratch for shapes up to `max` (the memory plan lists the same):
+/// [`ATTN_BWD_SCRATCH_BYTES`], or one (sequence, kv head) unit of `max` where that is larger.
+pub fn attention_scratch_bytes(max: AttnShape) -> usize {
+    ATTN_BWD_SCRATCH_BYTES.max(attention_unit_bytes(max))
+}
+
+/// How an attention backward of `shape` splits to fit `scratch_bytes`: (sequences, kv heads) per
+/// launch, as even as the counts allow; `None` when one sequence of one kv head's group does not
+/// fit (the backend's scratch is sized so that it does: [`attention_scratch_bytes`]).
+pub fn attention_bwd_split(shape: AttnShape, scratch_bytes: usize) -> Option<(usize, usize)> {
+    let AttnShape { batch, kv_heads, .. } = shape;
+    if kv_heads == 0 {
+        return None;
+    }
+    let units = scratch_bytes / attention_unit_bytes(shape).max(1);
+    if units == 0 {
+        return None;
+    }
+    let kvc = kv_heads.div_ceil(kv_heads.div_ceil(units.min(kv_heads)));
+    let per_launch = (units / kvc).clamp(1, batch.max(1));
+    let bc = batch.max(1).div_ceil(batch.max(1).div_ceil(per_launch));
+    Some((bc, kvc))
+}
