@@ -18,6 +18,7 @@ pub mod export;
 pub mod generate;
 pub mod model;
 pub mod preflight;
+pub mod prepare;
 pub mod quant;
 pub mod session;
 pub mod util;

@@ -11,7 +11,7 @@ use crate::RunConfig;
 use crate::backend::card::CardProfile;
 use crate::config::DeviceChoice;
 use crate::config::{MAX_BATCH_SIZE, MAX_LORA_R, MAX_SEQ_LEN, MIN_SEQ_LEN};
-use crate::device::{Request, plan_target, probe_machine};
+use crate::device::{Request, probe_machine};
 use crate::engine::plan::{self, PlanInput, Term, largest_fitting, suggestions};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
@@ -87,7 +87,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
     if let Some(bytes) = a.host_mem {
         machine.host = Some(crate::backend::HostMemory { total_bytes: bytes, available_bytes: bytes });
     }
-    let target = plan_target(&request, &machine);
+    let target = crate::prepare::target(&request, crate::prepare::Place::Probed(&machine));
     if let Some(r) = target.card.as_ref().and_then(|c| c.check_supported().err()) {
         return Err(Error::Card { card: r.card, msg: r.reason });
     }

@@ -13,7 +13,7 @@ use eframe::egui::Color32;
 
 use crate::backend::card::{self, CardProfile};
 use crate::config::{CheckpointPolicy, DeviceChoice, RunConfig, Target};
-use crate::device::{Request, plan_target};
+use crate::device::Request;
 use crate::engine::plan::{self, BackendKind, PlanInput, PlanTarget, Term, largest_fitting, suggestions};
 use crate::model::ModelSpec;
 use crate::util::fmt_bytes;
@@ -76,7 +76,7 @@ pub use crate::backend::{HostMemory, host_memory};
 pub use crate::device::{Machine, probe_machine};
 
 /// The plan target for `card` with the config's device choice and memory cap: the one
-/// constructor (`device::plan_target`), fed with what the studio probed of this machine. A
+/// construction (`prepare::target`), fed with what the studio probed of this machine. A
 /// profile's pinned host memory is held against this machine's RAM (a card previewed in this
 /// machine).
 pub fn target(card: Card, cfg: &RunConfig, machine: Option<&Machine>) -> PlanTarget {
@@ -87,7 +87,7 @@ pub fn target(card: Card, cfg: &RunConfig, machine: Option<&Machine>) -> PlanTar
         Card::ThisMachine => Request { device: cfg.train.device, card: None, memory_cap: cap },
         Card::Profile(p) => Request { device: DeviceChoice::Cuda, card: Some(p), memory_cap: cap },
     };
-    plan_target(&req, machine)
+    crate::prepare::target(&req, crate::prepare::Place::Probed(machine))
 }
 
 /// The stacking order and colour of each term (fixed, so a colour keeps its meaning while
