@@ -21,7 +21,9 @@ use serde::Serialize;
 use crate::RunConfig;
 use crate::backend::host_memory;
 use crate::config::{DatasetConfig, DeviceChoice};
-use crate::data::{Batcher, DatasetReport, Example, PreparedDataset, dataset_template, eval_sets, prepare_dataset, prepare_dataset_unchecked};
+use crate::data::{
+    Batcher, DatasetReport, Example, PreparedDataset, dataset_template, eval_sets, prepare_dataset, prepare_dataset_unchecked,
+};
 use crate::device::{Gpu, Machine, Opened, Request, plan_target};
 use crate::engine::plan::{self, MemoryPlan, PlanInput, PlanTarget};
 use crate::error::{Error, Result};
