@@ -150,10 +150,13 @@ impl WeightSource for BenchWeights {
         })
     }
     fn has(&self, name: &str) -> bool {
-        !name.ends_with(".bias") && !(self.tied && name == "lm_head.weight")
+        !(name.ends_with(".bias") || self.tied && name == "lm_head.weight")
     }
     fn linear(&self, _name: &str, shape: (usize, usize), _quant: Quantization) -> Result<HostWeight> {
-        let mut cache = self.cache.lock().map_err(|_| Error::msg("bench weight cache poisoned"))?;
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| Error::bug("bench weights", "the weight cache is poisoned (a thread panicked while filling it)"))?;
         let w = cache.entry(shape).or_insert_with(|| {
             let data = random_uniform(shape.0 * shape.1, (shape.0 * 31 + shape.1) as u64, 0.035);
             match self.quant {
@@ -200,7 +203,7 @@ fn used_now(be: &CudaBackend) -> Result<u64> {
 
 pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let spec = ModelSpec::by_shape_name(&args.shape)
-        .ok_or_else(|| Error::msg(format!("unknown shape `{}` ({})", args.shape, ModelSpec::SHAPE_NAMES.join(", "))))?;
+        .ok_or_else(|| Error::arg("--shape", format!("unknown shape `{}` ({})", args.shape, ModelSpec::SHAPE_NAMES.join(", "))))?;
     let t_start = Instant::now();
     let be = CudaBackend::with_options(&CudaOptions { card: args.card, memory_limit_bytes: args.gpu_mem_bytes })?;
     be.synchronize()?;

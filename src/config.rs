@@ -444,9 +444,9 @@ impl std::fmt::Display for ByteSize {
     /// Exact: whole GiB or MiB where the value is one, else bytes (so a saved config reads back equal).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let b = self.0;
-        if b > 0 && b % (1 << 30) == 0 {
+        if b > 0 && b.is_multiple_of(1 << 30) {
             write!(f, "{}GiB", b >> 30)
-        } else if b > 0 && b % (1 << 20) == 0 {
+        } else if b > 0 && b.is_multiple_of(1 << 20) {
             write!(f, "{}MiB", b >> 20)
         } else {
             write!(f, "{b}")
@@ -459,7 +459,7 @@ impl Serialize for ByteSize {
         // A whole GiB or MiB reads best as text; any other size as a plain number of bytes,
         // which reads back exactly (text needs a unit).
         let b = self.0;
-        if b > 0 && b % (1 << 20) == 0 { s.serialize_str(&self.to_string()) } else { s.serialize_u64(b) }
+        if b > 0 && b.is_multiple_of(1 << 20) { s.serialize_str(&self.to_string()) } else { s.serialize_u64(b) }
     }
 }
 
@@ -473,9 +473,7 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::Bytes(b) => Ok(ByteSize(b)),
-            Raw::Text(t) => crate::util::parse_bytes(&t)
-                .map(ByteSize)
-                .map_err(serde::de::Error::custom),
+            Raw::Text(t) => crate::util::parse_bytes(&t).map(ByteSize).map_err(serde::de::Error::custom),
         }
     }
 }

@@ -38,7 +38,7 @@ impl Request {
     pub fn of_config(cfg: &RunConfig, card: Option<&'static CardProfile>) -> Result<Self> {
         let card = match card {
             Some(p) => Some(p),
-            None => card::profile_from_env().map_err(|e| Error::config("--card", e))?,
+            None => card::profile_from_env().map_err(|e| Error::op("the card profile", e))?,
         };
         Ok(Request { device: cfg.train.device, card, memory_cap: cfg.memory.gpu_mem.map(|b| b.bytes()) })
     }

@@ -1,5 +1,6 @@
 //! One error type for the whole crate. Every variant names what the user must look at: a file,
-//! a line, a tensor or a config field, so the CLI can print it on one line and the studio can show it.
+//! a line, a tensor, a config field, a flag, an op or a card, so the CLI can print it on one line
+//! and the studio can show it. There is no variant for a bare message.
 
 use std::path::{Path, PathBuf};
 
@@ -50,8 +51,44 @@ pub enum Error {
     #[error("stopped by the user")]
     Stopped,
 
-    #[error("{0}")]
-    Msg(String),
+    /// A run diverged (the guard's checks on loss and gradient norm); `why` says what was seen
+    /// and what to change.
+    #[error("the run diverged at step {step}: {why}")]
+    Diverged { step: u64, why: String },
+
+    /// A training run ended in failure, reported by the session thread as text (its `Event::Failed`).
+    #[error("{}{msg}", run_dir.as_ref().map(|d| format!("the run in {} failed: ", d.display())).unwrap_or_default())]
+    RunFailed { run_dir: Option<PathBuf>, msg: String },
+
+    /// A command-line argument is wrong or missing: `arg` names the flag (`--mode`) or the
+    /// arguments that go together (`--model/--adapter`); `msg` says what to give.
+    #[error("{arg}: {msg}")]
+    Arg { arg: String, msg: String },
+
+    /// A token id outside the model's vocabulary (`during`: where it came from).
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens ({during}): the tokenizer or adapter is not this model's")]
+    Vocab { id: i64, vocab: usize, during: String },
+
+    /// An adapter that does not fit the model it is loaded onto.
+    #[error("the adapter does not match the model: {msg}; load it with the base model it was trained on")]
+    Adapter { msg: String },
+
+    /// A checkpoint whose optimizer state does not fit the run resuming from it.
+    #[error("the checkpoint does not match the run: {msg}; resume with the run's own config.toml, or start over with --restart")]
+    Checkpoint { msg: String },
+
+    /// A chat template that does not compile or render; `origin` says whose template it is.
+    #[error("chat template ({origin}): {msg}")]
+    Template { origin: String, msg: String },
+
+    /// An operation the user asked for that cannot be done as asked (generation, evaluation, an
+    /// export, the studio window); `msg` says what to change.
+    #[error("{op}: {msg}")]
+    Op { op: String, msg: String },
+
+    /// A contract inside TuneStudio was broken: not the user's doing, nothing for them to change.
+    #[error("internal error in {op}: {msg} (a TuneStudio bug: please report it with the command that ran)")]
+    Bug { op: String, msg: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -69,8 +106,17 @@ impl Error {
     pub fn tensor(name: impl Into<String>, path: Option<&Path>, msg: impl std::fmt::Display) -> Self {
         Error::Tensor { name: name.into(), path: path.map(Path::to_path_buf), msg: msg.to_string() }
     }
-    pub fn msg(msg: impl std::fmt::Display) -> Self {
-        Error::Msg(msg.to_string())
+    pub fn arg(arg: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Error::Arg { arg: arg.into(), msg: msg.to_string() }
+    }
+    pub fn op(op: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Error::Op { op: op.into(), msg: msg.to_string() }
+    }
+    pub fn bug(op: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Error::Bug { op: op.into(), msg: msg.to_string() }
+    }
+    pub fn vocab(id: impl Into<i64>, vocab: usize, during: impl Into<String>) -> Self {
+        Error::Vocab { id: id.into(), vocab, during: during.into() }
     }
 }
 

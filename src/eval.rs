@@ -135,11 +135,10 @@ impl Scorer {
     /// (`labels[i]` is the label of `ids[i]`, −100 when not scored).
     pub fn score(&mut self, seqs: &[(&[u32], &[i32])]) -> Result<Vec<LossSum>> {
         if let Some(long) = seqs.iter().find(|s| s.0.len() > self.max_len) {
-            return Err(crate::error::Error::msg(format!(
-                "a sequence of {} tokens is longer than the scorer's {}",
-                long.0.len(),
-                self.max_len
-            )));
+            return Err(crate::error::Error::bug(
+                "Scorer::score",
+                format!("a sequence of {} tokens is longer than the scorer's {}", long.0.len(), self.max_len),
+            ));
         }
         seqs.chunks(self.batch_size).map(|c| self.trainer.evaluate(&Batch::from_examples(c, self.pad_id, None))).collect()
     }

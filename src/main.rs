@@ -342,7 +342,10 @@ fn studio(config: Option<PathBuf>) -> Result<()> {
 
 #[cfg(not(feature = "gui"))]
 fn studio(_config: Option<PathBuf>) -> Result<()> {
-    Err(Error::msg("this build has no studio window (built without the `gui` feature); try `tunestudio train assets/demo/run.toml`"))
+    Err(Error::op(
+        "the studio window",
+        "this build has none (built without the `gui` feature); try `tunestudio train assets/demo/run.toml`",
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -364,7 +367,7 @@ fn bench(
     let mode = match mode.as_str() {
         "speed" => BenchMode::Speed,
         "memory" => BenchMode::Memory,
-        other => return Err(Error::msg(format!("--mode `{other}`: use speed or memory"))),
+        other => return Err(Error::arg("--mode", format!("`{other}`: use speed or memory"))),
     };
     let checkpointing = match checkpointing.as_deref() {
         None => None,
@@ -372,7 +375,7 @@ fn bench(
         Some("none") => Some(CheckpointPolicy::None),
         Some("layer") => Some(CheckpointPolicy::Layer),
         Some("offload") => Some(CheckpointPolicy::Offload),
-        Some(other) => return Err(Error::msg(format!("--checkpointing `{other}`: use auto, none, layer or offload"))),
+        Some(other) => return Err(Error::arg("--checkpointing", format!("`{other}`: use auto, none, layer or offload"))),
     };
     let card = card_profile(card)?;
     let args = BenchArgs { shape, seq, steps, warmup, mode, rank, checkpointing, profile, card, gpu_mem_bytes: gpu_mem };
@@ -410,7 +413,7 @@ fn bench(
 
 /// The card profile `--card` names.
 fn card_profile(name: Option<String>) -> Result<Option<&'static tunestudio::backend::card::CardProfile>> {
-    name.map(|n| tunestudio::backend::card::profile_named(&n).map_err(|e| Error::config("--card", e))).transpose()
+    name.map(|n| tunestudio::backend::card::profile_named(&n).map_err(|e| Error::arg("--card", e))).transpose()
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -437,14 +440,15 @@ fn train(a: TrainArgs) -> Result<()> {
     let mut cfg = match (&a.config, &a.resume, &a.restart) {
         (Some(path), None, _) => RunConfig::load(path)?,
         (Some(_), Some(_), _) => {
-            return Err(Error::msg(
-                "--resume continues a run with its own config.toml: give the run folder alone (and --max-steps to extend it)",
+            return Err(Error::arg(
+                "--resume",
+                "it continues a run with its own config.toml: give the run folder alone (and --max-steps to extend it)",
             ));
         }
         (None, Some(_), _) => RunConfig::default(),
         (None, None, Some(dir)) => RunConfig::load(&dir.join(tunestudio::session::checkpoint::CONFIG_FILE))?,
         (None, None, None) => {
-            return Err(Error::msg("give a run config (e.g. assets/demo/run.toml), --resume <run-dir> or --restart <run-dir>"));
+            return Err(Error::arg("train", "give a run config (e.g. assets/demo/run.toml), --resume <run-dir> or --restart <run-dir>"));
         }
     };
     if let Some(o) = a.output {
@@ -558,7 +562,7 @@ fn train(a: TrainArgs) -> Result<()> {
                         run_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()
                     );
                 }
-                outcome = Err(Error::Msg(message));
+                outcome = Err(Error::RunFailed { run_dir, msg: message });
             }
         }
     }
@@ -569,7 +573,7 @@ fn train(a: TrainArgs) -> Result<()> {
 /// A value of a serde enum given on the command line (`bf16`, `alpaca`, …), named in the error.
 fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T> {
     serde_json::from_value(serde_json::Value::String(value.to_ascii_lowercase()))
-        .map_err(|_| Error::msg(format!("--{flag}: `{value}` is not one of the accepted values")))
+        .map_err(|_| Error::arg(format!("--{flag}"), format!("`{value}` is not one of the accepted values")))
 }
 
 struct EvalArgs {
@@ -624,12 +628,12 @@ fn export_merged(
     json: bool,
 ) -> Result<()> {
     use tunestudio::export::merged::{MergeInput, MergeOptions, export_merged};
-    let dtype: tunestudio::export::merged::MergeDtype = dtype.parse().map_err(|e: String| Error::msg(format!("--dtype: {e}")))?;
+    let dtype: tunestudio::export::merged::MergeDtype = dtype.parse().map_err(|e: String| Error::arg("--dtype", e))?;
     let mut opts = MergeOptions { dtype, ..MergeOptions::default() };
     if let Some(s) = max_shard_size {
         opts.max_shard_bytes = tunestudio::util::parse_bytes(&s)
             .and_then(|b| if b > 0 { Ok(b) } else { Err("must be more than 0 bytes".into()) })
-            .map_err(|e| Error::msg(format!("--max-shard-size: {e}")))?;
+            .map_err(|e| Error::arg("--max-shard-size", e))?;
     }
     let (input, default_dest) = match (run, model, adapter) {
         (Some(run), None, None) => (MergeInput::from_run(&run)?, Some(run.join(format!("merged-{}", format!("{dtype:?}").to_lowercase())))),
@@ -637,9 +641,9 @@ fn export_merged(
             let q = parse_enum("quantization", &quantization)?;
             (MergeInput::from_adapter(&model, &adapter, q)?, None)
         }
-        _ => return Err(Error::msg("give a run folder, or --model and --adapter (not both)")),
+        _ => return Err(Error::arg("--run/--model/--adapter", "give a run folder, or --model and --adapter (not both)")),
     };
-    let dest = to.or(default_dest).ok_or_else(|| Error::msg("--to is needed with --model and --adapter"))?;
+    let dest = to.or(default_dest).ok_or_else(|| Error::arg("--to", "it is needed with --model and --adapter"))?;
     let s = export_merged(&input, &dest, &opts)?;
     if json {
         println!("{}", serde_json::to_string(&s).expect("json"));

@@ -271,7 +271,7 @@ impl PreflightReport {
     pub fn build_for(cfg: &RunConfig, marking: Marking, card: Option<&'static crate::backend::card::CardProfile>) -> Result<Self> {
         cfg.validate()?;
         let device = crate::device::check(&crate::device::Request::of_config(cfg, card)?);
-                let spec = crate::model::spec_of_folder(&cfg.model.path)?;
+        let spec = crate::model::spec_of_folder(&cfg.model.path)?;
         let tok = TokenizerBundle::load(&cfg.model.path)?;
         let store = WeightStore::open(&cfg.model.path)?;
         let data = prepare_dataset_unchecked(&cfg.dataset, &tok, cfg.train.max_seq_len)?;

@@ -181,7 +181,7 @@ mod tests {
         let dest = d.path().join("out");
         write_dir_atomic(&dest, |p| write_atomic(&p.join("a"), b"1")).unwrap();
         assert!(dest.join("a").exists());
-        let r = write_dir_atomic(&dest, |_| Err(Error::msg("boom")));
+        let r = write_dir_atomic(&dest, |_| Err(Error::op("test", "boom")));
         assert!(r.is_err());
         assert!(dest.join("a").exists(), "failed write must keep the old folder");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temp folder left behind");

@@ -95,13 +95,13 @@ fn linear_rows_gemv_and_gemm_paths() {
                     let mut want = CpuTensor(vec![0.0; n * out]);
                     let mut xa_c = CpuTensor(vec![0.0; n * rank]);
                     let (ac, bc, sc) = (CpuTensor(a.clone()), CpuTensor(b.clone()), CpuTensor(scales.clone()));
-                    let lora = with_lora.then(|| LoraRows { a: &ac, b: &bc, rank, row_scale: &sc, xa: &mut xa_c });
+                    let lora = with_lora.then_some(LoraRows { a: &ac, b: &bc, rank, row_scale: &sc, xa: &mut xa_c });
                     cpu.linear_rows(&CpuTensor(x.clone()), &cw, lora, dims, &mut want).unwrap();
                     let (ag, bg, sg) =
                         (be.upload(&a, DType::Act).unwrap(), be.upload(&b, DType::Act).unwrap(), be.upload(&scales, DType::F32).unwrap());
                     let mut xa_g = poisoned(&be, n * rank, DType::Act);
                     let mut y = poisoned(&be, n * out, DType::Act);
-                    let lora = with_lora.then(|| LoraRows { a: &ag, b: &bg, rank, row_scale: &sg, xa: &mut xa_g });
+                    let lora = with_lora.then_some(LoraRows { a: &ag, b: &bg, rank, row_scale: &sg, xa: &mut xa_g });
                     be.linear_rows(&be.upload(&x, DType::Act).unwrap(), &gw, lora, dims, &mut y).unwrap();
                     let path = if n <= 8 && inp % 32 == 0 { "gemv" } else { "gemm" };
                     let bound = if with_lora { 1e-2 } else { 4e-3 };

@@ -1499,7 +1499,7 @@ fn gui_eval_loss_is_drawn_with_the_training_loss_and_the_best_is_marked() {
     settle(&mut h);
     assert!(h.query_by_label("of the rows").is_some(), "the fraction's field is drawn");
     let combo = h.query_all_by_label("Evaluation rows").find(|n| n.accesskit_node().role() == egui::accesskit::Role::ComboBox);
-    assert_eq!(combo.and_then(|n| n.accesskit_node().value().map(String::from)).as_deref(), Some("hold out a fraction"));
+    assert_eq!(combo.and_then(|n| n.accesskit_node().value()).as_deref(), Some("hold out a fraction"));
     go(&mut h, Page::Hyper);
     settle(&mut h);
     assert!(h.query_all_by_label("Evaluate every").all(|n| !n.accesskit_node().is_disabled()));

@@ -239,7 +239,11 @@ fn generation_forward_equals_the_training_forward() {
                 let infer = g.logits_after(&prompt, with_adapter).unwrap();
                 let worst = train_last.iter().zip(&infer).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
                 report.push(format!("{name} adapter={with_adapter}: max |Δlogit| {worst:.2e}"));
-                assert!(worst < 1e-3, "{name} adapter={with_adapter}: generation and training logits differ by {worst}\n{}", report.join("\n"));
+                assert!(
+                    worst < 1e-3,
+                    "{name} adapter={with_adapter}: generation and training logits differ by {worst}\n{}",
+                    report.join("\n")
+                );
             }
         }
     }

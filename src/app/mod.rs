@@ -1056,7 +1056,7 @@ pub fn run(options: StudioOptions) -> crate::Result<()> {
     }
     let native = eframe::NativeOptions { viewport, ..Default::default() };
     eframe::run_native("TuneStudio", native, Box::new(move |cc| Ok(Box::new(StudioApp::new(cc, options))))).map_err(|e| {
-        crate::Error::msg(format!("the studio window could not open: {e}. Without a display, use `tunestudio train <run.toml>`."))
+        crate::Error::op("the studio window", format!("could not open: {e}. Without a display, use `tunestudio train <run.toml>`."))
     })
 }
 

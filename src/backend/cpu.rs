@@ -127,7 +127,7 @@ fn check_attention(op: &'static str, s: AttnShape) -> Result<()> {
 }
 
 impl<T: Real> CpuBackend<T> {
-    fn rows_mut<'a>(x: &'a mut [T], n: usize, d: usize) -> impl IndexedParallelIterator<Item = (usize, &'a mut [T])> {
+    fn rows_mut(x: &mut [T], n: usize, d: usize) -> impl IndexedParallelIterator<Item = (usize, &mut [T])> {
         x[..n * d].par_chunks_mut(d.max(1)).enumerate()
     }
 }
@@ -206,10 +206,10 @@ impl<T: Real> Backend for CpuBackend<T> {
                 got: data.len().to_string(),
             });
         }
-        if let Some(b) = bias {
-            if b.len() != out_features {
-                return Err(Error::Shape { op: "upload_weight bias", expected: out_features.to_string(), got: b.len().to_string() });
-            }
+        if let Some(b) = bias
+            && b.len() != out_features
+        {
+            return Err(Error::Shape { op: "upload_weight bias", expected: out_features.to_string(), got: b.len().to_string() });
         }
         Ok(CpuWeight { out_features, in_features, w: data, bias: bias.map(|b| b.iter().map(|&x| T::of(x as f64)).collect()) })
     }
@@ -252,7 +252,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         check_len("embedding_fwd", "ids", ids, n)?;
         check_len("embedding_fwd", "out", &out.0, n * d)?;
         if let Some(bad) = ids[..n].iter().find(|&&i| i < 0 || i as usize >= vocab) {
-            return Err(Error::msg(format!("token id {bad} is outside the vocabulary (size {vocab})")));
+            return Err(Error::vocab(*bad, vocab, "embedding"));
         }
         Self::rows_mut(&mut out.0, n, d).for_each(|(r, row)| {
             let id = ids[r] as usize;
@@ -399,7 +399,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         let max_pos = table.0.len() / (2 * half);
         let (cos, sin) = table.0.split_at(max_pos * half);
         if let Some(p) = positions[..n].iter().find(|&&p| p < 0 || p as usize >= max_pos) {
-            return Err(Error::msg(format!("position {p} is beyond the rotary table ({max_pos} positions)")));
+            return Err(Error::bug("rope", format!("position {p} is beyond the rotary table ({max_pos} positions)")));
         }
         let width = heads * head_dim;
         Self::rows_mut(&mut x.0, n, width).for_each(|(r, row)| {
@@ -459,11 +459,11 @@ impl<T: Real> Backend for CpuBackend<T> {
                     }
                     let mut sum = T::zero();
                     let oi = &mut o[i * hd..(i + 1) * hd];
-                    for j in first..=i {
-                        if scores[j] == T::neg_infinity() {
+                    for (j, &score) in scores.iter().enumerate().take(i + 1).skip(first) {
+                        if score == T::neg_infinity() {
                             continue;
                         }
-                        let p = (scores[j] - m).exp();
+                        let p = (score - m).exp();
                         sum = sum + p;
                         let vj = &v.0[(b * seq + j) * kw + kh * hd..][..hd];
                         for t in 0..hd {
@@ -632,8 +632,8 @@ impl<T: Real> Backend for CpuBackend<T> {
         slot_of_token: &Self::Ids,
         grad_rows: &mut Self::Tensor,
     ) -> Result<()> {
-        for r in 0..n {
-            let slot = slot_of_token.get(ids[r] as usize).copied().unwrap_or(-1);
+        for (r, &id) in ids.iter().enumerate().take(n) {
+            let slot = slot_of_token.get(id as usize).copied().unwrap_or(-1);
             if slot >= 0 {
                 let g = &mut grad_rows.0[slot as usize * d..][..d];
                 g.iter_mut().zip(&dx.0[r * d..(r + 1) * d]).for_each(|(a, &b)| *a = *a + b);
@@ -643,8 +643,8 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn set_rows(&self, table: &mut Self::Tensor, d: usize, token_ids: &Self::Ids, values: &Self::Tensor, k: usize) -> Result<()> {
-        for s in 0..k {
-            let id = token_ids[s] as usize;
+        for (s, &id) in token_ids.iter().enumerate().take(k) {
+            let id = id as usize;
             check_len("set_rows", "table", &table.0, (id + 1) * d)?;
             table.0[id * d..(id + 1) * d].copy_from_slice(&values.0[s * d..(s + 1) * d]);
         }
@@ -666,7 +666,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         check_len("lm_head_ce", "head", &head.0, vocab * d)?;
         check_len("lm_head_ce", "dh", &dh.0, n * d)?;
         if let Some(t) = targets[..n].iter().find(|&&t| t >= vocab as i32) {
-            return Err(Error::msg(format!("target token id {t} is outside the vocabulary (size {vocab})")));
+            return Err(Error::vocab(*t, vocab, "a target token"));
         }
         // Rows per chunk: 64, fewer for a large vocabulary so a chunk's logits stay at about
         // 4M values (16 rows of Gemma 3's 262K) whatever the vocabulary.

@@ -34,7 +34,7 @@ pub fn run(a: &ChatArgs) -> Result<()> {
     let adapter = chat.has_adapter();
     let mut who = if a.compare { Answerers::Both } else { Answerers::Tuned };
     if who == Answerers::Both && !adapter {
-        return Err(Error::msg("--compare needs an adapter: give a run folder or --adapter"));
+        return Err(Error::arg("--compare", "it needs an adapter: give a run folder or --adapter"));
     }
     let params = a.sampling.params();
     params.validate()?;
@@ -47,7 +47,7 @@ pub fn run(a: &ChatArgs) -> Result<()> {
         eprint!("> ");
         let _ = std::io::stderr().flush();
         let Some(line) = lines.next() else { break };
-        let line = line.map_err(|e| Error::msg(format!("reading the terminal: {e}")))?;
+        let line = line.map_err(|e| Error::op("reading the terminal", e))?;
         let line = line.trim_end();
         if line.is_empty() {
             continue;

@@ -42,7 +42,7 @@ fn name_of(p: &Path) -> String {
 }
 
 pub fn run(a: &ExportGgufArgs) -> Result<()> {
-    let quant: GgufQuant = a.quant.parse().map_err(|e: String| Error::msg(format!("--quant: {e}")))?;
+    let quant: GgufQuant = a.quant.parse().map_err(|e: String| Error::arg("--quant", e))?;
     let (input, template, name, default_dest) = match (&a.run, &a.model, &a.adapter) {
         (Some(run), None, None) => {
             let cfg = crate::RunConfig::load(&run.join(crate::session::checkpoint::CONFIG_FILE)).ok();
@@ -55,13 +55,13 @@ pub fn run(a: &ExportGgufArgs) -> Result<()> {
             let q = match a.quantization.to_ascii_lowercase().as_str() {
                 "bf16" => crate::config::Quantization::Bf16,
                 "nf4" => crate::config::Quantization::Nf4,
-                other => return Err(Error::msg(format!("--quantization `{other}`: use bf16 or nf4"))),
+                other => return Err(Error::arg("--quantization", format!("`{other}`: use bf16 or nf4"))),
             };
             (MergeInput::from_adapter(model, adapter, q)?, "auto".into(), format!("{}+{}", name_of(model), name_of(adapter)), None)
         }
-        _ => return Err(Error::msg("give a run folder, or --model and --adapter (not both)")),
+        _ => return Err(Error::arg("--run/--model/--adapter", "give a run folder, or --model and --adapter (not both)")),
     };
-    let dest = a.to.clone().or(default_dest).ok_or_else(|| Error::msg("--to FILE.gguf is needed with --model and --adapter"))?;
+    let dest = a.to.clone().or(default_dest).ok_or_else(|| Error::arg("--to", "FILE.gguf is needed with --model and --adapter"))?;
     let opts = GgufOptions { quant, template: a.template.clone().unwrap_or(template), sampling: a.sampling.params(), name };
     // A progress line only on a terminal (a log would get a line per step).
     let live = !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr());

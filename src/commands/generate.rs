@@ -109,10 +109,10 @@ pub fn load_options(a: &ModelArgs, slots: usize) -> Result<LoadOptions> {
     let is_run = a.model.join(crate::session::checkpoint::CONFIG_FILE).is_file();
     let mut o = if is_run {
         if a.adapter.is_some() {
-            return Err(Error::msg(format!(
-                "{} is a run folder, which brings its own adapter; give --adapter with a model folder",
-                a.model.display()
-            )));
+            return Err(Error::arg(
+                "--adapter",
+                format!("{} is a run folder, which brings its own adapter; give --adapter with a model folder", a.model.display()),
+            ));
         }
         LoadOptions::from_run(&a.model)?
     } else {
@@ -136,7 +136,7 @@ fn parse_quantization(s: &str) -> Result<Quantization> {
     match s.to_ascii_lowercase().as_str() {
         "bf16" => Ok(Quantization::Bf16),
         "nf4" => Ok(Quantization::Nf4),
-        other => Err(Error::msg(format!("--quantization `{other}`: use bf16 or nf4"))),
+        other => Err(Error::arg("--quantization", format!("`{other}`: use bf16 or nf4"))),
     }
 }
 
@@ -167,7 +167,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     let opts = load_options(&a.model, slots)?;
     let mut chat = crate::generate::open(&opts)?;
     if (a.compare || a.base) && !chat.has_adapter() {
-        return Err(Error::msg("--compare and --base need an adapter: give a run folder or --adapter"));
+        return Err(Error::arg("--compare/--base", "they need an adapter: give a run folder or --adapter"));
     }
     let params = a.sampling.params();
     let prompt = Prompt::Chat(messages(a.system.as_deref(), &a.prompt));

@@ -45,12 +45,12 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
     }
     let spec = match (a.shape, cfg.model.path.as_os_str().is_empty()) {
         (Some(name), _) => ModelSpec::by_shape_name(name)
-            .ok_or_else(|| Error::msg(format!("unknown shape `{name}` ({})", ModelSpec::SHAPE_NAMES.join(", "))))?,
+            .ok_or_else(|| Error::arg("--shape", format!("unknown shape `{name}` ({})", ModelSpec::SHAPE_NAMES.join(", "))))?,
         (None, false) => {
             crate::model::check_config_folder(&cfg.model.path)?;
             ModelSpec::from_dir(&cfg.model.path)?
         }
-        (None, true) => return Err(Error::msg("give a run config, --model DIR (only config.json is read) or --shape NAME")),
+        (None, true) => return Err(Error::arg("plan", "give a run config, --model DIR (only config.json is read) or --shape NAME")),
     };
     if let Some(s) = a.seq {
         cfg.train.max_seq_len = s;
@@ -73,7 +73,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
             _ => None,
         };
         return Err(match flag {
-            Some(f) => Error::msg(format!("{f}: {e}")),
+            Some(f) => Error::arg(f, e),
             None => e,
         });
     }

@@ -26,7 +26,7 @@ pub fn run(config: &Path, card: Option<&'static CardProfile>, as_json: bool) -> 
         print!("{}", render(config, &report, colour));
     }
     match report.verdict.status {
-        Readiness::CannotStart => Err(Error::msg(format!("cannot start: {}", report.verdict.reasons.join("; ")))),
+        Readiness::CannotStart => Err(Error::op("preflight", format!("cannot start: {}", report.verdict.reasons.join("; ")))),
         Readiness::Ready | Readiness::ReadyWithFixes => Ok(()),
     }
 }

@@ -146,22 +146,24 @@ impl WeightSource for Extended<'_> {
 impl<B: Backend> Inference<B> {
     pub fn new(backend: B, spec: ModelSpec, src: &dyn WeightSource, opts: InferOptions, adapter: Option<&InferAdapter>) -> Result<Self> {
         if opts.slots == 0 || opts.capacity == 0 || opts.chunk_rows == 0 {
-            return Err(Error::msg("generation needs at least one slot, one position and one row per chunk"));
+            return Err(Error::bug("Inference::new", "generation needs at least one slot, one position and one row per chunk"));
         }
         let (vocab, d) = (spec.vocab_size, spec.hidden_size);
         let rows = adapter.and_then(|a| a.token_rows.as_ref());
         let tied = spec.tie_word_embeddings && !src.has("lm_head.weight");
         if let Some(r) = rows {
             if r.embed.len() != r.ids.len() * d || (!tied && r.head.as_ref().is_none_or(|h| h.len() != r.ids.len() * d)) {
-                return Err(Error::msg(format!(
-                    "the adapter's trained token rows do not match the model: {} ids need [{}, {d}] values{}",
-                    r.ids.len(),
-                    r.ids.len(),
-                    if tied { "" } else { " for the embedding and the head" }
-                )));
+                return Err(Error::Adapter {
+                    msg: format!(
+                        "its trained token rows: {} ids need [{}, {d}] values{}",
+                        r.ids.len(),
+                        r.ids.len(),
+                        if tied { "" } else { " for the embedding and the head" }
+                    ),
+                });
             }
             if let Some(bad) = r.ids.iter().find(|&&i| i as usize >= vocab) {
-                return Err(Error::msg(format!("the adapter trains token {bad}, outside the vocabulary ({vocab})")));
+                return Err(Error::vocab(*bad, vocab, "a token row the adapter trains"));
             }
         }
         let extra = rows.map(|r| r.ids.clone()).unwrap_or_default();
@@ -174,8 +176,8 @@ impl<B: Backend> Inference<B> {
         for l in 0..spec.num_layers {
             let mut layer = Vec::new();
             if let Some(a) = adapter {
-                let pairs = a.weights.layers.get(l).ok_or_else(|| {
-                    Error::msg(format!("the adapter has {} layers, the model {}", a.weights.layers.len(), spec.num_layers))
+                let pairs = a.weights.layers.get(l).ok_or_else(|| Error::Adapter {
+                    msg: format!("it has {} layers, the model {}", a.weights.layers.len(), spec.num_layers),
                 })?;
                 for (&t, pair) in pairs {
                     let (out, inp) = spec.linear_shape(t);
@@ -291,7 +293,10 @@ impl<B: Backend> Inference<B> {
 
     fn check_slot(&self, slot: usize) -> Result<()> {
         if slot >= self.opts.slots {
-            return Err(Error::msg(format!("slot {slot} does not exist (the cache holds {} sequences)", self.opts.slots)));
+            return Err(Error::bug(
+                "Inference::forward",
+                format!("slot {slot} does not exist (the cache holds {} sequences)", self.opts.slots),
+            ));
         }
         Ok(())
     }
@@ -304,21 +309,24 @@ impl<B: Backend> Inference<B> {
         for &(slot, tokens) in entries {
             self.check_slot(slot)?;
             if std::mem::replace(&mut seen[slot], true) {
-                return Err(Error::msg(format!("slot {slot} appears twice in one forward")));
+                return Err(Error::bug("Inference::forward", format!("slot {slot} appears twice in one forward")));
             }
             if tokens.is_empty() {
-                return Err(Error::msg(format!("slot {slot}: nothing to run (no tokens)")));
+                return Err(Error::bug("Inference::forward", format!("slot {slot}: nothing to run (no tokens)")));
             }
             if self.lens[slot] + tokens.len() > self.opts.capacity {
-                return Err(Error::msg(format!(
-                    "slot {slot}: {} cached + {} new tokens exceed the context of {} positions",
-                    self.lens[slot],
-                    tokens.len(),
-                    self.opts.capacity
-                )));
+                return Err(Error::op(
+                    "generation",
+                    format!(
+                        "{} cached + {} new tokens exceed the context of {} positions: shorten the conversation or load with a longer context",
+                        self.lens[slot],
+                        tokens.len(),
+                        self.opts.capacity
+                    ),
+                ));
             }
             if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
-                return Err(Error::msg(format!("token id {bad} is outside the vocabulary ({})", self.vocab)));
+                return Err(Error::vocab(*bad, self.vocab, "a prompt token"));
             }
         }
         // Every row of every entry, in order: (slot, position, token); and each entry's last row.

@@ -111,6 +111,12 @@ struct TrainableRows<B: Backend> {
     head: Option<RowParam<B>>,
 }
 
+/// One buffer per LoRA target, indexed by `Target as usize`; `None` where the target is not adapted.
+type PerTarget<T> = Vec<Option<T>>;
+
+/// A block's LoRA products `x·Aᵀ` and dropped-out inputs, per target.
+type LoraInputs<T> = (PerTarget<T>, PerTarget<T>);
+
 /// The activations of one decoder layer that its backward reads.
 struct LayerActs<B: Backend> {
     h1: B::Tensor,
@@ -124,9 +130,9 @@ struct LayerActs<B: Backend> {
     h2: B::Tensor,
     inv2: B::Tensor,
     /// `x_lora · Aᵀ` per attention target (`[n, r]`), by `Target as usize` (q, k, v, o).
-    xa: Vec<Option<B::Tensor>>,
+    xa: PerTarget<B::Tensor>,
     /// The dropped-out LoRA input per attention target, when dropout is on.
-    xd: Vec<Option<B::Tensor>>,
+    xd: PerTarget<B::Tensor>,
     mlp: MlpActs<B>,
     /// Per-head q/k norms (Qwen3, Gemma 3).
     qk: Option<QkNormActs<B>>,
@@ -156,8 +162,8 @@ struct MlpActs<B: Backend> {
     u: B::Tensor,
     m: B::Tensor,
     /// By `Target as usize`; only gate, up and down are used.
-    xa: Vec<Option<B::Tensor>>,
-    xd: Vec<Option<B::Tensor>>,
+    xa: PerTarget<B::Tensor>,
+    xd: PerTarget<B::Tensor>,
 }
 
 /// Backward scratch of the MLP (chunk rows) and of every LoRA linear.
@@ -375,7 +381,7 @@ impl<B: Backend> Trainer<B> {
         for (set, mlp_chunk) in sets.into_iter().enumerate() {
             let p = format!("acts.{set}");
             // LoRA products and dropped inputs, for all rows (attention) or one chunk (MLP).
-            let mut lora_bufs = |targets: &[Target], n_rows: usize| -> Result<(Vec<Option<B::Tensor>>, Vec<Option<B::Tensor>>)> {
+            let mut lora_bufs = |targets: &[Target], n_rows: usize| -> Result<LoraInputs<B::Tensor>> {
                 let (mut xa, mut xd): (Vec<_>, Vec<_>) = (0..7).map(|_| (None, None)).unzip();
                 for &t in targets.iter().filter(|&&t| adapted(t)) {
                     xa[t as usize] = Some(lg.alloc(format!("{p}.xa.{}", t.short()), la, n_rows * r, DType::Act)?);
@@ -548,10 +554,13 @@ impl<B: Backend> Trainer<B> {
     fn upload_batch(&mut self, batch: &Batch) -> Result<()> {
         let n = batch.tokens();
         if batch.batch_size > self.opts.batch_size || batch.seq_len > self.opts.max_seq_len {
-            return Err(Error::msg(format!(
-                "micro-batch {}x{} exceeds the planned {}x{} (batch_size x max_seq_len)",
-                batch.batch_size, batch.seq_len, self.opts.batch_size, self.opts.max_seq_len
-            )));
+            return Err(Error::bug(
+                "upload_batch",
+                format!(
+                    "micro-batch {}x{} exceeds the planned {}x{} (batch_size x max_seq_len)",
+                    batch.batch_size, batch.seq_len, self.opts.batch_size, self.opts.max_seq_len
+                ),
+            ));
         }
         let to_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
         debug_assert_eq!(batch.input_ids.len(), n);
@@ -571,13 +580,15 @@ impl<B: Backend> Trainer<B> {
         let (k, d, v) = (rows.ids.len(), self.spec.hidden_size, self.spec.vocab_size);
         let tied = self.model.head.is_none();
         if rows.embed.len() != k * d || rows.head.as_ref().is_some_and(|h| h.len() != k * d) || rows.head.is_some() == tied {
-            return Err(Error::msg(format!(
-                "token rows: {k} ids need [{k}, {d}] values for the embedding{}",
-                if tied { "" } else { " and the head" }
-            )));
+            return Err(Error::Adapter {
+                msg: format!(
+                    "its trained token rows: {k} ids need [{k}, {d}] values for the embedding{}",
+                    if tied { "" } else { " and the head" }
+                ),
+            });
         }
         if let Some(bad) = rows.ids.iter().find(|&&i| i as usize >= v) {
-            return Err(Error::msg(format!("token rows: id {bad} is outside the vocabulary ({v})")));
+            return Err(Error::vocab(*bad, v, "a trained token row"));
         }
         let be = &self.backend;
         let ids: Vec<i32> = rows.ids.iter().map(|&i| i as i32).collect();
@@ -939,7 +950,9 @@ impl<B: Backend> Trainer<B> {
     pub fn set_optimizer_state(&mut self, st: &OptimizerState) -> Result<()> {
         let count = self.slots.iter().map(Vec::len).sum::<usize>();
         if st.moments.len() != count {
-            return Err(Error::msg(format!("optimizer state has {} slots, the adapter has {count}", st.moments.len())));
+            return Err(Error::Checkpoint {
+                msg: format!("its optimizer state has {} LoRA pairs, this run trains {count}", st.moments.len()),
+            });
         }
         for (s, m) in self.slots.iter_mut().flatten().zip(&st.moments) {
             self.backend.write(&mut s.m_a, &m[0])?;
@@ -950,7 +963,7 @@ impl<B: Backend> Trainer<B> {
         if let Some(r) = self.rows.as_mut() {
             let params: Vec<&mut RowParam<B>> = std::iter::once(&mut r.embed).chain(r.head.as_mut()).collect();
             if st.token_rows.len() != 2 * params.len() {
-                return Err(Error::msg("optimizer state does not match the trained token rows"));
+                return Err(Error::Checkpoint { msg: "its optimizer state does not cover the trained token rows of this run".into() });
             }
             for (p, mv) in params.into_iter().zip(st.token_rows.chunks(2)) {
                 self.backend.write(&mut p.m, &mv[0])?;
@@ -1017,7 +1030,7 @@ impl<B: Backend> LayerCtx<'_, B> {
 
 /// The weights and activations of an optional norm must come together (both follow the spec).
 fn norm_mismatch(what: &str, layer: usize) -> Error {
-    Error::msg(format!("layer {layer}: the {what} norm's weights and activations disagree (an engine bug)"))
+    Error::bug(format!("layer {layer}'s {what} norm"), "its weights and activations disagree")
 }
 
 /// `y = x·Wᵀ (+ bias) + scale · dropout(x)·Aᵀ·Bᵀ` for one of the seven linears.

@@ -768,15 +768,15 @@ pub fn suggestions(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> 
     }
     let mut offload = input.clone();
     offload.checkpointing = CheckpointPolicy::Offload;
-    if input.batch_size > 1 {
-        if let Some(b) = largest_fitting(spec, &offload, target, 1, input.batch_size - 1, |i, v| i.batch_size = v) {
-            let mut i = offload.clone();
-            i.batch_size = b;
-            out.push(Suggestion {
-                change: format!("train.batch_size = {b} with offload (raise train.grad_accum to keep the effective batch)"),
-                peak_bytes: plan(spec, &i, target).peak_bytes,
-            });
-        }
+    if input.batch_size > 1
+        && let Some(b) = largest_fitting(spec, &offload, target, 1, input.batch_size - 1, |i, v| i.batch_size = v)
+    {
+        let mut i = offload.clone();
+        i.batch_size = b;
+        out.push(Suggestion {
+            change: format!("train.batch_size = {b} with offload (raise train.grad_accum to keep the effective batch)"),
+            peak_bytes: plan(spec, &i, target).peak_bytes,
+        });
     }
     if let Some(s) = largest_fitting(spec, &offload, target, 64, input.max_seq_len.saturating_sub(1).max(64), |i, v| i.max_seq_len = v) {
         let s = s / 64 * 64;
@@ -786,12 +786,12 @@ pub fn suggestions(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> 
             out.push(Suggestion { change: format!("train.max_seq_len = {s} with offload"), peak_bytes: plan(spec, &i, target).peak_bytes });
         }
     }
-    if input.lora.r > 1 {
-        if let Some(r) = largest_fitting(spec, &offload, target, 1, input.lora.r - 1, |i, v| i.lora.r = v) {
-            let mut i = offload.clone();
-            i.lora.r = r;
-            out.push(Suggestion { change: format!("lora.r = {r} with offload"), peak_bytes: plan(spec, &i, target).peak_bytes });
-        }
+    if input.lora.r > 1
+        && let Some(r) = largest_fitting(spec, &offload, target, 1, input.lora.r - 1, |i, v| i.lora.r = v)
+    {
+        let mut i = offload.clone();
+        i.lora.r = r;
+        out.push(Suggestion { change: format!("lora.r = {r} with offload"), peak_bytes: plan(spec, &i, target).peak_bytes });
     }
     out
 }

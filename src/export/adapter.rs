@@ -116,10 +116,10 @@ impl AdapterFiles<'_> {
             let k = rows.ids.len();
             let d = rows.embed.len().checked_div(k).unwrap_or(0);
             if k == 0 || rows.embed.len() != k * d || rows.head.as_ref().is_some_and(|h| h.len() != k * d) {
-                return Err(Error::msg(format!(
-                    "token rows: {k} ids with {} embedding values cannot be saved as [k, hidden]",
-                    rows.embed.len()
-                )));
+                return Err(Error::bug(
+                    "adapter save",
+                    format!("token rows: {k} ids with {} embedding values cannot be saved as [k, hidden]", rows.embed.len()),
+                ));
             }
             tensors.push(OutTensor::from_f32(embed_tokens_key(self.spec), vec![k, d], &rows.embed, Dtype::F32));
             if let Some(h) = &rows.head {

@@ -120,7 +120,8 @@ impl Arch {
             // Gemma 3 needs llama.cpp's own norm convention (weights stored as 1 + w) and its
             // sliding-window keys; not written yet rather than written wrong.
             Family::Gemma3 => {
-                return Err(Error::msg(
+                return Err(Error::op(
+                    "GGUF export",
                     "Gemma 3 models cannot be exported to GGUF yet; export the merged folder and convert it with llama.cpp's convert_hf_to_gguf.py",
                 ));
             }
@@ -208,7 +209,7 @@ fn tensor_type(quant: GgufQuant, gguf: &str, shape: &[usize], layers: usize, tie
 }
 
 fn candle_err(what: &str) -> impl FnOnce(candle_core::Error) -> Error + '_ {
-    move |e| Error::msg(format!("GGUF export, {what}: {e}"))
+    move |e| Error::op(format!("GGUF export, {what}"), e)
 }
 
 /// Write `dest` (a `.gguf` file, which must not exist) and a Modelfile beside it.

@@ -45,7 +45,8 @@ pub struct DecodeBenchResult {
 }
 
 pub fn run(args: &DecodeBenchArgs, log: &dyn Fn(&str)) -> Result<DecodeBenchResult> {
-    let spec = ModelSpec::by_shape_name(&args.shape).ok_or_else(|| Error::msg(format!("unknown shape `{}`", args.shape)))?;
+    let spec = ModelSpec::by_shape_name(&args.shape)
+        .ok_or_else(|| Error::arg("--shape", format!("unknown shape `{}` ({})", args.shape, ModelSpec::SHAPE_NAMES.join(", "))))?;
     let t0 = Instant::now();
     let be = CudaBackend::new()?;
     let card = be.device().name;

@@ -260,7 +260,7 @@ impl<B: Backend> Generator<B> {
         match prompt {
             Prompt::Tokens(t) => Ok(t.clone()),
             Prompt::Chat(messages) => {
-                let r = self.template.render(messages, true).map_err(Error::msg)?;
+                let r = self.template.render(messages, true).map_err(|e| Error::op("rendering the prompt", e))?;
                 self.tok.encode(&r.text, false)
             }
         }
@@ -293,7 +293,10 @@ impl<B: Backend> Generator<B> {
             return Ok(Vec::new());
         }
         if reqs.len() > self.slots() {
-            return Err(Error::msg(format!("{} requests at once, but the model was loaded for {}", reqs.len(), self.slots())));
+            return Err(Error::op(
+                "generation",
+                format!("{} requests at once, but the model was loaded for {}: load it with more slots", reqs.len(), self.slots()),
+            ));
         }
         for r in reqs {
             r.params.validate()?;
@@ -303,14 +306,17 @@ impl<B: Backend> Generator<B> {
         for (slot, r) in reqs.iter().enumerate() {
             let ids = self.prompt_ids(&r.prompt)?;
             if ids.is_empty() {
-                return Err(Error::msg("the prompt is empty after rendering the chat template"));
+                return Err(Error::op("generation", "the prompt is empty after rendering the chat template: give a message"));
             }
             if ids.len() >= self.context() {
-                return Err(Error::msg(format!(
-                    "the prompt has {} tokens, the context holds {}: shorten the conversation (or clear it) or load with a longer context",
-                    ids.len(),
-                    self.context()
-                )));
+                return Err(Error::op(
+                    "generation",
+                    format!(
+                        "the prompt has {} tokens, the context holds {}: shorten the conversation (or clear it) or load with a longer context",
+                        ids.len(),
+                        self.context()
+                    ),
+                ));
             }
             let adapter = r.adapter && self.infer.has_adapter();
             if adapter != self.infer.adapter_on(slot) {

@@ -239,7 +239,7 @@ impl ChatTemplate {
                 .trim_blocks(true)
                 .lstrip_blocks(true)
                 .build()
-                .map_err(|e| Error::msg(format!("chat template syntax config: {e}")))?,
+                .map_err(|e| Error::bug("chat template syntax", e))?,
         );
         env.set_unknown_method_callback(python_method);
         env.add_filter("tojson", tojson);
@@ -248,7 +248,7 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned(TEMPLATE_NAME, rewritten)
-            .map_err(|e| Error::msg(format!("chat template ({origin}) does not compile: {}", describe(&e))))?;
+            .map_err(|e| Error::Template { origin: origin.clone(), msg: format!("does not compile: {}", describe(&e)) })?;
         Ok(ChatTemplate {
             env: Arc::new(env),
             source: source.to_string(),

@@ -327,7 +327,7 @@ pub fn serialize_safetensors(tensors: &[OutTensor], metadata: Option<BTreeMap<St
         })
         .collect::<Result<_>>()?;
     let meta = metadata.map(|m| m.into_iter().collect::<std::collections::HashMap<_, _>>());
-    safetensors::tensor::serialize(views, meta).map_err(|e| Error::msg(format!("safetensors serialization failed: {e}")))
+    safetensors::tensor::serialize(views, meta).map_err(|e| Error::bug("safetensors serialization", e))
 }
 
 /// Tensors by name, each as (shape, f32 data).

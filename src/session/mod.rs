@@ -402,7 +402,7 @@ fn run(
     let mut data_changed = None;
     // A new run's folder is made once the device has started (below).
     let (run_dir, resume) = match (&options.resume, &options.restart) {
-        (Some(_), Some(_)) => return Err(Error::msg("resume or restart a run folder, not both")),
+        (Some(_), Some(_)) => return Err(Error::arg("--resume/--restart", "resume or restart a run folder, not both")),
         (Some(dir), None) => {
             if !dir.join(checkpoint::CONFIG_FILE).is_file() {
                 return Err(Error::file(dir, "is not a run folder (no config.toml): give the folder `tunestudio train` printed"));
@@ -961,7 +961,7 @@ fn train_on<B: Backend>(
             && let Some(why) = guard.check(trainer.step, stats.loss, stats.grad_norm)
         {
             // No checkpoint of this state: it is the diverged one. The last one saved is kept.
-            return Err(Error::msg(format!("the run diverged at step {}: {why}", trainer.step)));
+            return Err(Error::Diverged { step: trainer.step, why });
         }
         let by_steps = cfg.train.save_every > 0 && trainer.step % cfg.train.save_every == 0;
         let by_time = cfg.train.save_every_minutes > 0.0 && unsaved_since.elapsed() >= save_interval;

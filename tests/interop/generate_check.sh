@@ -2,15 +2,15 @@
 # Check TuneStudio's generation and GGUF export against transformers and llama.cpp, and refresh
 # tests/fixtures/generate (tests/interop_generate.rs re-checks them in CI without either tool).
 # Runs on the CPU (no GPU needed) or on a GPU host. Needs:
-#   TORCH_PY   a Python with torch, transformers, peft, safetensors   (default /work/venvs/torch/bin/python)
-#   LLAMA_PY   a Python with llama-cpp-python, gguf, numpy, safetensors (default /work/venvs/ship/bin/python)
+#   TORCH_PY   a Python with torch, transformers, peft, safetensors   (default python3)
+#   LLAMA_PY   a Python with llama-cpp-python, gguf, numpy, safetensors (default python3)
 #   BIN        the tunestudio binary (default target/release/tunestudio)
 # Usage: tests/interop/generate_check.sh [FIXTURE_DIR]    (default tests/fixtures/generate)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 FX=${1:-$ROOT/tests/fixtures/generate}
-TORCH_PY=${TORCH_PY:-/work/venvs/torch/bin/python}
-LLAMA_PY=${LLAMA_PY:-/work/venvs/ship/bin/python}
+TORCH_PY=${TORCH_PY:-python3}
+LLAMA_PY=${LLAMA_PY:-python3}
 BIN=${BIN:-$ROOT/target/release/tunestudio}
 PY=$ROOT/tests/interop/make_generate_fixtures.py
 DEMO=$ROOT/assets/demo

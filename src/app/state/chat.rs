@@ -190,7 +190,7 @@ impl ChatState {
     }
 
     pub fn stop_strings(&self) -> Vec<String> {
-        self.stop.lines().filter(|l| !l.is_empty()).map(|l| unescape(l)).collect()
+        self.stop.lines().filter(|l| !l.is_empty()).map(unescape).collect()
     }
 
     /// Who answers the next turn.
@@ -505,8 +505,7 @@ mod tests {
 
     #[test]
     fn a_new_system_message_starts_a_new_conversation() {
-        let mut c = ChatState::default();
-        c.input = "a".into();
+        let mut c = ChatState { input: "a".into(), ..Default::default() };
         c.begin_turn().unwrap();
         c.apply(ChatEvent::Answered(Ok(vec![done("b")])));
         c.system = "Be terse.".into();

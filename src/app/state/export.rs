@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::RunConfig;
 use crate::export::adapter::load_peft;
 use crate::export::gguf::{GgufOptions, GgufQuant};
-use crate::generate::SamplingParams;
 use crate::export::merged::{FsSink, MergeDtype, MergeInput, MergeOptions, Sink, export_merged_with};
+use crate::generate::SamplingParams;
 use crate::model::ModelSpec;
 use crate::session::checkpoint;
 
@@ -49,7 +49,14 @@ pub struct ExportState {
 
 impl Default for ExportState {
     fn default() -> Self {
-        ExportState { source: None, dest: PathBuf::new(), merged_dtype: MergeDtype::Bf16, gguf_quant: GgufQuant::Q8_0, progress: None, result: None }
+        ExportState {
+            source: None,
+            dest: PathBuf::new(),
+            merged_dtype: MergeDtype::Bf16,
+            gguf_quant: GgufQuant::Q8_0,
+            progress: None,
+            result: None,
+        }
     }
 }
 
@@ -79,7 +86,7 @@ pub type Progress<'a> = &'a (dyn Fn(f32, &str) + Sync);
 
 fn prepare_parent(parent: &Path) -> crate::Result<()> {
     if parent.as_os_str().is_empty() {
-        return Err(crate::Error::msg("choose a destination folder first"));
+        return Err(crate::Error::op("export", "choose a destination folder first"));
     }
     std::fs::create_dir_all(parent).map_err(|e| crate::Error::file(parent, e))
 }
@@ -157,7 +164,13 @@ pub fn export_merged(run_dir: &Path, parent: &Path, dtype: MergeDtype, progress:
 /// Merge the run's adapter into its base and write `parent/<run>-<quant>/<run>-<quant>.gguf`
 /// with an Ollama `Modelfile` beside it (`FROM`, the template, stop words and `sampling`, the
 /// Chat page's settings), as `tunestudio export gguf` does. Returns the `.gguf` file.
-pub fn export_gguf(run_dir: &Path, parent: &Path, quant: GgufQuant, sampling: SamplingParams, progress: Progress<'_>) -> crate::Result<PathBuf> {
+pub fn export_gguf(
+    run_dir: &Path,
+    parent: &Path,
+    quant: GgufQuant,
+    sampling: SamplingParams,
+    progress: Progress<'_>,
+) -> crate::Result<PathBuf> {
     prepare_parent(parent)?;
     progress(0.02, "reading the run's adapter");
     let input = MergeInput::from_run(run_dir)?;
@@ -182,7 +195,13 @@ pub fn export_gguf(run_dir: &Path, parent: &Path, quant: GgufQuant, sampling: Sa
     let warn = if summary.warnings.is_empty() { String::new() } else { format!("; {}", summary.warnings.join("; ")) };
     progress(
         1.0,
-        &format!("{} tensors, {} linears merged, {}, pre-tokenizer {}{warn}", summary.tensors, summary.merged_linears, crate::util::fmt_bytes(summary.bytes), summary.pre_tokenizer),
+        &format!(
+            "{} tensors, {} linears merged, {}, pre-tokenizer {}{warn}",
+            summary.tensors,
+            summary.merged_linears,
+            crate::util::fmt_bytes(summary.bytes),
+            summary.pre_tokenizer
+        ),
     );
     Ok(summary.path)
 }

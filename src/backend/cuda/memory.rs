@@ -218,7 +218,7 @@ impl DevBuf {
     /// Write `bytes` into a pinned host buffer from the CPU (no copy engine involved).
     pub fn write_host(&self, bytes: &[u8]) -> Result<()> {
         if !self.host || bytes.len() > self.bytes {
-            return Err(Error::msg("write_host: not a host buffer or too small"));
+            return Err(Error::bug("write_host", "not a host buffer, or too small"));
         }
         // SAFETY: `ptr` is a live pinned host allocation of at least `bytes.len()` bytes owned by
         // self; no kernel uses it before the caller hands the tensor out.

@@ -930,7 +930,12 @@ impl CudaBackend {
                     let s = self.scratch.borrow();
                     match &s.dequant {
                         Some(b) if s.dequant_elems >= numel => b.ptr(),
-                        _ => return Err(Error::msg("NF4 scratch is smaller than the weight (upload_weight sizes it)")),
+                        _ => {
+                            return Err(Error::bug(
+                                "NF4 dequantization",
+                                "the scratch is smaller than the weight (upload_weight sizes it)",
+                            ));
+                        }
                     }
                 };
                 let threads = numel.div_ceil(16);
@@ -1786,9 +1791,12 @@ impl Backend for CudaBackend {
         // Whole multiples of 64 rows keep the chunk GEMMs on full tiles.
         let chunk = if chunk >= 128 { chunk / 64 * 64 } else { chunk.max(1) };
         if chunk * vocab > LOSS_CHUNK_ELEMS {
-            return Err(Error::msg(format!(
-                "vocabulary of {vocab} tokens is too large for the loss workspace ({LOSS_CHUNK_ELEMS} logits)"
-            )));
+            return Err(Error::op(
+                "lm_head_ce",
+                format!(
+                    "a vocabulary of {vocab} tokens is too large for the loss workspace ({LOSS_CHUNK_ELEMS} logits): such a model cannot be trained on CUDA yet"
+                ),
+            ));
         }
         let ws = &self.loss;
         // SAFETY: 8-byte accumulators owned by the backend.
