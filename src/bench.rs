@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::quant::nf4::Nf4Tensor;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BenchMode {
     /// The fastest policy that fits the card (`auto`).

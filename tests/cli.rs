@@ -528,3 +528,34 @@ fn sigterm_stops_train_with_a_checkpoint_of_its_last_step() {
     assert!(ok, "{err}");
     assert_eq!(metrics_of(&run).iter().map(|m| m.0).collect::<Vec<_>>(), (1..=steps + 2).collect::<Vec<_>>());
 }
+
+/// A flag with enumerated values refuses any other, listing the accepted ones, before any work
+/// (no GPU, model or file is touched), and takes the accepted ones with their aliases.
+#[test]
+fn enumerated_flags_list_their_values() {
+    for (args, listed) in [
+        (vec!["bench", "--mode", "fast"], "[possible values: speed, memory]"),
+        (vec!["bench", "--checkpointing", "some"], "[possible values: auto, none, layer, offload]"),
+        (vec!["eval", "m", "--data", "d.jsonl", "--format", "csv"], "[possible values: auto, alpaca, sharegpt, messages, text, columns]"),
+        (vec!["eval", "m", "--data", "d.jsonl", "--train-on", "prompts"], "[possible values: responses, all]"),
+        (vec!["export", "merged", "r", "--dtype", "int8"], "[possible values: bf16, f16, f32]"),
+        (vec!["export", "gguf", "r", "--quant", "q5_0"], "[possible values: f16, bf16, q8_0, q4_k_m]"),
+        (vec!["train", "x.toml", "--device", "tpu"], "[possible values: auto, cpu, cuda]"),
+    ] {
+        let (ok, _, err) = tunestudio(&args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(err.contains("invalid value") && err.contains(listed), "{args:?}: expected {listed} in:\n{err}");
+    }
+    // Aliases kept from the hand-written parsers: `gpu` is cuda, `fp16` is f16 (the run folder
+    // does not exist, so each fails after parsing, naming it).
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("no-run");
+    for args in [
+        vec!["export", "merged", missing.to_str().unwrap(), "--dtype", "fp16"],
+        vec!["train", missing.to_str().unwrap(), "--device", "gpu"],
+    ] {
+        let (ok, _, err) = tunestudio(&args);
+        assert!(!ok && !err.contains("invalid value"), "{args:?}:\n{err}");
+        assert_error(&err, "no-run");
+    }
+}

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::config::Quantization;
 use crate::error::{Error, Result};
 use crate::export::gguf::{GgufOptions, GgufQuant, export_gguf};
 use crate::export::merged::MergeInput;
@@ -13,9 +14,9 @@ use super::generate::SamplingArgs;
 pub struct ExportGgufArgs {
     /// The run folder (or use --model and --adapter).
     pub run: Option<PathBuf>,
-    /// f16, bf16, q8_0 or q4_k_m.
-    #[arg(long, default_value = "q8_0")]
-    pub quant: String,
+    /// The quantization, by llama.cpp's names.
+    #[arg(long, value_enum, default_value_t = GgufQuant::Q8_0)]
+    pub quant: GgufQuant,
     /// The .gguf file to write (must not exist); default `<run>/gguf-<quant>/<run name>-<quant>.gguf`.
     #[arg(long)]
     pub to: Option<PathBuf>,
@@ -25,8 +26,8 @@ pub struct ExportGgufArgs {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// With --model: bf16 (stored weights) or nf4 (what a QLoRA adapter was trained on).
-    #[arg(long, default_value = "bf16")]
-    pub quantization: String,
+    #[arg(long, value_enum, default_value_t = Quantization::Bf16)]
+    pub quantization: Quantization,
     /// Chat template written into the file: auto (the run's, or the model's) or a built-in name.
     #[arg(long)]
     pub template: Option<String>,
@@ -42,7 +43,7 @@ fn name_of(p: &Path) -> String {
 }
 
 pub fn run(a: &ExportGgufArgs) -> Result<()> {
-    let quant: GgufQuant = a.quant.parse().map_err(|e: String| Error::arg("--quant", e))?;
+    let quant = a.quant;
     let (input, template, name, default_dest) = match (&a.run, &a.model, &a.adapter) {
         (Some(run), None, None) => {
             let cfg = crate::RunConfig::load(&run.join(crate::session::checkpoint::CONFIG_FILE)).ok();
@@ -51,14 +52,12 @@ pub fn run(a: &ExportGgufArgs) -> Result<()> {
             let dest = run.join(format!("gguf-{}", quant.name())).join(format!("{name}-{}.gguf", quant.name()));
             (MergeInput::from_run(run)?, template, name, Some(dest))
         }
-        (None, Some(model), Some(adapter)) => {
-            let q = match a.quantization.to_ascii_lowercase().as_str() {
-                "bf16" => crate::config::Quantization::Bf16,
-                "nf4" => crate::config::Quantization::Nf4,
-                other => return Err(Error::arg("--quantization", format!("`{other}`: use bf16 or nf4"))),
-            };
-            (MergeInput::from_adapter(model, adapter, q)?, "auto".into(), format!("{}+{}", name_of(model), name_of(adapter)), None)
-        }
+        (None, Some(model), Some(adapter)) => (
+            MergeInput::from_adapter(model, adapter, a.quantization)?,
+            "auto".into(),
+            format!("{}+{}", name_of(model), name_of(adapter)),
+            None,
+        ),
         _ => return Err(Error::arg("--run/--model/--adapter", "give a run folder, or --model and --adapter (not both)")),
     };
     let dest = a.to.clone().or(default_dest).ok_or_else(|| Error::arg("--to", "FILE.gguf is needed with --model and --adapter"))?;

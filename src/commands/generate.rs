@@ -23,8 +23,8 @@ pub struct ModelArgs {
     pub adapter: Option<PathBuf>,
     /// bf16 (stored weights) or nf4 (the base a QLoRA adapter was trained against); a run folder
     /// uses its own.
-    #[arg(long)]
-    pub quantization: Option<String>,
+    #[arg(long, value_enum)]
+    pub quantization: Option<Quantization>,
     /// Chat template: auto (the model's) or a built-in name (llama-3, chatml, alpaca, mistral).
     #[arg(long)]
     pub template: Option<String>,
@@ -118,8 +118,8 @@ pub fn load_options(a: &ModelArgs, slots: usize) -> Result<LoadOptions> {
     } else {
         LoadOptions { adapter: a.adapter.clone(), ..LoadOptions::new(a.model.clone()) }
     };
-    if let Some(q) = &a.quantization {
-        o.quantization = parse_quantization(q)?;
+    if let Some(q) = a.quantization {
+        o.quantization = q;
     }
     if let Some(t) = &a.template {
         o.template = t.clone();
@@ -130,14 +130,6 @@ pub fn load_options(a: &ModelArgs, slots: usize) -> Result<LoadOptions> {
     o.context = a.context;
     o.slots = slots;
     Ok(o)
-}
-
-fn parse_quantization(s: &str) -> Result<Quantization> {
-    match s.to_ascii_lowercase().as_str() {
-        "bf16" => Ok(Quantization::Bf16),
-        "nf4" => Ok(Quantization::Nf4),
-        other => Err(Error::arg("--quantization", format!("`{other}`: use bf16 or nf4"))),
-    }
 }
 
 /// The messages of a one-shot prompt.

@@ -30,14 +30,16 @@ use crate::model::chat_template::{ChatTemplate, Message, portable_source};
 use crate::model::tokenizer::TokenizerBundle;
 
 /// The quantizations offered, by llama.cpp's names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum GgufQuant {
     F16,
     Bf16,
+    #[value(name = "q8_0")]
     Q8_0,
     /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the output and for attn_v and ffn_down of the
     /// layers `use_more_bits` picks; Q5_0 / Q8_0 where a row is not a multiple of 256.
+    #[value(name = "q4_k_m")]
     Q4KM,
 }
 

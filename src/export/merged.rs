@@ -45,12 +45,15 @@ const TOKENIZER_FILES: [&str; 10] = [
     "preprocessor_config.json",
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum MergeDtype {
+    #[value(alias = "bfloat16")]
     Bf16,
+    #[value(aliases = ["fp16", "float16"])]
     F16,
     /// Exact, for checking a merge against the adapter; not a format to ship.
+    #[value(aliases = ["fp32", "float32"])]
     F32,
 }
 
