@@ -906,6 +906,13 @@ fn gui_monitor_plots_gpu_telemetry_and_warns_when_the_card_throttles() {
     for title in ["GPU utilization (%)", "GPU memory (GiB): ours, other processes", "Temperature (°C) and power (W)", "SM clock (MHz)"] {
         assert!(h.query_by_label(title).is_some(), "{title}");
     }
+    // The small memory plot names its lines in a key above it; an in-plot legend covered the
+    // measured curve.
+    h.state_mut().state.training.plan = long_report().budget;
+    settle(&mut h);
+    for key in ["— measured", "— plan"] {
+        assert!(h.query_by_label(key).is_some(), "memory plot key {key}");
+    }
     h.state_mut().state.training.phase = Phase::Done;
     snapshot(&mut h, "training_monitor_gpu");
 }
