@@ -94,29 +94,10 @@ fn prompts_tokenize_as_transformers_renders_them() {
     }
 }
 
-/// The fixture cases whose greedy decode is known to differ from transformers': Gemma 3 (the
-/// random Gemma 3 fixture, transformers 5.25) differs from the first new token, although our
-/// generation forward equals our training forward on it (`generation_forward_equals_the_training_forward`).
-/// Not yet explained; checked on its own by the ignored test below, so the gap stays visible.
-const KNOWN_GREEDY_MISMATCH: &[&str] = &["gemma3_gen"];
-
 #[test]
 fn greedy_decode_equals_transformers_and_llama_cpp() {
-    greedy_decode_check(|name| !KNOWN_GREEDY_MISMATCH.contains(&name));
-}
-
-#[test]
-#[ignore = "open: our Gemma 3 greedy decode differs from transformers 5.25's on the gemma3_gen fixture from the first token"]
-fn gemma3_greedy_decode_equals_transformers() {
-    greedy_decode_check(|name| KNOWN_GREEDY_MISMATCH.contains(&name));
-}
-
-fn greedy_decode_check(include: impl Fn(&str) -> bool) {
     let exp = expected();
     for (name, rec) in exp.as_object().unwrap() {
-        if !include(name) {
-            continue;
-        }
         let (model, adapter) = case_dirs(name);
         let prompts: Vec<Vec<u32>> = rec["prompts"].as_array().unwrap().iter().map(|p| ids(&p["ids"])).collect();
         let mut base = generator(&model, None);
