@@ -373,9 +373,19 @@ pub fn planned_model(state: &AppState) -> Option<(String, ModelSpec)> {
     Some((info.path.display().to_string(), info.spec.clone()))
 }
 
-/// The dataset's usable rows, when the preview has read them.
+/// The rows a run trains on, when the preview has read the dataset: its usable rows less those
+/// `dataset.eval_split` holds out (an evaluation file of its own holds none of them out).
 fn dataset_rows(state: &AppState) -> Option<usize> {
-    state.dataset.view.ready().map(|v| v.rows_used).filter(|&r| r > 0)
+    let used = state.dataset.view.ready().map(|v| v.rows_used).filter(|&r| r > 0)?;
+    Some(training_rows(used, state.config.dataset.eval_split.as_ref()))
+}
+
+/// `used` usable rows less the evaluation rows `split` holds out of them, as the session splits.
+pub fn training_rows(used: usize, split: Option<&crate::config::EvalSplit>) -> usize {
+    match split {
+        Some(crate::config::EvalSplit::Fraction(f)) if used >= 2 => used - crate::data::held_out_rows(used, *f),
+        _ => used,
+    }
 }
 
 /// Why there is no plan to show, or `None` when there is one.
@@ -454,6 +464,51 @@ mod tests {
         assert_eq!(full_rank(&spec, &mlp_only.lora.targets), 64);
         // Without a dataset read yet, the config's own limit.
         assert_eq!(fixes(&spec, &cfg, &t, None).batch_cap, MAX_BATCH);
+    }
+
+    #[test]
+    fn largest_batch_counts_only_the_rows_trained_on() {
+        // The demo's 350 usable rows with a fifth held out to evaluate on: a step can draw from
+        // the 280 left, so the batch search must stop there, not at 350.
+        let mut cfg = RunConfig::default();
+        cfg.dataset.eval_split = Some(crate::config::EvalSplit::Fraction(0.2));
+        let mut state = AppState::new(cfg, None, false, std::env::temp_dir().join("tunestudio-test-settings"));
+        state.dataset.view = crate::app::jobs::Load::Ready(crate::app::state::dataset::DatasetView {
+            path: "d.jsonl".into(),
+            file_kind: "jsonl".into(),
+            format: crate::config::DatasetFormat::Alpaca,
+            template: "llama-3".into(),
+            mask: String::new(),
+            refusal: None,
+            columns: Vec::new(),
+            rows_total: 355,
+            rows_used: 350,
+            skipped: Vec::new(),
+            truncated_rows: 0,
+            trained_tokens: 0,
+            total_tokens: 0,
+            max_seq_len: 512,
+            lengths: crate::data::preflight::LengthStats::of(&[], 512),
+            previews: Vec::new(),
+        });
+        assert_eq!(dataset_rows(&state), Some(280));
+        let t = target(Card::profile("a100-80"), &state.config, None);
+        let accum = state.config.train.grad_accum;
+        let f = fixes(&tiny(), &state.config, &t, dataset_rows(&state));
+        assert_eq!((f.batch_cap, f.batch_size), (280 / accum, Some(280 / accum)));
+        // An evaluation file of its own holds none of the dataset's rows out.
+        state.config.dataset.eval_split = Some(crate::config::EvalSplit::File("held.jsonl".into()));
+        assert_eq!(dataset_rows(&state), Some(350));
+        state.config.dataset.eval_split = None;
+        assert_eq!(dataset_rows(&state), Some(350));
+        // The count is the session's own split, for every size and fraction.
+        for n in 2..60 {
+            for f in [0.01, 0.1, 0.25, 0.5] {
+                let examples = (0..n).map(|row| crate::data::Example { input_ids: vec![1], labels: vec![1], row }).collect();
+                let (train, _) = crate::data::split_eval(examples, f, 7).unwrap();
+                assert_eq!(training_rows(n, Some(&crate::config::EvalSplit::Fraction(f))), train.len(), "n {n}, fraction {f}");
+            }
+        }
     }
 
     fn tiny() -> ModelSpec {
