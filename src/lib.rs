@@ -3,6 +3,7 @@
 //! studio window. ARCHITECTURE.md is the map.
 
 #[cfg(feature = "gui")]
+pub mod adapter;
 pub mod app;
 pub mod assets;
 pub mod backend;
