@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::adapter::{complete_token_rows, load_peft};
 use crate::backend::LossSum;
 use crate::backend::cpu::CpuBackend;
 use crate::config::{DatasetConfig, LoraConfig, Quantization};
@@ -15,7 +16,6 @@ use crate::data::Batch;
 use crate::engine::lora::LoraWeights;
 use crate::engine::{EngineOptions, Trainer};
 use crate::error::Result;
-use crate::export::adapter::{complete_token_rows, load_peft};
 use crate::model::{ModelSpec, WeightStore};
 
 #[derive(Debug, Clone)]

@@ -484,9 +484,8 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     }
     assert!(copied, "Copy path puts the exported folder's path on the clipboard");
     let exported =
-        tunestudio::export::adapter::load_peft(&out, &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap())
-            .unwrap();
-    let saved = tunestudio::export::adapter::load_peft(
+        tunestudio::adapter::load_peft(&out, &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap()).unwrap();
+    let saved = tunestudio::adapter::load_peft(
         &run_dir.join("adapter"),
         &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap(),
     )

@@ -13,6 +13,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
 use serde::Serialize;
 
+use crate::adapter::{AdapterFiles, load_peft};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DeviceInfo, LossSum};
 use crate::config::{EvalSplit, RunConfig};
@@ -23,7 +24,6 @@ use crate::engine::plan::PlanTarget;
 use crate::engine::schedule::Schedule;
 use crate::engine::{EngineOptions, TokenRows, Trainer};
 use crate::error::{Error, IoContext, Result};
-use crate::export::adapter::{AdapterFiles, load_peft};
 use crate::model::{ModelSpec, WeightStore};
 use crate::prepare::{self, Place, Purpose, TokenAction};
 use checkpoint::{CheckpointState, RunStatus, StepMetrics};
