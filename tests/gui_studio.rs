@@ -820,12 +820,17 @@ fn gui_budget_shows_other_processes_and_plans_for_card_profiles() {
     let want = expected_verdict(&h, &spec);
     assert!(want.contains("NVIDIA L4 (profile l4)") && !want.contains("other processes"), "a profile is that card, idle: {want}");
     assert!(h.query_by_label(&want).is_some());
+    // Before Start: the predicted speed and ETA on that card, and how far to trust them.
+    let predicted = h.get_by_label_contains("predicted: ~").accesskit_node().value().unwrap_or_default();
+    assert!(predicted.contains("tokens/s") && predicted.contains("NVIDIA L4 datasheet"), "{predicted}");
+    assert!(predicted.contains("not yet measured on this card"), "{predicted}");
     click(&mut h, "Preview for");
     click(&mut h, "Tesla T4 · 15 GiB (cannot run)");
     assert_eq!(h.state().state.budget.card, Card::profile("t4"));
     settle(&mut h);
     let t4 = h.get_by_label_contains("Cannot train on Tesla T4").accesskit_node().value().unwrap_or_default();
     assert!(t4.contains("compute capability 7.5 has no bf16 tensor cores"), "{t4}");
+    assert!(h.query_by_label_contains("predicted: ~").is_none(), "no speed for a card that cannot train");
 }
 
 /// `train.device = cuda` on a machine without a usable GPU: the preflight dialog says why and

@@ -6,6 +6,7 @@
 //! (`batch_size × max_seq_len` rows); a step allocates nothing. Checkpointing keeps each layer's
 //! input and recomputes the layer in the backward, or keeps every activation when it fits.
 
+pub mod cost;
 pub mod infer;
 pub mod lora;
 pub mod model;

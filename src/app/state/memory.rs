@@ -147,6 +147,9 @@ pub struct BudgetView {
     pub fits: Option<bool>,
     /// Why the CUDA engine cannot run on this card at all (a card below compute capability 8.0).
     pub refusal: Option<String>,
+    /// The predicted speed and ETA on this card (`engine::cost`), in words; `None` on the CPU and
+    /// for a card of unknown speed.
+    pub predicted: Option<String>,
 }
 
 /// The plan of `cfg` (with `token_rows` embedding rows trained by the untrained-token fix) on
@@ -184,6 +187,7 @@ pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option
         host: host.cloned(),
         fits: available.map(|_| p.fits),
         refusal: target.card.as_ref().and_then(|c| c.check_supported().err()).map(|r| r.reason),
+        predicted: p.step.as_ref().map(|s| s.summary(cfg.train.max_steps, cfg.train.grad_accum)),
     }
 }
 
