@@ -249,3 +249,54 @@ pub fn memory_summary(ui: &mut Ui, v: Option<&BudgetView>, measured: Option<u64>
     ui.label(RichText::new(line).color(color));
     memory_legend(ui, v, measured);
 }
+
+/// egui_plot's value step per this many points is what its grid spacers are given
+/// (`Plot::grid_spacing`'s minimum, set to the same number by `count_x_axis`).
+const GRID_MIN_POINTS: f32 = 8.0;
+/// Tick labels on a count axis (steps, seconds) at least this far apart, in points, and fully
+/// drawn from the upper end on: a label is 2 to 5 digits wide.
+const X_LABEL_SPACING: std::ops::RangeInclusive<f32> = 40.0..=50.0;
+
+/// The grid of a count axis (steps, seconds): labels on a 1-2-5 step at least
+/// `X_LABEL_SPACING`'s upper end apart, never finer than 1, with a finer grid between them.
+/// `base_step_size` is egui_plot's value per `GRID_MIN_POINTS`. egui_plot's default grid (powers
+/// of ten, labels 60 points apart) left a quarter-width plot with one label or none over long
+/// stretches of a run: from about 60 to 200 steps, again from 600 to 2000 (seen under Xvfb).
+pub fn count_axis_steps(base_step_size: f64) -> [f64; 3] {
+    let per_point = base_step_size / GRID_MIN_POINTS as f64;
+    let want = (per_point * *X_LABEL_SPACING.end() as f64).max(1.0);
+    let magnitude = 10f64.powf(want.log10().floor());
+    let major = [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * magnitude).find(|&s| s >= want * (1.0 - 1e-9)).unwrap_or(10.0 * magnitude);
+    [major / 5.0, major, major * 5.0]
+}
+
+/// A plot whose x axis counts (steps, seconds): the grid of `count_axis_steps`, `label` under
+/// the axis ("" for none).
+pub fn count_x_axis<'a>(plot: egui_plot::Plot<'a>, label: &str) -> egui_plot::Plot<'a> {
+    plot.grid_spacing(GRID_MIN_POINTS..=300.0)
+        .x_grid_spacer(egui_plot::uniform_grid_spacer(|input| count_axis_steps(input.base_step_size)))
+        .custom_x_axes(vec![egui_plot::AxisHints::new_x().label(label.to_string()).label_spacing(X_LABEL_SPACING)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_axis_labels_are_apart_enough_and_on_whole_numbers() {
+        // Plots 200 to 1200 points wide over 3 to 100,000 steps.
+        for width in [200.0f64, 260.0, 600.0, 1200.0] {
+            for range in [3.0f64, 12.0, 60.0, 66.0, 150.0, 400.0, 700.0, 2500.0, 100_000.0] {
+                let base = range / width * GRID_MIN_POINTS as f64;
+                let [fine, major, coarse] = count_axis_steps(base);
+                let apart = major / range * width;
+                assert!(major >= 1.0 && major.fract() == 0.0, "{major}");
+                assert!(apart >= *X_LABEL_SPACING.end() as f64 - 1e-6 || major == 1.0, "{width} pt, {range} steps: labels {apart:.0} pt apart");
+                assert!(apart < 130.0 || major == 1.0, "{width} pt, {range} steps: labels {apart:.0} pt apart leave too few");
+                // Two labels at least in a quarter-width plot (the small plots at 1280 px).
+                assert!(width < 250.0 || range / major >= 1.9, "{width} pt, {range} steps: step {major}");
+                assert!(fine < major && coarse > major);
+            }
+        }
+    }
+}

@@ -149,6 +149,20 @@ enum Outcome {
     Skipped(SkippedRow),
 }
 
+/// Where a dataset's chat template came from (`DatasetReport::template`: `model`,
+/// `model:<name>`, `builtin:<name>`, `none (raw text)`), in a user's words.
+pub fn template_words(origin: &str) -> String {
+    if origin.starts_with("none") {
+        return "no chat template (raw text)".into();
+    }
+    match origin.split_once(':') {
+        None if origin == "model" => "the model's own chat template".into(),
+        Some(("model", name)) => format!("the model's chat template named {name}"),
+        Some(("builtin", name)) => format!("TuneStudio's built-in {name} template"),
+        _ => origin.into(),
+    }
+}
+
 /// How many of `n` usable rows (at least 2) `dataset.eval_split = fraction` holds out: at least
 /// one, and at least one left to train on. `split_eval` holds out exactly these; the studio's
 /// "largest that fits" counts the rest as the rows a step can draw from.

@@ -33,7 +33,7 @@ fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: 
                 }
             });
         }
-        let plot = Plot::new(id).height(120.0).width(width).allow_scroll(false).show_x(true);
+        let plot = widgets::count_x_axis(Plot::new(id), "").height(120.0).width(width).allow_scroll(false).show_x(true);
         plot.show(ui, |p| {
             p.line(Line::new(title, PlotPoints::from(points)).color(color));
             for (name, y, c) in hlines {
@@ -47,7 +47,7 @@ fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: 
 /// seconds into the run.
 fn gpu_plot(ui: &mut Ui, id: &str, title: &str, lines: Vec<(&str, Vec<[f64; 2]>, Color32)>, refs: &[(&str, f64)], width: f32, height: f32) {
     ui.small(title);
-    Plot::new(id).height(height).width(width).allow_scroll(false).show_x(true).show(ui, |p| {
+    widgets::count_x_axis(Plot::new(id), "").height(height).width(width).allow_scroll(false).show_x(true).show(ui, |p| {
         for (name, points, color) in lines {
             p.line(Line::new(name, PlotPoints::from(points)).color(color));
         }
@@ -185,7 +185,7 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         let loss_height = avail.max(140.0);
         let eval_empty = c.eval_loss.is_empty();
         let loss_plot = |ui: &mut Ui, width: f32| {
-            Plot::new("loss").height(loss_height).width(width).legend(Legend::default()).x_axis_label("step").allow_scroll(false).show(
+            widgets::count_x_axis(Plot::new("loss"), "step").height(loss_height).width(width).legend(Legend::default()).allow_scroll(false).show(
                 ui,
                 |pl| {
                     pl.line(Line::new("loss", PlotPoints::from(c.loss.clone())).color(Color32::from_rgba_unmultiplied(100, 150, 220, 110)));

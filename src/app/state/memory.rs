@@ -494,6 +494,7 @@ mod tests {
             max_seq_len: 512,
             lengths: crate::data::preflight::LengthStats::of(&[], 512),
             previews: Vec::new(),
+            held_out: None,
         });
         assert_eq!(dataset_rows(&state), Some(280));
         let t = target(Card::profile("a100-80"), &state.config, None);
