@@ -1640,7 +1640,11 @@ fn gui_small_plots_keep_their_step_labels_as_the_run_grows() {
                 let mut rows: Vec<(f32, Vec<i64>)> = Vec::new();
                 for (text, pos) in &texts {
                     let Ok(v) = text.parse::<i64>() else { continue };
-                    if pos.x < r.left() - 2.0 || pos.x > r.left() + (width - 172.0) / 4.0 || pos.y < r.bottom() || pos.y > r.bottom() + 140.0 {
+                    if pos.x < r.left() - 2.0
+                        || pos.x > r.left() + (width - 172.0) / 4.0
+                        || pos.y < r.bottom()
+                        || pos.y > r.bottom() + 140.0
+                    {
                         continue;
                     }
                     match rows.iter_mut().find(|(y, _)| (y - pos.y).abs() < 0.5) {
@@ -1669,7 +1673,9 @@ fn gui_status_bar_and_toolbar_say_what_is_happening() {
     h.state_mut().state.config.train.max_steps = Some(400);
     click(&mut h, "▶ Start");
     assert!(h.state().state.preflight.open);
-    let wrong = |h: &Harness<'static, StudioApp>| h.query_by_label("not ready").is_some() || h.query_by_label_contains("Start is disabled").is_some();
+    let wrong = |h: &Harness<'static, StudioApp>| {
+        h.query_by_label("not ready").is_some() || h.query_by_label_contains("Start is disabled").is_some()
+    };
     if h.state().state.preflight.report.is_loading() {
         assert!(h.query_by_label("checking…").is_some(), "the toolbar while the check runs");
         assert!(h.query_by_label_contains("Checking the model, the tokenizer and the data").is_some());
@@ -1746,7 +1752,10 @@ fn gui_dataset_and_preflight_words_of_the_second_xvfb_pass() {
     wait_for(&mut h, "the dataset's reading with the file", 60, |a| matches!(a.state.dataset.view, Load::Loading));
     wait_loaded(&mut h);
     settle(&mut h);
-    assert!(h.query_by_label_contains("350 used, 0 skipped, 0 truncated to 256 tokens · evaluated on the 50 usable rows of eval.jsonl").is_some());
+    assert!(
+        h.query_by_label_contains("350 used, 0 skipped, 0 truncated to 256 tokens · evaluated on the 50 usable rows of eval.jsonl")
+            .is_some()
+    );
     h.state_mut().state.config.dataset.eval_split = Some(tunestudio::config::EvalSplit::File(fixed_dir("words-none").join("gone.jsonl")));
     wait_for(&mut h, "the dataset's reading with a missing file", 60, |a| matches!(a.state.dataset.view, Load::Loading));
     wait_loaded(&mut h);

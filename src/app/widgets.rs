@@ -291,7 +291,10 @@ mod tests {
                 let [fine, major, coarse] = count_axis_steps(base);
                 let apart = major / range * width;
                 assert!(major >= 1.0 && major.fract() == 0.0, "{major}");
-                assert!(apart >= *X_LABEL_SPACING.end() as f64 - 1e-6 || major == 1.0, "{width} pt, {range} steps: labels {apart:.0} pt apart");
+                assert!(
+                    apart >= *X_LABEL_SPACING.end() as f64 - 1e-6 || major == 1.0,
+                    "{width} pt, {range} steps: labels {apart:.0} pt apart"
+                );
                 assert!(apart < 130.0 || major == 1.0, "{width} pt, {range} steps: labels {apart:.0} pt apart leave too few");
                 // Two labels at least in a quarter-width plot (the small plots at 1280 px).
                 assert!(width < 250.0 || range / major >= 1.9, "{width} pt, {range} steps: step {major}");

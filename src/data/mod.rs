@@ -369,3 +369,14 @@ fn refuse_if_too_bad(report: &DatasetReport, max_bad_fraction: f64) -> Result<()
     }
     Err(Error::file(&report.path, msg))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn template_origins_in_words() {
+        assert_eq!(super::template_words("model"), "the model's own chat template");
+        assert_eq!(super::template_words("model:tool_use"), "the model's chat template named tool_use");
+        assert_eq!(super::template_words("builtin:llama-3"), "TuneStudio's built-in llama-3 template");
+        assert_eq!(super::template_words("none (raw text)"), "no chat template (raw text)");
+    }
+}

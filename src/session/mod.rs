@@ -324,9 +324,32 @@ fn unsharded(name: &str) -> &str {
 /// (`train.jsonl`, `train-00000-of-00001.parquet`), a hub snapshot's revision hash.
 fn says_nothing(name: &str) -> bool {
     const GENERIC: [&str; 26] = [
-        "model", "models", "weights", "checkpoint", "checkpoints", "base", "hf", "snapshots", "main", "final", "output", "merged",
-        "data", "dataset", "datasets", "train", "training", "test", "eval", "evaluation", "validation", "valid", "val", "dev",
-        "all", "default",
+        "model",
+        "models",
+        "weights",
+        "checkpoint",
+        "checkpoints",
+        "base",
+        "hf",
+        "snapshots",
+        "main",
+        "final",
+        "output",
+        "merged",
+        "data",
+        "dataset",
+        "datasets",
+        "train",
+        "training",
+        "test",
+        "eval",
+        "evaluation",
+        "validation",
+        "valid",
+        "val",
+        "dev",
+        "all",
+        "default",
     ];
     let n = unsharded(name).to_ascii_lowercase();
     GENERIC.contains(&n.as_str()) || (n.len() >= 7 && n.bytes().all(|c| c.is_ascii_hexdigit())) || matches!(n.as_str(), "/" | "." | "..")
@@ -361,12 +384,7 @@ pub fn dataset_name(path: &Path) -> String {
         return stem;
     }
     let above = hub_repo_name(path).or_else(|| {
-        path.parent()?
-            .components()
-            .rev()
-            .take(3)
-            .map(|c| c.as_os_str().to_string_lossy().to_string())
-            .find(|n| !says_nothing(n))
+        path.parent()?.components().rev().take(3).map(|c| c.as_os_str().to_string_lossy().to_string()).find(|n| !says_nothing(n))
     });
     let split = unsharded(&stem);
     match above {

@@ -185,9 +185,12 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         let loss_height = avail.max(140.0);
         let eval_empty = c.eval_loss.is_empty();
         let loss_plot = |ui: &mut Ui, width: f32| {
-            widgets::count_x_axis(Plot::new("loss"), "step").height(loss_height).width(width).legend(Legend::default()).allow_scroll(false).show(
-                ui,
-                |pl| {
+            widgets::count_x_axis(Plot::new("loss"), "step")
+                .height(loss_height)
+                .width(width)
+                .legend(Legend::default())
+                .allow_scroll(false)
+                .show(ui, |pl| {
                     pl.line(Line::new("loss", PlotPoints::from(c.loss.clone())).color(Color32::from_rgba_unmultiplied(100, 150, 220, 110)));
                     pl.line(
                         Line::new("smoothed", PlotPoints::from(c.loss_smooth.clone())).color(Color32::from_rgb(60, 140, 240)).width(2.5),
@@ -206,8 +209,7 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
                                 .filled(false),
                         );
                     }
-                },
-            );
+                });
         };
         if gpu.is_empty() {
             loss_plot(ui, ui.available_width());

@@ -84,9 +84,7 @@ pub enum HeldOut {
 fn held_out(cfg: &RunConfig, tok: &crate::model::tokenizer::TokenizerBundle, rows_used: usize) -> Option<HeldOut> {
     Some(match cfg.dataset.eval_split.as_ref()? {
         EvalSplit::Fraction(f) if rows_used >= 2 => HeldOut::Fraction { fraction: *f, rows: crate::data::held_out_rows(rows_used, *f) },
-        EvalSplit::Fraction(_) => {
-            HeldOut::Unusable(format!("holding rows out needs at least 2 usable rows; the dataset has {rows_used}"))
-        }
+        EvalSplit::Fraction(_) => HeldOut::Unusable(format!("holding rows out needs at least 2 usable rows; the dataset has {rows_used}")),
         EvalSplit::File(path) => {
             let eval_cfg = crate::config::DatasetConfig { path: path.clone(), fingerprint: None, eval_split: None, ..cfg.dataset.clone() };
             match prepare_dataset_unchecked(&eval_cfg, tok, cfg.train.max_seq_len) {

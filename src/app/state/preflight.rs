@@ -411,7 +411,10 @@ mod tests {
             refusal: None,
         };
         let cpu = device_line(&base);
-        assert_eq!(cpu, "CPU · train.device = auto · no usable GPU: the CUDA driver is too old or incomplete for this build (CUDA 13 is required)");
+        assert_eq!(
+            cpu,
+            "CPU · train.device = auto · no usable GPU: the CUDA driver is too old or incomplete for this build (CUDA 13 is required)"
+        );
         let card = crate::device::DeviceCheck {
             trains_on: Some("cuda".into()),
             device: "NVIDIA H100 (compute capability 9.0, 80 GiB)".into(),
