@@ -224,6 +224,7 @@ fn gui_demo_opens_with_model_and_dataset_selected() {
     assert!(view.previews[0].segments.iter().any(|x| x.kind == tunestudio::app::state::dataset::SpanKind::Trained));
     assert!(h.query_by_label_contains("Untrained tokens").is_some());
     assert_eq!(h.state().state.model.recent.models.first(), Some(&h.state().state.config.model.path), "a loaded model is remembered");
+    assert!(h.query_by_label("demo").is_some(), "the recent model is called demo, as its runs are, not by its folder model/");
     assert!(tunestudio::app::start_blocker(&h.state().state).is_none());
     assert!(!disabled(&h, "▶ Start"));
 }
@@ -1306,6 +1307,13 @@ fn gui_chat_with_a_paused_run_answers_from_its_newest_checkpoint() {
     let newest = tunestudio::session::checkpoint::list(&run_dir).last().copied().unwrap();
     assert_eq!(m.adapter.as_deref(), Some(tunestudio::session::checkpoint::step_dir(&run_dir, newest).as_path()));
     assert!(m.has_adapter);
+    // What answers, in one line without parentheses in parentheses (it read "loaded run (newest
+    // checkpoint) on CPU (f32, 2 threads) (with the adapter, 0.0 s)").
+    settle(&mut h);
+    let node = h.get_by_label_contains("loaded ");
+    let line = node.accesskit_node().value().or(node.accesskit_node().label()).unwrap_or_default().to_string();
+    assert!(line.contains(" at its newest checkpoint · ") && line.contains(" · with the adapter · "), "{line}");
+    assert!(paren_depth(&line) <= 1 && line.matches('(').count() <= 1, "{line}");
     assert_eq!(h.state().state.training.phase, Phase::Paused, "chatting leaves the run paused");
     assert_eq!(steps(&h), at);
     click(&mut h, "⏵ Resume");
@@ -1612,7 +1620,8 @@ fn fixed_run(h: &mut Harness<'static, StudioApp>, n: u64) {
             grad_norm: 1.5 * (-x / 30.0).exp() + 0.3,
             tokens: 2048,
             trained_tokens: 700,
-            tokens_per_s: 4000.0 + 100.0 * (x * 0.3).cos(),
+            // As the demo swings on a busy 2-core machine: 1,300 to 7,000 tokens/s.
+            tokens_per_s: 4150.0 + 2850.0 * (x * 0.7).sin(),
             elapsed_s: x * 0.5,
             eta_s: (n as f64 - x) * 0.5,
             memory_bytes: Some((300 << 20) + (i << 12)),
@@ -1652,9 +1661,18 @@ fn gui_small_plots_keep_their_step_labels_as_the_run_grows() {
                         None => rows.push((pos.y, vec![v])),
                     }
                 }
-                let labels = rows.iter().map(|(_, v)| v.clone()).max_by_key(Vec::len).unwrap_or_default();
+                let (axis_y, labels) = rows.iter().cloned().max_by_key(|(_, v)| v.len()).unwrap_or_default();
                 assert!(labels.len() >= 2, "at {width} px, {n} steps: the {title} plot's x axis has the labels {labels:?}; rows {rows:?}");
                 assert!(labels.iter().all(|&v| v >= 0 && v <= n as i64 + n as i64 / 10 + 1), "{title}, {n} steps: {labels:?}");
+                // The y axis's labels: numbers at the plot's left edge, above the x axis. With
+                // egui_plot's powers of ten the tokens/s plot had none, the gradient norm "1".
+                let y_labels: Vec<&String> = texts
+                    .iter()
+                    .filter(|(t, p)| t.parse::<f64>().is_ok() && p.x >= r.left() - 2.0 && p.x < r.left() + 60.0)
+                    .filter(|(_, p)| p.y > r.bottom() && p.y < axis_y - 1.0)
+                    .map(|(t, _)| t)
+                    .collect();
+                assert!(y_labels.len() >= 2, "at {width} px, {n} steps: the {title} plot's y axis has the labels {y_labels:?}");
             }
         }
     }
@@ -1764,6 +1782,16 @@ fn gui_dataset_and_preflight_words_of_the_second_xvfb_pass() {
     h.state_mut().state.config.dataset.eval_split = None;
     wait_for(&mut h, "the dataset's reading without a split", 60, |a| matches!(a.state.dataset.view, Load::Loading));
     wait_loaded(&mut h);
+
+    // With a step limit the Epochs field says how many passes it makes (it showed the unused
+    // setting, 1.00, for 600 steps): 600 steps of 8 over 350 rows, 44 steps an epoch.
+    go(&mut h, Page::Hyper);
+    h.state_mut().state.config.train.max_steps = Some(600);
+    settle(&mut h);
+    assert!(h.query_by_label("≈ 13.6, from the step limit").is_some());
+    h.state_mut().state.config.train.max_steps = None;
+    settle(&mut h);
+    assert!(h.query_by_label("≈ 13.6, from the step limit").is_none());
 
     // The preflight dialog: the template in words, and a Device line without nested parentheses
     // (it was "CPU (auto: no usable GPU (the NVIDIA driver library (libcuda.so) is not installed): …)").

@@ -33,7 +33,8 @@ fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: 
                 }
             });
         }
-        let plot = widgets::count_x_axis(Plot::new(id), "").height(120.0).width(width).allow_scroll(false).show_x(true);
+        let plot =
+            widgets::value_y_axis(widgets::count_x_axis(Plot::new(id), "")).height(120.0).width(width).allow_scroll(false).show_x(true);
         plot.show(ui, |p| {
             p.line(Line::new(title, PlotPoints::from(points)).color(color));
             for (name, y, c) in hlines {
@@ -47,14 +48,17 @@ fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: 
 /// seconds into the run.
 fn gpu_plot(ui: &mut Ui, id: &str, title: &str, lines: Vec<(&str, Vec<[f64; 2]>, Color32)>, refs: &[(&str, f64)], width: f32, height: f32) {
     ui.small(title);
-    widgets::count_x_axis(Plot::new(id), "").height(height).width(width).allow_scroll(false).show_x(true).show(ui, |p| {
-        for (name, points, color) in lines {
-            p.line(Line::new(name, PlotPoints::from(points)).color(color));
-        }
-        for (name, y) in refs {
-            p.hline(HLine::new(*name, *y).color(Color32::GRAY));
-        }
-    });
+    widgets::value_y_axis(widgets::count_x_axis(Plot::new(id), "")).height(height).width(width).allow_scroll(false).show_x(true).show(
+        ui,
+        |p| {
+            for (name, points, color) in lines {
+                p.line(Line::new(name, PlotPoints::from(points)).color(color));
+            }
+            for (name, y) in refs {
+                p.hline(HLine::new(*name, *y).color(Color32::GRAY));
+            }
+        },
+    );
 }
 
 /// Utilization, memory (ours and other processes'), temperature and power, and the SM clock.
