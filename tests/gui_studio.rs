@@ -1615,7 +1615,8 @@ fn fixed_run(h: &mut Harness<'static, StudioApp>, n: u64) {
             step: i,
             total_steps: n,
             epoch: x / 45.0,
-            loss: 3.0 * (-x / (n as f64 / 3.0)).exp() + 0.9,
+            // From 2 down to 0.45, as the demo's: egui_plot's powers of ten labelled only "1".
+            loss: 1.55 * (-x / (n as f64 / 3.0)).exp() + 0.45,
             lr: 2e-3 * (1.0 - x / n as f64),
             grad_norm: 1.5 * (-x / 30.0).exp() + 0.3,
             tokens: 2048,
@@ -1643,6 +1644,14 @@ fn gui_small_plots_keep_their_step_labels_as_the_run_grows() {
             fixed_run(&mut h, n);
             settle(&mut h);
             let texts = painted_texts(&h);
+            let (loss, below) = (h.get_by_label("Loss").rect(), h.get_by_label("Learning rate").rect().top());
+            let loss_labels: Vec<&String> = texts
+                .iter()
+                .filter(|(t, p)| t.parse::<f64>().is_ok() && p.x >= loss.left() - 2.0 && p.x < loss.left() + 40.0)
+                .filter(|(_, p)| p.y > loss.bottom() && p.y < below - 30.0)
+                .map(|(t, _)| t)
+                .collect();
+            assert!(loss_labels.len() >= 3, "at {width} px, {n} steps: the loss plot's y axis has the labels {loss_labels:?}");
             for title in ["Learning rate", "Gradient norm", "Tokens / s"] {
                 let r = h.get_by_label(title).rect();
                 // The x axis's labels: whole numbers on one line under the plot's area.
@@ -1811,4 +1820,28 @@ fn gui_dataset_and_preflight_words_of_the_second_xvfb_pass() {
     let dir = h.state().state.training.run_dir().unwrap().to_path_buf();
     let name = dir.file_name().unwrap().to_string_lossy().to_string();
     assert!(name.starts_with("demo-train-2"), "{name}");
+}
+
+#[test]
+fn gui_a_run_starts_only_with_the_config_its_check_was_shown_for() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "checked");
+    wait_loaded(&mut h);
+    click(&mut h, "▶ Start");
+    wait_for(&mut h, "the preflight report", 120, |a| a.state.preflight.report.ready().is_some());
+    settle(&mut h);
+    assert!(h.query_by_label_contains("60 optimizer steps").is_some());
+    // A field's edit that lands after the check (under Xvfb: the step limit committed in the frame
+    // F5 was pressed; the dialog said 60 steps and the run made 600).
+    h.state_mut().state.config.train.max_steps = Some(7);
+    h.key_press(egui::Key::Enter);
+    h.step();
+    assert!(!h.state().state.training.phase.is_active(), "not started with a config the dialog did not show");
+    assert!(h.state().state.preflight.open, "checked again");
+    wait_for(&mut h, "the new report", 120, |a| a.state.preflight.report.ready().is_some());
+    settle(&mut h);
+    assert!(h.query_by_label_contains("7 optimizer steps").is_some());
+    h.key_press(egui::Key::Enter);
+    wait_for(&mut h, "the run", 120, |a| a.state.training.phase == Phase::Done);
+    assert_eq!(h.state().state.training.metrics.last().map(|m| m.total_steps), Some(7));
 }

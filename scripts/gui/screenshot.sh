@@ -17,6 +17,8 @@ width=1280
 height=820
 
 cargo build --release --bin tunestudio
+# ImageMagick 7 is `magick`; 6 is `convert`, which some machines shadow with another program.
+if command -v magick >/dev/null; then im=(magick); else im=(/usr/bin/convert); fi
 
 work="$(mktemp -d)"
 cleanup() {
@@ -50,6 +52,6 @@ sleep "$wait_s"
 
 import -window root "$work/full.png"
 # Half size keeps the PNG small enough for the README.
-convert "$work/full.png" -resize 60% -strip -define png:compression-level=9 "$out"
+"${im[@]}" "$work/full.png" -resize 60% -strip -define png:compression-level=9 "$out"
 echo "screenshot: $out ($(du -h "$out" | cut -f1))"
 grep -i -E "error|panic" "$work/studio.log" >&2 || true

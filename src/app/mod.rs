@@ -315,9 +315,19 @@ impl StudioApp {
             }
             Action::AcceptFixAndStart => {
                 s.config.dataset.fix_untrained_tokens = true;
+                // The report asked for this very change: it still holds for the config.
+                s.preflight.key = jobs::key_of(&[&s.config.to_toml()]);
                 self.act(Action::ConfirmStart, ctx);
             }
             Action::ConfirmStart => {
+                // The config changed since the check (a field's edit committed in the frame
+                // that pressed Start, seen under Xvfb: the dialog said 60 steps, the run made
+                // 600): check again rather than start what nobody was shown.
+                if s.preflight.open && jobs::key_of(&[&s.config.to_toml()]) != s.preflight.key {
+                    s.preflight.open = false;
+                    self.carry_out(Action::Start, ctx);
+                    return;
+                }
                 s.preflight.open = false;
                 let cfg = s.config.clone();
                 self.start_session(cfg, None);

@@ -189,7 +189,7 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         let loss_height = avail.max(140.0);
         let eval_empty = c.eval_loss.is_empty();
         let loss_plot = |ui: &mut Ui, width: f32| {
-            widgets::count_x_axis(Plot::new("loss"), "step")
+            widgets::value_y_axis(widgets::count_x_axis(Plot::new("loss"), "step"))
                 .height(loss_height)
                 .width(width)
                 .legend(Legend::default())

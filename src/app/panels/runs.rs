@@ -187,7 +187,7 @@ fn row(
 fn comparison(ui: &mut Ui, c: &Comparison) {
     let diff_height = (24.0 + 20.0 * c.diff.len() as f32).min(ui.available_height() * 0.45);
     let plot_height = (ui.available_height() - diff_height - 30.0).max(140.0);
-    widgets::count_x_axis(Plot::new("compare-loss"), "step").height(plot_height).legend(Legend::default()).allow_scroll(false).show(
+    widgets::value_y_axis(widgets::count_x_axis(Plot::new("compare-loss"), "step")).height(plot_height).legend(Legend::default()).allow_scroll(false).show(
         ui,
         |p| {
             for (i, r) in c.runs.iter().enumerate() {
