@@ -151,7 +151,8 @@ if [ "${README:-0}" = 1 ]; then
   small 08-done screenshot
   small 09-preflight-many-epochs screenshot-preflight
   small 14-compare screenshot-runs
-  small 17-chat screenshot-chat
+  # The chat's turns sit at the top of an empty page: the top, at a size the answers read at.
+  "${im[@]}" "$out/17-chat.png" -crop 1600x260+0+0 +repage -resize 60% -strip -define png:compression-level=9 assets/screenshot-chat.png
   echo "README screenshots: assets/screenshot.png, screenshot-preflight.png, screenshot-runs.png, screenshot-chat.png"
 fi
 grep -i -E "error|panic" "$work/studio.log" | grep -v XDG_RUNTIME_DIR >&2 || true
