@@ -266,6 +266,14 @@ impl<B: Backend> Generator<B> {
         }
     }
 
+    /// Answer with other LoRA weights of the same shape from now on (`Inference::replace_lora`);
+    /// the cached conversations are forgotten.
+    pub fn replace_lora(&mut self, weights: &crate::engine::lora::LoraWeights) -> Result<()> {
+        self.infer.replace_lora(weights)?;
+        self.cached.iter_mut().for_each(Vec::clear);
+        Ok(())
+    }
+
     /// Forget what every slot holds.
     pub fn reset(&mut self) -> Result<()> {
         for s in 0..self.cached.len() {

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod guard;
 pub mod lock;
+pub mod samples;
 pub mod telemetry;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +47,11 @@ pub enum Event {
     },
     Resumed {
         step: u64,
+    },
+    /// The sample prompts answered by the weights after `step` (`[samples]`), in prompt order.
+    Samples {
+        step: u64,
+        samples: Vec<samples::Sample>,
     },
     /// A telemetry reading of the GPU (about once a second during a CUDA run, where NVML reads it).
     Gpu(crate::backend::nvml::GpuSample),
@@ -375,6 +381,8 @@ struct Prepared {
     /// Rows trained on (the dataset's usable rows less the held-out ones).
     train_rows: usize,
     eval_rows: usize,
+    /// What `[samples]` answers (empty: no samples).
+    sample_prompts: Vec<samples::SamplePrompt>,
 }
 
 fn run(
@@ -552,6 +560,15 @@ fn run(
     let report = data.report.clone();
     let (train_examples, eval_examples) = eval_sets(&cfg.dataset, data.examples, cfg.train.seed, &tok, cfg.train.max_seq_len)?;
     let train_rows = train_examples.len();
+    let sample_prompts = samples::prompts(&cfg, if eval_examples.is_empty() { &train_examples } else { &eval_examples }, &tok)?;
+    if !sample_prompts.is_empty() {
+        log(format!(
+            "answering {} sample prompt{} every {} steps and after the last (samples.jsonl)",
+            sample_prompts.len(),
+            if sample_prompts.len() == 1 { "" } else { "s" },
+            cfg.samples.every
+        ));
+    }
     let eval: Vec<Batch> = eval_examples
         .chunks(cfg.train.batch_size.max(1))
         .map(|c| {
@@ -625,6 +642,7 @@ fn run(
         eval,
         train_rows,
         eval_rows: eval_examples.len(),
+        sample_prompts,
     };
     let host = crate::backend::host_memory();
     match opened {
@@ -634,12 +652,14 @@ fn run(
             let machine = Machine { gpu: Some(Gpu::of_backend(&gpu)), no_gpu_reason: String::new(), host };
             let req = crate::device::Request { device: DeviceChoice::Cuda, card: None, memory_cap: request.memory_cap };
             let target = plan_target(&req, &machine);
-            train_on(*gpu, prepared, &target, &options, events, control)
+            // Samples answer on a backend of their own (generation's buffers and a copy of the
+            // weights, outside the training plan).
+            train_on(*gpu, prepared, &target, &options, events, control, &|| crate::backend::cuda::CudaBackend::new())
         }
         Opened::Cpu { .. } => {
             let machine = Machine { host, ..Machine::default() };
             let target = plan_target(&crate::device::Request { device: DeviceChoice::Cpu, ..Default::default() }, &machine);
-            train_on(CpuBackend::<f32>::new(), prepared, &target, &options, events, control)
+            train_on(CpuBackend::<f32>::new(), prepared, &target, &options, events, control, &|| Ok(CpuBackend::<f32>::new()))
         }
     }
 }
@@ -739,6 +759,7 @@ fn train_on<B: Backend>(
     options: &StartOptions,
     events: &Sender<Event>,
     control: &Receiver<Control>,
+    sample_backend: &dyn Fn() -> Result<B>,
 ) -> Result<Finished> {
     let send = |e: Event| {
         let _ = events.send(e);
@@ -785,6 +806,7 @@ fn train_on<B: Backend>(
         trainer.set_optimizer_state(&c.optimizer)?;
         trainer.set_micro_counter(c.state.micro_counter);
         checkpoint::truncate_metrics(&p.run_dir, c.state.step)?;
+        samples::truncate(&p.run_dir, c.state.step)?;
         elapsed_before = checkpoint::read_metrics(&p.run_dir).last().map_or(0.0, |m| m.elapsed_s);
     }
     let trainable = trainer.lora_weights()?.num_params();
@@ -857,6 +879,7 @@ fn train_on<B: Backend>(
         Ok(())
     };
 
+    let mut sampler = samples::Sampler::<B>::new(p.sample_prompts.clone(), cfg.samples.max_new_tokens);
     let mut stopped = false;
     while trainer.step < p.total_steps {
         // Controls are handled between steps: a step is never interrupted half-way.
@@ -962,6 +985,19 @@ fn train_on<B: Backend>(
         {
             // No checkpoint of this state: it is the diverged one. The last one saved is kept.
             return Err(Error::Diverged { step: trainer.step, why });
+        }
+        if !sampler.is_empty() && cfg.samples.due_at(trainer.step, p.total_steps) {
+            match sampler.answer(&trainer, cfg, &p.spec, &store, sample_backend) {
+                Ok(s) => {
+                    samples::append(&p.run_dir, &s)?;
+                    send(Event::Samples { step: trainer.step, samples: s });
+                }
+                Err(e) => {
+                    // Samples are a view of the run, not part of it: the run goes on without them.
+                    send(Event::Log(format!("warning: the samples at step {} failed ({e}); training goes on without samples", trainer.step)));
+                    sampler = samples::Sampler::new(Vec::new(), 0);
+                }
+            }
         }
         let by_steps = cfg.train.save_every > 0 && trainer.step % cfg.train.save_every == 0;
         let by_time = cfg.train.save_every_minutes > 0.0 && unsaved_since.elapsed() >= save_interval;
