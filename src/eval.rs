@@ -8,15 +8,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::adapter::{complete_token_rows, load_peft};
 use crate::backend::LossSum;
 use crate::backend::cpu::CpuBackend;
 use crate::config::{DatasetConfig, LoraConfig, Quantization};
-use crate::data::{Batch, prepare_dataset};
+use crate::data::Batch;
 use crate::engine::lora::LoraWeights;
 use crate::engine::{EngineOptions, Trainer};
 use crate::error::Result;
-use crate::export::adapter::{complete_token_rows, load_peft};
-use crate::model::tokenizer::TokenizerBundle;
 use crate::model::{ModelSpec, WeightStore};
 
 #[derive(Debug, Clone)]
@@ -154,9 +153,11 @@ impl Scorer {
 
 /// Evaluate a dataset on the CPU reference backend (f32).
 pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
-    crate::model::check_folder(&opts.model)?;
-    let tok = TokenizerBundle::load(&opts.model)?;
-    let data = prepare_dataset(&opts.dataset, &tok, opts.max_seq_len)?;
+    // The run's own stages (`crate::prepare`): the folder read whole, the dataset as a run reads
+    // it (`max_bad_fraction` 1 by default: every usable row is scored).
+    let model = crate::prepare::Model::open(&opts.model)?;
+    let tok = &model.tok;
+    let data = crate::prepare::dataset(&opts.dataset, tok, opts.max_seq_len, crate::prepare::Purpose::Train)?;
     let batch_size = if opts.per_example { 1 } else { opts.batch_size.max(1) };
     let longest = data.examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(1);
     let mut scorer = Scorer::open(&opts.model, opts.adapter.as_deref(), opts.quantization, batch_size, longest, tok.pad_id())?;

@@ -2,6 +2,7 @@
 //! backend behind one `Backend` trait, a training session on a background thread, a CLI and a
 //! studio window. ARCHITECTURE.md is the map.
 
+pub mod adapter;
 #[cfg(feature = "gui")]
 pub mod app;
 pub mod assets;
@@ -18,6 +19,7 @@ pub mod export;
 pub mod generate;
 pub mod model;
 pub mod preflight;
+pub mod prepare;
 pub mod quant;
 pub mod session;
 pub mod util;

@@ -243,21 +243,26 @@ fn embedding_gather_rows_and_set_rows() {
 
 /// Llama's norm over the hidden size (wide and ragged rows), Gemma's `(1 + w)` norm, and the
 /// per-head q/k norms of Qwen3 (head_dim 128) and Gemma 3 (256): `n · heads` rows of head_dim.
+/// The rows of scale 1e25 and 1e36 are a diverging run's residual stream, whose squares overflow
+/// f32: the norm must still be x / rms(x) there, and its gradient not flattened to zero.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn rmsnorm_forward_and_backward() {
     let (be, cpu) = (gpu(), Cpu::new());
     let mut rng = ChaCha8Rng::seed_from_u64(104);
     let gemma = RmsNorm { eps: 1e-6, weight_offset: 1.0 };
-    for (norm, n, d) in [
-        (RmsNorm::plain(1e-5), 33, 4096usize),
-        (RmsNorm::plain(1e-5), 33, 100),
-        (gemma, 33, 2560),
-        (RmsNorm::plain(1e-6), 33 * 32, 128),
-        (gemma, 33 * 8, 256),
+    for (norm, n, d, scale) in [
+        (RmsNorm::plain(1e-5), 33, 4096usize, 2.0f32),
+        (RmsNorm::plain(1e-5), 33, 100, 2.0),
+        (gemma, 33, 2560, 2.0),
+        (RmsNorm::plain(1e-6), 33 * 32, 128, 2.0),
+        (gemma, 33 * 8, 256, 2.0),
+        (RmsNorm::plain(1e-5), 33, 4096, 1e25),
+        (gemma, 33, 2560, 1e36),
+        (RmsNorm::plain(1e-5), 33, 100, 1e25),
     ] {
-        let what = format!("d={d}, offset {}", norm.weight_offset);
-        let x = randv(&mut rng, n * d, 2.0);
+        let what = format!("d={d}, offset {}, |x| < {scale:.0e}", norm.weight_offset);
+        let x = randv(&mut rng, n * d, scale);
         // Gemma's weights sit around 0 (the kernel adds the 1), the others around 1.
         let w: Vec<f32> = (0..d).map(|_| rb(1.0 - norm.weight_offset + rng.random_range(-0.2f32..0.2))).collect();
         let (mut out, mut inv) = (ct(&vec![0.0; n * d]), ct(&vec![0.0; n]));

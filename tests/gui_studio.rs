@@ -484,9 +484,8 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     }
     assert!(copied, "Copy path puts the exported folder's path on the clipboard");
     let exported =
-        tunestudio::export::adapter::load_peft(&out, &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap())
-            .unwrap();
-    let saved = tunestudio::export::adapter::load_peft(
+        tunestudio::adapter::load_peft(&out, &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap()).unwrap();
+    let saved = tunestudio::adapter::load_peft(
         &run_dir.join("adapter"),
         &tunestudio::model::ModelSpec::from_dir(&h.state().state.config.model.path).unwrap(),
     )
@@ -821,12 +820,17 @@ fn gui_budget_shows_other_processes_and_plans_for_card_profiles() {
     let want = expected_verdict(&h, &spec);
     assert!(want.contains("NVIDIA L4 (profile l4)") && !want.contains("other processes"), "a profile is that card, idle: {want}");
     assert!(h.query_by_label(&want).is_some());
+    // Before Start: the predicted speed and ETA on that card, and how far to trust them.
+    let predicted = h.get_by_label_contains("predicted: ~").accesskit_node().value().unwrap_or_default();
+    assert!(predicted.contains("tokens/s") && predicted.contains("NVIDIA L4 datasheet"), "{predicted}");
+    assert!(predicted.contains("not yet measured on this card"), "{predicted}");
     click(&mut h, "Preview for");
     click(&mut h, "Tesla T4 · 15 GiB (cannot run)");
     assert_eq!(h.state().state.budget.card, Card::profile("t4"));
     settle(&mut h);
     let t4 = h.get_by_label_contains("Cannot train on Tesla T4").accesskit_node().value().unwrap_or_default();
     assert!(t4.contains("compute capability 7.5 has no bf16 tensor cores"), "{t4}");
+    assert!(h.query_by_label_contains("predicted: ~").is_none(), "no speed for a card that cannot train");
 }
 
 /// `train.device = cuda` on a machine without a usable GPU: the preflight dialog says why and
@@ -905,6 +909,13 @@ fn gui_monitor_plots_gpu_telemetry_and_warns_when_the_card_throttles() {
     assert!(h.query_by_label_contains("⚠ the GPU is throttling for temperature (").is_some(), "the warning stays on the page");
     for title in ["GPU utilization (%)", "GPU memory (GiB): ours, other processes", "Temperature (°C) and power (W)", "SM clock (MHz)"] {
         assert!(h.query_by_label(title).is_some(), "{title}");
+    }
+    // The small memory plot names its lines in a key above it; an in-plot legend covered the
+    // measured curve.
+    h.state_mut().state.training.plan = long_report().budget;
+    settle(&mut h);
+    for key in ["— measured", "— plan"] {
+        assert!(h.query_by_label(key).is_some(), "memory plot key {key}");
     }
     h.state_mut().state.training.phase = Phase::Done;
     snapshot(&mut h, "training_monitor_gpu");

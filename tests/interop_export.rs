@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tunestudio::RunConfig;
+use tunestudio::adapter::load_peft;
 use tunestudio::config::Quantization;
-use tunestudio::export::adapter::load_peft;
 use tunestudio::export::merged::{MergeDtype, MergeInput, MergeOptions, Sink, export_merged, export_merged_with};
 use tunestudio::model::{ModelSpec, WeightStore};
 use tunestudio::session::{Event, StartOptions, start};
@@ -150,7 +150,7 @@ fn merged_demo_stops_at_the_end_of_a_turn() {
     let s = export_merged(&input, &dest, &MergeOptions::default()).unwrap();
     let tok = tunestudio::model::tokenizer::TokenizerBundle::load(&root().join("assets/demo/model")).unwrap();
     let eot = tok.token_id("<|eot_id|>").unwrap();
-    assert_eq!(tunestudio::export::merged::end_of_turn_token(&tok), Some(eot));
+    assert_eq!(tunestudio::model::tokenizer::end_of_turn_token(&tok), Some(eot));
     assert!(s.eos_token_ids.contains(&eot), "{:?}", s.eos_token_ids);
     let generation: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dest.join("generation_config.json")).unwrap()).unwrap();
@@ -234,7 +234,7 @@ fn ckpt_adapter_without_rows(tmp: &Path, adapter: &Path) -> PathBuf {
     let spec = ModelSpec::from_dir(&root().join("assets/demo/model")).unwrap();
     let a = load_peft(adapter, &spec).unwrap();
     let out = tmp.join("no-rows");
-    tunestudio::export::adapter::AdapterFiles { spec: &spec, weights: &a.weights, lora: &a.lora, base_model: "demo", tokens: None }
+    tunestudio::adapter::AdapterFiles { spec: &spec, weights: &a.weights, lora: &a.lora, base_model: "demo", tokens: None }
         .save(&out)
         .unwrap();
     out

@@ -13,10 +13,10 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use tunestudio::adapter::load_peft;
 use tunestudio::config::{Quantization, Target};
 use tunestudio::engine::model::{WeightSource, linear_name};
 use tunestudio::eval::{EvalOptions, Scorer, evaluate};
-use tunestudio::export::adapter::load_peft;
 use tunestudio::export::merged::{MergeDtype, MergeInput, MergeOptions, export_merged};
 use tunestudio::model::{ModelSpec, WeightStore};
 
@@ -333,7 +333,7 @@ fn write_trained_adapters() {
         let out = fixtures().join(format!("{m}_trained_adapter"));
         let _ = std::fs::remove_dir_all(&out);
         let weights = t.lora_weights().unwrap();
-        tunestudio::export::adapter::AdapterFiles { spec: &spec, weights: &weights, lora: &lora, base_model: m, tokens: rows.as_ref() }
+        tunestudio::adapter::AdapterFiles { spec: &spec, weights: &weights, lora: &lora, base_model: m, tokens: rows.as_ref() }
             .save(&out)
             .unwrap();
         eprintln!("{m}: losses {losses:?}, adapter in {}", out.display());

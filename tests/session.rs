@@ -195,7 +195,7 @@ fn a_fixed_runs_own_adapter_carries_the_trained_token_rows() {
             assert!(names.iter().any(|n| n == key), "{key} missing from {}", folder.display());
         }
         let spec = tunestudio::model::ModelSpec::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/model")).unwrap();
-        let a = tunestudio::export::adapter::load_peft(&folder, &spec).unwrap();
+        let a = tunestudio::adapter::load_peft(&folder, &spec).unwrap();
         assert_eq!(a.token_rows.as_ref(), Some(&rows), "{}", folder.display());
         assert_eq!(a.weights, ckpt.weights);
     }
@@ -210,7 +210,7 @@ fn a_run_without_adapter_exports_from_its_newest_checkpoint() {
     let to = tmp.path().join("exported");
     tunestudio::export::run::export_adapter(&dir, Some(&to)).unwrap();
     let spec = tunestudio::model::ModelSpec::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/model")).unwrap();
-    let a = tunestudio::export::adapter::load_peft(&to, &spec).unwrap();
+    let a = tunestudio::adapter::load_peft(&to, &spec).unwrap();
     assert_eq!(a.weights, checkpoint::load_latest(&dir).unwrap().weights);
 }
 
@@ -557,25 +557,19 @@ fn non_finite_adapters_and_checkpoints_are_refused_naming_the_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, dir, _) = run(demo_config(tmp.path(), 2), StartOptions { stop_after_step: Some(1), ..Default::default() });
     let spec = tunestudio::model::ModelSpec::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/model")).unwrap();
-    let good = tunestudio::export::adapter::load_peft(&dir.join("adapter"), &spec).unwrap();
+    let good = tunestudio::adapter::load_peft(&dir.join("adapter"), &spec).unwrap();
     let mut weights = good.weights.clone();
     let (&target, pair) = weights.layers[1].iter_mut().next().unwrap();
     pair.b[3] = f32::NAN;
     pair.b[5] = f32::INFINITY;
     let bad = tmp.path().join("bad");
-    tunestudio::export::adapter::AdapterFiles {
-        spec: &spec,
-        weights: &weights,
-        lora: &good.lora,
-        base_model: &good.base_model,
-        tokens: None,
-    }
-    .save(&bad)
-    .unwrap();
+    tunestudio::adapter::AdapterFiles { spec: &spec, weights: &weights, lora: &good.lora, base_model: &good.base_model, tokens: None }
+        .save(&bad)
+        .unwrap();
     let tensor = format!("layers.1.{}.{}.lora_B", target.hf_parent(), target.hf_name());
     let check = |m: &str| assert!(m.contains(&tensor) && m.contains("2 non-finite values"), "{m}");
 
-    check(&tunestudio::export::adapter::load_peft(&bad, &spec).unwrap_err().to_string());
+    check(&tunestudio::adapter::load_peft(&bad, &spec).unwrap_err().to_string());
     let mut cfg = demo_config(tmp.path(), 2);
     cfg.output.run_name = "continued".into();
     cfg.model.adapter = Some(bad.clone());

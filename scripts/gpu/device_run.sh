@@ -12,11 +12,11 @@
 set -u
 HERE=.dev/run
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-for f in "$HERE"/*.gz; do [ -e "$f" ] && gunzip -kf "$f"; done
+bash "$(dirname "$0")/unpack.sh" "$HERE"
 chmod +x "$HERE"/tunestudio "$HERE"/gpu_* 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 ALL_PROFILES="rtx3060 rtx3090 a10 a6000 rtx4090 l4 l40s rtx5090 a100-40 a100-80 h100-80"
-SUITES="gpu_kernels gpu_step gpu_demo"
+SUITES=${SUITES:-"gpu_kernels gpu_step gpu_demo gpu_device gpu_generate"}
 
 # One profile (or none: "native"): every suite, one log per suite, a line per suite.
 suites_as() {

@@ -10,7 +10,7 @@
 set -u
 HERE=.dev/run
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-for f in "$HERE"/*.gz; do [ -e "$f" ] && gunzip -kf "$f"; done
+bash "$(dirname "$0")/unpack.sh" "$HERE"
 chmod +x "$HERE"/tunestudio "$HERE"/gpu_* 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(tests bench hf)

@@ -14,7 +14,7 @@
 set -u
 HERE=.dev/run
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-for f in "$HERE"/*.gz; do [ -e "$f" ] && gunzip -kf "$f"; done
+bash "$(dirname "$0")/unpack.sh" "$HERE"
 chmod +x "$HERE"/tunestudio "$HERE"/gpu_* 2>/dev/null
 BIN=$HERE/tunestudio
 PY=${PYTHON:-python3}

@@ -207,6 +207,12 @@ pub fn memory_legend(ui: &mut Ui, v: &BudgetView, measured: Option<u64>) {
         ));
     }
     ui.weak(line);
+    if let Some(pred) = v.predicted.as_ref().filter(|_| v.refusal.is_none()) {
+        ui.weak(format!("predicted: {pred}")).on_hover_text(
+            "From the work of one step and the card's datasheet speeds, at full rows of max_seq_len \
+             (shorter rows train faster). Measured against bench on H100/H200 only.",
+        );
+    }
     if let Some(h) = v.host.as_ref().filter(|_| v.pinned_host_bytes > 0) {
         host_bar(ui, v.pinned_host_bytes, h);
     }

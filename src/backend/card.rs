@@ -148,8 +148,25 @@ impl CardLimits {
     }
 }
 
-/// A card users train on, as the backend, the plan and the studio's card picker see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How fast a card is, from its datasheet: what the step-time prediction
+/// (`crate::engine::cost`) scales its calibrated efficiencies by. Not a limit: no kernel decision
+/// reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CardSpeed {
+    /// Dense bf16 tensor-core rate with f32 accumulation (what our GEMMs and attention use), in
+    /// TFLOP/s at boost clock. GeForce cards run f32 accumulation at half their f16-accumulate
+    /// rate; the figure is the f32-accumulate one, without sparsity.
+    pub bf16_tflops: f64,
+    /// Device memory bandwidth, GB/s.
+    pub memory_gb_s: f64,
+    /// The host link's peak one-way bandwidth, GB/s (PCIe 4.0 x16: 32; PCIe 5.0 x16: 64), which
+    /// offloaded layer inputs cross.
+    pub host_link_gb_s: f64,
+}
+
+/// A card users train on, as the backend, the plan and the studio's card picker see it. Two
+/// profiles are the same when their keys are (the speeds are f64, so equality is by key).
+#[derive(Debug, Clone, Copy)]
 pub struct CardProfile {
     /// What `--card` and `TUNESTUDIO_CARD` take.
     pub key: &'static str,
@@ -158,7 +175,16 @@ pub struct CardProfile {
     pub sm_count: u32,
     /// The total the driver reports, in MiB.
     pub memory_mib: u64,
+    pub speed: CardSpeed,
 }
+
+impl PartialEq for CardProfile {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for CardProfile {}
 
 impl CardProfile {
     pub fn limits(&self) -> CardLimits {
@@ -173,29 +199,64 @@ impl CardProfile {
     }
 }
 
-const fn profile(key: &'static str, name: &'static str, cc: (u32, u32), sm_count: u32, memory_mib: u64) -> CardProfile {
-    CardProfile { key, name, compute_capability: cc, sm_count, memory_mib }
+const fn profile(
+    key: &'static str,
+    name: &'static str,
+    cc: (u32, u32),
+    sm_count: u32,
+    memory_mib: u64,
+    (bf16_tflops, memory_gb_s, host_link_gb_s): (f64, f64, f64),
+) -> CardProfile {
+    CardProfile { key, name, compute_capability: cc, sm_count, memory_mib, speed: CardSpeed { bf16_tflops, memory_gb_s, host_link_gb_s } }
 }
 
 /// The profiles, smallest memory first within each generation. The last three cannot run the
 /// engine; they are here so that choosing one says why instead of planning a run that cannot start.
+/// Speeds (dense bf16 TFLOP/s with f32 accumulation, memory GB/s, host link GB/s) are the
+/// products' datasheet figures (NVIDIA's product pages and architecture whitepapers).
 pub const PROFILES: &[CardProfile] = &[
-    profile("rtx3060", "NVIDIA GeForce RTX 3060", (8, 6), 28, 12_288),
-    profile("rtx3090", "NVIDIA GeForce RTX 3090", (8, 6), 82, 24_576),
-    profile("a10", "NVIDIA A10", (8, 6), 72, 23_028),
-    profile("a6000", "NVIDIA RTX A6000", (8, 6), 84, 49_140),
-    profile("rtx4090", "NVIDIA GeForce RTX 4090", (8, 9), 128, 24_564),
-    profile("l4", "NVIDIA L4", (8, 9), 58, 23_034),
-    profile("l40s", "NVIDIA L40S", (8, 9), 142, 46_068),
-    profile("rtx5090", "NVIDIA GeForce RTX 5090", (12, 0), 170, 32_607),
-    profile("a100-40", "NVIDIA A100-SXM4-40GB", (8, 0), 108, 40_960),
-    profile("a100-80", "NVIDIA A100-SXM4-80GB", (8, 0), 108, 81_920),
-    profile("h100-80", "NVIDIA H100 80GB HBM3", (9, 0), 132, 81_559),
-    profile("h200", "NVIDIA H200", (9, 0), 132, 143_771),
-    profile("t4", "Tesla T4", (7, 5), 40, 15_360),
-    profile("v100-32", "Tesla V100-SXM2-32GB", (7, 0), 80, 32_768),
-    profile("rtx2080ti", "NVIDIA GeForce RTX 2080 Ti", (7, 5), 68, 11_264),
+    profile("rtx3060", "NVIDIA GeForce RTX 3060", (8, 6), 28, 12_288, (25.6, 360.0, 32.0)),
+    profile("rtx3090", "NVIDIA GeForce RTX 3090", (8, 6), 82, 24_576, (35.6, 936.0, 32.0)),
+    profile("a10", "NVIDIA A10", (8, 6), 72, 23_028, (125.0, 600.0, 32.0)),
+    profile("a6000", "NVIDIA RTX A6000", (8, 6), 84, 49_140, (154.8, 768.0, 32.0)),
+    profile("rtx4090", "NVIDIA GeForce RTX 4090", (8, 9), 128, 24_564, (82.6, 1008.0, 32.0)),
+    profile("l4", "NVIDIA L4", (8, 9), 58, 23_034, (121.0, 300.0, 32.0)),
+    profile("l40s", "NVIDIA L40S", (8, 9), 142, 46_068, (362.0, 864.0, 32.0)),
+    profile("rtx5090", "NVIDIA GeForce RTX 5090", (12, 0), 170, 32_607, (209.5, 1792.0, 64.0)),
+    profile("a100-40", "NVIDIA A100-SXM4-40GB", (8, 0), 108, 40_960, (312.0, 1555.0, 32.0)),
+    profile("a100-80", "NVIDIA A100-SXM4-80GB", (8, 0), 108, 81_920, (312.0, 2039.0, 32.0)),
+    profile("h100-80", "NVIDIA H100 80GB HBM3", (9, 0), 132, 81_559, (989.0, 3350.0, 64.0)),
+    profile("h200", "NVIDIA H200", (9, 0), 132, 143_771, (989.0, 4800.0, 64.0)),
+    profile("t4", "Tesla T4", (7, 5), 40, 15_360, (65.0, 320.0, 16.0)),
+    profile("v100-32", "Tesla V100-SXM2-32GB", (7, 0), 80, 32_768, (125.0, 900.0, 16.0)),
+    profile("rtx2080ti", "NVIDIA GeForce RTX 2080 Ti", (7, 5), 68, 11_264, (26.9, 616.0, 16.0)),
 ];
+
+impl CardLimits {
+    /// This card's speed and where it comes from: its profile's datasheet figures (under
+    /// `--card`, or a device whose name is a profile's); for another device, the profile of the
+    /// same compute capability with the nearest multiprocessor count, its compute rate scaled by
+    /// the count ("estimated from ..."). `None` for an architecture no profile has.
+    pub fn speed(&self) -> Option<(CardSpeed, String)> {
+        let own = match self.profile {
+            Some(key) => PROFILES.iter().find(|p| p.key == key),
+            None => PROFILES.iter().find(|p| p.name.eq_ignore_ascii_case(self.name.trim())),
+        };
+        if let Some(p) = own {
+            return Some((p.speed, format!("{} datasheet", p.name)));
+        }
+        // GeForce cards accumulate in f32 at half the rate of the professional ones of the same
+        // architecture, so a GeForce card is estimated from a GeForce profile when there is one.
+        let geforce = |name: &str| name.contains("GeForce");
+        let near = PROFILES
+            .iter()
+            .filter(|p| p.compute_capability == self.compute_capability)
+            .min_by_key(|p| (geforce(p.name) != geforce(&self.name), p.sm_count.abs_diff(self.sm_count)))?;
+        let scale = self.sm_count as f64 / near.sm_count as f64;
+        let speed = CardSpeed { bf16_tflops: near.speed.bf16_tflops * scale, ..near.speed };
+        Some((speed, format!("estimated from the {} by multiprocessor count", near.name)))
+    }
+}
 
 /// The environment variable that makes a CUDA backend (and the plan) decide as a profiled card.
 pub const CARD_ENV: &str = "TUNESTUDIO_CARD";

@@ -11,7 +11,7 @@ use crate::RunConfig;
 use crate::backend::card::CardProfile;
 use crate::config::DeviceChoice;
 use crate::config::{MAX_BATCH_SIZE, MAX_LORA_R, MAX_SEQ_LEN, MIN_SEQ_LEN};
-use crate::device::{Request, plan_target, probe_machine};
+use crate::device::{Request, probe_machine};
 use crate::engine::plan::{self, PlanInput, Term, largest_fitting, suggestions};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
@@ -87,7 +87,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
     if let Some(bytes) = a.host_mem {
         machine.host = Some(crate::backend::HostMemory { total_bytes: bytes, available_bytes: bytes });
     }
-    let target = plan_target(&request, &machine);
+    let target = crate::prepare::target(&request, crate::prepare::Place::Probed(&machine));
     if let Some(r) = target.card.as_ref().and_then(|c| c.check_supported().err()) {
         return Err(Error::Card { card: r.card, msg: r.reason });
     }
@@ -126,6 +126,15 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
             "binding": binding,
             "largest": {"max_seq_len": largest_seq, "batch_size": largest_batch, "lora_r": largest_rank},
             "suggestions": fixes,
+            "predicted": p.step.as_ref().map(|st| json!({
+                "step_s": st.step_s,
+                "tokens_per_s": st.tokens_per_s,
+                "steps": cfg.train.max_steps,
+                "eta_s": cfg.train.max_steps.map(|n| st.eta_s(n, cfg.train.grad_accum)),
+                "parts_s": {"gemm": st.gemm_s, "attention": st.attention_s, "memory_bound": st.memory_s, "host_link": st.host_link_s},
+                "basis": st.basis,
+                "calibrated": st.calibrated,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(known.then_some(p.fits));
@@ -196,6 +205,9 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
             );
             for s in &fixes {
                 println!("  to fit: {} → {}", s.change, fmt_bytes(s.peak_bytes));
+            }
+            if let Some(st) = &p.step {
+                println!("predicted: {}", st.summary(cfg.train.max_steps, cfg.train.grad_accum));
             }
         }
         _ => println!(

@@ -11,7 +11,8 @@ use crate::RunConfig;
 use crate::backend::card::CardProfile;
 use crate::data::preflight::{LengthStats, Level, Marking};
 use crate::error::{Error, Result};
-use crate::preflight::{PreflightReport, Readiness, TokenAction};
+use crate::preflight::{PreflightReport, Readiness};
+use crate::prepare::TokenAction;
 
 /// Longest rendered example printed in full (characters); the JSON keeps every one whole.
 const EXAMPLE_CHARS: usize = 3000;
@@ -19,7 +20,7 @@ const EXAMPLE_CHARS: usize = 3000;
 pub fn run(config: &Path, card: Option<&'static CardProfile>, as_json: bool) -> Result<()> {
     let cfg = RunConfig::load(config)?;
     let colour = !as_json && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let report = PreflightReport::build_for(&cfg, if colour { Marking::Ansi } else { Marking::Plain }, card)?;
+    let report = PreflightReport::build_for(&cfg, if colour { Marking::Ansi } else { Marking::Plain }, card, None)?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report).expect("json"));
     } else {
@@ -76,6 +77,20 @@ fn device_line(d: &crate::device::DeviceCheck) -> String {
     }
 }
 
+/// The plan's peak against what its target leaves us, and the verdict (`tunestudio plan` has the
+/// terms and the changes that fit).
+fn memory_line(p: &crate::engine::plan::MemoryPlan) -> String {
+    use crate::util::fmt_bytes;
+    let t = &p.target;
+    let room = t.available_bytes().map_or_else(|| "an unknown amount".to_string(), fmt_bytes);
+    let verdict = match (p.fits, p.host_fits) {
+        (true, _) => "fits",
+        (false, false) => "does not fit: its pinned host memory exceeds the RAM available (see `tunestudio plan`)",
+        (false, true) => "does not fit (see `tunestudio plan` for changes that do)",
+    };
+    format!("{} planned of {room} left on {} (checkpointing {:?}): {verdict}", fmt_bytes(p.peak_bytes), t.name, p.checkpointing)
+}
+
 fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
     let mut o = String::new();
     let d = &r.dataset;
@@ -83,6 +98,7 @@ fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
     let _ = writeln!(o, "preflight  {}", config.display());
     let _ = writeln!(o, "model      {}", r.model.display());
     let _ = writeln!(o, "device     {}", device_line(&r.device));
+    let _ = writeln!(o, "memory     {}", memory_line(&r.plan));
     let _ = writeln!(o);
 
     let _ = writeln!(o, "dataset    {} ({})", d.path.display(), d.file_kind);

@@ -149,6 +149,13 @@ enum Outcome {
     Skipped(SkippedRow),
 }
 
+/// How many of `n` usable rows (at least 2) `dataset.eval_split = fraction` holds out: at least
+/// one, and at least one left to train on. `split_eval` holds out exactly these; the studio's
+/// "largest that fits" counts the rest as the rows a step can draw from.
+pub fn held_out_rows(n: usize, fraction: f64) -> usize {
+    ((n as f64 * fraction).round() as usize).clamp(1, n.saturating_sub(1).max(1))
+}
+
 /// Hold out `fraction` of the examples for evaluation, drawn by `seed` (at least one, and at
 /// least one left to train on). Returns `(train, eval)`, each in file order. The same data and
 /// seed always give the same split, so a resumed run evaluates on the same rows.
@@ -157,7 +164,7 @@ pub fn split_eval(examples: Vec<Example>, fraction: f64, seed: u64) -> Result<(V
     if n < 2 {
         return Err(Error::config("dataset.eval_split", format!("needs at least 2 usable rows to hold some out; the dataset has {n}")));
     }
-    let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
+    let k = held_out_rows(n, fraction);
     // A stream of its own, so the split does not shift the training order's draws.
     let order = batch::permutation(n, &mut batch::rng_for(seed, 0xe7a1));
     let mut held = vec![false; n];

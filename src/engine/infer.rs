@@ -14,6 +14,7 @@
 //! are allocated here, once; a long prompt is run in chunks of that many rows (exact: each chunk's
 //! keys are cached before its queries attend).
 
+use super::norm_of;
 use crate::backend::{Backend, DType, KvShape, LinearDims, LoraRows};
 use crate::config::{LoraConfig, Quantization, Target};
 use crate::engine::TokenRows;
@@ -47,7 +48,7 @@ pub struct InferAdapter {
     pub lora: LoraConfig,
     pub weights: LoraWeights,
     /// Rows of the embedding (and untied head) trained with the adapter, head rows completed
-    /// (`export::adapter::complete_token_rows`).
+    /// (`adapter::complete_token_rows`).
     pub token_rows: Option<TokenRows>,
 }
 
@@ -380,7 +381,7 @@ impl<B: Backend> Inference<B> {
         let (be, ws) = (&self.backend, &mut self.ws);
         let (n, d) = (entries.len(), self.spec.hidden_size);
         let table = self.vocab + self.extra.len();
-        be.rmsnorm_fwd(&ws.last, &self.model.final_norm, self.spec.norm(), n, d, &mut ws.last_normed, &mut ws.last_inv)?;
+        be.rmsnorm_fwd(&ws.last, &self.model.final_norm, norm_of(&self.spec), n, d, &mut ws.last_normed, &mut ws.last_inv)?;
         be.logits(&ws.last_normed, self.model.head(), n, d, table, &mut ws.logits)?;
         let all = be.download(&ws.logits)?;
         Ok(entries
@@ -476,7 +477,7 @@ fn layer_forward<B: Backend>(
 ) -> Result<()> {
     let (be, spec, n) = (c.be, c.spec, c.n);
     let (d, hd) = (spec.hidden_size, spec.head_dim);
-    let norm = spec.norm();
+    let norm = norm_of(spec);
     be.rmsnorm_fwd(&ws.x, &lw.input_norm, norm, n, d, &mut ws.h, &mut ws.inv)?;
     c.linear(lw, Target::V, &ws.h, &mut ws.v, &mut ws.xa, &ws.row_scale)?;
     match (&lw.q_norm, &lw.k_norm) {

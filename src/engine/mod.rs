@@ -6,13 +6,14 @@
 //! (`batch_size × max_seq_len` rows); a step allocates nothing. Checkpointing keeps each layer's
 //! input and recomputes the layer in the backward, or keeps every activation when it fits.
 
+pub mod cost;
 pub mod infer;
 pub mod lora;
 pub mod model;
 pub mod plan;
 pub mod schedule;
 
-use crate::backend::{AdamW, AttnShape, Backend, DType, LinearDims, LoraBwd, LoraFwd, LossSum};
+use crate::backend::{AdamW, AttnShape, Backend, DType, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm};
 use crate::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use crate::data::Batch;
 use crate::error::{Error, Result};
@@ -21,6 +22,12 @@ use crate::model::arch::MlpActivation;
 use lora::{LoraPair, LoraWeights};
 use model::{DeviceModel, LayerWeights, WeightSource};
 use plan::{Location, PlannedBuffer, Term};
+
+/// The RMSNorm a model's norms apply: its epsilon and weight offset (Gemma's `1 + w`). Here, not
+/// on `ModelSpec`: the model module sits below the backend and names none of its types.
+pub(crate) fn norm_of(spec: &ModelSpec) -> RmsNorm {
+    RmsNorm { eps: spec.rms_norm_eps as f32, weight_offset: spec.norm_weight_offset }
+}
 
 /// Allocates through the backend and writes down each buffer under its plan name, so a test can
 /// hold the allocation and `plan::engine_buffers` equal.
@@ -308,7 +315,7 @@ impl<B: Backend> Trainer<B> {
             CheckpointPolicy::Auto => {
                 return Err(Error::config(
                     "memory.checkpointing",
-                    "`auto` must be resolved against the card's plan target before the engine is built (crate::device::plan_target)",
+                    "`auto` must be resolved against the card's plan target before the engine is built (device::plan_target)",
                 ));
             }
             p => (p, plan::kept_layers(&spec, p)),
@@ -776,7 +783,7 @@ impl<B: Backend> Trainer<B> {
         let db = &self.batch;
         let n = batch.tokens();
         let d = self.spec.hidden_size;
-        let norm = self.spec.norm();
+        let norm = norm_of(&self.spec);
         let micro = self.micro_counter;
         self.micro_counter += 1;
         let be = &self.backend;
@@ -1119,7 +1126,7 @@ fn attention_forward<B: Backend>(
 ) -> Result<()> {
     let (be, spec, n) = (ctx.be, ctx.spec, ctx.n);
     let (d, hd) = (spec.hidden_size, spec.head_dim);
-    let norm = spec.norm();
+    let norm = norm_of(spec);
     let w = |t: Target| &lw.linears[t as usize];
     let ti = |t: Target| t as usize;
     let positions = &ctx.batch.positions;
@@ -1196,7 +1203,7 @@ fn mlp_forward<B: Backend>(
     match (post, &lw.mlp_out_norm) {
         (Some(p), Some(wn)) => {
             mlp_core_forward(ctx, lw, slots, a, h2, &mut p.pre)?;
-            ctx.be.rmsnorm_fwd(&p.pre, wn, ctx.spec.norm(), ctx.n, ctx.spec.hidden_size, out, &mut p.inv)
+            ctx.be.rmsnorm_fwd(&p.pre, wn, norm_of(ctx.spec), ctx.n, ctx.spec.hidden_size, out, &mut p.inv)
         }
         (None, None) => mlp_core_forward(ctx, lw, slots, a, h2, out),
         _ => Err(norm_mismatch("MLP output", ctx.layer)),
@@ -1299,7 +1306,7 @@ fn mlp_backward<B: Backend>(
 ) -> Result<()> {
     match (post, &lw.mlp_out_norm, d_pre) {
         (Some(p), Some(wn), Some(dp)) => {
-            ctx.be.rmsnorm_bwd(dy, &p.pre, wn, ctx.spec.norm(), &p.inv, ctx.n, ctx.spec.hidden_size, dp, false)?;
+            ctx.be.rmsnorm_bwd(dy, &p.pre, wn, norm_of(ctx.spec), &p.inv, ctx.n, ctx.spec.hidden_size, dp, false)?;
             mlp_core_backward(ctx, lw, slots, a, h2, dp, dh2, g)
         }
         (None, None, None) => mlp_core_backward(ctx, lw, slots, a, h2, dy, dh2, g),
@@ -1327,7 +1334,7 @@ fn layer_backward<B: Backend>(
     let positions = &ctx.batch.positions;
 
     // MLP block (recomputed chunk by chunk when chunked).
-    let norm = spec.norm();
+    let norm = norm_of(spec);
     match ws.chunk.as_mut() {
         Some(cw) if mlp_chunk < n => {
             for (r0, rows) in chunks(n, mlp_chunk) {

@@ -239,6 +239,9 @@ pub struct MemoryPlan {
     pub fits: bool,
     /// Whether `pinned_host_bytes` fits the target's host RAM (true when not held against any).
     pub host_fits: bool,
+    /// The predicted micro-step on the target's card (`crate::engine::cost`); `None` on the CPU
+    /// and for a card whose speed is not known.
+    pub step: Option<crate::engine::cost::StepPrediction>,
 }
 
 /// Bytes of an NF4 tensor on the device: packed nibbles, one 8-bit absmax per 64-block, one f32
@@ -642,6 +645,7 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
         others_bytes: target.others_bytes,
         fits,
         host_fits,
+        step: target.card.as_ref().and_then(|card| crate::engine::cost::predict(spec, input, policy, kept_layers, card)),
     }
 }
 
@@ -670,9 +674,11 @@ fn most_kept_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) ->
     good
 }
 
-/// The plan for a run; `auto` picks the fastest policy that fits (keep everything; then keep layer
-/// inputs on the device, with as many layers' activations kept as the card has room for and the
-/// others recomputed; then offload the inputs to pinned host memory).
+/// The plan for a run; `auto` searches the policies that fit (keep everything; keep layer inputs on
+/// the device with as many layers' activations kept as the card has room for, the others
+/// recomputed; offload the inputs to pinned host memory) for the shortest predicted step
+/// (`crate::engine::cost`). Without a prediction (a card of unknown speed) it takes the first that
+/// fits in that order, which is the order of their cost.
 pub fn plan(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan {
     match input.checkpointing {
         CheckpointPolicy::Auto => {
@@ -684,12 +690,20 @@ pub fn plan(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryP
                 let acts = plans[0].terms.get(Term::LayerActivations.name()).copied().unwrap_or(0);
                 return if acts < (2 << 30) { plans.into_iter().next() } else { plans.into_iter().nth(1) }.expect("plans");
             }
-            if !plans[0].fits && plans[1].fits {
-                let kept = most_kept_layers(spec, input, target);
-                return build(spec, input, target, CheckpointPolicy::Layer, kept);
+            let mut candidates = plans;
+            if !candidates[0].fits && candidates[1].fits {
+                candidates[1] = build(spec, input, target, CheckpointPolicy::Layer, most_kept_layers(spec, input, target));
             }
-            let n = plans.len();
-            plans.into_iter().enumerate().find(|(i, p)| p.fits || *i == n - 1).map(|(_, p)| p).expect("plans")
+            let fitting: Vec<MemoryPlan> = candidates.iter().filter(|p| p.fits).cloned().collect();
+            if fitting.is_empty() {
+                return candidates.pop().expect("plans");
+            }
+            let predicted = |p: &MemoryPlan| p.step.as_ref().map(|s| s.step_s);
+            if fitting.iter().all(|p| predicted(p).is_some()) {
+                fitting.into_iter().min_by(|a, b| predicted(a).partial_cmp(&predicted(b)).expect("finite times")).expect("fitting")
+            } else {
+                fitting.into_iter().next().expect("fitting")
+            }
         }
         p => build(spec, input, target, p, kept_layers(spec, p)),
     }

@@ -22,12 +22,13 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::error::{Error, IoContext, Result};
-use crate::export::merged::{MergeInput, MergedTensors, end_of_turn_token_in};
+use crate::export::merged::{MergeInput, MergedTensors};
 use crate::generate::SamplingParams;
 use crate::model::ModelSpec;
 use crate::model::arch::{Family, RopeScaling};
 use crate::model::chat_template::{ChatTemplate, Message, portable_source};
 use crate::model::tokenizer::TokenizerBundle;
+use crate::model::tokenizer::end_of_turn_token_in;
 
 /// The quantizations offered, by llama.cpp's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]

@@ -18,14 +18,14 @@ use half::{bf16, f16};
 use safetensors::Dtype;
 use serde_json::{Value, json};
 
+use crate::adapter::load_peft;
 use crate::backend::HostWeight;
 use crate::config::{LoraConfig, Quantization, Target};
 use crate::engine::TokenRows;
 use crate::engine::lora::LoraWeights;
 use crate::engine::model::{WeightSource, bnb_quant_state_name, linear_name};
 use crate::error::{Error, IoContext, Result};
-use crate::export::adapter::load_peft;
-use crate::model::tokenizer::TokenizerBundle;
+use crate::model::tokenizer::{TokenizerBundle, end_of_turn_token};
 use crate::model::{ModelSpec, WeightStore};
 
 /// About 2 GB per shard, as Hugging Face tools split checkpoints.
@@ -465,25 +465,6 @@ impl MergedTensors {
     pub fn merged_linears(&self) -> usize {
         self.input.adapter.as_ref().map_or(0, |(_, w)| w.layers.iter().map(|m| m.len()).sum())
     }
-}
-
-/// The end-of-turn token of the chat template: the first special token the template writes after
-/// an assistant message. `None` when the model has no template or it ends turns with plain text.
-pub fn end_of_turn_token(tok: &TokenizerBundle) -> Option<u32> {
-    tok.chat_template()?;
-    end_of_turn_token_in(tok, &tok.resolve_template("auto").ok()?)
-}
-
-/// The first special token `template` writes after an assistant message (see
-/// [`end_of_turn_token`]), for any template, built-ins included.
-pub fn end_of_turn_token_in(tok: &TokenizerBundle, template: &crate::model::chat_template::ChatTemplate) -> Option<u32> {
-    use crate::model::chat_template::Message;
-    let marker = "Quokka lantern 7391";
-    let msgs = [Message::new("user", "Hello there"), Message::new("assistant", marker)];
-    let rendered = template.render(&msgs, false).ok()?;
-    let end = rendered.text.rfind(marker)? + marker.len();
-    let enc = tok.encode_with_offsets(&rendered.text, false).ok()?;
-    enc.ids.iter().zip(&enc.offsets).find(|(id, o)| o.0 >= end && tok.is_special(**id)).map(|(id, _)| *id)
 }
 
 /// `generation_config.json` for the merged model: the original one (if any) with `eos_token_id`

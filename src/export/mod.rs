@@ -2,7 +2,6 @@
 //! file for llama.cpp and Ollama built from the merged weights (`gguf`), and what they read from a
 //! run folder (`run`).
 
-pub mod adapter;
 pub mod gguf;
 pub mod merged;
 pub mod run;

@@ -6,10 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::adapter::{AdapterFiles, LoadedAdapter, load_peft};
 use crate::config::RunConfig;
 use crate::engine::TokenRows;
 use crate::error::{Error, Result};
-use crate::export::adapter::{AdapterFiles, LoadedAdapter, load_peft};
 use crate::model::ModelSpec;
 use crate::session::checkpoint;
 use crate::session::lock::RunLock;
@@ -37,7 +37,7 @@ pub fn load_run(run_dir: &Path) -> Result<RunArtifacts> {
     let config = RunConfig::load(&cfg_path)?;
     let spec = ModelSpec::from_dir(&config.model.path)?;
     let adapter_dir = run_dir.join(checkpoint::ADAPTER_DIR);
-    if !adapter_dir.join(crate::export::adapter::CONFIG_FILE).is_file() {
+    if !adapter_dir.join(crate::adapter::CONFIG_FILE).is_file() {
         let Some(ckpt_dir) = checkpoint::latest_dir(run_dir) else {
             return Err(Error::file(
                 &adapter_dir,

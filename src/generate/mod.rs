@@ -19,12 +19,12 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::adapter::{complete_token_rows, load_peft};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DeviceInfo};
 use crate::config::{DeviceChoice, Quantization};
 use crate::engine::infer::{InferAdapter, InferOptions, Inference};
 use crate::error::{Error, Result};
-use crate::export::adapter::{complete_token_rows, load_peft};
 use crate::model::chat_template::{ChatTemplate, Message};
 use crate::model::tokenizer::TokenizerBundle;
 use crate::model::{ModelSpec, WeightStore};
@@ -198,7 +198,7 @@ pub fn stop_ids(tok: &TokenizerBundle, spec: &ModelSpec, template: &ChatTemplate
     let mut ids: Vec<u32> = tok.stop_ids().to_vec();
     ids.extend(&spec.eos_token_ids);
     ids.extend(tok.eos_id());
-    ids.extend(crate::export::merged::end_of_turn_token_in(tok, template));
+    ids.extend(crate::model::tokenizer::end_of_turn_token_in(tok, template));
     ids.sort_unstable();
     ids.dedup();
     ids

@@ -475,11 +475,6 @@ impl ModelSpec {
         self.local_rope.is_some() && self.is_sliding(l)
     }
 
-    /// The RMSNorm the model's norms apply: epsilon and the weight offset.
-    pub fn norm(&self) -> crate::backend::RmsNorm {
-        crate::backend::RmsNorm { eps: self.rms_norm_eps as f32, weight_offset: self.norm_weight_offset }
-    }
-
     /// LoRA parameters for rank `r` over `targets` in every layer.
     pub fn lora_params(&self, r: usize, targets: &[Target]) -> u64 {
         let per_layer: usize = targets

@@ -395,3 +395,22 @@ impl TokenizerBundle {
         }
     }
 }
+
+/// The end-of-turn token of the chat template: the first special token the template writes after
+/// an assistant message. `None` when the model has no template or it ends turns with plain text.
+pub fn end_of_turn_token(tok: &TokenizerBundle) -> Option<u32> {
+    tok.chat_template()?;
+    end_of_turn_token_in(tok, &tok.resolve_template("auto").ok()?)
+}
+
+/// The first special token `template` writes after an assistant message (see
+/// [`end_of_turn_token`]), for any template, built-ins included.
+pub fn end_of_turn_token_in(tok: &TokenizerBundle, template: &ChatTemplate) -> Option<u32> {
+    use crate::model::chat_template::Message;
+    let marker = "Quokka lantern 7391";
+    let msgs = [Message::new("user", "Hello there"), Message::new("assistant", marker)];
+    let rendered = template.render(&msgs, false).ok()?;
+    let end = rendered.text.rfind(marker)? + marker.len();
+    let enc = tok.encode_with_offsets(&rendered.text, false).ok()?;
+    enc.ids.iter().zip(&enc.offsets).find(|(id, o)| o.0 >= end && tok.is_special(**id)).map(|(id, _)| *id)
+}

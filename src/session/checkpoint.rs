@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::{AdapterFiles, CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_weights};
 use crate::config::Target;
 use crate::engine::lora::{LoraPair, LoraWeights};
 use crate::engine::{OptimizerState, TokenRows};
 use crate::error::{Error, IoContext, Result};
-use crate::export::adapter::{AdapterFiles, CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_weights};
 use crate::model::weights::{OutTensor, read_small_f32_finite, serialize_safetensors};
 use crate::util::{write_atomic, write_dir_atomic};
 

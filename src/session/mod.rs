@@ -9,25 +9,24 @@ pub mod samples;
 pub mod telemetry;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
 use serde::Serialize;
 
+use crate::adapter::{AdapterFiles, load_peft};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DeviceInfo, LossSum};
-use crate::config::{DeviceChoice, EvalSplit, RunConfig};
-use crate::data::{Batch, Batcher, DatasetReport, eval_sets, prepare_dataset};
-use crate::device::{Gpu, Machine, Opened, plan_target};
+use crate::config::{EvalSplit, RunConfig};
+use crate::data::{Batch, Batcher, DatasetReport};
+use crate::device::Opened;
 use crate::engine::lora::LoraWeights;
 use crate::engine::plan::PlanTarget;
 use crate::engine::schedule::Schedule;
 use crate::engine::{EngineOptions, TokenRows, Trainer};
 use crate::error::{Error, IoContext, Result};
-use crate::export::adapter::{AdapterFiles, load_peft};
-use crate::model::tokenizer::TokenizerBundle;
 use crate::model::{ModelSpec, WeightStore};
+use crate::prepare::{self, Place, Purpose, TokenAction};
 use checkpoint::{CheckpointState, RunStatus, StepMetrics};
 use lock::RunLock;
 
@@ -531,11 +530,10 @@ fn run(
     }
 
     log(format!("reading {}", cfg.model.path.display()));
-    let spec = crate::model::spec_of_folder(&cfg.model.path)?;
-    let tok = TokenizerBundle::load(&cfg.model.path)?;
+    let model = prepare::Model::open(&cfg.model.path)?;
     let mut lora_init = None;
     if let Some(adapter) = cfg.model.adapter.clone() {
-        let a = load_peft(&adapter, &spec)?;
+        let a = load_peft(&adapter, &model.spec)?;
         let mut wanted = cfg.lora.targets.clone();
         wanted.sort();
         if a.lora.r != cfg.lora.r || a.lora.targets != wanted || a.lora.alpha != cfg.lora.alpha {
@@ -553,14 +551,13 @@ fn run(
         lora_init = Some(a.weights);
     }
     log(format!("preparing {}", cfg.dataset.path.display()));
-    let data = prepare_dataset(&cfg.dataset, &tok, cfg.train.max_seq_len)?;
+    let data = prepare::Data::prepare(&cfg, &model.tok, Purpose::Train)?;
     for s in data.report.rows_skipped.iter().take(5) {
         log(format!("skipped {}: {}", s.place(&data.report.file_kind), s.reason));
     }
-    let report = data.report.clone();
-    let (train_examples, eval_examples) = eval_sets(&cfg.dataset, data.examples, cfg.train.seed, &tok, cfg.train.max_seq_len)?;
-    let train_rows = train_examples.len();
-    let sample_prompts = samples::prompts(&cfg, if eval_examples.is_empty() { &train_examples } else { &eval_examples }, &tok)?;
+    let pad_id = model.tok.pad_id();
+    // The held-out rows, else the training rows, give the sample prompts when none are typed.
+    let sample_prompts = samples::prompts(&cfg, if data.eval.is_empty() { &data.train } else { &data.eval }, &model.tok)?;
     if !sample_prompts.is_empty() {
         log(format!(
             "answering {} sample prompt{} every {} steps and after the last (samples.jsonl)",
@@ -569,13 +566,15 @@ fn run(
             cfg.samples.every
         ));
     }
-    let eval: Vec<Batch> = eval_examples
+    let eval: Vec<Batch> = data
+        .eval
         .chunks(cfg.train.batch_size.max(1))
         .map(|c| {
             let pairs: Vec<(&[u32], &[i32])> = c.iter().map(|e| (e.input_ids.as_slice(), e.labels.as_slice())).collect();
-            Batch::from_examples(&pairs, tok.pad_id(), None)
+            Batch::from_examples(&pairs, pad_id, None)
         })
         .collect();
+    let (train_rows, eval_rows) = (data.train.len(), data.eval.len());
     if !eval.is_empty() {
         let every = if cfg.train.eval_every == 0 {
             "about ten times over the run".to_string()
@@ -583,16 +582,11 @@ fn run(
             format!("every {} steps", cfg.train.eval_every)
         };
         match &cfg.dataset.eval_split {
-            Some(EvalSplit::File(f)) => log(format!("evaluating on the {} rows of {} {every}", eval_examples.len(), f.display())),
-            _ => log(format!("holding out {} rows to evaluate on {every}; training on {train_rows}", eval_examples.len())),
+            Some(EvalSplit::File(f)) => log(format!("evaluating on the {eval_rows} rows of {} {every}", f.display())),
+            _ => log(format!("holding out {eval_rows} rows to evaluate on {every}; training on {train_rows}")),
         }
     }
-    let examples = Arc::new(train_examples);
-    let batcher =
-        Batcher::new(examples.clone(), cfg.train.batch_size, cfg.train.max_seq_len, cfg.dataset.packing, cfg.train.seed, tok.pad_id());
-    let bpe = batcher.batches_per_epoch().max(1) as u64;
-    let steps_per_epoch = bpe.div_ceil(cfg.train.grad_accum as u64);
-    let total_steps = cfg.train.total_steps(steps_per_epoch);
+    let (steps_per_epoch, total_steps) = (data.steps_per_epoch, data.total_steps);
     if let Some(c) = resume.as_ref().filter(|c| c.state.step >= total_steps) {
         log(format!(
             "{} has already made {} of its {total_steps} steps: nothing to train; to train further, resume it with --max-steps N (N > {})",
@@ -618,21 +612,13 @@ fn run(
     }
     cfg.save(&run_dir.join(checkpoint::CONFIG_FILE))?;
 
-    let token_fix = if resume.is_some() {
-        None
-    } else if eval_examples.is_empty() {
-        untrained_token_fix(&cfg, &spec, &tok, (&examples, &report), &run_dir, &log)?
-    } else {
-        // The held-out rows are read by the same model: a token only they use needs its row too.
-        let all: Vec<_> = examples.iter().chain(&eval_examples).cloned().collect();
-        untrained_token_fix(&cfg, &spec, &tok, (&all, &report), &run_dir, &log)?
-    };
+    let token_fix = if resume.is_some() { None } else { untrained_token_fix(&cfg, &model, &data, &run_dir, &log)? };
     let prepared = Prepared {
         cfg,
         run_dir,
-        spec,
-        batcher,
-        report,
+        spec: model.spec,
+        batcher: data.batcher,
+        report: data.report,
         total_steps,
         steps_per_epoch,
         lora_init,
@@ -641,46 +627,35 @@ fn run(
         started,
         eval,
         train_rows,
-        eval_rows: eval_examples.len(),
+        eval_rows,
         sample_prompts,
     };
-    let host = crate::backend::host_memory();
+    let target = prepare::target(&request, Place::Opened(&opened));
     match opened {
+        // Samples answer on a backend of their own (generation's buffers and a copy of the
+        // weights, outside the training plan).
         Opened::Cuda(gpu) => {
-            // The card as this backend runs it (a profile's under one), what other processes hold
-            // on it now, and the context it measured as it opened.
-            let machine = Machine { gpu: Some(Gpu::of_backend(&gpu)), no_gpu_reason: String::new(), host };
-            let req = crate::device::Request { device: DeviceChoice::Cuda, card: None, memory_cap: request.memory_cap };
-            let target = plan_target(&req, &machine);
-            // Samples answer on a backend of their own (generation's buffers and a copy of the
-            // weights, outside the training plan).
             train_on(*gpu, prepared, &target, &options, events, control, &|| crate::backend::cuda::CudaBackend::new())
         }
         Opened::Cpu { .. } => {
-            let machine = Machine { host, ..Machine::default() };
-            let target = plan_target(&crate::device::Request { device: DeviceChoice::Cpu, ..Default::default() }, &machine);
             train_on(CpuBackend::<f32>::new(), prepared, &target, &options, events, control, &|| Ok(CpuBackend::<f32>::new()))
         }
     }
 }
 
-/// Untrained token rows the data or template uses (`preflight::untrained_tokens`, the same
-/// decision the preflight report shows): refuse, or (with `dataset.fix_untrained_tokens`) start
-/// them at the mean of the trained rows and train them with the adapter. What was changed is
-/// written to `token_fix.json` in the run folder.
+/// Untrained token rows the data or template uses (`prepare::untrained`, the same decision the
+/// preflight report shows): refuse, or (with `dataset.fix_untrained_tokens`) start them at the
+/// mean of the trained rows and train them with the adapter. What was changed is written to
+/// `token_fix.json` in the run folder.
 fn untrained_token_fix(
     cfg: &RunConfig,
-    spec: &ModelSpec,
-    tok: &TokenizerBundle,
-    data: (&[crate::data::Example], &DatasetReport),
+    model: &prepare::Model,
+    data: &prepare::Data,
     run_dir: &Path,
     log: &dyn Fn(String),
 ) -> Result<Option<TokenRows>> {
-    use crate::preflight::{TokenAction, untrained_tokens};
-    let (examples, report) = data;
-    let store = WeightStore::open(&cfg.model.path)?;
-    let template = crate::data::dataset_template(&cfg.dataset, tok, report.format)?;
-    let u = untrained_tokens(&store, spec, tok, examples, template.as_ref(), cfg.dataset.fix_untrained_tokens)?;
+    let (spec, store) = (&model.spec, &model.store);
+    let u = prepare::untrained(cfg, model, data)?;
     match u.action {
         TokenAction::None => return Ok(None),
         TokenAction::LeaveAlone => {
@@ -696,9 +671,9 @@ fn untrained_token_fix(
     let ids = u.used_ids.clone();
     let names = u.used_names();
     let d = spec.hidden_size;
-    let embed_mean = crate::model::untrained::mean_of_trained_rows(&store, "model.embed_tokens.weight", spec, &u.all_ids)?;
+    let embed_mean = crate::model::untrained::mean_of_trained_rows(store, "model.embed_tokens.weight", spec, &u.all_ids)?;
     let head_mean = if u.fix_trains_head() {
-        Some(crate::model::untrained::mean_of_trained_rows(&store, "lm_head.weight", spec, &u.all_ids)?)
+        Some(crate::model::untrained::mean_of_trained_rows(store, "lm_head.weight", spec, &u.all_ids)?)
     } else {
         None
     };
@@ -782,8 +757,7 @@ fn train_on<B: Backend>(
     };
     let init = p.resume.as_ref().map(|c| &c.weights).or(p.lora_init.as_ref());
     let rows = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref());
-    let mut input = crate::engine::plan::PlanInput::from_config(cfg);
-    input.token_rows = rows.map_or(0, |r| r.ids.len());
+    let input = prepare::plan_input(cfg, rows.map_or(0, |r| r.ids.len()));
     // `auto` is the fastest policy that fits what this card leaves us (other processes, the cap).
     let planned = crate::engine::plan::plan(&p.spec, &input, target);
     opts.checkpointing = planned.checkpointing;

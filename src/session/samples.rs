@@ -19,7 +19,7 @@ use crate::data::Example;
 use crate::engine::Trainer;
 use crate::engine::infer::{InferAdapter, InferOptions, Inference};
 use crate::error::{IoContext, Result};
-use crate::export::adapter::complete_token_rows;
+use crate::adapter::complete_token_rows;
 use crate::generate::{Generator, Prompt, Request, SamplingParams};
 use crate::model::chat_template::Message;
 use crate::model::tokenizer::TokenizerBundle;

@@ -22,11 +22,18 @@ fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: 
     ui.vertical(|ui| {
         ui.set_width(width);
         ui.small(title);
-        let mut plot = Plot::new(id).height(120.0).width(width).allow_scroll(false).show_x(true);
         if !hlines.is_empty() {
-            // Several lines: say which is which.
-            plot = plot.legend(Legend::default());
+            // Several lines: a key above the plot says which is which. An in-plot legend covered
+            // the measured curve in a plot this small (seen in a real window under Xvfb).
+            ui.horizontal_wrapped(|ui| {
+                ui.spacing_mut().item_spacing.x = 8.0;
+                ui.small(RichText::new("— measured").color(color));
+                for (name, _, c) in hlines {
+                    ui.small(RichText::new(format!("— {name}")).color(*c));
+                }
+            });
         }
+        let plot = Plot::new(id).height(120.0).width(width).allow_scroll(false).show_x(true);
         plot.show(ui, |p| {
             p.line(Line::new(title, PlotPoints::from(points)).color(color));
             for (name, y, c) in hlines {

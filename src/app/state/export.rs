@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::RunConfig;
-use crate::export::adapter::load_peft;
+use crate::adapter::load_peft;
 use crate::export::gguf::{GgufOptions, GgufQuant};
 use crate::export::merged::{FsSink, MergeDtype, MergeInput, MergeOptions, Sink, export_merged_with};
 use crate::generate::SamplingParams;

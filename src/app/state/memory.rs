@@ -13,7 +13,7 @@ use eframe::egui::Color32;
 
 use crate::backend::card::{self, CardProfile};
 use crate::config::{CheckpointPolicy, DeviceChoice, RunConfig, Target};
-use crate::device::{Request, plan_target};
+use crate::device::Request;
 use crate::engine::plan::{self, BackendKind, PlanInput, PlanTarget, Term, largest_fitting, suggestions};
 use crate::model::ModelSpec;
 use crate::util::fmt_bytes;
@@ -76,7 +76,7 @@ pub use crate::backend::{HostMemory, host_memory};
 pub use crate::device::{Machine, probe_machine};
 
 /// The plan target for `card` with the config's device choice and memory cap: the one
-/// constructor (`device::plan_target`), fed with what the studio probed of this machine. A
+/// construction (`prepare::target`), fed with what the studio probed of this machine. A
 /// profile's pinned host memory is held against this machine's RAM (a card previewed in this
 /// machine).
 pub fn target(card: Card, cfg: &RunConfig, machine: Option<&Machine>) -> PlanTarget {
@@ -87,7 +87,7 @@ pub fn target(card: Card, cfg: &RunConfig, machine: Option<&Machine>) -> PlanTar
         Card::ThisMachine => Request { device: cfg.train.device, card: None, memory_cap: cap },
         Card::Profile(p) => Request { device: DeviceChoice::Cuda, card: Some(p), memory_cap: cap },
     };
-    plan_target(&req, machine)
+    crate::prepare::target(&req, crate::prepare::Place::Probed(machine))
 }
 
 /// The stacking order and colour of each term (fixed, so a colour keeps its meaning while
@@ -147,6 +147,9 @@ pub struct BudgetView {
     pub fits: Option<bool>,
     /// Why the CUDA engine cannot run on this card at all (a card below compute capability 8.0).
     pub refusal: Option<String>,
+    /// The predicted speed and ETA on this card (`engine::cost`), in words; `None` on the CPU and
+    /// for a card of unknown speed.
+    pub predicted: Option<String>,
 }
 
 /// The plan of `cfg` (with `token_rows` embedding rows trained by the untrained-token fix) on
@@ -184,6 +187,7 @@ pub fn view(spec: &ModelSpec, cfg: &RunConfig, target: &PlanTarget, host: Option
         host: host.cloned(),
         fits: available.map(|_| p.fits),
         refusal: target.card.as_ref().and_then(|c| c.check_supported().err()).map(|r| r.reason),
+        predicted: p.step.as_ref().map(|s| s.summary(cfg.train.max_steps, cfg.train.grad_accum)),
     }
 }
 
@@ -373,9 +377,19 @@ pub fn planned_model(state: &AppState) -> Option<(String, ModelSpec)> {
     Some((info.path.display().to_string(), info.spec.clone()))
 }
 
-/// The dataset's usable rows, when the preview has read them.
+/// The rows a run trains on, when the preview has read the dataset: its usable rows less those
+/// `dataset.eval_split` holds out (an evaluation file of its own holds none of them out).
 fn dataset_rows(state: &AppState) -> Option<usize> {
-    state.dataset.view.ready().map(|v| v.rows_used).filter(|&r| r > 0)
+    let used = state.dataset.view.ready().map(|v| v.rows_used).filter(|&r| r > 0)?;
+    Some(training_rows(used, state.config.dataset.eval_split.as_ref()))
+}
+
+/// `used` usable rows less the evaluation rows `split` holds out of them, as the session splits.
+pub fn training_rows(used: usize, split: Option<&crate::config::EvalSplit>) -> usize {
+    match split {
+        Some(crate::config::EvalSplit::Fraction(f)) if used >= 2 => used - crate::data::held_out_rows(used, *f),
+        _ => used,
+    }
 }
 
 /// Why there is no plan to show, or `None` when there is one.
@@ -454,6 +468,51 @@ mod tests {
         assert_eq!(full_rank(&spec, &mlp_only.lora.targets), 64);
         // Without a dataset read yet, the config's own limit.
         assert_eq!(fixes(&spec, &cfg, &t, None).batch_cap, MAX_BATCH);
+    }
+
+    #[test]
+    fn largest_batch_counts_only_the_rows_trained_on() {
+        // The demo's 350 usable rows with a fifth held out to evaluate on: a step can draw from
+        // the 280 left, so the batch search must stop there, not at 350.
+        let mut cfg = RunConfig::default();
+        cfg.dataset.eval_split = Some(crate::config::EvalSplit::Fraction(0.2));
+        let mut state = AppState::new(cfg, None, false, std::env::temp_dir().join("tunestudio-test-settings"));
+        state.dataset.view = crate::app::jobs::Load::Ready(crate::app::state::dataset::DatasetView {
+            path: "d.jsonl".into(),
+            file_kind: "jsonl".into(),
+            format: crate::config::DatasetFormat::Alpaca,
+            template: "llama-3".into(),
+            mask: String::new(),
+            refusal: None,
+            columns: Vec::new(),
+            rows_total: 355,
+            rows_used: 350,
+            skipped: Vec::new(),
+            truncated_rows: 0,
+            trained_tokens: 0,
+            total_tokens: 0,
+            max_seq_len: 512,
+            lengths: crate::data::preflight::LengthStats::of(&[], 512),
+            previews: Vec::new(),
+        });
+        assert_eq!(dataset_rows(&state), Some(280));
+        let t = target(Card::profile("a100-80"), &state.config, None);
+        let accum = state.config.train.grad_accum;
+        let f = fixes(&tiny(), &state.config, &t, dataset_rows(&state));
+        assert_eq!((f.batch_cap, f.batch_size), (280 / accum, Some(280 / accum)));
+        // An evaluation file of its own holds none of the dataset's rows out.
+        state.config.dataset.eval_split = Some(crate::config::EvalSplit::File("held.jsonl".into()));
+        assert_eq!(dataset_rows(&state), Some(350));
+        state.config.dataset.eval_split = None;
+        assert_eq!(dataset_rows(&state), Some(350));
+        // The count is the session's own split, for every size and fraction.
+        for n in 2..60 {
+            for f in [0.01, 0.1, 0.25, 0.5] {
+                let examples = (0..n).map(|row| crate::data::Example { input_ids: vec![1], labels: vec![1], row }).collect();
+                let (train, _) = crate::data::split_eval(examples, f, 7).unwrap();
+                assert_eq!(training_rows(n, Some(&crate::config::EvalSplit::Fraction(f))), train.len(), "n {n}, fraction {f}");
+            }
+        }
     }
 
     fn tiny() -> ModelSpec {

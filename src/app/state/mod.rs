@@ -4,6 +4,7 @@
 //! imports a panel or a message: the panels (`app::panels`) read this, `app::msg` carries it.
 
 pub mod chat;
+pub mod curves;
 pub mod dataset;
 pub mod export;
 pub mod memory;

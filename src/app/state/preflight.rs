@@ -9,7 +9,7 @@ use crate::data::preflight::{self as data_preflight, Marking};
 use crate::model::ModelSpec;
 use crate::session::checkpoint::STATUS_FILE;
 
-use super::memory::{self as budget, BudgetView, Card, Machine};
+use super::memory::{self as budget, BudgetView, Machine};
 use crate::app::jobs::Load;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,7 +138,8 @@ pub fn untrained_lines(r: &PreflightView, fix_enabled: bool) -> Vec<(Level, Stri
 /// budget). `machine` is what the studio probed at start-up (probed here when it has not arrived).
 pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<PreflightView> {
     let machine = machine.unwrap_or_else(budget::probe_machine);
-    let core = crate::preflight::PreflightReport::build(cfg, Marking::Plain)?;
+    let host = machine.host.clone();
+    let core = crate::preflight::PreflightReport::build_for(cfg, Marking::Plain, None, Some(machine))?;
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let tok = super::model::tokenizer(&cfg.model.path)?;
     let (ds, stats, found) = (&core.dataset, &core.stats, &core.untrained_tokens);
@@ -219,13 +220,13 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         .filter(|t| t.used())
         .map(|t| UntrainedUse { id: t.id, text: t.text.clone(), rows: if t.in_template { ds.rows_used } else { t.data_rows } })
         .collect();
-    let token_rows = if cfg.dataset.fix_untrained_tokens { untrained_used.len() } else { 0 };
-    let target = budget::target(Card::ThisMachine, cfg, Some(&machine));
-    let b = budget::view(&spec, cfg, &target, machine.host.as_ref(), token_rows);
+    // The report's plan target and token rows (`crate::prepare`), drawn as the budget panel does.
+    let token_rows = crate::prepare::fixed_token_rows(found);
+    let target = &core.plan.target;
+    let b = budget::view(&spec, cfg, target, host.as_ref(), token_rows);
     if b.fits == Some(false) {
-        let mut input = crate::engine::plan::PlanInput::from_config(cfg);
-        input.token_rows = token_rows;
-        let fixes: Vec<String> = crate::engine::plan::suggestions(&spec, &input, &target).into_iter().map(|s| s.change).collect();
+        let input = crate::prepare::plan_input(cfg, token_rows);
+        let fixes: Vec<String> = crate::engine::plan::suggestions(&spec, &input, target).into_iter().map(|s| s.change).collect();
         let (line, _) = budget::verdict(&b);
         let advice = if fixes.is_empty() {
             "see the memory budget on the Hyperparameters page".to_string()

@@ -53,7 +53,7 @@ impl RunSummary {
             lr: config.map(|c| c.optim.lr),
             lora_r: config.map(|c| c.lora.r),
             lora_alpha: config.map(|c| c.lora.alpha),
-            smoothed_loss: super::training::ema(&losses, super::training::SMOOTHING).last().copied(),
+            smoothed_loss: super::curves::ema(&losses, super::curves::SMOOTHING).last().copied(),
             best_eval: metrics
                 .iter()
                 .filter_map(|m| Some((m.step, m.eval_loss.filter(|l| l.is_finite())?)))
@@ -131,7 +131,7 @@ fn record(d: PathBuf) -> RunRecord {
         summary: RunSummary::of(config.as_ref(), status.as_ref().ok(), &metrics),
         status,
         checkpoints: checkpoint::list(&d),
-        has_adapter: d.join(checkpoint::ADAPTER_DIR).join(crate::export::adapter::CONFIG_FILE).is_file(),
+        has_adapter: d.join(checkpoint::ADAPTER_DIR).join(crate::adapter::CONFIG_FILE).is_file(),
         dir: d,
     }
 }
@@ -198,7 +198,7 @@ pub fn open(dir: &Path) -> crate::Result<ViewedRun> {
 pub fn past_log(status: &RunStatus, metrics: &[StepMetrics], checkpoints: &[u64]) -> Vec<String> {
     let mut log = vec![format!("{} on {}, started {}", status.model, status.device, status.started.replace('T', " "))];
     for m in metrics {
-        log.push(super::training::step_line(m));
+        log.push(super::curves::step_line(m));
         if checkpoints.contains(&m.step) {
             log.push(format!("checkpoint at step {}", m.step));
         }
@@ -341,7 +341,7 @@ pub fn compare(dirs: &[PathBuf], smoothing: f64) -> crate::Result<Comparison> {
     let mut configs = Vec::new();
     for d in dirs {
         let metrics = checkpoint::read_metrics(d);
-        let c = super::training::curves(&metrics, smoothing);
+        let c = super::curves::curves(&metrics, smoothing);
         runs.push(ComparedRun {
             name: folder_name(d),
             loss_smooth: c.loss_smooth,

@@ -1,0 +1,80 @@
+//! A run's metrics as the studio draws them, for the live run (`training`) and the past ones
+//! (`runs`) alike: the loss curves (decimated, smoothed), and one step's line in the log.
+
+use crate::session::checkpoint::StepMetrics;
+
+/// Points per plotted line: beyond this, every k-th step is drawn (and always the last).
+pub const MAX_POINTS: usize = 2000;
+/// The loss curve's smoothing until the person moves the slider; the runs list's smoothed final
+/// loss uses it too, so the two read alike.
+pub const SMOOTHING: f64 = 0.8;
+
+/// One step's line in the log.
+pub fn step_line(m: &StepMetrics) -> String {
+    format!(
+        "step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s{}",
+        m.step,
+        m.total_steps,
+        m.loss,
+        m.lr,
+        m.grad_norm,
+        m.tokens_per_s,
+        m.eval_loss.map(|l| format!("  eval loss {l:.4}")).unwrap_or_default()
+    )
+}
+
+/// Debiased exponential moving average (the first values are not dragged toward zero).
+pub fn ema(values: &[f64], weight: f64) -> Vec<f64> {
+    let w = weight.clamp(0.0, 0.999);
+    let mut acc = 0.0;
+    let mut norm = 0.0;
+    values
+        .iter()
+        .map(|&v| {
+            acc = w * acc + (1.0 - w) * v;
+            norm = w * norm + (1.0 - w);
+            acc / norm
+        })
+        .collect()
+}
+
+/// What the plots draw, as `[step, value]` pairs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Curves {
+    pub loss: Vec<[f64; 2]>,
+    pub loss_smooth: Vec<[f64; 2]>,
+    pub lr: Vec<[f64; 2]>,
+    pub grad_norm: Vec<[f64; 2]>,
+    pub tokens_per_s: Vec<[f64; 2]>,
+    /// In GiB.
+    pub memory: Vec<[f64; 2]>,
+    /// The evaluation loss at the steps that measured it (never decimated: there are few).
+    pub eval_loss: Vec<[f64; 2]>,
+    /// The lowest evaluation loss so far, the one whose checkpoint the run keeps.
+    pub best_eval: Option<[f64; 2]>,
+}
+
+pub fn curves(metrics: &[StepMetrics], smoothing: f64) -> Curves {
+    let smooth = ema(&metrics.iter().map(|m| m.loss).collect::<Vec<_>>(), smoothing);
+    let stride = metrics.len().div_ceil(MAX_POINTS).max(1);
+    let keep = |i: usize| i.is_multiple_of(stride) || i + 1 == metrics.len();
+    let mut c = Curves::default();
+    for (i, m) in metrics.iter().enumerate().filter(|(i, _)| keep(*i)) {
+        let x = m.step as f64;
+        c.loss.push([x, m.loss]);
+        c.loss_smooth.push([x, smooth[i]]);
+        c.lr.push([x, m.lr]);
+        c.grad_norm.push([x, m.grad_norm]);
+        c.tokens_per_s.push([x, m.tokens_per_s]);
+        if let Some(b) = m.memory_bytes {
+            c.memory.push([x, b as f64 / (1u64 << 30) as f64]);
+        }
+    }
+    c.eval_loss = metrics.iter().filter_map(|m| Some([m.step as f64, m.eval_loss.filter(|l| l.is_finite())?])).collect();
+    // The first of equal lows, as the session keeps it (it replaces the best only when lower).
+    c.best_eval = c.eval_loss.iter().copied().fold(None, |b: Option<[f64; 2]>, p| match b {
+        Some(b) if b[1] <= p[1] => Some(b),
+        _ => Some(p),
+    });
+    c
+}

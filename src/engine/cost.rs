@@ -1,0 +1,340 @@
+//! The step time predicted before Start: what one optimizer step does (FLOPs of the GEMMs and of
+//! attention, bytes of the memory-bound kernels, bytes over the host link), divided by how fast the
+//! card does each, so that `plan` and the studio can show tokens/s and the run's ETA for a card
+//! the user may not have, and for each checkpointing choice.
+//!
+//! How fast: the card's datasheet rates ([`crate::backend::card::CardSpeed`]) times the fraction of
+//! them our kernels reach, [`EFFICIENCY`], which was fitted once to `bench` on an H100 and an H200
+//! (`bench --profile` gives each kernel class's share; the measured rows are in the tests below and
+//! in bench/results.jsonl). On those cards the prediction is within 12% of the measurement from 2K
+//! to 128K tokens and for every policy. On other cards it assumes our kernels reach the same
+//! fractions of their datasheet, which nobody has measured yet; it says so where it is shown.
+//!
+//! The work counted, per decoder layer of `n = batch · seq` rows (`P` = the layer's base weights):
+//! - base GEMMs: `2nP` for the forward, again for the input gradient (the base is frozen), and
+//!   again for a recomputed layer's second forward;
+//! - attention: `4 · head_dim · heads · pairs` for the forward, where `pairs` counts the causal
+//!   (query, key) pairs inside the layer's window, 2.5× that for the backward, and the forward again
+//!   when recomputed;
+//! - memory-bound bytes: NF4 dequantization (each weight read as nibbles, written in bf16, once per
+//!   pass), the skinny LoRA GEMMs (the rows of their inputs and outputs, per pass), and the norms,
+//!   RoPE, gates and residual adds;
+//! - the head and the loss: `2 · 2 · n · hidden · vocab` and the logits' bytes;
+//! - offloaded layer inputs (f32) out and back over the host link, which overlaps compute: only
+//!   what exceeds the step's compute time is counted.
+
+use serde::Serialize;
+
+use crate::backend::card::{CardLimits, CardSpeed};
+use crate::config::{CheckpointPolicy, Quantization};
+use crate::engine::plan::PlanInput;
+use crate::model::ModelSpec;
+
+/// The fractions of a card's datasheet rates our kernels reach, fitted to the measurements in
+/// this module's tests (H100 80GB HBM3 and H200, Llama-3-8B shape, 2K–128K tokens, every policy).
+pub struct Efficiency {
+    /// Large base GEMMs (cuBLASLt, bf16): ~780 of 989 TFLOP/s on Hopper.
+    pub gemm: f64,
+    /// Attention forward (causal FLOPs): ~270 TFLOP/s on Hopper at 8K.
+    pub attention_fwd: f64,
+    /// Attention backward: ~200 TFLOP/s on Hopper.
+    pub attention_bwd: f64,
+    /// The memory-bound kernels (dequantization, LoRA's skinny GEMMs, element-wise), of the
+    /// memory bandwidth.
+    pub memory: f64,
+    /// Of the host link's peak, for offloaded layer inputs (pinned, asynchronous copies).
+    pub host_link: f64,
+    /// Per step: the optimizer, the loss's bookkeeping.
+    pub fixed_s: f64,
+    /// Host time to issue one kernel or GEMM; a step is never shorter than its launches.
+    pub launch_s: f64,
+}
+
+pub const EFFICIENCY: Efficiency =
+    Efficiency { gemm: 0.78, attention_fwd: 0.27, attention_bwd: 0.20, memory: 0.55, host_link: 0.8, fixed_s: 0.003, launch_s: 4e-6 };
+
+/// What one micro-step (one batch of `batch_size` rows of `max_seq_len` tokens) costs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StepWork {
+    pub gemm_flops: f64,
+    pub attention_fwd_flops: f64,
+    pub attention_bwd_flops: f64,
+    pub memory_bytes: f64,
+    pub host_link_bytes: f64,
+    /// Kernel launches: on a small model the CPU cannot issue them as fast as the GPU runs them.
+    pub launches: f64,
+}
+
+/// The predicted time of one micro-step on a card, and its parts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepPrediction {
+    /// Seconds per micro-step of full rows (`batch_size · max_seq_len` tokens).
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    /// Seconds per part: GEMMs, attention forward and backward, memory-bound kernels, the part of
+    /// the host transfers not hidden behind compute, and the fixed cost.
+    pub gemm_s: f64,
+    pub attention_s: f64,
+    pub memory_s: f64,
+    pub host_link_s: f64,
+    /// Where the card's speed comes from: "NVIDIA L4 datasheet", or an estimate.
+    pub basis: String,
+    /// Whether [`EFFICIENCY`] was measured on this class of card (Hopper); elsewhere it is
+    /// assumed.
+    pub calibrated: bool,
+}
+
+impl StepPrediction {
+    /// Seconds for `steps` optimizer steps of `grad_accum` micro-steps each.
+    pub fn eta_s(&self, steps: u64, grad_accum: usize) -> f64 {
+        self.step_s * steps as f64 * grad_accum.max(1) as f64
+    }
+
+    /// "~9,100 tokens/s (230 ms per micro-step of 2,048 tokens); 600 steps in about 9m12s; NVIDIA
+    /// L4 datasheet, not yet measured on this card". Without a step count (a run sized in epochs,
+    /// before its dataset is read) the ETA is left out.
+    pub fn summary(&self, steps: Option<u64>, grad_accum: usize) -> String {
+        let tokens = (self.tokens_per_s * self.step_s).round() as u64;
+        let rate = (self.tokens_per_s / 100.0).round() as u64 * 100;
+        let eta =
+            steps.map(|n| format!("; {n} steps in about {}", crate::util::fmt_duration(self.eta_s(n, grad_accum)))).unwrap_or_default();
+        format!(
+            "~{} tokens/s ({} per micro-step of {} tokens){eta}; {}, {}",
+            group_thousands(rate),
+            if self.step_s < 1.0 { format!("{:.0} ms", self.step_s * 1e3) } else { format!("{:.2} s", self.step_s) },
+            group_thousands(tokens),
+            self.basis,
+            if self.calibrated { "within 12% of bench on H100/H200" } else { "not yet measured on this card" }
+        )
+    }
+}
+
+fn group_thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Causal (query, key) pairs of one sequence of `seq` tokens when each query sees at most `window`
+/// keys (itself included).
+fn attended_pairs(seq: usize, window: Option<usize>) -> f64 {
+    let s = seq as f64;
+    match window {
+        Some(w) if w < seq => {
+            let w = w as f64;
+            // The first w queries see 1..=w keys, the others w each.
+            w * (w + 1.0) / 2.0 + (s - w) * w
+        }
+        _ => s * (s + 1.0) / 2.0,
+    }
+}
+
+/// Layers recomputed in the backward: none under `none`; the first `layers - kept` under `layer`;
+/// all under `offload`.
+fn recomputed(layer: usize, layers: usize, policy: CheckpointPolicy, kept_layers: usize) -> bool {
+    match policy {
+        CheckpointPolicy::None => false,
+        CheckpointPolicy::Layer | CheckpointPolicy::Auto => layer < layers.saturating_sub(kept_layers),
+        CheckpointPolicy::Offload => true,
+    }
+}
+
+/// The work of one micro-step under a resolved policy.
+pub fn step_work(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, kept_layers: usize) -> StepWork {
+    let (batch, seq) = (input.batch_size as f64, input.max_seq_len as f64);
+    let n = batch * seq;
+    let (d, ff) = (spec.hidden_size as f64, spec.intermediate_size as f64);
+    let mut w = StepWork::default();
+    let linears: Vec<(f64, f64, bool)> = crate::config::Target::ALL
+        .iter()
+        .map(|&t| {
+            let (out, inp) = spec.linear_shape(t);
+            (inp as f64, out as f64, input.lora.targets.contains(&t))
+        })
+        .collect();
+    let params: f64 = linears.iter().map(|(i, o, _)| i * o).sum();
+    let qkv = (spec.q_dim() + 2 * spec.kv_dim()) as f64;
+    for l in 0..spec.num_layers {
+        let r = if recomputed(l, spec.num_layers, policy, kept_layers) { 1.0 } else { 0.0 };
+        w.gemm_flops += 2.0 * n * params * (2.0 + r);
+        let fwd = 4.0 * (spec.head_dim * spec.num_heads) as f64 * batch * attended_pairs(input.max_seq_len, spec.layer_window(l));
+        w.attention_fwd_flops += fwd * (1.0 + r);
+        w.attention_bwd_flops += 2.5 * fwd;
+        // LoRA's skinny GEMMs: a forward reads x and updates y; the backward reads dy twice, x
+        // once and updates dx. Two bytes an element.
+        let lora: f64 = linears.iter().filter(|l| l.2).map(|(i, o, _)| (i + 2.0 * o) * (1.0 + r) + (3.0 * i + 2.0 * o)).sum();
+        w.memory_bytes += 2.0 * n * lora;
+        if input.quantization == Quantization::Nf4 {
+            // Half a byte read and two written per weight, per pass (forward, backward, recompute).
+            w.memory_bytes += params * 2.5 * (2.0 + r);
+        }
+        // Norms, RoPE, the gate and the residual adds: about ten rows of `hidden`, three of the
+        // MLP's width and two of q/k/v per forward, twice that in the backward.
+        w.memory_bytes += 2.0 * n * (10.0 * d + 3.0 * ff + 2.0 * qkv) * (3.0 + r);
+        // About 60 kernels and GEMMs per layer and pass (forward, backward, recompute).
+        w.launches += 60.0 * (2.0 + r);
+    }
+    let vocab = spec.vocab_size as f64;
+    w.gemm_flops += 2.0 * 2.0 * n * d * vocab;
+    w.memory_bytes += 3.0 * 4.0 * n * vocab;
+    if policy == CheckpointPolicy::Offload {
+        w.host_link_bytes = 2.0 * 4.0 * n * d * spec.num_layers as f64;
+    }
+    w
+}
+
+/// The predicted micro-step on `card` (`None` when no speed is known for it).
+pub fn predict(
+    spec: &ModelSpec,
+    input: &PlanInput,
+    policy: CheckpointPolicy,
+    kept_layers: usize,
+    card: &CardLimits,
+) -> Option<StepPrediction> {
+    let (speed, basis) = card.speed()?;
+    let mut p = predict_with(&step_work(spec, input, policy, kept_layers), &speed, basis, input.batch_size * input.max_seq_len);
+    p.calibrated = card.compute_capability.0 == 9;
+    Some(p)
+}
+
+/// [`predict`] from the work and the card's speed.
+pub fn predict_with(w: &StepWork, speed: &CardSpeed, basis: String, tokens: usize) -> StepPrediction {
+    let e = &EFFICIENCY;
+    let flops = speed.bf16_tflops * 1e12;
+    let gemm_s = w.gemm_flops / (flops * e.gemm);
+    let attention_s = w.attention_fwd_flops / (flops * e.attention_fwd) + w.attention_bwd_flops / (flops * e.attention_bwd);
+    let memory_s = w.memory_bytes / (speed.memory_gb_s * 1e9 * e.memory);
+    let compute = (gemm_s + attention_s + memory_s + e.fixed_s).max(w.launches * e.launch_s);
+    let host = w.host_link_bytes / (speed.host_link_gb_s * 1e9 * e.host_link);
+    let host_link_s = (host - compute).max(0.0);
+    let step_s = compute + host_link_s;
+    StepPrediction { step_s, tokens_per_s: tokens as f64 / step_s, gemm_s, attention_s, memory_s, host_link_s, basis, calibrated: false }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::card::profile_named;
+    use crate::config::LoraConfig;
+
+    fn llama3_8b() -> ModelSpec {
+        ModelSpec::by_shape_name("llama3-8b").expect("llama3-8b shape")
+    }
+
+    fn input(seq: usize) -> PlanInput {
+        PlanInput {
+            lora: LoraConfig { r: 32, alpha: 32.0, ..LoraConfig::default() },
+            quantization: Quantization::Nf4,
+            batch_size: 1,
+            max_seq_len: seq,
+            checkpointing: CheckpointPolicy::Auto,
+            token_rows: 0,
+            mlp_chunk_rows: 0,
+        }
+    }
+
+    /// `tunestudio bench`, Llama-3-8B shape, r 32, batch 1, measured tokens/s (bench/results.jsonl
+    /// runs 2026-11-27-h100-a/-b and 2026-12-04-h200-a/-c; the H200 rows at 16K–64K in memory mode and
+    /// 4K/8K in speed mode are issue 12's table, run at commit 3aa03ff).
+    const MEASURED: &[(&str, usize, CheckpointPolicy, usize, f64)] = &[
+        ("h100-80", 2048, CheckpointPolicy::None, 32, 12_281.0),
+        ("h100-80", 2048, CheckpointPolicy::Offload, 0, 8_925.0),
+        ("h100-80", 8192, CheckpointPolicy::None, 32, 10_585.0),
+        ("h100-80", 8192, CheckpointPolicy::Offload, 0, 7_655.0),
+        ("h100-80", 32768, CheckpointPolicy::Offload, 0, 3_997.0),
+        ("h100-80", 131072, CheckpointPolicy::Offload, 0, 1_166.0),
+        ("h200", 2048, CheckpointPolicy::None, 32, 13_113.0),
+        ("h200", 2048, CheckpointPolicy::Offload, 0, 9_485.0),
+        ("h200", 4096, CheckpointPolicy::None, 32, 12_801.0),
+        ("h200", 4096, CheckpointPolicy::Layer, 26, 11_327.0),
+        ("h200", 8192, CheckpointPolicy::None, 32, 11_033.0),
+        ("h200", 8192, CheckpointPolicy::Layer, 11, 8_450.0),
+        ("h200", 8192, CheckpointPolicy::Layer, 0, 7_727.0),
+        ("h200", 8192, CheckpointPolicy::Offload, 0, 8_032.0),
+        ("h200", 16384, CheckpointPolicy::Layer, 3, 6_078.0),
+        ("h200", 16384, CheckpointPolicy::Offload, 0, 6_150.0),
+        ("h200", 32768, CheckpointPolicy::Offload, 0, 4_101.0),
+        ("h200", 65536, CheckpointPolicy::Offload, 0, 2_148.0),
+    ];
+
+    #[test]
+    fn the_prediction_is_within_12_percent_of_every_measured_hopper_step() {
+        let spec = llama3_8b();
+        let mut worst = (0.0f64, String::new());
+        for &(card, seq, policy, kept, measured) in MEASURED {
+            let limits = profile_named(card).unwrap().limits();
+            let p = predict(&spec, &input(seq), policy, kept, &limits).unwrap();
+            let err = p.tokens_per_s / measured - 1.0;
+            if err.abs() > worst.0.abs() {
+                worst = (err, format!("{card} seq {seq} {policy:?} kept {kept}: predicted {:.0}, measured {measured}", p.tokens_per_s));
+            }
+        }
+        assert!(worst.0.abs() <= 0.12, "worst: {:+.1}% ({})", 100.0 * worst.0, worst.1);
+    }
+
+    #[test]
+    fn recomputing_and_offloading_cost_time_and_a_slower_card_is_slower() {
+        let spec = llama3_8b();
+        let l4 = profile_named("l4").unwrap().limits();
+        let at = |policy, kept, card: &CardLimits| predict(&spec, &input(8192), policy, kept, card).unwrap().step_s;
+        let keep_all = at(CheckpointPolicy::None, 32, &l4);
+        let some = at(CheckpointPolicy::Layer, 16, &l4);
+        let recompute_all = at(CheckpointPolicy::Layer, 0, &l4);
+        let offload = at(CheckpointPolicy::Offload, 0, &l4);
+        assert!(keep_all < some && some < recompute_all && recompute_all <= offload, "{keep_all} {some} {recompute_all} {offload}");
+        let h100 = profile_named("h100-80").unwrap().limits();
+        assert!(at(CheckpointPolicy::Layer, 0, &h100) * 3.0 < recompute_all);
+    }
+
+    #[test]
+    fn sliding_windows_bound_attention_work() {
+        assert_eq!(attended_pairs(4, None), 10.0);
+        assert_eq!(attended_pairs(4, Some(2)), 1.0 + 2.0 + 2.0 + 2.0);
+        assert_eq!(attended_pairs(4, Some(8)), 10.0);
+        let gemma = ModelSpec::by_shape_name("gemma3-4b").unwrap();
+        let w = step_work(&gemma, &input(32768), CheckpointPolicy::None, gemma.num_layers);
+        let mut global = gemma.clone();
+        global.sliding_window = None;
+        let g = step_work(&global, &input(32768), CheckpointPolicy::None, global.num_layers);
+        // Five local layers of six see 1K keys instead of up to 32K.
+        assert!(w.attention_fwd_flops < 0.3 * g.attention_fwd_flops, "{} vs {}", w.attention_fwd_flops, g.attention_fwd_flops);
+    }
+
+    #[test]
+    fn a_device_known_by_name_or_by_architecture_has_a_speed() {
+        use crate::backend::card::CardLimits;
+        let h200 = CardLimits::from_table("NVIDIA H200", (9, 0), 132, 141 << 30);
+        assert_eq!(h200.speed().unwrap().1, "NVIDIA H200 datasheet");
+        // An RTX 4080 (8.9, 76 SMs) is not a profile: the 8.9 GeForce card's rate, scaled (its
+        // datasheet says 48.7); an L4-like professional card is estimated from the L4.
+        let other = CardLimits::from_table("NVIDIA GeForce RTX 4080", (8, 9), 76, 16 << 30);
+        let (speed, basis) = other.speed().unwrap();
+        assert!(basis.contains("estimated from the NVIDIA GeForce RTX 4090"), "{basis}");
+        assert!((speed.bf16_tflops - 82.6 * 76.0 / 128.0).abs() < 1e-9);
+        let pro = CardLimits::from_table("NVIDIA L20", (8, 9), 92, 48 << 30);
+        assert!(pro.speed().unwrap().1.contains("NVIDIA L4 "), "{:?}", pro.speed());
+        assert!(CardLimits::from_table("future", (13, 0), 100, 1 << 30).speed().is_none());
+    }
+
+    #[test]
+    fn the_summary_gives_the_rate_the_eta_and_how_far_to_trust_it() {
+        let spec = llama3_8b();
+        let l4 = profile_named("l4").unwrap().limits();
+        let p = predict(&spec, &input(2048), CheckpointPolicy::Offload, 0, &l4).unwrap();
+        assert!((p.eta_s(600, 2) - 1200.0 * p.step_s).abs() < 1e-9);
+        let s = p.summary(Some(600), 2);
+        assert!(!p.summary(None, 2).contains("steps in"));
+        assert!(s.contains("tokens/s") && s.contains("600 steps in about") && s.contains("NVIDIA L4 datasheet"), "{s}");
+        assert!(s.contains("not yet measured on this card"), "{s}");
+        let h200 = profile_named("h200").unwrap().limits();
+        assert!(predict(&spec, &input(2048), CheckpointPolicy::None, 32, &h200).unwrap().summary(None, 1).contains("within 12%"));
+        assert_eq!(group_thousands(1234567), "1,234,567");
+        assert_eq!(group_thousands(900), "900");
+    }
+}
