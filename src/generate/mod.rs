@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::model::chat_template::{ChatTemplate, Message};
 use crate::model::tokenizer::TokenizerBundle;
 use crate::model::{ModelSpec, WeightStore};
-use crate::session::checkpoint;
+use crate::checkpoint;
 pub use sample::{Sampler, SamplingParams};
 pub use stream::{FinishReason, StopRules, TextStream};
 

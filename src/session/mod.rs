@@ -2,7 +2,9 @@
 //! by step, writes the run folder, and talks to its owner (the CLI or the studio) only through
 //! channels: `Event`s out, `Control`s in. It never blocks its owner.
 
-pub mod checkpoint;
+// Checkpoints are a file format below `generate` (which answers from a run's checkpoint) and
+// `session` (which samples during training through `generate`); the old path stays valid.
+pub use crate::checkpoint;
 pub mod guard;
 pub mod lock;
 pub mod samples;
