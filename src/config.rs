@@ -527,11 +527,56 @@ impl SamplesConfig {
         *self == SamplesConfig::default()
     }
 
+    /// What is wrong with these settings, each naming its field and saying what to do. Off
+    /// (`every = 0`), the others are not checked: they are kept for when samples are turned on.
+    pub fn problems(&self) -> Vec<Error> {
+        let mut out = Vec::new();
+        if self.every > MAX_SAMPLES_EVERY {
+            out.push(Error::config(
+                "samples.every",
+                format!("is {}: give a number of steps up to {MAX_SAMPLES_EVERY}, or 0 to turn samples off", self.every),
+            ));
+        }
+        if self.every == 0 {
+            return out;
+        }
+        if !(1..=MAX_SAMPLE_TOKENS).contains(&self.max_new_tokens) {
+            out.push(Error::config(
+                "samples.max_new_tokens",
+                format!("is {}: give the longest answer in tokens, 1 to {MAX_SAMPLE_TOKENS}", self.max_new_tokens),
+            ));
+        }
+        if self.prompts.is_empty() && !(1..=MAX_SAMPLE_PROMPTS).contains(&self.count) {
+            out.push(Error::config(
+                "samples.count",
+                format!(
+                    "is {}: answer 1 to {MAX_SAMPLE_PROMPTS} dataset rows, type prompts in samples.prompts, or set samples.every = 0 to turn samples off",
+                    self.count
+                ),
+            ));
+        }
+        if self.prompts.len() > MAX_SAMPLE_PROMPTS {
+            out.push(Error::config(
+                "samples.prompts",
+                format!("has {} prompts: keep at most {MAX_SAMPLE_PROMPTS} (each is answered at every sample step)", self.prompts.len()),
+            ));
+        }
+        if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
+            out.push(Error::config("samples.prompts", format!("prompt {} is empty: remove it or write one", i + 1)));
+        }
+        out
+    }
+
     /// Whether a run of `total_steps` answers the prompts after `step`.
     pub fn due_at(&self, step: u64, total_steps: u64) -> bool {
         self.every > 0 && (step == total_steps || step.is_multiple_of(self.every))
     }
 }
+
+/// The limits of `[samples]`: samples slow the run down by as many generations per sample step.
+pub const MAX_SAMPLES_EVERY: u64 = 100_000_000;
+pub const MAX_SAMPLE_PROMPTS: usize = 16;
+pub const MAX_SAMPLE_TOKENS: usize = 4096;
 
 /// The allowed ranges of the settings that plans search over (`plan::largest_fitting`).
 pub const MAX_LORA_R: usize = 1024;
@@ -702,18 +747,8 @@ impl RunConfig {
             push(check_int("train.max_steps", s, 1, 100_000_000));
         }
         push(check_range("dataset.max_bad_fraction", self.dataset.max_bad_fraction, 0.0, 1.0, false));
-        push(check_int("samples.every", self.samples.every, 0, 100_000_000));
-        if self.samples.every > 0 {
-            push(check_int("samples.max_new_tokens", self.samples.max_new_tokens as u64, 1, 4096));
-            if self.samples.prompts.is_empty() {
-                push(check_int("samples.count", self.samples.count as u64, 1, 16));
-            }
-            if self.samples.prompts.len() > 16 {
-                push(Err(Error::config("samples.prompts", format!("has {} prompts: give at most 16", self.samples.prompts.len()))));
-            }
-            if let Some(i) = self.samples.prompts.iter().position(|p| p.trim().is_empty()) {
-                push(Err(Error::config("samples.prompts", format!("prompt {} is empty: remove it or write one", i + 1))));
-            }
+        for e in self.samples.problems() {
+            push(Err(e));
         }
         if let Some(cap) = self.memory.gpu_mem {
             // Below 1 GiB not even the CUDA context and the kernels' scratch fit.
@@ -855,6 +890,53 @@ mod tests {
         assert_eq!(at, vec![3, 6, 9, 12, 15, 18, 21, 24, 25]);
         let t = TrainConfig { eval_every: 10, ..t };
         assert_eq!((1..=25).filter(|&s| t.evaluates_at(s, 25)).collect::<Vec<_>>(), vec![10, 20, 25]);
+    }
+
+    #[test]
+    fn samples_are_checked_naming_the_field_and_left_out_of_the_toml_while_default() {
+        let mut c = RunConfig::default();
+        c.model.path = "m".into();
+        c.dataset.path = "d".into();
+        // Off by default, and then not written: the configs of runs without samples read as before.
+        assert_eq!(c.samples.every, 0);
+        assert!(!c.to_toml().contains("samples"), "{}", c.to_toml());
+        // Off, the other settings are kept as they are, not checked.
+        c.samples.count = 0;
+        c.validate().unwrap();
+
+        let problem = |c: &RunConfig| c.validate().unwrap_err().to_string();
+        c.samples.every = 10;
+        let e = problem(&c);
+        assert!(e.contains("samples.count") && e.contains("samples.prompts") && e.contains("samples.every = 0"), "{e}");
+        c.samples.count = 2;
+        c.samples.max_new_tokens = 0;
+        let e = problem(&c);
+        assert!(e.contains("samples.max_new_tokens") && e.contains("1 to 4096"), "{e}");
+        c.samples.max_new_tokens = 32;
+        c.samples.prompts = vec!["Hi".into(), "  ".into()];
+        let e = problem(&c);
+        assert!(e.contains("samples.prompts") && e.contains("prompt 2 is empty"), "{e}");
+        c.samples.prompts = vec!["Hi".into(); 17];
+        let e = problem(&c);
+        assert!(e.contains("samples.prompts") && e.contains("at most 16"), "{e}");
+        c.samples.prompts = vec!["Hi".into()];
+        c.samples.every = MAX_SAMPLES_EVERY + 1;
+        let e = problem(&c);
+        assert!(e.contains("samples.every") && e.contains("0 to turn samples off"), "{e}");
+        c.samples.every = 10;
+        c.validate().unwrap();
+
+        // On, they are written, and read back the same.
+        let text = c.to_toml();
+        assert!(text.contains("[samples]") && text.contains("every = 10"), "{text}");
+        assert_eq!(RunConfig::from_toml_str(&text, Path::new("run.toml")).unwrap(), c);
+        // A misspelt key is refused with its line.
+        let e = RunConfig::from_toml_str("[samples]\nevery = 5\nprompt = [\"x\"]\n", Path::new("run.toml")).unwrap_err().to_string();
+        assert!(e.starts_with("run.toml:3:") && e.contains("prompt"), "{e}");
+        // Due every N steps and after the last.
+        let at: Vec<u64> = (1..=25).filter(|&s| c.samples.due_at(s, 25)).collect();
+        assert_eq!(at, vec![10, 20, 25]);
+        assert!(!(1..=25).any(|s| SamplesConfig::default().due_at(s, 25)));
     }
 
     #[test]

@@ -634,10 +634,12 @@ fn run(
     };
     let target = prepare::target(&request, Place::Opened(&opened));
     match opened {
-        // Samples answer on a backend of their own (generation's buffers and a copy of the
-        // weights, outside the training plan).
+        // Samples answer on a backend of their own on the same card, decided as the run's (its
+        // profile): generation's buffers and a second copy of the base weights, outside the
+        // training plan and the cap (`train_on` says so in the log).
         Opened::Cuda(gpu) => {
-            train_on(*gpu, prepared, &target, &options, events, control, &|| crate::backend::cuda::CudaBackend::new())
+            let sample_options = crate::backend::cuda::CudaOptions { card: request.card, memory_limit_bytes: None };
+            train_on(*gpu, prepared, &target, &options, events, control, &|| crate::backend::cuda::CudaBackend::with_options(&sample_options))
         }
         Opened::Cpu { .. } => {
             train_on(CpuBackend::<f32>::new(), prepared, &target, &options, events, control, &|| Ok(CpuBackend::<f32>::new()))
@@ -767,6 +769,15 @@ fn train_on<B: Backend>(
         send(Event::Log(format!(
             "checkpointing auto: {} (plan {})",
             planned.checkpointing_label(&p.spec),
+            crate::util::fmt_bytes(planned.peak_bytes)
+        )));
+    }
+    if !p.sample_prompts.is_empty() && target.kind == crate::engine::plan::BackendKind::Cuda {
+        let base = planned.terms.get(crate::engine::plan::Term::BaseWeights.name()).copied().unwrap_or(0);
+        send(Event::Log(format!(
+            "note: samples answer on a second copy of the model on {}: at least {} more than the plan of {}, outside the plan and any memory cap; set samples.every = 0 if the card runs out of memory",
+            target.name,
+            crate::util::fmt_bytes(samples::extra_device_bytes(cfg, &p.spec, base)),
             crate::util::fmt_bytes(planned.peak_bytes)
         )));
     }

@@ -113,7 +113,7 @@ impl<B: Backend> Sampler<B> {
                 let template = tok.resolve_template(&cfg.dataset.template)?;
                 let token_rows = rows.as_ref().map(|r| complete_token_rows(r, spec, store)).transpose()?;
                 let adapter = InferAdapter { lora: cfg.lora.clone(), weights, token_rows };
-                let context = (cfg.train.max_seq_len + self.max_new_tokens).min(spec.max_position_embeddings.max(2));
+                let context = context(cfg, spec);
                 let opts = InferOptions { chunk_rows: 256.min(context), ..InferOptions::new(cfg.model.quantization, 1, context) };
                 let infer = Inference::new(backend()?, spec.clone(), store, opts, Some(&adapter))?;
                 self.generator = Some(Generator::from_parts(infer, tok, template));
@@ -135,6 +135,21 @@ impl<B: Backend> Sampler<B> {
         }
         Ok(out)
     }
+}
+
+/// Positions the sample cache holds: the longest training row (a dataset row's prompt is shorter)
+/// and the answer, within the model's own limit.
+fn context(cfg: &RunConfig, spec: &ModelSpec) -> usize {
+    (cfg.train.max_seq_len + cfg.samples.max_new_tokens).min(spec.max_position_embeddings.max(2))
+}
+
+/// The device memory the samples take on top of the training plan, at least: a second copy of
+/// the base weights (`base_weights`, the plan's term for them) and the cache of one sequence.
+/// On CUDA this is outside the plan and the memory cap (the sampler's backend is a second one on
+/// the same card), so the session says it in the log when samples are on; on the CPU it is RAM.
+pub fn extra_device_bytes(cfg: &RunConfig, spec: &ModelSpec, base_weights: u64) -> u64 {
+    let bf16 = 2;
+    base_weights + (2 * spec.num_layers * context(cfg, spec) * spec.kv_dim() * bf16) as u64
 }
 
 pub fn append(run_dir: &Path, samples: &[Sample]) -> Result<()> {
