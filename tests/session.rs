@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use tunestudio::RunConfig;
-use tunestudio::config::EvalSplit;
-use tunestudio::session::checkpoint::{self, RunStatus};
 use tunestudio::backend::cpu::CpuBackend;
+use tunestudio::config::EvalSplit;
 use tunestudio::generate::{Generator, LoadOptions, Prompt, Request, SamplingParams};
 use tunestudio::model::chat_template::Message;
+use tunestudio::session::checkpoint::{self, RunStatus};
 use tunestudio::session::{Event, StartOptions, samples, start};
 
 fn demo_config(out: &Path, steps: u64) -> RunConfig {
@@ -625,8 +625,10 @@ fn samples_come_at_their_steps_and_leave_the_training_untouched() {
     }
 
     // Every 3 steps and after the last, each prompt in order.
-    let answered: Vec<(u64, Vec<samples::Sample>)> =
-        events.iter().filter_map(|e| if let Event::Samples { step, samples } = e { Some((*step, samples.clone())) } else { None }).collect();
+    let answered: Vec<(u64, Vec<samples::Sample>)> = events
+        .iter()
+        .filter_map(|e| if let Event::Samples { step, samples } = e { Some((*step, samples.clone())) } else { None })
+        .collect();
     assert_eq!(answered.iter().map(|a| a.0).collect::<Vec<_>>(), vec![3, 6, 7]);
     for (step, s) in &answered {
         assert_eq!(s.iter().map(|s| s.prompt.clone()).collect::<Vec<_>>(), prompts);
@@ -688,7 +690,11 @@ fn without_typed_prompts_the_first_rows_are_answered_up_to_their_answer() {
     assert_eq!(got.len(), 2);
     // The dataset's first two rows (no held-out rows: the training rows, in file order), shown as
     // the template renders them, ending where the answer starts.
-    assert!(got[0].prompt.contains("Describe the colour of the marrowbat.") && !got[0].prompt.contains("black in colour"), "{:?}", got[0].prompt);
+    assert!(
+        got[0].prompt.contains("Describe the colour of the marrowbat.") && !got[0].prompt.contains("black in colour"),
+        "{:?}",
+        got[0].prompt
+    );
     assert!(got[1].prompt.contains("favourite food of the glimmerfox") && !got[1].prompt.contains("berries"), "{:?}", got[1].prompt);
     assert!(logs(&events).iter().any(|l| l.contains("answering 2 sample prompts every 2 steps")), "{:?}", logs(&events));
 }

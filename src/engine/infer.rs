@@ -284,7 +284,10 @@ impl<B: Backend> Inference<B> {
             && weights.layers.len() == self.lora.len()
             && weights.layers.iter().zip(&self.lora).all(|(w, l)| w.len() == l.len() && l.iter().all(|x| w.contains_key(&x.target)));
         if !same || !self.has_adapter() {
-            return Err(Error::bug("Inference::replace_lora", "the new LoRA weights have other targets or another rank than the loaded ones"));
+            return Err(Error::bug(
+                "Inference::replace_lora",
+                "the new LoRA weights have other targets or another rank than the loaded ones",
+            ));
         }
         for (layer, pairs) in self.lora.iter_mut().zip(&weights.layers) {
             for lin in layer.iter_mut() {

@@ -22,13 +22,13 @@ use serde::Serialize;
 use crate::adapter::{complete_token_rows, load_peft};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DeviceInfo};
+use crate::checkpoint;
 use crate::config::{DeviceChoice, Quantization};
 use crate::engine::infer::{InferAdapter, InferOptions, Inference};
 use crate::error::{Error, Result};
 use crate::model::chat_template::{ChatTemplate, Message};
 use crate::model::tokenizer::TokenizerBundle;
 use crate::model::{ModelSpec, WeightStore};
-use crate::checkpoint;
 pub use sample::{Sampler, SamplingParams};
 pub use stream::{FinishReason, StopRules, TextStream};
 

@@ -639,7 +639,9 @@ fn run(
         // training plan and the cap (`train_on` says so in the log).
         Opened::Cuda(gpu) => {
             let sample_options = crate::backend::cuda::CudaOptions { card: request.card, memory_limit_bytes: None };
-            train_on(*gpu, prepared, &target, &options, events, control, &|| crate::backend::cuda::CudaBackend::with_options(&sample_options))
+            train_on(*gpu, prepared, &target, &options, events, control, &|| {
+                crate::backend::cuda::CudaBackend::with_options(&sample_options)
+            })
         }
         Opened::Cpu { .. } => {
             train_on(CpuBackend::<f32>::new(), prepared, &target, &options, events, control, &|| Ok(CpuBackend::<f32>::new()))
@@ -981,7 +983,10 @@ fn train_on<B: Backend>(
                 }
                 Err(e) => {
                     // Samples are a view of the run, not part of it: the run goes on without them.
-                    send(Event::Log(format!("warning: the samples at step {} failed ({e}); training goes on without samples", trainer.step)));
+                    send(Event::Log(format!(
+                        "warning: the samples at step {} failed ({e}); training goes on without samples",
+                        trainer.step
+                    )));
                     sampler = samples::Sampler::new(Vec::new(), 0);
                 }
             }

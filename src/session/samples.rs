@@ -13,13 +13,13 @@ use std::sync::atomic::AtomicBool;
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::complete_token_rows;
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::data::Example;
 use crate::engine::Trainer;
 use crate::engine::infer::{InferAdapter, InferOptions, Inference};
 use crate::error::{IoContext, Result};
-use crate::adapter::complete_token_rows;
 use crate::generate::{Generator, Prompt, Request, SamplingParams};
 use crate::model::chat_template::Message;
 use crate::model::tokenizer::TokenizerBundle;
@@ -162,11 +162,7 @@ pub fn append(run_dir: &Path, samples: &[Sample]) -> Result<()> {
 
 /// Every sample written so far (lines that do not parse are skipped: a line cut by a kill).
 pub fn read(run_dir: &Path) -> Vec<Sample> {
-    std::fs::read_to_string(run_dir.join(SAMPLES_FILE))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    std::fs::read_to_string(run_dir.join(SAMPLES_FILE)).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 /// On resume from `step`: drop the samples of later steps, which the resumed run answers again.

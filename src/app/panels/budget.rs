@@ -84,14 +84,18 @@ pub fn panel(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         let c = &state.config;
         // When the search stopped at its useful end rather than at the memory, say which end.
         let rows = if c.dataset.eval_split.is_some() { "every training row" } else { "the whole dataset" };
-        let whole_data = if c.train.grad_accum > 1 {
-            format!(" ({rows} per step, with accumulation)")
-        } else {
-            format!(" ({rows} per step)")
-        };
+        let whole_data =
+            if c.train.grad_accum > 1 { format!(" ({rows} per step, with accumulation)") } else { format!(" ({rows} per step)") };
         for (setting, name, found, now, cap, why) in [
             (Setting::MaxSeqLen, "seq len", f.max_seq_len, c.train.max_seq_len, f.seq_cap, " (the model's context)"),
-            (Setting::BatchSize, "batch", f.batch_size, c.train.batch_size, if f.batch_cap_is_data { f.batch_cap } else { 0 }, whole_data.as_str()),
+            (
+                Setting::BatchSize,
+                "batch",
+                f.batch_size,
+                c.train.batch_size,
+                if f.batch_cap_is_data { f.batch_cap } else { 0 },
+                whole_data.as_str(),
+            ),
             (Setting::LoraRank, "rank", f.lora_r, c.lora.r, f.rank_cap, " (full rank of the adapted linears)"),
         ] {
             match found {

@@ -73,7 +73,9 @@ fn sample_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
         r
     });
     ui.end_row();
-    field(ui, p, "samples.count", |ui| ui.add_enabled(on && c.samples.prompts.is_empty(), drag_usize(&mut c.samples.count, 0.1).suffix(" rows")));
+    field(ui, p, "samples.count", |ui| {
+        ui.add_enabled(on && c.samples.prompts.is_empty(), drag_usize(&mut c.samples.count, 0.1).suffix(" rows"))
+    });
     ui.end_row();
     field(ui, p, "samples.max_new_tokens", |ui| ui.add_enabled(on, drag_usize(&mut c.samples.max_new_tokens, 0.5).suffix(" tokens")));
     ui.end_row();

@@ -9,8 +9,8 @@ use eframe::egui::Color32;
 
 use crate::backend::nvml::GpuSample;
 use crate::session::checkpoint::StepMetrics;
-use crate::session::telemetry::ThrottleWatch;
 use crate::session::samples::Sample;
+use crate::session::telemetry::ThrottleWatch;
 use crate::session::{Event, Finished, LoadedInfo};
 use crate::util::{fmt_bytes, fmt_duration};
 
