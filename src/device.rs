@@ -243,7 +243,7 @@ pub fn open(req: &Request, cpu_fallback: bool) -> std::result::Result<Opened, Un
     let found = cuda::probe();
     if let (Err(e), false) = (&found, req.wants_cuda()) {
         // `auto` without a GPU: the CPU is what auto means.
-        return Ok(Opened::Cpu { note: Some(format!("no usable GPU ({}): training on the CPU", reason_of(e))), fallback: None });
+        return Ok(Opened::Cpu { note: Some(format!("no usable GPU: {}", reason_of(e))), fallback: None });
     }
     let card_of = |d: &DeviceInfo| {
         let mut limits = d.card.clone()?;
@@ -443,7 +443,7 @@ mod tests {
         }
         assert!(matches!(open(&Request { device: DeviceChoice::Cpu, ..Default::default() }, false), Ok(Opened::Cpu { note: None, .. })));
         match open(&Request::default(), false) {
-            Ok(Opened::Cpu { note: Some(n), fallback: None }) => assert!(n.contains("training on the CPU"), "{n}"),
+            Ok(Opened::Cpu { note: Some(n), fallback: None }) => assert!(n.starts_with("no usable GPU: "), "{n}"),
             _ => panic!("auto without a GPU trains on the CPU and says why"),
         }
         for req in [

@@ -224,6 +224,7 @@ fn gui_demo_opens_with_model_and_dataset_selected() {
     assert!(view.previews[0].segments.iter().any(|x| x.kind == tunestudio::app::state::dataset::SpanKind::Trained));
     assert!(h.query_by_label_contains("Untrained tokens").is_some());
     assert_eq!(h.state().state.model.recent.models.first(), Some(&h.state().state.config.model.path), "a loaded model is remembered");
+    assert!(h.query_by_label("demo").is_some(), "the recent model is called demo, as its runs are, not by its folder model/");
     assert!(tunestudio::app::start_blocker(&h.state().state).is_none());
     assert!(!disabled(&h, "▶ Start"));
 }
@@ -288,7 +289,7 @@ fn crafted_report(uses_untrained: bool) -> PreflightView {
         steps: "60 optimizer steps (45 per epoch), 8 sequences each, learning rate 2.00e-3".into(),
         device: "CPU".into(),
         checks: vec![
-            Check { level: Level::Ok, text: "Chat template: model.".into() },
+            Check { level: Level::Ok, text: "Rendered with the model's own chat template.".into() },
             Check { level: Level::Warn, text: "3 rows are skipped.".into() },
         ],
         untrained: (1579..1587).map(|i| (i, format!("<|reserved_special_token_{}|>", i - 1579))).collect(),
@@ -930,7 +931,7 @@ fn long_report() -> PreflightView {
     let target = budget::target(Card::profile("rtx4090"), &cfg, None);
     r.budget = Some(budget::view(&tunestudio::model::ModelSpec::llama3_8b(), &cfg, &target, None, 0));
     r.checks = vec![
-        Check { level: Level::Ok, text: "Chat template: model.".into() },
+        Check { level: Level::Ok, text: "Rendered with the model's own chat template.".into() },
         Check { level: Level::Warn, text: "5 rows are skipped (reasons in the Dataset panel).".into() },
         Check { level: Level::Warn, text: "12 rows are longer than max_seq_len 256 and are truncated.".into() },
         Check {
@@ -1306,6 +1307,13 @@ fn gui_chat_with_a_paused_run_answers_from_its_newest_checkpoint() {
     let newest = tunestudio::session::checkpoint::list(&run_dir).last().copied().unwrap();
     assert_eq!(m.adapter.as_deref(), Some(tunestudio::session::checkpoint::step_dir(&run_dir, newest).as_path()));
     assert!(m.has_adapter);
+    // What answers, in one line without parentheses in parentheses (it read "loaded run (newest
+    // checkpoint) on CPU (f32, 2 threads) (with the adapter, 0.0 s)").
+    settle(&mut h);
+    let node = h.get_by_label_contains("loaded ");
+    let line = node.accesskit_node().value().or(node.accesskit_node().label()).unwrap_or_default().to_string();
+    assert!(line.contains(" at its newest checkpoint · ") && line.contains(" · with the adapter · "), "{line}");
+    assert!(paren_depth(&line) <= 1 && line.matches('(').count() <= 1, "{line}");
     assert_eq!(h.state().state.training.phase, Phase::Paused, "chatting leaves the run paused");
     assert_eq!(steps(&h), at);
     click(&mut h, "⏵ Resume");
@@ -1415,7 +1423,7 @@ fn gui_runs_side_by_side_named_compared_renamed_and_remembered_across_folders() 
     let first = train(&mut h, fixed_dir("compare-runs-a"), 2e-3);
     let second = train(&mut h, fixed_dir("compare-runs-b"), 5e-4);
     let name = |d: &Path| d.file_name().unwrap().to_string_lossy().to_string();
-    assert!(name(&first).starts_with("model-train-"), "named after the model and the dataset: {}", name(&first));
+    assert!(name(&first).starts_with("demo-train-"), "named after the model and the dataset: {}", name(&first));
 
     // A config whose output folder holds no run still lists the runs of both folders trained into.
     h.state_mut().state.config.output.dir = fixed_dir("compare-runs-empty");
@@ -1654,4 +1662,228 @@ fn gui_samples_are_set_on_the_hyperparameters_page_and_read_on_the_training_page
     }
     assert!(h.query_by_label("The frostling lives in the north.").is_none());
     assert_eq!(h.query_all_by_label("step 20").count(), 2);
+
+/// Every text painted in the last frame, with where it starts.
+fn painted_texts(h: &Harness<'static, StudioApp>) -> Vec<(String, egui::Pos2)> {
+    fn walk(s: &egui::Shape, out: &mut Vec<(String, egui::Pos2)>) {
+        match s {
+            egui::Shape::Text(t) => out.push((t.galley.text().to_string(), t.pos)),
+            egui::Shape::Vec(v) => v.iter().for_each(|s| walk(s, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for c in &h.output().shapes {
+        walk(&c.shape, &mut out);
+    }
+    out
+}
+
+/// A finished run of `n` steps with smooth made-up metrics, on the Training page.
+fn fixed_run(h: &mut Harness<'static, StudioApp>, n: u64) {
+    let t = &mut h.state_mut().state.training;
+    t.phase = Phase::Done;
+    t.metrics.clear();
+    for i in 1..=n {
+        let x = i as f64;
+        t.metrics.push(StepMetrics {
+            step: i,
+            total_steps: n,
+            epoch: x / 45.0,
+            loss: 3.0 * (-x / (n as f64 / 3.0)).exp() + 0.9,
+            lr: 2e-3 * (1.0 - x / n as f64),
+            grad_norm: 1.5 * (-x / 30.0).exp() + 0.3,
+            tokens: 2048,
+            trained_tokens: 700,
+            // As the demo swings on a busy 2-core machine: 1,300 to 7,000 tokens/s.
+            tokens_per_s: 4150.0 + 2850.0 * (x * 0.7).sin(),
+            elapsed_s: x * 0.5,
+            eta_s: (n as f64 - x) * 0.5,
+            memory_bytes: Some((300 << 20) + (i << 12)),
+            eval_loss: None,
+        });
+    }
+}
+
+#[test]
+fn gui_small_plots_keep_their_step_labels_as_the_run_grows() {
+    let _g = serial();
+    for width in [1280.0, 900.0] {
+        let mut h = studio_sized(Some(demo_config()), "ticks", [width, 820.0]);
+        wait_loaded(&mut h);
+        go(&mut h, Page::Monitor);
+        // egui_plot's own grid left these plots one label (0) or none from about 60 to 200 steps
+        // and again from 600 to 2000 (seen under Xvfb at 1600 px).
+        for n in [12, 60, 150, 700, 1500] {
+            fixed_run(&mut h, n);
+            settle(&mut h);
+            let texts = painted_texts(&h);
+            for title in ["Learning rate", "Gradient norm", "Tokens / s"] {
+                let r = h.get_by_label(title).rect();
+                // The x axis's labels: whole numbers on one line under the plot's area.
+                let mut rows: Vec<(f32, Vec<i64>)> = Vec::new();
+                for (text, pos) in &texts {
+                    let Ok(v) = text.parse::<i64>() else { continue };
+                    if pos.x < r.left() - 2.0
+                        || pos.x > r.left() + (width - 172.0) / 4.0
+                        || pos.y < r.bottom()
+                        || pos.y > r.bottom() + 140.0
+                    {
+                        continue;
+                    }
+                    match rows.iter_mut().find(|(y, _)| (y - pos.y).abs() < 0.5) {
+                        Some((_, vs)) => vs.push(v),
+                        None => rows.push((pos.y, vec![v])),
+                    }
+                }
+                let (axis_y, labels) = rows.iter().cloned().max_by_key(|(_, v)| v.len()).unwrap_or_default();
+                assert!(labels.len() >= 2, "at {width} px, {n} steps: the {title} plot's x axis has the labels {labels:?}; rows {rows:?}");
+                assert!(labels.iter().all(|&v| v >= 0 && v <= n as i64 + n as i64 / 10 + 1), "{title}, {n} steps: {labels:?}");
+                // The y axis's labels: numbers at the plot's left edge, above the x axis. With
+                // egui_plot's powers of ten the tokens/s plot had none, the gradient norm "1".
+                let y_labels: Vec<&String> = texts
+                    .iter()
+                    .filter(|(t, p)| t.parse::<f64>().is_ok() && p.x >= r.left() - 2.0 && p.x < r.left() + 60.0)
+                    .filter(|(_, p)| p.y > r.bottom() && p.y < axis_y - 1.0)
+                    .map(|(t, _)| t)
+                    .collect();
+                assert!(y_labels.len() >= 2, "at {width} px, {n} steps: the {title} plot's y axis has the labels {y_labels:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gui_status_bar_and_toolbar_say_what_is_happening() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "status");
+    wait_loaded(&mut h);
+    settle(&mut h);
+    assert!(h.query_by_label("ready").is_some());
+    assert!(h.query_by_label("Ready: Ctrl+Enter or F5 checks the run and starts training.").is_some());
+    // While the preflight dialog is up Start is disabled, but nothing is wrong: the toolbar said
+    // "not ready" and the status bar "Start is disabled: the preflight check is open".
+    h.state_mut().state.config.train.max_steps = Some(400);
+    click(&mut h, "▶ Start");
+    assert!(h.state().state.preflight.open);
+    let wrong = |h: &Harness<'static, StudioApp>| {
+        h.query_by_label("not ready").is_some() || h.query_by_label_contains("Start is disabled").is_some()
+    };
+    if h.state().state.preflight.report.is_loading() {
+        assert!(h.query_by_label("checking…").is_some(), "the toolbar while the check runs");
+        assert!(h.query_by_label_contains("Checking the model, the tokenizer and the data").is_some());
+        assert!(!wrong(&h));
+    }
+    wait_for(&mut h, "the preflight report", 120, |a| a.state.preflight.report.ready().is_some());
+    settle(&mut h);
+    assert!(h.query_by_label("checked").is_some(), "the toolbar once the check is done");
+    assert!(h.query_by_label("Checked: Enter starts training, Escape goes back.").is_some());
+    assert!(!wrong(&h));
+    h.key_press(egui::Key::Enter);
+    wait_for(&mut h, "two steps", 180, |a| a.state.training.metrics.len() >= 2);
+    settle(&mut h);
+    let training = "Training · Pause F6 · Stop Shift+F5";
+    assert!(h.query_by_label(training).is_some());
+    // Paused, the status bar says so and names the key that resumes (it went on saying "Pause").
+    h.key_press(egui::Key::F6);
+    wait_for(&mut h, "the pause", 60, |a| a.state.training.phase == Phase::Paused);
+    settle(&mut h);
+    let at = steps(&h);
+    assert!(h.query_by_label(training).is_none(), "no running words while paused");
+    let line = format!("Paused after step {at} · Resume F6 · Stop Shift+F5 · Save now writes a checkpoint");
+    assert!(h.query_by_label(&line).is_some(), "{line}");
+    assert!(h.query_all_by_label("paused").count() >= 2, "the toolbar and the page's heading");
+    assert!(h.query_by_label("⏵ Resume").is_some() && h.query_by_label("⏸ Pause").is_none());
+    h.key_press(egui::Key::F6);
+    wait_for(&mut h, "the resume", 60, |a| a.state.training.phase == Phase::Running);
+    settle(&mut h);
+    assert!(h.query_by_label(training).is_some());
+    h.key_press_modifiers(egui::Modifiers::SHIFT, egui::Key::F5);
+    h.step();
+    assert!(h.query_by_label_contains("Stopping: finishing the current step").is_some() || !h.state().state.training.phase.is_active());
+    wait_for(&mut h, "the stop", 120, |a| !a.state.training.phase.is_active());
+    settle(&mut h);
+    assert!(h.query_all_by_label("stopped").count() >= 2, "the toolbar and the page's heading");
+    assert!(h.query_by_label("Ready: Ctrl+Enter or F5 checks the run and starts training.").is_some());
+}
+
+/// The deepest nesting of parentheses in `s`.
+fn paren_depth(s: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    for c in s.chars() {
+        match c {
+            '(' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+#[test]
+fn gui_dataset_and_preflight_words_of_the_second_xvfb_pass() {
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "words");
+    wait_loaded(&mut h);
+    // The template in words: it was "template: model".
+    go(&mut h, Page::Dataset);
+    settle(&mut h);
+    assert!(h.query_by_label_contains("Rendered with the model's own chat template · trained: ").is_some());
+    assert!(h.query_by_label_contains("template: model").is_none());
+    // The rows held out to evaluate on are counted in the summary, as the run will split them.
+    assert!(h.query_by_label_contains("350 JSONL rows: 350 used, 0 skipped").is_some(), "no split: no count");
+    h.state_mut().state.config.dataset.eval_split = Some(tunestudio::config::EvalSplit::Fraction(0.1));
+    wait_for(&mut h, "the dataset's new reading", 60, |a| matches!(a.state.dataset.view, Load::Loading));
+    wait_loaded(&mut h);
+    settle(&mut h);
+    assert!(h.query_by_label_contains("350 used (35 held out to evaluate on, 10%; 315 trained on), 0 skipped").is_some());
+    let eval_file = demo_config().with_file_name("data").join("eval.jsonl");
+    h.state_mut().state.config.dataset.eval_split = Some(tunestudio::config::EvalSplit::File(eval_file));
+    wait_for(&mut h, "the dataset's reading with the file", 60, |a| matches!(a.state.dataset.view, Load::Loading));
+    wait_loaded(&mut h);
+    settle(&mut h);
+    assert!(
+        h.query_by_label_contains("350 used, 0 skipped, 0 truncated to 256 tokens · evaluated on the 50 usable rows of eval.jsonl")
+            .is_some()
+    );
+    h.state_mut().state.config.dataset.eval_split = Some(tunestudio::config::EvalSplit::File(fixed_dir("words-none").join("gone.jsonl")));
+    wait_for(&mut h, "the dataset's reading with a missing file", 60, |a| matches!(a.state.dataset.view, Load::Loading));
+    wait_loaded(&mut h);
+    settle(&mut h);
+    assert!(h.query_by_label_contains("Evaluation rows (dataset.eval_split): ").is_some(), "a file that is not there is said");
+    h.state_mut().state.config.dataset.eval_split = None;
+    wait_for(&mut h, "the dataset's reading without a split", 60, |a| matches!(a.state.dataset.view, Load::Loading));
+    wait_loaded(&mut h);
+
+    // With a step limit the Epochs field says how many passes it makes (it showed the unused
+    // setting, 1.00, for 600 steps): 600 steps of 8 over 350 rows, 44 steps an epoch.
+    go(&mut h, Page::Hyper);
+    h.state_mut().state.config.train.max_steps = Some(600);
+    settle(&mut h);
+    assert!(h.query_by_label("≈ 13.6, from the step limit").is_some());
+    h.state_mut().state.config.train.max_steps = None;
+    settle(&mut h);
+    assert!(h.query_by_label("≈ 13.6, from the step limit").is_none());
+
+    // The preflight dialog: the template in words, and a Device line without nested parentheses
+    // (it was "CPU (auto: no usable GPU (the NVIDIA driver library (libcuda.so) is not installed): …)").
+    h.state_mut().state.config.train.max_steps = Some(2);
+    click(&mut h, "▶ Start");
+    wait_for(&mut h, "the preflight report", 120, |a| a.state.preflight.report.ready().is_some());
+    settle(&mut h);
+    assert!(h.query_by_label("✔ Rendered with the model's own chat template.").is_some());
+    let device = h.state().state.preflight.report.ready().unwrap().device.clone();
+    assert!(h.query_by_label(&device).is_some(), "the Device row is drawn: {device}");
+    assert!(device.contains("train.device = auto"), "{device}");
+    assert!(paren_depth(&device) <= 1, "{device}");
+
+    // The demo's runs are named after the demo, not after the folders model/ and train.jsonl.
+    h.key_press(egui::Key::Enter);
+    wait_for(&mut h, "the short run", 180, |a| a.state.training.phase == Phase::Done);
+    let dir = h.state().state.training.run_dir().unwrap().to_path_buf();
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    assert!(name.starts_with("demo-train-2"), "{name}");
 }

@@ -239,6 +239,30 @@ fn a_run_folder_in_use_is_refused_with_the_holders_pid() {
     assert_eq!(failed, None);
 }
 
+/// Run folders are named after the model and the data, not after the folder `model/` and the
+/// split `train.jsonl` every dataset has.
+#[test]
+fn run_names_say_which_model_and_which_data() {
+    use tunestudio::session::{dataset_name, default_run_name, model_name};
+    assert_eq!(model_name(Path::new("/x/assets/demo/model")), "demo");
+    assert_eq!(model_name(Path::new("/hf/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/0123abcdef")), "SmolLM2-135M-Instruct");
+    assert_eq!(model_name(Path::new("/models/Qwen3-0.6B")), "Qwen3-0.6B");
+    assert_eq!(model_name(Path::new("model")), "model", "nothing better to say");
+    assert_eq!(dataset_name(Path::new("/x/assets/demo/data/train.jsonl")), "demo-train");
+    assert_eq!(dataset_name(Path::new("/d/alpaca_cleaned.json")), "alpaca_cleaned");
+    assert_eq!(
+        dataset_name(Path::new("/hf/hub/datasets--yahma--alpaca-cleaned/snapshots/abc1234def/data/train-00000-of-00001.parquet")),
+        "alpaca-cleaned-train"
+    );
+    assert_eq!(dataset_name(Path::new("/d/sql-2023-of-2024.jsonl")), "sql-2023-of-2024", "not a shard: says something");
+    let mut cfg = RunConfig::default();
+    cfg.model.path = "/x/assets/demo/model".into();
+    cfg.dataset.path = "/x/assets/demo/data/train.jsonl".into();
+    assert!(default_run_name(&cfg).starts_with("demo-train-2"), "the demo said once: {}", default_run_name(&cfg));
+    cfg.model.path = "/models/Qwen3-0.6B".into();
+    assert!(default_run_name(&cfg).starts_with("Qwen3-0.6B-demo-train-2"), "{}", default_run_name(&cfg));
+}
+
 /// Default names never reuse a folder: two runs started in the same second get two folders.
 #[test]
 fn default_run_names_are_unique() {

@@ -28,7 +28,7 @@ use crate::session::{self, Control, Event, SessionHandle, StartOptions};
 use jobs::{Debounce, DebounceState, Jobs, Load};
 pub use msg::{Action, Answer, ChatAction, Msg, Pick};
 use state::chat::{ChatCommand, ChatEvent, ChatWorker};
-pub use state::{AppState, Page, start_blocker, window_title};
+pub use state::{AppState, Page, START_KEYS, start_blocker, status_line, toolbar_status, window_title};
 use state::{Confirm, Lasts};
 use state::{dataset, export, memory as budget, model, preflight, runs, training::Phase};
 
@@ -40,7 +40,6 @@ pub const PLOT_REFRESH: Duration = Duration::from_millis(250);
 /// frame; the text still reads as streaming).
 pub const TOKEN_REFRESH: Duration = Duration::from_millis(40);
 
-pub const START_KEYS: &str = "Ctrl+Enter or F5";
 const START: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
 const STOP: KeyboardShortcut = KeyboardShortcut::new(Modifiers::SHIFT, Key::F5);
 const SAVE: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::S);
@@ -849,13 +848,7 @@ impl StudioApp {
             }
             ui.separator();
             let p = state::training::progress(&s.training.metrics, s.training.loaded.as_ref().map(|l| l.total_steps), phase);
-            let status = if s.training.pause_requested {
-                "pausing…"
-            } else if !phase.is_active() && blocker.is_some() {
-                "not ready"
-            } else {
-                phase.label()
-            };
+            let status = toolbar_status(s);
             ui.label(RichText::new(status).strong());
             if phase != Phase::Idle {
                 ui.add(egui::ProgressBar::new(p.fraction).desired_width(220.0).text(p.text.split(" · ").next().unwrap_or("").to_string()));
@@ -973,21 +966,13 @@ impl eframe::App for StudioApp {
         });
         egui::Panel::bottom("status").show(ui, |ui| {
             ui.horizontal(|ui| {
-                match start_blocker(&self.state) {
-                    Some(why) if !self.state.training.phase.is_active() => {
-                        // One line, whatever the reason's length: the field it names carries the rest.
-                        let c = ui.visuals().warn_fg_color;
-                        let first = why.lines().next().unwrap_or_default();
-                        let more = if why.lines().nth(1).is_some() { " …" } else { "" };
-                        ui.add(egui::Label::new(RichText::new(format!("Start is disabled: {first}{more}")).color(c)).truncate())
-                            .on_hover_text(why);
-                    }
-                    _ if self.state.training.phase.is_active() => {
-                        ui.label("Training · Pause F6 · Stop Shift+F5");
-                    }
-                    _ => {
-                        ui.label(format!("Ready: {START_KEYS} checks the run and starts training."));
-                    }
+                let (line, warn) = status_line(&self.state);
+                if warn {
+                    let c = ui.visuals().warn_fg_color;
+                    let why = start_blocker(&self.state).unwrap_or_default();
+                    ui.add(egui::Label::new(RichText::new(line).color(c)).truncate()).on_hover_text(why);
+                } else {
+                    ui.add(egui::Label::new(line).truncate());
                 }
                 if self.jobs.running() > 0 {
                     ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {

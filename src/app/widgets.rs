@@ -249,3 +249,108 @@ pub fn memory_summary(ui: &mut Ui, v: Option<&BudgetView>, measured: Option<u64>
     ui.label(RichText::new(line).color(color));
     memory_legend(ui, v, measured);
 }
+
+/// egui_plot's value step per this many points is what its grid spacers are given
+/// (`Plot::grid_spacing`'s minimum, set to the same number by `count_x_axis`).
+const GRID_MIN_POINTS: f32 = 8.0;
+/// Tick labels on a count axis (steps, seconds) at least this far apart, in points, and fully
+/// drawn from the upper end on: a label is 2 to 5 digits wide.
+const X_LABEL_SPACING: std::ops::RangeInclusive<f32> = 40.0..=50.0;
+
+/// The grid of a count axis (steps, seconds): labels on a 1-2-5 step at least
+/// `X_LABEL_SPACING`'s upper end apart, never finer than 1, with a finer grid between them.
+/// `base_step_size` is egui_plot's value per `GRID_MIN_POINTS`. egui_plot's default grid (powers
+/// of ten, labels 60 points apart) left a quarter-width plot with one label or none over long
+/// stretches of a run: from about 60 to 200 steps, again from 600 to 2000 (seen under Xvfb).
+pub fn count_axis_steps(base_step_size: f64) -> [f64; 3] {
+    let per_point = base_step_size / GRID_MIN_POINTS as f64;
+    let major = nice_ceil((per_point * *X_LABEL_SPACING.end() as f64).max(1.0));
+    [major / 5.0, major, major * 5.0]
+}
+
+/// Tick labels on a value axis (the small plots' y) at least this far apart, in points: a
+/// label is a line high.
+const Y_LABEL_SPACING: std::ops::RangeInclusive<f32> = 20.0..=26.0;
+
+/// The grid of a value axis: labels on a 1-2-5 step at least `Y_LABEL_SPACING`'s upper end
+/// apart, a finer grid between them. egui_plot's powers of ten left a 120-point plot of tokens/s
+/// between 1,300 and 7,000 without a single label, a gradient norm with "1" alone.
+pub fn value_axis_steps(base_step_size: f64) -> [f64; 3] {
+    let per_point = base_step_size / GRID_MIN_POINTS as f64;
+    let want = per_point * *Y_LABEL_SPACING.end() as f64;
+    let major = if want.is_finite() && want > 0.0 { nice_ceil(want) } else { 1.0 };
+    [major / 5.0, major, major * 5.0]
+}
+
+/// The smallest of 1, 2, 5 times a power of ten that is at least `x` (> 0).
+fn nice_ceil(x: f64) -> f64 {
+    let magnitude = 10f64.powf(x.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * magnitude).find(|&s| s >= x * (1.0 - 1e-9)).unwrap_or(10.0 * magnitude)
+}
+
+/// A grid mark's label with as many decimals as its step needs (0.05 → 2; egui_plot's own
+/// rounds the step's logarithm and wrote the 0.05 steps with one decimal).
+fn mark_label(mark: egui_plot::GridMark) -> String {
+    let decimals = (-mark.step_size.log10().floor()).max(0.0) as usize;
+    let v = if mark.value.abs() < mark.step_size * 1e-6 { 0.0 } else { mark.value };
+    format!("{v:.decimals$}")
+}
+
+/// A plot's y axis on the grid of `value_axis_steps`.
+pub fn value_y_axis<'a>(plot: egui_plot::Plot<'a>) -> egui_plot::Plot<'a> {
+    plot.grid_spacing(GRID_MIN_POINTS..=300.0)
+        .y_grid_spacer(egui_plot::uniform_grid_spacer(|input| value_axis_steps(input.base_step_size)))
+        .custom_y_axes(vec![egui_plot::AxisHints::new_y().label_spacing(Y_LABEL_SPACING).formatter(|m, _| mark_label(m))])
+}
+
+/// A plot whose x axis counts (steps, seconds): the grid of `count_axis_steps`, `label` under
+/// the axis ("" for none).
+pub fn count_x_axis<'a>(plot: egui_plot::Plot<'a>, label: &str) -> egui_plot::Plot<'a> {
+    plot.grid_spacing(GRID_MIN_POINTS..=300.0)
+        .x_grid_spacer(egui_plot::uniform_grid_spacer(|input| count_axis_steps(input.base_step_size)))
+        .custom_x_axes(vec![egui_plot::AxisHints::new_x().label(label.to_string()).label_spacing(X_LABEL_SPACING)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_axis_labels_are_apart_enough_and_on_whole_numbers() {
+        // Plots 200 to 1200 points wide over 3 to 100,000 steps.
+        for width in [200.0f64, 260.0, 600.0, 1200.0] {
+            for range in [3.0f64, 12.0, 60.0, 66.0, 150.0, 400.0, 700.0, 2500.0, 100_000.0] {
+                let base = range / width * GRID_MIN_POINTS as f64;
+                let [fine, major, coarse] = count_axis_steps(base);
+                let apart = major / range * width;
+                assert!(major >= 1.0 && major.fract() == 0.0, "{major}");
+                assert!(
+                    apart >= *X_LABEL_SPACING.end() as f64 - 1e-6 || major == 1.0,
+                    "{width} pt, {range} steps: labels {apart:.0} pt apart"
+                );
+                assert!(apart < 130.0 || major == 1.0, "{width} pt, {range} steps: labels {apart:.0} pt apart leave too few");
+                // Two labels at least in a quarter-width plot (the small plots at 1280 px).
+                assert!(width < 250.0 || range / major >= 1.9, "{width} pt, {range} steps: step {major}");
+                assert!(fine < major && coarse > major);
+            }
+        }
+    }
+
+    #[test]
+    fn value_axis_labels_are_apart_enough_and_read_right() {
+        // A 90-point plot body over the ranges the small plots see.
+        for range in [0.002f64, 0.35, 1.7, 40.0, 5700.0, 3.0e9] {
+            let base = range / 90.0 * GRID_MIN_POINTS as f64;
+            let [fine, major, _] = value_axis_steps(base);
+            let apart = major / range * 90.0;
+            assert!((26.0 - 1e-6..66.0).contains(&apart), "{range}: labels {apart:.0} pt apart");
+            assert!(range / major >= 1.3, "{range}: step {major} leaves one label");
+            assert!(fine / range * 90.0 < *Y_LABEL_SPACING.start() as f64, "the fine grid is never labelled");
+        }
+        let mark = |value, step_size| mark_label(egui_plot::GridMark { value, step_size });
+        assert_eq!(mark(0.15, 0.05), "0.15");
+        assert_eq!(mark(0.4, 0.2), "0.4");
+        assert_eq!(mark(2500.0, 500.0), "2500");
+        assert_eq!(mark(-1e-19, 0.001), "0.000");
+    }
+}

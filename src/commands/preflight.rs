@@ -103,7 +103,13 @@ fn render(config: &Path, r: &PreflightReport, colour: bool) -> String {
 
     let _ = writeln!(o, "dataset    {} ({})", d.path.display(), d.file_kind);
     let _ = writeln!(o, "format     {} ({})", name(&d.format), if d.format_overridden { "set by dataset.format" } else { "detected" });
-    let _ = writeln!(o, "template   {}; trains on {}{}", d.template, d.mask.words(), if d.packing { "; packed" } else { "" });
+    let _ = writeln!(
+        o,
+        "template   {}; trains on {}{}",
+        crate::data::template_words(&d.template),
+        d.mask.words(),
+        if d.packing { "; packed" } else { "" }
+    );
     let _ = writeln!(
         o,
         "rows       {} used, {} skipped of {} (refused above {} = dataset.max_bad_fraction)",

@@ -149,6 +149,20 @@ enum Outcome {
     Skipped(SkippedRow),
 }
 
+/// Where a dataset's chat template came from (`DatasetReport::template`: `model`,
+/// `model:<name>`, `builtin:<name>`, `none (raw text)`), in a user's words.
+pub fn template_words(origin: &str) -> String {
+    if origin.starts_with("none") {
+        return "no chat template (raw text)".into();
+    }
+    match origin.split_once(':') {
+        None if origin == "model" => "the model's own chat template".into(),
+        Some(("model", name)) => format!("the model's chat template named {name}"),
+        Some(("builtin", name)) => format!("TuneStudio's built-in {name} template"),
+        _ => origin.into(),
+    }
+}
+
 /// How many of `n` usable rows (at least 2) `dataset.eval_split = fraction` holds out: at least
 /// one, and at least one left to train on. `split_eval` holds out exactly these; the studio's
 /// "largest that fits" counts the rest as the rows a step can draw from.
@@ -354,4 +368,15 @@ fn refuse_if_too_bad(report: &DatasetReport, max_bad_fraction: f64) -> Result<()
         }
     }
     Err(Error::file(&report.path, msg))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn template_origins_in_words() {
+        assert_eq!(super::template_words("model"), "the model's own chat template");
+        assert_eq!(super::template_words("model:tool_use"), "the model's chat template named tool_use");
+        assert_eq!(super::template_words("builtin:llama-3"), "TuneStudio's built-in llama-3 template");
+        assert_eq!(super::template_words("none (raw text)"), "no chat template (raw text)");
+    }
 }

@@ -218,7 +218,7 @@ fn trained_spans(labels: &[i32]) -> Vec<std::ops::Range<usize>> {
 pub fn tokenizer_checks(tok: &TokenizerBundle, template: &ChatTemplate) -> Vec<Finding> {
     let mut out: Vec<Finding> = tok.warnings().iter().map(|w| finding(Level::Warning, "tokenizer_config", w.clone())).collect();
     let convo = vec![Message::new("user", "What is 2 + 2?"), Message::new("assistant", "4")];
-    let origin = template.origin();
+    let origin = super::template_words(template.origin());
 
     // BOS: written by the template, and added again by the tokenizer's post-processor?
     let rendered = template.render(&convo, false);
@@ -234,7 +234,7 @@ pub fn tokenizer_checks(tok: &TokenizerBundle, template: &ChatTemplate) -> Vec<F
                     Level::Info,
                     "double_bos",
                     format!(
-                        "the chat template ({origin}) writes BOS `{bos}` and the tokenizer adds another when encoding with \
+                        "{origin} writes BOS `{bos}` and the tokenizer adds another when encoding with \
                          special tokens: rendered chats must be tokenized without them (TuneStudio does; check any \
                          inference code that does not use the template's tokenization)"
                     ),
@@ -243,7 +243,7 @@ pub fn tokenizer_checks(tok: &TokenizerBundle, template: &ChatTemplate) -> Vec<F
                 out.push(finding(
                     Level::Warning,
                     "no_bos_in_template",
-                    format!("the chat template ({origin}) does not write BOS `{bos}`, which this model's tokenizer puts at the start of every text"),
+                    format!("{origin} does not write BOS `{bos}`, which this model's tokenizer puts at the start of every text"),
                 ));
             }
         }

@@ -307,12 +307,98 @@ fn evaluate<B: Backend>(trainer: &mut Trainer<B>, batches: &[Batch]) -> Result<f
 }
 
 /// `<model>-<dataset>-<date>-<time>`: the folder's name says what was trained on what, so runs
-/// read apart in a list (the studio can rename them afterwards).
+/// read apart in a list (the studio can rename them afterwards). The names are `model_name` and
+/// `dataset_name`, said once when the dataset's already starts with the model's (the demo:
+/// `demo-train-…`).
 pub fn default_run_name(cfg: &RunConfig) -> String {
-    let model = cfg.model.path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-    let dataset = cfg.dataset.path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "data".into());
+    let model = model_name(&cfg.model.path);
+    let dataset = dataset_name(&cfg.dataset.path);
     let (d, t) = crate::util::utc_now();
-    format!("{model}-{dataset}-{}-{}", d.replace('-', ""), t.replace(':', ""))
+    let what = if dataset == model || dataset.starts_with(&format!("{model}-")) { dataset } else { format!("{model}-{dataset}") };
+    format!("{what}-{}-{}", d.replace('-', ""), t.replace(':', ""))
+}
+
+/// A shard's name without its `-00000-of-00001`.
+fn unsharded(name: &str) -> &str {
+    let digits = |x: &str| !x.is_empty() && x.bytes().all(|c| c.is_ascii_digit());
+    let mut parts = name.rsplitn(4, '-');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(b), Some("of"), Some(a), Some(head)) if digits(a) && digits(b) && !head.is_empty() => head,
+        _ => name,
+    }
+}
+
+/// A folder or file name that says nothing of what it holds: `model/`, a split's file
+/// (`train.jsonl`, `train-00000-of-00001.parquet`), a hub snapshot's revision hash.
+fn says_nothing(name: &str) -> bool {
+    const GENERIC: [&str; 26] = [
+        "model",
+        "models",
+        "weights",
+        "checkpoint",
+        "checkpoints",
+        "base",
+        "hf",
+        "snapshots",
+        "main",
+        "final",
+        "output",
+        "merged",
+        "data",
+        "dataset",
+        "datasets",
+        "train",
+        "training",
+        "test",
+        "eval",
+        "evaluation",
+        "validation",
+        "valid",
+        "val",
+        "dev",
+        "all",
+        "default",
+    ];
+    let n = unsharded(name).to_ascii_lowercase();
+    GENERIC.contains(&n.as_str()) || (n.len() >= 7 && n.bytes().all(|c| c.is_ascii_hexdigit())) || matches!(n.as_str(), "/" | "." | "..")
+}
+
+/// The name of a Hugging Face cache entry (`models--org--name`, `datasets--org--name`) among
+/// `path`'s folders: `name`.
+fn hub_repo_name(path: &Path) -> Option<String> {
+    path.components().rev().find_map(|c| {
+        let c = c.as_os_str().to_string_lossy();
+        let rest = c.strip_prefix("models--").or_else(|| c.strip_prefix("datasets--"))?;
+        rest.rsplit("--").next().filter(|n| !n.is_empty()).map(str::to_string)
+    })
+}
+
+/// What a model folder is called in run names: a hub cache snapshot by its repo's name, else
+/// the nearest of its folders (itself first) whose name says something (`…/demo/model` → `demo`).
+pub fn model_name(path: &Path) -> String {
+    if let Some(n) = hub_repo_name(path) {
+        return n;
+    }
+    let names: Vec<String> = path.components().rev().take(3).map(|c| c.as_os_str().to_string_lossy().to_string()).collect();
+    names.into_iter().find(|n| !says_nothing(n)).unwrap_or_else(|| "model".into())
+}
+
+/// What a dataset file is called in run names: its stem, and when that is only a split's name,
+/// the nearest folder above that says something in front (`…/demo/data/train.jsonl` →
+/// `demo-train`; a hub cache's dataset by its repo's name).
+pub fn dataset_name(path: &Path) -> String {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "data".into());
+    if !says_nothing(&stem) {
+        return stem;
+    }
+    let above = hub_repo_name(path).or_else(|| {
+        path.parent()?.components().rev().take(3).map(|c| c.as_os_str().to_string_lossy().to_string()).find(|n| !says_nothing(n))
+    });
+    let split = unsharded(&stem);
+    match above {
+        Some(a) => format!("{a}-{split}"),
+        None => split.to_string(),
+    }
 }
 
 /// Names of leftovers that writes in progress leave when a process dies: `.<name>.tmp-<pid>`,

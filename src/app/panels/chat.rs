@@ -116,7 +116,8 @@ fn source_row(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             Load::Ready(m) => {
                 let what = if m.has_adapter { "with the adapter" } else { "no adapter: the base model answers" };
                 let stale = if current { "" } else { " · the choice changed: Load to switch" };
-                ui.label(format!("loaded {} on {} ({what}, {:.1} s){stale}", m.source.label(), m.device, m.load_secs))
+                // Middle dots, not parentheses: the source and the device have their own.
+                ui.label(format!("loaded {} · {} · {what} · {:.1} s{stale}", m.source.label(), m.device, m.load_secs))
                     .on_hover_text(m.adapter.as_ref().map(|a| a.display().to_string()).unwrap_or_default());
             }
             Load::Failed(e) => {

@@ -14,7 +14,7 @@ use crate::app::fields::Problems;
 use crate::app::jobs::Load;
 use crate::app::msg::{Action, Pick};
 use crate::app::state::AppState;
-use crate::app::state::dataset::{DatasetView, Segment, SpanKind, format_name, summary};
+use crate::app::state::dataset::{DatasetView, Segment, SpanKind, format_name, held_out_problem, summary};
 use crate::app::widgets::{self, Fmt, combo, drag_f64, field};
 
 pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
@@ -222,8 +222,11 @@ fn column_fields(ui: &mut Ui, problems: &Problems, c: &mut RunConfig, columns: &
 }
 
 fn report_ui(ui: &mut Ui, v: &DatasetView, preview_index: &mut usize) {
-    ui.label(summary(v));
-    ui.weak(format!("template: {} · trained: {}", v.template, v.mask));
+    ui.add(egui::Label::new(summary(v)).wrap());
+    if let Some(why) = held_out_problem(v) {
+        widgets::warning_line(ui, &why);
+    }
+    ui.weak(format!("Rendered with {} · trained: {}", crate::data::template_words(&v.template), v.mask));
     ui.add_space(6.0);
     ui.columns(2, |cols| {
         cols[0].strong("Token lengths");

@@ -24,25 +24,27 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>, budget: 
     ui.add(egui::Label::new("Hover a name for what it does and its default. Invalid values are marked where they are.").wrap());
     ui.add_space(6.0);
     let two_columns = ui.available_width() >= TWO_COLUMNS_MIN_WIDTH;
+    let epochs = crate::app::state::memory::epochs_of_step_limit(state);
     egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
         if two_columns {
             ui.columns(2, |cols| {
                 let (left, right) = cols.split_at_mut(1);
-                training_groups(&mut left[0], &problems, &mut state.config);
+                training_groups(&mut left[0], &problems, &mut state.config, epochs);
                 resource_groups(&mut right[0], &problems, state, actions, budget);
             });
         } else {
-            training_groups(ui, &problems, &mut state.config);
+            training_groups(ui, &problems, &mut state.config, epochs);
             resource_groups(ui, &problems, state, actions, budget);
         }
     });
 }
 
 /// What the run learns and how: LoRA, optimisation, schedule.
-fn training_groups(ui: &mut Ui, problems: &Problems, c: &mut RunConfig) {
+/// `epochs`: the passes the step limit makes, when known.
+fn training_groups(ui: &mut Ui, problems: &Problems, c: &mut RunConfig, epochs: Option<f64>) {
     group(ui, "LoRA", "hp-lora", |ui| lora_fields(ui, problems, c));
     group(ui, "Optimisation", "hp-optim", |ui| optim_fields(ui, problems, c));
-    group(ui, "Schedule", "hp-schedule", |ui| schedule_fields(ui, problems, c));
+    group(ui, "Schedule", "hp-schedule", |ui| schedule_fields(ui, problems, c, epochs));
     group(ui, "Samples during training", "hp-samples", |ui| sample_fields(ui, problems, c));
 }
 
@@ -164,7 +166,7 @@ fn optim_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
     ui.end_row();
 }
 
-fn schedule_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
+fn schedule_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig, epochs: Option<f64>) {
     field(ui, p, "schedule.kind", |ui| {
         combo(
             ui,
@@ -190,7 +192,12 @@ fn schedule_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
         r
     });
     ui.end_row();
-    field(ui, p, "train.epochs", |ui| ui.add_enabled(c.train.max_steps.is_none(), drag_f64(&mut c.train.epochs, Fmt::Plain).speed(0.05)));
+    field(ui, p, "train.epochs", |ui| match (c.train.max_steps, epochs) {
+        (None, _) => ui.add(drag_f64(&mut c.train.epochs, Fmt::Plain).speed(0.05)),
+        // The step limit decides: say how many passes it makes, not the unused setting.
+        (Some(_), Some(e)) => ui.weak(format!("≈ {e:.1}, from the step limit")),
+        (Some(_), None) => ui.weak("set by the step limit"),
+    });
     ui.end_row();
     field(ui, p, "train.save_every", |ui| {
         // 0 is "off" on screen, not "every 0 steps"; typing "off" (or 0) turns it off.

@@ -32,7 +32,8 @@ pub fn ui(ui: &mut egui::Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         ui.horizontal_wrapped(|ui| {
             ui.label("Recent:");
             for p in &state.model.recent.models {
-                let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| p.display().to_string());
+                // Called as runs are: a hub snapshot by its repo, the demo's `model/` by `demo`.
+                let name = crate::session::model_name(p);
                 if ui.button(name).on_hover_text(p.display().to_string()).clicked() {
                     actions.push(Action::SetModel(p.clone()));
                 }

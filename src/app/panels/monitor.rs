@@ -33,7 +33,8 @@ fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: 
                 }
             });
         }
-        let plot = Plot::new(id).height(120.0).width(width).allow_scroll(false).show_x(true);
+        let plot =
+            widgets::value_y_axis(widgets::count_x_axis(Plot::new(id), "")).height(120.0).width(width).allow_scroll(false).show_x(true);
         plot.show(ui, |p| {
             p.line(Line::new(title, PlotPoints::from(points)).color(color));
             for (name, y, c) in hlines {
@@ -47,14 +48,17 @@ fn small_plot(ui: &mut Ui, id: &str, title: &str, points: Vec<[f64; 2]>, color: 
 /// seconds into the run.
 fn gpu_plot(ui: &mut Ui, id: &str, title: &str, lines: Vec<(&str, Vec<[f64; 2]>, Color32)>, refs: &[(&str, f64)], width: f32, height: f32) {
     ui.small(title);
-    Plot::new(id).height(height).width(width).allow_scroll(false).show_x(true).show(ui, |p| {
-        for (name, points, color) in lines {
-            p.line(Line::new(name, PlotPoints::from(points)).color(color));
-        }
-        for (name, y) in refs {
-            p.hline(HLine::new(*name, *y).color(Color32::GRAY));
-        }
-    });
+    widgets::value_y_axis(widgets::count_x_axis(Plot::new(id), "")).height(height).width(width).allow_scroll(false).show_x(true).show(
+        ui,
+        |p| {
+            for (name, points, color) in lines {
+                p.line(Line::new(name, PlotPoints::from(points)).color(color));
+            }
+            for (name, y) in refs {
+                p.hline(HLine::new(*name, *y).color(Color32::GRAY));
+            }
+        },
+    );
 }
 
 /// Utilization, memory (ours and other processes'), temperature and power, and the SM clock.
@@ -187,9 +191,12 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         let loss_height = avail.max(140.0);
         let eval_empty = c.eval_loss.is_empty();
         let loss_plot = |ui: &mut Ui, width: f32| {
-            Plot::new("loss").height(loss_height).width(width).legend(Legend::default()).x_axis_label("step").allow_scroll(false).show(
-                ui,
-                |pl| {
+            widgets::count_x_axis(Plot::new("loss"), "step")
+                .height(loss_height)
+                .width(width)
+                .legend(Legend::default())
+                .allow_scroll(false)
+                .show(ui, |pl| {
                     pl.line(Line::new("loss", PlotPoints::from(c.loss.clone())).color(Color32::from_rgba_unmultiplied(100, 150, 220, 110)));
                     pl.line(
                         Line::new("smoothed", PlotPoints::from(c.loss_smooth.clone())).color(Color32::from_rgb(60, 140, 240)).width(2.5),
@@ -208,8 +215,7 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
                                 .filled(false),
                         );
                     }
-                },
-            );
+                });
         };
         if gpu.is_empty() {
             loss_plot(ui, ui.available_width());

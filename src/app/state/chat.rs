@@ -65,10 +65,10 @@ impl ChatSource {
     pub fn label(&self) -> String {
         let leaf = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| p.display().to_string());
         match self {
-            ChatSource::Run { dir, step: None } => format!("{} (newest checkpoint)", leaf(dir)),
+            ChatSource::Run { dir, step: None } => format!("{} at its newest checkpoint", leaf(dir)),
             ChatSource::Run { dir, step: Some(s) } => format!("{} at step {s}", leaf(dir)),
             ChatSource::Folder { model, adapter: Some(a), .. } => format!("{} + {}", leaf(model), leaf(a)),
-            ChatSource::Folder { model, adapter: None, .. } => format!("{} (no adapter)", leaf(model)),
+            ChatSource::Folder { model, adapter: None, .. } => format!("{} without an adapter", leaf(model)),
         }
     }
 }

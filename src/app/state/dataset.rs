@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::config::{DatasetFormat, RunConfig};
+use crate::config::{DatasetFormat, EvalSplit, RunConfig};
 use crate::data::encode::Encoder;
 use crate::data::preflight::LengthStats;
 use crate::data::{IGNORE_INDEX, SkippedRow, format, prepare_dataset_unchecked, read};
@@ -65,6 +65,35 @@ pub struct DatasetView {
     /// Token counts per used row before truncation (the data module's statistics and histogram).
     pub lengths: LengthStats,
     pub previews: Vec<Preview>,
+    /// The rows held out to evaluate on, as `dataset.eval_split` says; `None` without a split.
+    pub held_out: Option<HeldOut>,
+}
+
+/// The evaluation rows of `dataset.eval_split`, as the run will take them (`data::eval_sets`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeldOut {
+    /// `rows` of the usable rows (`data::held_out_rows`), not trained on.
+    Fraction { fraction: f64, rows: usize },
+    /// The usable rows of another file; every row of the dataset is trained on.
+    File { path: PathBuf, rows: usize },
+    /// The split cannot be made: why (too few rows, a file that cannot be read).
+    Unusable(String),
+}
+
+/// The evaluation rows `cfg` asks for, counted as the session will split them.
+fn held_out(cfg: &RunConfig, tok: &crate::model::tokenizer::TokenizerBundle, rows_used: usize) -> Option<HeldOut> {
+    Some(match cfg.dataset.eval_split.as_ref()? {
+        EvalSplit::Fraction(f) if rows_used >= 2 => HeldOut::Fraction { fraction: *f, rows: crate::data::held_out_rows(rows_used, *f) },
+        EvalSplit::Fraction(_) => HeldOut::Unusable(format!("holding rows out needs at least 2 usable rows; the dataset has {rows_used}")),
+        EvalSplit::File(path) => {
+            let eval_cfg = crate::config::DatasetConfig { path: path.clone(), fingerprint: None, eval_split: None, ..cfg.dataset.clone() };
+            match prepare_dataset_unchecked(&eval_cfg, tok, cfg.train.max_seq_len) {
+                Ok(d) if d.report.rows_used > 0 => HeldOut::File { path: path.clone(), rows: d.report.rows_used },
+                Ok(_) => HeldOut::Unusable(format!("{} has no usable row to evaluate on", path.display())),
+                Err(e) => HeldOut::Unusable(e.to_string()),
+            }
+        }
+    })
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +165,7 @@ pub fn prepare_view(cfg: &RunConfig) -> crate::Result<DatasetView> {
         max_seq_len: report.max_seq_len,
         lengths: LengthStats::of(&report.lengths.iter().map(|l| l.original_tokens).collect::<Vec<_>>(), report.max_seq_len),
         previews,
+        held_out: held_out(cfg, &tok, report.rows_used),
     })
 }
 
@@ -175,11 +205,24 @@ pub fn segments(text: &str, offsets: &[(usize, usize)], labels: &[i32], keep: us
     out
 }
 
-/// The one-line summary above the preview.
+/// The one-line summary above the preview, with the rows held out to evaluate on.
 pub fn summary(v: &DatasetView) -> String {
     let frac = if v.total_tokens == 0 { 0.0 } else { 100.0 * v.trained_tokens as f64 / v.total_tokens as f64 };
+    let eval = match &v.held_out {
+        Some(HeldOut::Fraction { fraction, rows }) => {
+            format!(" ({rows} held out to evaluate on, {:.0}%; {} trained on)", 100.0 * fraction, v.rows_used.saturating_sub(*rows))
+        }
+        _ => String::new(),
+    };
+    let file = match &v.held_out {
+        Some(HeldOut::File { path, rows }) => format!(
+            " · evaluated on the {rows} usable rows of {}",
+            path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().to_string())
+        ),
+        _ => String::new(),
+    };
     format!(
-        "{} {} rows: {} used, {} skipped, {} truncated to {} tokens · {} tokens, {} trained ({frac:.0}%) · per row: median {}, p95 {}, max {}",
+        "{} {} rows: {} used{eval}, {} skipped, {} truncated to {} tokens{file} · {} tokens, {} trained ({frac:.0}%) · per row: median {}, p95 {}, max {}",
         v.rows_total,
         v.file_kind,
         v.rows_used,
@@ -192,6 +235,14 @@ pub fn summary(v: &DatasetView) -> String {
         v.lengths.p95,
         v.lengths.max
     )
+}
+
+/// Why the evaluation rows cannot be had, when they cannot.
+pub fn held_out_problem(v: &DatasetView) -> Option<String> {
+    match &v.held_out {
+        Some(HeldOut::Unusable(why)) => Some(format!("Evaluation rows (dataset.eval_split): {why}")),
+        _ => None,
+    }
 }
 
 pub fn format_name(f: DatasetFormat) -> &'static str {

@@ -384,6 +384,20 @@ fn dataset_rows(state: &AppState) -> Option<usize> {
     Some(training_rows(used, state.config.dataset.eval_split.as_ref()))
 }
 
+/// The passes over the training rows a step limit makes, when the rows are known and a step
+/// draws whole rows (no packing): what the Epochs field shows while the limit overrides it
+/// (it showed the config's own epochs, 1.00, for 600 steps over 315 rows).
+pub fn epochs_of_step_limit(state: &AppState) -> Option<f64> {
+    let c = &state.config;
+    let steps = c.train.max_steps?;
+    if c.dataset.packing {
+        return None;
+    }
+    let rows = dataset_rows(state)? as u64;
+    let per_epoch = rows.div_ceil(c.train.batch_size.max(1) as u64).div_ceil(c.train.grad_accum.max(1) as u64);
+    Some(steps as f64 / per_epoch.max(1) as f64)
+}
+
 /// `used` usable rows less the evaluation rows `split` holds out of them, as the session splits.
 pub fn training_rows(used: usize, split: Option<&crate::config::EvalSplit>) -> usize {
     match split {
@@ -494,6 +508,7 @@ mod tests {
             max_seq_len: 512,
             lengths: crate::data::preflight::LengthStats::of(&[], 512),
             previews: Vec::new(),
+            held_out: None,
         });
         assert_eq!(dataset_rows(&state), Some(280));
         let t = target(Card::profile("a100-80"), &state.config, None);

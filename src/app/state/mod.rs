@@ -193,6 +193,62 @@ pub fn start_blocker(s: &AppState) -> Option<String> {
     None
 }
 
+/// The keys that start a run, as the toolbar, the menu and the status bar name them.
+pub const START_KEYS: &str = "Ctrl+Enter or F5";
+
+/// The toolbar's word for where things stand, beside the progress bar.
+pub fn toolbar_status(s: &AppState) -> &'static str {
+    let phase = s.training.phase;
+    if s.training.pause_requested && phase == Phase::Running {
+        "pausing…"
+    } else if s.preflight.open {
+        // Start is disabled while the dialog is up because the dialog is the way on, not
+        // because something is wrong: "not ready" here read as a fault.
+        if s.preflight.report.is_loading() { "checking…" } else { "checked" }
+    } else if !phase.is_active() && start_blocker(s).is_some() {
+        "not ready"
+    } else {
+        phase.label()
+    }
+}
+
+/// The status bar's line, and whether it is a warning: what is happening and the keys that act
+/// on it now (Resume while paused, the dialog's keys while the preflight check is open).
+pub fn status_line(s: &AppState) -> (String, bool) {
+    let t = &s.training;
+    let step = t.metrics.last().map_or(0, |m| m.step);
+    if s.preflight.open {
+        let line = match &s.preflight.report {
+            Load::Empty | Load::Loading => "Checking the model, the tokenizer and the data before the first step…".to_string(),
+            Load::Failed(_) => "The check failed: the dialog says why. Escape closes it.".to_string(),
+            Load::Ready(r) => match preflight::verdict(r, s.config.dataset.fix_untrained_tokens) {
+                preflight::Verdict::Ready => "Checked: Enter starts training, Escape goes back.".to_string(),
+                preflight::Verdict::NeedsFix => "Checked: accept the untrained-token fix to start, or Escape to go back.".to_string(),
+                preflight::Verdict::CpuOffered(_) => "The CUDA engine cannot start here: train on the CPU instead, or Escape.".to_string(),
+                preflight::Verdict::Blocked(_) => "The run cannot start: the dialog says why. Escape goes back.".to_string(),
+            },
+        };
+        return (line, false);
+    }
+    let line = match t.phase {
+        Phase::Loading => "Loading the model and the data · Stop Shift+F5".to_string(),
+        Phase::Running if t.pause_requested => format!("Pausing after step {} · Stop Shift+F5", step + 1),
+        Phase::Running => "Training · Pause F6 · Stop Shift+F5".to_string(),
+        Phase::Paused => format!("Paused after step {step} · Resume F6 · Stop Shift+F5 · Save now writes a checkpoint"),
+        Phase::Stopping => "Stopping: finishing the current step and saving the adapter…".to_string(),
+        Phase::Idle | Phase::Done | Phase::Stopped | Phase::Failed => match start_blocker(s) {
+            // One line, whatever the reason's length: the field it names carries the rest.
+            Some(why) => {
+                let first = why.lines().next().unwrap_or_default();
+                let more = if why.lines().nth(1).is_some() { " …" } else { "" };
+                return (format!("Start is disabled: {first}{more}"), true);
+            }
+            None => format!("Ready: {} checks the run and starts training.", START_KEYS),
+        },
+    };
+    (line, false)
+}
+
 /// "TuneStudio — demo — training 12/60".
 pub fn window_title(s: &AppState) -> String {
     let dirty = if s.config != s.saved_config { " •" } else { "" };

@@ -148,11 +148,14 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
     if ds.template.starts_with("none") {
         checks.push(Check::new(Level::Ok, "Raw text: no chat template involved."));
     } else if tok.chat_template().is_some() {
-        checks.push(Check::new(Level::Ok, format!("Chat template: {}.", ds.template)));
+        checks.push(Check::new(Level::Ok, format!("Rendered with {}.", crate::data::template_words(&ds.template))));
     } else {
         checks.push(Check::new(
             Level::Warn,
-            format!("The model ships no chat template; using {}. Chat with the result through the same template.", ds.template),
+            format!(
+                "The model ships no chat template; using {}. Chat with the result through the same template.",
+                crate::data::template_words(&ds.template)
+            ),
         ));
     }
     for f in &core.tokenizer_checks {
@@ -187,15 +190,7 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
             ),
         ));
     }
-    let d = &core.device;
-    let cap = d.memory_cap_bytes.map(|c| format!(", capped at {}", crate::util::fmt_bytes(c))).unwrap_or_default();
-    let device = match (&d.refusal, d.trains_on.as_deref(), &d.note) {
-        (Some(_), _, _) => format!("{}: the CUDA engine cannot start on it", d.device),
-        (None, Some("cpu"), Some(note)) => format!("CPU (auto: {note})"),
-        (None, Some("cpu"), None) => "CPU".to_string(),
-        (None, _, _) if cfg.train.device == DeviceChoice::Auto => format!("{} (auto){cap}", d.device),
-        (None, _, _) => format!("{}{cap}", d.device),
-    };
+    let device = device_line(&core.device);
     if !cfg.dataset.packing && stats.padding_fraction > 0.3 {
         checks.push(Check::new(
             Level::Info,
@@ -265,6 +260,26 @@ pub fn check(cfg: &RunConfig, machine: Option<Machine>) -> crate::Result<Preflig
         budget: Some(b),
         cuda_refusal,
     })
+}
+
+/// The dialog's Device row: the card or the CPU, then what chose it and its cap after middle
+/// dots. The card's description has its parentheses and a reason may have its own, so wrapping
+/// either in more read as "CPU (auto: no usable GPU (… (libcuda.so) …))".
+pub fn device_line(d: &crate::device::DeviceCheck) -> String {
+    if d.refusal.is_some() {
+        return format!("{}: the CUDA engine cannot start on it", d.device);
+    }
+    let mut parts = vec![d.device.clone()];
+    if d.requested == DeviceChoice::Auto {
+        parts.push("train.device = auto".into());
+    }
+    if let Some(note) = &d.note {
+        parts.push(note.clone());
+    }
+    if let (Some(c), Some("cuda")) = (d.memory_cap_bytes, d.trains_on.as_deref()) {
+        parts.push(format!("capped at {}", crate::util::fmt_bytes(c)));
+    }
+    parts.join(" · ")
 }
 
 /// From this many passes over the data on, a run mostly learns its rows by heart.
@@ -366,6 +381,53 @@ mod tests {
         assert!(many_epochs(220, 44, 350, false).is_some(), "5 epochs");
         let with_eval = many_epochs(600, 12, 85, true).unwrap();
         assert!(with_eval.contains("Watch the evaluation loss") && !with_eval.contains("hold out"), "{with_eval}");
+    }
+
+    /// The deepest nesting of parentheses in `s`.
+    fn paren_depth(s: &str) -> usize {
+        let (mut depth, mut max) = (0usize, 0usize);
+        for c in s.chars() {
+            match c {
+                '(' => {
+                    depth += 1;
+                    max = max.max(depth);
+                }
+                ')' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        max
+    }
+
+    #[test]
+    fn the_device_line_nests_no_parentheses() {
+        let base = crate::device::DeviceCheck {
+            requested: DeviceChoice::Auto,
+            card_profile: None,
+            memory_cap_bytes: None,
+            trains_on: Some("cpu".into()),
+            device: "CPU".into(),
+            note: Some("no usable GPU: the CUDA driver is too old or incomplete for this build (CUDA 13 is required)".into()),
+            refusal: None,
+        };
+        let cpu = device_line(&base);
+        assert_eq!(
+            cpu,
+            "CPU · train.device = auto · no usable GPU: the CUDA driver is too old or incomplete for this build (CUDA 13 is required)"
+        );
+        let card = crate::device::DeviceCheck {
+            trains_on: Some("cuda".into()),
+            device: "NVIDIA H100 (compute capability 9.0, 80 GiB)".into(),
+            note: None,
+            memory_cap_bytes: Some(24 << 30),
+            ..base.clone()
+        };
+        assert_eq!(device_line(&card), "NVIDIA H100 (compute capability 9.0, 80 GiB) · train.device = auto · capped at 24.00 GiB");
+        let chosen = crate::device::DeviceCheck { requested: DeviceChoice::Cuda, memory_cap_bytes: None, ..card };
+        assert_eq!(device_line(&chosen), "NVIDIA H100 (compute capability 9.0, 80 GiB)");
+        for line in [cpu, device_line(&chosen)] {
+            assert!(paren_depth(&line) <= 1, "{line}");
+        }
     }
 
     #[test]

@@ -46,7 +46,7 @@ use nf4::Nf4Parts;
 pub fn probe() -> Result<DeviceInfo> {
     // SAFETY: only asks the dynamic loader whether libcuda can be opened.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::NoCuda("the NVIDIA driver library (libcuda.so) is not installed".into()));
+        return Err(Error::NoCuda("the NVIDIA driver library libcuda.so is not installed".into()));
     }
     // cudarc panics when a symbol is missing from an old driver; keep that a clean error.
     let found = std::panic::catch_unwind(|| -> Result<DeviceInfo> {
@@ -381,7 +381,7 @@ impl CudaBackend {
         probe()?;
         // SAFETY: only asks the dynamic loader whether libcublasLt can be opened.
         if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
-            return Err(Error::NoCuda("cuBLASLt (libcublasLt.so from CUDA 13) is not installed".into()));
+            return Err(Error::NoCuda("cuBLASLt, libcublasLt.so from CUDA 13, is not installed".into()));
         }
         match std::panic::catch_unwind(|| Self::open(opts)) {
             Ok(r) => r,
