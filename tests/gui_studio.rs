@@ -1662,6 +1662,7 @@ fn gui_samples_are_set_on_the_hyperparameters_page_and_read_on_the_training_page
     }
     assert!(h.query_by_label("The frostling lives in the north.").is_none());
     assert_eq!(h.query_all_by_label("step 20").count(), 2);
+}
 
 /// Every text painted in the last frame, with where it starts.
 fn painted_texts(h: &Harness<'static, StudioApp>) -> Vec<(String, egui::Pos2)> {
