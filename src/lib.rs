@@ -8,6 +8,7 @@ pub mod app;
 pub mod assets;
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
 pub mod commands;
 pub mod config;
 pub mod data;

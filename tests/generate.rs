@@ -368,3 +368,40 @@ fn side_by_side_equals_two_separate_answers() {
     assert_eq!(both[0].tokens, tuned[0].tokens, "fine-tuned side");
     assert_eq!(both[1].tokens, base[0].tokens, "base side");
 }
+
+/// Samples during training keep one generator and give it the Trainer's newer LoRA weights
+/// (`Generator::replace_lora`): it must then answer as a generator opened with those weights,
+/// with nothing of the old ones left in its cache.
+#[test]
+fn replaced_lora_weights_answer_as_a_generator_opened_with_them() {
+    let cancel = AtomicBool::new(false);
+    let spec = tunestudio::model::spec_of_folder(&demo_dir()).unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop/demo_adapter");
+    let loaded = tunestudio::adapter::load_peft(&fixture, &spec).unwrap();
+    // Other weights of the same shape: the fixture's, with B scaled and its sign flipped.
+    let mut other = loaded.weights.clone();
+    other.layers.iter_mut().flat_map(|l| l.values_mut()).for_each(|p| p.b.iter_mut().for_each(|x| *x *= -3.0));
+    let dir = tempfile::tempdir().unwrap();
+    tunestudio::adapter::AdapterFiles { spec: &spec, weights: &other, lora: &loaded.lora, base_model: "demo", tokens: None }
+        .save(dir.path())
+        .unwrap();
+    let params = SamplingParams { seed: 5, temperature: 0.8, max_new_tokens: 24, ..SamplingParams::default() };
+    let q = "Write a short line about the sea.";
+
+    let mut g = demo(1, true);
+    let before = g.generate(&[ask(q, params.clone(), true)], &cancel, &mut |_| {}).unwrap();
+    g.replace_lora(&other).unwrap();
+    let after = g.generate(&[ask(q, params.clone(), true)], &cancel, &mut |_| {}).unwrap();
+    let mut o = LoadOptions::new(demo_dir());
+    o.context = 256;
+    o.adapter = Some(dir.path().to_path_buf());
+    let opened = Generator::open(CpuBackend::<f32>::new(), &o).unwrap().generate(&[ask(q, params, true)], &cancel, &mut |_| {}).unwrap();
+    assert_eq!(after[0].tokens, opened[0].tokens);
+    assert_ne!(after[0].tokens, before[0].tokens, "the new weights answer otherwise");
+
+    // Weights of another shape are refused (a run's LoRA never changes shape while it trains).
+    let mut fewer = other.clone();
+    fewer.layers.pop();
+    let e = g.replace_lora(&fewer).unwrap_err().to_string();
+    assert!(e.contains("other targets or another rank"), "{e}");
+}

@@ -1588,6 +1588,82 @@ fn gui_smaller_faults_of_issue_17_stay_fixed() {
     assert!(h.state().state.training.phase == Phase::Idle, "nothing starts before the dialog is answered");
 }
 
+#[test]
+fn gui_samples_are_set_on_the_hyperparameters_page_and_read_on_the_training_page() {
+    use tunestudio::session::Event;
+    use tunestudio::session::samples::Sample;
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "samples");
+    wait_loaded(&mut h);
+
+    // The Samples group edits [samples]; its other fields wait until samples are on.
+    go(&mut h, Page::Hyper);
+    settle(&mut h);
+    assert_eq!(h.state().state.config.samples.every, 0);
+    assert!(disabled(&h, "Sample length") && disabled(&h, "Sample rows"), "off: nothing else to set");
+    h.get_by_label("Samples every").set_value_accesskit(20.0);
+    h.step();
+    h.step();
+    assert_eq!(h.state().state.config.samples.every, 20);
+    settle(&mut h);
+    assert!(!disabled(&h, "Sample length") && !disabled(&h, "Sample rows"));
+    h.get_by_label("Sample length").set_value_accesskit(64.0);
+    h.step();
+    assert_eq!(h.state().state.config.samples.max_new_tokens, 64);
+    // Typed prompts, one per line, replace the dataset rows.
+    h.get_by_label("Sample prompts").focus();
+    h.step();
+    h.get_by_label("Sample prompts").type_text("Where can you find the frostling?");
+    h.step();
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.get_by_label("Sample prompts").type_text("Describe the marrowbat.");
+    h.step();
+    settle(&mut h);
+    assert_eq!(h.state().state.config.samples.prompts, ["Where can you find the frostling?", "Describe the marrowbat."]);
+    assert!(disabled(&h, "Sample rows"), "typed prompts: no rows to count");
+    // A value out of range is marked in place and stops a start, naming the field.
+    h.get_by_label("Sample length").set_value_accesskit(0.0);
+    settle(&mut h);
+    assert!(h.query_by_label_contains("⚠ is 0: give the longest answer in tokens, 1 to 4096").is_some());
+    assert!(disabled(&h, "▶ Start"));
+    h.get_by_label("Sample length").set_value_accesskit(64.0);
+    settle(&mut h);
+    assert!(!disabled(&h, "▶ Start"));
+
+    // The Training page: the newest answer of each prompt with its step, an earlier step to pick.
+    go(&mut h, Page::Monitor);
+    let t = &mut h.state_mut().state.training;
+    t.phase = Phase::Running;
+    let answers = |step: u64, a: &str, b: &str| Event::Samples {
+        step,
+        samples: vec![
+            Sample { step, prompt: "Where can you find the frostling?".into(), completion: a.into() },
+            Sample { step, prompt: "Describe the marrowbat.".into(), completion: b.into() },
+        ],
+    };
+    t.apply(answers(20, "In the cold.", "It is small."));
+    t.apply(answers(40, "The frostling lives in the north.", "The marrowbat is black in colour."));
+    settle(&mut h);
+    for shown in ["The frostling lives in the north.", "The marrowbat is black in colour."] {
+        assert!(h.query_by_label(shown).is_some(), "the newest answer {shown:?} is shown");
+    }
+    assert!(h.query_by_label("In the cold.").is_none(), "an older answer is not shown unless picked");
+    assert_eq!(h.query_all_by_label("step 40").count(), 2, "each answer says its step");
+    h.get_by_role(egui::accesskit::Role::ComboBox).click();
+    h.step();
+    h.step();
+    settle(&mut h);
+    click(&mut h, "20");
+    settle(&mut h);
+    assert_eq!(h.state().state.training.sample_step, Some(20));
+    for shown in ["In the cold.", "It is small."] {
+        assert!(h.query_by_label(shown).is_some(), "the answer {shown:?} of step 20 is shown once picked");
+    }
+    assert!(h.query_by_label("The frostling lives in the north.").is_none());
+    assert_eq!(h.query_all_by_label("step 20").count(), 2);
+}
+
 /// Every text painted in the last frame, with where it starts.
 fn painted_texts(h: &Harness<'static, StudioApp>) -> Vec<(String, egui::Pos2)> {
     fn walk(s: &egui::Shape, out: &mut Vec<(String, egui::Pos2)>) {

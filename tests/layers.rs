@@ -7,7 +7,10 @@
 //!   and export write are `crate::adapter` (was `export::adapter`), and the chat template's end of
 //!   turn is `model::tokenizer::end_of_turn_token_in` (was in `export::merged`);
 //! - `model` → `backend` → `quant` → `model`: the RMSNorm a spec applies is built by the engine
-//!   (`engine::norm_of`, was `ModelSpec::norm`), so `model` names no backend type.
+//!   (`engine::norm_of`, was `ModelSpec::norm`), so `model` names no backend type;
+//! - `generate` ↔ `session` (samples during training answer through `generate`, which answers
+//!   from a run's checkpoints): checkpoints are `crate::checkpoint` (was `session::checkpoint`,
+//!   which still re-exports it), below both.
 
 use std::path::Path;
 
@@ -54,7 +57,7 @@ fn backend_names_no_module_above_it() {
 
 /// The top-level modules, bottom first. A module may name modules before it (and itself); a new
 /// module must be placed here, which says where it sits.
-const LAYERS: [&str; 20] = [
+const LAYERS: [&str; 21] = [
     "error",
     "util",
     "config",
@@ -66,11 +69,12 @@ const LAYERS: [&str; 20] = [
     "engine",
     "device",
     "adapter",
+    "checkpoint",
     "prepare",
     "preflight",
-    "session",
     "bench",
     "generate",
+    "session",
     "export",
     "eval",
     "commands",
@@ -172,6 +176,8 @@ fn the_layer_checker_reads_groups_and_reexports() {
         ("model", "quant"),
         ("adapter", "session"),
         ("backend", "engine"),
+        ("checkpoint", "generate"),
+        ("generate", "session"),
     ] {
         assert!(rank(below) < rank(above), "{below} must sit below {above}");
     }

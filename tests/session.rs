@@ -4,9 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use tunestudio::RunConfig;
+use tunestudio::backend::cpu::CpuBackend;
 use tunestudio::config::EvalSplit;
+use tunestudio::generate::{Generator, LoadOptions, Prompt, Request, SamplingParams};
+use tunestudio::model::chat_template::Message;
 use tunestudio::session::checkpoint::{self, RunStatus};
-use tunestudio::session::{Event, StartOptions, start};
+use tunestudio::session::{Event, StartOptions, samples, start};
 
 fn demo_config(out: &Path, steps: u64) -> RunConfig {
     let mut cfg = RunConfig::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo/run.toml"))).unwrap();
@@ -608,4 +611,144 @@ fn non_finite_adapters_and_checkpoints_are_refused_naming_the_tensor() {
     assert!(m.contains("delete its checkpoints/step-* folder"), "{m}");
     std::fs::remove_dir_all(dir.join("adapter")).unwrap();
     check(&tunestudio::export::run::export_adapter(&dir, Some(&tmp.path().join("x"))).unwrap_err().to_string());
+}
+
+/// The `samples.jsonl` of a run folder, line by line (empty when there is none).
+fn sample_lines(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join(samples::SAMPLES_FILE)).unwrap_or_default().lines().map(String::from).collect()
+}
+
+/// A metrics.jsonl field of every line, as written (text: serde_json reads some 17-digit floats
+/// one unit off).
+fn metric_texts(dir: &Path, field: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join(checkpoint::METRICS_FILE)).unwrap();
+    let key = format!("\"{field}\":");
+    text.lines().map(|l| l.split(key.as_str()).nth(1).and_then(|r| r.split([',', '}']).next()).unwrap().to_string()).collect()
+}
+
+#[test]
+fn samples_come_at_their_steps_and_leave_the_training_untouched() {
+    let a = tempfile::tempdir().unwrap();
+    let (plain, plain_dir, _) = run(demo_config(a.path(), 7), StartOptions::default());
+    assert!(sample_lines(&plain_dir).is_empty(), "samples are off by default");
+
+    let b = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(b.path(), 7);
+    let prompts = vec!["Where can you find the frostling?".to_string(), "Describe the colour of the marrowbat.".to_string()];
+    cfg.samples.every = 3;
+    cfg.samples.prompts = prompts.clone();
+    cfg.samples.max_new_tokens = 12;
+    let (with, dir, events) = run(cfg, StartOptions::default());
+
+    // The training is the run without samples, bit for bit (dropout is on, so a sample drawing
+    // from the masks' RNG, or touching the optimizer or activations, would show), and so is the
+    // curve on disk, digit for digit.
+    assert_eq!(with, plain);
+    for field in ["loss", "grad_norm", "lr", "tokens"] {
+        assert_eq!(metric_texts(&dir, field), metric_texts(&plain_dir, field), "metrics.jsonl {field}");
+    }
+
+    // Every 3 steps and after the last, each prompt in order.
+    let answered: Vec<(u64, Vec<samples::Sample>)> = events
+        .iter()
+        .filter_map(|e| if let Event::Samples { step, samples } = e { Some((*step, samples.clone())) } else { None })
+        .collect();
+    assert_eq!(answered.iter().map(|a| a.0).collect::<Vec<_>>(), vec![3, 6, 7]);
+    for (step, s) in &answered {
+        assert_eq!(s.iter().map(|s| s.prompt.clone()).collect::<Vec<_>>(), prompts);
+        assert!(s.iter().all(|s| s.step == *step));
+    }
+    // After the step they were answered at, before the next one.
+    let order: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step(m) => Some(format!("step {}", m.step)),
+            Event::Samples { step, .. } => Some(format!("samples {step}")),
+            _ => None,
+        })
+        .collect();
+    let at = |s: &str| order.iter().position(|o| o == s).unwrap();
+    assert_eq!(at("samples 3"), at("step 3") + 1);
+    assert_eq!(at("samples 7"), at("step 7") + 1);
+
+    // samples.jsonl holds the same, one line per answer: step, prompt, completion.
+    let lines = sample_lines(&dir);
+    assert_eq!(lines.len(), 6);
+    let all: Vec<samples::Sample> = answered.iter().flat_map(|a| a.1.clone()).collect();
+    for (line, s) in lines.iter().zip(&all) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["step", "prompt", "completion"], "{line}");
+        assert_eq!(&serde_json::from_value::<samples::Sample>(v).unwrap(), s);
+    }
+    assert_eq!(samples::read(&dir), all);
+
+    // The last answers are the finished adapter's: what `tunestudio generate` answers with it
+    // greedily (the sampler was built at step 3 and only given the new LoRA weights since; that
+    // those are used, not the old, is `replaced_lora_weights_answer_as_a_generator_opened_with_them`
+    // in tests/generate.rs: the demo's answers hardly change in 7 steps).
+    let mut g = Generator::open(CpuBackend::<f32>::new(), &LoadOptions::from_run(&dir).unwrap()).unwrap();
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    for s in &answered[2].1 {
+        let req = Request {
+            prompt: Prompt::Chat(vec![Message::new("user", s.prompt.as_str())]),
+            adapter: true,
+            params: SamplingParams::greedy(12),
+            stop_strings: vec![],
+            ignore_eos: false,
+        };
+        let answer = g.generate(&[req], &cancel, &mut |_| {}).unwrap().pop().unwrap();
+        assert_eq!(answer.text, s.completion, "{:?}", s.prompt);
+    }
+}
+
+#[test]
+fn without_typed_prompts_the_first_rows_are_answered_up_to_their_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(tmp.path(), 2);
+    cfg.samples.every = 2;
+    cfg.samples.count = 2;
+    cfg.samples.max_new_tokens = 4;
+    let (_, dir, events) = run(cfg, StartOptions::default());
+    let got = samples::read(&dir);
+    assert_eq!(got.len(), 2);
+    // The dataset's first two rows (no held-out rows: the training rows, in file order), shown as
+    // the template renders them, ending where the answer starts.
+    assert!(
+        got[0].prompt.contains("Describe the colour of the marrowbat.") && !got[0].prompt.contains("black in colour"),
+        "{:?}",
+        got[0].prompt
+    );
+    assert!(got[1].prompt.contains("favourite food of the glimmerfox") && !got[1].prompt.contains("berries"), "{:?}", got[1].prompt);
+    assert!(logs(&events).iter().any(|l| l.contains("answering 2 sample prompts every 2 steps")), "{:?}", logs(&events));
+}
+
+#[test]
+fn a_resumed_run_keeps_the_samples_before_its_checkpoint_and_answers_the_rest_again() {
+    let with_samples = |dir: &Path| {
+        let mut cfg = demo_config(dir, 6);
+        cfg.samples.every = 2;
+        cfg.samples.prompts = vec!["Where can you find the frostling?".into()];
+        cfg.samples.max_new_tokens = 8;
+        cfg
+    };
+    let a = tempfile::tempdir().unwrap();
+    let (_, full_dir, _) = run(with_samples(a.path()), StartOptions::default());
+    let full = sample_lines(&full_dir);
+    assert_eq!(samples::read(&full_dir).iter().map(|s| s.step).collect::<Vec<_>>(), vec![2, 4, 6]);
+
+    let b = tempfile::tempdir().unwrap();
+    let (_, dir, _) = run(with_samples(b.path()), StartOptions { stop_after_step: Some(3), ..Default::default() });
+    assert_eq!(checkpoint::list(&dir), vec![3]);
+    assert_eq!(sample_lines(&dir), full[..1]);
+    // What a run killed after its checkpoint at step 3 leaves: the samples of step 4, and a line
+    // cut off half-way.
+    let mut text = std::fs::read_to_string(dir.join(samples::SAMPLES_FILE)).unwrap();
+    text.push_str("{\"step\":4,\"prompt\":\"Where can you find the frostling?\",\"completion\":\"stale\"}\n{\"step\":5,\"prom");
+    std::fs::write(dir.join(samples::SAMPLES_FILE), text).unwrap();
+
+    run(RunConfig::default(), StartOptions { resume: Some(dir.clone()), ..Default::default() });
+    // Byte for byte the uninterrupted run's: step 2 kept, the stale step 4 and the cut line gone,
+    // steps 4 and 6 answered again by the same weights.
+    assert_eq!(sample_lines(&dir), full);
 }

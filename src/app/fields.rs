@@ -129,6 +129,18 @@ pub const FIELDS: &[FieldDoc] = &[
         "auto trains on a CUDA GPU when there is one, else on the CPU; a GPU the engine cannot start on is shown before Start, with the CPU as a choice.",
     ),
     f(
+        "samples.every",
+        "Samples every",
+        "Answer the sample prompts with the weights being trained every N optimizer steps and after the last (greedy, on a copy of the adapter, so the run is unchanged); shown on the Training page and written to samples.jsonl in the run folder. On a GPU they need a second copy of the model on the card, outside the memory plan (the log says how much). 0 turns samples off.",
+    ),
+    f(
+        "samples.prompts",
+        "Sample prompts",
+        "One prompt per line, each sent as a user message through the chat template. Empty: the first rows of the evaluation set (else of the dataset), up to their answer.",
+    ),
+    f("samples.count", "Sample rows", "How many dataset rows to answer when no prompt is typed."),
+    f("samples.max_new_tokens", "Sample length", "The longest sample answer, in tokens."),
+    f(
         "memory.checkpointing",
         "Activation checkpointing",
         "What the backward pass keeps: auto picks the fastest policy that fits; none keeps everything; layer keeps layer inputs and recomputes; offload keeps them in host memory.",
@@ -233,6 +245,9 @@ mod tests {
         c.schedule.steps = Some(1);
         c.dataset.fingerprint = Some(crate::config::Fingerprint { bytes: 1, sha256: "0".into() });
         c.dataset.eval_split = Some(crate::config::EvalSplit::Fraction(0.1));
+        // `[samples]` is left out while it is the default.
+        c.samples.every = 1;
+        c.samples.prompts = vec!["p".into()];
         let mut keys = Vec::new();
         leaves("", &toml::Value::try_from(&c).unwrap(), &mut keys);
         keys.sort();

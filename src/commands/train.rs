@@ -159,6 +159,15 @@ pub fn print_events(events: impl Iterator<Item = Event>, json: bool) -> Result<(
             }
             Event::Checkpoint { step, dir } => eprintln!("checkpoint at step {step}: {}", dir.display()),
             Event::Paused { step } => eprintln!("paused at step {step}"),
+            Event::Samples { step, samples } => {
+                for s in samples {
+                    if json {
+                        println!("{}", serde_json::json!({"event": "sample", "sample": s}));
+                    } else {
+                        eprintln!("sample at step {step}: {:?} -> {:?}", s.prompt, s.completion);
+                    }
+                }
+            }
             Event::Resumed { step } => eprintln!("resumed at step {step}"),
             // The studio plots these; a throttling card is warned about once, as a log line.
             Event::Gpu(_) => {}

@@ -275,6 +275,31 @@ impl<B: Backend> Inference<B> {
         Ok(())
     }
 
+    /// Replace the adapter's LoRA weights by others of the same targets and rank (a training run's
+    /// newer ones, for its samples), uploading them in place of the old compute copies; the
+    /// frozen base, the cache's buffers and the trained token rows stay as loaded. Every slot's
+    /// cached positions are dropped: they were computed with the old weights.
+    pub fn replace_lora(&mut self, weights: &LoraWeights) -> Result<()> {
+        let same = weights.rank.max(1) == self.rank
+            && weights.layers.len() == self.lora.len()
+            && weights.layers.iter().zip(&self.lora).all(|(w, l)| w.len() == l.len() && l.iter().all(|x| w.contains_key(&x.target)));
+        if !same || !self.has_adapter() {
+            return Err(Error::bug(
+                "Inference::replace_lora",
+                "the new LoRA weights have other targets or another rank than the loaded ones",
+            ));
+        }
+        for (layer, pairs) in self.lora.iter_mut().zip(&weights.layers) {
+            for lin in layer.iter_mut() {
+                let pair = &pairs[&lin.target];
+                lin.a = self.backend.upload(&pair.a, DType::Act)?;
+                lin.b = self.backend.upload(&pair.b, DType::Act)?;
+            }
+        }
+        self.lens.iter_mut().for_each(|n| *n = 0);
+        Ok(())
+    }
+
     pub fn adapter_on(&self, slot: usize) -> bool {
         self.adapter_on.get(slot).copied().unwrap_or(false)
     }

@@ -22,13 +22,13 @@ use serde::Serialize;
 use crate::adapter::{complete_token_rows, load_peft};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DeviceInfo};
+use crate::checkpoint;
 use crate::config::{DeviceChoice, Quantization};
 use crate::engine::infer::{InferAdapter, InferOptions, Inference};
 use crate::error::{Error, Result};
 use crate::model::chat_template::{ChatTemplate, Message};
 use crate::model::tokenizer::TokenizerBundle;
 use crate::model::{ModelSpec, WeightStore};
-use crate::session::checkpoint;
 pub use sample::{Sampler, SamplingParams};
 pub use stream::{FinishReason, StopRules, TextStream};
 
@@ -264,6 +264,14 @@ impl<B: Backend> Generator<B> {
                 self.tok.encode(&r.text, false)
             }
         }
+    }
+
+    /// Answer with other LoRA weights of the same shape from now on (`Inference::replace_lora`);
+    /// the cached conversations are forgotten.
+    pub fn replace_lora(&mut self, weights: &crate::engine::lora::LoraWeights) -> Result<()> {
+        self.infer.replace_lora(weights)?;
+        self.cached.iter_mut().for_each(Vec::clear);
+        Ok(())
     }
 
     /// Forget what every slot holds.

@@ -2,9 +2,12 @@
 //! by step, writes the run folder, and talks to its owner (the CLI or the studio) only through
 //! channels: `Event`s out, `Control`s in. It never blocks its owner.
 
-pub mod checkpoint;
+// Checkpoints are a file format below `generate` (which answers from a run's checkpoint) and
+// `session` (which samples during training through `generate`); the old path stays valid.
+pub use crate::checkpoint;
 pub mod guard;
 pub mod lock;
+pub mod samples;
 pub mod telemetry;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +48,11 @@ pub enum Event {
     },
     Resumed {
         step: u64,
+    },
+    /// The sample prompts answered by the weights after `step` (`[samples]`), in prompt order.
+    Samples {
+        step: u64,
+        samples: Vec<samples::Sample>,
     },
     /// A telemetry reading of the GPU (about once a second during a CUDA run, where NVML reads it).
     Gpu(crate::backend::nvml::GpuSample),
@@ -460,6 +468,8 @@ struct Prepared {
     /// Rows trained on (the dataset's usable rows less the held-out ones).
     train_rows: usize,
     eval_rows: usize,
+    /// What `[samples]` answers (empty: no samples).
+    sample_prompts: Vec<samples::SamplePrompt>,
 }
 
 fn run(
@@ -634,6 +644,16 @@ fn run(
         log(format!("skipped {}: {}", s.place(&data.report.file_kind), s.reason));
     }
     let pad_id = model.tok.pad_id();
+    // The held-out rows, else the training rows, give the sample prompts when none are typed.
+    let sample_prompts = samples::prompts(&cfg, if data.eval.is_empty() { &data.train } else { &data.eval }, &model.tok)?;
+    if !sample_prompts.is_empty() {
+        log(format!(
+            "answering {} sample prompt{} every {} steps and after the last (samples.jsonl)",
+            sample_prompts.len(),
+            if sample_prompts.len() == 1 { "" } else { "s" },
+            cfg.samples.every
+        ));
+    }
     let eval: Vec<Batch> = data
         .eval
         .chunks(cfg.train.batch_size.max(1))
@@ -696,11 +716,22 @@ fn run(
         eval,
         train_rows,
         eval_rows,
+        sample_prompts,
     };
     let target = prepare::target(&request, Place::Opened(&opened));
     match opened {
-        Opened::Cuda(gpu) => train_on(*gpu, prepared, &target, &options, events, control),
-        Opened::Cpu { .. } => train_on(CpuBackend::<f32>::new(), prepared, &target, &options, events, control),
+        // Samples answer on a backend of their own on the same card, decided as the run's (its
+        // profile): generation's buffers and a second copy of the base weights, outside the
+        // training plan and the cap (`train_on` says so in the log).
+        Opened::Cuda(gpu) => {
+            let sample_options = crate::backend::cuda::CudaOptions { card: request.card, memory_limit_bytes: None };
+            train_on(*gpu, prepared, &target, &options, events, control, &|| {
+                crate::backend::cuda::CudaBackend::with_options(&sample_options)
+            })
+        }
+        Opened::Cpu { .. } => {
+            train_on(CpuBackend::<f32>::new(), prepared, &target, &options, events, control, &|| Ok(CpuBackend::<f32>::new()))
+        }
     }
 }
 
@@ -795,6 +826,7 @@ fn train_on<B: Backend>(
     options: &StartOptions,
     events: &Sender<Event>,
     control: &Receiver<Control>,
+    sample_backend: &dyn Fn() -> Result<B>,
 ) -> Result<Finished> {
     let send = |e: Event| {
         let _ = events.send(e);
@@ -828,6 +860,15 @@ fn train_on<B: Backend>(
             crate::util::fmt_bytes(planned.peak_bytes)
         )));
     }
+    if !p.sample_prompts.is_empty() && target.kind == crate::engine::plan::BackendKind::Cuda {
+        let base = planned.terms.get(crate::engine::plan::Term::BaseWeights.name()).copied().unwrap_or(0);
+        send(Event::Log(format!(
+            "note: samples answer on a second copy of the model on {}: at least {} more than the plan of {}, outside the plan and any memory cap; set samples.every = 0 if the card runs out of memory",
+            target.name,
+            crate::util::fmt_bytes(samples::extra_device_bytes(cfg, &p.spec, base)),
+            crate::util::fmt_bytes(planned.peak_bytes)
+        )));
+    }
     // The layers whose activations the plan keeps (all of them, or some under `layer`).
     let kept = (planned.checkpointing == crate::config::CheckpointPolicy::Layer).then_some(planned.kept_layers);
     let mut trainer = Trainer::with_kept_layers(backend, p.spec.clone(), &store, opts, init, kept)
@@ -840,6 +881,7 @@ fn train_on<B: Backend>(
         trainer.set_optimizer_state(&c.optimizer)?;
         trainer.set_micro_counter(c.state.micro_counter);
         checkpoint::truncate_metrics(&p.run_dir, c.state.step)?;
+        samples::truncate(&p.run_dir, c.state.step)?;
         elapsed_before = checkpoint::read_metrics(&p.run_dir).last().map_or(0.0, |m| m.elapsed_s);
     }
     let trainable = trainer.lora_weights()?.num_params();
@@ -912,6 +954,7 @@ fn train_on<B: Backend>(
         Ok(())
     };
 
+    let mut sampler = samples::Sampler::<B>::new(p.sample_prompts.clone(), cfg.samples.max_new_tokens);
     let mut stopped = false;
     while trainer.step < p.total_steps {
         // Controls are handled between steps: a step is never interrupted half-way.
@@ -1017,6 +1060,22 @@ fn train_on<B: Backend>(
         {
             // No checkpoint of this state: it is the diverged one. The last one saved is kept.
             return Err(Error::Diverged { step: trainer.step, why });
+        }
+        if !sampler.is_empty() && cfg.samples.due_at(trainer.step, p.total_steps) {
+            match sampler.answer(&trainer, cfg, &p.spec, &store, sample_backend) {
+                Ok(s) => {
+                    samples::append(&p.run_dir, &s)?;
+                    send(Event::Samples { step: trainer.step, samples: s });
+                }
+                Err(e) => {
+                    // Samples are a view of the run, not part of it: the run goes on without them.
+                    send(Event::Log(format!(
+                        "warning: the samples at step {} failed ({e}); training goes on without samples",
+                        trainer.step
+                    )));
+                    sampler = samples::Sampler::new(Vec::new(), 0);
+                }
+            }
         }
         let by_steps = cfg.train.save_every > 0 && trainer.step % cfg.train.save_every == 0;
         let by_time = cfg.train.save_every_minutes > 0.0 && unsaved_since.elapsed() >= save_interval;

@@ -45,6 +45,42 @@ fn training_groups(ui: &mut Ui, problems: &Problems, c: &mut RunConfig, epochs: 
     group(ui, "LoRA", "hp-lora", |ui| lora_fields(ui, problems, c));
     group(ui, "Optimisation", "hp-optim", |ui| optim_fields(ui, problems, c));
     group(ui, "Schedule", "hp-schedule", |ui| schedule_fields(ui, problems, c, epochs));
+    group(ui, "Samples during training", "hp-samples", |ui| sample_fields(ui, problems, c));
+}
+
+fn sample_fields(ui: &mut Ui, p: &Problems, c: &mut RunConfig) {
+    field(ui, p, "samples.every", |ui| {
+        ui.add(
+            drag_u64(&mut c.samples.every, 0.5)
+                .custom_formatter(|v, _| if v == 0.0 { "off".into() } else { format!("{v} steps") })
+                .custom_parser(|t| {
+                    let t = t.trim().trim_end_matches("steps").trim();
+                    if t.starts_with("off") { Some(0.0) } else { t.parse::<f64>().ok() }
+                }),
+        )
+    });
+    ui.end_row();
+    let on = c.samples.every > 0;
+    field(ui, p, "samples.prompts", |ui| {
+        // One prompt per line; the lines are split as typed (an empty line is a problem shown
+        // here, so Enter can start the next prompt).
+        let mut text = c.samples.prompts.join("\n");
+        let r = ui.add_enabled(
+            on,
+            egui::TextEdit::multiline(&mut text).desired_rows(2).desired_width(300.0).hint_text("empty: the first rows of the data"),
+        );
+        if r.changed() {
+            c.samples.prompts = if text.is_empty() { Vec::new() } else { text.split('\n').map(str::to_string).collect() };
+        }
+        r
+    });
+    ui.end_row();
+    field(ui, p, "samples.count", |ui| {
+        ui.add_enabled(on && c.samples.prompts.is_empty(), drag_usize(&mut c.samples.count, 0.1).suffix(" rows"))
+    });
+    ui.end_row();
+    field(ui, p, "samples.max_new_tokens", |ui| ui.add_enabled(on, drag_usize(&mut c.samples.max_new_tokens, 0.5).suffix(" tokens")));
+    ui.end_row();
 }
 
 /// What it costs and where it goes: sequence and batch, memory with its budget, output.
