@@ -4,9 +4,13 @@
 //! with candle-core's `gguf_file` writer and quantized by its quantizers (`f16`, `bf16`, `q8_0`,
 //! and `q4_k_m` as llama.cpp mixes it); and an Ollama `Modelfile` beside the file.
 //!
-//! Families: `llama` (Llama, Mistral), `qwen2` and `qwen3` (its per-head q/k norms as `attn_q_norm`/`attn_k_norm`); Gemma 3 is refused for now. A new family adds a row to [`Arch::of`] (its
-//! llama.cpp architecture name, whether q/k are permuted, extra per-layer tensors in
-//! [`gguf_name`]) and its hyper-parameter keys in [`arch_metadata`].
+//! Families: `llama` (Llama, Mistral), `qwen2` and `qwen3` (its per-head q/k norms as
+//! `attn_q_norm`/`attn_k_norm`), and `gemma3` (text only: its sandwich norms as
+//! `post_attention_norm`/`ffn_norm`/`post_ffw_norm`, every norm stored as `1 + w` as llama.cpp's
+//! converter writes it, the sliding window as a key; llama.cpp fixes the rest of the layout, which
+//! [`Arch::of`] checks the model against). A new family adds a row to [`Arch::of`] (its llama.cpp
+//! architecture name, whether q/k are permuted, extra per-layer tensors in [`gguf_name`]) and its
+//! hyper-parameter keys in [`arch_metadata`].
 //!
 //! The file is written to a hidden temporary beside the destination and renamed at the end: a
 //! failure leaves nothing under the destination's name.
@@ -120,20 +124,52 @@ impl Arch {
             Family::Llama | Family::Mistral => Arch { name: "llama", permute_qk: true },
             Family::Qwen2 => Arch { name: "qwen2", permute_qk: false },
             Family::Qwen3 => Arch { name: "qwen3", permute_qk: false },
-            // Gemma 3 needs llama.cpp's own norm convention (weights stored as 1 + w) and its
-            // sliding-window keys; not written yet rather than written wrong.
             Family::Gemma3 => {
-                return Err(Error::op(
-                    "GGUF export",
-                    "Gemma 3 models cannot be exported to GGUF yet; export the merged folder and convert it with llama.cpp's convert_hf_to_gguf.py",
-                ));
+                gemma3_fits_llama_cpp(spec)?;
+                Arch { name: "gemma3", permute_qk: false }
             }
         })
     }
 }
 
+/// llama.cpp's `gemma3` reads only the sliding window from the file: every sixth layer global,
+/// the local layers' RoPE at base 10000 unscaled, and the softmax scale 1/√head_dim
+/// (1/√(hidden/heads) for the 62-layer 27B) are fixed in its loader. A model that differs would
+/// load and answer differently, so it is refused, naming what differs.
+fn gemma3_fits_llama_cpp(spec: &ModelSpec) -> Result<()> {
+    let refuse = |what: String| {
+        Err(Error::op(
+            "GGUF export",
+            format!("this Gemma 3 model {what}, which llama.cpp's `gemma3` architecture cannot express; export the merged folder instead"),
+        ))
+    };
+    if spec.text_tower {
+        return refuse("is a multimodal folder (a text tower inside)".into());
+    }
+    let pattern: Vec<bool> = (0..spec.num_layers).map(|l| l % 6 < 5).collect();
+    let ours: Vec<bool> = (0..spec.num_layers).map(|l| spec.is_sliding(l)).collect();
+    if spec.sliding_window.is_none() || ours != pattern {
+        return refuse(format!("has sliding layers {ours:?} (llama.cpp: five sliding, then one global)"));
+    }
+    match &spec.local_rope {
+        Some(r) if r.theta == 10_000.0 && r.scaling.is_none() => {}
+        r => return refuse(format!("has the local RoPE {r:?} (llama.cpp: base 10000, no scaling)")),
+    }
+    let want = if spec.num_layers == 62 {
+        (spec.hidden_size as f64 / spec.num_heads as f64).powf(-0.5)
+    } else {
+        (spec.head_dim as f64).powf(-0.5)
+    };
+    match spec.attn_scale {
+        Some(s) if (s - want).abs() <= 1e-9 * want => Ok(()),
+        s => refuse(format!("scales attention scores by {s:?} (llama.cpp: {want})")),
+    }
+}
+
 /// The GGUF name of a Hugging Face tensor (`None`: not part of the GGUF, e.g. rotary buffers).
-pub fn gguf_name(hf: &str) -> Option<String> {
+/// `sandwich_norms` (Gemma): `post_attention_layernorm` is the norm after attention, not the one
+/// before the MLP (`pre_feedforward_layernorm`).
+pub fn gguf_name(hf: &str, sandwich_norms: bool) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -146,7 +182,10 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let (module, kind) = tail.rsplit_once('.')?;
     let base = match module {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if sandwich_norms => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
@@ -250,8 +289,9 @@ pub fn export_gguf(input: &MergeInput, dest: &Path, opts: &GgufOptions, progress
         tensors.push(("rope_freqs.weight".into(), QTensor::quantize(&t, GgmlDType::F32).map_err(candle_err("rope_freqs"))?));
         *types.entry("F32".into()).or_default() += 1;
     }
-    let wanted: Vec<&(String, Vec<usize>)> = hf.iter().filter(|(n, _)| gguf_name(n).is_some()).collect();
-    if let Some((n, _)) = hf.iter().find(|(n, _)| gguf_name(n).is_none() && !n.contains("rotary_emb")) {
+    let sandwich = spec.sandwich_norms;
+    let wanted: Vec<&(String, Vec<usize>)> = hf.iter().filter(|(n, _)| gguf_name(n, sandwich).is_some()).collect();
+    if let Some((n, _)) = hf.iter().find(|(n, _)| gguf_name(n, sandwich).is_none() && !n.contains("rotary_emb")) {
         return Err(Error::tensor(
             n,
             Some(&input.model),
@@ -260,8 +300,13 @@ pub fn export_gguf(input: &MergeInput, dest: &Path, opts: &GgufOptions, progress
     }
     for (done, (name, shape)) in wanted.iter().enumerate() {
         progress(done, wanted.len());
-        let gname = gguf_name(name).expect("filtered");
+        let gname = gguf_name(name, sandwich).expect("filtered");
         let mut values = merged.values(name)?;
+        if spec.norm_weight_offset != 0.0 && gname.ends_with("norm.weight") {
+            // Gemma's norms multiply by (1 + w); llama.cpp's multiply by the stored weight, so
+            // its converter stores 1 + w (and so do we, for every norm: q/k norms included).
+            values.iter_mut().for_each(|v| *v += spec.norm_weight_offset);
+        }
         if arch.permute_qk && (gname.contains(".attn_q.") || gname.contains(".attn_k.")) {
             let heads = if gname.contains(".attn_q.") { spec.num_heads } else { spec.num_kv_heads };
             let cols = if shape.len() > 1 { shape[1] } else { 1 };
@@ -349,9 +394,13 @@ fn arch_metadata(spec: &ModelSpec, arch: &str) -> Vec<(String, Value)> {
         (k("rope.dimension_count"), Value::U32(spec.head_dim as u32)),
         (k("vocab_size"), Value::U32(spec.vocab_size as u32)),
     ];
-    if spec.head_dim * spec.num_heads != spec.hidden_size {
+    if spec.head_dim * spec.num_heads != spec.hidden_size || arch == "gemma3" {
         v.push((k("attention.key_length"), Value::U32(spec.head_dim as u32)));
         v.push((k("attention.value_length"), Value::U32(spec.head_dim as u32)));
+    }
+    if let Some(w) = spec.sliding_window {
+        // llama.cpp's `gemma3` takes the window from here (and its layer pattern as fixed).
+        v.push((k("attention.sliding_window"), Value::U32(w as u32)));
     }
     if let Some(RopeScaling::Linear { factor }) = spec.rope_scaling {
         v.push((k("rope.scaling.type"), Value::String("linear".into())));
@@ -405,7 +454,7 @@ impl TokenizerVocab {
         if m["type"].as_str() != Some("BPE") || !is_byte_level(&j) {
             return Err(Error::file(
                 &path,
-                "is not a byte-level BPE tokenizer (Llama 3, Qwen2); SentencePiece tokenizers (Llama 2, Mistral) cannot be exported to GGUF yet",
+                "is not a byte-level BPE tokenizer (Llama 3, Qwen2); SentencePiece-style tokenizers (Llama 2, Mistral, the released Gemma 3) cannot be exported to GGUF yet",
             ));
         }
         let (pre, warning) = pre_tokenizer_name(tok, &j).map_err(|e| Error::file(&path, e))?;
@@ -672,6 +721,7 @@ impl TemplatePieces {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::arch::Rope;
 
     #[test]
     fn permutation_interleaves_the_halves_of_each_head() {
@@ -694,10 +744,30 @@ mod tests {
     }
 
     #[test]
+    fn gemma3_is_written_only_where_llama_cpp_fixes_the_same_layout() {
+        let text = ModelSpec { text_tower: false, ..ModelSpec::gemma3_4b() };
+        assert_eq!(Arch::of(&text).unwrap().name, "gemma3");
+        let refused = |spec: ModelSpec, what: &str| {
+            let e = Arch::of(&spec).err().unwrap_or_else(|| panic!("{what}: accepted")).to_string();
+            assert!(e.contains("llama.cpp") && e.contains("merged folder"), "{what}: {e}");
+        };
+        refused(ModelSpec::gemma3_4b(), "a multimodal folder");
+        refused(ModelSpec { sliding_layers: (0..34).map(|l| l % 4 != 3).collect(), ..text.clone() }, "every fourth layer global");
+        refused(ModelSpec { local_rope: Some(Rope { theta: 20_000.0, scaling: None }), ..text.clone() }, "local θ 20000");
+        refused(ModelSpec { attn_scale: Some(0.125), ..text }, "another softmax scale");
+    }
+
+    #[test]
     fn names_follow_llama_cpp() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.o_proj.weight").as_deref(), Some("blk.3.attn_output.weight"));
-        assert_eq!(gguf_name("model.layers.0.self_attn.q_proj.bias").as_deref(), Some("blk.0.attn_q.bias"));
-        assert_eq!(gguf_name("model.layers.1.post_attention_layernorm.weight").as_deref(), Some("blk.1.ffn_norm.weight"));
-        assert_eq!(gguf_name("model.layers.1.self_attn.rotary_emb.inv_freq"), None);
+        assert_eq!(gguf_name("model.layers.3.self_attn.o_proj.weight", false).as_deref(), Some("blk.3.attn_output.weight"));
+        assert_eq!(gguf_name("model.layers.0.self_attn.q_proj.bias", false).as_deref(), Some("blk.0.attn_q.bias"));
+        assert_eq!(gguf_name("model.layers.1.post_attention_layernorm.weight", false).as_deref(), Some("blk.1.ffn_norm.weight"));
+        assert_eq!(gguf_name("model.layers.1.self_attn.rotary_emb.inv_freq", false), None);
+        // Gemma's four norms per layer, as the `gguf` package's tensor map for `gemma3` names them.
+        let g = |n: &str| gguf_name(&format!("model.layers.2.{n}.weight"), true);
+        assert_eq!(g("input_layernorm").as_deref(), Some("blk.2.attn_norm.weight"));
+        assert_eq!(g("post_attention_layernorm").as_deref(), Some("blk.2.post_attention_norm.weight"));
+        assert_eq!(g("pre_feedforward_layernorm").as_deref(), Some("blk.2.ffn_norm.weight"));
+        assert_eq!(g("post_feedforward_layernorm").as_deref(), Some("blk.2.post_ffw_norm.weight"));
     }
 }

@@ -67,7 +67,7 @@ GEMMA = ("{{- bos_token }}"
          "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}")
 # The random models (the demo is a case besides them), and the cases tunestudio exports to GGUF.
 RANDOM_MODELS = ["llama3_gen", "qwen2_gen", "qwen3_gen", "gemma3_gen"]
-GGUF_CASES = ["demo", "llama3_gen", "qwen2_gen", "qwen3_gen"]
+GGUF_CASES = ["demo", "llama3_gen", "qwen2_gen", "qwen3_gen", "gemma3_gen"]
 
 
 def load_json(path, default=None):
@@ -302,7 +302,12 @@ def phase_llamacpp(fx, demo, gg):
             continue
         rec = expected[name]
         cfg = load_json(os.path.join(model_dir, "config.json"))
-        arch = cfg["model_type"] if cfg["model_type"] in ("qwen2", "qwen3") else "llama"
+        arch = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3", "gemma3": "gemma3"}.get(cfg["model_type"], "llama")
+        # Gemma's norms multiply by (1 + w): llama.cpp's converter stores 1 + w, and so do we.
+        norm_shift = 1.0 if arch == "gemma3" else 0.0
+        gemma_parts = {"post_attention_layernorm.weight": "post_attention_norm.weight",
+                       "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                       "post_feedforward_layernorm.weight": "post_ffw_norm.weight"} if arch == "gemma3" else {}
         merged = load_file(os.path.join(gg, f"{name}-f32", "model.safetensors"))
         # Every tensor of every quantization against the merged weights.
         rec["gguf"] = {}
@@ -321,12 +326,12 @@ def phase_llamacpp(fx, demo, gg):
                     g = names[hf]
                 else:
                     layer, rest = hf[len("model.layers."):].split(".", 1)
-                    g = f"blk.{layer}.{parts[rest]}"
+                    g = f"blk.{layer}.{gemma_parts.get(rest) or parts[rest]}"
                 t = tensors.pop(g)
                 deq = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
                 if arch == "llama" and (".attn_q." in g or ".attn_k." in g):
                     deq = unpermute(deq, cfg["num_attention_heads"] if ".attn_q." in g else cfg["num_key_value_heads"])
-                want = w.astype(np.float32)
+                want = w.astype(np.float32) + (norm_shift if g.endswith("norm.weight") else 0.0)
                 if quant == "f16" and w.ndim == 2:
                     want = want.astype(np.float16).astype(np.float32)
                 err = float(np.sqrt(((deq - want) ** 2).sum() / max((want ** 2).sum(), 1e-30)))
