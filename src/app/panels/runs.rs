@@ -187,9 +187,11 @@ fn row(
 fn comparison(ui: &mut Ui, c: &Comparison) {
     let diff_height = (24.0 + 20.0 * c.diff.len() as f32).min(ui.available_height() * 0.45);
     let plot_height = (ui.available_height() - diff_height - 30.0).max(140.0);
-    widgets::value_y_axis(widgets::count_x_axis(Plot::new("compare-loss"), "step")).height(plot_height).legend(Legend::default()).allow_scroll(false).show(
-        ui,
-        |p| {
+    widgets::value_y_axis(widgets::count_x_axis(Plot::new("compare-loss"), "step"))
+        .height(plot_height)
+        .legend(Legend::default())
+        .allow_scroll(false)
+        .show(ui, |p| {
             for (i, r) in c.runs.iter().enumerate() {
                 let color = RUN_COLORS[i % RUN_COLORS.len()];
                 p.line(Line::new(format!("{} loss", r.name), PlotPoints::from(r.loss_smooth.clone())).color(color).width(2.0));
@@ -197,8 +199,7 @@ fn comparison(ui: &mut Ui, c: &Comparison) {
                     p.points(Points::new(format!("{} eval", r.name), PlotPoints::from(r.eval_loss.clone())).color(color).radius(3.5));
                 }
             }
-        },
-    );
+        });
     if c.diff.is_empty() {
         ui.label("The configs are the same.");
         return;

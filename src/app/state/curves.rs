@@ -2,6 +2,7 @@
 //! (`runs`) alike: the loss curves (decimated, smoothed), and one step's line in the log.
 
 use crate::session::checkpoint::StepMetrics;
+use crate::session::samples::Sample;
 
 /// Points per plotted line: beyond this, every k-th step is drawn (and always the last).
 pub const MAX_POINTS: usize = 2000;
@@ -77,4 +78,55 @@ pub fn curves(metrics: &[StepMetrics], smoothing: f64) -> Curves {
         _ => Some(p),
     });
     c
+}
+
+/// A run's samples (`[samples]`) as the Training page shows them, for the live run and a past one
+/// opened from the Runs page alike: every answer in the order written, and the step picked.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplesView {
+    pub samples: Vec<Sample>,
+    /// The step whose answers are shown; `None`: the newest.
+    pub step: Option<u64>,
+}
+
+/// One prompt's answer as shown: at the picked step, or its newest when none is picked or the
+/// prompt has none there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRow {
+    pub prompt: String,
+    pub step: u64,
+    pub completion: String,
+}
+
+impl SamplesView {
+    pub fn new(samples: Vec<Sample>) -> Self {
+        SamplesView { samples, step: None }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// The steps that have samples, oldest first.
+    pub fn steps(&self) -> Vec<u64> {
+        let mut steps: Vec<u64> = self.samples.iter().map(|s| s.step).collect();
+        steps.dedup();
+        steps
+    }
+
+    /// One row per prompt (in the order first seen) at the picked step (the newest by default).
+    pub fn rows(&self) -> Vec<SampleRow> {
+        let mut rows: Vec<SampleRow> = Vec::new();
+        for s in &self.samples {
+            if self.step.is_some_and(|want| s.step > want) {
+                continue;
+            }
+            let row = SampleRow { prompt: s.prompt.clone(), step: s.step, completion: s.completion.clone() };
+            match rows.iter_mut().find(|r| r.prompt == s.prompt) {
+                Some(r) => *r = row,
+                None => rows.push(row),
+            }
+        }
+        rows
+    }
 }
