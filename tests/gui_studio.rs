@@ -1637,6 +1637,7 @@ fn gui_samples_are_set_on_the_hyperparameters_page_and_read_on_the_training_page
     t.phase = Phase::Running;
     let answers = |step: u64, a: &str, b: &str| Event::Samples {
         step,
+        secs: 0.31,
         samples: vec![
             Sample { step, prompt: "Where can you find the frostling?".into(), completion: a.into() },
             Sample { step, prompt: "Describe the marrowbat.".into(), completion: b.into() },
@@ -1649,6 +1650,10 @@ fn gui_samples_are_set_on_the_hyperparameters_page_and_read_on_the_training_page
         assert!(h.query_by_label(shown).is_some(), "the newest answer {shown:?} is shown");
     }
     assert!(h.query_by_label("In the cold.").is_none(), "an older answer is not shown unless picked");
+    assert!(
+        h.query_by_label_contains("answered in 0.3 s, not counted in the elapsed time or the ETA").is_some(),
+        "the time the samples took is said apart from the training's"
+    );
     assert_eq!(h.query_all_by_label("step 40").count(), 2, "each answer says its step");
     h.get_by_role(egui::accesskit::Role::ComboBox).click();
     h.step();

@@ -304,6 +304,9 @@ fn samples(ui: &mut Ui, t: &mut crate::app::state::training::SamplesView, height
                 }
             });
             ui.weak("greedy answers of the weights being trained; every one is in samples.jsonl in the run folder");
+            if let Some(secs) = t.last_secs {
+                ui.weak(format!("· answered in {secs:.1} s, not counted in the elapsed time or the ETA"));
+            }
         });
         egui::ScrollArea::vertical().id_salt("samples").max_height(height - 40.0).auto_shrink([false, true]).show(ui, |ui| {
             for r in t.rows() {

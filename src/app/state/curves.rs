@@ -87,6 +87,8 @@ pub struct SamplesView {
     pub samples: Vec<Sample>,
     /// The step whose answers are shown; `None`: the newest.
     pub step: Option<u64>,
+    /// Seconds the live run's newest samples took to answer (not known for a past run's).
+    pub last_secs: Option<f64>,
 }
 
 /// One prompt's answer as shown: at the picked step, or its newest when none is picked or the
@@ -100,7 +102,7 @@ pub struct SampleRow {
 
 impl SamplesView {
     pub fn new(samples: Vec<Sample>) -> Self {
-        SamplesView { samples, step: None }
+        SamplesView { samples, step: None, last_secs: None }
     }
 
     pub fn is_empty(&self) -> bool {

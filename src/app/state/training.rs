@@ -139,7 +139,10 @@ impl TrainingState {
     pub fn apply(&mut self, event: Event) {
         match event {
             Event::Log(m) => self.push_log(m),
-            Event::Samples { samples, .. } => self.samples.samples.extend(samples),
+            Event::Samples { samples, secs, .. } => {
+                self.samples.samples.extend(samples);
+                self.samples.last_secs = Some(secs);
+            }
             Event::Loaded(info) => {
                 self.push_log(format!(
                     "loaded in {:.1}s on {}: {} trainable parameters, steps {}..{}",
