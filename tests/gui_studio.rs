@@ -1601,11 +1601,14 @@ fn gui_samples_are_set_on_the_hyperparameters_page_and_read_on_the_training_page
     settle(&mut h);
     assert_eq!(h.state().state.config.samples.every, 0);
     assert!(disabled(&h, "Sample length") && disabled(&h, "Sample rows"), "off: nothing else to set");
+    assert!(h.query_by_label_contains("samples during training").is_none(), "off: nothing of them in the memory budget");
     h.get_by_label("Samples every").set_value_accesskit(20.0);
     h.step();
     h.step();
     assert_eq!(h.state().state.config.samples.every, 20);
     settle(&mut h);
+    // The sampler's memory (its copy of the model, the prompts' cache) is in the budget.
+    assert!(h.query_by_label_contains("■ samples during training").is_some(), "the memory budget shows the samples' share");
     assert!(!disabled(&h, "Sample length") && !disabled(&h, "Sample rows"));
     h.get_by_label("Sample length").set_value_accesskit(64.0);
     h.step();

@@ -723,8 +723,8 @@ fn run(
     let target = prepare::target(&request, Place::Opened(&opened));
     match opened {
         // Samples answer on a backend of their own on the same card, decided as the run's (its
-        // profile): generation's buffers and a second copy of the base weights, outside the
-        // training plan and the cap (`train_on` says so in the log).
+        // profile): generation's buffers and a second copy of the base weights, counted in the
+        // plan's `samples` term (not held to the cap by that backend itself).
         Opened::Cuda(gpu) => {
             let sample_options = crate::backend::cuda::CudaOptions { card: request.card, memory_limit_bytes: None };
             train_on(*gpu, prepared, &target, &options, events, control, &|| {
@@ -862,13 +862,17 @@ fn train_on<B: Backend>(
             crate::util::fmt_bytes(planned.peak_bytes)
         )));
     }
-    if !p.sample_prompts.is_empty() && target.kind == crate::engine::plan::BackendKind::Cuda {
-        let base = planned.terms.get(crate::engine::plan::Term::BaseWeights.name()).copied().unwrap_or(0);
+    if !p.sample_prompts.is_empty() {
+        // In the plan (its `samples` term, held against the card with the rest), said here too:
+        // on a card it is a second copy of the model.
         send(Event::Log(format!(
-            "note: samples answer on a second copy of the model on {}: at least {} more than the plan of {}, outside the plan and any memory cap; set samples.every = 0 if the card runs out of memory",
+            "samples: {} of the plan's {} on {} (their own copy of the model, a cache for {} prompt{} of up to {} tokens); set samples.every = 0 to give it back to training",
+            crate::util::fmt_bytes(samples::planned_bytes(&planned)),
+            crate::util::fmt_bytes(planned.peak_bytes),
             target.name,
-            crate::util::fmt_bytes(samples::extra_device_bytes(cfg, &p.spec, base)),
-            crate::util::fmt_bytes(planned.peak_bytes)
+            p.sample_prompts.len(),
+            if p.sample_prompts.len() == 1 { "" } else { "s" },
+            input.samples.map_or(0, |s| s.positions),
         )));
     }
     // The layers whose activations the plan keeps (all of them, or some under `layer`).
