@@ -310,9 +310,11 @@ fn samples(ui: &mut Ui, t: &mut crate::app::state::training::SamplesView, height
         });
         egui::ScrollArea::vertical().id_salt("samples").max_height(height - 40.0).auto_shrink([false, true]).show(ui, |ui| {
             for r in t.rows() {
-                ui.horizontal_wrapped(|ui| {
+                // One line per prompt, so the answers stay in view: a dataset row's prompt is the
+                // whole rendered conversation (its template's markers read as noise); in full on hover.
+                ui.horizontal(|ui| {
                     ui.strong(format!("step {}", r.step));
-                    ui.label(RichText::new(r.prompt.trim()).italics());
+                    ui.add(egui::Label::new(RichText::new(r.prompt_line()).italics()).truncate()).on_hover_text(r.prompt.trim());
                 });
                 ui.label(if r.completion.is_empty() { "(empty answer)".to_string() } else { r.completion.clone() });
                 ui.separator();

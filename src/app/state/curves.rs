@@ -100,6 +100,28 @@ pub struct SampleRow {
     pub completion: String,
 }
 
+impl SampleRow {
+    /// The prompt on one line, as the samples list shows it: special-token markers such as
+    /// `<|start_header_id|>` and `<|im_start|>` left out, white space collapsed.
+    pub fn prompt_line(&self) -> String {
+        let mut out = String::new();
+        let mut rest = self.prompt.as_str();
+        while let Some(i) = rest.find("<|") {
+            out.push_str(&rest[..i]);
+            out.push(' ');
+            rest = match rest[i..].find("|>") {
+                Some(j) => &rest[i + j + 2..],
+                None => {
+                    out.push_str(&rest[i..]);
+                    ""
+                }
+            };
+        }
+        out.push_str(rest);
+        out.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+}
+
 impl SamplesView {
     pub fn new(samples: Vec<Sample>) -> Self {
         SamplesView { samples, step: None, last_secs: None }
@@ -130,5 +152,20 @@ impl SamplesView {
             }
         }
         rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rendered_prompt_reads_on_one_line() {
+        let row = |p: &str| SampleRow { prompt: p.into(), step: 1, completion: String::new() };
+        let llama = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhich country has the skitterling?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
+        assert_eq!(row(llama).prompt_line(), "user Which country has the skitterling? assistant");
+        assert_eq!(row("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n").prompt_line(), "user Hi assistant");
+        assert_eq!(row("Where can you find\nthe frostling?").prompt_line(), "Where can you find the frostling?");
+        assert_eq!(row("a <|b").prompt_line(), "a <|b", "an unclosed marker is text");
     }
 }
