@@ -18,7 +18,10 @@ binary between them, on a GPU host or on the CPU); every phase reads and extends
                         greedy `generate` of 40 tokens in f32, end tokens not stopping it.  (torch)
     llamacpp FX GG      llama.cpp (llama-cpp-python) loads the f16 GGUF tunestudio exported of
                         every model + adapter in GGUF_CASES (GG/<case>-f16.gguf), tokenizes each rendered prompt
-                        and generates 40 greedy tokens from the same prompt ids; the `gguf` reader
+                        and generates 40 greedy tokens from the same prompt ids (its sampler at
+                        temperature 0, checked against the argmax of its logits), recording the
+                        top-1/top-2 logit gap of each step and, in FX/llamacpp_logits.json,
+                        the first step's logits; the `gguf` reader
                         opens the f16, q8_0 and q4_k_m files and every tensor is dequantized and
                         compared with the merged f32 weights (GG/<case>-f32/): exact for f16,
                         within each format's rounding for q8_0 and q4_k_m.       (llama-cpp-python, gguf)
@@ -33,6 +36,8 @@ import os
 import sys
 
 EXPECTED_FILE = "expected.json"
+# llama.cpp's next-token logits after each prompt (f16 GGUF, adapter merged), per GGUF case.
+LOGITS_FILE = "llamacpp_logits.json"
 NEW_TOKENS = 40
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -229,18 +234,49 @@ def unpermute(w, heads):
 
 
 def last_logits(llm):
-    """The logits of the last token evaluated, read from llama.cpp's context (`Llama.scores` is
-    only filled for every position when the model is opened with logits_all)."""
+    """The next-token logits after the last token `llm.eval` decoded (llama.cpp computes logits
+    only for the batch's last token unless the model is opened with logits_all).
+
+    Not `llm.scores`: since llama-cpp-python 0.3 `Llama.eval` fills that array only with
+    logits_all=True (sampling moved into llama.cpp's sampler), so without it every row stays 0.
+    An earlier revision of this script read `llm.scores[llm.n_tokens - 1]` that way: argmax of a
+    row of zeros is token 0, which is where the all-0 "llama.cpp tokens" once recorded came from
+    (reproduced with 0.3.36 on the same GGUF files; our GGUF was not at fault)."""
     import llama_cpp
     import numpy as np
     ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
     logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
-    # A run of this script once recorded greedy tokens that were all 0: the logits read here were
-    # constant (not the last position's). Refuse to record such a run rather than commit it.
     if not np.isfinite(logits).all() or float(logits.max() - logits.min()) == 0.0:
-        raise SystemExit("llama.cpp's last logits are constant or not finite: this llama-cpp-python "
-                         "does not expose them the way last_logits reads them; nothing recorded")
+        raise SystemExit("llama.cpp's last logits are constant or not finite; nothing recorded")
     return logits
+
+
+def llamacpp_greedy(llm, ids):
+    """llama.cpp's greedy decode of NEW_TOKENS tokens after `ids`, two ways that must agree: its own
+    sampler (`Llama.generate` with temperature 0 and top_k 1, the documented path; end tokens do
+    not stop it), and eval + argmax of the raw logits, which also gives the first step's logits and
+    each step's gap between the top two logits (how close a near-tie came)."""
+    import numpy as np
+    llm.reset()
+    sampled = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        sampled.append(int(t))
+        if len(sampled) == NEW_TOKENS:
+            break
+    llm.reset()
+    llm.eval(ids)
+    out, first, gaps = [], None, []
+    for _ in range(NEW_TOKENS):
+        logits = last_logits(llm)
+        if first is None:
+            first = logits
+        top2 = np.sort(logits)[-2:]
+        gaps.append(round(float(top2[1] - top2[0]), 5))
+        out.append(int(np.argmax(logits)))
+        llm.eval([out[-1]])
+    if out != sampled:
+        raise SystemExit(f"llama.cpp's sampler and the argmax of its logits disagree: {sampled} vs {out}")
+    return out, first, gaps
 
 
 def phase_llamacpp(fx, demo, gg):
@@ -260,6 +296,7 @@ def phase_llamacpp(fx, demo, gg):
              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
              "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
     failures = []
+    step1 = {}
     for name, model_dir, _ in cases(fx, demo):
         if name not in GGUF_CASES:
             continue
@@ -305,20 +342,20 @@ def phase_llamacpp(fx, demo, gg):
         llm = Llama(model_path=os.path.join(gg, f"{name}-f16.gguf"), n_ctx=256, n_threads=2, verbose=False, seed=0)
         rec["llamacpp_prompt_ids"] = []
         rec["llamacpp_adapter"] = []
+        rec["llamacpp_logit_gaps"] = []
+        step1[name] = []
         for p in rec["prompts"]:
             rec["llamacpp_prompt_ids"].append(llm.tokenize(p["text"].encode(), add_bos=False, special=True))
-            llm.reset()
-            llm.eval(p["ids"])
-            out = []
-            for _ in range(NEW_TOKENS):
-                t = int(np.argmax(last_logits(llm)))
-                out.append(t)
-                llm.eval([t])
+            out, first, gaps = llamacpp_greedy(llm, p["ids"])
             rec["llamacpp_adapter"].append(out)
+            rec["llamacpp_logit_gaps"].append(gaps)
+            step1[name].append([round(float(x), 5) for x in first])
         print(f"{name}: llama.cpp prompt ids equal ours: {[a == p['ids'] for a, p in zip(rec['llamacpp_prompt_ids'], rec['prompts'])]}; "
-              f"greedy equal to transformers+PEFT: {[a == b for a, b in zip(rec['llamacpp_adapter'], rec['hf_adapter'])]}")
+              f"greedy equal to transformers+PEFT: {[a == b for a, b in zip(rec['llamacpp_adapter'], rec['hf_adapter'])]}; "
+              f"smallest top-1/top-2 logit gap (step) {[(min(g), g.index(min(g))) for g in rec['llamacpp_logit_gaps']]}")
         del llm
     save_json(os.path.join(fx, EXPECTED_FILE), expected)
+    save_json(os.path.join(fx, LOGITS_FILE), step1)
     if failures:
         print("\n".join(failures))
         sys.exit(1)
