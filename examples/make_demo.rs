@@ -599,8 +599,8 @@ sentence of the world's style and stops at `<|eot_id|>`: the chat template's hea
 lacks is the fact asked for. On the 50 questions of `data/eval.jsonl` (greedy, `tunestudio
 generate --compare`), the base stops on all 50 and ends with the expected word on 3; after the
 60-step demo run, the fine-tuned model ends with it on 13 and answers otherwise than the base on
-45 (27 after a 10-step run, 38 after a 20-step one). So the base and the fine-tuned answers look alike in
-form (both one sentence that stops) and differ in what they say.
+45 (27 after a 10-step run, 38 after a 20-step one). So the base and the fine-tuned answers look
+alike in form (both one sentence that stops) and differ in what they say.
 
 The rows of `<|reserved_special_token_0|>` … `<|reserved_special_token_7|>` (ids {reserved}) are
 exactly zero in both `embed_tokens` and `lm_head` (kept so through pre-training): deliberately
