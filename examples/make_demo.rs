@@ -593,8 +593,14 @@ trained; no document is in the chat format. The forward matches `transformers`'
 - Answering "Q: What is the capital of Veloria?\nA:" with a line that holds the right value:
   {answers}.
 
-Asked in the chat format before any fine-tuning, the base model rambles on from the question
-without stopping at `<|eot_id|>`; the demo fine-tune teaches it the format.
+Asked in the chat format before any fine-tuning, the base model already answers in one
+sentence of the world's style and stops at `<|eot_id|>`: the chat template's header rows and
+`<|eot_id|>` are those of its encyclopedia pages, which close every section with it. What it
+lacks is the fact asked for. On the 50 questions of `data/eval.jsonl` (greedy, `tunestudio
+generate --compare`), the base stops on all 50 and ends with the expected word on 3; after the
+60-step demo run, the fine-tuned model ends with it on 13 and answers otherwise than the base on
+45 (27 after a 10-step run, 38 after a 20-step one). So the base and the fine-tuned answers look
+alike in form (both one sentence that stops) and differ in what they say.
 
 The rows of `<|reserved_special_token_0|>` … `<|reserved_special_token_7|>` (ids {reserved}) are
 exactly zero in both `embed_tokens` and `lm_head` (kept so through pre-training): deliberately

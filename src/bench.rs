@@ -238,6 +238,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         checkpointing,
         token_rows: 0,
         mlp_chunk_rows: 0,
+        samples: None,
     };
     // `auto` (speed mode): the fastest policy that fits what the card leaves us, with the layers
     // whose activations it keeps.

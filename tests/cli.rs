@@ -559,3 +559,81 @@ fn enumerated_flags_list_their_values() {
         assert_error(&err, "no-run");
     }
 }
+
+/// One side-by-side turn on the Chat page's own path (its state and worker thread, as the page
+/// drives them), greedy: the texts shown for the fine-tuned and the base model.
+fn chat_side_by_side(source: tunestudio::app::state::chat::ChatSource, question: &str) -> (String, String) {
+    use tunestudio::app::state::chat::{ChatCommand, ChatEvent, ChatState, ChatWorker};
+    let (worker, events) = ChatWorker::start();
+    let mut c = ChatState { side_by_side: true, requested: Some(source.clone()), ..Default::default() };
+    c.params.temperature = 0.0;
+    c.params.max_new_tokens = 48;
+    worker.send(ChatCommand::Load(source));
+    let wait = std::time::Duration::from_secs(120);
+    let e = events.recv_timeout(wait).unwrap();
+    assert!(matches!(&e, ChatEvent::Loaded { result: Ok(m), .. } if m.has_adapter), "{e:?}");
+    c.apply(e);
+    c.input = question.into();
+    let reqs = c.begin_turn().expect("a turn to send");
+    assert_eq!(reqs.iter().map(|r| r.adapter).collect::<Vec<_>>(), [true, false], "one request with the adapter, one without");
+    worker.send(ChatCommand::Answer(reqs));
+    while c.answering {
+        c.apply(events.recv_timeout(wait).unwrap());
+    }
+    assert_eq!(c.error, None);
+    let a = &c.turns[0].answers;
+    assert_eq!((a[0].who, a[1].who), ("fine-tuned", "base"));
+    (a[0].text.clone(), a[1].text.clone())
+}
+
+/// `tunestudio generate MODEL --json` greedily, at NF4 as the runs answer: its text.
+fn cli_answer(model: &Path, question: &str, extra: &[&str]) -> String {
+    let mut args = vec!["generate", model.to_str().unwrap(), "--prompt", question, "--temperature", "0", "--max-new-tokens", "48"];
+    args.extend_from_slice(&["--quantization", "nf4", "--device", "cpu", "--json"]);
+    args.extend_from_slice(extra);
+    let (ok, out, err) = tunestudio(&args);
+    assert!(ok, "{err}");
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["text"].as_str().unwrap().to_string()
+}
+
+/// Issue 13: under Xvfb the Chat page's base answer looked like the fine-tuned one and stopped at
+/// the end of turn too. The base side of a side-by-side turn is the model without any adapter:
+/// what `generate` answers with no `--adapter` at all; the fine-tuned side is what it answers with
+/// the adapter, and where the adapter changes the greedy tokens the two sides differ. (The base
+/// stopping at `<|eot_id|>` is the demo model's own: its pre-training pages close sections with it.)
+#[test]
+fn the_chat_pages_base_side_answers_without_the_adapter_as_generate_does() {
+    use tunestudio::app::state::chat::ChatSource;
+    let model = demo().join("model");
+    // A run at its newest checkpoint (the page's default after a run), and an adapter folder.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_run_config(tmp.path(), "chat", 40);
+    let (ok, _, err) = tunestudio(&["train", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let run = tmp.path().join("runs/chat");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop/demo_adapter");
+    let newest = format!("{}", tunestudio::checkpoint::step_dir(&run, 40).display());
+    let cases = [
+        (ChatSource::Run { dir: run.clone(), step: None }, newest.as_str(), "What is 10 plus 7?"),
+        (
+            ChatSource::Folder {
+                model: model.clone(),
+                adapter: Some(fixture.clone()),
+                quantization: tunestudio::config::Quantization::Nf4,
+                template: "auto".into(),
+                device: tunestudio::config::DeviceChoice::Cpu,
+            },
+            fixture.to_str().unwrap(),
+            "Name the national animal of Norrith.",
+        ),
+    ];
+    for (source, adapter, question) in cases {
+        let (tuned, base) = chat_side_by_side(source.clone(), question);
+        let without = cli_answer(&model, question, &[]);
+        let with = cli_answer(&model, question, &["--adapter", adapter]);
+        assert_ne!(with, without, "{source:?}: the adapter changes the greedy answer to {question:?}");
+        assert_eq!(base, without, "{source:?}: the base side is the model without the adapter");
+        assert_eq!(tuned, with, "{source:?}: the fine-tuned side is the model with it");
+        assert_ne!(tuned, base);
+    }
+}

@@ -788,6 +788,7 @@ fn backend_scratch_is_the_planned_workspace() {
         checkpointing: CheckpointPolicy::Layer,
         token_rows: 0,
         mlp_chunk_rows: 0,
+        samples: None,
     };
     let planned: Vec<_> = plan::cuda_workspace(&spec, &input);
     let (attn, at_creation): (Vec<_>, Vec<_>) = planned.iter().partition(|b| b.name == "attention.bwd_scratch");

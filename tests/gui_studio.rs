@@ -1601,11 +1601,14 @@ fn gui_samples_are_set_on_the_hyperparameters_page_and_read_on_the_training_page
     settle(&mut h);
     assert_eq!(h.state().state.config.samples.every, 0);
     assert!(disabled(&h, "Sample length") && disabled(&h, "Sample rows"), "off: nothing else to set");
+    assert!(h.query_by_label_contains("samples during training").is_none(), "off: nothing of them in the memory budget");
     h.get_by_label("Samples every").set_value_accesskit(20.0);
     h.step();
     h.step();
     assert_eq!(h.state().state.config.samples.every, 20);
     settle(&mut h);
+    // The sampler's memory (its copy of the model, the prompts' cache) is in the budget.
+    assert!(h.query_by_label_contains("■ samples during training").is_some(), "the memory budget shows the samples' share");
     assert!(!disabled(&h, "Sample length") && !disabled(&h, "Sample rows"));
     h.get_by_label("Sample length").set_value_accesskit(64.0);
     h.step();
@@ -1637,6 +1640,7 @@ fn gui_samples_are_set_on_the_hyperparameters_page_and_read_on_the_training_page
     t.phase = Phase::Running;
     let answers = |step: u64, a: &str, b: &str| Event::Samples {
         step,
+        secs: 0.31,
         samples: vec![
             Sample { step, prompt: "Where can you find the frostling?".into(), completion: a.into() },
             Sample { step, prompt: "Describe the marrowbat.".into(), completion: b.into() },
@@ -1649,6 +1653,10 @@ fn gui_samples_are_set_on_the_hyperparameters_page_and_read_on_the_training_page
         assert!(h.query_by_label(shown).is_some(), "the newest answer {shown:?} is shown");
     }
     assert!(h.query_by_label("In the cold.").is_none(), "an older answer is not shown unless picked");
+    assert!(
+        h.query_by_label_contains("answered in 0.3 s, not counted in the elapsed time or the ETA").is_some(),
+        "the time the samples took is said apart from the training's"
+    );
     assert_eq!(h.query_all_by_label("step 40").count(), 2, "each answer says its step");
     h.get_by_role(egui::accesskit::Role::ComboBox).click();
     h.step();
@@ -1656,7 +1664,7 @@ fn gui_samples_are_set_on_the_hyperparameters_page_and_read_on_the_training_page
     settle(&mut h);
     click(&mut h, "20");
     settle(&mut h);
-    assert_eq!(h.state().state.training.sample_step, Some(20));
+    assert_eq!(h.state().state.training.samples.step, Some(20));
     for shown in ["In the cold.", "It is small."] {
         assert!(h.query_by_label(shown).is_some(), "the answer {shown:?} of step 20 is shown once picked");
     }
@@ -1920,4 +1928,65 @@ fn gui_a_run_starts_only_with_the_config_its_check_was_shown_for() {
     h.key_press(egui::Key::Enter);
     wait_for(&mut h, "the run", 120, |a| a.state.training.phase == Phase::Done);
     assert_eq!(h.state().state.training.metrics.last().map(|m| m.total_steps), Some(7));
+}
+
+/// Issue 13: the samples of a past run opened from the Runs page are shown with their steps, as
+/// the live run's are; a resumed run shows those answered before the resume too (the session cut
+/// samples.jsonl back to its checkpoint), not only the ones that come after.
+#[test]
+fn gui_a_past_run_and_a_resumed_run_show_their_earlier_samples() {
+    use tunestudio::session::samples;
+    let _g = serial();
+    let mut h = studio(Some(demo_config()), "past-samples");
+    wait_loaded(&mut h);
+    let ctx = h.ctx.clone();
+    {
+        let c = &mut h.state_mut().state.config;
+        c.train.max_steps = Some(400);
+        c.train.save_every = 2;
+        c.samples.every = 2;
+        c.samples.prompts = vec!["Where can you find the frostling?".into()];
+        c.samples.max_new_tokens = 8;
+        c.output.run_name = "sampled".into();
+    }
+    h.state_mut().act(Action::ConfirmStart, &ctx);
+    wait_for(&mut h, "samples and a checkpoint after them", 180, |a| {
+        let t = &a.state.training;
+        t.samples.steps().len() >= 2 && t.last_checkpoint.as_ref().is_some_and(|c| c.0 >= 4)
+    });
+    h.state_mut().act(Action::Stop, &ctx);
+    wait_for(&mut h, "the stop", 120, |a| !a.state.training.phase.is_active());
+    let dir = h.state().state.training.run_dir().unwrap().to_path_buf();
+    let written = samples::read(&dir);
+    assert!(written.iter().map(|s| s.step).collect::<Vec<_>>().starts_with(&[2, 4]), "{written:?}");
+
+    // Open it as a past run: its samples, the newest shown with its step, an earlier one to pick.
+    h.state_mut().act(Action::OpenRun(dir.clone()), &ctx);
+    wait_for(&mut h, "the opened run", 30, |a| a.state.training.viewing.is_some());
+    settle(&mut h);
+    let viewed = &h.state().state.training.viewing.as_ref().unwrap().samples;
+    assert_eq!(viewed.samples, written);
+    let newest = written.last().unwrap();
+    assert!(h.query_by_label(&format!("step {}", newest.step)).is_some(), "the newest sample's step is shown");
+    if !newest.completion.is_empty() {
+        assert!(h.query_by_label(&newest.completion).is_some(), "the newest answer {:?} is shown", newest.completion);
+    }
+    h.get_by_role(egui::accesskit::Role::ComboBox).click();
+    settle(&mut h);
+    click(&mut h, "2");
+    settle(&mut h);
+    assert_eq!(h.state().state.training.viewing.as_ref().unwrap().samples.step, Some(2));
+    assert!(h.query_by_label("step 2").is_some(), "the picked step's answer is shown");
+    click(&mut h, "Back to the live run");
+
+    // Resume it: the samples before the resume are there from its first event on.
+    h.state_mut().act(Action::ResumeRun(dir.clone()), &ctx);
+    wait_for(&mut h, "the resumed run", 180, |a| a.state.training.loaded.is_some());
+    let t = &h.state().state.training;
+    let start = t.loaded.as_ref().unwrap().start_step;
+    let before: Vec<_> = written.iter().filter(|s| s.step <= start).cloned().collect();
+    assert!(!before.is_empty());
+    assert!(t.samples.samples.starts_with(&before), "{:?} does not begin with {before:?}", t.samples.samples);
+    h.state_mut().act(Action::Stop, &ctx);
+    wait_for(&mut h, "the stop", 120, |a| !a.state.training.phase.is_active());
 }

@@ -71,6 +71,7 @@ fn trainer_allocates_exactly_the_planned_buffers() {
             checkpointing: policy,
             token_rows,
             mlp_chunk_rows: 7,
+            samples: None,
         };
         let resolved = plan::plan(&s, &input, &PlanTarget::cpu()).checkpointing;
         assert_eq!(plan::keeps_all(resolved), tr.keeps_all_activations(), "{policy:?}");
@@ -100,6 +101,7 @@ fn auto_keeps_as_many_layers_as_the_card_holds() {
         checkpointing: CheckpointPolicy::Auto,
         token_rows: 0,
         mlp_chunk_rows: 0,
+        samples: None,
     };
     let card = |gib: u64| PlanTarget::gpu(&format!("{gib} GiB"), gib << 30);
     let kept = |seq, gib| {
@@ -143,6 +145,7 @@ fn cuda_workspace_sizes_the_attention_scratch_for_the_longest_row() {
         checkpointing: CheckpointPolicy::Layer,
         token_rows: 0,
         mlp_chunk_rows: 0,
+        samples: None,
     };
     let scratch = |seq| {
         let ws = plan::cuda_workspace(&s, &input(seq));
@@ -185,4 +188,52 @@ fn attention_backward_split_fits_the_scratch() {
     let s = AttnShape { batch: 1, seq: 8192, heads: 32, kv_heads: 8, head_dim: 128, ..Default::default() };
     let (bc, kvc) = attention_bwd_split(s, ATTN_BWD_SCRATCH_BYTES).unwrap();
     assert_eq!(s.batch.div_ceil(bc) * s.kv_heads.div_ceil(kvc), 2);
+}
+
+/// Issue 13: with `[samples]` on, the sampler's memory is in the plan as its own term (it was only
+/// a log line "outside the plan"): its copy of the model, a KV cache of `count` prompts ×
+/// (`max_seq_len` + `max_new_tokens`) positions, its logits; the sampler's `Inference` is
+/// allocated from the same list (`plan::infer_buffers`), so the two cannot drift apart.
+#[test]
+fn samples_during_training_are_in_the_plan() {
+    let spec = ModelSpec::llama3_8b();
+    let mut cfg = tunestudio::RunConfig::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo/run.toml"))).unwrap();
+    cfg.memory.checkpointing = CheckpointPolicy::Layer;
+    let off = PlanInput::from_config(&cfg);
+    assert_eq!(off.samples, None);
+    cfg.samples.every = 10;
+    cfg.samples.count = 4;
+    cfg.samples.max_new_tokens = 48;
+    let on = PlanInput::from_config(&cfg);
+    let size = on.samples.unwrap();
+    assert_eq!((size.slots, size.positions), (4, 256 + 48));
+    for target in [PlanTarget::cpu(), PlanTarget::gpu("80 GB", 80 << 30)] {
+        let (p_off, p_on) = (plan::plan(&spec, &off, &target), plan::plan(&spec, &on, &target));
+        assert_eq!(p_off.terms.get("samples"), None);
+        let bufs = plan::sampler_buffers(&spec, &on, target.kind);
+        let term = p_on.terms["samples"];
+        assert_eq!(term, bufs.iter().map(|b| b.bytes(target.kind)).sum::<u64>());
+        // The cache: every prompt's positions, keys and values, every layer.
+        let cache: u64 = bufs.iter().filter(|b| b.name.starts_with("cache.")).map(|b| b.elems).sum();
+        assert_eq!(cache, (2 * spec.num_layers * 4 * 304 * spec.kv_dim()) as u64);
+        let logits = bufs.iter().find(|b| b.name == "ws.logits").unwrap();
+        assert_eq!(logits.elems, (4 * spec.vocab_size) as u64);
+        // Its own copy of the base weights, as big as the run's.
+        let is_weight = |n: &str| n.starts_with("layers.") || ["embed_tokens", "lm_head", "final_norm"].contains(&n);
+        let weights: u64 = bufs.iter().filter(|b| is_weight(&b.name)).map(|b| b.bytes(target.kind)).sum();
+        assert_eq!(weights, p_off.terms["base_weights"]);
+        // Held against the machine with the rest: the peak grows by it (on a card give or take
+        // the slabs' slack, which the sampler's small buffers change).
+        if target.kind == plan::BackendKind::Cpu {
+            assert_eq!(p_on.peak_bytes, p_off.peak_bytes + term);
+        } else {
+            let grew = p_on.peak_bytes - p_off.peak_bytes;
+            assert!(grew.abs_diff(term) < 64 << 20, "the peak grew {grew}, the samples take {term}");
+        }
+    }
+    // A card the run fits without samples but not with them.
+    let p_off = plan::plan(&spec, &off, &PlanTarget::gpu("x", 80 << 30));
+    let p_on = plan::plan(&spec, &on, &PlanTarget::gpu("x", 80 << 30));
+    let between = PlanTarget::gpu("between", (p_off.peak_bytes + p_on.peak_bytes) / 2);
+    assert!(plan::plan(&spec, &off, &between).fits && !plan::plan(&spec, &on, &between).fits);
 }

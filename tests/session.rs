@@ -651,7 +651,7 @@ fn samples_come_at_their_steps_and_leave_the_training_untouched() {
     // Every 3 steps and after the last, each prompt in order.
     let answered: Vec<(u64, Vec<samples::Sample>)> = events
         .iter()
-        .filter_map(|e| if let Event::Samples { step, samples } = e { Some((*step, samples.clone())) } else { None })
+        .filter_map(|e| if let Event::Samples { step, samples, .. } = e { Some((*step, samples.clone())) } else { None })
         .collect();
     assert_eq!(answered.iter().map(|a| a.0).collect::<Vec<_>>(), vec![3, 6, 7]);
     for (step, s) in &answered {
@@ -751,4 +751,50 @@ fn a_resumed_run_keeps_the_samples_before_its_checkpoint_and_answers_the_rest_ag
     // Byte for byte the uninterrupted run's: step 2 kept, the stale step 4 and the cut line gone,
     // steps 4 and 6 answered again by the same weights.
     assert_eq!(sample_lines(&dir), full);
+}
+
+/// Issue 13: the time spent answering samples is left out of the elapsed training time and the
+/// ETA (as paused time is), and said apart in each `Event::Samples`; tokens/s times the step
+/// alone. Sixteen dataset rows are answered after every small step; the events are timed as they
+/// come: the elapsed time grows by the wall time between two steps less the samples' time.
+#[test]
+fn sampling_time_is_left_out_of_the_elapsed_time_and_the_eta() {
+    use std::time::Instant;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(tmp.path(), 8);
+    cfg.train.max_seq_len = 64;
+    cfg.train.grad_accum = 1;
+    cfg.samples.every = 1;
+    cfg.samples.count = 16;
+    cfg.samples.max_new_tokens = 24;
+    let h = start(cfg, StartOptions::default());
+    // (received at, step, elapsed_s, eta_s) of each step; the samples' seconds after step 1.
+    let mut steps = Vec::new();
+    let mut sampled = 0.0;
+    for e in h.events.iter() {
+        match e {
+            Event::Samples { secs, samples, step } => {
+                assert_eq!(samples.len(), 16);
+                assert!(secs > 0.0);
+                if step < 8 {
+                    sampled += secs;
+                }
+            }
+            Event::Step(m) => steps.push((Instant::now(), m.step, m.elapsed_s, m.eta_s)),
+            Event::Failed { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    h.join();
+    let (first, last) = (steps[0], *steps.last().unwrap());
+    assert_eq!((first.1, last.1), (1, 8));
+    let wall = (last.0 - first.0).as_secs_f64();
+    let grew = last.2 - first.2;
+    // Without the fix the elapsed time grows by the wall time, samples included.
+    assert!(grew < wall - sampled / 2.0, "elapsed grew {grew:.3} s over {wall:.3} s of wall time, {sampled:.3} s of it samples");
+    // The ETA is the remaining steps at the training's pace, not the samples'.
+    let (_, step, elapsed, eta) = steps[3];
+    let expect = elapsed / step as f64 * (8 - step) as f64;
+    assert!((eta - expect).abs() < 1e-9, "{eta} vs {expect}");
+    assert!(eta < sampled / 7.0 * (8 - step) as f64, "ETA {eta:.3} s holds no samples");
 }

@@ -2,7 +2,7 @@
 # A first session in the studio, as a person would have it, in a real window under Xvfb, with a
 # screenshot of every step to look at: the demo's model and data, rows held out to evaluate on,
 # the preflight check, a run paused and resumed, a 600-step run stopped by Shift+F5, the Runs
-# page (a past run opened, two compared with their config diff), the adapter and GGUF exported,
+# page (a past run opened with its samples, two compared with their config diff), the adapter and GGUF exported,
 # and the Chat page answering with the fine-tune and its base side by side. Then every page
 # again at 900 px wide.
 #
@@ -40,6 +40,9 @@ trap cleanup EXIT
 sed -e "s|^path = \"model\"|path = \"$root/assets/demo/model\"|" \
     -e "s|^path = \"data/train.jsonl\"|path = \"$root/assets/demo/data/train.jsonl\"|" \
     -e "s|^dir = .*|dir = \"$work/runs\"|" assets/demo/run.toml >"$work/run.toml"
+# Samples during training on, as a user watching the answers change would have them: the
+# Training page and a past run opened from Runs show them with their steps.
+printf '\n[samples]\nevery = 10\ncount = 2\nmax_new_tokens = 32\n' >>"$work/run.toml"
 
 Xvfb "$display" -screen 0 1600x1000x24 -nolisten tcp >"$work/xvfb.log" 2>&1 &
 xvfb_pid=$!

@@ -131,7 +131,7 @@ pub const FIELDS: &[FieldDoc] = &[
     f(
         "samples.every",
         "Samples every",
-        "Answer the sample prompts with the weights being trained every N optimizer steps and after the last (greedy, on a copy of the adapter, so the run is unchanged); shown on the Training page and written to samples.jsonl in the run folder. On a GPU they need a second copy of the model on the card, outside the memory plan (the log says how much). 0 turns samples off.",
+        "Answer the sample prompts with the weights being trained every N optimizer steps and after the last (greedy, on a copy of the adapter, so the run is unchanged); shown on the Training page and written to samples.jsonl in the run folder. They answer on a copy of the model with a cache for every prompt: the memory budget shows it as \"samples during training\" (on a GPU, a second copy of the model on the card). 0 turns samples off.",
     ),
     f(
         "samples.prompts",

@@ -159,7 +159,10 @@ pub fn print_events(events: impl Iterator<Item = Event>, json: bool) -> Result<(
             }
             Event::Checkpoint { step, dir } => eprintln!("checkpoint at step {step}: {}", dir.display()),
             Event::Paused { step } => eprintln!("paused at step {step}"),
-            Event::Samples { step, samples } => {
+            Event::Samples { step, samples, secs } => {
+                if !json {
+                    eprintln!("samples at step {step} answered in {secs:.2} s (not counted in the elapsed time or the ETA)");
+                }
                 for s in samples {
                     if json {
                         println!("{}", serde_json::json!({"event": "sample", "sample": s}));

@@ -236,6 +236,7 @@ mod tests {
             checkpointing: CheckpointPolicy::Auto,
             token_rows: 0,
             mlp_chunk_rows: 0,
+            samples: None,
         }
     }
 

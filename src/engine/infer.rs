@@ -173,6 +173,34 @@ impl<B: Backend> Inference<B> {
         let model = DeviceModel::load(&backend, &ext_spec, &ext, opts.quantization, opts.capacity, false)?;
 
         let (rank, scale) = adapter.map_or((1, 0.0), |a| (a.weights.rank.max(1), a.lora.scale() as f32));
+        // Every buffer below is allocated as `plan::infer_buffers` lists it (by name), so the
+        // memory plan of samples during training is what this takes.
+        let mut targets: Vec<Target> =
+            adapter.map(|a| a.weights.layers.iter().flat_map(|l| l.keys().copied()).collect()).unwrap_or_default();
+        targets.sort();
+        targets.dedup();
+        let planned = crate::engine::plan::infer_buffers(
+            &spec,
+            &opts,
+            adapter.map(|_| (rank, targets.as_slice())),
+            extra.len(),
+            // Only the frozen weights' bytes depend on it; the buffers looked up are counted in
+            // elements.
+            crate::engine::plan::BackendKind::Cpu,
+            crate::engine::plan::Term::Samples,
+        );
+        let size = |name: &str| -> Result<(usize, DType)> {
+            planned
+                .iter()
+                .find(|b| b.name == name)
+                .map(|b| (b.elems as usize, b.dtype.unwrap_or(DType::F32)))
+                .ok_or_else(|| Error::bug("Inference::new", format!("plan::infer_buffers lists no buffer {name}")))
+        };
+        let alloc = |name: &str| -> Result<B::Tensor> {
+            let (n, dtype) = size(name)?;
+            backend.alloc(n, dtype)
+        };
+        let ids = |name: &str| -> Result<B::Ids> { backend.alloc_ids(size(name)?.0) };
         let mut lora = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let mut layer = Vec::new();
@@ -181,8 +209,9 @@ impl<B: Backend> Inference<B> {
                     msg: format!("it has {} layers, the model {}", a.weights.layers.len(), spec.num_layers),
                 })?;
                 for (&t, pair) in pairs {
-                    let (out, inp) = spec.linear_shape(t);
-                    if pair.a.len() != rank * inp || pair.b.len() != out * rank {
+                    let key = |m: char| format!("lora.{l}.{}.{m}", t.short());
+                    if pair.a.len() != size(&key('a'))?.0 || pair.b.len() != size(&key('b'))?.0 {
+                        let (out, inp) = spec.linear_shape(t);
                         return Err(Error::tensor(
                             crate::engine::lora::peft_key(&spec, l, t, 'A'),
                             None,
@@ -195,43 +224,35 @@ impl<B: Backend> Inference<B> {
             lora.push(layer);
         }
 
-        let kvd = spec.kv_dim();
         let cache = (0..spec.num_layers)
-            .map(|_| {
-                Ok([
-                    backend.alloc(opts.slots * opts.capacity * kvd, DType::Act)?,
-                    backend.alloc(opts.slots * opts.capacity * kvd, DType::Act)?,
-                ])
-            })
+            .map(|l| Ok([alloc(&format!("cache.{l}.k"))?, alloc(&format!("cache.{l}.v"))?]))
             .collect::<Result<Vec<_>>>()?;
-        let n = opts.chunk_rows;
-        let (qd, f) = (spec.q_dim(), spec.intermediate_size);
-        let act = |len: usize| backend.alloc(len, DType::Act);
+        let w = |name: &str| alloc(&format!("ws.{name}"));
         let ws = Workspace {
-            ids: backend.alloc_ids(n)?,
-            slots: backend.alloc_ids(n)?,
-            positions: backend.alloc_ids(n)?,
-            row_scale: backend.alloc(n, DType::F32)?,
-            x: act(n * d)?,
-            h: act(n * d)?,
-            t: act(n * d)?,
-            pre: act(n * d)?,
-            inv: backend.alloc(n, DType::F32)?,
-            q_pre: act(n * qd)?,
-            k_pre: act(n * kvd)?,
-            qk_inv: backend.alloc(n * spec.num_heads, DType::F32)?,
-            q: act(n * qd)?,
-            k: act(n * kvd)?,
-            v: act(n * kvd)?,
-            att: act(n * qd)?,
-            g: act(n * f)?,
-            u: act(n * f)?,
-            m: act(n * f)?,
-            xa: act(n * rank)?,
-            last: act(opts.slots * d)?,
-            last_normed: act(opts.slots * d)?,
-            last_inv: backend.alloc(opts.slots, DType::F32)?,
-            logits: backend.alloc(opts.slots * (vocab + extra.len()), DType::F32)?,
+            ids: ids("ws.ids")?,
+            slots: ids("ws.slots")?,
+            positions: ids("ws.positions")?,
+            row_scale: w("row_scale")?,
+            x: w("x")?,
+            h: w("h")?,
+            t: w("t")?,
+            pre: w("pre")?,
+            inv: w("inv")?,
+            q_pre: w("q_pre")?,
+            k_pre: w("k_pre")?,
+            qk_inv: w("qk_inv")?,
+            q: w("q")?,
+            k: w("k")?,
+            v: w("v")?,
+            att: w("att")?,
+            g: w("g")?,
+            u: w("u")?,
+            m: w("m")?,
+            xa: w("xa")?,
+            last: w("last")?,
+            last_normed: w("last_normed")?,
+            last_inv: w("last_inv")?,
+            logits: w("logits")?,
         };
         Ok(Inference {
             backend,

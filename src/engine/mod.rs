@@ -308,6 +308,7 @@ impl<B: Backend> Trainer<B> {
                     checkpointing: CheckpointPolicy::Auto,
                     token_rows: 0,
                     mlp_chunk_rows: opts.mlp_chunk_rows,
+                    samples: None,
                 };
                 let p = plan::plan(&spec, &input, &plan::PlanTarget::cpu());
                 (p.checkpointing, p.kept_layers)

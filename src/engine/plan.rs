@@ -56,6 +56,10 @@ pub enum Term {
     CudaContext,
     /// What other processes hold on the card: not ours, but not ours to have either.
     OtherProcesses,
+    /// Samples during training (`[samples]`): the sampler's own copy of the base weights, its
+    /// LoRA copy, the KV cache of every prompt, its workspace and logits, and on CUDA its
+    /// backend's scratch (`infer_buffers`, which generation allocates from).
+    Samples,
 }
 
 impl Term {
@@ -71,6 +75,7 @@ impl Term {
             Term::BackendWorkspace => "backend_workspace",
             Term::CudaContext => "cuda_context",
             Term::OtherProcesses => "other_processes",
+            Term::Samples => "samples",
         }
     }
 }
@@ -112,6 +117,36 @@ pub struct PlanInput {
     pub token_rows: usize,
     /// Rows per MLP chunk when layers are recomputed; 0 uses `MLP_CHUNK_ROWS`.
     pub mlp_chunk_rows: usize,
+    /// The sampler of samples during training, when `[samples]` is on.
+    pub samples: Option<SamplerSize>,
+}
+
+/// The generation model that answers the samples during training: one cache slot per prompt,
+/// each holding the longest training row and the answer (a dataset row's prompt is shorter than
+/// its row; a typed one is assumed to fit too), chunks of at most 256 rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SamplerSize {
+    pub slots: usize,
+    /// Positions per slot, before the model's own limit (`capacity`).
+    pub positions: usize,
+}
+
+impl SamplerSize {
+    /// `None` when samples are off.
+    pub fn of(cfg: &RunConfig) -> Option<Self> {
+        let s = &cfg.samples;
+        if s.every == 0 {
+            return None;
+        }
+        let slots = if s.prompts.is_empty() { s.count } else { s.prompts.len() };
+        Some(SamplerSize { slots: slots.max(1), positions: cfg.train.max_seq_len + s.max_new_tokens })
+    }
+
+    /// The sampler's `Inference` sizes for `spec`.
+    pub fn infer_options(&self, spec: &ModelSpec, quantization: Quantization) -> crate::engine::infer::InferOptions {
+        let capacity = self.positions.min(spec.max_position_embeddings.max(2)).max(1);
+        crate::engine::infer::InferOptions { quantization, slots: self.slots, capacity, chunk_rows: 256.min(capacity) }
+    }
 }
 
 impl PlanInput {
@@ -124,6 +159,7 @@ impl PlanInput {
             checkpointing: cfg.memory.checkpointing,
             token_rows: 0,
             mlp_chunk_rows: 0,
+            samples: SamplerSize::of(cfg),
         }
     }
 
@@ -544,13 +580,78 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
     out
 }
 
-/// The CUDA backend's own scratch, as `backend::cuda` allocates it: everything at creation (in this
-/// order), then the NF4 dequantization buffer with the weights, and the attention backward's
-/// accumulators when the Trainer reserves them for its largest batch.
-pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer> {
-    use crate::backend::workspace::{
-        GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS, attention_scratch_bytes,
-    };
+/// The buffers of a generation model (`engine::infer::Inference`) with an adapter of `lora`
+/// (rank and targets; `None`: no adapter) and `token_rows` trained token rows, under `term`:
+/// its frozen weights (the embedding and head with the trained rows appended), then the LoRA
+/// compute copies, the KV cache, the workspace of one chunk and the logits. `Inference::new`
+/// allocates its own buffers by these names and sizes, so this list is what it takes; the
+/// backend's scratch is apart ([`cuda_creation_scratch`]).
+pub fn infer_buffers(
+    spec: &ModelSpec,
+    io: &crate::engine::infer::InferOptions,
+    lora: Option<(usize, &[Target])>,
+    token_rows: usize,
+    kind: BackendKind,
+    term: Term,
+) -> Vec<PlannedBuffer> {
+    let ext = ModelSpec { vocab_size: spec.vocab_size + token_rows, ..spec.clone() };
+    let mut out = weight_buffers(&ext, io.quantization, kind, io.capacity, CheckpointPolicy::None);
+    let rank = lora.map_or(1, |(r, _)| r.max(1));
+    let (d, f, qd, kvd) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim());
+    let mut b = |name: String, elems: usize, dtype: DType| out.push(buf(name, term, elems, dtype));
+    for l in 0..spec.num_layers {
+        for &t in lora.map_or(&[][..], |(_, t)| t) {
+            let (o, i) = spec.linear_shape(t);
+            b(format!("lora.{l}.{}.a", t.short()), rank * i, DType::Act);
+            b(format!("lora.{l}.{}.b", t.short()), o * rank, DType::Act);
+        }
+    }
+    for l in 0..spec.num_layers {
+        for kv in ["k", "v"] {
+            b(format!("cache.{l}.{kv}"), io.slots * io.capacity * kvd, DType::Act);
+        }
+    }
+    let n = io.chunk_rows;
+    // Token ids, slots and positions are i32: counted as 4-byte elements.
+    for (name, elems, dtype) in [
+        ("ids", n, DType::F32),
+        ("slots", n, DType::F32),
+        ("positions", n, DType::F32),
+        ("row_scale", n, DType::F32),
+        ("x", n * d, DType::Act),
+        ("h", n * d, DType::Act),
+        ("t", n * d, DType::Act),
+        ("pre", n * d, DType::Act),
+        ("inv", n, DType::F32),
+        ("q_pre", n * qd, DType::Act),
+        ("k_pre", n * kvd, DType::Act),
+        ("qk_inv", n * spec.num_heads, DType::F32),
+        ("q", n * qd, DType::Act),
+        ("k", n * kvd, DType::Act),
+        ("v", n * kvd, DType::Act),
+        ("att", n * qd, DType::Act),
+        ("g", n * f, DType::Act),
+        ("u", n * f, DType::Act),
+        ("m", n * f, DType::Act),
+        ("xa", n * rank, DType::Act),
+        ("last", io.slots * d, DType::Act),
+        ("last_normed", io.slots * d, DType::Act),
+        ("last_inv", io.slots, DType::F32),
+        ("logits", io.slots * ext.vocab_size, DType::F32),
+    ] {
+        b(format!("ws.{name}"), elems, dtype);
+    }
+    for x in out.iter_mut() {
+        x.term = term;
+    }
+    out
+}
+
+/// What a CUDA backend allocates when it is created (before any weights): the GEMM workspace, the
+/// loss chunk and the norm reduction's partial sums; with NF4 weights also the dequantization
+/// buffer the first weights bring.
+pub fn cuda_creation_scratch(spec: &ModelSpec, quantization: Quantization) -> Vec<PlannedBuffer> {
+    use crate::backend::workspace::{GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS};
     let bw = Term::BackendWorkspace;
     let raw = |name: &str, bytes: usize| PlannedBuffer {
         name: name.into(),
@@ -570,13 +671,45 @@ pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer>
         raw("sumsq.partial", SUMSQ_MAX_BLOCKS * 8),
         raw("sumsq.out", 8),
     ];
-    if input.quantization == Quantization::Nf4 {
+    if quantization == Quantization::Nf4 {
         let largest = Target::ALL.iter().map(|&t| {
             let (o, i) = spec.linear_shape(t);
             o * i
         });
         out.push(buf("dequant_scratch", bw, largest.max().unwrap_or(0), DType::Act));
     }
+    out
+}
+
+/// The sampler of samples during training (`input.samples`), all under [`Term::Samples`]: its
+/// generation model with the run's LoRA and token rows, and on CUDA the scratch of its own
+/// backend (a second `CudaBackend` on the run's card, in this process: the context is shared).
+/// The session's log and the plan both count it from here.
+pub fn sampler_buffers(spec: &ModelSpec, input: &PlanInput, kind: BackendKind) -> Vec<PlannedBuffer> {
+    let Some(size) = input.samples else { return Vec::new() };
+    let io = size.infer_options(spec, input.quantization);
+    let mut targets = input.lora.targets.clone();
+    targets.sort();
+    let mut out = infer_buffers(spec, &io, Some((input.lora.r, &targets)), input.token_rows, kind, Term::Samples);
+    if kind == BackendKind::Cuda {
+        out.extend(cuda_creation_scratch(spec, input.quantization).into_iter().map(|b| PlannedBuffer { term: Term::Samples, ..b }));
+    }
+    out
+}
+
+/// The CUDA backend's own scratch, as `backend::cuda` allocates it: everything at creation (in this
+/// order), then the NF4 dequantization buffer with the weights, and the attention backward's
+/// accumulators when the Trainer reserves them for its largest batch.
+pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer> {
+    use crate::backend::workspace::attention_scratch_bytes;
+    let mut out = cuda_creation_scratch(spec, input.quantization);
+    let raw = |name: &str, bytes: usize| PlannedBuffer {
+        name: name.into(),
+        term: Term::BackendWorkspace,
+        elems: bytes as u64,
+        dtype: None,
+        location: Location::Device,
+    };
     out.push(raw("attention.bwd_scratch", attention_scratch_bytes(attention_max_shape(spec, input.batch_size, input.max_seq_len))));
     out
 }
@@ -613,6 +746,7 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
     if kind == BackendKind::Cuda {
         buffers.extend(cuda_workspace(spec, input));
     }
+    buffers.extend(sampler_buffers(spec, input, kind));
     let mut terms: BTreeMap<&'static str, u64> = BTreeMap::new();
     for b in buffers.iter().filter(|b| b.location == Location::Device) {
         *terms.entry(b.term.name()).or_default() += b.bytes(kind);
@@ -823,6 +957,7 @@ mod tests {
             checkpointing: CheckpointPolicy::Layer,
             token_rows: 0,
             mlp_chunk_rows: 0,
+            samples: None,
         }
     }
 

@@ -204,6 +204,41 @@ pub fn stop_ids(tok: &TokenizerBundle, spec: &ModelSpec, template: &ChatTemplate
     ids
 }
 
+/// The sizes a generator of `opts` is built with for `spec` (its context within the model's).
+pub fn infer_options(spec: &ModelSpec, opts: &LoadOptions) -> InferOptions {
+    let context = opts.context.min(spec.max_position_embeddings.max(1)).max(1);
+    InferOptions { chunk_rows: 512.min(context), ..InferOptions::new(opts.quantization, opts.slots.max(1), context) }
+}
+
+/// The device memory a generator of `opts` takes on a card, from the list it is allocated from
+/// (`plan::infer_buffers`: weights, cache, workspace, logits) and the scratch of its own CUDA
+/// backend; an adapter's LoRA copies and token rows, a few MiB, are left out (not read yet).
+pub fn device_bytes(spec: &ModelSpec, opts: &LoadOptions) -> u64 {
+    use crate::engine::plan::{self, BackendKind, Term};
+    // The term is the plan's name for a sampler's buffers; only their bytes are used here.
+    let bufs = plan::infer_buffers(spec, &infer_options(spec, opts), None, 0, BackendKind::Cuda, Term::Samples);
+    let scratch = plan::cuda_creation_scratch(spec, opts.quantization);
+    bufs.iter().chain(&scratch).map(|b| b.bytes(BackendKind::Cuda)).sum()
+}
+
+/// Whether a generator that needs `need` bytes fits the `free` bytes of `card` (a run paused on
+/// it keeps its memory, and the chat must share the card with it): an error that says both and
+/// what to do when it does not. Unknown free memory passes.
+pub fn check_room(need: u64, free: Option<u64>, card: &str) -> Result<()> {
+    let fmt = crate::util::fmt_bytes;
+    match free {
+        Some(free) if need > free => Err(Error::OutOfMemory {
+            during: format!("loading the model for answering on {card}"),
+            advice: format!(
+                "it needs about {} and {} is free (a run on the card, even paused, keeps its memory): stop the run, answer on the CPU (device cpu), or shorten the context",
+                fmt(need),
+                fmt(free)
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl<B: Backend> Generator<B> {
     pub fn open(backend: B, opts: &LoadOptions) -> Result<Self> {
         let spec = ModelSpec::from_dir(&opts.model)?;
@@ -211,8 +246,7 @@ impl<B: Backend> Generator<B> {
         let tok = TokenizerBundle::load(&opts.model)?;
         let template = tok.resolve_template(&opts.template)?;
         let adapter = opts.adapter.as_deref().map(|dir| load_adapter(dir, &spec, &store)).transpose()?;
-        let context = opts.context.min(spec.max_position_embeddings.max(1)).max(1);
-        let io = InferOptions { chunk_rows: 512.min(context), ..InferOptions::new(opts.quantization, opts.slots.max(1), context) };
+        let io = infer_options(&spec, opts);
         let infer = Inference::new(backend, spec.clone(), &store, io, adapter.as_ref())?;
         let stop_ids = stop_ids(&tok, &spec, &template);
         Ok(Generator { infer, tok, template, stop_ids, cached: vec![Vec::new(); io.slots] })
@@ -489,14 +523,46 @@ impl<B: Backend> Chat for Generator<B> {
     }
 }
 
-/// Load for generation on the chosen device (`auto`: CUDA when usable, else the CPU in f32).
+/// Load for generation on the chosen device (`auto`: CUDA when usable, else the CPU in f32). On
+/// a card, the model must fit what is free there first ([`check_room`]): the studio's chat shares
+/// the card with a run that holds its planned memory, paused or not.
 pub fn open(opts: &LoadOptions) -> Result<Box<dyn Chat>> {
+    let on_card = |be: crate::backend::cuda::CudaBackend| -> Result<Box<dyn Chat>> {
+        let d = be.device();
+        check_room(device_bytes(&ModelSpec::from_dir(&opts.model)?, opts), d.free_memory_bytes, &d.name)?;
+        Ok(Box::new(Generator::open(be, opts)?))
+    };
     match opts.device {
         DeviceChoice::Cpu => Ok(Box::new(Generator::open(CpuBackend::<f32>::new(), opts)?)),
-        DeviceChoice::Cuda => Ok(Box::new(Generator::open(crate::backend::cuda::CudaBackend::new()?, opts)?)),
+        DeviceChoice::Cuda => on_card(crate::backend::cuda::CudaBackend::new()?),
         DeviceChoice::Auto => match crate::backend::cuda::CudaBackend::new() {
-            Ok(be) => Ok(Box::new(Generator::open(be, opts)?)),
+            Ok(be) => on_card(be),
             Err(_) => Ok(Box::new(Generator::open(CpuBackend::<f32>::new(), opts)?)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 13: the chat loads beside a run that keeps its memory on the card: what it needs is
+    /// the plan's list for its sizes, and a card without that much free is refused up front with
+    /// both numbers and what to do, not by an out-of-memory error half-way through loading.
+    #[test]
+    fn the_chat_checks_the_room_on_the_card_from_the_plans_list() {
+        let spec = ModelSpec::llama3_8b();
+        let mut o = LoadOptions { quantization: Quantization::Nf4, slots: 2, context: 4096, ..LoadOptions::new("m") };
+        let need = device_bytes(&spec, &o);
+        // NF4 8B: about 5.5 GB of weights and embeddings, 2 x 4096 positions of cache (1 GiB in bf16).
+        let cache = 2 * 32 * 2 * 4096 * spec.kv_dim() as u64 * 2;
+        assert!(need > (5u64 << 30) + cache && need < (7u64 << 30) + cache, "{need}");
+        o.context = 1024;
+        assert!(device_bytes(&spec, &o) < need - cache / 2, "a shorter context takes less");
+        assert!(check_room(need, Some(need), "card").is_ok());
+        assert!(check_room(need, None, "card").is_ok(), "unknown free memory is not refused");
+        let e = check_room(need, Some(need / 2), "NVIDIA L4").unwrap_err().to_string();
+        assert!(e.contains("NVIDIA L4") && e.contains("stop the run") && e.contains("device cpu"), "{e}");
+        assert!(e.contains(&crate::util::fmt_bytes(need)) && e.contains(&crate::util::fmt_bytes(need / 2)), "{e}");
     }
 }

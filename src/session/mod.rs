@@ -49,10 +49,12 @@ pub enum Event {
     Resumed {
         step: u64,
     },
-    /// The sample prompts answered by the weights after `step` (`[samples]`), in prompt order.
+    /// The sample prompts answered by the weights after `step` (`[samples]`), in prompt order,
+    /// and the seconds answering them took (left out of the elapsed time and the ETA).
     Samples {
         step: u64,
         samples: Vec<samples::Sample>,
+        secs: f64,
     },
     /// A telemetry reading of the GPU (about once a second during a CUDA run, where NVML reads it).
     Gpu(crate::backend::nvml::GpuSample),
@@ -721,8 +723,8 @@ fn run(
     let target = prepare::target(&request, Place::Opened(&opened));
     match opened {
         // Samples answer on a backend of their own on the same card, decided as the run's (its
-        // profile): generation's buffers and a second copy of the base weights, outside the
-        // training plan and the cap (`train_on` says so in the log).
+        // profile): generation's buffers and a second copy of the base weights, counted in the
+        // plan's `samples` term (not held to the cap by that backend itself).
         Opened::Cuda(gpu) => {
             let sample_options = crate::backend::cuda::CudaOptions { card: request.card, memory_limit_bytes: None };
             train_on(*gpu, prepared, &target, &options, events, control, &|| {
@@ -860,13 +862,17 @@ fn train_on<B: Backend>(
             crate::util::fmt_bytes(planned.peak_bytes)
         )));
     }
-    if !p.sample_prompts.is_empty() && target.kind == crate::engine::plan::BackendKind::Cuda {
-        let base = planned.terms.get(crate::engine::plan::Term::BaseWeights.name()).copied().unwrap_or(0);
+    if !p.sample_prompts.is_empty() {
+        // In the plan (its `samples` term, held against the card with the rest), said here too:
+        // on a card it is a second copy of the model.
         send(Event::Log(format!(
-            "note: samples answer on a second copy of the model on {}: at least {} more than the plan of {}, outside the plan and any memory cap; set samples.every = 0 if the card runs out of memory",
+            "samples: {} of the plan's {} on {} (their own copy of the model, a cache for {} prompt{} of up to {} tokens); set samples.every = 0 to give it back to training",
+            crate::util::fmt_bytes(samples::planned_bytes(&planned)),
+            crate::util::fmt_bytes(planned.peak_bytes),
             target.name,
-            crate::util::fmt_bytes(samples::extra_device_bytes(cfg, &p.spec, base)),
-            crate::util::fmt_bytes(planned.peak_bytes)
+            p.sample_prompts.len(),
+            if p.sample_prompts.len() == 1 { "" } else { "s" },
+            input.samples.map_or(0, |s| s.positions),
         )));
     }
     // The layers whose activations the plan keeps (all of them, or some under `layer`).
@@ -930,6 +936,10 @@ fn train_on<B: Backend>(
     // showed as an hour of training).
     let mut paused_since: Option<Instant> = None;
     let mut paused_total = std::time::Duration::ZERO;
+    // Time spent answering the samples, left out of the elapsed time and the ETA as paused time
+    // is: they are a view of the run, and a run with samples every step would otherwise show a
+    // training time and a remaining time that are mostly generation.
+    let mut sampling_total = std::time::Duration::ZERO;
     // Training time since the last checkpoint (paused time does not count).
     let mut unsaved_since = Instant::now();
     let save_interval = std::time::Duration::from_secs_f64(cfg.train.save_every_minutes * 60.0);
@@ -1020,7 +1030,7 @@ fn train_on<B: Backend>(
         };
         let step_secs = t0.elapsed().as_secs_f64();
         let done = (trainer.step - first_step) as f64;
-        let elapsed = loop_start.elapsed().saturating_sub(paused_total).as_secs_f64();
+        let elapsed = loop_start.elapsed().saturating_sub(paused_total + sampling_total).as_secs_f64();
         let eta = elapsed / done * (p.total_steps - trainer.step) as f64;
         let m = StepMetrics {
             step: trainer.step,
@@ -1062,10 +1072,13 @@ fn train_on<B: Backend>(
             return Err(Error::Diverged { step: trainer.step, why });
         }
         if !sampler.is_empty() && cfg.samples.due_at(trainer.step, p.total_steps) {
-            match sampler.answer(&trainer, cfg, &p.spec, &store, sample_backend) {
+            let t = Instant::now();
+            let answered = sampler.answer(&trainer, cfg, &p.spec, &store, sample_backend);
+            sampling_total += t.elapsed();
+            match answered {
                 Ok(s) => {
                     samples::append(&p.run_dir, &s)?;
-                    send(Event::Samples { step: trainer.step, samples: s });
+                    send(Event::Samples { step: trainer.step, samples: s, secs: t.elapsed().as_secs_f64() });
                 }
                 Err(e) => {
                     // Samples are a view of the run, not part of it: the run goes on without them.

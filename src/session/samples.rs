@@ -18,8 +18,9 @@ use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::data::Example;
 use crate::engine::Trainer;
-use crate::engine::infer::{InferAdapter, InferOptions, Inference};
-use crate::error::{IoContext, Result};
+use crate::engine::infer::{InferAdapter, Inference};
+use crate::engine::plan::SamplerSize;
+use crate::error::{Error, IoContext, Result};
 use crate::generate::{Generator, Prompt, Request, SamplingParams};
 use crate::model::chat_template::Message;
 use crate::model::tokenizer::TokenizerBundle;
@@ -113,43 +114,42 @@ impl<B: Backend> Sampler<B> {
                 let template = tok.resolve_template(&cfg.dataset.template)?;
                 let token_rows = rows.as_ref().map(|r| complete_token_rows(r, spec, store)).transpose()?;
                 let adapter = InferAdapter { lora: cfg.lora.clone(), weights, token_rows };
-                let context = context(cfg, spec);
-                let opts = InferOptions { chunk_rows: 256.min(context), ..InferOptions::new(cfg.model.quantization, 1, context) };
+                // Sized as the memory plan counts it (`plan::sampler_buffers`): a cache slot per prompt.
+                let size = SamplerSize::of(cfg).ok_or_else(|| Error::bug("samples", "a sampler without [samples]"))?;
+                let opts = size.infer_options(spec, cfg.model.quantization);
                 let infer = Inference::new(backend()?, spec.clone(), store, opts, Some(&adapter))?;
                 self.generator = Some(Generator::from_parts(infer, tok, template));
             }
         }
         let g = self.generator.as_mut().expect("built above");
         let cancel = AtomicBool::new(false);
-        let mut out = Vec::with_capacity(self.prompts.len());
-        for p in &self.prompts {
-            let req = Request {
+        // Every prompt in one batched pass per token, each in its own cache slot (greedy answers
+        // do not depend on what else is in the batch: `tests/generate.rs`).
+        let reqs: Vec<Request> = self
+            .prompts
+            .iter()
+            .map(|p| Request {
                 prompt: p.prompt.clone(),
                 adapter: true,
                 params: SamplingParams::greedy(self.max_new_tokens),
                 stop_strings: vec![],
                 ignore_eos: false,
-            };
-            let answer = g.generate(&[req], &cancel, &mut |_| {})?.pop().expect("one request, one answer");
-            out.push(Sample { step: trainer.step, prompt: p.shown.clone(), completion: answer.text });
-        }
-        Ok(out)
+            })
+            .collect();
+        let answers = g.generate(&reqs, &cancel, &mut |_| {})?;
+        Ok(self
+            .prompts
+            .iter()
+            .zip(answers)
+            .map(|(p, a)| Sample { step: trainer.step, prompt: p.shown.clone(), completion: a.text })
+            .collect())
     }
 }
 
-/// Positions the sample cache holds: the longest training row (a dataset row's prompt is shorter)
-/// and the answer, within the model's own limit.
-fn context(cfg: &RunConfig, spec: &ModelSpec) -> usize {
-    (cfg.train.max_seq_len + cfg.samples.max_new_tokens).min(spec.max_position_embeddings.max(2))
-}
-
-/// The device memory the samples take on top of the training plan, at least: a second copy of
-/// the base weights (`base_weights`, the plan's term for them) and the cache of one sequence.
-/// On CUDA this is outside the plan and the memory cap (the sampler's backend is a second one on
-/// the same card), so the session says it in the log when samples are on; on the CPU it is RAM.
-pub fn extra_device_bytes(cfg: &RunConfig, spec: &ModelSpec, base_weights: u64) -> u64 {
-    let bf16 = 2;
-    base_weights + (2 * spec.num_layers * context(cfg, spec) * spec.kv_dim() * bf16) as u64
+/// The memory the samples take, as the plan counts it under its `samples` term (one function:
+/// `plan::sampler_buffers`, whose sizes the sampler's `Inference` is allocated from).
+pub fn planned_bytes(plan: &crate::engine::plan::MemoryPlan) -> u64 {
+    plan.terms.get(crate::engine::plan::Term::Samples.name()).copied().unwrap_or(0)
 }
 
 pub fn append(run_dir: &Path, samples: &[Sample]) -> Result<()> {

@@ -149,8 +149,9 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     ui.add_space(4.0);
 
     let log_height = 130.0;
-    // The live run's samples (a past run's are in its samples.jsonl).
-    let samples_height = if t.viewing.is_none() && !t.samples.is_empty() { 160.0 } else { 0.0 };
+    // The samples of the run shown: the live one's, or the past one's from its samples.jsonl.
+    let shown_samples = t.viewing.as_ref().map_or(&t.samples, |v| &v.samples);
+    let samples_height = if shown_samples.is_empty() { 0.0 } else { 160.0 };
     // The live run's GPU, beside the loss (a past run's telemetry is not kept).
     let gpu = if t.viewing.is_none() { t.gpu.as_slice() } else { &[] };
     for w in t.gpu_warnings.iter().filter(|_| !gpu.is_empty()) {
@@ -263,7 +264,11 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         }
     }
     if samples_height > 0.0 {
-        samples(ui, t, samples_height);
+        let view = match &mut t.viewing {
+            Some(v) => &mut v.samples,
+            None => &mut t.samples,
+        };
+        samples(ui, view, samples_height);
     }
     // A past run shows its own log; the live one stays with the live run.
     let log: Vec<&String> = match &t.viewing {
@@ -286,25 +291,30 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
 
 /// The sample prompts' answers: one row per prompt at the chosen step (the newest by default),
 /// with a step picker to read the earlier ones.
-fn samples(ui: &mut Ui, t: &mut crate::app::state::training::TrainingState, height: f32) {
-    let steps = t.sample_steps();
+fn samples(ui: &mut Ui, t: &mut crate::app::state::training::SamplesView, height: f32) {
+    let steps = t.steps();
     egui::CollapsingHeader::new("Samples").id_salt("samples-header").default_open(true).show(ui, |ui| {
         ui.horizontal(|ui| {
             ui.label("Answers at step");
-            let shown = t.sample_step.map_or_else(|| format!("{} (newest)", steps.last().copied().unwrap_or(0)), |s| s.to_string());
+            let shown = t.step.map_or_else(|| format!("{} (newest)", steps.last().copied().unwrap_or(0)), |s| s.to_string());
             egui::ComboBox::from_id_salt("sample-step").selected_text(shown).show_ui(ui, |ui| {
-                ui.selectable_value(&mut t.sample_step, None, "newest");
+                ui.selectable_value(&mut t.step, None, "newest");
                 for &s in steps.iter().rev() {
-                    ui.selectable_value(&mut t.sample_step, Some(s), s.to_string());
+                    ui.selectable_value(&mut t.step, Some(s), s.to_string());
                 }
             });
             ui.weak("greedy answers of the weights being trained; every one is in samples.jsonl in the run folder");
+            if let Some(secs) = t.last_secs {
+                ui.weak(format!("· answered in {secs:.1} s, not counted in the elapsed time or the ETA"));
+            }
         });
         egui::ScrollArea::vertical().id_salt("samples").max_height(height - 40.0).auto_shrink([false, true]).show(ui, |ui| {
-            for r in t.sample_rows() {
-                ui.horizontal_wrapped(|ui| {
+            for r in t.rows() {
+                // One line per prompt, so the answers stay in view: a dataset row's prompt is the
+                // whole rendered conversation (its template's markers read as noise); in full on hover.
+                ui.horizontal(|ui| {
                     ui.strong(format!("step {}", r.step));
-                    ui.label(RichText::new(r.prompt.trim()).italics());
+                    ui.add(egui::Label::new(RichText::new(r.prompt_line()).italics()).truncate()).on_hover_text(r.prompt.trim());
                 });
                 ui.label(if r.completion.is_empty() { "(empty answer)".to_string() } else { r.completion.clone() });
                 ui.separator();

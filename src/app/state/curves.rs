@@ -2,6 +2,7 @@
 //! (`runs`) alike: the loss curves (decimated, smoothed), and one step's line in the log.
 
 use crate::session::checkpoint::StepMetrics;
+use crate::session::samples::Sample;
 
 /// Points per plotted line: beyond this, every k-th step is drawn (and always the last).
 pub const MAX_POINTS: usize = 2000;
@@ -77,4 +78,94 @@ pub fn curves(metrics: &[StepMetrics], smoothing: f64) -> Curves {
         _ => Some(p),
     });
     c
+}
+
+/// A run's samples (`[samples]`) as the Training page shows them, for the live run and a past one
+/// opened from the Runs page alike: every answer in the order written, and the step picked.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplesView {
+    pub samples: Vec<Sample>,
+    /// The step whose answers are shown; `None`: the newest.
+    pub step: Option<u64>,
+    /// Seconds the live run's newest samples took to answer (not known for a past run's).
+    pub last_secs: Option<f64>,
+}
+
+/// One prompt's answer as shown: at the picked step, or its newest when none is picked or the
+/// prompt has none there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRow {
+    pub prompt: String,
+    pub step: u64,
+    pub completion: String,
+}
+
+impl SampleRow {
+    /// The prompt on one line, as the samples list shows it: special-token markers such as
+    /// `<|start_header_id|>` and `<|im_start|>` left out, white space collapsed.
+    pub fn prompt_line(&self) -> String {
+        let mut out = String::new();
+        let mut rest = self.prompt.as_str();
+        while let Some(i) = rest.find("<|") {
+            out.push_str(&rest[..i]);
+            out.push(' ');
+            rest = match rest[i..].find("|>") {
+                Some(j) => &rest[i + j + 2..],
+                None => {
+                    out.push_str(&rest[i..]);
+                    ""
+                }
+            };
+        }
+        out.push_str(rest);
+        out.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+}
+
+impl SamplesView {
+    pub fn new(samples: Vec<Sample>) -> Self {
+        SamplesView { samples, step: None, last_secs: None }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// The steps that have samples, oldest first.
+    pub fn steps(&self) -> Vec<u64> {
+        let mut steps: Vec<u64> = self.samples.iter().map(|s| s.step).collect();
+        steps.dedup();
+        steps
+    }
+
+    /// One row per prompt (in the order first seen) at the picked step (the newest by default).
+    pub fn rows(&self) -> Vec<SampleRow> {
+        let mut rows: Vec<SampleRow> = Vec::new();
+        for s in &self.samples {
+            if self.step.is_some_and(|want| s.step > want) {
+                continue;
+            }
+            let row = SampleRow { prompt: s.prompt.clone(), step: s.step, completion: s.completion.clone() };
+            match rows.iter_mut().find(|r| r.prompt == s.prompt) {
+                Some(r) => *r = row,
+                None => rows.push(row),
+            }
+        }
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rendered_prompt_reads_on_one_line() {
+        let row = |p: &str| SampleRow { prompt: p.into(), step: 1, completion: String::new() };
+        let llama = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhich country has the skitterling?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
+        assert_eq!(row(llama).prompt_line(), "user Which country has the skitterling? assistant");
+        assert_eq!(row("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n").prompt_line(), "user Hi assistant");
+        assert_eq!(row("Where can you find\nthe frostling?").prompt_line(), "Where can you find the frostling?");
+        assert_eq!(row("a <|b").prompt_line(), "a <|b", "an unclosed marker is text");
+    }
 }

@@ -92,7 +92,7 @@ pub fn target(card: Card, cfg: &RunConfig, machine: Option<&Machine>) -> PlanTar
 
 /// The stacking order and colour of each term (fixed, so a colour keeps its meaning while
 /// sliders move). Other processes come first: their memory is taken before ours.
-pub const TERMS: [(Term, &str, Color32); 10] = [
+pub const TERMS: [(Term, &str, Color32); 11] = [
     (Term::OtherProcesses, "used by other processes", Color32::from_gray(85)),
     (Term::CudaContext, "CUDA context", Color32::from_rgb(130, 130, 140)),
     (Term::BaseWeights, "base weights", Color32::from_rgb(86, 156, 214)),
@@ -103,6 +103,7 @@ pub const TERMS: [(Term, &str, Color32); 10] = [
     (Term::LayerActivations, "layer activations", Color32::from_rgb(230, 120, 90)),
     (Term::Workspace, "workspace", Color32::from_rgb(190, 120, 190)),
     (Term::BackendWorkspace, "kernel scratch", Color32::from_rgb(120, 190, 200)),
+    (Term::Samples, "samples during training", Color32::from_rgb(230, 180, 200)),
 ];
 
 /// The colour of `term` on the bar.

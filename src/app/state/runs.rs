@@ -116,6 +116,8 @@ pub struct ViewedRun {
     pub metrics: Vec<StepMetrics>,
     /// The run's own log, rebuilt from its folder (the live log belongs to the live run).
     pub log: Vec<String>,
+    /// Its samples during training (`samples.jsonl`), shown as the live run's are.
+    pub samples: super::curves::SamplesView,
 }
 
 fn folder_name(d: &Path) -> String {
@@ -190,6 +192,7 @@ pub fn open(dir: &Path) -> crate::Result<ViewedRun> {
         status: status.state,
         total_steps: status.total_steps,
         metrics,
+        samples: super::curves::SamplesView::new(crate::session::samples::read(dir)),
     })
 }
 

@@ -9,7 +9,6 @@ use eframe::egui::Color32;
 
 use crate::backend::nvml::GpuSample;
 use crate::session::checkpoint::StepMetrics;
-use crate::session::samples::Sample;
 use crate::session::telemetry::ThrottleWatch;
 use crate::session::{Event, Finished, LoadedInfo};
 use crate::util::{fmt_bytes, fmt_duration};
@@ -18,7 +17,7 @@ use super::memory::BudgetView;
 use super::runs::ViewedRun;
 // The loss curves and log lines live below this module, so the Runs page (which this one shows a
 // past run of) draws a run's curves without importing the live run's state.
-pub use super::curves::{Curves, MAX_POINTS, SMOOTHING, curves, ema, step_line};
+pub use super::curves::{Curves, MAX_POINTS, SMOOTHING, SampleRow, SamplesView, curves, ema, step_line};
 
 /// Log lines kept; older ones scroll away (the run folder keeps every metric).
 const LOG_KEEP: usize = 4000;
@@ -92,10 +91,9 @@ pub struct TrainingState {
     /// on the page until the run ends.
     pub gpu_warnings: Vec<String>,
     gpu_watch: ThrottleWatch,
-    /// The sample prompts' answers so far (`[samples]`), in the order they came.
-    pub samples: Vec<Sample>,
-    /// The step whose samples are shown; `None`: the newest.
-    pub sample_step: Option<u64>,
+    /// The sample prompts' answers so far (`[samples]`), in the order they came (a resumed run's
+    /// from before the resume too), and the step picked to read.
+    pub samples: SamplesView,
 }
 
 impl Default for TrainingState {
@@ -117,45 +115,12 @@ impl Default for TrainingState {
             gpu: Vec::new(),
             gpu_warnings: Vec::new(),
             gpu_watch: ThrottleWatch::default(),
-            samples: Vec::new(),
-            sample_step: None,
+            samples: SamplesView::default(),
         }
     }
-}
-
-/// What the Training page shows of the samples: per prompt (in the order first seen), its answer
-/// at the chosen step, or its newest when none is chosen or the prompt has none there.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SampleRow {
-    pub prompt: String,
-    pub step: u64,
-    pub completion: String,
 }
 
 impl TrainingState {
-    /// The steps that have samples, oldest first.
-    pub fn sample_steps(&self) -> Vec<u64> {
-        let mut steps: Vec<u64> = self.samples.iter().map(|s| s.step).collect();
-        steps.dedup();
-        steps
-    }
-
-    /// One row per prompt at `sample_step` (the newest step by default).
-    pub fn sample_rows(&self) -> Vec<SampleRow> {
-        let mut rows: Vec<SampleRow> = Vec::new();
-        for s in &self.samples {
-            if self.sample_step.is_some_and(|want| s.step > want) {
-                continue;
-            }
-            let row = SampleRow { prompt: s.prompt.clone(), step: s.step, completion: s.completion.clone() };
-            match rows.iter_mut().find(|r| r.prompt == s.prompt) {
-                Some(r) => *r = row,
-                None => rows.push(row),
-            }
-        }
-        rows
-    }
-
     /// Reset for a new session.
     pub fn begin(&mut self, generation: u64, what: String) {
         let smoothing = self.smoothing;
@@ -174,7 +139,10 @@ impl TrainingState {
     pub fn apply(&mut self, event: Event) {
         match event {
             Event::Log(m) => self.push_log(m),
-            Event::Samples { samples, .. } => self.samples.extend(samples),
+            Event::Samples { samples, secs, .. } => {
+                self.samples.samples.extend(samples);
+                self.samples.last_secs = Some(secs);
+            }
             Event::Loaded(info) => {
                 self.push_log(format!(
                     "loaded in {:.1}s on {}: {} trainable parameters, steps {}..{}",
@@ -188,6 +156,10 @@ impl TrainingState {
                 if info.start_step > 0 {
                     self.metrics =
                         crate::session::checkpoint::read_metrics(&info.run_dir).into_iter().filter(|m| m.step <= info.start_step).collect();
+                    // And its samples: the session cut samples.jsonl back to the checkpoint
+                    // before it said Loaded; the later ones come again as events.
+                    self.samples.samples =
+                        crate::session::samples::read(&info.run_dir).into_iter().filter(|s| s.step <= info.start_step).collect();
                 }
                 self.loaded = Some(info);
                 if self.phase == Phase::Loading {
