@@ -3,7 +3,8 @@
     python3 bench/record.py OUT_DIR RUN_ID [COMMIT]
 
 OUT_DIR is what scripts/gpu/device_all.sh wrote ($OUT): card.txt, bench.jsonl (ours) and
-peers/C.json (Unsloth), peers/B.json (HF+PEFT QLoRA), peers/A.json (HF+PEFT) when they ran.
+peers/C.json (Unsloth), peers/B.json (HF+PEFT QLoRA), peers/A.json (HF+PEFT) when they ran, and
+bench_generate.jsonl / hf_generate.jsonl (decode and prefill speed, scripts/gpu/generate.sh).
 Every line carries date, commit, card, system, shape, seq, mode, tokens_per_s, peak_gib and run_id,
 so rows measured in the same device call pair up."""
 import datetime
@@ -46,7 +47,27 @@ for key, system in names.items():
                     "tokens_per_s": round(v["tokens_per_s"], 1), "peak_gib": round(v["max_reserved_GiB"], 3),
                     "peak_alloc_gib": round(v["max_alloc_GiB"], 3), "run_id": run_id,
                 })
+# Generation: decode and prefill speed, batch 1 (ours: `tunestudio bench-generate`; the peer:
+# scripts/gpu/hf_generate_bench.py). These rows have no seq/mode; `kind` tells them apart.
+gen_rows = []
+for name, system in (("bench_generate.jsonl", "tunestudio"), ("hf_generate.jsonl", "hf_bnb_peft")):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        continue
+    for line in open(path):
+        if not line.strip().startswith("{"):
+            continue
+        r = json.loads(line)
+        mem = r["memory_bytes"] / G if "memory_bytes" in r else r.get("max_memory_allocated_gib")
+        gen_rows.append({
+            "date": date, "commit": commit, "card": card, "system": system, "kind": "generate", "shape": r.get("shape", "llama3-8b"),
+            "rank": r.get("rank", 16), "prompt_tokens": r["prompt_tokens"], "new_tokens": r["new_tokens"],
+            "prefill_tokens_per_s": round(r["prefill_tokens_per_s"], 1), "decode_tokens_per_s": round(r["decode_tokens_per_s"], 2),
+            "memory_gib": round(mem, 3) if mem is not None else None, "run_id": run_id,
+        })
 with open(os.path.join(os.path.dirname(__file__), "results.jsonl"), "a") as f:
+    for r in gen_rows:
+        f.write(json.dumps(r) + "\n")
     for r in rows:
         f.write(json.dumps(r) + "\n")
 print(f"{len(rows)} rows appended (run {run_id}, {card}, commit {commit})\n")
@@ -56,3 +77,9 @@ for r in rows:
     second = r.get("peak_arena_gib", r.get("peak_alloc_gib"))
     profile = r.get("card_profile") or "—"
     print(f'| {r["system"]} | {profile} | {r["shape"]} | {r["seq"]} | {r["rank"]} | {r["mode"]} / {r["checkpointing"]} | {r["tokens_per_s"]:,.0f} | {r["peak_gib"]:.2f} | {second:.2f} |')
+if gen_rows:
+    print(f"\n{len(gen_rows)} generation rows\n")
+    print("| system | shape | r | prompt | new | prefill tokens/s | decode tokens/s | memory GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in gen_rows:
+        print(f'| {r["system"]} | {r["shape"]} | {r["rank"]} | {r["prompt_tokens"]} | {r["new_tokens"]} | {r["prefill_tokens_per_s"]:,.0f} | {r["decode_tokens_per_s"]:.1f} | {r["memory_gib"]} |')

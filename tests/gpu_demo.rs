@@ -63,3 +63,54 @@ fn demo_run_on_the_gpu_tracks_the_cpu_run() {
     let tail = |v: &[f64]| v[40..].iter().sum::<f64>() / 10.0;
     assert!((tail(&gpu) - tail(&cpu)).abs() < 0.05 * tail(&cpu) + 0.02, "last 10 steps: cpu {} gpu {}", tail(&cpu), tail(&gpu));
 }
+
+/// The demo on the GPU with `[samples]` on, and the same run without them.
+fn demo_run_with_samples(out: &Path, every: u64) -> (Vec<f64>, Vec<(u64, Vec<tunestudio::session::samples::Sample>)>, Vec<String>) {
+    let (_, mut cfg) = tunestudio::assets::demo_config().unwrap();
+    cfg.output.dir = out.to_path_buf();
+    cfg.output.run_name = format!("samples-{every}");
+    cfg.train.max_steps = Some(20);
+    cfg.train.device = DeviceChoice::Cuda;
+    cfg.samples.every = every;
+    cfg.samples.prompts = vec!["Where can you find the frostling?".into(), "Describe the colour of the marrowbat.".into()];
+    cfg.samples.max_new_tokens = 24;
+    let h = start(cfg, StartOptions::default());
+    let events: Vec<Event> = h.events.iter().collect();
+    h.join();
+    let (mut losses, mut answered, mut logs) = (vec![], vec![], vec![]);
+    for e in events {
+        match e {
+            Event::Step(m) => losses.push(m.loss),
+            Event::Samples { step, samples, .. } => answered.push((step, samples)),
+            Event::Log(l) => logs.push(l),
+            Event::Failed { message, .. } => panic!("GPU run with samples every {every} failed: {message}"),
+            _ => {}
+        }
+    }
+    (losses, answered, logs)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn samples_during_a_gpu_run_are_answered_and_leave_the_training_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, none, _) = demo_run_with_samples(tmp.path(), 0);
+    let (with, answered, logs) = demo_run_with_samples(tmp.path(), 10);
+    assert!(none.is_empty());
+    // A sampler that fails on the card is a warning, not a failed run: look for it.
+    assert!(!logs.iter().any(|l| l.contains("samples at step")), "{logs:?}");
+    assert_eq!(answered.iter().map(|a| a.0).collect::<Vec<_>>(), vec![10, 20]);
+    for (step, s) in &answered {
+        assert_eq!(s.len(), 2, "step {step}");
+        for sample in s {
+            println!("RESULT sample step {step} `{}` -> `{}`", sample.prompt, sample.completion);
+            assert!(!sample.completion.trim().is_empty(), "step {step}: an empty answer to {:?}", sample.prompt);
+        }
+    }
+    // The sampler has its own buffers: the training is the run without it, up to the last bits
+    // that the attention backward's f32 additions leave to block order.
+    assert_eq!(plain.len(), 20);
+    for (i, (a, b)) in plain.iter().zip(&with).enumerate() {
+        assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "step {}: {a} without samples, {b} with", i + 1);
+    }
+}

@@ -284,7 +284,7 @@ fn gui_snapshots_of_the_main_screens() {
 
 fn crafted_report(uses_untrained: bool) -> PreflightView {
     PreflightView {
-        model: "llama (Llama): 4 layers, hidden 128".into(),
+        model: "llama: 4 layers, hidden 128".into(),
         data: "360 rows used of 360 (0 skipped, 0 truncated), 9000 trained tokens".into(),
         steps: "60 optimizer steps (45 per epoch), 8 sequences each, learning rate 2.00e-3".into(),
         device: "CPU".into(),

@@ -181,6 +181,17 @@ impl Debounce {
         }
     }
 
+    /// A change is waiting for its key to hold still: the job it will start counts as running, so
+    /// "every worker finished" is not said in the gap between an edit and its job.
+    pub fn is_waiting(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Drop a waiting change whose job is no longer wanted (its inputs went away).
+    pub fn cancel(&mut self) {
+        self.pending = None;
+    }
+
     /// Forget what fired, so the same key runs again (a "reload" button).
     pub fn reset(&mut self) {
         self.fired = None;
@@ -205,10 +216,16 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(d.poll(1, t0), DebounceState::Ready, "first key runs at once");
         assert_eq!(d.poll(1, t0), DebounceState::Idle);
+        assert!(!d.is_waiting());
         assert!(matches!(d.poll(2, t0), DebounceState::Waiting(_)));
+        assert!(d.is_waiting(), "an edit waiting for its delay counts as a job to come");
         assert!(matches!(d.poll(3, t0 + Duration::from_millis(50)), DebounceState::Waiting(_)), "a new edit restarts the wait");
         assert!(matches!(d.poll(3, t0 + Duration::from_millis(120)), DebounceState::Waiting(_)));
         assert_eq!(d.poll(3, t0 + Duration::from_millis(160)), DebounceState::Ready);
+        assert!(!d.is_waiting());
+        assert!(matches!(d.poll(4, t0 + Duration::from_millis(200)), DebounceState::Waiting(_)));
+        d.cancel();
+        assert!(!d.is_waiting(), "a cancelled edit is no longer waited for");
         assert_eq!(d.poll(3, t0 + Duration::from_millis(500)), DebounceState::Idle);
         d.reset();
         assert_eq!(d.poll(3, t0), DebounceState::Ready);

@@ -207,9 +207,11 @@ impl StudioApp {
         }
     }
 
-    /// Workers still running (tests wait for this to reach zero).
+    /// Workers still running, and edits waiting to start one (tests wait for this to reach zero:
+    /// a changed sequence length re-reads the dataset only after its debounce delay).
     pub fn jobs_running(&self) -> usize {
-        self.jobs.running()
+        let waiting = [&self.model_watch, &self.dataset_watch, &self.runs_watch, &self.fixes_watch];
+        self.jobs.running() + waiting.iter().filter(|w| w.is_waiting()).count()
     }
 
     /// Carry out one action, first asking when it would lose something (unsaved edits, a run).
@@ -943,6 +945,8 @@ impl eframe::App for StudioApp {
                 DebounceState::Waiting(d) => ctx.request_repaint_after(d),
                 DebounceState::Idle => {}
             }
+        } else {
+            self.fixes_watch.cancel();
         }
         self.shortcuts(ctx);
         self.drops(ctx);

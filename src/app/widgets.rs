@@ -288,19 +288,28 @@ fn nice_ceil(x: f64) -> f64 {
     [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * magnitude).find(|&s| s >= x * (1.0 - 1e-9)).unwrap_or(10.0 * magnitude)
 }
 
-/// A grid mark's label with as many decimals as its step needs (0.05 → 2; egui_plot's own
-/// rounds the step's logarithm and wrote the 0.05 steps with one decimal).
-fn mark_label(mark: egui_plot::GridMark) -> String {
-    let decimals = (-mark.step_size.log10().floor()).max(0.0) as usize;
-    let v = if mark.value.abs() < mark.step_size * 1e-6 { 0.0 } else { mark.value };
+/// A grid mark's label with the decimals of the labelled (major) step, whatever level the mark
+/// belongs to: a mark on the coarse grid (5 × major) carries that coarser step, and its own
+/// decimals printed 0.25 as "0.2" and 2.5 as "2" beside major labels 0.05 apart.
+fn mark_label(mark: egui_plot::GridMark, major: f64) -> String {
+    let step = if major.is_finite() && major > 0.0 { major } else { mark.step_size };
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    let v = if mark.value.abs() < step * 1e-6 { 0.0 } else { mark.value };
     format!("{v:.decimals$}")
 }
 
 /// A plot's y axis on the grid of `value_axis_steps`.
 pub fn value_y_axis<'a>(plot: egui_plot::Plot<'a>) -> egui_plot::Plot<'a> {
+    // The spacer learns the major step each frame; the formatter labels with its decimals.
+    let major = std::rc::Rc::new(std::cell::Cell::new(f64::NAN));
+    let seen = major.clone();
     plot.grid_spacing(GRID_MIN_POINTS..=300.0)
-        .y_grid_spacer(egui_plot::uniform_grid_spacer(|input| value_axis_steps(input.base_step_size)))
-        .custom_y_axes(vec![egui_plot::AxisHints::new_y().label_spacing(Y_LABEL_SPACING).formatter(|m, _| mark_label(m))])
+        .y_grid_spacer(egui_plot::uniform_grid_spacer(move |input| {
+            let steps = value_axis_steps(input.base_step_size);
+            seen.set(steps[1]);
+            steps
+        }))
+        .custom_y_axes(vec![egui_plot::AxisHints::new_y().label_spacing(Y_LABEL_SPACING).formatter(move |m, _| mark_label(m, major.get()))])
 }
 
 /// A plot whose x axis counts (steps, seconds): the grid of `count_axis_steps`, `label` under
@@ -347,10 +356,15 @@ mod tests {
             assert!(range / major >= 1.3, "{range}: step {major} leaves one label");
             assert!(fine / range * 90.0 < *Y_LABEL_SPACING.start() as f64, "the fine grid is never labelled");
         }
-        let mark = |value, step_size| mark_label(egui_plot::GridMark { value, step_size });
-        assert_eq!(mark(0.15, 0.05), "0.15");
-        assert_eq!(mark(0.4, 0.2), "0.4");
-        assert_eq!(mark(2500.0, 500.0), "2500");
-        assert_eq!(mark(-1e-19, 0.001), "0.000");
+        let mark = |value, step_size, major| mark_label(egui_plot::GridMark { value, step_size }, major);
+        assert_eq!(mark(0.15, 0.05, 0.05), "0.15");
+        assert_eq!(mark(0.4, 0.2, 0.2), "0.4");
+        assert_eq!(mark(2500.0, 500.0, 500.0), "2500");
+        assert_eq!(mark(-1e-19, 0.001, 0.001), "0.000");
+        // Marks of the coarse grid (5 × major) read with the major step's decimals.
+        assert_eq!(mark(0.25, 0.25, 0.05), "0.25");
+        assert_eq!(mark(2.5, 2.5, 0.5), "2.5");
+        assert_eq!(mark(1.0, 1.0, 0.2), "1.0");
+        assert_eq!(mark(0.3, 0.1, f64::NAN), "0.3", "before the spacer ran: the mark's own step");
     }
 }

@@ -549,10 +549,13 @@ impl ModelSpec {
             let local = self.sliding_layers.iter().filter(|&&s| s).count();
             extra.push_str(&format!(", sliding window {w} on {local}/{} layers", self.num_layers));
         }
+        // The family only where it tells more than model_type ("gemma3_text (Gemma3)", not
+        // "llama (Llama)").
+        let family = format!("{:?}", self.family);
+        let name =
+            if family.eq_ignore_ascii_case(&self.model_type) { self.model_type.clone() } else { format!("{} ({family})", self.model_type) };
         format!(
-            "{} ({:?}): {} layers, hidden {}, intermediate {}, heads {}/{} kv, head_dim {}, vocab {}, {} params{}{extra}",
-            self.model_type,
-            self.family,
+            "{name}: {} layers, hidden {}, intermediate {}, heads {}/{} kv, head_dim {}, vocab {}, {} params{}{extra}",
             self.num_layers,
             self.hidden_size,
             self.intermediate_size,
@@ -708,6 +711,15 @@ impl ModelSpec {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn summary_names_the_family_only_when_it_adds_to_model_type() {
+        let mut spec = ModelSpec::llama3_8b();
+        assert!(spec.summary().starts_with("llama: 32 layers"), "{}", spec.summary());
+        spec.model_type = "gemma3_text".into();
+        spec.family = Family::Gemma3;
+        assert!(spec.summary().starts_with("gemma3_text (Gemma3): "), "{}", spec.summary());
+    }
+
     use super::*;
 
     #[test]
