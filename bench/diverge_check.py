@@ -49,7 +49,11 @@ def main():
             continue
         flat = longest_flat(rows, ln_v)
         verdict = "FAIL" if flat >= 5 else "ok"
-        print(f"{verdict} {k}: {len(rows)} steps, longest stretch at ln(vocab) with zero gradient: {flat}")
+        total = rows[-1].get("total_steps", len(rows)) if rows else 0
+        # A run that stopped early (the engine refuses a non-finite loss even with the guard off)
+        # is not flat, but say so: "ok" alone read as if it had trained every step.
+        ended = f"{len(rows)} of {total} steps" + ("" if len(rows) >= total else ", stopped early (its train log says why)")
+        print(f"{verdict} {k}: {ended}, longest stretch at ln(vocab) with zero gradient: {flat}")
         failed |= flat >= 5
     sys.exit(1 if failed else 0)
 

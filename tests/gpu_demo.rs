@@ -64,8 +64,11 @@ fn demo_run_on_the_gpu_tracks_the_cpu_run() {
     assert!((tail(&gpu) - tail(&cpu)).abs() < 0.05 * tail(&cpu) + 0.02, "last 10 steps: cpu {} gpu {}", tail(&cpu), tail(&gpu));
 }
 
-/// The demo on the GPU with `[samples]` on, and the same run without them.
-fn demo_run_with_samples(out: &Path, every: u64) -> (Vec<f64>, Vec<(u64, Vec<tunestudio::session::samples::Sample>)>, Vec<String>) {
+/// The answers of one `[samples]` round: its step and each prompt's sample.
+type Answered = Vec<(u64, Vec<tunestudio::session::samples::Sample>)>;
+
+/// The demo on the GPU with `[samples]` on (every 0: off): losses, the samples, the log lines.
+fn demo_run_with_samples(out: &Path, every: u64) -> (Vec<f64>, Answered, Vec<String>) {
     let (_, mut cfg) = tunestudio::assets::demo_config().unwrap();
     cfg.output.dir = out.to_path_buf();
     cfg.output.run_name = format!("samples-{every}");
