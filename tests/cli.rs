@@ -490,6 +490,33 @@ fn wrong_folders_and_unwritable_exports_name_what_the_user_gave() {
     assert!(!ok);
     assert_error(&err, &format!("{}: cannot be created", to.display()));
     assert!(!err.contains(".partial-"), "{err}");
+    assert!(tunestudio::export::history::read(&run).is_empty(), "a failed export is not listed as one");
+}
+
+/// Every export out of a run is listed in the run's exports.jsonl (the studio's Export page shows
+/// the list); rewriting the run's own adapter/ in place is not an export out of it.
+#[test]
+fn exports_out_of_a_run_are_listed_in_its_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = small_run_config(d.path(), "listed", 1);
+    let (ok, _, err) = tunestudio(&["train", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let run = d.path().join("runs/listed");
+    let (ok, _, err) = tunestudio(&["export", "adapter", run.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(tunestudio::export::history::read(&run).is_empty(), "adapter/ rewritten in place");
+    let (adapter, merged, gguf) = (d.path().join("out-adapter"), d.path().join("out-merged"), d.path().join("out.gguf"));
+    for args in [
+        vec!["export", "adapter", run.to_str().unwrap(), "--to", adapter.to_str().unwrap()],
+        vec!["export", "merged", run.to_str().unwrap(), "--dtype", "f16", "--to", merged.to_str().unwrap()],
+        vec!["export", "gguf", run.to_str().unwrap(), "--quant", "f16", "--to", gguf.to_str().unwrap()],
+    ] {
+        let (ok, _, err) = tunestudio(&args);
+        assert!(ok, "{args:?}: {err}");
+    }
+    let listed = tunestudio::export::history::read(&run);
+    let got: Vec<(&str, &Path)> = listed.iter().map(|x| (x.kind.as_str(), x.path.as_path())).collect();
+    assert_eq!(got, [("adapter", adapter.as_path()), ("merged f16", merged.as_path()), ("gguf f16", gguf.as_path())]);
 }
 
 /// Issue 18: SIGTERM (as Ctrl+C) stops `train` after the step in progress with a checkpoint of

@@ -523,6 +523,23 @@ fn gui_train_pause_resume_stop_export_and_resume_from_runs() {
     assert!(modelfile.contains("PARAMETER temperature 0.35"), "{modelfile}");
     h.step();
     assert!(h.query_by_label(&gguf.display().to_string()).is_some(), "the GGUF file's path is shown");
+    // The run's exports, newest first, each with its folder to open and its path to copy.
+    wait_for(&mut h, "the runs re-read after the exports", 30, |a| {
+        a.state.runs.records.ready().is_some_and(|r| r.iter().any(|r| r.dir == run_dir && r.exports.len() == 3))
+    });
+    h.step();
+    assert!(h.query_by_label("Exports of this run (3)").is_some(), "the run's exports are listed");
+    for kind in ["adapter", "merged bf16", "gguf q8_0"] {
+        assert_eq!(h.query_all_by_label(kind).count(), 1, "{kind}");
+    }
+    assert!(h.query_by_label("gui-run-q8_0.gguf").is_some(), "an export is named by its file");
+    h.get_all_by_label("📋").next().unwrap().click();
+    let mut copied = false;
+    for _ in 0..3 {
+        h.step();
+        copied |= h.output().platform_output.commands.contains(&egui::OutputCommand::CopyText(gguf.display().to_string()));
+    }
+    assert!(copied, "the newest export's path is copied from its line");
 
     // The Runs list shows the stopped run; resume it.
     go(&mut h, Page::Runs);

@@ -599,7 +599,12 @@ impl StudioApp {
             Msg::Export(export::ExportProgress::Step { fraction, what }) => s.export.progress = Some((fraction, what)),
             Msg::Export(export::ExportProgress::Done(r)) => {
                 s.export.progress = None;
+                let done = r.is_ok();
                 s.export.result = Some(r);
+                if done {
+                    // The run's list of exports (read with the runs) has a new line.
+                    self.refresh_runs();
+                }
             }
             Msg::Machine(m) => s.budget.machine = Load::Ready(m),
             Msg::HfCache(models) => s.model.cached = Load::Ready(models),

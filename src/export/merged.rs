@@ -607,6 +607,8 @@ pub fn export_merged_with(input: &MergeInput, dest: &Path, opts: &MergeOptions, 
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(Error::file(dest, e));
     }
+    let kind = format!("merged {}", format!("{:?}", opts.dtype).to_lowercase());
+    crate::export::history::record_done(input.run_lock.as_deref().and_then(|l| l.writable_run_dir()), &kind, dest);
     Ok(MergeSummary {
         dest: dest.to_path_buf(),
         shards: names,

@@ -93,5 +93,9 @@ pub fn export_adapter(run_dir: &Path, to: Option<&Path>) -> Result<PathBuf> {
     let base = art.config.model.path.display().to_string();
     AdapterFiles { spec: &art.spec, weights: &art.adapter.weights, lora: &art.adapter.lora, base_model: &base, tokens: token_rows(&art) }
         .save(&dest)?;
+    // Rewriting the run's own adapter/ in place is not an export out of it.
+    if to.is_some() {
+        crate::export::history::record_done(art.lock.writable_run_dir(), "adapter", &dest);
+    }
     Ok(dest)
 }

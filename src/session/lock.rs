@@ -85,6 +85,12 @@ impl RunLock {
         }
     }
 
+    /// The run folder this lock is for, where the process may write (`None`: a folder nobody can
+    /// write, read without a lock).
+    pub fn writable_run_dir(&self) -> Option<&Path> {
+        self.file.as_ref().and(self.path.parent())
+    }
+
     /// A line for the log when this lock was taken over from a process that died holding it.
     pub fn stale_note(&self) -> Option<String> {
         self.stale.as_ref().map(|who| format!("took over the lock of {} left by {who}, which is no longer running", self.path.display()))

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use eframe::egui::{self, RichText, Ui};
 
 use crate::export::gguf::GgufQuant;
+use crate::export::history::ExportRecord;
 use crate::export::merged::MergeDtype;
 
 use crate::app::msg::{Action, Pick};
@@ -28,6 +29,13 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     if e.source.is_none() {
         e.source = runs.first().cloned();
     }
+    let earlier: Vec<(ExportRecord, bool)> = state
+        .runs
+        .records
+        .ready()
+        .and_then(|r| r.iter().find(|r| Some(&r.dir) == e.source.as_ref()))
+        .map(|r| r.exports.clone())
+        .unwrap_or_default();
     egui::Grid::new("export-grid").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
         let label = ui.label("Run");
         let shown = e
@@ -118,4 +126,42 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         Some(Err(msg)) => widgets::error_box(ui, msg),
         None => {}
     }
+    exports_of_the_run(ui, &earlier, actions);
+}
+
+/// The selected run's exports (`exports.jsonl`), newest first: when, what, the folder or file
+/// (its name; the whole path on hover), and its folder to open or its path to copy.
+fn exports_of_the_run(ui: &mut Ui, earlier: &[(ExportRecord, bool)], actions: &mut Vec<Action>) {
+    if earlier.is_empty() {
+        return;
+    }
+    ui.add_space(12.0);
+    ui.strong(format!("Exports of this run ({})", earlier.len()));
+    egui::Grid::new("export-history").num_columns(4).spacing([12.0, 4.0]).striped(true).show(ui, |ui| {
+        for (x, present) in earlier.iter().rev() {
+            ui.label(format!("{} UTC", x.time.trim_end_matches('Z').replace('T', " ")));
+            ui.label(&x.kind);
+            let name = x.path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| x.path.display().to_string());
+            let path = x.path.display().to_string();
+            if *present {
+                ui.add(egui::Label::new(RichText::new(name).monospace())).on_hover_text(&path);
+            } else {
+                ui.weak(format!("{name} (moved or deleted)")).on_hover_text(&path);
+            }
+            ui.horizontal(|ui| {
+                // A GGUF export is a file in a folder of its own: open that folder.
+                let folder = match x.path.parent() {
+                    Some(parent) if x.kind.starts_with("gguf") => parent.to_path_buf(),
+                    _ => x.path.clone(),
+                };
+                if ui.add_enabled(*present, egui::Button::new("📂")).on_hover_text("Show it in the file manager").clicked() {
+                    actions.push(Action::OpenFolder(folder));
+                }
+                if ui.button("📋").on_hover_text("Copy its path").clicked() {
+                    actions.push(Action::CopyText(path));
+                }
+            });
+            ui.end_row();
+        }
+    });
 }

@@ -22,6 +22,9 @@ pub struct RunRecord {
     pub summary: RunSummary,
     pub checkpoints: Vec<u64>,
     pub has_adapter: bool,
+    /// What has been exported from it (`exports.jsonl`), oldest first, each with whether its
+    /// file or folder is still there (read here, on the worker, not while drawing).
+    pub exports: Vec<(crate::export::history::ExportRecord, bool)>,
 }
 
 /// What sets runs apart, from the run's `config.toml` and `metrics.jsonl` (`None`: not known).
@@ -134,6 +137,13 @@ fn record(d: PathBuf) -> RunRecord {
         status,
         checkpoints: checkpoint::list(&d),
         has_adapter: d.join(checkpoint::ADAPTER_DIR).join(crate::adapter::CONFIG_FILE).is_file(),
+        exports: crate::export::history::read(&d)
+            .into_iter()
+            .map(|x| {
+                let present = x.path.exists();
+                (x, present)
+            })
+            .collect(),
         dir: d,
     }
 }
@@ -436,6 +446,7 @@ mod tests {
             summary: RunSummary { smoothed_loss: Some(1.5), ..Default::default() },
             checkpoints,
             has_adapter: false,
+            exports: Vec::new(),
         }
     }
 
