@@ -48,7 +48,7 @@ pub fn run_merged(a: &ExportMergedArgs) -> Result<()> {
             .map_err(|e| Error::arg("--max-shard-size", e))?;
     }
     let (input, default_dest) = match (&a.run, &a.model, &a.adapter) {
-        (Some(run), None, None) => (MergeInput::from_run(run)?, Some(run.join(format!("merged-{}", format!("{dtype:?}").to_lowercase())))),
+        (Some(run), None, None) => (MergeInput::from_run(run)?, Some(run.join(format!("merged-{}", dtype.name())))),
         (None, Some(model), Some(adapter)) => (MergeInput::from_adapter(model, adapter, a.quantization)?, None),
         _ => return Err(Error::arg("--run/--model/--adapter", "give a run folder, or --model and --adapter (not both)")),
     };

@@ -358,8 +358,7 @@ pub fn export_gguf(input: &MergeInput, dest: &Path, opts: &GgufOptions, progress
     };
     let text = modelfile_text(&leaf, &tok, &template, &vocab, &opts.sampling);
     crate::util::write_atomic(&modelfile, text.as_bytes())?;
-    let kind = format!("gguf {}", opts.quant.name());
-    crate::export::history::record_done(input.run_lock.as_deref().and_then(|l| l.writable_run_dir()), &kind, dest);
+    crate::export::history::record_done(input.writable_run_dir(), &format!("gguf {}", opts.quant.name()), dest);
     Ok(GgufSummary {
         path: dest.to_path_buf(),
         modelfile,

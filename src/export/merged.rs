@@ -58,6 +58,14 @@ pub enum MergeDtype {
 }
 
 impl MergeDtype {
+    /// The short name flags, folder names and the exports list use: `bf16`, `f16`, `f32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeDtype::Bf16 => "bf16",
+            MergeDtype::F16 => "f16",
+            MergeDtype::F32 => "f32",
+        }
+    }
     fn safetensors(self) -> Dtype {
         match self {
             MergeDtype::Bf16 => Dtype::BF16,
@@ -72,7 +80,7 @@ impl MergeDtype {
             MergeDtype::F32 => "float32",
         }
     }
-    fn bytes(self) -> usize {
+    pub fn bytes(self) -> usize {
         match self {
             MergeDtype::F32 => 4,
             _ => 2,
@@ -114,6 +122,12 @@ impl MergeInput {
             adapter: Some((art.adapter.lora, art.adapter.weights)),
             run_lock: Some(std::sync::Arc::new(art.lock)),
         })
+    }
+
+    /// The run folder the input came from, where its exports are listed (`None`: an adapter
+    /// folder, or a run folder this process cannot write).
+    pub fn writable_run_dir(&self) -> Option<&Path> {
+        self.run_lock.as_deref().and_then(|l| l.writable_run_dir())
     }
 
     /// From a model folder and a PEFT adapter folder.
@@ -607,8 +621,7 @@ pub fn export_merged_with(input: &MergeInput, dest: &Path, opts: &MergeOptions, 
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(Error::file(dest, e));
     }
-    let kind = format!("merged {}", format!("{:?}", opts.dtype).to_lowercase());
-    crate::export::history::record_done(input.run_lock.as_deref().and_then(|l| l.writable_run_dir()), &kind, dest);
+    crate::export::history::record_done(input.writable_run_dir(), &format!("merged {}", opts.dtype.name()), dest);
     Ok(MergeSummary {
         dest: dest.to_path_buf(),
         shards: names,

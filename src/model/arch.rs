@@ -711,6 +711,8 @@ impl ModelSpec {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn summary_names_the_family_only_when_it_adds_to_model_type() {
         let mut spec = ModelSpec::llama3_8b();
@@ -719,8 +721,6 @@ mod tests {
         spec.family = Family::Gemma3;
         assert!(spec.summary().starts_with("gemma3_text (Gemma3): "), "{}", spec.summary());
     }
-
-    use super::*;
 
     #[test]
     fn every_listed_shape_name_resolves() {

@@ -29,13 +29,8 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
     if e.source.is_none() {
         e.source = runs.first().cloned();
     }
-    let earlier: Vec<(ExportRecord, bool)> = state
-        .runs
-        .records
-        .ready()
-        .and_then(|r| r.iter().find(|r| Some(&r.dir) == e.source.as_ref()))
-        .map(|r| r.exports.clone())
-        .unwrap_or_default();
+    let earlier: &[(ExportRecord, bool)] =
+        state.runs.records.ready().and_then(|r| r.iter().find(|r| Some(&r.dir) == e.source.as_ref())).map_or(&[], |r| &r.exports);
     egui::Grid::new("export-grid").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
         let label = ui.label("Run");
         let shown = e
@@ -86,7 +81,7 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
             .add_enabled(ready, egui::Button::new("Export merged weights"))
             .on_hover_text("The base model with the adapter merged into every linear, as a Hugging Face folder (safetensors shards, config, tokenizer) that transformers, vLLM or llama.cpp's converter load without peft")
             .on_disabled_hover_text(why);
-        egui::ComboBox::from_id_salt("export-dtype").selected_text(format!("{:?}", e.merged_dtype).to_lowercase()).width(64.0).show_ui(ui, |ui| {
+        egui::ComboBox::from_id_salt("export-dtype").selected_text(e.merged_dtype.name()).width(64.0).show_ui(ui, |ui| {
             ui.selectable_value(&mut e.merged_dtype, MergeDtype::Bf16, "bf16");
             ui.selectable_value(&mut e.merged_dtype, MergeDtype::F16, "f16");
         });
@@ -126,7 +121,7 @@ pub fn ui(ui: &mut Ui, state: &mut AppState, actions: &mut Vec<Action>) {
         Some(Err(msg)) => widgets::error_box(ui, msg),
         None => {}
     }
-    exports_of_the_run(ui, &earlier, actions);
+    exports_of_the_run(ui, earlier, actions);
 }
 
 /// The selected run's exports (`exports.jsonl`), newest first: when, what, the folder or file

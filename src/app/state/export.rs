@@ -149,10 +149,8 @@ pub fn export_merged(run_dir: &Path, parent: &Path, dtype: MergeDtype, progress:
     progress(0.02, "reading the run's adapter");
     let input = MergeInput::from_run(run_dir)?;
     let spec = ModelSpec::from_dir(&input.model)?;
-    let dtype_name = format!("{dtype:?}").to_lowercase();
-    let dest = target_dir(parent, &format!("{}-merged-{dtype_name}", run_name(run_dir)));
-    let bytes_per_param = if dtype == MergeDtype::F32 { 4 } else { 2 };
-    let sink = CountingSink { progress, written: AtomicU64::new(0), expected: spec.total_params() * bytes_per_param };
+    let dest = target_dir(parent, &format!("{}-merged-{}", run_name(run_dir), dtype.name()));
+    let sink = CountingSink { progress, written: AtomicU64::new(0), expected: spec.total_params() * dtype.bytes() as u64 };
     let summary = export_merged_with(&input, &dest, &MergeOptions { dtype, ..MergeOptions::default() }, &sink)?;
     progress(
         1.0,
