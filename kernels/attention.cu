@@ -346,23 +346,31 @@ DEVI void attn_fwd_impl(const bf16* q, const bf16* k, const bf16* v, const int* 
                     }
                 }
             }
-            // Online softmax in log2 units: scores scale by sl2 > 0, so the raw maximum serves.
+            // Online softmax in log2 units. Each score is scaled by sl2 in place and rounded, and
+            // the row maximum taken over the rounded values, so the maximum's exponent is exactly
+            // 0 and every other one at most 0. One fma of the raw score with -mu (as before)
+            // leaves mu's rounding error in the exponent: from |mu| ~ 2^31 on (a diverging run's
+            // scores) that exceeds ex2's range, every p of a row became 0, l = 0 and the output NaN.
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
                 for (int hf = 0; hf < 2; hf++) {
                     float mx = -INFINITY;
 #pragma unroll
-                    for (int j = 0; j < 8; j++) mx = fmaxf(mx, fmaxf(s[mt][j][2 * hf], s[mt][j][2 * hf + 1]));
-                    mx = quad_max(mx) * sl2;
+                    for (int j = 0; j < 8; j++) {
+                        s[mt][j][2 * hf] = __fmul_rn(s[mt][j][2 * hf], sl2);
+                        s[mt][j][2 * hf + 1] = __fmul_rn(s[mt][j][2 * hf + 1], sl2);
+                        mx = fmaxf(mx, fmaxf(s[mt][j][2 * hf], s[mt][j][2 * hf + 1]));
+                    }
+                    mx = quad_max(mx);
                     const float mn = fmaxf(m[mt][hf], mx);
                     const float mu = mn == -INFINITY ? 0.f : mn;
                     const float alpha = ex2(m[mt][hf] - mu);
                     float ps = 0.f;
 #pragma unroll
                     for (int j = 0; j < 8; j++) {
-                        s[mt][j][2 * hf] = ex2(fmaf(s[mt][j][2 * hf], sl2, -mu));
-                        s[mt][j][2 * hf + 1] = ex2(fmaf(s[mt][j][2 * hf + 1], sl2, -mu));
+                        s[mt][j][2 * hf] = ex2(__fsub_rn(s[mt][j][2 * hf], mu));
+                        s[mt][j][2 * hf + 1] = ex2(__fsub_rn(s[mt][j][2 * hf + 1], mu));
                         ps += s[mt][j][2 * hf] + s[mt][j][2 * hf + 1];
                     }
                     l[mt][hf] = l[mt][hf] * alpha + ps;
@@ -584,8 +592,10 @@ DEVI void attn_bwd_impl(const bf16* q, const bf16* k, const bf16* v, const bf16*
                     for (int e = 0; e < 2; e++) {
                         const int col = c0 + 8 * j + 2 * t + e;
                         const float l2 = lse2[col], d = dd[col];
-                        float p_lo = ex2(fmaf(st[j][e], sl2, -l2));
-                        float p_hi = ex2(fmaf(st[j][2 + e], sl2, -l2));
+                        // p <= 1: at a diverging run's magnitudes the f32 log-sum-exp is off by
+                        // more than ex2's range, and an exponent above 0 would make p infinite.
+                        float p_lo = ex2(fminf(fmaf(st[j][e], sl2, -l2), 0.f));
+                        float p_hi = ex2(fminf(fmaf(st[j][2 + e], sl2, -l2), 0.f));
                         if (!full) {
                             const int qi = q0 + col, sq = segq[col];
                             const bool in = col < qrows;

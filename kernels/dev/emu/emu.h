@@ -272,6 +272,9 @@ inline float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 inline float ex2(float x) { return exp2f(x); }
+// Round-to-nearest product and difference, never contracted into an fma (ISO C++ mode).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline void red_add2(float* p, float a, float b) {
     EMU_CHECK(((uintptr_t)p & 7) == 0, "misaligned red.v2");
     global_range(p, 8);
