@@ -67,7 +67,8 @@ pub struct BenchResult {
     pub card_memory_gib: f64,
     /// The memory cap (`--gpu-mem`) in GiB, if any.
     pub gpu_mem_cap_gib: Option<f64>,
-    /// The attention kernels this card runs for the shape's head dim (forward, backward).
+    /// The attention kernels this card runs for the shape's head dim (forward + backward), or
+    /// cuDNN's fused attention where it ran the first layer's.
     pub attention: String,
     pub steps: usize,
     pub step_ms: Vec<f64>,
@@ -209,7 +210,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     be.synchronize()?;
     let dev = be.device();
     let card = be.card().clone();
-    let attention = match be.attention_kernels(spec.head_dim) {
+    let mut attention = match be.attention_kernels(spec.head_dim) {
         Ok(k) => format!("{} + {}", k.fwd.kernel.symbol(), k.bwd.kernel.symbol()),
         Err(e) => return Err(Error::Card { card: card.describe(), msg: e }),
     };
@@ -291,6 +292,20 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
             times.push(dt * 1e3);
         }
         log(&format!("step {:>3}  {:8.1} ms  loss {:.4}", i + 1, dt * 1e3, s.loss));
+    }
+    // Where cuDNN ran this shape's attention (the first layer's: sliding-window layers keep ours).
+    let first_layer = crate::backend::AttnShape {
+        batch: 1,
+        seq: args.seq,
+        heads: spec.num_heads,
+        kv_heads: spec.num_kv_heads,
+        head_dim: spec.head_dim,
+        window: spec.layer_window(0),
+        softmax_scale: spec.attn_scale,
+        causal_rows: batch.rows_attend_causally(),
+    };
+    if trainer.backend.attention_on_cudnn(first_layer) {
+        attention = format!("{} fused attention", trainer.backend.cudnn_attention().unwrap_or_default());
     }
     let kernels = if args.profile {
         trainer.backend.start_profile();

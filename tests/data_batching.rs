@@ -168,3 +168,28 @@ fn an_epoch_trains_exactly_the_examples_trained_tokens() {
         assert!(padded >= real);
     }
 }
+
+/// Unpacked rows (one example, padding after it) may run plain causal attention; a packed row of
+/// two trained examples may not, nor one whose tail after the first example is trained.
+#[test]
+fn only_rows_of_one_example_and_padding_attend_causally() {
+    let ex = examples(&[5, 9, 3, 14, 2, 7]);
+    let unpacked = Batcher::new(ex.clone(), 3, 16, false, 5, 0);
+    for i in 0..unpacked.batches_per_epoch() {
+        let b = unpacked.batch(0, i);
+        assert!(b.segments.iter().any(|&s| s != 0) || b.seq_len == 14, "some row has a padding tail");
+        assert!(b.rows_attend_causally(), "unpacked batch {i}");
+    }
+    let packed = Batcher::new(ex, 1, 16, true, 42, 0);
+    let multi = (0..packed.batches_per_epoch()).map(|i| packed.batch(0, i)).find(|b| b.segments.iter().any(|&s| s > 1)).expect("a packed row");
+    assert!(!multi.rows_attend_causally(), "two trained examples in one row");
+    let mut tail_trained = multi.clone();
+    // One example then a trained second segment: not padding.
+    let n = tail_trained.seq_len;
+    tail_trained.segments = (0..n as u32).map(|t| u32::from(t >= 4)).collect();
+    tail_trained.targets = vec![IGNORE_INDEX; n];
+    tail_trained.targets[n - 2] = 7;
+    assert!(!tail_trained.rows_attend_causally());
+    tail_trained.targets[n - 2] = IGNORE_INDEX;
+    assert!(tail_trained.rows_attend_causally(), "an untrained tail is padding");
+}

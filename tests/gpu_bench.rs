@@ -180,10 +180,28 @@ fn attention_seq_sweep() {
         let reps = if s >= 8192 { 5 } else { 10 };
         let kern = be.attention_kernels(hd).unwrap();
         be.reserve_attention(shape).unwrap();
-        let ms = median_ms(&be, reps, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
-        report(&format!("attention fwd {} s={s} (32/8 heads, hd 128)", kern.fwd.kernel.symbol()), ms, flops, 0.0);
-        let ms = median_ms(&be, reps, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
-        report(&format!("attention bwd {} s={s}", kern.bwd.kernel.symbol()), ms, 2.5 * flops, 0.0);
+        // Our kernels (segments honoured), then, where this card decides for it, cuDNN's fused
+        // attention on the same inputs (rows that attend causally).
+        for causal_rows in [false, true] {
+            let shape = AttnShape { causal_rows, ..shape };
+            let t0 = std::time::Instant::now();
+            let on_cudnn = be.attention_on_cudnn(shape);
+            if causal_rows && !on_cudnn {
+                println!("BENCH attention s={s}: cuDNN not used ({})", be.cudnn_attention().err().unwrap_or_else(|| "declined".into()));
+                continue;
+            }
+            let (fwd_name, bwd_name) = if on_cudnn {
+                let name = be.cudnn_attention().unwrap_or_default();
+                println!("BENCH attention s={s}: {name} plans built in {:.2} s", t0.elapsed().as_secs_f64());
+                (name.clone(), name)
+            } else {
+                (kern.fwd.kernel.symbol().to_string(), kern.bwd.kernel.symbol().to_string())
+            };
+            let ms = median_ms(&be, reps, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
+            report(&format!("attention fwd {fwd_name} s={s} (32/8 heads, hd 128)"), ms, flops, 0.0);
+            let ms = median_ms(&be, reps, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
+            report(&format!("attention bwd {bwd_name} s={s}"), ms, 2.5 * flops, 0.0);
+        }
     }
 }
 

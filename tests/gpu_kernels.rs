@@ -654,13 +654,13 @@ fn attn_cases() -> Vec<AttnCase> {
     // tiles with packed examples, on a tile boundary with one example (whole tiles skipped and
     // unmasked), shorter than a tile at head dim 256, and at length.
     let gemma = Some(1.0 / 16.0);
-    let s = AttnShape { batch: 2, seq: 300, heads: 4, kv_heads: 2, head_dim: 128, window: Some(70), softmax_scale: gemma };
+    let s = AttnShape { batch: 2, seq: 300, heads: 4, kv_heads: 2, head_dim: 128, window: Some(70), softmax_scale: gemma, causal_rows: false };
     cases.push(AttnCase { shape: s, segments: (0..600).map(|i: i32| if i < 300 { i / 200 } else { 5 }).collect() });
-    let s = AttnShape { batch: 1, seq: 320, heads: 2, kv_heads: 1, head_dim: 64, window: Some(64), softmax_scale: None };
+    let s = AttnShape { batch: 1, seq: 320, heads: 2, kv_heads: 1, head_dim: 64, window: Some(64), softmax_scale: None, causal_rows: false };
     cases.push(AttnCase { shape: s, segments: vec![0; 320] });
-    let s = AttnShape { batch: 1, seq: 200, heads: 2, kv_heads: 2, head_dim: 256, window: Some(40), softmax_scale: gemma };
+    let s = AttnShape { batch: 1, seq: 200, heads: 2, kv_heads: 2, head_dim: 256, window: Some(40), softmax_scale: gemma, causal_rows: false };
     cases.push(AttnCase { shape: s, segments: vec![0; 200] });
-    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 4, head_dim: 256, window: Some(1024), softmax_scale: gemma };
+    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 4, head_dim: 256, window: Some(1024), softmax_scale: gemma, causal_rows: false };
     cases.push(AttnCase { shape: s, segments: vec![0; 4096] });
     cases
 }
@@ -712,42 +712,54 @@ fn attention_checks(limits: &[Option<usize>], wanted: impl Fn(&AttnCase) -> bool
         let dout = randv(&mut rng, qn, 1.0);
         let (mut out, mut lse) = (ct(&vec![0.0; qn]), ct(&vec![0.0; n * heads]));
         cpu.attention_fwd(&ct(&q), &ct(&k), &ct(&v), &segments, shape, &mut out, &mut lse).unwrap();
+        let (mut dq, mut dk, mut dv) = (ct(&vec![0.0; qn]), ct(&vec![0.0; kn]), ct(&vec![0.0; kn]));
+        cpu.attention_bwd(&ct(&dout), &ct(&q), &ct(&k), &ct(&v), &out, &lse, &segments, shape, &mut dq, &mut dk, &mut dv).unwrap();
         let (gq, gk, gv) = (be.upload(&q, DType::Act).unwrap(), be.upload(&k, DType::Act).unwrap(), be.upload(&v, DType::Act).unwrap());
         let gdout = be.upload(&dout, DType::Act).unwrap();
         let gseg = be.upload_ids(&segments).unwrap();
-        be.set_attention_scratch_limit(None);
-        let kern = be.attention_kernels(head_dim).unwrap_or_else(|e| panic!("{card}: head_dim {head_dim}: {e}"));
-        let win = shape.window.map(|w| format!(" win={w}")).unwrap_or_default();
-        let tag = format!("{} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}{win}", kern.fwd.kernel.symbol());
-        let mut gout = poisoned(&be, qn, DType::Act);
-        let mut glse = poisoned(&be, n * heads, DType::F32);
-        be.attention_fwd(&gq, &gk, &gv, &gseg, shape, &mut gout, &mut glse).unwrap();
-        let (gout_h, glse_h) = (be.download(&gout).unwrap(), be.download(&glse).unwrap());
-        // P is rounded to bf16 before P·V, and the output is bf16.
-        soft(&mut failures, format!("attention fwd out [{tag}]"), &gout_h, &out.0, 8e-3);
-        // Scores from bf16 inputs with f32 accumulation in another order.
-        soft(&mut failures, format!("attention fwd lse [{tag}]"), &glse_h, &lse.0, 1e-5);
+        // Rows of one segment each may also run as plain causal rows (cuDNN's attention where
+        // this card decides for it): then both ways are checked.
+        let one_segment_rows = segments.chunks(seq).all(|row| row.iter().all(|&s| s == row[0]));
+        let ways: &[bool] = if one_segment_rows { &[false, true] } else { &[false] };
+        for &causal_rows in ways {
+            let shape = AttnShape { causal_rows, ..shape };
+            be.set_attention_scratch_limit(None);
+            // The scratch comes first: the backend decides for cuDNN only where the backward fits it.
+            be.reserve_attention(shape).unwrap();
+            let kern = be.attention_kernels(head_dim).unwrap_or_else(|e| panic!("{card}: head_dim {head_dim}: {e}"));
+            let on_cudnn = be.attention_on_cudnn(shape);
+            let name = |k: &str| if on_cudnn { be.cudnn_attention().unwrap_or_default() } else { k.to_string() };
+            let win = shape.window.map(|w| format!(" win={w}")).unwrap_or_default();
+            let tag = format!("{} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}{win}", name(kern.fwd.kernel.symbol()));
+            let mut gout = poisoned(&be, qn, DType::Act);
+            let mut glse = poisoned(&be, n * heads, DType::F32);
+            be.attention_fwd(&gq, &gk, &gv, &gseg, shape, &mut gout, &mut glse).unwrap();
+            let (gout_h, glse_h) = (be.download(&gout).unwrap(), be.download(&glse).unwrap());
+            // P is rounded to bf16 before P·V, and the output is bf16.
+            soft(&mut failures, format!("attention fwd out [{tag}]"), &gout_h, &out.0, 8e-3);
+            // Scores from bf16 inputs with f32 accumulation in another order.
+            soft(&mut failures, format!("attention fwd lse [{tag}]"), &glse_h, &lse.0, 1e-5);
 
-        // Each side differentiates its own forward (outputs and LSE as it saved them); the GPU's
-        // must be finite to be worth differentiating.
-        let (mut dq, mut dk, mut dv) = (ct(&vec![0.0; qn]), ct(&vec![0.0; kn]), ct(&vec![0.0; kn]));
-        cpu.attention_bwd(&ct(&dout), &ct(&q), &ct(&k), &ct(&v), &out, &lse, &segments, shape, &mut dq, &mut dk, &mut dv).unwrap();
-        if gout_h.iter().chain(&glse_h).any(|x| !x.is_finite()) {
-            failures.push(format!("attention bwd [{tag}]: not run, the forward wrote non-finite values"));
-            continue;
-        }
-        be.reserve_attention(shape).unwrap();
-        for &limit in limits {
-            be.set_attention_scratch_limit(limit.map(|units| units * attn_unit_bytes(shape)));
-            let split = limit.map(|u| format!(" scratch {u} unit(s)")).unwrap_or_default();
-            let tag = format!("{}{split} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}{win}", kern.bwd.kernel.symbol());
-            let (mut gdq, mut gdk, mut gdv) = (poisoned(&be, qn, DType::Act), poisoned(&be, kn, DType::Act), poisoned(&be, kn, DType::Act));
-            be.attention_bwd(&gdout, &gq, &gk, &gv, &gout, &glse, &gseg, shape, &mut gdq, &mut gdk, &mut gdv).unwrap();
-            // dS = P∘(dP − D) is rounded to bf16 before the dQ and dK products and involves a
-            // cancellation; P is bf16 in the dV product.
-            soft(&mut failures, format!("attention bwd dq [{tag}]"), &be.download(&gdq).unwrap(), &dq.0, 2e-2);
-            soft(&mut failures, format!("attention bwd dk [{tag}]"), &be.download(&gdk).unwrap(), &dk.0, 2e-2);
-            soft(&mut failures, format!("attention bwd dv [{tag}]"), &be.download(&gdv).unwrap(), &dv.0, 1e-2);
+            // Each side differentiates its own forward (outputs and LSE as it saved them); the
+            // GPU's must be finite to be worth differentiating.
+            if gout_h.iter().chain(&glse_h).any(|x| !x.is_finite()) {
+                failures.push(format!("attention bwd [{tag}]: not run, the forward wrote non-finite values"));
+                continue;
+            }
+            for &limit in limits {
+                be.set_attention_scratch_limit(limit.map(|units| units * attn_unit_bytes(shape)));
+                let split = limit.map(|u| format!(" scratch {u} unit(s)")).unwrap_or_default();
+                let on_cudnn = be.attention_on_cudnn(shape);
+                let bwd_name = if on_cudnn { be.cudnn_attention().unwrap_or_default() } else { kern.bwd.kernel.symbol().to_string() };
+                let tag = format!("{bwd_name}{split} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}{win}");
+                let (mut gdq, mut gdk, mut gdv) = (poisoned(&be, qn, DType::Act), poisoned(&be, kn, DType::Act), poisoned(&be, kn, DType::Act));
+                be.attention_bwd(&gdout, &gq, &gk, &gv, &gout, &glse, &gseg, shape, &mut gdq, &mut gdk, &mut gdv).unwrap();
+                // dS = P∘(dP − D) is rounded to bf16 before the dQ and dK products and involves a
+                // cancellation; P is bf16 in the dV product.
+                soft(&mut failures, format!("attention bwd dq [{tag}]"), &be.download(&gdq).unwrap(), &dq.0, 2e-2);
+                soft(&mut failures, format!("attention bwd dk [{tag}]"), &be.download(&gdk).unwrap(), &dk.0, 2e-2);
+                soft(&mut failures, format!("attention bwd dv [{tag}]"), &be.download(&gdv).unwrap(), &dv.0, 1e-2);
+            }
         }
         be.set_attention_scratch_limit(None);
     }

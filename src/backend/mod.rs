@@ -95,6 +95,11 @@ pub struct AttnShape {
     pub window: Option<usize>,
     /// Softmax scale; `None`: `head_dim^-0.5`. Gemma 3 uses `query_pre_attn_scalar^-0.5`.
     pub softmax_scale: Option<f64>,
+    /// Plain causal attention over each whole row gives the loss and every gradient that the
+    /// segment mask gives (one example per row, any padding at its end: [`crate::data::Batch::rows_attend_causally`]).
+    /// A backend may then run a kernel that takes no segments (CUDA: cuDNN's fused attention);
+    /// the outputs of padding positions may differ, and nothing reads them.
+    pub causal_rows: bool,
 }
 
 impl AttnShape {

@@ -32,6 +32,22 @@ impl Batch {
         self.batch_size * self.seq_len
     }
 
+    /// Whether causal attention over each whole row, without segments, gives the same loss and
+    /// gradients as the segment mask: each row is one segment, or one segment followed by a tail
+    /// in which no position is trained (its padding). Tail positions then attend to the example
+    /// instead of only to themselves, but nothing comes after them, no loss reads them, so their
+    /// gradient is exactly zero at every layer and the trained positions never see them.
+    pub fn rows_attend_causally(&self) -> bool {
+        let n = self.seq_len;
+        (0..self.batch_size).all(|r| {
+            let (seg, tgt) = (&self.segments[r * n..(r + 1) * n], &self.targets[r * n..(r + 1) * n]);
+            match seg.iter().position(|&s| s != seg[0]) {
+                None => true,
+                Some(cut) => seg[cut..].iter().all(|&s| s == seg[cut]) && tgt[cut..].iter().all(|&t| t == IGNORE_INDEX),
+            }
+        })
+    }
+
     /// Positions that contribute to the loss.
     pub fn trained_tokens(&self) -> usize {
         self.targets.iter().filter(|&&t| t != IGNORE_INDEX).count()

@@ -579,6 +579,7 @@ impl<B: Backend> Trainer<B> {
         b.write_ids(&mut db.segments, &to_i32(&batch.segments))?;
         db.shape.batch = batch.batch_size;
         db.shape.seq = batch.seq_len;
+        db.shape.causal_rows = batch.rows_attend_causally();
         Ok(())
     }
 

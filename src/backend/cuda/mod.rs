@@ -20,6 +20,7 @@
 //! Environment switches (debugging and tests): `TUNESTUDIO_CUDA_SYNC=1` synchronizes and checks
 //! after every launch; `TUNESTUDIO_CARD=NAME` decides as the profiled card (`backend::card`).
 
+pub mod cudnn;
 pub mod gemm;
 pub mod kernels;
 pub mod memory;
@@ -327,6 +328,9 @@ pub struct CudaBackend {
     pci_bus_id: String,
     /// The attention instances this card runs, per entry of [`ATTN_HEAD_DIMS`] (`Err`: why not).
     attention: Vec<std::result::Result<AttnKernels, String>>,
+    /// cuDNN's fused attention, where the card decides for it and the library loads
+    /// ([`cudnn::card_wants_cudnn`]); `Err`: why our kernels run every shape.
+    cudnn: std::result::Result<cudnn::Sdpa, String>,
     /// What the CUDA context took when this backend opened, measured (see [`CudaBackend::context_bytes`]).
     context_bytes: Option<u64>,
     /// Synchronize and check after every launch (TUNESTUDIO_CUDA_SYNC=1): slow, for debugging.
@@ -440,6 +444,13 @@ impl CudaBackend {
                 })?;
             }
         }
+        let cudnn = if cudnn::card_wants_cudnn(&card) {
+            let stream = compute.cu_stream();
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cudnn::Sdpa::open(stream)))
+                .unwrap_or_else(|_| Err("libcudnn lacks a function this build calls".into()))
+        } else {
+            Err(format!("{} runs our attention kernels", card.describe()))
+        };
         let shared = Arc::new(DeviceShared::new(ctx));
         let gemm_workspace = DevBuf::new(&shared, GEMM_WORKSPACE_BYTES)?;
         let gemm = Gemm::new(gemm_workspace.ptr(), GEMM_WORKSPACE_BYTES)?;
@@ -501,6 +512,7 @@ impl CudaBackend {
             device_card,
             pci_bus_id: pci,
             attention,
+            cudnn,
             context_bytes,
             sync_each_launch: std::env::var("TUNESTUDIO_CUDA_SYNC").is_ok_and(|v| v == "1"),
             attn_scratch_limit: std::cell::Cell::new(None),
@@ -540,6 +552,92 @@ impl CudaBackend {
             Some(i) => self.attention[i].clone(),
             None => kernels::attention_kernels_for(&self.card, head_dim),
         }
+    }
+
+    /// Whether cuDNN's fused attention serves the shapes it accepts ("cuDNN 9.19.0"), or why our
+    /// kernels run every shape.
+    pub fn cudnn_attention(&self) -> std::result::Result<String, String> {
+        self.cudnn.as_ref().map(|s| format!("cuDNN {}", cudnn::version_name(s.version))).map_err(Clone::clone)
+    }
+
+    /// Whether cuDNN runs the attention of `shape` (building its plans if need be).
+    pub fn attention_on_cudnn(&self, shape: AttnShape) -> bool {
+        self.cudnn_plans(shape).is_some()
+    }
+
+    /// The cuDNN key of one attention launch of `bn` sequences and `kvn` kv heads of `shape`.
+    fn cudnn_key(shape: AttnShape, backward: bool, bn: usize, kvn: usize) -> cudnn::Key {
+        let group = shape.heads / shape.kv_heads;
+        cudnn::Key {
+            backward,
+            batch: bn,
+            seq: shape.seq,
+            heads: kvn * group,
+            kv_heads: kvn,
+            head_dim: shape.head_dim,
+            q_row: shape.heads * shape.head_dim,
+            k_row: shape.kv_heads * shape.head_dim,
+            stats_row: shape.heads,
+            scale_bits: (shape.scale() as f32).to_bits(),
+        }
+    }
+
+    /// cuDNN's plan for `key`, or `None` where it declines (said once on stderr per shape).
+    fn cudnn_plan(sdpa: &cudnn::Sdpa, key: cudnn::Key) -> Option<std::rc::Rc<cudnn::Plan>> {
+        match sdpa.plan(key) {
+            Ok(p) => Some(p),
+            Err(Some(why)) => {
+                eprintln!("attention: cuDNN {} declined {key:?}, our kernels run it: {why}", cudnn::version_name(sdpa.version));
+                None
+            }
+            Err(None) => None,
+        }
+    }
+
+    /// The forward plan and the backward's launches with their plans, when cuDNN runs `shape`:
+    /// rows that attend causally (no segments needed), no sliding window, and every plan built
+    /// and fitting the attention scratch.
+    #[allow(clippy::type_complexity)]
+    fn cudnn_plans(&self, shape: AttnShape) -> Option<(std::rc::Rc<cudnn::Plan>, (usize, usize), Vec<std::rc::Rc<cudnn::Plan>>)> {
+        let sdpa = self.cudnn.as_ref().ok()?;
+        if !shape.causal_rows || shape.effective_window().is_some() || shape.tokens() == 0 {
+            return None;
+        }
+        let fwd = Self::cudnn_plan(sdpa, Self::cudnn_key(shape, false, shape.batch, shape.kv_heads))?;
+        let scratch = self.attn_scratch.borrow().as_ref().map_or(0, |b| b.bytes());
+        let limit = self.attn_scratch_limit.get().unwrap_or(usize::MAX).min(scratch);
+        if fwd.workspace > limit {
+            return None;
+        }
+        // The backward splits as our own does: its accumulators take more per unit than cuDNN's
+        // graph tensors, so a launch that fits ours leaves room for the plan's own workspace too,
+        // unless that is large; then the launches shrink by it.
+        let mut split = attention_bwd_split(shape, limit)?;
+        let mut bwd = Vec::new();
+        for _ in 0..2 {
+            let (bc, kvc) = split;
+            let mut launches = vec![(bc, kvc)];
+            if shape.batch % bc != 0 {
+                launches.push((shape.batch % bc, kvc));
+            }
+            if shape.kv_heads % kvc != 0 {
+                launches.extend([(bc, shape.kv_heads % kvc), (shape.batch % bc, shape.kv_heads % kvc)]);
+            }
+            bwd.clear();
+            let mut need = 0;
+            for (bn, kvn) in launches.into_iter().filter(|&(b, k)| b > 0 && k > 0) {
+                let key = Self::cudnn_key(shape, true, bn, kvn);
+                let plan = Self::cudnn_plan(sdpa, key)?;
+                need = need.max(key.graph_workspace_bytes() + plan.workspace);
+                bwd.push(plan);
+            }
+            if need <= limit {
+                return Some((fwd, split, bwd));
+            }
+            let ws = bwd.iter().map(|p| p.workspace).max().unwrap_or(0);
+            split = attention_bwd_split(shape, limit.checked_sub(ws)?)?;
+        }
+        None
     }
 
     /// Bytes currently allocated by this backend (tensors, weights, scratch, cuBLASLt workspace).
@@ -674,6 +772,64 @@ impl CudaBackend {
                         &[Arg::Ptr(acc), Arg::Ptr(dst), i64a(rows), i32a(width), i32a(stride)],
                     )?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The attention backward on cuDNN, in launches of `split` = (sequences, kv heads) as our own
+    /// backward splits, each with its dQ accumulator and row sums at the start of the scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn cudnn_attention_bwd(
+        &self,
+        split: (usize, usize),
+        t: [&CudaTensor; 6],
+        shape: AttnShape,
+        dq: &CudaTensor,
+        dk: &CudaTensor,
+        dv: &CudaTensor,
+    ) -> Result<()> {
+        let [dout, q, k, v, out, lse] = t;
+        let sdpa = self.cudnn.as_ref().expect("cuDNN plans come from an open handle");
+        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
+        let (bc, kvc) = split;
+        let group = heads / kv_heads;
+        let (qs, ks) = (heads * hd, kv_heads * hd);
+        let scratch = self.attn_scratch.borrow();
+        let scratch = scratch.as_ref().expect("cudnn_plans checked the scratch");
+        for b0 in (0..batch).step_by(bc) {
+            let bn = bc.min(batch - b0);
+            for kv0 in (0..kv_heads).step_by(kvc) {
+                let kvn = kvc.min(kv_heads - kv0);
+                let key = Self::cudnn_key(shape, true, bn, kvn);
+                let plan = Self::cudnn_plan(sdpa, key).expect("cudnn_plans built every launch's plan");
+                assert!(key.graph_workspace_bytes() + plan.workspace <= scratch.bytes(), "cudnn_plans sized a launch past the scratch");
+                let h0 = kv0 * group;
+                let (qoff, koff, loff) = (b0 * seq * qs + h0 * hd, b0 * seq * ks + kv0 * hd, b0 * seq * heads + h0);
+                if !sdpa.zeroes_dq_itself() {
+                    let acc = scratch.ptr() + (bn * kvn * group * seq * 4) as u64;
+                    // SAFETY: the dQ accumulator lies inside the scratch (asserted above); an
+                    // asynchronous memset on our stream.
+                    unsafe { drv::memset_d8_async(acc, 0, bn * kvn * group * seq * hd * 4, self.stream()) }.map_err(cuda_err("memset"))?;
+                }
+                let ptrs = cudnn::Pointers {
+                    q: q.at(qoff),
+                    k: k.at(koff),
+                    v: v.at(koff),
+                    o: out.at(qoff),
+                    stats: lse.at(loff),
+                    d_o: dout.at(qoff),
+                    dq: dq.at(qoff),
+                    dk: dk.at(koff),
+                    dv: dv.at(koff),
+                    workspace: scratch.ptr(),
+                };
+                self.profiler.around(
+                    &self.shared.ctx,
+                    &self.compute,
+                    || "cudnn_sdpa_bwd".to_string(),
+                    || sdpa.execute(&key, &plan, &ptrs, shape.scale() as f32).map_err(|msg| Error::Cuda { op: "attention_bwd (cuDNN)".into(), msg }),
+                )?;
             }
         }
         Ok(())
@@ -1602,6 +1758,18 @@ impl Backend for CudaBackend {
         act("attention_fwd", "out", out, n * heads * head_dim)?;
         f32t("attention_fwd", "lse", lse, n * heads)?;
         check_len("attention_fwd", "segments", segments.len, n)?;
+        if let Some((plan, _, _)) = self.cudnn_plans(shape) {
+            let sdpa = self.cudnn.as_ref().expect("cuDNN plans come from an open handle");
+            let key = Self::cudnn_key(shape, false, batch, kv_heads);
+            let workspace = self.attn_scratch.borrow().as_ref().map_or(0, |b| b.ptr());
+            let ptrs = cudnn::Pointers { q: q.ptr(), k: k.ptr(), v: v.ptr(), o: out.ptr(), stats: lse.ptr(), d_o: 0, dq: 0, dk: 0, dv: 0, workspace };
+            return self.profiler.around(
+                &self.shared.ctx,
+                &self.compute,
+                || "cudnn_sdpa_fwd".to_string(),
+                || sdpa.execute(&key, &plan, &ptrs, shape.scale() as f32).map_err(|msg| Error::Cuda { op: "attention_fwd (cuDNN)".into(), msg }),
+            );
+        }
         // A window no shorter than the sequence masks nothing: 0 tells the kernel there is none.
         let (scale, window) = (shape.scale() as f32, shape.effective_window().unwrap_or(0));
         let args = [p(q), p(k), p(v), pi(segments), p(out), p(lse), i32a(seq), i32a(heads), i32a(kv_heads), Arg::F32(scale), i32a(window)];
@@ -1639,6 +1807,9 @@ impl Backend for CudaBackend {
         check_len("attention_bwd", "segments", segments.len, n)?;
         if n == 0 {
             return Ok(());
+        }
+        if let Some((_, split, _)) = self.cudnn_plans(shape) {
+            return self.cudnn_attention_bwd(split, [dout, q, k, v, out, lse], shape, dq, dk, dv);
         }
         let scratch = self.attn_scratch.borrow();
         let scratch = scratch.as_ref().ok_or_else(|| Error::Cuda {
