@@ -163,6 +163,13 @@ fn attention_seq_sweep() {
     let be = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
     println!("DEVICE {}", be.device().name);
     let (h, kvh, hd) = (32usize, 8usize, 128usize);
+    // What cuDNN's plans ask for beyond their graph tensors, by launch (kv heads of 8, one sequence).
+    for s in [2048usize, 8192, 16384, 32768, 65536] {
+        let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd, causal_rows: true, ..Default::default() };
+        let fwd = be.cudnn_plan_workspace(shape, false, 1, kvh);
+        let bwd: Vec<String> = [1, 2, 4, 8].iter().map(|&kvn| format!("{kvn} kv: {:?}", be.cudnn_plan_workspace(shape, true, 1, kvn))).collect();
+        println!("BENCH cudnn workspace s={s}: fwd {fwd:?}, bwd {}", bwd.join(", "));
+    }
     for s in [2048usize, 8192, 32768] {
         let act = |len: usize, seed: u64, a: f32| be.upload(&fast_random(len, seed, a), DType::Act).unwrap();
         let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd, ..Default::default() };

@@ -320,10 +320,20 @@ impl Key {
         }
     }
 
-    /// Bytes of f32 workspace the backward's graph reads and writes besides the plan's own: the
-    /// dQ accumulator and the row sums dO·O.
+    /// Where the backward's graph tensors lie in the workspace, then the plan's own part: the
+    /// row sums dO·O, the f32 dQ accumulator, each at a 256-byte boundary; (row sums, dQ
+    /// accumulator, plan workspace, total before the plan's part).
+    pub fn workspace_offsets(&self) -> (usize, usize, usize) {
+        let rows = self.batch * self.heads * self.seq;
+        let up = |x: usize| x.div_ceil(256) * 256;
+        let dq_acc = up(rows * 4);
+        let plan = dq_acc + up(rows * self.head_dim * 4);
+        if self.backward { (0, dq_acc, plan) } else { (0, 0, 0) }
+    }
+
+    /// Bytes of workspace the graph's own tensors take before the plan's part (backward only).
     pub fn graph_workspace_bytes(&self) -> usize {
-        if self.backward { self.batch * self.heads * self.seq * (self.head_dim + 1) * 4 } else { 0 }
+        self.workspace_offsets().2
     }
 
     fn forward_graph(&self, g: &mut Graph) -> Result<(), String> {
@@ -591,11 +601,15 @@ impl Sdpa {
         let mut data = vec![dev(ptrs.q), dev(ptrs.k), dev(ptrs.v), dev(ptrs.o), dev(ptrs.stats), host(&scale), host(&neg_inf)];
         let mut workspace = ptrs.workspace;
         if key.backward {
-            let row_sum = ptrs.workspace;
-            let dq_acc = row_sum + (key.batch * key.heads * key.seq * 4) as u64;
-            workspace = dq_acc + (key.batch * key.heads * key.seq * key.head_dim * 4) as u64;
+            let (r, a, p) = key.workspace_offsets();
+            let (row_sum, dq_acc) = (ptrs.workspace + r as u64, ptrs.workspace + a as u64);
+            workspace = ptrs.workspace + p as u64;
             uids.extend([Uid::DO, Uid::DQ, Uid::DK, Uid::DV, Uid::One, Uid::RowSum, Uid::DqAcc]);
             data.extend([dev(ptrs.d_o), dev(ptrs.dq), dev(ptrs.dk), dev(ptrs.dv), host(&one), dev(row_sum), dev(dq_acc)]);
+        }
+        // Every tensor was declared 16-byte aligned (the fused kernels load 16 bytes at a time).
+        if let Some(i) = data.iter().zip(&uids).position(|(&p, u)| !matches!(u, Uid::Scale | Uid::NegInf | Uid::One) && p as usize % 16 != 0) {
+            return Err(format!("{:?} at {:p} is not 16-byte aligned", uids[i], data[i]));
         }
         let uids: Vec<i64> = uids.into_iter().map(|u| u as i64).collect();
         let pack = Desc::new(D::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;

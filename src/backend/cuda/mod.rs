@@ -331,6 +331,8 @@ pub struct CudaBackend {
     /// cuDNN's fused attention, where the card decides for it and the library loads
     /// ([`cudnn::card_wants_cudnn`]); `Err`: why our kernels run every shape.
     cudnn: std::result::Result<cudnn::Sdpa, String>,
+    /// Whether cuDNN runs an attention shape under a scratch limit, decided once per pair.
+    cudnn_decisions: RefCell<std::collections::HashMap<(cudnn::Key, usize), Option<CudnnAttention>>>,
     /// What the CUDA context took when this backend opened, measured (see [`CudaBackend::context_bytes`]).
     context_bytes: Option<u64>,
     /// Synchronize and check after every launch (TUNESTUDIO_CUDA_SYNC=1): slow, for debugging.
@@ -343,6 +345,15 @@ pub struct CudaBackend {
     /// f32 partial results of the cached attention's key splits, allocated by the first
     /// generation call ([`GEN_ATTN_SCRATCH_BYTES`]); training never allocates it.
     gen_scratch: RefCell<Option<DevBuf>>,
+}
+
+/// cuDNN's attention for one shape: the forward plan, the backward's split into (sequences, kv
+/// heads) launches and their plans.
+type CudnnAttention = (std::rc::Rc<cudnn::Plan>, (usize, usize), Vec<std::rc::Rc<cudnn::Plan>>);
+
+/// Whether every pointer is 16-byte aligned, as cuDNN's graphs declare their tensors.
+fn aligned16(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|p| p % 16 == 0)
 }
 
 /// The cached attention's split scratch: `[rows][heads][splits][head_dim + 2]` f32. 16 MiB holds
@@ -513,6 +524,7 @@ impl CudaBackend {
             pci_bus_id: pci,
             attention,
             cudnn,
+            cudnn_decisions: RefCell::new(std::collections::HashMap::new()),
             context_bytes,
             sync_each_launch: std::env::var("TUNESTUDIO_CUDA_SYNC").is_ok_and(|v| v == "1"),
             attn_scratch_limit: std::cell::Cell::new(None),
@@ -565,6 +577,13 @@ impl CudaBackend {
         self.cudnn_plans(shape).is_some()
     }
 
+    /// The workspace cuDNN's plan asks for beyond its graph's tensors, for one launch of `bn`
+    /// sequences and `kvn` kv heads of `shape` (`None`: no cuDNN, or it declines the shape).
+    pub fn cudnn_plan_workspace(&self, shape: AttnShape, backward: bool, bn: usize, kvn: usize) -> Option<usize> {
+        let sdpa = self.cudnn.as_ref().ok()?;
+        Self::cudnn_plan(sdpa, Self::cudnn_key(shape, backward, bn, kvn)).map(|p| p.workspace)
+    }
+
     /// The cuDNN key of one attention launch of `bn` sequences and `kvn` kv heads of `shape`.
     fn cudnn_key(shape: AttnShape, backward: bool, bn: usize, kvn: usize) -> cudnn::Key {
         let group = shape.heads / shape.kv_heads;
@@ -597,15 +616,33 @@ impl CudaBackend {
     /// The forward plan and the backward's launches with their plans, when cuDNN runs `shape`:
     /// rows that attend causally (no segments needed), no sliding window, and every plan built
     /// and fitting the attention scratch.
-    #[allow(clippy::type_complexity)]
-    fn cudnn_plans(&self, shape: AttnShape) -> Option<(std::rc::Rc<cudnn::Plan>, (usize, usize), Vec<std::rc::Rc<cudnn::Plan>>)> {
+    fn cudnn_plans(&self, shape: AttnShape) -> Option<CudnnAttention> {
         let sdpa = self.cudnn.as_ref().ok()?;
         if !shape.causal_rows || shape.effective_window().is_some() || shape.tokens() == 0 {
             return None;
         }
-        let fwd = Self::cudnn_plan(sdpa, Self::cudnn_key(shape, false, shape.batch, shape.kv_heads))?;
         let scratch = self.attn_scratch.borrow().as_ref().map_or(0, |b| b.bytes());
         let limit = self.attn_scratch_limit.get().unwrap_or(usize::MAX).min(scratch);
+        let key = (Self::cudnn_key(shape, false, shape.batch, shape.kv_heads), limit);
+        if let Some(known) = self.cudnn_decisions.borrow().get(&key) {
+            return known.clone();
+        }
+        let decided = self.decide_cudnn(sdpa, shape, limit);
+        if decided.is_none() {
+            eprintln!(
+                "attention: {} tokens × {} heads run on our kernels: cuDNN's plans do not fit the attention scratch of {}",
+                shape.tokens(),
+                shape.heads,
+                crate::util::fmt_bytes(limit as u64)
+            );
+        }
+        self.cudnn_decisions.borrow_mut().insert(key, decided.clone());
+        decided
+    }
+
+    /// [`CudaBackend::cudnn_plans`] without its memo.
+    fn decide_cudnn(&self, sdpa: &cudnn::Sdpa, shape: AttnShape, limit: usize) -> Option<CudnnAttention> {
+        let fwd = Self::cudnn_plan(sdpa, Self::cudnn_key(shape, false, shape.batch, shape.kv_heads))?;
         if fwd.workspace > limit {
             return None;
         }
@@ -614,7 +651,8 @@ impl CudaBackend {
         // unless that is large; then the launches shrink by it.
         let mut split = attention_bwd_split(shape, limit)?;
         let mut bwd = Vec::new();
-        for _ in 0..2 {
+        let mut ws_seen = 0;
+        for _ in 0..4 {
             let (bc, kvc) = split;
             let mut launches = vec![(bc, kvc)];
             if shape.batch % bc != 0 {
@@ -634,8 +672,8 @@ impl CudaBackend {
             if need <= limit {
                 return Some((fwd, split, bwd));
             }
-            let ws = bwd.iter().map(|p| p.workspace).max().unwrap_or(0);
-            split = attention_bwd_split(shape, limit.checked_sub(ws)?)?;
+            ws_seen = ws_seen.max(bwd.iter().map(|p| p.workspace).max().unwrap_or(0));
+            split = attention_bwd_split(shape, limit.checked_sub(ws_seen)?)?;
         }
         None
     }
@@ -777,6 +815,34 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The attention scratch cuDNN's backward needs for shapes up to `max` (0 where cuDNN does
+    /// not run it): the launches our own scratch size implies, each with its graph tensors and
+    /// its plan's workspace.
+    fn cudnn_scratch_bytes(&self, max: AttnShape) -> usize {
+        let Ok(sdpa) = self.cudnn.as_ref() else { return 0 };
+        let shape = AttnShape { causal_rows: true, window: None, ..max };
+        let Some((bc, kvc)) = attention_bwd_split(shape, attention_scratch_bytes(max)) else { return 0 };
+        let key = Self::cudnn_key(shape, true, bc, kvc);
+        let need = Self::cudnn_plan(sdpa, key).map_or(0, |p| key.graph_workspace_bytes() + p.workspace);
+        let fwd = Self::cudnn_plan(sdpa, Self::cudnn_key(shape, false, shape.batch, shape.kv_heads)).map_or(0, |p| p.workspace);
+        need.max(fwd)
+    }
+
+    /// Whether every launch of a cuDNN backward split as `split` starts 16-byte aligned (a kv-head
+    /// split of the log-sum-exp, say, may not).
+    fn cudnn_launches_aligned(&self, split: (usize, usize), t: [&CudaTensor; 6], g: [&CudaTensor; 3], shape: AttnShape) -> bool {
+        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
+        let (group, (qs, ks)) = (heads / kv_heads, (heads * hd, kv_heads * hd));
+        (0..batch).step_by(split.0).all(|b0| {
+            (0..kv_heads).step_by(split.1).all(|kv0| {
+                let (qoff, koff, loff) = (b0 * seq * qs + kv0 * group * hd, b0 * seq * ks + kv0 * hd, b0 * seq * heads + kv0 * group);
+                let [dout, q, k, v, out, lse] = t;
+                let [dq, dk, dv] = g;
+                aligned16(&[q.at(qoff), out.at(qoff), dout.at(qoff), dq.at(qoff), k.at(koff), v.at(koff), dk.at(koff), dv.at(koff), lse.at(loff)])
+            })
+        })
+    }
+
     /// The attention backward on cuDNN, in launches of `split` = (sequences, kv heads) as our own
     /// backward splits, each with its dQ accumulator and row sums at the start of the scratch.
     #[allow(clippy::too_many_arguments)]
@@ -807,10 +873,11 @@ impl CudaBackend {
                 let h0 = kv0 * group;
                 let (qoff, koff, loff) = (b0 * seq * qs + h0 * hd, b0 * seq * ks + kv0 * hd, b0 * seq * heads + h0);
                 if !sdpa.zeroes_dq_itself() {
-                    let acc = scratch.ptr() + (bn * kvn * group * seq * 4) as u64;
+                    let (_, acc, _) = key.workspace_offsets();
                     // SAFETY: the dQ accumulator lies inside the scratch (asserted above); an
                     // asynchronous memset on our stream.
-                    unsafe { drv::memset_d8_async(acc, 0, bn * kvn * group * seq * hd * 4, self.stream()) }.map_err(cuda_err("memset"))?;
+                    unsafe { drv::memset_d8_async(scratch.ptr() + acc as u64, 0, bn * kvn * group * seq * hd * 4, self.stream()) }
+                        .map_err(cuda_err("memset"))?;
                 }
                 let ptrs = cudnn::Pointers {
                     q: q.at(qoff),
@@ -1758,7 +1825,7 @@ impl Backend for CudaBackend {
         act("attention_fwd", "out", out, n * heads * head_dim)?;
         f32t("attention_fwd", "lse", lse, n * heads)?;
         check_len("attention_fwd", "segments", segments.len, n)?;
-        if let Some((plan, _, _)) = self.cudnn_plans(shape) {
+        if let Some((plan, _, _)) = self.cudnn_plans(shape).filter(|_| aligned16(&[q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr()])) {
             let sdpa = self.cudnn.as_ref().expect("cuDNN plans come from an open handle");
             let key = Self::cudnn_key(shape, false, batch, kv_heads);
             let workspace = self.attn_scratch.borrow().as_ref().map_or(0, |b| b.ptr());
@@ -1808,7 +1875,7 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        if let Some((_, split, _)) = self.cudnn_plans(shape) {
+        if let Some((_, split, _)) = self.cudnn_plans(shape).filter(|&(_, split, _)| self.cudnn_launches_aligned(split, [dout, q, k, v, out, lse], [dq, dk, dv], shape)) {
             return self.cudnn_attention_bwd(split, [dout, q, k, v, out, lse], shape, dq, dk, dv);
         }
         let scratch = self.attn_scratch.borrow();
@@ -1830,7 +1897,7 @@ impl Backend for CudaBackend {
 
     fn reserve_attention(&self, max: AttnShape) -> Result<()> {
         self.bind()?;
-        let want = attention_scratch_bytes(max);
+        let want = attention_scratch_bytes(max).max(self.cudnn_scratch_bytes(max));
         let mut slot = self.attn_scratch.borrow_mut();
         if slot.as_ref().is_none_or(|b| b.bytes() < want) {
             *slot = None;
