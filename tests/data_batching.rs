@@ -181,7 +181,8 @@ fn only_rows_of_one_example_and_padding_attend_causally() {
         assert!(b.rows_attend_causally(), "unpacked batch {i}");
     }
     let packed = Batcher::new(ex, 1, 16, true, 42, 0);
-    let multi = (0..packed.batches_per_epoch()).map(|i| packed.batch(0, i)).find(|b| b.segments.iter().any(|&s| s > 1)).expect("a packed row");
+    let multi =
+        (0..packed.batches_per_epoch()).map(|i| packed.batch(0, i)).find(|b| b.segments.iter().any(|&s| s > 1)).expect("a packed row");
     assert!(!multi.rows_attend_causally(), "two trained examples in one row");
     let mut tail_trained = multi.clone();
     // One example then a trained second segment: not padding.

@@ -167,7 +167,8 @@ fn attention_seq_sweep() {
     for s in [2048usize, 8192, 16384, 32768, 65536] {
         let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd, causal_rows: true, ..Default::default() };
         let fwd = be.cudnn_plan_workspace(shape, false, 1, kvh);
-        let bwd: Vec<String> = [1, 2, 4, 8].iter().map(|&kvn| format!("{kvn} kv: {:?}", be.cudnn_plan_workspace(shape, true, 1, kvn))).collect();
+        let bwd: Vec<String> =
+            [1, 2, 4, 8].iter().map(|&kvn| format!("{kvn} kv: {:?}", be.cudnn_plan_workspace(shape, true, 1, kvn))).collect();
         println!("BENCH cudnn workspace s={s}: fwd {fwd:?}, bwd {}", bwd.join(", "));
     }
     for s in [2048usize, 8192, 32768] {

@@ -654,22 +654,34 @@ fn attn_cases() -> Vec<AttnCase> {
     // tiles with packed examples, on a tile boundary with one example (whole tiles skipped and
     // unmasked), shorter than a tile at head dim 256, and at length.
     let gemma = Some(1.0 / 16.0);
-    let s = AttnShape { batch: 2, seq: 300, heads: 4, kv_heads: 2, head_dim: 128, window: Some(70), softmax_scale: gemma, causal_rows: false };
+    let s =
+        AttnShape { batch: 2, seq: 300, heads: 4, kv_heads: 2, head_dim: 128, window: Some(70), softmax_scale: gemma, causal_rows: false };
     cases.push(AttnCase { shape: s, segments: (0..600).map(|i: i32| if i < 300 { i / 200 } else { 5 }).collect() });
-    let s = AttnShape { batch: 1, seq: 320, heads: 2, kv_heads: 1, head_dim: 64, window: Some(64), softmax_scale: None, causal_rows: false };
+    let s =
+        AttnShape { batch: 1, seq: 320, heads: 2, kv_heads: 1, head_dim: 64, window: Some(64), softmax_scale: None, causal_rows: false };
     cases.push(AttnCase { shape: s, segments: vec![0; 320] });
-    let s = AttnShape { batch: 1, seq: 200, heads: 2, kv_heads: 2, head_dim: 256, window: Some(40), softmax_scale: gemma, causal_rows: false };
+    let s =
+        AttnShape { batch: 1, seq: 200, heads: 2, kv_heads: 2, head_dim: 256, window: Some(40), softmax_scale: gemma, causal_rows: false };
     cases.push(AttnCase { shape: s, segments: vec![0; 200] });
-    let s = AttnShape { batch: 1, seq: 4096, heads: 8, kv_heads: 4, head_dim: 256, window: Some(1024), softmax_scale: gemma, causal_rows: false };
+    let s = AttnShape {
+        batch: 1,
+        seq: 4096,
+        heads: 8,
+        kv_heads: 4,
+        head_dim: 256,
+        window: Some(1024),
+        softmax_scale: gemma,
+        causal_rows: false,
+    };
     cases.push(AttnCase { shape: s, segments: vec![0; 4096] });
     cases
 }
 
-/// f32 bytes of the attention backward's scratch for one sequence of one kv head's group (dQ of
-/// the group, dK, dV, D): a scratch limit of k times this makes launches of at most k such units.
+/// Bytes of the attention backward's scratch for one sequence of one kv head's group (the larger
+/// of our kernels' and cuDNN's need): a scratch limit of k times this makes launches of at most k
+/// such units.
 fn attn_unit_bytes(shape: AttnShape) -> usize {
-    let group = shape.heads / shape.kv_heads;
-    shape.seq * (group * shape.head_dim + 2 * shape.head_dim + group) * 4
+    tunestudio::backend::workspace::attention_unit_bytes(shape)
 }
 
 /// Checks attention as this card runs it (forward, then backward of the GPU's own forward) on every
@@ -752,7 +764,8 @@ fn attention_checks(limits: &[Option<usize>], wanted: impl Fn(&AttnCase) -> bool
                 let on_cudnn = be.attention_on_cudnn(shape);
                 let bwd_name = if on_cudnn { be.cudnn_attention().unwrap_or_default() } else { kern.bwd.kernel.symbol().to_string() };
                 let tag = format!("{bwd_name}{split} b={batch} s={seq} h={heads} kv={kv_heads} hd={head_dim}{win}");
-                let (mut gdq, mut gdk, mut gdv) = (poisoned(&be, qn, DType::Act), poisoned(&be, kn, DType::Act), poisoned(&be, kn, DType::Act));
+                let (mut gdq, mut gdk, mut gdv) =
+                    (poisoned(&be, qn, DType::Act), poisoned(&be, kn, DType::Act), poisoned(&be, kn, DType::Act));
                 be.attention_bwd(&gdout, &gq, &gk, &gv, &gout, &glse, &gseg, shape, &mut gdq, &mut gdk, &mut gdv).unwrap();
                 // dS = P∘(dP − D) is rounded to bf16 before the dQ and dK products and involves a
                 // cancellation; P is bf16 in the dV product.

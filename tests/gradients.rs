@@ -202,7 +202,8 @@ fn attention_backward_gqa_with_segments() {
 fn attention_backward_sliding_window_and_scale() {
     let be = B::new();
     let mut rng = ChaCha8Rng::seed_from_u64(16);
-    let shape = AttnShape { batch: 2, seq: 7, heads: 4, kv_heads: 2, head_dim: 4, window: Some(3), softmax_scale: Some(0.3), causal_rows: false };
+    let shape =
+        AttnShape { batch: 2, seq: 7, heads: 4, kv_heads: 2, head_dim: 4, window: Some(3), softmax_scale: Some(0.3), causal_rows: false };
     let n = shape.tokens();
     let (qw, kw) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
     // Row 0 packs two examples (a window crossing a segment boundary); row 1 is one example.

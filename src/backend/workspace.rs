@@ -26,12 +26,20 @@ pub const SUMSQ_MAX_BLOCKS: usize = 1024;
 /// one sequence of one group needs more (see [`attention_scratch_bytes`]).
 pub const ATTN_BWD_SCRATCH_BYTES: usize = 128 << 20;
 
-/// f32 bytes of the attention backward's accumulators for one (sequence, kv head) of `shape`: dQ
-/// of the head group, dK, dV and D.
+/// Bytes of the attention backward's scratch for one (sequence, kv head) of `shape`, whichever
+/// backward runs it: our kernels' f32 accumulators (dQ of the head group, dK, dV) and D, or, on
+/// cards where cuDNN's fused attention runs (`cuda::cudnn`), its graph's f32 dQ accumulator and
+/// row sums plus the plan's own workspace, which cuDNN 9.14 on an H100 asks as one more f32
+/// buffer of dQ's size (`gpu_bench`'s sweep prints it), each at a 256-byte boundary. The larger of
+/// the two, so that the scratch is the same on every card and the memory plan need not know which
+/// runs; it differs only where one unit outgrows [`ATTN_BWD_SCRATCH_BYTES`] (beyond ~32K tokens
+/// on an 8B model, 67 MiB more at 64K).
 pub fn attention_unit_bytes(shape: AttnShape) -> usize {
     let AttnShape { seq, heads, kv_heads, head_dim, .. } = shape;
     let group = heads / kv_heads.max(1);
-    seq * (group * head_dim + 2 * head_dim + group) * 4
+    let ours = seq * (group * head_dim + 2 * head_dim + group) * 4;
+    let cudnn = seq * group * (2 * head_dim + 1) * 4 + 3 * 256;
+    ours.max(cudnn)
 }
 
 /// Bytes of attention backward scratch for shapes up to `max` (the memory plan lists the same):

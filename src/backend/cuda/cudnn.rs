@@ -46,6 +46,14 @@ pub fn card_wants_cudnn(card: &CardLimits) -> bool {
     card.compute_capability.0 == 9 && std::env::var("TUNESTUDIO_ATTENTION").map_or(true, |v| v != "own")
 }
 
+/// Whether attention runs on cuDNN on `card` in this process: the card decides for it and the
+/// library loads (checked once). The cost model and the memory plan ask this; the backend opens
+/// the library itself.
+pub fn runs_on(card: &CardLimits) -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    card_wants_cudnn(card) && *AVAILABLE.get_or_init(|| std::panic::catch_unwind(library_version).is_ok_and(|v| v.is_ok()))
+}
+
 /// The loaded library's version (e.g. 91900 for 9.19.0), or why it cannot be used.
 pub fn library_version() -> Result<usize, String> {
     // SAFETY: only asks the dynamic loader whether libcudnn can be opened.
@@ -192,7 +200,16 @@ impl Graph {
     }
 
     /// `y = mode(x, b)` (with `t` the condition of a select); GEN_INDEX takes `axis`.
-    fn pointwise(&mut self, mode: Pw, prec: Dt, axis: Option<i64>, x: &Desc, b: Option<&Desc>, t: Option<&Desc>, y: &Desc) -> Result<(), String> {
+    fn pointwise(
+        &mut self,
+        mode: Pw,
+        prec: Dt,
+        axis: Option<i64>,
+        x: &Desc,
+        b: Option<&Desc>,
+        t: Option<&Desc>,
+        y: &Desc,
+    ) -> Result<(), String> {
         let pw = Desc::new(D::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
         pw.set(A::CUDNN_ATTR_POINTWISE_MODE, T::CUDNN_TYPE_POINTWISE_MODE, &[mode])?;
         pw.set(A::CUDNN_ATTR_POINTWISE_MATH_PREC, T::CUDNN_TYPE_DATA_TYPE, &[prec])?;
@@ -511,7 +528,11 @@ impl Sdpa {
 
     fn build(&self, key: Key) -> Result<Rc<Plan>, String> {
         let mut g = Graph::new();
-        if key.backward { key.backward_graph(&mut g)? } else { key.forward_graph(&mut g)? }
+        if key.backward {
+            key.backward_graph(&mut g)?
+        } else {
+            key.forward_graph(&mut g)?
+        }
         let graph = Desc::new(D::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
         graph.set_desc(A::CUDNN_ATTR_OPERATIONGRAPH_OPS, &g.ops.iter().collect::<Vec<_>>())?;
         graph.set(A::CUDNN_ATTR_OPERATIONGRAPH_HANDLE, T::CUDNN_TYPE_HANDLE, &[self.handle])?;
@@ -608,7 +629,9 @@ impl Sdpa {
             data.extend([dev(ptrs.d_o), dev(ptrs.dq), dev(ptrs.dk), dev(ptrs.dv), host(&one), dev(row_sum), dev(dq_acc)]);
         }
         // Every tensor was declared 16-byte aligned (the fused kernels load 16 bytes at a time).
-        if let Some(i) = data.iter().zip(&uids).position(|(&p, u)| !matches!(u, Uid::Scale | Uid::NegInf | Uid::One) && p as usize % 16 != 0) {
+        if let Some(i) =
+            data.iter().zip(&uids).position(|(&p, u)| !matches!(u, Uid::Scale | Uid::NegInf | Uid::One) && p as usize % 16 != 0)
+        {
             return Err(format!("{:?} at {:p} is not 16-byte aligned", uids[i], data[i]));
         }
         let uids: Vec<i64> = uids.into_iter().map(|u| u as i64).collect();

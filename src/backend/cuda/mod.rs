@@ -815,19 +815,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The attention scratch cuDNN's backward needs for shapes up to `max` (0 where cuDNN does
-    /// not run it): the launches our own scratch size implies, each with its graph tensors and
-    /// its plan's workspace.
-    fn cudnn_scratch_bytes(&self, max: AttnShape) -> usize {
-        let Ok(sdpa) = self.cudnn.as_ref() else { return 0 };
-        let shape = AttnShape { causal_rows: true, window: None, ..max };
-        let Some((bc, kvc)) = attention_bwd_split(shape, attention_scratch_bytes(max)) else { return 0 };
-        let key = Self::cudnn_key(shape, true, bc, kvc);
-        let need = Self::cudnn_plan(sdpa, key).map_or(0, |p| key.graph_workspace_bytes() + p.workspace);
-        let fwd = Self::cudnn_plan(sdpa, Self::cudnn_key(shape, false, shape.batch, shape.kv_heads)).map_or(0, |p| p.workspace);
-        need.max(fwd)
-    }
-
     /// Whether every launch of a cuDNN backward split as `split` starts 16-byte aligned (a kv-head
     /// split of the log-sum-exp, say, may not).
     fn cudnn_launches_aligned(&self, split: (usize, usize), t: [&CudaTensor; 6], g: [&CudaTensor; 3], shape: AttnShape) -> bool {
@@ -838,7 +825,17 @@ impl CudaBackend {
                 let (qoff, koff, loff) = (b0 * seq * qs + kv0 * group * hd, b0 * seq * ks + kv0 * hd, b0 * seq * heads + kv0 * group);
                 let [dout, q, k, v, out, lse] = t;
                 let [dq, dk, dv] = g;
-                aligned16(&[q.at(qoff), out.at(qoff), dout.at(qoff), dq.at(qoff), k.at(koff), v.at(koff), dk.at(koff), dv.at(koff), lse.at(loff)])
+                aligned16(&[
+                    q.at(qoff),
+                    out.at(qoff),
+                    dout.at(qoff),
+                    dq.at(qoff),
+                    k.at(koff),
+                    v.at(koff),
+                    dk.at(koff),
+                    dv.at(koff),
+                    lse.at(loff),
+                ])
             })
         })
     }
@@ -895,7 +892,10 @@ impl CudaBackend {
                     &self.shared.ctx,
                     &self.compute,
                     || "cudnn_sdpa_bwd".to_string(),
-                    || sdpa.execute(&key, &plan, &ptrs, shape.scale() as f32).map_err(|msg| Error::Cuda { op: "attention_bwd (cuDNN)".into(), msg }),
+                    || {
+                        sdpa.execute(&key, &plan, &ptrs, shape.scale() as f32)
+                            .map_err(|msg| Error::Cuda { op: "attention_bwd (cuDNN)".into(), msg })
+                    },
                 )?;
             }
         }
@@ -1829,12 +1829,26 @@ impl Backend for CudaBackend {
             let sdpa = self.cudnn.as_ref().expect("cuDNN plans come from an open handle");
             let key = Self::cudnn_key(shape, false, batch, kv_heads);
             let workspace = self.attn_scratch.borrow().as_ref().map_or(0, |b| b.ptr());
-            let ptrs = cudnn::Pointers { q: q.ptr(), k: k.ptr(), v: v.ptr(), o: out.ptr(), stats: lse.ptr(), d_o: 0, dq: 0, dk: 0, dv: 0, workspace };
+            let ptrs = cudnn::Pointers {
+                q: q.ptr(),
+                k: k.ptr(),
+                v: v.ptr(),
+                o: out.ptr(),
+                stats: lse.ptr(),
+                d_o: 0,
+                dq: 0,
+                dk: 0,
+                dv: 0,
+                workspace,
+            };
             return self.profiler.around(
                 &self.shared.ctx,
                 &self.compute,
                 || "cudnn_sdpa_fwd".to_string(),
-                || sdpa.execute(&key, &plan, &ptrs, shape.scale() as f32).map_err(|msg| Error::Cuda { op: "attention_fwd (cuDNN)".into(), msg }),
+                || {
+                    sdpa.execute(&key, &plan, &ptrs, shape.scale() as f32)
+                        .map_err(|msg| Error::Cuda { op: "attention_fwd (cuDNN)".into(), msg })
+                },
             );
         }
         // A window no shorter than the sequence masks nothing: 0 tells the kernel there is none.
@@ -1875,7 +1889,10 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        if let Some((_, split, _)) = self.cudnn_plans(shape).filter(|&(_, split, _)| self.cudnn_launches_aligned(split, [dout, q, k, v, out, lse], [dq, dk, dv], shape)) {
+        if let Some((_, split, _)) = self
+            .cudnn_plans(shape)
+            .filter(|&(_, split, _)| self.cudnn_launches_aligned(split, [dout, q, k, v, out, lse], [dq, dk, dv], shape))
+        {
             return self.cudnn_attention_bwd(split, [dout, q, k, v, out, lse], shape, dq, dk, dv);
         }
         let scratch = self.attn_scratch.borrow();
@@ -1897,7 +1914,7 @@ impl Backend for CudaBackend {
 
     fn reserve_attention(&self, max: AttnShape) -> Result<()> {
         self.bind()?;
-        let want = attention_scratch_bytes(max).max(self.cudnn_scratch_bytes(max));
+        let want = attention_scratch_bytes(max);
         let mut slot = self.attn_scratch.borrow_mut();
         if slot.as_ref().is_none_or(|b| b.bytes() < want) {
             *slot = None;
