@@ -204,7 +204,11 @@ pub fn predict(
     card: &CardLimits,
 ) -> Option<StepPrediction> {
     let (speed, basis) = card.speed()?;
-    let e = if crate::backend::cuda::cudnn::runs_on(card) { &EFFICIENCY_CUDNN } else { &EFFICIENCY };
+    let (e, basis) = if crate::backend::cuda::cudnn::runs_on(card) {
+        (&EFFICIENCY_CUDNN, format!("{basis}, attention on cuDNN"))
+    } else {
+        (&EFFICIENCY, basis)
+    };
     let mut p = predict_with(&step_work(spec, input, policy, kept_layers), &speed, e, basis, input.batch_size * input.max_seq_len);
     p.calibrated = card.compute_capability.0 == 9;
     Some(p)

@@ -200,6 +200,7 @@ impl Graph {
     }
 
     /// `y = mode(x, b)` (with `t` the condition of a select); GEN_INDEX takes `axis`.
+    #[allow(clippy::too_many_arguments)]
     fn pointwise(
         &mut self,
         mode: Pw,
@@ -303,7 +304,6 @@ pub struct Key {
     pub q_row: usize,
     pub k_row: usize,
     pub stats_row: usize,
-    pub scale_bits: u32,
 }
 
 /// The layouts of one launch, in cuDNN's (batch, head, row, column) order over our token-major
@@ -630,7 +630,7 @@ impl Sdpa {
         }
         // Every tensor was declared 16-byte aligned (the fused kernels load 16 bytes at a time).
         if let Some(i) =
-            data.iter().zip(&uids).position(|(&p, u)| !matches!(u, Uid::Scale | Uid::NegInf | Uid::One) && p as usize % 16 != 0)
+            data.iter().zip(&uids).position(|(&p, u)| !matches!(u, Uid::Scale | Uid::NegInf | Uid::One) && !(p as usize).is_multiple_of(16))
         {
             return Err(format!("{:?} at {:p} is not 16-byte aligned", uids[i], data[i]));
         }

@@ -597,7 +597,6 @@ impl CudaBackend {
             q_row: shape.heads * shape.head_dim,
             k_row: shape.kv_heads * shape.head_dim,
             stats_row: shape.heads,
-            scale_bits: (shape.scale() as f32).to_bits(),
         }
     }
 
@@ -627,55 +626,54 @@ impl CudaBackend {
         if let Some(known) = self.cudnn_decisions.borrow().get(&key) {
             return known.clone();
         }
-        let decided = self.decide_cudnn(sdpa, shape, limit);
-        if decided.is_none() {
-            eprintln!(
-                "attention: {} tokens × {} heads run on our kernels: cuDNN's plans do not fit the attention scratch of {}",
-                shape.tokens(),
-                shape.heads,
-                crate::util::fmt_bytes(limit as u64)
-            );
-        }
+        let decided = match self.decide_cudnn(sdpa, shape, limit) {
+            Ok(d) => Some(d),
+            Err(why) => {
+                eprintln!("attention: {} tokens × {} heads run on our kernels: {why}", shape.tokens(), shape.heads);
+                None
+            }
+        };
         self.cudnn_decisions.borrow_mut().insert(key, decided.clone());
         decided
     }
 
-    /// [`CudaBackend::cudnn_plans`] without its memo.
-    fn decide_cudnn(&self, sdpa: &cudnn::Sdpa, shape: AttnShape, limit: usize) -> Option<CudnnAttention> {
-        let fwd = Self::cudnn_plan(sdpa, Self::cudnn_key(shape, false, shape.batch, shape.kv_heads))?;
+    /// [`CudaBackend::cudnn_plans`] without its memo: the plans, or why our kernels run the shape.
+    fn decide_cudnn(&self, sdpa: &cudnn::Sdpa, shape: AttnShape, limit: usize) -> std::result::Result<CudnnAttention, String> {
+        let declined = || "cuDNN declined it (said above)".to_string();
+        let too_small = || format!("cuDNN's plans do not fit the attention scratch of {}", crate::util::fmt_bytes(limit as u64));
+        let fwd = Self::cudnn_plan(sdpa, Self::cudnn_key(shape, false, shape.batch, shape.kv_heads)).ok_or_else(declined)?;
         if fwd.workspace > limit {
-            return None;
+            return Err(too_small());
         }
-        // The backward splits as our own does: its accumulators take more per unit than cuDNN's
-        // graph tensors, so a launch that fits ours leaves room for the plan's own workspace too,
-        // unless that is large; then the launches shrink by it.
-        let mut split = attention_bwd_split(shape, limit)?;
-        let mut bwd = Vec::new();
+        // The backward splits as our own does (the scratch's unit covers cuDNN's graph tensors and
+        // the plan workspace it was measured to ask); should a cuDNN version ask more, the
+        // launches shrink by it.
+        let mut split = attention_bwd_split(shape, limit).ok_or_else(too_small)?;
         let mut ws_seen = 0;
         for _ in 0..4 {
             let (bc, kvc) = split;
             let mut launches = vec![(bc, kvc)];
-            if shape.batch % bc != 0 {
+            if !shape.batch.is_multiple_of(bc) {
                 launches.push((shape.batch % bc, kvc));
             }
-            if shape.kv_heads % kvc != 0 {
+            if !shape.kv_heads.is_multiple_of(kvc) {
                 launches.extend([(bc, shape.kv_heads % kvc), (shape.batch % bc, shape.kv_heads % kvc)]);
             }
-            bwd.clear();
+            let mut bwd = Vec::new();
             let mut need = 0;
             for (bn, kvn) in launches.into_iter().filter(|&(b, k)| b > 0 && k > 0) {
                 let key = Self::cudnn_key(shape, true, bn, kvn);
-                let plan = Self::cudnn_plan(sdpa, key)?;
+                let plan = Self::cudnn_plan(sdpa, key).ok_or_else(declined)?;
                 need = need.max(key.graph_workspace_bytes() + plan.workspace);
                 bwd.push(plan);
             }
             if need <= limit {
-                return Some((fwd, split, bwd));
+                return Ok((fwd, split, bwd));
             }
             ws_seen = ws_seen.max(bwd.iter().map(|p| p.workspace).max().unwrap_or(0));
-            split = attention_bwd_split(shape, limit.checked_sub(ws_seen)?)?;
+            split = limit.checked_sub(ws_seen).and_then(|l| attention_bwd_split(shape, l)).ok_or_else(too_small)?;
         }
-        None
+        Err(too_small())
     }
 
     /// Bytes currently allocated by this backend (tensors, weights, scratch, cuBLASLt workspace).
