@@ -646,3 +646,58 @@ impl Sdpa {
         check(unsafe { dnn::cudnnBackendExecute(self.handle, plan.plan.0, pack.0) }, "execute")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::AttnShape;
+    use crate::backend::workspace::attention_unit_bytes;
+
+    fn key(backward: bool, batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Key {
+        Key { backward, batch, seq, heads, kv_heads, head_dim, q_row: heads * head_dim, k_row: kv_heads * head_dim, stats_row: heads }
+    }
+
+    /// What cuDNN 9.14's backward plan asked on an H100 (`gpu_bench`'s sweep, run
+    /// 2026-12-06-h100-j): one f32 buffer of the launch's dQ size, plus 256 bytes.
+    fn measured_plan_workspace(k: &Key) -> usize {
+        k.batch * k.heads * k.seq * k.head_dim * 4 + 256
+    }
+
+    /// Every launch of `u` (sequence, kv head) units fits `u` scratch units: the graph's tensors at
+    /// their 256-byte boundaries and the plan's measured workspace, so the scratch the memory plan
+    /// lists serves cuDNN's backward split exactly as it serves ours.
+    #[test]
+    fn the_scratch_unit_covers_a_cudnn_launch() {
+        for (seq, heads, kv_heads, head_dim) in
+            [(2048, 32, 8, 128), (65536, 32, 8, 128), (130, 4, 4, 128), (17, 2, 1, 64), (300, 24, 8, 96)]
+        {
+            let shape = AttnShape { batch: 3, seq, heads, kv_heads, head_dim, causal_rows: true, ..Default::default() };
+            let unit = attention_unit_bytes(shape);
+            for bn in 1..=3 {
+                for kvn in 1..=kv_heads {
+                    let k = key(true, bn, seq, kvn * heads / kv_heads, kvn, head_dim);
+                    let (rows, acc, plan) = k.workspace_offsets();
+                    assert!(rows == 0 && acc % 256 == 0 && plan % 256 == 0 && acc >= bn * k.heads * seq * 4, "{k:?}");
+                    assert_eq!(plan - acc, (bn * k.heads * seq * head_dim * 4).div_ceil(256) * 256, "{k:?}: the dQ accumulator");
+                    let need = k.graph_workspace_bytes() + measured_plan_workspace(&k);
+                    assert!(need <= bn * kvn * unit, "{k:?}: needs {need}, {} units hold {}", bn * kvn, bn * kvn * unit);
+                }
+            }
+        }
+        assert_eq!(key(false, 1, 2048, 32, 8, 128).graph_workspace_bytes(), 0, "the forward has no graph workspace");
+    }
+
+    /// Token-major tensors in cuDNN's (batch, head, row, column) order: a head is `head_dim`
+    /// elements into a token's row, a token is the whole row further; Kᵀ swaps the last two.
+    #[test]
+    fn layouts_address_our_token_major_buffers() {
+        let k = Key { backward: false, batch: 2, seq: 10, heads: 8, kv_heads: 2, head_dim: 64, q_row: 512, k_row: 128, stats_row: 8 };
+        let l = k.layouts();
+        assert_eq!(l.q, ([2, 8, 10, 64], [10 * 512, 64, 512, 1]));
+        assert_eq!(l.kt, ([2, 2, 64, 10], [10 * 128, 64, 1, 128]));
+        assert_eq!(l.stats, ([2, 8, 10, 1], [10 * 8, 1, 8, 1]));
+        // A launch over some heads keeps the whole tensors' row strides.
+        let part = Key { heads: 4, kv_heads: 1, ..k };
+        assert_eq!(part.layouts().q.1, [10 * 512, 64, 512, 1]);
+    }
+}
