@@ -347,9 +347,39 @@ pub struct CudaBackend {
     gen_scratch: RefCell<Option<DevBuf>>,
 }
 
-/// cuDNN's attention for one shape: the forward plan, the backward's split into (sequences, kv
-/// heads) launches and their plans.
-type CudnnAttention = (std::rc::Rc<cudnn::Plan>, (usize, usize), Vec<std::rc::Rc<cudnn::Plan>>);
+/// cuDNN's attention for one shape: the forward plan and the backward's split into (sequences, kv
+/// heads) launches (their plans are in `cudnn::Sdpa`'s memo).
+type CudnnAttention = (std::rc::Rc<cudnn::Plan>, (usize, usize));
+
+/// One launch of an attention backward split into (sequences, kv heads): its first sequence, how
+/// many sequences and kv heads it takes, and the element offsets of its first row and head in the
+/// Q-shaped tensors (Q, O, dO, dQ), the K-shaped ones (K, V, dK, dV) and the log-sum-exp. Strides
+/// stay the whole tensors'. Our backward and cuDNN's walk a split through this one iterator.
+#[derive(Clone, Copy)]
+struct BwdLaunch {
+    b0: usize,
+    bn: usize,
+    kvn: usize,
+    q_off: usize,
+    k_off: usize,
+    lse_off: usize,
+}
+
+/// The launches of `shape`'s backward split as `(bc, kvc)` ([`attention_bwd_split`]), in order.
+fn bwd_launches(shape: AttnShape, (bc, kvc): (usize, usize)) -> impl Iterator<Item = BwdLaunch> {
+    let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
+    let group = heads / kv_heads;
+    (0..batch).step_by(bc).flat_map(move |b0| {
+        (0..kv_heads).step_by(kvc).map(move |kv0| BwdLaunch {
+            b0,
+            bn: bc.min(batch - b0),
+            kvn: kvc.min(kv_heads - kv0),
+            q_off: b0 * seq * heads * hd + kv0 * group * hd,
+            k_off: b0 * seq * kv_heads * hd + kv0 * hd,
+            lse_off: b0 * seq * heads + kv0 * group,
+        })
+    })
+}
 
 /// Whether every pointer is 16-byte aligned, as cuDNN's graphs declare their tensors.
 fn aligned16(ptrs: &[u64]) -> bool {
@@ -651,26 +681,17 @@ impl CudaBackend {
         let mut split = attention_bwd_split(shape, limit).ok_or_else(too_small)?;
         let mut ws_seen = 0;
         for _ in 0..4 {
-            let (bc, kvc) = split;
-            let mut launches = vec![(bc, kvc)];
-            if !shape.batch.is_multiple_of(bc) {
-                launches.push((shape.batch % bc, kvc));
-            }
-            if !shape.kv_heads.is_multiple_of(kvc) {
-                launches.extend([(bc, shape.kv_heads % kvc), (shape.batch % bc, shape.kv_heads % kvc)]);
-            }
-            let mut bwd = Vec::new();
-            let mut need = 0;
-            for (bn, kvn) in launches.into_iter().filter(|&(b, k)| b > 0 && k > 0) {
-                let key = Self::cudnn_key(shape, true, bn, kvn);
+            let (mut need, mut ws) = (0, 0);
+            for l in bwd_launches(shape, split) {
+                let key = Self::cudnn_key(shape, true, l.bn, l.kvn);
                 let plan = Self::cudnn_plan(sdpa, key).ok_or_else(declined)?;
                 need = need.max(key.graph_workspace_bytes() + plan.workspace);
-                bwd.push(plan);
+                ws = ws.max(plan.workspace);
             }
             if need <= limit {
-                return Ok((fwd, split, bwd));
+                return Ok((fwd, split));
             }
-            ws_seen = ws_seen.max(bwd.iter().map(|p| p.workspace).max().unwrap_or(0));
+            ws_seen = ws_seen.max(ws);
             split = limit.checked_sub(ws_seen).and_then(|l| attention_bwd_split(shape, l)).ok_or_else(too_small)?;
         }
         Err(too_small())
@@ -737,77 +758,71 @@ impl CudaBackend {
         dv: &CudaTensor,
     ) -> Result<()> {
         let [dout, q, k, v, out, lse] = t;
-        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
-        let (bc, kvc) = split;
+        let AttnShape { seq, heads, kv_heads, head_dim: hd, .. } = shape;
         let group = heads / kv_heads;
         let (qs, ks) = (heads * hd, kv_heads * hd);
         let (scale, window) = (shape.scale() as f32, shape.effective_window().unwrap_or(0));
         let bwd = kern.bwd;
         let key_tiles = seq.div_ceil(bwd.keys()) as u32;
-        for b0 in (0..batch).step_by(bc) {
-            let bn = bc.min(batch - b0);
+        for BwdLaunch { b0, bn, kvn, q_off: qoff, k_off: koff, lse_off: loff, .. } in bwd_launches(shape, split) {
             let rows = bn * seq;
-            for kv0 in (0..kv_heads).step_by(kvc) {
-                let kvn = kvc.min(kv_heads - kv0);
-                let (nh, h0) = (kvn * group, kv0 * group);
-                // Scratch (f32): dq_acc [rows][nh·hd] | dk_acc, dv_acc [rows][kvn·hd] | D [rows][nh].
-                let (dq_len, dk_len) = (rows * nh * hd, rows * kvn * hd);
-                let dq_acc = scratch.ptr();
-                let dk_acc = dq_acc + (dq_len * 4) as u64;
-                let dv_acc = dk_acc + (dk_len * 4) as u64;
-                let dsum = dv_acc + (dk_len * 4) as u64;
-                assert!((dq_len + 2 * dk_len + rows * nh) * 4 <= scratch.bytes(), "attention_bwd_split sized a launch past the scratch");
-                // SAFETY: the accumulators lie inside the scratch (`attention_bwd_split` sizes the
-                // launch to fit); an asynchronous memset on our stream.
-                unsafe { drv::memset_d8_async(dq_acc, 0, (dq_len + 2 * dk_len) * 4, self.stream()) }.map_err(cuda_err("memset"))?;
-                let (qoff, koff, loff) = (b0 * seq * qs + h0 * hd, b0 * seq * ks + kv0 * hd, b0 * seq * heads + h0);
-                let seg = Arg::Ptr(segments.buf.ptr() + (b0 * seq * 4) as u64);
-                // Four threads per (row, head).
-                let threads = rows * nh * 4;
+            let nh = kvn * group;
+            // Scratch (f32): dq_acc [rows][nh·hd] | dk_acc, dv_acc [rows][kvn·hd] | D [rows][nh].
+            let (dq_len, dk_len) = (rows * nh * hd, rows * kvn * hd);
+            let dq_acc = scratch.ptr();
+            let dk_acc = dq_acc + (dq_len * 4) as u64;
+            let dv_acc = dk_acc + (dk_len * 4) as u64;
+            let dsum = dv_acc + (dk_len * 4) as u64;
+            assert!((dq_len + 2 * dk_len + rows * nh) * 4 <= scratch.bytes(), "attention_bwd_split sized a launch past the scratch");
+            // SAFETY: the accumulators lie inside the scratch (`attention_bwd_split` sizes the
+            // launch to fit); an asynchronous memset on our stream.
+            unsafe { drv::memset_d8_async(dq_acc, 0, (dq_len + 2 * dk_len) * 4, self.stream()) }.map_err(cuda_err("memset"))?;
+            let seg = Arg::Ptr(segments.buf.ptr() + (b0 * seq * 4) as u64);
+            // Four threads per (row, head).
+            let threads = rows * nh * 4;
+            self.launch(
+                kern.prep,
+                (threads.div_ceil(256) as u32, 1, 1),
+                256,
+                0,
+                &[Arg::Ptr(dout.at(qoff)), Arg::Ptr(out.at(qoff)), Arg::Ptr(dsum), i64a(rows), i32a(nh), i32a(qs)],
+            )?;
+            self.launch(
+                bwd.kernel,
+                ((nh * bwd.splits()) as u32, key_tiles, bn as u32),
+                bwd.threads(),
+                bwd.smem_bytes(),
+                &[
+                    Arg::Ptr(q.at(qoff)),
+                    Arg::Ptr(k.at(koff)),
+                    Arg::Ptr(v.at(koff)),
+                    Arg::Ptr(dout.at(qoff)),
+                    Arg::Ptr(lse.at(loff)),
+                    Arg::Ptr(dsum),
+                    seg,
+                    Arg::Ptr(dq_acc),
+                    Arg::Ptr(dk_acc),
+                    Arg::Ptr(dv_acc),
+                    i32a(seq),
+                    i32a(qs),
+                    i32a(ks),
+                    i32a(heads),
+                    i32a(group),
+                    Arg::F32(scale),
+                    i32a(window),
+                ],
+            )?;
+            for (acc, dst, width, stride) in
+                [(dq_acc, dq.at(qoff), nh * hd, qs), (dk_acc, dk.at(koff), kvn * hd, ks), (dv_acc, dv.at(koff), kvn * hd, ks)]
+            {
+                let threads = rows * width / 8;
                 self.launch(
-                    kern.prep,
+                    Kernel::AttnAccToBf16,
                     (threads.div_ceil(256) as u32, 1, 1),
                     256,
                     0,
-                    &[Arg::Ptr(dout.at(qoff)), Arg::Ptr(out.at(qoff)), Arg::Ptr(dsum), i64a(rows), i32a(nh), i32a(qs)],
+                    &[Arg::Ptr(acc), Arg::Ptr(dst), i64a(rows), i32a(width), i32a(stride)],
                 )?;
-                self.launch(
-                    bwd.kernel,
-                    ((nh * bwd.splits()) as u32, key_tiles, bn as u32),
-                    bwd.threads(),
-                    bwd.smem_bytes(),
-                    &[
-                        Arg::Ptr(q.at(qoff)),
-                        Arg::Ptr(k.at(koff)),
-                        Arg::Ptr(v.at(koff)),
-                        Arg::Ptr(dout.at(qoff)),
-                        Arg::Ptr(lse.at(loff)),
-                        Arg::Ptr(dsum),
-                        seg,
-                        Arg::Ptr(dq_acc),
-                        Arg::Ptr(dk_acc),
-                        Arg::Ptr(dv_acc),
-                        i32a(seq),
-                        i32a(qs),
-                        i32a(ks),
-                        i32a(heads),
-                        i32a(group),
-                        Arg::F32(scale),
-                        i32a(window),
-                    ],
-                )?;
-                for (acc, dst, width, stride) in
-                    [(dq_acc, dq.at(qoff), nh * hd, qs), (dk_acc, dk.at(koff), kvn * hd, ks), (dv_acc, dv.at(koff), kvn * hd, ks)]
-                {
-                    let threads = rows * width / 8;
-                    self.launch(
-                        Kernel::AttnAccToBf16,
-                        (threads.div_ceil(256) as u32, 1, 1),
-                        256,
-                        0,
-                        &[Arg::Ptr(acc), Arg::Ptr(dst), i64a(rows), i32a(width), i32a(stride)],
-                    )?;
-                }
             }
         }
         Ok(())
@@ -816,25 +831,11 @@ impl CudaBackend {
     /// Whether every launch of a cuDNN backward split as `split` starts 16-byte aligned (a kv-head
     /// split of the log-sum-exp, say, may not).
     fn cudnn_launches_aligned(&self, split: (usize, usize), t: [&CudaTensor; 6], g: [&CudaTensor; 3], shape: AttnShape) -> bool {
-        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
-        let (group, (qs, ks)) = (heads / kv_heads, (heads * hd, kv_heads * hd));
-        (0..batch).step_by(split.0).all(|b0| {
-            (0..kv_heads).step_by(split.1).all(|kv0| {
-                let (qoff, koff, loff) = (b0 * seq * qs + kv0 * group * hd, b0 * seq * ks + kv0 * hd, b0 * seq * heads + kv0 * group);
-                let [dout, q, k, v, out, lse] = t;
-                let [dq, dk, dv] = g;
-                aligned16(&[
-                    q.at(qoff),
-                    out.at(qoff),
-                    dout.at(qoff),
-                    dq.at(qoff),
-                    k.at(koff),
-                    v.at(koff),
-                    dk.at(koff),
-                    dv.at(koff),
-                    lse.at(loff),
-                ])
-            })
+        let [dout, q, k, v, out, lse] = t;
+        let [dq, dk, dv] = g;
+        bwd_launches(shape, split).all(|l| {
+            let (qo, ko) = (l.q_off, l.k_off);
+            aligned16(&[q.at(qo), out.at(qo), dout.at(qo), dq.at(qo), k.at(ko), v.at(ko), dk.at(ko), dv.at(ko), lse.at(l.lse_off)])
         })
     }
 
@@ -852,50 +853,41 @@ impl CudaBackend {
     ) -> Result<()> {
         let [dout, q, k, v, out, lse] = t;
         let sdpa = self.cudnn.as_ref().expect("cuDNN plans come from an open handle");
-        let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = shape;
-        let (bc, kvc) = split;
-        let group = heads / kv_heads;
-        let (qs, ks) = (heads * hd, kv_heads * hd);
         let scratch = self.attn_scratch.borrow();
         let scratch = scratch.as_ref().expect("cudnn_plans checked the scratch");
-        for b0 in (0..batch).step_by(bc) {
-            let bn = bc.min(batch - b0);
-            for kv0 in (0..kv_heads).step_by(kvc) {
-                let kvn = kvc.min(kv_heads - kv0);
-                let key = Self::cudnn_key(shape, true, bn, kvn);
-                let plan = Self::cudnn_plan(sdpa, key).expect("cudnn_plans built every launch's plan");
-                assert!(key.graph_workspace_bytes() + plan.workspace <= scratch.bytes(), "cudnn_plans sized a launch past the scratch");
-                let h0 = kv0 * group;
-                let (qoff, koff, loff) = (b0 * seq * qs + h0 * hd, b0 * seq * ks + kv0 * hd, b0 * seq * heads + h0);
-                if !sdpa.zeroes_dq_itself() {
-                    let (_, acc, _) = key.workspace_offsets();
-                    // SAFETY: the dQ accumulator lies inside the scratch (asserted above); an
-                    // asynchronous memset on our stream.
-                    unsafe { drv::memset_d8_async(scratch.ptr() + acc as u64, 0, bn * kvn * group * seq * hd * 4, self.stream()) }
-                        .map_err(cuda_err("memset"))?;
-                }
-                let ptrs = cudnn::Pointers {
-                    q: q.at(qoff),
-                    k: k.at(koff),
-                    v: v.at(koff),
-                    o: out.at(qoff),
-                    stats: lse.at(loff),
-                    d_o: dout.at(qoff),
-                    dq: dq.at(qoff),
-                    dk: dk.at(koff),
-                    dv: dv.at(koff),
-                    workspace: scratch.ptr(),
-                };
-                self.profiler.around(
-                    &self.shared.ctx,
-                    &self.compute,
-                    || "cudnn_sdpa_bwd".to_string(),
-                    || {
-                        sdpa.execute(&key, &plan, &ptrs, shape.scale() as f32)
-                            .map_err(|msg| Error::Cuda { op: "attention_bwd (cuDNN)".into(), msg })
-                    },
-                )?;
+        for l in bwd_launches(shape, split) {
+            let key = Self::cudnn_key(shape, true, l.bn, l.kvn);
+            let plan = Self::cudnn_plan(sdpa, key).expect("cudnn_plans built every launch's plan");
+            assert!(key.graph_workspace_bytes() + plan.workspace <= scratch.bytes(), "cudnn_plans sized a launch past the scratch");
+            if !sdpa.zeroes_dq_itself() {
+                let (_, acc, _) = key.workspace_offsets();
+                // SAFETY: the dQ accumulator lies inside the scratch (asserted above); an
+                // asynchronous memset on our stream.
+                unsafe { drv::memset_d8_async(scratch.ptr() + acc as u64, 0, key.dq_acc_bytes(), self.stream()) }
+                    .map_err(cuda_err("memset"))?;
             }
+            let (qo, ko) = (l.q_off, l.k_off);
+            let ptrs = cudnn::Pointers {
+                q: q.at(qo),
+                k: k.at(ko),
+                v: v.at(ko),
+                o: out.at(qo),
+                stats: lse.at(l.lse_off),
+                d_o: dout.at(qo),
+                dq: dq.at(qo),
+                dk: dk.at(ko),
+                dv: dv.at(ko),
+                workspace: scratch.ptr(),
+            };
+            self.profiler.around(
+                &self.shared.ctx,
+                &self.compute,
+                || "cudnn_sdpa_bwd".to_string(),
+                || {
+                    sdpa.execute(&key, &plan, &ptrs, shape.scale() as f32)
+                        .map_err(|msg| Error::Cuda { op: "attention_bwd (cuDNN)".into(), msg })
+                },
+            )?;
         }
         Ok(())
     }
@@ -1823,7 +1815,7 @@ impl Backend for CudaBackend {
         act("attention_fwd", "out", out, n * heads * head_dim)?;
         f32t("attention_fwd", "lse", lse, n * heads)?;
         check_len("attention_fwd", "segments", segments.len, n)?;
-        if let Some((plan, _, _)) = self.cudnn_plans(shape).filter(|_| aligned16(&[q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr()])) {
+        if let Some((plan, _)) = self.cudnn_plans(shape).filter(|_| aligned16(&[q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr()])) {
             let sdpa = self.cudnn.as_ref().expect("cuDNN plans come from an open handle");
             let key = Self::cudnn_key(shape, false, batch, kv_heads);
             let workspace = self.attn_scratch.borrow().as_ref().map_or(0, |b| b.ptr());
@@ -1887,9 +1879,8 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        if let Some((_, split, _)) = self
-            .cudnn_plans(shape)
-            .filter(|&(_, split, _)| self.cudnn_launches_aligned(split, [dout, q, k, v, out, lse], [dq, dk, dv], shape))
+        if let Some((_, split)) =
+            self.cudnn_plans(shape).filter(|&(_, split)| self.cudnn_launches_aligned(split, [dout, q, k, v, out, lse], [dq, dk, dv], shape))
         {
             return self.cudnn_attention_bwd(split, [dout, q, k, v, out, lse], shape, dq, dk, dv);
         }
