@@ -38,6 +38,8 @@ use crate::backend::card::CardLimits;
 /// backward initializes its dQ accumulator itself, before that we zero it).
 const MIN_VERSION: usize = 9_00_00;
 const SELF_ZEROING_DQ_VERSION: usize = 9_06_00;
+/// From 9.10 the mask's value is −∞ (cudnn-frontend's choice); before, the lowest finite f32.
+const INFINITE_MASK_VERSION: usize = 9_10_00;
 
 /// Whether a card decides for cuDNN's attention: Hopper (compute capability 9.x), where our
 /// kernels have no wgmma path. Ampere and Ada run our mma.sync kernels, which are of the class of
@@ -116,6 +118,17 @@ impl Desc {
     fn set_desc(&self, name: A, values: &[&Desc]) -> Result<(), String> {
         let raw: Vec<dnn::cudnnBackendDescriptor_t> = values.iter().map(|d| d.0).collect();
         self.set(name, T::CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw)
+    }
+
+    /// Read up to `out.len()` elements of the C type `ty` names into `out`; the count cuDNN has.
+    /// An empty `out` asks only for the count.
+    fn get<V>(&self, name: A, ty: T, out: &mut [V]) -> Result<usize, String> {
+        let mut count = 0i64;
+        let ptr = if out.is_empty() { std::ptr::null_mut() } else { out.as_mut_ptr() as *mut c_void };
+        // SAFETY: cuDNN writes at most `out.len()` elements of `ty` (each caller passes the Rust
+        // type of that C type) and the count.
+        check(unsafe { dnn::cudnnBackendGetAttribute(self.0, name, ty, out.len() as i64, &mut count, ptr) }, &format!("get {name:?}"))?;
+        Ok(count.max(0) as usize)
     }
 
     fn finalize(self) -> Result<Desc, String> {
@@ -268,6 +281,15 @@ impl Graph {
         Ok(())
     }
 
+    /// `out = a·b` where `out` has as many heads as `a`; with fewer (a kv head's gradient under
+    /// GQA), the product per query head into `per_head`'s layout, then summed over each group.
+    fn matmul_summed_over_groups(&mut self, a: &Desc, b: &Desc, out: &Desc, per_head: Option<Layout>) -> Result<(), String> {
+        let Some(layout) = per_head else { return self.matmul(a, b, out) };
+        let full = self.virt(Dt::CUDNN_DATA_BFLOAT16, layout)?;
+        self.matmul(a, b, &full)?;
+        self.reduction(dnn::cudnnReduceTensorOp_t::CUDNN_REDUCE_TENSOR_ADD, &full, out)
+    }
+
     fn reshape(&mut self, x: &Desc, y: &Desc) -> Result<(), String> {
         let op = Desc::new(D::CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR)?;
         op.set_desc(A::CUDNN_ATTR_OPERATION_RESHAPE_XDESC, &[x])?;
@@ -311,8 +333,8 @@ pub struct Key {
 struct Layouts {
     q: Layout,
     kt: Layout,
-    v: Layout,
-    k: Layout,
+    /// K and V (and their gradients) as stored.
+    kv: Layout,
     stats: Layout,
     scores: Layout,
     scores_t: Layout,
@@ -327,8 +349,7 @@ impl Key {
         Layouts {
             q: ([b, h, s, d], [s * qr, d, qr, 1]),
             kt: ([b, hk, d, s], [s * kr, d, 1, kr]),
-            v: ([b, hk, s, d], [s * kr, d, kr, 1]),
-            k: ([b, hk, s, d], [s * kr, d, kr, 1]),
+            kv: ([b, hk, s, d], [s * kr, d, kr, 1]),
             stats: ([b, h, s, 1], [s * sr, 1, sr, 1]),
             scores: ([b, h, s, s], [h * s * s, s * s, s, 1]),
             scores_t: ([b, h, s, s], [h * s * s, s * s, 1, s]),
@@ -341,11 +362,15 @@ impl Key {
     /// row sums dO·O, the f32 dQ accumulator, each at a 256-byte boundary; (row sums, dQ
     /// accumulator, plan workspace, total before the plan's part).
     pub fn workspace_offsets(&self) -> (usize, usize, usize) {
-        let rows = self.batch * self.heads * self.seq;
         let up = |x: usize| x.div_ceil(256) * 256;
-        let dq_acc = up(rows * 4);
-        let plan = dq_acc + up(rows * self.head_dim * 4);
+        let dq_acc = up(self.batch * self.heads * self.seq * 4);
+        let plan = dq_acc + up(self.dq_acc_bytes());
         if self.backward { (0, dq_acc, plan) } else { (0, 0, 0) }
+    }
+
+    /// Bytes of the backward's f32 dQ accumulator.
+    pub fn dq_acc_bytes(&self) -> usize {
+        self.batch * self.heads * self.seq * self.head_dim * 4
     }
 
     /// Bytes of workspace the graph's own tensors take before the plan's part (backward only).
@@ -358,7 +383,7 @@ impl Key {
         let (bf16, f32) = (Dt::CUDNN_DATA_BFLOAT16, Dt::CUDNN_DATA_FLOAT);
         let q = g.real(Uid::Q, bf16, l.q)?;
         let kt = g.real(Uid::K, bf16, l.kt)?;
-        let v = g.real(Uid::V, bf16, l.v)?;
+        let v = g.real(Uid::V, bf16, l.kv)?;
         let o = g.real(Uid::O, bf16, l.q)?;
         let stats = g.real(Uid::Stats, f32, l.stats)?;
         let scale = g.scalar(Uid::Scale)?;
@@ -388,7 +413,8 @@ impl Key {
     fn backward_graph(&self, g: &mut Graph) -> Result<(), String> {
         let l = self.layouts();
         let (bf16, f32) = (Dt::CUDNN_DATA_BFLOAT16, Dt::CUDNN_DATA_FLOAT);
-        let gqa = self.heads != self.kv_heads;
+        // Under GQA dK and dV come per query head first, then summed over each kv head's group.
+        let per_head = (self.heads != self.kv_heads).then_some(l.heads_bhsd);
         let q = g.real(Uid::Q, bf16, l.q)?;
         let kt = g.real(Uid::K, bf16, l.kt)?;
         let vt = g.real(Uid::V, bf16, l.kt)?;
@@ -396,8 +422,8 @@ impl Key {
         let d_o = g.real(Uid::DO, bf16, l.q)?;
         let stats = g.real(Uid::Stats, f32, l.stats)?;
         let dq = g.real(Uid::DQ, bf16, l.q)?;
-        let dk = g.real(Uid::DK, bf16, l.k)?;
-        let dv = g.real(Uid::DV, bf16, l.v)?;
+        let dk = g.real(Uid::DK, bf16, l.kv)?;
+        let dv = g.real(Uid::DV, bf16, l.kv)?;
         let scale = g.scalar(Uid::Scale)?;
         let neg_inf = g.scalar(Uid::NegInf)?;
         let one = g.scalar(Uid::One)?;
@@ -423,13 +449,7 @@ impl Key {
         // dV = Pᵀ·dO, summed over each kv head's group.
         let pt = g.virt(bf16, l.scores_t)?;
         g.reshape(&p, &pt)?;
-        if gqa {
-            let dv_full = g.virt(bf16, l.heads_bhsd)?;
-            g.matmul(&pt, &d_o, &dv_full)?;
-            g.reduction(dnn::cudnnReduceTensorOp_t::CUDNN_REDUCE_TENSOR_ADD, &dv_full, &dv)?;
-        } else {
-            g.matmul(&pt, &d_o, &dv)?;
-        }
+        g.matmul_summed_over_groups(&pt, &d_o, &dv, per_head)?;
         // dS = scale · P∘(dO·Vᵀ − D).
         let dp = g.virt(f32, l.scores)?;
         g.matmul(&d_o, &vt, &dp)?;
@@ -442,15 +462,9 @@ impl Key {
         // dK = dSᵀ·Q, summed over each kv head's group.
         let dst = g.virt(bf16, l.scores_t)?;
         g.reshape(&ds, &dst)?;
-        if gqa {
-            let dk_full = g.virt(bf16, l.heads_bhsd)?;
-            g.matmul(&dst, &q, &dk_full)?;
-            g.reduction(dnn::cudnnReduceTensorOp_t::CUDNN_REDUCE_TENSOR_ADD, &dk_full, &dk)?;
-        } else {
-            g.matmul(&dst, &q, &dk)?;
-        }
+        g.matmul_summed_over_groups(&dst, &q, &dk, per_head)?;
         // dQ = dS·K through the f32 accumulator.
-        let k = g.virt(f32, l.k)?;
+        let k = g.virt(f32, l.kv)?;
         g.reshape(&kt, &k)?;
         g.matmul(&ds, &k, &dq_acc)?;
         g.unary(Pw::CUDNN_POINTWISE_IDENTITY, &dq_acc, &dq)
@@ -541,43 +555,17 @@ impl Sdpa {
         heur.set_desc(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&graph])?;
         heur.set(A::CUDNN_ATTR_ENGINEHEUR_MODE, T::CUDNN_TYPE_HEUR_MODE, &[dnn::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A])?;
         let heur = heur.finalize()?;
-        let mut count = 0i64;
-        // SAFETY: a count query (no elements requested).
-        check(
-            unsafe {
-                dnn::cudnnBackendGetAttribute(
-                    heur.0,
-                    A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                    T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                    0,
-                    &mut count,
-                    std::ptr::null_mut(),
-                )
-            },
-            "count engine configs",
-        )?;
+        let results = (A::CUDNN_ATTR_ENGINEHEUR_RESULTS, T::CUDNN_TYPE_BACKEND_DESCRIPTOR);
+        let count = heur.get::<dnn::cudnnBackendDescriptor_t>(results.0, results.1, &mut [])?;
         if count == 0 {
             return Err("no engine of this cuDNN takes the graph".into());
         }
         let configs: Vec<Desc> = (0..count).map(|_| Desc::new(D::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR)).collect::<Result<_, _>>()?;
+        // cuDNN fills the engine-config descriptors created here.
         let mut raw: Vec<dnn::cudnnBackendDescriptor_t> = configs.iter().map(|c| c.0).collect();
-        let mut got = 0i64;
-        // SAFETY: `raw` holds `count` created engine-config descriptors for cuDNN to fill.
-        check(
-            unsafe {
-                dnn::cudnnBackendGetAttribute(
-                    heur.0,
-                    A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                    T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                    count,
-                    &mut got,
-                    raw.as_mut_ptr() as *mut c_void,
-                )
-            },
-            "engine configs",
-        )?;
+        let got = heur.get(results.0, results.1, &mut raw)?;
         let mut why = Vec::new();
-        for cfg in configs.iter().take(got.max(0) as usize) {
+        for cfg in configs.iter().take(got) {
             match self.plan_for(cfg) {
                 Ok((plan, workspace)) => {
                     return Ok(Rc::new(Plan { plan, workspace, _graph: g, _keep: vec![graph, heur], _configs: configs }));
@@ -594,27 +582,14 @@ impl Sdpa {
         plan.set(A::CUDNN_ATTR_EXECUTION_PLAN_HANDLE, T::CUDNN_TYPE_HANDLE, &[self.handle])?;
         plan.set_desc(A::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[cfg])?;
         let plan = plan.finalize()?;
-        let (mut ws, mut n) = (0i64, 0i64);
-        // SAFETY: one INT64 element into `ws`.
-        check(
-            unsafe {
-                dnn::cudnnBackendGetAttribute(
-                    plan.0,
-                    A::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                    T::CUDNN_TYPE_INT64,
-                    1,
-                    &mut n,
-                    &mut ws as *mut i64 as *mut c_void,
-                )
-            },
-            "workspace size",
-        )?;
-        Ok((plan, ws.max(0) as usize))
+        let mut ws = [0i64];
+        plan.get(A::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, T::CUDNN_TYPE_INT64, &mut ws)?;
+        Ok((plan, ws[0].max(0) as usize))
     }
 
     /// Run `plan` on the handle's stream.
     pub fn execute(&self, key: &Key, plan: &Plan, ptrs: &Pointers, scale: f32) -> Result<(), String> {
-        let neg_inf = if self.version < 9_10_00 { f32::MIN } else { f32::NEG_INFINITY };
+        let neg_inf = if self.version < INFINITE_MASK_VERSION { f32::MIN } else { f32::NEG_INFINITY };
         let one = 1.0f32;
         let host = |x: &f32| x as *const f32 as *mut c_void;
         let dev = |p: u64| p as *mut c_void;
