@@ -7,8 +7,7 @@ set -u
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 ))s]"; }
-CUDNN_LIB=$(python3 -c 'import nvidia.cudnn as c, os; print(os.path.join(list(c.__path__)[0], "lib"))')
-export LD_LIBRARY_PATH="$CUDNN_LIB:${LD_LIBRARY_PATH:-}"
+. "$(dirname "$0")/cudnn_env.sh"
 bash scripts/gpu/unpack.sh .dev/run
 timeout 200 .dev/run/gpu_kernels --ignored --test-threads=1 --nocapture attention >"$OUT/attention.log" 2>&1
 echo "$(el) attention checks: $(grep -E '^test result' "$OUT/attention.log")"

@@ -13,6 +13,7 @@ set -u
 HERE=.dev/run
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 bash "$(dirname "$0")/unpack.sh" "$HERE"
+. "$(dirname "$0")/cudnn_env.sh"
 chmod +x "$HERE"/tunestudio "$HERE"/gpu_* 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 ALL_PROFILES="rtx3060 rtx3090 a10 a6000 rtx4090 l4 l40s rtx5090 a100-40 a100-80 h100-80"

@@ -8,6 +8,7 @@ set -u
 HERE=.dev/run
 OUT=${OUT:-/tmp/out}; D=$OUT/diverge; mkdir -p "$D"
 bash "$(dirname "$0")/unpack.sh" "$HERE"
+. "$(dirname "$0")/cudnn_env.sh"
 chmod +x "$HERE/tunestudio"
 DEMO=$PWD/assets/demo
 for dev in cuda cpu; do

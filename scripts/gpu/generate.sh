@@ -11,6 +11,7 @@ set -u
 HERE=.dev/run
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 bash "$(dirname "$0")/unpack.sh" "$HERE"
+. "$(dirname "$0")/cudnn_env.sh"
 chmod +x "$HERE"/tunestudio "$HERE"/gpu_* 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(tests bench hf)

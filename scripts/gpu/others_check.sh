@@ -15,6 +15,7 @@ set -u
 HERE=.dev/run
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 bash "$(dirname "$0")/unpack.sh" "$HERE"
+. "$(dirname "$0")/cudnn_env.sh"
 chmod +x "$HERE"/tunestudio "$HERE"/gpu_* 2>/dev/null
 BIN=$HERE/tunestudio
 PY=${PYTHON:-python3}
