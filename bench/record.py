@@ -21,6 +21,19 @@ commit = sys.argv[3] if len(sys.argv) > 3 else subprocess.check_output(["git", "
 card = open(os.path.join(out, "card.txt")).read().strip().splitlines()[0].split(",")[0].strip()
 date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
 G = 2 ** 30
+
+
+def policy_mix(r):
+    """What each layer did, in one string: "offload: 32 recomputed (attention output in host memory)"."""
+    kept = r.get("kept_layers") or 0
+    mix = f"{r['checkpointing']}: {kept} kept"
+    if r.get("saved_attention") not in (None, "off"):
+        mix += f", the rest recomputed with attention output kept ({r['saved_attention']})"
+    elif r["checkpointing"] != "none":
+        mix += ", the rest recomputed"
+    return mix
+
+
 rows = []
 path = os.path.join(out, "bench.jsonl")
 if os.path.exists(path):
@@ -31,7 +44,8 @@ if os.path.exists(path):
             "peak_gib": round(r["peak_driver_bytes"] / G, 3), "peak_arena_gib": round(r["peak_arena_bytes"] / G, 3),
             "plan_gib": round(r["plan_peak_bytes"] / G, 3), "mfu": round(r["mfu"], 4), "first_step_s": round(r["first_step_s"], 2),
             "attention": r.get("attention"), "card_profile": r.get("card_profile"), "card_memory_gib": r.get("card_memory_gib"),
-            "gpu_mem_cap_gib": r.get("gpu_mem_cap_gib"), "run_id": run_id,
+            "gpu_mem_cap_gib": r.get("gpu_mem_cap_gib"), "saved_attention": r.get("saved_attention"),
+            "policy_mix": policy_mix(r), "run_id": run_id,
         })
 names = {"A": "hf_peft", "B": "hf_peft_qlora", "C": "unsloth"}
 for key, system in names.items():

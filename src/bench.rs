@@ -61,6 +61,8 @@ pub struct BenchResult {
     pub checkpointing: CheckpointPolicy,
     /// Layers whose activations were kept (all under `none`; under `auto` with a cap, what fits).
     pub kept_layers: usize,
+    /// Where the recomputed layers kept attention's output (`off`: their recompute ran it again).
+    pub saved_attention: crate::engine::plan::SavedAttention,
     /// The card profile the backend decided as (`--card`), if any.
     pub card_profile: Option<String>,
     /// The memory of the card (of the profile, under one) in GiB.
@@ -255,6 +257,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         checkpointing: policy,
         seed: 3407,
         mlp_chunk_rows: 0,
+        saved_attention: resolved.attention,
     };
     log(&format!("{}: building a random {} (r = {}, seq {}) …", dev.name, args.shape, args.rank, args.seq));
     let weights = BenchWeights::new(Quantization::Nf4, &spec);
@@ -263,7 +266,14 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let kept = (policy == CheckpointPolicy::Layer).then_some(kept);
     let mut trainer = Trainer::with_kept_layers(be, spec.clone(), &weights, opts, None, kept)?;
     // Planned with the context this backend measured, as the driver peak is.
-    let planned = plan::plan_resolved(&spec, &input, &PlanTarget { context_bytes, ..target.clone() }, policy, trainer.kept_layers());
+    let planned = plan::plan_resolved(
+        &spec,
+        &input,
+        &PlanTarget { context_bytes, ..target.clone() },
+        policy,
+        trainer.kept_layers(),
+        trainer.saved_attention(),
+    );
     let plan_arena_bytes = planned.peak_bytes - context_bytes;
     let setup_s = t_start.elapsed().as_secs_f64();
 
@@ -333,6 +343,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         mode: args.mode,
         checkpointing: policy,
         kept_layers: trainer.kept_layers(),
+        saved_attention: trainer.saved_attention(),
         card_profile: card.profile.map(str::to_string),
         card_memory_gib: card.memory_bytes as f64 / GIB,
         gpu_mem_cap_gib: args.gpu_mem_bytes.map(|b| b as f64 / GIB),

@@ -120,6 +120,7 @@ impl Scorer {
             checkpointing: crate::config::CheckpointPolicy::Layer,
             seed: 0,
             mlp_chunk_rows: 0,
+            saved_attention: crate::engine::plan::SavedAttention::Off,
         };
         let mut trainer = Trainer::new(CpuBackend::<f32>::new(), spec.clone(), &store, engine, Some(&weights))?;
         let mut token_rows = 0;

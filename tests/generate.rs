@@ -127,6 +127,7 @@ fn trainer_loss(spec: &ModelSpec, w: &RandomWeights, quant: Quantization, a: Opt
         checkpointing: CheckpointPolicy::None,
         seed: 0,
         mlp_chunk_rows: 0,
+        saved_attention: tunestudio::engine::plan::SavedAttention::Off,
     };
     let mut tr = Trainer::new(B::new(), spec.clone(), w, opts, Some(&weights)).unwrap();
     if let Some(rows) = a.and_then(|a| a.token_rows.as_ref()) {

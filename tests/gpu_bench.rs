@@ -229,6 +229,7 @@ fn train_step_llama3_8b_two_layers() {
             checkpointing: policy,
             seed: 1,
             mlp_chunk_rows: 0,
+            saved_attention: tunestudio::engine::plan::SavedAttention::Off,
         };
         let t0 = std::time::Instant::now();
         let mut tr = Trainer::new(be, spec.clone(), &FastWeights, opts, None).unwrap();

@@ -28,6 +28,7 @@ use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization
 use tunestudio::data::Batch;
 use tunestudio::engine::lora::LoraWeights;
 use tunestudio::engine::model::WeightSource;
+use tunestudio::engine::plan::SavedAttention;
 use tunestudio::engine::{EngineOptions, Trainer};
 use tunestudio::model::ModelSpec;
 use tunestudio::model::arch::{Family, MlpActivation, Rope, RopeScaling};
@@ -161,6 +162,7 @@ fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64, mlp_chun
         checkpointing: policy,
         seed: 5,
         mlp_chunk_rows,
+        saved_attention: SavedAttention::Off,
     }
 }
 
@@ -195,11 +197,13 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn compare_step(name: &str, spec: ModelSpec, quant: Quantization, policy: CheckpointPolicy, dropout: f64, mlp_chunk_rows: usize) {
-    compare_step_kept(name, spec, quant, policy, dropout, mlp_chunk_rows, None)
+    compare_step_kept(name, spec, quant, policy, dropout, mlp_chunk_rows, None, SavedAttention::Off)
 }
 
 /// [`compare_step`] with `layer` checkpointing keeping the last `kept` layers' activations (both
-/// backends), as `auto` does when only some fit.
+/// backends), as `auto` does when only some fit, and the recomputed layers keeping attention's
+/// output where `attention` says.
+#[allow(clippy::too_many_arguments)]
 fn compare_step_kept(
     name: &str,
     spec: ModelSpec,
@@ -208,9 +212,10 @@ fn compare_step_kept(
     dropout: f64,
     mlp_chunk_rows: usize,
     kept: Option<usize>,
+    attention: SavedAttention,
 ) {
     let weights = RandomWeights::new(&spec, 3, 0.05);
-    let opts = options(quant, policy, dropout, mlp_chunk_rows);
+    let opts = EngineOptions { saved_attention: attention, ..options(quant, policy, dropout, mlp_chunk_rows) };
     let init = lora_init(&spec, &opts.lora);
     let cuda = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
     let cpu_src = SameWeights { inner: RandomWeights { spec: spec.clone(), tensors: weights.tensors.clone() }, for_cpu: true };
@@ -220,6 +225,7 @@ fn compare_step_kept(
     if let Some(k) = kept {
         assert_eq!(tg.kept_layers(), k, "{name}: kept layers");
     }
+    assert_eq!(tg.saved_attention(), attention, "{name}: where attention's output is kept");
     let mut rng = ChaCha8Rng::seed_from_u64(31);
     let micro = vec![batch(&mut rng, spec.vocab_size as u32), batch(&mut rng, spec.vocab_size as u32)];
 
@@ -299,6 +305,7 @@ fn step_bf16_layer_chunked_mlp() {
         0.1,
         40,
         Some(1),
+        SavedAttention::Off,
     );
     compare_step_kept(
         "gemma3, bf16, layer, 1 of 2 layers kept",
@@ -308,8 +315,23 @@ fn step_bf16_layer_chunked_mlp() {
         0.0,
         40,
         Some(1),
+        SavedAttention::Off,
     );
     compare_step("bf16, layer, MLP chunks of 40 rows", spec(true), Quantization::Bf16, CheckpointPolicy::Layer, 0.1, 40);
+}
+
+/// Recomputed layers that keep attention's output from the forward and skip its second forward:
+/// on the device (swapped into the shared activations), and in pinned host memory (out through the
+/// stage on the copy stream, back one layer ahead), alongside offloaded inputs.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_saved_attention_output() {
+    use SavedAttention::{Device, Host};
+    let (nf4, layer) = (Quantization::Nf4, CheckpointPolicy::Layer);
+    compare_step_kept("nf4, layer, 1 of 2 kept, MLP chunks, attention output on the GPU", spec(true), nf4, layer, 0.1, 40, Some(1), Device);
+    compare_step_kept("nf4, offload, attention output in host memory", spec(false), nf4, CheckpointPolicy::Offload, 0.0, 0, None, Host);
+    compare_step_kept("qwen3, bf16, layer, attention output in host memory", qwen3_spec(), Quantization::Bf16, layer, 0.0, 0, None, Host);
+    compare_step_kept("gemma3, nf4, layer, attention output on the GPU", gemma3_spec(128, 96), nf4, layer, 0.0, 0, None, Device);
 }
 
 #[test]

@@ -400,6 +400,7 @@ fn trainer(spec: &ModelSpec, quant: Quantization, policy: CheckpointPolicy, drop
         checkpointing: policy,
         seed: 7,
         mlp_chunk_rows: 5,
+        saved_attention: tunestudio::engine::plan::SavedAttention::Off,
     };
     // B random (not PEFT's zero init) so that dA is not trivially zero.
     let mut init = LoraWeights::init(spec, &lora, 1);
@@ -568,6 +569,53 @@ fn keeping_some_layers_gives_the_gradients_of_keeping_all() {
     let err =
         Trainer::with_kept_layers(B::new(), spec.clone(), &RandomWeights::new(&spec, 11, 0.3), opts, None, Some(1)).err().expect("refused");
     assert!(err.to_string().contains("memory.checkpointing"), "{err}");
+}
+
+/// Recomputed layers that keep attention's output and log-sum-exp from the forward, on the device
+/// or in host memory, skip attention's second forward and train exactly as keeping everything
+/// does: every family, `layer` checkpointing with none or some layers kept and `offload`, two
+/// micro-batches, two steps with an evaluation between them (the kept outputs trade buffers with
+/// the shared activations, so a step must leave them ready for the next).
+#[test]
+fn keeping_attention_output_trains_as_keeping_everything() {
+    use tunestudio::engine::plan::SavedAttention;
+    for spec in [ModelSpec { num_layers: 3, ..tiny_spec(false) }, tiny_qwen3(), tiny_gemma3()] {
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let batches = vec![tiny_batch(&mut rng, spec.vocab_size as u32), tiny_batch(&mut rng, spec.vocab_size as u32)];
+        let held_out = tiny_batch(&mut rng, spec.vocab_size as u32);
+        let mut keep = trainer(&spec, Quantization::Nf4, CheckpointPolicy::None, 0.1, Target::ALL.to_vec());
+        let init = keep.lora_weights().unwrap();
+        let run = |tr: &mut Trainer<B>| {
+            let first = tr.train_step(&batches, 1e-2).unwrap();
+            let eval = tr.evaluate(&held_out).unwrap();
+            let second = tr.train_step(&batches, 1e-2).unwrap();
+            (first, eval, second, tr.lora_weights().unwrap())
+        };
+        let reference = run(&mut keep);
+        for (policy, kept) in [(CheckpointPolicy::Layer, Some(0)), (CheckpointPolicy::Layer, Some(1)), (CheckpointPolicy::Offload, None)] {
+            let build = |attention| {
+                let opts = EngineOptions { checkpointing: policy, saved_attention: attention, ..keep.opts.clone() };
+                Trainer::with_kept_layers(B::new(), spec.clone(), &RandomWeights::new(&spec, 11, 0.3), opts, Some(&init), kept).unwrap()
+            };
+            let recomputed = run(&mut build(SavedAttention::Off));
+            // Recomputing is keeping, up to the order of f64 sums.
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
+            assert!(close(recomputed.0.loss, reference.0.loss) && close(recomputed.1.sum, reference.1.sum), "{policy:?}");
+            assert!(close(recomputed.2.grad_norm, reference.2.grad_norm), "{policy:?}");
+            for attention in [SavedAttention::Device, SavedAttention::Host] {
+                let what = format!("{} {policy:?} kept {kept:?} attention {attention:?}", spec.model_type);
+                let mut tr = build(attention);
+                assert_eq!(tr.saved_attention(), attention, "{what}");
+                let got = run(&mut tr);
+                assert_eq!((got.0, got.1, got.2), (recomputed.0, recomputed.1, recomputed.2), "{what}");
+                assert!(got.3 == recomputed.3, "{what}: the trained adapters differ");
+            }
+        }
+        // Nothing is recomputed when every layer is kept: nothing to keep.
+        let opts = EngineOptions { saved_attention: SavedAttention::Host, ..keep.opts.clone() };
+        let tr = Trainer::new(B::new(), spec.clone(), &RandomWeights::new(&spec, 11, 0.3), opts, Some(&init)).unwrap();
+        assert_eq!(tr.saved_attention(), SavedAttention::Off);
+    }
 }
 
 /// The untrained-token fix trains embedding (and untied head) rows with the adapter: their

@@ -7,7 +7,7 @@ use model_support::RandomWeights;
 
 use tunestudio::backend::cpu::CpuBackend;
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
-use tunestudio::engine::plan::{self, PlanInput, PlanTarget};
+use tunestudio::engine::plan::{self, PlanInput, PlanTarget, SavedAttention};
 use tunestudio::engine::{EngineOptions, TokenRows, Trainer};
 use tunestudio::model::ModelSpec;
 
@@ -27,22 +27,31 @@ fn spec(tied: bool) -> ModelSpec {
 
 #[test]
 fn trainer_allocates_exactly_the_planned_buffers() {
-    // The last field: layers kept whole under `layer` (what `auto` picks when only some fit).
+    use SavedAttention::{Device, Host, Off};
+    // The last fields: layers kept whole under `layer` (what `auto` picks when only some fit), and
+    // where the recomputed layers keep attention's output.
     let cases = [
-        (CheckpointPolicy::None, 0.0, Target::ALL.to_vec(), 0, false, None),
-        (CheckpointPolicy::Layer, 0.1, vec![Target::Q, Target::V], 0, false, None),
-        (CheckpointPolicy::Layer, 0.0, vec![Target::Down, Target::Gate], 3, false, None),
-        (CheckpointPolicy::None, 0.2, Target::ALL.to_vec(), 2, true, None),
-        (CheckpointPolicy::Auto, 0.0, Target::ALL.to_vec(), 0, false, None),
-        (CheckpointPolicy::Offload, 0.1, Target::ALL.to_vec(), 1, false, None),
-        (CheckpointPolicy::Layer, 0.1, Target::ALL.to_vec(), 0, false, Some(1)),
-        (CheckpointPolicy::Layer, 0.0, vec![Target::Q, Target::Up, Target::Down], 2, true, Some(2)),
+        (CheckpointPolicy::None, 0.0, Target::ALL.to_vec(), 0, false, None, Off),
+        (CheckpointPolicy::Layer, 0.1, vec![Target::Q, Target::V], 0, false, None, Off),
+        (CheckpointPolicy::Layer, 0.0, vec![Target::Down, Target::Gate], 3, false, None, Off),
+        (CheckpointPolicy::None, 0.2, Target::ALL.to_vec(), 2, true, None, Off),
+        (CheckpointPolicy::Auto, 0.0, Target::ALL.to_vec(), 0, false, None, Off),
+        (CheckpointPolicy::Offload, 0.1, Target::ALL.to_vec(), 1, false, None, Off),
+        (CheckpointPolicy::Layer, 0.1, Target::ALL.to_vec(), 0, false, Some(1), Off),
+        (CheckpointPolicy::Layer, 0.0, vec![Target::Q, Target::Up, Target::Down], 2, true, Some(2), Off),
+        (CheckpointPolicy::Layer, 0.1, Target::ALL.to_vec(), 0, false, Some(1), Host),
+        (CheckpointPolicy::Layer, 0.0, vec![Target::O, Target::Down], 0, false, None, Device),
+        (CheckpointPolicy::Offload, 0.0, Target::ALL.to_vec(), 1, true, None, Host),
+        (CheckpointPolicy::Offload, 0.1, Target::ALL.to_vec(), 0, false, None, Device),
+        (CheckpointPolicy::None, 0.0, Target::ALL.to_vec(), 0, false, None, Host),
     ];
     // Qwen3's q/k norms and Gemma 3's output norms add activations and scratch of their own.
     let qwen3 = |tied| ModelSpec { qk_norm: true, head_dim: 6, ..spec(tied) };
     let gemma3 = |tied| ModelSpec { sandwich_norms: true, norm_weight_offset: 1.0, ..qwen3(tied) };
     let families: [&dyn Fn(bool) -> ModelSpec; 3] = [&spec, &qwen3, &gemma3];
-    for ((policy, dropout, targets, token_rows, tied, kept), family) in cases.into_iter().flat_map(|c| families.map(|f| (c.clone(), f))) {
+    for ((policy, dropout, targets, token_rows, tied, kept, attention), family) in
+        cases.into_iter().flat_map(|c| families.map(|f| (c.clone(), f)))
+    {
         let s = family(tied);
         let lora = LoraConfig { r: 5, alpha: 8.0, dropout, targets, rslora: false };
         let opts = EngineOptions {
@@ -54,6 +63,7 @@ fn trainer_allocates_exactly_the_planned_buffers() {
             checkpointing: policy,
             seed: 1,
             mlp_chunk_rows: 7,
+            saved_attention: attention,
         };
         let mut tr =
             Trainer::with_kept_layers(CpuBackend::<f32>::new(), s.clone(), &RandomWeights::new(&s, 2, 0.1), opts, None, kept).unwrap();
@@ -75,7 +85,9 @@ fn trainer_allocates_exactly_the_planned_buffers() {
         };
         let resolved = plan::plan(&s, &input, &PlanTarget::cpu()).checkpointing;
         assert_eq!(plan::keeps_all(resolved), tr.keeps_all_activations(), "{policy:?}");
-        let expected = plan::engine_buffers(&s, &input, resolved, tr.kept_layers());
+        let expected = plan::engine_buffers(&s, &input, resolved, tr.kept_layers(), tr.saved_attention());
+        let nothing_recomputed = plan::keeps_all(resolved) || kept == Some(s.num_layers);
+        assert_eq!(tr.saved_attention(), if nothing_recomputed { Off } else { attention }, "{policy:?}");
         let got = tr.allocations();
         for (i, (e, g)) in expected.iter().zip(got).enumerate() {
             assert_eq!(e, g, "buffer {i} differs ({policy:?}, dropout {dropout})");
@@ -110,9 +122,9 @@ fn auto_keeps_as_many_layers_as_the_card_holds() {
         let free = card(gib).available_bytes().unwrap();
         if p.checkpointing == CheckpointPolicy::Layer && p.kept_layers > 0 {
             assert!(p.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES <= free, "{seq} on {gib} GiB leaves the headroom");
-            let one_more = plan::plan_resolved(&s, &input(seq), &card(gib), CheckpointPolicy::Layer, p.kept_layers + 1);
+            let one_more = plan::plan_resolved(&s, &input(seq), &card(gib), CheckpointPolicy::Layer, p.kept_layers + 1, p.attention);
             assert!(one_more.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES > free, "{seq} on {gib} GiB: one more layer would fit");
-            let layer = plan::plan_resolved(&s, &input(seq), &card(gib), CheckpointPolicy::Layer, 0);
+            let layer = plan::plan_resolved(&s, &input(seq), &card(gib), CheckpointPolicy::Layer, 0, SavedAttention::Off);
             assert!(p.peak_bytes > layer.peak_bytes, "kept layers cost memory");
         }
         (p.checkpointing, p.kept_layers)
@@ -130,6 +142,74 @@ fn auto_keeps_as_many_layers_as_the_card_holds() {
     // The label says what the plan chose.
     let p = plan::plan(&s, &input(8192), &card(24));
     assert_eq!(p.checkpointing_label(&s), format!("layer ({at_8k} of 32 layers kept, the rest recomputed)"));
+}
+
+/// `auto` on a card of known speed (an H100 under issue 12's caps) keeps the recomputed layers'
+/// attention output when that is predicted faster and fits with the headroom: in pinned host
+/// memory when the card has no room for it, on the device when it has. The plan counts it where
+/// it lives, and the prediction drops the recomputed attention forward.
+#[test]
+fn auto_keeps_attention_output_where_it_fits_and_pays() {
+    use tunestudio::backend::card::profile_named;
+    let s = ModelSpec::llama3_8b();
+    let input = |seq| PlanInput {
+        lora: LoraConfig { r: 32, alpha: 32.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false },
+        quantization: Quantization::Nf4,
+        batch_size: 1,
+        max_seq_len: seq,
+        checkpointing: CheckpointPolicy::Auto,
+        token_rows: 0,
+        mlp_chunk_rows: 0,
+        samples: None,
+    };
+    let h100 = |cap_gib: f64| {
+        let card = profile_named("h100-80").unwrap().limits();
+        PlanTarget {
+            kind: plan::BackendKind::Cuda,
+            name: card.name.clone(),
+            total_bytes: Some(card.memory_bytes),
+            card: Some(card),
+            others_bytes: 0,
+            cap_bytes: Some((cap_gib * (1u64 << 30) as f64) as u64),
+            context_bytes: plan::DEFAULT_CUDA_CONTEXT_BYTES,
+            host_bytes: Some(100 << 30),
+        }
+    };
+    // Unsloth's peak + 0.6 GiB at 16K and 64K, and 24 GiB at 32K.
+    for (seq, cap) in [(16384, 11.9), (32768, 24.0), (65536, 24.5)] {
+        let t = h100(cap);
+        let p = plan::plan(&s, &input(seq), &t);
+        assert!(
+            p.fits && p.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES <= t.available_bytes().unwrap(),
+            "{seq}: {}",
+            p.checkpointing_label(&s)
+        );
+        assert_ne!(p.attention, SavedAttention::Off, "{seq}: {}", p.checkpointing_label(&s));
+        let without = plan::plan_resolved(&s, &input(seq), &t, p.checkpointing, p.kept_layers, SavedAttention::Off);
+        assert!(p.step.as_ref().unwrap().step_s < without.step.as_ref().unwrap().step_s, "{seq}: keeping attention is faster");
+        let recomputed = 32 - p.kept_layers;
+        let pair = (seq * 4096 * 2 + seq * 32 * 4) as u64;
+        let kept: u64 = p
+            .buffers
+            .iter()
+            .filter(|b| b.name.starts_with("saved_att") || b.name.starts_with("saved_lse"))
+            .map(|b| b.bytes(plan::BackendKind::Cuda))
+            .sum();
+        assert_eq!(kept, recomputed as u64 * pair, "{seq}: one output and log-sum-exp per recomputed layer");
+        match p.attention {
+            // The stage's output; its small log-sum-exp may fill a chunk's free space.
+            SavedAttention::Host => {
+                assert!(p.pinned_host_bytes >= kept && p.peak_bytes >= without.peak_bytes + (seq * 4096 * 2) as u64, "{seq}: the stage")
+            }
+            _ => assert!(p.peak_bytes >= without.peak_bytes + kept, "{seq}"),
+        }
+        assert!(p.checkpointing_label(&s).contains("attention output kept"), "{}", p.checkpointing_label(&s));
+    }
+    // Without room on the host for it, the output is not kept there.
+    let tight = PlanTarget { host_bytes: Some(1 << 30), ..h100(11.9) };
+    assert_ne!(plan::plan(&s, &input(16384), &tight).attention, SavedAttention::Host);
+    // Everything kept: nothing is recomputed, nothing to keep.
+    assert_eq!(plan::plan(&s, &input(2048), &h100(80.0)).attention, SavedAttention::Off);
 }
 
 #[test]

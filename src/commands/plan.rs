@@ -120,6 +120,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
             "context_bytes": target.context_bytes,
             "checkpointing": p.checkpointing,
             "kept_layers": p.kept_layers,
+            "saved_attention": p.attention,
             "pinned_host_bytes": p.pinned_host_bytes,
             "host_available_bytes": target.host_bytes,
             "host_fits": p.host_fits,

@@ -15,19 +15,19 @@
 //!   again for a recomputed layer's second forward;
 //! - attention: `4 · head_dim · heads · pairs` for the forward, where `pairs` counts the causal
 //!   (query, key) pairs inside the layer's window, 2.5× that for the backward, and the forward again
-//!   when recomputed;
+//!   when recomputed, unless the layer kept its output (`SavedAttention`);
 //! - memory-bound bytes: NF4 dequantization (each weight read as nibbles, written in bf16, once per
 //!   pass), the skinny LoRA GEMMs (the rows of their inputs and outputs, per pass), and the norms,
 //!   RoPE, gates and residual adds;
 //! - the head and the loss: `2 · 2 · n · hidden · vocab` and the logits' bytes;
-//! - offloaded layer inputs (f32) out and back over the host link, which overlaps compute: only
-//!   what exceeds the step's compute time is counted.
+//! - offloaded layer inputs (bf16) and attention outputs kept in host memory, out and back over
+//!   the host link, which overlaps compute: only what exceeds the step's compute time is counted.
 
 use serde::Serialize;
 
 use crate::backend::card::{CardLimits, CardSpeed};
 use crate::config::{CheckpointPolicy, Quantization};
-use crate::engine::plan::PlanInput;
+use crate::engine::plan::{PlanInput, SavedAttention};
 use crate::model::ModelSpec;
 
 /// The fractions of a card's datasheet rates our kernels reach, fitted to the measurements in
@@ -152,7 +152,7 @@ fn recomputed(layer: usize, layers: usize, policy: CheckpointPolicy, kept_layers
 }
 
 /// The work of one micro-step under a resolved policy.
-pub fn step_work(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, kept_layers: usize) -> StepWork {
+pub fn step_work(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, kept_layers: usize, attention: SavedAttention) -> StepWork {
     let (batch, seq) = (input.batch_size as f64, input.max_seq_len as f64);
     let n = batch * seq;
     let (d, ff) = (spec.hidden_size as f64, spec.intermediate_size as f64);
@@ -170,7 +170,12 @@ pub fn step_work(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, 
         let r = if recomputed(l, spec.num_layers, policy, kept_layers) { 1.0 } else { 0.0 };
         w.gemm_flops += 2.0 * n * params * (2.0 + r);
         let fwd = 4.0 * (spec.head_dim * spec.num_heads) as f64 * batch * attended_pairs(input.max_seq_len, spec.layer_window(l));
-        w.attention_fwd_flops += fwd * (1.0 + r);
+        let attention_again = if attention == SavedAttention::Off { r } else { 0.0 };
+        w.attention_fwd_flops += fwd * (1.0 + attention_again);
+        if attention == SavedAttention::Host {
+            // Its bf16 output and f32 log-sum-exp, out and back.
+            w.host_link_bytes += r * 2.0 * n * (2.0 * spec.q_dim() as f64 + 4.0 * spec.num_heads as f64);
+        }
         w.attention_bwd_flops += 2.5 * fwd;
         // LoRA's skinny GEMMs: a forward reads x and updates y; the backward reads dy twice, x
         // once and updates dx. Two bytes an element.
@@ -190,7 +195,8 @@ pub fn step_work(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, 
     w.gemm_flops += 2.0 * 2.0 * n * d * vocab;
     w.memory_bytes += 3.0 * 4.0 * n * vocab;
     if policy == CheckpointPolicy::Offload {
-        w.host_link_bytes = 2.0 * 4.0 * n * d * spec.num_layers as f64;
+        // Each layer's bf16 input, out and back.
+        w.host_link_bytes += 2.0 * 2.0 * n * d * spec.num_layers as f64;
     }
     w
 }
@@ -201,6 +207,7 @@ pub fn predict(
     input: &PlanInput,
     policy: CheckpointPolicy,
     kept_layers: usize,
+    attention: SavedAttention,
     card: &CardLimits,
 ) -> Option<StepPrediction> {
     let (speed, basis) = card.speed()?;
@@ -209,7 +216,8 @@ pub fn predict(
     } else {
         (&EFFICIENCY, basis)
     };
-    let mut p = predict_with(&step_work(spec, input, policy, kept_layers), &speed, e, basis, input.batch_size * input.max_seq_len);
+    let mut p =
+        predict_with(&step_work(spec, input, policy, kept_layers, attention), &speed, e, basis, input.batch_size * input.max_seq_len);
     p.calibrated = card.compute_capability.0 == 9;
     Some(p)
 }
@@ -282,7 +290,7 @@ mod tests {
         for &(card, seq, policy, kept, measured) in rows {
             let limits = profile_named(card).unwrap().limits();
             let (speed, basis) = limits.speed().unwrap();
-            let p = predict_with(&step_work(&spec, &input(seq), policy, kept), &speed, e, basis, seq);
+            let p = predict_with(&step_work(&spec, &input(seq), policy, kept, SavedAttention::Off), &speed, e, basis, seq);
             let err = p.tokens_per_s / measured - 1.0;
             println!(
                 "{card} seq {seq} {policy:?} kept {kept}: predicted {:.0}, measured {measured} ({:+.1}%)",
@@ -325,7 +333,7 @@ mod tests {
     fn recomputing_and_offloading_cost_time_and_a_slower_card_is_slower() {
         let spec = llama3_8b();
         let l4 = profile_named("l4").unwrap().limits();
-        let at = |policy, kept, card: &CardLimits| predict(&spec, &input(8192), policy, kept, card).unwrap().step_s;
+        let at = |policy, kept, card: &CardLimits| predict(&spec, &input(8192), policy, kept, SavedAttention::Off, card).unwrap().step_s;
         let keep_all = at(CheckpointPolicy::None, 32, &l4);
         let some = at(CheckpointPolicy::Layer, 16, &l4);
         let recompute_all = at(CheckpointPolicy::Layer, 0, &l4);
@@ -336,15 +344,43 @@ mod tests {
     }
 
     #[test]
+    fn keeping_attention_output_skips_the_recomputed_forward_and_costs_host_traffic() {
+        let spec = llama3_8b();
+        let at = |policy, kept, attention| step_work(&spec, &input(32768), policy, kept, attention);
+        let off = at(CheckpointPolicy::Offload, 0, SavedAttention::Off);
+        let host = at(CheckpointPolicy::Offload, 0, SavedAttention::Host);
+        let device = at(CheckpointPolicy::Offload, 0, SavedAttention::Device);
+        // Every layer is recomputed: the forward ran twice, now once.
+        assert!((off.attention_fwd_flops - 2.0 * host.attention_fwd_flops).abs() < 1e-6 * off.attention_fwd_flops);
+        assert_eq!(host.attention_fwd_flops, device.attention_fwd_flops);
+        assert_eq!((host.attention_bwd_flops, host.gemm_flops), (off.attention_bwd_flops, off.gemm_flops));
+        // 32 layers × 32K rows × (4096 bf16 + 32 f32), out and back.
+        let extra = 32.0 * 2.0 * 32768.0 * (2.0 * 4096.0 + 4.0 * 32.0);
+        assert!((host.host_link_bytes - off.host_link_bytes - extra).abs() < 1.0);
+        assert_eq!(device.host_link_bytes, off.host_link_bytes);
+        // Kept layers have nothing to keep.
+        let keep_all = at(CheckpointPolicy::None, 32, SavedAttention::Host);
+        assert_eq!(keep_all, at(CheckpointPolicy::None, 32, SavedAttention::Off));
+        let h100 = profile_named("h100-80").unwrap().limits();
+        let step = |attention| predict(&spec, &input(32768), CheckpointPolicy::Offload, 0, attention, &h100).unwrap().step_s;
+        assert!(
+            step(SavedAttention::Host) < 0.95 * step(SavedAttention::Off),
+            "{} vs {}",
+            step(SavedAttention::Host),
+            step(SavedAttention::Off)
+        );
+    }
+
+    #[test]
     fn sliding_windows_bound_attention_work() {
         assert_eq!(attended_pairs(4, None), 10.0);
         assert_eq!(attended_pairs(4, Some(2)), 1.0 + 2.0 + 2.0 + 2.0);
         assert_eq!(attended_pairs(4, Some(8)), 10.0);
         let gemma = ModelSpec::by_shape_name("gemma3-4b").unwrap();
-        let w = step_work(&gemma, &input(32768), CheckpointPolicy::None, gemma.num_layers);
+        let w = step_work(&gemma, &input(32768), CheckpointPolicy::None, gemma.num_layers, SavedAttention::Off);
         let mut global = gemma.clone();
         global.sliding_window = None;
-        let g = step_work(&global, &input(32768), CheckpointPolicy::None, global.num_layers);
+        let g = step_work(&global, &input(32768), CheckpointPolicy::None, global.num_layers, SavedAttention::Off);
         // Five local layers of six see 1K keys instead of up to 32K.
         assert!(w.attention_fwd_flops < 0.3 * g.attention_fwd_flops, "{} vs {}", w.attention_fwd_flops, g.attention_fwd_flops);
     }
@@ -369,14 +405,19 @@ mod tests {
     fn the_summary_gives_the_rate_the_eta_and_how_far_to_trust_it() {
         let spec = llama3_8b();
         let l4 = profile_named("l4").unwrap().limits();
-        let p = predict(&spec, &input(2048), CheckpointPolicy::Offload, 0, &l4).unwrap();
+        let p = predict(&spec, &input(2048), CheckpointPolicy::Offload, 0, SavedAttention::Off, &l4).unwrap();
         assert!((p.eta_s(600, 2) - 1200.0 * p.step_s).abs() < 1e-9);
         let s = p.summary(Some(600), 2);
         assert!(!p.summary(None, 2).contains("steps in"));
         assert!(s.contains("tokens/s") && s.contains("600 steps in about") && s.contains("NVIDIA L4 datasheet"), "{s}");
         assert!(s.contains("not yet measured on this card"), "{s}");
         let h200 = profile_named("h200").unwrap().limits();
-        assert!(predict(&spec, &input(2048), CheckpointPolicy::None, 32, &h200).unwrap().summary(None, 1).contains("within 12%"));
+        assert!(
+            predict(&spec, &input(2048), CheckpointPolicy::None, 32, SavedAttention::Off, &h200)
+                .unwrap()
+                .summary(None, 1)
+                .contains("within 12%")
+        );
         assert_eq!(group_thousands(1234567), "1,234,567");
         assert_eq!(group_thousands(900), "900");
     }

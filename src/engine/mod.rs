@@ -71,6 +71,9 @@ pub struct EngineOptions {
     pub seed: u64,
     /// Rows per MLP chunk when layers are recomputed; 0 uses the plan's default.
     pub mlp_chunk_rows: usize,
+    /// Where the recomputed layers keep attention's output and log-sum-exp (the plan's choice;
+    /// ignored when no layer is recomputed).
+    pub saved_attention: plan::SavedAttention,
 }
 
 /// One adapted linear on the device: fp32 masters, compute copies, gradients, AdamW moments.
@@ -212,6 +215,28 @@ struct Workspace<B: Backend> {
     /// Device copies of offloaded layer inputs, alternating so one is prefetched while the
     /// other is used.
     stage: Option<[B::Tensor; 2]>,
+    /// The device copy of a recomputed layer's attention output kept in host memory: it takes
+    /// turns with the shared activation set's own, so one is copied while the other is used.
+    attention_stage: Option<AttentionOut<B>>,
+}
+
+/// Attention's output and log-sum-exp: what its backward reads besides q, k and v.
+struct AttentionOut<B: Backend> {
+    att: B::Tensor,
+    lse: B::Tensor,
+}
+
+impl<B: Backend> AttentionOut<B> {
+    /// Trade buffers with a layer's activations (all of them have the same size).
+    fn swap_with(&mut self, acts: &mut LayerActs<B>) {
+        std::mem::swap(&mut self.att, &mut acts.att);
+        std::mem::swap(&mut self.lse, &mut acts.lse);
+    }
+    /// Copy `src`'s first `rows` rows here on the copy stream.
+    fn copy_async_from(&mut self, be: &B, src: &AttentionOut<B>, rows: usize, q_dim: usize, heads: usize) -> Result<()> {
+        be.copy_async(&src.att, &mut self.att, rows * q_dim)?;
+        be.copy_async(&src.lse, &mut self.lse, rows * heads)
+    }
 }
 
 /// The current micro-batch on the device.
@@ -255,6 +280,9 @@ pub struct Trainer<B: Backend> {
     acts: Vec<LayerActs<B>>,
     /// Every layer's input (on the device, or in pinned host memory when offloaded).
     saved_inputs: Vec<B::Tensor>,
+    /// Per layer, its attention output kept from the forward (recomputed layers, when the plan
+    /// keeps them; on the device, or in pinned host memory with `ws.attention_stage`).
+    saved_attention: Vec<Option<AttentionOut<B>>>,
     /// Which layers keep their activations (the last ones) and which set each layer uses.
     layout: plan::ActLayout,
     offload: bool,
@@ -452,6 +480,24 @@ impl<B: Backend> Trainer<B> {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
+        let attention_kept = if layout.recomputes() { opts.saved_attention } else { plan::SavedAttention::Off };
+        let mut saved_attention: Vec<Option<AttentionOut<B>>> = (0..spec.num_layers).map(|_| None).collect();
+        let host = attention_kept == plan::SavedAttention::Host;
+        let mut kept_outputs = plan::saved_attention_buffers(&spec, &layout, attention_kept)
+            .into_iter()
+            .map(
+                |(name, n, dt)| {
+                    if host { lg.alloc_host(name, Term::SavedActivations, n, dt) } else { lg.alloc(name, Term::SavedActivations, n, dt) }
+                },
+            )
+            .collect::<Result<Vec<_>>>()?
+            .into_iter();
+        // Planned as (output, log-sum-exp) per recomputed layer, in layer order.
+        for slot in saved_attention.iter_mut().take(layout.first_kept()) {
+            if let (Some(att), Some(lse)) = (kept_outputs.next(), kept_outputs.next()) {
+                *slot = Some(AttentionOut { att, lse });
+            }
+        }
         let mut w = |name: &str, n: usize, dt: DType| lg.alloc(format!("ws.{name}"), Term::Workspace, n, dt);
         let (mlp_chunk, mlp_rows) = (layout.chunk, layout.workspace_mlp_rows());
         let mut ws = Workspace {
@@ -476,6 +522,7 @@ impl<B: Backend> Trainer<B> {
             dmlp_out: None,
             chunk: None,
             stage: None,
+            attention_stage: None,
         };
         for (name, n, dt) in plan::workspace_extra(&spec, rows, mlp_rows) {
             let t = w(name, n, dt)?;
@@ -494,6 +541,11 @@ impl<B: Backend> Trainer<B> {
         }
         if offload {
             ws.stage = Some([w("stage.0", rows * d, DType::Act)?, w("stage.1", rows * d, DType::Act)?]);
+        }
+        if host {
+            let [(att_name, att_n, att_dt), (lse_name, lse_n, lse_dt)] = plan::attention_pair(&spec, rows);
+            let (att, lse) = (w(&format!("stage.{att_name}"), att_n, att_dt)?, w(&format!("stage.{lse_name}"), lse_n, lse_dt)?);
+            ws.attention_stage = Some(AttentionOut { att, lse });
         }
         let batch = DeviceBatch {
             ids: lg.alloc_ids("batch.ids", rows)?,
@@ -519,6 +571,7 @@ impl<B: Backend> Trainer<B> {
             slots,
             acts,
             saved_inputs,
+            saved_attention,
             layout,
             offload,
             ws,
@@ -535,6 +588,15 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Layers whose activations are kept through the step (the others are recomputed).
+    /// Where the recomputed layers keep attention's output (`off` when none does).
+    pub fn saved_attention(&self) -> plan::SavedAttention {
+        match (self.saved_attention.iter().any(Option::is_some), self.ws.attention_stage.is_some()) {
+            (false, _) => plan::SavedAttention::Off,
+            (true, false) => plan::SavedAttention::Device,
+            (true, true) => plan::SavedAttention::Host,
+        }
+    }
+
     pub fn kept_layers(&self) -> usize {
         self.layout.kept
     }
@@ -807,6 +869,7 @@ impl<B: Backend> Trainer<B> {
                 row0: 0,
                 batch: db,
                 rope_table: self.model.rope_table_for(&self.spec, l),
+                attention_ready: false,
             };
             let (lw, slots) = (&self.model.layers[l], &self.slots[l]);
             if self.offload {
@@ -819,6 +882,19 @@ impl<B: Backend> Trainer<B> {
             } else {
                 be.copy(&ws.x, &mut self.saved_inputs[l], n * d)?;
                 layer_forward(&ctx, lw, slots, acts, ws.chunk.as_mut(), mlp_chunk, &self.saved_inputs[l], &mut ws.x)?;
+            }
+            // Keep a recomputed layer's attention output for its backward. In host memory it
+            // leaves through the stage, which the next layer's attention may overwrite only once
+            // the copy out of it (issued a layer ago) is done.
+            if let (true, Some(saved)) = (backward, self.saved_attention[l].as_mut()) {
+                match ws.attention_stage.as_mut() {
+                    None => saved.swap_with(acts),
+                    Some(stage) => {
+                        be.wait_copies()?;
+                        stage.swap_with(acts);
+                        saved.copy_async_from(be, stage, n, self.spec.q_dim(), self.spec.num_heads)?;
+                    }
+                }
             }
         }
         be.rmsnorm_fwd(&ws.x, &self.model.final_norm, norm, n, d, &mut ws.hf, &mut ws.invf)?;
@@ -835,10 +911,13 @@ impl<B: Backend> Trainer<B> {
         }
         be.rmsnorm_bwd(&ws.dh, &ws.x, &self.model.final_norm, norm, &ws.invf, n, d, &mut ws.dx, false)?;
         let layers = self.spec.num_layers;
+        let (q_dim, heads) = (self.spec.q_dim(), self.spec.num_heads);
         if self.offload {
             let stage = ws.stage.as_mut().expect("offload allocates staging buffers");
             be.copy_async(&self.saved_inputs[layers - 1], &mut stage[(layers - 1) % 2], n * d)?;
         }
+        // The last recomputed layer's attention output needs no fetch: the forward left it in the
+        // stage (the copy out of it was its last use).
         for l in (0..layers).rev() {
             let (acts, mlp_chunk) = (&mut self.acts[layout.set_of(l)], layout.mlp_rows(l));
             let ctx = LayerCtx {
@@ -851,13 +930,28 @@ impl<B: Backend> Trainer<B> {
                 row0: 0,
                 batch: db,
                 rope_table: self.model.rope_table_for(&self.spec, l),
+                attention_ready: self.saved_attention[l].is_some(),
             };
             let (lw, slots) = (&self.model.layers[l], &mut self.slots[l]);
             let mut stage = ws.stage.take();
+            if stage.is_some() || (ctx.attention_ready && ws.attention_stage.is_some()) {
+                // What this layer reads from host memory has arrived; the next layer's is fetched
+                // while this one runs.
+                be.wait_copies()?;
+            }
+            if let Some(saved) = self.saved_attention[l].as_mut() {
+                match ws.attention_stage.as_mut() {
+                    None => saved.swap_with(acts),
+                    Some(stage) => {
+                        stage.swap_with(acts);
+                        if let Some(Some(next)) = l.checked_sub(1).map(|p| &self.saved_attention[p]) {
+                            stage.copy_async_from(be, next, n, q_dim, heads)?;
+                        }
+                    }
+                }
+            }
             let input: &B::Tensor = match stage.as_mut() {
                 Some(st) => {
-                    // This layer's input has arrived; fetch the next one while this layer runs.
-                    be.wait_copies()?;
                     if l > 0 {
                         be.copy_async(&self.saved_inputs[l - 1], &mut st[(l - 1) % 2], n * d)?;
                     }
@@ -1007,6 +1101,9 @@ struct LayerCtx<'a, B: Backend> {
     row0: usize,
     batch: &'a DeviceBatch<B>,
     rope_table: &'a B::Tensor,
+    /// The layer's attention output and log-sum-exp are already in its activations (kept from the
+    /// forward): a recompute skips attention's forward.
+    attention_ready: bool,
 }
 
 impl<B: Backend> Clone for LayerCtx<'_, B> {
@@ -1150,7 +1247,9 @@ fn attention_forward<B: Backend>(
     }
     be.rope(&mut a.q, n, spec.num_heads, hd, positions, ctx.rope_table, false)?;
     be.rope(&mut a.k, n, spec.num_kv_heads, hd, positions, ctx.rope_table, false)?;
-    be.attention_fwd(&a.q, &a.k, &a.v, &ctx.batch.segments, ctx.attn_shape(), &mut a.att, &mut a.lse)?;
+    if !ctx.attention_ready {
+        be.attention_fwd(&a.q, &a.k, &a.v, &ctx.batch.segments, ctx.attn_shape(), &mut a.att, &mut a.lse)?;
+    }
     let o = Target::O;
     let o_out = match a.attn_out.as_mut() {
         Some(p) => &mut p.pre,

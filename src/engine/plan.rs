@@ -261,6 +261,8 @@ pub struct MemoryPlan {
     /// recomputed in the backward. All of them under `none`; under `auto`, as many as the memory
     /// allows once keeping them all does not fit.
     pub kept_layers: usize,
+    /// Where the recomputed layers keep attention's output (`off` when none is recomputed).
+    pub attention: SavedAttention,
     pub buffers: Vec<PlannedBuffer>,
     /// Our device bytes: every device buffer plus the context (other processes not included).
     pub peak_bytes: u64,
@@ -422,6 +424,22 @@ impl ActLayout {
     }
 }
 
+/// Where the recomputed layers keep attention's output and log-sum-exp from the forward, so that
+/// their recompute in the backward skips attention's forward, the costliest kernel of a long row
+/// (the output and log-sum-exp are all attention's backward reads besides q, k and v).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SavedAttention {
+    /// Not kept: the recompute runs attention's forward again.
+    #[default]
+    Off,
+    /// One output and log-sum-exp per recomputed layer on the device.
+    Device,
+    /// In pinned host memory, through one device copy: out during the forward while the layer's
+    /// MLP runs, back one layer ahead in the backward.
+    Host,
+}
+
 /// Per-layer activations only some families have, after the common ones: the inputs and inverse
 /// RMS of the per-head q/k norms (Qwen3, Gemma 3), and the pre-norm outputs and inverse RMS of
 /// Gemma's attention and MLP output norms (the MLP's per chunk).
@@ -455,9 +473,31 @@ pub fn workspace_extra(spec: &ModelSpec, rows: usize, chunk: usize) -> Vec<(&'st
     out
 }
 
+/// Attention's output and log-sum-exp for `rows` rows, as a layer's forward writes them.
+pub fn attention_pair(spec: &ModelSpec, rows: usize) -> [(&'static str, usize, DType); 2] {
+    [("att", rows * spec.q_dim(), DType::Act), ("lse", rows * spec.num_heads, DType::F32)]
+}
+
+/// The kept attention of every recomputed layer (none when `attention` is off or no layer is
+/// recomputed), in allocation order.
+pub fn saved_attention_buffers(spec: &ModelSpec, layout: &ActLayout, attention: SavedAttention) -> Vec<(String, usize, DType)> {
+    if attention == SavedAttention::Off {
+        return Vec::new();
+    }
+    (0..layout.first_kept())
+        .flat_map(|l| attention_pair(spec, layout.rows).map(|(name, n, dt)| (format!("saved_{name}.{l}"), n, dt)))
+        .collect()
+}
+
 /// The buffers `engine::Trainer::new` allocates, in order, for a resolved policy that keeps the
-/// activations of the last `kept` layers.
-pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, kept: usize) -> Vec<PlannedBuffer> {
+/// activations of the last `kept` layers, and attention's output where `attention` says.
+pub fn engine_buffers(
+    spec: &ModelSpec,
+    input: &PlanInput,
+    policy: CheckpointPolicy,
+    kept: usize,
+    attention: SavedAttention,
+) -> Vec<PlannedBuffer> {
     let rows = input.rows();
     let r = input.lora.r;
     let (d, f, qd, kvd, h) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim(), spec.num_heads);
@@ -526,6 +566,13 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
         }
         out.push(b);
     }
+    for (name, n, dt) in saved_attention_buffers(spec, &layout, attention) {
+        let mut b = buf(name, Term::SavedActivations, n, dt);
+        if attention == SavedAttention::Host {
+            b.location = Location::PinnedHost;
+        }
+        out.push(b);
+    }
     let w = Term::Workspace;
     let (chunk, mlp_rows) = (layout.chunk, layout.workspace_mlp_rows());
     for (name, n, dt) in [
@@ -558,6 +605,11 @@ pub fn engine_buffers(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPol
     if policy == CheckpointPolicy::Offload {
         for i in 0..2 {
             out.push(buf(format!("ws.stage.{i}"), w, rows * d, DType::Act));
+        }
+    }
+    if attention == SavedAttention::Host && layout.recomputes() {
+        for (name, n, dt) in attention_pair(spec, rows) {
+            out.push(buf(format!("ws.stage.{name}"), w, n, dt));
         }
     }
     // Batch ids (i32, counted as 4-byte elements).
@@ -739,10 +791,19 @@ fn total(buffers: &[PlannedBuffer], kind: BackendKind, loc: Location) -> u64 {
     buffers.iter().filter(|b| b.location == loc).map(|b| b.bytes(kind)).sum()
 }
 
-fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: CheckpointPolicy, kept_layers: usize) -> MemoryPlan {
+fn build(
+    spec: &ModelSpec,
+    input: &PlanInput,
+    target: &PlanTarget,
+    policy: CheckpointPolicy,
+    kept_layers: usize,
+    attention: SavedAttention,
+) -> MemoryPlan {
     let kind = target.kind;
+    // Nothing to keep when no layer is recomputed.
+    let attention = if kept_layers >= spec.num_layers { SavedAttention::Off } else { attention };
     let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len, policy);
-    buffers.extend(engine_buffers(spec, input, policy, kept_layers));
+    buffers.extend(engine_buffers(spec, input, policy, kept_layers, attention));
     if kind == BackendKind::Cuda {
         buffers.extend(cuda_workspace(spec, input));
     }
@@ -772,6 +833,7 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
         target: target.clone(),
         checkpointing: policy,
         kept_layers,
+        attention,
         buffers,
         peak_bytes,
         pinned_host_bytes,
@@ -779,7 +841,7 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
         others_bytes: target.others_bytes,
         fits,
         host_fits,
-        step: target.card.as_ref().and_then(|card| crate::engine::cost::predict(spec, input, policy, kept_layers, card)),
+        step: target.card.as_ref().and_then(|card| crate::engine::cost::predict(spec, input, policy, kept_layers, attention, card)),
     }
 }
 
@@ -788,14 +850,20 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: Check
 /// compositor), so the plan must not end a few megabytes short of an out-of-memory error.
 pub const PARTIAL_KEEP_HEADROOM_BYTES: u64 = 512 << 20;
 
+/// Whether a plan that fills the card by choice (kept layers, attention kept on the device) leaves
+/// [`PARTIAL_KEEP_HEADROOM_BYTES`] free.
+fn fits_with_headroom(p: &MemoryPlan) -> bool {
+    p.fits && p.target.available_bytes().is_none_or(|free| p.peak_bytes + PARTIAL_KEEP_HEADROOM_BYTES <= free)
+}
+
 /// Under `layer` checkpointing on a card, the most layers whose activations can be kept with
-/// [`PARTIAL_KEEP_HEADROOM_BYTES`] to spare (each kept layer skips its recompute in the backward).
-fn most_kept_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> usize {
-    let Some(free) = target.available_bytes() else { return 0 };
-    let fits = |k: usize| {
-        let p = build(spec, input, target, CheckpointPolicy::Layer, k);
-        p.fits && p.peak_bytes + PARTIAL_KEEP_HEADROOM_BYTES <= free
-    };
+/// [`PARTIAL_KEEP_HEADROOM_BYTES`] to spare (each kept layer skips its recompute in the backward),
+/// the recomputed ones keeping attention's output where `attention` says.
+fn most_kept_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, attention: SavedAttention) -> usize {
+    if target.available_bytes().is_none() {
+        return 0;
+    }
+    let fits = |k: usize| fits_with_headroom(&build(spec, input, target, CheckpointPolicy::Layer, k, attention));
     // The peak grows with every kept layer: binary search over 0..layers (all of them is `none`).
     if !fits(1) {
         return 0;
@@ -810,14 +878,16 @@ fn most_kept_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) ->
 
 /// The plan for a run; `auto` searches the policies that fit (keep everything; keep layer inputs on
 /// the device with as many layers' activations kept as the card has room for, the others
-/// recomputed; offload the inputs to pinned host memory) for the shortest predicted step
-/// (`crate::engine::cost`). Without a prediction (a card of unknown speed) it takes the first that
-/// fits in that order, which is the order of their cost.
+/// recomputed; offload the inputs to pinned host memory), each of the last two also with the
+/// recomputed layers' attention output kept on the device or in pinned host memory, for the
+/// shortest predicted step (`crate::engine::cost`). Without a prediction (a card of unknown speed)
+/// it takes the first that fits of the first three, in the order of their cost.
 pub fn plan(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan {
     match input.checkpointing {
         CheckpointPolicy::Auto => {
             let order = [CheckpointPolicy::None, CheckpointPolicy::Layer, CheckpointPolicy::Offload];
-            let plans: Vec<MemoryPlan> = order.iter().map(|&p| build(spec, input, target, p, kept_layers(spec, p))).collect();
+            let off = SavedAttention::Off;
+            let plans: Vec<MemoryPlan> = order.iter().map(|&p| build(spec, input, target, p, kept_layers(spec, p), off)).collect();
             // On the CPU, memory is not planned against a card; recompute when activations would
             // take more than 2 GiB, as the engine does.
             if target.kind == BackendKind::Cpu {
@@ -826,37 +896,70 @@ pub fn plan(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryP
             }
             let mut candidates = plans;
             if !candidates[0].fits && candidates[1].fits {
-                candidates[1] = build(spec, input, target, CheckpointPolicy::Layer, most_kept_layers(spec, input, target));
+                candidates[1] = build(spec, input, target, CheckpointPolicy::Layer, most_kept_layers(spec, input, target, off), off);
             }
             let fitting: Vec<MemoryPlan> = candidates.iter().filter(|p| p.fits).cloned().collect();
             if fitting.is_empty() {
                 return candidates.pop().expect("plans");
             }
             let predicted = |p: &MemoryPlan| p.step.as_ref().map(|s| s.step_s);
+            let mut fitting = fitting;
+            if !fitting[0].keeps_all(spec) && fitting.iter().all(|p| predicted(p).is_some()) {
+                // Keeping attention's output trades memory (device or pinned host) for attention's
+                // second forward; it fills the card by choice, so it keeps the headroom.
+                for attention in [SavedAttention::Device, SavedAttention::Host] {
+                    let kept = most_kept_layers(spec, input, target, attention);
+                    for (policy, kept) in [(CheckpointPolicy::Layer, kept), (CheckpointPolicy::Offload, 0)] {
+                        let p = build(spec, input, target, policy, kept, attention);
+                        if fits_with_headroom(&p) {
+                            fitting.push(p);
+                        }
+                    }
+                }
+            }
             if fitting.iter().all(|p| predicted(p).is_some()) {
                 fitting.into_iter().min_by(|a, b| predicted(a).partial_cmp(&predicted(b)).expect("finite times")).expect("fitting")
             } else {
                 fitting.into_iter().next().expect("fitting")
             }
         }
-        p => build(spec, input, target, p, kept_layers(spec, p)),
+        p => build(spec, input, target, p, kept_layers(spec, p), SavedAttention::Off),
     }
 }
 
 /// The plan of a policy already resolved, with the layers it keeps (what a running Trainer has).
-pub fn plan_resolved(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, policy: CheckpointPolicy, kept_layers: usize) -> MemoryPlan {
-    build(spec, input, target, policy, kept_layers)
+pub fn plan_resolved(
+    spec: &ModelSpec,
+    input: &PlanInput,
+    target: &PlanTarget,
+    policy: CheckpointPolicy,
+    kept_layers: usize,
+    attention: SavedAttention,
+) -> MemoryPlan {
+    build(spec, input, target, policy, kept_layers, attention)
 }
 
 impl MemoryPlan {
-    /// The policy in words, with the kept layers when only some are: "layer (12 of 32 layers kept)".
+    /// The policy in words, with the kept layers when only some are and where attention's output
+    /// is kept: "layer (12 of 32 layers kept, the rest recomputed; attention output kept in host
+    /// memory)".
     pub fn checkpointing_label(&self, spec: &ModelSpec) -> String {
         let name = format!("{:?}", self.checkpointing).to_lowercase();
+        let mut parts = Vec::new();
         if self.checkpointing == CheckpointPolicy::Layer && self.kept_layers > 0 {
-            format!("{name} ({} of {} layers kept, the rest recomputed)", self.kept_layers, spec.num_layers)
-        } else {
-            name
+            parts.push(format!("{} of {} layers kept, the rest recomputed", self.kept_layers, spec.num_layers));
         }
+        match self.attention {
+            SavedAttention::Off => {}
+            SavedAttention::Device => parts.push("attention output kept on the GPU".into()),
+            SavedAttention::Host => parts.push("attention output kept in host memory".into()),
+        }
+        if parts.is_empty() { name } else { format!("{name} ({})", parts.join("; ")) }
+    }
+
+    /// Whether every layer keeps its activations (nothing is recomputed).
+    pub fn keeps_all(&self, spec: &ModelSpec) -> bool {
+        self.kept_layers >= spec.num_layers
     }
 }
 

@@ -848,6 +848,7 @@ fn train_on<B: Backend>(
         checkpointing: cfg.memory.checkpointing,
         seed: cfg.train.seed,
         mlp_chunk_rows: 0,
+        saved_attention: crate::engine::plan::SavedAttention::Off,
     };
     let init = p.resume.as_ref().map(|c| &c.weights).or(p.lora_init.as_ref());
     let rows = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref());
@@ -855,6 +856,7 @@ fn train_on<B: Backend>(
     // `auto` is the fastest policy that fits what this card leaves us (other processes, the cap).
     let planned = crate::engine::plan::plan(&p.spec, &input, target);
     opts.checkpointing = planned.checkpointing;
+    opts.saved_attention = planned.attention;
     if cfg.memory.checkpointing == crate::config::CheckpointPolicy::Auto {
         send(Event::Log(format!(
             "checkpointing auto: {} (plan {})",
