@@ -31,6 +31,8 @@ def policy_mix(r):
         mix += f", the rest recomputed with attention output kept ({r['saved_attention']})"
     elif r["checkpointing"] != "none":
         mix += ", the rest recomputed"
+    if r.get("cached_weight_layers"):
+        mix += f"; weights of {r['cached_weight_layers']} layers dequantized once"
     return mix
 
 
@@ -45,6 +47,7 @@ if os.path.exists(path):
             "plan_gib": round(r["plan_peak_bytes"] / G, 3), "mfu": round(r["mfu"], 4), "first_step_s": round(r["first_step_s"], 2),
             "attention": r.get("attention"), "card_profile": r.get("card_profile"), "card_memory_gib": r.get("card_memory_gib"),
             "gpu_mem_cap_gib": r.get("gpu_mem_cap_gib"), "saved_attention": r.get("saved_attention"),
+            "cached_weight_layers": r.get("cached_weight_layers"),
             "policy_mix": policy_mix(r), "run_id": run_id,
         })
 names = {"A": "hf_peft", "B": "hf_peft_qlora", "C": "unsloth"}

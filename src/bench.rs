@@ -63,6 +63,8 @@ pub struct BenchResult {
     pub kept_layers: usize,
     /// Where the recomputed layers kept attention's output (`off`: their recompute ran it again).
     pub saved_attention: crate::engine::plan::SavedAttention,
+    /// Layers whose NF4 linears were dequantized once for the run instead of at every GEMM.
+    pub cached_weight_layers: usize,
     /// The card profile the backend decided as (`--card`), if any.
     pub card_profile: Option<String>,
     /// The memory of the card (of the profile, under one) in GiB.
@@ -258,6 +260,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         seed: 3407,
         mlp_chunk_rows: 0,
         saved_attention: resolved.attention,
+        cached_weight_layers: resolved.cached_weight_layers,
     };
     log(&format!("{}: building a random {} (r = {}, seq {}) …", dev.name, args.shape, args.rank, args.seq));
     let weights = BenchWeights::new(Quantization::Nf4, &spec);
@@ -266,14 +269,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
     let kept = (policy == CheckpointPolicy::Layer).then_some(kept);
     let mut trainer = Trainer::with_kept_layers(be, spec.clone(), &weights, opts, None, kept)?;
     // Planned with the context this backend measured, as the driver peak is.
-    let planned = plan::plan_resolved(
-        &spec,
-        &input,
-        &PlanTarget { context_bytes, ..target.clone() },
-        policy,
-        trainer.kept_layers(),
-        trainer.saved_attention(),
-    );
+    let planned = plan::plan_resolved(&spec, &input, &PlanTarget { context_bytes, ..target.clone() }, trainer.mix());
     let plan_arena_bytes = planned.peak_bytes - context_bytes;
     let setup_s = t_start.elapsed().as_secs_f64();
 
@@ -344,6 +340,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         checkpointing: policy,
         kept_layers: trainer.kept_layers(),
         saved_attention: trainer.saved_attention(),
+        cached_weight_layers: trainer.cached_weight_layers(),
         card_profile: card.profile.map(str::to_string),
         card_memory_gib: card.memory_bytes as f64 / GIB,
         gpu_mem_cap_gib: args.gpu_mem_bytes.map(|b| b as f64 / GIB),

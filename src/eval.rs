@@ -121,6 +121,7 @@ impl Scorer {
             seed: 0,
             mlp_chunk_rows: 0,
             saved_attention: crate::engine::plan::SavedAttention::Off,
+            cached_weight_layers: 0,
         };
         let mut trainer = Trainer::new(CpuBackend::<f32>::new(), spec.clone(), &store, engine, Some(&weights))?;
         let mut token_rows = 0;

@@ -230,6 +230,7 @@ fn train_step_llama3_8b_two_layers() {
             seed: 1,
             mlp_chunk_rows: 0,
             saved_attention: tunestudio::engine::plan::SavedAttention::Off,
+            cached_weight_layers: 0,
         };
         let t0 = std::time::Instant::now();
         let mut tr = Trainer::new(be, spec.clone(), &FastWeights, opts, None).unwrap();

@@ -399,13 +399,20 @@ fn nf4_dequantize_matches_the_layout() {
         let data: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-0.1f32..0.1)).collect();
         let q = Nf4Tensor::quantize(&data, &[out, inp]);
         let want: Vec<f32> = Nf4Parts::of(&q).dequantize_reference().into_iter().map(rb).collect();
-        let w = be.upload_weight(&HostWeight::Nf4(q), None).unwrap();
+        let mut w = be.upload_weight(&HostWeight::Nf4(q), None).unwrap();
         assert!(w.is_nf4());
         let got = be.dequantize_weight(&w).unwrap();
         let mismatches = got.iter().zip(&want).filter(|(a, b)| a != b).count();
         println!("NF4 {out}x{inp}: {mismatches} of {} values differ from the host formula", want.len());
         // The same f32 products rounded the same way: bit-exact up to subnormal flushing.
         check(&format!("nf4 dequant ({out}x{inp})"), &got, &want, 1e-6);
+        // The copy dequantized once for the run is what the GEMMs read from then on: the same
+        // kernel's output, bit for bit, in a buffer of its own.
+        let used = be.memory_used();
+        be.cache_dequantized(&mut w).unwrap();
+        assert!(w.is_cached() && be.memory_used() >= used + out * inp * 2);
+        let cached = be.dequantize_weight(&w).unwrap();
+        assert!(cached.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "nf4 cached copy ({out}x{inp})");
     }
 }
 

@@ -163,6 +163,7 @@ fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64, mlp_chun
         seed: 5,
         mlp_chunk_rows,
         saved_attention: SavedAttention::Off,
+        cached_weight_layers: 0,
     }
 }
 
@@ -214,8 +215,15 @@ fn compare_step_kept(
     kept: Option<usize>,
     attention: SavedAttention,
 ) {
-    let weights = RandomWeights::new(&spec, 3, 0.05);
     let opts = EngineOptions { saved_attention: attention, ..options(quant, policy, dropout, mlp_chunk_rows) };
+    compare_step_opts(name, spec, opts, kept)
+}
+
+/// [`compare_step`] with the options as given and `layer` checkpointing keeping the last `kept`
+/// layers' activations.
+fn compare_step_opts(name: &str, spec: ModelSpec, opts: EngineOptions, kept: Option<usize>) {
+    let attention = opts.saved_attention;
+    let weights = RandomWeights::new(&spec, 3, 0.05);
     let init = lora_init(&spec, &opts.lora);
     let cuda = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
     let cpu_src = SameWeights { inner: RandomWeights { spec: spec.clone(), tensors: weights.tensors.clone() }, for_cpu: true };
@@ -226,6 +234,10 @@ fn compare_step_kept(
         assert_eq!(tg.kept_layers(), k, "{name}: kept layers");
     }
     assert_eq!(tg.saved_attention(), attention, "{name}: where attention's output is kept");
+    for (l, layer) in tg.model.layers.iter().enumerate() {
+        let cached = opts.quantization == Quantization::Nf4 && l < opts.cached_weight_layers;
+        assert!(layer.linears.iter().all(|w| w.is_cached() == cached), "{name}: layer {l} holds its dequantized weights: {cached}");
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(31);
     let micro = vec![batch(&mut rng, spec.vocab_size as u32), batch(&mut rng, spec.vocab_size as u32)];
 
@@ -332,6 +344,34 @@ fn step_saved_attention_output() {
     compare_step_kept("nf4, offload, attention output in host memory", spec(false), nf4, CheckpointPolicy::Offload, 0.0, 0, None, Host);
     compare_step_kept("qwen3, bf16, layer, attention output in host memory", qwen3_spec(), Quantization::Bf16, layer, 0.0, 0, None, Host);
     compare_step_kept("gemma3, nf4, layer, attention output on the GPU", gemma3_spec(128, 96), nf4, layer, 0.0, 0, None, Device);
+}
+
+/// NF4 weights dequantized once for the run: the GEMMs read the copies of the first layers and
+/// dequantize the others per call, under each checkpointing mix (kept, recomputed with MLP row
+/// chunks, offloaded with attention's output in host memory).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_cached_dequantized_weights() {
+    let nf4 = |policy, cached, chunk| EngineOptions { cached_weight_layers: cached, ..options(Quantization::Nf4, policy, 0.1, chunk) };
+    compare_step_opts("nf4, keep all, weights of every layer dequantized once", spec(true), nf4(CheckpointPolicy::None, 2, 0), None);
+    compare_step_opts(
+        "nf4, layer, 1 of 2 kept, MLP chunks, weights of layer 0 dequantized once",
+        spec(true),
+        nf4(CheckpointPolicy::Layer, 1, 40),
+        Some(1),
+    );
+    compare_step_opts(
+        "nf4, offload, attention output in host memory, weights of layer 0 dequantized once",
+        spec(false),
+        EngineOptions { saved_attention: SavedAttention::Host, ..nf4(CheckpointPolicy::Offload, 1, 0) },
+        None,
+    );
+    compare_step_opts(
+        "gemma3, nf4, layer, every layer's weights dequantized once",
+        gemma3_spec(128, 96),
+        nf4(CheckpointPolicy::Layer, 2, 0),
+        None,
+    );
 }
 
 #[test]

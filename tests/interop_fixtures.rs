@@ -182,6 +182,7 @@ fn bnb_4bit_checkpoint_trains() {
         seed: 1,
         mlp_chunk_rows: 0,
         saved_attention: tunestudio::engine::plan::SavedAttention::Off,
+        cached_weight_layers: 0,
     };
     let mut t = Trainer::new(tunestudio::backend::cpu::CpuBackend::<f32>::new(), spec, &store, opts, None).unwrap();
     let pairs: Vec<(&[u32], &[i32])> = seqs.iter().map(|(i, l)| (i.as_slice(), l.as_slice())).collect();
@@ -319,6 +320,7 @@ fn write_trained_adapters() {
             seed: 3,
             mlp_chunk_rows: 0,
             saved_attention: tunestudio::engine::plan::SavedAttention::Off,
+            cached_weight_layers: 0,
         };
         let mut t = Trainer::new(tunestudio::backend::cpu::CpuBackend::<f32>::new(), spec.clone(), &store, opts, None).unwrap();
         let with_rows = m != "gemma3_mm";

@@ -7,7 +7,7 @@ use model_support::RandomWeights;
 
 use tunestudio::backend::cpu::CpuBackend;
 use tunestudio::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
-use tunestudio::engine::plan::{self, PlanInput, PlanTarget, SavedAttention};
+use tunestudio::engine::plan::{self, Mix, PlanInput, PlanTarget, SavedAttention};
 use tunestudio::engine::{EngineOptions, TokenRows, Trainer};
 use tunestudio::model::ModelSpec;
 
@@ -64,6 +64,7 @@ fn trainer_allocates_exactly_the_planned_buffers() {
             seed: 1,
             mlp_chunk_rows: 7,
             saved_attention: attention,
+            cached_weight_layers: 0,
         };
         let mut tr =
             Trainer::with_kept_layers(CpuBackend::<f32>::new(), s.clone(), &RandomWeights::new(&s, 2, 0.1), opts, None, kept).unwrap();
@@ -122,9 +123,14 @@ fn auto_keeps_as_many_layers_as_the_card_holds() {
         let free = card(gib).available_bytes().unwrap();
         if p.checkpointing == CheckpointPolicy::Layer && p.kept_layers > 0 {
             assert!(p.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES <= free, "{seq} on {gib} GiB leaves the headroom");
-            let one_more = plan::plan_resolved(&s, &input(seq), &card(gib), CheckpointPolicy::Layer, p.kept_layers + 1, p.attention);
+            let one_more = plan::plan_resolved(
+                &s,
+                &input(seq),
+                &card(gib),
+                Mix { kept_layers: p.kept_layers + 1, cached_weight_layers: 0, ..p.mix() },
+            );
             assert!(one_more.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES > free, "{seq} on {gib} GiB: one more layer would fit");
-            let layer = plan::plan_resolved(&s, &input(seq), &card(gib), CheckpointPolicy::Layer, 0, SavedAttention::Off);
+            let layer = plan::plan_resolved(&s, &input(seq), &card(gib), Mix::of_policy(&s, CheckpointPolicy::Layer));
             assert!(p.peak_bytes > layer.peak_bytes, "kept layers cost memory");
         }
         (p.checkpointing, p.kept_layers)
@@ -141,7 +147,11 @@ fn auto_keeps_as_many_layers_as_the_card_holds() {
     assert_eq!((long.checkpointing, long.kept_layers), (CheckpointPolicy::Offload, 0), "64K tokens: the inputs go to the host");
     // The label says what the plan chose.
     let p = plan::plan(&s, &input(8192), &card(24));
-    assert_eq!(p.checkpointing_label(&s), format!("layer ({at_8k} of 32 layers kept, the rest recomputed)"));
+    assert!(
+        p.checkpointing_label(&s).starts_with(&format!("layer ({at_8k} of 32 layers kept, the rest recomputed")),
+        "{}",
+        p.checkpointing_label(&s)
+    );
 }
 
 /// `auto` on a card of known speed (an H100 under issue 12's caps) keeps the recomputed layers'
@@ -185,7 +195,7 @@ fn auto_keeps_attention_output_where_it_fits_and_pays() {
             p.checkpointing_label(&s)
         );
         assert_ne!(p.attention, SavedAttention::Off, "{seq}: {}", p.checkpointing_label(&s));
-        let without = plan::plan_resolved(&s, &input(seq), &t, p.checkpointing, p.kept_layers, SavedAttention::Off);
+        let without = plan::plan_resolved(&s, &input(seq), &t, Mix { attention: SavedAttention::Off, ..p.mix() });
         assert!(p.step.as_ref().unwrap().step_s < without.step.as_ref().unwrap().step_s, "{seq}: keeping attention is faster");
         let recomputed = 32 - p.kept_layers;
         let pair = (seq * 4096 * 2 + seq * 32 * 4) as u64;
@@ -210,6 +220,90 @@ fn auto_keeps_attention_output_where_it_fits_and_pays() {
     assert_ne!(plan::plan(&s, &input(16384), &tight).attention, SavedAttention::Host);
     // Everything kept: nothing is recomputed, nothing to keep.
     assert_eq!(plan::plan(&s, &input(2048), &h100(80.0)).attention, SavedAttention::Off);
+}
+
+/// `auto` on a card of known speed dequantizes the weights once for the run where the room
+/// allows and the prediction says it pays: all of them on an unconstrained H100 at 2K (keeping
+/// everything), none under issue 12's cap at 2K, where there is no room. The plan counts each
+/// cached linear as a 16-bit `[out, in]` in the `dequantized_weights` term, the prediction drops
+/// their dequantization, and a fixed policy caches nothing. On a card of unknown speed the first
+/// policy that fits gets what the room left allows; on the CPU nothing is cached.
+#[test]
+fn auto_dequantizes_weights_once_where_the_room_allows() {
+    use tunestudio::backend::card::profile_named;
+    let s = ModelSpec::llama3_8b();
+    let input = |seq, policy| PlanInput {
+        lora: LoraConfig { r: 32, alpha: 32.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false },
+        quantization: Quantization::Nf4,
+        batch_size: 1,
+        max_seq_len: seq,
+        checkpointing: policy,
+        token_rows: 0,
+        mlp_chunk_rows: 0,
+        samples: None,
+    };
+    let h100 = |cap_gib: Option<f64>| {
+        let card = profile_named("h100-80").unwrap().limits();
+        PlanTarget {
+            kind: plan::BackendKind::Cuda,
+            name: card.name.clone(),
+            total_bytes: Some(card.memory_bytes),
+            card: Some(card),
+            others_bytes: 0,
+            cap_bytes: cap_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+            context_bytes: plan::DEFAULT_CUDA_CONTEXT_BYTES,
+            host_bytes: Some(100 << 30),
+        }
+    };
+    let per_layer: u64 = Target::ALL
+        .iter()
+        .map(|&t| {
+            let (o, i) = s.linear_shape(t);
+            (o * i * 2) as u64
+        })
+        .sum();
+    let free = plan::plan(&s, &input(2048, CheckpointPolicy::Auto), &h100(None));
+    assert_eq!((free.checkpointing, free.kept_layers, free.cached_weight_layers), (CheckpointPolicy::None, 32, 32));
+    assert_eq!(free.terms["dequantized_weights"], 32 * per_layer);
+    assert!(free.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES <= h100(None).available_bytes().unwrap());
+    let uncached =
+        plan::plan_resolved(&s, &input(2048, CheckpointPolicy::Auto), &h100(None), Mix { cached_weight_layers: 0, ..free.mix() });
+    assert_eq!(free.peak_bytes, uncached.peak_bytes + 32 * per_layer);
+    let (fast, slow) = (free.step.as_ref().unwrap(), uncached.step.as_ref().unwrap());
+    assert!(fast.step_s < 0.97 * slow.step_s, "{} vs {}", fast.step_s, slow.step_s);
+    assert_eq!(fast.gemm_s, slow.gemm_s);
+    assert!(free.checkpointing_label(&s).contains("weights dequantized once"), "{}", free.checkpointing_label(&s));
+    // Under issue 12's cap at 2K (Unsloth's peak + 0.6 GiB) there is no room for a copy.
+    let capped = plan::plan(&s, &input(2048, CheckpointPolicy::Auto), &h100(Some(7.7)));
+    assert!(capped.fits);
+    assert_eq!(capped.cached_weight_layers, 0, "{}", capped.checkpointing_label(&s));
+    // Whatever 24 GiB gets at 8K keeps the headroom.
+    let t24 = h100(Some(24.0));
+    let mid = plan::plan(&s, &input(8192, CheckpointPolicy::Auto), &t24);
+    assert!(mid.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES <= t24.available_bytes().unwrap(), "{}", mid.checkpointing_label(&s));
+    // A fixed policy is built as set.
+    assert_eq!(plan::plan(&s, &input(2048, CheckpointPolicy::None), &h100(None)).cached_weight_layers, 0);
+    // A card of unknown speed: the first policy that fits, with what the room left allows.
+    let unknown = PlanTarget::gpu("some 40 GiB card", 40 << 30);
+    let p = plan::plan(&s, &input(2048, CheckpointPolicy::Auto), &unknown);
+    assert_eq!(p.checkpointing, CheckpointPolicy::None);
+    assert!((1..=32).contains(&p.cached_weight_layers), "{}", p.checkpointing_label(&s));
+    assert!(p.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES <= unknown.available_bytes().unwrap());
+    let one_more = plan::plan_resolved(
+        &s,
+        &input(2048, CheckpointPolicy::Auto),
+        &unknown,
+        Mix { cached_weight_layers: p.cached_weight_layers + 1, ..p.mix() },
+    );
+    assert!(p.cached_weight_layers == 32 || one_more.peak_bytes + plan::PARTIAL_KEEP_HEADROOM_BYTES > unknown.available_bytes().unwrap());
+    // The CPU keeps every weight dequantized already.
+    let cpu = plan::plan_resolved(
+        &s,
+        &input(2048, CheckpointPolicy::None),
+        &PlanTarget::cpu(),
+        Mix { cached_weight_layers: 32, ..Mix::of_policy(&s, CheckpointPolicy::None) },
+    );
+    assert_eq!((cpu.cached_weight_layers, cpu.terms.get("dequantized_weights")), (0, None));
 }
 
 #[test]

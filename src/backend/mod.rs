@@ -302,6 +302,14 @@ pub trait Backend: Send {
     }
     /// Frozen base linear (dense or NF4) with an optional bias.
     fn upload_weight(&self, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight>;
+    /// Give an NF4 weight a dequantized 16-bit copy that its GEMMs read from then on, instead of
+    /// dequantizing it into the shared scratch at every call: the weights are frozen, so one
+    /// dequantization serves the whole run. Costs `out × in` 16-bit elements of device memory
+    /// (the plan's `dequantized_weights` term). A dense weight, or a backend that keeps every
+    /// weight dequantized (the CPU's), has nothing to do.
+    fn cache_dequantized(&self, _w: &mut Self::Weight) -> Result<()> {
+        Ok(())
+    }
 
     // ---- elementwise -------------------------------------------------------------------------
     /// `x[..n] += y[..n]`.

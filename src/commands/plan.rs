@@ -121,6 +121,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
             "checkpointing": p.checkpointing,
             "kept_layers": p.kept_layers,
             "saved_attention": p.attention,
+            "cached_weight_layers": p.cached_weight_layers,
             "pinned_host_bytes": p.pinned_host_bytes,
             "host_available_bytes": target.host_bytes,
             "host_fits": p.host_fits,

@@ -17,7 +17,8 @@
 //!   (query, key) pairs inside the layer's window, 2.5× that for the backward, and the forward again
 //!   when recomputed, unless the layer kept its output (`SavedAttention`);
 //! - memory-bound bytes: NF4 dequantization (each weight read as nibbles, written in bf16, once per
-//!   pass), the skinny LoRA GEMMs (the rows of their inputs and outputs, per pass), and the norms,
+//!   pass and, in a recomputed layer's MLP, per row chunk; none for a layer whose weights were
+//!   dequantized once for the run), the skinny LoRA GEMMs (the rows of their inputs and outputs, per pass), and the norms,
 //!   RoPE, gates and residual adds;
 //! - the head and the loss: `2 · 2 · n · hidden · vocab` and the logits' bytes;
 //! - offloaded layer inputs (bf16) and attention outputs kept in host memory, out and back over
@@ -27,7 +28,7 @@ use serde::Serialize;
 
 use crate::backend::card::{CardLimits, CardSpeed};
 use crate::config::{CheckpointPolicy, Quantization};
-use crate::engine::plan::{PlanInput, SavedAttention};
+use crate::engine::plan::{Mix, PlanInput, SavedAttention};
 use crate::model::ModelSpec;
 
 /// The fractions of a card's datasheet rates our kernels reach, fitted to the measurements in
@@ -151,8 +152,9 @@ fn recomputed(layer: usize, layers: usize, policy: CheckpointPolicy, kept_layers
     }
 }
 
-/// The work of one micro-step under a resolved policy.
-pub fn step_work(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, kept_layers: usize, attention: SavedAttention) -> StepWork {
+/// The work of one micro-step under a resolved mix.
+pub fn step_work(spec: &ModelSpec, input: &PlanInput, mix: Mix) -> StepWork {
+    let Mix { policy, kept_layers, attention, cached_weight_layers } = mix;
     let (batch, seq) = (input.batch_size as f64, input.max_seq_len as f64);
     let n = batch * seq;
     let (d, ff) = (spec.hidden_size as f64, spec.intermediate_size as f64);
@@ -165,6 +167,16 @@ pub fn step_work(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, 
         })
         .collect();
     let params: f64 = linears.iter().map(|(i, o, _)| i * o).sum();
+    let mlp_params: f64 = crate::config::Target::ALL
+        .iter()
+        .zip(&linears)
+        .filter(|(t, _)| matches!(t, crate::config::Target::Gate | crate::config::Target::Up | crate::config::Target::Down))
+        .map(|(_, (i, o, _))| i * o)
+        .sum();
+    let attention_params = params - mlp_params;
+    // A recomputed layer runs its MLP in row chunks (`plan::ActLayout`), each dequantizing again.
+    let rows = input.batch_size * input.max_seq_len;
+    let mlp_chunks = rows.div_ceil(crate::engine::plan::mlp_chunk_rows(rows, false, input.mlp_chunk_rows)) as f64;
     let qkv = (spec.q_dim() + 2 * spec.kv_dim()) as f64;
     for l in 0..spec.num_layers {
         let r = if recomputed(l, spec.num_layers, policy, kept_layers) { 1.0 } else { 0.0 };
@@ -181,9 +193,12 @@ pub fn step_work(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, 
         // once and updates dx. Two bytes an element.
         let lora: f64 = linears.iter().filter(|l| l.2).map(|(i, o, _)| (i + 2.0 * o) * (1.0 + r) + (3.0 * i + 2.0 * o)).sum();
         w.memory_bytes += 2.0 * n * lora;
-        if input.quantization == Quantization::Nf4 {
-            // Half a byte read and two written per weight, per pass (forward, backward, recompute).
-            w.memory_bytes += params * 2.5 * (2.0 + r);
+        if input.quantization == Quantization::Nf4 && l >= cached_weight_layers {
+            // Half a byte read and two written per weight, per pass (forward, backward, recompute),
+            // and per MLP row chunk for the MLP's weights, unless the layer's weights were
+            // dequantized once for the run.
+            let chunks = if r > 0.0 { mlp_chunks } else { 1.0 };
+            w.memory_bytes += (attention_params + chunks * mlp_params) * 2.5 * (2.0 + r);
         }
         // Norms, RoPE, the gate and the residual adds: about ten rows of `hidden`, three of the
         // MLP's width and two of q/k/v per forward, twice that in the backward.
@@ -202,22 +217,14 @@ pub fn step_work(spec: &ModelSpec, input: &PlanInput, policy: CheckpointPolicy, 
 }
 
 /// The predicted micro-step on `card` (`None` when no speed is known for it).
-pub fn predict(
-    spec: &ModelSpec,
-    input: &PlanInput,
-    policy: CheckpointPolicy,
-    kept_layers: usize,
-    attention: SavedAttention,
-    card: &CardLimits,
-) -> Option<StepPrediction> {
+pub fn predict(spec: &ModelSpec, input: &PlanInput, mix: Mix, card: &CardLimits) -> Option<StepPrediction> {
     let (speed, basis) = card.speed()?;
     let (e, basis) = if crate::backend::cuda::cudnn::runs_on(card) {
         (&EFFICIENCY_CUDNN, format!("{basis}, attention on cuDNN"))
     } else {
         (&EFFICIENCY, basis)
     };
-    let mut p =
-        predict_with(&step_work(spec, input, policy, kept_layers, attention), &speed, e, basis, input.batch_size * input.max_seq_len);
+    let mut p = predict_with(&step_work(spec, input, mix), &speed, e, basis, input.batch_size * input.max_seq_len);
     p.calibrated = card.compute_capability.0 == 9;
     Some(p)
 }
@@ -243,6 +250,11 @@ mod tests {
 
     fn llama3_8b() -> ModelSpec {
         ModelSpec::by_shape_name("llama3-8b").expect("llama3-8b shape")
+    }
+
+    /// A mix with no weights cached.
+    fn mix(policy: CheckpointPolicy, kept_layers: usize, attention: SavedAttention) -> Mix {
+        Mix { policy, kept_layers, attention, cached_weight_layers: 0 }
     }
 
     fn input(seq: usize) -> PlanInput {
@@ -296,7 +308,7 @@ mod tests {
         for &(card, seq, policy, kept, attention, measured) in rows {
             let limits = profile_named(card).unwrap().limits();
             let (speed, basis) = limits.speed().unwrap();
-            let p = predict_with(&step_work(&spec, &input(seq), policy, kept, attention), &speed, e, basis, seq);
+            let p = predict_with(&step_work(&spec, &input(seq), mix(policy, kept, attention)), &speed, e, basis, seq);
             let err = p.tokens_per_s / measured - 1.0;
             println!(
                 "{card} seq {seq} {policy:?} kept {kept} attention {attention:?}: predicted {:.0}, measured {measured} ({:+.1}%)",
@@ -357,7 +369,8 @@ mod tests {
     fn recomputing_and_offloading_cost_time_and_a_slower_card_is_slower() {
         let spec = llama3_8b();
         let l4 = profile_named("l4").unwrap().limits();
-        let at = |policy, kept, card: &CardLimits| predict(&spec, &input(8192), policy, kept, SavedAttention::Off, card).unwrap().step_s;
+        let at =
+            |policy, kept, card: &CardLimits| predict(&spec, &input(8192), mix(policy, kept, SavedAttention::Off), card).unwrap().step_s;
         let keep_all = at(CheckpointPolicy::None, 32, &l4);
         let some = at(CheckpointPolicy::Layer, 16, &l4);
         let recompute_all = at(CheckpointPolicy::Layer, 0, &l4);
@@ -370,7 +383,7 @@ mod tests {
     #[test]
     fn keeping_attention_output_skips_the_recomputed_forward_and_costs_host_traffic() {
         let spec = llama3_8b();
-        let at = |policy, kept, attention| step_work(&spec, &input(32768), policy, kept, attention);
+        let at = |policy, kept, attention| step_work(&spec, &input(32768), mix(policy, kept, attention));
         let off = at(CheckpointPolicy::Offload, 0, SavedAttention::Off);
         let host = at(CheckpointPolicy::Offload, 0, SavedAttention::Host);
         let device = at(CheckpointPolicy::Offload, 0, SavedAttention::Device);
@@ -386,7 +399,7 @@ mod tests {
         let keep_all = at(CheckpointPolicy::None, 32, SavedAttention::Host);
         assert_eq!(keep_all, at(CheckpointPolicy::None, 32, SavedAttention::Off));
         let h100 = profile_named("h100-80").unwrap().limits();
-        let step = |attention| predict(&spec, &input(32768), CheckpointPolicy::Offload, 0, attention, &h100).unwrap().step_s;
+        let step = |attention| predict(&spec, &input(32768), mix(CheckpointPolicy::Offload, 0, attention), &h100).unwrap().step_s;
         assert!(
             step(SavedAttention::Host) < 0.95 * step(SavedAttention::Off),
             "{} vs {}",
@@ -396,15 +409,41 @@ mod tests {
     }
 
     #[test]
+    fn dequantized_weights_remove_the_dequantization_of_their_layers_only() {
+        let spec = llama3_8b();
+        let at = |policy, kept, cached| {
+            step_work(&spec, &input(2048), Mix { cached_weight_layers: cached, ..mix(policy, kept, SavedAttention::Off) })
+        };
+        let params: f64 = crate::config::Target::ALL
+            .iter()
+            .map(|&t| {
+                let (o, i) = spec.linear_shape(t);
+                (o * i) as f64
+            })
+            .sum();
+        // Kept layers dequantize twice a step (forward, backward), recomputed ones three times.
+        let keep_all = at(CheckpointPolicy::None, 32, 0);
+        assert!((keep_all.memory_bytes - at(CheckpointPolicy::None, 32, 32).memory_bytes - 32.0 * 2.0 * 2.5 * params).abs() < 1.0);
+        let recompute = at(CheckpointPolicy::Layer, 0, 0);
+        assert!((recompute.memory_bytes - at(CheckpointPolicy::Layer, 0, 8).memory_bytes - 8.0 * 3.0 * 2.5 * params).abs() < 1.0);
+        assert_eq!(recompute.gemm_flops, at(CheckpointPolicy::Layer, 0, 8).gemm_flops);
+        // Dense weights have nothing to dequantize.
+        let dense = PlanInput { quantization: Quantization::Bf16, ..input(2048) };
+        let w =
+            |cached| step_work(&spec, &dense, Mix { cached_weight_layers: cached, ..mix(CheckpointPolicy::None, 32, SavedAttention::Off) });
+        assert_eq!(w(0).memory_bytes, w(32).memory_bytes);
+    }
+
+    #[test]
     fn sliding_windows_bound_attention_work() {
         assert_eq!(attended_pairs(4, None), 10.0);
         assert_eq!(attended_pairs(4, Some(2)), 1.0 + 2.0 + 2.0 + 2.0);
         assert_eq!(attended_pairs(4, Some(8)), 10.0);
         let gemma = ModelSpec::by_shape_name("gemma3-4b").unwrap();
-        let w = step_work(&gemma, &input(32768), CheckpointPolicy::None, gemma.num_layers, SavedAttention::Off);
+        let w = step_work(&gemma, &input(32768), mix(CheckpointPolicy::None, gemma.num_layers, SavedAttention::Off));
         let mut global = gemma.clone();
         global.sliding_window = None;
-        let g = step_work(&global, &input(32768), CheckpointPolicy::None, global.num_layers, SavedAttention::Off);
+        let g = step_work(&global, &input(32768), mix(CheckpointPolicy::None, global.num_layers, SavedAttention::Off));
         // Five local layers of six see 1K keys instead of up to 32K.
         assert!(w.attention_fwd_flops < 0.3 * g.attention_fwd_flops, "{} vs {}", w.attention_fwd_flops, g.attention_fwd_flops);
     }
@@ -429,7 +468,7 @@ mod tests {
     fn the_summary_gives_the_rate_the_eta_and_how_far_to_trust_it() {
         let spec = llama3_8b();
         let l4 = profile_named("l4").unwrap().limits();
-        let p = predict(&spec, &input(2048), CheckpointPolicy::Offload, 0, SavedAttention::Off, &l4).unwrap();
+        let p = predict(&spec, &input(2048), mix(CheckpointPolicy::Offload, 0, SavedAttention::Off), &l4).unwrap();
         assert!((p.eta_s(600, 2) - 1200.0 * p.step_s).abs() < 1e-9);
         let s = p.summary(Some(600), 2);
         assert!(!p.summary(None, 2).contains("steps in"));
@@ -437,7 +476,7 @@ mod tests {
         assert!(s.contains("not yet measured on this card"), "{s}");
         let h200 = profile_named("h200").unwrap().limits();
         assert!(
-            predict(&spec, &input(2048), CheckpointPolicy::None, 32, SavedAttention::Off, &h200)
+            predict(&spec, &input(2048), mix(CheckpointPolicy::None, 32, SavedAttention::Off), &h200)
                 .unwrap()
                 .summary(None, 1)
                 .contains("within 12%")

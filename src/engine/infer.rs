@@ -170,7 +170,7 @@ impl<B: Backend> Inference<B> {
         let extra = rows.map(|r| r.ids.clone()).unwrap_or_default();
         let ext_spec = ModelSpec { vocab_size: vocab + extra.len(), ..spec.clone() };
         let ext = Extended { src, vocab, hidden: d, rows };
-        let model = DeviceModel::load(&backend, &ext_spec, &ext, opts.quantization, opts.capacity, false)?;
+        let model = DeviceModel::load(&backend, &ext_spec, &ext, opts.quantization, opts.capacity, false, 0)?;
 
         let (rank, scale) = adapter.map_or((1, 0.0), |a| (a.weights.rank.max(1), a.lora.scale() as f32));
         // Every buffer below is allocated as `plan::infer_buffers` lists it (by name), so the

@@ -74,6 +74,9 @@ pub struct EngineOptions {
     /// Where the recomputed layers keep attention's output and log-sum-exp (the plan's choice;
     /// ignored when no layer is recomputed).
     pub saved_attention: plan::SavedAttention,
+    /// The first layers whose NF4 linears are dequantized once for the run (the plan's choice;
+    /// ignored for 16-bit weights).
+    pub cached_weight_layers: usize,
 }
 
 /// One adapted linear on the device: fp32 masters, compute copies, gradients, AdamW moments.
@@ -285,6 +288,8 @@ pub struct Trainer<B: Backend> {
     saved_attention: Vec<Option<AttentionOut<B>>>,
     /// Which layers keep their activations (the last ones) and which set each layer uses.
     layout: plan::ActLayout,
+    /// The first layers whose NF4 linears hold a dequantized copy.
+    cached_weight_layers: usize,
     offload: bool,
     ws: Workspace<B>,
     batch: DeviceBatch<B>,
@@ -355,7 +360,16 @@ impl<B: Backend> Trainer<B> {
             None => kept,
         };
         let layout = plan::ActLayout::new(&spec, rows, kept, opts.mlp_chunk_rows);
-        let model = DeviceModel::load(&backend, &spec, src, opts.quantization, opts.max_seq_len, plan::embed_on_host(&spec, policy))?;
+        let cached_weight_layers = if opts.quantization == Quantization::Nf4 { opts.cached_weight_layers.min(spec.num_layers) } else { 0 };
+        let model = DeviceModel::load(
+            &backend,
+            &spec,
+            src,
+            opts.quantization,
+            opts.max_seq_len,
+            plan::embed_on_host(&spec, policy),
+            cached_weight_layers,
+        )?;
         let init;
         let weights = match lora_init {
             Some(w) => w,
@@ -573,6 +587,7 @@ impl<B: Backend> Trainer<B> {
             saved_inputs,
             saved_attention,
             layout,
+            cached_weight_layers,
             offload,
             ws,
             batch,
@@ -587,7 +602,6 @@ impl<B: Backend> Trainer<B> {
         !self.layout.recomputes()
     }
 
-    /// Layers whose activations are kept through the step (the others are recomputed).
     /// Where the recomputed layers keep attention's output (`off` when none does).
     pub fn saved_attention(&self) -> plan::SavedAttention {
         match (self.saved_attention.iter().any(Option::is_some), self.ws.attention_stage.is_some()) {
@@ -597,8 +611,25 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
+    /// Layers whose activations are kept through the step (the others are recomputed).
     pub fn kept_layers(&self) -> usize {
         self.layout.kept
+    }
+
+    /// Layers whose NF4 linears hold their dequantized copy (the first ones; a backend that
+    /// keeps every weight dequantized, the CPU's, counts them too).
+    pub fn cached_weight_layers(&self) -> usize {
+        self.cached_weight_layers
+    }
+
+    /// The mix this Trainer runs, as the plan names it.
+    pub fn mix(&self) -> plan::Mix {
+        plan::Mix {
+            policy: self.checkpointing(),
+            kept_layers: self.kept_layers(),
+            attention: self.saved_attention(),
+            cached_weight_layers: self.cached_weight_layers,
+        }
     }
 
     /// The checkpointing policy in force (`auto` resolved by the memory plan).

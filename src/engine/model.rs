@@ -137,6 +137,8 @@ pub fn linear_name(layer: usize, t: Target) -> String {
 
 impl<B: Backend> DeviceModel<B> {
     /// `embed_on_host`: keep an untied embedding table in pinned host memory (memory mode).
+    /// `dequantized_layers`: the first layers whose linears also hold a dequantized copy
+    /// (`Backend::cache_dequantized`), each made right after its weight, in the plan's order.
     pub fn load(
         backend: &B,
         spec: &ModelSpec,
@@ -144,6 +146,7 @@ impl<B: Backend> DeviceModel<B> {
         quant: Quantization,
         max_pos: usize,
         embed_on_host: bool,
+        dequantized_layers: usize,
     ) -> Result<Self> {
         let (v, d) = (spec.vocab_size, spec.hidden_size);
         let table = src.dense("model.embed_tokens.weight", &[v, d])?;
@@ -174,7 +177,11 @@ impl<B: Backend> DeviceModel<B> {
                 let shape = spec.linear_shape(t);
                 let w = src.linear(&format!("{name}.weight"), shape, quant)?;
                 let bias = if spec.has_bias(t) { Some(src.dense(&format!("{name}.bias"), &[shape.0])?) } else { None };
-                linears.push(backend.upload_weight(&w, bias.as_deref())?);
+                let mut weight = backend.upload_weight(&w, bias.as_deref())?;
+                if l < dequantized_layers {
+                    backend.cache_dequantized(&mut weight)?;
+                }
+                linears.push(weight);
             }
             layers.push(LayerWeights { input_norm, post_attention_norm, attn_out_norm, mlp_out_norm, q_norm, k_norm, linears });
         }

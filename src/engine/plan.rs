@@ -39,6 +39,9 @@ impl BackendKind {
 pub enum Term {
     /// Quantized linears with their quant state, 16-bit embeddings, lm_head and norms.
     BaseWeights,
+    /// 16-bit copies of NF4 linears, dequantized once for the run so their GEMMs skip the
+    /// per-call dequantization (the first `MemoryPlan::cached_weight_layers` layers).
+    DequantizedWeights,
     /// LoRA fp32 masters and their 16-bit compute copies (and trained token rows).
     LoraParams,
     LoraGrads,
@@ -66,6 +69,7 @@ impl Term {
     pub fn name(self) -> &'static str {
         match self {
             Term::BaseWeights => "base_weights",
+            Term::DequantizedWeights => "dequantized_weights",
             Term::LoraParams => "lora_params",
             Term::LoraGrads => "lora_grads",
             Term::OptimizerStates => "optimizer_states",
@@ -263,6 +267,8 @@ pub struct MemoryPlan {
     pub kept_layers: usize,
     /// Where the recomputed layers keep attention's output (`off` when none is recomputed).
     pub attention: SavedAttention,
+    /// Layers whose NF4 linears hold a dequantized copy (the first ones).
+    pub cached_weight_layers: usize,
     pub buffers: Vec<PlannedBuffer>,
     /// Our device bytes: every device buffer plus the context (other processes not included).
     pub peak_bytes: u64,
@@ -300,13 +306,15 @@ pub fn embed_on_host(spec: &ModelSpec, policy: CheckpointPolicy) -> bool {
     policy == CheckpointPolicy::Offload && !spec.tie_word_embeddings
 }
 
-/// The frozen model as the backend stores it.
+/// The frozen model as the backend stores it; on CUDA the NF4 linears of the first
+/// `cached_layers` layers also hold their dequantized 16-bit copy, allocated right after each.
 pub fn weight_buffers(
     spec: &ModelSpec,
     quant: Quantization,
     kind: BackendKind,
     max_pos: usize,
     policy: CheckpointPolicy,
+    cached_layers: usize,
 ) -> Vec<PlannedBuffer> {
     let (v, d) = (spec.vocab_size, spec.hidden_size);
     let mut embed = buf("embed_tokens", Term::BaseWeights, v * d, DType::Act);
@@ -345,6 +353,9 @@ pub fn weight_buffers(
             if spec.has_bias(t) {
                 out.push(buf(format!("layers.{l}.{}.bias", t.hf_name()), Term::BaseWeights, o, DType::Act));
             }
+            if caches_dequantized(quant, kind) && l < cached_layers {
+                out.push(buf(format!("layers.{l}.{}.dequantized", t.hf_name()), Term::DequantizedWeights, o * i, DType::Act));
+            }
         }
     }
     out.push(buf("rope_table", Term::Workspace, 2 * max_pos * (spec.head_dim / 2), DType::F32));
@@ -352,6 +363,12 @@ pub fn weight_buffers(
         out.push(buf("rope_table_local", Term::Workspace, 2 * max_pos * (spec.head_dim / 2), DType::F32));
     }
     out
+}
+
+/// Whether a layer's linears can hold a dequantized copy: NF4 on a backend that dequantizes per
+/// call (the CPU keeps every weight dequantized already).
+pub fn caches_dequantized(quant: Quantization, kind: BackendKind) -> bool {
+    quant == Quantization::Nf4 && kind == BackendKind::Cuda
 }
 
 /// Rows per MLP chunk when layers are recomputed: the MLP's `[rows, intermediate]` activations
@@ -438,6 +455,28 @@ pub enum SavedAttention {
     /// In pinned host memory, through one device copy: out during the forward while the layer's
     /// MLP runs, back one layer ahead in the backward.
     Host,
+}
+
+/// A resolved checkpointing choice: what a plan is built for, what the engine runs and what the
+/// cost model prices (`auto` searches over these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Mix {
+    /// Never `auto`.
+    pub policy: CheckpointPolicy,
+    /// Layers whose activations are kept (the last ones); the others are recomputed.
+    pub kept_layers: usize,
+    /// Where the recomputed layers keep attention's output.
+    pub attention: SavedAttention,
+    /// Layers whose NF4 linears hold a dequantized copy (the first ones, which the recompute
+    /// dequantizes most often); 0 where weights are not NF4 on a GPU.
+    pub cached_weight_layers: usize,
+}
+
+impl Mix {
+    /// A fixed policy with the layers it keeps, nothing else.
+    pub fn of_policy(spec: &ModelSpec, policy: CheckpointPolicy) -> Self {
+        Mix { policy, kept_layers: kept_layers(spec, policy), attention: SavedAttention::Off, cached_weight_layers: 0 }
+    }
 }
 
 /// Per-layer activations only some families have, after the common ones: the inputs and inverse
@@ -647,7 +686,7 @@ pub fn infer_buffers(
     term: Term,
 ) -> Vec<PlannedBuffer> {
     let ext = ModelSpec { vocab_size: spec.vocab_size + token_rows, ..spec.clone() };
-    let mut out = weight_buffers(&ext, io.quantization, kind, io.capacity, CheckpointPolicy::None);
+    let mut out = weight_buffers(&ext, io.quantization, kind, io.capacity, CheckpointPolicy::None, 0);
     let rank = lora.map_or(1, |(r, _)| r.max(1));
     let (d, f, qd, kvd) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim());
     let mut b = |name: String, elems: usize, dtype: DType| out.push(buf(name, term, elems, dtype));
@@ -791,18 +830,14 @@ fn total(buffers: &[PlannedBuffer], kind: BackendKind, loc: Location) -> u64 {
     buffers.iter().filter(|b| b.location == loc).map(|b| b.bytes(kind)).sum()
 }
 
-fn build(
-    spec: &ModelSpec,
-    input: &PlanInput,
-    target: &PlanTarget,
-    policy: CheckpointPolicy,
-    kept_layers: usize,
-    attention: SavedAttention,
-) -> MemoryPlan {
+fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, mix: Mix) -> MemoryPlan {
     let kind = target.kind;
-    // Nothing to keep when no layer is recomputed.
+    let Mix { policy, kept_layers, attention, cached_weight_layers } = mix;
+    // Nothing to keep when no layer is recomputed, nothing to cache but NF4 on a GPU.
     let attention = if kept_layers >= spec.num_layers { SavedAttention::Off } else { attention };
-    let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len, policy);
+    let cached_weight_layers = if caches_dequantized(input.quantization, kind) { cached_weight_layers.min(spec.num_layers) } else { 0 };
+    let mix = Mix { attention, cached_weight_layers, ..mix };
+    let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len, policy, cached_weight_layers);
     buffers.extend(engine_buffers(spec, input, policy, kept_layers, attention));
     if kind == BackendKind::Cuda {
         buffers.extend(cuda_workspace(spec, input));
@@ -834,6 +869,7 @@ fn build(
         checkpointing: policy,
         kept_layers,
         attention,
+        cached_weight_layers,
         buffers,
         peak_bytes,
         pinned_host_bytes,
@@ -841,7 +877,7 @@ fn build(
         others_bytes: target.others_bytes,
         fits,
         host_fits,
-        step: target.card.as_ref().and_then(|card| crate::engine::cost::predict(spec, input, policy, kept_layers, attention, card)),
+        step: target.card.as_ref().and_then(|card| crate::engine::cost::predict(spec, input, mix, card)),
     }
 }
 
@@ -858,17 +894,34 @@ fn fits_with_headroom(p: &MemoryPlan) -> bool {
 
 /// Under `layer` checkpointing on a card, the most layers whose activations can be kept with
 /// [`PARTIAL_KEEP_HEADROOM_BYTES`] to spare (each kept layer skips its recompute in the backward),
-/// the recomputed ones keeping attention's output where `attention` says.
-fn most_kept_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, attention: SavedAttention) -> usize {
-    if target.available_bytes().is_none() {
-        return 0;
-    }
-    let fits = |k: usize| fits_with_headroom(&build(spec, input, target, CheckpointPolicy::Layer, k, attention));
+/// the recomputed ones keeping attention's output and the first layers their dequantized weights
+/// as `with` says.
+fn most_kept_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, with: Mix) -> usize {
+    let fits = |k: usize| fits_with_headroom(&build(spec, input, target, Mix { policy: CheckpointPolicy::Layer, kept_layers: k, ..with }));
     // The peak grows with every kept layer: binary search over 0..layers (all of them is `none`).
-    if !fits(1) {
+    most_that_fit(target, spec.num_layers - 1, fits)
+}
+
+/// The most layers of `mix` whose linears can hold their dequantized copy with
+/// [`PARTIAL_KEEP_HEADROOM_BYTES`] to spare (0 where weights are not NF4 on a GPU).
+fn most_cached_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, mix: Mix) -> usize {
+    if !caches_dequantized(input.quantization, target.kind) {
         return 0;
     }
-    let (mut good, mut bad) = (1, spec.num_layers);
+    let fits = |c: usize| fits_with_headroom(&build(spec, input, target, Mix { cached_weight_layers: c, ..mix }));
+    most_that_fit(target, spec.num_layers, fits)
+}
+
+/// The largest `n` in `0..=max` with `fits(n)`, for a `fits` that holds up to some `n` and not
+/// past it (memory grows with `n`); 0 on a target without a memory limit.
+fn most_that_fit(target: &PlanTarget, max: usize, fits: impl Fn(usize) -> bool) -> usize {
+    if target.available_bytes().is_none() || max == 0 || !fits(1) {
+        return 0;
+    }
+    if fits(max) {
+        return max;
+    }
+    let (mut good, mut bad) = (1, max);
     while bad - good > 1 {
         let mid = good + (bad - good) / 2;
         if fits(mid) { good = mid } else { bad = mid }
@@ -876,18 +929,21 @@ fn most_kept_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, at
     good
 }
 
-/// The plan for a run; `auto` searches the policies that fit (keep everything; keep layer inputs on
+/// The plan for a run; `auto` searches the mixes that fit (keep everything; keep layer inputs on
 /// the device with as many layers' activations kept as the card has room for, the others
 /// recomputed; offload the inputs to pinned host memory), each of the last two also with the
-/// recomputed layers' attention output kept on the device or in pinned host memory, for the
-/// shortest predicted step (`crate::engine::cost`). Without a prediction (a card of unknown speed)
-/// it takes the first that fits of the first three, in the order of their cost.
+/// recomputed layers' attention output kept on the device or in pinned host memory, and each with
+/// as many layers' weights dequantized once for the run as the room left allows (under `layer`
+/// also the other way round: the weights first, then the kept layers), for the shortest predicted
+/// step (`crate::engine::cost`). Without a prediction (a card of unknown speed) it takes the
+/// first that fits of the first three, in the order of their cost, with the weights cached that
+/// the room left allows (a cached weight only removes work). A fixed policy is built as it is,
+/// nothing cached: `offload` is what a user sets to spend the least memory.
 pub fn plan(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan {
     match input.checkpointing {
         CheckpointPolicy::Auto => {
             let order = [CheckpointPolicy::None, CheckpointPolicy::Layer, CheckpointPolicy::Offload];
-            let off = SavedAttention::Off;
-            let plans: Vec<MemoryPlan> = order.iter().map(|&p| build(spec, input, target, p, kept_layers(spec, p), off)).collect();
+            let plans: Vec<MemoryPlan> = order.iter().map(|&p| build(spec, input, target, Mix::of_policy(spec, p))).collect();
             // On the CPU, memory is not planned against a card; recompute when activations would
             // take more than 2 GiB, as the engine does.
             if target.kind == BackendKind::Cpu {
@@ -896,53 +952,82 @@ pub fn plan(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryP
             }
             let mut candidates = plans;
             if !candidates[0].fits && candidates[1].fits {
-                candidates[1] = build(spec, input, target, CheckpointPolicy::Layer, most_kept_layers(spec, input, target, off), off);
+                let kept = most_kept_layers(spec, input, target, Mix::of_policy(spec, CheckpointPolicy::Layer));
+                candidates[1] = build(spec, input, target, Mix { kept_layers: kept, ..Mix::of_policy(spec, CheckpointPolicy::Layer) });
             }
-            let fitting: Vec<MemoryPlan> = candidates.iter().filter(|p| p.fits).cloned().collect();
+            let mut fitting: Vec<MemoryPlan> = candidates.iter().filter(|p| p.fits).cloned().collect();
             if fitting.is_empty() {
                 return candidates.pop().expect("plans");
             }
             let predicted = |p: &MemoryPlan| p.step.as_ref().map(|s| s.step_s);
-            let mut fitting = fitting;
-            if !fitting[0].keeps_all(spec) && fitting.iter().all(|p| predicted(p).is_some()) {
+            let with_cache = |p: &MemoryPlan| {
+                let mix = p.mix();
+                let cached = most_cached_layers(spec, input, target, mix);
+                (cached > 0).then(|| build(spec, input, target, Mix { cached_weight_layers: cached, ..mix }))
+            };
+            if !fitting.iter().all(|p| predicted(p).is_some()) {
+                let first = fitting.into_iter().next().expect("fitting");
+                return with_cache(&first).unwrap_or(first);
+            }
+            if !fitting[0].keeps_all(spec) {
                 // Keeping attention's output trades memory (device or pinned host) for attention's
                 // second forward; it fills the card by choice, so it keeps the headroom.
                 for attention in [SavedAttention::Device, SavedAttention::Host] {
-                    let kept = most_kept_layers(spec, input, target, attention);
-                    for (policy, kept) in [(CheckpointPolicy::Layer, kept), (CheckpointPolicy::Offload, 0)] {
-                        let p = build(spec, input, target, policy, kept, attention);
+                    let with = Mix { attention, ..Mix::of_policy(spec, CheckpointPolicy::Layer) };
+                    let kept = most_kept_layers(spec, input, target, with);
+                    for mix in [Mix { kept_layers: kept, ..with }, Mix { attention, ..Mix::of_policy(spec, CheckpointPolicy::Offload) }] {
+                        let p = build(spec, input, target, mix);
                         if fits_with_headroom(&p) {
                             fitting.push(p);
                         }
                     }
                 }
             }
-            if fitting.iter().all(|p| predicted(p).is_some()) {
-                fitting.into_iter().min_by(|a, b| predicted(a).partial_cmp(&predicted(b)).expect("finite times")).expect("fitting")
-            } else {
-                fitting.into_iter().next().expect("fitting")
+            // Dequantized weights spend memory on the dequantization of every pass; kept
+            // activations spend it on a recompute. Each mix gets the weights the room it leaves
+            // allows; under `layer` the weights may also come first, the kept layers after.
+            let mut cached: Vec<MemoryPlan> = fitting.iter().filter_map(with_cache).collect();
+            if caches_dequantized(input.quantization, target.kind) && !fitting[0].keeps_all(spec) {
+                for attention in [SavedAttention::Off, SavedAttention::Device, SavedAttention::Host] {
+                    let layer = Mix { attention, ..Mix::of_policy(spec, CheckpointPolicy::Layer) };
+                    let weights = most_cached_layers(spec, input, target, layer);
+                    if weights == 0 {
+                        continue;
+                    }
+                    let with = Mix { cached_weight_layers: weights, ..layer };
+                    let p = build(spec, input, target, Mix { kept_layers: most_kept_layers(spec, input, target, with), ..with });
+                    if fits_with_headroom(&p) {
+                        cached.push(p);
+                    }
+                }
             }
+            fitting.extend(cached);
+            fitting.into_iter().min_by(|a, b| predicted(a).partial_cmp(&predicted(b)).expect("finite times")).expect("fitting")
         }
-        p => build(spec, input, target, p, kept_layers(spec, p), SavedAttention::Off),
+        p => build(spec, input, target, Mix::of_policy(spec, p)),
     }
 }
 
-/// The plan of a policy already resolved, with the layers it keeps (what a running Trainer has).
-pub fn plan_resolved(
-    spec: &ModelSpec,
-    input: &PlanInput,
-    target: &PlanTarget,
-    policy: CheckpointPolicy,
-    kept_layers: usize,
-    attention: SavedAttention,
-) -> MemoryPlan {
-    build(spec, input, target, policy, kept_layers, attention)
+/// The plan of a mix already resolved (what a running Trainer has).
+pub fn plan_resolved(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, mix: Mix) -> MemoryPlan {
+    build(spec, input, target, mix)
 }
 
 impl MemoryPlan {
-    /// The policy in words, with the kept layers when only some are and where attention's output
-    /// is kept: "layer (12 of 32 layers kept, the rest recomputed; attention output kept in host
-    /// memory)".
+    /// The mix this plan was built for.
+    pub fn mix(&self) -> Mix {
+        Mix {
+            policy: self.checkpointing,
+            kept_layers: self.kept_layers,
+            attention: self.attention,
+            cached_weight_layers: self.cached_weight_layers,
+        }
+    }
+
+    /// The policy in words, with the kept layers when only some are, where attention's output
+    /// is kept and which layers' weights are dequantized once: "layer (12 of 32 layers kept, the
+    /// rest recomputed; attention output kept in host memory; weights of 8 of 32 layers
+    /// dequantized once)".
     pub fn checkpointing_label(&self, spec: &ModelSpec) -> String {
         let name = format!("{:?}", self.checkpointing).to_lowercase();
         let mut parts = Vec::new();
@@ -953,6 +1038,11 @@ impl MemoryPlan {
             SavedAttention::Off => {}
             SavedAttention::Device => parts.push("attention output kept on the GPU".into()),
             SavedAttention::Host => parts.push("attention output kept in host memory".into()),
+        }
+        match self.cached_weight_layers {
+            0 => {}
+            n if n >= spec.num_layers => parts.push("weights dequantized once".into()),
+            n => parts.push(format!("weights of {n} of {} layers dequantized once", spec.num_layers)),
         }
         if parts.is_empty() { name } else { format!("{name} ({})", parts.join("; ")) }
     }
@@ -1068,7 +1158,7 @@ mod tests {
     #[test]
     fn llama3_8b_weight_bytes_are_exact() {
         let spec = ModelSpec::llama3_8b();
-        let w = weight_buffers(&spec, Quantization::Nf4, BackendKind::Cuda, 2048, CheckpointPolicy::Layer);
+        let w = weight_buffers(&spec, Quantization::Nf4, BackendKind::Cuda, 2048, CheckpointPolicy::Layer, 0);
         let bytes = |name: &str| w.iter().find(|b| b.name == name).unwrap().bytes(BackendKind::Cuda);
         assert_eq!(bytes("embed_tokens"), 128_256 * 4096 * 2);
         assert_eq!(bytes("lm_head"), 128_256 * 4096 * 2);

@@ -849,6 +849,7 @@ fn train_on<B: Backend>(
         seed: cfg.train.seed,
         mlp_chunk_rows: 0,
         saved_attention: crate::engine::plan::SavedAttention::Off,
+        cached_weight_layers: 0,
     };
     let init = p.resume.as_ref().map(|c| &c.weights).or(p.lora_init.as_ref());
     let rows = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref());
@@ -857,6 +858,7 @@ fn train_on<B: Backend>(
     let planned = crate::engine::plan::plan(&p.spec, &input, target);
     opts.checkpointing = planned.checkpointing;
     opts.saved_attention = planned.attention;
+    opts.cached_weight_layers = planned.cached_weight_layers;
     if cfg.memory.checkpointing == crate::config::CheckpointPolicy::Auto {
         send(Event::Log(format!(
             "checkpointing auto: {} (plan {})",

@@ -92,10 +92,11 @@ pub fn target(card: Card, cfg: &RunConfig, machine: Option<&Machine>) -> PlanTar
 
 /// The stacking order and colour of each term (fixed, so a colour keeps its meaning while
 /// sliders move). Other processes come first: their memory is taken before ours.
-pub const TERMS: [(Term, &str, Color32); 11] = [
+pub const TERMS: [(Term, &str, Color32); 12] = [
     (Term::OtherProcesses, "used by other processes", Color32::from_gray(85)),
     (Term::CudaContext, "CUDA context", Color32::from_rgb(130, 130, 140)),
     (Term::BaseWeights, "base weights", Color32::from_rgb(86, 156, 214)),
+    (Term::DequantizedWeights, "weights dequantized once", Color32::from_rgb(140, 190, 235)),
     (Term::LoraParams, "LoRA weights", Color32::from_rgb(120, 190, 120)),
     (Term::LoraGrads, "LoRA gradients", Color32::from_rgb(90, 160, 90)),
     (Term::OptimizerStates, "AdamW states", Color32::from_rgb(200, 200, 110)),

@@ -214,6 +214,9 @@ pub struct CudaWeight {
     out_features: usize,
     in_features: usize,
     data: WeightData,
+    /// bf16 `[out, in]` of an NF4 weight, dequantized once (`Backend::cache_dequantized`): the
+    /// GEMMs read it instead of dequantizing into the scratch.
+    dequantized: Option<DevBuf>,
     /// bf16 `[out]`.
     bias: Option<DevBuf>,
 }
@@ -221,6 +224,11 @@ pub struct CudaWeight {
 impl CudaWeight {
     pub fn is_nf4(&self) -> bool {
         matches!(self.data, WeightData::Nf4 { .. })
+    }
+
+    /// Whether an NF4 weight holds its dequantized copy.
+    pub fn is_cached(&self) -> bool {
+        self.dequantized.is_some()
     }
 }
 
@@ -1133,11 +1141,15 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Dequantize an NF4 weight into the shared scratch and return its address (dense: the weight).
+    /// The bf16 weight a GEMM reads: a dense weight itself, an NF4 weight's dequantized copy when
+    /// it holds one, else the NF4 weight dequantized into the shared scratch now.
     fn weight_ptr(&self, w: &CudaWeight) -> Result<u64> {
+        if let Some(cached) = &w.dequantized {
+            return Ok(cached.ptr());
+        }
         match &w.data {
             WeightData::Dense(b) => Ok(b.ptr()),
-            WeightData::Nf4 { packed, absmax_q, absmax2, code2, offset } => {
+            WeightData::Nf4 { .. } => {
                 let numel = w.out_features * w.in_features;
                 let dst = {
                     let s = self.scratch.borrow();
@@ -1151,6 +1163,18 @@ impl CudaBackend {
                         }
                     }
                 };
+                self.dequantize_into(w, dst)?;
+                Ok(dst)
+            }
+        }
+    }
+
+    /// Dequantize an NF4 weight into `dst` (bf16 `[out, in]`); a dense weight is left alone.
+    fn dequantize_into(&self, w: &CudaWeight, dst: u64) -> Result<()> {
+        match &w.data {
+            WeightData::Dense(_) => Ok(()),
+            WeightData::Nf4 { packed, absmax_q, absmax2, code2, offset } => {
+                let numel = w.out_features * w.in_features;
                 let threads = numel.div_ceil(16);
                 self.launch(
                     Kernel::Nf4Dequant,
@@ -1166,8 +1190,7 @@ impl CudaBackend {
                         Arg::Ptr(dst),
                         i64a(numel),
                     ],
-                )?;
-                Ok(dst)
+                )
             }
         }
     }
@@ -1463,7 +1486,18 @@ impl Backend for CudaBackend {
             }
         };
         let bias = bias.map(|b| self.upload_bytes(&Self::to_bf16(b))).transpose()?;
-        Ok(CudaWeight { out_features, in_features, data, bias })
+        Ok(CudaWeight { out_features, in_features, data, dequantized: None, bias })
+    }
+
+    fn cache_dequantized(&self, w: &mut CudaWeight) -> Result<()> {
+        if !w.is_nf4() || w.is_cached() {
+            return Ok(());
+        }
+        self.bind()?;
+        let copy = DevBuf::new(&self.shared, w.out_features * w.in_features * 2)?;
+        self.dequantize_into(w, copy.ptr())?;
+        w.dequantized = Some(copy);
+        Ok(())
     }
 
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor, n: usize) -> Result<()> {
