@@ -444,7 +444,7 @@ impl ActLayout {
 /// Where the recomputed layers keep attention's output and log-sum-exp from the forward, so that
 /// their recompute in the backward skips attention's forward, the costliest kernel of a long row
 /// (the output and log-sum-exp are all attention's backward reads besides q, k and v).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SavedAttention {
     /// Not kept: the recompute runs attention's forward again.
@@ -459,7 +459,7 @@ pub enum SavedAttention {
 
 /// A resolved checkpointing choice: what a plan is built for, what the engine runs and what the
 /// cost model prices (`auto` searches over these).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct Mix {
     /// Never `auto`.
     pub policy: CheckpointPolicy,
@@ -892,41 +892,81 @@ fn fits_with_headroom(p: &MemoryPlan) -> bool {
     p.fits && p.target.available_bytes().is_none_or(|free| p.peak_bytes + PARTIAL_KEEP_HEADROOM_BYTES <= free)
 }
 
-/// Under `layer` checkpointing on a card, the most layers whose activations can be kept with
-/// [`PARTIAL_KEEP_HEADROOM_BYTES`] to spare (each kept layer skips its recompute in the backward),
-/// the recomputed ones keeping attention's output and the first layers their dequantized weights
-/// as `with` says.
-fn most_kept_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, with: Mix) -> usize {
-    let fits = |k: usize| fits_with_headroom(&build(spec, input, target, Mix { policy: CheckpointPolicy::Layer, kept_layers: k, ..with }));
-    // The peak grows with every kept layer: binary search over 0..layers (all of them is `none`).
-    most_that_fit(target, spec.num_layers - 1, fits)
+/// The plans of one `auto` search, each mix built once: the searches below ask for the same
+/// mixes again (a candidate is the start of its cache search), and a plan is a few thousand
+/// buffers that the studio's budget builds while a slider moves.
+struct Plans<'a> {
+    spec: &'a ModelSpec,
+    input: &'a PlanInput,
+    target: &'a PlanTarget,
+    built: std::cell::RefCell<std::collections::HashMap<Mix, std::rc::Rc<MemoryPlan>>>,
 }
 
-/// The most layers of `mix` whose linears can hold their dequantized copy with
-/// [`PARTIAL_KEEP_HEADROOM_BYTES`] to spare (0 where weights are not NF4 on a GPU).
-fn most_cached_layers(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, mix: Mix) -> usize {
-    if !caches_dequantized(input.quantization, target.kind) {
-        return 0;
+impl<'a> Plans<'a> {
+    fn new(spec: &'a ModelSpec, input: &'a PlanInput, target: &'a PlanTarget) -> Self {
+        Plans { spec, input, target, built: Default::default() }
     }
-    let fits = |c: usize| fits_with_headroom(&build(spec, input, target, Mix { cached_weight_layers: c, ..mix }));
-    most_that_fit(target, spec.num_layers, fits)
-}
 
-/// The largest `n` in `0..=max` with `fits(n)`, for a `fits` that holds up to some `n` and not
-/// past it (memory grows with `n`); 0 on a target without a memory limit.
-fn most_that_fit(target: &PlanTarget, max: usize, fits: impl Fn(usize) -> bool) -> usize {
-    if target.available_bytes().is_none() || max == 0 || !fits(1) {
-        return 0;
+    fn of(&self, mix: Mix) -> std::rc::Rc<MemoryPlan> {
+        if let Some(p) = self.built.borrow().get(&mix) {
+            return p.clone();
+        }
+        let p = std::rc::Rc::new(build(self.spec, self.input, self.target, mix));
+        self.built.borrow_mut().insert(mix, p.clone());
+        p
     }
-    if fits(max) {
-        return max;
+
+    /// Under `layer` checkpointing, the most layers whose activations can be kept with
+    /// [`PARTIAL_KEEP_HEADROOM_BYTES`] to spare (each kept layer skips its recompute in the
+    /// backward), the rest of the mix as `with` says (kept attention, cached weights).
+    fn most_kept(&self, with: Mix) -> std::rc::Rc<MemoryPlan> {
+        let layer = Mix { policy: CheckpointPolicy::Layer, ..with };
+        // All of them is `none`.
+        self.most_that_fit(self.spec.num_layers - 1, None, |k| Mix { kept_layers: k, ..layer })
     }
-    let (mut good, mut bad) = (1, max);
-    while bad - good > 1 {
-        let mid = good + (bad - good) / 2;
-        if fits(mid) { good = mid } else { bad = mid }
+
+    /// The most layers of `with` whose linears can hold their dequantized copy with
+    /// [`PARTIAL_KEEP_HEADROOM_BYTES`] to spare (none where weights are not NF4 on a GPU).
+    fn most_cached(&self, with: Mix) -> std::rc::Rc<MemoryPlan> {
+        if !caches_dequantized(self.input.quantization, self.target.kind) {
+            return self.of(with);
+        }
+        // Each cached layer adds its linears in 16 bits.
+        let per_layer: u64 = Target::ALL
+            .iter()
+            .map(|&t| {
+                let (o, i) = self.spec.linear_shape(t);
+                (o * i) as u64 * self.target.kind.bytes(DType::Act)
+            })
+            .sum();
+        self.most_that_fit(self.spec.num_layers, Some(per_layer), |c| Mix { cached_weight_layers: c, ..with })
     }
-    good
+
+    /// The plan of the largest `n` in `0..=max` whose plan fits with the headroom (the plan of 0
+    /// when none does, or on a target without a memory limit), for mixes whose peak grows by about
+    /// `step` bytes with each `n` (measured from 0 and 1 when not given). The walk starts at the
+    /// guess the step gives: two or three plans where a bisection built six.
+    fn most_that_fit(&self, max: usize, step: Option<u64>, mix: impl Fn(usize) -> Mix) -> std::rc::Rc<MemoryPlan> {
+        let base = self.of(mix(0));
+        let Some(free) = self.target.available_bytes() else { return base };
+        if max == 0 || !base.fits {
+            return base;
+        }
+        let room = free.saturating_sub(PARTIAL_KEEP_HEADROOM_BYTES).saturating_sub(base.peak_bytes);
+        let step = step.unwrap_or_else(|| self.of(mix(1)).peak_bytes.saturating_sub(base.peak_bytes)).max(1);
+        let fits = |n: usize| n == 0 || fits_with_headroom(&self.of(mix(n)));
+        let mut n = ((room / step) as usize).min(max);
+        if fits(n) {
+            while n < max && fits(n + 1) {
+                n += 1;
+            }
+        } else {
+            while !fits(n) {
+                n -= 1;
+            }
+        }
+        self.of(mix(n))
+    }
 }
 
 /// The plan for a run; `auto` searches the mixes that fit (keep everything; keep layer inputs on
@@ -940,72 +980,81 @@ fn most_that_fit(target: &PlanTarget, max: usize, fits: impl Fn(usize) -> bool) 
 /// the room left allows (a cached weight only removes work). A fixed policy is built as it is,
 /// nothing cached: `offload` is what a user sets to spend the least memory.
 pub fn plan(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan {
-    match input.checkpointing {
-        CheckpointPolicy::Auto => {
-            let order = [CheckpointPolicy::None, CheckpointPolicy::Layer, CheckpointPolicy::Offload];
-            let plans: Vec<MemoryPlan> = order.iter().map(|&p| build(spec, input, target, Mix::of_policy(spec, p))).collect();
-            // On the CPU, memory is not planned against a card; recompute when activations would
-            // take more than 2 GiB, as the engine does.
-            if target.kind == BackendKind::Cpu {
-                let acts = plans[0].terms.get(Term::LayerActivations.name()).copied().unwrap_or(0);
-                return if acts < (2 << 30) { plans.into_iter().next() } else { plans.into_iter().nth(1) }.expect("plans");
-            }
-            let mut candidates = plans;
-            if !candidates[0].fits && candidates[1].fits {
-                let kept = most_kept_layers(spec, input, target, Mix::of_policy(spec, CheckpointPolicy::Layer));
-                candidates[1] = build(spec, input, target, Mix { kept_layers: kept, ..Mix::of_policy(spec, CheckpointPolicy::Layer) });
-            }
-            let mut fitting: Vec<MemoryPlan> = candidates.iter().filter(|p| p.fits).cloned().collect();
-            if fitting.is_empty() {
-                return candidates.pop().expect("plans");
-            }
-            let predicted = |p: &MemoryPlan| p.step.as_ref().map(|s| s.step_s);
-            let with_cache = |p: &MemoryPlan| {
-                let mix = p.mix();
-                let cached = most_cached_layers(spec, input, target, mix);
-                (cached > 0).then(|| build(spec, input, target, Mix { cached_weight_layers: cached, ..mix }))
-            };
-            if !fitting.iter().all(|p| predicted(p).is_some()) {
-                let first = fitting.into_iter().next().expect("fitting");
-                return with_cache(&first).unwrap_or(first);
-            }
-            if !fitting[0].keeps_all(spec) {
-                // Keeping attention's output trades memory (device or pinned host) for attention's
-                // second forward; it fills the card by choice, so it keeps the headroom.
-                for attention in [SavedAttention::Device, SavedAttention::Host] {
-                    let with = Mix { attention, ..Mix::of_policy(spec, CheckpointPolicy::Layer) };
-                    let kept = most_kept_layers(spec, input, target, with);
-                    for mix in [Mix { kept_layers: kept, ..with }, Mix { attention, ..Mix::of_policy(spec, CheckpointPolicy::Offload) }] {
-                        let p = build(spec, input, target, mix);
-                        if fits_with_headroom(&p) {
-                            fitting.push(p);
-                        }
-                    }
-                }
-            }
-            // Dequantized weights spend memory on the dequantization of every pass; kept
-            // activations spend it on a recompute. Each mix gets the weights the room it leaves
-            // allows; under `layer` the weights may also come first, the kept layers after.
-            let mut cached: Vec<MemoryPlan> = fitting.iter().filter_map(with_cache).collect();
-            if caches_dequantized(input.quantization, target.kind) && !fitting[0].keeps_all(spec) {
-                for attention in [SavedAttention::Off, SavedAttention::Device, SavedAttention::Host] {
-                    let layer = Mix { attention, ..Mix::of_policy(spec, CheckpointPolicy::Layer) };
-                    let weights = most_cached_layers(spec, input, target, layer);
-                    if weights == 0 {
-                        continue;
-                    }
-                    let with = Mix { cached_weight_layers: weights, ..layer };
-                    let p = build(spec, input, target, Mix { kept_layers: most_kept_layers(spec, input, target, with), ..with });
-                    if fits_with_headroom(&p) {
-                        cached.push(p);
-                    }
-                }
-            }
-            fitting.extend(cached);
-            fitting.into_iter().min_by(|a, b| predicted(a).partial_cmp(&predicted(b)).expect("finite times")).expect("fitting")
-        }
-        p => build(spec, input, target, Mix::of_policy(spec, p)),
+    let policy = match input.checkpointing {
+        CheckpointPolicy::Auto => return auto(spec, input, target),
+        p => p,
+    };
+    build(spec, input, target, Mix::of_policy(spec, policy))
+}
+
+fn auto(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan {
+    use std::rc::Rc;
+    let plans = Plans::new(spec, input, target);
+    let order = [CheckpointPolicy::None, CheckpointPolicy::Layer, CheckpointPolicy::Offload];
+    let mut candidates: Vec<Rc<MemoryPlan>> = order.iter().map(|&p| plans.of(Mix::of_policy(spec, p))).collect();
+    let done = |p: Rc<MemoryPlan>| Rc::try_unwrap(p).unwrap_or_else(|p| (*p).clone());
+    // On the CPU, memory is not planned against a card; recompute when activations would take
+    // more than 2 GiB, as the engine does.
+    if target.kind == BackendKind::Cpu {
+        let acts = candidates[0].terms.get(Term::LayerActivations.name()).copied().unwrap_or(0);
+        let pick = if acts < (2 << 30) { 0 } else { 1 };
+        drop(plans);
+        return done(candidates.swap_remove(pick));
     }
+    if !candidates[0].fits && candidates[1].fits {
+        candidates[1] = plans.most_kept(Mix::of_policy(spec, CheckpointPolicy::Layer));
+    }
+    let mut fitting: Vec<Rc<MemoryPlan>> = candidates.iter().filter(|p| p.fits).cloned().collect();
+    if fitting.is_empty() {
+        let last = candidates.pop().expect("plans");
+        drop(candidates);
+        drop(plans);
+        return done(last);
+    }
+    let predicted = |p: &MemoryPlan| p.step.as_ref().map(|s| s.step_s);
+    if !fitting.iter().all(|p| predicted(p).is_some()) {
+        let first = plans.most_cached(fitting[0].mix());
+        drop(fitting);
+        drop(candidates);
+        drop(plans);
+        return done(first);
+    }
+    if !fitting[0].keeps_all(spec) {
+        // Keeping attention's output trades memory (device or pinned host) for attention's second
+        // forward; it fills the card by choice, so it keeps the headroom.
+        for attention in [SavedAttention::Device, SavedAttention::Host] {
+            let kept = plans.most_kept(Mix { attention, ..Mix::of_policy(spec, CheckpointPolicy::Layer) });
+            let offload = plans.of(Mix { attention, ..Mix::of_policy(spec, CheckpointPolicy::Offload) });
+            fitting.extend([kept, offload].into_iter().filter(|p| fits_with_headroom(p)));
+        }
+    }
+    // Dequantized weights spend memory on the dequantization of every pass; kept activations
+    // spend it on a recompute. Each mix gets the weights the room it leaves allows; under `layer`
+    // the weights may also come first, the kept layers after (for the kept attention of the
+    // fastest `layer` mix so far). A mix whose step would not beat the fastest so far even with
+    // every layer's weights cached is not searched (a prediction needs no plan).
+    let by_time = |a: &Rc<MemoryPlan>, b: &Rc<MemoryPlan>| predicted(a).partial_cmp(&predicted(b)).expect("finite times");
+    let best = fitting.iter().min_by(|a, b| by_time(a, b)).and_then(|p| predicted(p)).expect("fitting");
+    let card = target.card.as_ref().expect("a prediction has a card");
+    let could_win = |mix: Mix| {
+        let all = Mix { cached_weight_layers: spec.num_layers, ..mix };
+        crate::engine::cost::predict(spec, input, all, card).is_some_and(|p| p.step_s < best)
+    };
+    if caches_dequantized(input.quantization, target.kind) {
+        let mut cached: Vec<Rc<MemoryPlan>> = fitting.iter().filter(|p| could_win(p.mix())).map(|p| plans.most_cached(p.mix())).collect();
+        let layer = fitting.iter().filter(|p| p.checkpointing == CheckpointPolicy::Layer).min_by(|a, b| by_time(a, b)).map(|p| p.mix());
+        if let Some(layer) = layer
+            && could_win(layer)
+        {
+            let weights = plans.most_cached(Mix { kept_layers: 0, ..layer });
+            cached.push(plans.most_kept(weights.mix()));
+        }
+        fitting.extend(cached.into_iter().filter(|p| fits_with_headroom(p)));
+    }
+    let best = fitting.into_iter().min_by(|a, b| by_time(a, b)).expect("fitting");
+    drop(candidates);
+    drop(plans);
+    done(best)
 }
 
 /// The plan of a mix already resolved (what a running Trainer has).
