@@ -25,6 +25,22 @@ fn spec(tied: bool) -> ModelSpec {
     }
 }
 
+/// An H100's profile (a card of known speed: `auto` weighs predicted steps) with a memory cap,
+/// its context at the default and 100 GiB of host RAM.
+fn h100_target(cap_gib: Option<f64>) -> PlanTarget {
+    let card = tunestudio::backend::card::profile_named("h100-80").unwrap().limits();
+    PlanTarget {
+        kind: plan::BackendKind::Cuda,
+        name: card.name.clone(),
+        total_bytes: Some(card.memory_bytes),
+        card: Some(card),
+        others_bytes: 0,
+        cap_bytes: cap_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+        context_bytes: plan::DEFAULT_CUDA_CONTEXT_BYTES,
+        host_bytes: Some(100 << 30),
+    }
+}
+
 #[test]
 fn trainer_allocates_exactly_the_planned_buffers() {
     use SavedAttention::{Device, Host, Off};
@@ -160,7 +176,6 @@ fn auto_keeps_as_many_layers_as_the_card_holds() {
 /// it lives, and the prediction drops the recomputed attention forward.
 #[test]
 fn auto_keeps_attention_output_where_it_fits_and_pays() {
-    use tunestudio::backend::card::profile_named;
     let s = ModelSpec::llama3_8b();
     let input = |seq| PlanInput {
         lora: LoraConfig { r: 32, alpha: 32.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false },
@@ -172,19 +187,7 @@ fn auto_keeps_attention_output_where_it_fits_and_pays() {
         mlp_chunk_rows: 0,
         samples: None,
     };
-    let h100 = |cap_gib: f64| {
-        let card = profile_named("h100-80").unwrap().limits();
-        PlanTarget {
-            kind: plan::BackendKind::Cuda,
-            name: card.name.clone(),
-            total_bytes: Some(card.memory_bytes),
-            card: Some(card),
-            others_bytes: 0,
-            cap_bytes: Some((cap_gib * (1u64 << 30) as f64) as u64),
-            context_bytes: plan::DEFAULT_CUDA_CONTEXT_BYTES,
-            host_bytes: Some(100 << 30),
-        }
-    };
+    let h100 = |cap_gib: f64| h100_target(Some(cap_gib));
     // Unsloth's peak + 0.6 GiB at 16K and 64K, and 24 GiB at 32K.
     for (seq, cap) in [(16384, 11.9), (32768, 24.0), (65536, 24.5)] {
         let t = h100(cap);
@@ -230,7 +233,6 @@ fn auto_keeps_attention_output_where_it_fits_and_pays() {
 /// policy that fits gets what the room left allows; on the CPU nothing is cached.
 #[test]
 fn auto_dequantizes_weights_once_where_the_room_allows() {
-    use tunestudio::backend::card::profile_named;
     let s = ModelSpec::llama3_8b();
     let input = |seq, policy| PlanInput {
         lora: LoraConfig { r: 32, alpha: 32.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false },
@@ -242,19 +244,7 @@ fn auto_dequantizes_weights_once_where_the_room_allows() {
         mlp_chunk_rows: 0,
         samples: None,
     };
-    let h100 = |cap_gib: Option<f64>| {
-        let card = profile_named("h100-80").unwrap().limits();
-        PlanTarget {
-            kind: plan::BackendKind::Cuda,
-            name: card.name.clone(),
-            total_bytes: Some(card.memory_bytes),
-            card: Some(card),
-            others_bytes: 0,
-            cap_bytes: cap_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
-            context_bytes: plan::DEFAULT_CUDA_CONTEXT_BYTES,
-            host_bytes: Some(100 << 30),
-        }
-    };
+    let h100 = h100_target;
     let per_layer: u64 = Target::ALL
         .iter()
         .map(|&t| {

@@ -303,20 +303,21 @@ mod tests {
 
     /// [`worst_error`] over rows that also say where attention's output was kept.
     fn worst_error_saved(rows: &[(&str, usize, CheckpointPolicy, usize, SavedAttention, f64)], e: &Efficiency) -> (f64, String) {
+        worst_error_of(rows.iter().map(|&(card, seq, policy, kept, attention, tps)| (card, seq, mix(policy, kept, attention), tps)), e)
+    }
+
+    /// [`worst_error`] over rows of any mix.
+    fn worst_error_of<'a>(rows: impl Iterator<Item = (&'a str, usize, Mix, f64)>, e: &Efficiency) -> (f64, String) {
         let spec = llama3_8b();
         let mut worst = (0.0f64, String::new());
-        for &(card, seq, policy, kept, attention, measured) in rows {
+        for (card, seq, m, measured) in rows {
             let limits = profile_named(card).unwrap().limits();
             let (speed, basis) = limits.speed().unwrap();
-            let p = predict_with(&step_work(&spec, &input(seq), mix(policy, kept, attention)), &speed, e, basis, seq);
+            let p = predict_with(&step_work(&spec, &input(seq), m), &speed, e, basis, seq);
             let err = p.tokens_per_s / measured - 1.0;
-            println!(
-                "{card} seq {seq} {policy:?} kept {kept} attention {attention:?}: predicted {:.0}, measured {measured} ({:+.1}%)",
-                p.tokens_per_s,
-                100.0 * err
-            );
+            println!("{card} seq {seq} {m:?}: predicted {:.0}, measured {measured} ({:+.1}%)", p.tokens_per_s, 100.0 * err);
             if err.abs() > worst.0.abs() {
-                worst = (err, format!("{card} seq {seq} {policy:?} kept {kept}: predicted {:.0}, measured {measured}", p.tokens_per_s));
+                worst = (err, format!("{card} seq {seq} {m:?}: predicted {:.0}, measured {measured}", p.tokens_per_s));
             }
         }
         worst
@@ -382,23 +383,10 @@ mod tests {
 
     #[test]
     fn with_weights_dequantized_once_the_prediction_is_within_12_percent_of_every_measured_step() {
-        let spec = llama3_8b();
-        let mut worst = (0.0f64, String::new());
-        for &(card, seq, policy, kept, attention, cached, measured) in MEASURED_CACHED {
-            let limits = profile_named(card).unwrap().limits();
-            let (speed, basis) = limits.speed().unwrap();
-            let w = step_work(&spec, &input(seq), Mix { cached_weight_layers: cached, ..mix(policy, kept, attention) });
-            let p = predict_with(&w, &speed, &EFFICIENCY_CUDNN, basis, seq);
-            let err = p.tokens_per_s / measured - 1.0;
-            println!(
-                "{card} seq {seq} {policy:?} kept {kept} {attention:?} cached {cached}: predicted {:.0}, measured {measured} ({:+.1}%)",
-                p.tokens_per_s,
-                100.0 * err
-            );
-            if err.abs() > worst.0.abs() {
-                worst = (err, format!("seq {seq} {policy:?} cached {cached}"));
-            }
-        }
+        let rows = MEASURED_CACHED.iter().map(|&(card, seq, policy, kept, attention, cached, tps)| {
+            (card, seq, Mix { cached_weight_layers: cached, ..mix(policy, kept, attention) }, tps)
+        });
+        let worst = worst_error_of(rows, &EFFICIENCY_CUDNN);
         assert!(worst.0.abs() <= 0.12, "worst: {:+.1}% ({})", 100.0 * worst.0, worst.1);
     }
 
