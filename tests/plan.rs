@@ -245,13 +245,7 @@ fn auto_dequantizes_weights_once_where_the_room_allows() {
         samples: None,
     };
     let h100 = h100_target;
-    let per_layer: u64 = Target::ALL
-        .iter()
-        .map(|&t| {
-            let (o, i) = s.linear_shape(t);
-            (o * i * 2) as u64
-        })
-        .sum();
+    let per_layer = s.layer_linear_params() * 2;
     let free = plan::plan(&s, &input(2048, CheckpointPolicy::Auto), &h100(None));
     assert_eq!((free.checkpointing, free.kept_layers, free.cached_weight_layers), (CheckpointPolicy::None, 32, 32));
     assert_eq!(free.terms["dequantized_weights"], 32 * per_layer);

@@ -18,8 +18,8 @@
 //!   when recomputed, unless the layer kept its output (`SavedAttention`);
 //! - memory-bound bytes: NF4 dequantization (each weight read as nibbles, written in bf16, once per
 //!   pass and, in a recomputed layer's MLP, per row chunk; none for a layer whose weights were
-//!   dequantized once for the run), the skinny LoRA GEMMs (the rows of their inputs and outputs, per pass), and the norms,
-//!   RoPE, gates and residual adds;
+//!   dequantized once for the run), the skinny LoRA GEMMs (the rows of their inputs and outputs,
+//!   per pass), and the norms, RoPE, gates and residual adds;
 //! - the head and the loss: `2 · 2 · n · hidden · vocab` and the logits' bytes;
 //! - offloaded layer inputs (bf16) and attention outputs kept in host memory, out and back over
 //!   the host link, which overlaps compute: only what exceeds the step's compute time is counted.
@@ -439,13 +439,7 @@ mod tests {
         let at = |policy, kept, cached| {
             step_work(&spec, &input(2048), Mix { cached_weight_layers: cached, ..mix(policy, kept, SavedAttention::Off) })
         };
-        let params: f64 = crate::config::Target::ALL
-            .iter()
-            .map(|&t| {
-                let (o, i) = spec.linear_shape(t);
-                (o * i) as f64
-            })
-            .sum();
+        let params = spec.layer_linear_params() as f64;
         // Kept layers dequantize twice a step (forward, backward), recomputed ones three times.
         let keep_all = at(CheckpointPolicy::None, 32, 0);
         assert!((keep_all.memory_bytes - at(CheckpointPolicy::None, 32, 32).memory_bytes - 32.0 * 2.0 * 2.5 * params).abs() < 1.0);

@@ -932,13 +932,7 @@ impl<'a> Plans<'a> {
             return self.of(with);
         }
         // Each cached layer adds its linears in 16 bits.
-        let per_layer: u64 = Target::ALL
-            .iter()
-            .map(|&t| {
-                let (o, i) = self.spec.linear_shape(t);
-                (o * i) as u64 * self.target.kind.bytes(DType::Act)
-            })
-            .sum();
+        let per_layer = self.spec.layer_linear_params() * self.target.kind.bytes(DType::Act);
         self.most_that_fit(self.spec.num_layers, Some(per_layer), |c| Mix { cached_weight_layers: c, ..with })
     }
 
@@ -992,32 +986,23 @@ fn auto(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan 
     let plans = Plans::new(spec, input, target);
     let order = [CheckpointPolicy::None, CheckpointPolicy::Layer, CheckpointPolicy::Offload];
     let mut candidates: Vec<Rc<MemoryPlan>> = order.iter().map(|&p| plans.of(Mix::of_policy(spec, p))).collect();
-    let done = |p: Rc<MemoryPlan>| Rc::try_unwrap(p).unwrap_or_else(|p| (*p).clone());
     // On the CPU, memory is not planned against a card; recompute when activations would take
     // more than 2 GiB, as the engine does.
     if target.kind == BackendKind::Cpu {
         let acts = candidates[0].terms.get(Term::LayerActivations.name()).copied().unwrap_or(0);
         let pick = if acts < (2 << 30) { 0 } else { 1 };
-        drop(plans);
-        return done(candidates.swap_remove(pick));
+        return MemoryPlan::clone(&candidates[pick]);
     }
     if !candidates[0].fits && candidates[1].fits {
         candidates[1] = plans.most_kept(Mix::of_policy(spec, CheckpointPolicy::Layer));
     }
     let mut fitting: Vec<Rc<MemoryPlan>> = candidates.iter().filter(|p| p.fits).cloned().collect();
     if fitting.is_empty() {
-        let last = candidates.pop().expect("plans");
-        drop(candidates);
-        drop(plans);
-        return done(last);
+        return MemoryPlan::clone(&candidates[2]);
     }
     let predicted = |p: &MemoryPlan| p.step.as_ref().map(|s| s.step_s);
     if !fitting.iter().all(|p| predicted(p).is_some()) {
-        let first = plans.most_cached(fitting[0].mix());
-        drop(fitting);
-        drop(candidates);
-        drop(plans);
-        return done(first);
+        return MemoryPlan::clone(&plans.most_cached(fitting[0].mix()));
     }
     if !fitting[0].keeps_all(spec) {
         // Keeping attention's output trades memory (device or pinned host) for attention's second
@@ -1051,10 +1036,7 @@ fn auto(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan 
         }
         fitting.extend(cached.into_iter().filter(|p| fits_with_headroom(p)));
     }
-    let best = fitting.into_iter().min_by(|a, b| by_time(a, b)).expect("fitting");
-    drop(candidates);
-    drop(plans);
-    done(best)
+    MemoryPlan::clone(fitting.iter().min_by(|a, b| by_time(a, b)).expect("fitting"))
 }
 
 /// The plan of a mix already resolved (what a running Trainer has).

@@ -402,14 +402,18 @@ impl ModelSpec {
 
     /// Parameters of the decoder linears (no biases, no norms).
     pub fn linear_params(&self) -> u64 {
-        let per_layer: usize = Target::ALL
+        self.layer_linear_params() * self.num_layers as u64
+    }
+
+    /// Parameters of one decoder layer's seven linears (no biases).
+    pub fn layer_linear_params(&self) -> u64 {
+        Target::ALL
             .iter()
             .map(|&t| {
                 let (o, i) = self.linear_shape(t);
-                o * i
+                (o * i) as u64
             })
-            .sum();
-        (per_layer * self.num_layers) as u64
+            .sum()
     }
 
     /// Every parameter of the model, as `transformers` counts them.
