@@ -359,7 +359,8 @@ fn load_token_rows(v: &Value, cfg_path: &Path, tensors: &SmallTensors, weights_p
 /// Fill in the head rows of an untied model that the adapter leaves at their base values, so the
 /// rows can go to `Trainer::set_token_rows` (which trains or sets both tables together).
 pub fn complete_token_rows(rows: &TokenRows, spec: &ModelSpec, src: &dyn crate::engine::model::WeightSource) -> Result<TokenRows> {
-    let tied = spec.tie_word_embeddings && !src.has("lm_head.weight");
+    // Tied embeddings: the head is the embedding, as transformers loads it.
+    let tied = spec.tie_word_embeddings;
     let mut out = rows.clone();
     if tied {
         out.head = None;

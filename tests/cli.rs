@@ -431,8 +431,11 @@ fn plan_takes_qwen3_8b_and_gemma3_4b_configs() {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v["terms"]["base_weights"].as_u64().unwrap()
     };
-    // NF4 bytes of n values: n/2 packed, one absmax byte per 64, one f32 per 256 absmax, 1 KiB code.
-    let nf4 = |n: u64| n / 2 + n / 64 + (n / 64).div_ceil(256) * 4 + 1024;
+    // NF4 bytes of n values: n/2 packed, one absmax byte per 64, one f32 per 256 absmax, 1 KiB
+    // code, each part at a 16-byte boundary; the buffer ends at a 256-byte one, where the next
+    // buffer of the arena starts.
+    let up = |x: u64, to: u64| x.div_ceil(to) * to;
+    let nf4 = |n: u64| up(up(up(n / 2 + n / 64, 16) + (n / 64).div_ceil(256) * 4, 16) + 1024, 256);
     assert_eq!(nf4(4096 * 4096), 8_655_872);
     // Qwen3-8B: 36 layers of q/o 4096x4096, k/v 1024x4096, gate/up/down 4096x12288; untied
     // 151936 x 4096 embedding and head; per layer two hidden norms and the 128-wide q/k norms.
@@ -446,7 +449,7 @@ fn plan_takes_qwen3_8b_and_gemma3_4b_configs() {
     // 262208 x 2560 table; four hidden norms and the 256-wide q/k norms per layer.
     let gemma_layer = 2 * nf4(2048 * 2560) + 2 * nf4(1024 * 2560) + 3 * nf4(10240 * 2560);
     let gemma = 34 * gemma_layer + 262_208 * 2560 * 2 + 34 * (4 * 2560 + 2 * 256) * 2 + 2560 * 2;
-    assert_eq!(gemma, 2_998_724_608);
+    assert_eq!(gemma, 2_998_733_312);
     assert_eq!(base_bytes("gemma-3-4b-it"), gemma);
     // The named shapes are the same models.
     let (ok, out, _) = tunestudio(&["plan", "--shape", "gemma3-4b", "--seq", "2048", "--gpu-mem", "80GiB", "--json"]);

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::{
     AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum, RmsNorm,
-    dropout_uniform,
+    WeightPlace, dropout_uniform,
 };
 use crate::error::{Error, Result};
 
@@ -136,6 +136,8 @@ impl<T: Real> Backend for CpuBackend<T> {
     type Tensor = CpuTensor<T>;
     type Weight = CpuWeight<T>;
     type Ids = Vec<i32>;
+    /// The CPU's arena is the heap: each planned buffer is a vector of its own.
+    type Block = ();
 
     fn device(&self) -> DeviceInfo {
         DeviceInfo {
@@ -143,6 +145,23 @@ impl<T: Real> Backend for CpuBackend<T> {
             name: format!("CPU ({}, {} threads)", T::NAME, rayon::current_num_threads()),
             ..Default::default()
         }
+    }
+
+    fn alloc_block(&self, _bytes: usize, _host: bool) -> Result<Self::Block> {
+        Ok(())
+    }
+
+    fn tensor_in(&self, _block: &Self::Block, _offset: usize, len: usize, dtype: DType) -> Result<Self::Tensor> {
+        self.alloc(len, dtype)
+    }
+
+    fn ids_in(&self, _block: &Self::Block, _offset: usize, len: usize) -> Result<Self::Ids> {
+        self.alloc_ids(len)
+    }
+
+    /// Every weight is kept dequantized in the float type already: no copy to place.
+    fn weight_in(&self, _block: &Self::Block, _place: WeightPlace, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight> {
+        self.upload_weight(w, bias)
     }
 
     fn alloc(&self, len: usize, _dtype: DType) -> Result<Self::Tensor> {

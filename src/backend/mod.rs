@@ -30,6 +30,16 @@ pub enum DType {
     F32,
 }
 
+/// Where a frozen base linear goes in a block (`Backend::weight_in`): byte offsets of its data
+/// (dense 16-bit, or NF4 as `quant::nf4::device_parts` lays it out), of its bias when it has one,
+/// and of its dequantized 16-bit copy when the plan gives it one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightPlace {
+    pub data: usize,
+    pub bias: Option<usize>,
+    pub dequantized: Option<usize>,
+}
+
 /// A frozen base linear as the host holds it before upload (`[out, in]`, row-major).
 #[expect(clippy::large_enum_variant, reason = "one per linear, moved once into the backend: the inline NF4 code table costs nothing there")]
 pub enum HostWeight {
@@ -251,8 +261,25 @@ pub trait Backend: Send {
     type Tensor: Send;
     type Weight: Send;
     type Ids: Send;
+    /// One allocation that planned buffers are carved from (the engine's arena); each tensor
+    /// carved from it keeps it alive.
+    type Block: Send;
 
     fn device(&self) -> DeviceInfo;
+
+    // ---- planned memory ----------------------------------------------------------------------
+    /// `bytes` in one allocation: device memory, zero-filled, or pinned host memory when `host`
+    /// (not cleared). The engine's arena takes one of each for the memory plan's buffers.
+    fn alloc_block(&self, bytes: usize, host: bool) -> Result<Self::Block>;
+    /// A tensor of `len` elements at byte `offset` of `block` (a multiple of
+    /// `workspace::BUFFER_ALIGN`).
+    fn tensor_in(&self, block: &Self::Block, offset: usize, len: usize, dtype: DType) -> Result<Self::Tensor>;
+    /// An id buffer of `len` entries at byte `offset` of `block`.
+    fn ids_in(&self, block: &Self::Block, offset: usize, len: usize) -> Result<Self::Ids>;
+    /// A frozen base linear (dense or NF4, optional bias) written into `block` at `place`; with
+    /// `place.dequantized` an NF4 weight also gets its dequantized copy there, which its GEMMs read
+    /// instead of dequantizing at every call (see [`Backend::cache_dequantized`]).
+    fn weight_in(&self, block: &Self::Block, place: WeightPlace, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight>;
 
     // ---- memory ------------------------------------------------------------------------------
     /// A zero-filled tensor of `len` elements.

@@ -5,10 +5,15 @@
 
 use super::AttnShape;
 
-/// Device allocations below this size are packed into shared chunks (`cuda::memory`'s slab).
-pub const SLAB_MAX_BYTES: usize = 8 << 20;
-/// Size of one chunk of packed small allocations.
-pub const SLAB_CHUNK_BYTES: usize = 64 << 20;
+/// Where every buffer starts: a view into a block (the engine's arena, the backend's small
+/// scratch) sits at a multiple of this, as a `cuMemAlloc` does. Kernels rely on 16 bytes,
+/// cuDNN's graphs on 256. The memory plan rounds each device buffer up to it.
+pub const BUFFER_ALIGN: usize = 256;
+
+/// Bytes a block holds for buffers of `sizes`, each at a [`BUFFER_ALIGN`] boundary in order.
+pub fn packed_bytes(sizes: impl IntoIterator<Item = usize>) -> usize {
+    sizes.into_iter().map(|b| b.max(1).next_multiple_of(BUFFER_ALIGN)).sum()
+}
 
 /// f32 elements of the loss chunk's logits buffer (plus a bf16 copy of the same size for the
 /// gradient): rows per chunk = this / vocab, so 128 MiB + 64 MiB whatever the model. The memory
@@ -20,6 +25,18 @@ pub const LOSS_CHUNK_MAX_ROWS: usize = 16384;
 pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
 /// Partial sums of the deterministic sum-of-squares (one per block of the first pass).
 pub const SUMSQ_MAX_BLOCKS: usize = 1024;
+/// The backend's small scratch, packed into one block in this order (name, bytes): the loss's
+/// per-row losses and valid flags and its two sums, and the sum of squares' partial sums and
+/// result. The memory plan lists the same.
+pub const SMALL_SCRATCH: [(&str, usize); 6] = [
+    ("loss.row_loss", LOSS_CHUNK_MAX_ROWS * 4),
+    ("loss.row_valid", LOSS_CHUNK_MAX_ROWS * 4),
+    ("loss.sum", 8),
+    ("loss.count", 8),
+    ("sumsq.partial", SUMSQ_MAX_BLOCKS * 8),
+    ("sumsq.out", 8),
+];
+
 /// The attention backward's f32 scratch: dQ, dK, dV accumulators and D = rowsum(dO∘O) for as
 /// many (sequence, kv-head group) pairs as fit; larger problems run in several launches
 /// ([`attention_bwd_split`]). At least this much, so short sequences take few launches; more when

@@ -14,8 +14,9 @@
 //! are allocated here, once; a long prompt is run in chunks of that many rows (exact: each chunk's
 //! keys are cached before its queries attend).
 
+use super::arena::Arena;
 use super::norm_of;
-use crate::backend::{Backend, DType, KvShape, LinearDims, LoraRows};
+use crate::backend::{Backend, KvShape, LinearDims, LoraRows};
 use crate::config::{LoraConfig, Quantization, Target};
 use crate::engine::TokenRows;
 use crate::engine::lora::LoraWeights;
@@ -151,7 +152,7 @@ impl<B: Backend> Inference<B> {
         }
         let (vocab, d) = (spec.vocab_size, spec.hidden_size);
         let rows = adapter.and_then(|a| a.token_rows.as_ref());
-        let tied = spec.tie_word_embeddings && !src.has("lm_head.weight");
+        let tied = spec.tie_word_embeddings;
         if let Some(r) = rows {
             if r.embed.len() != r.ids.len() * d || (!tied && r.head.as_ref().is_none_or(|h| h.len() != r.ids.len() * d)) {
                 return Err(Error::Adapter {
@@ -170,37 +171,23 @@ impl<B: Backend> Inference<B> {
         let extra = rows.map(|r| r.ids.clone()).unwrap_or_default();
         let ext_spec = ModelSpec { vocab_size: vocab + extra.len(), ..spec.clone() };
         let ext = Extended { src, vocab, hidden: d, rows };
-        let model = DeviceModel::load(&backend, &ext_spec, &ext, opts.quantization, opts.capacity, false, 0)?;
-
         let (rank, scale) = adapter.map_or((1, 0.0), |a| (a.weights.rank.max(1), a.lora.scale() as f32));
-        // Every buffer below is allocated as `plan::infer_buffers` lists it (by name), so the
-        // memory plan of samples during training is what this takes.
         let mut targets: Vec<Target> =
             adapter.map(|a| a.weights.layers.iter().flat_map(|l| l.keys().copied()).collect()).unwrap_or_default();
         targets.sort();
         targets.dedup();
+        // Every buffer is taken from the list `plan::infer_buffers` makes, so the memory plan of
+        // samples during training is what this allocates.
         let planned = crate::engine::plan::infer_buffers(
             &spec,
             &opts,
             adapter.map(|_| (rank, targets.as_slice())),
             extra.len(),
-            // Only the frozen weights' bytes depend on it; the buffers looked up are counted in
-            // elements.
-            crate::engine::plan::BackendKind::Cpu,
+            crate::engine::plan::BackendKind::of(&backend.device()),
             crate::engine::plan::Term::Samples,
         );
-        let size = |name: &str| -> Result<(usize, DType)> {
-            planned
-                .iter()
-                .find(|b| b.name == name)
-                .map(|b| (b.elems as usize, b.dtype.unwrap_or(DType::F32)))
-                .ok_or_else(|| Error::bug("Inference::new", format!("plan::infer_buffers lists no buffer {name}")))
-        };
-        let alloc = |name: &str| -> Result<B::Tensor> {
-            let (n, dtype) = size(name)?;
-            backend.alloc(n, dtype)
-        };
-        let ids = |name: &str| -> Result<B::Ids> { backend.alloc_ids(size(name)?.0) };
+        let mut arena = Arena::new(&backend, planned)?;
+        let model = DeviceModel::load(&mut arena, &ext_spec, &ext, opts.quantization)?;
         let mut lora = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let mut layer = Vec::new();
@@ -210,7 +197,7 @@ impl<B: Backend> Inference<B> {
                 })?;
                 for (&t, pair) in pairs {
                     let key = |m: char| format!("lora.{l}.{}.{m}", t.short());
-                    if pair.a.len() != size(&key('a'))?.0 || pair.b.len() != size(&key('b'))?.0 {
+                    if pair.a.len() != arena.elems(&key('a'))? || pair.b.len() != arena.elems(&key('b'))? {
                         let (out, inp) = spec.linear_shape(t);
                         return Err(Error::tensor(
                             crate::engine::lora::peft_key(&spec, l, t, 'A'),
@@ -218,20 +205,28 @@ impl<B: Backend> Inference<B> {
                             format!("LoRA shapes do not match the model ({out}x{inp} at rank {rank})"),
                         ));
                     }
-                    layer.push(LoraLinear { target: t, a: backend.upload(&pair.a, DType::Act)?, b: backend.upload(&pair.b, DType::Act)? });
+                    layer.push(LoraLinear { target: t, a: arena.upload(&key('a'), &pair.a)?, b: arena.upload(&key('b'), &pair.b)? });
+                }
+                // The plan gives every layer the union of the adapter's targets; a layer the
+                // adapter leaves alone holds its (unused) place.
+                for t in targets.iter().filter(|t| !pairs.contains_key(t)) {
+                    for m in ['a', 'b'] {
+                        arena.tensor(&format!("lora.{l}.{}.{m}", t.short()))?;
+                    }
                 }
             }
             lora.push(layer);
         }
 
         let cache = (0..spec.num_layers)
-            .map(|l| Ok([alloc(&format!("cache.{l}.k"))?, alloc(&format!("cache.{l}.v"))?]))
+            .map(|l| Ok([arena.tensor(&format!("cache.{l}.k"))?, arena.tensor(&format!("cache.{l}.v"))?]))
             .collect::<Result<Vec<_>>>()?;
-        let w = |name: &str| alloc(&format!("ws.{name}"));
+        let (ids, slots, positions) = (arena.ids("ws.ids")?, arena.ids("ws.slots")?, arena.ids("ws.positions")?);
+        let mut w = |name: &str| arena.tensor(&format!("ws.{name}"));
         let ws = Workspace {
-            ids: ids("ws.ids")?,
-            slots: ids("ws.slots")?,
-            positions: ids("ws.positions")?,
+            ids,
+            slots,
+            positions,
             row_scale: w("row_scale")?,
             x: w("x")?,
             h: w("h")?,
@@ -254,6 +249,7 @@ impl<B: Backend> Inference<B> {
             last_inv: w("last_inv")?,
             logits: w("logits")?,
         };
+        arena.finish()?;
         Ok(Inference {
             backend,
             spec,
@@ -297,7 +293,7 @@ impl<B: Backend> Inference<B> {
     }
 
     /// Replace the adapter's LoRA weights by others of the same targets and rank (a training run's
-    /// newer ones, for its samples), uploading them in place of the old compute copies; the
+    /// newer ones, for its samples), written over the old compute copies; the
     /// frozen base, the cache's buffers and the trained token rows stay as loaded. Every slot's
     /// cached positions are dropped: they were computed with the old weights.
     pub fn replace_lora(&mut self, weights: &LoraWeights) -> Result<()> {
@@ -313,8 +309,8 @@ impl<B: Backend> Inference<B> {
         for (layer, pairs) in self.lora.iter_mut().zip(&weights.layers) {
             for lin in layer.iter_mut() {
                 let pair = &pairs[&lin.target];
-                lin.a = self.backend.upload(&pair.a, DType::Act)?;
-                lin.b = self.backend.upload(&pair.b, DType::Act)?;
+                self.backend.write(&mut lin.a, &pair.a)?;
+                self.backend.write(&mut lin.b, &pair.b)?;
             }
         }
         self.lens.iter_mut().for_each(|n| *n = 0);

@@ -6,6 +6,7 @@
 //! (`batch_size × max_seq_len` rows); a step allocates nothing. Checkpointing keeps each layer's
 //! input and recomputes the layer in the backward, or keeps every activation when it fits.
 
+pub mod arena;
 pub mod cost;
 pub mod infer;
 pub mod lora;
@@ -13,7 +14,7 @@ pub mod model;
 pub mod plan;
 pub mod schedule;
 
-use crate::backend::{AdamW, AttnShape, Backend, DType, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm};
+use crate::backend::{AdamW, AttnShape, Backend, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm};
 use crate::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use crate::data::Batch;
 use crate::error::{Error, Result};
@@ -21,42 +22,12 @@ use crate::model::ModelSpec;
 use crate::model::arch::MlpActivation;
 use lora::{LoraPair, LoraWeights};
 use model::{DeviceModel, LayerWeights, WeightSource};
-use plan::{Location, PlannedBuffer, Term};
+use plan::PlannedBuffer;
 
 /// The RMSNorm a model's norms apply: its epsilon and weight offset (Gemma's `1 + w`). Here, not
 /// on `ModelSpec`: the model module sits below the backend and names none of its types.
 pub(crate) fn norm_of(spec: &ModelSpec) -> RmsNorm {
     RmsNorm { eps: spec.rms_norm_eps as f32, weight_offset: spec.norm_weight_offset }
-}
-
-/// Allocates through the backend and writes down each buffer under its plan name, so a test can
-/// hold the allocation and `plan::engine_buffers` equal.
-struct Ledger<'a, B: Backend> {
-    be: &'a B,
-    entries: Vec<PlannedBuffer>,
-}
-
-impl<B: Backend> Ledger<'_, B> {
-    fn note(&mut self, name: String, term: Term, elems: usize, dtype: DType) {
-        self.entries.push(PlannedBuffer { name, term, elems: elems as u64, dtype: Some(dtype), location: Location::Device });
-    }
-    fn alloc(&mut self, name: String, term: Term, n: usize, dtype: DType) -> Result<B::Tensor> {
-        self.note(name, term, n, dtype);
-        self.be.alloc(n, dtype)
-    }
-    fn upload(&mut self, name: String, term: Term, data: &[f32], dtype: DType) -> Result<B::Tensor> {
-        self.note(name, term, data.len(), dtype);
-        self.be.upload(data, dtype)
-    }
-    fn alloc_host(&mut self, name: String, term: Term, n: usize, dtype: DType) -> Result<B::Tensor> {
-        self.entries.push(PlannedBuffer { name, term, elems: n as u64, dtype: Some(dtype), location: Location::PinnedHost });
-        self.be.alloc_host(n, dtype)
-    }
-    fn alloc_ids(&mut self, name: &str, n: usize) -> Result<B::Ids> {
-        // Ids are 4-byte integers: noted as F32-sized elements.
-        self.note(name.to_string(), Term::Workspace, n, DType::F32);
-        self.be.alloc_ids(n)
-    }
 }
 
 /// What the engine needs from a `RunConfig`, validated.
@@ -294,8 +265,8 @@ pub struct Trainer<B: Backend> {
     ws: Workspace<B>,
     batch: DeviceBatch<B>,
     rows: Option<TrainableRows<B>>,
-    /// Every buffer this Trainer allocated, in order, as the memory plan names them.
-    ledger: Vec<PlannedBuffer>,
+    /// Every buffer this Trainer allocated: the memory plan's lists its arenas were carved from.
+    allocated: Vec<PlannedBuffer>,
     /// Optimizer updates applied so far.
     pub step: u64,
     /// Micro-batches seen (keys the dropout masks).
@@ -361,15 +332,6 @@ impl<B: Backend> Trainer<B> {
         };
         let layout = plan::ActLayout::new(&spec, rows, kept, opts.mlp_chunk_rows);
         let cached_weight_layers = if opts.quantization == Quantization::Nf4 { opts.cached_weight_layers.min(spec.num_layers) } else { 0 };
-        let model = DeviceModel::load(
-            &backend,
-            &spec,
-            src,
-            opts.quantization,
-            opts.max_seq_len,
-            plan::embed_on_host(&spec, policy),
-            cached_weight_layers,
-        )?;
         let init;
         let weights = match lora_init {
             Some(w) => w,
@@ -378,7 +340,24 @@ impl<B: Backend> Trainer<B> {
                 &init
             }
         };
-        let mut lg = Ledger { be: &backend, entries: Vec::new() };
+        let attention_kept = if layout.recomputes() { opts.saved_attention } else { plan::SavedAttention::Off };
+        // Everything below is taken by name from the plan's own list of this run's buffers, in
+        // one arena: the plan and the allocation are the same list.
+        let kind = plan::BackendKind::of(&backend.device());
+        let input = plan::PlanInput {
+            lora: LoraConfig { r: weights.rank, ..opts.lora.clone() },
+            quantization: opts.quantization,
+            batch_size: opts.batch_size,
+            max_seq_len: opts.max_seq_len,
+            checkpointing: policy,
+            token_rows: 0,
+            mlp_chunk_rows: opts.mlp_chunk_rows,
+            samples: None,
+        };
+        let mut planned = plan::weight_buffers(&spec, opts.quantization, kind, opts.max_seq_len, policy, cached_weight_layers);
+        planned.extend(plan::engine_buffers(&spec, &input, policy, kept, attention_kept));
+        let mut arena = arena::Arena::new(&backend, planned)?;
+        let model = DeviceModel::load(&mut arena, &spec, src, opts.quantization)?;
         let mut slots = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let mut layer = Vec::new();
@@ -401,171 +380,122 @@ impl<B: Backend> Trainer<B> {
                     ));
                 }
                 let p = format!("lora.{l}.{}", t.short());
-                let (na, nb) = (pair.a.len(), pair.b.len());
+                let mut upload = |which: &str, data: &[f32]| arena.upload(&format!("{p}.{which}"), data);
+                let (a, b, a_compute, b_compute) =
+                    (upload("a", &pair.a)?, upload("b", &pair.b)?, upload("a_compute", &pair.a)?, upload("b_compute", &pair.b)?);
+                let mut zeros = |which: &str| arena.tensor(&format!("{p}.{which}"));
                 layer.push(LoraSlot {
                     target: t,
                     out_features: out,
                     in_features: inp,
-                    a: lg.upload(format!("{p}.a"), Term::LoraParams, &pair.a, DType::F32)?,
-                    b: lg.upload(format!("{p}.b"), Term::LoraParams, &pair.b, DType::F32)?,
-                    a_compute: lg.upload(format!("{p}.a_compute"), Term::LoraParams, &pair.a, DType::Act)?,
-                    b_compute: lg.upload(format!("{p}.b_compute"), Term::LoraParams, &pair.b, DType::Act)?,
-                    grad_a: lg.alloc(format!("{p}.grad_a"), Term::LoraGrads, na, DType::F32)?,
-                    grad_b: lg.alloc(format!("{p}.grad_b"), Term::LoraGrads, nb, DType::F32)?,
-                    m_a: lg.alloc(format!("{p}.m_a"), Term::OptimizerStates, na, DType::F32)?,
-                    v_a: lg.alloc(format!("{p}.v_a"), Term::OptimizerStates, na, DType::F32)?,
-                    m_b: lg.alloc(format!("{p}.m_b"), Term::OptimizerStates, nb, DType::F32)?,
-                    v_b: lg.alloc(format!("{p}.v_b"), Term::OptimizerStates, nb, DType::F32)?,
+                    a,
+                    b,
+                    a_compute,
+                    b_compute,
+                    grad_a: zeros("grad_a")?,
+                    grad_b: zeros("grad_b")?,
+                    m_a: zeros("m_a")?,
+                    v_a: zeros("v_a")?,
+                    m_b: zeros("m_b")?,
+                    v_b: zeros("v_b")?,
                 });
             }
             slots.push(layer);
         }
-        let (d, f, qd, kvd, h) = (spec.hidden_size, spec.intermediate_size, spec.q_dim(), spec.kv_dim(), spec.num_heads);
-        let r = weights.rank.max(opts.lora.r);
         let dropout_on = opts.lora.dropout > 0.0;
         let offload = policy == CheckpointPolicy::Offload;
         let adapted = |t: Target| weights.layers.iter().any(|m| m.contains_key(&t));
         let sets = layout.sets();
         let mut acts = Vec::with_capacity(sets.len());
-        let la = Term::LayerActivations;
-        for (set, mlp_chunk) in sets.into_iter().enumerate() {
+        for set in 0..sets.len() {
             let p = format!("acts.{set}");
             // LoRA products and dropped inputs, for all rows (attention) or one chunk (MLP).
-            let mut lora_bufs = |targets: &[Target], n_rows: usize| -> Result<LoraInputs<B::Tensor>> {
+            let mut lora_bufs = |targets: &[Target]| -> Result<LoraInputs<B::Tensor>> {
                 let (mut xa, mut xd): (Vec<_>, Vec<_>) = (0..7).map(|_| (None, None)).unzip();
                 for &t in targets.iter().filter(|&&t| adapted(t)) {
-                    xa[t as usize] = Some(lg.alloc(format!("{p}.xa.{}", t.short()), la, n_rows * r, DType::Act)?);
+                    xa[t as usize] = Some(arena.tensor(&format!("{p}.xa.{}", t.short()))?);
                     if dropout_on {
-                        xd[t as usize] =
-                            Some(lg.alloc(format!("{p}.xd.{}", t.short()), la, n_rows * spec.linear_shape(t).1, DType::Act)?);
+                        xd[t as usize] = Some(arena.tensor(&format!("{p}.xd.{}", t.short()))?);
                     }
                 }
                 Ok((xa, xd))
             };
-            let (xa, xd) = lora_bufs(&[Target::Q, Target::K, Target::V, Target::O], rows)?;
-            let (mxa, mxd) = lora_bufs(&[Target::Gate, Target::Up, Target::Down], mlp_chunk)?;
-            let mut act = |name: &str, n: usize, dt: DType| lg.alloc(format!("{p}.{name}"), la, n, dt);
+            let (xa, xd) = lora_bufs(&[Target::Q, Target::K, Target::V, Target::O])?;
+            let (mxa, mxd) = lora_bufs(&[Target::Gate, Target::Up, Target::Down])?;
+            let mut act = |name: &str| arena.tensor(&format!("{p}.{name}"));
             let mut layer = LayerActs {
-                h1: act("h1", rows * d, DType::Act)?,
-                inv1: act("inv1", rows, DType::F32)?,
-                q: act("q", rows * qd, DType::Act)?,
-                k: act("k", rows * kvd, DType::Act)?,
-                v: act("v", rows * kvd, DType::Act)?,
-                att: act("att", rows * qd, DType::Act)?,
-                lse: act("lse", rows * h, DType::F32)?,
-                x2: act("x2", rows * d, DType::Act)?,
-                h2: act("h2", rows * d, DType::Act)?,
-                inv2: act("inv2", rows, DType::F32)?,
+                h1: act("h1")?,
+                inv1: act("inv1")?,
+                q: act("q")?,
+                k: act("k")?,
+                v: act("v")?,
+                att: act("att")?,
+                lse: act("lse")?,
+                x2: act("x2")?,
+                h2: act("h2")?,
+                inv2: act("inv2")?,
                 xa,
                 xd,
-                mlp: MlpActs {
-                    g: act("g", mlp_chunk * f, DType::Act)?,
-                    u: act("u", mlp_chunk * f, DType::Act)?,
-                    m: act("m", mlp_chunk * f, DType::Act)?,
-                    xa: mxa,
-                    xd: mxd,
-                },
+                mlp: MlpActs { g: act("g")?, u: act("u")?, m: act("m")?, xa: mxa, xd: mxd },
                 qk: None,
                 attn_out: None,
                 mlp_out: None,
             };
-            // The family's own activations, in the plan's order and names.
-            let mut extra = std::collections::BTreeMap::new();
-            for (name, n, dt) in plan::layer_extra_acts(&spec, rows, mlp_chunk) {
-                extra.insert(name, act(name, n, dt)?);
-            }
-            let mut take = |name: &str| extra.remove(name).expect("planned by layer_extra_acts");
             if spec.qk_norm {
-                layer.qk = Some(QkNormActs { q_pre: take("q_pre"), k_pre: take("k_pre"), q_inv: take("q_inv"), k_inv: take("k_inv") });
+                layer.qk = Some(QkNormActs { q_pre: act("q_pre")?, k_pre: act("k_pre")?, q_inv: act("q_inv")?, k_inv: act("k_inv")? });
             }
             if spec.sandwich_norms {
-                layer.attn_out = Some(OutNormActs { pre: take("attn_out_pre"), inv: take("attn_out_inv") });
-                layer.mlp_out = Some(OutNormActs { pre: take("mlp_out_pre"), inv: take("mlp_out_inv") });
+                layer.attn_out = Some(OutNormActs { pre: act("attn_out_pre")?, inv: act("attn_out_inv")? });
+                layer.mlp_out = Some(OutNormActs { pre: act("mlp_out_pre")?, inv: act("mlp_out_inv")? });
             }
             acts.push(layer);
         }
-        let saved_inputs = (0..spec.num_layers)
-            .map(|l| {
-                let name = format!("saved_input.{l}");
-                if offload {
-                    lg.alloc_host(name, Term::SavedActivations, rows * d, DType::Act)
-                } else {
-                    lg.alloc(name, Term::SavedActivations, rows * d, DType::Act)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let attention_kept = if layout.recomputes() { opts.saved_attention } else { plan::SavedAttention::Off };
+        let saved_inputs = (0..spec.num_layers).map(|l| arena.tensor(&format!("saved_input.{l}"))).collect::<Result<Vec<_>>>()?;
         let mut saved_attention: Vec<Option<AttentionOut<B>>> = (0..spec.num_layers).map(|_| None).collect();
-        let host = attention_kept == plan::SavedAttention::Host;
-        let mut kept_outputs = plan::saved_attention_buffers(&spec, &layout, attention_kept)
-            .into_iter()
-            .map(
-                |(name, n, dt)| {
-                    if host { lg.alloc_host(name, Term::SavedActivations, n, dt) } else { lg.alloc(name, Term::SavedActivations, n, dt) }
-                },
-            )
-            .collect::<Result<Vec<_>>>()?
-            .into_iter();
-        // Planned as (output, log-sum-exp) per recomputed layer, in layer order.
-        for slot in saved_attention.iter_mut().take(layout.first_kept()) {
-            if let (Some(att), Some(lse)) = (kept_outputs.next(), kept_outputs.next()) {
-                *slot = Some(AttentionOut { att, lse });
+        if attention_kept != plan::SavedAttention::Off {
+            for (l, slot) in saved_attention.iter_mut().enumerate().take(layout.first_kept()) {
+                *slot = Some(AttentionOut { att: arena.tensor(&format!("saved_att.{l}"))?, lse: arena.tensor(&format!("saved_lse.{l}"))? });
             }
         }
-        let mut w = |name: &str, n: usize, dt: DType| lg.alloc(format!("ws.{name}"), Term::Workspace, n, dt);
-        let (mlp_chunk, mlp_rows) = (layout.chunk, layout.workspace_mlp_rows());
+        let mut w = |name: &str| arena.tensor(&format!("ws.{name}"));
         let mut ws = Workspace {
-            x: w("x", rows * d, DType::Act)?,
-            layer_out: w("layer_out", rows * d, DType::Act)?,
-            hf: w("hf", rows * d, DType::Act)?,
-            invf: w("invf", rows, DType::F32)?,
-            dx: w("dx", rows * d, DType::Act)?,
-            dh: w("dh", rows * d, DType::Act)?,
-            dq: w("dq", rows * qd, DType::Act)?,
-            dk: w("dk", rows * kvd, DType::Act)?,
-            dv: w("dv", rows * kvd, DType::Act)?,
-            datt: w("datt", rows * qd, DType::Act)?,
-            mlp: MlpGrads {
-                dm: w("dm", mlp_rows * f, DType::Act)?,
-                dg: w("dg", mlp_rows * f, DType::Act)?,
-                du: w("du", mlp_rows * f, DType::Act)?,
-                lora_scratch: w("lora_scratch", rows * r, DType::Act)?,
-                dx_lora: w("dx_lora", (rows * d.max(qd)).max(mlp_rows * f), DType::Act)?,
-            },
+            x: w("x")?,
+            layer_out: w("layer_out")?,
+            hf: w("hf")?,
+            invf: w("invf")?,
+            dx: w("dx")?,
+            dh: w("dh")?,
+            dq: w("dq")?,
+            dk: w("dk")?,
+            dv: w("dv")?,
+            datt: w("datt")?,
+            mlp: MlpGrads { dm: w("dm")?, dg: w("dg")?, du: w("du")?, lora_scratch: w("lora_scratch")?, dx_lora: w("dx_lora")? },
             dk_pre: None,
             dmlp_out: None,
             chunk: None,
             stage: None,
             attention_stage: None,
         };
-        for (name, n, dt) in plan::workspace_extra(&spec, rows, mlp_rows) {
-            let t = w(name, n, dt)?;
-            match name {
-                "dk_pre" => ws.dk_pre = Some(t),
-                "dmlp_out" => ws.dmlp_out = Some(t),
-                other => unreachable!("workspace_extra planned `{other}`"),
-            }
+        if spec.qk_norm {
+            ws.dk_pre = Some(w("dk_pre")?);
         }
-        if layout.recomputes() && mlp_chunk < rows {
-            ws.chunk = Some(ChunkBuffers {
-                h2: w("chunk.h2", mlp_chunk * d, DType::Act)?,
-                dy: w("chunk.dy", mlp_chunk * d, DType::Act)?,
-                out: w("chunk.out", mlp_chunk * d, DType::Act)?,
-            });
+        if spec.sandwich_norms {
+            ws.dmlp_out = Some(w("dmlp_out")?);
+        }
+        if layout.recomputes() && layout.chunk < rows {
+            ws.chunk = Some(ChunkBuffers { h2: w("chunk.h2")?, dy: w("chunk.dy")?, out: w("chunk.out")? });
         }
         if offload {
-            ws.stage = Some([w("stage.0", rows * d, DType::Act)?, w("stage.1", rows * d, DType::Act)?]);
+            ws.stage = Some([w("stage.0")?, w("stage.1")?]);
         }
-        if host {
-            let [(att_name, att_n, att_dt), (lse_name, lse_n, lse_dt)] = plan::attention_pair(&spec, rows);
-            let (att, lse) = (w(&format!("stage.{att_name}"), att_n, att_dt)?, w(&format!("stage.{lse_name}"), lse_n, lse_dt)?);
-            ws.attention_stage = Some(AttentionOut { att, lse });
+        if attention_kept == plan::SavedAttention::Host {
+            ws.attention_stage = Some(AttentionOut { att: w("stage.att")?, lse: w("stage.lse")? });
         }
         let batch = DeviceBatch {
-            ids: lg.alloc_ids("batch.ids", rows)?,
-            targets: lg.alloc_ids("batch.targets", rows)?,
-            positions: lg.alloc_ids("batch.positions", rows)?,
-            segments: lg.alloc_ids("batch.segments", rows)?,
+            ids: arena.ids("batch.ids")?,
+            targets: arena.ids("batch.targets")?,
+            positions: arena.ids("batch.positions")?,
+            segments: arena.ids("batch.segments")?,
             shape: AttnShape {
                 batch: 0,
                 seq: 0,
@@ -575,8 +505,8 @@ impl<B: Backend> Trainer<B> {
                 ..Default::default()
             },
         };
+        let allocated = arena.finish()?;
         backend.reserve_attention(plan::attention_max_shape(&spec, opts.batch_size, opts.max_seq_len))?;
-        let ledger = lg.entries;
         Ok(Trainer {
             backend,
             spec,
@@ -592,7 +522,7 @@ impl<B: Backend> Trainer<B> {
             ws,
             batch,
             rows: None,
-            ledger,
+            allocated,
             step: 0,
             micro_counter: 0,
         })
@@ -645,7 +575,7 @@ impl<B: Backend> Trainer<B> {
 
     /// Every buffer allocated so far, as the memory plan names them.
     pub fn allocations(&self) -> &[PlannedBuffer] {
-        &self.ledger
+        &self.allocated
     }
 
     pub fn lora_scale(&self) -> f32 {
@@ -698,26 +628,27 @@ impl<B: Backend> Trainer<B> {
         for (s, &i) in rows.ids.iter().enumerate() {
             slot[i as usize] = s as i32;
         }
-        let mut lg = Ledger { be, entries: Vec::new() };
+        let mut arena = arena::Arena::new(be, plan::token_row_buffers(&self.spec, k))?;
         let mut param = |which: &str, values: &[f32]| -> Result<RowParam<B>> {
             let p = format!("token_rows.{which}");
             Ok(RowParam {
-                master: lg.upload(p.clone(), Term::LoraParams, values, DType::F32)?,
-                grad: lg.alloc(format!("{p}.grad"), Term::LoraGrads, k * d, DType::F32)?,
-                m: lg.alloc(format!("{p}.m"), Term::OptimizerStates, k * d, DType::F32)?,
-                v: lg.alloc(format!("{p}.v"), Term::OptimizerStates, k * d, DType::F32)?,
+                master: arena.upload(&p, values)?,
+                grad: arena.tensor(&format!("{p}.grad"))?,
+                m: arena.tensor(&format!("{p}.m"))?,
+                v: arena.tensor(&format!("{p}.v"))?,
             })
         };
         let embed = param("embed", &rows.embed)?;
         let head = rows.head.as_deref().map(|h| param("head", h)).transpose()?;
-        let mut ids_buf = lg.alloc_ids("token_rows.ids", k)?;
+        let mut ids_buf = arena.ids("token_rows.ids")?;
         be.write_ids(&mut ids_buf, &ids)?;
-        let mut slot_buf = lg.alloc_ids("token_rows.slot_of_token", v)?;
+        let mut slot_buf = arena.ids("token_rows.slot_of_token")?;
         be.write_ids(&mut slot_buf, &slot)?;
+        let planned = arena.finish()?;
         let tr = TrainableRows { k, ids_host: rows.ids.clone(), ids: ids_buf, slot_of_token: slot_buf, embed, head };
-        // Calling this again (tests, resume) replaces the rows; the ledger keeps one set.
-        self.ledger.retain(|b| !b.name.starts_with("token_rows."));
-        self.ledger.extend(lg.entries);
+        // Calling this again (tests, resume) replaces the rows; the list keeps one set.
+        self.allocated.retain(|b| !b.name.starts_with("token_rows."));
+        self.allocated.extend(planned);
         be.set_rows(&mut self.model.embed, d, &tr.ids, &tr.embed.master, k)?;
         if let (Some(h), Some(p)) = (self.model.head.as_mut(), tr.head.as_ref()) {
             be.set_rows(h, d, &tr.ids, &p.master, k)?;

@@ -1,7 +1,8 @@
 //! The frozen base model on a backend: embeddings, norms, the (optionally NF4) linears, lm_head,
 //! and the rotary table. Loaded once; never written during training.
 
-use crate::backend::{Backend, DType, HostWeight};
+use super::arena::Arena;
+use crate::backend::{Backend, HostWeight};
 use crate::config::{Quantization, Target};
 use crate::error::{Error, Result};
 use crate::model::arch::Rope;
@@ -136,40 +137,35 @@ pub fn linear_name(layer: usize, t: Target) -> String {
 }
 
 impl<B: Backend> DeviceModel<B> {
-    /// `embed_on_host`: keep an untied embedding table in pinned host memory (memory mode).
-    /// `dequantized_layers`: the first layers whose linears also hold a dequantized copy
-    /// (`Backend::cache_dequantized`), each made right after its weight, in the plan's order.
-    pub fn load(
-        backend: &B,
-        spec: &ModelSpec,
-        src: &dyn WeightSource,
-        quant: Quantization,
-        max_pos: usize,
-        embed_on_host: bool,
-        dequantized_layers: usize,
-    ) -> Result<Self> {
+    /// The frozen model from `src`, into the buffers `plan::weight_buffers` lists, taken from
+    /// `arena` by name: where the embedding lives (pinned host memory in memory mode), how long
+    /// the rope tables are and which linears get a dequantized copy are the plan's choices.
+    pub fn load(arena: &mut Arena<'_, B>, spec: &ModelSpec, src: &dyn WeightSource, quant: Quantization) -> Result<Self> {
         let (v, d) = (spec.vocab_size, spec.hidden_size);
-        let table = src.dense("model.embed_tokens.weight", &[v, d])?;
-        let embed = if embed_on_host { backend.upload_host(&table, DType::Act)? } else { backend.upload(&table, DType::Act)? };
-        drop(table);
-        let head = if spec.tie_word_embeddings && !src.has("lm_head.weight") {
+        let embed = arena.upload("embed_tokens", &src.dense("model.embed_tokens.weight", &[v, d])?)?;
+        // Tied: the head is the embedding, even where a checkpoint stores a copy of it.
+        let head = if spec.tie_word_embeddings {
             None
         } else if src.has("lm_head.weight") {
-            Some(backend.upload(&src.dense("lm_head.weight", &[v, d])?, DType::Act)?)
+            Some(arena.upload("lm_head", &src.dense("lm_head.weight", &[v, d])?)?)
         } else {
             return Err(Error::tensor("lm_head.weight", None, "is missing and the embeddings are not tied"));
         };
-        let final_norm = backend.upload(&src.dense("model.norm.weight", &[d])?, DType::Act)?;
+        let final_norm = arena.upload("final_norm", &src.dense("model.norm.weight", &[d])?)?;
         let mut layers = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let p = format!("model.layers.{l}");
-            let norm = |name: &str| -> Result<B::Tensor> { backend.upload(&src.dense(&format!("{p}.{name}.weight"), &[d])?, DType::Act) };
+            let mut norm = |plan_name: &str, hf: &str| -> Result<B::Tensor> {
+                arena.upload(&format!("layers.{l}.{plan_name}"), &src.dense(&format!("{p}.{hf}.weight"), &[d])?)
+            };
             // In `ModelSpec::layer_norm_names` order: input, MLP input, then Gemma's output norms.
             let names = spec.layer_norm_names();
-            let (input_norm, post_attention_norm) = (norm(names[0])?, norm(names[1])?);
-            let attn_out_norm = names.get(2).map(|n| norm(n)).transpose()?;
-            let mlp_out_norm = names.get(3).map(|n| norm(n)).transpose()?;
-            let head_norm = |name: &str| backend.upload(&src.dense(&format!("{p}.self_attn.{name}.weight"), &[spec.head_dim])?, DType::Act);
+            let (input_norm, post_attention_norm) = (norm("input_norm", names[0])?, norm("post_attention_norm", names[1])?);
+            let attn_out_norm = names.get(2).map(|n| norm("attn_out_norm", n)).transpose()?;
+            let mlp_out_norm = names.get(3).map(|n| norm("mlp_out_norm", n)).transpose()?;
+            let mut head_norm = |name: &str| {
+                arena.upload(&format!("layers.{l}.{name}"), &src.dense(&format!("{p}.self_attn.{name}.weight"), &[spec.head_dim])?)
+            };
             let (q_norm, k_norm) = if spec.qk_norm { (Some(head_norm("q_norm")?), Some(head_norm("k_norm")?)) } else { (None, None) };
             let mut linears = Vec::with_capacity(7);
             for t in Target::ALL {
@@ -177,17 +173,17 @@ impl<B: Backend> DeviceModel<B> {
                 let shape = spec.linear_shape(t);
                 let w = src.linear(&format!("{name}.weight"), shape, quant)?;
                 let bias = if spec.has_bias(t) { Some(src.dense(&format!("{name}.bias"), &[shape.0])?) } else { None };
-                let mut weight = backend.upload_weight(&w, bias.as_deref())?;
-                if l < dequantized_layers {
-                    backend.cache_dequantized(&mut weight)?;
-                }
-                linears.push(weight);
+                linears.push(arena.weight(&format!("layers.{l}.{}", t.hf_name()), &w, bias.as_deref())?);
             }
             layers.push(LayerWeights { input_norm, post_attention_norm, attn_out_norm, mlp_out_norm, q_norm, k_norm, linears });
         }
-        let rope_table = backend.upload(&rope_table(spec, max_pos), DType::F32)?;
-        let rope_table_local =
-            spec.local_rope.as_ref().map(|r| backend.upload(&rope_table_of(spec, r, max_pos), DType::F32)).transpose()?;
-        Ok(DeviceModel { embed, head, final_norm, layers, rope_table, rope_table_local, rope_positions: max_pos })
+        // `[max_pos, head_dim / 2]` cosines and sines: the plan's length says how many positions.
+        let rope_positions = arena.elems("rope_table")? / (2 * (spec.head_dim / 2)).max(1);
+        let rope_table = arena.upload("rope_table", &rope_table(spec, rope_positions))?;
+        let rope_table_local = match &spec.local_rope {
+            Some(r) => Some(arena.upload("rope_table_local", &rope_table_of(spec, r, rope_positions))?),
+            None => None,
+        };
+        Ok(DeviceModel { embed, head, final_norm, layers, rope_table, rope_table_local, rope_positions })
     }
 }

@@ -11,12 +11,12 @@ use serde::Serialize;
 
 use crate::backend::DType;
 use crate::backend::card::CardLimits;
-use crate::backend::workspace::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
+use crate::backend::workspace::packed_bytes;
 use crate::config::{CheckpointPolicy, LoraConfig, Quantization, RunConfig, Target};
 use crate::model::ModelSpec;
-use crate::quant::nf4::{BLOCKSIZE, NESTED_BLOCKSIZE};
 
-/// Which backend the plan is for: it sets the element sizes and the backend's own workspace.
+/// Which backend the plan is for: it sets the element sizes, the alignment and the backend's own
+/// workspace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
@@ -25,6 +25,11 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
+    /// The kind of the backend that reports `device`.
+    pub fn of(device: &crate::backend::DeviceInfo) -> Self {
+        if device.kind == "cpu" { BackendKind::Cpu } else { BackendKind::Cuda }
+    }
+
     pub fn bytes(self, dtype: DType) -> u64 {
         match (self, dtype) {
             (BackendKind::Cuda, DType::Act) => 2,
@@ -107,6 +112,32 @@ impl PlannedBuffer {
     pub fn bytes(&self, kind: BackendKind) -> u64 {
         self.dtype.map_or(self.elems, |d| self.elems * kind.bytes(d))
     }
+
+    /// What the buffer takes where it lives: on CUDA its bytes up to the next
+    /// `workspace::BUFFER_ALIGN`, where the next buffer of its block starts (`engine::arena`);
+    /// on the CPU, where each is a vector of its own, its bytes.
+    pub fn footprint(&self, kind: BackendKind) -> u64 {
+        match kind {
+            BackendKind::Cuda => packed_bytes([self.bytes(kind) as usize]) as u64,
+            BackendKind::Cpu => self.bytes(kind),
+        }
+    }
+}
+
+/// Where each of `buffers` starts in the block of its location, in order, and the bytes of the
+/// device and the pinned host block: what the engine's arena allocates and carves.
+pub fn arena_offsets(buffers: &[PlannedBuffer], kind: BackendKind) -> (Vec<u64>, [u64; 2]) {
+    let mut ends = [0u64; 2];
+    let offsets = buffers
+        .iter()
+        .map(|b| {
+            let end = &mut ends[usize::from(b.location == Location::PinnedHost)];
+            let at = *end;
+            *end += b.footprint(kind);
+            at
+        })
+        .collect();
+    (offsets, ends)
 }
 
 /// The settings the plan depends on.
@@ -288,12 +319,9 @@ pub struct MemoryPlan {
     pub step: Option<crate::engine::cost::StepPrediction>,
 }
 
-/// Bytes of an NF4 tensor on the device: packed nibbles, one 8-bit absmax per 64-block, one f32
-/// per 256 absmax and the 256-entry f32 code (bitsandbytes' layout; the offset is a kernel
-/// argument).
+/// Bytes of an NF4 tensor on the device (`quant::nf4::device_parts`).
 pub fn nf4_device_bytes(numel: u64) -> u64 {
-    let blocks = numel.div_ceil(BLOCKSIZE as u64);
-    numel.div_ceil(2) + blocks + blocks.div_ceil(NESTED_BLOCKSIZE as u64) * 4 + 256 * 4
+    crate::quant::nf4::device_bytes(numel as usize) as u64
 }
 
 fn buf(name: impl Into<String>, term: Term, elems: usize, dtype: DType) -> PlannedBuffer {
@@ -655,19 +683,29 @@ pub fn engine_buffers(
     for name in ["ids", "targets", "positions", "segments"] {
         out.push(buf(format!("batch.{name}"), w, rows, DType::F32));
     }
-    if input.token_rows > 0 {
-        let k = input.token_rows;
-        let heads = if spec.tie_word_embeddings { 1 } else { 2 };
-        for m in 0..heads {
-            let which = if m == 0 { "embed" } else { "head" };
-            out.push(buf(format!("token_rows.{which}"), Term::LoraParams, k * d, DType::F32));
-            out.push(buf(format!("token_rows.{which}.grad"), Term::LoraGrads, k * d, DType::F32));
-            out.push(buf(format!("token_rows.{which}.m"), Term::OptimizerStates, k * d, DType::F32));
-            out.push(buf(format!("token_rows.{which}.v"), Term::OptimizerStates, k * d, DType::F32));
-        }
-        out.push(buf("token_rows.ids", w, k, DType::F32));
-        out.push(buf("token_rows.slot_of_token", w, spec.vocab_size, DType::F32));
+    out.extend(token_row_buffers(spec, input.token_rows));
+    out
+}
+
+/// The buffers of `k` embedding (and untied head) rows trained with the adapter, which
+/// `Trainer::set_token_rows` allocates once the preflight has chosen them (none when `k` is 0).
+pub fn token_row_buffers(spec: &ModelSpec, k: usize) -> Vec<PlannedBuffer> {
+    let mut out = Vec::new();
+    if k == 0 {
+        return out;
     }
+    let d = spec.hidden_size;
+    let heads = if spec.tie_word_embeddings { 1 } else { 2 };
+    for m in 0..heads {
+        let which = if m == 0 { "embed" } else { "head" };
+        out.push(buf(format!("token_rows.{which}"), Term::LoraParams, k * d, DType::F32));
+        out.push(buf(format!("token_rows.{which}.grad"), Term::LoraGrads, k * d, DType::F32));
+        out.push(buf(format!("token_rows.{which}.m"), Term::OptimizerStates, k * d, DType::F32));
+        out.push(buf(format!("token_rows.{which}.v"), Term::OptimizerStates, k * d, DType::F32));
+    }
+    // Ids are i32, counted as 4-byte elements.
+    out.push(buf("token_rows.ids", Term::Workspace, k, DType::F32));
+    out.push(buf("token_rows.slot_of_token", Term::Workspace, spec.vocab_size, DType::F32));
     out
 }
 
@@ -742,7 +780,7 @@ pub fn infer_buffers(
 /// loss chunk and the norm reduction's partial sums; with NF4 weights also the dequantization
 /// buffer the first weights bring.
 pub fn cuda_creation_scratch(spec: &ModelSpec, quantization: Quantization) -> Vec<PlannedBuffer> {
-    use crate::backend::workspace::{GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS};
+    use crate::backend::workspace::{GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, SMALL_SCRATCH};
     let bw = Term::BackendWorkspace;
     let raw = |name: &str, bytes: usize| PlannedBuffer {
         name: name.into(),
@@ -751,17 +789,13 @@ pub fn cuda_creation_scratch(spec: &ModelSpec, quantization: Quantization) -> Ve
         dtype: None,
         location: Location::Device,
     };
+    // The small ones share one block, each at its aligned place: their footprints add up to it.
     let mut out = vec![
         raw("gemm_workspace", GEMM_WORKSPACE_BYTES),
         raw("loss.logits", LOSS_CHUNK_ELEMS * 4),
         raw("loss.dlogits", LOSS_CHUNK_ELEMS * 2),
-        raw("loss.row_loss", LOSS_CHUNK_MAX_ROWS * 4),
-        raw("loss.row_valid", LOSS_CHUNK_MAX_ROWS * 4),
-        raw("loss.sum", 8),
-        raw("loss.count", 8),
-        raw("sumsq.partial", SUMSQ_MAX_BLOCKS * 8),
-        raw("sumsq.out", 8),
     ];
+    out.extend(SMALL_SCRATCH.map(|(name, bytes)| raw(name, bytes)));
     if quantization == Quantization::Nf4 {
         let largest = Target::ALL.iter().map(|&t| {
             let (o, i) = spec.linear_shape(t);
@@ -805,29 +839,8 @@ pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer>
     out
 }
 
-/// The CUDA backend packs small device buffers into chunks (`backend::cuda::memory`): the
-/// chunks' unused space and alignment padding, with the buffers placed first-fit in plan order.
-pub fn slab_slack(buffers: &[PlannedBuffer], kind: BackendKind) -> u64 {
-    let (chunk, small_max) = (SLAB_CHUNK_BYTES as u64, SLAB_MAX_BYTES as u64);
-    let mut offsets: Vec<u64> = Vec::new();
-    let mut raw = 0;
-    for b in buffers.iter().filter(|b| b.location == Location::Device) {
-        let bytes = b.bytes(kind).max(1);
-        if bytes >= small_max {
-            continue;
-        }
-        raw += bytes;
-        let need = bytes.div_ceil(256) * 256;
-        match offsets.iter_mut().find(|o| chunk - **o >= need) {
-            Some(o) => *o += need,
-            None => offsets.push(need),
-        }
-    }
-    offsets.len() as u64 * chunk - raw
-}
-
 fn total(buffers: &[PlannedBuffer], kind: BackendKind, loc: Location) -> u64 {
-    buffers.iter().filter(|b| b.location == loc).map(|b| b.bytes(kind)).sum()
+    buffers.iter().filter(|b| b.location == loc).map(|b| b.footprint(kind)).sum()
 }
 
 fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, mix: Mix) -> MemoryPlan {
@@ -845,17 +858,12 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, mix: Mix) -> 
     buffers.extend(sampler_buffers(spec, input, kind));
     let mut terms: BTreeMap<&'static str, u64> = BTreeMap::new();
     for b in buffers.iter().filter(|b| b.location == Location::Device) {
-        *terms.entry(b.term.name()).or_default() += b.bytes(kind);
+        *terms.entry(b.term.name()).or_default() += b.footprint(kind);
     }
     if target.context_bytes > 0 {
         terms.insert(Term::CudaContext.name(), target.context_bytes);
     }
-    let mut peak_bytes = total(&buffers, kind, Location::Device) + target.context_bytes;
-    if kind == BackendKind::Cuda {
-        let slack = slab_slack(&buffers, kind);
-        *terms.entry(Term::BackendWorkspace.name()).or_default() += slack;
-        peak_bytes += slack;
-    }
+    let peak_bytes = total(&buffers, kind, Location::Device) + target.context_bytes;
     let pinned_host_bytes = total(&buffers, kind, Location::PinnedHost);
     if target.others_bytes > 0 {
         terms.insert(Term::OtherProcesses.name(), target.others_bytes);

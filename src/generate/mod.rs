@@ -218,7 +218,7 @@ pub fn device_bytes(spec: &ModelSpec, opts: &LoadOptions) -> u64 {
     // The term is the plan's name for a sampler's buffers; only their bytes are used here.
     let bufs = plan::infer_buffers(spec, &infer_options(spec, opts), None, 0, BackendKind::Cuda, Term::Samples);
     let scratch = plan::cuda_creation_scratch(spec, opts.quantization);
-    bufs.iter().chain(&scratch).map(|b| b.bytes(BackendKind::Cuda)).sum()
+    bufs.iter().chain(&scratch).map(|b| b.footprint(BackendKind::Cuda)).sum()
 }
 
 /// Whether a generator that needs `need` bytes fits the `free` bytes of `card` (a run paused on

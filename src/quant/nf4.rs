@@ -37,6 +37,27 @@ pub const BLOCKSIZE: usize = 64;
 /// absmax values per second-level block (`quantize_blockwise(..., blocksize=256)` in quantize_4bit).
 pub const NESTED_BLOCKSIZE: usize = 256;
 
+/// Where a GPU keeps the parts of an NF4 tensor of `numel` elements inside its one buffer, as
+/// (offset, bytes): packed nibbles, one 8-bit absmax per 64-block, one f32 per 256 absmax, the
+/// 256-entry f32 code (bitsandbytes' layout; the offset is a kernel argument). Each part starts
+/// at a 16-byte boundary, which the kernels' vector loads need.
+pub fn device_parts(numel: usize) -> [(usize, usize); 4] {
+    let blocks = numel.div_ceil(BLOCKSIZE);
+    let sizes = [numel.div_ceil(2), blocks, blocks.div_ceil(NESTED_BLOCKSIZE) * 4, 256 * 4];
+    let mut offset = 0;
+    sizes.map(|bytes| {
+        let at = offset;
+        offset = (offset + bytes).next_multiple_of(16);
+        (at, bytes)
+    })
+}
+
+/// Bytes of that buffer ([`device_parts`]).
+pub fn device_bytes(numel: usize) -> usize {
+    let [.., (at, bytes)] = device_parts(numel);
+    at + bytes
+}
+
 /// bitsandbytes' NF4 table (`get_4bit_type("nf4")`): quantiles of N(0, 1) scaled to [-1, 1],
 /// indexed by the 4-bit code. The literals are the f32 values bnb stores, printed as doubles.
 #[allow(clippy::excessive_precision)]

@@ -9,29 +9,6 @@ use cudarc::driver::{CudaContext, result as drv};
 
 use crate::error::{Error, Result};
 
-pub use crate::backend::workspace::{SLAB_CHUNK_BYTES, SLAB_MAX_BYTES};
-/// Alignment of every device buffer (cuMemAlloc's own is 256 bytes; kernels rely on 16).
-const ALIGN: usize = 256;
-
-/// Small device buffers packed into big chunks. A model's LoRA tensors, norms and quant states
-/// are thousands of allocations of kilobytes to a few MiB, and the driver's own bookkeeping for
-/// those depends on their sizes in ways it does not document (hundreds of MiB for some ranks and
-/// shapes, none for others, measured on an H100). Packing them makes what the driver holds equal
-/// to what the memory plan lists, up to the unused tail of the last chunk. A chunk is freed when
-/// its last buffer is.
-struct Slab {
-    chunks: Vec<Chunk>,
-    next_id: u64,
-}
-
-struct Chunk {
-    id: u64,
-    ptr: u64,
-    size: usize,
-    offset: usize,
-    live: usize,
-}
-
 /// What the backend shares with every buffer: the context (to free on drop) and the counters.
 pub struct DeviceShared {
     pub ctx: Arc<CudaContext>,
@@ -40,11 +17,10 @@ pub struct DeviceShared {
     count: AtomicUsize,
     /// Pinned host bytes (not device memory; reported apart).
     pinned: AtomicUsize,
-    /// Bytes taken from the driver (slab chunks whole), which a limit is held against.
+    /// Bytes taken from the driver (a block whole), which a limit is held against.
     driver: AtomicUsize,
     /// The most the driver may give us, and why (a card profile's memory, a `--gpu-mem` cap).
     limit: Mutex<Option<(usize, String)>>,
-    slab: Mutex<Slab>,
 }
 
 impl DeviceShared {
@@ -57,7 +33,6 @@ impl DeviceShared {
             pinned: AtomicUsize::new(0),
             driver: AtomicUsize::new(0),
             limit: Mutex::new(None),
-            slab: Mutex::new(Slab { chunks: Vec::new(), next_id: 0 }),
         }
     }
 
@@ -71,7 +46,7 @@ impl DeviceShared {
         self.limit.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(b, _)| *b)
     }
 
-    /// Bytes taken from the driver: every own allocation, and every slab chunk whole.
+    /// Bytes taken from the driver: every allocation of our own (a block counts once, whole).
     pub fn driver_bytes(&self) -> usize {
         self.driver.load(Ordering::Relaxed)
     }
@@ -95,40 +70,6 @@ impl DeviceShared {
         Ok(())
     }
 
-    /// Take `bytes` (< SLAB_MAX_BYTES) from the first chunk with room, or from a new one.
-    fn slab_alloc(&self, bytes: usize) -> Result<std::result::Result<(u64, u64), cudarc::driver::DriverError>> {
-        let need = bytes.div_ceil(ALIGN) * ALIGN;
-        let mut slab = self.slab.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = slab.chunks.iter_mut().find(|c| c.size - c.offset >= need) {
-            let ptr = c.ptr + c.offset as u64;
-            c.offset += need;
-            c.live += 1;
-            return Ok(Ok((ptr, c.id)));
-        }
-        self.check_limit(SLAB_CHUNK_BYTES, bytes)?;
-        // SAFETY: plain allocation in the bound context; owned by the chunk, freed with its last buffer.
-        let ptr = match unsafe { drv::malloc_sync(SLAB_CHUNK_BYTES) } {
-            Ok(p) => p,
-            Err(e) => return Ok(Err(e)),
-        };
-        self.driver.fetch_add(SLAB_CHUNK_BYTES, Ordering::Relaxed);
-        let id = slab.next_id;
-        slab.next_id += 1;
-        slab.chunks.push(Chunk { id, ptr, size: SLAB_CHUNK_BYTES, offset: need, live: 1 });
-        Ok(Ok((ptr, id)))
-    }
-
-    fn slab_free(&self, id: u64) {
-        let mut slab = self.slab.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(i) = slab.chunks.iter().position(|c| c.id == id) else { return };
-        slab.chunks[i].live -= 1;
-        if slab.chunks[i].live == 0 {
-            let c = slab.chunks.remove(i);
-            // SAFETY: the chunk came from cuMemAlloc and none of its buffers is alive.
-            let _ = unsafe { drv::free_sync(c.ptr) };
-            self.driver.fetch_sub(c.size, Ordering::Relaxed);
-        }
-    }
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
@@ -146,15 +87,25 @@ impl DeviceShared {
     }
 }
 
-/// One device allocation (`cuMemAlloc`, or a 256-byte aligned piece of a slab chunk when small), or a pinned host allocation
-/// (`cuMemHostAlloc`, for offloaded layer inputs), freed on drop. With unified addressing a pinned
-/// host pointer is a valid source or destination of `cuMemcpyAsync`.
+/// Who frees a buffer's memory.
+enum Owner {
+    /// Its own `cuMemAlloc`.
+    Device,
+    /// Its own `cuMemHostAlloc` (pinned).
+    Host,
+    /// A view into a block (`DevBuf::view`): the block is freed when its last view is dropped.
+    View(Arc<DevBuf>),
+}
+
+/// One device allocation (`cuMemAlloc`), one pinned host allocation (`cuMemHostAlloc`, for
+/// offloaded layer inputs and an offloaded embedding table), or a view of a piece of either (the
+/// engine's arena: one block per location, carved at the memory plan's offsets). Freed on drop.
+/// With unified addressing a pinned host pointer is a valid source or destination of
+/// `cuMemcpyAsync`.
 pub struct DevBuf {
     ptr: u64,
     bytes: usize,
-    host: bool,
-    /// The slab chunk holding this buffer (small device buffers), or `None` for its own allocation.
-    chunk: Option<u64>,
+    owner: Owner,
     shared: Arc<DeviceShared>,
 }
 
@@ -168,18 +119,9 @@ impl DevBuf {
     pub fn new(shared: &Arc<DeviceShared>, bytes: usize) -> Result<Self> {
         shared.ctx.bind_to_thread().map_err(|e| Error::Cuda { op: "bind context".into(), msg: e.to_string() })?;
         let take = bytes.max(1);
-        let allocated = if take < SLAB_MAX_BYTES {
-            shared.slab_alloc(take)?.map(|(ptr, id)| (ptr, Some(id)))
-        } else {
-            shared.check_limit(take, take)?;
-            // SAFETY: plain allocation in the bound context; the pointer is owned by the returned value.
-            let r = unsafe { drv::malloc_sync(take) }.map(|ptr| (ptr, None));
-            if r.is_ok() {
-                shared.driver.fetch_add(take, Ordering::Relaxed);
-            }
-            r
-        };
-        let (ptr, chunk) = allocated.map_err(|e| {
+        shared.check_limit(take, take)?;
+        // SAFETY: plain allocation in the bound context; the pointer is owned by the returned value.
+        let ptr = unsafe { drv::malloc_sync(take) }.map_err(|e| {
             let (free, total) = shared.ctx.mem_get_info().unwrap_or((0, 0));
             if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
                 Error::OutOfMemory {
@@ -195,10 +137,11 @@ impl DevBuf {
                 Error::Cuda { op: "cuMemAlloc".into(), msg: e.to_string() }
             }
         })?;
+        shared.driver.fetch_add(take, Ordering::Relaxed);
         let used = shared.used.fetch_add(take, Ordering::Relaxed) + take;
         shared.peak.fetch_max(used, Ordering::Relaxed);
         shared.count.fetch_add(1, Ordering::Relaxed);
-        Ok(DevBuf { ptr, bytes, host: false, chunk, shared: shared.clone() })
+        Ok(DevBuf { ptr, bytes, owner: Owner::Device, shared: shared.clone() })
     }
 
     /// `bytes` of pinned host memory. Pinning is slow on some hosts (~1.8 GB/s seen on the H100
@@ -212,22 +155,40 @@ impl DevBuf {
             advice: format!("the host could not pin it ({e}): free host memory or use checkpointing = \"layer\""),
         })?;
         shared.pinned.fetch_add(bytes.max(1), Ordering::Relaxed);
-        Ok(DevBuf { ptr: ptr as u64, bytes, host: true, chunk: None, shared: shared.clone() })
+        Ok(DevBuf { ptr: ptr as u64, bytes, owner: Owner::Host, shared: shared.clone() })
+    }
+
+    /// `bytes` of `block` from `offset` on, which keeps the block alive as long as the view is:
+    /// the memory plan's buffers as the engine's arena hands them out (at multiples of
+    /// `workspace::BUFFER_ALIGN`), the parts of an NF4 weight (at 16 bytes, what the kernels'
+    /// vector loads need). Views count nothing of their own; the block was counted whole.
+    pub fn view(block: &Arc<DevBuf>, offset: usize, bytes: usize) -> Result<Self> {
+        if !offset.is_multiple_of(16) || offset + bytes > block.bytes.max(1) {
+            return Err(Error::bug(
+                "DevBuf::view",
+                format!("{bytes} bytes at offset {offset} of a {}-byte block, or off a 16-byte boundary", block.bytes),
+            ));
+        }
+        Ok(DevBuf { ptr: block.ptr + offset as u64, bytes, owner: Owner::View(block.clone()), shared: block.shared.clone() })
     }
 
     /// Write `bytes` into a pinned host buffer from the CPU (no copy engine involved).
     pub fn write_host(&self, bytes: &[u8]) -> Result<()> {
-        if !self.host || bytes.len() > self.bytes {
+        if !self.is_host() || bytes.len() > self.bytes {
             return Err(Error::bug("write_host", "not a host buffer, or too small"));
         }
         // SAFETY: `ptr` is a live pinned host allocation of at least `bytes.len()` bytes owned by
-        // self; no kernel uses it before the caller hands the tensor out.
+        // self (or by the block it views); no kernel uses it before the caller hands it out.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr as *mut u8, bytes.len()) };
         Ok(())
     }
 
     pub fn is_host(&self) -> bool {
-        self.host
+        match &self.owner {
+            Owner::Device => false,
+            Owner::Host => true,
+            Owner::View(block) => block.is_host(),
+        }
     }
 
     pub fn ptr(&self) -> u64 {
@@ -242,26 +203,25 @@ impl DevBuf {
 impl Drop for DevBuf {
     fn drop(&mut self) {
         let take = self.bytes.max(1);
-        if self.host {
-            if self.shared.ctx.bind_to_thread().is_ok() {
-                // SAFETY: `ptr` came from cuMemHostAlloc and is freed exactly once.
-                let _ = unsafe { drv::free_host(self.ptr as *mut std::ffi::c_void) };
+        match self.owner {
+            Owner::View(_) => {}
+            Owner::Host => {
+                if self.shared.ctx.bind_to_thread().is_ok() {
+                    // SAFETY: `ptr` came from cuMemHostAlloc and is freed exactly once.
+                    let _ = unsafe { drv::free_host(self.ptr as *mut std::ffi::c_void) };
+                }
+                self.shared.pinned.fetch_sub(take, Ordering::Relaxed);
             }
-            self.shared.pinned.fetch_sub(take, Ordering::Relaxed);
-            return;
-        }
-        if self.shared.ctx.bind_to_thread().is_ok() {
-            match self.chunk {
-                Some(id) => self.shared.slab_free(id),
-                // SAFETY: `ptr` came from cuMemAlloc in this context and is freed exactly once;
-                // work that still reads it is ordered before by the synchronous free.
-                None => {
+            Owner::Device => {
+                if self.shared.ctx.bind_to_thread().is_ok() {
+                    // SAFETY: `ptr` came from cuMemAlloc in this context and is freed exactly once;
+                    // work that still reads it is ordered before by the synchronous free.
                     let _ = unsafe { drv::free_sync(self.ptr) };
                     self.shared.driver.fetch_sub(take, Ordering::Relaxed);
                 }
+                self.shared.used.fetch_sub(take, Ordering::Relaxed);
+                self.shared.count.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        self.shared.used.fetch_sub(take, Ordering::Relaxed);
-        self.shared.count.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -35,7 +35,10 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result as drv, sys};
 use half::bf16;
 
 use super::card::{self, CardLimits, CardProfile, PtxTarget};
-use super::{AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum, RmsNorm};
+use super::{
+    AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum, RmsNorm,
+    WeightPlace,
+};
 use crate::error::{Error, Result};
 use gemm::{Gemm, GemmCall};
 use kernels::{ATTN_HEAD_DIMS, AttnKernels, FILES, Kernel};
@@ -144,7 +147,7 @@ pub fn planned_context_bytes(name: &str) -> u64 {
 
 // The fixed scratch sizes live in `backend::workspace`, which the memory plan reads without
 // importing this module.
-use super::workspace::attention_unit_bytes;
+use super::workspace::{self, SMALL_SCRATCH, attention_unit_bytes};
 pub use super::workspace::{
     ATTN_BWD_SCRATCH_BYTES, GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS, attention_bwd_split,
     attention_scratch_bytes,
@@ -503,16 +506,23 @@ impl CudaBackend {
         let shared = Arc::new(DeviceShared::new(ctx));
         let gemm_workspace = DevBuf::new(&shared, GEMM_WORKSPACE_BYTES)?;
         let gemm = Gemm::new(gemm_workspace.ptr(), GEMM_WORKSPACE_BYTES)?;
+        // The small scratch is one block carved in `SMALL_SCRATCH`'s order, as the plan lists it.
+        let small = Arc::new(DevBuf::new(&shared, workspace::packed_bytes(SMALL_SCRATCH.map(|(_, b)| b)))?);
+        let mut offset = 0;
+        let [row_loss, row_valid, sum, count, sumsq_partial, sumsq_out] = SMALL_SCRATCH.map(|(_, bytes)| {
+            let view = DevBuf::view(&small, offset, bytes);
+            offset += workspace::packed_bytes([bytes]);
+            view
+        });
         let loss = LossWorkspace {
             logits: DevBuf::new(&shared, LOSS_CHUNK_ELEMS * 4)?,
             dlogits: DevBuf::new(&shared, LOSS_CHUNK_ELEMS * 2)?,
-            row_loss: DevBuf::new(&shared, LOSS_CHUNK_MAX_ROWS * 4)?,
-            row_valid: DevBuf::new(&shared, LOSS_CHUNK_MAX_ROWS * 4)?,
-            sum: DevBuf::new(&shared, 8)?,
-            count: DevBuf::new(&shared, 8)?,
+            row_loss: row_loss?,
+            row_valid: row_valid?,
+            sum: sum?,
+            count: count?,
         };
-        let sumsq_partial = DevBuf::new(&shared, SUMSQ_MAX_BLOCKS * 8)?;
-        let sumsq_out = DevBuf::new(&shared, 8)?;
+        let (sumsq_partial, sumsq_out) = (sumsq_partial?, sumsq_out?);
         // The context: what this process holds beyond our own buffers. NVML's per-process figure
         // is exact; else the growth of the card's use since before our context, in which other
         // processes cancel out. Without NVML nothing is measured (the card's use alone would count
@@ -1228,16 +1238,40 @@ impl CudaBackend {
         Ok(CudaTensor { buf: DevBuf::new(&self.shared, len * elem_bytes(dtype))?, len, dtype })
     }
 
-    fn upload_bytes<T: Copy>(&self, data: &[T]) -> Result<DevBuf> {
+    fn upload_bytes<T: Copy + bytemuck::Pod>(&self, data: &[T]) -> Result<DevBuf> {
         let buf = DevBuf::new(&self.shared, std::mem::size_of_val(data))?;
-        if !data.is_empty() {
-            // SAFETY: `buf` holds exactly the bytes of `data`; synchronous on the copy stream.
-            unsafe {
-                drv::memcpy_htod_async(buf.ptr(), data, self.copy.cu_stream()).map_err(cuda_err("copy to device"))?;
-            }
-            self.copy.synchronize().map_err(cuda_err("synchronize copy stream"))?;
-        }
+        self.write_bytes(&buf, data)?;
         Ok(buf)
+    }
+
+    /// Write `data` at the start of `buf` (device or pinned host), done when this returns.
+    fn write_bytes<T: Copy + bytemuck::Pod>(&self, buf: &DevBuf, data: &[T]) -> Result<()> {
+        check_len("write_bytes", "buffer bytes", buf.bytes(), std::mem::size_of_val(data))?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        if buf.is_host() {
+            return buf.write_host(bytemuck::cast_slice(data));
+        }
+        // SAFETY: `buf` holds at least the bytes of `data`; synchronous on the copy stream, after
+        // the compute work queued so far (the block's zero fill).
+        unsafe {
+            self.copy.join(&self.compute).map_err(cuda_err("order the copy stream"))?;
+            drv::memcpy_htod_async(buf.ptr(), data, self.copy.cu_stream()).map_err(cuda_err("copy to device"))?;
+        }
+        self.copy.synchronize().map_err(cuda_err("synchronize copy stream"))
+    }
+
+    /// The NF4 dequantization scratch holds at least `numel` elements (one per backend, sized by
+    /// the largest NF4 weight: the memory plan's `dequant_scratch`).
+    fn ensure_dequant_scratch(&self, numel: usize) -> Result<()> {
+        let mut s = self.scratch.borrow_mut();
+        if s.dequant_elems < numel {
+            s.dequant = None;
+            s.dequant = Some(DevBuf::new(&self.shared, numel * 2)?);
+            s.dequant_elems = numel;
+        }
+        Ok(())
     }
 
     fn to_bf16(data: &[f32]) -> Vec<bf16> {
@@ -1273,6 +1307,7 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
     type Ids = CudaIds;
+    type Block = Arc<DevBuf>;
 
     fn device(&self) -> DeviceInfo {
         let (free, total) = self.shared.ctx.mem_get_info().unwrap_or((0, 0));
@@ -1340,6 +1375,14 @@ impl Backend for CudaBackend {
         check_len("write", "destination", t.len, data.len())?;
         if data.is_empty() {
             return Ok(());
+        }
+        if t.buf.is_host() {
+            // The CPU writes pinned memory itself, once the GPU's queued work is done with it.
+            self.compute.synchronize().map_err(cuda_err("synchronize"))?;
+            return match t.dtype {
+                DType::Act => t.buf.write_host(bytemuck::cast_slice(&Self::to_bf16(data))),
+                DType::F32 => t.buf.write_host(bytemuck::cast_slice(data)),
+            };
         }
         // SAFETY: the destination holds at least data.len() elements; pageable source, so the call
         // returns once the driver has staged it (ordered on the compute stream).
@@ -1442,7 +1485,21 @@ impl Backend for CudaBackend {
 
     fn upload_weight(&self, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight> {
         self.bind()?;
+        // A block of its own: the weight, then its bias.
+        let (o, i) = w.shape();
+        let data_bytes = match w {
+            HostWeight::Dense { .. } => o * i * 2,
+            HostWeight::Nf4(_) => crate::quant::nf4::device_bytes(o * i),
+        };
+        let bias_at = workspace::packed_bytes([data_bytes]);
+        let block = self.alloc_block(bias_at + bias.map_or(0, |b| b.len() * 2), false)?;
+        self.weight_in(&block, WeightPlace { data: 0, bias: bias.map(|_| bias_at), dequantized: None }, w, bias)
+    }
+
+    fn weight_in(&self, block: &Self::Block, place: WeightPlace, w: &HostWeight, bias: Option<&[f32]>) -> Result<Self::Weight> {
+        self.bind()?;
         let (out_features, in_features) = w.shape();
+        let numel = out_features * in_features;
         if let Some(b) = bias
             && b.len() != out_features
         {
@@ -1450,43 +1507,75 @@ impl Backend for CudaBackend {
         }
         let data = match w {
             HostWeight::Dense { data, .. } => {
-                if data.len() != out_features * in_features {
+                if data.len() != numel {
                     return Err(Error::Shape {
                         op: "upload_weight",
                         expected: format!("{out_features}x{in_features}"),
                         got: data.len().to_string(),
                     });
                 }
-                WeightData::Dense(self.upload_bytes(&Self::to_bf16(data))?)
+                let buf = DevBuf::view(block, place.data, numel * 2)?;
+                self.write_bytes(&buf, &Self::to_bf16(data))?;
+                WeightData::Dense(buf)
             }
             HostWeight::Nf4(t) => {
                 let parts = Nf4Parts::of(t);
-                let numel = out_features * in_features;
-                if parts.numel() != numel || parts.packed.len() < numel.div_ceil(2) {
+                let layout = crate::quant::nf4::device_parts(numel);
+                let lens = [parts.packed.len(), parts.absmax_q.len(), parts.absmax2.len() * 4, parts.code2.len() * 4];
+                if parts.numel() != numel || lens.iter().zip(&layout).any(|(&have, &(_, planned))| have != planned) {
                     return Err(Error::Shape {
                         op: "upload_weight nf4",
-                        expected: format!("{out_features}x{in_features}"),
-                        got: format!("{:?}", t.shape),
+                        expected: format!("{out_features}x{in_features} with parts of {:?} bytes", layout.map(|(_, b)| b)),
+                        got: format!("{:?} with parts of {lens:?} bytes", t.shape),
                     });
                 }
-                let mut s = self.scratch.borrow_mut();
-                if s.dequant_elems < numel {
-                    s.dequant = None;
-                    s.dequant = Some(DevBuf::new(&self.shared, numel * 2)?);
-                    s.dequant_elems = numel;
-                }
-                drop(s);
-                WeightData::Nf4 {
-                    packed: self.upload_bytes(&parts.packed)?,
-                    absmax_q: self.upload_bytes(&parts.absmax_q)?,
-                    absmax2: self.upload_bytes(&parts.absmax2)?,
-                    code2: self.upload_bytes(&parts.code2)?,
-                    offset: parts.offset,
-                }
+                self.ensure_dequant_scratch(numel)?;
+                let [packed, absmax_q, absmax2, code2] = layout.map(|(at, bytes)| DevBuf::view(block, place.data + at, bytes));
+                let (packed, absmax_q, absmax2, code2) = (packed?, absmax_q?, absmax2?, code2?);
+                self.write_bytes(&packed, &parts.packed)?;
+                self.write_bytes(&absmax_q, &parts.absmax_q)?;
+                self.write_bytes(&absmax2, &parts.absmax2)?;
+                self.write_bytes(&code2, &parts.code2)?;
+                WeightData::Nf4 { packed, absmax_q, absmax2, code2, offset: parts.offset }
             }
         };
-        let bias = bias.map(|b| self.upload_bytes(&Self::to_bf16(b))).transpose()?;
-        Ok(CudaWeight { out_features, in_features, data, dequantized: None, bias })
+        let bias = match (bias, place.bias) {
+            (Some(b), Some(at)) => {
+                let buf = DevBuf::view(block, at, b.len() * 2)?;
+                self.write_bytes(&buf, &Self::to_bf16(b))?;
+                Some(buf)
+            }
+            (None, None) => None,
+            _ => return Err(Error::bug("weight_in", "a bias without a place for it, or a place without a bias")),
+        };
+        let mut weight = CudaWeight { out_features, in_features, data, dequantized: None, bias };
+        if let Some(at) = place.dequantized
+            && weight.is_nf4()
+        {
+            let copy = DevBuf::view(block, at, numel * 2)?;
+            self.dequantize_into(&weight, copy.ptr())?;
+            weight.dequantized = Some(copy);
+        }
+        Ok(weight)
+    }
+
+    fn alloc_block(&self, bytes: usize, host: bool) -> Result<Self::Block> {
+        self.bind()?;
+        if host {
+            return Ok(Arc::new(DevBuf::new_host(&self.shared, bytes)?));
+        }
+        let block = DevBuf::new(&self.shared, bytes)?;
+        // SAFETY: the block holds `bytes`; zeroed on the compute stream before any use.
+        unsafe { drv::memset_d8_async(block.ptr(), 0, bytes, self.stream()) }.map_err(cuda_err("memset"))?;
+        Ok(Arc::new(block))
+    }
+
+    fn tensor_in(&self, block: &Self::Block, offset: usize, len: usize, dtype: DType) -> Result<Self::Tensor> {
+        Ok(CudaTensor { buf: DevBuf::view(block, offset, len * elem_bytes(dtype))?, len, dtype })
+    }
+
+    fn ids_in(&self, block: &Self::Block, offset: usize, len: usize) -> Result<Self::Ids> {
+        Ok(CudaIds { buf: DevBuf::view(block, offset, len * 4)?, len })
     }
 
     fn cache_dequantized(&self, w: &mut CudaWeight) -> Result<()> {
