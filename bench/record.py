@@ -33,6 +33,8 @@ def policy_mix(r):
         mix += ", the rest recomputed"
     if r.get("cached_weight_layers"):
         mix += f"; weights of {r['cached_weight_layers']} layers dequantized once"
+    if r.get("hold_mlp_weights"):
+        mix += "; MLP weights dequantized once per pass"
     return mix
 
 
@@ -48,6 +50,7 @@ if os.path.exists(path):
             "attention": r.get("attention"), "card_profile": r.get("card_profile"), "card_memory_gib": r.get("card_memory_gib"),
             "gpu_mem_cap_gib": r.get("gpu_mem_cap_gib"), "saved_attention": r.get("saved_attention"),
             "cached_weight_layers": r.get("cached_weight_layers"),
+            "hold_mlp_weights": r.get("hold_mlp_weights"),
             "policy_mix": policy_mix(r), "run_id": run_id,
         })
 names = {"A": "hf_peft", "B": "hf_peft_qlora", "C": "unsloth"}

@@ -65,6 +65,8 @@ pub struct BenchResult {
     pub saved_attention: crate::engine::plan::SavedAttention,
     /// Layers whose NF4 linears were dequantized once for the run instead of at every GEMM.
     pub cached_weight_layers: usize,
+    /// Whether the recomputed layers' MLP weights were dequantized once per pass.
+    pub hold_mlp_weights: bool,
     /// The card profile the backend decided as (`--card`), if any.
     pub card_profile: Option<String>,
     /// The memory of the card (of the profile, under one) in GiB.
@@ -261,6 +263,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         mlp_chunk_rows: 0,
         saved_attention: resolved.attention,
         cached_weight_layers: resolved.cached_weight_layers,
+        hold_mlp_weights: resolved.hold_mlp_weights,
     };
     log(&format!("{}: building a random {} (r = {}, seq {}) …", dev.name, args.shape, args.rank, args.seq));
     let weights = BenchWeights::new(Quantization::Nf4, &spec);
@@ -341,6 +344,7 @@ pub fn run(args: &BenchArgs, log: &dyn Fn(&str)) -> Result<BenchResult> {
         kept_layers: trainer.kept_layers(),
         saved_attention: trainer.saved_attention(),
         cached_weight_layers: trainer.cached_weight_layers(),
+        hold_mlp_weights: trainer.mix().hold_mlp_weights,
         card_profile: card.profile.map(str::to_string),
         card_memory_gib: card.memory_bytes as f64 / GIB,
         gpu_mem_cap_gib: args.gpu_mem_bytes.map(|b| b as f64 / GIB),

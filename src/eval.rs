@@ -122,6 +122,7 @@ impl Scorer {
             mlp_chunk_rows: 0,
             saved_attention: crate::engine::plan::SavedAttention::Off,
             cached_weight_layers: 0,
+            hold_mlp_weights: false,
         };
         let mut trainer = Trainer::new(CpuBackend::<f32>::new(), spec.clone(), &store, engine, Some(&weights))?;
         let mut token_rows = 0;

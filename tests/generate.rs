@@ -129,6 +129,7 @@ fn trainer_loss(spec: &ModelSpec, w: &RandomWeights, quant: Quantization, a: Opt
         mlp_chunk_rows: 0,
         saved_attention: tunestudio::engine::plan::SavedAttention::Off,
         cached_weight_layers: 0,
+        hold_mlp_weights: false,
     };
     let mut tr = Trainer::new(B::new(), spec.clone(), w, opts, Some(&weights)).unwrap();
     if let Some(rows) = a.and_then(|a| a.token_rows.as_ref()) {

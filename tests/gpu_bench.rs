@@ -213,6 +213,48 @@ fn attention_seq_sweep() {
     }
 }
 
+/// The attention backward at 8K–32K (Llama-3-8B's heads) against how many (sequence, kv head)
+/// units one launch takes: the scratch decides the split, and a split launch sees fewer heads.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_bwd_split_sweep() {
+    let be = CudaBackend::new().unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
+    println!("DEVICE {}", be.device().name);
+    let (h, kvh, hd) = (32usize, 8usize, 128usize);
+    for s in [8192usize, 16384, 32768] {
+        let act = |len: usize, seed: u64, a: f32| be.upload(&fast_random(len, seed, a), DType::Act).unwrap();
+        let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd, causal_rows: true, ..Default::default() };
+        let (q, k, v) = (act(s * h * hd, 1, 1.0), act(s * kvh * hd, 2, 1.0), act(s * kvh * hd, 3, 1.0));
+        let dout = act(s * h * hd, 4, 1.0);
+        let seg = be.upload_ids(&vec![0; s]).unwrap();
+        let mut out = be.alloc(s * h * hd, DType::Act).unwrap();
+        let mut lse = be.alloc(s * h, DType::F32).unwrap();
+        let (mut dq, mut dk, mut dv) = (
+            be.alloc(s * h * hd, DType::Act).unwrap(),
+            be.alloc(s * kvh * hd, DType::Act).unwrap(),
+            be.alloc(s * kvh * hd, DType::Act).unwrap(),
+        );
+        let flops = 4.0 * (s * s) as f64 / 2.0 * (h * hd) as f64;
+        // Room for every kv head of one sequence in one launch.
+        be.reserve_attention(AttnShape { seq: s * kvh, ..shape }).unwrap();
+        let unit = tunestudio::backend::workspace::attention_unit_bytes(shape);
+        be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse).unwrap();
+        for units in [1usize, 2, 3, 4, 8] {
+            be.set_attention_scratch_limit(Some(units * unit));
+            let ms = median_ms(&be, 5, || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, &seg, shape, &mut dq, &mut dk, &mut dv));
+            report(
+                &format!("attention bwd s={s} {units} units per launch (on cuDNN: {})", be.attention_on_cudnn(shape)),
+                ms,
+                2.5 * flops,
+                0.0,
+            );
+        }
+        be.set_attention_scratch_limit(None);
+        let ms = median_ms(&be, 5, || be.attention_fwd(&q, &k, &v, &seg, shape, &mut out, &mut lse));
+        report(&format!("attention fwd s={s}"), ms, flops, 0.0);
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn train_step_llama3_8b_two_layers() {
@@ -231,6 +273,7 @@ fn train_step_llama3_8b_two_layers() {
             mlp_chunk_rows: 0,
             saved_attention: tunestudio::engine::plan::SavedAttention::Off,
             cached_weight_layers: 0,
+            hold_mlp_weights: false,
         };
         let t0 = std::time::Instant::now();
         let mut tr = Trainer::new(be, spec.clone(), &FastWeights, opts, None).unwrap();

@@ -416,6 +416,35 @@ fn nf4_dequantize_matches_the_layout() {
     }
 }
 
+/// The dequantization buffers held for several weights (`Backend::hold_dequantized`): four
+/// weights served in turns through three buffers, the least recently used replaced, each copy
+/// bit-identical to its weight's dequantization whether it was served from a held buffer or
+/// dequantized again; the buffers are as large as the largest weight.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn nf4_held_dequantization_buffers_serve_the_right_weight() {
+    let be = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(108);
+    let (out, inp) = (96usize, 128usize);
+    let mut weights = Vec::new();
+    let mut want = Vec::new();
+    for _ in 0..4 {
+        let data: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let q = Nf4Tensor::quantize(&data, &[out, inp]);
+        want.push(Nf4Parts::of(&q).dequantize_reference().into_iter().map(rb).collect::<Vec<f32>>());
+        weights.push(be.upload_weight(&HostWeight::Nf4(q), None).unwrap());
+    }
+    let used = be.memory_used();
+    be.hold_dequantized(3).unwrap();
+    assert_eq!(be.memory_used(), used + 2 * out * inp * 2, "two more buffers of the weights' size");
+    // 0 1 2 fill the buffers, 0 and 1 are held, 3 replaces 2 (the least recently used), 2 comes
+    // back in place of 0, and so on.
+    for (turn, i) in [0usize, 1, 2, 0, 1, 3, 2, 1, 0, 3, 3, 2].into_iter().enumerate() {
+        let got = be.dequantize_weight(&weights[i]).unwrap();
+        assert!(got.iter().zip(&want[i]).all(|(a, b)| a.to_bits() == b.to_bits()), "turn {turn}: weight {i}");
+    }
+}
+
 #[derive(Clone, Copy)]
 struct LinearCase {
     n: usize,
@@ -822,7 +851,7 @@ fn backend_scratch_is_the_planned_workspace() {
         mlp_chunk_rows: 0,
         samples: None,
     };
-    let planned: Vec<_> = plan::cuda_workspace(&spec, &input);
+    let planned: Vec<_> = plan::cuda_workspace(&spec, &input, false);
     let (attn, at_creation): (Vec<_>, Vec<_>) = planned.iter().partition(|b| b.name == "attention.bwd_scratch");
     let sum = |v: &[&plan::PlannedBuffer]| v.iter().map(|b| b.footprint(BackendKind::Cuda)).sum::<u64>();
     println!(

@@ -164,6 +164,7 @@ fn options(quant: Quantization, policy: CheckpointPolicy, dropout: f64, mlp_chun
         mlp_chunk_rows,
         saved_attention: SavedAttention::Off,
         cached_weight_layers: 0,
+        hold_mlp_weights: false,
     }
 }
 
@@ -234,6 +235,9 @@ fn compare_step_opts(name: &str, spec: ModelSpec, opts: EngineOptions, kept: Opt
         assert_eq!(tg.kept_layers(), k, "{name}: kept layers");
     }
     assert_eq!(tg.saved_attention(), attention, "{name}: where attention's output is kept");
+    let recomputes_uncached = !tg.keeps_all_activations() && opts.cached_weight_layers < spec.num_layers - tg.kept_layers();
+    let held = opts.hold_mlp_weights && opts.quantization == Quantization::Nf4 && recomputes_uncached;
+    assert_eq!(tg.mix().hold_mlp_weights, held, "{name}: MLP weights held");
     for (l, layer) in tg.model.layers.iter().enumerate() {
         let cached = opts.quantization == Quantization::Nf4 && l < opts.cached_weight_layers;
         assert!(layer.linears.iter().all(|w| w.is_cached() == cached), "{name}: layer {l} holds its dequantized weights: {cached}");
@@ -372,6 +376,24 @@ fn step_cached_dequantized_weights() {
         nf4(CheckpointPolicy::Layer, 2, 0),
         None,
     );
+}
+
+/// The MLP's NF4 weights held through a recomputed layer's row chunks (dequantized once per pass
+/// into buffers of their own, the least recently used replaced): recomputed with MLP chunks, one
+/// layer kept; offloaded with chunks; Gemma 3 with chunks; and with layer 0's weights cached.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_mlp_weights_held() {
+    let held = |policy, cached, chunk| EngineOptions {
+        cached_weight_layers: cached,
+        hold_mlp_weights: true,
+        ..options(Quantization::Nf4, policy, 0.1, chunk)
+    };
+    compare_step_opts("nf4, layer, MLP chunks of 40 rows, MLP weights held", spec(true), held(CheckpointPolicy::Layer, 0, 40), None);
+    compare_step_opts("nf4, layer, 1 of 2 kept, MLP chunks, MLP weights held", spec(false), held(CheckpointPolicy::Layer, 0, 40), Some(1));
+    compare_step_opts("nf4, offload, MLP chunks, MLP weights held", spec(true), held(CheckpointPolicy::Offload, 0, 64), None);
+    compare_step_opts("gemma3, nf4, layer, MLP chunks, MLP weights held", gemma3_spec(128, 96), held(CheckpointPolicy::Layer, 0, 40), None);
+    compare_step_opts("nf4, layer, MLP chunks, layer 0 cached, MLP weights held", spec(true), held(CheckpointPolicy::Layer, 1, 40), None);
 }
 
 #[test]

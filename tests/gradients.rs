@@ -402,6 +402,7 @@ fn trainer(spec: &ModelSpec, quant: Quantization, policy: CheckpointPolicy, drop
         mlp_chunk_rows: 5,
         saved_attention: tunestudio::engine::plan::SavedAttention::Off,
         cached_weight_layers: 0,
+        hold_mlp_weights: false,
     };
     // B random (not PEFT's zero init) so that dA is not trivially zero.
     let mut init = LoraWeights::init(spec, &lora, 1);

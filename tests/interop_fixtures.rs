@@ -183,6 +183,7 @@ fn bnb_4bit_checkpoint_trains() {
         mlp_chunk_rows: 0,
         saved_attention: tunestudio::engine::plan::SavedAttention::Off,
         cached_weight_layers: 0,
+        hold_mlp_weights: false,
     };
     let mut t = Trainer::new(tunestudio::backend::cpu::CpuBackend::<f32>::new(), spec, &store, opts, None).unwrap();
     let pairs: Vec<(&[u32], &[i32])> = seqs.iter().map(|(i, l)| (i.as_slice(), l.as_slice())).collect();
@@ -321,6 +322,7 @@ fn write_trained_adapters() {
             mlp_chunk_rows: 0,
             saved_attention: tunestudio::engine::plan::SavedAttention::Off,
             cached_weight_layers: 0,
+            hold_mlp_weights: false,
         };
         let mut t = Trainer::new(tunestudio::backend::cpu::CpuBackend::<f32>::new(), spec.clone(), &store, opts, None).unwrap();
         let with_rows = m != "gemma3_mm";

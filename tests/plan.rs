@@ -82,6 +82,7 @@ fn trainer_allocates_exactly_the_planned_buffers() {
             mlp_chunk_rows: 7,
             saved_attention: attention,
             cached_weight_layers: 0,
+            hold_mlp_weights: false,
         };
         let mut tr =
             Trainer::with_kept_layers(CpuBackend::<f32>::new(), s.clone(), &RandomWeights::new(&s, 2, 0.1), opts, None, kept).unwrap();
@@ -308,7 +309,7 @@ fn cuda_workspace_sizes_the_attention_scratch_for_the_longest_row() {
         samples: None,
     };
     let scratch = |seq| {
-        let ws = plan::cuda_workspace(&s, &input(seq));
+        let ws = plan::cuda_workspace(&s, &input(seq), false);
         ws.iter().find(|b| b.name == "attention.bwd_scratch").map(|b| b.elems).expect("attention scratch planned")
     };
     assert_eq!(scratch(2048), ATTN_BWD_SCRATCH_BYTES as u64);
@@ -393,4 +394,54 @@ fn samples_during_training_are_in_the_plan() {
     let p_on = plan::plan(&spec, &on, &PlanTarget::gpu("x", 80 << 30));
     let between = PlanTarget::gpu("between", (p_off.peak_bytes + p_on.peak_bytes) / 2);
     assert!(plan::plan(&spec, &off, &between).fits && !plan::plan(&spec, &on, &between).fits);
+}
+
+/// `auto` holds the MLP's weights of the recomputed layers (dequantized once per pass into two
+/// more buffers of the largest linear) where some layer is recomputed without cached weights and
+/// the buffers fit: at issue 12's caps from 8K to 64K on an H100. The plan lists the buffers and
+/// predicts a shorter step for it; nothing is held where every layer is kept, for a fixed policy,
+/// on the CPU or for 16-bit weights.
+#[test]
+fn auto_holds_the_mlp_weights_where_layers_are_recomputed() {
+    let s = ModelSpec::llama3_8b();
+    let input = |seq, quantization, checkpointing| PlanInput {
+        lora: LoraConfig { r: 32, alpha: 32.0, dropout: 0.0, targets: Target::ALL.to_vec(), rslora: false },
+        quantization,
+        batch_size: 1,
+        max_seq_len: seq,
+        checkpointing,
+        token_rows: 0,
+        mlp_chunk_rows: 0,
+        samples: None,
+    };
+    let held_buffers = |p: &plan::MemoryPlan| p.buffers.iter().filter(|b| b.name.starts_with("dequant_scratch.")).count();
+    for (seq, cap) in [(8192, 9.25), (16384, 11.29), (32768, 15.37), (65536, 23.78), (16384, 24.0)] {
+        let t = h100_target(Some(cap));
+        let p = plan::plan(&s, &input(seq, Quantization::Nf4, CheckpointPolicy::Auto), &t);
+        assert!(p.fits, "{seq} at {cap} GiB");
+        assert!(p.hold_mlp_weights, "{seq} at {cap} GiB: {}", p.checkpointing_label(&s));
+        assert!(p.checkpointing_label(&s).contains("MLP weights dequantized once per pass"), "{}", p.checkpointing_label(&s));
+        assert_eq!(held_buffers(&p), plan::MLP_HELD_WEIGHTS - 1);
+        let largest = (s.intermediate_size * s.hidden_size * 2) as u64;
+        let without =
+            plan::plan_resolved(&s, &input(seq, Quantization::Nf4, CheckpointPolicy::Auto), &t, Mix { hold_mlp_weights: false, ..p.mix() });
+        assert_eq!(p.peak_bytes - without.peak_bytes, 2 * largest, "{seq}: two more buffers of the largest linear");
+        let (with_s, without_s) = (p.step.as_ref().unwrap().step_s, without.step.as_ref().unwrap().step_s);
+        assert!(with_s < without_s, "{seq}: held {with_s} s against {without_s} s");
+    }
+    // Every layer kept: nothing recomputed, nothing to hold.
+    let free = plan::plan(&s, &input(2048, Quantization::Nf4, CheckpointPolicy::Auto), &h100_target(None));
+    assert!(free.keeps_all(&s) && !free.hold_mlp_weights && held_buffers(&free) == 0);
+    // A fixed policy spends the least memory; the CPU and 16-bit weights dequantize nothing.
+    let fixed = plan::plan(&s, &input(16384, Quantization::Nf4, CheckpointPolicy::Offload), &h100_target(Some(24.0)));
+    assert!(!fixed.hold_mlp_weights && held_buffers(&fixed) == 0);
+    let cpu = plan::plan_resolved(
+        &s,
+        &input(16384, Quantization::Nf4, CheckpointPolicy::Layer),
+        &PlanTarget::cpu(),
+        Mix { hold_mlp_weights: true, ..Mix::of_policy(&s, CheckpointPolicy::Layer) },
+    );
+    assert!(!cpu.hold_mlp_weights);
+    let bf16 = plan::plan(&s, &input(16384, Quantization::Bf16, CheckpointPolicy::Auto), &h100_target(Some(40.0)));
+    assert!(!bf16.hold_mlp_weights && held_buffers(&bf16) == 0);
 }

@@ -337,6 +337,14 @@ pub trait Backend: Send {
     fn cache_dequantized(&self, _w: &mut Self::Weight) -> Result<()> {
         Ok(())
     }
+    /// Keep `buffers` NF4 weights dequantized at once in the per-call scratch (each as large as
+    /// the largest NF4 weight uploaded so far), the least recently used replaced first: a weight
+    /// called again while its copy is still there is not dequantized again. The engine asks for
+    /// the MLP's three weights, which a recomputed layer calls once per row chunk (the plan's
+    /// `Mix::hold_mlp_weights`). A backend without a per-call scratch has nothing to do.
+    fn hold_dequantized(&self, _buffers: usize) -> Result<()> {
+        Ok(())
+    }
 
     // ---- elementwise -------------------------------------------------------------------------
     /// `x[..n] += y[..n]`.

@@ -67,8 +67,16 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         None => println!("card          {}, attention {}", r.card, r.attention),
     }
     println!(
-        "run           {} seq {} r {} {:?} (checkpointing {:?}, {} of the layers' activations kept, attention output kept: {:?}, {} layers' weights dequantized once)",
-        r.shape, r.seq, r.rank, r.mode, r.checkpointing, r.kept_layers, r.saved_attention, r.cached_weight_layers
+        "run           {} seq {} r {} {:?} (checkpointing {:?}, {} of the layers' activations kept, attention output kept: {:?}, {} layers' weights dequantized once{})",
+        r.shape,
+        r.seq,
+        r.rank,
+        r.mode,
+        r.checkpointing,
+        r.kept_layers,
+        r.saved_attention,
+        r.cached_weight_layers,
+        if r.hold_mlp_weights { ", MLP weights once per pass" } else { "" }
     );
     println!("step          median {:.1} ms over {} steps → {:.0} tokens/s", r.median_step_ms, r.steps, r.tokens_per_s);
     println!(

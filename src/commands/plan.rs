@@ -122,6 +122,7 @@ pub fn run(a: PlanArgs<'_>) -> Result<Option<bool>> {
             "kept_layers": p.kept_layers,
             "saved_attention": p.attention,
             "cached_weight_layers": p.cached_weight_layers,
+            "hold_mlp_weights": p.hold_mlp_weights,
             "pinned_host_bytes": p.pinned_host_bytes,
             "host_available_bytes": target.host_bytes,
             "host_fits": p.host_fits,

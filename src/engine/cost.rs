@@ -17,8 +17,8 @@
 //!   (query, key) pairs inside the layer's window, 2.5× that for the backward, and the forward again
 //!   when recomputed, unless the layer kept its output (`SavedAttention`);
 //! - memory-bound bytes: NF4 dequantization (each weight read as nibbles, written in bf16, once per
-//!   pass and, in a recomputed layer's MLP, per row chunk; none for a layer whose weights were
-//!   dequantized once for the run), the skinny LoRA GEMMs (the rows of their inputs and outputs,
+//!   pass and, in a recomputed layer's MLP, per row chunk unless the mix holds the MLP's weights;
+//!   none for a layer whose weights were dequantized once for the run), the skinny LoRA GEMMs (the rows of their inputs and outputs,
 //!   per pass), and the norms, RoPE, gates and residual adds;
 //! - the head and the loss: `2 · 2 · n · hidden · vocab` and the logits' bytes;
 //! - offloaded layer inputs (bf16) and attention outputs kept in host memory, out and back over
@@ -154,7 +154,7 @@ fn recomputed(layer: usize, layers: usize, policy: CheckpointPolicy, kept_layers
 
 /// The work of one micro-step under a resolved mix.
 pub fn step_work(spec: &ModelSpec, input: &PlanInput, mix: Mix) -> StepWork {
-    let Mix { policy, kept_layers, attention, cached_weight_layers } = mix;
+    let Mix { policy, kept_layers, attention, cached_weight_layers, hold_mlp_weights } = mix;
     let (batch, seq) = (input.batch_size as f64, input.max_seq_len as f64);
     let n = batch * seq;
     let (d, ff) = (spec.hidden_size as f64, spec.intermediate_size as f64);
@@ -198,7 +198,13 @@ pub fn step_work(spec: &ModelSpec, input: &PlanInput, mix: Mix) -> StepWork {
             // and per MLP row chunk for the MLP's weights, unless the layer's weights were
             // dequantized once for the run.
             let chunks = if r > 0.0 { mlp_chunks } else { 1.0 };
-            w.memory_bytes += (attention_params + chunks * mlp_params) * 2.5 * (2.0 + r);
+            w.memory_bytes += if r > 0.0 && hold_mlp_weights {
+                // Held through the chunks: the MLP's weights once in the forward and once for
+                // the recompute and the backward together.
+                (attention_params * (2.0 + r) + mlp_params * 2.0) * 2.5
+            } else {
+                (attention_params + chunks * mlp_params) * 2.5 * (2.0 + r)
+            };
         }
         // Norms, RoPE, the gate and the residual adds: about ten rows of `hidden`, three of the
         // MLP's width and two of q/k/v per forward, twice that in the backward.
@@ -254,7 +260,7 @@ mod tests {
 
     /// A mix with no weights cached.
     fn mix(policy: CheckpointPolicy, kept_layers: usize, attention: SavedAttention) -> Mix {
-        Mix { policy, kept_layers, attention, cached_weight_layers: 0 }
+        Mix { policy, kept_layers, attention, cached_weight_layers: 0, hold_mlp_weights: false }
     }
 
     fn input(seq: usize) -> PlanInput {

@@ -48,6 +48,9 @@ pub struct EngineOptions {
     /// The first layers whose NF4 linears are dequantized once for the run (the plan's choice;
     /// ignored for 16-bit weights).
     pub cached_weight_layers: usize,
+    /// Whether the recomputed layers' MLP weights are dequantized once per pass (the plan's
+    /// `Mix::hold_mlp_weights`; ignored where it does nothing).
+    pub hold_mlp_weights: bool,
 }
 
 /// One adapted linear on the device: fp32 masters, compute copies, gradients, AdamW moments.
@@ -261,6 +264,9 @@ pub struct Trainer<B: Backend> {
     layout: plan::ActLayout,
     /// The first layers whose NF4 linears hold a dequantized copy.
     cached_weight_layers: usize,
+    /// Whether the backend holds the MLP's dequantized weights through a recomputed layer's
+    /// row chunks.
+    hold_mlp_weights: bool,
     offload: bool,
     ws: Workspace<B>,
     batch: DeviceBatch<B>,
@@ -358,6 +364,17 @@ impl<B: Backend> Trainer<B> {
         planned.extend(plan::engine_buffers(&spec, &input, policy, kept, attention_kept));
         let mut arena = arena::Arena::new(&backend, planned)?;
         let model = DeviceModel::load(&mut arena, &spec, src, opts.quantization)?;
+        let hold_mlp_weights = plan::Mix {
+            policy,
+            kept_layers: kept,
+            attention: attention_kept,
+            cached_weight_layers,
+            hold_mlp_weights: opts.hold_mlp_weights,
+        }
+        .holds_mlp_weights(&spec, opts.quantization, kind);
+        if hold_mlp_weights {
+            backend.hold_dequantized(plan::MLP_HELD_WEIGHTS)?;
+        }
         let mut slots = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let mut layer = Vec::new();
@@ -518,6 +535,7 @@ impl<B: Backend> Trainer<B> {
             saved_attention,
             layout,
             cached_weight_layers,
+            hold_mlp_weights,
             offload,
             ws,
             batch,
@@ -559,6 +577,7 @@ impl<B: Backend> Trainer<B> {
             kept_layers: self.kept_layers(),
             attention: self.saved_attention(),
             cached_weight_layers: self.cached_weight_layers,
+            hold_mlp_weights: self.hold_mlp_weights,
         }
     }
 

@@ -300,6 +300,8 @@ pub struct MemoryPlan {
     pub attention: SavedAttention,
     /// Layers whose NF4 linears hold a dequantized copy (the first ones).
     pub cached_weight_layers: usize,
+    /// Whether the recomputed layers' MLP weights are dequantized once per pass (`Mix`).
+    pub hold_mlp_weights: bool,
     pub buffers: Vec<PlannedBuffer>,
     /// Our device bytes: every device buffer plus the context (other processes not included).
     pub peak_bytes: u64,
@@ -498,12 +500,36 @@ pub struct Mix {
     /// Layers whose NF4 linears hold a dequantized copy (the first ones, which the recompute
     /// dequantizes most often); 0 where weights are not NF4 on a GPU.
     pub cached_weight_layers: usize,
+    /// The MLP's three NF4 weights of a recomputed layer are dequantized once per pass, each
+    /// into a scratch of its own held through the row chunks, instead of once per chunk into the
+    /// one shared scratch (two more buffers of the largest linear: [`MLP_HELD_WEIGHTS`]).
+    pub hold_mlp_weights: bool,
 }
+
+/// The dequantization scratch buffers when the MLP's weights are held: gate, up and down.
+pub const MLP_HELD_WEIGHTS: usize = 3;
 
 impl Mix {
     /// A fixed policy with the layers it keeps, nothing else.
     pub fn of_policy(spec: &ModelSpec, policy: CheckpointPolicy) -> Self {
-        Mix { policy, kept_layers: kept_layers(spec, policy), attention: SavedAttention::Off, cached_weight_layers: 0 }
+        Mix {
+            policy,
+            kept_layers: kept_layers(spec, policy),
+            attention: SavedAttention::Off,
+            cached_weight_layers: 0,
+            hold_mlp_weights: false,
+        }
+    }
+
+    /// Whether holding the MLP's weights does anything for this mix: NF4 on a GPU, and a layer
+    /// that is recomputed without a dequantized copy of its weights. The plan and the engine
+    /// both decide by this.
+    pub fn holds_mlp_weights(&self, spec: &ModelSpec, quant: Quantization, kind: BackendKind) -> bool {
+        let first_kept = spec.num_layers - self.kept_layers.min(spec.num_layers);
+        self.hold_mlp_weights
+            && caches_dequantized(quant, kind)
+            && !keeps_all(self.policy)
+            && self.cached_weight_layers.min(spec.num_layers) < first_kept
     }
 }
 
@@ -823,11 +849,15 @@ pub fn sampler_buffers(spec: &ModelSpec, input: &PlanInput, kind: BackendKind) -
 }
 
 /// The CUDA backend's own scratch, as `backend::cuda` allocates it: everything at creation (in this
-/// order), then the NF4 dequantization buffer with the weights, and the attention backward's
-/// accumulators when the Trainer reserves them for its largest batch.
-pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput) -> Vec<PlannedBuffer> {
+/// order), then the NF4 dequantization buffer with the weights (and two more when the MLP's
+/// weights are held: `Mix::hold_mlp_weights`), and the attention backward's accumulators when
+/// the Trainer reserves them for its largest batch.
+pub fn cuda_workspace(spec: &ModelSpec, input: &PlanInput, hold_mlp_weights: bool) -> Vec<PlannedBuffer> {
     use crate::backend::workspace::attention_scratch_bytes;
     let mut out = cuda_creation_scratch(spec, input.quantization);
+    if hold_mlp_weights && let Some(first) = out.iter().find(|b| b.name == "dequant_scratch").cloned() {
+        out.extend((1..MLP_HELD_WEIGHTS).map(|i| PlannedBuffer { name: format!("dequant_scratch.{i}"), ..first.clone() }));
+    }
     let raw = |name: &str, bytes: usize| PlannedBuffer {
         name: name.into(),
         term: Term::BackendWorkspace,
@@ -845,15 +875,17 @@ fn total(buffers: &[PlannedBuffer], kind: BackendKind, loc: Location) -> u64 {
 
 fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, mix: Mix) -> MemoryPlan {
     let kind = target.kind;
-    let Mix { policy, kept_layers, attention, cached_weight_layers } = mix;
+    let Mix { policy, kept_layers, attention, cached_weight_layers, .. } = mix;
     // Nothing to keep when no layer is recomputed, nothing to cache but NF4 on a GPU.
     let attention = if kept_layers >= spec.num_layers { SavedAttention::Off } else { attention };
     let cached_weight_layers = if caches_dequantized(input.quantization, kind) { cached_weight_layers.min(spec.num_layers) } else { 0 };
     let mix = Mix { attention, cached_weight_layers, ..mix };
+    let hold_mlp_weights = mix.holds_mlp_weights(spec, input.quantization, kind);
+    let mix = Mix { hold_mlp_weights, ..mix };
     let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len, policy, cached_weight_layers);
     buffers.extend(engine_buffers(spec, input, policy, kept_layers, attention));
     if kind == BackendKind::Cuda {
-        buffers.extend(cuda_workspace(spec, input));
+        buffers.extend(cuda_workspace(spec, input, hold_mlp_weights));
     }
     buffers.extend(sampler_buffers(spec, input, kind));
     let mut terms: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -878,6 +910,7 @@ fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, mix: Mix) -> 
         kept_layers,
         attention,
         cached_weight_layers,
+        hold_mlp_weights,
         buffers,
         peak_bytes,
         pinned_host_bytes,
@@ -993,7 +1026,14 @@ fn auto(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan 
     use std::rc::Rc;
     let plans = Plans::new(spec, input, target);
     let order = [CheckpointPolicy::None, CheckpointPolicy::Layer, CheckpointPolicy::Offload];
-    let mut candidates: Vec<Rc<MemoryPlan>> = order.iter().map(|&p| plans.of(Mix::of_policy(spec, p))).collect();
+    // A mix that recomputes holds the MLP's weights through its row chunks where the two more
+    // scratch buffers fit (nothing to hold on the CPU, or for 16-bit weights).
+    let held = |p: CheckpointPolicy| {
+        let mix = Mix::of_policy(spec, p);
+        let with = plans.of(Mix { hold_mlp_weights: true, ..mix });
+        if with.fits { with } else { plans.of(mix) }
+    };
+    let mut candidates: Vec<Rc<MemoryPlan>> = order.iter().map(|&p| held(p)).collect();
     // On the CPU, memory is not planned against a card; recompute when activations would take
     // more than 2 GiB, as the engine does.
     if target.kind == BackendKind::Cpu {
@@ -1002,7 +1042,7 @@ fn auto(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan 
         return MemoryPlan::clone(&candidates[pick]);
     }
     if !candidates[0].fits && candidates[1].fits {
-        candidates[1] = plans.most_kept(Mix::of_policy(spec, CheckpointPolicy::Layer));
+        candidates[1] = plans.most_kept(candidates[1].mix());
     }
     let mut fitting: Vec<Rc<MemoryPlan>> = candidates.iter().filter(|p| p.fits).cloned().collect();
     if fitting.is_empty() {
@@ -1016,8 +1056,8 @@ fn auto(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget) -> MemoryPlan 
         // Keeping attention's output trades memory (device or pinned host) for attention's second
         // forward; it fills the card by choice, so it keeps the headroom.
         for attention in [SavedAttention::Device, SavedAttention::Host] {
-            let kept = plans.most_kept(Mix { attention, ..Mix::of_policy(spec, CheckpointPolicy::Layer) });
-            let offload = plans.of(Mix { attention, ..Mix::of_policy(spec, CheckpointPolicy::Offload) });
+            let kept = plans.most_kept(Mix { attention, ..candidates[1].mix() });
+            let offload = plans.of(Mix { attention, ..candidates[2].mix() });
             fitting.extend([kept, offload].into_iter().filter(|p| fits_with_headroom(p)));
         }
     }
@@ -1060,6 +1100,7 @@ impl MemoryPlan {
             kept_layers: self.kept_layers,
             attention: self.attention,
             cached_weight_layers: self.cached_weight_layers,
+            hold_mlp_weights: self.hold_mlp_weights,
         }
     }
 
@@ -1082,6 +1123,9 @@ impl MemoryPlan {
             0 => {}
             n if n >= spec.num_layers => parts.push("weights dequantized once".into()),
             n => parts.push(format!("weights of {n} of {} layers dequantized once", spec.num_layers)),
+        }
+        if self.hold_mlp_weights {
+            parts.push("MLP weights dequantized once per pass".into());
         }
         if parts.is_empty() { name } else { format!("{name} ({})", parts.join("; ")) }
     }

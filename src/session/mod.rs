@@ -850,6 +850,7 @@ fn train_on<B: Backend>(
         mlp_chunk_rows: 0,
         saved_attention: crate::engine::plan::SavedAttention::Off,
         cached_weight_layers: 0,
+        hold_mlp_weights: false,
     };
     let init = p.resume.as_ref().map(|c| &c.weights).or(p.lora_init.as_ref());
     let rows = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref());
@@ -859,6 +860,7 @@ fn train_on<B: Backend>(
     opts.checkpointing = planned.checkpointing;
     opts.saved_attention = planned.attention;
     opts.cached_weight_layers = planned.cached_weight_layers;
+    opts.hold_mlp_weights = planned.hold_mlp_weights;
     if cfg.memory.checkpointing == crate::config::CheckpointPolicy::Auto {
         send(Event::Log(format!(
             "checkpointing auto: {} (plan {})",

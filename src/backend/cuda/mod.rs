@@ -214,6 +214,8 @@ enum WeightData {
 
 /// A frozen base linear on the device.
 pub struct CudaWeight {
+    /// Unique for the process: what the dequantization buffers say they hold.
+    id: u64,
     out_features: usize,
     in_features: usize,
     data: WeightData,
@@ -303,11 +305,26 @@ unsafe impl Send for Func {}
 
 /// Scratch owned by the backend, sized at construction or at weight upload (never in a step).
 struct Scratch {
-    /// bf16 `[out, in]` of the largest NF4 linear uploaded so far.
-    dequant: Option<DevBuf>,
+    /// bf16 `[out, in]` buffers of the largest NF4 linear uploaded so far, each holding the
+    /// dequantized copy of one weight: one, or as many as `hold_dequantized` asked for.
+    dequant: Vec<Dequantized>,
     dequant_elems: usize,
+    /// Counts the weights served, so the least recently used buffer can be found.
+    dequant_uses: u64,
     gemm: Gemm,
 }
+
+/// One dequantization buffer and the weight whose copy it holds.
+struct Dequantized {
+    buf: DevBuf,
+    /// `CudaWeight::id` of the weight in it.
+    holds: Option<u64>,
+    last_use: u64,
+}
+
+/// Tells weights apart for the dequantization buffers (an address could be reused by another
+/// weight once the first is dropped; an id is not).
+static NEXT_WEIGHT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 struct LossWorkspace {
     logits: DevBuf,
@@ -564,7 +581,7 @@ impl CudaBackend {
             compute,
             copy,
             funcs,
-            scratch: RefCell::new(Scratch { dequant: None, dequant_elems: 0, gemm }),
+            scratch: RefCell::new(Scratch { dequant: Vec::new(), dequant_elems: 0, dequant_uses: 0, gemm }),
             loss,
             _gemm_workspace: gemm_workspace,
             card,
@@ -1162,18 +1179,27 @@ impl CudaBackend {
             WeightData::Nf4 { .. } => {
                 let numel = w.out_features * w.in_features;
                 let dst = {
-                    let s = self.scratch.borrow();
-                    match &s.dequant {
-                        Some(b) if s.dequant_elems >= numel => b.ptr(),
-                        _ => {
-                            return Err(Error::bug(
-                                "NF4 dequantization",
-                                "the scratch is smaller than the weight (upload_weight sizes it)",
-                            ));
-                        }
+                    let mut s = self.scratch.borrow_mut();
+                    if s.dequant_elems < numel || s.dequant.is_empty() {
+                        return Err(Error::bug("NF4 dequantization", "the scratch is smaller than the weight (upload_weight sizes it)"));
                     }
+                    s.dequant_uses += 1;
+                    let now = s.dequant_uses;
+                    if let Some(d) = s.dequant.iter_mut().find(|d| d.holds == Some(w.id)) {
+                        d.last_use = now;
+                        return Ok(d.buf.ptr());
+                    }
+                    let d = s.dequant.iter_mut().min_by_key(|d| d.last_use).expect("at least one buffer");
+                    d.holds = None;
+                    d.last_use = now;
+                    d.buf.ptr()
                 };
                 self.dequantize_into(w, dst)?;
+                // What it holds is known once the dequantization is queued (in stream order
+                // before every GEMM that reads it, after every one that read the last weight).
+                if let Some(d) = self.scratch.borrow_mut().dequant.iter_mut().find(|d| d.buf.ptr() == dst) {
+                    d.holds = Some(w.id);
+                }
                 Ok(dst)
             }
         }
@@ -1205,10 +1231,22 @@ impl CudaBackend {
         }
     }
 
-    /// Dequantize an NF4 weight into the shared scratch only (benchmarks).
+    /// Dequantize an NF4 weight into the first scratch buffer, whatever it holds (benchmarks).
     pub fn dequantize_to_scratch(&self, w: &CudaWeight) -> Result<()> {
         self.bind()?;
-        self.weight_ptr(w).map(|_| ())
+        let numel = w.out_features * w.in_features;
+        let dst = {
+            let mut s = self.scratch.borrow_mut();
+            let elems = s.dequant_elems;
+            match s.dequant.first_mut() {
+                Some(d) if elems >= numel => {
+                    d.holds = None;
+                    d.buf.ptr()
+                }
+                _ => return Err(Error::bug("dequantize_to_scratch", "no scratch as large as the weight")),
+            }
+        };
+        self.dequantize_into(w, dst)
     }
 
     /// Dequantize an NF4 weight to bf16 values on the host (the GPU kernel's output), for tests.
@@ -1267,8 +1305,11 @@ impl CudaBackend {
     fn ensure_dequant_scratch(&self, numel: usize) -> Result<()> {
         let mut s = self.scratch.borrow_mut();
         if s.dequant_elems < numel {
-            s.dequant = None;
-            s.dequant = Some(DevBuf::new(&self.shared, numel * 2)?);
+            let buffers = s.dequant.len().max(1);
+            s.dequant.clear();
+            for _ in 0..buffers {
+                s.dequant.push(Dequantized { buf: DevBuf::new(&self.shared, numel * 2)?, holds: None, last_use: 0 });
+            }
             s.dequant_elems = numel;
         }
         Ok(())
@@ -1548,7 +1589,8 @@ impl Backend for CudaBackend {
             (None, None) => None,
             _ => return Err(Error::bug("weight_in", "a bias without a place for it, or a place without a bias")),
         };
-        let mut weight = CudaWeight { out_features, in_features, data, dequantized: None, bias };
+        let id = NEXT_WEIGHT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut weight = CudaWeight { id, out_features, in_features, data, dequantized: None, bias };
         if let Some(at) = place.dequantized
             && weight.is_nf4()
         {
@@ -1557,6 +1599,19 @@ impl Backend for CudaBackend {
             weight.dequantized = Some(copy);
         }
         Ok(weight)
+    }
+
+    fn hold_dequantized(&self, buffers: usize) -> Result<()> {
+        self.bind()?;
+        let mut s = self.scratch.borrow_mut();
+        let elems = s.dequant_elems;
+        if elems == 0 {
+            return Ok(());
+        }
+        while s.dequant.len() < buffers {
+            s.dequant.push(Dequantized { buf: DevBuf::new(&self.shared, elems * 2)?, holds: None, last_use: 0 });
+        }
+        Ok(())
     }
 
     fn alloc_block(&self, bytes: usize, host: bool) -> Result<Self::Block> {
