@@ -65,6 +65,31 @@ fn demo_run_writes_a_complete_run_folder() {
     RunConfig::load(&dir.join(checkpoint::CONFIG_FILE)).unwrap().validate().unwrap();
 }
 
+/// A mix asked for (`StartOptions::mix`, what the GPU demo test trains under every mix) is the
+/// one the run trains, and on the CPU, where every mix computes the same numbers, the losses are
+/// those of the plan's own choice.
+#[test]
+fn a_mix_asked_for_is_the_one_the_run_trains() {
+    use tunestudio::config::CheckpointPolicy;
+    use tunestudio::engine::plan::{Mix, SavedAttention};
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, _, plain_events) = run(demo_config(&tmp.path().join("plain"), 3), StartOptions::default());
+    let mix = Mix {
+        policy: CheckpointPolicy::Layer,
+        kept_layers: 2,
+        attention: SavedAttention::Device,
+        cached_weight_layers: 0,
+        hold_mlp_weights: false,
+    };
+    let (forced, _, events) = run(demo_config(&tmp.path().join("forced"), 3), StartOptions { mix: Some(mix), ..Default::default() });
+    let loaded_mix = |events: &[Event]| {
+        events.iter().find_map(|e| if let Event::Loaded(info) = e { Some(info.mix) } else { None }).expect("a Loaded event")
+    };
+    assert_eq!(loaded_mix(&events), mix);
+    assert_ne!(loaded_mix(&plain_events), mix, "the demo's own plan keeps every layer on the CPU");
+    assert_eq!(plain, forced, "recomputing trains the same numbers");
+}
+
 #[test]
 fn resumed_run_reproduces_the_uninterrupted_loss_curve_exactly() {
     let a = tempfile::tempdir().unwrap();

@@ -81,6 +81,8 @@ pub struct LoadedInfo {
     pub steps_per_epoch: u64,
     pub dataset: DatasetSummary,
     pub keeps_all_activations: bool,
+    /// The checkpointing mix the Trainer runs (the plan's choice, or `StartOptions::mix`).
+    pub mix: crate::engine::plan::Mix,
     pub load_secs: f64,
 }
 
@@ -150,6 +152,9 @@ pub struct StartOptions {
     /// engine, saying why in the run's first lines (`train --device auto`). Otherwise that stops
     /// the run with the reason.
     pub cpu_fallback: bool,
+    /// Run this checkpointing mix instead of the one the plan chooses (tests that train the
+    /// same run under every mix); the plan is built for it and must fit.
+    pub mix: Option<crate::engine::plan::Mix>,
 }
 
 pub struct SessionHandle {
@@ -856,7 +861,10 @@ fn train_on<B: Backend>(
     let rows = p.resume.as_ref().and_then(|c| c.token_rows.as_ref()).or(p.token_fix.as_ref());
     let input = prepare::plan_input(cfg, rows.map_or(0, |r| r.ids.len()));
     // `auto` is the fastest policy that fits what this card leaves us (other processes, the cap).
-    let planned = crate::engine::plan::plan(&p.spec, &input, target);
+    let planned = match options.mix {
+        Some(mix) => crate::engine::plan::plan_resolved(&p.spec, &input, target, mix),
+        None => crate::engine::plan::plan(&p.spec, &input, target),
+    };
     opts.checkpointing = planned.checkpointing;
     opts.saved_attention = planned.attention;
     opts.cached_weight_layers = planned.cached_weight_layers;
@@ -925,6 +933,7 @@ fn train_on<B: Backend>(
         steps_per_epoch: p.steps_per_epoch,
         dataset: DatasetSummary { eval_rows: p.eval_rows, ..DatasetSummary::from(&p.report) },
         keeps_all_activations: trainer.keeps_all_activations(),
+        mix: trainer.mix(),
         load_secs: p.started.elapsed().as_secs_f64(),
     })));
 

@@ -477,6 +477,7 @@ mod tests {
                 eval_rows: 0,
             },
             keeps_all_activations: false,
+            mix: crate::engine::plan::Mix::of_policy(&crate::model::ModelSpec::llama3_8b(), crate::config::CheckpointPolicy::Layer),
             load_secs: 0.0,
         }
     }
