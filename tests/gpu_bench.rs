@@ -52,6 +52,40 @@ fn median_ms(be: &CudaBackend, reps: usize, mut f: impl FnMut() -> tunestudio::R
     t[reps / 2]
 }
 
+/// Attention's inputs (random), outputs and gradients for one sequence of `shape`.
+struct AttnBuffers {
+    q: tunestudio::backend::cuda::CudaTensor,
+    k: tunestudio::backend::cuda::CudaTensor,
+    v: tunestudio::backend::cuda::CudaTensor,
+    dout: tunestudio::backend::cuda::CudaTensor,
+    seg: tunestudio::backend::cuda::CudaIds,
+    out: tunestudio::backend::cuda::CudaTensor,
+    lse: tunestudio::backend::cuda::CudaTensor,
+    dq: tunestudio::backend::cuda::CudaTensor,
+    dk: tunestudio::backend::cuda::CudaTensor,
+    dv: tunestudio::backend::cuda::CudaTensor,
+}
+
+impl AttnBuffers {
+    fn new(be: &CudaBackend, shape: AttnShape) -> Self {
+        let AttnShape { seq: s, heads: h, kv_heads: kvh, head_dim: hd, .. } = shape;
+        let act = |len: usize, seed: u64| be.upload(&fast_random(len, seed, 1.0), DType::Act).unwrap();
+        let zeros = |len: usize, dtype| be.alloc(len, dtype).unwrap();
+        AttnBuffers {
+            q: act(s * h * hd, 1),
+            k: act(s * kvh * hd, 2),
+            v: act(s * kvh * hd, 3),
+            dout: act(s * h * hd, 4),
+            seg: be.upload_ids(&vec![0; s]).unwrap(),
+            out: zeros(s * h * hd, DType::Act),
+            lse: zeros(s * h, DType::F32),
+            dq: zeros(s * h * hd, DType::Act),
+            dk: zeros(s * kvh * hd, DType::Act),
+            dv: zeros(s * kvh * hd, DType::Act),
+        }
+    }
+}
+
 fn report(what: &str, ms: f32, flops: f64, bytes: f64) {
     let tf = if flops > 0.0 { format!("{:7.1} TFLOP/s", flops / ms as f64 / 1e9) } else { String::new() };
     let gb = if bytes > 0.0 { format!("{:7.0} GB/s", bytes / ms as f64 / 1e6) } else { String::new() };
@@ -172,18 +206,8 @@ fn attention_seq_sweep() {
         println!("BENCH cudnn workspace s={s}: fwd {fwd:?}, bwd {}", bwd.join(", "));
     }
     for s in [2048usize, 8192, 32768] {
-        let act = |len: usize, seed: u64, a: f32| be.upload(&fast_random(len, seed, a), DType::Act).unwrap();
         let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd, ..Default::default() };
-        let (q, k, v) = (act(s * h * hd, 1, 1.0), act(s * kvh * hd, 2, 1.0), act(s * kvh * hd, 3, 1.0));
-        let dout = act(s * h * hd, 4, 1.0);
-        let seg = be.upload_ids(&vec![0; s]).unwrap();
-        let mut out = be.alloc(s * h * hd, DType::Act).unwrap();
-        let mut lse = be.alloc(s * h, DType::F32).unwrap();
-        let (mut dq, mut dk, mut dv) = (
-            be.alloc(s * h * hd, DType::Act).unwrap(),
-            be.alloc(s * kvh * hd, DType::Act).unwrap(),
-            be.alloc(s * kvh * hd, DType::Act).unwrap(),
-        );
+        let AttnBuffers { q, k, v, dout, seg, mut out, mut lse, mut dq, mut dk, mut dv } = AttnBuffers::new(&be, shape);
         let flops = 4.0 * (s * s) as f64 / 2.0 * (h * hd) as f64;
         let reps = if s >= 8192 { 5 } else { 10 };
         let kern = be.attention_kernels(hd).unwrap();
@@ -222,18 +246,8 @@ fn attention_bwd_split_sweep() {
     println!("DEVICE {}", be.device().name);
     let (h, kvh, hd) = (32usize, 8usize, 128usize);
     for s in [8192usize, 16384, 32768] {
-        let act = |len: usize, seed: u64, a: f32| be.upload(&fast_random(len, seed, a), DType::Act).unwrap();
         let shape = AttnShape { batch: 1, seq: s, heads: h, kv_heads: kvh, head_dim: hd, causal_rows: true, ..Default::default() };
-        let (q, k, v) = (act(s * h * hd, 1, 1.0), act(s * kvh * hd, 2, 1.0), act(s * kvh * hd, 3, 1.0));
-        let dout = act(s * h * hd, 4, 1.0);
-        let seg = be.upload_ids(&vec![0; s]).unwrap();
-        let mut out = be.alloc(s * h * hd, DType::Act).unwrap();
-        let mut lse = be.alloc(s * h, DType::F32).unwrap();
-        let (mut dq, mut dk, mut dv) = (
-            be.alloc(s * h * hd, DType::Act).unwrap(),
-            be.alloc(s * kvh * hd, DType::Act).unwrap(),
-            be.alloc(s * kvh * hd, DType::Act).unwrap(),
-        );
+        let AttnBuffers { q, k, v, dout, seg, mut out, mut lse, mut dq, mut dk, mut dv } = AttnBuffers::new(&be, shape);
         let flops = 4.0 * (s * s) as f64 / 2.0 * (h * hd) as f64;
         // Room for every kv head of one sequence in one launch.
         be.reserve_attention(AttnShape { seq: s * kvh, ..shape }).unwrap();
