@@ -873,15 +873,20 @@ fn total(buffers: &[PlannedBuffer], kind: BackendKind, loc: Location) -> u64 {
     buffers.iter().filter(|b| b.location == loc).map(|b| b.footprint(kind)).sum()
 }
 
+/// `mix` with what does nothing for this run switched off: attention's output kept where no layer
+/// is recomputed, cached weights but NF4 on a GPU, held MLP weights where no layer needs them.
+/// Mixes that differ only there build the same plan (and `Plans` builds it once).
+fn effective(spec: &ModelSpec, input: &PlanInput, kind: BackendKind, mix: Mix) -> Mix {
+    let attention = if mix.kept_layers >= spec.num_layers { SavedAttention::Off } else { mix.attention };
+    let cached_weight_layers = if caches_dequantized(input.quantization, kind) { mix.cached_weight_layers.min(spec.num_layers) } else { 0 };
+    let mix = Mix { attention, cached_weight_layers, ..mix };
+    Mix { hold_mlp_weights: mix.holds_mlp_weights(spec, input.quantization, kind), ..mix }
+}
+
 fn build(spec: &ModelSpec, input: &PlanInput, target: &PlanTarget, mix: Mix) -> MemoryPlan {
     let kind = target.kind;
-    let Mix { policy, kept_layers, attention, cached_weight_layers, .. } = mix;
-    // Nothing to keep when no layer is recomputed, nothing to cache but NF4 on a GPU.
-    let attention = if kept_layers >= spec.num_layers { SavedAttention::Off } else { attention };
-    let cached_weight_layers = if caches_dequantized(input.quantization, kind) { cached_weight_layers.min(spec.num_layers) } else { 0 };
-    let mix = Mix { attention, cached_weight_layers, ..mix };
-    let hold_mlp_weights = mix.holds_mlp_weights(spec, input.quantization, kind);
-    let mix = Mix { hold_mlp_weights, ..mix };
+    let mix = effective(spec, input, kind, mix);
+    let Mix { policy, kept_layers, attention, cached_weight_layers, hold_mlp_weights } = mix;
     let mut buffers = weight_buffers(spec, input.quantization, kind, input.max_seq_len, policy, cached_weight_layers);
     buffers.extend(engine_buffers(spec, input, policy, kept_layers, attention));
     if kind == BackendKind::Cuda {
@@ -949,6 +954,7 @@ impl<'a> Plans<'a> {
     }
 
     fn of(&self, mix: Mix) -> std::rc::Rc<MemoryPlan> {
+        let mix = effective(self.spec, self.input, self.target.kind, mix);
         if let Some(p) = self.built.borrow().get(&mix) {
             return p.clone();
         }
