@@ -43,15 +43,19 @@ impl<'b, B: Backend> Arena<'b, B> {
         self.index.contains_key(name)
     }
 
+    /// Where the plan lists `name`.
+    fn position(&self, name: &str) -> Result<usize> {
+        self.index.get(name).copied().ok_or_else(|| Error::bug("Arena", format!("the memory plan lists no buffer {name}")))
+    }
+
     /// The elements the plan gives `name`.
     pub fn elems(&self, name: &str) -> Result<usize> {
-        let &i = self.index.get(name).ok_or_else(|| Error::bug("Arena", format!("the memory plan lists no buffer {name}")))?;
-        Ok(self.buffers[i].elems as usize)
+        Ok(self.buffers[self.position(name)?].elems as usize)
     }
 
     /// The planned buffer `name`, marked taken: its entry, offset and block.
     fn take(&mut self, name: &str) -> Result<(&PlannedBuffer, usize, &B::Block)> {
-        let &i = self.index.get(name).ok_or_else(|| Error::bug("Arena", format!("the memory plan lists no buffer {name}")))?;
+        let i = self.position(name)?;
         if std::mem::replace(&mut self.taken[i], true) {
             return Err(Error::bug("Arena", format!("{name} was taken twice")));
         }

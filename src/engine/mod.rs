@@ -422,9 +422,9 @@ impl<B: Backend> Trainer<B> {
         let dropout_on = opts.lora.dropout > 0.0;
         let offload = policy == CheckpointPolicy::Offload;
         let adapted = |t: Target| weights.layers.iter().any(|m| m.contains_key(&t));
-        let sets = layout.sets();
-        let mut acts = Vec::with_capacity(sets.len());
-        for set in 0..sets.len() {
+        let sets = layout.sets().len();
+        let mut acts = Vec::with_capacity(sets);
+        for set in 0..sets {
             let p = format!("acts.{set}");
             // LoRA products and dropped inputs, for all rows (attention) or one chunk (MLP).
             let mut lora_bufs = |targets: &[Target]| -> Result<LoraInputs<B::Tensor>> {

@@ -1178,7 +1178,7 @@ impl CudaBackend {
             WeightData::Dense(b) => Ok(b.ptr()),
             WeightData::Nf4 { .. } => {
                 let numel = w.out_features * w.in_features;
-                let dst = {
+                let (slot, dst) = {
                     let mut s = self.scratch.borrow_mut();
                     if s.dequant_elems < numel || s.dequant.is_empty() {
                         return Err(Error::bug("NF4 dequantization", "the scratch is smaller than the weight (upload_weight sizes it)"));
@@ -1189,17 +1189,16 @@ impl CudaBackend {
                         d.last_use = now;
                         return Ok(d.buf.ptr());
                     }
-                    let d = s.dequant.iter_mut().min_by_key(|d| d.last_use).expect("at least one buffer");
+                    let slot = (0..s.dequant.len()).min_by_key(|&i| s.dequant[i].last_use).expect("at least one buffer");
+                    let d = &mut s.dequant[slot];
                     d.holds = None;
                     d.last_use = now;
-                    d.buf.ptr()
+                    (slot, d.buf.ptr())
                 };
                 self.dequantize_into(w, dst)?;
                 // What it holds is known once the dequantization is queued (in stream order
                 // before every GEMM that reads it, after every one that read the last weight).
-                if let Some(d) = self.scratch.borrow_mut().dequant.iter_mut().find(|d| d.buf.ptr() == dst) {
-                    d.holds = Some(w.id);
-                }
+                self.scratch.borrow_mut().dequant[slot].holds = Some(w.id);
                 Ok(dst)
             }
         }
