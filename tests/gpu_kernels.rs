@@ -20,7 +20,9 @@ use rand_chacha::ChaCha8Rng;
 use tunestudio::backend::cpu::{CpuBackend, CpuTensor};
 use tunestudio::backend::cuda::CudaBackend;
 use tunestudio::backend::cuda::nf4::Nf4Parts;
-use tunestudio::backend::{AdamW, AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd, RmsNorm, dropout_uniform};
+use tunestudio::backend::{
+    AdamW, AdamwTensor, AttnShape, Backend, DType, HostWeight, LinearDims, LoraBwd, LoraFwd, RmsNorm, dropout_uniform,
+};
 use tunestudio::quant::nf4::Nf4Tensor;
 
 type Cpu = CpuBackend<f32>;
@@ -920,23 +922,41 @@ fn lm_head_cross_entropy_chunked() {
 fn sum_squares_is_exact_and_deterministic() {
     let (be, cpu) = (gpu(), Cpu::new());
     let mut rng = ChaCha8Rng::seed_from_u64(111);
-    for (n, dtype) in [(1_000_007usize, DType::F32), (12345, DType::Act), (3, DType::F32)] {
-        let x: Vec<f32> =
-            if dtype == DType::Act { randv(&mut rng, n, 1.0) } else { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
-        let want = cpu.sum_squares(&ct(&x), n).unwrap();
-        let gx = be.upload(&x, dtype).unwrap();
-        let got = be.sum_squares(&gx, n).unwrap();
-        let again = be.sum_squares(&gx, n).unwrap();
-        assert_eq!(got.to_bits(), again.to_bits(), "sum_squares must be deterministic");
+    // A tensor longer than one launch's partial sums (cut into pieces), a bf16 one, a short one,
+    // and the short one again thousands of times: more tensors than one launch's list and more
+    // launches than the backend reads back at once.
+    let tensors = [(9_000_011usize, DType::F32), (12345, DType::Act), (3, DType::F32)];
+    let host: Vec<Vec<f32>> = tensors
+        .iter()
+        .map(
+            |&(n, dtype)| {
+                if dtype == DType::Act { randv(&mut rng, n, 1.0) } else { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() }
+            },
+        )
+        .collect();
+    let cts: Vec<CpuTensor<f32>> = host.iter().map(|x| ct(x)).collect();
+    let gts: Vec<_> = host.iter().zip(&tensors).map(|(x, &(_, dtype))| be.upload(x, dtype).unwrap()).collect();
+    for (what, picks) in [
+        ("one f32 tensor in pieces", vec![0]),
+        ("one bf16 tensor", vec![1]),
+        ("one short tensor", vec![2]),
+        ("all three", vec![0, 1, 2]),
+        ("7000 tensors", (0..7000).map(|i| if i % 1000 == 0 { i / 1000 % 3 } else { 2 }).collect()),
+    ] {
+        let want = cpu.sum_squares(&picks.iter().map(|&i| (&cts[i], tensors[i].0)).collect::<Vec<_>>()).unwrap();
+        let list: Vec<_> = picks.iter().map(|&i| (&gts[i], tensors[i].0)).collect();
+        let got = be.sum_squares(&list).unwrap();
+        let again = be.sum_squares(&list).unwrap();
+        assert_eq!(got.to_bits(), again.to_bits(), "sum_squares must be deterministic ({what})");
         let e = ((got - want) / want).abs();
         println!(
             "RESULT {:<44} rel_err {e:9.3e}  bound {:7.1e}  {}",
-            format!("sum_squares (n={n}, {dtype:?})"),
+            format!("sum_squares ({what})"),
             1e-12,
             if e <= 1e-12 { "ok" } else { "FAIL" }
         );
         // f64 accumulation of exactly representable squares on both sides.
-        assert!(e <= 1e-12, "sum_squares rel err {e:e}");
+        assert!(e <= 1e-12, "sum_squares ({what}) rel err {e:e}");
     }
 }
 
@@ -945,19 +965,61 @@ fn sum_squares_is_exact_and_deterministic() {
 fn adamw_matches_torch_semantics() {
     let (be, cpu) = (gpu(), Cpu::new());
     let mut rng = ChaCha8Rng::seed_from_u64(112);
-    let n = 10007;
-    let p0: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let (mut cp, mut cm, mut cv) = (ct(&p0), ct(&vec![0.0; n]), ct(&vec![0.0; n]));
-    let mut gp = be.upload(&p0, DType::F32).unwrap();
-    let (mut gm, mut gv) = (be.alloc(n, DType::F32).unwrap(), be.alloc(n, DType::F32).unwrap());
-    for step in 1..=3u64 {
-        let g: Vec<f32> = (0..n).map(|_| rng.random_range(-0.01f32..0.01)).collect();
-        let hp = AdamW { lr: 1e-3 * step as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 0.5 };
-        cpu.adamw(&mut cp, &ct(&g), &mut cm, &mut cv, n, hp).unwrap();
-        be.adamw(&mut gp, &be.upload(&g, DType::F32).unwrap(), &mut gm, &mut gv, n, hp).unwrap();
+    // More tensors than one launch takes, of sizes around a block's chunk, some with a compute
+    // copy to refresh.
+    let sizes: Vec<usize> = (0..100).map(|i| [1, 1023, 1024, 1025, 10007, 131072][i % 6] + i).collect();
+    let host: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()).collect();
+    let mut cpu_state: Vec<[CpuTensor<f32>; 3]> = host.iter().map(|p| [ct(p), ct(&vec![0.0; p.len()]), ct(&vec![0.0; p.len()])]).collect();
+    let mut gpu_state: Vec<_> = host
+        .iter()
+        .map(|p| {
+            let n = p.len();
+            [be.upload(p, DType::F32).unwrap(), be.alloc(n, DType::F32).unwrap(), be.alloc(n, DType::F32).unwrap()]
+        })
+        .collect();
+    let mut compute: Vec<_> = sizes.iter().map(|&n| be.alloc(n, DType::Act).unwrap()).collect();
+    for c in &mut compute {
+        be.fill(c, 7.0).unwrap();
     }
+    let with_copy = |i: usize| i % 3 != 1;
+    for step in 1..=3u64 {
+        let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.random_range(-0.01f32..0.01)).collect()).collect();
+        let hp = AdamW { lr: 1e-3 * step as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 0.5 };
+        let cg: Vec<_> = grads.iter().map(|g| ct(g)).collect();
+        let gg: Vec<_> = grads.iter().map(|g| be.upload(g, DType::F32).unwrap()).collect();
+        let mut update: Vec<_> = cpu_state
+            .iter_mut()
+            .zip(&cg)
+            .zip(&sizes)
+            .map(|(([p, m, v], grad), &n)| AdamwTensor { param: p, grad, m, v, compute: None, n })
+            .collect();
+        cpu.adamw(&mut update, hp).unwrap();
+        let mut update: Vec<_> = gpu_state
+            .iter_mut()
+            .zip(&gg)
+            .zip(compute.iter_mut())
+            .enumerate()
+            .map(|(i, (([p, m, v], grad), c))| AdamwTensor { param: p, grad, m, v, compute: with_copy(i).then_some(c), n: sizes[i] })
+            .collect();
+        be.adamw(&mut update, hp).unwrap();
+    }
+    let flat = |ts: Vec<Vec<f32>>| ts.concat();
     // All f32; only fused multiply-adds differ.
-    check("adamw param", &be.download(&gp).unwrap(), &cp.0, 1e-6);
-    check("adamw m", &be.download(&gm).unwrap(), &cm.0, 1e-6);
-    check("adamw v", &be.download(&gv).unwrap(), &cv.0, 1e-6);
+    for (k, what) in ["param", "m", "v"].into_iter().enumerate() {
+        let got = flat(gpu_state.iter().map(|s| be.download(&s[k]).unwrap()).collect());
+        let want = flat(cpu_state.iter().map(|s| s[k].0.clone()).collect());
+        check(&format!("adamw {what} (100 tensors)"), &got, &want, 1e-6);
+    }
+    // The compute copy is the updated master rounded to bf16, bit for bit, where one was asked for;
+    // the others are untouched.
+    for (i, c) in compute.iter().enumerate() {
+        let copy = be.download(c).unwrap();
+        if with_copy(i) {
+            let master = be.download(&gpu_state[i][0]).unwrap();
+            let rounded: Vec<f32> = master.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+            assert_eq!(copy, rounded, "compute copy of tensor {i} is the master rounded to bf16");
+        } else {
+            assert!(copy.iter().all(|&x| x == 7.0), "tensor {i} asked for no compute copy, yet its copy changed");
+        }
+    }
 }

@@ -6,7 +6,7 @@
 #                      no names: every profile the engine runs on
 #   memcheck|racecheck compute-sanitizer over the attention and loss tests (short cases)
 #   sweep              the attention-only timing sweep (gpu_bench attention_seq_sweep)
-#   bench SPEC...      `tunestudio bench --json` for each SPEC =
+#   bench SPEC...      `tunestudio bench --json` for each SPEC (BENCH_BIN: another build) =
 #                      shape:seq:rank:mode[:policy|auto[:steps[:profile[:card[:gpu_mem]]]]]
 # Everything is logged under $OUT; short summaries are printed as it goes.
 set -u
@@ -69,7 +69,7 @@ run_phase() {
         [ -n "${card:-}" ] && args+=(--card "$card")
         [ -n "${gmem:-}" ] && args+=(--gpu-mem "$gmem")
         echo "=== bench $spec" >>"$OUT/bench.log"
-        timeout "${BENCH_TIMEOUT:-400}" "$HERE/tunestudio" "${args[@]}" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.log" || echo "FAILED bench $spec (see bench.log)"
+        timeout "${BENCH_TIMEOUT:-400}" "${BENCH_BIN:-$HERE/tunestudio}" "${args[@]}" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.log" || echo "FAILED bench $spec (see bench.log)"
         tail -n 1 "$OUT/bench.jsonl" | python3 bench/table.py
       done ;;
     *) echo "unknown phase $phase" ;;

@@ -6,8 +6,8 @@
 use rayon::prelude::*;
 
 use super::{
-    AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum, RmsNorm,
-    WeightPlace, dropout_uniform,
+    AdamW, AdamwTensor, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum,
+    RmsNorm, WeightPlace, dropout_uniform,
 };
 use crate::error::{Error, Result};
 
@@ -741,36 +741,46 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(parts.into_iter().fold(LossSum::default(), |a, (s, c, _)| LossSum { sum: a.sum + s, count: a.count + c }))
     }
 
-    fn sum_squares(&self, t: &Self::Tensor, n: usize) -> Result<f64> {
-        // Fixed chunks summed in order: the result must not depend on how rayon splits the work,
-        // or a resumed run would clip gradients by a different last bit.
-        let parts: Vec<f64> = t.0[..n].par_chunks(4096).map(|c| c.iter().map(|&x| x.f64() * x.f64()).sum()).collect();
-        Ok(parts.into_iter().sum())
+    fn sum_squares(&self, tensors: &[(&Self::Tensor, usize)]) -> Result<f64> {
+        let mut total = 0.0;
+        for &(t, n) in tensors {
+            check_len("sum_squares", "tensor", &t.0, n)?;
+            // Fixed chunks summed in order: the result must not depend on how rayon splits the
+            // work, or a resumed run would clip gradients by a different last bit.
+            let parts: Vec<f64> = t.0[..n].par_chunks(4096).map(|c| c.iter().map(|&x| x.f64() * x.f64()).sum()).collect();
+            total += parts.into_iter().sum::<f64>();
+        }
+        Ok(total)
     }
 
-    fn adamw(
-        &self,
-        param: &mut Self::Tensor,
-        grad: &Self::Tensor,
-        m: &mut Self::Tensor,
-        v: &mut Self::Tensor,
-        n: usize,
-        hp: AdamW,
-    ) -> Result<()> {
+    fn adamw(&self, tensors: &mut [AdamwTensor<'_, Self::Tensor>], hp: AdamW) -> Result<()> {
         let f = |x: f32| T::of(x as f64);
         let (lr, b1, b2, eps, wd, gs) = (f(hp.lr), f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.weight_decay), f(hp.grad_scale));
         let t = hp.step as i32;
         let bc1 = T::one() - b1.powi(t);
         let bc2_sqrt = (T::one() - b2.powi(t)).sqrt();
         let step_size = lr / bc1;
-        param.0[..n].par_iter_mut().zip(m.0[..n].par_iter_mut()).zip(v.0[..n].par_iter_mut()).enumerate().for_each(|(i, ((p, mi), vi))| {
-            let g = grad.0[i] * gs;
-            *p = *p * (T::one() - lr * wd);
-            *mi = b1 * *mi + (T::one() - b1) * g;
-            *vi = b2 * *vi + (T::one() - b2) * g * g;
-            let denom = vi.sqrt() / bc2_sqrt + eps;
-            *p = *p - step_size * *mi / denom;
-        });
+        for x in tensors.iter_mut() {
+            let n = x.n;
+            check_len("adamw", "param", &x.param.0, n)?;
+            check_len("adamw", "grad", &x.grad.0, n)?;
+            check_len("adamw", "m", &x.m.0, n)?;
+            check_len("adamw", "v", &x.v.0, n)?;
+            let grad = &x.grad.0;
+            x.param.0[..n].par_iter_mut().zip(x.m.0[..n].par_iter_mut()).zip(x.v.0[..n].par_iter_mut()).enumerate().for_each(
+                |(i, ((p, mi), vi))| {
+                    let g = grad[i] * gs;
+                    *p = *p * (T::one() - lr * wd);
+                    *mi = b1 * *mi + (T::one() - b1) * g;
+                    *vi = b2 * *vi + (T::one() - b2) * g * g;
+                    let denom = vi.sqrt() / bc2_sqrt + eps;
+                    *p = *p - step_size * *mi / denom;
+                },
+            );
+            if let Some(c) = x.compute.as_deref_mut() {
+                self.cast(x.param, c, n)?;
+            }
+        }
         Ok(())
     }
 

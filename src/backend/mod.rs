@@ -198,6 +198,18 @@ pub struct AdamW {
     pub grad_scale: f32,
 }
 
+/// One tensor of an AdamW update ([`Backend::adamw`]): the first `n` elements of its f32 master,
+/// gradient and moments, and the compute copy (`DType::Act`) the forward reads, refreshed from
+/// the updated master where there is one.
+pub struct AdamwTensor<'a, T> {
+    pub param: &'a mut T,
+    pub grad: &'a T,
+    pub m: &'a mut T,
+    pub v: &'a mut T,
+    pub compute: Option<&'a mut T>,
+    pub n: usize,
+}
+
 /// Sum of token losses and how many tokens contributed.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LossSum {
@@ -569,16 +581,13 @@ pub trait Backend: Send {
     fn logits(&self, h: &Self::Tensor, head: &Self::Tensor, n: usize, d: usize, vocab: usize, out: &mut Self::Tensor) -> Result<()>;
 
     // ---- optimizer ---------------------------------------------------------------------------
-    fn sum_squares(&self, t: &Self::Tensor, n: usize) -> Result<f64>;
-    fn adamw(
-        &self,
-        param: &mut Self::Tensor,
-        grad: &Self::Tensor,
-        m: &mut Self::Tensor,
-        v: &mut Self::Tensor,
-        n: usize,
-        hp: AdamW,
-    ) -> Result<()>;
+    /// Σx² over the first `n` elements of each tensor: the step's whole gradient in one call, so
+    /// that a backend may wait for the device once rather than once per tensor. Deterministic:
+    /// the same tensors give the same bits.
+    fn sum_squares(&self, tensors: &[(&Self::Tensor, usize)]) -> Result<f64>;
+    /// AdamW on every tensor given, each compute copy cast from its updated master: the step's
+    /// whole update in one call, so that a backend may launch it as a few multi-tensor kernels.
+    fn adamw(&self, tensors: &mut [AdamwTensor<'_, Self::Tensor>], hp: AdamW) -> Result<()>;
 
     /// Wait for queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()> {

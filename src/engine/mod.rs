@@ -14,7 +14,7 @@ pub mod model;
 pub mod plan;
 pub mod schedule;
 
-use crate::backend::{AdamW, AttnShape, Backend, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm};
+use crate::backend::{AdamW, AdamwTensor, AttnShape, Backend, LinearDims, LoraBwd, LoraFwd, LossSum, RmsNorm};
 use crate::config::{CheckpointPolicy, LoraConfig, OptimConfig, Quantization, Target};
 use crate::data::Batch;
 use crate::error::{Error, Result};
@@ -746,19 +746,20 @@ impl<B: Backend> Trainer<B> {
 
     /// Global L2 norm of the LoRA gradients.
     pub fn grad_norm(&self) -> Result<f64> {
-        let mut sq = 0.0;
+        let r = self.opts.lora.r;
+        let mut grads = Vec::with_capacity(2 * self.slots.len() + 2);
         for s in self.slots.iter().flatten() {
-            sq += self.backend.sum_squares(&s.grad_a, self.opts.lora.r * s.in_features)?;
-            sq += self.backend.sum_squares(&s.grad_b, s.out_features * self.opts.lora.r)?;
+            grads.push((&s.grad_a, r * s.in_features));
+            grads.push((&s.grad_b, s.out_features * r));
         }
-        if let Some(r) = &self.rows {
-            let n = r.k * self.spec.hidden_size;
-            sq += self.backend.sum_squares(&r.embed.grad, n)?;
-            if let Some(h) = &r.head {
-                sq += self.backend.sum_squares(&h.grad, n)?;
+        if let Some(rows) = &self.rows {
+            let n = rows.k * self.spec.hidden_size;
+            grads.push((&rows.embed.grad, n));
+            if let Some(h) = &rows.head {
+                grads.push((&h.grad, n));
             }
         }
-        Ok(sq.sqrt())
+        Ok(self.backend.sum_squares(&grads)?.sqrt())
     }
 
     /// AdamW on every LoRA master with the given lr and gradient multiplier, then refresh the
@@ -776,22 +777,40 @@ impl<B: Backend> Trainer<B> {
             grad_scale: grad_scale as f32,
         };
         let r = self.opts.lora.r;
+        let d = self.spec.hidden_size;
+        let mut update = Vec::with_capacity(2 * self.slots.len() + 2);
         for s in self.slots.iter_mut().flatten() {
             let (na, nb) = (r * s.in_features, s.out_features * r);
-            self.backend.adamw(&mut s.a, &s.grad_a, &mut s.m_a, &mut s.v_a, na, hp)?;
-            self.backend.adamw(&mut s.b, &s.grad_b, &mut s.m_b, &mut s.v_b, nb, hp)?;
-            self.backend.cast(&s.a, &mut s.a_compute, na)?;
-            self.backend.cast(&s.b, &mut s.b_compute, nb)?;
+            update.push(AdamwTensor {
+                param: &mut s.a,
+                grad: &s.grad_a,
+                m: &mut s.m_a,
+                v: &mut s.v_a,
+                compute: Some(&mut s.a_compute),
+                n: na,
+            });
+            update.push(AdamwTensor {
+                param: &mut s.b,
+                grad: &s.grad_b,
+                m: &mut s.m_b,
+                v: &mut s.v_b,
+                compute: Some(&mut s.b_compute),
+                n: nb,
+            });
         }
-        if let Some(r) = self.rows.as_mut() {
-            let d = self.spec.hidden_size;
-            let n = r.k * d;
-            let p = &mut r.embed;
-            self.backend.adamw(&mut p.master, &p.grad, &mut p.m, &mut p.v, n, hp)?;
-            self.backend.set_rows(&mut self.model.embed, d, &r.ids, &p.master, r.k)?;
-            if let (Some(p), Some(table)) = (r.head.as_mut(), self.model.head.as_mut()) {
-                self.backend.adamw(&mut p.master, &p.grad, &mut p.m, &mut p.v, n, hp)?;
-                self.backend.set_rows(table, d, &r.ids, &p.master, r.k)?;
+        if let Some(rows) = self.rows.as_mut() {
+            let n = rows.k * d;
+            for p in std::iter::once(&mut rows.embed).chain(rows.head.as_mut()) {
+                update.push(AdamwTensor { param: &mut p.master, grad: &p.grad, m: &mut p.m, v: &mut p.v, compute: None, n });
+            }
+        }
+        self.backend.adamw(&mut update, hp)?;
+        drop(update);
+        // The trained token rows go back into the tables the forward reads.
+        if let Some(rows) = self.rows.as_ref() {
+            self.backend.set_rows(&mut self.model.embed, d, &rows.ids, &rows.embed.master, rows.k)?;
+            if let (Some(p), Some(table)) = (rows.head.as_ref(), self.model.head.as_mut()) {
+                self.backend.set_rows(table, d, &rows.ids, &p.master, rows.k)?;
             }
         }
         Ok(())

@@ -36,8 +36,8 @@ use half::bf16;
 
 use super::card::{self, CardLimits, CardProfile, PtxTarget};
 use super::{
-    AdamW, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum, RmsNorm,
-    WeightPlace,
+    AdamW, AdamwTensor, AttnShape, Backend, DType, DeviceInfo, HostWeight, KvShape, LinearDims, LoraBwd, LoraFwd, LoraRows, LossSum,
+    RmsNorm, WeightPlace,
 };
 use crate::error::{Error, Result};
 use gemm::{Gemm, GemmCall};
@@ -2311,68 +2311,73 @@ impl Backend for CudaBackend {
         Ok(LossSum { sum: sum[0], count: count[0] as usize })
     }
 
-    fn sum_squares(&self, t: &Self::Tensor, n: usize) -> Result<f64> {
+    fn sum_squares(&self, tensors: &[(&Self::Tensor, usize)]) -> Result<f64> {
         self.bind()?;
-        check_len("sum_squares", "t", t.len, n)?;
-        let blocks = n.div_ceil(2048).clamp(1, SUMSQ_MAX_BLOCKS);
-        let k = match t.dtype {
-            DType::F32 => Kernel::SumsqPartialF32,
-            DType::Act => Kernel::SumsqPartialBf16,
-        };
-        self.launch(k, (blocks as u32, 1, 1), 256, 0, &[p(t), i64a(n), Arg::Ptr(self.sumsq_partial.ptr())])?;
-        self.launch(
-            Kernel::SumPartials,
-            (1, 1, 1),
-            256,
-            0,
-            &[Arg::Ptr(self.sumsq_partial.ptr()), i32a(blocks), Arg::Ptr(self.sumsq_out.ptr())],
-        )?;
-        let mut out = [0f64];
-        self.compute.synchronize().map_err(cuda_err("synchronize"))?;
-        // SAFETY: an 8-byte device scalar; the stream has drained.
-        unsafe { drv::memcpy_dtoh_sync(&mut out, self.sumsq_out.ptr()) }.map_err(cuda_err("copy to host"))?;
-        Ok(out[0])
+        // Tensor by tensor with the kernels checked on the GPU, as before the list API: the
+        // multi-tensor kernels that wait once per step have not run on a GPU yet.
+        let mut total = 0.0;
+        for &(t, n) in tensors {
+            check_len("sum_squares", "t", t.len, n)?;
+            let blocks = n.div_ceil(2048).clamp(1, SUMSQ_MAX_BLOCKS);
+            let k = match t.dtype {
+                DType::F32 => Kernel::SumsqPartialF32,
+                DType::Act => Kernel::SumsqPartialBf16,
+            };
+            self.launch(k, (blocks as u32, 1, 1), 256, 0, &[p(t), i64a(n), Arg::Ptr(self.sumsq_partial.ptr())])?;
+            self.launch(
+                Kernel::SumPartials,
+                (1, 1, 1),
+                256,
+                0,
+                &[Arg::Ptr(self.sumsq_partial.ptr()), i32a(blocks), Arg::Ptr(self.sumsq_out.ptr())],
+            )?;
+            let mut out = [0f64];
+            self.compute.synchronize().map_err(cuda_err("synchronize"))?;
+            // SAFETY: an 8-byte device scalar; the stream has drained.
+            unsafe { drv::memcpy_dtoh_sync(&mut out, self.sumsq_out.ptr()) }.map_err(cuda_err("copy to host"))?;
+            total += out[0];
+        }
+        Ok(total)
     }
 
-    fn adamw(
-        &self,
-        param: &mut Self::Tensor,
-        grad: &Self::Tensor,
-        m: &mut Self::Tensor,
-        v: &mut Self::Tensor,
-        n: usize,
-        hp: AdamW,
-    ) -> Result<()> {
+    fn adamw(&self, tensors: &mut [AdamwTensor<'_, Self::Tensor>], hp: AdamW) -> Result<()> {
         self.bind()?;
-        for (what, t) in [("param", &*param), ("grad", grad), ("m", &*m), ("v", &*v)] {
-            f32t("adamw", what, t, n)?;
-        }
         // Scalars in f32 exactly as the CPU backend (T = f32) computes them.
         let t = hp.step as i32;
         let bc1 = 1.0f32 - hp.beta1.powi(t);
         let bc2_sqrt = (1.0f32 - hp.beta2.powi(t)).sqrt();
         let step_size = hp.lr / bc1;
         let decay = 1.0f32 - hp.lr * hp.weight_decay;
-        self.launch(
-            Kernel::Adamw,
-            (n.div_ceil(256) as u32, 1, 1),
-            256,
-            0,
-            &[
-                p(param),
-                p(grad),
-                p(m),
-                p(v),
-                i64a(n),
-                Arg::F32(decay),
-                Arg::F32(hp.beta1),
-                Arg::F32(hp.beta2),
-                Arg::F32(hp.eps),
-                Arg::F32(hp.grad_scale),
-                Arg::F32(step_size),
-                Arg::F32(bc2_sqrt),
-            ],
-        )
+        for x in tensors.iter_mut() {
+            let n = x.n;
+            for (what, t) in [("param", &*x.param), ("grad", x.grad), ("m", &*x.m), ("v", &*x.v)] {
+                f32t("adamw", what, t, n)?;
+            }
+            self.launch(
+                Kernel::Adamw,
+                (n.div_ceil(256) as u32, 1, 1),
+                256,
+                0,
+                &[
+                    p(x.param),
+                    p(x.grad),
+                    p(x.m),
+                    p(x.v),
+                    i64a(n),
+                    Arg::F32(decay),
+                    Arg::F32(hp.beta1),
+                    Arg::F32(hp.beta2),
+                    Arg::F32(hp.eps),
+                    Arg::F32(hp.grad_scale),
+                    Arg::F32(step_size),
+                    Arg::F32(bc2_sqrt),
+                ],
+            )?;
+            if let Some(c) = x.compute.as_deref_mut() {
+                self.cast(x.param, c, n)?;
+            }
+        }
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {
