@@ -582,11 +582,11 @@ pub trait Backend: Send {
 
     // ---- optimizer ---------------------------------------------------------------------------
     /// Σx² over the first `n` elements of each tensor: the step's whole gradient in one call, so
-    /// that a backend may wait for the device once rather than once per tensor. Deterministic:
-    /// the same tensors give the same bits.
+    /// the GPU is waited for once rather than once per tensor. Deterministic: the same tensors
+    /// give the same bits.
     fn sum_squares(&self, tensors: &[(&Self::Tensor, usize)]) -> Result<f64>;
-    /// AdamW on every tensor given, each compute copy cast from its updated master: the step's
-    /// whole update in one call, so that a backend may launch it as a few multi-tensor kernels.
+    /// AdamW on every tensor given, each compute copy cast from its updated master (on the GPU a
+    /// few multi-tensor launches for the whole step).
     fn adamw(&self, tensors: &mut [AdamwTensor<'_, Self::Tensor>], hp: AdamW) -> Result<()>;
 
     /// Wait for queued work (no-op on the CPU).

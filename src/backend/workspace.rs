@@ -23,25 +23,32 @@ pub const LOSS_CHUNK_ELEMS: usize = 32 << 20;
 pub const LOSS_CHUNK_MAX_ROWS: usize = 16384;
 /// cuBLASLt workspace (NVIDIA's recommendation for Hopper).
 pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
-/// Partial sums of the deterministic sum-of-squares (one per block of the first pass).
+/// Partial sums of the deterministic sum-of-squares (one per block of a first-pass launch).
 pub const SUMSQ_MAX_BLOCKS: usize = 1024;
+/// Results of the sum of squares, one per first-pass launch, read back together after one wait
+/// (a step's LoRA gradient of 8B takes about a dozen launches; more wait once per this many).
+pub const SUMSQ_MAX_LAUNCHES: usize = 64;
 /// The backend's small scratch, packed into one block in this order (name, bytes): the loss's
 /// per-row losses and valid flags and its two sums, and the sum of squares' partial sums and
-/// result. The memory plan lists the same.
+/// results. The memory plan lists the same.
 pub const SMALL_SCRATCH: [(&str, usize); 6] = [
     ("loss.row_loss", LOSS_CHUNK_MAX_ROWS * 4),
     ("loss.row_valid", LOSS_CHUNK_MAX_ROWS * 4),
     ("loss.sum", 8),
     ("loss.count", 8),
     ("sumsq.partial", SUMSQ_MAX_BLOCKS * 8),
-    ("sumsq.out", 8),
+    ("sumsq.out", SUMSQ_MAX_LAUNCHES * 8),
 ];
 
 /// The attention backward's f32 scratch: dQ, dK, dV accumulators and D = rowsum(dO∘O) for as
 /// many (sequence, kv-head group) pairs as fit; larger problems run in several launches
 /// ([`attention_bwd_split`]). At least this much, so short sequences take few launches; more when
-/// one sequence of one group needs more (see [`attention_scratch_bytes`]).
-pub const ATTN_BWD_SCRATCH_BYTES: usize = 128 << 20;
+/// one sequence of one group needs more (see [`attention_scratch_bytes`]). 160 MiB rather than
+/// 128: on Llama-3-8B's shape it lets cuDNN's backward take 4 units a launch at 8K tokens and 2 at
+/// 16K instead of 3 and 1, which `gpu_bench attention_bwd_split_sweep` measured 5% and 3% faster
+/// on an H200 (470 → 496 and 567 → 582 TFLOP/s); more units a launch were no faster at 8K and
+/// slower at 16K.
+pub const ATTN_BWD_SCRATCH_BYTES: usize = 160 << 20;
 
 /// Bytes of the attention backward's scratch for one (sequence, kv head) of `shape`, whichever
 /// backward runs it: our kernels' f32 accumulators (dQ of the head group, dK, dV) and D, or, on
@@ -50,7 +57,7 @@ pub const ATTN_BWD_SCRATCH_BYTES: usize = 128 << 20;
 /// buffer of dQ's size (`gpu_bench`'s sweep prints it), each at a 256-byte boundary. The larger of
 /// the two, so that the scratch is the same on every card and the memory plan need not know which
 /// runs; it differs only where one unit outgrows [`ATTN_BWD_SCRATCH_BYTES`] (beyond ~32K tokens
-/// on an 8B model, 67 MiB more at 64K).
+/// on an 8B model, 97 MiB more at 64K).
 pub fn attention_unit_bytes(shape: AttnShape) -> usize {
     let AttnShape { seq, heads, kv_heads, head_dim, .. } = shape;
     let group = heads / kv_heads.max(1);

@@ -90,11 +90,10 @@ kernel_table! {
         SetRowsF32Bf16 = "set_rows_f32_bf16",
     }
     adamw {
-        Adamw = "adamw",
+        AdamwMulti = "adamw_multi",
     }
     reduce {
-        SumsqPartialF32 = "sumsq_partial_f32",
-        SumsqPartialBf16 = "sumsq_partial_bf16",
+        SumsqPartialMulti = "sumsq_partial_multi",
         SumPartials = "sum_partials",
     }
     nf4 {

@@ -149,8 +149,8 @@ pub fn planned_context_bytes(name: &str) -> u64 {
 // importing this module.
 use super::workspace::{self, SMALL_SCRATCH, attention_unit_bytes};
 pub use super::workspace::{
-    ATTN_BWD_SCRATCH_BYTES, GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS, attention_bwd_split,
-    attention_scratch_bytes,
+    ATTN_BWD_SCRATCH_BYTES, GEMM_WORKSPACE_BYTES, LOSS_CHUNK_ELEMS, LOSS_CHUNK_MAX_ROWS, SUMSQ_MAX_BLOCKS, SUMSQ_MAX_LAUNCHES,
+    attention_bwd_split, attention_scratch_bytes,
 };
 
 fn cuda_err(op: &str) -> impl FnOnce(drv::DriverError) -> Error + '_ {
@@ -273,6 +273,9 @@ enum Arg {
     I64(i64),
     U64(u64),
     F32(f32),
+    /// A struct passed by value: the address of a `repr(C)` value that mirrors the kernel's
+    /// parameter type and outlives the launch (the driver copies it at the call).
+    Struct(*const c_void),
 }
 
 impl Arg {
@@ -282,8 +285,42 @@ impl Arg {
             Arg::I32(v) => v as *const i32 as *mut c_void,
             Arg::I64(v) => v as *const i64 as *mut c_void,
             Arg::F32(v) => v as *const f32 as *mut c_void,
+            Arg::Struct(p) => *p as *mut c_void,
         }
     }
+}
+
+/// Tensors per `adamw_multi` launch and elements per block: `ADAMW_LIST` and `ADAMW_CHUNK` of
+/// kernels/adamw.cu.
+const ADAMW_LIST: usize = 48;
+const ADAMW_CHUNK: usize = 1024;
+
+/// `AdamwList` of kernels/adamw.cu, field for field.
+#[repr(C)]
+struct AdamwList {
+    param: [u64; ADAMW_LIST],
+    grad: [u64; ADAMW_LIST],
+    m: [u64; ADAMW_LIST],
+    v: [u64; ADAMW_LIST],
+    compute: [u64; ADAMW_LIST],
+    n: [i64; ADAMW_LIST],
+    first_block: [i32; ADAMW_LIST + 1],
+    count: i32,
+}
+
+/// Pieces per `sumsq_partial_multi` launch and elements per block: `SUMSQ_LIST` and
+/// `SUMSQ_CHUNK` of kernels/reduce.cu.
+const SUMSQ_LIST: usize = 96;
+const SUMSQ_CHUNK: usize = 256 * 32;
+
+/// `SumsqList` of kernels/reduce.cu, field for field.
+#[repr(C)]
+struct SumsqList {
+    ptr: [u64; SUMSQ_LIST],
+    n: [i64; SUMSQ_LIST],
+    first_block: [i32; SUMSQ_LIST + 1],
+    is_bf16: [i32; SUMSQ_LIST],
+    count: i32,
 }
 
 fn p(t: &CudaTensor) -> Arg {
@@ -1101,6 +1138,15 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Wait for the queued sums of squares and add the first `count` results in order.
+    fn read_sumsq_results(&self, count: usize) -> Result<f64> {
+        let mut out = [0f64; SUMSQ_MAX_LAUNCHES];
+        self.compute.synchronize().map_err(cuda_err("synchronize"))?;
+        // SAFETY: `sumsq_out` holds SUMSQ_MAX_LAUNCHES f64 and count ≤ that; the stream has drained.
+        unsafe { drv::memcpy_dtoh_sync(&mut out[..count], self.sumsq_out.ptr()) }.map_err(cuda_err("copy to host"))?;
+        Ok(out[..count].iter().sum())
+    }
+
     /// One thread per 8 elements, 256 threads a block.
     fn launch_ew(&self, k: Kernel, n: usize, args: &[Arg]) -> Result<()> {
         let threads = n.div_ceil(8);
@@ -1764,28 +1810,17 @@ impl Backend for CudaBackend {
         }
         act("linear_fwd", "x", x, n * inp)?;
         act("linear_fwd", "y", y, n * out)?;
-        let wp = self.weight_ptr(w)?;
-        self.gemm(GemmCall {
-            m: n,
-            n: out,
-            k: inp,
-            a: x.ptr(),
-            a_t: false,
-            b: wp,
-            b_t: true,
-            c: y.ptr(),
-            c_f32: false,
-            alpha: 1.0,
-            beta: 0.0,
-            bias: w.bias.as_ref().map(DevBuf::ptr),
-        })?;
+        // The LoRA branch first: y = scale · (x_lora · Aᵀ) · Bᵀ only writes y, and the base GEMM
+        // adds its product in its epilogue (beta = 1), where the branch's skinny GEMM would
+        // otherwise read y back and write it again (memory-bound: it moves 2·n·out bf16 for
+        // 2·n·out·r FLOPs).
+        let mut beta = 0.0;
         if let Some(l) = lora {
             let r = l.rank;
             act("linear_fwd", "lora A", l.a, r * inp)?;
             act("linear_fwd", "lora B", l.b, out * r)?;
             act("linear_fwd", "lora x", l.x_lora, n * inp)?;
             act("linear_fwd", "lora xa", l.xa, n * r)?;
-            // xa = x_lora · Aᵀ ; y += scale · xa · Bᵀ
             self.gemm(GemmCall {
                 m: n,
                 n: r,
@@ -1811,11 +1846,26 @@ impl Backend for CudaBackend {
                 c: y.ptr(),
                 c_f32: false,
                 alpha: l.scale,
-                beta: 1.0,
+                beta: 0.0,
                 bias: None,
             })?;
+            beta = 1.0;
         }
-        Ok(())
+        let wp = self.weight_ptr(w)?;
+        self.gemm(GemmCall {
+            m: n,
+            n: out,
+            k: inp,
+            a: x.ptr(),
+            a_t: false,
+            b: wp,
+            b_t: true,
+            c: y.ptr(),
+            c_f32: false,
+            alpha: 1.0,
+            beta,
+            bias: w.bias.as_ref().map(DevBuf::ptr),
+        })
     }
 
     fn linear_bwd(
@@ -1839,23 +1889,10 @@ impl Backend for CudaBackend {
         }
         act("linear_bwd", "dy", dy, n * out)?;
         act("linear_bwd", "dx", dx, n * inp)?;
-        let wp = self.weight_ptr(w)?;
-        let beta = if accumulate { 1.0 } else { 0.0 };
-        // dx (+)= dy · W
-        self.gemm(GemmCall {
-            m: n,
-            n: inp,
-            k: out,
-            a: dy.ptr(),
-            a_t: false,
-            b: wp,
-            b_t: false,
-            c: dx.ptr(),
-            c_f32: false,
-            alpha: 1.0,
-            beta,
-            bias: None,
-        })?;
+        // The LoRA branch first, as in the forward: where its input gradient goes to dx it writes
+        // (or adds to what an earlier linear left there), and the base GEMM's epilogue adds
+        // dy · W, instead of a skinny GEMM reading dx back after it.
+        let mut beta = if accumulate { 1.0 } else { 0.0 };
         if let Some(l) = lora {
             let r = l.rank;
             let s = l.scale;
@@ -1910,13 +1947,13 @@ impl Backend for CudaBackend {
                 beta: 1.0,
                 bias: None,
             })?;
-            // The branch's input gradient: s · t · A, into dx_lora (overwrite) or added to dx.
-            let (c, beta) = match dx_lora {
+            // The branch's input gradient: s · t · A, into dx_lora (overwrite) or into dx.
+            let (c, branch_beta) = match dx_lora {
                 Some(d) => {
                     act("linear_bwd", "dx_lora", d, n * inp)?;
                     (d.ptr(), 0.0)
                 }
-                None => (dx.ptr(), 1.0),
+                None => (dx.ptr(), std::mem::replace(&mut beta, 1.0)),
             };
             self.gemm(GemmCall {
                 m: n,
@@ -1929,11 +1966,26 @@ impl Backend for CudaBackend {
                 c,
                 c_f32: false,
                 alpha: s,
-                beta,
+                beta: branch_beta,
                 bias: None,
             })?;
         }
-        Ok(())
+        // dx (+)= dy · W
+        let wp = self.weight_ptr(w)?;
+        self.gemm(GemmCall {
+            m: n,
+            n: inp,
+            k: out,
+            a: dy.ptr(),
+            a_t: false,
+            b: wp,
+            b_t: false,
+            c: dx.ptr(),
+            c_f32: false,
+            alpha: 1.0,
+            beta,
+            bias: None,
+        })
     }
 
     fn rope(
@@ -2313,57 +2365,106 @@ impl Backend for CudaBackend {
 
     fn sum_squares(&self, tensors: &[(&Self::Tensor, usize)]) -> Result<f64> {
         self.bind()?;
-        // Tensor by tensor with the kernels checked on the GPU, as before the list API: the
-        // multi-tensor kernels that wait once per step have not run on a GPU yet.
-        let mut total = 0.0;
         for &(t, n) in tensors {
-            check_len("sum_squares", "t", t.len, n)?;
-            let blocks = n.div_ceil(2048).clamp(1, SUMSQ_MAX_BLOCKS);
-            let k = match t.dtype {
-                DType::F32 => Kernel::SumsqPartialF32,
-                DType::Act => Kernel::SumsqPartialBf16,
-            };
-            self.launch(k, (blocks as u32, 1, 1), 256, 0, &[p(t), i64a(n), Arg::Ptr(self.sumsq_partial.ptr())])?;
+            check_len("sum_squares", "tensor", t.len, n)?;
+        }
+        // Each tensor is cut into pieces of at most SUMSQ_MAX_BLOCKS chunks; a launch takes
+        // pieces while its list and its partial sums have room and writes one result. All of it
+        // depends on the sizes alone, so the same tensors give the same bits.
+        let mut total = 0.0f64;
+        let mut results = 0usize;
+        let mut list =
+            SumsqList { ptr: [0; SUMSQ_LIST], n: [0; SUMSQ_LIST], first_block: [0; SUMSQ_LIST + 1], is_bf16: [0; SUMSQ_LIST], count: 0 };
+        let piece = SUMSQ_MAX_BLOCKS * SUMSQ_CHUNK;
+        let pieces = tensors.iter().flat_map(|&(t, n)| (0..n).step_by(piece).map(move |start| (t, start, piece.min(n - start))));
+        let mut pieces = pieces.peekable();
+        while pieces.peek().is_some() {
+            let mut count = 0;
+            let mut blocks = 0usize;
+            while let Some(&(t, start, len)) = pieces.peek() {
+                let need = len.div_ceil(SUMSQ_CHUNK);
+                if count == SUMSQ_LIST || blocks + need > SUMSQ_MAX_BLOCKS {
+                    break;
+                }
+                list.ptr[count] = t.at(start);
+                list.n[count] = len as i64;
+                list.first_block[count] = blocks as i32;
+                list.is_bf16[count] = (t.dtype == DType::Act) as i32;
+                count += 1;
+                blocks += need;
+                pieces.next();
+            }
+            list.first_block[count] = blocks as i32;
+            list.count = count as i32;
+            self.launch(
+                Kernel::SumsqPartialMulti,
+                (blocks as u32, 1, 1),
+                256,
+                0,
+                &[Arg::Struct(&list as *const SumsqList as *const c_void), Arg::Ptr(self.sumsq_partial.ptr())],
+            )?;
             self.launch(
                 Kernel::SumPartials,
                 (1, 1, 1),
                 256,
                 0,
-                &[Arg::Ptr(self.sumsq_partial.ptr()), i32a(blocks), Arg::Ptr(self.sumsq_out.ptr())],
+                &[Arg::Ptr(self.sumsq_partial.ptr()), i32a(blocks), Arg::Ptr(self.sumsq_out.ptr() + 8 * results as u64)],
             )?;
-            let mut out = [0f64];
-            self.compute.synchronize().map_err(cuda_err("synchronize"))?;
-            // SAFETY: an 8-byte device scalar; the stream has drained.
-            unsafe { drv::memcpy_dtoh_sync(&mut out, self.sumsq_out.ptr()) }.map_err(cuda_err("copy to host"))?;
-            total += out[0];
+            results += 1;
+            if results == SUMSQ_MAX_LAUNCHES || pieces.peek().is_none() {
+                total += self.read_sumsq_results(results)?;
+                results = 0;
+            }
         }
         Ok(total)
     }
 
     fn adamw(&self, tensors: &mut [AdamwTensor<'_, Self::Tensor>], hp: AdamW) -> Result<()> {
         self.bind()?;
+        for x in tensors.iter() {
+            for (what, t) in [("param", &*x.param), ("grad", x.grad), ("m", &*x.m), ("v", &*x.v)] {
+                f32t("adamw", what, t, x.n)?;
+            }
+            if let Some(c) = x.compute.as_deref() {
+                act("adamw", "compute copy", c, x.n)?;
+            }
+        }
         // Scalars in f32 exactly as the CPU backend (T = f32) computes them.
         let t = hp.step as i32;
         let bc1 = 1.0f32 - hp.beta1.powi(t);
         let bc2_sqrt = (1.0f32 - hp.beta2.powi(t)).sqrt();
         let step_size = hp.lr / bc1;
         let decay = 1.0f32 - hp.lr * hp.weight_decay;
-        for x in tensors.iter_mut() {
-            let n = x.n;
-            for (what, t) in [("param", &*x.param), ("grad", x.grad), ("m", &*x.m), ("v", &*x.v)] {
-                f32t("adamw", what, t, n)?;
+        for group in tensors.chunks(ADAMW_LIST) {
+            let mut list = AdamwList {
+                param: [0; ADAMW_LIST],
+                grad: [0; ADAMW_LIST],
+                m: [0; ADAMW_LIST],
+                v: [0; ADAMW_LIST],
+                compute: [0; ADAMW_LIST],
+                n: [0; ADAMW_LIST],
+                first_block: [0; ADAMW_LIST + 1],
+                count: group.len() as i32,
+            };
+            let mut blocks = 0usize;
+            for (i, x) in group.iter().enumerate() {
+                list.param[i] = x.param.ptr();
+                list.grad[i] = x.grad.ptr();
+                list.m[i] = x.m.ptr();
+                list.v[i] = x.v.ptr();
+                list.compute[i] = x.compute.as_deref().map_or(0, CudaTensor::ptr);
+                list.n[i] = x.n as i64;
+                list.first_block[i] = blocks as i32;
+                blocks += x.n.div_ceil(ADAMW_CHUNK);
             }
+            list.first_block[group.len()] = blocks as i32;
             self.launch(
-                Kernel::Adamw,
-                (n.div_ceil(256) as u32, 1, 1),
+                Kernel::AdamwMulti,
+                (blocks as u32, 1, 1),
                 256,
                 0,
                 &[
-                    p(x.param),
-                    p(x.grad),
-                    p(x.m),
-                    p(x.v),
-                    i64a(n),
+                    Arg::Struct(&list as *const AdamwList as *const c_void),
                     Arg::F32(decay),
                     Arg::F32(hp.beta1),
                     Arg::F32(hp.beta2),
@@ -2373,9 +2474,6 @@ impl Backend for CudaBackend {
                     Arg::F32(bc2_sqrt),
                 ],
             )?;
-            if let Some(c) = x.compute.as_deref_mut() {
-                self.cast(x.param, c, n)?;
-            }
         }
         Ok(())
     }
@@ -2601,4 +2699,28 @@ impl Backend for CudaBackend {
 /// Threads per row for the row kernels: enough for one 8-wide chunk each, 32 to 1024.
 fn row_threads(d: usize) -> u32 {
     (d.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernels::{FILES, Kernel};
+    use super::{AdamwList, SumsqList};
+
+    /// The byte size of a kernel's first parameter as a PTX declares it (`.b8 NAME_param_0[N]`).
+    fn first_param_bytes(ptx: &str, k: Kernel) -> usize {
+        let decl = format!("{}_param_0[", k.symbol());
+        let at = ptx.find(&decl).unwrap_or_else(|| panic!("{} takes no struct first", k.symbol())) + decl.len();
+        ptx[at..].split(']').next().and_then(|n| n.parse().ok()).expect("a byte count")
+    }
+
+    /// The lists the multi-tensor kernels take by value are the structs the host fills, byte for
+    /// byte in both PTX builds: a field added on one side only would shift every later one.
+    #[test]
+    fn multi_tensor_lists_match_the_kernels_parameters() {
+        for (k, host) in [(Kernel::AdamwMulti, size_of::<AdamwList>()), (Kernel::SumsqPartialMulti, size_of::<SumsqList>())] {
+            for ptx in [FILES[k.file()].sm90, FILES[k.file()].sm80] {
+                assert_eq!(first_param_bytes(ptx, k), host, "{}", k.symbol());
+            }
+        }
+    }
 }
