@@ -11,24 +11,7 @@
 # cuda_bf16.h comes from the CUDA runtime headers: set CUDA_INCLUDE, or have python3 find the pip
 # package nvidia-cuda-runtime (kernels/build.sh lists the packages).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-kernels=$(cd "$here/../.." && pwd)
-out=${EMU_OUT:-${TMPDIR:-/tmp}/tunestudio-emu}
-mkdir -p "$out"
-inc=${CUDA_INCLUDE:-}
-if [[ -z "$inc" ]]; then
-    for py in ${NVCC_PYTHON:-} python3; do
-        command -v "$py" >/dev/null 2>&1 || continue
-        for d in $("$py" -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null); do
-            for c in "$d/nvidia/cu13/include" "$d/nvidia/cuda_runtime/include"; do
-                if [[ -z "$inc" && -f "$c/cuda_bf16.h" ]]; then inc=$c; fi
-            done
-        done
-    done
-fi
-[[ -n "$inc" ]] || { echo "cuda_bf16.h not found: set CUDA_INCLUDE or NVCC_PYTHON (see kernels/build.sh)" >&2; exit 1; }
-# The kernels type-pun through pointers (fine under nvcc): no strict aliasing on the host.
-flags=(-std=c++20 -g -fno-strict-aliasing -I"$inc" -I"$kernels" -I"$here")
+. "$(dirname "$0")/cuda_include.sh"
 g++ "${flags[@]}" -O2 "$here/main.cpp" -o "$out/emu"
 g++ "${flags[@]}" -O1 -fsanitize=address,undefined "$here/main.cpp" -o "$out/emu_asan"
 bin=$out/emu
