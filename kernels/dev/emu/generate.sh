@@ -5,10 +5,4 @@
 # cuda_bf16.h as for build.sh (cuda_include.sh).
 set -euo pipefail
 . "$(dirname "$0")/cuda_include.sh"
-if [[ "${EMU_ASAN:-0}" == 1 ]]; then
-    g++ "${flags[@]}" -O1 -fsanitize=address,undefined "$here/generate_main.cpp" -o "$out/emu_generate_asan"
-    ASAN_OPTIONS=detect_leaks=0 "$out/emu_generate_asan"
-else
-    g++ "${flags[@]}" -O2 "$here/generate_main.cpp" -o "$out/emu_generate"
-    "$out/emu_generate"
-fi
+run_emulator generate

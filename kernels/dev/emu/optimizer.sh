@@ -5,10 +5,4 @@
 # cuda_bf16.h as for build.sh (cuda_include.sh).
 set -euo pipefail
 . "$(dirname "$0")/cuda_include.sh"
-if [[ "${EMU_ASAN:-0}" == 1 ]]; then
-    g++ "${flags[@]}" -O1 -fsanitize=address,undefined "$here/optimizer_main.cpp" -o "$out/emu_optimizer_asan"
-    ASAN_OPTIONS=detect_leaks=0 "$out/emu_optimizer_asan"
-else
-    g++ "${flags[@]}" -O2 "$here/optimizer_main.cpp" -o "$out/emu_optimizer"
-    "$out/emu_optimizer"
-fi
+run_emulator optimizer
