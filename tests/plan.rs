@@ -116,9 +116,6 @@ fn trainer_allocates_exactly_the_planned_buffers() {
     }
 }
 
-/// The plan's attention scratch is what the backend reserves for the run's largest batch: 160 MiB
-/// up to the length where one sequence of one kv-head group needs more, then that (Llama-3-8B at
-/// 64K tokens needs 193 MiB), so no length falls back to a slower path.
 /// `auto` on a card: everything kept when it fits; otherwise as many layers kept whole as fit
 /// with the headroom to spare (the others recomputed), more of them on a bigger card or a shorter
 /// sequence; offload only when recomputing every layer does not fit.
@@ -293,6 +290,9 @@ fn auto_dequantizes_weights_once_where_the_room_allows() {
     assert_eq!((cpu.cached_weight_layers, cpu.terms.get("dequantized_weights")), (0, None));
 }
 
+/// The plan's attention scratch is what the backend reserves for the run's largest batch: 160 MiB
+/// up to the length where one sequence of one kv-head group needs more, then that (Llama-3-8B at
+/// 64K tokens needs 257 MiB, cuDNN's unit), so no length falls back to a slower path.
 #[test]
 fn cuda_workspace_sizes_the_attention_scratch_for_the_longest_row() {
     use tunestudio::backend::cuda::{ATTN_BWD_SCRATCH_BYTES, attention_bwd_split, attention_scratch_bytes};

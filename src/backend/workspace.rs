@@ -56,8 +56,8 @@ pub const ATTN_BWD_SCRATCH_BYTES: usize = 160 << 20;
 /// row sums plus the plan's own workspace, which cuDNN 9.14 on an H100 asks as one more f32
 /// buffer of dQ's size (`gpu_bench`'s sweep prints it), each at a 256-byte boundary. The larger of
 /// the two, so that the scratch is the same on every card and the memory plan need not know which
-/// runs; it differs only where one unit outgrows [`ATTN_BWD_SCRATCH_BYTES`] (beyond ~32K tokens
-/// on an 8B model, 97 MiB more at 64K).
+/// runs; it differs only where one unit outgrows [`ATTN_BWD_SCRATCH_BYTES`] (beyond ~40K tokens
+/// on an 8B model; at 64K cuDNN's unit is 257 MiB, 64 MiB more than ours).
 pub fn attention_unit_bytes(shape: AttnShape) -> usize {
     let AttnShape { seq, heads, kv_heads, head_dim, .. } = shape;
     let group = heads / kv_heads.max(1);
